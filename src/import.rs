@@ -1,0 +1,326 @@
+//! `accounts import`: JSON lines, each a token response as TikTok returns it plus `provider`,
+//! optional `label` and optional `obtained_at`. Parsing is all-or-nothing: every line is
+//! checked before anything is written, and each problem names its line.
+
+use crate::clock::rfc3339;
+use crate::model::{ReauthReason, Status, TokenSet};
+use crate::policy::{self, RefreshTiming, RefreshTokenState};
+use crate::store::NewAccount;
+use secrecy::SecretString;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// At most this many problems are listed; the file is rejected either way.
+const MAX_REPORTED: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {} problem(s), nothing imported:\n{}", .problems.len(), .problems.iter().map(|(l, m)| format!("  line {l}: {m}")).collect::<Vec<_>>().join("\n"))]
+pub struct ImportError {
+    pub source_name: String,
+    /// (line number, what is wrong), at most `MAX_REPORTED`.
+    pub problems: Vec<(usize, String)>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    provider: String,
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default)]
+    obtained_at: Option<Value>,
+    access_token: String,
+    expires_in: Value,
+    #[serde(default)]
+    refresh_token: Option<String>,
+    #[serde(default)]
+    refresh_expires_in: Option<Value>,
+    #[serde(default)]
+    open_id: Option<String>,
+    /// Providers other than TikTok call it the subject.
+    #[serde(default)]
+    subject: Option<String>,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    token_type: Option<String>,
+    /// TikTok returns it on some answers; kept for nothing.
+    #[serde(default)]
+    #[allow(dead_code)]
+    log_id: Option<String>,
+}
+
+fn secs(v: &Value, field: &str) -> Result<i64, String> {
+    let n = match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    };
+    match n {
+        Some(n) if n >= 0 => Ok(n),
+        Some(n) => Err(format!("`{field}` must not be negative, got {n}")),
+        None => Err(format!("`{field}` must be a whole number of seconds")),
+    }
+}
+
+fn obtained_at(v: &Value, now: i64) -> Result<i64, String> {
+    let t = match v {
+        Value::Number(n) => n
+            .as_i64()
+            .ok_or("`obtained_at` must be unix seconds or RFC 3339")?,
+        Value::String(s) => {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .map_err(|e| {
+                    format!(
+                        "`obtained_at` {s:?} is not RFC 3339 ({e}), e.g. \"2026-11-25T09:00:00Z\""
+                    )
+                })?
+                .unix_timestamp()
+        }
+        _ => return Err("`obtained_at` must be unix seconds or an RFC 3339 string".into()),
+    };
+    if t > now + 300 {
+        return Err(format!("`obtained_at` {} is in the future", rfc3339(t)));
+    }
+    Ok(t)
+}
+
+/// Parses and validates an import file. `known_provider` says whether a provider name is
+/// configured.
+pub fn parse(
+    source_name: &str,
+    text: &str,
+    now: i64,
+    timing: &RefreshTiming,
+    window: Duration,
+    known_provider: impl Fn(&str) -> bool,
+) -> Result<Vec<NewAccount>, ImportError> {
+    let mut out = Vec::new();
+    let mut problems: Vec<(usize, String)> = Vec::new();
+    let mut seen: HashMap<(String, String), usize> = HashMap::new();
+    let mut rng = rand::rng();
+    for (i, raw) in text.lines().enumerate() {
+        let n = i + 1;
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let line: Line = match serde_json::from_str(raw) {
+            Ok(l) => l,
+            Err(e) => {
+                // serde_json's message names the field, never the value of a token.
+                problems.push((n, format!("not a valid import record: {e}")));
+                continue;
+            }
+        };
+        let result = (|| -> Result<NewAccount, String> {
+            let provider = line.provider.trim().to_string();
+            if provider.is_empty() {
+                return Err("`provider` is empty".into());
+            }
+            if !known_provider(&provider) {
+                return Err(format!(
+                    "provider {provider:?} is not configured: add [providers.{provider}] to the config first"
+                ));
+            }
+            let subject = line
+                .open_id
+                .or(line.subject)
+                .filter(|s| !s.trim().is_empty())
+                .ok_or("`open_id` (the provider's user id) is missing or empty")?;
+            if line.access_token.trim().is_empty() {
+                return Err("`access_token` is empty".into());
+            }
+            let refresh_token = line.refresh_token.filter(|t| !t.trim().is_empty());
+            if refresh_token.is_none() {
+                return Err(
+                    "`refresh_token` is missing or empty: refreshd cannot keep this account alive"
+                        .into(),
+                );
+            }
+            let expires_in = secs(&line.expires_in, "expires_in")?;
+            let refresh_expires_in = line
+                .refresh_expires_in
+                .as_ref()
+                .filter(|v| !v.is_null())
+                .map(|v| secs(v, "refresh_expires_in"))
+                .transpose()?;
+            let obtained = match &line.obtained_at {
+                Some(v) if !v.is_null() => obtained_at(v, now)?,
+                _ => now,
+            };
+            let token_type = line.token_type.unwrap_or_else(|| "Bearer".into());
+            if !token_type.eq_ignore_ascii_case("bearer") {
+                return Err(format!(
+                    "`token_type` {token_type:?} is not supported (expected Bearer)"
+                ));
+            }
+            let access_expires_at = obtained + expires_in;
+            let next =
+                policy::next_refresh_at(timing, access_expires_at, expires_in, None, &mut rng)
+                    .min(access_expires_at);
+            let refresh_expires_at = refresh_expires_in.map(|s| obtained + s);
+            let (status, reason) =
+                match policy::refresh_token_state(now, refresh_expires_at, window) {
+                    RefreshTokenState::Fine => (Status::Active, None),
+                    RefreshTokenState::Expiring => {
+                        (Status::Expiring, Some(ReauthReason::RefreshTokenExpiring))
+                    }
+                    RefreshTokenState::Expired => {
+                        (Status::NeedsReauth, Some(ReauthReason::RefreshTokenExpired))
+                    }
+                };
+            Ok(NewAccount {
+                provider,
+                subject,
+                label: line.label.filter(|l| !l.trim().is_empty()),
+                tokens: TokenSet {
+                    access_token: SecretString::from(line.access_token),
+                    refresh_token: refresh_token.map(SecretString::from),
+                    expires_in,
+                    refresh_expires_in,
+                    subject: None,
+                    scope: line.scope,
+                    token_type: "Bearer".into(),
+                },
+                obtained_at: obtained,
+                next_refresh_at: next,
+                status,
+                reauth_reason: reason,
+            })
+        })();
+        match result {
+            Ok(a) => {
+                let key = (a.provider.clone(), a.subject.clone());
+                if let Some(first) = seen.insert(key, n) {
+                    problems.push((
+                        n,
+                        format!(
+                            "duplicate of line {first}: {}/{} appears twice",
+                            a.provider, a.subject
+                        ),
+                    ));
+                } else {
+                    out.push(a);
+                }
+            }
+            Err(m) => problems.push((n, m)),
+        }
+    }
+    if out.is_empty() && problems.is_empty() {
+        problems.push((0, "the file holds no records".into()));
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        problems.truncate(MAX_REPORTED);
+        Err(ImportError {
+            source_name: source_name.to_string(),
+            problems,
+        })
+    }
+}
+
+/// Emits one `reauth_required` event per imported account that arrived already flagged.
+/// Returns how many there were.
+pub fn announce_flagged(records: &[NewAccount], ids: &[(i64, bool)]) -> usize {
+    let mut n = 0;
+    for (r, (id, _)) in records.iter().zip(ids) {
+        if let Some(reason) = r.reauth_reason {
+            n += 1;
+            crate::telemetry::reauth_required(
+                *id,
+                &r.provider,
+                &r.subject,
+                r.label.as_deref(),
+                reason.as_str(),
+                r.tokens.refresh_expires_in.map(|s| r.obtained_at + s),
+            );
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing() -> RefreshTiming {
+        RefreshTiming {
+            lead: Duration::from_secs(600),
+            lead_fraction: 0.1,
+            jitter: Duration::ZERO,
+            min_interval: Duration::ZERO,
+        }
+    }
+    const WEEK: Duration = Duration::from_secs(7 * 86_400);
+    const GOOD: &str = r#"{"provider":"tiktok","access_token":"act.A","expires_in":86400,"open_id":"u1","refresh_expires_in":31536000,"refresh_token":"rft.R","scope":"user.info.basic","token_type":"Bearer"}"#;
+
+    fn p(text: &str) -> Result<Vec<NewAccount>, ImportError> {
+        parse("f.jsonl", text, 1_000_000, &timing(), WEEK, |p| {
+            p == "tiktok"
+        })
+    }
+
+    #[test]
+    fn good_line() {
+        let v = p(GOOD).unwrap();
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].subject, "u1");
+        assert_eq!(v[0].status, Status::Active);
+        assert_eq!(v[0].next_refresh_at, 1_000_000 + 86_400 - 8_640);
+    }
+
+    #[test]
+    fn bad_lines_named_and_nothing_returned() {
+        let text = format!(
+            "{GOOD}\n{{\"provider\":\"tiktok\",\"access_token\":\"a\",\"expires_in\":\"x\",\"open_id\":\"u2\",\"refresh_token\":\"r\"}}\nnot json\n{}\n",
+            GOOD.replace("tiktok", "myspace")
+        );
+        let e = p(&text).unwrap_err();
+        let lines: Vec<usize> = e.problems.iter().map(|(l, _)| *l).collect();
+        assert_eq!(lines, [2, 3, 4]);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("f.jsonl") && msg.contains("expires_in") && msg.contains("myspace"),
+            "{msg}"
+        );
+        assert!(!msg.contains("rft.R") && !msg.contains("act.A"), "{msg}");
+    }
+
+    #[test]
+    fn duplicate_and_unknown_field() {
+        let e = p(&format!("{GOOD}\n{GOOD}")).unwrap_err();
+        assert!(e.problems[0].1.contains("duplicate of line 1"));
+        let e = p(&GOOD.replace("\"scope\"", "\"scopes\"")).unwrap_err();
+        assert!(e.problems[0].1.contains("scopes"), "{:?}", e.problems);
+    }
+
+    #[test]
+    fn expiring_and_expired_refresh_tokens_flagged_on_import() {
+        let v = p(&GOOD.replace("31536000", "86400")).unwrap();
+        assert_eq!(v[0].status, Status::Expiring);
+        let old = GOOD
+            .replace("31536000", "100")
+            .replace("\"provider\"", "\"obtained_at\":999000,\"provider\"");
+        let v = p(&old).unwrap();
+        assert_eq!(v[0].status, Status::NeedsReauth);
+    }
+
+    #[test]
+    fn obtained_at_rfc3339_and_future_rejected() {
+        let l = GOOD.replace(
+            "\"provider\"",
+            "\"obtained_at\":\"1970-01-12T13:46:40Z\",\"provider\"",
+        );
+        assert_eq!(p(&l).unwrap()[0].obtained_at, 1_000_000);
+        let l = GOOD.replace("\"provider\"", "\"obtained_at\":9999999999,\"provider\"");
+        assert!(p(&l).unwrap_err().problems[0].1.contains("future"));
+    }
+
+    #[test]
+    fn empty_file_rejected() {
+        assert!(p("\n\n").is_err());
+    }
+}

@@ -1,0 +1,178 @@
+//! Periodic jobs on tokio-cron-scheduler: the reauth sweep, the daily digest of accounts
+//! that need a human, and pruning of the refresh log. The per-account refresh schedule is
+//! not here: it lives in the store.
+
+use crate::clock::{Clock, rfc3339};
+use crate::engine::Settings;
+use crate::store::{Store, StoreError, SweepReport};
+use crate::telemetry;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
+
+/// Checks a cron expression (six fields: sec min hour day month weekday) with the same
+/// parser the scheduler uses.
+pub fn validate_cron(expr: &str) -> Result<(), String> {
+    Job::new_async(expr, |_, _| Box::pin(async {}))
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "not a valid cron expression {expr:?} ({e:?}); six fields are needed: sec min hour day month weekday, e.g. \"0 */15 * * * *\""
+            )
+        })
+}
+
+/// Flags accounts whose refresh token ends within the window (or has ended) and emits one
+/// `reauth_required` event per account whose state changed.
+pub async fn sweep(
+    store: &Store,
+    clock: &Clock,
+    window: std::time::Duration,
+) -> Result<SweepReport, StoreError> {
+    let report = store.sweep(clock.now(), window).await?;
+    for (a, reason) in report
+        .expired
+        .iter()
+        .map(|a| (a, "refresh_token_expired"))
+        .chain(
+            report
+                .expiring
+                .iter()
+                .map(|a| (a, "refresh_token_expiring")),
+        )
+    {
+        telemetry::reauth_required(
+            a.id,
+            &a.provider,
+            &a.subject,
+            a.label.as_deref(),
+            reason,
+            a.refresh_expires_at,
+        );
+    }
+    tracing::info!(
+        event = "reauth_sweep",
+        newly_expiring = report.expiring.len(),
+        newly_expired = report.expired.len(),
+        "reauth sweep done"
+    );
+    Ok(report)
+}
+
+/// One event listing every account that needs a human (count and ids).
+pub async fn digest(store: &Store) -> Result<usize, StoreError> {
+    let flagged = store.flagged_ids().await?;
+    let needs_reauth: Vec<i64> = flagged
+        .iter()
+        .filter(|(_, s)| *s == crate::model::Status::NeedsReauth)
+        .map(|(id, _)| *id)
+        .collect();
+    let expiring: Vec<i64> = flagged
+        .iter()
+        .filter(|(_, s)| *s == crate::model::Status::Expiring)
+        .map(|(id, _)| *id)
+        .collect();
+    let ids = |v: &[i64]| v.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    if flagged.is_empty() {
+        tracing::info!(
+            event = "reauth_digest",
+            count = 0,
+            "no account needs re-authorization"
+        );
+    } else {
+        tracing::warn!(
+            event = "reauth_digest",
+            count = flagged.len(),
+            needs_reauth = needs_reauth.len(),
+            expiring = expiring.len(),
+            needs_reauth_ids = %ids(&needs_reauth),
+            expiring_ids = %ids(&expiring),
+            "{} account(s) need re-authorization (`refreshd accounts list --needs-reauth`)",
+            flagged.len()
+        );
+    }
+    Ok(flagged.len())
+}
+
+pub async fn prune(
+    store: &Store,
+    clock: &Clock,
+    retention: std::time::Duration,
+) -> Result<usize, StoreError> {
+    let before = clock.now() - retention.as_secs() as i64;
+    let n = store.prune_log(before).await?;
+    tracing::info!(event = "refresh_log_pruned", deleted = n, before = %rfc3339(before), "pruned the refresh log");
+    Ok(n)
+}
+
+/// Starts the scheduler with the three jobs; each reads the current settings when it runs.
+pub async fn start(
+    store: Store,
+    clock: Clock,
+    settings: watch::Receiver<Arc<Settings>>,
+) -> Result<JobScheduler, JobSchedulerError> {
+    let sched = JobScheduler::new().await?;
+    let cfg = settings.borrow().config.clone();
+    {
+        let (store, clock, settings) = (store.clone(), clock.clone(), settings.clone());
+        sched
+            .add(Job::new_async(cfg.reauth.sweep_cron.as_str(), move |_, _| {
+                let (store, clock) = (store.clone(), clock.clone());
+                let window = settings.borrow().config.reauth.window;
+                Box::pin(async move {
+                    if let Err(e) = sweep(&store, &clock, window).await {
+                        tracing::error!(event = "reauth_sweep_failed", error = %e, "reauth sweep failed; it runs again on schedule");
+                    }
+                })
+            })?)
+            .await?;
+    }
+    {
+        let store = store.clone();
+        sched
+            .add(Job::new_async(cfg.reauth.digest_cron.as_str(), move |_, _| {
+                let store = store.clone();
+                Box::pin(async move {
+                    if let Err(e) = digest(&store).await {
+                        tracing::error!(event = "reauth_digest_failed", error = %e, "digest failed");
+                    }
+                })
+            })?)
+            .await?;
+    }
+    {
+        sched
+            .add(Job::new_async(cfg.store.prune_cron.as_str(), move |_, _| {
+                let (store, clock) = (store.clone(), clock.clone());
+                let retention = settings.borrow().config.store.log_retention;
+                Box::pin(async move {
+                    if let Err(e) = prune(&store, &clock, retention).await {
+                        tracing::error!(event = "refresh_log_prune_failed", error = %e, "pruning failed");
+                    }
+                })
+            })?)
+            .await?;
+    }
+    sched.start().await?;
+    Ok(sched)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cron_validation() {
+        assert!(validate_cron("0 */15 * * * *").is_ok());
+        assert!(validate_cron("0 0 9 * * *").is_ok());
+        let e = validate_cron("every tuesday").unwrap_err();
+        assert!(
+            e.contains("every tuesday") && e.contains("six fields"),
+            "{e}"
+        );
+        assert!(
+            validate_cron("*/15 * * * *").is_err(),
+            "five fields lack seconds"
+        );
+    }
+}

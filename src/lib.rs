@@ -1,0 +1,43 @@
+//! refreshd keeps OAuth 2.0 connections alive: it stores one row per connected account,
+//! refreshes each access token ahead of its expiry, writes rotated tokens back durably
+//! before anything else happens, and tells admins which accounts need a human.
+//!
+//! # Map
+//! - [`config`]: defaults < TOML file < `REFRESHD_*` env, validated into typed settings.
+//! - [`clock`]: the one source of "now" (system, or manual in tests).
+//! - [`model`]: accounts, token sets, statuses, reauth reasons. Plain data.
+//! - [`policy`]: when to refresh, backoff, the reauth window. Pure.
+//! - [`store`]: SQLite on one worker thread; leases, generation-guarded writes, group
+//!   commit, the recovery file.
+//! - [`provider`]: builds token requests and classifies answers (TikTok first).
+//! - [`engine`]: the refresh loop.
+//! - [`jobs`]: cron jobs: reauth sweep, digest, log pruning.
+//! - [`lifecycle`]: running the daemon: signals, reload, systemd notifications.
+//! - [`import`]: the JSON-lines import format.
+//! - [`sandbox`]: a TikTok-compatible fake provider for the demo, tests and benchmarks.
+//! - [`demo`]: `refreshd demo`.
+//! - [`telemetry`]: logging and the stable log events.
+//!
+//! # Invariants
+//! 1. At most one refresh per account is in flight, across all processes sharing the store
+//!    (leases).
+//! 2. A rotated refresh token is committed durably (or fsynced to the recovery file) before
+//!    it is logged or used.
+//! 3. No account is silently lost: each ends with a working token or flagged with a reason.
+//! 4. No secret reaches a log line, an error, a panic or the CLI unless asked for.
+//! 5. Bad input is rejected with an error naming what and where; nothing is half-applied.
+//! 6. A transient failure never flags an account; a permanent one is never retried blindly.
+
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod engine;
+pub mod import;
+pub mod jobs;
+pub mod lifecycle;
+pub mod model;
+pub mod policy;
+pub mod provider;
+pub mod sandbox;
+pub mod store;
+pub mod telemetry;

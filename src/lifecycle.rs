@@ -1,0 +1,382 @@
+//! Running the daemon: open the store, start the engine and the periodic jobs, translate
+//! signals (SIGTERM/SIGINT drain, SIGHUP reload) and tell systemd where we are
+//! (READY, WATCHDOG, STATUS, STOPPING). The caller owns the shutdown token, so tests drive
+//! start and stop without signals.
+
+use crate::clock::Clock;
+use crate::config::{Config, ConfigError};
+use crate::engine::{Engine, EngineError, Settings, StatsSnapshot};
+use crate::jobs;
+use crate::provider::ProviderError;
+use crate::store::{Store, StoreError, StoreOptions};
+use crate::telemetry::LogHandle;
+use futures::StreamExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("cannot start the periodic jobs: {0}")]
+    Jobs(String),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// What a run did, for `--once`'s exit code and the demo's summary.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RunReport {
+    pub stats: StatsSnapshot,
+    /// Accounts the reauth sweep newly flagged (run --once).
+    pub swept_expiring: usize,
+    pub swept_expired: usize,
+}
+
+impl RunReport {
+    /// Accounts that newly need a human during this run.
+    pub fn newly_flagged(&self) -> u64 {
+        self.stats.flagged + (self.swept_expiring + self.swept_expired) as u64
+    }
+}
+
+/// A callback given the open store and the running engine.
+pub type OnReady = Box<dyn FnOnce(&Store, &Engine) + Send>;
+
+/// Options of one daemon run.
+pub struct RunOptions {
+    pub clock: Clock,
+    pub log: LogHandle,
+    /// Where SIGHUP re-reads the config from (None: the default lookup).
+    pub config_file: Option<PathBuf>,
+    /// Refresh what is due, sweep, and return.
+    pub once: bool,
+    /// Reload requests (SIGHUP). None: reload is off.
+    pub reload: Option<mpsc::Receiver<()>>,
+    /// Called once the store is open and the engine runs, with the store and engine.
+    pub on_ready: Option<OnReady>,
+}
+
+impl RunOptions {
+    pub fn new(clock: Clock) -> Self {
+        RunOptions {
+            clock,
+            log: LogHandle::none(),
+            config_file: None,
+            once: false,
+            reload: None,
+            on_ready: None,
+        }
+    }
+}
+
+pub fn store_options(config: &Config) -> StoreOptions {
+    StoreOptions {
+        path: config.store.path.clone(),
+        busy_timeout: config.store.busy_timeout,
+    }
+}
+
+/// Runs the daemon until `shutdown` is cancelled (or, with `once`, until due work is done).
+pub async fn run(
+    config: Config,
+    mut opts: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<RunReport, DaemonError> {
+    let store = Store::open(store_options(&config)).await?;
+    let settings = Arc::new(Settings::new(config)?);
+    let (settings_tx, settings_rx) = watch::channel(settings.clone());
+    let engine = Engine::new(store.clone(), opts.clock.clone(), settings_rx.clone());
+    let cfg = &settings.config;
+    tracing::info!(event = "starting", store = %store.path().display(), owner = engine.owner(),
+        providers = ?settings.providers.names().collect::<Vec<_>>(), once = opts.once, "refreshd starting");
+    for (name, p) in &cfg.providers {
+        if !p.enabled {
+            tracing::info!(event = "provider_disabled", provider = %name, "provider is disabled in the config");
+        }
+    }
+
+    if opts.once {
+        engine.run_due(shutdown.clone()).await?;
+        let report = jobs::sweep(&store, &opts.clock, cfg.reauth.window).await?;
+        if let Some(cb) = opts.on_ready.take() {
+            cb(&store, &engine);
+        }
+        store.close().await;
+        let r = RunReport {
+            stats: engine.stats().snapshot(),
+            swept_expiring: report.expiring.len(),
+            swept_expired: report.expired.len(),
+        };
+        tracing::info!(
+            event = "run_once_done",
+            rotated = r.stats.rotated,
+            transient = r.stats.transient,
+            newly_flagged = r.newly_flagged(),
+            "refreshed everything due"
+        );
+        return Ok(r);
+    }
+
+    // Start-up sweep: accounts that ran into the window while we were down are flagged now.
+    jobs::sweep(&store, &opts.clock, cfg.reauth.window).await?;
+    let mut scheduler = jobs::start(store.clone(), opts.clock.clone(), settings_rx.clone())
+        .await
+        .map_err(|e| DaemonError::Jobs(format!("{e:?}")))?;
+
+    let engine_task = {
+        let engine = engine.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { engine.run(shutdown).await })
+    };
+    if let Some(cb) = opts.on_ready.take() {
+        cb(&store, &engine);
+    }
+    notify_systemd(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("refreshing"),
+    ]);
+    tracing::info!(event = "ready", "refreshd is running");
+    let watchdog = spawn_watchdog(engine.clone(), settings_rx.clone(), shutdown.clone());
+
+    let mut reload = opts.reload.take();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(()) = async { match reload.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                let old = settings_tx.borrow().clone();
+                match reload_settings(&old, opts.config_file.as_deref(), &opts.log) {
+                    Ok(Some(new)) => {
+                        let crons_changed = old.config.reauth.sweep_cron != new.config.reauth.sweep_cron
+                            || old.config.reauth.digest_cron != new.config.reauth.digest_cron
+                            || old.config.store.prune_cron != new.config.store.prune_cron;
+                        settings_tx.send_replace(Arc::new(new));
+                        if crons_changed {
+                            let _ = scheduler.shutdown().await;
+                            match jobs::start(store.clone(), opts.clock.clone(), settings_rx.clone()).await {
+                                Ok(s) => scheduler = s,
+                                Err(e) => tracing::error!(event = "reload_jobs_failed", error = ?e, "periodic jobs could not be restarted with the new schedule"),
+                            }
+                        }
+                        engine.waker().notify_one();
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(event = "reload_rejected", error = %e, "config reload rejected; the running config stays in force"),
+                }
+            }
+        }
+    }
+
+    notify_systemd(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("draining"),
+    ]);
+    tracing::info!(
+        event = "stopping",
+        "shutdown requested: no new claims, finishing in-flight refreshes"
+    );
+    let _ = scheduler.shutdown().await;
+    let result = engine_task.await;
+    watchdog.abort();
+    store.close().await;
+    let report = RunReport {
+        stats: engine.stats().snapshot(),
+        ..Default::default()
+    };
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e.into()),
+        Err(e) => {
+            tracing::error!(event = "engine_panicked", error = %e, "the refresh loop panicked")
+        }
+    }
+    tracing::info!(
+        event = "stopped",
+        rotated = report.stats.rotated,
+        transient = report.stats.transient,
+        flagged = report.stats.flagged,
+        "refreshd stopped"
+    );
+    Ok(report)
+}
+
+/// Re-reads the config. Ok(None): nothing changed. Settings that need a restart are kept.
+fn reload_settings(
+    old: &Settings,
+    file: Option<&std::path::Path>,
+    log: &LogHandle,
+) -> Result<Option<Settings>, ReloadError> {
+    let mut new = Config::load(file)?;
+    let mut changed = changed_sections(&old.config, &new);
+    if new.store.path != old.config.store.path {
+        tracing::warn!(
+            event = "reload_needs_restart",
+            key = "store.path",
+            "store.path changed; it takes effect on restart only"
+        );
+        new.store.path = old.config.store.path.clone();
+        changed.retain(|c| {
+            c != "store" || format!("{:?}", new.store) != format!("{:?}", old.config.store)
+        });
+    }
+    if changed.is_empty() {
+        tracing::info!(
+            event = "config_reloaded",
+            changed = "",
+            "config reloaded: nothing changed"
+        );
+        return Ok(None);
+    }
+    log.set_level(&new.log.level).map_err(ReloadError::Log)?;
+    let settings = Settings::new(new)?;
+    tracing::info!(event = "config_reloaded", changed = %changed.join(","), "config reloaded");
+    Ok(Some(settings))
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error("log.level: {0}")]
+    Log(String),
+}
+
+/// Names of the config sections that differ. Compared through `Debug`, which redacts
+/// secrets, so a secret's change shows through `client_secret_file` or not at all; the
+/// providers are compared by their parts including the secret.
+fn changed_sections(a: &Config, b: &Config) -> Vec<String> {
+    use secrecy::ExposeSecret;
+    let mut out = Vec::new();
+    let mut cmp = |name: &str, x: String, y: String| {
+        if x != y {
+            out.push(name.to_string());
+        }
+    };
+    cmp("store", format!("{:?}", a.store), format!("{:?}", b.store));
+    cmp(
+        "refresh",
+        format!("{:?}", a.refresh),
+        format!("{:?}", b.refresh),
+    );
+    cmp(
+        "reauth",
+        format!("{:?}", a.reauth),
+        format!("{:?}", b.reauth),
+    );
+    cmp("log", format!("{:?}", a.log), format!("{:?}", b.log));
+    cmp(
+        "shutdown",
+        format!("{:?}", a.shutdown),
+        format!("{:?}", b.shutdown),
+    );
+    let names: std::collections::BTreeSet<&String> =
+        a.providers.keys().chain(b.providers.keys()).collect();
+    for n in names {
+        let (pa, pb) = (a.providers.get(n), b.providers.get(n));
+        let same = match (pa, pb) {
+            (Some(x), Some(y)) => {
+                format!("{x:?}") == format!("{y:?}")
+                    && x.client_secret
+                        .as_ref()
+                        .map(|s| s.expose_secret().to_string())
+                        == y.client_secret
+                            .as_ref()
+                            .map(|s| s.expose_secret().to_string())
+            }
+            _ => false,
+        };
+        if !same {
+            out.push(format!("providers.{n}"));
+        }
+    }
+    out
+}
+
+fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some()
+        && let Err(e) = sd_notify::notify(false, states)
+    {
+        tracing::warn!(event = "sd_notify_failed", error = %e, "cannot notify systemd");
+    }
+}
+
+/// Pings the systemd watchdog while the engine loop makes progress; a stuck loop stops the
+/// pings and systemd restarts the service.
+fn spawn_watchdog(
+    engine: Engine,
+    settings: watch::Receiver<Arc<Settings>>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let mut usec = 0u64;
+    let enabled = sd_notify::watchdog_enabled(false, &mut usec);
+    tokio::spawn(async move {
+        if !enabled || usec == 0 {
+            return;
+        }
+        let every = Duration::from_micros(usec / 2);
+        let stats = engine.stats();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let max_idle = settings.borrow().config.refresh.max_idle.as_secs() as i64;
+            let beat = stats.heartbeat.load(Ordering::Relaxed);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            if now - beat <= 2 * max_idle + 30 {
+                notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+            } else {
+                tracing::error!(
+                    event = "engine_stalled",
+                    last_heartbeat_secs_ago = now - beat,
+                    "the refresh loop has not looked at the store for too long; not pinging the watchdog"
+                );
+            }
+        }
+    })
+}
+
+/// Installs SIGTERM/SIGINT (cancel `shutdown`) and SIGHUP (send a reload request).
+pub fn install_signals(shutdown: CancellationToken) -> Result<mpsc::Receiver<()>, DaemonError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(DaemonError::Signals)?;
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        while let Some(sig) = signals.next().await {
+            match sig {
+                SIGHUP => {
+                    tracing::info!(event = "signal", signal = "SIGHUP", "reloading the config");
+                    let _ = tx.try_send(());
+                }
+                s => {
+                    let name = if s == SIGTERM { "SIGTERM" } else { "SIGINT" };
+                    if shutdown.is_cancelled() {
+                        tracing::warn!(
+                            event = "signal",
+                            signal = name,
+                            "already stopping; waiting for in-flight refreshes (grace period)"
+                        );
+                    } else {
+                        tracing::info!(event = "signal", signal = name, "stopping");
+                        shutdown.cancel();
+                    }
+                }
+            }
+        }
+    });
+    Ok(rx)
+}

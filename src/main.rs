@@ -1,0 +1,547 @@
+//! The `refreshd` command line: parses arguments, loads the config, calls the library, and
+//! maps errors to exit codes. Nothing else lives here.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use refreshd::clock::{Clock, rfc3339};
+use refreshd::config::Config;
+use refreshd::lifecycle::{self, RunOptions};
+use refreshd::model::Status;
+use refreshd::store::{ListFilter, Store, StoreOptions};
+use refreshd::{demo, import, telemetry};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Exit codes (documented in README.md).
+mod exit {
+    pub const OK: u8 = 0;
+    pub const ERROR: u8 = 1;
+    // 2 is clap's usage error.
+    pub const NEEDS_REAUTH: u8 = 3;
+    pub const CONFIG: u8 = 78; // EX_CONFIG
+}
+
+#[derive(Parser)]
+#[command(
+    name = "refreshd",
+    version,
+    about = "Keeps OAuth 2.0 connections alive: refreshes tokens ahead of expiry and flags accounts that need re-authorization."
+)]
+struct Cli {
+    /// Config file (default: ./refreshd.toml when present).
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "REFRESHD_CONFIG",
+        value_name = "PATH"
+    )]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: refresh tokens as they come due until SIGTERM/SIGINT.
+    Run {
+        /// Refresh what is due now, run the reauth sweep, and exit. Exit code 3 when an
+        /// account newly needs re-authorization.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Inspect and manage stored accounts.
+    #[command(subcommand)]
+    Accounts(AccountsCommand),
+    /// Check the config, the store and the providers' settings; exit non-zero on a problem.
+    Check,
+    /// Run the real daemon against a built-in sandbox provider and a temporary store.
+    Demo(DemoArgs),
+    /// Serve the TikTok-compatible sandbox token endpoint on its own (manual tests, benchmarks).
+    Sandbox {
+        /// Address to listen on (loopback).
+        #[arg(long, default_value = "127.0.0.1:8787")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountsCommand {
+    /// List accounts (tokens are never shown).
+    List {
+        #[arg(long, value_parser = parse_status)]
+        status: Option<Status>,
+        #[arg(long)]
+        provider: Option<String>,
+        /// Only accounts that need a human: `expiring` and `needs_reauth`.
+        #[arg(long)]
+        needs_reauth: bool,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one account and its latest refresh attempts.
+    Show {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+        /// How many refresh_log entries to show.
+        #[arg(long, default_value_t = 10)]
+        log: usize,
+    },
+    /// Import accounts from JSON lines (a file, or - for stdin). All or nothing.
+    Import { file: String },
+    /// Make an account due now (a running daemon picks it up at its next look).
+    Refresh {
+        id: i64,
+        /// Also retry an account flagged needs_reauth (clears the flag).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete an account and its refresh history.
+    Remove { id: i64 },
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// How many accounts to create.
+    #[arg(long, default_value_t = 200)]
+    accounts: usize,
+    /// Stop after this long (default: run until Ctrl-C).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Access-token lifetime the sandbox issues.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    access_ttl: Duration,
+    /// No injected failures (5xx, 429, errors in 200, slow answers).
+    #[arg(long)]
+    no_faults: bool,
+    /// Keep the temporary database in this directory instead of deleting it.
+    #[arg(long)]
+    keep_dir: Option<PathBuf>,
+}
+
+fn parse_status(s: &str) -> Result<Status, String> {
+    s.parse::<Status>().map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let code = if e.downcast_ref::<refreshd::config::ConfigError>().is_some() {
+                exit::CONFIG
+            } else {
+                exit::ERROR
+            };
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config> {
+    Ok(Config::load(cli.config.as_deref())?)
+}
+
+/// For commands that read an existing store: a typo in store.path must not create an
+/// empty database and report "no accounts".
+async fn open_existing(config: &Config) -> Result<Store> {
+    let path = &config.store.path;
+    if !path.exists() {
+        bail!(
+            "database {} does not exist (check store.path; `refreshd run` or `refreshd accounts import` creates it)",
+            path.display()
+        );
+    }
+    Ok(Store::open(lifecycle::store_options(config)).await?)
+}
+
+async fn dispatch(cli: Cli) -> Result<u8> {
+    match &cli.command {
+        Command::Run { once } => {
+            let config = load_config(&cli)?;
+            let log = telemetry::init(&config.log);
+            let shutdown = CancellationToken::new();
+            let reload = lifecycle::install_signals(shutdown.clone())?;
+            let mut opts = RunOptions::new(Clock::system());
+            opts.log = log;
+            opts.config_file = config.file.clone();
+            opts.once = *once;
+            opts.reload = Some(reload);
+            let report = lifecycle::run(config, opts, shutdown).await?;
+            if *once && report.newly_flagged() > 0 {
+                eprintln!(
+                    "{} account(s) newly need re-authorization: see `refreshd accounts list --needs-reauth`",
+                    report.newly_flagged()
+                );
+                return Ok(exit::NEEDS_REAUTH);
+            }
+            Ok(exit::OK)
+        }
+        Command::Check => check(&cli).await,
+        Command::Accounts(cmd) => {
+            let config = load_config(&cli)?;
+            quiet_logs(&config);
+            accounts(&config, cmd).await
+        }
+        Command::Demo(args) => {
+            let log_cfg = refreshd::config::LogConfig {
+                format: refreshd::config::LogFormat::Auto,
+                level: "info".into(),
+            };
+            telemetry::init(&log_cfg);
+            let shutdown = CancellationToken::new();
+            // Ctrl-C ends the demo with a summary; SIGHUP is not used here.
+            let _ = lifecycle::install_signals(shutdown.clone())?;
+            let opts = demo::DemoOptions {
+                accounts: args.accounts,
+                duration: args.duration,
+                access_ttl: args.access_ttl,
+                faults: !args.no_faults,
+                keep_dir: args.keep_dir.clone(),
+            };
+            let summary = demo::run(opts, shutdown).await?;
+            println!("{}", summary.table());
+            Ok(exit::OK)
+        }
+        Command::Sandbox { listen } => {
+            telemetry::init(&refreshd::config::LogConfig::default());
+            sandbox(*listen).await
+        }
+    }
+}
+
+fn quiet_logs(config: &Config) {
+    let mut log = config.log.clone();
+    if std::env::var_os("RUST_LOG").is_none() {
+        log.level = "warn".into();
+    }
+    log.format = refreshd::config::LogFormat::Pretty;
+    telemetry::init(&log);
+}
+
+async fn check(cli: &Cli) -> Result<u8> {
+    let config = match load_config(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("config: FAILED\n  {e}");
+            return Ok(exit::CONFIG);
+        }
+    };
+    quiet_logs(&config);
+    println!(
+        "config: ok ({})",
+        config
+            .file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "built-in defaults and environment".into())
+    );
+    let mut ok = true;
+    if config.providers.is_empty() {
+        println!("providers: none configured (add a [providers.tiktok] table)");
+        ok = false;
+    }
+    match refreshd::provider::Providers::from_config(&config) {
+        Ok(p) => {
+            for (name, pc) in &config.providers {
+                let state = if pc.enabled { "enabled" } else { "disabled" };
+                let url = p
+                    .get(name)
+                    .map(|p| p.token_url().to_string())
+                    .unwrap_or_default();
+                println!(
+                    "provider {name}: ok, {state}, kind {}, token endpoint {url}",
+                    pc.kind(name)
+                );
+            }
+        }
+        Err(e) => {
+            println!("providers: FAILED\n  {e}");
+            ok = false;
+        }
+    }
+    let path = &config.store.path;
+    if path.exists() {
+        match Store::open(StoreOptions {
+            path: path.clone(),
+            busy_timeout: config.store.busy_timeout,
+        })
+        .await
+        {
+            Ok(store) => {
+                let counts = store.counts().await?;
+                let total: i64 = counts.iter().map(|(_, _, n)| n).sum();
+                let unknown: Vec<&String> = counts
+                    .iter()
+                    .map(|(p, _, _)| p)
+                    .filter(|p| !config.providers.contains_key(*p))
+                    .collect();
+                println!("store: ok ({}, {total} accounts)", path.display());
+                for p in unknown {
+                    println!("store: accounts of provider {p:?} exist but it is not configured");
+                    ok = false;
+                }
+                store.close().await;
+            }
+            Err(e) => {
+                println!("store: FAILED\n  {e}");
+                ok = false;
+            }
+        }
+    } else {
+        println!(
+            "store: {} does not exist yet; `refreshd run` creates it",
+            path.display()
+        );
+    }
+    Ok(if ok { exit::OK } else { exit::ERROR })
+}
+
+async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
+    let clock = Clock::system();
+    match cmd {
+        AccountsCommand::List {
+            status,
+            provider,
+            needs_reauth,
+            json,
+        } => {
+            let store = open_existing(config).await?;
+            let filter = ListFilter {
+                provider: provider.clone(),
+                status: *status,
+                needs_reauth: *needs_reauth,
+            };
+            let mut after = 0;
+            let mut n = 0usize;
+            if !json {
+                println!(
+                    "{:>8}  {:<10} {:<24} {:<16} {:<13} {:<23} {:<21} {:<21} {:>4}",
+                    "ID",
+                    "PROVIDER",
+                    "SUBJECT",
+                    "LABEL",
+                    "STATUS",
+                    "REASON",
+                    "ACCESS EXPIRES",
+                    "REFRESH EXPIRES",
+                    "FAIL"
+                );
+            }
+            loop {
+                let page = store.list(filter.clone(), after, 1000).await?;
+                let Some(last) = page.last() else { break };
+                after = last.id;
+                for a in &page {
+                    n += 1;
+                    if *json {
+                        println!("{}", serde_json::to_string(&summary_json(a))?);
+                    } else {
+                        println!(
+                            "{:>8}  {:<10} {:<24} {:<16} {:<13} {:<23} {:<21} {:<21} {:>4}",
+                            a.id,
+                            a.provider,
+                            truncate(&a.subject, 24),
+                            truncate(a.label.as_deref().unwrap_or("-"), 16),
+                            a.status.as_str(),
+                            a.reauth_reason.map(|r| r.as_str()).unwrap_or("-"),
+                            rfc3339(a.access_expires_at),
+                            a.refresh_expires_at
+                                .map(rfc3339)
+                                .unwrap_or_else(|| "-".into()),
+                            a.failures
+                        );
+                    }
+                }
+            }
+            if !json {
+                eprintln!("{n} account(s)");
+            }
+            store.close().await;
+            Ok(exit::OK)
+        }
+        AccountsCommand::Show { id, json, log } => {
+            let store = open_existing(config).await?;
+            let Some(a) = store.get(*id).await? else {
+                bail!("no account with id {id} (see `refreshd accounts list`)");
+            };
+            let entries = store.log_entries(*id, *log).await?;
+            store.close().await;
+            if *json {
+                let mut v = serde_json::json!({
+                    "id": a.id, "provider": a.provider, "subject": a.subject, "label": a.label,
+                    "status": a.status, "reauth_reason": a.reauth_reason,
+                    "reauth_flagged_at": a.reauth_flagged_at.map(rfc3339),
+                    "scope": a.scope, "token_type": a.token_type,
+                    "access_expires_at": rfc3339(a.access_expires_at),
+                    "refresh_expires_at": a.refresh_expires_at.map(rfc3339),
+                    "next_refresh_at": rfc3339(a.next_refresh_at),
+                    "last_refreshed_at": a.last_refreshed_at.map(rfc3339),
+                    "failures": a.failures, "last_error": a.last_error, "generation": a.generation,
+                    "created_at": rfc3339(a.created_at), "updated_at": rfc3339(a.updated_at),
+                });
+                v["refresh_log"] = entries
+                    .iter()
+                    .map(|e| serde_json::json!({"at": rfc3339(e.at), "outcome": e.outcome, "http_status": e.http_status, "error": e.error, "duration_ms": e.duration_ms}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let opt = |o: Option<i64>| o.map(rfc3339).unwrap_or_else(|| "-".into());
+                println!("account {}", a.id);
+                println!("  provider           {}", a.provider);
+                println!("  subject            {}", a.subject);
+                println!("  label              {}", a.label.as_deref().unwrap_or("-"));
+                println!("  status             {}", a.status);
+                if let Some(r) = a.reauth_reason {
+                    println!(
+                        "  reauth reason      {r} (flagged {})",
+                        opt(a.reauth_flagged_at)
+                    );
+                }
+                println!("  scope              {}", a.scope);
+                println!("  access expires     {}", rfc3339(a.access_expires_at));
+                println!("  refresh expires    {}", opt(a.refresh_expires_at));
+                println!("  next refresh       {}", rfc3339(a.next_refresh_at));
+                println!("  last refreshed     {}", opt(a.last_refreshed_at));
+                println!("  failures           {}", a.failures);
+                println!(
+                    "  last error         {}",
+                    a.last_error.as_deref().unwrap_or("-")
+                );
+                println!("  generation         {}", a.generation);
+                println!("  refresh log (newest first):");
+                if entries.is_empty() {
+                    println!("    (none)");
+                }
+                for e in entries {
+                    println!(
+                        "    {}  {:<16} {:>4} {:>6}  {}",
+                        rfc3339(e.at),
+                        e.outcome,
+                        e.http_status
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        e.duration_ms
+                            .map(|d| format!("{d}ms"))
+                            .unwrap_or_else(|| "-".into()),
+                        e.error.as_deref().unwrap_or("")
+                    );
+                }
+            }
+            Ok(exit::OK)
+        }
+        AccountsCommand::Import { file } => {
+            let (name, text) = if file == "-" {
+                let mut s = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut s)
+                    .context("cannot read the import from stdin")?;
+                ("stdin".to_string(), s)
+            } else {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("cannot read import file {file}"))?;
+                (file.clone(), text)
+            };
+            let now = clock.now();
+            let records = import::parse(
+                &name,
+                &text,
+                now,
+                &config.refresh.timing(),
+                config.reauth.window,
+                |p| config.providers.contains_key(p),
+            )?;
+            let store = Store::open(lifecycle::store_options(config)).await?;
+            let ids = store.upsert(records.clone(), now).await?;
+            store.close().await;
+            let inserted = ids.iter().filter(|(_, new)| *new).count();
+            let flagged = import::announce_flagged(&records, &ids);
+            if flagged > 0 {
+                eprintln!(
+                    "{flagged} imported account(s) already need re-authorization: see `refreshd accounts list --needs-reauth`"
+                );
+            }
+            println!(
+                "imported {} account(s) from {name}: {inserted} new, {} updated",
+                ids.len(),
+                ids.len() - inserted
+            );
+            Ok(exit::OK)
+        }
+        AccountsCommand::Refresh { id, force } => {
+            let store = open_existing(config).await?;
+            let was = store.mark_due(*id, clock.now(), *force).await?;
+            store.close().await;
+            println!(
+                "account {id} ({was}) is due now; a running daemon refreshes it at its next look at the store (within refresh.max_idle)"
+            );
+            Ok(exit::OK)
+        }
+        AccountsCommand::Remove { id } => {
+            let store = open_existing(config).await?;
+            let Some(a) = store.get(*id).await? else {
+                bail!("no account with id {id} (see `refreshd accounts list`)");
+            };
+            store.remove(*id).await?;
+            store.close().await;
+            println!("removed account {id} ({}/{})", a.provider, a.subject);
+            Ok(exit::OK)
+        }
+    }
+}
+
+fn summary_json(a: &refreshd::store::AccountSummary) -> serde_json::Value {
+    serde_json::json!({
+        "id": a.id, "provider": a.provider, "subject": a.subject, "label": a.label,
+        "status": a.status, "reauth_reason": a.reauth_reason,
+        "access_expires_at": rfc3339(a.access_expires_at),
+        "refresh_expires_at": a.refresh_expires_at.map(rfc3339),
+        "next_refresh_at": rfc3339(a.next_refresh_at),
+        "last_refreshed_at": a.last_refreshed_at.map(rfc3339),
+        "reauth_flagged_at": a.reauth_flagged_at.map(rfc3339),
+        "failures": a.failures, "last_error": a.last_error, "scope": a.scope,
+    })
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n - 1).collect();
+        t.push('…');
+        t
+    }
+}
+
+async fn sandbox(listen: std::net::SocketAddr) -> Result<u8> {
+    if !listen.ip().is_loopback() {
+        bail!("the sandbox listens on loopback only; {listen} is not a loopback address");
+    }
+    let sb = refreshd::sandbox::Sandbox::start_on(listen, Default::default(), Clock::system())
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    println!("sandbox token endpoint: {}", sb.token_url());
+    println!(
+        "client_key = \"sandbox-client-key\", client_secret = \"sandbox-client-secret\"; Ctrl-C stops it"
+    );
+    tokio::signal::ctrl_c().await.ok();
+    println!("{}", serde_json::to_string_pretty(&sb.stats())?);
+    sb.shutdown().await;
+    Ok(exit::OK)
+}

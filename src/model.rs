@@ -1,0 +1,202 @@
+//! Plain data: accounts, token sets, statuses and re-authorization reasons. No I/O.
+
+use secrecy::SecretString;
+use std::fmt;
+use std::str::FromStr;
+
+/// Where an account stands. See DESIGN.md "Statuses".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Refreshed automatically.
+    Active,
+    /// Still refreshed automatically, but the refresh token ends within the reauth window.
+    Expiring,
+    /// Cannot be refreshed any more: a person must log in again.
+    NeedsReauth,
+    /// Switched off by an admin.
+    Disabled,
+}
+
+impl Status {
+    pub const ALL: [Status; 4] = [
+        Status::Active,
+        Status::Expiring,
+        Status::NeedsReauth,
+        Status::Disabled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Active => "active",
+            Status::Expiring => "expiring",
+            Status::NeedsReauth => "needs_reauth",
+            Status::Disabled => "disabled",
+        }
+    }
+
+    /// `expiring` and `needs_reauth` are the statuses that need a human.
+    pub fn needs_human(self) -> bool {
+        matches!(self, Status::Expiring | Status::NeedsReauth)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown status {0:?}: expected one of active, expiring, needs_reauth, disabled")]
+pub struct UnknownStatus(pub String);
+
+impl FromStr for Status {
+    type Err = UnknownStatus;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Status::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownStatus(s.to_string()))
+    }
+}
+
+/// Why an account needs a person to log in again. Stable strings: admins alert on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReauthReason {
+    /// The refresh token ends within the reauth window; refreshing cannot extend it.
+    RefreshTokenExpiring,
+    /// The refresh token's lifetime is over.
+    RefreshTokenExpired,
+    /// The provider rejected the refresh token (`invalid_grant`: invalid, expired or revoked).
+    InvalidGrant,
+    /// The provider withdrew a scope the account had.
+    ScopeWithdrawn,
+    /// The provider returned tokens for a different user than the account's.
+    SubjectMismatch,
+}
+
+impl ReauthReason {
+    pub const ALL: [ReauthReason; 5] = [
+        ReauthReason::RefreshTokenExpiring,
+        ReauthReason::RefreshTokenExpired,
+        ReauthReason::InvalidGrant,
+        ReauthReason::ScopeWithdrawn,
+        ReauthReason::SubjectMismatch,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReauthReason::RefreshTokenExpiring => "refresh_token_expiring",
+            ReauthReason::RefreshTokenExpired => "refresh_token_expired",
+            ReauthReason::InvalidGrant => "invalid_grant",
+            ReauthReason::ScopeWithdrawn => "scope_withdrawn",
+            ReauthReason::SubjectMismatch => "subject_mismatch",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl fmt::Display for ReauthReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One stored account, as read from the store. Tokens redact themselves in `Debug`.
+#[derive(Clone, Debug)]
+pub struct Account {
+    pub id: i64,
+    pub provider: String,
+    /// The provider's user id (TikTok's `open_id`).
+    pub subject: String,
+    pub label: Option<String>,
+    pub access_token: SecretString,
+    pub refresh_token: SecretString,
+    pub scope: String,
+    pub token_type: String,
+    pub access_expires_at: i64,
+    /// None when the provider gives no refresh-token lifetime.
+    pub refresh_expires_at: Option<i64>,
+    pub next_refresh_at: i64,
+    pub status: Status,
+    pub reauth_reason: Option<ReauthReason>,
+    pub reauth_flagged_at: Option<i64>,
+    pub failures: i64,
+    pub last_error: Option<String>,
+    pub last_refreshed_at: Option<i64>,
+    pub generation: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A validated token response: what a provider returned on a code exchange or a refresh.
+#[derive(Clone, Debug)]
+pub struct TokenSet {
+    pub access_token: SecretString,
+    /// None when the provider did not return one (keep the stored one).
+    pub refresh_token: Option<SecretString>,
+    /// Remaining lifetime of the access token, seconds.
+    pub expires_in: i64,
+    /// Remaining lifetime of the refresh token, seconds; None when the provider gives none.
+    pub refresh_expires_in: Option<i64>,
+    /// The provider's user id, when the response carries one.
+    pub subject: Option<String>,
+    pub scope: Option<String>,
+    pub token_type: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trips_and_rejects_unknown() {
+        for s in Status::ALL {
+            assert_eq!(s.as_str().parse::<Status>().unwrap(), s);
+        }
+        let err = "broken".parse::<Status>().unwrap_err();
+        assert!(err.to_string().contains("broken"));
+        assert!(err.to_string().contains("needs_reauth"));
+    }
+
+    #[test]
+    fn reasons_round_trip() {
+        for r in ReauthReason::ALL {
+            assert_eq!(ReauthReason::parse(r.as_str()), Some(r));
+        }
+        assert_eq!(ReauthReason::parse("nope"), None);
+    }
+
+    #[test]
+    fn account_debug_redacts_tokens() {
+        let a = Account {
+            id: 1,
+            provider: "tiktok".into(),
+            subject: "u".into(),
+            label: None,
+            access_token: SecretString::from("act.SECRET-A"),
+            refresh_token: SecretString::from("rft.SECRET-R"),
+            scope: String::new(),
+            token_type: "Bearer".into(),
+            access_expires_at: 0,
+            refresh_expires_at: None,
+            next_refresh_at: 0,
+            status: Status::Active,
+            reauth_reason: None,
+            reauth_flagged_at: None,
+            failures: 0,
+            last_error: None,
+            last_refreshed_at: None,
+            generation: 0,
+            created_at: 0,
+            updated_at: 0,
+        };
+        let dbg = format!("{a:?}");
+        assert!(!dbg.contains("SECRET"), "{dbg}");
+    }
+}

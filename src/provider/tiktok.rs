@@ -1,0 +1,323 @@
+//! TikTok Login Kit v2 token endpoint: the refresh request and the mapping of its answers to
+//! outcomes. Pure functions; `mod.rs` does the HTTP.
+//!
+//! Request: `POST /v2/oauth/token/`, form-encoded, credentials in the body (`client_key`,
+//! `client_secret`). Success: `access_token, expires_in, refresh_token, refresh_expires_in,
+//! open_id, scope, token_type`. Errors: `error, error_description, log_id`, possibly with
+//! HTTP 200, so the body decides, not only the status.
+
+use super::{FailureClass, ProviderFailure};
+use crate::model::{ReauthReason, TokenSet};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::Value;
+use std::time::Duration;
+
+/// Form fields of a refresh request, in order. Holds secrets: never log it.
+pub fn refresh_form(
+    client_key: &str,
+    client_secret: &SecretString,
+    refresh_token: &SecretString,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("client_key", client_key.to_string()),
+        ("client_secret", client_secret.expose_secret().to_string()),
+        ("grant_type", "refresh_token".to_string()),
+        ("refresh_token", refresh_token.expose_secret().to_string()),
+    ]
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: Option<Value>,
+    error_description: Option<String>,
+    log_id: Option<String>,
+}
+
+/// Longest lifetime we believe (10 years): anything longer is a broken answer.
+const MAX_LIFETIME: i64 = 10 * 365 * 86_400;
+
+fn seconds(v: Option<&Value>, field: &str) -> Result<Option<i64>, String> {
+    let n = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Number(n)) => n.as_i64(),
+        // Some providers send lifetimes as numeric strings; accept exactly that.
+        Some(Value::String(s)) => s.trim().parse::<i64>().ok(),
+        Some(_) => None,
+    };
+    match n {
+        Some(n) if (0..=MAX_LIFETIME).contains(&n) => Ok(Some(n)),
+        Some(n) => Err(format!(
+            "`{field}` = {n} is outside 0..={MAX_LIFETIME} seconds"
+        )),
+        None => Err(format!("`{field}` is not a whole number of seconds")),
+    }
+}
+
+fn string(v: Option<&Value>) -> Option<String> {
+    v.and_then(Value::as_str)
+        .map(str::to_string)
+        .filter(|s| !s.is_empty())
+}
+
+/// Classifies a TikTok error code. Unknown codes are treated as configuration problems:
+/// logged loudly and retried slowly, never flagged as reauth on a guess.
+pub fn classify_error(code: &str, http_status: u16) -> FailureClass {
+    match code {
+        "invalid_grant" => FailureClass::Rejected(ReauthReason::InvalidGrant),
+        "invalid_client"
+        | "unauthorized_client"
+        | "invalid_scope"
+        | "unsupported_grant_type"
+        | "invalid_request"
+        | "access_denied" => FailureClass::Config,
+        "server_error" | "temporarily_unavailable" | "rate_limit_exceeded" => {
+            FailureClass::Transient
+        }
+        _ if http_status == 429 || http_status >= 500 => FailureClass::Transient,
+        _ => FailureClass::Config,
+    }
+}
+
+/// Maps an HTTP answer of the token endpoint to tokens or a classified failure.
+pub fn parse_response(
+    http_status: u16,
+    retry_after: Option<Duration>,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<TokenSet, ProviderFailure> {
+    let fail = |class, message: String| ProviderFailure {
+        class,
+        message,
+        http_status: Some(http_status),
+        retry_after,
+    };
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    // An error body wins whatever the status: TikTok answers some errors with 200.
+    if let Some(v) = &json
+        && let Ok(e) = ErrorBody::deserialize(v)
+        && let Some(code) = e.error.as_ref().and_then(|c| match c {
+            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            Value::Object(o) => o
+                .get("code")
+                .map(|c| c.to_string().trim_matches('"').to_string()),
+            _ => None,
+        })
+    {
+        let mut message = code.clone();
+        if let Some(d) = e.error_description.filter(|d| !d.is_empty()) {
+            message.push_str(": ");
+            message.push_str(&d.chars().take(300).collect::<String>());
+        }
+        if let Some(id) = e.log_id.filter(|l| !l.is_empty()) {
+            message.push_str(&format!(" (log_id {id})"));
+        }
+        message.push_str(&format!(" [HTTP {http_status}]"));
+        return Err(fail(classify_error(&code, http_status), message));
+    }
+    if http_status == 429 || http_status >= 500 {
+        return Err(fail(
+            FailureClass::Transient,
+            format!(
+                "HTTP {http_status} from the token endpoint{}",
+                describe_body(content_type, body)
+            ),
+        ));
+    }
+    if (300..400).contains(&http_status) {
+        return Err(fail(
+            FailureClass::Config,
+            format!(
+                "HTTP {http_status}: the token endpoint redirects; redirects are not followed on token requests, check token_url"
+            ),
+        ));
+    }
+    if !(200..300).contains(&http_status) {
+        return Err(fail(
+            FailureClass::Config,
+            format!(
+                "HTTP {http_status} without an OAuth error body{}",
+                describe_body(content_type, body)
+            ),
+        ));
+    }
+    let Some(Value::Object(obj)) = json else {
+        return Err(fail(
+            FailureClass::Transient,
+            format!(
+                "malformed token response: not a JSON object{}",
+                describe_body(content_type, body)
+            ),
+        ));
+    };
+    let malformed = |m: String| {
+        fail(
+            FailureClass::Transient,
+            format!("malformed token response: {m}"),
+        )
+    };
+    let access_token = string(obj.get("access_token"))
+        .ok_or_else(|| malformed("`access_token` missing or empty".into()))?;
+    let expires_in = seconds(obj.get("expires_in"), "expires_in")
+        .map_err(malformed)?
+        .ok_or_else(|| malformed("`expires_in` missing".into()))?;
+    if expires_in == 0 {
+        return Err(malformed(
+            "`expires_in` is 0: the new token is already expired".into(),
+        ));
+    }
+    let refresh_expires_in =
+        seconds(obj.get("refresh_expires_in"), "refresh_expires_in").map_err(malformed)?;
+    let token_type = string(obj.get("token_type")).unwrap_or_else(|| "Bearer".into());
+    if !token_type.eq_ignore_ascii_case("bearer") {
+        return Err(malformed(format!(
+            "unsupported token_type {:?} (expected Bearer)",
+            token_type.chars().take(40).collect::<String>()
+        )));
+    }
+    Ok(TokenSet {
+        access_token: SecretString::from(access_token),
+        refresh_token: string(obj.get("refresh_token")).map(SecretString::from),
+        expires_in,
+        refresh_expires_in,
+        subject: string(obj.get("open_id")),
+        scope: string(obj.get("scope")),
+        token_type: "Bearer".into(),
+    })
+}
+
+/// Describes a body for an error message without quoting it: a body may hold tokens.
+fn describe_body(content_type: Option<&str>, body: &[u8]) -> String {
+    if body.is_empty() {
+        " (empty body)".into()
+    } else {
+        format!(
+            " ({} bytes of {})",
+            body.len(),
+            content_type.unwrap_or("unknown content type")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(body: &str) -> TokenSet {
+        parse_response(200, None, Some("application/json"), body.as_bytes()).unwrap()
+    }
+    fn err(status: u16, body: &str) -> ProviderFailure {
+        parse_response(status, None, Some("application/json"), body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn success_fields() {
+        let t = ok(
+            r#"{"access_token":"act.A","expires_in":86400,"open_id":"u1","refresh_expires_in":31536000,"refresh_token":"rft.R","scope":"user.info.basic,video.list","token_type":"Bearer"}"#,
+        );
+        assert_eq!(t.access_token.expose_secret(), "act.A");
+        assert_eq!(t.refresh_token.unwrap().expose_secret(), "rft.R");
+        assert_eq!(t.expires_in, 86_400);
+        assert_eq!(t.refresh_expires_in, Some(31_536_000));
+        assert_eq!(t.subject.as_deref(), Some("u1"));
+        assert_eq!(t.scope.as_deref(), Some("user.info.basic,video.list"));
+    }
+
+    #[test]
+    fn missing_refresh_token_is_none() {
+        let t = ok(r#"{"access_token":"a","expires_in":60,"token_type":"Bearer"}"#);
+        assert!(t.refresh_token.is_none());
+        assert_eq!(t.refresh_expires_in, None);
+    }
+
+    #[test]
+    fn error_in_200_is_classified_by_body_with_log_id() {
+        let f = err(
+            200,
+            r#"{"error":"invalid_grant","error_description":"Refresh token is invalid or expired.","log_id":"2026LOG"}"#,
+        );
+        assert_eq!(f.class, FailureClass::Rejected(ReauthReason::InvalidGrant));
+        assert!(f.message.contains("log_id 2026LOG"), "{}", f.message);
+        assert!(f.message.contains("invalid_grant"));
+        let f = err(
+            200,
+            r#"{"error":"server_error","error_description":"x","log_id":"L"}"#,
+        );
+        assert_eq!(f.class, FailureClass::Transient);
+    }
+
+    #[test]
+    fn config_errors() {
+        for code in [
+            "invalid_client",
+            "unauthorized_client",
+            "invalid_scope",
+            "unsupported_grant_type",
+            "invalid_request",
+        ] {
+            let f = err(
+                400,
+                &format!(r#"{{"error":"{code}","error_description":"d","log_id":"L"}}"#),
+            );
+            assert_eq!(f.class, FailureClass::Config, "{code}");
+        }
+    }
+
+    #[test]
+    fn transient_statuses_without_json() {
+        assert_eq!(
+            parse_response(502, None, Some("text/html"), b"<html>bad gateway</html>")
+                .unwrap_err()
+                .class,
+            FailureClass::Transient
+        );
+        let f = parse_response(429, Some(Duration::from_secs(30)), None, b"").unwrap_err();
+        assert_eq!(f.class, FailureClass::Transient);
+        assert_eq!(f.retry_after, Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn malformed_success_is_transient_and_does_not_quote_body() {
+        for body in [
+            "not json",
+            "",
+            r#"{"expires_in":60}"#,
+            r#"{"access_token":"act.LEAK","expires_in":-5}"#,
+            r#"{"access_token":"act.LEAK","expires_in":"soon"}"#,
+            r#"{"access_token":"act.LEAK","expires_in":99999999999}"#,
+            r#"{"access_token":"act.LEAK","expires_in":60,"token_type":"MAC"}"#,
+            "<html>hello</html>",
+        ] {
+            let f = err(200, body);
+            assert_eq!(f.class, FailureClass::Transient, "{body}");
+            assert!(!f.message.contains("LEAK"), "{}", f.message);
+        }
+    }
+
+    #[test]
+    fn numeric_string_lifetime_accepted() {
+        assert_eq!(
+            ok(r#"{"access_token":"a","expires_in":"3600"}"#).expires_in,
+            3600
+        );
+    }
+
+    #[test]
+    fn redirect_is_config_error() {
+        assert_eq!(
+            parse_response(302, None, None, b"").unwrap_err().class,
+            FailureClass::Config
+        );
+    }
+
+    #[test]
+    fn form_has_exact_fields() {
+        let f = refresh_form("ck", &SecretString::from("cs"), &SecretString::from("rt"));
+        let names: Vec<_> = f.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            names,
+            ["client_key", "client_secret", "grant_type", "refresh_token"]
+        );
+        assert_eq!(f[2].1, "refresh_token");
+    }
+}

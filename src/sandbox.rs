@@ -1,0 +1,1009 @@
+//! A fake TikTok Login Kit v2 token endpoint on loopback, for `refreshd demo`, integration
+//! tests and benchmarks.
+//!
+//! This module owns the whole fake provider: the HTTP server (`POST /v2/oauth/token/`), the
+//! grant book-keeping (which refresh token is current, which were rotated away, when each
+//! grant's refresh token dies), fault injection, and the counters tests read back to prove
+//! behaviour (above all: that no refresh token was ever presented twice).
+//!
+//! It mimics the parts of TikTok that matter to a refresher:
+//! - refresh tokens rotate, and a rotated-away token is rejected with `invalid_grant`;
+//! - the refresh token's expiry is fixed at the first grant, so `refresh_expires_in` counts
+//!   down instead of being renewed;
+//! - errors are JSON `{"error","error_description","log_id"}`, and sometimes arrive with
+//!   HTTP 200 (`error_in_200`).
+//!
+//! Every expiry is computed with the injected [`Clock`], so a manual clock can make days pass
+//! in a test.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::rejection::FormRejection;
+use axum::extract::{Form, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::clock::Clock;
+
+/// Path of the token endpoint, as on `open.tiktokapis.com`.
+pub const TOKEN_PATH: &str = "/v2/oauth/token/";
+
+/// How long `shutdown` waits for open connections to finish before cutting them off.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How the sandbox behaves. `Default` gives TikTok's lifetimes and no faults.
+#[derive(Clone, Debug)]
+pub struct SandboxConfig {
+    pub client_key: String,
+    pub client_secret: String,
+    /// Lifetime of each access token (TikTok: 24h; default here 2h to exercise refreshes).
+    pub access_ttl: Duration,
+    /// Lifetime of a grant's refresh token, fixed at the first grant (TikTok: 365 days).
+    pub refresh_ttl: Duration,
+    /// When false the refresh token never changes and refresh responses omit it.
+    pub rotate: bool,
+    pub faults: Faults,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            client_key: "sandbox-client-key".to_owned(),
+            client_secret: "sandbox-client-secret".to_owned(),
+            access_ttl: Duration::from_secs(2 * 3600),
+            refresh_ttl: Duration::from_secs(180 * 86_400),
+            rotate: true,
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// Per-request fault probabilities (0.0 = never, 1.0 = always). Each is drawn independently,
+/// in field order, before the request is handled; the first that fires decides the answer.
+/// A faulted request never touches the grant, so its refresh token stays usable.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// HTTP 503 `temporarily_unavailable` or HTTP 500 `server_error` (chosen at random).
+    pub server_error: f64,
+    /// HTTP 429 with `Retry-After: retry_after_secs`.
+    pub rate_limited: f64,
+    pub retry_after_secs: u64,
+    /// HTTP 200 whose body is an error, as TikTok sometimes answers.
+    pub error_in_200: f64,
+    /// Waits `slow_delay`, then answers normally.
+    pub slow: f64,
+    pub slow_delay: Duration,
+}
+
+/// Counters of what the endpoint has done since start.
+#[derive(Clone, Debug, Default, serde::Serialize, PartialEq)]
+pub struct SandboxStats {
+    /// Every request to the token endpoint, faulted or not.
+    pub requests: u64,
+    /// Successful refreshes.
+    pub refreshed: u64,
+    /// A rotated-away refresh token was presented again: the double-refresh signal.
+    pub reuse_rejected: u64,
+    pub expired_rejected: u64,
+    pub revoked_rejected: u64,
+    pub unknown_rejected: u64,
+    pub client_rejected: u64,
+    /// Faults of every kind, `slow` included.
+    pub faults_injected: u64,
+}
+
+/// A running sandbox. Dropping it stops the server too; `shutdown` also waits for it.
+pub struct Sandbox {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Sandbox {
+    /// Binds 127.0.0.1:0 and serves on the current tokio runtime.
+    pub async fn start(config: SandboxConfig, clock: Clock) -> std::io::Result<Sandbox> {
+        Self::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), config, clock).await
+    }
+
+    /// Binds `addr` and serves on the current tokio runtime.
+    pub async fn start_on(
+        addr: SocketAddr,
+        config: SandboxConfig,
+        clock: Clock,
+    ) -> std::io::Result<Sandbox> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            clock,
+            log_seq: AtomicU64::new(0),
+            state: Mutex::new(Book {
+                config,
+                grants: HashMap::new(),
+                current: HashMap::new(),
+                used: HashSet::new(),
+                stats: SandboxStats::default(),
+            }),
+        });
+        let app = Router::new()
+            .route(TOKEN_PATH, post(token_endpoint))
+            .with_state(shared.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    // A dropped sender means the `Sandbox` is gone: stop as well.
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(err) = served {
+                tracing::warn!(%err, "sandbox server stopped with an error");
+            }
+        });
+        tracing::debug!(%addr, "sandbox token endpoint listening");
+        Ok(Sandbox {
+            addr,
+            shared,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Full URL of the token endpoint, e.g. `http://127.0.0.1:PORT/v2/oauth/token/`.
+    pub fn token_url(&self) -> String {
+        format!("http://{}{}", self.addr, TOKEN_PATH)
+    }
+
+    /// Creates a grant as if `open_id` had just logged in, and returns the token response
+    /// exactly as TikTok's code exchange does. `refresh_ttl` overrides the configured one for
+    /// this grant. Granting an `open_id` again replaces its grant (a re-authorization): the
+    /// previous refresh token becomes unknown and a revocation is lifted.
+    pub fn grant(&self, open_id: &str, scope: &str, refresh_ttl: Option<Duration>) -> Value {
+        let now = self.shared.clock.now();
+        let mut book = self.shared.lock();
+        let access_ttl = secs(book.config.access_ttl);
+        let refresh_ttl = secs(refresh_ttl.unwrap_or(book.config.refresh_ttl));
+        let open_id: Arc<str> = Arc::from(open_id);
+        let grant = Grant {
+            scope: scope.into(),
+            access_token: new_token("act."),
+            access_expires_at: now.saturating_add(access_ttl),
+            refresh_token: new_token("rft."),
+            refresh_expires_at: now.saturating_add(refresh_ttl),
+            revoked: false,
+        };
+        book.current
+            .insert(grant.refresh_token.clone(), open_id.clone());
+        let body = token_body(&open_id, &grant, now, true);
+        if let Some(old) = book.grants.insert(open_id, grant) {
+            book.current.remove(&old.refresh_token);
+        }
+        body
+    }
+
+    /// Revokes `open_id`'s grant: every token of it now answers `invalid_grant`.
+    pub fn revoke(&self, open_id: &str) {
+        if let Some(grant) = self.shared.lock().grants.get_mut(open_id) {
+            grant.revoked = true;
+        }
+    }
+
+    /// Replaces the fault probabilities; takes effect from the next request.
+    pub fn set_faults(&self, faults: Faults) {
+        self.shared.lock().config.faults = faults;
+    }
+
+    pub fn stats(&self) -> SandboxStats {
+        self.shared.lock().stats.clone()
+    }
+
+    /// Is `access_token` the latest access token of `open_id`, unexpired and unrevoked?
+    pub fn access_token_valid(&self, open_id: &str, access_token: &str) -> bool {
+        let now = self.shared.clock.now();
+        self.shared.lock().grants.get(open_id).is_some_and(|g| {
+            !g.revoked && &*g.access_token == access_token && now < g.access_expires_at
+        })
+    }
+
+    /// The latest refresh token issued to `open_id`, whether or not it still works
+    /// (it may be expired or revoked).
+    pub fn current_refresh_token(&self, open_id: &str) -> Option<String> {
+        self.shared
+            .lock()
+            .grants
+            .get(open_id)
+            .map(|g| g.refresh_token.to_string())
+    }
+
+    /// Stops accepting connections and waits (briefly) for in-flight requests to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(mut task) = self.task.take() {
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // Without an explicit shutdown, still stop serving; the task ends on its own.
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// What the server task shares with the `Sandbox` handle.
+struct Shared {
+    clock: Clock,
+    log_seq: AtomicU64,
+    state: Mutex<Book>,
+}
+
+/// All mutable state, behind one mutex that is never held across an await.
+struct Book {
+    config: SandboxConfig,
+    /// open_id → its grant.
+    grants: HashMap<Arc<str>, Grant>,
+    /// Current refresh token → open_id.
+    current: HashMap<Box<str>, Arc<str>>,
+    /// Refresh tokens rotated away, kept to tell reuse apart from garbage.
+    used: HashSet<Box<str>>,
+    stats: SandboxStats,
+}
+
+struct Grant {
+    scope: Box<str>,
+    access_token: Box<str>,
+    access_expires_at: i64,
+    refresh_token: Box<str>,
+    /// Fixed at grant time: refreshing never extends it.
+    refresh_expires_at: i64,
+    revoked: bool,
+}
+
+/// A fault picked for one request.
+enum Fault {
+    None,
+    ServerError,
+    RateLimited(u64),
+    ErrorIn200,
+    Slow(Duration),
+}
+
+/// Why a request failed, with everything needed to answer it.
+struct Reject {
+    status: StatusCode,
+    error: &'static str,
+    description: &'static str,
+}
+
+impl Reject {
+    fn new(status: StatusCode, error: &'static str, description: &'static str) -> Self {
+        Reject {
+            status,
+            error,
+            description,
+        }
+    }
+
+    fn invalid_request(description: &'static str) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", description)
+    }
+
+    fn invalid_grant(description: &'static str) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_grant", description)
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Book> {
+        // A panic elsewhere must not take the sandbox down with it; the book stays consistent
+        // because every update is completed before the guard drops.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts the request and draws the faults for it.
+    fn pick_fault(&self) -> Fault {
+        let mut book = self.lock();
+        book.stats.requests += 1;
+        let f = &book.config.faults;
+        let mut rng = rand::rng();
+        // `random::<f64>()` is in [0, 1): p = 1.0 always fires, p = 0.0 (or NaN) never does.
+        let mut fires = |p: f64| rng.random::<f64>() < p;
+        let fault = if fires(f.server_error) {
+            Fault::ServerError
+        } else if fires(f.rate_limited) {
+            Fault::RateLimited(f.retry_after_secs)
+        } else if fires(f.error_in_200) {
+            Fault::ErrorIn200
+        } else if fires(f.slow) {
+            Fault::Slow(f.slow_delay)
+        } else {
+            Fault::None
+        };
+        if !matches!(fault, Fault::None) {
+            book.stats.faults_injected += 1;
+        }
+        fault
+    }
+
+    /// A unique log id shaped like TikTok's: `YYYYMMDDHHMMSS` + `SANDBOX` + sequence.
+    fn log_id(&self) -> String {
+        let seq = self.log_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = self.clock.now();
+        let stamp = time::OffsetDateTime::from_unix_timestamp(now)
+            .ok()
+            .and_then(|t| {
+                t.format(time::macros::format_description!(
+                    "[year][month][day][hour][minute][second]"
+                ))
+                .ok()
+            })
+            .unwrap_or_else(|| now.to_string());
+        format!("{stamp}SANDBOX{seq:04}")
+    }
+
+    fn error_response(&self, reject: Reject) -> Response {
+        let body = json!({
+            "error": reject.error,
+            "error_description": reject.description,
+            "log_id": self.log_id(),
+        });
+        json_response(reject.status, body)
+    }
+
+    /// Validates the form and performs the refresh, all under one lock so concurrent
+    /// presentations of the same token cannot both succeed.
+    fn refresh(&self, form: &HashMap<String, String>) -> Result<Value, Reject> {
+        let now = self.clock.now();
+        let mut guard = self.lock();
+        // Reborrow once so the maps and counters can be borrowed separately.
+        let book = &mut *guard;
+        let field = |name: &str| form.get(name).map(String::as_str).filter(|v| !v.is_empty());
+
+        let client_ok = field("client_key") == Some(book.config.client_key.as_str())
+            && field("client_secret") == Some(book.config.client_secret.as_str());
+        if !client_ok {
+            book.stats.client_rejected += 1;
+            return Err(Reject::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "Client key or secret is invalid.",
+            ));
+        }
+        match field("grant_type") {
+            None => return Err(Reject::invalid_request("grant_type is required.")),
+            Some("refresh_token") => {}
+            Some(_) => {
+                return Err(Reject::new(
+                    StatusCode::BAD_REQUEST,
+                    "unsupported_grant_type",
+                    "Only grant_type=refresh_token is supported by the sandbox.",
+                ));
+            }
+        }
+        let Some(token) = field("refresh_token") else {
+            return Err(Reject::invalid_request("refresh_token is required."));
+        };
+
+        if book.used.contains(token) {
+            book.stats.reuse_rejected += 1;
+            return Err(Reject::invalid_grant(
+                "Refresh token has already been used.",
+            ));
+        }
+        let Some(open_id) = book.current.get(token).cloned() else {
+            book.stats.unknown_rejected += 1;
+            return Err(Reject::invalid_grant("Refresh token is invalid."));
+        };
+        let rotate = book.config.rotate;
+        let access_ttl = secs(book.config.access_ttl);
+        let Some(grant) = book.grants.get_mut(&open_id) else {
+            // Unreachable while the maps are kept in step; answer as for a stranger.
+            book.stats.unknown_rejected += 1;
+            return Err(Reject::invalid_grant("Refresh token is invalid."));
+        };
+        if grant.revoked {
+            book.stats.revoked_rejected += 1;
+            return Err(Reject::invalid_grant("Authorization has been revoked."));
+        }
+        if now >= grant.refresh_expires_at {
+            book.stats.expired_rejected += 1;
+            return Err(Reject::invalid_grant("Refresh token has expired."));
+        }
+
+        grant.access_token = new_token("act.");
+        grant.access_expires_at = now.saturating_add(access_ttl);
+        let rotated = rotate.then(|| {
+            let new: Box<str> = new_token("rft.");
+            std::mem::replace(&mut grant.refresh_token, new.clone())
+        });
+        let body = token_body(&open_id, grant, now, rotate);
+        if let Some(old) = rotated {
+            let new = grant.refresh_token.clone();
+            book.current.remove(&old);
+            book.used.insert(old);
+            book.current.insert(new, open_id);
+        }
+        book.stats.refreshed += 1;
+        Ok(body)
+    }
+}
+
+async fn token_endpoint(
+    State(shared): State<Arc<Shared>>,
+    form: Result<Form<HashMap<String, String>>, FormRejection>,
+) -> Response {
+    match shared.pick_fault() {
+        Fault::None => {}
+        Fault::ServerError => {
+            let reject = if rand::rng().random_bool(0.5) {
+                Reject::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "temporarily_unavailable",
+                    "The service is temporarily unavailable (sandbox fault).",
+                )
+            } else {
+                Reject::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "Internal server error (sandbox fault).",
+                )
+            };
+            return shared.error_response(reject);
+        }
+        Fault::RateLimited(retry_after) => {
+            let mut response = shared.error_response(Reject::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                "Too many requests (sandbox fault).",
+            ));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            return response;
+        }
+        Fault::ErrorIn200 => {
+            return shared.error_response(Reject::new(
+                StatusCode::OK,
+                "server_error",
+                "Something went wrong, please retry (sandbox fault).",
+            ));
+        }
+        Fault::Slow(delay) => tokio::time::sleep(delay).await,
+    }
+
+    let Form(form) = match form {
+        Ok(form) => form,
+        Err(rejection) => {
+            tracing::debug!(%rejection, "sandbox: unreadable token request");
+            return shared.error_response(Reject::invalid_request(
+                "Body must be application/x-www-form-urlencoded.",
+            ));
+        }
+    };
+    match shared.refresh(&form) {
+        Ok(body) => json_response(StatusCode::OK, body),
+        Err(reject) => shared.error_response(reject),
+    }
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response {
+    let mut response = (status, axum::Json(body)).into_response();
+    // RFC 6749 §5.1: token responses must not be cached.
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// The success body. Lifetimes are what remains at `now`.
+fn token_body(open_id: &str, grant: &Grant, now: i64, with_refresh_token: bool) -> Value {
+    let mut body = json!({
+        "access_token": &*grant.access_token,
+        "expires_in": grant.access_expires_at.saturating_sub(now).max(0),
+        "refresh_expires_in": grant.refresh_expires_at.saturating_sub(now).max(0),
+        "open_id": open_id,
+        "scope": &*grant.scope,
+        "token_type": "Bearer",
+    });
+    if with_refresh_token {
+        body["refresh_token"] = Value::from(&*grant.refresh_token);
+    }
+    body
+}
+
+/// A random, unguessable token: `prefix` + 32 alphanumerics from the thread CSPRNG.
+fn new_token(prefix: &str) -> Box<str> {
+    let mut token = String::with_capacity(prefix.len() + 32);
+    token.push_str(prefix);
+    token.extend(
+        rand::rng()
+            .sample_iter(Alphanumeric)
+            .take(32)
+            .map(char::from),
+    );
+    token.into_boxed_str()
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    const START: i64 = 1_764_063_000; // 2025-11-25T09:30:00Z
+
+    async fn sandbox(config: SandboxConfig) -> (Sandbox, Clock) {
+        let clock = Clock::manual(START);
+        let sb = Sandbox::start(config, clock.clone()).await.unwrap();
+        (sb, clock)
+    }
+
+    fn refresh_form(token: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("client_key", "sandbox-client-key".to_owned()),
+            ("client_secret", "sandbox-client-secret".to_owned()),
+            ("grant_type", "refresh_token".to_owned()),
+            ("refresh_token", token.to_owned()),
+        ]
+    }
+
+    /// A client that ignores proxy settings in the environment: the sandbox is on loopback.
+    fn client() -> reqwest::Client {
+        reqwest::Client::builder().no_proxy().build().unwrap()
+    }
+
+    /// POSTs a refresh and returns (status, Retry-After, body).
+    async fn refresh(sb: &Sandbox, token: &str) -> (u16, Option<String>, Value) {
+        post_form(sb, &refresh_form(token)).await
+    }
+
+    async fn post_form(sb: &Sandbox, form: &[(&str, String)]) -> (u16, Option<String>, Value) {
+        let resp = client()
+            .post(sb.token_url())
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        split(resp).await
+    }
+
+    async fn split(resp: reqwest::Response) -> (u16, Option<String>, Value) {
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (status, retry_after, resp.json().await.unwrap())
+    }
+
+    fn str_field<'a>(body: &'a Value, name: &str) -> &'a str {
+        body[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} missing in {body}"))
+    }
+
+    fn assert_error(body: &Value, error: &str) {
+        assert_eq!(body["error"], error, "{body}");
+        assert!(body["error_description"].is_string(), "{body}");
+        let log_id = str_field(body, "log_id");
+        assert!(log_id.contains("SANDBOX"), "{log_id}");
+    }
+
+    fn assert_token(token: &str, prefix: &str) {
+        assert!(token.starts_with(prefix), "{token}");
+        assert_eq!(token.len(), prefix.len() + 32);
+        assert!(
+            token[prefix.len()..]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric())
+        );
+    }
+
+    #[tokio::test]
+    async fn grant_and_refresh_have_tiktok_shape() {
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        assert_eq!(
+            sb.token_url(),
+            format!("http://127.0.0.1:{}/v2/oauth/token/", sb.addr().port())
+        );
+        let g = sb.grant("user-1", "user.info.basic,video.list", None);
+        assert_token(str_field(&g, "access_token"), "act.");
+        assert_token(str_field(&g, "refresh_token"), "rft.");
+        assert_eq!(g["expires_in"], 7200);
+        assert_eq!(g["refresh_expires_in"], 180 * 86_400);
+        assert_eq!(g["open_id"], "user-1");
+        assert_eq!(g["scope"], "user.info.basic,video.list");
+        assert_eq!(g["token_type"], "Bearer");
+        let first_access = str_field(&g, "access_token").to_owned();
+        assert!(sb.access_token_valid("user-1", &first_access));
+
+        let (status, _, body) = refresh(&sb, str_field(&g, "refresh_token")).await;
+        assert_eq!(status, 200, "{body}");
+        let obj = body.as_object().unwrap();
+        for key in [
+            "access_token",
+            "refresh_token",
+            "open_id",
+            "scope",
+            "token_type",
+        ] {
+            assert!(obj[key].is_string(), "{key} in {body}");
+        }
+        for key in ["expires_in", "refresh_expires_in"] {
+            assert!(obj[key].is_u64(), "{key} in {body}");
+        }
+        assert_eq!(obj.len(), 7, "{body}");
+        assert_eq!(body["expires_in"], 7200);
+        assert_eq!(body["open_id"], "user-1");
+        assert_eq!(body["scope"], "user.info.basic,video.list");
+        assert_eq!(body["token_type"], "Bearer");
+        let new_access = str_field(&body, "access_token");
+        assert_token(new_access, "act.");
+        assert_ne!(new_access, first_access);
+        assert!(sb.access_token_valid("user-1", new_access));
+        assert!(!sb.access_token_valid("user-1", &first_access));
+        assert!(!sb.access_token_valid("someone-else", new_access));
+        let stats = sb.stats();
+        assert_eq!((stats.requests, stats.refreshed), (1, 1));
+        sb.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn rotation_rejects_the_old_token_and_counts_reuse() {
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        let g = sb.grant("u", "s", None);
+        let old = str_field(&g, "refresh_token").to_owned();
+
+        let (status, _, body) = refresh(&sb, &old).await;
+        assert_eq!(status, 200);
+        let new = str_field(&body, "refresh_token").to_owned();
+        assert_token(&new, "rft.");
+        assert_ne!(new, old);
+        assert_eq!(sb.current_refresh_token("u").as_deref(), Some(new.as_str()));
+
+        let (status, _, body) = refresh(&sb, &old).await;
+        assert_eq!(status, 400);
+        assert_error(&body, "invalid_grant");
+        assert_eq!(sb.stats().reuse_rejected, 1);
+
+        // The new token is unaffected by the reuse attempt.
+        let (status, _, _) = refresh(&sb, &new).await;
+        assert_eq!(status, 200);
+        let stats = sb.stats();
+        assert_eq!((stats.refreshed, stats.reuse_rejected), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn concurrent_presentations_of_one_token_refresh_once() {
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        let g = sb.grant("u", "s", None);
+        let token = str_field(&g, "refresh_token").to_owned();
+        let sb = Arc::new(sb);
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let (sb, token) = (sb.clone(), token.clone());
+                tokio::spawn(async move { refresh(&sb, &token).await.0 })
+            })
+            .collect();
+        let mut ok = 0;
+        for task in tasks {
+            if task.await.unwrap() == 200 {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, 1);
+        let stats = sb.stats();
+        assert_eq!((stats.refreshed, stats.reuse_rejected), (1, 15));
+    }
+
+    #[tokio::test]
+    async fn without_rotation_the_refresh_token_is_omitted_and_stays_valid() {
+        let config = SandboxConfig {
+            rotate: false,
+            ..SandboxConfig::default()
+        };
+        let (sb, _) = sandbox(config).await;
+        let g = sb.grant("u", "s", None);
+        let token = str_field(&g, "refresh_token").to_owned();
+        for _ in 0..3 {
+            let (status, _, body) = refresh(&sb, &token).await;
+            assert_eq!(status, 200, "{body}");
+            assert!(body.get("refresh_token").is_none(), "{body}");
+            assert!(body["refresh_expires_in"].is_u64());
+            assert!(sb.access_token_valid("u", str_field(&body, "access_token")));
+        }
+        assert_eq!(
+            sb.current_refresh_token("u").as_deref(),
+            Some(token.as_str())
+        );
+        let stats = sb.stats();
+        assert_eq!((stats.refreshed, stats.reuse_rejected), (3, 0));
+    }
+
+    #[tokio::test]
+    async fn refresh_expiry_counts_down_from_the_first_grant() {
+        let (sb, clock) = sandbox(SandboxConfig::default()).await;
+        let g = sb.grant("u", "s", Some(Duration::from_secs(10 * 86_400)));
+        assert_eq!(g["refresh_expires_in"], 10 * 86_400);
+        let mut token = str_field(&g, "refresh_token").to_owned();
+
+        clock.advance(Duration::from_secs(3 * 86_400));
+        let (status, _, body) = refresh(&sb, &token).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["refresh_expires_in"], 7 * 86_400);
+        assert_eq!(
+            body["expires_in"], 7200,
+            "access tokens still get a full life"
+        );
+        token = str_field(&body, "refresh_token").to_owned();
+
+        clock.advance(Duration::from_secs(6 * 86_400 + 3600));
+        let (status, _, body) = refresh(&sb, &token).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["refresh_expires_in"], 86_400 - 3600);
+        token = str_field(&body, "refresh_token").to_owned();
+
+        // Access tokens die with the clock too.
+        let access = str_field(&body, "access_token").to_owned();
+        assert!(sb.access_token_valid("u", &access));
+        clock.advance(Duration::from_secs(7200));
+        assert!(!sb.access_token_valid("u", &access));
+
+        clock.advance(Duration::from_secs(86_400));
+        let (status, _, body) = refresh(&sb, &token).await;
+        assert_eq!(status, 400);
+        assert_error(&body, "invalid_grant");
+        assert_eq!(sb.stats().expired_rejected, 1);
+    }
+
+    #[tokio::test]
+    async fn revoked_grants_answer_invalid_grant_until_granted_again() {
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        let g = sb.grant("u", "s", None);
+        let token = str_field(&g, "refresh_token").to_owned();
+        let other = sb.grant("v", "s", None);
+        sb.revoke("u");
+        sb.revoke("nobody"); // no-op
+        assert!(!sb.access_token_valid("u", str_field(&g, "access_token")));
+
+        let (status, _, body) = refresh(&sb, &token).await;
+        assert_eq!(status, 400);
+        assert_error(&body, "invalid_grant");
+        assert_eq!(sb.stats().revoked_rejected, 1);
+        // Other users are unaffected.
+        let (status, _, _) = refresh(&sb, str_field(&other, "refresh_token")).await;
+        assert_eq!(status, 200);
+
+        // Re-authorization: a fresh grant works, the pre-revocation token is now unknown.
+        let again = sb.grant("u", "s", None);
+        let (status, _, _) = refresh(&sb, str_field(&again, "refresh_token")).await;
+        assert_eq!(status, 200);
+        let (status, _, body) = refresh(&sb, &token).await;
+        assert_eq!(status, 400);
+        assert_error(&body, "invalid_grant");
+        assert_eq!(sb.stats().unknown_rejected, 1);
+    }
+
+    #[tokio::test]
+    async fn wrong_client_credentials_are_invalid_client() {
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        let g = sb.grant("u", "s", None);
+        let token = str_field(&g, "refresh_token").to_owned();
+        for (field, value) in [("client_secret", "wrong"), ("client_key", "wrong")] {
+            let mut form = refresh_form(&token);
+            form.retain(|(k, _)| *k != field);
+            form.push((field, value.to_owned()));
+            let (status, _, body) = post_form(&sb, &form).await;
+            assert_eq!(status, 401);
+            assert_error(&body, "invalid_client");
+        }
+        assert_eq!(sb.stats().client_rejected, 2);
+        assert_eq!(
+            sb.current_refresh_token("u").as_deref(),
+            Some(token.as_str())
+        );
+        assert_eq!(refresh(&sb, &token).await.0, 200);
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_json_errors_and_never_panic() {
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        let g = sb.grant("u", "s", None);
+        let token = str_field(&g, "refresh_token").to_owned();
+        let client = client();
+
+        // Not a form at all.
+        let resp = client
+            .post(sb.token_url())
+            .header("content-type", "application/json")
+            .body(r#"{"refresh_token":"x"}"#)
+            .send()
+            .await
+            .unwrap();
+        let (status, _, body) = split(resp).await;
+        assert_eq!(status, 400);
+        assert_error(&body, "invalid_request");
+
+        // No body, no content type.
+        let resp = client.post(sb.token_url()).send().await.unwrap();
+        let (status, _, body) = split(resp).await;
+        assert_eq!(status, 400);
+        assert_error(&body, "invalid_request");
+
+        let without = |name: &str| {
+            let mut form = refresh_form(&token);
+            form.retain(|(k, _)| *k != name);
+            form
+        };
+        let (status, _, body) = post_form(&sb, &without("grant_type")).await;
+        assert_eq!(status, 400);
+        assert_error(&body, "invalid_request");
+        let (status, _, body) = post_form(&sb, &without("refresh_token")).await;
+        assert_eq!(status, 400);
+        assert_error(&body, "invalid_request");
+
+        let mut form = without("grant_type");
+        form.push(("grant_type", "authorization_code".to_owned()));
+        let (status, _, body) = post_form(&sb, &form).await;
+        assert_eq!(status, 400);
+        assert_error(&body, "unsupported_grant_type");
+
+        let (status, _, body) = refresh(&sb, "rft.never-issued").await;
+        assert_eq!(status, 400);
+        assert_error(&body, "invalid_grant");
+        assert_eq!(sb.stats().unknown_rejected, 1);
+
+        // None of that touched the grant.
+        assert_eq!(refresh(&sb, &token).await.0, 200);
+        assert_eq!(sb.stats().requests, 7);
+    }
+
+    #[tokio::test]
+    async fn log_ids_are_unique_and_timestamped() {
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        let mut seen = HashSet::new();
+        for _ in 0..5 {
+            let (_, _, body) = refresh(&sb, "rft.unknown").await;
+            let log_id = str_field(&body, "log_id").to_owned();
+            assert!(log_id.starts_with("20251125093000SANDBOX"), "{log_id}");
+            assert!(seen.insert(log_id));
+        }
+    }
+
+    /// Asserts the token survived a faulted request: still current, still refreshable.
+    async fn assert_not_consumed(sb: &Sandbox, token: &str) {
+        assert_eq!(sb.current_refresh_token("u").as_deref(), Some(token));
+        sb.set_faults(Faults::default());
+        let (status, _, body) = refresh(sb, token).await;
+        assert_eq!(status, 200, "{body}");
+        let stats = sb.stats();
+        assert_eq!((stats.refreshed, stats.reuse_rejected), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn server_error_fault() {
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        let token = str_field(&sb.grant("u", "s", None), "refresh_token").to_owned();
+        sb.set_faults(Faults {
+            server_error: 1.0,
+            ..Faults::default()
+        });
+        for _ in 0..4 {
+            let (status, _, body) = refresh(&sb, &token).await;
+            match status {
+                503 => assert_error(&body, "temporarily_unavailable"),
+                500 => assert_error(&body, "server_error"),
+                other => panic!("unexpected status {other}: {body}"),
+            }
+        }
+        assert_eq!(sb.stats().faults_injected, 4);
+        assert_not_consumed(&sb, &token).await;
+    }
+
+    #[tokio::test]
+    async fn rate_limited_fault() {
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        let token = str_field(&sb.grant("u", "s", None), "refresh_token").to_owned();
+        sb.set_faults(Faults {
+            rate_limited: 1.0,
+            retry_after_secs: 42,
+            ..Faults::default()
+        });
+        let (status, retry_after, body) = refresh(&sb, &token).await;
+        assert_eq!(status, 429);
+        assert_eq!(retry_after.as_deref(), Some("42"));
+        assert_error(&body, "rate_limit_exceeded");
+        assert_eq!(sb.stats().faults_injected, 1);
+        assert_not_consumed(&sb, &token).await;
+    }
+
+    #[tokio::test]
+    async fn error_in_200_fault() {
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        let token = str_field(&sb.grant("u", "s", None), "refresh_token").to_owned();
+        sb.set_faults(Faults {
+            error_in_200: 1.0,
+            ..Faults::default()
+        });
+        let (status, _, body) = refresh(&sb, &token).await;
+        assert_eq!(status, 200);
+        assert_error(&body, "server_error");
+        assert!(body.get("access_token").is_none(), "{body}");
+        assert_eq!(sb.stats().faults_injected, 1);
+        assert_not_consumed(&sb, &token).await;
+    }
+
+    #[tokio::test]
+    async fn slow_fault_delays_then_answers_normally() {
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        let token = str_field(&sb.grant("u", "s", None), "refresh_token").to_owned();
+        sb.set_faults(Faults {
+            slow: 1.0,
+            slow_delay: Duration::from_millis(50),
+            ..Faults::default()
+        });
+        let started = Instant::now();
+        let (status, _, body) = refresh(&sb, &token).await;
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert_eq!(status, 200, "{body}");
+        assert_token(str_field(&body, "refresh_token"), "rft.");
+        let stats = sb.stats();
+        assert_eq!((stats.faults_injected, stats.refreshed), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn zero_probability_faults_never_fire() {
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        sb.set_faults(Faults {
+            retry_after_secs: 1,
+            slow_delay: Duration::from_secs(3600),
+            ..Faults::default()
+        });
+        for _ in 0..5 {
+            assert_eq!(refresh(&sb, "rft.x").await.0, 400);
+        }
+        assert_eq!(sb.stats().faults_injected, 0);
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_serving() {
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        let url = sb.token_url();
+        assert_eq!(refresh(&sb, "rft.x").await.0, 400);
+        sb.shutdown().await;
+        let result = client()
+            .post(&url)
+            .form(&[("grant_type", "refresh_token")])
+            .send()
+            .await;
+        assert!(result.is_err(), "server still answering after shutdown");
+    }
+}

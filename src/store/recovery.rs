@@ -1,0 +1,208 @@
+//! The recovery file: rotated tokens whose commit failed (disk full, database locked) are
+//! appended here and fsynced before the refresh is called done, then committed as soon as
+//! the database takes them. Start-up replays it before claiming anything, because the
+//! provider has already invalidated the old refresh token: losing these would lose accounts.
+
+use super::{Outcome, StoreError, sqlite};
+use crate::model::{ReauthReason, Status, TokenSet};
+use rusqlite::{Connection, TransactionBehavior};
+use secrecy::{ExposeSecret, SecretString};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// `<database>.recovery`, beside the database.
+pub fn recovery_path(db: &Path) -> PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push(".recovery");
+    PathBuf::from(s)
+}
+
+/// One line of the file. Tokens are in the clear here, as they are in an unencrypted
+/// database: the file has the database's protection (mode 0600, same directory).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Entry {
+    account_id: i64,
+    generation: i64,
+    access_token: String,
+    refresh_token: Option<String>,
+    expires_in: i64,
+    refresh_expires_in: Option<i64>,
+    scope: Option<String>,
+    token_type: String,
+    at: i64,
+    next_refresh_at: i64,
+    status: Status,
+    reauth_reason: Option<ReauthReason>,
+    duration_ms: i64,
+}
+
+fn to_entry(o: &Outcome) -> Option<Entry> {
+    match o {
+        Outcome::Rotated {
+            account_id,
+            generation,
+            tokens,
+            at,
+            next_refresh_at,
+            status,
+            reauth_reason,
+            duration_ms,
+            ..
+        } => Some(Entry {
+            account_id: *account_id,
+            generation: *generation,
+            access_token: tokens.access_token.expose_secret().to_string(),
+            refresh_token: tokens
+                .refresh_token
+                .as_ref()
+                .map(|t| t.expose_secret().to_string()),
+            expires_in: tokens.expires_in,
+            refresh_expires_in: tokens.refresh_expires_in,
+            scope: tokens.scope.clone(),
+            token_type: tokens.token_type.clone(),
+            at: *at,
+            next_refresh_at: *next_refresh_at,
+            status: *status,
+            reauth_reason: *reauth_reason,
+            duration_ms: *duration_ms,
+        }),
+        _ => None,
+    }
+}
+
+fn from_entry(e: Entry) -> Outcome {
+    Outcome::Rotated {
+        account_id: e.account_id,
+        generation: e.generation,
+        tokens: TokenSet {
+            access_token: SecretString::from(e.access_token),
+            refresh_token: e.refresh_token.map(SecretString::from),
+            expires_in: e.expires_in,
+            refresh_expires_in: e.refresh_expires_in,
+            subject: None,
+            scope: e.scope,
+            token_type: e.token_type,
+        },
+        at: e.at,
+        next_refresh_at: e.next_refresh_at,
+        status: e.status,
+        reauth_reason: e.reauth_reason,
+        http_status: None,
+        duration_ms: e.duration_ms,
+    }
+}
+
+/// Appends rotations and fsyncs the file (and, when it was created, its directory).
+pub fn append(path: &Path, outcomes: &[Outcome]) -> std::io::Result<()> {
+    let created = !path.exists();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.append(true).create(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    let mut buf = Vec::new();
+    for e in outcomes.iter().filter_map(to_entry) {
+        serde_json::to_writer(&mut buf, &e).map_err(std::io::Error::other)?;
+        buf.push(b'\n');
+    }
+    f.write_all(&buf)?;
+    f.sync_all()?;
+    if created && let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Commits deferred rotations in one transaction. A rotation already in the database (the
+/// process died after committing but before removing the file) is skipped.
+pub fn apply(conn: &mut Connection, outcomes: &[Outcome]) -> Result<usize, StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|source| StoreError::Sqlite {
+            context: "begin replay of recovery file",
+            source,
+        })?;
+    let mut applied = 0;
+    for o in outcomes {
+        if let Outcome::Rotated {
+            account_id,
+            generation,
+            tokens,
+            ..
+        } = o
+            && let Some(current) = sqlite::get(&tx, *account_id)?
+            && current.generation == generation + 1
+            && current.access_token.expose_secret() == tokens.access_token.expose_secret()
+        {
+            continue;
+        }
+        if sqlite::record(&tx, o)? == super::Recorded::Applied {
+            applied += 1;
+        }
+    }
+    tx.commit().map_err(|source| StoreError::Sqlite {
+        context: "commit replay of recovery file",
+        source,
+    })?;
+    Ok(applied)
+}
+
+pub fn remove(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Start-up: commit whatever a previous run could not, then remove the file.
+pub fn replay(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(StoreError::Recovery {
+                path: path.to_path_buf(),
+                message: format!("cannot read: {e}"),
+            });
+        }
+    };
+    let mut outcomes = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Entry>(line) {
+            Ok(e) => outcomes.push(from_entry(e)),
+            // A torn last line is a write the crash interrupted before its fsync returned:
+            // that refresh was never reported done, so skipping it loses nothing committed.
+            Err(_) if i + 1 == text.lines().count() && !text.ends_with('\n') => {
+                tracing::warn!(event = "recovery_torn_line", path = %path.display(), line = i + 1, "ignoring an incomplete last line");
+            }
+            Err(e) => {
+                return Err(StoreError::Recovery {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "line {} is not a recovery entry ({e}); fix or move the file away, then start again",
+                        i + 1
+                    ),
+                });
+            }
+        }
+    }
+    let applied = apply(conn, &outcomes)?;
+    remove(path).map_err(|e| StoreError::Recovery {
+        path: path.to_path_buf(),
+        message: format!("replayed but cannot remove: {e}"),
+    })?;
+    tracing::info!(event = "recovery_replayed", path = %path.display(), entries = outcomes.len(), applied, "replayed rotations a previous run could not commit");
+    Ok(())
+}

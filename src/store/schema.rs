@@ -1,0 +1,107 @@
+//! Numbered schema migrations, applied at start-up in one transaction.
+
+use rusqlite::Connection;
+
+/// Each entry is one migration; its number is its index + 1 (kept in `PRAGMA user_version`).
+/// Never edit a released migration: append a new one.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: accounts and the refresh log.
+    r#"
+CREATE TABLE accounts (
+    id                 INTEGER PRIMARY KEY,
+    provider           TEXT    NOT NULL,
+    subject            TEXT    NOT NULL,
+    label              TEXT,
+    access_token       TEXT    NOT NULL,
+    refresh_token      TEXT    NOT NULL,
+    scope              TEXT    NOT NULL DEFAULT '',
+    token_type         TEXT    NOT NULL DEFAULT 'Bearer',
+    access_expires_at  INTEGER NOT NULL,
+    refresh_expires_at INTEGER,
+    next_refresh_at    INTEGER NOT NULL,
+    status             TEXT    NOT NULL DEFAULT 'active'
+                       CHECK (status IN ('active', 'expiring', 'needs_reauth', 'disabled')),
+    reauth_reason      TEXT,
+    reauth_flagged_at  INTEGER,
+    failures           INTEGER NOT NULL DEFAULT 0,
+    last_error         TEXT,
+    last_refreshed_at  INTEGER,
+    lease_owner        TEXT,
+    lease_expires_at   INTEGER,
+    generation         INTEGER NOT NULL DEFAULT 0,
+    created_at         INTEGER NOT NULL,
+    updated_at         INTEGER NOT NULL,
+    UNIQUE (provider, subject)
+);
+-- The table is the queue: only refreshable rows are indexed by due time.
+CREATE INDEX accounts_due ON accounts (next_refresh_at) WHERE status IN ('active', 'expiring');
+CREATE INDEX accounts_status ON accounts (status, provider);
+CREATE INDEX accounts_refresh_expiry ON accounts (refresh_expires_at)
+    WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL;
+
+CREATE TABLE refresh_log (
+    id          INTEGER PRIMARY KEY,
+    account_id  INTEGER NOT NULL,
+    at          INTEGER NOT NULL,
+    outcome     TEXT    NOT NULL,
+    http_status INTEGER,
+    error       TEXT,
+    duration_ms INTEGER
+);
+CREATE INDEX refresh_log_account ON refresh_log (account_id, at);
+CREATE INDEX refresh_log_at ON refresh_log (at);
+"#,
+];
+
+/// Applies every migration newer than the database, all in one transaction.
+/// Returns (from, to) versions.
+pub fn migrate(conn: &mut Connection) -> Result<(usize, usize), (usize, rusqlite::Error)> {
+    let current: usize = conn
+        .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        .map_err(|e| (0, e))? as usize;
+    if current > MIGRATIONS.len() {
+        // A newer refreshd wrote this database; refuse rather than guess.
+        return Err((
+            current,
+            rusqlite::Error::InvalidParameterName(format!(
+                "database schema version {current} is newer than this refreshd knows ({})",
+                MIGRATIONS.len()
+            )),
+        ));
+    }
+    if current == MIGRATIONS.len() {
+        return Ok((current, current));
+    }
+    let tx = conn.transaction().map_err(|e| (current, e))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        tx.execute_batch(sql).map_err(|e| (i + 1, e))?;
+    }
+    tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)
+        .map_err(|e| (MIGRATIONS.len(), e))?;
+    tx.commit().map_err(|e| (MIGRATIONS.len(), e))?;
+    Ok((current, MIGRATIONS.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_fresh_and_is_idempotent() {
+        let mut c = Connection::open_in_memory().unwrap();
+        assert_eq!(migrate(&mut c).unwrap(), (0, MIGRATIONS.len()));
+        assert_eq!(
+            migrate(&mut c).unwrap(),
+            (MIGRATIONS.len(), MIGRATIONS.len())
+        );
+    }
+
+    #[test]
+    fn refuses_newer_schema() {
+        let mut c = Connection::open_in_memory().unwrap();
+        c.pragma_update(None, "user_version", 999).unwrap();
+        let (v, e) = migrate(&mut c).unwrap_err();
+        assert_eq!(v, 999);
+        assert!(e.to_string().contains("newer"));
+    }
+}

@@ -1,0 +1,645 @@
+//! The queries: plain synchronous functions over a `rusqlite::Connection`, called only from
+//! the store's worker thread, unit-tested on `:memory:`.
+
+use super::{
+    AccountSummary, ListFilter, LogEntry, NewAccount, Outcome, Recorded, StoreError, SweepReport,
+};
+use crate::model::{Account, ReauthReason, Status};
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use secrecy::{ExposeSecret, SecretString};
+
+const ACCOUNT_COLUMNS: &str = "id, provider, subject, label, access_token, refresh_token, scope, \
+    token_type, access_expires_at, refresh_expires_at, next_refresh_at, status, reauth_reason, \
+    reauth_flagged_at, failures, last_error, last_refreshed_at, generation, created_at, updated_at";
+
+const SUMMARY_COLUMNS: &str = "id, provider, subject, label, status, reauth_reason, \
+    access_expires_at, refresh_expires_at, next_refresh_at, failures, last_error, \
+    last_refreshed_at, reauth_flagged_at, scope";
+
+fn sql_err(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sqlite { context, source }
+}
+
+fn parse_status(s: String) -> rusqlite::Result<Status> {
+    s.parse::<Status>().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+    })
+}
+
+fn row_to_account(r: &Row<'_>) -> rusqlite::Result<Account> {
+    Ok(Account {
+        id: r.get(0)?,
+        provider: r.get(1)?,
+        subject: r.get(2)?,
+        label: r.get(3)?,
+        access_token: SecretString::from(r.get::<_, String>(4)?),
+        refresh_token: SecretString::from(r.get::<_, String>(5)?),
+        scope: r.get(6)?,
+        token_type: r.get(7)?,
+        access_expires_at: r.get(8)?,
+        refresh_expires_at: r.get(9)?,
+        next_refresh_at: r.get(10)?,
+        status: parse_status(r.get(11)?)?,
+        reauth_reason: r
+            .get::<_, Option<String>>(12)?
+            .and_then(|s| ReauthReason::parse(&s)),
+        reauth_flagged_at: r.get(13)?,
+        failures: r.get(14)?,
+        last_error: r.get(15)?,
+        last_refreshed_at: r.get(16)?,
+        generation: r.get(17)?,
+        created_at: r.get(18)?,
+        updated_at: r.get(19)?,
+    })
+}
+
+fn row_to_summary(r: &Row<'_>) -> rusqlite::Result<AccountSummary> {
+    Ok(AccountSummary {
+        id: r.get(0)?,
+        provider: r.get(1)?,
+        subject: r.get(2)?,
+        label: r.get(3)?,
+        status: parse_status(r.get(4)?)?,
+        reauth_reason: r
+            .get::<_, Option<String>>(5)?
+            .and_then(|s| ReauthReason::parse(&s)),
+        access_expires_at: r.get(6)?,
+        refresh_expires_at: r.get(7)?,
+        next_refresh_at: r.get(8)?,
+        failures: r.get(9)?,
+        last_error: r.get(10)?,
+        last_refreshed_at: r.get(11)?,
+        reauth_flagged_at: r.get(12)?,
+        scope: r.get(13)?,
+    })
+}
+
+/// Leases up to `limit` due, refreshable, unleased accounts in one statement.
+pub fn claim_due(
+    conn: &Connection,
+    owner: &str,
+    now: i64,
+    lease_until: i64,
+    limit: usize,
+) -> Result<Vec<Account>, StoreError> {
+    let sql = format!(
+        "UPDATE accounts SET lease_owner = ?1, lease_expires_at = ?2
+         WHERE id IN (
+             SELECT id FROM accounts
+             WHERE status IN ('active', 'expiring') AND next_refresh_at <= ?3
+               AND (lease_owner IS NULL OR lease_expires_at <= ?3)
+             ORDER BY next_refresh_at
+             LIMIT ?4)
+         RETURNING {ACCOUNT_COLUMNS}"
+    );
+    let mut stmt = conn
+        .prepare_cached(&sql)
+        .map_err(sql_err("claim due accounts"))?;
+    let rows = stmt
+        .query_map(
+            params![owner, lease_until, now, limit as i64],
+            row_to_account,
+        )
+        .map_err(sql_err("claim due accounts"))?;
+    let mut out: Vec<Account> = rows
+        .collect::<Result<_, _>>()
+        .map_err(sql_err("claim due accounts"))?;
+    out.sort_by_key(|a| a.next_refresh_at);
+    Ok(out)
+}
+
+/// The earliest due time among refreshable accounts that nobody holds a lease on, and the
+/// earliest lease expiry of held ones (to wake when another process's lease runs out).
+pub fn next_due(conn: &Connection, now: i64) -> Result<Option<i64>, StoreError> {
+    let due: Option<i64> = conn
+        .prepare_cached(
+            "SELECT next_refresh_at FROM accounts
+             WHERE status IN ('active', 'expiring')
+               AND (lease_owner IS NULL OR lease_expires_at <= ?1)
+             ORDER BY next_refresh_at LIMIT 1",
+        )
+        .and_then(|mut s| s.query_row([now], |r| r.get(0)).optional())
+        .map_err(sql_err("find next due account"))?;
+    Ok(due)
+}
+
+pub fn get(conn: &Connection, id: i64) -> Result<Option<Account>, StoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1"
+    ))
+    .and_then(|mut s| s.query_row([id], row_to_account).optional())
+    .map_err(sql_err("read account"))
+}
+
+pub fn find(
+    conn: &Connection,
+    provider: &str,
+    subject: &str,
+) -> Result<Option<Account>, StoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE provider = ?1 AND subject = ?2"
+    ))
+    .and_then(|mut s| s.query_row([provider, subject], row_to_account).optional())
+    .map_err(sql_err("find account"))
+}
+
+/// One page of accounts (ids after `after_id`), filtered; never the whole table at once.
+pub fn list(
+    conn: &Connection,
+    filter: &ListFilter,
+    after_id: i64,
+    page: usize,
+) -> Result<Vec<AccountSummary>, StoreError> {
+    let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM accounts WHERE id > ?1");
+    let mut args: Vec<rusqlite::types::Value> = vec![after_id.into()];
+    if let Some(p) = &filter.provider {
+        args.push(p.clone().into());
+        sql.push_str(&format!(" AND provider = ?{}", args.len()));
+    }
+    if let Some(s) = filter.status {
+        args.push(s.as_str().to_string().into());
+        sql.push_str(&format!(" AND status = ?{}", args.len()));
+    }
+    if filter.needs_reauth {
+        sql.push_str(" AND status IN ('expiring', 'needs_reauth')");
+    }
+    args.push((page as i64).into());
+    sql.push_str(&format!(" ORDER BY id LIMIT ?{}", args.len()));
+    let mut stmt = conn.prepare(&sql).map_err(sql_err("list accounts"))?;
+    let rows = stmt
+        .query_map(rusqlite::params_from_iter(args), row_to_summary)
+        .map_err(sql_err("list accounts"))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(sql_err("list accounts"))
+}
+
+pub fn log_entries(conn: &Connection, id: i64, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT at, outcome, http_status, error, duration_ms FROM refresh_log
+             WHERE account_id = ?1 ORDER BY at DESC, id DESC LIMIT ?2",
+        )
+        .map_err(sql_err("read refresh log"))?;
+    let rows = stmt
+        .query_map(params![id, limit as i64], |r| {
+            Ok(LogEntry {
+                at: r.get(0)?,
+                outcome: r.get(1)?,
+                http_status: r.get(2)?,
+                error: r.get(3)?,
+                duration_ms: r.get(4)?,
+            })
+        })
+        .map_err(sql_err("read refresh log"))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(sql_err("read refresh log"))
+}
+
+/// Counts by (provider, status).
+pub fn counts(conn: &Connection) -> Result<Vec<(String, Status, i64)>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT provider, status, COUNT(*) FROM accounts GROUP BY provider, status ORDER BY provider, status")
+        .map_err(sql_err("count accounts"))?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, parse_status(r.get(1)?)?, r.get(2)?)))
+        .map_err(sql_err("count accounts"))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(sql_err("count accounts"))
+}
+
+/// Inserts or updates accounts by (provider, subject), all in the caller's transaction.
+/// Returns (id, inserted) per account in input order.
+pub fn upsert(
+    tx: &Transaction<'_>,
+    accounts: &[NewAccount],
+    now: i64,
+) -> Result<Vec<(i64, bool)>, StoreError> {
+    let mut out = Vec::with_capacity(accounts.len());
+    for a in accounts {
+        let existing: Option<i64> = tx
+            .prepare_cached("SELECT id FROM accounts WHERE provider = ?1 AND subject = ?2")
+            .and_then(|mut s| {
+                s.query_row([&a.provider, &a.subject], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(sql_err("look up account for import"))?;
+        let refresh_token = a
+            .tokens
+            .refresh_token
+            .as_ref()
+            .map(|t| t.expose_secret().to_string())
+            .unwrap_or_default();
+        let access_expires_at = a.obtained_at + a.tokens.expires_in;
+        let refresh_expires_at = a.tokens.refresh_expires_in.map(|s| a.obtained_at + s);
+        let id = match existing {
+            Some(id) => {
+                tx.prepare_cached(
+                    "UPDATE accounts SET label = COALESCE(?2, label), access_token = ?3,
+                        refresh_token = CASE WHEN ?4 = '' THEN refresh_token ELSE ?4 END,
+                        scope = ?5, token_type = ?6, access_expires_at = ?7,
+                        refresh_expires_at = ?8, next_refresh_at = ?9, status = ?10,
+                        reauth_reason = ?11, reauth_flagged_at = ?12, failures = 0,
+                        last_error = NULL, lease_owner = NULL, lease_expires_at = NULL,
+                        generation = generation + 1, updated_at = ?13
+                     WHERE id = ?1",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        id,
+                        a.label,
+                        a.tokens.access_token.expose_secret(),
+                        refresh_token,
+                        a.tokens.scope.clone().unwrap_or_default(),
+                        a.tokens.token_type,
+                        access_expires_at,
+                        refresh_expires_at,
+                        a.next_refresh_at,
+                        a.status.as_str(),
+                        a.reauth_reason.map(|r| r.as_str()),
+                        a.reauth_reason.map(|_| now),
+                        now
+                    ])
+                })
+                .map_err(sql_err("update imported account"))?;
+                out.push((id, false));
+                id
+            }
+            None => {
+                if refresh_token.is_empty() {
+                    return Err(StoreError::Invalid(format!(
+                        "account {}/{} has no refresh token and is not stored yet",
+                        a.provider, a.subject
+                    )));
+                }
+                let id: i64 = tx
+                    .prepare_cached(
+                        "INSERT INTO accounts (provider, subject, label, access_token, refresh_token,
+                            scope, token_type, access_expires_at, refresh_expires_at, next_refresh_at,
+                            status, reauth_reason, reauth_flagged_at, created_at, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)
+                         RETURNING id",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(
+                            params![
+                                a.provider,
+                                a.subject,
+                                a.label,
+                                a.tokens.access_token.expose_secret(),
+                                refresh_token,
+                                a.tokens.scope.clone().unwrap_or_default(),
+                                a.tokens.token_type,
+                                access_expires_at,
+                                refresh_expires_at,
+                                a.next_refresh_at,
+                                a.status.as_str(),
+                                a.reauth_reason.map(|r| r.as_str()),
+                                a.reauth_reason.map(|_| now),
+                                now
+                            ],
+                            |r| r.get(0),
+                        )
+                    })
+                    .map_err(sql_err("insert imported account"))?;
+                out.push((id, true));
+                id
+            }
+        };
+        append_log(tx, id, now, "imported", None, None, None)?;
+    }
+    Ok(out)
+}
+
+fn append_log(
+    conn: &Connection,
+    id: i64,
+    at: i64,
+    outcome: &str,
+    http_status: Option<u16>,
+    error: Option<&str>,
+    duration_ms: Option<i64>,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO refresh_log (account_id, at, outcome, http_status, error, duration_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut s| s.execute(params![id, at, outcome, http_status, error, duration_ms]))
+    .map_err(sql_err("append refresh log"))?;
+    Ok(())
+}
+
+/// Writes one refresh outcome. Runs inside the group-commit transaction.
+pub fn record(tx: &Transaction<'_>, o: &Outcome) -> Result<Recorded, StoreError> {
+    match o {
+        Outcome::Rotated {
+            account_id,
+            generation,
+            tokens,
+            at,
+            next_refresh_at,
+            status,
+            reauth_reason,
+            http_status,
+            duration_ms,
+        } => {
+            let refresh_token = tokens
+                .refresh_token
+                .as_ref()
+                .map(|t| t.expose_secret().to_string());
+            let n = tx
+                .prepare_cached(
+                    "UPDATE accounts SET access_token = ?3,
+                        refresh_token = COALESCE(?4, refresh_token),
+                        scope = COALESCE(?5, scope), token_type = ?6,
+                        access_expires_at = ?7,
+                        refresh_expires_at = COALESCE(?8, refresh_expires_at),
+                        next_refresh_at = ?9, status = ?10,
+                        reauth_reason = ?11,
+                        reauth_flagged_at = CASE WHEN ?11 IS NULL THEN NULL
+                            WHEN reauth_reason IS ?11 THEN reauth_flagged_at ELSE ?12 END,
+                        failures = 0, last_error = NULL, last_refreshed_at = ?12,
+                        lease_owner = NULL, lease_expires_at = NULL,
+                        generation = generation + 1, updated_at = ?12
+                     WHERE id = ?1 AND generation = ?2",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        account_id,
+                        generation,
+                        tokens.access_token.expose_secret(),
+                        refresh_token,
+                        tokens.scope,
+                        tokens.token_type,
+                        at + tokens.expires_in,
+                        tokens.refresh_expires_in.map(|s| at + s),
+                        next_refresh_at,
+                        status.as_str(),
+                        reauth_reason.map(|r| r.as_str()),
+                        at
+                    ])
+                })
+                .map_err(sql_err("store rotated tokens"))?;
+            if n == 0 {
+                append_log(
+                    tx,
+                    *account_id,
+                    *at,
+                    "superseded",
+                    *http_status,
+                    Some(
+                        "another refresh rotated this account first; these tokens were not stored",
+                    ),
+                    Some(*duration_ms),
+                )?;
+                return Ok(Recorded::Superseded);
+            }
+            append_log(
+                tx,
+                *account_id,
+                *at,
+                "rotated",
+                *http_status,
+                None,
+                Some(*duration_ms),
+            )?;
+            Ok(Recorded::Applied)
+        }
+        Outcome::Transient {
+            account_id,
+            owner,
+            at,
+            next_refresh_at,
+            error,
+            http_status,
+            duration_ms,
+        } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE accounts SET failures = failures + 1, last_error = ?3,
+                        next_refresh_at = ?4, lease_owner = NULL, lease_expires_at = NULL,
+                        updated_at = ?5
+                     WHERE id = ?1 AND lease_owner = ?2",
+                )
+                .and_then(|mut s| s.execute(params![account_id, owner, error, next_refresh_at, at]))
+                .map_err(sql_err("record transient failure"))?;
+            append_log(
+                tx,
+                *account_id,
+                *at,
+                "transient",
+                *http_status,
+                Some(error),
+                Some(*duration_ms),
+            )?;
+            Ok(if n == 0 {
+                Recorded::LeaseLost
+            } else {
+                Recorded::Applied
+            })
+        }
+        Outcome::ConfigError {
+            account_id,
+            owner,
+            at,
+            next_refresh_at,
+            error,
+            http_status,
+            duration_ms,
+        } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE accounts SET last_error = ?3, next_refresh_at = ?4,
+                        lease_owner = NULL, lease_expires_at = NULL, updated_at = ?5
+                     WHERE id = ?1 AND lease_owner = ?2",
+                )
+                .and_then(|mut s| s.execute(params![account_id, owner, error, next_refresh_at, at]))
+                .map_err(sql_err("record provider configuration error"))?;
+            append_log(
+                tx,
+                *account_id,
+                *at,
+                "config_error",
+                *http_status,
+                Some(error),
+                Some(*duration_ms),
+            )?;
+            Ok(if n == 0 {
+                Recorded::LeaseLost
+            } else {
+                Recorded::Applied
+            })
+        }
+        Outcome::Rejected {
+            account_id,
+            generation,
+            reason,
+            at,
+            error,
+            http_status,
+            duration_ms,
+        } => {
+            // Guarded by generation: if another process rotated the account meanwhile, the
+            // rejection was of a token that is already replaced, and nothing is wrong.
+            let n = tx
+                .prepare_cached(
+                    "UPDATE accounts SET status = 'needs_reauth', reauth_reason = ?3,
+                        reauth_flagged_at = ?4, last_error = ?5, failures = failures + 1,
+                        lease_owner = NULL, lease_expires_at = NULL, updated_at = ?4
+                     WHERE id = ?1 AND generation = ?2",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![account_id, generation, reason.as_str(), at, error])
+                })
+                .map_err(sql_err("flag account for re-authorization"))?;
+            if n == 0 {
+                append_log(
+                    tx,
+                    *account_id,
+                    *at,
+                    "superseded",
+                    *http_status,
+                    Some(&format!(
+                        "rejected, but another refresh had rotated the account: not flagged ({error})"
+                    )),
+                    Some(*duration_ms),
+                )?;
+                return Ok(Recorded::Superseded);
+            }
+            append_log(
+                tx,
+                *account_id,
+                *at,
+                "reauth_required",
+                *http_status,
+                Some(error),
+                Some(*duration_ms),
+            )?;
+            Ok(Recorded::Applied)
+        }
+        Outcome::Released { account_id, owner } => {
+            tx.prepare_cached(
+                "UPDATE accounts SET lease_owner = NULL, lease_expires_at = NULL
+                 WHERE id = ?1 AND lease_owner = ?2",
+            )
+            .and_then(|mut s| s.execute(params![account_id, owner]))
+            .map_err(sql_err("release lease"))?;
+            Ok(Recorded::Applied)
+        }
+    }
+}
+
+/// The reauth sweep: flags refreshable accounts whose refresh token ends inside the window
+/// (`expiring`) or has ended (`needs_reauth`). Returns only the accounts whose state changed.
+pub fn sweep(tx: &Transaction<'_>, now: i64, window_end: i64) -> Result<SweepReport, StoreError> {
+    let expired: Vec<AccountSummary> = {
+        let mut s = tx
+            .prepare_cached(&format!(
+                "UPDATE accounts SET status = 'needs_reauth', reauth_reason = 'refresh_token_expired',
+                    reauth_flagged_at = ?1, updated_at = ?1
+                 WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
+                   AND refresh_expires_at <= ?1
+                 RETURNING {SUMMARY_COLUMNS}"
+            ))
+            .map_err(sql_err("sweep expired refresh tokens"))?;
+        s.query_map([now], row_to_summary)
+            .and_then(|rows| rows.collect())
+            .map_err(sql_err("sweep expired refresh tokens"))?
+    };
+    let expiring: Vec<AccountSummary> = {
+        let mut s = tx
+            .prepare_cached(&format!(
+                "UPDATE accounts SET status = 'expiring', reauth_reason = 'refresh_token_expiring',
+                    reauth_flagged_at = ?1, updated_at = ?1
+                 WHERE status = 'active' AND refresh_expires_at IS NOT NULL
+                   AND refresh_expires_at <= ?2
+                 RETURNING {SUMMARY_COLUMNS}"
+            ))
+            .map_err(sql_err("sweep expiring refresh tokens"))?;
+        s.query_map([now, window_end], row_to_summary)
+            .and_then(|rows| rows.collect())
+            .map_err(sql_err("sweep expiring refresh tokens"))?
+    };
+    for a in &expired {
+        append_log(
+            tx,
+            a.id,
+            now,
+            "reauth_required",
+            None,
+            Some("refresh token expired"),
+            None,
+        )?;
+    }
+    for a in &expiring {
+        append_log(
+            tx,
+            a.id,
+            now,
+            "reauth_required",
+            None,
+            Some("refresh token ends within the reauth window"),
+            None,
+        )?;
+    }
+    Ok(SweepReport { expiring, expired })
+}
+
+/// Ids of every account that needs a human, for the digest.
+pub fn flagged_ids(conn: &Connection) -> Result<Vec<(i64, Status)>, StoreError> {
+    let mut s = conn
+        .prepare_cached("SELECT id, status FROM accounts WHERE status IN ('expiring', 'needs_reauth') ORDER BY id")
+        .map_err(sql_err("list flagged accounts"))?;
+    s.query_map([], |r| Ok((r.get(0)?, parse_status(r.get(1)?)?)))
+        .and_then(|rows| rows.collect())
+        .map_err(sql_err("list flagged accounts"))
+}
+
+pub fn prune_log(conn: &Connection, before: i64) -> Result<usize, StoreError> {
+    conn.execute("DELETE FROM refresh_log WHERE at < ?1", [before])
+        .map_err(sql_err("prune refresh log"))
+}
+
+/// Makes an account due now (`accounts refresh`). `force` also lifts a reauth flag.
+pub fn mark_due(
+    tx: &Transaction<'_>,
+    id: i64,
+    now: i64,
+    force: bool,
+) -> Result<Status, StoreError> {
+    let status: Status = tx
+        .query_row("SELECT status FROM accounts WHERE id = ?1", [id], |r| {
+            parse_status(r.get(0)?)
+        })
+        .optional()
+        .map_err(sql_err("read account"))?
+        .ok_or(StoreError::NotFound(id))?;
+    let refreshable = matches!(status, Status::Active | Status::Expiring);
+    if !refreshable && !force {
+        return Err(StoreError::Invalid(format!(
+            "account {id} is {status}: it is not refreshed automatically. Reconnect it, or pass --force to try its stored refresh token once more"
+        )));
+    }
+    tx.execute(
+        "UPDATE accounts SET next_refresh_at = ?2, updated_at = ?2,
+            status = CASE WHEN status IN ('active', 'expiring') THEN status ELSE 'active' END,
+            reauth_reason = CASE WHEN status IN ('active', 'expiring') THEN reauth_reason ELSE NULL END,
+            reauth_flagged_at = CASE WHEN status IN ('active', 'expiring') THEN reauth_flagged_at ELSE NULL END
+         WHERE id = ?1",
+        params![id, now],
+    )
+    .map_err(sql_err("mark account due"))?;
+    append_log(tx, id, now, "marked_due", None, None, None)?;
+    Ok(status)
+}
+
+pub fn remove(tx: &Transaction<'_>, id: i64) -> Result<(), StoreError> {
+    let n = tx
+        .execute("DELETE FROM accounts WHERE id = ?1", [id])
+        .map_err(sql_err("remove account"))?;
+    if n == 0 {
+        return Err(StoreError::NotFound(id));
+    }
+    tx.execute("DELETE FROM refresh_log WHERE account_id = ?1", [id])
+        .map_err(sql_err("remove account's refresh log"))?;
+    Ok(())
+}

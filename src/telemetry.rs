@@ -1,0 +1,88 @@
+//! Logging: tracing-subscriber in JSON (machines) or pretty (people) on stderr, a level that
+//! SIGHUP can change, and the stable events admins alert on.
+//!
+//! Logs go to stderr so that stdout carries only command output (`--json` stays parseable).
+
+use crate::clock::rfc3339;
+use crate::config::{LogConfig, LogFormat};
+use std::io::IsTerminal;
+use tracing_subscriber::{
+    EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt,
+};
+
+/// Changes the log filter at run time (SIGHUP).
+#[derive(Clone)]
+pub struct LogHandle(Option<reload::Handle<EnvFilter, Registry>>);
+
+impl LogHandle {
+    /// A handle that changes nothing (tests, when logging was set up elsewhere).
+    pub fn none() -> Self {
+        LogHandle(None)
+    }
+
+    pub fn set_level(&self, level: &str) -> Result<(), String> {
+        if std::env::var_os("RUST_LOG").is_some() {
+            return Ok(()); // RUST_LOG wins over the config, also on reload
+        }
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        match &self.0 {
+            Some(h) => h.reload(filter).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Installs the global subscriber. `RUST_LOG` wins over `log.level`.
+pub fn init(cfg: &LogConfig) -> LogHandle {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let json = match cfg.format {
+        LogFormat::Json => true,
+        LogFormat::Pretty => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let registry = tracing_subscriber::registry().with(filter);
+    let res = if json {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()
+    } else {
+        registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init()
+    };
+    if res.is_err() {
+        return LogHandle::none();
+    }
+    LogHandle(Some(handle))
+}
+
+/// The one WARN event per account per flagging that admins grep and alert on.
+pub fn reauth_required(
+    account: i64,
+    provider: &str,
+    subject: &str,
+    label: Option<&str>,
+    reason: &str,
+    refresh_expires_at: Option<i64>,
+) {
+    tracing::warn!(
+        event = "reauth_required",
+        account,
+        provider,
+        subject,
+        label = label.unwrap_or(""),
+        reason,
+        refresh_expires_at = refresh_expires_at.map(rfc3339).unwrap_or_default(),
+        "account {account} ({provider}/{subject}) needs re-authorization: {reason}"
+    );
+}
