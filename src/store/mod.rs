@@ -277,8 +277,15 @@ pub(crate) fn connect(opts: &StoreOptions) -> Result<Connection, StoreError> {
     )
     .map_err(open_err)?;
     conn.busy_timeout(opts.busy_timeout).map_err(open_err)?;
-    conn.pragma_update(None, "journal_mode", "WAL")
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
         .map_err(open_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Invalid(format!(
+            "database {}: cannot switch to WAL journal mode (got {mode:?}); is it on a network file system?",
+            opts.path.display()
+        )));
+    }
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(open_err)?;
     conn.set_prepared_statement_cache_capacity(64);
@@ -475,13 +482,17 @@ impl Store {
 
 /// Most outcomes written by one commit.
 const MAX_GROUP: usize = 1024;
-/// How often deferred (recovery-file) commits are retried.
+/// How often deferred (recovery-file) commits are retried when the worker is idle.
 const RETRY_EVERY: Duration = Duration::from_secs(2);
+/// While commits are deferred, a job first retries them, at most this often (each retry may
+/// wait `busy_timeout` on a locked database).
+const RETRY_BEFORE_JOB: Duration = Duration::from_millis(250);
 
 struct Worker {
     recovery: PathBuf,
     /// Rotations that could not be committed: in the recovery file and here, until committed.
     deferred: Vec<Outcome>,
+    last_retry: std::time::Instant,
 }
 
 impl Worker {
@@ -489,6 +500,7 @@ impl Worker {
         Worker {
             recovery: recovery_path(&opts.path),
             deferred: Vec::new(),
+            last_retry: std::time::Instant::now(),
         }
     }
 
@@ -512,6 +524,10 @@ impl Worker {
                     Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
                 }
             };
+            // Deferred rotations go first: nothing else should see the rows they update.
+            if !self.deferred.is_empty() && self.last_retry.elapsed() >= RETRY_BEFORE_JOB {
+                self.retry_deferred(conn);
+            }
             match job {
                 Job::Call(f) => f(conn),
                 Job::Close(done) => {
@@ -537,9 +553,6 @@ impl Worker {
                     stash.extend(later);
                 }
             }
-            if !self.deferred.is_empty() {
-                self.retry_deferred(conn);
-            }
         }
         self.retry_deferred(conn);
     }
@@ -549,23 +562,19 @@ impl Worker {
         conn: &mut Connection,
         batch: Vec<(Outcome, oneshot::Sender<Result<Recorded, StoreError>>)>,
     ) {
-        let result = (|| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(|source| StoreError::Sqlite {
-                    context: "begin commit of refresh outcomes",
-                    source,
-                })?;
-            let mut results = Vec::with_capacity(batch.len());
-            for (o, _) in &batch {
-                results.push(sqlite::record(&tx, o)?);
+        let outcomes: Vec<&Outcome> = batch.iter().map(|(o, _)| o).collect();
+        let result = Self::commit(conn, &outcomes);
+        // A locked or full database fails every outcome alike; anything else may be one bad
+        // outcome, which must not hold the others hostage: then commit each alone.
+        if let Err(e) = &result
+            && batch.len() > 1
+            && !e.is_transient()
+        {
+            for one in batch {
+                self.commit_group(conn, vec![one]);
             }
-            tx.commit().map_err(|source| StoreError::Sqlite {
-                context: "commit refresh outcomes",
-                source,
-            })?;
-            Ok::<_, StoreError>(results)
-        })();
+            return;
+        }
         match result {
             Ok(results) => {
                 for ((_, reply), r) in batch.into_iter().zip(results) {
@@ -601,10 +610,29 @@ impl Worker {
         }
     }
 
+    fn commit(conn: &mut Connection, outcomes: &[&Outcome]) -> Result<Vec<Recorded>, StoreError> {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|source| StoreError::Sqlite {
+                context: "begin commit of refresh outcomes",
+                source,
+            })?;
+        let mut results = Vec::with_capacity(outcomes.len());
+        for o in outcomes {
+            results.push(sqlite::record(&tx, o)?);
+        }
+        tx.commit().map_err(|source| StoreError::Sqlite {
+            context: "commit refresh outcomes",
+            source,
+        })?;
+        Ok(results)
+    }
+
     fn retry_deferred(&mut self, conn: &mut Connection) {
         if self.deferred.is_empty() {
             return;
         }
+        self.last_retry = std::time::Instant::now();
         match recovery::apply(conn, &self.deferred) {
             Ok(_) => {
                 self.deferred.clear();

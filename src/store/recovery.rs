@@ -103,13 +103,18 @@ pub fn append(path: &Path, outcomes: &[Outcome]) -> std::io::Result<()> {
         opts.mode(0o600);
     }
     let mut f = opts.open(path)?;
+    let before = f.metadata()?.len();
     let mut buf = Vec::new();
     for e in outcomes.iter().filter_map(to_entry) {
         serde_json::to_writer(&mut buf, &e).map_err(std::io::Error::other)?;
         buf.push(b'\n');
     }
-    f.write_all(&buf)?;
-    f.sync_all()?;
+    if let Err(e) = f.write_all(&buf).and_then(|()| f.sync_all()) {
+        // A partial line (disk full) would glue onto the next append and make the file
+        // unreadable at start-up: cut it back to the last complete entry.
+        let _ = f.set_len(before);
+        return Err(e);
+    }
     if created && let Some(dir) = path.parent() {
         let dir = if dir.as_os_str().is_empty() {
             Path::new(".")

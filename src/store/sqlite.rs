@@ -108,8 +108,9 @@ pub fn claim_due(
     Ok(out)
 }
 
-/// The earliest due time among refreshable accounts that nobody holds a lease on, and the
-/// earliest lease expiry of held ones (to wake when another process's lease runs out).
+/// The earliest due time among refreshable accounts that nobody holds a valid lease on.
+/// Accounts leased by a process that died become visible when their lease expires; the
+/// engine's `refresh.max_idle` bounds how late it notices.
 pub fn next_due(conn: &Connection, now: i64) -> Result<Option<i64>, StoreError> {
     let due: Option<i64> = conn
         .prepare_cached(
@@ -237,7 +238,8 @@ pub fn upsert(
                     "UPDATE accounts SET label = COALESCE(?2, label), access_token = ?3,
                         refresh_token = CASE WHEN ?4 = '' THEN refresh_token ELSE ?4 END,
                         scope = ?5, token_type = ?6, access_expires_at = ?7,
-                        refresh_expires_at = ?8, next_refresh_at = ?9, status = ?10,
+                        refresh_expires_at = CASE WHEN ?4 = '' THEN COALESCE(?8, refresh_expires_at) ELSE ?8 END,
+                        next_refresh_at = ?9, status = ?10,
                         reauth_reason = ?11, reauth_flagged_at = ?12, failures = 0,
                         last_error = NULL, lease_owner = NULL, lease_expires_at = NULL,
                         generation = generation + 1, updated_at = ?13
@@ -614,16 +616,23 @@ pub fn mark_due(
         .map_err(sql_err("read account"))?
         .ok_or(StoreError::NotFound(id))?;
     let refreshable = matches!(status, Status::Active | Status::Expiring);
+    if status == Status::Disabled {
+        return Err(StoreError::Invalid(format!(
+            "account {id} is disabled by an admin: it is not refreshed"
+        )));
+    }
     if !refreshable && !force {
         return Err(StoreError::Invalid(format!(
             "account {id} is {status}: it is not refreshed automatically. Reconnect it, or pass --force to try its stored refresh token once more"
         )));
     }
+    // The lease is left alone: a daemon may be refreshing this account right now.
     tx.execute(
         "UPDATE accounts SET next_refresh_at = ?2, updated_at = ?2,
-            status = CASE WHEN status IN ('active', 'expiring') THEN status ELSE 'active' END,
-            reauth_reason = CASE WHEN status IN ('active', 'expiring') THEN reauth_reason ELSE NULL END,
-            reauth_flagged_at = CASE WHEN status IN ('active', 'expiring') THEN reauth_flagged_at ELSE NULL END
+            failures = CASE WHEN status = 'needs_reauth' THEN 0 ELSE failures END,
+            reauth_reason = CASE WHEN status = 'needs_reauth' THEN NULL ELSE reauth_reason END,
+            reauth_flagged_at = CASE WHEN status = 'needs_reauth' THEN NULL ELSE reauth_flagged_at END,
+            status = CASE WHEN status = 'needs_reauth' THEN 'active' ELSE status END
          WHERE id = ?1",
         params![id, now],
     )
