@@ -386,6 +386,18 @@ impl Config {
                 ),
             );
         }
+        // A refresh still in flight when the grace ends would be answered after the store
+        // closed: the provider's rotation would be lost.
+        if self.shutdown.grace < r.request_timeout + Duration::from_secs(5) {
+            bad(
+                "shutdown.grace",
+                format!(
+                    "must be at least refresh.request_timeout plus 5s ({}), got {}",
+                    humantime::format_duration(r.request_timeout + Duration::from_secs(5)),
+                    humantime::format_duration(self.shutdown.grace)
+                ),
+            );
+        }
         if self.store.path.as_os_str().is_empty() {
             bad("store.path", "must not be empty".into());
         }
@@ -541,6 +553,9 @@ fn describe_metadata(md: &figment::Metadata, key: &str, file: Option<&Path>) -> 
 
 /// Best-effort line of `key` (dotted) in a TOML file: figment keeps the file, not the line.
 fn find_line(path: &Path, key: &str) -> Option<usize> {
+    if key.is_empty() {
+        return None; // a syntax error: its message carries the line
+    }
     let text = std::fs::read_to_string(path).ok()?;
     let (table, leaf) = match key.rsplit_once('.') {
         Some((t, l)) => (t, l),
@@ -569,6 +584,44 @@ fn find_line(path: &Path, key: &str) -> Option<usize> {
     text.lines()
         .position(|l| l.trim().trim_matches(|c| c == '[' || c == ']').trim() == table)
         .map(|i| i + 1)
+}
+
+fn is_secret_key(leaf: &str) -> bool {
+    leaf == "client_secret"
+}
+
+/// figment's message, without echoing a secret value or the file's text (TOML syntax errors
+/// quote the offending line, which may hold a secret).
+fn error_message(kind: &figment::error::Kind, secret: bool) -> String {
+    use figment::error::{Actual, Kind};
+    let kind_of = |a: &Actual| match a {
+        Actual::Bool(_) => "a boolean",
+        Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+        Actual::Float(_) => "a float",
+        Actual::Char(_) | Actual::Str(_) => "a string",
+        Actual::Seq => "an array",
+        Actual::Map => "a table",
+        _ => "a value of another type",
+    };
+    match kind {
+        Kind::InvalidType(a, exp) if secret => {
+            format!("invalid type: found {}, expected {exp}", kind_of(a))
+        }
+        Kind::InvalidValue(a, exp) if secret => {
+            format!("invalid value: found {}, expected {exp}", kind_of(a))
+        }
+        Kind::Message(m) => m
+            .lines()
+            .filter(|l| {
+                let rest = l
+                    .trim_start()
+                    .trim_start_matches(|c: char| c.is_ascii_digit());
+                !l.trim().is_empty() && !rest.trim_start().starts_with('|')
+            })
+            .collect::<Vec<_>>()
+            .join(": "),
+        other => other.to_string(),
+    }
 }
 
 fn from_figment(err: figment::Error, file: Option<&Path>) -> ConfigError {
@@ -615,7 +668,7 @@ fn from_figment(err: figment::Error, file: Option<&Path>) -> ConfigError {
                 });
                 continue;
             }
-            other => other.to_string(),
+            other => error_message(other, e.path.last().is_some_and(|k| is_secret_key(k))),
         };
         out.push(ConfigError::Invalid {
             key: if key.is_empty() {

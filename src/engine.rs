@@ -160,8 +160,9 @@ impl Engine {
                 permits = Arc::new(Semaphore::new(settings.config.refresh.concurrency));
             }
             let first = tokio::select! {
-                p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                biased;
                 _ = shutdown.cancelled() => break,
+                p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
             };
             let cfg = &settings.config;
             let want = (1 + permits.available_permits()).min(cfg.refresh.batch);
@@ -215,7 +216,7 @@ impl Engine {
                 tokio::select! {
                     _ = self.clock.sleep_until_millis(deadline) => {}
                     _ = self.wake.notified() => {}
-                    _ = settings_rx.changed() => {}
+                    _ = async { if settings_rx.changed().await.is_err() { std::future::pending::<()>().await } } => {}
                     _ = shutdown.cancelled() => break,
                 }
                 continue;
@@ -314,12 +315,13 @@ impl Engine {
         };
         // Safe point: nothing has been sent yet, so shutdown may still give the lease back.
         tokio::select! {
-            _ = provider.ready() => {}
+            biased;
             _ = shutdown.cancelled() => {
                 let outcome = Outcome::Released { account_id: account.id, owner };
                 self.finish(&account, outcome, 0).await;
                 return;
             }
+            _ = provider.ready() => {}
         }
         let started = Instant::now();
         let result = provider.refresh(&account.refresh_token).await;

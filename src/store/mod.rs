@@ -525,7 +525,9 @@ impl Worker {
                 }
             };
             // Deferred rotations go first: nothing else should see the rows they update.
-            if !self.deferred.is_empty() && self.last_retry.elapsed() >= RETRY_BEFORE_JOB {
+            if !self.deferred.is_empty()
+                && (matches!(job, Job::Call(_)) || self.last_retry.elapsed() >= RETRY_BEFORE_JOB)
+            {
                 self.retry_deferred(conn);
             }
             match job {

@@ -1,1 +1,7 @@
+//! One integration-test binary (fast to build). Modules drive the library or the real
+//! binary against the sandbox provider (or wiremock) on loopback and a real SQLite file in
+//! a temp dir. Set TEST_LOG=1 to see the daemon's logs.
 
+mod cli;
+mod engine;
+mod helpers;
