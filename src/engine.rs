@@ -150,11 +150,14 @@ impl Engine {
         let mut settings = settings_rx.borrow_and_update().clone();
         let mut permits = Arc::new(Semaphore::new(settings.config.refresh.concurrency));
         let mut store_failures: u32 = 0;
+        // --once refreshes what was due when it started, each account once.
+        let started_at = self.clock.now();
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
-            if settings_rx.has_changed().unwrap_or(false) {
+            // Compared by pointer: the idle wait's `changed()` marks a new value as seen.
+            if !Arc::ptr_eq(&settings, &settings_rx.borrow()) {
                 settings = settings_rx.borrow_and_update().clone();
                 // In-flight refreshes keep their permits of the old semaphore.
                 permits = Arc::new(Semaphore::new(settings.config.refresh.concurrency));
@@ -166,7 +169,7 @@ impl Engine {
             };
             let cfg = &settings.config;
             let want = (1 + permits.available_permits()).min(cfg.refresh.batch);
-            let now = self.clock.now();
+            let now = if once { started_at } else { self.clock.now() };
             let claimed = match self
                 .store
                 .claim_due(&self.owner, now, cfg.store.lease, want)
@@ -234,10 +237,12 @@ impl Engine {
                 let this = self.clone();
                 let settings = settings.clone();
                 let shutdown = shutdown.clone();
+                let lease_until = now + cfg.store.lease.as_secs() as i64;
                 let span = tracing::info_span!("refresh", account = account.id, provider = %account.provider);
                 tracker.spawn(
                     async move {
-                        this.refresh_one(&settings, account, &shutdown).await;
+                        this.refresh_one(&settings, account, lease_until, &shutdown)
+                            .await;
                         drop(permit);
                         this.wake.notify_one();
                     }
@@ -258,11 +263,14 @@ impl Engine {
             "stopped claiming; finishing in-flight refreshes"
         );
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            // What is left was already sent: its answer may carry a rotated refresh token,
+            // so it is still awaited (each request is bounded by refresh.request_timeout).
             tracing::warn!(
                 event = "drain_timeout",
                 in_flight = tracker.len(),
-                "grace period over with refreshes still in flight; their leases expire on their own and they are retried"
+                "grace period over; still waiting for requests already sent to the provider"
             );
+            tracker.wait().await;
         }
         Ok(())
     }
@@ -273,6 +281,7 @@ impl Engine {
         &self,
         settings: &Settings,
         account: Account,
+        lease_until: i64,
         shutdown: &CancellationToken,
     ) {
         let cfg = &settings.config;
@@ -322,6 +331,23 @@ impl Engine {
                 return;
             }
             _ = provider.ready() => {}
+        }
+        // The rate limit may have kept us waiting: never send with a lease that could expire
+        // before the answer is stored, or another process could refresh the account too.
+        let needed =
+            (cfg.refresh.request_timeout + std::time::Duration::from_secs(5)).as_secs() as i64;
+        if self.clock.now() + needed > lease_until {
+            tracing::debug!(
+                event = "lease_too_short",
+                account = account.id,
+                "lease would expire during the request; giving it back"
+            );
+            let outcome = Outcome::Released {
+                account_id: account.id,
+                owner,
+            };
+            self.finish(&account, outcome, 0).await;
+            return;
         }
         let started = Instant::now();
         let result = provider.refresh(&account.refresh_token).await;
@@ -427,6 +453,10 @@ impl Engine {
     async fn finish(&self, account: &Account, outcome: Outcome, duration_ms: i64) {
         let id = account.id;
         let provider = account.provider.as_str();
+        // Progress for the watchdog, also while the loop itself waits for permits.
+        self.stats
+            .heartbeat
+            .store(self.clock.now(), Ordering::Relaxed);
         let recorded = self.store.record(outcome.clone()).await;
         let s = &self.stats;
         let inc = |c: &AtomicU64| {

@@ -53,16 +53,9 @@ struct Line {
 }
 
 fn secs(v: &Value, field: &str) -> Result<i64, String> {
-    let n = match v {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    };
-    match n {
-        Some(n) if n >= 0 => Ok(n),
-        Some(n) => Err(format!("`{field}` must not be negative, got {n}")),
-        None => Err(format!("`{field}` must be a whole number of seconds")),
-    }
+    // The same bounds as a provider's answer: a whole number of seconds up to 10 years.
+    crate::provider::tiktok::seconds(Some(v), field)?
+        .ok_or_else(|| format!("`{field}` must be a whole number of seconds"))
 }
 
 fn obtained_at(v: &Value, now: i64) -> Result<i64, String> {
@@ -317,6 +310,14 @@ mod tests {
         assert_eq!(p(&l).unwrap()[0].obtained_at, 1_000_000);
         let l = GOOD.replace("\"provider\"", "\"obtained_at\":9999999999,\"provider\"");
         assert!(p(&l).unwrap_err().problems[0].1.contains("future"));
+    }
+
+    #[test]
+    fn absurd_lifetime_rejected_without_overflow() {
+        let e = p(&GOOD.replace("86400", "9223372036854775807")).unwrap_err();
+        assert!(e.problems[0].1.contains("expires_in"), "{:?}", e.problems);
+        let e = p(&GOOD.replace("86400", "-5")).unwrap_err();
+        assert!(e.problems[0].1.contains("expires_in"), "{:?}", e.problems);
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub async fn sweep(
     Ok(report)
 }
 
+/// Most ids listed per status in the digest event.
+const DIGEST_IDS: usize = 1000;
+
 /// One event listing every account that needs a human (count and ids).
 pub async fn digest(store: &Store) -> Result<usize, StoreError> {
     let flagged = store.flagged_ids().await?;
@@ -72,7 +75,19 @@ pub async fn digest(store: &Store) -> Result<usize, StoreError> {
         .filter(|(_, s)| *s == crate::model::Status::Expiring)
         .map(|(id, _)| *id)
         .collect();
-    let ids = |v: &[i64]| v.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    // The first ids only: a log line must stay readable with a million flagged accounts.
+    let ids = |v: &[i64]| {
+        let mut s = v
+            .iter()
+            .take(DIGEST_IDS)
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        if v.len() > DIGEST_IDS {
+            s.push_str(&format!(",… ({} more)", v.len() - DIGEST_IDS));
+        }
+        s
+    };
     if flagged.is_empty() {
         tracing::info!(
             event = "reauth_digest",

@@ -35,9 +35,12 @@ struct ErrorBody {
 }
 
 /// Longest lifetime we believe (10 years): anything longer is a broken answer.
-const MAX_LIFETIME: i64 = 10 * 365 * 86_400;
+pub const MAX_LIFETIME: i64 = 10 * 365 * 86_400;
+/// Access-token lifetime assumed when a rotating answer gives no usable one.
+const FALLBACK_LIFETIME: i64 = 600;
 
-fn seconds(v: Option<&Value>, field: &str) -> Result<Option<i64>, String> {
+/// A lifetime in seconds: a whole number (or numeric string) in `0..=MAX_LIFETIME`.
+pub fn seconds(v: Option<&Value>, field: &str) -> Result<Option<i64>, String> {
     let n = match v {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Number(n)) => n.as_i64(),
@@ -104,13 +107,14 @@ pub fn parse_response(
             _ => None,
         })
     {
+        let code = sanitize(&code, 64);
         let mut message = code.clone();
         if let Some(d) = e.error_description.filter(|d| !d.is_empty()) {
             message.push_str(": ");
             message.push_str(&d.chars().take(300).collect::<String>());
         }
         if let Some(id) = e.log_id.filter(|l| !l.is_empty()) {
-            message.push_str(&format!(" (log_id {id})"));
+            message.push_str(&format!(" (log_id {})", sanitize(&id, 64)));
         }
         message.push_str(&format!(" [HTTP {http_status}]"));
         return Err(fail(classify_error(&code, http_status), message));
@@ -158,32 +162,65 @@ pub fn parse_response(
     };
     let access_token = string(obj.get("access_token"))
         .ok_or_else(|| malformed("`access_token` missing or empty".into()))?;
-    let expires_in = seconds(obj.get("expires_in"), "expires_in")
-        .map_err(malformed)?
-        .ok_or_else(|| malformed("`expires_in` missing".into()))?;
-    if expires_in == 0 {
-        return Err(malformed(
-            "`expires_in` is 0: the new token is already expired".into(),
-        ));
-    }
-    let refresh_expires_in =
-        seconds(obj.get("refresh_expires_in"), "refresh_expires_in").map_err(malformed)?;
+    let refresh_token = string(obj.get("refresh_token"));
+    // A new refresh token means the provider may already have retired the old one: such an
+    // answer is stored even when other fields are broken, with a short lifetime so the
+    // account is refreshed again soon. Without one, a broken answer is simply retried.
+    let tolerate = |problem: String| -> Result<(), ProviderFailure> {
+        if refresh_token.is_some() {
+            tracing::warn!(event = "malformed_token_response", problem = %problem,
+                "storing the rotated refresh token anyway; the account is refreshed again soon");
+            Ok(())
+        } else {
+            Err(malformed(problem))
+        }
+    };
+    let expires_in = match seconds(obj.get("expires_in"), "expires_in") {
+        Ok(Some(n)) if n > 0 => n,
+        Ok(Some(_)) => {
+            tolerate("`expires_in` is 0: the new token is already expired".into())?;
+            FALLBACK_LIFETIME
+        }
+        Ok(None) => {
+            tolerate("`expires_in` missing".into())?;
+            FALLBACK_LIFETIME
+        }
+        Err(m) => {
+            tolerate(m)?;
+            FALLBACK_LIFETIME
+        }
+    };
+    let refresh_expires_in = match seconds(obj.get("refresh_expires_in"), "refresh_expires_in") {
+        Ok(v) => v,
+        Err(m) => {
+            tolerate(m)?;
+            None
+        }
+    };
     let token_type = string(obj.get("token_type")).unwrap_or_else(|| "Bearer".into());
     if !token_type.eq_ignore_ascii_case("bearer") {
-        return Err(malformed(format!(
+        tolerate(format!(
             "unsupported token_type {:?} (expected Bearer)",
             token_type.chars().take(40).collect::<String>()
-        )));
+        ))?;
     }
     Ok(TokenSet {
         access_token: SecretString::from(access_token),
-        refresh_token: string(obj.get("refresh_token")).map(SecretString::from),
+        refresh_token: refresh_token.map(SecretString::from),
         expires_in,
         refresh_expires_in,
         subject: string(obj.get("open_id")),
         scope: string(obj.get("scope")),
         token_type: "Bearer".into(),
     })
+}
+
+/// Provider-chosen identifiers end up in logs and the store: keep them short and plain.
+fn sanitize(s: &str, max: usize) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
+        .take(max)
+        .collect()
 }
 
 /// Describes a body for an error message without quoting it: a body may hold tokens.
@@ -292,6 +329,36 @@ mod tests {
             assert_eq!(f.class, FailureClass::Transient, "{body}");
             assert!(!f.message.contains("LEAK"), "{}", f.message);
         }
+    }
+
+    #[test]
+    fn broken_answer_with_a_new_refresh_token_is_still_stored() {
+        for body in [
+            r#"{"access_token":"a","refresh_token":"rft.NEW","expires_in":0}"#,
+            r#"{"access_token":"a","refresh_token":"rft.NEW","expires_in":"soon"}"#,
+            r#"{"access_token":"a","refresh_token":"rft.NEW"}"#,
+            r#"{"access_token":"a","refresh_token":"rft.NEW","expires_in":60,"refresh_expires_in":-1}"#,
+            r#"{"access_token":"a","refresh_token":"rft.NEW","expires_in":60,"token_type":"MAC"}"#,
+        ] {
+            let t = ok(body);
+            assert_eq!(
+                t.refresh_token.unwrap().expose_secret(),
+                "rft.NEW",
+                "{body}"
+            );
+            assert!(t.expires_in > 0 && t.expires_in <= 600, "{body}");
+        }
+    }
+
+    #[test]
+    fn provider_identifiers_are_sanitized() {
+        let long = "x".repeat(500);
+        let f = err(
+            400,
+            &format!(r#"{{"error":"invalid_grant","log_id":"{long}\n<script>"}}"#),
+        );
+        assert!(f.message.len() < 200, "{}", f.message);
+        assert!(!f.message.contains('<') && !f.message.contains('\n'));
     }
 
     #[test]

@@ -33,7 +33,9 @@ CREATE TABLE accounts (
     updated_at         INTEGER NOT NULL,
     UNIQUE (provider, subject)
 );
--- The table is the queue: only refreshable rows are indexed by due time.
+-- The table is the queue: only refreshable rows are indexed by due time. The claim,
+-- next-due and sweep queries name their index (INDEXED BY): without statistics the planner
+-- would pick accounts_status and sort every active row.
 CREATE INDEX accounts_due ON accounts (next_refresh_at) WHERE status IN ('active', 'expiring');
 CREATE INDEX accounts_status ON accounts (status, provider);
 CREATE INDEX accounts_refresh_expiry ON accounts (refresh_expires_at)

@@ -85,7 +85,7 @@ pub fn claim_due(
     let sql = format!(
         "UPDATE accounts SET lease_owner = ?1, lease_expires_at = ?2
          WHERE id IN (
-             SELECT id FROM accounts
+             SELECT id FROM accounts INDEXED BY accounts_due
              WHERE status IN ('active', 'expiring') AND next_refresh_at <= ?3
                AND (lease_owner IS NULL OR lease_expires_at <= ?3)
              ORDER BY next_refresh_at
@@ -114,7 +114,7 @@ pub fn claim_due(
 pub fn next_due(conn: &Connection, now: i64) -> Result<Option<i64>, StoreError> {
     let due: Option<i64> = conn
         .prepare_cached(
-            "SELECT next_refresh_at FROM accounts
+            "SELECT next_refresh_at FROM accounts INDEXED BY accounts_due
              WHERE status IN ('active', 'expiring')
                AND (lease_owner IS NULL OR lease_expires_at <= ?1)
              ORDER BY next_refresh_at LIMIT 1",
@@ -536,7 +536,8 @@ pub fn sweep(tx: &Transaction<'_>, now: i64, window_end: i64) -> Result<SweepRep
     let expired: Vec<AccountSummary> = {
         let mut s = tx
             .prepare_cached(&format!(
-                "UPDATE accounts SET status = 'needs_reauth', reauth_reason = 'refresh_token_expired',
+                "UPDATE accounts INDEXED BY accounts_refresh_expiry
+                    SET status = 'needs_reauth', reauth_reason = 'refresh_token_expired',
                     reauth_flagged_at = ?1, updated_at = ?1
                  WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
                    AND refresh_expires_at <= ?1
@@ -550,10 +551,11 @@ pub fn sweep(tx: &Transaction<'_>, now: i64, window_end: i64) -> Result<SweepRep
     let expiring: Vec<AccountSummary> = {
         let mut s = tx
             .prepare_cached(&format!(
-                "UPDATE accounts SET status = 'expiring', reauth_reason = 'refresh_token_expiring',
+                "UPDATE accounts INDEXED BY accounts_refresh_expiry
+                    SET status = 'expiring', reauth_reason = 'refresh_token_expiring',
                     reauth_flagged_at = ?1, updated_at = ?1
-                 WHERE status = 'active' AND refresh_expires_at IS NOT NULL
-                   AND refresh_expires_at <= ?2
+                 WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
+                   AND status = 'active' AND refresh_expires_at <= ?2
                  RETURNING {SUMMARY_COLUMNS}"
             ))
             .map_err(sql_err("sweep expiring refresh tokens"))?;
@@ -597,8 +599,21 @@ pub fn flagged_ids(conn: &Connection) -> Result<Vec<(i64, Status)>, StoreError> 
 }
 
 pub fn prune_log(conn: &Connection, before: i64) -> Result<usize, StoreError> {
-    conn.execute("DELETE FROM refresh_log WHERE at < ?1", [before])
-        .map_err(sql_err("prune refresh log"))
+    // In chunks, so a large backlog never holds the write lock for long.
+    let mut total = 0;
+    loop {
+        let n = conn
+            .prepare_cached(
+                "DELETE FROM refresh_log WHERE id IN
+                    (SELECT id FROM refresh_log WHERE at < ?1 LIMIT 10000)",
+            )
+            .and_then(|mut s| s.execute([before]))
+            .map_err(sql_err("prune refresh log"))?;
+        total += n;
+        if n < 10_000 {
+            return Ok(total);
+        }
+    }
 }
 
 /// Makes an account due now (`accounts refresh`). `force` also lifts a reauth flag.
