@@ -1399,3 +1399,57 @@ async fn idle_engine_does_not_spin_when_no_reload_can_come() {
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// SIGHUP's new settings reach an idle engine every time: the idle wait used to mark a new
+/// value as seen, and the loop then kept the old settings about half the time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_reaches_an_idle_engine_every_time() {
+    for round in 0..6 {
+        let app = TestApp::start(SandboxConfig::default()).await;
+        let good = config_with(&app, &app.sandbox.token_url(), &[]);
+        let bad = config_with(
+            &app,
+            &app.sandbox.token_url(),
+            &[("providers.tiktok", "client_secret", "wrong-secret".into())],
+        );
+        let store = app.store().await;
+        let id = app.import(&store, &good, &["reloaded"], None).await[0];
+        let (engine, tx) = engine(&store, &app.clock, &bad);
+        let token = CancellationToken::new();
+        let task = tokio::spawn({
+            let (engine, token) = (engine.clone(), token.clone());
+            async move { engine.run(token).await }
+        });
+        // Let the engine go idle (nothing is due), then reload with the right secret.
+        assert!(
+            helpers::eventually(5, || async {
+                engine
+                    .stats()
+                    .heartbeat
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 0
+            })
+            .await
+        );
+        tx.send_replace(Arc::new(Settings::new(good.clone()).expect("providers")));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let before = account(&store, id).await;
+        app.clock.set(before.next_refresh_at);
+        engine.waker().notify_one();
+        assert!(
+            helpers::eventually(5, || async {
+                account(&store, id).await.generation > before.generation
+            })
+            .await,
+            "round {round}: the account was not rotated with the reloaded credentials: {:?}",
+            account(&store, id).await.last_error
+        );
+        assert_eq!(
+            app.sandbox.stats().client_rejected,
+            0,
+            "round {round}: old secret used"
+        );
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
+}
