@@ -7,7 +7,7 @@ use refreshd::clock::{Clock, rfc3339};
 use refreshd::config::Config;
 use refreshd::lifecycle::{self, RunOptions};
 use refreshd::model::Status;
-use refreshd::store::{ListFilter, Store, StoreOptions};
+use refreshd::store::{ListFilter, Store};
 use refreshd::{demo, import, telemetry};
 use std::io::Read;
 use std::path::PathBuf;
@@ -158,9 +158,13 @@ fn load_config(cli: &Cli) -> Result<Config> {
     Ok(Config::load(cli.config.as_deref())?)
 }
 
-/// For commands that read an existing store: a typo in store.path must not create an
-/// empty database and report "no accounts".
-async fn open_existing(config: &Config) -> Result<Store> {
+/// For commands that only read: no migration, no recovery replay (the daemon's job).
+async fn open_read_only(config: &Config) -> Result<Store> {
+    ensure_exists(config)?;
+    Ok(Store::open_read_only(lifecycle::store_options(config)).await?)
+}
+
+fn ensure_exists(config: &Config) -> Result<()> {
     let path = &config.store.path;
     if !path.exists() {
         bail!(
@@ -168,6 +172,13 @@ async fn open_existing(config: &Config) -> Result<Store> {
             path.display()
         );
     }
+    Ok(())
+}
+
+/// For commands that change an existing store: a typo in store.path must not create an
+/// empty database and report "no accounts".
+async fn open_existing(config: &Config) -> Result<Store> {
+    ensure_exists(config)?;
     Ok(Store::open(lifecycle::store_options(config)).await?)
 }
 
@@ -278,12 +289,7 @@ async fn check(cli: &Cli) -> Result<u8> {
     }
     let path = &config.store.path;
     if path.exists() {
-        match Store::open(StoreOptions {
-            path: path.clone(),
-            busy_timeout: config.store.busy_timeout,
-        })
-        .await
-        {
+        match Store::open_read_only(lifecycle::store_options(&config)).await {
             Ok(store) => {
                 let counts = store.counts().await?;
                 let total: i64 = counts.iter().map(|(_, _, n)| n).sum();
@@ -322,7 +328,7 @@ async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
             needs_reauth,
             json,
         } => {
-            let store = open_existing(config).await?;
+            let store = open_read_only(config).await?;
             let filter = ListFilter {
                 provider: provider.clone(),
                 status: *status,
@@ -377,7 +383,7 @@ async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
             Ok(exit::OK)
         }
         AccountsCommand::Show { id, json, log } => {
-            let store = open_existing(config).await?;
+            let store = open_read_only(config).await?;
             let Some(a) = store.get(*id).await? else {
                 bail!("no account with id {id} (see `refreshd accounts list`)");
             };

@@ -296,13 +296,28 @@ impl Store {
     /// Opens (creating if needed) the database, applies migrations, replays the recovery
     /// file, and starts the worker thread.
     pub async fn open(opts: StoreOptions) -> Result<Store, StoreError> {
+        Self::start(opts, false).await
+    }
+
+    /// Opens an existing database for reading only (`accounts list/show`, `check`): no
+    /// migration, no replay of the recovery file, which belongs to the daemon.
+    pub async fn open_read_only(opts: StoreOptions) -> Result<Store, StoreError> {
+        Self::start(opts, true).await
+    }
+
+    async fn start(opts: StoreOptions, read_only: bool) -> Result<Store, StoreError> {
         let (tx, rx) = std_mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = oneshot::channel();
         let path = opts.path.clone();
         std::thread::Builder::new()
             .name("refreshd-store".into())
             .spawn(move || {
-                let mut conn = match Self::prepare(&opts) {
+                let prepared = if read_only {
+                    Self::prepare_read_only(&opts)
+                } else {
+                    Self::prepare(&opts)
+                };
+                let mut conn = match prepared {
                     Ok(c) => {
                         let _ = ready_tx.send(Ok(()));
                         c
@@ -330,6 +345,30 @@ impl Store {
             source,
         })?;
         recovery::replay(&mut conn, &recovery_path(&opts.path))?;
+        Ok(conn)
+    }
+
+    fn prepare_read_only(opts: &StoreOptions) -> Result<Connection, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: opts.path.clone(),
+            source,
+        };
+        let conn = Connection::open_with_flags(
+            &opts.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(open_err)?;
+        conn.busy_timeout(opts.busy_timeout).map_err(open_err)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if version != schema::MIGRATIONS.len() as i64 {
+            return Err(StoreError::Invalid(format!(
+                "database {} has schema version {version}, this refreshd uses {}: run `refreshd run` (or `refreshd accounts import`) once to migrate it",
+                opts.path.display(),
+                schema::MIGRATIONS.len()
+            )));
+        }
         Ok(conn)
     }
 

@@ -1320,3 +1320,45 @@ async fn mark_due_never_reenables_a_disabled_account() {
         assert_eq!(get(&store, id).await.status, Status::Disabled);
     }
 }
+
+#[tokio::test]
+async fn read_only_open_leaves_the_recovery_file_and_refuses_writes() {
+    let (dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "ro", NOW)]).await[0];
+    store.close().await;
+    let opts = options(&dir);
+    let recovery = recovery_path(&opts.path);
+    std::fs::write(&recovery, "the daemon's, not ours\n").unwrap();
+
+    let ro = Store::open_read_only(opts.clone()).await.unwrap();
+    assert_eq!(ro.get(id).await.unwrap().unwrap().subject, "ro");
+    assert!(
+        recovery.exists(),
+        "a read-only open must not replay or remove it"
+    );
+    let write = ro
+        .call(|c| {
+            c.execute("UPDATE accounts SET label = 'x'", [])
+                .map_err(|source| StoreError::Sqlite {
+                    context: "test write",
+                    source,
+                })
+        })
+        .await;
+    assert!(write.is_err(), "writes must fail on a read-only store");
+}
+
+#[tokio::test]
+async fn read_only_open_of_an_unmigrated_database_says_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(&dir);
+    rusqlite::Connection::open(&opts.path)
+        .unwrap()
+        .execute_batch("CREATE TABLE t (x INTEGER)")
+        .unwrap();
+    let err = Store::open_read_only(opts).await.unwrap_err().to_string();
+    assert!(
+        err.contains("schema version 0") && err.contains("refreshd run"),
+        "{err}"
+    );
+}
