@@ -217,13 +217,36 @@ pub fn upsert(
 ) -> Result<Vec<(i64, bool)>, StoreError> {
     let mut out = Vec::with_capacity(accounts.len());
     for a in accounts {
-        let existing: Option<i64> = tx
-            .prepare_cached("SELECT id FROM accounts WHERE provider = ?1 AND subject = ?2")
+        let existing: Option<(i64, Option<i64>, Option<i64>)> = tx
+            .prepare_cached(
+                "SELECT id, lease_expires_at, last_refreshed_at FROM accounts
+                 WHERE provider = ?1 AND subject = ?2",
+            )
             .and_then(|mut s| {
-                s.query_row([&a.provider, &a.subject], |r| r.get(0))
-                    .optional()
+                s.query_row([&a.provider, &a.subject], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()
             })
             .map_err(sql_err("look up account for import"))?;
+        if let Some((id, lease_expires_at, last_refreshed_at)) = existing {
+            // Replacing tokens under a refresh in flight would make that refresh's rotation
+            // "superseded" and drop it: the provider may already have retired our token.
+            if lease_expires_at.is_some_and(|t| t > now) {
+                return Err(StoreError::Invalid(format!(
+                    "account {id} ({}/{}) is being refreshed right now; nothing imported, try again in a minute",
+                    a.provider, a.subject
+                )));
+            }
+            // An old export must not overwrite tokens refreshd rotated since.
+            if last_refreshed_at.is_some_and(|t| t > a.obtained_at) {
+                return Err(StoreError::Invalid(format!(
+                    "account {id} ({}/{}) was refreshed after these tokens were obtained (obtained_at is older than its last refresh); nothing imported: drop that line or give a newer token response",
+                    a.provider, a.subject
+                )));
+            }
+        }
+        let existing = existing.map(|(id, _, _)| id);
         let refresh_token = a
             .tokens
             .refresh_token

@@ -271,7 +271,7 @@ async fn upsert_inserts_then_updates_by_provider_and_subject() {
 }
 
 #[tokio::test]
-async fn upsert_clears_lease_and_failures() {
+async fn upsert_refused_under_a_live_lease_then_clears_lease_and_failures() {
     let (_dir, store) = temp_store().await;
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
     store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
@@ -279,8 +279,17 @@ async fn upsert_clears_lease_and_failures() {
     store.claim_due(OWNER, NOW + 30, LEASE, 10).await.unwrap();
     assert_eq!(lease(&store, id).await.0.as_deref(), Some(OWNER));
 
-    store
+    // A refresh may be in flight: its rotation must not be superseded by an import.
+    let err = store
         .upsert(vec![new_account("tiktok", "u1", NOW)], NOW + 31)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("being refreshed"), "{err}");
+    assert_eq!(lease(&store, id).await.0.as_deref(), Some(OWNER));
+
+    // Once the lease has run out (its holder died), the import goes through.
+    store
+        .upsert(vec![new_account("tiktok", "u1", NOW)], NOW + 30 + 61)
         .await
         .unwrap();
     let a = get(&store, id).await;
@@ -490,14 +499,14 @@ async fn rotated_is_superseded_when_generation_moved() {
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
     let claimed = store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
     assert_eq!(claimed[0].generation, 0);
-    // Meanwhile the account is re-imported.
+    // Meanwhile (our lease having run out) the account is re-imported.
     let mut reimport = new_account("tiktok", "u1", NOW + 500);
     reimport.tokens = tokens("at-import", Some("rt-import"));
-    store.upsert(vec![reimport], NOW + 1).await.unwrap();
+    store.upsert(vec![reimport], NOW + 61).await.unwrap();
     let before = get(&store, id).await;
 
     let r = store
-        .record(rotated(id, 0, "at-stale", Some("rt-stale"), NOW + 2))
+        .record(rotated(id, 0, "at-stale", Some("rt-stale"), NOW + 62))
         .await
         .unwrap();
     assert_eq!(r, Recorded::Superseded);
@@ -1360,5 +1369,25 @@ async fn read_only_open_of_an_unmigrated_database_says_what_to_do() {
     assert!(
         err.contains("schema version 0") && err.contains("refreshd run"),
         "{err}"
+    );
+}
+
+#[tokio::test]
+async fn upsert_refuses_tokens_older_than_the_last_refresh() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    store
+        .record(rotated(id, 0, "at-new", Some("rt-new"), NOW + 100))
+        .await
+        .unwrap();
+    // An export taken before that rotation.
+    let mut old = new_account("tiktok", "u1", NOW);
+    old.obtained_at = NOW + 50;
+    let err = store.upsert(vec![old], NOW + 200).await.unwrap_err();
+    assert!(err.to_string().contains("refreshed after"), "{err}");
+    assert_eq!(
+        get(&store, id).await.refresh_token.expose_secret(),
+        "rt-new"
     );
 }
