@@ -346,11 +346,13 @@ pub struct CallbackListener {
     path: String,
 }
 
-/// What arrived on the redirect path.
-pub struct Callback {
+/// The browser's open connection, to answer once the outcome is known.
+pub struct CallbackReply {
     stream: TcpStream,
-    pub result: Result<(SecretString, Option<String>), ConnectError>,
 }
+
+/// What the callback carried: the code and the granted scopes, or why not.
+pub type CallbackResult = Result<(SecretString, Option<String>), ConnectError>;
 
 /// Checks a redirect URI is on loopback and returns it parsed.
 pub fn loopback_redirect(name: &str, p: &ProviderConfig) -> Result<url::Url, ConnectError> {
@@ -396,12 +398,13 @@ impl CallbackListener {
 
     /// Waits for the callback on the redirect path, answering anything else with 404.
     /// Checks `state` in constant time and turns `error` into `Denied`. The code and the
-    /// granted scopes come back in `result`; answer the browser with [`Callback::respond`].
+    /// granted scopes come back with the browser's connection; answer it with
+    /// [`CallbackReply::respond`].
     pub async fn accept(
         &self,
         expected_state: &str,
         timeout: Duration,
-    ) -> Result<Callback, ConnectError> {
+    ) -> Result<(CallbackReply, CallbackResult), ConnectError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let (mut stream, _) = tokio::time::timeout_at(deadline, self.listener.accept())
@@ -418,12 +421,12 @@ impl CallbackListener {
                 continue;
             }
             let result = parse_callback(query, expected_state);
-            return Ok(Callback { stream, result });
+            return Ok((CallbackReply { stream }, result));
         }
     }
 }
 
-impl Callback {
+impl CallbackReply {
     /// Answers the browser with a short HTML page.
     pub async fn respond(mut self, ok: bool, message: &str) {
         let status = if ok { "200 OK" } else { "400 Bad Request" };
