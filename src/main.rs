@@ -769,6 +769,7 @@ async fn sandbox(listen: std::net::SocketAddr) -> Result<u8> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     println!("sandbox token endpoint: {}", sb.token_url());
+    println!("sandbox authorization page: {}", sb.authorize_url());
     println!(
         "client_key = \"sandbox-client-key\", client_secret = \"sandbox-client-secret\"; Ctrl-C stops it"
     );
