@@ -6,7 +6,7 @@
 use crate::config::{Config, ProviderConfig};
 use crate::model::{ReauthReason, Status, TokenSet};
 use crate::policy::{self, RefreshTokenState};
-use crate::provider::{Provider, ProviderFailure};
+use crate::provider::{FailureClass, Provider, ProviderFailure};
 use crate::store::{NewAccount, Store, StoreError};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -60,11 +60,12 @@ pub enum ConnectError {
     },
     #[error("the callback carries no `code`: nothing to exchange")]
     NoCode,
-    #[error("the code exchange with provider {provider} failed: {failure}")]
+    #[error("the code exchange with provider {provider} failed: {failure}; {hint}")]
     Exchange {
         provider: String,
         #[source]
         failure: ProviderFailure,
+        hint: &'static str,
     },
     #[error(
         "account {id} is {have_provider}/{have_subject}, but the login was {provider}/{subject}: nothing was written. Log in as the account's user, or leave out --account to add a new account"
@@ -319,11 +320,27 @@ pub async fn exchange_and_store(
         .await
         .map_err(|failure| ConnectError::Exchange {
             provider: req.provider.to_string(),
+            hint: exchange_hint(failure.class),
             failure,
         })?;
     let at = now();
     let account = new_account(req.provider, tokens, req.label, at, config)?;
     store_account(store, account, req.account, at).await
+}
+
+/// What to do after a failed code exchange.
+fn exchange_hint(class: FailureClass) -> &'static str {
+    match class {
+        FailureClass::Rejected(_) => {
+            "authorization codes are single use, short-lived and bound to the redirect_uri (and PKCE verifier) of their request: start over with a fresh authorization"
+        }
+        FailureClass::Config => {
+            "check client_key, client_secret, redirect_uri (exactly as registered) and the scopes of the app in the provider's developer portal"
+        }
+        FailureClass::Transient => {
+            "the provider or the network failed for now: start over with a fresh authorization in a moment"
+        }
+    }
 }
 
 /// The enabled provider config named `name`.
@@ -339,6 +356,9 @@ pub fn enabled_provider<'a>(
             provider: name.to_string(),
         })
 }
+
+/// How long one connection to the callback listener may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The loopback listener `refreshd connect` waits on for exactly one callback.
 pub struct CallbackListener {
@@ -396,6 +416,11 @@ impl CallbackListener {
         })
     }
 
+    /// The address actually bound.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
     /// Waits for the callback on the redirect path, answering anything else with 404.
     /// Checks `state` in constant time and turns `error` into `Denied`. The code and the
     /// granted scopes come back with the browser's connection; answer it with
@@ -410,9 +435,11 @@ impl CallbackListener {
             let (mut stream, _) = tokio::time::timeout_at(deadline, self.listener.accept())
                 .await
                 .map_err(|_| ConnectError::Timeout(timeout))??;
-            let target = match tokio::time::timeout_at(deadline, read_target(&mut stream)).await {
-                Err(_) => return Err(ConnectError::Timeout(timeout)),
-                Ok(Err(_)) | Ok(Ok(None)) => continue,
+            // A connection that sends nothing must not hold the one callback slot.
+            let read_by = deadline.min(tokio::time::Instant::now() + READ_TIMEOUT);
+            let target = match tokio::time::timeout_at(read_by, read_target(&mut stream)).await {
+                Err(_) if read_by == deadline => return Err(ConnectError::Timeout(timeout)),
+                Err(_) | Ok(Err(_)) | Ok(Ok(None)) => continue,
                 Ok(Ok(Some(t))) => t,
             };
             let (path, query) = target.split_once('?').unwrap_or((&target, ""));
@@ -669,5 +696,51 @@ mod tests {
         let mut no_id = tokens;
         no_id.subject = None;
         assert!(new_account("tiktok", no_id, None, 1000, &c).is_err());
+    }
+
+    #[tokio::test]
+    async fn listener_skips_other_paths_and_answers_the_callback() {
+        let redirect = url::Url::parse("http://127.0.0.1:0/callback").unwrap();
+        let l = CallbackListener::bind(&redirect).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let browser = tokio::spawn(async move {
+            let get = |path: &'static str| async move {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                    .await
+                    .unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).await.unwrap();
+                out
+            };
+            let favicon = get("/favicon.ico").await;
+            let page = get("/callback?code=c1&scopes=a&state=S").await;
+            (favicon, page)
+        });
+        let (reply, result) = l.accept("S", Duration::from_secs(10)).await.unwrap();
+        let (code, scopes) = result.unwrap();
+        assert_eq!(code.expose_secret(), "c1");
+        assert_eq!(scopes.as_deref(), Some("a"));
+        reply.respond(true, "Connected <you>.").await;
+        let (favicon, page) = browser.await.unwrap();
+        assert!(favicon.starts_with("HTTP/1.1 404"), "{favicon}");
+        assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+        assert!(page.contains("Connected &lt;you&gt;."), "{page}");
+    }
+
+    #[tokio::test]
+    async fn listener_times_out() {
+        let redirect = url::Url::parse("http://127.0.0.1:0/callback").unwrap();
+        let l = CallbackListener::bind(&redirect).await.unwrap();
+        let e = l
+            .accept("S", Duration::from_millis(50))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string()
+                .contains("no authorization arrived within 50ms"),
+            "{e}"
+        );
     }
 }

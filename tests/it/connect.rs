@@ -42,11 +42,14 @@ fn free_port() -> u16 {
 
 impl World {
     async fn start() -> World {
+        Self::start_with(&format!("http://127.0.0.1:{}/callback", free_port())).await
+    }
+
+    async fn start_with(redirect_uri: &str) -> World {
         let app = TestApp::start(SandboxConfig::default()).await;
         let extra = format!(
-            "authorize_url = {:?}\nredirect_uri = \"http://127.0.0.1:{}/callback\"\nscopes = [\"user.info.basic\", \"video.list\"]\n",
+            "authorize_url = {:?}\nredirect_uri = {redirect_uri:?}\nscopes = [\"user.info.basic\", \"video.list\"]\n",
             app.sandbox.authorize_url(),
-            free_port()
         );
         let config = app.config_path(&extra);
         World { app, config }
@@ -338,6 +341,7 @@ async fn exchange_with_a_bad_code_names_invalid_grant() {
         .await;
     assert_ne!(out.code, Some(0), "{out:#?}");
     assert!(out.stderr.contains("invalid_grant"), "{out:#?}");
+    assert!(out.stderr.contains("start over"), "{out:#?}");
     assert!(!out.all().contains("code.not-issued"), "{out:#?}");
 }
 
@@ -373,4 +377,26 @@ async fn authorize_url_then_exchange() {
     assert_eq!(out.code, Some(0), "{out:#?}");
     assert!(out.stdout.contains("open_id u-manual"), "{out:#?}");
     assert!(!out.all().contains(&code));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_times_out_with_a_clear_message() {
+    let w = World::start().await;
+    let out = w.cli(&["connect", "tiktok", "--timeout", "300ms"]).await;
+    assert_ne!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stderr.contains("no authorization arrived within 300ms"),
+        "{out:#?}"
+    );
+    assert_eq!(w.app.sandbox.stats().codes_issued, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_needs_a_loopback_redirect_uri() {
+    let w = World::start_with("https://app.example.com/tiktok/callback").await;
+    let out = w.cli(&["connect", "tiktok"]).await;
+    assert_ne!(out.code, Some(0), "{out:#?}");
+    assert!(out.stderr.contains("not on loopback"), "{out:#?}");
+    assert!(out.stderr.contains("daemon's server"), "{out:#?}");
+    assert!(out.stderr.contains("authorize-url"), "{out:#?}");
 }
