@@ -7,7 +7,7 @@ use crate::config::{Config, ProviderConfig};
 use crate::model::{ReauthReason, Status, TokenSet};
 use crate::policy::{self, RefreshTokenState};
 use crate::provider::{FailureClass, Provider, ProviderFailure};
-use crate::store::{NewAccount, Store, StoreError};
+use crate::store::{NewAccount, Store, StoreError, sqlite};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore;
@@ -260,19 +260,39 @@ pub async fn store_account(
     expect_id: Option<i64>,
     now: i64,
 ) -> Result<Connected, ConnectError> {
-    if let Some(id) = expect_id {
-        let existing = store.get(id).await?.ok_or(StoreError::NotFound(id))?;
-        if existing.provider != account.provider || existing.subject != account.subject {
-            return Err(ConnectError::AccountMismatch {
+    // The check and the write share one transaction: nothing can slip in between.
+    let row = account.clone();
+    let ids = store
+        .call(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(|source| StoreError::Sqlite {
+                    context: "begin storing a connected account",
+                    source,
+                })?;
+            if let Some(id) = expect_id {
+                let existing = sqlite::get(&tx, id)?.ok_or(StoreError::NotFound(id))?;
+                if existing.provider != row.provider || existing.subject != row.subject {
+                    return Ok(Err((id, existing.provider, existing.subject)));
+                }
+            }
+            let ids = sqlite::upsert(&tx, std::slice::from_ref(&row), now)?;
+            tx.commit().map_err(|source| StoreError::Sqlite {
+                context: "commit a connected account",
+                source,
+            })?;
+            Ok(Ok(ids))
+        })
+        .await?
+        .map_err(
+            |(id, have_provider, have_subject)| ConnectError::AccountMismatch {
                 id,
-                have_provider: existing.provider,
-                have_subject: existing.subject,
-                provider: account.provider,
-                subject: account.subject,
-            });
-        }
-    }
-    let ids = store.upsert(vec![account.clone()], now).await?;
+                have_provider,
+                have_subject,
+                provider: account.provider.clone(),
+                subject: account.subject.clone(),
+            },
+        )?;
     let (account_id, created) = ids.first().copied().ok_or(ConnectError::Invalid {
         what: "store",
         message: "the upsert returned no account id".into(),
