@@ -11,6 +11,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The production TikTok authorization page.
+pub const TIKTOK_AUTHORIZE_URL: &str = "https://www.tiktok.com/v2/auth/authorize/";
 /// The production TikTok token endpoint.
 pub const TIKTOK_TOKEN_URL: &str = "https://open.tiktokapis.com/v2/oauth/token/";
 /// Environment prefix; `REFRESHD_REFRESH__LEAD=5m` sets `refresh.lead`.
@@ -149,6 +151,18 @@ pub struct ProviderConfig {
     pub rate_limit: u32,
     #[serde(default = "default_burst")]
     pub burst: u32,
+    /// The provider's authorization page (`refreshd connect`, `authorize-url`).
+    #[serde(default)]
+    pub authorize_url: Option<String>,
+    /// The redirect URI registered with the provider, used exactly as written.
+    #[serde(default)]
+    pub redirect_uri: Option<String>,
+    /// Scopes requested by default when connecting an account.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Send a PKCE S256 challenge (TikTok requires it for desktop and mobile apps only).
+    #[serde(default)]
+    pub pkce: bool,
 }
 
 fn yes() -> bool {
@@ -451,6 +465,28 @@ impl Config {
             {
                 bad(&key("token_url"), m);
             }
+            if let Some(u) = &p.authorize_url
+                && let Err(m) = check_endpoint_url(u)
+            {
+                bad(&key("authorize_url"), m);
+            }
+            if let Some(u) = &p.redirect_uri
+                && let Err(m) = check_redirect_uri(u)
+            {
+                bad(&key("redirect_uri"), m);
+            }
+            if let Some(s) = p
+                .scopes
+                .iter()
+                .find(|s| s.trim().is_empty() || s.contains([',', ' ']))
+            {
+                bad(
+                    &key("scopes"),
+                    format!(
+                        "each scope must be one non-empty name without commas or spaces, got {s:?}"
+                    ),
+                );
+            }
             if p.rate_limit == 0 {
                 bad(
                     &key("rate_limit"),
@@ -464,6 +500,14 @@ impl Config {
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }
 
+    /// The authorization page of a provider: configured, or the built-in default.
+    pub fn authorize_url(name: &str, p: &ProviderConfig) -> String {
+        let _ = name;
+        p.authorize_url
+            .clone()
+            .unwrap_or_else(|| TIKTOK_AUTHORIZE_URL.to_string())
+    }
+
     /// The token endpoint of a provider: configured, or the built-in default.
     pub fn token_url(name: &str, p: &ProviderConfig) -> String {
         // Only TikTok is built in so far; other kinds bring their own URL.
@@ -472,6 +516,22 @@ impl Config {
             .clone()
             .unwrap_or_else(|| TIKTOK_TOKEN_URL.to_string())
     }
+}
+
+/// A redirect URI must be an absolute http(s) URL without a fragment.
+pub fn check_redirect_uri(u: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(u).map_err(|e| {
+        format!("not an absolute URL ({e}): {u:?}; e.g. \"http://127.0.0.1:8788/callback\"")
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(format!(
+            "must be an http:// or https:// URL with a host: {u:?}"
+        ));
+    }
+    if url.fragment().is_some() {
+        return Err(format!("must not contain a #fragment: {u:?}"));
+    }
+    Ok(url)
 }
 
 /// Token endpoints must be https, except on loopback (tests, the sandbox).

@@ -13,6 +13,7 @@
 //! - [`engine`]: the refresh loop.
 //! - [`jobs`]: cron jobs: reauth sweep, digest, log pruning.
 //! - [`lifecycle`]: running the daemon: signals, reload, systemd notifications.
+//! - [`connect`]: connecting accounts: authorization URL, loopback callback, code exchange.
 //! - [`import`]: the JSON-lines import format.
 //! - [`sandbox`]: a TikTok-compatible fake provider for the demo, tests and benchmarks.
 //! - [`demo`]: `refreshd demo`.
@@ -30,6 +31,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod connect;
 pub mod demo;
 pub mod engine;
 pub mod import;

@@ -8,7 +8,8 @@ use refreshd::config::Config;
 use refreshd::lifecycle::{self, RunOptions};
 use refreshd::model::Status;
 use refreshd::store::{ListFilter, Store};
-use refreshd::{demo, import, telemetry};
+use refreshd::{connect, demo, import, telemetry};
+use secrecy::{ExposeSecret, SecretString};
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +61,46 @@ enum Command {
     Check,
     /// Run the real daemon against a built-in sandbox provider and a temporary store.
     Demo(DemoArgs),
+    /// Connect an account: print the authorization URL, wait for the browser's callback on
+    /// the loopback redirect_uri, exchange the code and store the account.
+    Connect {
+        provider: String,
+        /// A label for the account (shown by `accounts list`).
+        #[arg(long)]
+        label: Option<String>,
+        /// Scopes to request, comma-separated (default: the provider's `scopes`).
+        #[arg(long)]
+        scopes: Option<String>,
+        /// Re-authorize this existing account: the login must be the same user.
+        #[arg(long, value_name = "ID")]
+        account: Option<i64>,
+        /// How long to wait for the callback.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+        timeout: Duration,
+    },
+    /// Print an authorization URL; the state (and PKCE verifier) go to stderr for you to
+    /// keep. Finish with `refreshd exchange`.
+    AuthorizeUrl {
+        provider: String,
+        /// Scopes to request, comma-separated (default: the provider's `scopes`).
+        #[arg(long)]
+        scopes: Option<String>,
+    },
+    /// Exchange an authorization code from the provider's callback and store the account.
+    Exchange {
+        provider: String,
+        /// The `code` from the callback URL.
+        #[arg(long)]
+        code: String,
+        /// The PKCE verifier printed by `authorize-url` (when pkce = true).
+        #[arg(long)]
+        code_verifier: Option<String>,
+        #[arg(long)]
+        label: Option<String>,
+        /// Re-authorize this existing account: the login must be the same user.
+        #[arg(long, value_name = "ID")]
+        account: Option<i64>,
+    },
     /// Serve the TikTok-compatible sandbox token endpoint on its own (manual tests, benchmarks).
     Sandbox {
         /// Address to listen on (loopback).
@@ -228,6 +269,79 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             };
             let summary = demo::run(opts, shutdown).await?;
             println!("{}", summary.table());
+            Ok(exit::OK)
+        }
+        Command::Connect {
+            provider,
+            label,
+            scopes,
+            account,
+            timeout,
+        } => {
+            let config = load_config(&cli)?;
+            quiet_logs(&config);
+            connect_cmd(
+                &config,
+                provider,
+                label.clone(),
+                scopes.as_deref(),
+                *account,
+                *timeout,
+            )
+            .await
+        }
+        Command::AuthorizeUrl { provider, scopes } => {
+            let config = load_config(&cli)?;
+            let p = connect::enabled_provider(&config, provider)?;
+            let scopes = scopes
+                .as_deref()
+                .map(connect::parse_scopes)
+                .unwrap_or_else(|| p.scopes.clone());
+            let state = connect::new_state();
+            let pkce = p.pkce.then(connect::Pkce::new);
+            let url = connect::authorize_url(
+                provider,
+                p,
+                &scopes,
+                &state,
+                pkce.as_ref().map(|k| k.challenge.as_str()),
+            )?;
+            println!("{url}");
+            eprintln!("state: {state}");
+            eprintln!("  check that the callback's `state` is exactly this before using its code");
+            if let Some(k) = &pkce {
+                eprintln!("code verifier: {}", k.verifier.expose_secret());
+                eprintln!("  pass it to `refreshd exchange {provider} --code-verifier ...`");
+            }
+            Ok(exit::OK)
+        }
+        Command::Exchange {
+            provider,
+            code,
+            code_verifier,
+            label,
+            account,
+        } => {
+            let config = load_config(&cli)?;
+            quiet_logs(&config);
+            let store = Store::open(lifecycle::store_options(&config)).await?;
+            let clock = Clock::system();
+            let result = connect::exchange_and_store(
+                &config,
+                &store,
+                connect::Exchange {
+                    provider,
+                    code: SecretString::from(code.clone()),
+                    code_verifier: code_verifier.clone().map(SecretString::from),
+                    label: label.clone(),
+                    account: *account,
+                },
+                || clock.now(),
+            )
+            .await;
+            store.close().await;
+            let c = result?;
+            print_connected(&c, &[]);
             Ok(exit::OK)
         }
         Command::Sandbox { listen } => {
@@ -512,6 +626,124 @@ async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
     }
 }
 
+/// Who was connected; never a token.
+fn print_connected(c: &connect::Connected, requested: &[String]) {
+    println!(
+        "connected {} account {} ({}): open_id {}",
+        c.provider,
+        c.account_id,
+        if c.created { "new" } else { "updated" },
+        c.open_id
+    );
+    println!(
+        "  scopes granted     {}",
+        if c.scope.is_empty() { "-" } else { &c.scope }
+    );
+    println!("  access expires     {}", rfc3339(c.access_expires_at));
+    println!(
+        "  refresh expires    {}",
+        c.refresh_expires_at
+            .map(rfc3339)
+            .unwrap_or_else(|| "-".into())
+    );
+    println!("  status             {}", c.status);
+    let missing = connect::missing_scopes(requested, &c.scope);
+    if !missing.is_empty() {
+        eprintln!(
+            "warning: the user did not grant {} of the requested scopes: {}; connect again and approve them if they are needed",
+            missing.len(),
+            missing.join(", ")
+        );
+    }
+}
+
+async fn connect_cmd(
+    config: &Config,
+    provider: &str,
+    label: Option<String>,
+    scopes: Option<&str>,
+    account: Option<i64>,
+    timeout: Duration,
+) -> Result<u8> {
+    let p = connect::enabled_provider(config, provider)?;
+    let redirect = connect::loopback_redirect(provider, p)?;
+    let scopes = scopes
+        .map(connect::parse_scopes)
+        .unwrap_or_else(|| p.scopes.clone());
+    let state = connect::new_state();
+    let pkce = p.pkce.then(connect::Pkce::new);
+    let url = connect::authorize_url(
+        provider,
+        p,
+        &scopes,
+        &state,
+        pkce.as_ref().map(|k| k.challenge.as_str()),
+    )?;
+    if let Some(id) = account {
+        // Fail before the browser dance when the account does not exist.
+        let store = open_existing(config).await?;
+        let found = store.get(id).await?;
+        store.close().await;
+        if found.is_none() {
+            bail!("no account with id {id} (see `refreshd accounts list`)");
+        }
+    }
+    let listener = connect::CallbackListener::bind(&redirect).await?;
+    println!("Open this URL in a browser, log in and approve:");
+    println!("{url}");
+    println!(
+        "Waiting up to {} for the callback on {redirect} ...",
+        humantime::format_duration(timeout)
+    );
+    let (callback, result) = listener.accept(&state, timeout).await?;
+    let (code, _granted) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            callback
+                .respond(false, &format!("Not connected: {e}"))
+                .await;
+            return Err(e.into());
+        }
+    };
+    let store = Store::open(lifecycle::store_options(config)).await?;
+    let clock = Clock::system();
+    let result = connect::exchange_and_store(
+        config,
+        &store,
+        connect::Exchange {
+            provider,
+            code,
+            code_verifier: pkce.map(|k| k.verifier),
+            label,
+            account,
+        },
+        || clock.now(),
+    )
+    .await;
+    store.close().await;
+    match result {
+        Ok(c) => {
+            callback
+                .respond(
+                    true,
+                    &format!(
+                        "Connected {} account {}. You can close this tab.",
+                        c.provider, c.open_id
+                    ),
+                )
+                .await;
+            print_connected(&c, &scopes);
+            Ok(exit::OK)
+        }
+        Err(e) => {
+            callback
+                .respond(false, &format!("Not connected: {e}"))
+                .await;
+            Err(e.into())
+        }
+    }
+}
+
 fn summary_json(a: &refreshd::store::AccountSummary) -> serde_json::Value {
     serde_json::json!({
         "id": a.id, "provider": a.provider, "subject": a.subject, "label": a.label,
@@ -543,6 +775,7 @@ async fn sandbox(listen: std::net::SocketAddr) -> Result<u8> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     println!("sandbox token endpoint: {}", sb.token_url());
+    println!("sandbox authorization page: {}", sb.authorize_url());
     println!(
         "client_key = \"sandbox-client-key\", client_secret = \"sandbox-client-secret\"; Ctrl-C stops it"
     );

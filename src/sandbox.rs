@@ -1,7 +1,8 @@
 //! A fake TikTok Login Kit v2 token endpoint on loopback, for `refreshd demo`, integration
 //! tests and benchmarks.
 //!
-//! This module owns the whole fake provider: the HTTP server (`POST /v2/oauth/token/`), the
+//! This module owns the whole fake provider: the HTTP server (`POST /v2/oauth/token/`, and
+//! `GET /v2/auth/authorize/`, which answers at once as [`Sandbox::set_consent`] says), the
 //! grant book-keeping (which refresh token is current, which were rotated away, when each
 //! grant's refresh token dies), fault injection, and the counters tests read back to prove
 //! behaviour (above all: that no refresh token was ever presented twice).
@@ -24,10 +25,10 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::rejection::FormRejection;
-use axum::extract::{Form, State};
+use axum::extract::{Form, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde_json::{Value, json};
@@ -38,6 +39,32 @@ use crate::clock::Clock;
 
 /// Path of the token endpoint, as on `open.tiktokapis.com`.
 pub const TOKEN_PATH: &str = "/v2/oauth/token/";
+/// Path of the authorization page, as on `www.tiktok.com`.
+pub const AUTHORIZE_PATH: &str = "/v2/auth/authorize/";
+/// How long an authorization code can be exchanged (TikTok does not document it).
+const CODE_TTL: i64 = 600;
+
+/// What the sandbox's authorization page answers, as if a user clicked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Consent {
+    /// Log in as `open_id` and approve. `grant_scopes` replaces the requested scopes
+    /// (comma-separated) when the user unticks some; None grants what was asked.
+    Approve {
+        open_id: String,
+        grant_scopes: Option<String>,
+    },
+    /// The user pressed "cancel": `error=access_denied`.
+    Deny,
+}
+
+impl Default for Consent {
+    fn default() -> Self {
+        Consent::Approve {
+            open_id: "sandbox-user".to_owned(),
+            grant_scopes: None,
+        }
+    }
+}
 
 /// How long `shutdown` waits for open connections to finish before cutting them off.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -99,6 +126,12 @@ pub struct SandboxStats {
     pub revoked_rejected: u64,
     pub unknown_rejected: u64,
     pub client_rejected: u64,
+    /// Authorization codes issued by the authorization page.
+    pub codes_issued: u64,
+    /// Codes exchanged for tokens.
+    pub codes_exchanged: u64,
+    /// Code exchanges refused (unknown, reused, expired code, wrong redirect_uri or verifier).
+    pub codes_rejected: u64,
     /// Faults of every kind, `slow` included.
     pub faults_injected: u64,
 }
@@ -133,11 +166,14 @@ impl Sandbox {
                 grants: HashMap::new(),
                 current: HashMap::new(),
                 used: HashSet::new(),
+                codes: HashMap::new(),
+                consent: Consent::default(),
                 stats: SandboxStats::default(),
             }),
         });
         let app = Router::new()
             .route(TOKEN_PATH, post(token_endpoint))
+            .route(AUTHORIZE_PATH, get(authorize_endpoint))
             .with_state(shared.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -169,31 +205,23 @@ impl Sandbox {
         format!("http://{}{}", self.addr, TOKEN_PATH)
     }
 
+    /// Full URL of the authorization page, e.g. `http://127.0.0.1:PORT/v2/auth/authorize/`.
+    pub fn authorize_url(&self) -> String {
+        format!("http://{}{}", self.addr, AUTHORIZE_PATH)
+    }
+
+    /// What the authorization page answers from the next request on.
+    pub fn set_consent(&self, consent: Consent) {
+        self.shared.lock().consent = consent;
+    }
+
     /// Creates a grant as if `open_id` had just logged in, and returns the token response
     /// exactly as TikTok's code exchange does. `refresh_ttl` overrides the configured one for
     /// this grant. Granting an `open_id` again replaces its grant (a re-authorization): the
     /// previous refresh token becomes unknown and a revocation is lifted.
     pub fn grant(&self, open_id: &str, scope: &str, refresh_ttl: Option<Duration>) -> Value {
         let now = self.shared.clock.now();
-        let mut book = self.shared.lock();
-        let access_ttl = secs(book.config.access_ttl);
-        let refresh_ttl = secs(refresh_ttl.unwrap_or(book.config.refresh_ttl));
-        let open_id: Arc<str> = Arc::from(open_id);
-        let grant = Grant {
-            scope: scope.into(),
-            access_token: new_token("act."),
-            access_expires_at: now.saturating_add(access_ttl),
-            refresh_token: new_token("rft."),
-            refresh_expires_at: now.saturating_add(refresh_ttl),
-            revoked: false,
-        };
-        book.current
-            .insert(grant.refresh_token.clone(), open_id.clone());
-        let body = token_body(&open_id, &grant, now, true);
-        if let Some(old) = book.grants.insert(open_id, grant) {
-            book.current.remove(&old.refresh_token);
-        }
-        body
+        self.shared.lock().grant(now, open_id, scope, refresh_ttl)
     }
 
     /// Revokes `open_id`'s grant: every token of it now answers `invalid_grant`.
@@ -255,6 +283,46 @@ impl Drop for Sandbox {
     }
 }
 
+impl Book {
+    /// See [`Sandbox::grant`].
+    fn grant(
+        &mut self,
+        now: i64,
+        open_id: &str,
+        scope: &str,
+        refresh_ttl: Option<Duration>,
+    ) -> Value {
+        let access_ttl = secs(self.config.access_ttl);
+        let refresh_ttl = secs(refresh_ttl.unwrap_or(self.config.refresh_ttl));
+        let open_id: Arc<str> = Arc::from(open_id);
+        let grant = Grant {
+            scope: scope.into(),
+            access_token: new_token("act."),
+            access_expires_at: now.saturating_add(access_ttl),
+            refresh_token: new_token("rft."),
+            refresh_expires_at: now.saturating_add(refresh_ttl),
+            revoked: false,
+        };
+        self.current
+            .insert(grant.refresh_token.clone(), open_id.clone());
+        let body = token_body(&open_id, &grant, now, true);
+        if let Some(old) = self.grants.insert(open_id, grant) {
+            self.current.remove(&old.refresh_token);
+        }
+        body
+    }
+}
+
+/// An authorization code waiting to be exchanged.
+struct PendingCode {
+    open_id: String,
+    scope: String,
+    redirect_uri: String,
+    /// The PKCE S256 challenge sent to the authorization page, if any.
+    challenge: Option<String>,
+    expires_at: i64,
+}
+
 /// What the server task shares with the `Sandbox` handle.
 struct Shared {
     clock: Clock,
@@ -271,6 +339,9 @@ struct Book {
     current: HashMap<Box<str>, Arc<str>>,
     /// Refresh tokens rotated away, kept to tell reuse apart from garbage.
     used: HashSet<Box<str>>,
+    /// Authorization code → what it grants; removed when presented (single use).
+    codes: HashMap<Box<str>, PendingCode>,
+    consent: Consent,
     stats: SandboxStats,
 }
 
@@ -397,11 +468,12 @@ impl Shared {
         match field("grant_type") {
             None => return Err(Reject::invalid_request("grant_type is required.")),
             Some("refresh_token") => {}
+            Some("authorization_code") => return exchange_code(book, now, &field),
             Some(_) => {
                 return Err(Reject::new(
                     StatusCode::BAD_REQUEST,
                     "unsupported_grant_type",
-                    "Only grant_type=refresh_token is supported by the sandbox.",
+                    "Only grant_type=refresh_token and authorization_code are supported by the sandbox.",
                 ));
             }
         }
@@ -451,6 +523,118 @@ impl Shared {
         book.stats.refreshed += 1;
         Ok(body)
     }
+}
+
+/// `grant_type=authorization_code`: the code is single use, bound to its redirect_uri and,
+/// when the authorization sent one, its PKCE challenge.
+fn exchange_code<'f>(
+    book: &mut Book,
+    now: i64,
+    field: &impl Fn(&str) -> Option<&'f str>,
+) -> Result<Value, Reject> {
+    let Some(code) = field("code") else {
+        return Err(Reject::invalid_request("code is required."));
+    };
+    let Some(redirect_uri) = field("redirect_uri") else {
+        return Err(Reject::invalid_request("redirect_uri is required."));
+    };
+    let Some(pending) = book.codes.remove(code) else {
+        book.stats.codes_rejected += 1;
+        return Err(Reject::invalid_grant(
+            "Authorization code is invalid or has already been used.",
+        ));
+    };
+    if now >= pending.expires_at {
+        book.stats.codes_rejected += 1;
+        return Err(Reject::invalid_grant("Authorization code has expired."));
+    }
+    if pending.redirect_uri != redirect_uri {
+        book.stats.codes_rejected += 1;
+        return Err(Reject::invalid_grant(
+            "redirect_uri does not match the one of the authorization request.",
+        ));
+    }
+    if let Some(challenge) = &pending.challenge {
+        let ok =
+            field("code_verifier").is_some_and(|v| crate::connect::s256_challenge(v) == *challenge);
+        if !ok {
+            book.stats.codes_rejected += 1;
+            return Err(Reject::invalid_grant(
+                "code_verifier is missing or does not match the code_challenge.",
+            ));
+        }
+    }
+    book.stats.codes_exchanged += 1;
+    Ok(book.grant(now, &pending.open_id, &pending.scope, None))
+}
+
+/// `GET /v2/auth/authorize/`: answers at once as the configured [`Consent`] says, by
+/// redirecting (302) to `redirect_uri` with `code`, `scopes`, `state`, or with `error`.
+async fn authorize_endpoint(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let field = |name: &str| q.get(name).map(String::as_str).filter(|v| !v.is_empty());
+    let bad = |m: &'static str| (StatusCode::BAD_REQUEST, m).into_response();
+    let now = shared.clock.now();
+    let mut book = shared.lock();
+    if field("client_key") != Some(book.config.client_key.as_str()) {
+        return bad("client_key is missing or unknown.");
+    }
+    let Some(redirect_uri) = field("redirect_uri") else {
+        return bad("redirect_uri is required.");
+    };
+    let Ok(mut target) = url::Url::parse(redirect_uri) else {
+        return bad("redirect_uri must be an absolute URL.");
+    };
+    if field("response_type") != Some("code") {
+        return bad("response_type must be code.");
+    }
+    let challenge = match (field("code_challenge"), field("code_challenge_method")) {
+        (None, _) => None,
+        (Some(c), Some("S256")) => Some(c.to_owned()),
+        (Some(_), _) => return bad("code_challenge_method must be S256."),
+    };
+    {
+        let mut pairs = target.query_pairs_mut();
+        match book.consent.clone() {
+            Consent::Deny => {
+                pairs
+                    .append_pair("error", "access_denied")
+                    .append_pair("error_description", "The user denied the authorization.");
+            }
+            Consent::Approve {
+                open_id,
+                grant_scopes,
+            } => {
+                let scope = grant_scopes.unwrap_or_else(|| field("scope").unwrap_or("").to_owned());
+                let code = new_token("code.");
+                pairs
+                    .append_pair("code", &code)
+                    .append_pair("scopes", &scope);
+                book.codes.insert(
+                    code,
+                    PendingCode {
+                        open_id,
+                        scope,
+                        redirect_uri: redirect_uri.to_owned(),
+                        challenge,
+                        expires_at: now.saturating_add(CODE_TTL),
+                    },
+                );
+                book.stats.codes_issued += 1;
+            }
+        }
+        if let Some(state) = field("state") {
+            pairs.append_pair("state", state);
+        }
+    }
+    drop(book);
+    let mut response = StatusCode::FOUND.into_response();
+    if let Ok(v) = HeaderValue::from_str(target.as_str()) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    response
 }
 
 async fn token_endpoint(
@@ -871,7 +1055,7 @@ mod tests {
         assert_error(&body, "invalid_request");
 
         let mut form = without("grant_type");
-        form.push(("grant_type", "authorization_code".to_owned()));
+        form.push(("grant_type", "password".to_owned()));
         let (status, _, body) = post_form(&sb, &form).await;
         assert_eq!(status, 400);
         assert_error(&body, "unsupported_grant_type");
@@ -1005,5 +1189,174 @@ mod tests {
             .send()
             .await;
         assert!(result.is_err(), "server still answering after shutdown");
+    }
+
+    const CB: &str = "http://127.0.0.1:8788/callback";
+
+    /// Opens the authorization page without following the redirect; returns (status,
+    /// Location query pairs).
+    async fn authorize(sb: &Sandbox, extra: &[(&str, &str)]) -> (u16, HashMap<String, String>) {
+        let mut q = vec![
+            ("client_key", "sandbox-client-key"),
+            ("response_type", "code"),
+            ("scope", "user.info.basic,video.list"),
+            ("redirect_uri", CB),
+            ("state", "st8"),
+        ];
+        for (k, v) in extra {
+            q.retain(|(n, _)| n != k);
+            if !v.is_empty() {
+                q.push((k, v));
+            }
+        }
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let mut url = url::Url::parse(&sb.authorize_url()).unwrap();
+        url.query_pairs_mut().extend_pairs(&q);
+        let resp = client.get(url).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let loc = resp
+            .headers()
+            .get(header::LOCATION)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let loc: Option<String> = loc;
+        let loc: Option<String> = loc;
+        let pairs = loc
+            .map(|l| {
+                let u = url::Url::parse(&l).unwrap();
+                assert!(l.starts_with(CB), "{l}");
+                u.query_pairs().into_owned().collect()
+            })
+            .unwrap_or_default();
+        (status, pairs)
+    }
+
+    fn code_form(
+        code: &str,
+        redirect_uri: &str,
+        verifier: Option<&str>,
+    ) -> Vec<(&'static str, String)> {
+        let mut f = vec![
+            ("client_key", "sandbox-client-key".to_owned()),
+            ("client_secret", "sandbox-client-secret".to_owned()),
+            ("code", code.to_owned()),
+            ("grant_type", "authorization_code".to_owned()),
+            ("redirect_uri", redirect_uri.to_owned()),
+        ];
+        if let Some(v) = verifier {
+            f.push(("code_verifier", v.to_owned()));
+        }
+        f
+    }
+
+    #[tokio::test]
+    async fn authorize_approves_with_single_use_code_bound_to_redirect_uri() {
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        sb.set_consent(Consent::Approve {
+            open_id: "u-7".into(),
+            grant_scopes: None,
+        });
+        let (status, q) = authorize(&sb, &[]).await;
+        assert_eq!(status, 302);
+        assert_eq!(q["state"], "st8");
+        assert_eq!(q["scopes"], "user.info.basic,video.list");
+        let code = q["code"].clone();
+
+        // Wrong redirect_uri: refused, and the code is spent.
+        let (status, _, body) =
+            post_form(&sb, &code_form(&code, "http://127.0.0.1:1/other", None)).await;
+        assert_eq!(status, 400);
+        assert_error(&body, "invalid_grant");
+        let (status, _, body) = post_form(&sb, &code_form(&code, CB, None)).await;
+        assert_eq!(status, 400);
+        assert_error(&body, "invalid_grant");
+
+        let (_, q) = authorize(&sb, &[]).await;
+        let (status, _, body) = post_form(&sb, &code_form(&q["code"], CB, None)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(str_field(&body, "open_id"), "u-7");
+        assert_eq!(str_field(&body, "scope"), "user.info.basic,video.list");
+        let rt = str_field(&body, "refresh_token").to_owned();
+        assert_eq!(
+            sb.current_refresh_token("u-7").as_deref(),
+            Some(rt.as_str())
+        );
+        // Single use.
+        let (status, _, body) = post_form(&sb, &code_form(&q["code"], CB, None)).await;
+        assert_eq!(status, 400);
+        assert_error(&body, "invalid_grant");
+        let stats = sb.stats();
+        assert_eq!(
+            (
+                stats.codes_issued,
+                stats.codes_exchanged,
+                stats.codes_rejected
+            ),
+            (2, 1, 3)
+        );
+    }
+
+    #[tokio::test]
+    async fn authorize_grants_fewer_scopes_or_denies() {
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        sb.set_consent(Consent::Approve {
+            open_id: "u".into(),
+            grant_scopes: Some("user.info.basic".into()),
+        });
+        let (_, q) = authorize(&sb, &[]).await;
+        assert_eq!(q["scopes"], "user.info.basic");
+        sb.set_consent(Consent::Deny);
+        let (status, q) = authorize(&sb, &[]).await;
+        assert_eq!(status, 302);
+        assert_eq!(q["error"], "access_denied");
+        assert!(q.contains_key("error_description"));
+        assert_eq!(q["state"], "st8");
+        assert!(!q.contains_key("code"));
+    }
+
+    #[tokio::test]
+    async fn authorize_validates_client_key_and_redirect_uri() {
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        assert_eq!(authorize(&sb, &[("client_key", "")]).await.0, 400);
+        assert_eq!(authorize(&sb, &[("client_key", "other")]).await.0, 400);
+        assert_eq!(authorize(&sb, &[("redirect_uri", "")]).await.0, 400);
+        assert_eq!(
+            authorize(&sb, &[("redirect_uri", "/relative")]).await.0,
+            400
+        );
+        assert_eq!(sb.stats().codes_issued, 0);
+    }
+
+    #[tokio::test]
+    async fn pkce_binds_the_code_to_its_verifier() {
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        let verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+        let challenge = crate::connect::s256_challenge(verifier);
+        let pkce = [
+            ("code_challenge", challenge.as_str()),
+            ("code_challenge_method", "S256"),
+        ];
+        for bad in [None, Some("wrong-verifier")] {
+            let (_, q) = authorize(&sb, &pkce).await;
+            let (status, _, body) = post_form(&sb, &code_form(&q["code"], CB, bad)).await;
+            assert_eq!(status, 400, "{bad:?}");
+            assert_error(&body, "invalid_grant");
+        }
+        let (_, q) = authorize(&sb, &pkce).await;
+        let (status, _, _) = post_form(&sb, &code_form(&q["code"], CB, Some(verifier))).await;
+        assert_eq!(status, 200);
+    }
+
+    #[tokio::test]
+    async fn expired_code_is_refused() {
+        let (sb, clock) = sandbox(SandboxConfig::default()).await;
+        let (_, q) = authorize(&sb, &[]).await;
+        clock.advance(Duration::from_secs(601));
+        let (status, _, body) = post_form(&sb, &code_form(&q["code"], CB, None)).await;
+        assert_eq!(status, 400);
+        assert_error(&body, "invalid_grant");
     }
 }

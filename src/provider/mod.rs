@@ -130,6 +130,44 @@ impl Provider {
         refresh_token: &SecretString,
     ) -> Result<(TokenSet, u16), ProviderFailure> {
         let form = tiktok::refresh_form(&self.client_key, &self.client_secret, refresh_token);
+        self.post_token(&form).await
+    }
+
+    /// Exchanges an authorization code for tokens (grant_type=authorization_code). The
+    /// answer must name the user (`open_id`). Returns the tokens and the HTTP status.
+    pub async fn exchange_code(
+        &self,
+        code: &SecretString,
+        redirect_uri: &str,
+        code_verifier: Option<&SecretString>,
+    ) -> Result<(TokenSet, u16), ProviderFailure> {
+        let form = tiktok::code_form(
+            &self.client_key,
+            &self.client_secret,
+            code,
+            redirect_uri,
+            code_verifier,
+        );
+        let (tokens, status) = self.post_token(&form).await?;
+        if tokens.subject.is_none() {
+            return Err(ProviderFailure {
+                class: FailureClass::Config,
+                message: format!(
+                    "the code exchange answer of provider {} has no `open_id`: cannot tell which account was connected [HTTP {status}]",
+                    self.name
+                ),
+                http_status: Some(status),
+                retry_after: None,
+            });
+        }
+        Ok((tokens, status))
+    }
+
+    /// POSTs a token request form and parses the answer, with the body-size cap.
+    async fn post_token(
+        &self,
+        form: &[(&'static str, String)],
+    ) -> Result<(TokenSet, u16), ProviderFailure> {
         let transient = |message: String| ProviderFailure {
             class: FailureClass::Transient,
             message,
@@ -140,7 +178,7 @@ impl Provider {
             .http
             .post(&self.token_url)
             .header(reqwest::header::ACCEPT, "application/json")
-            .form(&form)
+            .form(form)
             .send()
             .await
             .map_err(|e| transient(describe_reqwest(&e)))?;

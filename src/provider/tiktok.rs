@@ -27,6 +27,27 @@ pub fn refresh_form(
     ]
 }
 
+/// Form fields of an authorization-code exchange, in order. Holds secrets: never log it.
+pub fn code_form(
+    client_key: &str,
+    client_secret: &SecretString,
+    code: &SecretString,
+    redirect_uri: &str,
+    code_verifier: Option<&SecretString>,
+) -> Vec<(&'static str, String)> {
+    let mut form = vec![
+        ("client_key", client_key.to_string()),
+        ("client_secret", client_secret.expose_secret().to_string()),
+        ("code", code.expose_secret().to_string()),
+        ("grant_type", "authorization_code".to_string()),
+        ("redirect_uri", redirect_uri.to_string()),
+    ];
+    if let Some(v) = code_verifier {
+        form.push(("code_verifier", v.expose_secret().to_string()));
+    }
+    form
+}
+
 #[derive(Deserialize)]
 struct ErrorBody {
     error: Option<Value>,
@@ -374,6 +395,41 @@ mod tests {
         assert_eq!(
             parse_response(302, None, None, b"").unwrap_err().class,
             FailureClass::Config
+        );
+    }
+
+    #[test]
+    fn code_form_has_exact_fields() {
+        let f = code_form(
+            "ck",
+            &SecretString::from("cs"),
+            &SecretString::from("c"),
+            "http://127.0.0.1:8788/callback",
+            None,
+        );
+        let names: Vec<_> = f.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            names,
+            [
+                "client_key",
+                "client_secret",
+                "code",
+                "grant_type",
+                "redirect_uri"
+            ]
+        );
+        assert_eq!(f[3].1, "authorization_code");
+        let v = SecretString::from("verifier");
+        let f = code_form(
+            "ck",
+            &SecretString::from("cs"),
+            &SecretString::from("c"),
+            "u",
+            Some(&v),
+        );
+        assert_eq!(
+            f.last().unwrap(),
+            &("code_verifier", "verifier".to_string())
         );
     }
 

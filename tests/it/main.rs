@@ -3,5 +3,6 @@
 //! a temp dir. Set TEST_LOG=1 to see the daemon's logs.
 
 mod cli;
+mod connect;
 mod engine;
 mod helpers;

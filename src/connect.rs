@@ -1,0 +1,766 @@
+//! Connecting accounts: the authorization URL (state, PKCE), the one-shot loopback callback
+//! of `refreshd connect`, the code exchange, and storing the result as an account.
+//!
+//! Nothing here prints or logs a token, a code, a state or a PKCE verifier.
+
+use crate::config::{Config, ProviderConfig};
+use crate::model::{ReauthReason, Status, TokenSet};
+use crate::policy::{self, RefreshTokenState};
+use crate::provider::{FailureClass, Provider, ProviderFailure};
+use crate::store::{NewAccount, Store, StoreError, sqlite};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::RngCore;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(
+        "provider {provider:?} is not configured or is disabled: add an enabled [providers.{provider}] table to the config"
+    )]
+    UnknownProvider { provider: String },
+    #[error(
+        "providers.{provider}.redirect_uri is not set: set it to the redirect URI registered for your app, e.g. \"http://127.0.0.1:8788/callback\""
+    )]
+    NoRedirectUri { provider: String },
+    #[error(
+        "providers.{provider}.redirect_uri {uri:?} is not on loopback: `refreshd connect` can only listen on this machine (127.0.0.1, [::1] or localhost). Register a loopback redirect URI, or use `refreshd authorize-url` and `refreshd exchange`; a web callback endpoint comes with the daemon's server"
+    )]
+    NotLoopback { provider: String, uri: String },
+    #[error("{what}: {message}")]
+    Invalid { what: &'static str, message: String },
+    #[error(
+        "cannot listen on {addr} for the callback (is another `refreshd connect` running?): {source}"
+    )]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the callback connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(
+        "no authorization arrived within {}: open the printed URL in a browser and approve, or pass a longer --timeout",
+        humantime::format_duration(*.0)
+    )]
+    Timeout(Duration),
+    #[error(
+        "the callback's state does not match the one sent: the answer belongs to another request (or was forged); start over with a fresh authorization URL"
+    )]
+    StateMismatch,
+    #[error("the provider refused the authorization: {error}{}", .description.as_ref().map(|d| format!(": {d}")).unwrap_or_default())]
+    Denied {
+        error: String,
+        description: Option<String>,
+    },
+    #[error("the callback carries no `code`: nothing to exchange")]
+    NoCode,
+    #[error("the code exchange with provider {provider} failed: {failure}; {hint}")]
+    Exchange {
+        provider: String,
+        #[source]
+        failure: ProviderFailure,
+        hint: &'static str,
+    },
+    #[error(
+        "account {id} is {have_provider}/{have_subject}, but the login was {provider}/{subject}: nothing was written. Log in as the account's user, or leave out --account to add a new account"
+    )]
+    AccountMismatch {
+        id: i64,
+        have_provider: String,
+        have_subject: String,
+        provider: String,
+        subject: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Provider(#[from] crate::provider::ProviderError),
+}
+
+/// An unguessable `state`: 256 random bits, URL-safe base64 without padding.
+pub fn new_state() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Compares two states in constant time (for equal lengths).
+pub fn state_matches(expected: &str, got: &str) -> bool {
+    expected.as_bytes().ct_eq(got.as_bytes()).into()
+}
+
+/// A PKCE (RFC 7636) verifier and its S256 challenge.
+pub struct Pkce {
+    pub verifier: SecretString,
+    pub challenge: String,
+}
+
+impl Pkce {
+    /// 256 random bits as the verifier (43 URL-safe characters).
+    pub fn new() -> Pkce {
+        let mut bytes = [0u8; 32];
+        rand::rng().fill_bytes(&mut bytes);
+        let verifier = URL_SAFE_NO_PAD.encode(bytes);
+        Pkce {
+            challenge: s256_challenge(&verifier),
+            verifier: SecretString::from(verifier),
+        }
+    }
+}
+
+impl Default for Pkce {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `BASE64URL(SHA256(verifier))`, no padding.
+pub fn s256_challenge(verifier: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
+}
+
+/// Splits `a,b c` into scope names.
+pub fn parse_scopes(s: &str) -> Vec<String> {
+    s.split([',', ' '])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Requested scopes the grant does not include.
+pub fn missing_scopes(requested: &[String], granted: &str) -> Vec<String> {
+    let granted = parse_scopes(granted);
+    requested
+        .iter()
+        .filter(|r| !granted.contains(r))
+        .cloned()
+        .collect()
+}
+
+/// The configured redirect URI of a provider, exactly as written.
+pub fn redirect_uri<'a>(name: &str, p: &'a ProviderConfig) -> Result<&'a str, ConnectError> {
+    p.redirect_uri
+        .as_deref()
+        .ok_or_else(|| ConnectError::NoRedirectUri {
+            provider: name.to_string(),
+        })
+}
+
+/// The provider's authorization URL: `client_key`, `response_type=code`, `scope`
+/// (comma-separated), `redirect_uri`, `state`, and the PKCE challenge when given.
+pub fn authorize_url(
+    name: &str,
+    p: &ProviderConfig,
+    scopes: &[String],
+    state: &str,
+    pkce_challenge: Option<&str>,
+) -> Result<url::Url, ConnectError> {
+    let redirect = redirect_uri(name, p)?;
+    let base = Config::authorize_url(name, p);
+    let mut url =
+        crate::config::check_endpoint_url(&base).map_err(|message| ConnectError::Invalid {
+            what: "authorize_url",
+            message,
+        })?;
+    {
+        let mut q = url.query_pairs_mut();
+        q.append_pair("client_key", &p.client_key)
+            .append_pair("response_type", "code")
+            .append_pair("scope", &scopes.join(","))
+            .append_pair("redirect_uri", redirect)
+            .append_pair("state", state);
+        if let Some(c) = pkce_challenge {
+            q.append_pair("code_challenge", c)
+                .append_pair("code_challenge_method", "S256");
+        }
+    }
+    Ok(url)
+}
+
+/// What a connection produced; holds no secret.
+#[derive(Clone, Debug)]
+pub struct Connected {
+    pub account_id: i64,
+    /// True when a new account was created, false when an existing one was updated.
+    pub created: bool,
+    pub provider: String,
+    pub open_id: String,
+    pub scope: String,
+    pub access_expires_at: i64,
+    pub refresh_expires_at: Option<i64>,
+    pub status: Status,
+}
+
+/// Builds the account row for a code-exchange answer obtained at `now`.
+pub fn new_account(
+    provider: &str,
+    tokens: TokenSet,
+    label: Option<String>,
+    now: i64,
+    config: &Config,
+) -> Result<NewAccount, ConnectError> {
+    let subject = tokens
+        .subject
+        .clone()
+        .filter(|s| !s.trim().is_empty())
+        .ok_or(ConnectError::Invalid {
+            what: "code exchange answer",
+            message: "`open_id` is missing: cannot tell which account was connected".into(),
+        })?;
+    if tokens.refresh_token.is_none() {
+        return Err(ConnectError::Invalid {
+            what: "code exchange answer",
+            message: "no `refresh_token`: refreshd cannot keep this account alive".into(),
+        });
+    }
+    let access_expires_at = now + tokens.expires_in;
+    let next = policy::next_refresh_at(
+        &config.refresh.timing(),
+        access_expires_at,
+        tokens.expires_in,
+        None,
+        &mut rand::rng(),
+    )
+    .min(access_expires_at);
+    let refresh_expires_at = tokens.refresh_expires_in.map(|s| now + s);
+    let (status, reason) =
+        match policy::refresh_token_state(now, refresh_expires_at, config.reauth.window) {
+            RefreshTokenState::Fine => (Status::Active, None),
+            RefreshTokenState::Expiring => {
+                (Status::Expiring, Some(ReauthReason::RefreshTokenExpiring))
+            }
+            RefreshTokenState::Expired => {
+                (Status::NeedsReauth, Some(ReauthReason::RefreshTokenExpired))
+            }
+        };
+    Ok(NewAccount {
+        provider: provider.to_string(),
+        subject,
+        label: label.filter(|l| !l.trim().is_empty()),
+        tokens,
+        obtained_at: now,
+        next_refresh_at: next,
+        status,
+        reauth_reason: reason,
+    })
+}
+
+/// Stores a connection. With `account`, the existing account must be the same provider and
+/// subject, else nothing is written.
+pub async fn store_account(
+    store: &Store,
+    account: NewAccount,
+    expect_id: Option<i64>,
+    now: i64,
+) -> Result<Connected, ConnectError> {
+    // The check and the write share one transaction: nothing can slip in between.
+    let row = account.clone();
+    let ids = store
+        .call(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(|source| StoreError::Sqlite {
+                    context: "begin storing a connected account",
+                    source,
+                })?;
+            if let Some(id) = expect_id {
+                let existing = sqlite::get(&tx, id)?.ok_or(StoreError::NotFound(id))?;
+                if existing.provider != row.provider || existing.subject != row.subject {
+                    return Ok(Err((id, existing.provider, existing.subject)));
+                }
+            }
+            let ids = sqlite::upsert(&tx, std::slice::from_ref(&row), now)?;
+            tx.commit().map_err(|source| StoreError::Sqlite {
+                context: "commit a connected account",
+                source,
+            })?;
+            Ok(Ok(ids))
+        })
+        .await?
+        .map_err(
+            |(id, have_provider, have_subject)| ConnectError::AccountMismatch {
+                id,
+                have_provider,
+                have_subject,
+                provider: account.provider.clone(),
+                subject: account.subject.clone(),
+            },
+        )?;
+    let (account_id, created) = ids.first().copied().ok_or(ConnectError::Invalid {
+        what: "store",
+        message: "the upsert returned no account id".into(),
+    })?;
+    Ok(Connected {
+        account_id,
+        created,
+        provider: account.provider,
+        open_id: account.subject,
+        scope: account.tokens.scope.clone().unwrap_or_default(),
+        access_expires_at: now + account.tokens.expires_in,
+        refresh_expires_at: account.tokens.refresh_expires_in.map(|s| now + s),
+        status: account.status,
+    })
+}
+
+/// What to exchange and how to store it.
+pub struct Exchange<'a> {
+    pub provider: &'a str,
+    pub code: SecretString,
+    pub code_verifier: Option<SecretString>,
+    pub label: Option<String>,
+    pub account: Option<i64>,
+}
+
+/// Exchanges a code with the configured provider and stores the account.
+pub async fn exchange_and_store(
+    config: &Config,
+    store: &Store,
+    req: Exchange<'_>,
+    now: impl Fn() -> i64,
+) -> Result<Connected, ConnectError> {
+    let p = enabled_provider(config, req.provider)?;
+    let redirect = redirect_uri(req.provider, p)?;
+    let http = crate::provider::http_client(config).map_err(|source| {
+        crate::provider::ProviderError::Client {
+            provider: req.provider.to_string(),
+            source,
+        }
+    })?;
+    let provider = Provider::new(req.provider, p, config, http)?;
+    provider.ready().await;
+    let (tokens, _status) = provider
+        .exchange_code(&req.code, redirect, req.code_verifier.as_ref())
+        .await
+        .map_err(|failure| ConnectError::Exchange {
+            provider: req.provider.to_string(),
+            hint: exchange_hint(failure.class),
+            failure,
+        })?;
+    let at = now();
+    let account = new_account(req.provider, tokens, req.label, at, config)?;
+    store_account(store, account, req.account, at).await
+}
+
+/// What to do after a failed code exchange.
+fn exchange_hint(class: FailureClass) -> &'static str {
+    match class {
+        FailureClass::Rejected(_) => {
+            "authorization codes are single use, short-lived and bound to the redirect_uri (and PKCE verifier) of their request: start over with a fresh authorization"
+        }
+        FailureClass::Config => {
+            "check client_key, client_secret, redirect_uri (exactly as registered) and the scopes of the app in the provider's developer portal"
+        }
+        FailureClass::Transient => {
+            "the provider or the network failed for now: start over with a fresh authorization in a moment"
+        }
+    }
+}
+
+/// The enabled provider config named `name`.
+pub fn enabled_provider<'a>(
+    config: &'a Config,
+    name: &str,
+) -> Result<&'a ProviderConfig, ConnectError> {
+    config
+        .providers
+        .get(name)
+        .filter(|p| p.enabled)
+        .ok_or_else(|| ConnectError::UnknownProvider {
+            provider: name.to_string(),
+        })
+}
+
+/// How long one connection to the callback listener may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The loopback listener `refreshd connect` waits on for exactly one callback.
+pub struct CallbackListener {
+    listener: TcpListener,
+    path: String,
+}
+
+/// The browser's open connection, to answer once the outcome is known.
+pub struct CallbackReply {
+    stream: TcpStream,
+}
+
+/// What the callback carried: the code and the granted scopes, or why not.
+pub type CallbackResult = Result<(SecretString, Option<String>), ConnectError>;
+
+/// Checks a redirect URI is on loopback and returns it parsed.
+pub fn loopback_redirect(name: &str, p: &ProviderConfig) -> Result<url::Url, ConnectError> {
+    let raw = redirect_uri(name, p)?;
+    let url = crate::config::check_redirect_uri(raw).map_err(|message| ConnectError::Invalid {
+        what: "redirect_uri",
+        message,
+    })?;
+    let loopback = url.scheme() == "http"
+        && match url.host() {
+            Some(url::Host::Ipv4(a)) => a.is_loopback(),
+            Some(url::Host::Ipv6(a)) => a.is_loopback(),
+            Some(url::Host::Domain(d)) => d == "localhost",
+            None => false,
+        };
+    if !loopback {
+        return Err(ConnectError::NotLoopback {
+            provider: name.to_string(),
+            uri: raw.to_string(),
+        });
+    }
+    Ok(url)
+}
+
+impl CallbackListener {
+    /// Binds the redirect URI's host and port (port 80 when none is given).
+    pub async fn bind(redirect: &url::Url) -> Result<CallbackListener, ConnectError> {
+        let host = match redirect.host() {
+            Some(url::Host::Domain(_)) => "127.0.0.1".to_string(),
+            Some(url::Host::Ipv6(a)) => format!("[{a}]"),
+            Some(h) => h.to_string(),
+            None => "127.0.0.1".to_string(),
+        };
+        let addr = format!("{host}:{}", redirect.port_or_known_default().unwrap_or(80));
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| ConnectError::Bind { addr, source })?;
+        Ok(CallbackListener {
+            listener,
+            path: redirect.path().to_string(),
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Waits for the callback on the redirect path, answering anything else with 404.
+    /// Checks `state` in constant time and turns `error` into `Denied`. The code and the
+    /// granted scopes come back with the browser's connection; answer it with
+    /// [`CallbackReply::respond`].
+    pub async fn accept(
+        &self,
+        expected_state: &str,
+        timeout: Duration,
+    ) -> Result<(CallbackReply, CallbackResult), ConnectError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (mut stream, _) = tokio::time::timeout_at(deadline, self.listener.accept())
+                .await
+                .map_err(|_| ConnectError::Timeout(timeout))??;
+            // A connection that sends nothing must not hold the one callback slot.
+            let read_by = deadline.min(tokio::time::Instant::now() + READ_TIMEOUT);
+            let target = match tokio::time::timeout_at(read_by, read_target(&mut stream)).await {
+                Err(_) if read_by == deadline => return Err(ConnectError::Timeout(timeout)),
+                Err(_) | Ok(Err(_)) | Ok(Ok(None)) => continue,
+                Ok(Ok(Some(t))) => t,
+            };
+            let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+            if path != self.path {
+                let _ = write_response(&mut stream, "404 Not Found", "Not found.").await;
+                continue;
+            }
+            let result = parse_callback(query, expected_state);
+            return Ok((CallbackReply { stream }, result));
+        }
+    }
+}
+
+impl CallbackReply {
+    /// Answers the browser with a short HTML page.
+    pub async fn respond(mut self, ok: bool, message: &str) {
+        let status = if ok { "200 OK" } else { "400 Bad Request" };
+        let _ = write_response(&mut self.stream, status, message).await;
+    }
+}
+
+/// Parses a callback query: checks the state, then `error` or `code` (+ `scopes`).
+pub fn parse_callback(
+    query: &str,
+    expected_state: &str,
+) -> Result<(SecretString, Option<String>), ConnectError> {
+    let mut code = None;
+    let mut state = None;
+    let mut scopes = None;
+    let mut error = None;
+    let mut description = None;
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "code" => code = Some(SecretString::from(v.into_owned())),
+            "state" => state = Some(v.into_owned()),
+            "scopes" | "scope" => scopes = Some(v.into_owned()),
+            "error" => error = Some(v.into_owned()),
+            "error_description" => description = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    if !state.is_some_and(|s| state_matches(expected_state, &s)) {
+        return Err(ConnectError::StateMismatch);
+    }
+    if let Some(error) = error {
+        return Err(ConnectError::Denied {
+            error: clip(&error, 80),
+            description: description.map(|d| clip(&d, 300)),
+        });
+    }
+    let code = code
+        .filter(|c| !c.expose_secret().is_empty())
+        .ok_or(ConnectError::NoCode)?;
+    Ok((code, scopes))
+}
+
+fn clip(s: &str, n: usize) -> String {
+    s.chars().filter(|c| !c.is_control()).take(n).collect()
+}
+
+/// Reads an HTTP request head and returns its target (path and query).
+async fn read_target(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        if buf.len() > 16 * 1024 {
+            return Ok(None);
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let mut parts = head.lines().next().unwrap_or("").split(' ');
+    match (parts.next(), parts.next()) {
+        (Some("GET"), Some(target)) => Ok(Some(target.to_string())),
+        _ => Ok(None),
+    }
+}
+
+async fn write_response(
+    stream: &mut TcpStream,
+    status: &str,
+    message: &str,
+) -> std::io::Result<()> {
+    let escaped = message
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
+    let body = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>refreshd</title></head><body><h1>refreshd</h1><p>{escaped}</p></body></html>"
+    );
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(resp.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(extra: &str) -> Config {
+        Config::from_toml_str(&format!(
+            "[providers.tiktok]\nclient_key = \"ck\"\nclient_secret = \"cs\"\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn state_is_256_bits_urlsafe_and_compared_exactly() {
+        let a = new_state();
+        assert_eq!(a.len(), 43);
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        );
+        assert_ne!(a, new_state());
+        assert!(state_matches(&a, &a.clone()));
+        assert!(!state_matches(&a, &a[..42]));
+        assert!(!state_matches(&a, ""));
+    }
+
+    #[test]
+    fn pkce_s256_matches_rfc7636_example() {
+        assert_eq!(
+            s256_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+        );
+        let p = Pkce::new();
+        assert_eq!(p.verifier.expose_secret().len(), 43);
+        assert_eq!(p.challenge, s256_challenge(p.verifier.expose_secret()));
+    }
+
+    #[test]
+    fn authorize_url_has_tiktok_params() {
+        let c = provider("redirect_uri = \"http://127.0.0.1:8788/callback\"\n");
+        let p = &c.providers["tiktok"];
+        let scopes = vec!["user.info.basic".to_string(), "video.list".to_string()];
+        let u = authorize_url("tiktok", p, &scopes, "st", None).unwrap();
+        assert!(
+            u.as_str()
+                .starts_with("https://www.tiktok.com/v2/auth/authorize/?")
+        );
+        let q: Vec<(String, String)> = u.query_pairs().into_owned().collect();
+        let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("client_key"), Some("ck"));
+        assert_eq!(get("response_type"), Some("code"));
+        assert_eq!(get("scope"), Some("user.info.basic,video.list"));
+        assert_eq!(get("redirect_uri"), Some("http://127.0.0.1:8788/callback"));
+        assert_eq!(get("state"), Some("st"));
+        assert_eq!(get("code_challenge"), None);
+        let u = authorize_url("tiktok", p, &scopes, "st", Some("chal")).unwrap();
+        let q: Vec<(String, String)> = u.query_pairs().into_owned().collect();
+        assert!(q.contains(&("code_challenge".into(), "chal".into())));
+        assert!(q.contains(&("code_challenge_method".into(), "S256".into())));
+    }
+
+    #[test]
+    fn authorize_url_needs_redirect_uri() {
+        let c = provider("");
+        let e = authorize_url("tiktok", &c.providers["tiktok"], &[], "s", None).unwrap_err();
+        assert!(e.to_string().contains("redirect_uri is not set"), "{e}");
+    }
+
+    #[test]
+    fn config_validates_new_keys() {
+        for (extra, key) in [
+            ("redirect_uri = \"/callback\"", "redirect_uri"),
+            (
+                "authorize_url = \"http://example.com/auth\"",
+                "authorize_url",
+            ),
+            ("scopes = [\"a,b\"]", "scopes"),
+        ] {
+            let e = Config::from_toml_str(&format!(
+                "[providers.tiktok]\nclient_key = \"ck\"\nclient_secret = \"cs\"\n{extra}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        let c = provider("authorize_url = \"http://127.0.0.1:9/a\"\nscopes = [\"x\"]\npkce = true");
+        assert!(c.providers["tiktok"].pkce);
+    }
+
+    #[test]
+    fn loopback_redirect_required_for_connect() {
+        let c = provider("redirect_uri = \"https://app.example.com/cb\"");
+        let e = loopback_redirect("tiktok", &c.providers["tiktok"]).unwrap_err();
+        assert!(e.to_string().contains("daemon's server"), "{e}");
+        let c = provider("redirect_uri = \"http://localhost:8788/callback\"");
+        assert!(loopback_redirect("tiktok", &c.providers["tiktok"]).is_ok());
+    }
+
+    #[test]
+    fn callback_parsing() {
+        let (code, scopes) = parse_callback("code=abc&scopes=a%2Cb&state=S", "S").unwrap();
+        assert_eq!(code.expose_secret(), "abc");
+        assert_eq!(scopes.as_deref(), Some("a,b"));
+        assert!(matches!(
+            parse_callback("code=abc&state=T", "S"),
+            Err(ConnectError::StateMismatch)
+        ));
+        assert!(matches!(
+            parse_callback("code=abc", "S"),
+            Err(ConnectError::StateMismatch)
+        ));
+        let e = parse_callback(
+            "error=access_denied&error_description=User+said+no&state=S",
+            "S",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the provider refused the authorization: access_denied: User said no"
+        );
+        assert!(matches!(
+            parse_callback("state=S", "S"),
+            Err(ConnectError::NoCode)
+        ));
+    }
+
+    #[test]
+    fn missing_scopes_named() {
+        let req = parse_scopes("user.info.basic, video.list");
+        assert_eq!(
+            missing_scopes(&req, "user.info.basic"),
+            vec!["video.list".to_string()]
+        );
+        assert!(missing_scopes(&req, "video.list,user.info.basic").is_empty());
+    }
+
+    #[test]
+    fn new_account_from_tokens() {
+        let c = provider("");
+        let tokens = TokenSet {
+            access_token: SecretString::from("a"),
+            refresh_token: Some(SecretString::from("r")),
+            expires_in: 7200,
+            refresh_expires_in: Some(180 * 86_400),
+            subject: Some("u1".into()),
+            scope: Some("user.info.basic".into()),
+            token_type: "Bearer".into(),
+        };
+        let a = new_account("tiktok", tokens.clone(), Some("me".into()), 1000, &c).unwrap();
+        assert_eq!(a.subject, "u1");
+        assert_eq!(a.status, Status::Active);
+        assert!(a.next_refresh_at <= 1000 + 7200 && a.next_refresh_at > 1000);
+        let mut no_id = tokens;
+        no_id.subject = None;
+        assert!(new_account("tiktok", no_id, None, 1000, &c).is_err());
+    }
+
+    #[tokio::test]
+    async fn listener_skips_other_paths_and_answers_the_callback() {
+        let redirect = url::Url::parse("http://127.0.0.1:0/callback").unwrap();
+        let l = CallbackListener::bind(&redirect).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let browser = tokio::spawn(async move {
+            let get = |path: &'static str| async move {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                    .await
+                    .unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).await.unwrap();
+                out
+            };
+            let favicon = get("/favicon.ico").await;
+            let page = get("/callback?code=c1&scopes=a&state=S").await;
+            (favicon, page)
+        });
+        let (reply, result) = l.accept("S", Duration::from_secs(10)).await.unwrap();
+        let (code, scopes) = result.unwrap();
+        assert_eq!(code.expose_secret(), "c1");
+        assert_eq!(scopes.as_deref(), Some("a"));
+        reply.respond(true, "Connected <you>.").await;
+        let (favicon, page) = browser.await.unwrap();
+        assert!(favicon.starts_with("HTTP/1.1 404"), "{favicon}");
+        assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+        assert!(page.contains("Connected &lt;you&gt;."), "{page}");
+    }
+
+    #[tokio::test]
+    async fn listener_times_out() {
+        let redirect = url::Url::parse("http://127.0.0.1:0/callback").unwrap();
+        let l = CallbackListener::bind(&redirect).await.unwrap();
+        let e = l
+            .accept("S", Duration::from_millis(50))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string()
+                .contains("no authorization arrived within 50ms"),
+            "{e}"
+        );
+    }
+}
