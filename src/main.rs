@@ -507,6 +507,7 @@ async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
                 let mut v = serde_json::json!({
                     "id": a.id, "provider": a.provider, "subject": a.subject, "label": a.label,
                     "status": a.status, "reauth_reason": a.reauth_reason,
+                    "reconnect": a.status.needs_human().then(|| telemetry::reconnect_command(&a.provider, a.id)),
                     "reauth_flagged_at": a.reauth_flagged_at.map(rfc3339),
                     "scope": a.scope, "token_type": a.token_type,
                     "access_expires_at": rfc3339(a.access_expires_at),
@@ -532,6 +533,12 @@ async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
                     println!(
                         "  reauth reason      {r} (flagged {})",
                         opt(a.reauth_flagged_at)
+                    );
+                }
+                if a.status.needs_human() {
+                    println!(
+                        "  to re-authorize    {}",
+                        telemetry::reconnect_command(&a.provider, a.id)
                     );
                 }
                 println!("  scope              {}", a.scope);

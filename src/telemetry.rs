@@ -83,6 +83,12 @@ pub fn reauth_required(
         label = label.unwrap_or(""),
         reason,
         refresh_expires_at = refresh_expires_at.map(rfc3339).unwrap_or_default(),
+        reconnect = %reconnect_command(provider, account),
         "account {account} ({provider}/{subject}) needs re-authorization: {reason}"
     );
+}
+
+/// The command an admin runs (with the user at the browser) to re-authorize an account.
+pub fn reconnect_command(provider: &str, account: i64) -> String {
+    format!("refreshd connect {provider} --account {account}")
 }

@@ -773,6 +773,21 @@ async fn run_once_refreshes_due_and_exit_code() {
     assert_eq!(done.len(), 1, "{out:#?}");
     assert_eq!(done[0]["rotated"], 4, "{}", done[0]);
     assert_eq!(done[0]["newly_flagged"], 1, "{}", done[0]);
+    let flagged = events_in(
+        &out.stderr.lines().map(String::from).collect::<Vec<_>>(),
+        "reauth_required",
+    );
+    assert_eq!(flagged.len(), 1, "{out:#?}");
+    let reconnect = format!(
+        "refreshd connect tiktok --account {}",
+        flagged[0]["account"]
+    );
+    assert_eq!(
+        flagged[0]["reconnect"],
+        reconnect.as_str(),
+        "{}",
+        flagged[0]
+    );
     let stats = w.sandbox.stats();
     assert_eq!(stats.refreshed, 4, "{stats:?}");
     assert_eq!(stats.revoked_rejected, 1, "{stats:?}");
@@ -815,7 +830,10 @@ async fn run_once_refreshes_due_and_exit_code() {
             && out
                 .stdout
                 .contains("reauth reason      invalid_grant (flagged ")
-            && out.stdout.contains("Authorization has been revoked"),
+            && out.stdout.contains("Authorization has been revoked")
+            && out.stdout.contains(&format!(
+                "to re-authorize    refreshd connect tiktok --account {rid}"
+            )),
         "{out:#?}"
     );
 
