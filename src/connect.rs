@@ -4,8 +4,8 @@
 //! Nothing here prints or logs a token, a code, a state or a PKCE verifier.
 
 use crate::config::{Config, ProviderConfig};
-use crate::model::{ReauthReason, Status, TokenSet};
-use crate::policy::{self, RefreshTokenState};
+use crate::model::{Status, TokenSet};
+use crate::policy;
 use crate::provider::{FailureClass, Provider, ProviderFailure};
 use crate::store::{NewAccount, Store, StoreError, sqlite};
 use base64::Engine;
@@ -230,16 +230,11 @@ pub fn new_account(
     )
     .min(access_expires_at);
     let refresh_expires_at = tokens.refresh_expires_in.map(|s| now + s);
-    let (status, reason) =
-        match policy::refresh_token_state(now, refresh_expires_at, config.reauth.window) {
-            RefreshTokenState::Fine => (Status::Active, None),
-            RefreshTokenState::Expiring => {
-                (Status::Expiring, Some(ReauthReason::RefreshTokenExpiring))
-            }
-            RefreshTokenState::Expired => {
-                (Status::NeedsReauth, Some(ReauthReason::RefreshTokenExpired))
-            }
-        };
+    let (status, reason) = policy::status_for(policy::refresh_token_state(
+        now,
+        refresh_expires_at,
+        config.reauth.window,
+    ));
     Ok(NewAccount {
         provider: provider.to_string(),
         subject,

@@ -8,7 +8,7 @@
 
 use crate::clock::{Clock, rfc3339};
 use crate::config::Config;
-use crate::model::{Account, ReauthReason, Status};
+use crate::model::{Account, ReauthReason};
 use crate::policy::{self, RefreshTokenState};
 use crate::provider::{FailureClass, Providers};
 use crate::store::{Outcome, Recorded, Store, StoreError};
@@ -354,58 +354,50 @@ impl Engine {
         let duration_ms = started.elapsed().as_millis() as i64;
         let now = self.clock.now();
         let outcome = match result {
-            Ok((tokens, status)) => match &tokens.subject {
-                Some(s) if s != &account.subject => Outcome::Rejected {
-                    account_id: account.id,
-                    generation: account.generation,
-                    reason: ReauthReason::SubjectMismatch,
-                    at: now,
-                    error: format!(
-                        "the provider returned tokens for user {s:?}, not this account's {:?}; nothing stored",
-                        account.subject
-                    ),
-                    http_status: Some(status),
-                    duration_ms,
-                },
-                _ => {
-                    let access_expires_at = now + tokens.expires_in;
-                    let next = policy::next_refresh_at(
-                        &cfg.refresh.timing(),
-                        access_expires_at,
-                        tokens.expires_in,
-                        Some(now),
-                        &mut rand::rng(),
-                    );
-                    let refresh_expires_at = tokens
-                        .refresh_expires_in
-                        .map(|s| now + s)
-                        .or(account.refresh_expires_at);
-                    let (status_after, reason) = match policy::refresh_token_state(
-                        now,
-                        refresh_expires_at,
-                        cfg.reauth.window,
-                    ) {
-                        RefreshTokenState::Fine => (Status::Active, None),
-                        RefreshTokenState::Expiring => {
-                            (Status::Expiring, Some(ReauthReason::RefreshTokenExpiring))
-                        }
-                        RefreshTokenState::Expired => {
-                            (Status::NeedsReauth, Some(ReauthReason::RefreshTokenExpired))
-                        }
-                    };
-                    Outcome::Rotated {
+            Ok((tokens, status)) => {
+                match &tokens.subject {
+                    Some(s) if s != &account.subject => Outcome::Rejected {
                         account_id: account.id,
                         generation: account.generation,
-                        tokens,
+                        reason: ReauthReason::SubjectMismatch,
                         at: now,
-                        next_refresh_at: next,
-                        status: status_after,
-                        reauth_reason: reason,
+                        error: format!(
+                            "the provider returned tokens for user {s:?}, not this account's {:?}; nothing stored",
+                            account.subject
+                        ),
                         http_status: Some(status),
                         duration_ms,
+                    },
+                    _ => {
+                        let access_expires_at = now + tokens.expires_in;
+                        let next = policy::next_refresh_at(
+                            &cfg.refresh.timing(),
+                            access_expires_at,
+                            tokens.expires_in,
+                            Some(now),
+                            &mut rand::rng(),
+                        );
+                        let refresh_expires_at = tokens
+                            .refresh_expires_in
+                            .map(|s| now + s)
+                            .or(account.refresh_expires_at);
+                        let (status_after, reason) = policy::status_for(
+                            policy::refresh_token_state(now, refresh_expires_at, cfg.reauth.window),
+                        );
+                        Outcome::Rotated {
+                            account_id: account.id,
+                            generation: account.generation,
+                            tokens,
+                            at: now,
+                            next_refresh_at: next,
+                            status: status_after,
+                            reauth_reason: reason,
+                            http_status: Some(status),
+                            duration_ms,
+                        }
                     }
                 }
-            },
+            }
             Err(f) => match f.class {
                 FailureClass::Transient => {
                     let failures = (account.failures + 1).clamp(1, u32::MAX as i64) as u32;

@@ -3,8 +3,8 @@
 //! checked before anything is written, and each problem names its line.
 
 use crate::clock::rfc3339;
-use crate::model::{ReauthReason, Status, TokenSet};
-use crate::policy::{self, RefreshTiming, RefreshTokenState};
+use crate::model::TokenSet;
+use crate::policy::{self, RefreshTiming};
 use crate::store::NewAccount;
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -155,15 +155,7 @@ pub fn parse(
                     .min(access_expires_at);
             let refresh_expires_at = refresh_expires_in.map(|s| obtained + s);
             let (status, reason) =
-                match policy::refresh_token_state(now, refresh_expires_at, window) {
-                    RefreshTokenState::Fine => (Status::Active, None),
-                    RefreshTokenState::Expiring => {
-                        (Status::Expiring, Some(ReauthReason::RefreshTokenExpiring))
-                    }
-                    RefreshTokenState::Expired => {
-                        (Status::NeedsReauth, Some(ReauthReason::RefreshTokenExpired))
-                    }
-                };
+                policy::status_for(policy::refresh_token_state(now, refresh_expires_at, window));
             Ok(NewAccount {
                 provider,
                 subject,
@@ -238,6 +230,7 @@ pub fn announce_flagged(records: &[NewAccount], ids: &[(i64, bool)]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Status;
 
     fn timing() -> RefreshTiming {
         RefreshTiming {

@@ -1,6 +1,7 @@
 //! Pure scheduling rules: when to refresh, how long to back off, when a refresh token is
 //! close enough to its end that a person must log in again. No I/O; randomness is passed in.
 
+use crate::model::{ReauthReason, Status};
 use rand::Rng;
 use std::time::Duration;
 
@@ -88,6 +89,18 @@ pub fn refresh_token_state(
         Some(end) if end <= now => RefreshTokenState::Expired,
         Some(end) if end <= now + window.as_secs() as i64 => RefreshTokenState::Expiring,
         Some(_) => RefreshTokenState::Fine,
+    }
+}
+
+/// The status (and reauth reason) an account with fresh tokens gets from its refresh token's
+/// state: one rule for refreshes, imports and connects.
+pub fn status_for(state: RefreshTokenState) -> (Status, Option<ReauthReason>) {
+    match state {
+        RefreshTokenState::Fine => (Status::Active, None),
+        RefreshTokenState::Expiring => (Status::Expiring, Some(ReauthReason::RefreshTokenExpiring)),
+        RefreshTokenState::Expired => {
+            (Status::NeedsReauth, Some(ReauthReason::RefreshTokenExpired))
+        }
     }
 }
 
