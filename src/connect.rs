@@ -358,6 +358,40 @@ fn exchange_hint(class: FailureClass) -> &'static str {
     }
 }
 
+/// One authorization attempt: the scopes asked for, a fresh `state`, PKCE when the profile
+/// wants it, and the URL to send the user to.
+pub struct Authorization {
+    pub scopes: Vec<String>,
+    pub state: String,
+    pub pkce: Option<Pkce>,
+    pub url: url::Url,
+}
+
+/// Prepares an authorization for `name`, with `scopes` (comma-separated) or the
+/// provider's configured ones.
+pub fn prepare_authorization(
+    name: &str,
+    p: &ProviderConfig,
+    scopes: Option<&str>,
+) -> Result<Authorization, ConnectError> {
+    let scopes = scopes.map(parse_scopes).unwrap_or_else(|| p.scopes.clone());
+    let state = new_state();
+    let pkce = p.pkce.then(Pkce::new);
+    let url = authorize_url(
+        name,
+        p,
+        &scopes,
+        &state,
+        pkce.as_ref().map(|k| k.challenge.as_str()),
+    )?;
+    Ok(Authorization {
+        scopes,
+        state,
+        pkce,
+        url,
+    })
+}
+
 /// The enabled provider config named `name`.
 pub fn enabled_provider<'a>(
     config: &'a Config,

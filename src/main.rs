@@ -293,19 +293,9 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         Command::AuthorizeUrl { provider, scopes } => {
             let config = load_config(&cli)?;
             let p = connect::enabled_provider(&config, provider)?;
-            let scopes = scopes
-                .as_deref()
-                .map(connect::parse_scopes)
-                .unwrap_or_else(|| p.scopes.clone());
-            let state = connect::new_state();
-            let pkce = p.pkce.then(connect::Pkce::new);
-            let url = connect::authorize_url(
-                provider,
-                p,
-                &scopes,
-                &state,
-                pkce.as_ref().map(|k| k.challenge.as_str()),
-            )?;
+            let connect::Authorization {
+                state, pkce, url, ..
+            } = connect::prepare_authorization(provider, p, scopes.as_deref())?;
             println!("{url}");
             eprintln!("state: {state}");
             eprintln!("  check that the callback's `state` is exactly this before using its code");
@@ -674,18 +664,12 @@ async fn connect_cmd(
 ) -> Result<u8> {
     let p = connect::enabled_provider(config, provider)?;
     let redirect = connect::loopback_redirect(provider, p)?;
-    let scopes = scopes
-        .map(connect::parse_scopes)
-        .unwrap_or_else(|| p.scopes.clone());
-    let state = connect::new_state();
-    let pkce = p.pkce.then(connect::Pkce::new);
-    let url = connect::authorize_url(
-        provider,
-        p,
-        &scopes,
-        &state,
-        pkce.as_ref().map(|k| k.challenge.as_str()),
-    )?;
+    let connect::Authorization {
+        scopes,
+        state,
+        pkce,
+        url,
+    } = connect::prepare_authorization(provider, p, scopes)?;
     if let Some(id) = account {
         // Fail before the browser dance when the account does not exist.
         let store = open_existing(config).await?;

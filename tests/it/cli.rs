@@ -3,7 +3,7 @@
 //! system clock) as the token endpoint. Accounts are imported already due (`obtained_at` in
 //! the past) so nothing waits for real time to pass.
 
-use crate::helpers::{self, CLIENT_SECRET};
+use crate::helpers::{self, CLIENT_SECRET, Out};
 use refreshd::clock::Clock;
 use refreshd::sandbox::{Faults, Sandbox, SandboxConfig};
 use refreshd::store::{Store, StoreOptions};
@@ -23,19 +23,7 @@ const DUE: i64 = 7_000;
 /// Longest any single CLI invocation may take.
 const CLI_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// What one CLI run printed and how it ended.
-#[derive(Debug)]
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
 impl Out {
-    fn all(&self) -> String {
-        format!("{}{}", self.stdout, self.stderr)
-    }
-
     #[track_caller]
     fn ok(&self) -> &Self {
         assert_eq!(self.code, Some(0), "expected success: {self:#?}");

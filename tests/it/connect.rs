@@ -2,7 +2,7 @@
 //! sandbox's authorization page and token endpoint. The test plays the browser: it fetches
 //! the printed authorization URL and follows the sandbox's 302 to the connect listener.
 
-use crate::helpers::{self, TestApp};
+use crate::helpers::{self, Out, TestApp};
 use refreshd::model::{ReauthReason, Status};
 use refreshd::sandbox::{Consent, SandboxConfig};
 use refreshd::store::Outcome;
@@ -14,19 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(20);
-
-#[derive(Debug)]
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn all(&self) -> String {
-        format!("{}{}", self.stdout, self.stderr)
-    }
-}
 
 struct World {
     app: TestApp,

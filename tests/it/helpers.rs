@@ -182,3 +182,17 @@ where
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_refreshd")
 }
+
+/// What one run of the binary printed and how it ended.
+#[derive(Debug)]
+pub struct Out {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
