@@ -258,25 +258,14 @@ pub async fn store_account(
     // The check and the write share one transaction: nothing can slip in between.
     let row = account.clone();
     let ids = store
-        .call(move |c| {
-            let tx = c
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(|source| StoreError::Sqlite {
-                    context: "begin storing a connected account",
-                    source,
-                })?;
+        .in_tx("store a connected account", move |tx| {
             if let Some(id) = expect_id {
-                let existing = sqlite::get(&tx, id)?.ok_or(StoreError::NotFound(id))?;
+                let existing = sqlite::get(tx, id)?.ok_or(StoreError::NotFound(id))?;
                 if existing.provider != row.provider || existing.subject != row.subject {
                     return Ok(Err((id, existing.provider, existing.subject)));
                 }
             }
-            let ids = sqlite::upsert(&tx, std::slice::from_ref(&row), now)?;
-            tx.commit().map_err(|source| StoreError::Sqlite {
-                context: "commit a connected account",
-                source,
-            })?;
-            Ok(Ok(ids))
+            Ok(Ok(sqlite::upsert(tx, std::slice::from_ref(&row), now)?))
         })
         .await?
         .map_err(

@@ -458,19 +458,8 @@ impl Store {
         accounts: Vec<NewAccount>,
         now: i64,
     ) -> Result<Vec<(i64, bool)>, StoreError> {
-        self.call(move |c| {
-            let tx = c
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(|source| StoreError::Sqlite {
-                    context: "begin import",
-                    source,
-                })?;
-            let ids = sqlite::upsert(&tx, &accounts, now)?;
-            tx.commit().map_err(|source| StoreError::Sqlite {
-                context: "commit import",
-                source,
-            })?;
-            Ok(ids)
+        self.in_tx("import accounts", move |tx| {
+            sqlite::upsert(tx, &accounts, now)
         })
         .await
     }
@@ -501,7 +490,8 @@ impl Store {
             .await
     }
 
-    async fn in_tx<R, F>(&self, context: &'static str, f: F) -> Result<R, StoreError>
+    /// Runs `f` in one IMMEDIATE transaction on the worker thread; commits when it returns Ok.
+    pub async fn in_tx<R, F>(&self, context: &'static str, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&rusqlite::Transaction<'_>) -> Result<R, StoreError> + Send + 'static,
