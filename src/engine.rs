@@ -8,6 +8,7 @@
 
 use crate::clock::{Clock, rfc3339};
 use crate::config::Config;
+use crate::events::{Event, Events};
 use crate::model::{Account, ReauthReason};
 use crate::policy::{self, RefreshTokenState};
 use crate::provider::{FailureClass, Providers};
@@ -106,6 +107,10 @@ pub struct Engine {
     owner: Arc<str>,
     wake: Arc<Notify>,
     stats: Arc<Stats>,
+    events: Events,
+    /// Providers whose last answer refused our client credentials: `ProviderRejected` is
+    /// announced once per outage, not once per account.
+    rejecting: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Engine {
@@ -117,7 +122,14 @@ impl Engine {
             owner: lease_owner().into(),
             wake: Arc::new(Notify::new()),
             stats: Arc::new(Stats::default()),
+            events: Events::default(),
+            rejecting: Arc::default(),
         }
+    }
+
+    /// State changes of the accounts this engine refreshes.
+    pub fn events(&self) -> Events {
+        self.events.clone()
     }
 
     /// Wakes the loop early (an import, a `refresh` request, a reload).
@@ -494,6 +506,12 @@ impl Engine {
                     duration_ms, new_refresh_token = tokens.refresh_token.is_some(),
                     commit = if r == Recorded::Deferred { "deferred" } else { "committed" },
                     next_refresh_at = %rfc3339(*next_refresh_at), "refreshed");
+                self.provider_ok(provider);
+                self.events.emit(Event::TokensChanged {
+                    account_id: id,
+                    provider: provider.to_string(),
+                    subject: account.subject.clone(),
+                });
                 if *status != account.status {
                     if let Some(reason) = reauth_reason {
                         inc(&s.flagged);
@@ -501,15 +519,13 @@ impl Engine {
                             .refresh_expires_in
                             .map(|x| self.clock.now() + x)
                             .or(account.refresh_expires_at);
-                        telemetry::reauth_required(
-                            id,
-                            provider,
-                            &account.subject,
-                            account.label.as_deref(),
-                            reason.as_str(),
-                            refresh_expires_at,
-                        );
+                        self.reauth_required(account, reason.as_str(), refresh_expires_at);
                     } else {
+                        self.events.emit(Event::Recovered {
+                            account_id: id,
+                            provider: provider.to_string(),
+                            subject: account.subject.clone(),
+                        });
                         tracing::info!(
                             event = "reauth_cleared",
                             account = id,
@@ -546,6 +562,17 @@ impl Engine {
                 tracing::error!(event = "provider_config_error", account = id, provider, outcome = "config_error",
                     duration_ms, http_status, error = %error, retry_at = %rfc3339(*next_refresh_at),
                     "the provider rejected our client configuration; check [providers.{provider}]");
+                let newly = self
+                    .rejecting
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(provider.to_string());
+                if newly {
+                    self.events.emit(Event::ProviderRejected {
+                        provider: provider.to_string(),
+                        error: error.clone(),
+                    });
+                }
             }
             (
                 Outcome::Rejected {
@@ -559,14 +586,7 @@ impl Engine {
                 inc(&s.flagged);
                 tracing::info!(event = "refresh", account = id, provider, outcome = "rejected", duration_ms,
                     http_status, error = %error, "refresh rejected for good");
-                telemetry::reauth_required(
-                    id,
-                    provider,
-                    &account.subject,
-                    account.label.as_deref(),
-                    reason.as_str(),
-                    account.refresh_expires_at,
-                );
+                self.reauth_required(account, reason.as_str(), account.refresh_expires_at);
             }
             (Outcome::Released { .. }, _) => {
                 inc(&s.released);
@@ -577,6 +597,44 @@ impl Engine {
                     "not started before shutdown"
                 );
             }
+        }
+    }
+
+    fn reauth_required(&self, account: &Account, reason: &str, refresh_expires_at: Option<i64>) {
+        telemetry::reauth_required(
+            account.id,
+            &account.provider,
+            &account.subject,
+            account.label.as_deref(),
+            reason,
+            refresh_expires_at,
+        );
+        self.events.emit(Event::ReauthRequired {
+            account_id: account.id,
+            provider: account.provider.clone(),
+            subject: account.subject.clone(),
+            label: account.label.clone(),
+            reason: reason.to_string(),
+            refresh_expires_at,
+        });
+    }
+
+    /// A successful refresh proves the provider takes our credentials again.
+    fn provider_ok(&self, provider: &str) {
+        let was = self
+            .rejecting
+            .lock()
+            .expect("not poisoned")
+            .remove(provider);
+        if was {
+            tracing::info!(
+                event = "provider_recovered",
+                provider,
+                "the provider accepts our client credentials again"
+            );
+            self.events.emit(Event::ProviderRecovered {
+                provider: provider.to_string(),
+            });
         }
     }
 }

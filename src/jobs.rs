@@ -4,6 +4,7 @@
 
 use crate::clock::{Clock, rfc3339};
 use crate::engine::Settings;
+use crate::events::{Event, Events};
 use crate::store::{Store, StoreError, SweepReport};
 use crate::telemetry;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ pub async fn sweep(
     store: &Store,
     clock: &Clock,
     window: std::time::Duration,
+    events: &Events,
 ) -> Result<SweepReport, StoreError> {
     let report = store.sweep(clock.now(), window).await?;
     for (a, reason) in report
@@ -49,6 +51,14 @@ pub async fn sweep(
             reason,
             a.refresh_expires_at,
         );
+        events.emit(Event::ReauthRequired {
+            account_id: a.id,
+            provider: a.provider.clone(),
+            subject: a.subject.clone(),
+            label: a.label.clone(),
+            reason: reason.to_string(),
+            refresh_expires_at: a.refresh_expires_at,
+        });
     }
     tracing::info!(
         event = "reauth_sweep",
@@ -125,6 +135,7 @@ pub async fn start(
     store: Store,
     clock: Clock,
     settings: watch::Receiver<Arc<Settings>>,
+    events: Events,
 ) -> Result<JobScheduler, JobSchedulerError> {
     let sched = JobScheduler::new().await?;
     let cfg = settings.borrow().config.clone();
@@ -132,10 +143,10 @@ pub async fn start(
         let (store, clock, settings) = (store.clone(), clock.clone(), settings.clone());
         sched
             .add(Job::new_async(cfg.reauth.sweep_cron.as_str(), move |_, _| {
-                let (store, clock) = (store.clone(), clock.clone());
+                let (store, clock, events) = (store.clone(), clock.clone(), events.clone());
                 let window = settings.borrow().config.reauth.window;
                 Box::pin(async move {
-                    if let Err(e) = sweep(&store, &clock, window).await {
+                    if let Err(e) = sweep(&store, &clock, window, &events).await {
                         tracing::error!(event = "reauth_sweep_failed", error = %e, "reauth sweep failed; it runs again on schedule");
                     }
                 })

@@ -11,6 +11,7 @@
 //!   commit, the recovery file.
 //! - [`provider`]: builds token requests and classifies answers (TikTok first).
 //! - [`engine`]: the refresh loop.
+//! - [`events`]: in-process state changes (tokens rotated, reauth needed, recovered).
 //! - [`jobs`]: cron jobs: reauth sweep, digest, log pruning.
 //! - [`lifecycle`]: running the daemon: signals, reload, systemd notifications.
 //! - [`connect`]: connecting accounts: authorization URL, loopback callback, code exchange.
@@ -34,6 +35,7 @@ pub mod config;
 pub mod connect;
 pub mod demo;
 pub mod engine;
+pub mod events;
 pub mod import;
 pub mod jobs;
 pub mod lifecycle;

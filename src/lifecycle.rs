@@ -106,7 +106,7 @@ pub async fn run(
 
     if opts.once {
         engine.run_due(shutdown.clone()).await?;
-        let report = jobs::sweep(&store, &opts.clock, cfg.reauth.window).await?;
+        let report = jobs::sweep(&store, &opts.clock, cfg.reauth.window, &engine.events()).await?;
         if let Some(cb) = opts.on_ready.take() {
             cb(&store, &engine);
         }
@@ -127,10 +127,15 @@ pub async fn run(
     }
 
     // Start-up sweep: accounts that ran into the window while we were down are flagged now.
-    jobs::sweep(&store, &opts.clock, cfg.reauth.window).await?;
-    let mut scheduler = jobs::start(store.clone(), opts.clock.clone(), settings_rx.clone())
-        .await
-        .map_err(|e| DaemonError::Jobs(format!("{e:?}")))?;
+    jobs::sweep(&store, &opts.clock, cfg.reauth.window, &engine.events()).await?;
+    let mut scheduler = jobs::start(
+        store.clone(),
+        opts.clock.clone(),
+        settings_rx.clone(),
+        engine.events(),
+    )
+    .await
+    .map_err(|e| DaemonError::Jobs(format!("{e:?}")))?;
 
     let engine_task = {
         let engine = engine.clone();
@@ -161,7 +166,7 @@ pub async fn run(
                         settings_tx.send_replace(Arc::new(new));
                         if crons_changed {
                             let _ = scheduler.shutdown().await;
-                            match jobs::start(store.clone(), opts.clock.clone(), settings_rx.clone()).await {
+                            match jobs::start(store.clone(), opts.clock.clone(), settings_rx.clone(), engine.events()).await {
                                 Ok(s) => scheduler = s,
                                 Err(e) => tracing::error!(event = "reload_jobs_failed", error = ?e, "periodic jobs could not be restarted with the new schedule"),
                             }

@@ -599,7 +599,9 @@ async fn reauth_window_flagging_and_digest() {
 
     // Day 24: "short" ends in 6 days and "brief" in 1, both inside the 7-day window.
     app.clock.set(T0 + 24 * DAY);
-    let report = jobs::sweep(&store, &app.clock, window).await.unwrap();
+    let report = jobs::sweep(&store, &app.clock, window, &Default::default())
+        .await
+        .unwrap();
     let mut expiring: Vec<i64> = report.expiring.iter().map(|a| a.id).collect();
     expiring.sort();
     assert_eq!(expiring, [short, brief]);
@@ -612,7 +614,9 @@ async fn reauth_window_flagging_and_digest() {
     }
     assert_eq!(account(&store, long).await.status, Status::Active);
     // Reported once.
-    let again = jobs::sweep(&store, &app.clock, window).await.unwrap();
+    let again = jobs::sweep(&store, &app.clock, window, &Default::default())
+        .await
+        .unwrap();
     assert!(again.expiring.is_empty() && again.expired.is_empty());
     assert_eq!(jobs::digest(&store).await.unwrap(), 2);
 
@@ -641,7 +645,9 @@ async fn reauth_window_flagging_and_digest() {
 
     // Day 26: "brief" has ended: the sweep flags it, and it is not refreshed any more.
     app.clock.set(T0 + 26 * DAY);
-    let report = jobs::sweep(&store, &app.clock, window).await.unwrap();
+    let report = jobs::sweep(&store, &app.clock, window, &Default::default())
+        .await
+        .unwrap();
     assert_eq!(
         report.expired.iter().map(|a| a.id).collect::<Vec<_>>(),
         [brief]
@@ -680,7 +686,9 @@ async fn reauth_window_flagging_and_digest() {
         a.last_error
     );
     assert_eq!(outcomes(&store, short).await[0], "reauth_required");
-    let again = jobs::sweep(&store, &app.clock, window).await.unwrap();
+    let again = jobs::sweep(&store, &app.clock, window, &Default::default())
+        .await
+        .unwrap();
     assert!(again.expiring.is_empty() && again.expired.is_empty());
     assert_eq!(jobs::digest(&store).await.unwrap(), 2);
     assert_eq!(account(&store, long).await.status, Status::Active);
@@ -1452,4 +1460,91 @@ async fn reload_reaches_an_idle_engine_every_time() {
         token.cancel();
         task.await.unwrap().unwrap();
     }
+}
+
+// ---- events for listeners in the process (sinks, webhooks) ----
+
+/// Drains what has been emitted so far.
+fn drain(
+    rx: &mut tokio::sync::broadcast::Receiver<refreshd::events::Event>,
+) -> Vec<refreshd::events::Event> {
+    let mut out = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        out.push(e);
+    }
+    out
+}
+
+#[tokio::test]
+async fn engine_announces_state_changes_once() {
+    use refreshd::events::Event;
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = app.config("");
+    let store = app.store().await;
+    let ids = app
+        .import(&store, &config, &["u1", "u2", "gone"], None)
+        .await;
+    app.sandbox.revoke("gone");
+    let (engine, settings) = engine(&store, &app.clock, &config);
+    let mut rx = engine.events().subscribe();
+
+    app.clock.set(all_due_at(&store, &ids).await);
+    engine.run_due(CancellationToken::new()).await.unwrap();
+    let mut events = drain(&mut rx);
+    events.sort_by_key(|e| format!("{e:?}"));
+    assert_eq!(
+        events,
+        vec![
+            Event::ReauthRequired {
+                account_id: ids[2],
+                provider: "tiktok".into(),
+                subject: "gone".into(),
+                label: Some("label of gone".into()),
+                reason: "invalid_grant".into(),
+                refresh_expires_at: account(&store, ids[2]).await.refresh_expires_at,
+            },
+            Event::TokensChanged {
+                account_id: ids[0],
+                provider: "tiktok".into(),
+                subject: "u1".into(),
+            },
+            Event::TokensChanged {
+                account_id: ids[1],
+                provider: "tiktok".into(),
+                subject: "u2".into(),
+            },
+        ]
+    );
+
+    // Wrong client credentials: announced once for the provider, not once per account.
+    let wrong = config_with(
+        &app,
+        &app.sandbox.token_url(),
+        &[
+            ("providers.tiktok", "client_secret", "not-the-secret".into()),
+            ("refresh", "config_error_retry", "10m".into()),
+        ],
+    );
+    settings.send_replace(Arc::new(Settings::new(wrong).unwrap()));
+    app.clock.set(all_due_at(&store, &ids[..2]).await);
+    engine.run_due(CancellationToken::new()).await.unwrap();
+    let events = drain(&mut rx);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        matches!(&events[0], Event::ProviderRejected { provider, error } if provider == "tiktok" && !error.contains("not-the-secret")),
+        "{events:?}"
+    );
+    assert!(app.sandbox.stats().client_rejected >= 2);
+
+    // Fixed credentials: the provider recovers once, both accounts get new tokens.
+    settings.send_replace(Arc::new(Settings::new(config.clone()).unwrap()));
+    app.clock.advance(Duration::from_secs(11 * 60));
+    engine.run_due(CancellationToken::new()).await.unwrap();
+    let events = drain(&mut rx);
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind()).collect();
+    assert_eq!(
+        kinds,
+        ["provider_recovered", "tokens_changed", "tokens_changed"],
+        "{events:?}"
+    );
 }
