@@ -196,6 +196,8 @@ pub struct Connected {
     pub access_expires_at: i64,
     pub refresh_expires_at: Option<i64>,
     pub status: Status,
+    /// The account's status before this connection (None: it is new).
+    pub previous_status: Option<Status>,
 }
 
 /// Builds the account row for a code-exchange answer obtained at `now`.
@@ -257,7 +259,7 @@ pub async fn store_account(
 ) -> Result<Connected, ConnectError> {
     // The check and the write share one transaction: nothing can slip in between.
     let row = account.clone();
-    let ids = store
+    let (ids, previous_status) = store
         .in_tx("store a connected account", move |tx| {
             if let Some(id) = expect_id {
                 let existing = sqlite::get(tx, id)?.ok_or(StoreError::NotFound(id))?;
@@ -265,7 +267,11 @@ pub async fn store_account(
                     return Ok(Err((id, existing.provider, existing.subject)));
                 }
             }
-            Ok(Ok(sqlite::upsert(tx, std::slice::from_ref(&row), now)?))
+            let previous = sqlite::find(tx, &row.provider, &row.subject)?.map(|a| a.status);
+            Ok(Ok((
+                sqlite::upsert(tx, std::slice::from_ref(&row), now)?,
+                previous,
+            )))
         })
         .await?
         .map_err(
@@ -290,6 +296,7 @@ pub async fn store_account(
         access_expires_at: now + account.tokens.expires_in,
         refresh_expires_at: account.tokens.refresh_expires_in.map(|s| now + s),
         status: account.status,
+        previous_status,
     })
 }
 
