@@ -29,7 +29,7 @@ pub enum ConnectError {
     )]
     NoRedirectUri { provider: String },
     #[error(
-        "providers.{provider}.redirect_uri {uri:?} is not on loopback: `refreshd connect` can only listen on this machine (127.0.0.1, [::1] or localhost). Register a loopback redirect URI, or use `refreshd authorize-url` and `refreshd exchange`; a web callback endpoint comes with the daemon's server"
+        "providers.{provider}.redirect_uri {uri:?} is not on loopback: `refreshd connect` can only listen on this machine (127.0.0.1, [::1] or localhost). Register a loopback redirect URI, let the daemon serve the callback ([connect] enabled = true, redirect_uri = \"https://<your host>/connect/{provider}/callback\"), or use `refreshd authorize-url` and `refreshd exchange`"
     )]
     NotLoopback { provider: String, uri: String },
     #[error("{what}: {message}")]

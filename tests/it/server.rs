@@ -666,3 +666,45 @@ async fn web_reconnect_clears_the_flag_and_redirects_with_the_account_id() {
     );
     w.d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_routes_on_a_unix_socket_mode_0660() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let sock = app.dir.path().join("refreshd.sock");
+    // A socket left behind by a killed daemon is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let config = api_config(&app);
+    let config = Config {
+        server: refreshd::config::ServerConfig {
+            unix_socket: Some(sock.clone()),
+            ..config.server
+        },
+        ..config
+    };
+    let d = Daemon::start(&app, config).await;
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    let ask = |req: String| {
+        let sock = sock.clone();
+        async move {
+            let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        }
+    };
+    let health =
+        ask("GET /healthz HTTP/1.1\r\nHost: refreshd\r\nConnection: close\r\n\r\n".into()).await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let denied = ask(
+        "GET /v1/accounts/1/token HTTP/1.1\r\nHost: refreshd\r\nConnection: close\r\n\r\n".into(),
+    )
+    .await;
+    assert!(denied.starts_with("HTTP/1.1 401"), "{denied}");
+    d.stop().await;
+    assert!(!sock.exists(), "the socket file is removed on shutdown");
+}
