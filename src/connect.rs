@@ -388,6 +388,17 @@ pub fn prepare_authorization(
     })
 }
 
+/// The web connect start URL that re-authorizes `account`, when the daemon serves web
+/// connect and the provider's redirect URI is its callback (`.../connect/{provider}/callback`).
+pub fn web_reconnect_url(config: &Config, provider: &str, account: i64) -> Option<String> {
+    if !config.connect.enabled {
+        return None;
+    }
+    let redirect = config.providers.get(provider)?.redirect_uri.as_deref()?;
+    let base = redirect.strip_suffix(&format!("/connect/{provider}/callback"))?;
+    Some(format!("{base}/connect/{provider}/start?account={account}"))
+}
+
 /// The enabled provider config named `name`.
 pub fn enabled_provider<'a>(
     config: &'a Config,
@@ -613,6 +624,20 @@ mod tests {
     }
 
     #[test]
+    fn web_reconnect_url_only_when_the_daemon_serves_the_callback() {
+        let web = "redirect_uri = \"https://app.example/connect/tiktok/callback\"\n[server]\nlisten = \"127.0.0.1:0\"\n[connect]\nenabled = true\n";
+        assert_eq!(
+            web_reconnect_url(&provider(web), "tiktok", 7).as_deref(),
+            Some("https://app.example/connect/tiktok/start?account=7")
+        );
+        let off = web.replace("enabled = true", "enabled = false");
+        assert_eq!(web_reconnect_url(&provider(&off), "tiktok", 7), None);
+        let own = "redirect_uri = \"https://app.example/oauth/cb\"\n[server]\nlisten = \"127.0.0.1:0\"\n[connect]\nenabled = true\n";
+        assert_eq!(web_reconnect_url(&provider(own), "tiktok", 7), None);
+        assert_eq!(web_reconnect_url(&provider(web), "google", 7), None);
+    }
+
+    #[test]
     fn pkce_s256_matches_rfc7636_example() {
         assert_eq!(
             s256_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
@@ -679,7 +704,7 @@ mod tests {
     fn loopback_redirect_required_for_connect() {
         let c = provider("redirect_uri = \"https://app.example.com/cb\"");
         let e = loopback_redirect("tiktok", &c.providers["tiktok"]).unwrap_err();
-        assert!(e.to_string().contains("daemon's server"), "{e}");
+        assert!(e.to_string().contains("[connect] enabled = true"), "{e}");
         let c = provider("redirect_uri = \"http://localhost:8788/callback\"");
         assert!(loopback_redirect("tiktok", &c.providers["tiktok"]).is_ok());
     }

@@ -625,6 +625,12 @@ impl Engine {
             account.label.as_deref(),
             reason,
             refresh_expires_at,
+            crate::connect::web_reconnect_url(
+                &self.settings.borrow().config,
+                &account.provider,
+                account.id,
+            )
+            .as_deref(),
         );
         self.events.emit(Event::ReauthRequired {
             account_id: account.id,

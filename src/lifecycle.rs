@@ -109,7 +109,7 @@ pub async fn run(
 
     if opts.once {
         engine.run_due(shutdown.clone()).await?;
-        let report = jobs::sweep(&store, &opts.clock, cfg.reauth.window, &engine.events()).await?;
+        let report = jobs::sweep(&store, &opts.clock, cfg, &engine.events()).await?;
         if let Some(cb) = opts.on_ready.take() {
             cb(&store, &engine, None);
         }
@@ -130,7 +130,7 @@ pub async fn run(
     }
 
     // Start-up sweep: accounts that ran into the window while we were down are flagged now.
-    jobs::sweep(&store, &opts.clock, cfg.reauth.window, &engine.events()).await?;
+    jobs::sweep(&store, &opts.clock, cfg, &engine.events()).await?;
     let mut scheduler = jobs::start(
         store.clone(),
         opts.clock.clone(),
