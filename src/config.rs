@@ -585,6 +585,16 @@ impl Config {
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }
 
+    /// What a configured provider refreshes with; None when it is not configured.
+    pub fn credential_of(&self, name: &str) -> Option<Credential> {
+        let p = self.providers.get(name)?;
+        Some(
+            p.profile(name)
+                .map(|prof| prof.credential)
+                .unwrap_or(Credential::RefreshToken),
+        )
+    }
+
     /// The authorization page of a provider: configured, or its profile's.
     pub fn authorize_url(name: &str, p: &ProviderConfig) -> Option<String> {
         p.profile(name).ok().and_then(|prof| prof.authorize_url)

@@ -380,10 +380,12 @@ impl Engine {
             self.finish(&account, outcome, 0).await;
             return;
         }
-        // Instagram and Threads refuse to extend a token younger than 24 hours.
+        // Instagram and Threads refuse to extend a token younger than 24 hours. The age is
+        // counted from our last refresh, else from when the account was stored (a token is
+        // never younger than that); a token that would expire first is tried anyway.
         let issued_at = account.last_refreshed_at.unwrap_or(account.created_at);
         let old_enough_at = issued_at + profile.min_token_age.as_secs() as i64;
-        if now < old_enough_at {
+        if now < old_enough_at && old_enough_at < account.access_expires_at - 60 {
             let outcome = Outcome::Transient {
                 account_id: account.id,
                 owner,

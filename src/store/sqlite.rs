@@ -334,12 +334,8 @@ pub fn upsert(
                 id
             }
             None => {
-                if refresh_token.is_empty() {
-                    return Err(StoreError::Invalid(format!(
-                        "account {}/{} has no refresh token and is not stored yet",
-                        a.provider, a.subject
-                    )));
-                }
+                // Accounts of profiles that extend the access token itself (Instagram,
+                // Facebook, Threads) have no refresh token; import checks the others.
                 let id: i64 = tx
                     .prepare_cached(
                         "INSERT INTO accounts (provider, subject, label, access_token, refresh_token,
