@@ -992,6 +992,52 @@ token_url = "http://127.0.0.1:9/v2/oauth/token/"
     }
 
     #[test]
+    fn example_config_documents_every_provider_key_and_they_parse() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("config/refreshd.toml"),
+        )
+        .unwrap();
+        // serde lists every accepted key when it meets an unknown one.
+        let err = Config::from_toml_str(
+            "[providers.tiktok]
+client_key = \"k\"\nzzz = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        let keys = err.split("expected one of: ").nth(1).expect(&err);
+        for key in keys
+            .split(", ")
+            .map(|k| k.trim_matches(|c: char| c == '`' || c.is_whitespace()))
+        {
+            let documented = text.contains(&format!("{key} = "));
+            assert!(
+                documented || key == "client_id",
+                "providers key {key} is not in config/refreshd.toml"
+            );
+        }
+        // The commented profile keys are valid as written.
+        let start = text.find("# Profile keys.").unwrap();
+        let uncommented: String = text[start..]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.split_once(" = ")
+                    .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::from_toml_str(&format!(
+            "[providers.tiktok]\nclient_key = \"k\"\nclient_secret = \"s\"\n{uncommented}"
+        ))
+        .unwrap();
+        let p = c.providers["tiktok"].profile("tiktok").unwrap();
+        let builtin = Profile::built_in("tiktok").unwrap();
+        assert_eq!(p.client_id_param, builtin.client_id_param);
+        assert_eq!(p.rotation, builtin.rotation);
+        assert_eq!(p.refresh_ttl, builtin.refresh_ttl);
+    }
+
+    #[test]
     fn example_config_file_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/refreshd.toml");
         Jail::expect_with(|jail| {

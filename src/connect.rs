@@ -660,6 +660,38 @@ mod tests {
     }
 
     #[test]
+    fn authorize_url_follows_the_profile() {
+        let c = Config::from_toml_str(
+            "[providers.yt]\nkind = \"google\"\nclient_id = \"gid\"\nclient_secret = \"cs\"\nredirect_uri = \"http://127.0.0.1:8788/callback\"\n",
+        )
+        .unwrap();
+        let scopes = vec!["openid".to_string(), "email".to_string()];
+        let u = authorize_url("yt", &c.providers["yt"], &scopes, "st", None).unwrap();
+        assert!(
+            u.as_str()
+                .starts_with("https://accounts.google.com/o/oauth2/v2/auth?")
+        );
+        let q: std::collections::HashMap<_, _> = u.query_pairs().into_owned().collect();
+        assert_eq!(q["client_id"], "gid");
+        assert!(!q.contains_key("client_key"));
+        assert_eq!(q["scope"], "openid email");
+        assert_eq!(q["access_type"], "offline");
+        assert_eq!(q["prompt"], "consent");
+        // X requires PKCE: on by default in its profile.
+        let c = Config::from_toml_str(
+            "[providers.x]\nclient_id = \"xid\"\nclient_secret = \"cs\"\nredirect_uri = \"http://127.0.0.1:8788/callback\"\n",
+        )
+        .unwrap();
+        let a = prepare_authorization("x", &c.providers["x"], Some("tweet.read")).unwrap();
+        assert!(a.pkce.is_some());
+        assert!(
+            a.url
+                .as_str()
+                .starts_with("https://x.com/i/oauth2/authorize?")
+        );
+    }
+
+    #[test]
     fn authorize_url_needs_redirect_uri() {
         let c = provider("");
         let e = authorize_url("tiktok", &c.providers["tiktok"], &[], "s", None).unwrap_err();

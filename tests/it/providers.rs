@@ -933,3 +933,57 @@ async fn reauth_follows_each_profiles_ttl_rule() {
     );
     assert!(report.stats.flagged >= 1, "{report:?}");
 }
+
+/// The README's generic example is a valid config describing what it says.
+#[test]
+fn readme_generic_example_loads() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let section = readme
+        .split("### A generic profile")
+        .nth(1)
+        .expect("README has the generic example");
+    let block = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a toml block");
+    let toml = block.replace(
+        "client_secret_file = \"/etc/refreshd/acme-client-secret\"",
+        "client_secret = \"s\"",
+    );
+    let c = Config::from_toml_str(&toml).expect("the README example loads");
+    let p = c.providers["acme"].profile("acme").unwrap();
+    assert_eq!(
+        p.refresh_endpoint(),
+        "https://api.acme.example/oauth/refresh"
+    );
+    assert_eq!(
+        p.client_auth,
+        refreshd::provider::profile::ClientAuth::Basic
+    );
+    assert_eq!(p.errors.reauth, ["invalid_grant", "token_revoked"]);
+    let f = refreshd::provider::response::parse(
+        &p,
+        T0,
+        401,
+        None,
+        None,
+        br#"{"error": {"code": "token_revoked", "message": "The user revoked access"}}"#,
+    )
+    .unwrap_err();
+    assert_eq!(f.class, FailureClass::Rejected(ReauthReason::InvalidGrant));
+    let t = refreshd::provider::response::parse(
+        &p,
+        T0,
+        200,
+        None,
+        None,
+        br#"{"access_token": "A", "ttl": 3600, "refresh_token": "R", "refresh_valid_until": "2026-12-25T00:00:00Z", "user": "42"}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (t.expires_in, t.refresh_expires_in, t.subject.as_deref()),
+        (3600, Some(30 * DAY), Some("42"))
+    );
+}
