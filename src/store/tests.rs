@@ -301,19 +301,27 @@ async fn upsert_refused_under_a_live_lease_then_clears_lease_and_failures() {
 #[tokio::test]
 async fn upsert_is_all_or_nothing() {
     let (_dir, store) = temp_store().await;
-    let mut no_refresh = new_account("tiktok", "u2", NOW);
-    no_refresh.tokens.refresh_token = None;
+    // The second record is refused (its account is being refreshed): the first is not
+    // stored either.
+    insert(&store, vec![new_account("tiktok", "u2", NOW)]).await;
+    store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    let logged = query(&store, "SELECT COUNT(*) FROM refresh_log WHERE ?1 = ?1", 0).await;
     let err = store
-        .upsert(vec![new_account("tiktok", "u1", NOW), no_refresh], NOW)
+        .upsert(
+            vec![
+                new_account("tiktok", "u1", NOW),
+                new_account("tiktok", "u2", NOW),
+            ],
+            NOW + 1,
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
-    assert!(err.to_string().contains("tiktok/u2"), "{err}");
+    assert!(err.to_string().contains("being refreshed"), "{err}");
     assert!(store.find("tiktok", "u1").await.unwrap().is_none());
-    assert!(store.counts().await.unwrap().is_empty());
     assert_eq!(
         query(&store, "SELECT COUNT(*) FROM refresh_log WHERE ?1 = ?1", 0).await,
-        Some(0)
+        logged
     );
 }
 
