@@ -105,7 +105,8 @@ pub struct Profile {
     pub method: Method,
     pub params_in: ParamsIn,
     pub client_auth: ClientAuth,
-    /// Also send the client id as a parameter with Basic auth (X).
+    /// Also send the client id as a parameter with Basic auth (X) or no client auth (a
+    /// public client).
     pub send_client_id: bool,
     pub client_id_param: String,
     pub client_secret_param: String,
@@ -576,7 +577,13 @@ impl Profile {
                         .push((self.client_id_param.clone(), client_id.to_string()));
                 }
             }
-            ClientAuth::None => {}
+            // A public client identifies itself without a secret.
+            ClientAuth::None => {
+                if self.send_client_id {
+                    req.params
+                        .push((self.client_id_param.clone(), client_id.to_string()));
+                }
+            }
         }
     }
 

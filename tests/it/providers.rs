@@ -230,7 +230,10 @@ async fn refresh_once(kind: &str, status: u16, body: &Value) -> Result<TokenSet,
             basic: shape.basic,
         });
     if kind == "reddit" {
-        mock = mock.and(header("user-agent", "server:refreshd:0.1.0"));
+        mock = mock.and(header(
+            "user-agent",
+            concat!("server:refreshd:", env!("CARGO_PKG_VERSION")),
+        ));
     }
     let mut answer = ResponseTemplate::new(status).set_body_json(body);
     if status == 429 {
