@@ -381,6 +381,43 @@ async fn claim_due_takes_due_refreshable_accounts_in_order() {
 }
 
 #[tokio::test]
+async fn claim_due_except_leaves_out_saturated_providers() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(
+        &store,
+        vec![
+            new_account("linkedin", "a", NOW - 30),
+            new_account("x", "b", NOW - 20),
+            new_account("google", "c", NOW - 10),
+            new_account("linkedin", "d", NOW + 50),
+            new_account("google", "e", NOW + 60),
+        ],
+    )
+    .await;
+    let skip = vec!["linkedin".to_string(), "x".to_string()];
+    assert_eq!(
+        store.next_due_except(NOW, skip.clone()).await.unwrap(),
+        Some(NOW - 10)
+    );
+    let claimed = store
+        .claim_due_except(OWNER, NOW, LEASE, 10, skip.clone())
+        .await
+        .unwrap();
+    assert_eq!(ids(&claimed), [id[2]]);
+    // The skipped providers' due accounts stay unleased for a later claim.
+    assert_eq!(lease(&store, id[0]).await, (None, None));
+    assert_eq!(
+        store.next_due_except(NOW, skip).await.unwrap(),
+        Some(NOW + 60)
+    );
+    let rest = store
+        .claim_due_except(OWNER, NOW, LEASE, 10, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(ids(&rest), [id[0], id[1]]);
+}
+
+#[tokio::test]
 async fn claim_due_respects_limit() {
     let (_dir, store) = temp_store().await;
     let id = insert(
