@@ -990,3 +990,48 @@ fn readme_generic_example_loads() {
         (3600, Some(30 * DAY), Some("42"))
     );
 }
+
+/// Instagram, Threads and Facebook carry the token in the URL: a failed request must not
+/// quote the URL in its error (connection refused, timeout).
+#[tokio::test]
+async fn tokens_in_the_query_never_reach_an_error() {
+    init_logs();
+    let slow = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(ok_body("late"))
+                .set_delay(Duration::from_secs(3)),
+        )
+        .mount(&slow)
+        .await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for server in [closed, slow.uri()] {
+        let config = config(
+            &dir.path().join("x.db"),
+            "",
+            &[
+                provider_toml("instagram", "instagram", &server, ""),
+                provider_toml("facebook", "facebook", &server, ""),
+            ]
+            .concat(),
+        );
+        let http = refreshd::provider::http_client(&config).unwrap();
+        for kind in ["instagram", "facebook"] {
+            let p = Provider::new(kind, &config.providers[kind], &config, http.clone()).unwrap();
+            let f = p
+                .refresh(&SecretString::from("AT-SECRET-TOKEN"), T0)
+                .await
+                .unwrap_err();
+            assert_eq!(f.class, FailureClass::Transient, "{f:?}");
+            let shown = format!("{f} {f:?}");
+            assert!(!shown.contains("AT-SECRET"), "{shown}");
+            assert!(!shown.contains(CLIENT_SECRET), "{shown}");
+            assert!(!format!("{p:?}").contains(CLIENT_SECRET));
+        }
+    }
+}
