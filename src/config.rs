@@ -2,6 +2,9 @@
 //! Owns loading, validation into typed settings, and errors that name the key and its source.
 
 use crate::policy::RefreshTiming;
+use crate::provider::profile::{
+    ClientAuth, Credential, Method, ParamsIn, Profile, RefreshTtl, Rotation,
+};
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use secrecy::SecretString;
@@ -194,15 +197,17 @@ impl ServerConfig {
     }
 }
 
-/// One provider's credentials and limits. The table name is the provider's name.
+/// One provider's credentials, limits and profile overrides. The table name is the
+/// provider's name in the store. Every profile key is optional: a built-in kind supplies it.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
-    /// Which built-in profile: defaults to the table name.
+    /// A built-in profile, or "generic"; defaults to the table name when that is built in.
     #[serde(default)]
     pub kind: Option<String>,
     #[serde(default = "yes")]
     pub enabled: bool,
+    #[serde(alias = "client_id")]
     pub client_key: String,
     #[serde(default)]
     pub client_secret: Option<SecretString>,
@@ -216,6 +221,11 @@ pub struct ProviderConfig {
     pub rate_limit: u32,
     #[serde(default = "default_burst")]
     pub burst: u32,
+    /// Most refreshes of this provider claimed or in flight at once (default: 3/4 of
+    /// refresh.concurrency when several providers are enabled, so a stalled one leaves
+    /// room for the others; all of it when this is the only one).
+    #[serde(default)]
+    pub concurrency: Option<usize>,
     /// The provider's authorization page (`refreshd connect`, `authorize-url`).
     #[serde(default)]
     pub authorize_url: Option<String>,
@@ -227,7 +237,62 @@ pub struct ProviderConfig {
     pub scopes: Vec<String>,
     /// Send a PKCE S256 challenge (TikTok requires it for desktop and mobile apps only).
     #[serde(default)]
-    pub pkce: bool,
+    pub pkce: Option<bool>,
+    // Profile overrides (see provider::profile::Profile).
+    #[serde(default)]
+    pub refresh_url: Option<String>,
+    #[serde(default)]
+    pub revoke_url: Option<String>,
+    #[serde(default)]
+    pub method: Option<Method>,
+    #[serde(default)]
+    pub params_in: Option<ParamsIn>,
+    #[serde(default)]
+    pub client_auth: Option<ClientAuth>,
+    #[serde(default)]
+    pub send_client_id: Option<bool>,
+    #[serde(default)]
+    pub client_id_param: Option<String>,
+    #[serde(default)]
+    pub client_secret_param: Option<String>,
+    #[serde(default)]
+    pub credential: Option<Credential>,
+    #[serde(default)]
+    pub credential_param: Option<String>,
+    #[serde(default)]
+    pub grant_type: Option<String>,
+    #[serde(default)]
+    pub refresh_params: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub authorize_params: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub scope_separator: Option<String>,
+    #[serde(default)]
+    pub headers: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub expires_in_field: Option<String>,
+    #[serde(default)]
+    pub expires_at_field: Option<String>,
+    #[serde(default)]
+    pub refresh_expires_in_field: Option<String>,
+    #[serde(default)]
+    pub refresh_expires_at_field: Option<String>,
+    #[serde(default)]
+    pub subject_field: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub min_token_age: Option<Duration>,
+    #[serde(default)]
+    pub rotation: Option<Rotation>,
+    #[serde(default)]
+    pub refresh_ttl: Option<RefreshTtl>,
+    #[serde(default)]
+    pub reauth_errors: Option<Vec<String>>,
+    #[serde(default)]
+    pub reauth_messages: Option<Vec<String>>,
+    #[serde(default)]
+    pub config_errors: Option<Vec<String>>,
+    #[serde(default)]
+    pub transient_errors: Option<Vec<String>>,
 }
 
 fn yes() -> bool {
@@ -317,10 +382,20 @@ impl ProviderConfig {
     pub fn kind<'a>(&'a self, name: &'a str) -> &'a str {
         self.kind.as_deref().unwrap_or(name)
     }
+
+    /// The resolved profile. Validated at load, so this fails only on a hand-built config.
+    pub fn profile(&self, name: &str) -> Result<Profile, String> {
+        Profile::resolve(name, self).map_err(|errs| {
+            errs.into_iter()
+                .map(|(k, m)| format!("providers.{name}.{k}: {m}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+    }
 }
 
 /// The built-in provider kinds this build knows.
-pub const KNOWN_KINDS: &[&str] = &["tiktok"];
+pub const KNOWN_KINDS: &[&str] = crate::provider::profile::BUILT_IN;
 
 impl Config {
     /// Loads defaults < `file` (or `./refreshd.toml` when `file` is None and it exists) < env.
@@ -552,16 +627,15 @@ impl Config {
         }
         for (name, p) in self.providers.iter_mut() {
             let key = |k: &str| format!("providers.{name}.{k}");
-            let kind = p.kind(name).to_string();
-            if !KNOWN_KINDS.contains(&kind.as_str()) {
-                bad(
-                    &key("kind"),
-                    format!(
-                        "unknown provider kind {kind:?}; built-in kinds: {}",
-                        KNOWN_KINDS.join(", ")
-                    ),
-                );
-            }
+            let profile = match Profile::resolve(name, p) {
+                Ok(prof) => Some(prof),
+                Err(pe) => {
+                    for (k, m) in pe {
+                        bad(&key(&k), m);
+                    }
+                    None
+                }
+            };
             if p.client_key.trim().is_empty() {
                 bad(&key("client_key"), "must not be empty".into());
             }
@@ -570,6 +644,8 @@ impl Config {
                     &key("client_secret_file"),
                     "give either client_secret or client_secret_file, not both".into(),
                 ),
+                // Instagram and Threads refresh without client credentials.
+                (None, None) if profile.as_ref().is_some_and(|p| !p.needs_secret()) => {}
                 (None, None) => bad(
                     &key("client_secret"),
                     "missing: set client_secret or client_secret_file".into(),
@@ -585,10 +661,19 @@ impl Config {
             {
                 bad(&key("token_url"), m);
             }
-            if let Some(u) = &p.authorize_url
-                && let Err(m) = check_endpoint_url(u)
-            {
-                bad(&key("authorize_url"), m);
+            for (k, u) in [
+                ("authorize_url", &p.authorize_url),
+                ("refresh_url", &p.refresh_url),
+                ("revoke_url", &p.revoke_url),
+            ] {
+                if let Some(u) = u.as_ref().filter(|u| !u.is_empty())
+                    && let Err(m) = check_endpoint_url(u)
+                {
+                    bad(&key(k), m);
+                }
+            }
+            if p.concurrency == Some(0) {
+                bad(&key("concurrency"), "must be at least 1".into());
             }
             if let Some(u) = &p.redirect_uri
                 && let Err(m) = check_redirect_uri(u)
@@ -620,21 +705,26 @@ impl Config {
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }
 
-    /// The authorization page of a provider: configured, or the built-in default.
-    pub fn authorize_url(name: &str, p: &ProviderConfig) -> String {
-        let _ = name;
-        p.authorize_url
-            .clone()
-            .unwrap_or_else(|| TIKTOK_AUTHORIZE_URL.to_string())
+    /// What a configured provider refreshes with; None when it is not configured.
+    pub fn credential_of(&self, name: &str) -> Option<Credential> {
+        let p = self.providers.get(name)?;
+        Some(
+            p.profile(name)
+                .map(|prof| prof.credential)
+                .unwrap_or(Credential::RefreshToken),
+        )
     }
 
-    /// The token endpoint of a provider: configured, or the built-in default.
+    /// The authorization page of a provider: configured, or its profile's.
+    pub fn authorize_url(name: &str, p: &ProviderConfig) -> Option<String> {
+        p.profile(name).ok().and_then(|prof| prof.authorize_url)
+    }
+
+    /// The token endpoint of a provider: configured, or its profile's.
     pub fn token_url(name: &str, p: &ProviderConfig) -> String {
-        // Only TikTok is built in so far; other kinds bring their own URL.
-        let _ = name;
-        p.token_url
-            .clone()
-            .unwrap_or_else(|| TIKTOK_TOKEN_URL.to_string())
+        p.profile(name)
+            .map(|prof| prof.token_url)
+            .unwrap_or_default()
     }
 }
 
@@ -1019,6 +1109,52 @@ token_url = "http://127.0.0.1:9/v2/oauth/token/"
             .unwrap_err()
             .to_string();
         assert!(err.contains("/definitely/not/here.toml"), "{err}");
+    }
+
+    #[test]
+    fn example_config_documents_every_provider_key_and_they_parse() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("config/refreshd.toml"),
+        )
+        .unwrap();
+        // serde lists every accepted key when it meets an unknown one.
+        let err = Config::from_toml_str(
+            "[providers.tiktok]
+client_key = \"k\"\nzzz = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        let keys = err.split("expected one of: ").nth(1).expect(&err);
+        for key in keys
+            .split(", ")
+            .map(|k| k.trim_matches(|c: char| c == '`' || c.is_whitespace()))
+        {
+            let documented = text.contains(&format!("{key} = "));
+            assert!(
+                documented || key == "client_id",
+                "providers key {key} is not in config/refreshd.toml"
+            );
+        }
+        // The commented profile keys are valid as written.
+        let start = text.find("# Profile keys.").unwrap();
+        let uncommented: String = text[start..]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.split_once(" = ")
+                    .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::from_toml_str(&format!(
+            "[providers.tiktok]\nclient_key = \"k\"\nclient_secret = \"s\"\n{uncommented}"
+        ))
+        .unwrap();
+        let p = c.providers["tiktok"].profile("tiktok").unwrap();
+        let builtin = Profile::built_in("tiktok").unwrap();
+        assert_eq!(p.client_id_param, builtin.client_id_param);
+        assert_eq!(p.rotation, builtin.rotation);
+        assert_eq!(p.refresh_ttl, builtin.refresh_ttl);
     }
 
     #[test]

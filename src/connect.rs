@@ -153,8 +153,10 @@ pub fn redirect_uri<'a>(name: &str, p: &'a ProviderConfig) -> Result<&'a str, Co
         })
 }
 
-/// The provider's authorization URL: `client_key`, `response_type=code`, `scope`
-/// (comma-separated), `redirect_uri`, `state`, and the PKCE challenge when given.
+/// The provider's authorization URL: the profile's client id parameter (`client_key` for
+/// TikTok, `client_id` elsewhere), `response_type=code`, `scope` joined by the profile's
+/// separator, `redirect_uri`, `state`, the profile's static parameters, and the PKCE
+/// challenge when given.
 pub fn authorize_url(
     name: &str,
     p: &ProviderConfig,
@@ -163,7 +165,17 @@ pub fn authorize_url(
     pkce_challenge: Option<&str>,
 ) -> Result<url::Url, ConnectError> {
     let redirect = redirect_uri(name, p)?;
-    let base = Config::authorize_url(name, p);
+    let profile = p.profile(name).map_err(|message| ConnectError::Invalid {
+        what: "provider profile",
+        message,
+    })?;
+    let base = profile
+        .authorize_url
+        .clone()
+        .ok_or_else(|| ConnectError::Invalid {
+            what: "authorize_url",
+            message: format!("providers.{name}.authorize_url is not set: connecting needs the provider's authorization page"),
+        })?;
     let mut url =
         crate::config::check_endpoint_url(&base).map_err(|message| ConnectError::Invalid {
             what: "authorize_url",
@@ -171,11 +183,14 @@ pub fn authorize_url(
         })?;
     {
         let mut q = url.query_pairs_mut();
-        q.append_pair("client_key", &p.client_key)
+        q.append_pair(&profile.client_id_param, &p.client_key)
             .append_pair("response_type", "code")
-            .append_pair("scope", &scopes.join(","))
+            .append_pair("scope", &scopes.join(&profile.scope_separator))
             .append_pair("redirect_uri", redirect)
             .append_pair("state", state);
+        for (k, v) in &profile.authorize_params {
+            q.append_pair(k, v);
+        }
         if let Some(c) = pkce_challenge {
             q.append_pair("code_challenge", c)
                 .append_pair("code_challenge_method", "S256");
@@ -327,7 +342,7 @@ pub async fn exchange_and_store(
     let provider = Provider::new(req.provider, p, config, http)?;
     provider.ready().await;
     let (tokens, _status) = provider
-        .exchange_code(&req.code, redirect, req.code_verifier.as_ref())
+        .exchange_code(&req.code, redirect, req.code_verifier.as_ref(), now())
         .await
         .map_err(|failure| ConnectError::Exchange {
             provider: req.provider.to_string(),
@@ -372,7 +387,11 @@ pub fn prepare_authorization(
 ) -> Result<Authorization, ConnectError> {
     let scopes = scopes.map(parse_scopes).unwrap_or_else(|| p.scopes.clone());
     let state = new_state();
-    let pkce = p.pkce.then(Pkce::new);
+    let pkce = p
+        .profile(name)
+        .map(|prof| prof.pkce)
+        .unwrap_or(false)
+        .then(Pkce::new);
     let url = authorize_url(
         name,
         p,
@@ -673,6 +692,38 @@ mod tests {
     }
 
     #[test]
+    fn authorize_url_follows_the_profile() {
+        let c = Config::from_toml_str(
+            "[providers.yt]\nkind = \"google\"\nclient_id = \"gid\"\nclient_secret = \"cs\"\nredirect_uri = \"http://127.0.0.1:8788/callback\"\n",
+        )
+        .unwrap();
+        let scopes = vec!["openid".to_string(), "email".to_string()];
+        let u = authorize_url("yt", &c.providers["yt"], &scopes, "st", None).unwrap();
+        assert!(
+            u.as_str()
+                .starts_with("https://accounts.google.com/o/oauth2/v2/auth?")
+        );
+        let q: std::collections::HashMap<_, _> = u.query_pairs().into_owned().collect();
+        assert_eq!(q["client_id"], "gid");
+        assert!(!q.contains_key("client_key"));
+        assert_eq!(q["scope"], "openid email");
+        assert_eq!(q["access_type"], "offline");
+        assert_eq!(q["prompt"], "consent");
+        // X requires PKCE: on by default in its profile.
+        let c = Config::from_toml_str(
+            "[providers.x]\nclient_id = \"xid\"\nclient_secret = \"cs\"\nredirect_uri = \"http://127.0.0.1:8788/callback\"\n",
+        )
+        .unwrap();
+        let a = prepare_authorization("x", &c.providers["x"], Some("tweet.read")).unwrap();
+        assert!(a.pkce.is_some());
+        assert!(
+            a.url
+                .as_str()
+                .starts_with("https://x.com/i/oauth2/authorize?")
+        );
+    }
+
+    #[test]
     fn authorize_url_needs_redirect_uri() {
         let c = provider("");
         let e = authorize_url("tiktok", &c.providers["tiktok"], &[], "s", None).unwrap_err();
@@ -697,7 +748,7 @@ mod tests {
             assert!(e.contains(key), "{extra}: {e}");
         }
         let c = provider("authorize_url = \"http://127.0.0.1:9/a\"\nscopes = [\"x\"]\npkce = true");
-        assert!(c.providers["tiktok"].pkce);
+        assert_eq!(c.providers["tiktok"].pkce, Some(true));
     }
 
     #[test]

@@ -11,13 +11,14 @@ use crate::config::Config;
 use crate::events::{Event, Events};
 use crate::model::{Account, ReauthReason};
 use crate::policy::{self, RefreshTokenState};
+use crate::provider::profile::Credential;
 use crate::provider::{FailureClass, Providers};
 use crate::store::{Outcome, Recorded, Store, StoreError};
 use crate::telemetry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -84,6 +85,16 @@ impl Stats {
 pub enum EngineError {
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What a refresh task holds or must still get before it may send its request.
+struct Gate {
+    /// This provider's claim slot, when one was free at claim time.
+    slot: Option<OwnedSemaphorePermit>,
+    /// The global concurrency cap (refresh.concurrency).
+    permits: Arc<Semaphore>,
+    /// Unix time the claim's lease ends.
+    lease_until: i64,
 }
 
 /// A unique lease owner for this process: host, pid and a random part.
@@ -180,17 +191,28 @@ impl Engine {
                 // In-flight refreshes keep their permits of the old semaphore.
                 permits = Arc::new(Semaphore::new(settings.config.refresh.concurrency));
             }
-            let first = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
-            };
             let cfg = &settings.config;
-            let want = (1 + permits.available_permits()).min(cfg.refresh.batch);
+            // Claims are bounded by each provider's slots, not by the global permits: a
+            // provider that is throttled or stalled holds its own slots only, and its
+            // accounts are not claimed until one frees up.
+            let skip = settings.providers.saturated();
+            let free = settings.providers.free_slots();
+            if free == 0 && !settings.providers.is_empty() {
+                if once && tracker.is_empty() {
+                    break;
+                }
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(cfg.refresh.max_idle) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            let want = free.clamp(1, cfg.refresh.batch);
             let now = if once { started_at } else { self.clock.now() };
             let claimed = match self
                 .store
-                .claim_due(&self.owner, now, cfg.store.lease, want)
+                .claim_due_except(&self.owner, now, cfg.store.lease, want, skip.clone())
                 .await
             {
                 Ok(c) => {
@@ -207,7 +229,6 @@ impl Engine {
                         &mut rand::rng(),
                     );
                     tracing::error!(event = "claim_failed", error = %e, retry_in_ms = wait.as_millis() as u64, "cannot claim due accounts");
-                    drop(first);
                     if once {
                         tracker.close();
                         tracker.wait().await;
@@ -222,13 +243,25 @@ impl Engine {
             };
             self.stats.heartbeat.store(now, Ordering::Relaxed);
             if claimed.is_empty() {
-                drop(first);
                 if once {
-                    // Wait for in-flight work: a transient failure may make an account due
-                    // again, but --once refreshes each due account once only.
-                    break;
+                    // Accounts of saturated providers are claimed once their refreshes
+                    // finish; anything else due was taken. Wait for in-flight work: a
+                    // transient failure may make an account due again, but --once
+                    // refreshes each due account once only.
+                    if skip.is_empty() || tracker.is_empty() {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    continue;
                 }
-                let next = self.store.next_due(now).await.unwrap_or(None);
+                let next = self
+                    .store
+                    .next_due_except(now, skip.clone())
+                    .await
+                    .unwrap_or(None);
                 let idle_until = self.clock.now_millis() + cfg.refresh.max_idle.as_millis() as i64;
                 let deadline = next
                     .map(|t| (t * 1000).min(idle_until))
@@ -242,26 +275,27 @@ impl Engine {
                 }
                 continue;
             }
-            let mut first = Some(first);
             for account in claimed {
-                let permit = match first.take() {
-                    Some(p) => p,
-                    None => permits
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .expect("semaphore is never closed"),
-                };
+                // A slot now if one is free; otherwise the task waits for one (holding no
+                // global permit) and the provider counts as saturated meanwhile.
+                let slot = settings
+                    .providers
+                    .get(&account.provider)
+                    .and_then(|p| p.try_slot());
                 let this = self.clone();
                 let settings = settings.clone();
                 let shutdown = shutdown.clone();
+                let permits = permits.clone();
                 let lease_until = now + cfg.store.lease.as_secs() as i64;
                 let span = tracing::info_span!("refresh", account = account.id, provider = %account.provider);
                 tracker.spawn(
                     async move {
-                        this.refresh_one(&settings, account, lease_until, &shutdown)
-                            .await;
-                        drop(permit);
+                        let gate = Gate {
+                            slot,
+                            permits,
+                            lease_until,
+                        };
+                        this.refresh_one(&settings, account, gate, &shutdown).await;
                         this.wake.notify_one();
                     }
                     .instrument(span),
@@ -299,9 +333,14 @@ impl Engine {
         &self,
         settings: &Settings,
         account: Account,
-        lease_until: i64,
+        gate: Gate,
         shutdown: &CancellationToken,
     ) {
+        let Gate {
+            slot,
+            permits,
+            lease_until,
+        } = gate;
         let cfg = &settings.config;
         let owner = self.owner.to_string();
         let now = self.clock.now();
@@ -340,18 +379,86 @@ impl Engine {
             self.finish(&account, outcome, 0).await;
             return;
         };
-        // Safe point: nothing has been sent yet, so shutdown may still give the lease back.
+        let profile = provider.profile();
+        // Long-lived access tokens (Instagram, Facebook, Threads) are extended with
+        // themselves: once expired, only a new login helps.
+        if profile.credential == Credential::AccessToken && account.access_expires_at <= now {
+            let outcome = Outcome::Rejected {
+                account_id: account.id,
+                generation: account.generation,
+                reason: ReauthReason::RefreshTokenExpired,
+                at: now,
+                error: format!(
+                    "the long-lived access token expired at {}: it cannot be extended any more",
+                    rfc3339(account.access_expires_at)
+                ),
+                http_status: None,
+                duration_ms: 0,
+            };
+            self.finish(&account, outcome, 0).await;
+            return;
+        }
+        // Instagram and Threads refuse to extend a token younger than 24 hours. The age is
+        // counted from our last refresh, else from when the account was stored (a token is
+        // never younger than that); a token that would expire first is tried anyway.
+        let issued_at = account.last_refreshed_at.unwrap_or(account.created_at);
+        let old_enough_at = issued_at + profile.min_token_age.as_secs() as i64;
+        if now < old_enough_at && old_enough_at < account.access_expires_at - 60 {
+            let outcome = Outcome::Transient {
+                account_id: account.id,
+                owner,
+                at: now,
+                next_refresh_at: old_enough_at
+                    .min(account.access_expires_at - 1)
+                    .max(now + 1),
+                error: format!(
+                    "the token is younger than providers.{}.min_token_age ({}); refreshing it at {}",
+                    account.provider,
+                    humantime::format_duration(profile.min_token_age),
+                    rfc3339(old_enough_at)
+                ),
+                http_status: None,
+                duration_ms: 0,
+            };
+            self.finish(&account, outcome, 0).await;
+            return;
+        }
+        // Safe points: nothing has been sent yet, so shutdown may still give the lease back.
+        // Order: this provider's slot, its rate limit, then a global permit, so waiting on
+        // one provider never holds a permit another provider's refresh could use.
+        let released = |owner: String| Outcome::Released {
+            account_id: account.id,
+            owner,
+        };
+        let _slot = match slot {
+            Some(s) => s,
+            None => tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.finish(&account, released(owner), 0).await;
+                    return;
+                }
+                s = provider.slot() => s,
+            },
+        };
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
-                let outcome = Outcome::Released { account_id: account.id, owner };
-                self.finish(&account, outcome, 0).await;
+                self.finish(&account, released(owner), 0).await;
                 return;
             }
             _ = provider.ready() => {}
         }
-        // The rate limit may have kept us waiting: never send with a lease that could expire
-        // before the answer is stored, or another process could refresh the account too.
+        let _permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                self.finish(&account, released(owner), 0).await;
+                return;
+            }
+            p = permits.acquire_owned() => p.expect("semaphore is never closed"),
+        };
+        // The waits may have been long: never send with a lease that could expire before
+        // the answer is stored, or another process could refresh the account too.
         let needed =
             (cfg.refresh.request_timeout + std::time::Duration::from_secs(5)).as_secs() as i64;
         if self.clock.now() + needed > lease_until {
@@ -360,17 +467,15 @@ impl Engine {
                 account = account.id,
                 "lease would expire during the request; giving it back"
             );
-            let outcome = Outcome::Released {
-                account_id: account.id,
-                owner,
-            };
-            self.finish(&account, outcome, 0).await;
+            self.finish(&account, released(owner), 0).await;
             return;
         }
         self.metrics
             .lateness(self.clock.now_millis() as f64 / 1000.0 - account.next_refresh_at as f64);
         let started = Instant::now();
-        let result = provider.refresh(&account.refresh_token).await;
+        let result = provider
+            .refresh(provider.credential_of(&account), self.clock.now())
+            .await;
         let duration_ms = started.elapsed().as_millis() as i64;
         let now = self.clock.now();
         let outcome = match result {
@@ -389,6 +494,7 @@ impl Engine {
                         duration_ms,
                     },
                     _ => {
+                        let mut tokens = tokens;
                         let access_expires_at = now + tokens.expires_in;
                         let next = policy::next_refresh_at(
                             &cfg.refresh.timing(),
@@ -397,10 +503,14 @@ impl Engine {
                             Some(now),
                             &mut rand::rng(),
                         );
-                        let refresh_expires_at = tokens
-                            .refresh_expires_in
-                            .map(|s| now + s)
-                            .or(account.refresh_expires_at);
+                        let next = next.max(now + profile.min_token_age.as_secs() as i64);
+                        let refresh_expires_at = policy::refresh_expires_at(
+                            profile.refresh_ttl,
+                            account.refresh_expires_at,
+                            tokens.refresh_expires_in.map(|s| now + s),
+                        );
+                        // What is stored is what the profile's TTL rule allows.
+                        tokens.refresh_expires_in = refresh_expires_at.map(|t| t - now);
                         let (status_after, reason) = policy::status_for(
                             policy::refresh_token_state(now, refresh_expires_at, cfg.reauth.window),
                         );

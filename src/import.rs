@@ -5,6 +5,7 @@
 use crate::clock::rfc3339;
 use crate::model::TokenSet;
 use crate::policy::{self, RefreshTiming};
+use crate::provider::profile::Credential;
 use crate::store::NewAccount;
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -81,7 +82,7 @@ fn obtained_at(v: &Value, now: i64) -> Result<i64, String> {
 }
 
 /// Parses and validates an import file. `known_provider` says whether a provider name is
-/// configured.
+/// configured; every record needs a refresh token.
 pub fn parse(
     source_name: &str,
     text: &str,
@@ -89,6 +90,22 @@ pub fn parse(
     timing: &RefreshTiming,
     window: Duration,
     known_provider: impl Fn(&str) -> bool,
+) -> Result<Vec<NewAccount>, ImportError> {
+    parse_with(source_name, text, now, timing, window, |p| {
+        known_provider(p).then_some(Credential::RefreshToken)
+    })
+}
+
+/// Like `parse`; `credential` says what a configured provider refreshes with (None: not
+/// configured). Records of providers that extend the access token itself (Instagram,
+/// Facebook, Threads) need no refresh token.
+pub fn parse_with(
+    source_name: &str,
+    text: &str,
+    now: i64,
+    timing: &RefreshTiming,
+    window: Duration,
+    credential: impl Fn(&str) -> Option<Credential>,
 ) -> Result<Vec<NewAccount>, ImportError> {
     let mut out = Vec::new();
     let mut problems: Vec<(usize, String)> = Vec::new();
@@ -112,11 +129,11 @@ pub fn parse(
             if provider.is_empty() {
                 return Err("`provider` is empty".into());
             }
-            if !known_provider(&provider) {
+            let Some(credential) = credential(&provider) else {
                 return Err(format!(
                     "provider {provider:?} is not configured: add [providers.{provider}] to the config first"
                 ));
-            }
+            };
             let subject = line
                 .open_id
                 .or(line.subject)
@@ -126,7 +143,7 @@ pub fn parse(
                 return Err("`access_token` is empty".into());
             }
             let refresh_token = line.refresh_token.filter(|t| !t.trim().is_empty());
-            if refresh_token.is_none() {
+            if refresh_token.is_none() && credential == Credential::RefreshToken {
                 return Err(
                     "`refresh_token` is missing or empty: refreshd cannot keep this account alive"
                         .into(),

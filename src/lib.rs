@@ -9,7 +9,8 @@
 //! - [`policy`]: when to refresh, backoff, the reauth window. Pure.
 //! - [`store`]: SQLite on one worker thread; leases, generation-guarded writes, group
 //!   commit, the recovery file.
-//! - [`provider`]: builds token requests and classifies answers (TikTok first).
+//! - [`provider`]: profiles (TikTok, Google, LinkedIn, X, Pinterest, Instagram, Facebook,
+//!   Threads, Reddit, or generic from the config): token requests and their answers.
 //! - [`engine`]: the refresh loop.
 //! - [`events`]: in-process state changes (tokens rotated, reauth needed, recovered).
 //! - [`jobs`]: cron jobs: reauth sweep, digest, log pruning.

@@ -580,13 +580,13 @@ async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
                 (file.clone(), text)
             };
             let now = clock.now();
-            let records = import::parse(
+            let records = import::parse_with(
                 &name,
                 &text,
                 now,
                 &config.refresh.timing(),
                 config.reauth.window,
-                |p| config.providers.contains_key(p),
+                |p| config.credential_of(p),
             )?;
             let store = Store::open(lifecycle::store_options(config)).await?;
             let ids = store.upsert(records.clone(), now).await?;

@@ -92,6 +92,20 @@ pub fn refresh_token_state(
     }
 }
 
+/// The refresh token's end after a refresh, by the profile's TTL rule: a fixed TTL never
+/// moves later than the first grant's end; a sliding one takes what the provider says.
+pub fn refresh_expires_at(
+    ttl: crate::provider::profile::RefreshTtl,
+    stored: Option<i64>,
+    returned: Option<i64>,
+) -> Option<i64> {
+    use crate::provider::profile::RefreshTtl;
+    match (ttl, stored, returned) {
+        (RefreshTtl::Fixed, Some(old), Some(new)) => Some(old.min(new)),
+        (_, old, new) => new.or(old),
+    }
+}
+
 /// The status (and reauth reason) an account with fresh tokens gets from its refresh token's
 /// state: one rule for refreshes, imports and connects.
 pub fn status_for(state: RefreshTokenState) -> (Status, Option<ReauthReason>) {
@@ -190,6 +204,31 @@ mod tests {
             );
             assert!(d >= Duration::from_secs(120));
         }
+    }
+
+    #[test]
+    fn fixed_ttl_never_moves_later_sliding_does() {
+        use crate::provider::profile::RefreshTtl;
+        assert_eq!(
+            refresh_expires_at(RefreshTtl::Fixed, Some(1_000), Some(5_000)),
+            Some(1_000)
+        );
+        assert_eq!(
+            refresh_expires_at(RefreshTtl::Fixed, Some(1_000), Some(900)),
+            Some(900)
+        );
+        assert_eq!(
+            refresh_expires_at(RefreshTtl::Fixed, None, Some(5_000)),
+            Some(5_000)
+        );
+        assert_eq!(
+            refresh_expires_at(RefreshTtl::Sliding, Some(1_000), Some(5_000)),
+            Some(5_000)
+        );
+        assert_eq!(
+            refresh_expires_at(RefreshTtl::None, Some(1_000), None),
+            Some(1_000)
+        );
     }
 
     #[test]

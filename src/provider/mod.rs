@@ -1,17 +1,22 @@
 //! Providers: one per `[providers.NAME]` table. A provider builds the refresh request of its
-//! profile, sends it under its own rate limit with a timeout and a response-size cap, and
-//! classifies the answer into tokens or a failure class (see DESIGN.md "Outcomes").
+//! profile (`profile.rs`: built-in or generic, overridable per key), sends it under its own
+//! rate limit and claim slots with a timeout and a response-size cap, and classifies the
+//! answer into tokens or a failure class (`response.rs`; see DESIGN.md "Outcomes").
 
+pub mod profile;
+pub mod response;
 pub mod tiktok;
 
 use crate::config::{Config, ProviderConfig};
-use crate::model::{ReauthReason, TokenSet};
+use crate::model::{Account, ReauthReason, TokenSet};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use secrecy::SecretString;
+use profile::{Credential, Method, ParamsIn, Profile, TokenRequest};
+use secrecy::{ExposeSecret, SecretString};
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How a failed refresh is handled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +59,8 @@ pub enum ProviderError {
     },
     #[error("provider {provider}: client_secret is not set")]
     NoSecret { provider: String },
+    #[error("provider profile: {0}")]
+    Profile(String),
 }
 
 /// One configured provider, ready to refresh.
@@ -61,10 +68,14 @@ pub struct Provider {
     pub name: String,
     pub kind: String,
     client_key: String,
-    client_secret: SecretString,
-    token_url: String,
+    client_secret: Option<SecretString>,
+    profile: Profile,
     http: reqwest::Client,
     limiter: DefaultDirectRateLimiter,
+    /// Refreshes of this provider claimed or in flight: a stalled provider can hold only
+    /// these, never every global permit.
+    slots: Arc<Semaphore>,
+    concurrency: usize,
     max_body: usize,
 }
 
@@ -73,7 +84,7 @@ impl std::fmt::Debug for Provider {
         f.debug_struct("Provider")
             .field("name", &self.name)
             .field("kind", &self.kind)
-            .field("token_url", &self.token_url)
+            .field("token_url", &self.profile.token_url)
             .finish_non_exhaustive()
     }
 }
@@ -96,27 +107,45 @@ impl Provider {
         config: &Config,
         http: reqwest::Client,
     ) -> Result<Provider, ProviderError> {
+        let concurrency = p.concurrency.unwrap_or(config.refresh.concurrency).max(1);
+        Self::with_concurrency(name, p, config, http, concurrency)
+    }
+
+    fn with_concurrency(
+        name: &str,
+        p: &ProviderConfig,
+        config: &Config,
+        http: reqwest::Client,
+        concurrency: usize,
+    ) -> Result<Provider, ProviderError> {
         let burst = NonZeroU32::new(p.burst).unwrap_or(NonZeroU32::MIN);
         let per_minute = NonZeroU32::new(p.rate_limit).unwrap_or(NonZeroU32::MIN);
+        let profile = p.profile(name).map_err(ProviderError::Profile)?;
+        if profile.needs_secret() && p.client_secret.is_none() {
+            return Err(ProviderError::NoSecret {
+                provider: name.to_string(),
+            });
+        }
         Ok(Provider {
             name: name.to_string(),
             kind: p.kind(name).to_string(),
             client_key: p.client_key.clone(),
-            client_secret: p
-                .client_secret
-                .clone()
-                .ok_or_else(|| ProviderError::NoSecret {
-                    provider: name.to_string(),
-                })?,
-            token_url: Config::token_url(name, p),
+            client_secret: p.client_secret.clone(),
+            profile,
             http,
             limiter: RateLimiter::direct(Quota::per_minute(per_minute).allow_burst(burst)),
+            slots: Arc::new(Semaphore::new(concurrency)),
+            concurrency,
             max_body: config.refresh.max_response_bytes,
         })
     }
 
     pub fn token_url(&self) -> &str {
-        &self.token_url
+        &self.profile.token_url
+    }
+
+    pub fn profile(&self) -> &Profile {
+        &self.profile
     }
 
     /// Waits for this provider's rate limit.
@@ -124,36 +153,85 @@ impl Provider {
         self.limiter.until_ready().await;
     }
 
-    /// Exchanges a refresh token for new tokens. Returns the tokens and the HTTP status.
+    /// A claim slot without waiting, if one is free.
+    pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Waits for a claim slot.
+    pub async fn slot(&self) -> OwnedSemaphorePermit {
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("slots are never closed")
+    }
+
+    /// Free claim slots.
+    pub fn free_slots(&self) -> usize {
+        self.slots.available_permits()
+    }
+
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    /// The stored credential a refresh presents: the refresh token, or the long-lived
+    /// access token itself (Instagram, Facebook, Threads).
+    pub fn credential_of<'a>(&self, account: &'a Account) -> &'a SecretString {
+        match self.profile.credential {
+            Credential::RefreshToken => &account.refresh_token,
+            Credential::AccessToken => &account.access_token,
+        }
+    }
+
+    /// Presents `credential` for new tokens. `now` (unix seconds) turns absolute expiry
+    /// fields into lifetimes. Returns the tokens and the HTTP status.
     pub async fn refresh(
         &self,
-        refresh_token: &SecretString,
+        credential: &SecretString,
+        now: i64,
     ) -> Result<(TokenSet, u16), ProviderFailure> {
-        let form = tiktok::refresh_form(&self.client_key, &self.client_secret, refresh_token);
-        self.post_token(&form).await
+        let req =
+            self.profile
+                .refresh_request(&self.client_key, self.client_secret.as_ref(), credential);
+        self.send(req, now).await
     }
 
     /// Exchanges an authorization code for tokens (grant_type=authorization_code). The
-    /// answer must name the user (`open_id`). Returns the tokens and the HTTP status.
+    /// answer must name the user (the profile's `subject_field`). Returns the tokens and
+    /// the HTTP status.
     pub async fn exchange_code(
         &self,
         code: &SecretString,
         redirect_uri: &str,
         code_verifier: Option<&SecretString>,
+        now: i64,
     ) -> Result<(TokenSet, u16), ProviderFailure> {
-        let form = tiktok::code_form(
+        let Some(field) = self.profile.subject_field.clone() else {
+            return Err(ProviderFailure {
+                class: FailureClass::Config,
+                message: format!(
+                    "provider {} ({}): its token answer does not name the user, so a code exchange cannot tell which account was connected; set subject_field, or use `accounts import`",
+                    self.name, self.profile.kind
+                ),
+                http_status: None,
+                retry_after: None,
+            });
+        };
+        let req = self.profile.code_request(
             &self.client_key,
-            &self.client_secret,
+            self.client_secret.as_ref(),
             code,
             redirect_uri,
             code_verifier,
         );
-        let (tokens, status) = self.post_token(&form).await?;
+        let (tokens, status) = self.send(req, now).await?;
         if tokens.subject.is_none() {
             return Err(ProviderFailure {
                 class: FailureClass::Config,
                 message: format!(
-                    "the code exchange answer of provider {} has no `open_id`: cannot tell which account was connected [HTTP {status}]",
+                    "the code exchange answer of provider {} has no `{field}`: cannot tell which account was connected [HTTP {status}]",
                     self.name
                 ),
                 http_status: Some(status),
@@ -163,25 +241,55 @@ impl Provider {
         Ok((tokens, status))
     }
 
-    /// POSTs a token request form and parses the answer, with the body-size cap.
-    async fn post_token(
-        &self,
-        form: &[(&'static str, String)],
-    ) -> Result<(TokenSet, u16), ProviderFailure> {
+    /// Sends a token request and parses the answer, with the body-size cap.
+    async fn send(&self, req: TokenRequest, now: i64) -> Result<(TokenSet, u16), ProviderFailure> {
         let transient = |message: String| ProviderFailure {
             class: FailureClass::Transient,
             message,
             http_status: None,
             retry_after: None,
         };
-        let mut resp = self
-            .http
-            .post(&self.token_url)
-            .header(reqwest::header::ACCEPT, "application/json")
-            .form(form)
+        let mut url = url::Url::parse(&req.url).map_err(|e| ProviderFailure {
+            class: FailureClass::Config,
+            message: format!("token URL of provider {} is not a URL: {e}", self.name),
+            http_status: None,
+            retry_after: None,
+        })?;
+        {
+            let query_params = req.query.iter().chain(
+                req.params
+                    .iter()
+                    .filter(|_| req.params_in == ParamsIn::Query),
+            );
+            let mut any = false;
+            let mut q = url.query_pairs_mut();
+            for (k, v) in query_params {
+                q.append_pair(k, v);
+                any = true;
+            }
+            drop(q);
+            if !any && url.query() == Some("") {
+                url.set_query(None);
+            }
+        }
+        let mut rb = match req.method {
+            Method::Get => self.http.get(url),
+            Method::Post => self.http.post(url),
+        }
+        .header(reqwest::header::ACCEPT, "application/json");
+        for (k, v) in &req.headers {
+            rb = rb.header(k.as_str(), v.as_str());
+        }
+        if let Some((id, secret)) = &req.basic {
+            rb = rb.basic_auth(id, Some(secret.expose_secret()));
+        }
+        if req.params_in == ParamsIn::Form {
+            rb = rb.form(&req.params);
+        }
+        let mut resp = rb
             .send()
             .await
-            .map_err(|e| transient(describe_reqwest(&e)))?;
+            .map_err(|e| transient(describe_reqwest(&e.without_url())))?;
         let status = resp.status().as_u16();
         let retry_after = resp
             .headers()
@@ -214,14 +322,21 @@ impl Provider {
                         http_status: Some(status),
                         ..transient(format!(
                             "reading the response body failed: {}",
-                            describe_reqwest(&e)
+                            describe_reqwest(&e.without_url())
                         ))
                     });
                 }
             }
         }
-        tiktok::parse_response(status, retry_after, content_type.as_deref(), &body)
-            .map(|t| (t, status))
+        response::parse(
+            &self.profile,
+            now,
+            status,
+            retry_after,
+            content_type.as_deref(),
+            &body,
+        )
+        .map(|t| (t, status))
     }
 }
 
@@ -273,14 +388,48 @@ impl Providers {
             provider: "(all)".into(),
             source,
         })?;
+        let enabled: Vec<_> = config.providers.iter().filter(|(_, p)| p.enabled).collect();
+        let global = config.refresh.concurrency.max(1);
+        // With several providers, none may take every global permit by default: a stalled
+        // one then still leaves a quarter for the others.
+        let default_cap = if enabled.len() > 1 {
+            (global - global / 4).max(1)
+        } else {
+            global
+        };
         let mut map = BTreeMap::new();
-        for (name, p) in config.providers.iter().filter(|(_, p)| p.enabled) {
+        for (name, p) in enabled {
+            let cap = p.concurrency.unwrap_or(default_cap).max(1);
             map.insert(
                 name.clone(),
-                Arc::new(Provider::new(name, p, config, http.clone())?),
+                Arc::new(Provider::with_concurrency(
+                    name,
+                    p,
+                    config,
+                    http.clone(),
+                    cap,
+                )?),
             );
         }
         Ok(Providers(map))
+    }
+
+    /// Providers with no free claim slot: the engine does not claim their accounts.
+    pub fn saturated(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(_, p)| p.free_slots() == 0)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Free claim slots over all providers.
+    pub fn free_slots(&self) -> usize {
+        self.0.values().map(|p| p.free_slots()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Provider>> {

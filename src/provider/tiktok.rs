@@ -6,10 +6,10 @@
 //! open_id, scope, token_type`. Errors: `error, error_description, log_id`, possibly with
 //! HTTP 200, so the body decides, not only the status.
 
-use super::{FailureClass, ProviderFailure};
-use crate::model::{ReauthReason, TokenSet};
+use super::ProviderFailure;
+use super::profile::Profile;
+use crate::model::TokenSet;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -48,17 +48,8 @@ pub fn code_form(
     form
 }
 
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: Option<Value>,
-    error_description: Option<String>,
-    log_id: Option<String>,
-}
-
 /// Longest lifetime we believe (10 years): anything longer is a broken answer.
 pub const MAX_LIFETIME: i64 = 10 * 365 * 86_400;
-/// Access-token lifetime assumed when a rotating answer gives no usable one.
-const FALLBACK_LIFETIME: i64 = 600;
 
 /// A lifetime in seconds: a whole number (or numeric string) in `0..=MAX_LIFETIME`.
 pub fn seconds(v: Option<&Value>, field: &str) -> Result<Option<i64>, String> {
@@ -78,188 +69,22 @@ pub fn seconds(v: Option<&Value>, field: &str) -> Result<Option<i64>, String> {
     }
 }
 
-fn string(v: Option<&Value>) -> Option<String> {
-    v.and_then(Value::as_str)
-        .map(str::to_string)
-        .filter(|s| !s.is_empty())
-}
-
-/// Classifies a TikTok error code. Unknown codes are treated as configuration problems:
-/// logged loudly and retried slowly, never flagged as reauth on a guess.
-pub fn classify_error(code: &str, http_status: u16) -> FailureClass {
-    match code {
-        "invalid_grant" => FailureClass::Rejected(ReauthReason::InvalidGrant),
-        "invalid_client"
-        | "unauthorized_client"
-        | "invalid_scope"
-        | "unsupported_grant_type"
-        | "invalid_request"
-        | "access_denied" => FailureClass::Config,
-        "server_error" | "temporarily_unavailable" | "rate_limit_exceeded" => {
-            FailureClass::Transient
-        }
-        _ if http_status == 429 || http_status >= 500 => FailureClass::Transient,
-        _ => FailureClass::Config,
-    }
-}
-
-/// Maps an HTTP answer of the token endpoint to tokens or a classified failure.
+/// Maps an HTTP answer of TikTok's token endpoint to tokens or a classified failure.
 pub fn parse_response(
     http_status: u16,
     retry_after: Option<Duration>,
     content_type: Option<&str>,
     body: &[u8],
 ) -> Result<TokenSet, ProviderFailure> {
-    let fail = |class, message: String| ProviderFailure {
-        class,
-        message,
-        http_status: Some(http_status),
-        retry_after,
-    };
-    let json: Option<Value> = serde_json::from_slice(body).ok();
-    // An error body wins whatever the status: TikTok answers some errors with 200.
-    if let Some(v) = &json
-        && let Ok(e) = ErrorBody::deserialize(v)
-        && let Some(code) = e.error.as_ref().and_then(|c| match c {
-            Value::String(s) if !s.is_empty() => Some(s.clone()),
-            Value::Object(o) => o
-                .get("code")
-                .map(|c| c.to_string().trim_matches('"').to_string()),
-            _ => None,
-        })
-    {
-        let code = sanitize(&code, 64);
-        let mut message = code.clone();
-        if let Some(d) = e.error_description.filter(|d| !d.is_empty()) {
-            message.push_str(": ");
-            message.push_str(&d.chars().take(300).collect::<String>());
-        }
-        if let Some(id) = e.log_id.filter(|l| !l.is_empty()) {
-            message.push_str(&format!(" (log_id {})", sanitize(&id, 64)));
-        }
-        message.push_str(&format!(" [HTTP {http_status}]"));
-        return Err(fail(classify_error(&code, http_status), message));
-    }
-    if http_status == 429 || http_status >= 500 {
-        return Err(fail(
-            FailureClass::Transient,
-            format!(
-                "HTTP {http_status} from the token endpoint{}",
-                describe_body(content_type, body)
-            ),
-        ));
-    }
-    if (300..400).contains(&http_status) {
-        return Err(fail(
-            FailureClass::Config,
-            format!(
-                "HTTP {http_status}: the token endpoint redirects; redirects are not followed on token requests, check token_url"
-            ),
-        ));
-    }
-    if !(200..300).contains(&http_status) {
-        return Err(fail(
-            FailureClass::Config,
-            format!(
-                "HTTP {http_status} without an OAuth error body{}",
-                describe_body(content_type, body)
-            ),
-        ));
-    }
-    let Some(Value::Object(obj)) = json else {
-        return Err(fail(
-            FailureClass::Transient,
-            format!(
-                "malformed token response: not a JSON object{}",
-                describe_body(content_type, body)
-            ),
-        ));
-    };
-    let malformed = |m: String| {
-        fail(
-            FailureClass::Transient,
-            format!("malformed token response: {m}"),
-        )
-    };
-    let access_token = string(obj.get("access_token"))
-        .ok_or_else(|| malformed("`access_token` missing or empty".into()))?;
-    let refresh_token = string(obj.get("refresh_token"));
-    // A new refresh token means the provider may already have retired the old one: such an
-    // answer is stored even when other fields are broken, with a short lifetime so the
-    // account is refreshed again soon. Without one, a broken answer is simply retried.
-    let tolerate = |problem: String| -> Result<(), ProviderFailure> {
-        if refresh_token.is_some() {
-            tracing::warn!(event = "malformed_token_response", problem = %problem,
-                "storing the rotated refresh token anyway; the account is refreshed again soon");
-            Ok(())
-        } else {
-            Err(malformed(problem))
-        }
-    };
-    let expires_in = match seconds(obj.get("expires_in"), "expires_in") {
-        Ok(Some(n)) if n > 0 => n,
-        Ok(Some(_)) => {
-            tolerate("`expires_in` is 0: the new token is already expired".into())?;
-            FALLBACK_LIFETIME
-        }
-        Ok(None) => {
-            tolerate("`expires_in` missing".into())?;
-            FALLBACK_LIFETIME
-        }
-        Err(m) => {
-            tolerate(m)?;
-            FALLBACK_LIFETIME
-        }
-    };
-    let refresh_expires_in = match seconds(obj.get("refresh_expires_in"), "refresh_expires_in") {
-        Ok(v) => v,
-        Err(m) => {
-            tolerate(m)?;
-            None
-        }
-    };
-    let token_type = string(obj.get("token_type")).unwrap_or_else(|| "Bearer".into());
-    if !token_type.eq_ignore_ascii_case("bearer") {
-        tolerate(format!(
-            "unsupported token_type {:?} (expected Bearer)",
-            token_type.chars().take(40).collect::<String>()
-        ))?;
-    }
-    Ok(TokenSet {
-        access_token: SecretString::from(access_token),
-        refresh_token: refresh_token.map(SecretString::from),
-        expires_in,
-        refresh_expires_in,
-        subject: string(obj.get("open_id")),
-        scope: string(obj.get("scope")),
-        token_type: "Bearer".into(),
-    })
-}
-
-/// Provider-chosen identifiers end up in logs and the store: keep them short and plain.
-fn sanitize(s: &str, max: usize) -> String {
-    s.chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
-        .take(max)
-        .collect()
-}
-
-/// Describes a body for an error message without quoting it: a body may hold tokens.
-fn describe_body(content_type: Option<&str>, body: &[u8]) -> String {
-    if body.is_empty() {
-        " (empty body)".into()
-    } else {
-        format!(
-            " ({} bytes of {})",
-            body.len(),
-            content_type.unwrap_or("unknown content type")
-        )
-    }
+    let profile = Profile::built_in("tiktok").expect("tiktok is built in");
+    super::response::parse(&profile, 0, http_status, retry_after, content_type, body)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ReauthReason;
+    use crate::provider::FailureClass;
 
     fn ok(body: &str) -> TokenSet {
         parse_response(200, None, Some("application/json"), body.as_bytes()).unwrap()

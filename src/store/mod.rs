@@ -437,6 +437,31 @@ impl Store {
         self.call(move |c| sqlite::next_due(c, now)).await
     }
 
+    /// `claim_due` without the accounts of the `skip` providers.
+    pub async fn claim_due_except(
+        &self,
+        owner: &str,
+        now: i64,
+        lease: Duration,
+        limit: usize,
+        skip: Vec<String>,
+    ) -> Result<Vec<Account>, StoreError> {
+        let owner = owner.to_string();
+        let until = now + lease.as_secs() as i64;
+        self.call(move |c| sqlite::claim_due_except(c, &owner, now, until, limit, &skip))
+            .await
+    }
+
+    /// `next_due` without the accounts of the `skip` providers.
+    pub async fn next_due_except(
+        &self,
+        now: i64,
+        skip: Vec<String>,
+    ) -> Result<Option<i64>, StoreError> {
+        self.call(move |c| sqlite::next_due_except(c, now, &skip))
+            .await
+    }
+
     pub async fn get(&self, id: i64) -> Result<Option<Account>, StoreError> {
         self.call(move |c| sqlite::get(c, id)).await
     }

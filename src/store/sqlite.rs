@@ -82,24 +82,51 @@ pub fn claim_due(
     lease_until: i64,
     limit: usize,
 ) -> Result<Vec<Account>, StoreError> {
+    claim_due_except(conn, owner, now, lease_until, limit, &[])
+}
+
+/// `NOT IN (...)` over `skip` with numbered parameters from `first`, or nothing.
+fn skip_clause(skip: &[String], first: usize) -> String {
+    if skip.is_empty() {
+        return String::new();
+    }
+    let marks: Vec<String> = (0..skip.len()).map(|i| format!("?{}", first + i)).collect();
+    format!("AND provider NOT IN ({})", marks.join(", "))
+}
+
+/// Like `claim_due`, leaving out accounts of the `skip` providers (saturated ones).
+pub fn claim_due_except(
+    conn: &Connection,
+    owner: &str,
+    now: i64,
+    lease_until: i64,
+    limit: usize,
+    skip: &[String],
+) -> Result<Vec<Account>, StoreError> {
     let sql = format!(
         "UPDATE accounts SET lease_owner = ?1, lease_expires_at = ?2
          WHERE id IN (
              SELECT id FROM accounts INDEXED BY accounts_due
              WHERE status IN ('active', 'expiring') AND next_refresh_at <= ?3
                AND (lease_owner IS NULL OR lease_expires_at <= ?3)
+               {}
              ORDER BY next_refresh_at
              LIMIT ?4)
-         RETURNING {ACCOUNT_COLUMNS}"
+         RETURNING {ACCOUNT_COLUMNS}",
+        skip_clause(skip, 5)
     );
     let mut stmt = conn
         .prepare_cached(&sql)
         .map_err(sql_err("claim due accounts"))?;
+    let mut values: Vec<rusqlite::types::Value> = vec![
+        owner.to_string().into(),
+        lease_until.into(),
+        now.into(),
+        (limit as i64).into(),
+    ];
+    values.extend(skip.iter().map(|s| rusqlite::types::Value::from(s.clone())));
     let rows = stmt
-        .query_map(
-            params![owner, lease_until, now, limit as i64],
-            row_to_account,
-        )
+        .query_map(rusqlite::params_from_iter(values), row_to_account)
         .map_err(sql_err("claim due accounts"))?;
     let mut out: Vec<Account> = rows
         .collect::<Result<_, _>>()
@@ -112,14 +139,31 @@ pub fn claim_due(
 /// Accounts leased by a process that died become visible when their lease expires; the
 /// engine's `refresh.max_idle` bounds how late it notices.
 pub fn next_due(conn: &Connection, now: i64) -> Result<Option<i64>, StoreError> {
+    next_due_except(conn, now, &[])
+}
+
+/// Like `next_due`, leaving out accounts of the `skip` providers.
+pub fn next_due_except(
+    conn: &Connection,
+    now: i64,
+    skip: &[String],
+) -> Result<Option<i64>, StoreError> {
+    let sql = format!(
+        "SELECT next_refresh_at FROM accounts INDEXED BY accounts_due
+         WHERE status IN ('active', 'expiring')
+           AND (lease_owner IS NULL OR lease_expires_at <= ?1)
+           {}
+         ORDER BY next_refresh_at LIMIT 1",
+        skip_clause(skip, 2)
+    );
+    let mut values: Vec<rusqlite::types::Value> = vec![now.into()];
+    values.extend(skip.iter().map(|s| rusqlite::types::Value::from(s.clone())));
     let due: Option<i64> = conn
-        .prepare_cached(
-            "SELECT next_refresh_at FROM accounts INDEXED BY accounts_due
-             WHERE status IN ('active', 'expiring')
-               AND (lease_owner IS NULL OR lease_expires_at <= ?1)
-             ORDER BY next_refresh_at LIMIT 1",
-        )
-        .and_then(|mut s| s.query_row([now], |r| r.get(0)).optional())
+        .prepare_cached(&sql)
+        .and_then(|mut s| {
+            s.query_row(rusqlite::params_from_iter(values), |r| r.get(0))
+                .optional()
+        })
         .map_err(sql_err("find next due account"))?;
     Ok(due)
 }
@@ -332,12 +376,8 @@ pub fn upsert(
                 id
             }
             None => {
-                if refresh_token.is_empty() {
-                    return Err(StoreError::Invalid(format!(
-                        "account {}/{} has no refresh token and is not stored yet",
-                        a.provider, a.subject
-                    )));
-                }
+                // Accounts of profiles that extend the access token itself (Instagram,
+                // Facebook, Threads) have no refresh token; import checks the others.
                 let id: i64 = tx
                     .prepare_cached(
                         "INSERT INTO accounts (provider, subject, label, access_token, refresh_token,

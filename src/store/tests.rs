@@ -301,19 +301,27 @@ async fn upsert_refused_under_a_live_lease_then_clears_lease_and_failures() {
 #[tokio::test]
 async fn upsert_is_all_or_nothing() {
     let (_dir, store) = temp_store().await;
-    let mut no_refresh = new_account("tiktok", "u2", NOW);
-    no_refresh.tokens.refresh_token = None;
+    // The second record is refused (its account is being refreshed): the first is not
+    // stored either.
+    insert(&store, vec![new_account("tiktok", "u2", NOW)]).await;
+    store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    let logged = query(&store, "SELECT COUNT(*) FROM refresh_log WHERE ?1 = ?1", 0).await;
     let err = store
-        .upsert(vec![new_account("tiktok", "u1", NOW), no_refresh], NOW)
+        .upsert(
+            vec![
+                new_account("tiktok", "u1", NOW),
+                new_account("tiktok", "u2", NOW),
+            ],
+            NOW + 1,
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
-    assert!(err.to_string().contains("tiktok/u2"), "{err}");
+    assert!(err.to_string().contains("being refreshed"), "{err}");
     assert!(store.find("tiktok", "u1").await.unwrap().is_none());
-    assert!(store.counts().await.unwrap().is_empty());
     assert_eq!(
         query(&store, "SELECT COUNT(*) FROM refresh_log WHERE ?1 = ?1", 0).await,
-        Some(0)
+        logged
     );
 }
 
@@ -370,6 +378,43 @@ async fn claim_due_takes_due_refreshable_accounts_in_order() {
         .await
         .unwrap();
     assert_eq!(ids(&much_later), [future]);
+}
+
+#[tokio::test]
+async fn claim_due_except_leaves_out_saturated_providers() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(
+        &store,
+        vec![
+            new_account("linkedin", "a", NOW - 30),
+            new_account("x", "b", NOW - 20),
+            new_account("google", "c", NOW - 10),
+            new_account("linkedin", "d", NOW + 50),
+            new_account("google", "e", NOW + 60),
+        ],
+    )
+    .await;
+    let skip = vec!["linkedin".to_string(), "x".to_string()];
+    assert_eq!(
+        store.next_due_except(NOW, skip.clone()).await.unwrap(),
+        Some(NOW - 10)
+    );
+    let claimed = store
+        .claim_due_except(OWNER, NOW, LEASE, 10, skip.clone())
+        .await
+        .unwrap();
+    assert_eq!(ids(&claimed), [id[2]]);
+    // The skipped providers' due accounts stay unleased for a later claim.
+    assert_eq!(lease(&store, id[0]).await, (None, None));
+    assert_eq!(
+        store.next_due_except(NOW, skip).await.unwrap(),
+        Some(NOW + 60)
+    );
+    let rest = store
+        .claim_due_except(OWNER, NOW, LEASE, 10, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(ids(&rest), [id[0], id[1]]);
 }
 
 #[tokio::test]
