@@ -12,6 +12,8 @@
 //! - [`provider`]: builds token requests and classifies answers (TikTok first).
 //! - [`engine`]: the refresh loop.
 //! - [`events`]: in-process state changes (tokens rotated, reauth needed, recovered).
+//! - [`sink`]: token files for an app, rewritten atomically after each rotation.
+//! - [`notify`]: signed webhook notifications of state changes.
 //! - [`jobs`]: cron jobs: reauth sweep, digest, log pruning.
 //! - [`lifecycle`]: running the daemon: signals, reload, systemd notifications.
 //! - [`connect`]: connecting accounts: authorization URL, loopback callback, code exchange.
@@ -40,8 +42,10 @@ pub mod import;
 pub mod jobs;
 pub mod lifecycle;
 pub mod model;
+pub mod notify;
 pub mod policy;
 pub mod provider;
 pub mod sandbox;
+pub mod sink;
 pub mod store;
 pub mod telemetry;

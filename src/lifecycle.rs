@@ -10,6 +10,7 @@ use crate::jobs;
 use crate::provider::ProviderError;
 use crate::store::{Store, StoreError, StoreOptions};
 use crate::telemetry::LogHandle;
+use crate::{notify, sink};
 use futures::StreamExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -96,6 +97,20 @@ pub async fn run(
     let (settings_tx, settings_rx) = watch::channel(settings.clone());
     let engine = Engine::new(store.clone(), opts.clock.clone(), settings_rx.clone());
     let cfg = &settings.config;
+    // Before anything can emit: sinks and webhooks miss no state change.
+    let sinks = sink::spawn(
+        cfg.sink.clone(),
+        store.clone(),
+        &engine.events(),
+        opts.clock.clone(),
+    );
+    let notifier = notify::spawn(
+        cfg.notify.webhook.clone(),
+        &engine.events(),
+        opts.clock.clone(),
+        shutdown.clone(),
+        cfg.shutdown.grace,
+    );
     tracing::info!(event = "starting", store = %store.path().display(), owner = engine.owner(),
         providers = ?settings.providers.names().collect::<Vec<_>>(), once = opts.once, "refreshd starting");
     for (name, p) in &cfg.providers {
@@ -110,6 +125,8 @@ pub async fn run(
         if let Some(cb) = opts.on_ready.take() {
             cb(&store, &engine);
         }
+        sinks.stop().await;
+        notifier.stop().await;
         store.close().await;
         let r = RunReport {
             stats: engine.stats().snapshot(),
@@ -191,6 +208,8 @@ pub async fn run(
     let _ = scheduler.shutdown().await;
     let result = engine_task.await;
     watchdog.abort();
+    sinks.stop().await;
+    notifier.stop().await;
     store.close().await;
     let report = RunReport {
         stats: engine.stats().snapshot(),
