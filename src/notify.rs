@@ -121,7 +121,7 @@ impl NotifyHandle {
         let left = r
             .grace
             .saturating_sub(began.elapsed())
-            .max(Duration::from_secs(1));
+            .max(Duration::from_millis(200));
         let mut deliverer = r.deliverer;
         if tokio::time::timeout(left, &mut deliverer).await.is_err() {
             deliverer.abort();

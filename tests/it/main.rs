@@ -7,3 +7,4 @@ mod connect;
 mod engine;
 mod helpers;
 mod sink;
+mod webhook;
