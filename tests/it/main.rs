@@ -4,6 +4,7 @@
 
 mod cli;
 mod connect;
+mod deploy;
 mod engine;
 mod helpers;
 mod sink;
