@@ -1193,4 +1193,44 @@ retries = 2
             .to_string();
         assert!(!err.contains('7'), "{err}");
     }
+
+    #[test]
+    fn example_config_sink_and_webhook_examples_load_when_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/refreshd.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let start = text.find("# ---- Token files").expect("sink section");
+        let (head, tail) = text.split_at(start);
+        let uncommented: String = tail
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.starts_with('[') || rest.contains(" = ") => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("/etc/refreshd/webhook-secret", "webhook-secret");
+        Jail::expect_with(|jail| {
+            jail.create_file("client_secret", "s")?;
+            jail.create_file("webhook-secret", "w")?;
+            jail.create_file("r.toml", &format!("{head}{uncommented}"))?;
+            let c = Config::load(Some(Path::new("r.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.sink.len(), 2);
+            assert_eq!(c.sink[1].format, SinkFormat::Token);
+            let w = c.notify.webhook.expect("webhook");
+            let d = Config::from_toml_str(
+                "[notify.webhook]\nurl = \"https://h.example.com/\"\nsecret = \"w\"\n",
+            )
+            .unwrap()
+            .notify
+            .webhook
+            .unwrap();
+            // the example documents the defaults
+            assert_eq!(
+                (w.timeout, w.retries, w.backoff_base, w.backoff_max, w.queue),
+                (d.timeout, d.retries, d.backoff_base, d.backoff_max, d.queue)
+            );
+            assert_eq!(c.sink[0].mode, 0o600);
+            Ok(())
+        });
+    }
 }

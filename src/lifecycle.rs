@@ -251,6 +251,25 @@ fn reload_settings(
             c != "store" || format!("{:?}", new.store) != format!("{:?}", old.config.store)
         });
     }
+    // Sinks and webhooks are set up at start: say so rather than silently keeping the old.
+    for (key, same) in [
+        (
+            "sink",
+            format!("{:?}", new.sink) == format!("{:?}", old.config.sink),
+        ),
+        (
+            "notify",
+            format!("{:?}", new.notify) == format!("{:?}", old.config.notify),
+        ),
+    ] {
+        if !same {
+            tracing::warn!(
+                event = "reload_needs_restart",
+                key,
+                "{key} changed; it takes effect on restart only"
+            );
+        }
+    }
     if changed.is_empty() {
         tracing::info!(
             event = "config_reloaded",
