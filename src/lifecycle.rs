@@ -103,6 +103,7 @@ pub async fn run(
         store.clone(),
         &engine.events(),
         opts.clock.clone(),
+        cfg.refresh.max_idle,
     );
     let notifier = notify::spawn(
         cfg.notify.webhook.clone(),

@@ -1,7 +1,9 @@
 //! Token file sinks (`[[sink]]`): files an app reads its current access token from, like a
 //! Vault Agent sink. Each file is rewritten atomically (temp file in the same directory,
 //! fsync, rename, fsync of the directory) at start-up and after every rotation of its
-//! account, so a reader sees the old token or the new one, never a mix.
+//! account, so a reader sees the old token or the new one, never a mix. Rotations in this
+//! process arrive as events; a periodic look at the store catches the rest (imports, other
+//! processes sharing the database).
 //!
 //! A file is only ever written with the tokens of the account its sink selects: the account
 //! read from the store must match the sink's id and, when given, its provider and subject.
@@ -17,7 +19,8 @@ use secrecy::ExposeSecret;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use tokio::sync::broadcast::error::RecvError;
+use std::time::Duration;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +45,25 @@ pub enum SinkError {
 pub enum Written {
     /// The file now holds the account's current token.
     Wrote { account_id: i64, generation: i64 },
-    /// Left as it is (the reason was logged).
-    Skipped,
+    /// The file already held this generation of the account's token.
+    Unchanged,
+    /// Left as it is, for this reason.
+    Skipped(Skip),
+}
+
+/// Why a sink's file was left as it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Skip {
+    /// No account matches the selector.
+    Missing,
+    /// The account with the sink's id has another provider or subject than the sink names.
+    Mismatch { account_id: i64 },
+    /// The account cannot be refreshed (needs_reauth or disabled).
+    Unusable {
+        account_id: i64,
+        status: Status,
+        reason: Option<String>,
+    },
 }
 
 /// The running sink task. `stop` writes what the last events asked for, then ends.
@@ -65,8 +85,16 @@ impl SinkHandle {
 
 /// Starts the sink task: subscribes to `events` now (so no rotation after this call is
 /// missed), writes every sink once, then rewrites a sink after each rotation of its account.
-/// Without sinks, nothing runs.
-pub fn spawn(sinks: Vec<SinkConfig>, store: Store, events: &Events, clock: Clock) -> SinkHandle {
+/// Every `check_every` it also looks at the accounts in the store, which catches what no
+/// event here announces: an import or rotation by another process sharing the database, an
+/// account that appeared or was re-authorized. Without sinks, nothing runs.
+pub fn spawn(
+    sinks: Vec<SinkConfig>,
+    store: Store,
+    events: &Events,
+    clock: Clock,
+    check_every: Duration,
+) -> SinkHandle {
     let stop = CancellationToken::new();
     if sinks.is_empty() {
         return SinkHandle { stop, task: None };
@@ -74,27 +102,29 @@ pub fn spawn(sinks: Vec<SinkConfig>, store: Store, events: &Events, clock: Clock
     let mut rx = events.subscribe();
     let stop2 = stop.clone();
     let task = tokio::spawn(async move {
-        let sinks = Sinks {
+        let mut sinks = Sinks {
+            state: vec![None; sinks.len()],
             sinks,
             store,
             clock,
         };
-        sinks.write_all().await;
+        sinks.write_all(true).await;
+        let mut check = tokio::time::interval(check_every);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.reset();
         loop {
-            let ev = tokio::select! {
+            tokio::select! {
                 biased;
-                ev = rx.recv() => ev,
+                ev = rx.recv() => sinks.handle(ev).await,
+                _ = check.tick() => sinks.write_all(false).await,
                 _ = stop2.cancelled() => break,
-            };
-            sinks.handle(ev).await;
+            }
         }
         // The engine has drained: write what its last rotations changed.
         loop {
             match rx.try_recv() {
                 Ok(ev) => sinks.handle(Ok(ev)).await,
-                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => {
-                    sinks.handle(Err(RecvError::Lagged(n))).await
-                }
+                Err(TryRecvError::Lagged(n)) => sinks.handle(Err(RecvError::Lagged(n))).await,
                 Err(_) => break,
             }
         }
@@ -107,41 +137,37 @@ pub fn spawn(sinks: Vec<SinkConfig>, store: Store, events: &Events, clock: Clock
 
 struct Sinks {
     sinks: Vec<SinkConfig>,
+    /// Per sink: the last result (None: not tried yet, or failed).
+    state: Vec<Option<Written>>,
     store: Store,
     clock: Clock,
 }
 
 impl Sinks {
-    async fn handle(&self, ev: Result<Event, RecvError>) {
+    async fn handle(&mut self, ev: Result<Event, RecvError>) {
         match ev {
             Ok(Event::TokensChanged {
                 account_id,
                 provider,
                 subject,
             }) => {
-                for s in self
-                    .sinks
-                    .iter()
-                    .filter(|s| selects(s, account_id, &provider, &subject))
-                {
-                    self.write_logged(s).await;
+                for i in 0..self.sinks.len() {
+                    if selects(&self.sinks[i], account_id, &provider, &subject) {
+                        self.write_logged(i, true).await;
+                    }
                 }
             }
             Ok(Event::ReauthRequired {
                 account_id,
                 provider,
                 subject,
-                reason,
                 ..
             }) => {
-                for s in self
-                    .sinks
-                    .iter()
-                    .filter(|s| selects(s, account_id, &provider, &subject))
-                {
-                    tracing::warn!(event = "sink_stale", path = %s.path.display(), account = account_id,
-                        provider = %provider, subject = %subject, reason = %reason,
-                        "the sink's account needs re-authorization: its token file will go stale until the user logs in again");
+                // Logs the sink going stale once (`expiring` still has a working token).
+                for i in 0..self.sinks.len() {
+                    if selects(&self.sinks[i], account_id, &provider, &subject) {
+                        self.write_logged(i, false).await;
+                    }
                 }
             }
             Ok(_) => {}
@@ -151,28 +177,64 @@ impl Sinks {
                     missed = n,
                     "sink task fell behind the events; rewriting every sink from the store"
                 );
-                self.write_all().await;
+                self.write_all(true).await;
             }
             Err(RecvError::Closed) => {}
         }
     }
 
-    async fn write_all(&self) {
-        for s in &self.sinks {
-            self.write_logged(s).await;
+    /// `force`: write even when the file already holds this generation.
+    async fn write_all(&mut self, force: bool) {
+        for i in 0..self.sinks.len() {
+            self.write_logged(i, force).await;
         }
     }
 
-    async fn write_logged(&self, s: &SinkConfig) {
-        match write_sink(s, &self.store, self.clock.now()).await {
-            Ok(Written::Wrote {
+    async fn write_logged(&mut self, i: usize, force: bool) {
+        let s = &self.sinks[i];
+        let last = match &self.state[i] {
+            Some(Written::Wrote { generation, .. }) if !force => Some(*generation),
+            _ => None,
+        };
+        let path = s.path.display();
+        let result = match write_sink(s, &self.store, self.clock.now(), last).await {
+            Ok(Written::Unchanged) => return,
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(event = "sink_failed", error = %e, "token file not written");
+                self.state[i] = None;
+                return;
+            }
+        };
+        // A skip is logged when it starts, not at every check.
+        let repeated = self.state[i].as_ref() == Some(&result);
+        match &result {
+            Written::Wrote {
                 account_id,
                 generation,
-            }) => tracing::debug!(event = "sink_written", path = %s.path.display(),
+            } => tracing::debug!(event = "sink_written", path = %path,
                 account = account_id, generation, "token file written"),
-            Ok(Written::Skipped) => {}
-            Err(e) => tracing::error!(event = "sink_failed", error = %e, "token file not written"),
+            Written::Unchanged => {}
+            Written::Skipped(_) if repeated => {}
+            Written::Skipped(Skip::Missing) => {
+                tracing::warn!(event = "sink_account_missing", path = %path,
+                account = %describe(s),
+                "the sink's account is not in the store; its token file is left as it is (check the sink's account selector)")
+            }
+            Written::Skipped(Skip::Mismatch { account_id }) => {
+                tracing::warn!(event = "sink_account_mismatch",
+                path = %path, account = account_id, selector = %describe(s),
+                "the account with this id has another provider or subject than the sink names; its token file is left as it is")
+            }
+            Written::Skipped(Skip::Unusable {
+                account_id,
+                status,
+                reason,
+            }) => tracing::warn!(event = "sink_stale",
+                path = %path, account = account_id, status = %status, reason = reason.as_deref().unwrap_or(""),
+                "the sink's account cannot be refreshed; its token file is left as it is until the account is re-authorized or enabled"),
         }
+        self.state[i] = Some(result);
     }
 }
 
@@ -192,8 +254,14 @@ fn describe(s: &SinkConfig) -> String {
     }
 }
 
-/// Reads the sink's account and writes its file, or says why not.
-pub async fn write_sink(s: &SinkConfig, store: &Store, now: i64) -> Result<Written, SinkError> {
+/// Reads the sink's account and writes its file, unless the file already holds generation
+/// `last` or the account must not or cannot be written.
+pub async fn write_sink(
+    s: &SinkConfig,
+    store: &Store,
+    now: i64,
+    last: Option<i64>,
+) -> Result<Written, SinkError> {
     let found = match (s.account, &s.provider, &s.subject) {
         (Some(id), _, _) => store.get(id).await,
         (None, Some(p), Some(sub)) => store.find(p, sub).await,
@@ -204,31 +272,28 @@ pub async fn write_sink(s: &SinkConfig, store: &Store, now: i64) -> Result<Writt
         account: describe(s),
         source,
     })?;
-    let path = s.path.display();
     let Some(a) = found else {
-        tracing::warn!(event = "sink_account_missing", path = %path, account = %describe(s),
-            "the sink's account is not in the store; its token file is left as it is (check the sink's account selector)");
-        return Ok(Written::Skipped);
+        return Ok(Written::Skipped(Skip::Missing));
     };
     // Belt and braces: never write another account's token into this file.
     if !selects(s, a.id, &a.provider, &a.subject)
         || s.provider.as_deref().is_some_and(|p| p != a.provider)
         || s.subject.as_deref().is_some_and(|sub| sub != a.subject)
     {
-        tracing::warn!(event = "sink_account_mismatch", path = %path, account = a.id,
-            provider = %a.provider, subject = %a.subject, selector = %describe(s),
-            "the account found does not match the sink's provider and subject; its token file is left as it is");
-        return Ok(Written::Skipped);
+        return Ok(Written::Skipped(Skip::Mismatch { account_id: a.id }));
     }
     if matches!(a.status, Status::NeedsReauth | Status::Disabled) {
-        tracing::warn!(event = "sink_stale", path = %path, account = a.id, provider = %a.provider,
-            subject = %a.subject, status = %a.status,
-            reason = a.reauth_reason.map(|r| r.as_str()).unwrap_or(""),
-            "the sink's account cannot be refreshed; its token file is left as it is until the account is re-authorized or enabled");
-        return Ok(Written::Skipped);
+        return Ok(Written::Skipped(Skip::Unusable {
+            account_id: a.id,
+            status: a.status,
+            reason: a.reauth_reason.map(|r| r.as_str().to_string()),
+        }));
+    }
+    if last == Some(a.generation) {
+        return Ok(Written::Unchanged);
     }
     if a.access_expires_at <= now {
-        tracing::warn!(event = "sink_token_expired", path = %path, account = a.id,
+        tracing::warn!(event = "sink_token_expired", path = %s.path.display(), account = a.id,
             "the sink's account holds an expired access token; writing it anyway (it is refreshed as soon as possible)");
     }
     let bytes = render(s.format, &a);

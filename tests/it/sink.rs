@@ -234,3 +234,48 @@ async fn run_once_writes_sinks_too() {
         access_token(&store, id).await
     );
 }
+
+#[tokio::test]
+async fn sink_follows_an_account_imported_and_replaced_by_another_process() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let path = app.dir.path().join("late.json");
+    let toml = helpers::config_toml(
+        &app.db,
+        &app.sandbox.token_url(),
+        &format!("[[sink]]\nprovider = \"tiktok\"\nsubject = \"late\"\npath = {path:?}\n"),
+    )
+    .replace("max_idle = \"1s\"", "max_idle = \"50ms\"");
+    let config = refreshd::config::Config::from_toml_str(&toml).unwrap();
+    let shutdown = CancellationToken::new();
+    let daemon = {
+        let (config, clock, s) = (config.clone(), app.clock.clone(), shutdown.clone());
+        tokio::spawn(async move { lifecycle::run(config, RunOptions::new(clock), s).await })
+    };
+    // The account does not exist yet: nothing is written.
+    let store = app.store().await;
+    assert!(store.find("tiktok", "late").await.unwrap().is_none());
+    assert!(!path.exists());
+
+    // Imported by another process (the CLI): no event here, the periodic check finds it.
+    let id = app.import(&store, &config, &["late"], None).await[0];
+    let (s, p) = (&store, &path);
+    let follows = || async move {
+        let now = access_token(s, id).await;
+        read_json(p).is_some_and(|d| d["access_token"] == now.as_str())
+    };
+    if !helpers::eventually(5, follows).await {
+        shutdown.cancel();
+        panic!(
+            "imported account's sink not written; daemon: {:?}",
+            daemon.await
+        );
+    }
+    let first = access_token(&store, id).await;
+
+    // New tokens from another process (a re-import): the file follows.
+    app.import(&store, &config, &["late"], None).await;
+    assert_ne!(access_token(&store, id).await, first);
+    assert!(helpers::eventually(5, follows).await, "sink not rewritten");
+    shutdown.cancel();
+    daemon.await.unwrap().expect("daemon run");
+}
