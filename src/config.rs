@@ -230,7 +230,8 @@ pub struct NotifyConfig {
 }
 
 /// `[notify.webhook]`: a signed JSON POST on every state change (never a token).
-#[derive(Clone, Debug, Deserialize)]
+/// `Debug` shows only the URL's scheme and host: a webhook URL's path is often a secret.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     /// https:// (plain http only on loopback).
@@ -253,6 +254,33 @@ pub struct WebhookConfig {
     /// Events waiting for delivery; when full, new events are dropped with an error log.
     #[serde(default = "default_webhook_queue")]
     pub queue: usize,
+}
+
+impl fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &redact_url(&self.url))
+            .field("secret", &self.secret)
+            .field("secret_file", &self.secret_file)
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .field("backoff_base", &self.backoff_base)
+            .field("backoff_max", &self.backoff_max)
+            .field("queue", &self.queue)
+            .finish()
+    }
+}
+
+/// `scheme://host[:port]/…`: enough to tell which receiver, without a secret path or query.
+pub fn redact_url(u: &str) -> String {
+    match url::Url::parse(u) {
+        Ok(url) => {
+            let host = url.host_str().unwrap_or("");
+            let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+            format!("{}://{host}{port}/…", url.scheme())
+        }
+        Err(_) => "(not a URL)".into(),
+    }
 }
 
 fn default_webhook_timeout() -> Duration {
@@ -648,8 +676,12 @@ impl Config {
         }
         if let Some(w) = self.notify.webhook.as_mut() {
             let key = |k: &str| format!("notify.webhook.{k}");
+            // The message names the URL without its path: that may be a secret.
             if let Err(m) = check_endpoint_url(&w.url) {
-                bad(key("url"), m);
+                bad(
+                    key("url"),
+                    m.replace(&format!("{:?}", w.url), &redact_url(&w.url)),
+                );
             }
             match (&w.secret, &w.secret_file) {
                 (Some(_), Some(_)) => bad(
@@ -1192,6 +1224,19 @@ retries = 2
             .unwrap_err()
             .to_string();
         assert!(!err.contains('7'), "{err}");
+        // A webhook URL's path is often its secret: neither errors nor Debug show it.
+        let err = Config::from_toml_str(
+            "[notify.webhook]\nurl = \"http://hooks.example.com/T0/B0/PATH-SECRET\"\nsecret = \"s\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("http://hooks.example.com/…"), "{err}");
+        assert!(!err.contains("PATH-SECRET"), "{err}");
+        let c = Config::from_toml_str(
+            "[notify.webhook]\nurl = \"https://hooks.example.com/T0/B0/PATH-SECRET\"\nsecret = \"s\"\n",
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("PATH-SECRET"));
     }
 
     #[test]

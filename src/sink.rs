@@ -311,6 +311,50 @@ pub async fn write_sink(
     })
 }
 
+/// For `refreshd check`: one line per sink and whether its directory takes new files
+/// (tried by creating and removing a temp file there).
+pub fn check(sinks: &[SinkConfig]) -> Vec<(String, bool)> {
+    sinks
+        .iter()
+        .map(|s| {
+            let dir = parent_dir(&s.path);
+            let format = match s.format {
+                SinkFormat::Json => "json",
+                SinkFormat::Token => "token",
+            };
+            match tempfile::Builder::new()
+                .prefix(".refreshd-check.")
+                .tempfile_in(dir)
+            {
+                Ok(_) => (
+                    format!(
+                        "sink {}: ok, account {}, format {format}, mode {:04o}",
+                        s.path.display(),
+                        describe(s),
+                        s.mode
+                    ),
+                    true,
+                ),
+                Err(e) => (
+                    format!(
+                        "sink {}: FAILED\n  cannot create files in {}: {e} (create the directory, writable by refreshd)",
+                        s.path.display(),
+                        dir.display()
+                    ),
+                    false,
+                ),
+            }
+        })
+        .collect()
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
 /// The file's content. JSON ends with a newline; the bare token has none, so the whole file
 /// is the token (`$(cat file)` and a plain read agree).
 fn render(format: SinkFormat, a: &Account) -> Vec<u8> {
@@ -335,10 +379,7 @@ fn render(format: SinkFormat, a: &Account) -> Vec<u8> {
 
 /// Temp file in the target's directory, fsync, rename over the target, fsync the directory.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = parent_dir(path);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -279,3 +279,48 @@ async fn sink_follows_an_account_imported_and_replaced_by_another_process() {
     shutdown.cancel();
     daemon.await.unwrap().expect("daemon run");
 }
+
+#[test]
+fn check_names_a_sink_whose_directory_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("t.json");
+    let bad = dir.path().join("no-such-dir/t.json");
+    let cfg = dir.path().join("refreshd.toml");
+    std::fs::write(
+        &cfg,
+        helpers::config_toml(
+            &dir.path().join("refreshd.db"),
+            "http://127.0.0.1:9/token",
+            &format!(
+                "[[sink]]\naccount = 1\npath = {good:?}\n[[sink]]\naccount = 2\npath = {bad:?}\nformat = \"token\"\n[notify.webhook]\nurl = \"https://hooks.example.com/T0/SECRET-PATH\"\nsecret = \"s\"\n"
+            ),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(helpers::bin())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("check")
+        .env_remove("REFRESHD_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "sink {}: ok, account 1, format json, mode 0600",
+            good.display()
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("sink {}: FAILED", bad.display())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("webhook: ok, POST to https://hooks.example.com/…"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("SECRET-PATH"), "{stdout}");
+    assert!(!good.exists(), "check writes no token file");
+}
