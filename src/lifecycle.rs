@@ -97,14 +97,16 @@ pub async fn run(
     let (settings_tx, settings_rx) = watch::channel(settings.clone());
     let engine = Engine::new(store.clone(), opts.clock.clone(), settings_rx.clone());
     let cfg = &settings.config;
-    // Before anything can emit: sinks and webhooks miss no state change.
-    let sinks = sink::spawn(
+    // Before anything can emit: sinks and webhooks miss no state change, and the token files
+    // are written before the daemon reports ready.
+    let sinks = sink::start(
         cfg.sink.clone(),
         store.clone(),
         &engine.events(),
         opts.clock.clone(),
         cfg.refresh.max_idle,
-    );
+    )
+    .await;
     let notifier = notify::spawn(
         cfg.notify.webhook.clone(),
         &engine.events(),

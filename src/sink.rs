@@ -83,12 +83,13 @@ impl SinkHandle {
     }
 }
 
-/// Starts the sink task: subscribes to `events` now (so no rotation after this call is
-/// missed), writes every sink once, then rewrites a sink after each rotation of its account.
-/// Every `check_every` it also looks at the accounts in the store, which catches what no
+/// Writes every sink once, then starts the task that rewrites a sink after each rotation of
+/// its account. Subscribes to `events` first, so no rotation is missed; returns once the
+/// start-up writes are done, so the daemon reports ready with the files in place.
+/// Every `check_every` the task also looks at the accounts in the store, which catches what no
 /// event here announces: an import or rotation by another process sharing the database, an
 /// account that appeared or was re-authorized. Without sinks, nothing runs.
-pub fn spawn(
+pub async fn start(
     sinks: Vec<SinkConfig>,
     store: Store,
     events: &Events,
@@ -101,14 +102,14 @@ pub fn spawn(
     }
     let mut rx = events.subscribe();
     let stop2 = stop.clone();
+    let mut sinks = Sinks {
+        state: vec![None; sinks.len()],
+        sinks,
+        store,
+        clock,
+    };
+    sinks.write_all(true).await;
     let task = tokio::spawn(async move {
-        let mut sinks = Sinks {
-            state: vec![None; sinks.len()],
-            sinks,
-            store,
-            clock,
-        };
-        sinks.write_all(true).await;
         let mut check = tokio::time::interval(check_every);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         check.reset();

@@ -115,18 +115,28 @@ path = {missing:?}
     app.sandbox.revoke("gone");
 
     let shutdown = CancellationToken::new();
+    let written_when_ready = Arc::new(AtomicBool::new(false));
     let daemon = {
         let (config, clock, s) = (config.clone(), app.clock.clone(), shutdown.clone());
-        tokio::spawn(async move { lifecycle::run(config, RunOptions::new(clock), s).await })
+        let (flag, json) = (written_when_ready.clone(), json.clone());
+        let opts = RunOptions {
+            on_ready: Some(Box::new(move |_, _| {
+                flag.store(json.exists(), Ordering::SeqCst)
+            })),
+            ..RunOptions::new(clock)
+        };
+        tokio::spawn(async move { lifecycle::run(config, opts, s).await })
     };
 
-    // Start-up: every sink whose account can be used is written.
+    // Start-up: every sink whose account can be used is written, before the daemon is ready.
     let first = access_token(&store, ids[0]).await;
     let (j, t, st) = (&json, &token, &stale);
     assert!(
         helpers::eventually(5, || async move { j.exists() && t.exists() && st.exists() }).await,
         "sinks not written at start-up"
     );
+    let w = &written_when_ready;
+    assert!(helpers::eventually(5, || async move { w.load(Ordering::SeqCst) }).await);
     let doc = read_json(&json).unwrap();
     assert_eq!(doc["access_token"], first.as_str());
     assert_eq!(doc["account_id"], ids[0]);
