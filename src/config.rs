@@ -43,6 +43,8 @@ pub struct Config {
     pub reauth: ReauthConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+    pub server: ServerConfig,
+    pub connect: ConnectConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
     /// `[[sink]]`: token files kept up to date for an app (see `sink.rs`).
     pub sink: Vec<SinkConfig>,
@@ -131,6 +133,69 @@ pub struct LogConfig {
 pub struct ShutdownConfig {
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
+}
+
+/// The ops HTTP server: health, metrics, the token API, web connect. Off unless `listen` or
+/// `unix_socket` is set.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// `host:port`, e.g. "127.0.0.1:8787".
+    pub listen: Option<String>,
+    /// A Unix socket serving the same routes (mode 0660), for sidecars sharing a volume.
+    pub unix_socket: Option<PathBuf>,
+    /// The bearer secret of the token API; without it the token routes do not exist.
+    pub api_token_file: Option<PathBuf>,
+    /// Read from `api_token_file` at load (not a key).
+    #[serde(skip)]
+    pub api_token: Option<SecretString>,
+    /// `/readyz` fails when the refresh loop has not completed a pass for this long.
+    #[serde(with = "humantime_serde")]
+    pub stall_after: Duration,
+}
+
+/// The web connect endpoints `/connect/{provider}/start` and `/connect/{provider}/callback`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectConfig {
+    pub enabled: bool,
+    /// How long a started authorization may take before its `state` is refused.
+    #[serde(with = "humantime_serde")]
+    pub state_ttl: Duration,
+    /// Redirect here with `?account_id=ID` after a connection (else a small HTML page).
+    pub success_url: Option<String>,
+    /// Redirect here with `?error=CODE` after a failure (else a small HTML page).
+    pub failure_url: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: None,
+            unix_socket: None,
+            api_token_file: None,
+            api_token: None,
+            stall_after: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Default for ConnectConfig {
+    fn default() -> Self {
+        ConnectConfig {
+            enabled: false,
+            state_ttl: Duration::from_secs(600),
+            success_url: None,
+            failure_url: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The parsed `listen` address (validated at load).
+    pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.as_deref().and_then(|l| l.parse().ok())
+    }
 }
 
 /// One provider's credentials and limits. The table name is the provider's name.
@@ -545,6 +610,61 @@ impl Config {
                     humantime::format_duration(self.shutdown.grace)
                 ),
             );
+        }
+        let sv = &mut self.server;
+        if let Some(l) = &sv.listen
+            && l.parse::<std::net::SocketAddr>().is_err()
+        {
+            bad(
+                "server.listen",
+                format!("not a host:port address: {l:?}; e.g. \"127.0.0.1:8787\""),
+            );
+        }
+        if sv.stall_after <= r.max_idle {
+            bad(
+                "server.stall_after",
+                format!(
+                    "must be longer than refresh.max_idle ({}), or an idle loop looks stalled",
+                    humantime::format_duration(r.max_idle)
+                ),
+            );
+        }
+        if let Some(path) = &sv.api_token_file {
+            match read_secret_file(path) {
+                Ok(s) if secrecy::ExposeSecret::expose_secret(&s).len() < 16 => bad(
+                    "server.api_token_file",
+                    format!(
+                        "the secret in {} is shorter than 16 characters; generate one, e.g. `openssl rand -hex 32`",
+                        path.display()
+                    ),
+                ),
+                Ok(s) => sv.api_token = Some(s),
+                Err(m) => bad("server.api_token_file", m),
+            }
+        }
+        let c = &self.connect;
+        if c.enabled && sv.listen.is_none() && sv.unix_socket.is_none() {
+            bad(
+                "connect.enabled",
+                "the web connect endpoints are served by the ops server: set server.listen too"
+                    .into(),
+            );
+        }
+        if c.state_ttl < Duration::from_secs(30) {
+            bad(
+                "connect.state_ttl",
+                "must be at least 30s: a person has to log in and consent in that time".into(),
+            );
+        }
+        for (key, u) in [
+            ("connect.success_url", &c.success_url),
+            ("connect.failure_url", &c.failure_url),
+        ] {
+            if let Some(u) = u
+                && let Err(m) = check_redirect_uri(u)
+            {
+                bad(key, m);
+            }
         }
         if self.store.path.as_os_str().is_empty() {
             bad("store.path", "must not be empty".into());

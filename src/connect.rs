@@ -29,7 +29,7 @@ pub enum ConnectError {
     )]
     NoRedirectUri { provider: String },
     #[error(
-        "providers.{provider}.redirect_uri {uri:?} is not on loopback: `refreshd connect` can only listen on this machine (127.0.0.1, [::1] or localhost). Register a loopback redirect URI, or use `refreshd authorize-url` and `refreshd exchange`; a web callback endpoint comes with the daemon's server"
+        "providers.{provider}.redirect_uri {uri:?} is not on loopback: `refreshd connect` can only listen on this machine (127.0.0.1, [::1] or localhost). Register a loopback redirect URI, let the daemon serve the callback ([connect] enabled = true, redirect_uri = \"https://<your host>/connect/{provider}/callback\"), or use `refreshd authorize-url` and `refreshd exchange`"
     )]
     NotLoopback { provider: String, uri: String },
     #[error("{what}: {message}")]
@@ -196,6 +196,8 @@ pub struct Connected {
     pub access_expires_at: i64,
     pub refresh_expires_at: Option<i64>,
     pub status: Status,
+    /// The account's status before this connection (None: it is new).
+    pub previous_status: Option<Status>,
 }
 
 /// Builds the account row for a code-exchange answer obtained at `now`.
@@ -257,7 +259,7 @@ pub async fn store_account(
 ) -> Result<Connected, ConnectError> {
     // The check and the write share one transaction: nothing can slip in between.
     let row = account.clone();
-    let ids = store
+    let (ids, previous_status) = store
         .in_tx("store a connected account", move |tx| {
             if let Some(id) = expect_id {
                 let existing = sqlite::get(tx, id)?.ok_or(StoreError::NotFound(id))?;
@@ -265,7 +267,11 @@ pub async fn store_account(
                     return Ok(Err((id, existing.provider, existing.subject)));
                 }
             }
-            Ok(Ok(sqlite::upsert(tx, std::slice::from_ref(&row), now)?))
+            let previous = sqlite::find(tx, &row.provider, &row.subject)?.map(|a| a.status);
+            Ok(Ok((
+                sqlite::upsert(tx, std::slice::from_ref(&row), now)?,
+                previous,
+            )))
         })
         .await?
         .map_err(
@@ -290,6 +296,7 @@ pub async fn store_account(
         access_expires_at: now + account.tokens.expires_in,
         refresh_expires_at: account.tokens.refresh_expires_in.map(|s| now + s),
         status: account.status,
+        previous_status,
     })
 }
 
@@ -379,6 +386,17 @@ pub fn prepare_authorization(
         pkce,
         url,
     })
+}
+
+/// The web connect start URL that re-authorizes `account`, when the daemon serves web
+/// connect and the provider's redirect URI is its callback (`.../connect/{provider}/callback`).
+pub fn web_reconnect_url(config: &Config, provider: &str, account: i64) -> Option<String> {
+    if !config.connect.enabled {
+        return None;
+    }
+    let redirect = config.providers.get(provider)?.redirect_uri.as_deref()?;
+    let base = redirect.strip_suffix(&format!("/connect/{provider}/callback"))?;
+    Some(format!("{base}/connect/{provider}/start?account={account}"))
 }
 
 /// The enabled provider config named `name`.
@@ -606,6 +624,20 @@ mod tests {
     }
 
     #[test]
+    fn web_reconnect_url_only_when_the_daemon_serves_the_callback() {
+        let web = "redirect_uri = \"https://app.example/connect/tiktok/callback\"\n[server]\nlisten = \"127.0.0.1:0\"\n[connect]\nenabled = true\n";
+        assert_eq!(
+            web_reconnect_url(&provider(web), "tiktok", 7).as_deref(),
+            Some("https://app.example/connect/tiktok/start?account=7")
+        );
+        let off = web.replace("enabled = true", "enabled = false");
+        assert_eq!(web_reconnect_url(&provider(&off), "tiktok", 7), None);
+        let own = "redirect_uri = \"https://app.example/oauth/cb\"\n[server]\nlisten = \"127.0.0.1:0\"\n[connect]\nenabled = true\n";
+        assert_eq!(web_reconnect_url(&provider(own), "tiktok", 7), None);
+        assert_eq!(web_reconnect_url(&provider(web), "google", 7), None);
+    }
+
+    #[test]
     fn pkce_s256_matches_rfc7636_example() {
         assert_eq!(
             s256_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
@@ -672,7 +704,7 @@ mod tests {
     fn loopback_redirect_required_for_connect() {
         let c = provider("redirect_uri = \"https://app.example.com/cb\"");
         let e = loopback_redirect("tiktok", &c.providers["tiktok"]).unwrap_err();
-        assert!(e.to_string().contains("daemon's server"), "{e}");
+        assert!(e.to_string().contains("[connect] enabled = true"), "{e}");
         let c = provider("redirect_uri = \"http://localhost:8788/callback\"");
         assert!(loopback_redirect("tiktok", &c.providers["tiktok"]).is_ok());
     }

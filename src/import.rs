@@ -221,6 +221,7 @@ pub fn announce_flagged(records: &[NewAccount], ids: &[(i64, bool)]) -> usize {
                 r.label.as_deref(),
                 reason.as_str(),
                 r.tokens.refresh_expires_in.map(|s| r.obtained_at + s),
+                None,
             );
         }
     }

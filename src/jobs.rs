@@ -28,10 +28,10 @@ pub fn validate_cron(expr: &str) -> Result<(), String> {
 pub async fn sweep(
     store: &Store,
     clock: &Clock,
-    window: std::time::Duration,
+    config: &crate::config::Config,
     events: &Events,
 ) -> Result<SweepReport, StoreError> {
-    let report = store.sweep(clock.now(), window).await?;
+    let report = store.sweep(clock.now(), config.reauth.window).await?;
     for (a, reason) in report
         .expired
         .iter()
@@ -50,6 +50,7 @@ pub async fn sweep(
             a.label.as_deref(),
             reason,
             a.refresh_expires_at,
+            crate::connect::web_reconnect_url(config, &a.provider, a.id).as_deref(),
         );
         events.emit(Event::ReauthRequired {
             account_id: a.id,
@@ -144,9 +145,9 @@ pub async fn start(
         sched
             .add(Job::new_async(cfg.reauth.sweep_cron.as_str(), move |_, _| {
                 let (store, clock, events) = (store.clone(), clock.clone(), events.clone());
-                let window = settings.borrow().config.reauth.window;
+                let config = settings.borrow().config.clone();
                 Box::pin(async move {
-                    if let Err(e) = sweep(&store, &clock, window, &events).await {
+                    if let Err(e) = sweep(&store, &clock, &config, &events).await {
                         tracing::error!(event = "reauth_sweep_failed", error = %e, "reauth sweep failed; it runs again on schedule");
                     }
                 })

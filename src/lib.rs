@@ -15,9 +15,11 @@
 //! - [`sink`]: token files for an app, rewritten atomically after each rotation.
 //! - [`notify`]: signed webhook notifications of state changes.
 //! - [`jobs`]: cron jobs: reauth sweep, digest, log pruning.
+//! - [`metrics`]: Prometheus metrics (engine counters, store gauges).
 //! - [`lifecycle`]: running the daemon: signals, reload, systemd notifications.
 //! - [`connect`]: connecting accounts: authorization URL, loopback callback, code exchange.
 //! - [`import`]: the JSON-lines import format.
+//! - [`server`]: the ops HTTP server: health, metrics, token API, web connect.
 //! - [`sandbox`]: a TikTok-compatible fake provider for the demo, tests and benchmarks.
 //! - [`demo`]: `refreshd demo`.
 //! - [`telemetry`]: logging and the stable log events.
@@ -41,11 +43,13 @@ pub mod events;
 pub mod import;
 pub mod jobs;
 pub mod lifecycle;
+pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod policy;
 pub mod provider;
 pub mod sandbox;
+pub mod server;
 pub mod sink;
 pub mod store;
 pub mod telemetry;

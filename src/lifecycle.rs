@@ -12,9 +12,10 @@ use crate::store::{Store, StoreError, StoreOptions};
 use crate::telemetry::LogHandle;
 use crate::{notify, sink};
 use futures::StreamExt;
+use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +32,8 @@ pub enum DaemonError {
     Jobs(String),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Server(#[from] crate::server::ServerError),
 }
 
 /// What a run did, for `--once`'s exit code and the demo's summary.
@@ -49,8 +52,8 @@ impl RunReport {
     }
 }
 
-/// A callback given the open store and the running engine.
-pub type OnReady = Box<dyn FnOnce(&Store, &Engine) + Send>;
+/// A callback given the open store, the running engine and the ops server's TCP address.
+pub type OnReady = Box<dyn FnOnce(&Store, &Engine, Option<std::net::SocketAddr>) + Send>;
 
 /// Options of one daemon run.
 pub struct RunOptions {
@@ -124,9 +127,9 @@ pub async fn run(
 
     if opts.once {
         engine.run_due(shutdown.clone()).await?;
-        let report = jobs::sweep(&store, &opts.clock, cfg.reauth.window, &engine.events()).await?;
+        let report = jobs::sweep(&store, &opts.clock, cfg, &engine.events()).await?;
         if let Some(cb) = opts.on_ready.take() {
-            cb(&store, &engine);
+            cb(&store, &engine, None);
         }
         sinks.stop().await;
         notifier.stop().await;
@@ -147,7 +150,7 @@ pub async fn run(
     }
 
     // Start-up sweep: accounts that ran into the window while we were down are flagged now.
-    jobs::sweep(&store, &opts.clock, cfg.reauth.window, &engine.events()).await?;
+    jobs::sweep(&store, &opts.clock, cfg, &engine.events()).await?;
     let mut scheduler = jobs::start(
         store.clone(),
         opts.clock.clone(),
@@ -157,13 +160,42 @@ pub async fn run(
     .await
     .map_err(|e| DaemonError::Jobs(format!("{e:?}")))?;
 
+    let engine_running = Arc::new(AtomicBool::new(true));
     let engine_task = {
         let engine = engine.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move { engine.run(shutdown).await })
+        let running = engine_running.clone();
+        tokio::spawn(async move {
+            let r = engine.run(shutdown).await;
+            running.store(false, Ordering::Relaxed);
+            r
+        })
+    };
+    let server = crate::server::spawn(
+        crate::server::AppState {
+            store: store.clone(),
+            clock: opts.clock.clone(),
+            engine: engine.clone(),
+            settings: settings_rx.clone(),
+            engine_running: engine_running.clone(),
+            pending: Arc::default(),
+        },
+        cfg,
+        shutdown.clone(),
+    )
+    .await;
+    let server = match server {
+        Ok(s) => s,
+        Err(e) => {
+            shutdown.cancel();
+            let _ = engine_task.await;
+            let _ = scheduler.shutdown().await;
+            store.close().await;
+            return Err(e.into());
+        }
     };
     if let Some(cb) = opts.on_ready.take() {
-        cb(&store, &engine);
+        cb(&store, &engine, server.as_ref().and_then(|s| s.local_addr));
     }
     notify_systemd(&[
         sd_notify::NotifyState::Ready,
@@ -208,9 +240,15 @@ pub async fn run(
         event = "stopping",
         "shutdown requested: no new claims, finishing in-flight refreshes"
     );
+    // Not ready from now on: a load balancer stops sending token requests.
+    engine_running.store(false, Ordering::Relaxed);
     let _ = scheduler.shutdown().await;
     let result = engine_task.await;
     watchdog.abort();
+    // After the server: a token request's refresh may still have rotated a sink's account.
+    if let Some(server) = server {
+        server.join().await;
+    }
     sinks.stop().await;
     notifier.stop().await;
     store.close().await;
@@ -254,18 +292,27 @@ fn reload_settings(
             c != "store" || format!("{:?}", new.store) != format!("{:?}", old.config.store)
         });
     }
-    // Sinks and webhooks are set up at start: say so rather than silently keeping the old.
-    for (key, same) in [
+    // Listeners, routes, sinks and webhooks are set up once; values read per request
+    // (stall_after, the API secret, connect URLs) take effect now.
+    let (o, n) = (&old.config, &new);
+    for (key, differs) in [
+        ("server.listen", o.server.listen != n.server.listen),
         (
-            "sink",
-            format!("{:?}", new.sink) == format!("{:?}", old.config.sink),
+            "server.unix_socket",
+            o.server.unix_socket != n.server.unix_socket,
         ),
+        (
+            "server.api_token_file",
+            o.server.api_token.is_some() != n.server.api_token.is_some(),
+        ),
+        ("connect.enabled", o.connect.enabled != n.connect.enabled),
+        ("sink", format!("{:?}", o.sink) != format!("{:?}", n.sink)),
         (
             "notify",
-            format!("{:?}", new.notify) == format!("{:?}", old.config.notify),
+            format!("{:?}", o.notify) != format!("{:?}", n.notify),
         ),
     ] {
-        if !same {
+        if differs {
             tracing::warn!(
                 event = "reload_needs_restart",
                 key,
@@ -324,6 +371,23 @@ fn changed_sections(a: &Config, b: &Config) -> Vec<String> {
         "shutdown",
         format!("{:?}", a.shutdown),
         format!("{:?}", b.shutdown),
+    );
+    // The API secret is rotated by rewriting its file: compare its content too.
+    let api = |c: &Config| {
+        c.server
+            .api_token
+            .as_ref()
+            .map(|s| s.expose_secret().to_string())
+    };
+    cmp(
+        "server",
+        format!("{:?} {:?}", a.server, api(a).map(Sha256::digest)),
+        format!("{:?} {:?}", b.server, api(b).map(Sha256::digest)),
+    );
+    cmp(
+        "connect",
+        format!("{:?}", a.connect),
+        format!("{:?}", b.connect),
     );
     let names: std::collections::BTreeSet<&String> =
         a.providers.keys().chain(b.providers.keys()).collect();

@@ -510,6 +510,7 @@ async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
                     "id": a.id, "provider": a.provider, "subject": a.subject, "label": a.label,
                     "status": a.status, "reauth_reason": a.reauth_reason,
                     "reconnect": a.status.needs_human().then(|| telemetry::reconnect_command(&a.provider, a.id)),
+                    "reconnect_url": a.status.needs_human().then(|| connect::web_reconnect_url(config, &a.provider, a.id)).flatten(),
                     "reauth_flagged_at": a.reauth_flagged_at.map(rfc3339),
                     "scope": a.scope, "token_type": a.token_type,
                     "access_expires_at": rfc3339(a.access_expires_at),
@@ -542,6 +543,9 @@ async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
                         "  to re-authorize    {}",
                         telemetry::reconnect_command(&a.provider, a.id)
                     );
+                    if let Some(u) = connect::web_reconnect_url(config, &a.provider, a.id) {
+                        println!("  or send the user   {u}");
+                    }
                 }
                 println!("  scope              {}", a.scope);
                 println!("  access expires     {}", rfc3339(a.access_expires_at));

@@ -74,6 +74,7 @@ pub fn reauth_required(
     label: Option<&str>,
     reason: &str,
     refresh_expires_at: Option<i64>,
+    reconnect_url: Option<&str>,
 ) {
     tracing::warn!(
         event = "reauth_required",
@@ -84,6 +85,7 @@ pub fn reauth_required(
         reason,
         refresh_expires_at = refresh_expires_at.map(rfc3339).unwrap_or_default(),
         reconnect = %reconnect_command(provider, account),
+        reconnect_url = reconnect_url.unwrap_or(""),
         "account {account} ({provider}/{subject}) needs re-authorization: {reason}"
     );
 }

@@ -193,6 +193,18 @@ pub struct LogEntry {
     pub duration_ms: Option<i64>,
 }
 
+/// Counts over all accounts, for the metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Gauges {
+    pub by_status: Vec<(String, Status, i64)>,
+    /// (provider, reason, count) of accounts `needs_reauth` or `expiring`.
+    pub flagged: Vec<(String, String, i64)>,
+    /// (provider, count) of refreshable accounts whose access token has already expired.
+    pub access_expired: Vec<(String, i64)>,
+    /// (provider, soonest refresh-token end) over refreshable accounts that have one.
+    pub soonest_refresh_expiry: Vec<(String, i64)>,
+}
+
 /// Accounts whose state the reauth sweep changed.
 #[derive(Clone, Debug, Default)]
 pub struct SweepReport {
@@ -450,6 +462,25 @@ impl Store {
 
     pub async fn counts(&self) -> Result<Vec<(String, Status, i64)>, StoreError> {
         self.call(|c| sqlite::counts(c)).await
+    }
+
+    /// True when the database answers and carries every migration this build knows.
+    pub async fn schema_current(&self) -> Result<bool, StoreError> {
+        self.call(|c| {
+            let v: i64 = c
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .map_err(|source| StoreError::Sqlite {
+                    context: "read the schema version",
+                    source,
+                })?;
+            Ok(v as usize == schema::MIGRATIONS.len())
+        })
+        .await
+    }
+
+    /// What the metrics report about the accounts, read in one go.
+    pub async fn gauges(&self, now: i64) -> Result<Gauges, StoreError> {
+        self.call(move |c| sqlite::gauges(c, now)).await
     }
 
     /// Inserts or updates all accounts in one transaction: all or nothing.

@@ -208,6 +208,48 @@ pub fn counts(conn: &Connection) -> Result<Vec<(String, Status, i64)>, StoreErro
         .map_err(sql_err("count accounts"))
 }
 
+pub fn gauges(conn: &Connection, now: i64) -> Result<super::Gauges, StoreError> {
+    let ctx = "read account gauges";
+    let flagged = conn
+        .prepare_cached(
+            "SELECT provider, COALESCE(reauth_reason, 'unknown'), COUNT(*) FROM accounts
+             WHERE status IN ('needs_reauth', 'expiring') GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(sql_err(ctx))?;
+    let access_expired = conn
+        .prepare_cached(
+            "SELECT provider, COUNT(*) FROM accounts INDEXED BY accounts_status
+             WHERE status IN ('active', 'expiring') AND access_expires_at <= ?1
+             GROUP BY 1 ORDER BY 1",
+        )
+        .and_then(|mut s| {
+            s.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(sql_err(ctx))?;
+    let soonest_refresh_expiry = conn
+        .prepare_cached(
+            "SELECT provider, MIN(refresh_expires_at) FROM accounts INDEXED BY accounts_status
+             WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
+             GROUP BY 1 ORDER BY 1",
+        )
+        .and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(sql_err(ctx))?;
+    Ok(super::Gauges {
+        by_status: counts(conn)?,
+        flagged,
+        access_expired,
+        soonest_refresh_expiry,
+    })
+}
+
 /// Inserts or updates accounts by (provider, subject), all in the caller's transaction.
 /// Returns (id, inserted) per account in input order.
 pub fn upsert(

@@ -1284,3 +1284,83 @@ async fn demo_runs_and_prints_summary() {
     assert_eq!(row("accounts"), 50, "{stdout}");
     assert!(!Path::new(&dir.path().join("refreshd.db")).exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_server_of_the_real_binary() {
+    let secret = "an-api-secret-of-32-characters!!";
+    let w = World::start("").await;
+    let token_file = w.write("api-token", secret);
+    w.write(
+        "refreshd.toml",
+        &helpers::config_toml(
+            &w.db,
+            &w.sandbox.token_url(),
+            &format!(
+                "\n[server]\nlisten = \"127.0.0.1:0\"\napi_token_file = {:?}\n",
+                token_file.display().to_string()
+            ),
+        ),
+    );
+    let f = w.write("accounts.jsonl", &w.due_lines(&["o1", "o2"]));
+    w.cli(&["accounts", "import", f.to_str().unwrap()])
+        .await
+        .ok();
+    let mut d = w.daemon();
+    let listening = d.wait_event("server_listening", 10).await;
+    let addr = listening["addr"].as_str().expect("addr").to_string();
+    d.wait_event("ready", 10).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |path: &str, bearer: Option<&str>| {
+        let mut req = http.get(format!("http://{addr}{path}"));
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        async move {
+            let r = req.send().await.expect("request");
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(get("/healthz", None).await.0, 200);
+    let sandbox = &w.sandbox;
+    d.wait_until(10, "both refreshed", |_| sandbox.stats().refreshed == 2)
+        .await;
+    let mut rotated = false;
+    for _ in 0..250 {
+        let (_, metrics) = get("/metrics", None).await;
+        if metrics.contains(r#"refreshd_refreshes_total{provider="tiktok",outcome="rotated"} 2"#) {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(rotated, "{}", get("/metrics", None).await.1);
+    assert_eq!(get("/readyz", None).await, (200, "ready\n".to_string()));
+
+    let list = w.list_json().await;
+    let id = id_of(&list, "o1");
+    let path = format!("/v1/accounts/{id}/token");
+    assert_eq!(get(&path, None).await.0, 401);
+    assert_eq!(
+        get(&path, Some("an-api-secret-of-32-characters!?")).await.0,
+        401
+    );
+    let (status, body) = get(&path, Some(secret)).await;
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let store = w.store().await;
+    let stored = store.get(id).await.unwrap().unwrap();
+    store.close().await;
+    assert_eq!(body["access_token"], stored.access_token.expose_secret());
+
+    d.signal("TERM").await;
+    let (code, log, stdout) = d.finish(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0));
+    let all = format!("{}\n{}", log.join("\n"), stdout.join("\n"));
+    assert!(
+        !all.contains(stored.access_token.expose_secret()),
+        "a token in the log"
+    );
+    assert!(!all.contains(secret), "the API secret in the log");
+    assert_eq!(events_in(&log, "token_api_unauthorized").len(), 2);
+    assert_eq!(events_in(&log, "token_handed_out").len(), 1);
+}

@@ -384,6 +384,6 @@ async fn connect_needs_a_loopback_redirect_uri() {
     let out = w.cli(&["connect", "tiktok"]).await;
     assert_ne!(out.code, Some(0), "{out:#?}");
     assert!(out.stderr.contains("not on loopback"), "{out:#?}");
-    assert!(out.stderr.contains("daemon's server"), "{out:#?}");
+    assert!(out.stderr.contains("[connect] enabled = true"), "{out:#?}");
     assert!(out.stderr.contains("authorize-url"), "{out:#?}");
 }

@@ -229,7 +229,7 @@ fn kubernetes_manifests_validate_offline() {
 fn load_example(text: &str, secret_dir: &str, what: &str) -> Config {
     let dir = tempfile::tempdir().unwrap();
     for name in ["tiktok-client-secret", "api-token", "webhook-secret"] {
-        std::fs::write(dir.path().join(name), "s3cret").unwrap();
+        std::fs::write(dir.path().join(name), "0123456789abcdef0123456789abcdef").unwrap();
     }
     let text = text.replace(secret_dir, &dir.path().display().to_string());
     let mut table: toml::Table = text

@@ -599,7 +599,7 @@ async fn reauth_window_flagging_and_digest() {
 
     // Day 24: "short" ends in 6 days and "brief" in 1, both inside the 7-day window.
     app.clock.set(T0 + 24 * DAY);
-    let report = jobs::sweep(&store, &app.clock, window, &Default::default())
+    let report = jobs::sweep(&store, &app.clock, &config, &Default::default())
         .await
         .unwrap();
     let mut expiring: Vec<i64> = report.expiring.iter().map(|a| a.id).collect();
@@ -614,7 +614,7 @@ async fn reauth_window_flagging_and_digest() {
     }
     assert_eq!(account(&store, long).await.status, Status::Active);
     // Reported once.
-    let again = jobs::sweep(&store, &app.clock, window, &Default::default())
+    let again = jobs::sweep(&store, &app.clock, &config, &Default::default())
         .await
         .unwrap();
     assert!(again.expiring.is_empty() && again.expired.is_empty());
@@ -645,7 +645,7 @@ async fn reauth_window_flagging_and_digest() {
 
     // Day 26: "brief" has ended: the sweep flags it, and it is not refreshed any more.
     app.clock.set(T0 + 26 * DAY);
-    let report = jobs::sweep(&store, &app.clock, window, &Default::default())
+    let report = jobs::sweep(&store, &app.clock, &config, &Default::default())
         .await
         .unwrap();
     assert_eq!(
@@ -686,7 +686,7 @@ async fn reauth_window_flagging_and_digest() {
         a.last_error
     );
     assert_eq!(outcomes(&store, short).await[0], "reauth_required");
-    let again = jobs::sweep(&store, &app.clock, window, &Default::default())
+    let again = jobs::sweep(&store, &app.clock, &config, &Default::default())
         .await
         .unwrap();
     assert!(again.expiring.is_empty() && again.expired.is_empty());

@@ -7,5 +7,6 @@ mod connect;
 mod deploy;
 mod engine;
 mod helpers;
+mod server;
 mod sink;
 mod webhook;

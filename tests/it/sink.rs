@@ -120,7 +120,7 @@ path = {missing:?}
         let (config, clock, s) = (config.clone(), app.clock.clone(), shutdown.clone());
         let (flag, json) = (written_when_ready.clone(), json.clone());
         let opts = RunOptions {
-            on_ready: Some(Box::new(move |_, _| {
+            on_ready: Some(Box::new(move |_, _, _| {
                 flag.store(json.exists(), Ordering::SeqCst)
             })),
             ..RunOptions::new(clock)

@@ -1,0 +1,460 @@
+//! Web connect: `GET /connect/{provider}/start` sends the browser to the provider with a
+//! server-side, single-use `state` that expires; `GET /connect/{provider}/callback` checks
+//! it, exchanges the code and stores the account, then answers with a small page or a
+//! redirect to `connect.success_url` / `failure_url` (an account id or an error code, never
+//! a token).
+//!
+//! Pending states live in this process's memory: a restart forgets them and the user simply
+//! starts again. Each is keyed by the SHA-256 of the state, so the lookup never compares the
+//! secret itself.
+
+use super::AppState;
+use crate::connect::{self, ConnectError, Exchange};
+use crate::events::Event;
+use crate::model::Status;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::get;
+use secrecy::SecretString;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Most authorizations in progress at once; beyond it `start` answers 503 (a flood of
+/// `start` requests cannot grow memory without bound).
+const MAX_PENDING: usize = 10_000;
+/// Used and expired states are remembered this long after expiry, so a replay is reported
+/// as a replay rather than as an unknown state.
+const REMEMBER: i64 = 3600;
+
+struct Entry {
+    provider: String,
+    verifier: Option<SecretString>,
+    label: Option<String>,
+    account: Option<i64>,
+    scopes: Vec<String>,
+    expires_at: i64,
+    used: bool,
+}
+
+/// Why a callback's `state` was refused (a CSRF or replay attempt, or a slow user).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateProblem {
+    Missing,
+    Unknown,
+    Replayed,
+    Expired,
+    WrongProvider,
+}
+
+impl StateProblem {
+    fn as_str(self) -> &'static str {
+        match self {
+            StateProblem::Missing => "missing",
+            StateProblem::Unknown => "unknown",
+            StateProblem::Replayed => "replayed",
+            StateProblem::Expired => "expired",
+            StateProblem::WrongProvider => "wrong_provider",
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct PendingStates {
+    map: Mutex<HashMap<[u8; 32], Entry>>,
+}
+
+fn key(state: &str) -> [u8; 32] {
+    Sha256::digest(state.as_bytes()).into()
+}
+
+impl PendingStates {
+    fn insert(&self, state: &str, entry: Entry, now: i64) -> bool {
+        let mut map = self.map.lock().expect("not poisoned");
+        if map.len() >= MAX_PENDING {
+            map.retain(|_, e| e.expires_at + REMEMBER > now && !(e.used && e.expires_at < now));
+        }
+        if map.len() >= MAX_PENDING {
+            return false;
+        }
+        map.insert(key(state), entry);
+        true
+    }
+
+    /// Takes a state for its one use.
+    fn take(&self, state: &str, provider: &str, now: i64) -> Result<Entry, StateProblem> {
+        let mut map = self.map.lock().expect("not poisoned");
+        let e = map.get_mut(&key(state)).ok_or(StateProblem::Unknown)?;
+        if e.used {
+            return Err(StateProblem::Replayed);
+        }
+        e.used = true;
+        if e.expires_at < now {
+            return Err(StateProblem::Expired);
+        }
+        if e.provider != provider {
+            return Err(StateProblem::WrongProvider);
+        }
+        Ok(Entry {
+            provider: e.provider.clone(),
+            verifier: e.verifier.take(),
+            label: e.label.take(),
+            account: e.account,
+            scopes: std::mem::take(&mut e.scopes),
+            expires_at: e.expires_at,
+            used: true,
+        })
+    }
+
+    /// Authorizations started and not yet used or expired.
+    pub fn open(&self, now: i64) -> usize {
+        let map = self.map.lock().expect("not poisoned");
+        map.values()
+            .filter(|e| !e.used && e.expires_at >= now)
+            .count()
+    }
+}
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/connect/{provider}/start", get(start))
+        .route("/connect/{provider}/callback", get(callback))
+}
+
+#[derive(serde::Deserialize)]
+pub struct StartQuery {
+    label: Option<String>,
+    account: Option<i64>,
+    scopes: Option<String>,
+}
+
+fn escape(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '<' => "&lt;".to_string(),
+            '>' => "&gt;".to_string(),
+            '&' => "&amp;".to_string(),
+            '"' => "&quot;".to_string(),
+            '\'' => "&#39;".to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+fn page(status: StatusCode, title: &str, body: &str) -> Response {
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title></head>\
+         <body><h1>{t}</h1><p>{b}</p></body></html>\n",
+        t = escape(title),
+        b = escape(body)
+    );
+    let mut r = (status, Html(html)).into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, "no-store".parse().expect("valid"));
+    r
+}
+
+/// The failure answer: a redirect to `connect.failure_url?error=CODE`, or a page.
+fn failure(s: &AppState, status: StatusCode, code: &str, message: &str) -> Response {
+    let cfg = s.config();
+    match cfg
+        .connect
+        .failure_url
+        .as_deref()
+        .and_then(|u| url::Url::parse(u).ok())
+    {
+        Some(mut u) => {
+            u.query_pairs_mut().append_pair("error", code);
+            Redirect::to(u.as_str()).into_response()
+        }
+        None => page(
+            status,
+            "Not connected",
+            &format!("{message} (error: {code})"),
+        ),
+    }
+}
+
+async fn start(
+    State(s): State<AppState>,
+    Path(provider): Path<String>,
+    Query(q): Query<StartQuery>,
+) -> Response {
+    let cfg = s.config();
+    let p = match connect::enabled_provider(&cfg, &provider) {
+        Ok(p) => p,
+        Err(e) => {
+            return failure(
+                &s,
+                StatusCode::NOT_FOUND,
+                "unknown_provider",
+                &e.to_string(),
+            );
+        }
+    };
+    if let Err(e) = connect::redirect_uri(&provider, p) {
+        tracing::error!(event = "connect_misconfigured", provider, error = %e, "web connect cannot start");
+        return failure(
+            &s,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "this provider cannot be connected yet; the administrator has been told",
+        );
+    }
+    if let Some(id) = q.account {
+        match s.store.get(id).await {
+            Ok(Some(a)) if a.provider == provider => {}
+            Ok(_) => {
+                return failure(
+                    &s,
+                    StatusCode::NOT_FOUND,
+                    "unknown_account",
+                    &format!("there is no {provider} account {id} to re-authorize"),
+                );
+            }
+            Err(e) => {
+                tracing::error!(event = "connect_store_error", provider, error = %e, "web connect cannot read the store");
+                return failure(
+                    &s,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "try again in a moment",
+                );
+            }
+        }
+    }
+    let auth = match connect::prepare_authorization(&provider, p, q.scopes.as_deref()) {
+        Ok(a) => a,
+        Err(e) => return failure(&s, StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
+    };
+    let now = s.clock.now();
+    let entry = Entry {
+        provider: provider.clone(),
+        verifier: auth.pkce.map(|k| k.verifier),
+        label: q.label.filter(|l| !l.trim().is_empty()),
+        account: q.account,
+        scopes: auth.scopes,
+        expires_at: now + cfg.connect.state_ttl.as_secs() as i64,
+        used: false,
+    };
+    if !s.pending.insert(&auth.state, entry, now) {
+        tracing::warn!(
+            event = "connect_busy",
+            provider,
+            "too many authorizations in progress; refusing a new one"
+        );
+        return failure(
+            &s,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "too many connections in progress; try again in a few minutes",
+        );
+    }
+    tracing::info!(
+        event = "connect_started",
+        provider,
+        account = q.account,
+        "web connect: browser sent to the provider"
+    );
+    Redirect::to(auth.url.as_str()).into_response()
+}
+
+async fn callback(
+    State(s): State<AppState>,
+    Path(provider): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let now = s.clock.now();
+    let entry = match q.get("state").filter(|st| !st.is_empty()) {
+        None => Err(StateProblem::Missing),
+        Some(st) => s.pending.take(st, &provider, now),
+    };
+    let entry = match entry {
+        Ok(e) => e,
+        Err(problem) => {
+            tracing::warn!(
+                event = "connect_state_rejected",
+                provider,
+                problem = problem.as_str(),
+                "web connect callback refused: its state is {} (a forged or replayed request, or a user who took too long)",
+                problem.as_str()
+            );
+            let message = match problem {
+                StateProblem::Expired => "this authorization took too long; please start again",
+                _ => {
+                    "this link is not valid (it was already used, or did not come from us); please start again"
+                }
+            };
+            return failure(&s, StatusCode::BAD_REQUEST, "invalid_state", message);
+        }
+    };
+    if let Some(error) = q.get("error") {
+        let code: String = error
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .take(64)
+            .collect();
+        tracing::info!(event = "connect_denied", provider, error = %code, account = entry.account,
+            "the user or the provider refused the authorization");
+        return failure(
+            &s,
+            StatusCode::BAD_REQUEST,
+            if code.is_empty() {
+                "access_denied"
+            } else {
+                &code
+            },
+            "the authorization was not granted",
+        );
+    }
+    let Some(code) = q.get("code").filter(|c| !c.is_empty()) else {
+        return failure(
+            &s,
+            StatusCode::BAD_REQUEST,
+            "missing_code",
+            "the provider sent no authorization code",
+        );
+    };
+    let cfg = s.config();
+    let clock = s.clock.clone();
+    let result = connect::exchange_and_store(
+        &cfg,
+        &s.store,
+        Exchange {
+            provider: &provider,
+            code: SecretString::from(code.clone()),
+            code_verifier: entry.verifier,
+            label: entry.label,
+            account: entry.account,
+        },
+        || clock.now(),
+    )
+    .await;
+    let c = match result {
+        Ok(c) => c,
+        Err(e) => {
+            let code = match &e {
+                ConnectError::AccountMismatch { .. } => "account_mismatch",
+                ConnectError::Exchange { .. } => "exchange_failed",
+                ConnectError::Store(_) => "server_error",
+                _ => "connect_failed",
+            };
+            tracing::warn!(event = "connect_failed", provider, account = entry.account, error = %e, code,
+                "web connect failed");
+            return failure(
+                &s,
+                StatusCode::BAD_GATEWAY,
+                code,
+                "the account could not be connected",
+            );
+        }
+    };
+    let missing = connect::missing_scopes(&entry.scopes, &c.scope);
+    tracing::info!(event = "account_connected", account = c.account_id, provider, subject = %c.open_id,
+        created = c.created, scope = %c.scope, missing_scopes = %missing.join(","),
+        access_expires_at = %crate::clock::rfc3339(c.access_expires_at), "account connected through the web");
+    if !missing.is_empty() {
+        tracing::warn!(event = "connect_fewer_scopes", account = c.account_id, provider,
+            missing_scopes = %missing.join(","), "the user granted fewer scopes than requested");
+    }
+    let events = s.engine.events();
+    events.emit(Event::TokensChanged {
+        account_id: c.account_id,
+        provider: provider.clone(),
+        subject: c.open_id.clone(),
+    });
+    if c.previous_status.is_some_and(Status::needs_human) && !c.status.needs_human() {
+        events.emit(Event::Recovered {
+            account_id: c.account_id,
+            provider: provider.clone(),
+            subject: c.open_id.clone(),
+        });
+    }
+    // The engine schedules the new tokens at its next look; wake it so it notices now.
+    s.engine.waker().notify_one();
+    match cfg
+        .connect
+        .success_url
+        .as_deref()
+        .and_then(|u| url::Url::parse(u).ok())
+    {
+        Some(mut u) => {
+            u.query_pairs_mut()
+                .append_pair("account_id", &c.account_id.to_string());
+            Redirect::to(u.as_str()).into_response()
+        }
+        None => {
+            let mut body = format!(
+                "Connected {} account {} (account {}). You can close this tab.",
+                provider, c.open_id, c.account_id
+            );
+            if !missing.is_empty() {
+                body.push_str(&format!(
+                    " Not granted: {}. Connect again and approve them if they are needed.",
+                    missing.join(", ")
+                ));
+            }
+            page(StatusCode::OK, "Connected", &body)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(provider: &str, expires_at: i64) -> Entry {
+        Entry {
+            provider: provider.into(),
+            verifier: None,
+            label: None,
+            account: None,
+            scopes: vec![],
+            expires_at,
+            used: false,
+        }
+    }
+
+    #[test]
+    fn a_state_is_used_once_and_only_before_it_expires() {
+        let p = PendingStates::default();
+        assert!(p.insert("s1", entry("tiktok", 100), 0));
+        assert!(p.insert("s2", entry("tiktok", 100), 0));
+        assert!(p.insert("s3", entry("tiktok", 100), 0));
+        assert_eq!(p.open(0), 3);
+        assert!(p.take("s1", "tiktok", 50).is_ok());
+        assert_eq!(
+            p.take("s1", "tiktok", 50).err(),
+            Some(StateProblem::Replayed)
+        );
+        assert_eq!(
+            p.take("s2", "tiktok", 101).err(),
+            Some(StateProblem::Expired)
+        );
+        assert_eq!(
+            p.take("nope", "tiktok", 0).err(),
+            Some(StateProblem::Unknown)
+        );
+        assert_eq!(
+            p.take("s3", "google", 0).err(),
+            Some(StateProblem::WrongProvider)
+        );
+        // A state refused once is spent: the right provider cannot use it afterwards.
+        assert_eq!(
+            p.take("s3", "tiktok", 0).err(),
+            Some(StateProblem::Replayed)
+        );
+        assert_eq!(p.open(0), 0);
+    }
+
+    #[test]
+    fn pages_escape_what_the_provider_sent() {
+        let r = escape("<script>alert('x')</script>&\"");
+        assert_eq!(
+            r,
+            "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;"
+        );
+    }
+}

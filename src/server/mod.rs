@@ -1,0 +1,261 @@
+//! The ops HTTP server (axum): `/healthz`, `/readyz`, `/metrics`, the token API for the app
+//! the daemon serves, and the web connect endpoints. Served on `server.listen` and/or
+//! `server.unix_socket`; off when neither is set.
+
+mod connect_web;
+mod token_api;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::engine::{Engine, Settings};
+use crate::store::Store;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use connect_web::PendingStates;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(
+        "cannot listen on {addr} (server.listen): {source}; pick a free port or stop the other process"
+    )]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot serve on the Unix socket {path} (server.unix_socket): {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub clock: Clock,
+    pub engine: Engine,
+    pub settings: watch::Receiver<Arc<Settings>>,
+    /// False once the engine loop has ended (or the daemon is draining).
+    pub engine_running: Arc<AtomicBool>,
+    pub pending: Arc<PendingStates>,
+}
+
+impl AppState {
+    fn config(&self) -> Config {
+        self.settings.borrow().config.clone()
+    }
+
+    /// Seconds since the engine loop last completed a look at the store.
+    fn heartbeat_age(&self) -> i64 {
+        let beat = self.engine.stats().heartbeat.load(Ordering::Relaxed);
+        self.clock.now() - beat
+    }
+}
+
+/// A running server; dropping it does not stop it, `shutdown` (the token given to `spawn`)
+/// does.
+pub struct ServerHandle {
+    pub local_addr: Option<std::net::SocketAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    socket: Option<PathBuf>,
+}
+
+impl ServerHandle {
+    /// Waits for the listeners to stop (after the shutdown token was cancelled) and removes
+    /// the Unix socket file.
+    pub async fn join(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        if let Some(p) = self.socket {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// The router: health and metrics always; the token API only with a configured secret;
+/// connect only when `connect.enabled`.
+pub fn router(state: AppState, config: &Config) -> Router {
+    let mut app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics));
+    if config.server.api_token.is_some() {
+        app = app.merge(token_api::routes());
+    }
+    if config.connect.enabled {
+        app = app.merge(connect_web::routes());
+    }
+    app.with_state(state)
+}
+
+/// Starts the server on `server.listen` and/or `server.unix_socket`; None when neither is set.
+pub async fn spawn(
+    state: AppState,
+    config: &Config,
+    shutdown: CancellationToken,
+) -> Result<Option<ServerHandle>, ServerError> {
+    let sv = &config.server;
+    if sv.listen.is_none() && sv.unix_socket.is_none() {
+        return Ok(None);
+    }
+    let app = router(state, config);
+    let mut handle = ServerHandle {
+        local_addr: None,
+        tasks: Vec::new(),
+        socket: None,
+    };
+    if let Some(addr) = sv.listen_addr() {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let local = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+        handle.local_addr = Some(local);
+        let app = app.clone();
+        let stop = shutdown.clone();
+        handle.tasks.push(tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(event = "server_failed", error = %e, "the ops server stopped");
+            }
+        }));
+        tracing::info!(event = "server_listening", addr = %local, api = config.server.api_token.is_some(),
+            connect = config.connect.enabled, "ops server listening");
+    }
+    if let Some(path) = &sv.unix_socket {
+        let err = |source| ServerError::Socket {
+            path: path.clone(),
+            source,
+        };
+        // A socket left by a killed process would make bind fail; anything else is refused.
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() {
+                std::fs::remove_file(path).map_err(err)?;
+            } else {
+                return Err(err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is in the way",
+                )));
+            }
+        }
+        let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+        }
+        handle.socket = Some(path.clone());
+        let stop = shutdown.clone();
+        handle.tasks.push(tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(event = "server_failed", error = %e, "the ops server (Unix socket) stopped");
+            }
+        }));
+        tracing::info!(event = "server_listening", socket = %path.display(), "ops server listening on a Unix socket");
+    }
+    Ok(Some(handle))
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+/// Alive: the engine loop runs and has looked at the store within twice `stall_after`
+/// (a stricter limit is readiness'; liveness failing means restart).
+async fn healthz(State(s): State<AppState>) -> Response {
+    let stall = s.config().server.stall_after.as_secs() as i64;
+    let age = s.heartbeat_age();
+    if !s.engine_running.load(Ordering::Relaxed) {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not alive: the refresh loop is not running\n".into(),
+        );
+    }
+    if age > 2 * stall {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not alive: the refresh loop last completed a pass {age}s ago\n"),
+        );
+    }
+    text(StatusCode::OK, "ok\n".into())
+}
+
+/// Ready: the store answers and is migrated, the engine runs, and it is not stalled.
+async fn readyz(State(s): State<AppState>) -> Response {
+    let stall = s.config().server.stall_after.as_secs() as i64;
+    let mut problems = Vec::new();
+    if !s.engine_running.load(Ordering::Relaxed) {
+        problems.push("the refresh loop is not running (stopped or draining)".to_string());
+    }
+    let age = s.heartbeat_age();
+    if age > stall {
+        problems.push(format!(
+            "the refresh loop last completed a pass {age}s ago (server.stall_after = {stall}s)"
+        ));
+    }
+    match s.store.schema_current().await {
+        Ok(true) => {}
+        Ok(false) => problems.push("the store's schema is not migrated".into()),
+        Err(e) => problems.push(format!("the store does not answer: {e}")),
+    }
+    if problems.is_empty() {
+        text(StatusCode::OK, "ready\n".into())
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready:\n- {}\n", problems.join("\n- ")),
+        )
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let beat = s.engine.stats().heartbeat.load(Ordering::Relaxed);
+    match s
+        .engine
+        .metrics()
+        .render(&s.store, s.clock.now(), beat)
+        .await
+    {
+        Ok(body) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read the store for metrics: {e}\n"),
+        ),
+    }
+}
