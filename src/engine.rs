@@ -108,6 +108,7 @@ pub struct Engine {
     wake: Arc<Notify>,
     stats: Arc<Stats>,
     events: Events,
+    metrics: Arc<crate::metrics::Metrics>,
     /// Providers whose last answer refused our client credentials: `ProviderRejected` is
     /// announced once per outage, not once per account.
     rejecting: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
@@ -123,8 +124,13 @@ impl Engine {
             wake: Arc::new(Notify::new()),
             stats: Arc::new(Stats::default()),
             events: Events::default(),
+            metrics: Arc::default(),
             rejecting: Arc::default(),
         }
+    }
+
+    pub fn metrics(&self) -> Arc<crate::metrics::Metrics> {
+        self.metrics.clone()
     }
 
     /// State changes of the accounts this engine refreshes.
@@ -361,9 +367,12 @@ impl Engine {
             self.finish(&account, outcome, 0).await;
             return;
         }
+        self.metrics
+            .lateness(self.clock.now_millis() as f64 / 1000.0 - account.next_refresh_at as f64);
         let started = Instant::now();
         let result = provider.refresh(&account.refresh_token).await;
-        let duration_ms = started.elapsed().as_millis() as i64;
+        // At least 1: 0 means "nothing was sent", and a loopback answer can take under 1 ms.
+        let duration_ms = (started.elapsed().as_millis() as i64).max(1);
         let now = self.clock.now();
         let outcome = match result {
             Ok((tokens, status)) => {
@@ -466,9 +475,12 @@ impl Engine {
         let inc = |c: &AtomicU64| {
             c.fetch_add(1, Ordering::Relaxed);
         };
+        let sent = (duration_ms > 0).then(|| duration_ms as f64 / 1000.0);
+        let metric = |outcome: &str| self.metrics.refresh(provider, outcome, sent);
         let recorded = match recorded {
             Ok(r) => r,
             Err(e) => {
+                metric("record_failed");
                 inc(&s.record_errors);
                 tracing::error!(event = "record_failed", account = id, provider, error = %e,
                     "could not store the outcome of a refresh");
@@ -478,6 +490,7 @@ impl Engine {
         match (&outcome, recorded) {
             (Outcome::Rotated { .. }, Recorded::Superseded)
             | (Outcome::Rejected { .. }, Recorded::Superseded) => {
+                metric("superseded");
                 inc(&s.superseded);
                 tracing::info!(
                     event = "refresh",
@@ -498,6 +511,7 @@ impl Engine {
                 },
                 r,
             ) => {
+                metric("rotated");
                 inc(&s.rotated);
                 if r == Recorded::Deferred {
                     inc(&s.deferred);
@@ -544,6 +558,7 @@ impl Engine {
                 },
                 _,
             ) => {
+                metric("transient");
                 inc(&s.transient);
                 tracing::warn!(event = "refresh", account = id, provider, outcome = "transient", duration_ms,
                     http_status, failures = account.failures + 1, error = %error,
@@ -558,6 +573,7 @@ impl Engine {
                 },
                 _,
             ) => {
+                metric("config_error");
                 inc(&s.config_errors);
                 tracing::error!(event = "provider_config_error", account = id, provider, outcome = "config_error",
                     duration_ms, http_status, error = %error, retry_at = %rfc3339(*next_refresh_at),
@@ -583,12 +599,14 @@ impl Engine {
                 },
                 _,
             ) => {
+                metric("rejected");
                 inc(&s.flagged);
                 tracing::info!(event = "refresh", account = id, provider, outcome = "rejected", duration_ms,
                     http_status, error = %error, "refresh rejected for good");
                 self.reauth_required(account, reason.as_str(), account.refresh_expires_at);
             }
             (Outcome::Released { .. }, _) => {
+                metric("released");
                 inc(&s.released);
                 tracing::debug!(
                     event = "lease_released",
@@ -608,6 +626,12 @@ impl Engine {
             account.label.as_deref(),
             reason,
             refresh_expires_at,
+            crate::connect::web_reconnect_url(
+                &self.settings.borrow().config,
+                &account.provider,
+                account.id,
+            )
+            .as_deref(),
         );
         self.events.emit(Event::ReauthRequired {
             account_id: account.id,
