@@ -49,6 +49,10 @@ pub struct Config {
     pub server: ServerConfig,
     pub connect: ConnectConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
+    /// `[[sink]]`: token files kept up to date for an app (see `sink.rs`).
+    pub sink: Vec<SinkConfig>,
+    /// `[notify]`: state-change notifications (see `notify.rs`).
+    pub notify: NotifyConfig,
     /// The file this config was read from, if any (not a key).
     #[serde(skip)]
     pub file: Option<PathBuf>,
@@ -293,6 +297,136 @@ pub struct ProviderConfig {
     pub config_errors: Option<Vec<String>>,
     #[serde(default)]
     pub transient_errors: Option<Vec<String>>,
+}
+
+/// What a sink file holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkFormat {
+    /// `{account_id, provider, subject, access_token, token_type, expires_at, scope}`.
+    #[default]
+    Json,
+    /// The bare access token, no trailing newline.
+    Token,
+}
+
+/// One `[[sink]]`: a file rewritten atomically with one account's current access token.
+/// The account is chosen by `account` (its id), or by `provider` + `subject`; given both,
+/// the provider and subject must match the account's or nothing is written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    #[serde(default)]
+    pub account: Option<i64>,
+    #[serde(default)]
+    pub provider: Option<String>,
+    #[serde(default)]
+    pub subject: Option<String>,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub format: SinkFormat,
+    /// File mode, e.g. `"0640"` (octal string) or `0o640`; default 0600.
+    #[serde(default = "default_sink_mode", deserialize_with = "de_mode")]
+    pub mode: u32,
+}
+
+fn default_sink_mode() -> u32 {
+    0o600
+}
+
+/// A file mode as an octal string (`"0640"`) or a TOML integer (`0o640`).
+fn de_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u32),
+        Str(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Int(m) => Ok(m),
+        Raw::Str(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "not an octal file mode: {s:?}; e.g. \"0600\" or \"0640\""
+            ))
+        }),
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    /// Off unless configured.
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// `[notify.webhook]`: a signed JSON POST on every state change (never a token).
+/// `Debug` shows only the URL's scheme and host: a webhook URL's path is often a secret.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// https:// (plain http only on loopback).
+    pub url: String,
+    /// The HMAC-SHA256 key: inline, or better from a file.
+    #[serde(default)]
+    pub secret: Option<SecretString>,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// One delivery attempt, connecting included.
+    #[serde(default = "default_webhook_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Further attempts after a failed one (5xx, 408, 429, timeouts, connection errors).
+    #[serde(default = "default_webhook_retries")]
+    pub retries: u32,
+    #[serde(default = "default_webhook_backoff_base", with = "humantime_serde")]
+    pub backoff_base: Duration,
+    #[serde(default = "default_webhook_backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// Events waiting for delivery; when full, new events are dropped with an error log.
+    #[serde(default = "default_webhook_queue")]
+    pub queue: usize,
+}
+
+impl fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &redact_url(&self.url))
+            .field("secret", &self.secret)
+            .field("secret_file", &self.secret_file)
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .field("backoff_base", &self.backoff_base)
+            .field("backoff_max", &self.backoff_max)
+            .field("queue", &self.queue)
+            .finish()
+    }
+}
+
+/// `scheme://host[:port]/…`: enough to tell which receiver, without a secret path or query.
+pub fn redact_url(u: &str) -> String {
+    match url::Url::parse(u) {
+        Ok(url) => {
+            let host = url.host_str().unwrap_or("");
+            let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+            format!("{}://{host}{port}/…", url.scheme())
+        }
+        Err(_) => "(not a URL)".into(),
+    }
+}
+
+fn default_webhook_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_webhook_retries() -> u32 {
+    8
+}
+fn default_webhook_backoff_base() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_webhook_backoff_max() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_webhook_queue() -> usize {
+    1000
 }
 
 fn yes() -> bool {
@@ -702,6 +836,7 @@ impl Config {
                 bad(&key("burst"), "must be at least 1".into());
             }
         }
+        self.validate_ops(&mut errs);
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }
 
@@ -713,6 +848,91 @@ impl Config {
                 .map(|prof| prof.credential)
                 .unwrap_or(Credential::RefreshToken),
         )
+    }
+
+    /// `[[sink]]` and `[notify]`; resolves `notify.webhook.secret_file`.
+    fn validate_ops(&mut self, errs: &mut Vec<(String, String)>) {
+        let mut bad = |k: String, m: String| errs.push((k, m));
+        let mut seen = std::collections::HashSet::new();
+        for (i, s) in self.sink.iter().enumerate() {
+            let key = |k: &str| format!("sink[{i}].{k}");
+            match (s.account, &s.provider, &s.subject) {
+                (Some(_), None, None) | (_, Some(_), Some(_)) => {}
+                (None, None, None) => bad(
+                    key("account"),
+                    "missing: choose the account by `account = ID` or by `provider` and `subject`"
+                        .into(),
+                ),
+                _ => bad(
+                    key("subject"),
+                    "give `provider` and `subject` together (or only `account`)".into(),
+                ),
+            }
+            if s.path.file_name().is_none() {
+                bad(
+                    key("path"),
+                    format!("must name a file: {}", s.path.display()),
+                );
+            } else if !seen.insert(s.path.clone()) {
+                bad(
+                    key("path"),
+                    format!("{} is used by another sink", s.path.display()),
+                );
+            }
+            if s.mode > 0o777 || s.mode & 0o400 == 0 || s.mode & 0o002 != 0 {
+                bad(
+                    key("mode"),
+                    format!(
+                        "{:#o}: must be at most 0777, readable by its owner and not world-writable",
+                        s.mode
+                    ),
+                );
+            }
+        }
+        if let Some(w) = self.notify.webhook.as_mut() {
+            let key = |k: &str| format!("notify.webhook.{k}");
+            // The message names the URL without its path: that may be a secret.
+            if let Err(m) = check_endpoint_url(&w.url) {
+                bad(
+                    key("url"),
+                    m.replace(&format!("{:?}", w.url), &redact_url(&w.url)),
+                );
+            }
+            match (&w.secret, &w.secret_file) {
+                (Some(_), Some(_)) => bad(
+                    key("secret_file"),
+                    "give either secret or secret_file, not both".into(),
+                ),
+                (None, None) => bad(
+                    key("secret"),
+                    "missing: set secret_file (or secret), the HMAC key receivers verify with"
+                        .into(),
+                ),
+                (None, Some(path)) => match read_secret_file(path) {
+                    Ok(s) => w.secret = Some(s),
+                    Err(m) => bad(key("secret_file"), m),
+                },
+                (Some(_), None) => {}
+            }
+            if w.timeout.is_zero() {
+                bad(key("timeout"), "must be more than 0s".into());
+            }
+            if w.backoff_base.is_zero() {
+                bad(key("backoff_base"), "must be more than 0s".into());
+            }
+            if w.backoff_max < w.backoff_base {
+                bad(
+                    key("backoff_max"),
+                    "must be at least notify.webhook.backoff_base".into(),
+                );
+            }
+            if w.queue == 0 || w.queue > 1_000_000 {
+                bad(
+                    key("queue"),
+                    format!("must be 1..=1000000, got {}", w.queue),
+                );
+            }
+        }
     }
 
     /// The authorization page of a provider: configured, or its profile's.
@@ -799,7 +1019,11 @@ fn env_var_name(key: &str) -> String {
 
 /// Says where the value of `key` came from: `file:line`, the env var, or the default.
 fn source_of(figment: &Figment, key: &str, file: Option<&Path>) -> String {
-    match figment.find_metadata(key) {
+    // Array entries (`sink[0].path`) are found through their array's key.
+    let md = figment
+        .find_metadata(key)
+        .or_else(|| figment.find_metadata(key.split('[').next().unwrap_or(key)));
+    match md {
         Some(md) => describe_metadata(md, key, file),
         None => "built-in default".to_string(),
     }
@@ -857,7 +1081,7 @@ fn find_line(path: &Path, key: &str) -> Option<usize> {
 }
 
 fn is_secret_key(leaf: &str) -> bool {
-    leaf == "client_secret"
+    leaf == "client_secret" || leaf == "secret"
 }
 
 /// figment's message, without echoing a secret value or the file's text (TOML syntax errors
@@ -1137,7 +1361,10 @@ client_key = \"k\"\nzzz = 1\n",
         }
         // The commented profile keys are valid as written.
         let start = text.find("# Profile keys.").unwrap();
-        let uncommented: String = text[start..]
+        let end = text[start..]
+            .find("# ---- ")
+            .map_or(text.len(), |i| start + i);
+        let uncommented: String = text[start..end]
             .lines()
             .filter_map(|l| l.strip_prefix("# "))
             .filter(|l| {
@@ -1169,6 +1396,144 @@ client_key = \"k\"\nzzz = 1\n",
             assert_eq!(c.refresh.batch, d.refresh.batch);
             assert_eq!(c.reauth.window, d.reauth.window);
             assert_eq!(c.store.lease, d.store.lease);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn sinks_and_webhook_parse_and_validate() {
+        Jail::expect_with(|jail| {
+            jail.create_file("hook-secret", "hook-SECRET\n")?;
+            jail.create_file(
+                "r.toml",
+                r#"
+[[sink]]
+account = 42
+path = "/run/app/token.json"
+
+[[sink]]
+provider = "tiktok"
+subject = "-000abc"
+path = "/run/app/token"
+format = "token"
+mode = "0640"
+
+[notify.webhook]
+url = "https://hooks.example.com/refreshd"
+secret_file = "hook-secret"
+retries = 2
+"#,
+            )?;
+            let c = Config::load(Some(Path::new("r.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.sink.len(), 2);
+            assert_eq!(c.sink[0].account, Some(42));
+            assert_eq!(c.sink[0].format, SinkFormat::Json);
+            assert_eq!(c.sink[0].mode, 0o600);
+            assert_eq!(c.sink[1].format, SinkFormat::Token);
+            assert_eq!(c.sink[1].mode, 0o640);
+            let w = c.notify.webhook.as_ref().unwrap();
+            use secrecy::ExposeSecret;
+            assert_eq!(w.secret.as_ref().unwrap().expose_secret(), "hook-SECRET");
+            assert_eq!(w.retries, 2);
+            assert_eq!(w.timeout, Duration::from_secs(10));
+            assert!(!format!("{c:?}").contains("SECRET"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_sinks_and_webhooks_are_named() {
+        let cases = [
+            ("[[sink]]\npath = \"/t\"\n", "sink[0].account"),
+            (
+                "[[sink]]\nprovider = \"tiktok\"\npath = \"/t\"\n",
+                "sink[0].subject",
+            ),
+            (
+                "[[sink]]\naccount = 1\npath = \"/t\"\n[[sink]]\naccount = 2\npath = \"/t\"\n",
+                "sink[1].path",
+            ),
+            (
+                "[[sink]]\naccount = 1\npath = \"/t\"\nmode = \"0666\"\n",
+                "sink[0].mode",
+            ),
+            (
+                "[[sink]]\naccount = 1\npath = \"/t\"\nmode = \"rw\"\n",
+                "not an octal file mode",
+            ),
+            (
+                "[[sink]]\naccount = 1\npath = \"/t\"\nformat = \"yaml\"\n",
+                "sink",
+            ),
+            (
+                "[notify.webhook]\nurl = \"http://hooks.example.com/x\"\nsecret = \"s\"\n",
+                "notify.webhook.url",
+            ),
+            (
+                "[notify.webhook]\nurl = \"https://hooks.example.com/x\"\n",
+                "notify.webhook.secret",
+            ),
+        ];
+        for (toml, want) in cases {
+            let err = Config::from_toml_str(toml).unwrap_err().to_string();
+            assert!(err.contains(want), "{toml}: {err}");
+        }
+        // A secret in a bad place is not echoed.
+        let err = Config::from_toml_str("[notify.webhook]\nurl = 5\nsecret = 7\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains('7'), "{err}");
+        // A webhook URL's path is often its secret: neither errors nor Debug show it.
+        let err = Config::from_toml_str(
+            "[notify.webhook]\nurl = \"http://hooks.example.com/T0/B0/PATH-SECRET\"\nsecret = \"s\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("http://hooks.example.com/…"), "{err}");
+        assert!(!err.contains("PATH-SECRET"), "{err}");
+        let c = Config::from_toml_str(
+            "[notify.webhook]\nurl = \"https://hooks.example.com/T0/B0/PATH-SECRET\"\nsecret = \"s\"\n",
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("PATH-SECRET"));
+    }
+
+    #[test]
+    fn example_config_sink_and_webhook_examples_load_when_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/refreshd.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let start = text.find("# ---- Token files").expect("sink section");
+        let (head, tail) = text.split_at(start);
+        let uncommented: String = tail
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.starts_with('[') || rest.contains(" = ") => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("/etc/refreshd/webhook-secret", "webhook-secret");
+        Jail::expect_with(|jail| {
+            jail.create_file("client_secret", "s")?;
+            jail.create_file("webhook-secret", "w")?;
+            jail.create_file("r.toml", &format!("{head}{uncommented}"))?;
+            let c = Config::load(Some(Path::new("r.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.sink.len(), 2);
+            assert_eq!(c.sink[1].format, SinkFormat::Token);
+            let w = c.notify.webhook.expect("webhook");
+            let d = Config::from_toml_str(
+                "[notify.webhook]\nurl = \"https://h.example.com/\"\nsecret = \"w\"\n",
+            )
+            .unwrap()
+            .notify
+            .webhook
+            .unwrap();
+            // the example documents the defaults
+            assert_eq!(
+                (w.timeout, w.retries, w.backoff_base, w.backoff_max, w.queue),
+                (d.timeout, d.retries, d.backoff_base, d.backoff_max, d.queue)
+            );
+            assert_eq!(c.sink[0].mode, 0o600);
             Ok(())
         });
     }

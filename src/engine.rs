@@ -476,7 +476,8 @@ impl Engine {
         let result = provider
             .refresh(provider.credential_of(&account), self.clock.now())
             .await;
-        let duration_ms = started.elapsed().as_millis() as i64;
+        // At least 1: 0 means "nothing was sent", and a loopback answer can take under 1 ms.
+        let duration_ms = (started.elapsed().as_millis() as i64).max(1);
         let now = self.clock.now();
         let outcome = match result {
             Ok((tokens, status)) => {

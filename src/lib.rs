@@ -13,6 +13,8 @@
 //!   Threads, Reddit, or generic from the config): token requests and their answers.
 //! - [`engine`]: the refresh loop.
 //! - [`events`]: in-process state changes (tokens rotated, reauth needed, recovered).
+//! - [`sink`]: token files for an app, rewritten atomically after each rotation.
+//! - [`notify`]: signed webhook notifications of state changes.
 //! - [`jobs`]: cron jobs: reauth sweep, digest, log pruning.
 //! - [`metrics`]: Prometheus metrics (engine counters, store gauges).
 //! - [`lifecycle`]: running the daemon: signals, reload, systemd notifications.
@@ -44,9 +46,11 @@ pub mod jobs;
 pub mod lifecycle;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod policy;
 pub mod provider;
 pub mod sandbox;
 pub mod server;
+pub mod sink;
 pub mod store;
 pub mod telemetry;

@@ -10,6 +10,7 @@ use crate::jobs;
 use crate::provider::ProviderError;
 use crate::store::{Store, StoreError, StoreOptions};
 use crate::telemetry::LogHandle;
+use crate::{notify, sink};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
@@ -99,6 +100,23 @@ pub async fn run(
     let (settings_tx, settings_rx) = watch::channel(settings.clone());
     let engine = Engine::new(store.clone(), opts.clock.clone(), settings_rx.clone());
     let cfg = &settings.config;
+    // Before anything can emit: sinks and webhooks miss no state change, and the token files
+    // are written before the daemon reports ready.
+    let sinks = sink::start(
+        cfg.sink.clone(),
+        store.clone(),
+        &engine.events(),
+        opts.clock.clone(),
+        cfg.refresh.max_idle,
+    )
+    .await;
+    let notifier = notify::spawn(
+        cfg.notify.webhook.clone(),
+        &engine.events(),
+        opts.clock.clone(),
+        shutdown.clone(),
+        cfg.shutdown.grace,
+    );
     tracing::info!(event = "starting", store = %store.path().display(), owner = engine.owner(),
         providers = ?settings.providers.names().collect::<Vec<_>>(), once = opts.once, "refreshd starting");
     for (name, p) in &cfg.providers {
@@ -113,6 +131,8 @@ pub async fn run(
         if let Some(cb) = opts.on_ready.take() {
             cb(&store, &engine, None);
         }
+        sinks.stop().await;
+        notifier.stop().await;
         store.close().await;
         let r = RunReport {
             stats: engine.stats().snapshot(),
@@ -225,9 +245,12 @@ pub async fn run(
     let _ = scheduler.shutdown().await;
     let result = engine_task.await;
     watchdog.abort();
+    // After the server: a token request's refresh may still have rotated a sink's account.
     if let Some(server) = server {
         server.join().await;
     }
+    sinks.stop().await;
+    notifier.stop().await;
     store.close().await;
     let report = RunReport {
         stats: engine.stats().snapshot(),
@@ -269,8 +292,8 @@ fn reload_settings(
             c != "store" || format!("{:?}", new.store) != format!("{:?}", old.config.store)
         });
     }
-    // Listeners and routes are set up once; values read per request (stall_after, the API
-    // secret, connect URLs) take effect now.
+    // Listeners, routes, sinks and webhooks are set up once; values read per request
+    // (stall_after, the API secret, connect URLs) take effect now.
     let (o, n) = (&old.config, &new);
     for (key, differs) in [
         ("server.listen", o.server.listen != n.server.listen),
@@ -283,6 +306,11 @@ fn reload_settings(
             o.server.api_token.is_some() != n.server.api_token.is_some(),
         ),
         ("connect.enabled", o.connect.enabled != n.connect.enabled),
+        ("sink", format!("{:?}", o.sink) != format!("{:?}", n.sink)),
+        (
+            "notify",
+            format!("{:?}", o.notify) != format!("{:?}", n.notify),
+        ),
     ] {
         if differs {
             tracing::warn!(

@@ -391,6 +391,18 @@ async fn check(cli: &Cli) -> Result<u8> {
             ok = false;
         }
     }
+    for (line, fine) in refreshd::sink::check(&config.sink) {
+        println!("{line}");
+        ok &= fine;
+    }
+    if let Some(w) = &config.notify.webhook {
+        println!(
+            "webhook: ok, POST to {} (retries {}, queue {})",
+            refreshd::config::redact_url(&w.url),
+            w.retries,
+            w.queue
+        );
+    }
     let path = &config.store.path;
     if path.exists() {
         match Store::open_read_only(lifecycle::store_options(&config)).await {

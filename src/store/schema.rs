@@ -74,7 +74,17 @@ pub fn migrate(conn: &mut Connection) -> Result<(usize, usize), (usize, rusqlite
     if current == MIGRATIONS.len() {
         return Ok((current, current));
     }
-    let tx = conn.transaction().map_err(|e| (current, e))?;
+    // IMMEDIATE, then read the version again: a second process opening a fresh database at
+    // the same moment waits for the first one's migration instead of repeating it.
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(|e| (current, e))?;
+    let current: usize = tx
+        .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        .map_err(|e| (current, e))? as usize;
+    if current >= MIGRATIONS.len() {
+        return Ok((current, current));
+    }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
         tx.execute_batch(sql).map_err(|e| (i + 1, e))?;
     }

@@ -4,7 +4,10 @@
 
 mod cli;
 mod connect;
+mod deploy;
 mod engine;
 mod helpers;
 mod providers;
 mod server;
+mod sink;
+mod webhook;

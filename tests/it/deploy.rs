@@ -1,0 +1,279 @@
+//! The deployment files: the systemd unit passes `systemd-analyze verify` and scores at most
+//! 2.0 in `systemd-analyze security --offline=yes`; the Kubernetes manifests validate offline
+//! with `kubernetes-validate`; the example configs in them load.
+//!
+//! The tools are installed by `.ci/run`. A missing tool fails the test, unless
+//! `REFRESHD_SKIP_DEPLOY_TESTS=1` is set outside CI, where it prints "skipped".
+
+use refreshd::config::Config;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Native sidecars (init containers with `restartPolicy: Always`) need Kubernetes >= 1.29.
+const KUBERNETES_VERSION: &str = "1.33.0";
+const SYSTEMD_ANALYZE: &str = "systemd-analyze";
+const MAX_EXPOSURE: f64 = 2.0;
+
+fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+/// Whether `tool` is usable; when it is not: false if skipping is allowed, else a panic
+/// that says how to install it.
+fn have(tool: &str, works: bool, install: &str) -> bool {
+    if works {
+        return true;
+    }
+    let skip = std::env::var("REFRESHD_SKIP_DEPLOY_TESTS").is_ok_and(|v| v == "1");
+    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
+    if skip && !ci {
+        eprintln!("skipped: {tool} not installed (REFRESHD_SKIP_DEPLOY_TESTS=1)");
+        return false;
+    }
+    panic!(
+        "{tool} is not installed: {install} (.ci/run does this), or set REFRESHD_SKIP_DEPLOY_TESTS=1 to skip locally"
+    );
+}
+
+fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn systemd_unit_verifies_and_scores_at_most_2() {
+    let works = Command::new(SYSTEMD_ANALYZE)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have(SYSTEMD_ANALYZE, works, "apt-get install systemd") {
+        return;
+    }
+    // verify checks that ExecStart= exists: point it at the binary under test.
+    let unit = std::fs::read_to_string(repo("deploy/systemd/refreshd.service")).unwrap();
+    assert!(
+        unit.contains("ExecStart=/usr/local/bin/refreshd "),
+        "{unit}"
+    );
+    let unit = unit.replace(
+        "ExecStart=/usr/local/bin/refreshd ",
+        &format!("ExecStart={} ", env!("CARGO_BIN_EXE_refreshd")),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("refreshd.service");
+    std::fs::write(&path, unit).unwrap();
+
+    let (ok, stdout, stderr) = run(Command::new(SYSTEMD_ANALYZE).arg("verify").arg(&path));
+    assert!(ok, "systemd-analyze verify failed:\n{stdout}{stderr}");
+    assert!(
+        !stderr.contains("refreshd.service"),
+        "systemd-analyze verify warns about the unit:\n{stderr}"
+    );
+
+    let (ok, stdout, stderr) = run(Command::new(SYSTEMD_ANALYZE)
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(&path));
+    assert!(ok, "systemd-analyze security failed:\n{stdout}{stderr}");
+    let line = stdout
+        .lines()
+        .chain(stderr.lines())
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no exposure level in:\n{stdout}{stderr}"));
+    let score: f64 = line
+        .rsplit(':')
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the score in {line:?}"));
+    eprintln!("systemd-analyze security: {score}");
+    assert!(
+        score <= MAX_EXPOSURE,
+        "exposure {score} > {MAX_EXPOSURE}:\n{stdout}"
+    );
+}
+
+fn kubernetes_validate(files: &[&Path]) -> (bool, String) {
+    let (ok, out, err) = run(Command::new("python3")
+        .args([
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "-k",
+            KUBERNETES_VERSION,
+        ])
+        .args(files));
+    (ok, format!("{out}{err}"))
+}
+
+/// The manifests' documents as JSON (PyYAML comes with kubernetes-validate).
+fn documents(file: &Path) -> Vec<serde_json::Value> {
+    let (ok, out, err) = run(Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
+        ])
+        .arg(file));
+    assert!(ok, "cannot read {}: {err}", file.display());
+    serde_json::from_str(&out).unwrap()
+}
+
+fn manifests() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo("deploy/kubernetes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn kubernetes_manifests_validate_offline() {
+    let works = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have(
+        "kubernetes-validate",
+        works,
+        "python3 -m pip install kubernetes-validate",
+    ) {
+        return;
+    }
+    let files = manifests();
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["sidecar.yaml", "standalone.yaml"]);
+    for f in &files {
+        let (ok, out) = kubernetes_validate(&[f]);
+        assert!(ok, "{} does not validate:\n{out}", f.display());
+        assert!(!out.contains("WARN"), "{}:\n{out}", f.display());
+    }
+
+    // The validator does reject a mistake (an unknown field, strict mode).
+    let sidecar = std::fs::read_to_string(&files[0]).unwrap();
+    let needle = "\n          restartPolicy: Always\n";
+    assert!(sidecar.contains(needle));
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        sidecar.replace(
+            needle,
+            "\n          restartPolicy: Always\n          restartPolicyy: Always\n",
+        ),
+    )
+    .unwrap();
+    let (ok, out) = kubernetes_validate(&[&bad]);
+    assert!(!ok, "an unknown field passed validation:\n{out}");
+
+    // What the manifests promise: a native sidecar, probes on the ops port, locked down.
+    for f in &files {
+        for doc in documents(f) {
+            if doc["kind"] != "Deployment" {
+                continue;
+            }
+            let name = format!("{} {}", f.display(), doc["metadata"]["name"]);
+            assert_eq!(doc["spec"]["replicas"], 1, "{name}");
+            assert_eq!(doc["spec"]["strategy"]["type"], "Recreate", "{name}");
+            let pod = &doc["spec"]["template"]["spec"];
+            assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{name}");
+            assert_eq!(pod["automountServiceAccountToken"], false, "{name}");
+            let mut containers: Vec<&serde_json::Value> = Vec::new();
+            for key in ["initContainers", "containers"] {
+                if let Some(list) = pod[key].as_array() {
+                    containers.extend(list);
+                }
+            }
+            let refreshd: Vec<&&serde_json::Value> = containers
+                .iter()
+                .filter(|c| c["name"] == "refreshd")
+                .collect();
+            assert_eq!(refreshd.len(), 1, "{name}");
+            let r = refreshd[0];
+            if f.ends_with("sidecar.yaml") {
+                let init = pod["initContainers"].as_array().expect("initContainers");
+                assert!(
+                    init.iter()
+                        .any(|c| c["name"] == "refreshd" && c["restartPolicy"] == "Always"),
+                    "{name}: refreshd must be a native sidecar"
+                );
+            }
+            assert_eq!(r["livenessProbe"]["httpGet"]["path"], "/healthz", "{name}");
+            assert_eq!(r["readinessProbe"]["httpGet"]["path"], "/readyz", "{name}");
+            for c in &containers {
+                let sc = &c["securityContext"];
+                let cname = format!("{name} container {}", c["name"]);
+                assert_eq!(sc["readOnlyRootFilesystem"], true, "{cname}");
+                assert_eq!(sc["allowPrivilegeEscalation"], false, "{cname}");
+                assert_eq!(sc["runAsNonRoot"], true, "{cname}");
+                assert_eq!(sc["capabilities"]["drop"][0], "ALL", "{cname}");
+                assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{cname}");
+                assert!(c["resources"]["requests"].is_object(), "{cname}");
+                assert!(c["resources"]["limits"]["memory"].is_string(), "{cname}");
+            }
+        }
+    }
+}
+
+/// Loads an example config with its secret files created in a temp dir (`secret_dir` is the
+/// path the example uses for them).
+fn load_example(text: &str, secret_dir: &str, what: &str) -> Config {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["tiktok-client-secret", "api-token", "webhook-secret"] {
+        std::fs::write(dir.path().join(name), "0123456789abcdef0123456789abcdef").unwrap();
+    }
+    let text = text.replace(secret_dir, &dir.path().display().to_string());
+    Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+#[test]
+fn example_configs_in_deploy_load() {
+    let host = std::fs::read_to_string(repo("deploy/systemd/refreshd.toml")).unwrap();
+    let c = load_example(
+        &host,
+        "$CREDENTIALS_DIRECTORY",
+        "deploy/systemd/refreshd.toml",
+    );
+    assert_eq!(c.store.path, Path::new("/var/lib/refreshd/refreshd.db"));
+    assert!(c.providers.contains_key("tiktok"));
+    assert!(host.contains("listen = \"127.0.0.1:8787\""));
+
+    let works = Command::new("python3")
+        .args(["-c", "import yaml"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have(
+        "PyYAML",
+        works,
+        "python3 -m pip install kubernetes-validate",
+    ) {
+        return;
+    }
+    for f in manifests() {
+        for doc in documents(&f) {
+            if doc["kind"] != "ConfigMap" {
+                continue;
+            }
+            let text = doc["data"]["refreshd.toml"]
+                .as_str()
+                .expect("refreshd.toml");
+            let what = format!("{} ConfigMap refreshd.toml", f.display());
+            let c = load_example(text, "/var/run/secrets/refreshd", &what);
+            assert_eq!(
+                c.store.path,
+                Path::new("/var/lib/refreshd/refreshd.db"),
+                "{what}"
+            );
+            assert!(text.contains("listen = \"0.0.0.0:8787\""), "{what}");
+        }
+    }
+}
