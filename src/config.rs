@@ -283,6 +283,16 @@ pub struct ProviderConfig {
     pub refresh_expires_at_field: Option<String>,
     #[serde(default)]
     pub subject_field: Option<String>,
+    #[serde(default)]
+    pub userinfo_url: Option<String>,
+    #[serde(default)]
+    pub userinfo_subject_field: Option<String>,
+    /// Where a code exchange's short-lived token is traded for a long-lived one
+    /// (`GET ?grant_type=..&client_secret=..&access_token=..`), and that grant type.
+    #[serde(default)]
+    pub upgrade_url: Option<String>,
+    #[serde(default)]
+    pub upgrade_grant_type: Option<String>,
     #[serde(default, with = "humantime_serde")]
     pub min_token_age: Option<Duration>,
     #[serde(default)]
@@ -799,6 +809,8 @@ impl Config {
                 ("authorize_url", &p.authorize_url),
                 ("refresh_url", &p.refresh_url),
                 ("revoke_url", &p.revoke_url),
+                ("userinfo_url", &p.userinfo_url),
+                ("upgrade_url", &p.upgrade_url),
             ] {
                 if let Some(u) = u.as_ref().filter(|u| !u.is_empty())
                     && let Err(m) = check_endpoint_url(u)

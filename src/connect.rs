@@ -231,7 +231,9 @@ pub fn new_account(
             what: "code exchange answer",
             message: "`open_id` is missing: cannot tell which account was connected".into(),
         })?;
-    if tokens.refresh_token.is_none() {
+    let refreshes_itself =
+        config.credential_of(provider) == Some(crate::provider::profile::Credential::AccessToken);
+    if tokens.refresh_token.is_none() && !refreshes_itself {
         return Err(ConnectError::Invalid {
             what: "code exchange answer",
             message: "no `refresh_token`: refreshd cannot keep this account alive".into(),

@@ -208,17 +208,6 @@ impl Provider {
         code_verifier: Option<&SecretString>,
         now: i64,
     ) -> Result<(TokenSet, u16), ProviderFailure> {
-        let Some(field) = self.profile.subject_field.clone() else {
-            return Err(ProviderFailure {
-                class: FailureClass::Config,
-                message: format!(
-                    "provider {} ({}): its token answer does not name the user, so a code exchange cannot tell which account was connected; set subject_field, or use `accounts import`",
-                    self.name, self.profile.kind
-                ),
-                http_status: None,
-                retry_after: None,
-            });
-        };
         let req = self.profile.code_request(
             &self.client_key,
             self.client_secret.as_ref(),
@@ -226,19 +215,106 @@ impl Provider {
             redirect_uri,
             code_verifier,
         );
-        let (tokens, status) = self.send(req, now).await?;
+        let (mut tokens, mut status) = self.send(req, now).await?;
         if tokens.subject.is_none() {
-            return Err(ProviderFailure {
-                class: FailureClass::Config,
-                message: format!(
-                    "the code exchange answer of provider {} has no `{field}`: cannot tell which account was connected [HTTP {status}]",
-                    self.name
-                ),
-                http_status: Some(status),
-                retry_after: None,
-            });
+            tokens.subject = self.identify(&tokens).await?;
+        }
+        // Meta's code exchange gives a token for an hour: trade it for a long-lived one
+        // now, or the first refresh would come too late (or be refused).
+        if let Some(req) = self.profile.upgrade_request(
+            &self.client_key,
+            self.client_secret.as_ref(),
+            &tokens.access_token,
+        ) {
+            let (long, s) = self.send(req, now).await?;
+            status = s;
+            tokens = TokenSet {
+                subject: tokens.subject,
+                scope: long.scope.or(tokens.scope),
+                refresh_token: long.refresh_token.or(tokens.refresh_token),
+                ..long
+            };
         }
         Ok((tokens, status))
+    }
+
+    /// Who was connected, when the token answer does not say (neither the profile's
+    /// `subject_field` nor an `id_token`'s `sub`): the profile's userinfo endpoint.
+    async fn identify(&self, tokens: &TokenSet) -> Result<Option<String>, ProviderFailure> {
+        let config = |message: String| ProviderFailure {
+            class: FailureClass::Config,
+            message,
+            http_status: None,
+            retry_after: None,
+        };
+        let Some(url) = self.profile.userinfo_url.clone() else {
+            return Err(config(format!(
+                "provider {} ({}): the code exchange answer does not name the user (no {}, no id_token) and no userinfo_url is configured: set subject_field or userinfo_url",
+                self.name,
+                self.profile.kind,
+                self.profile
+                    .subject_field
+                    .as_deref()
+                    .unwrap_or("subject_field")
+            )));
+        };
+        let mut rb = self
+            .http
+            .get(&url)
+            .bearer_auth(tokens.access_token.expose_secret())
+            .header(reqwest::header::ACCEPT, "application/json");
+        for (k, v) in &self.profile.headers {
+            rb = rb.header(k.as_str(), v.as_str());
+        }
+        let resp = rb.send().await.map_err(|e| ProviderFailure {
+            class: FailureClass::Transient,
+            message: format!(
+                "asking {} who was connected: {}",
+                self.name,
+                describe_reqwest(&e.without_url())
+            ),
+            http_status: None,
+            retry_after: None,
+        })?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.unwrap_or_default();
+        if body.len() > self.max_body || !(200..300).contains(&status) {
+            return Err(ProviderFailure {
+                http_status: Some(status),
+                ..config(format!(
+                    "the userinfo endpoint of provider {} answered HTTP {status} ({} bytes): check the scopes needed to read the user id (e.g. openid)",
+                    self.name,
+                    body.len()
+                ))
+            });
+        }
+        let value: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
+            config(format!(
+                "the userinfo answer of provider {} is not JSON",
+                self.name
+            ))
+        })?;
+        let field = &self.profile.userinfo_subject_field;
+        let found = field
+            .split('.')
+            .try_fold(&value, |v, part| v.get(part))
+            .and_then(|v| match v {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+            .map(|s| response::sanitize(&s, 200))
+            .filter(|s| !s.is_empty());
+        match found {
+            Some(s) => Ok(Some(s)),
+            None => Err(ProviderFailure {
+                http_status: Some(status),
+                ..config(format!(
+                    "the userinfo answer of provider {} has no `{field}`: set userinfo_subject_field",
+                    self.name
+                ))
+            }),
+        }
     }
 
     /// Sends a token request and parses the answer, with the body-size cap.

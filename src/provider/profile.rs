@@ -61,6 +61,16 @@ pub enum Credential {
     AccessToken,
 }
 
+/// How the short-lived token of a code exchange becomes a long-lived one (Meta).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upgrade {
+    /// The refresh request itself, presenting the new access token (Facebook's
+    /// `fb_exchange_token`).
+    Refresh,
+    /// `GET url?grant_type=..&client_secret=..&access_token=..` (Instagram, Threads).
+    Exchange { url: String, grant_type: String },
+}
+
 /// Whether a refresh returns a new refresh token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -123,8 +133,16 @@ pub struct Profile {
     pub expires_at_field: Option<String>,
     pub refresh_expires_in_field: Option<String>,
     pub refresh_expires_at_field: Option<String>,
-    /// The user id in the token answer (TikTok `open_id`); required to connect accounts.
+    /// The user id in the token answer (TikTok `open_id`). Without it a code exchange takes
+    /// the `sub` of an `id_token` in the answer, else asks `userinfo_url`.
     pub subject_field: Option<String>,
+    /// Asked with the new access token (Bearer) for the user id when the token answer has
+    /// none: OpenID Connect userinfo, X's `/2/users/me`, Graph's `/me`.
+    pub userinfo_url: Option<String>,
+    /// Where the user id is in the userinfo answer; dots go into objects (`data.id`).
+    pub userinfo_subject_field: String,
+    /// Trade the code exchange's short-lived token for a long-lived one (built-ins only).
+    pub upgrade: Option<Upgrade>,
     /// A token younger than this is not refreshed (Instagram, Threads: 24 h).
     pub min_token_age: Duration,
     pub rotation: Rotation,
@@ -187,6 +205,9 @@ impl Profile {
             refresh_expires_in_field: None,
             refresh_expires_at_field: None,
             subject_field: None,
+            userinfo_url: None,
+            userinfo_subject_field: s("sub"),
+            upgrade: None,
             min_token_age: Duration::ZERO,
             rotation: Rotation::Maybe,
             refresh_ttl: RefreshTtl::None,
@@ -227,6 +248,7 @@ impl Profile {
                 token_url: s("https://oauth2.googleapis.com/token"),
                 revoke_url: Some(s("https://oauth2.googleapis.com/revoke")),
                 authorize_params: pairs(&[("access_type", "offline"), ("prompt", "consent")]),
+                userinfo_url: Some(s("https://openidconnect.googleapis.com/v1/userinfo")),
                 refresh_expires_in_field: Some(s("refresh_token_expires_in")),
                 rotation: Rotation::Never,
                 refresh_ttl: RefreshTtl::Fixed,
@@ -240,6 +262,7 @@ impl Profile {
                 authorize_url: Some(s("https://www.linkedin.com/oauth/v2/authorization")),
                 token_url: s("https://www.linkedin.com/oauth/v2/accessToken"),
                 revoke_url: Some(s("https://www.linkedin.com/oauth/v2/revoke")),
+                userinfo_url: Some(s("https://api.linkedin.com/v2/userinfo")),
                 refresh_expires_in_field: Some(s("refresh_token_expires_in")),
                 rotation: Rotation::Never,
                 refresh_ttl: RefreshTtl::Fixed,
@@ -253,6 +276,8 @@ impl Profile {
                 authorize_url: Some(s("https://x.com/i/oauth2/authorize")),
                 token_url: s("https://api.x.com/2/oauth2/token"),
                 revoke_url: Some(s("https://api.x.com/2/oauth2/revoke")),
+                userinfo_url: Some(s("https://api.x.com/2/users/me")),
+                userinfo_subject_field: s("data.id"),
                 client_auth: ClientAuth::Basic,
                 send_client_id: true,
                 pkce: true,
@@ -268,6 +293,8 @@ impl Profile {
                 token_url: s("https://api.pinterest.com/v5/oauth/token"),
                 client_auth: ClientAuth::Basic,
                 refresh_params: pairs(&[("continuous_refresh", "true")]),
+                userinfo_url: Some(s("https://api.pinterest.com/v5/user_account")),
+                userinfo_subject_field: s("id"),
                 scope_separator: s(","),
                 refresh_expires_in_field: Some(s("refresh_token_expires_in")),
                 refresh_expires_at_field: Some(s("refresh_token_expires_at")),
@@ -281,6 +308,12 @@ impl Profile {
                 authorize_url: Some(s("https://www.instagram.com/oauth/authorize")),
                 token_url: s("https://api.instagram.com/oauth/access_token"),
                 refresh_url: Some(s("https://graph.instagram.com/refresh_access_token")),
+                // The code exchange answers {"access_token", "user_id", "permissions"}.
+                subject_field: Some(s("user_id")),
+                upgrade: Some(Upgrade::Exchange {
+                    url: s("https://graph.instagram.com/access_token"),
+                    grant_type: s("ig_exchange_token"),
+                }),
                 method: Method::Get,
                 params_in: ParamsIn::Query,
                 client_auth: ClientAuth::None,
@@ -296,6 +329,9 @@ impl Profile {
             "facebook" => Profile {
                 authorize_url: Some(s("https://www.facebook.com/v24.0/dialog/oauth")),
                 token_url: s("https://graph.facebook.com/v24.0/oauth/access_token"),
+                userinfo_url: Some(s("https://graph.facebook.com/v24.0/me?fields=id")),
+                userinfo_subject_field: s("id"),
+                upgrade: Some(Upgrade::Refresh),
                 method: Method::Get,
                 params_in: ParamsIn::Query,
                 client_auth: ClientAuth::Query,
@@ -311,6 +347,11 @@ impl Profile {
                 authorize_url: Some(s("https://threads.net/oauth/authorize")),
                 token_url: s("https://graph.threads.net/oauth/access_token"),
                 refresh_url: Some(s("https://graph.threads.net/refresh_access_token")),
+                subject_field: Some(s("user_id")),
+                upgrade: Some(Upgrade::Exchange {
+                    url: s("https://graph.threads.net/access_token"),
+                    grant_type: s("th_exchange_token"),
+                }),
                 method: Method::Get,
                 params_in: ParamsIn::Query,
                 client_auth: ClientAuth::None,
@@ -327,6 +368,8 @@ impl Profile {
                 authorize_url: Some(s("https://www.reddit.com/api/v1/authorize")),
                 token_url: s("https://www.reddit.com/api/v1/access_token"),
                 revoke_url: Some(s("https://www.reddit.com/api/v1/revoke_token")),
+                userinfo_url: Some(s("https://oauth.reddit.com/api/v1/me")),
+                userinfo_subject_field: s("id"),
                 client_auth: ClientAuth::Basic,
                 authorize_params: pairs(&[("duration", "permanent")]),
                 // Reddit throttles requests without a descriptive User-Agent.
@@ -400,6 +443,29 @@ impl Profile {
         set!(refresh_expires_in_field, opt);
         set!(refresh_expires_at_field, opt);
         set!(subject_field, opt);
+        set!(userinfo_url, opt);
+        set!(userinfo_subject_field);
+        match (&mut prof.upgrade, &p.upgrade_url, &p.upgrade_grant_type) {
+            (Some(Upgrade::Exchange { url, grant_type }), u, g) => {
+                if let Some(u) = u {
+                    *url = u.clone();
+                }
+                if let Some(g) = g {
+                    *grant_type = g.clone();
+                }
+            }
+            (_, Some(u), Some(g)) => {
+                prof.upgrade = Some(Upgrade::Exchange {
+                    url: u.clone(),
+                    grant_type: g.clone(),
+                })
+            }
+            (_, None, None) => {}
+            (_, _, _) => errs.push((
+                "upgrade_url".to_string(),
+                "give upgrade_url and upgrade_grant_type together".to_string(),
+            )),
+        }
         set!(min_token_age);
         set!(rotation);
         set!(refresh_ttl);
@@ -443,6 +509,7 @@ impl Profile {
             ("credential_param", &prof.credential_param),
             ("grant_type", &prof.grant_type),
             ("expires_in_field", &prof.expires_in_field),
+            ("userinfo_subject_field", &prof.userinfo_subject_field),
         ] {
             if v.trim().is_empty() {
                 bad(k, "must not be empty".into());
@@ -514,6 +581,34 @@ impl Profile {
         req.params.extend(self.refresh_params.iter().cloned());
         req.headers = self.headers.clone();
         req
+    }
+
+    /// The short-lived-to-long-lived exchange after a code exchange, if the profile has one.
+    pub fn upgrade_request(
+        &self,
+        client_id: &str,
+        client_secret: Option<&SecretString>,
+        access_token: &SecretString,
+    ) -> Option<TokenRequest> {
+        match self.upgrade.as_ref()? {
+            Upgrade::Refresh => Some(self.refresh_request(client_id, client_secret, access_token)),
+            Upgrade::Exchange { url, grant_type } => {
+                let mut req = TokenRequest::new(Method::Get, url, ParamsIn::Query);
+                req.params.push(("grant_type".into(), grant_type.clone()));
+                req.params.push((
+                    self.client_secret_param.clone(),
+                    client_secret
+                        .map(|s| s.expose_secret().to_string())
+                        .unwrap_or_default(),
+                ));
+                req.params.push((
+                    "access_token".into(),
+                    access_token.expose_secret().to_string(),
+                ));
+                req.headers = self.headers.clone();
+                Some(req)
+            }
+        }
     }
 
     /// The authorization-code exchange: always a POST form to `token_url`; client

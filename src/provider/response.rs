@@ -250,7 +250,8 @@ pub fn parse(
     let subject = profile
         .subject_field
         .as_ref()
-        .and_then(|f| string(obj.get(f.as_str())));
+        .and_then(|f| string(obj.get(f.as_str())))
+        .or_else(|| string(obj.get("id_token")).and_then(|t| id_token_subject(&t)));
     Ok(TokenSet {
         access_token: SecretString::from(access_token),
         refresh_token: refresh_token.map(SecretString::from),
@@ -260,6 +261,19 @@ pub fn parse(
         scope: string(obj.get("scope")),
         token_type: "Bearer".into(),
     })
+}
+
+/// The `sub` claim of a JWT's payload, unverified taken from the token endpoint over TLS, so its signature need not
+/// be checked (OpenID Connect Core 3.1.3.7).
+fn id_token_subject(jwt: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = jwt.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let sub = claims.get("sub")?.as_str()?;
+    Some(sanitize(sub, 200)).filter(|s| !s.is_empty())
 }
 
 /// Provider-chosen identifiers end up in logs and the store: keep them short and plain.
