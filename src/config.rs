@@ -64,6 +64,24 @@ pub struct StoreConfig {
     pub log_retention: Duration,
     /// Cron expression (with seconds) for pruning refresh_log.
     pub prune_cron: String,
+    /// Key that seals tokens at rest (`refreshd keygen`); None stores them in the clear.
+    pub encryption_key_file: Option<PathBuf>,
+    /// Older keys: they only open values, for a key rotation (`refreshd rekey`).
+    pub decryption_key_files: Vec<PathBuf>,
+    /// What start-up does when a store or key file is readable by group or others.
+    pub permissions: FilePolicy,
+    /// The keys read from the files above (not a key).
+    #[serde(skip)]
+    pub keyring: crate::crypto::Keyring,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FilePolicy {
+    /// Log a warning and go on.
+    Warn,
+    /// Refuse to start.
+    Refuse,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -185,6 +203,10 @@ impl Default for StoreConfig {
             lease: Duration::from_secs(300),
             log_retention: Duration::from_secs(30 * DAY),
             prune_cron: "0 17 3 * * *".into(),
+            encryption_key_file: None,
+            decryption_key_files: Vec::new(),
+            permissions: FilePolicy::Warn,
+            keyring: crate::crypto::Keyring::default(),
         }
     }
 }
@@ -415,6 +437,38 @@ impl Config {
         if self.store.path.as_os_str().is_empty() {
             bad("store.path", "must not be empty".into());
         }
+        // Key files are read here, like secrets, so a bad one is named as a config error.
+        let primary = self
+            .store
+            .encryption_key_file
+            .as_deref()
+            .map(expand_credentials_path);
+        let older: Result<Vec<PathBuf>, String> = self
+            .store
+            .decryption_key_files
+            .iter()
+            .map(|p| expand_credentials_path(p))
+            .collect();
+        match (primary.transpose(), older) {
+            (Err(m), _) => bad("store.encryption_key_file", m),
+            (_, Err(m)) => bad("store.decryption_key_files", m),
+            (Ok(primary), Ok(older)) => {
+                match crate::crypto::Keyring::load(primary.as_deref(), &older) {
+                    Ok(ring) => self.store.keyring = ring,
+                    Err(e) => {
+                        let key = match &e {
+                            crate::crypto::CryptoError::KeyFile { path, .. }
+                                if Some(path) != primary.as_ref() =>
+                            {
+                                "store.decryption_key_files"
+                            }
+                            _ => "store.encryption_key_file",
+                        };
+                        bad(key, e.to_string())
+                    }
+                }
+            }
+        }
         for (key, expr) in [
             ("reauth.sweep_cron", &self.reauth.sweep_cron),
             ("reauth.digest_cron", &self.reauth.digest_cron),
@@ -558,22 +612,25 @@ pub fn check_endpoint_url(u: &str) -> Result<url::Url, String> {
     }
 }
 
-/// Expands `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) and reads a secret file.
-fn read_secret_file(path: &Path) -> Result<SecretString, String> {
+/// Expands `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) in a file path.
+fn expand_credentials_path(path: &Path) -> Result<PathBuf, String> {
     let raw = path.to_string_lossy();
-    let expanded = if raw.contains("$CREDENTIALS_DIRECTORY")
-        || raw.contains("${CREDENTIALS_DIRECTORY}")
-    {
+    if raw.contains("$CREDENTIALS_DIRECTORY") || raw.contains("${CREDENTIALS_DIRECTORY}") {
         let dir = std::env::var("CREDENTIALS_DIRECTORY").map_err(|_| {
             format!("{raw} uses $CREDENTIALS_DIRECTORY, which is not set (only systemd sets it)")
         })?;
-        PathBuf::from(
+        Ok(PathBuf::from(
             raw.replace("${CREDENTIALS_DIRECTORY}", &dir)
                 .replace("$CREDENTIALS_DIRECTORY", &dir),
-        )
+        ))
     } else {
-        path.to_path_buf()
-    };
+        Ok(path.to_path_buf())
+    }
+}
+
+/// Expands `$CREDENTIALS_DIRECTORY` and reads a secret file.
+fn read_secret_file(path: &Path) -> Result<SecretString, String> {
+    let expanded = expand_credentials_path(path)?;
     let text = std::fs::read_to_string(&expanded)
         .map_err(|e| format!("cannot read secret file {}: {e}", expanded.display()))?;
     let secret = text.trim();
@@ -913,6 +970,9 @@ token_url = "http://127.0.0.1:9/v2/oauth/token/"
             assert_eq!(c.refresh.batch, d.refresh.batch);
             assert_eq!(c.reauth.window, d.reauth.window);
             assert_eq!(c.store.lease, d.store.lease);
+            assert_eq!(c.store.encryption_key_file, d.store.encryption_key_file);
+            assert_eq!(c.store.decryption_key_files, d.store.decryption_key_files);
+            assert_eq!(c.store.permissions, d.store.permissions);
             Ok(())
         });
     }

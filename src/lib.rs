@@ -13,6 +13,7 @@
 //! - [`engine`]: the refresh loop.
 //! - [`jobs`]: cron jobs: reauth sweep, digest, log pruning.
 //! - [`lifecycle`]: running the daemon: signals, reload, systemd notifications.
+//! - [`crypto`]: token encryption at rest (XChaCha20-Poly1305), key files, key ids.
 //! - [`connect`]: connecting accounts: authorization URL, loopback callback, code exchange.
 //! - [`import`]: the JSON-lines import format.
 //! - [`sandbox`]: a TikTok-compatible fake provider for the demo, tests and benchmarks.
@@ -32,6 +33,7 @@
 pub mod clock;
 pub mod config;
 pub mod connect;
+pub mod crypto;
 pub mod demo;
 pub mod engine;
 pub mod import;

@@ -82,6 +82,7 @@ pub fn store_options(config: &Config) -> StoreOptions {
     StoreOptions {
         path: config.store.path.clone(),
         busy_timeout: config.store.busy_timeout,
+        keyring: config.store.keyring.clone(),
     }
 }
 

@@ -4,6 +4,7 @@
 use super::{
     AccountSummary, ListFilter, LogEntry, NewAccount, Outcome, Recorded, StoreError, SweepReport,
 };
+use crate::crypto::{Column, Keyring};
 use crate::model::{Account, ReauthReason, Status};
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use secrecy::{ExposeSecret, SecretString};
@@ -53,6 +54,13 @@ fn row_to_account(r: &Row<'_>) -> rusqlite::Result<Account> {
     })
 }
 
+/// Opens the sealed tokens of a row read by `row_to_account` (clear values pass through).
+fn open_tokens(keys: &Keyring, mut a: Account) -> Result<Account, StoreError> {
+    a.access_token = keys.open(a.id, Column::AccessToken, a.access_token.expose_secret())?;
+    a.refresh_token = keys.open(a.id, Column::RefreshToken, a.refresh_token.expose_secret())?;
+    Ok(a)
+}
+
 fn row_to_summary(r: &Row<'_>) -> rusqlite::Result<AccountSummary> {
     Ok(AccountSummary {
         id: r.get(0)?,
@@ -77,6 +85,7 @@ fn row_to_summary(r: &Row<'_>) -> rusqlite::Result<AccountSummary> {
 /// Leases up to `limit` due, refreshable, unleased accounts in one statement.
 pub fn claim_due(
     conn: &Connection,
+    keys: &Keyring,
     owner: &str,
     now: i64,
     lease_until: i64,
@@ -101,9 +110,22 @@ pub fn claim_due(
             row_to_account,
         )
         .map_err(sql_err("claim due accounts"))?;
-    let mut out: Vec<Account> = rows
+    let sealed: Vec<Account> = rows
         .collect::<Result<_, _>>()
         .map_err(sql_err("claim due accounts"))?;
+    // A row that does not open (altered, or its key is missing) must not stop the others:
+    // it is logged and left leased, so it comes back only after the lease ends.
+    let mut out = Vec::with_capacity(sealed.len());
+    for a in sealed {
+        let id = a.id;
+        match open_tokens(keys, a) {
+            Ok(a) => out.push(a),
+            Err(e) => {
+                tracing::error!(event = "token_unreadable", account = id, error = %e,
+                    "cannot open this account's stored tokens; it is skipped until its lease ends")
+            }
+        }
+    }
     out.sort_by_key(|a| a.next_refresh_at);
     Ok(out)
 }
@@ -124,16 +146,19 @@ pub fn next_due(conn: &Connection, now: i64) -> Result<Option<i64>, StoreError> 
     Ok(due)
 }
 
-pub fn get(conn: &Connection, id: i64) -> Result<Option<Account>, StoreError> {
+pub fn get(conn: &Connection, keys: &Keyring, id: i64) -> Result<Option<Account>, StoreError> {
     conn.prepare_cached(&format!(
         "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1"
     ))
     .and_then(|mut s| s.query_row([id], row_to_account).optional())
-    .map_err(sql_err("read account"))
+    .map_err(sql_err("read account"))?
+    .map(|a| open_tokens(keys, a))
+    .transpose()
 }
 
 pub fn find(
     conn: &Connection,
+    keys: &Keyring,
     provider: &str,
     subject: &str,
 ) -> Result<Option<Account>, StoreError> {
@@ -141,7 +166,9 @@ pub fn find(
         "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE provider = ?1 AND subject = ?2"
     ))
     .and_then(|mut s| s.query_row([provider, subject], row_to_account).optional())
-    .map_err(sql_err("find account"))
+    .map_err(sql_err("find account"))?
+    .map(|a| open_tokens(keys, a))
+    .transpose()
 }
 
 /// One page of accounts (ids after `after_id`), filtered; never the whole table at once.
@@ -212,6 +239,7 @@ pub fn counts(conn: &Connection) -> Result<Vec<(String, Status, i64)>, StoreErro
 /// Returns (id, inserted) per account in input order.
 pub fn upsert(
     tx: &Transaction<'_>,
+    keys: &Keyring,
     accounts: &[NewAccount],
     now: i64,
 ) -> Result<Vec<(i64, bool)>, StoreError> {
@@ -247,12 +275,20 @@ pub fn upsert(
             }
         }
         let existing = existing.map(|(id, _, _)| id);
-        let refresh_token = a
+        // '' means "no refresh token given": the stored one is kept.
+        let refresh_clear = a
             .tokens
             .refresh_token
             .as_ref()
             .map(|t| t.expose_secret().to_string())
             .unwrap_or_default();
+        let seal_refresh = |id| {
+            if refresh_clear.is_empty() {
+                String::new()
+            } else {
+                keys.seal(id, Column::RefreshToken, &refresh_clear)
+            }
+        };
         let access_expires_at = a.obtained_at + a.tokens.expires_in;
         let refresh_expires_at = a.tokens.refresh_expires_in.map(|s| a.obtained_at + s);
         let id = match existing {
@@ -272,8 +308,12 @@ pub fn upsert(
                     s.execute(params![
                         id,
                         a.label,
-                        a.tokens.access_token.expose_secret(),
-                        refresh_token,
+                        keys.seal(
+                            id,
+                            Column::AccessToken,
+                            a.tokens.access_token.expose_secret()
+                        ),
+                        seal_refresh(id),
                         a.tokens.scope.clone().unwrap_or_default(),
                         a.tokens.token_type,
                         access_expires_at,
@@ -290,7 +330,7 @@ pub fn upsert(
                 id
             }
             None => {
-                if refresh_token.is_empty() {
+                if refresh_clear.is_empty() {
                     return Err(StoreError::Invalid(format!(
                         "account {}/{} has no refresh token and is not stored yet",
                         a.provider, a.subject
@@ -306,12 +346,14 @@ pub fn upsert(
                     )
                     .and_then(|mut s| {
                         s.query_row(
+                            // The id is part of the sealed values' associated data and
+                                // only known after the insert: tokens are written just below.
                             params![
                                 a.provider,
                                 a.subject,
                                 a.label,
-                                a.tokens.access_token.expose_secret(),
-                                refresh_token,
+                                "",
+                                "",
                                 a.tokens.scope.clone().unwrap_or_default(),
                                 a.tokens.token_type,
                                 access_expires_at,
@@ -326,6 +368,21 @@ pub fn upsert(
                         )
                     })
                     .map_err(sql_err("insert imported account"))?;
+                tx.prepare_cached(
+                    "UPDATE accounts SET access_token = ?2, refresh_token = ?3 WHERE id = ?1",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        id,
+                        keys.seal(
+                            id,
+                            Column::AccessToken,
+                            a.tokens.access_token.expose_secret()
+                        ),
+                        seal_refresh(id)
+                    ])
+                })
+                .map_err(sql_err("store imported tokens"))?;
                 out.push((id, true));
                 id
             }
@@ -354,7 +411,7 @@ fn append_log(
 }
 
 /// Writes one refresh outcome. Runs inside the group-commit transaction.
-pub fn record(tx: &Transaction<'_>, o: &Outcome) -> Result<Recorded, StoreError> {
+pub fn record(tx: &Transaction<'_>, keys: &Keyring, o: &Outcome) -> Result<Recorded, StoreError> {
     match o {
         Outcome::Rotated {
             account_id,
@@ -370,7 +427,7 @@ pub fn record(tx: &Transaction<'_>, o: &Outcome) -> Result<Recorded, StoreError>
             let refresh_token = tokens
                 .refresh_token
                 .as_ref()
-                .map(|t| t.expose_secret().to_string());
+                .map(|t| keys.seal(*account_id, Column::RefreshToken, t.expose_secret()));
             let n = tx
                 .prepare_cached(
                     "UPDATE accounts SET access_token = ?3,
@@ -391,7 +448,11 @@ pub fn record(tx: &Transaction<'_>, o: &Outcome) -> Result<Recorded, StoreError>
                     s.execute(params![
                         account_id,
                         generation,
-                        tokens.access_token.expose_secret(),
+                        keys.seal(
+                            *account_id,
+                            Column::AccessToken,
+                            tokens.access_token.expose_secret()
+                        ),
                         refresh_token,
                         tokens.scope,
                         tokens.token_type,
@@ -689,4 +750,104 @@ pub fn remove(tx: &Transaction<'_>, id: i64) -> Result<(), StoreError> {
     tx.execute("DELETE FROM refresh_log WHERE account_id = ?1", [id])
         .map_err(sql_err("remove account's refresh log"))?;
     Ok(())
+}
+
+/// Distinct ids of the keys that sealed stored tokens: one scan of the table at start-up.
+pub fn sealing_key_ids(conn: &Connection) -> Result<Vec<String>, StoreError> {
+    let mut s = conn
+        .prepare(
+            "SELECT DISTINCT substr(v, 8, instr(substr(v, 8), ':') - 1) FROM (
+                SELECT access_token AS v FROM accounts
+                UNION ALL SELECT refresh_token FROM accounts)
+             WHERE v LIKE 'enc:v1:%'",
+        )
+        .map_err(sql_err("list encryption key ids"))?;
+    s.query_map([], |r| r.get(0))
+        .and_then(|rows| rows.collect())
+        .map_err(sql_err("list encryption key ids"))
+}
+
+/// `LIKE` pattern of values sealed under `key_id`; key ids are hex, so nothing to escape.
+fn sealed_pattern(key_id: &str) -> String {
+    format!("{}{key_id}:%", crate::crypto::PREFIX)
+}
+
+/// Accounts with a token not yet sealed under the primary key `key_id`.
+pub fn count_to_rekey(conn: &Connection, key_id: &str) -> Result<u64, StoreError> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM accounts WHERE access_token NOT LIKE ?1 OR refresh_token NOT LIKE ?1",
+        [sealed_pattern(key_id)],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n as u64)
+    .map_err(sql_err("count accounts to re-seal"))
+}
+
+/// What one `rekey_batch` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RekeyBatch {
+    /// The highest account id looked at; the next batch starts after it. None: no more rows.
+    pub last_id: Option<i64>,
+    pub resealed: usize,
+}
+
+/// Re-seals, under the primary key, the tokens of up to `limit` accounts after `after_id`
+/// that are not sealed under it yet (clear ones included: this encrypts a store in place).
+/// Runs in the caller's IMMEDIATE transaction, so no rotation can land between reading a
+/// value and replacing it; each update is still guarded on the value it replaces. The
+/// generation is deliberately not bumped: a refresh in flight must still be able to store
+/// the provider's rotation, which its generation guard would otherwise refuse (and that
+/// rotation would be lost, the provider having already retired the old refresh token).
+pub fn rekey_batch(
+    tx: &Transaction<'_>,
+    keys: &Keyring,
+    after_id: i64,
+    limit: usize,
+) -> Result<RekeyBatch, StoreError> {
+    let Some(primary) = keys.primary_id() else {
+        return Err(StoreError::Invalid(
+            "rekey needs store.encryption_key_file: the key every token is sealed under".into(),
+        ));
+    };
+    let rows: Vec<(i64, String, String)> = tx
+        .prepare_cached(
+            "SELECT id, access_token, refresh_token FROM accounts
+             WHERE id > ?1 AND (access_token NOT LIKE ?2 OR refresh_token NOT LIKE ?2)
+             ORDER BY id LIMIT ?3",
+        )
+        .and_then(|mut s| {
+            s.query_map(
+                params![after_id, sealed_pattern(primary), limit as i64],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?
+            .collect()
+        })
+        .map_err(sql_err("read accounts to re-seal"))?;
+    let mut out = RekeyBatch {
+        last_id: rows.last().map(|r| r.0),
+        resealed: 0,
+    };
+    for (id, access, refresh) in rows {
+        let new_access = keys.reseal(id, Column::AccessToken, &access)?;
+        let new_refresh = keys.reseal(id, Column::RefreshToken, &refresh)?;
+        if new_access.is_none() && new_refresh.is_none() {
+            continue;
+        }
+        out.resealed += tx
+            .prepare_cached(
+                "UPDATE accounts SET access_token = ?4, refresh_token = ?5
+                 WHERE id = ?1 AND access_token = ?2 AND refresh_token = ?3",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    id,
+                    access,
+                    refresh,
+                    new_access.as_deref().unwrap_or(&access),
+                    new_refresh.as_deref().unwrap_or(&refresh)
+                ])
+            })
+            .map_err(sql_err("re-seal account tokens"))?;
+    }
+    Ok(out)
 }

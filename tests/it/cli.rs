@@ -174,6 +174,7 @@ impl World {
         Store::open(StoreOptions {
             path: self.db.clone(),
             busy_timeout: Duration::from_secs(5),
+            keyring: Default::default(),
         })
         .await
         .expect("open store")

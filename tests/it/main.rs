@@ -6,3 +6,4 @@ mod cli;
 mod connect;
 mod engine;
 mod helpers;
+mod security;
