@@ -6,4 +6,5 @@ mod cli;
 mod connect;
 mod engine;
 mod helpers;
+mod hostile;
 mod security;
