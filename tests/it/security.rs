@@ -457,3 +457,29 @@ async fn keygen_and_rekey_through_the_binary() {
     let out = run(&["--config", cfg.to_str().unwrap(), "accounts", "list"]);
     assert!(out.status.success(), "{out:?}");
 }
+
+#[tokio::test]
+async fn debug_of_config_and_account_types_redacts() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let k = key(&app, "k");
+    let cfg = config(
+        &app,
+        &format!("encryption_key_file = {:?}", k.display().to_string()),
+    );
+    let store = open(&app, cfg.store.keyring.clone()).await.unwrap();
+    let ids = app.import(&store, &cfg, &["u1"], None).await;
+    let account = store.get(ids[0]).await.unwrap().unwrap();
+    let mut secrets = tokens(&store, &ids).await;
+    secrets.push(helpers::CLIENT_SECRET.to_string());
+    secrets.push(std::fs::read_to_string(&k).unwrap().trim().to_string());
+    let outcome = rotated(1, 0, &secrets[0], &secrets[1], 0);
+    let debug = format!(
+        "{cfg:?} {account:?} {outcome:?} {:?} {:?} {store:?}",
+        cfg.store.keyring, cfg.providers
+    );
+    assert!(debug.contains("REDACTED"), "{debug}");
+    for s in &secrets {
+        assert!(!debug.contains(s.as_str()), "Debug shows a secret: {debug}");
+    }
+    store.close().await;
+}
