@@ -109,6 +109,9 @@ pub struct RefreshConfig {
     pub request_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Longest wait for the next bytes of an answer (a stalled server is dropped early).
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
     pub max_response_bytes: usize,
     /// Longest sleep between looks at the store (notices work added by other processes).
     #[serde(with = "humantime_serde")]
@@ -224,6 +227,7 @@ impl Default for RefreshConfig {
             backoff_max: Duration::from_secs(1800),
             config_error_retry: Duration::from_secs(3600),
             request_timeout: Duration::from_secs(15),
+            read_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             max_response_bytes: 64 * 1024,
             max_idle: Duration::from_secs(60),
@@ -397,6 +401,9 @@ impl Config {
         }
         if r.connect_timeout.is_zero() {
             bad("refresh.connect_timeout", "must be more than 0s".into());
+        }
+        if r.read_timeout.is_zero() {
+            bad("refresh.read_timeout", "must be more than 0s".into());
         }
         if r.max_response_bytes < 1024 {
             bad(
@@ -973,6 +980,9 @@ token_url = "http://127.0.0.1:9/v2/oauth/token/"
             assert_eq!(c.store.encryption_key_file, d.store.encryption_key_file);
             assert_eq!(c.store.decryption_key_files, d.store.decryption_key_files);
             assert_eq!(c.store.permissions, d.store.permissions);
+            assert_eq!(c.refresh.read_timeout, d.refresh.read_timeout);
+            assert_eq!(c.refresh.request_timeout, d.refresh.request_timeout);
+            assert_eq!(c.refresh.connect_timeout, d.refresh.connect_timeout);
             Ok(())
         });
     }

@@ -4,7 +4,7 @@
 //! (`lifecycle::run` with `once`) for a victim account on the hostile provider and a normal
 //! account on the sandbox: the victim gets a classified outcome and a clear recorded error,
 //! keeps its stored tokens, and the normal account is still refreshed. Real waiting is
-//! bounded by a 400 ms request timeout (the slow-drip case).
+//! bounded by a 600 ms request timeout (the slow-drip case).
 
 use crate::helpers::{self, CLIENT_KEY, CLIENT_SECRET, TestApp};
 use refreshd::config::Config;
@@ -29,6 +29,8 @@ enum Answer {
     Drip,
     /// Headers promising 1000 bytes, 10 of them, then a TCP reset.
     ResetMidBody,
+    /// Headers, then silence with the connection open.
+    Stall,
 }
 
 fn http(status: &str, headers: &[(&str, &str)], body: &str) -> Answer {
@@ -106,6 +108,12 @@ async fn serve_one(mut s: TcpStream, answer: Answer) {
                 }
             }
         }
+        Answer::Stall => {
+            let head =
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{";
+            let _ = s.write_all(head.as_bytes()).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
         Answer::ResetMidBody => {
             let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"access_t";
             let _ = s.write_all(head.as_bytes()).await;
@@ -150,6 +158,8 @@ struct Case {
     expect: Expect,
     /// Must appear in the recorded error.
     error_has: &'static str,
+    /// Bounds on the recorded duration, in ms: which timeout ended the request.
+    duration_ms: std::ops::Range<i64>,
 }
 
 fn case(name: &'static str, answer: Answer, expect: Expect, error_has: &'static str) -> Case {
@@ -159,6 +169,7 @@ fn case(name: &'static str, answer: Answer, expect: Expect, error_has: &'static 
         https: false,
         expect,
         error_has,
+        duration_ms: 0..i64::MAX,
     }
 }
 
@@ -190,7 +201,15 @@ fn catalogue(redirect_to: &str) -> Vec<Case> {
         ),
         case("empty body", json(""), T, "empty body"),
         case("10 MiB body", Answer::Huge, T, "max_response_bytes"),
-        case("slow drip, never ends", Answer::Drip, T, "timed out"),
+        // Bytes every 50 ms defeat the 150 ms read timeout: the 600 ms total one ends it.
+        Case {
+            duration_ms: 550..5000,
+            ..case("slow drip, never ends", Answer::Drip, T, "timed out")
+        },
+        Case {
+            duration_ms: 100..550,
+            ..case("stalls after the headers", Answer::Stall, T, "timed out")
+        },
         case(
             "missing access_token",
             json(r#"{"expires_in":7200,"token_type":"Bearer"}"#),
@@ -279,6 +298,7 @@ fn catalogue(redirect_to: &str) -> Vec<Case> {
             https: true,
             expect: T,
             error_has: "connection failed",
+            duration_ms: 0..i64::MAX,
         },
     ]
 }
@@ -294,7 +314,10 @@ token_url = {hostile_url:?}
 "#
     );
     let text = helpers::config_toml(&app.db, &app.sandbox.token_url(), &extra)
-        .replace("request_timeout = \"5s\"", "request_timeout = \"400ms\"")
+        .replace(
+            "request_timeout = \"5s\"",
+            "request_timeout = \"600ms\"\nread_timeout = \"150ms\"",
+        )
         .replace("connect_timeout = \"2s\"", "connect_timeout = \"400ms\"");
     Config::from_toml_str(&text).expect("hostile test config")
 }
@@ -367,6 +390,10 @@ async fn run_case(c: Case, redirect_hits: &AtomicUsize) -> Result<(), String> {
         problems.push(format!("recorded error {error:?} lacks {:?}", c.error_has));
     }
     let outcome = log.first().map(|l| l.outcome.clone()).unwrap_or_default();
+    let took = log.first().and_then(|l| l.duration_ms).unwrap_or(-1);
+    if !c.duration_ms.contains(&took) {
+        problems.push(format!("took {took} ms, expected {:?}", c.duration_ms));
+    }
     match c.expect {
         Expect::Transient { min_delay } => {
             if after.status != Status::Active || after.failures != 1 || outcome != "transient" {
