@@ -197,6 +197,11 @@ impl Keyring {
             .join(", ")
     }
 
+    /// Every configured key file, primary first.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.keys.iter().map(|k| k.file.as_path())
+    }
+
     /// The key file holding `id`, if configured.
     pub fn file_of(&self, id: &str) -> Option<&Path> {
         self.keys

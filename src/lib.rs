@@ -15,6 +15,7 @@
 //! - [`lifecycle`]: running the daemon: signals, reload, systemd notifications.
 //! - [`crypto`]: token encryption at rest (XChaCha20-Poly1305), key files, key ids.
 //! - [`connect`]: connecting accounts: authorization URL, loopback callback, code exchange.
+//! - [`hardening`]: start-up checks: token and key files private, not running as root.
 //! - [`import`]: the JSON-lines import format.
 //! - [`sandbox`]: a TikTok-compatible fake provider for the demo, tests and benchmarks.
 //! - [`demo`]: `refreshd demo`.
@@ -36,6 +37,7 @@ pub mod connect;
 pub mod crypto;
 pub mod demo;
 pub mod engine;
+pub mod hardening;
 pub mod import;
 pub mod jobs;
 pub mod lifecycle;

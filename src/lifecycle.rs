@@ -30,6 +30,8 @@ pub enum DaemonError {
     Jobs(String),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    ExposedFiles(#[from] crate::hardening::ExposedFiles),
 }
 
 /// What a run did, for `--once`'s exit code and the demo's summary.
@@ -92,6 +94,8 @@ pub async fn run(
     mut opts: RunOptions,
     shutdown: CancellationToken,
 ) -> Result<RunReport, DaemonError> {
+    crate::hardening::warn_if_root();
+    crate::hardening::check_files(&config)?;
     let store = Store::open(store_options(&config)).await?;
     let settings = Arc::new(Settings::new(config)?);
     let (settings_tx, settings_rx) = watch::channel(settings.clone());

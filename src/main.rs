@@ -216,6 +216,7 @@ async fn rekey_cmd(config: &Config, batch: usize) -> Result<u8> {
             "rekey seals tokens under store.encryption_key_file, which is not set (write a key with `refreshd keygen PATH`)"
         );
     };
+    refreshd::hardening::check_files(config)?;
     let store = open_existing(config).await?;
     let todo = store.count_to_rekey().await?;
     // indicatif draws nothing when stderr is not a terminal (logs, CI).

@@ -483,3 +483,62 @@ async fn debug_of_config_and_account_types_redacts() {
     }
     store.close().await;
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn files_readable_by_others_warn_or_refuse_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let k = key(&app, "k");
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let write_config = |policy: &str| {
+        let p = app.dir.path().join(format!("{policy}.toml"));
+        std::fs::write(
+            &p,
+            helpers::config_toml(&app.db, &app.sandbox.token_url(), "").replacen(
+                "[store]\n",
+                &format!(
+                    "[store]\nencryption_key_file = {:?}\npermissions = {policy:?}\n",
+                    k.display().to_string()
+                ),
+                1,
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let run = |cfg: &Path| {
+        std::process::Command::new(helpers::bin())
+            .args(["--config", cfg.to_str().unwrap(), "run", "--once"])
+            .env_remove("RUST_LOG")
+            .env("REFRESHD_LOG__FORMAT", "json")
+            .output()
+            .unwrap()
+    };
+    let out = run(&write_config("refuse"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&k.display().to_string()) && stderr.contains("644"),
+        "{stderr}"
+    );
+    assert!(!app.db.exists(), "nothing was created");
+
+    let out = run(&write_config("warn"));
+    let log =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("file_readable_by_others"), "{log}");
+    // Root is warned about (CI containers often run as root; elsewhere nothing to see).
+    assert_eq!(
+        log.contains("running_as_root"),
+        refreshd::hardening::running_as_root(),
+        "{log}"
+    );
+    // What refreshd created itself is private.
+    for path in [app.db.clone(), k.with_file_name("refreshd.db-wal")] {
+        if let Ok(m) = std::fs::metadata(&path) {
+            assert_eq!(m.permissions().mode() & 0o777, 0o600, "{}", path.display());
+        }
+    }
+}
