@@ -7,4 +7,5 @@ mod connect;
 mod engine;
 mod helpers;
 mod hostile;
+mod props;
 mod security;
