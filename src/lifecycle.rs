@@ -228,10 +228,23 @@ fn reload_settings(
             "store.path changed; it takes effect on restart only"
         );
         new.store.path = old.config.store.path.clone();
-        changed.retain(|c| {
-            c != "store" || format!("{:?}", new.store) != format!("{:?}", old.config.store)
-        });
     }
+    // The open store seals with the keys it was opened with.
+    if new.store.encryption_key_file != old.config.store.encryption_key_file
+        || new.store.decryption_key_files != old.config.store.decryption_key_files
+    {
+        tracing::warn!(
+            event = "reload_needs_restart",
+            key = "store.encryption_key_file",
+            "encryption keys changed; they take effect on restart only"
+        );
+        new.store.encryption_key_file = old.config.store.encryption_key_file.clone();
+        new.store.decryption_key_files = old.config.store.decryption_key_files.clone();
+        new.store.keyring = old.config.store.keyring.clone();
+    }
+    changed.retain(|c| {
+        c != "store" || format!("{:?}", new.store) != format!("{:?}", old.config.store)
+    });
     if changed.is_empty() {
         tracing::info!(
             event = "config_reloaded",
