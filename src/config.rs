@@ -966,6 +966,45 @@ token_url = "http://127.0.0.1:9/v2/oauth/token/"
     }
 
     #[test]
+    fn key_files_are_read_with_credentials_directory_and_bad_ones_named() {
+        Jail::expect_with(|jail| {
+            let dir = jail.directory().to_path_buf();
+            crate::crypto::generate_key_file(&dir.join("token-key")).unwrap();
+            crate::crypto::generate_key_file(&dir.join("old-key")).unwrap();
+            jail.set_env("CREDENTIALS_DIRECTORY", dir.display());
+            jail.create_file(
+                "r.toml",
+                "[store]\nencryption_key_file = \"$CREDENTIALS_DIRECTORY/token-key\"\ndecryption_key_files = [\"old-key\"]\n",
+            )?;
+            let c = Config::load(Some(Path::new("r.toml"))).map_err(|e| e.to_string())?;
+            assert!(c.store.keyring.seals());
+            assert_eq!(c.store.keyring.files().count(), 2);
+
+            jail.create_file("short", "c2hvcnQ=\n")?;
+            jail.create_file(
+                "bad.toml",
+                "[store]\nencryption_key_file = \"token-key\"\ndecryption_key_files = [\"short\"]\n",
+            )?;
+            let e = Config::load(Some(Path::new("bad.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("store.decryption_key_files") && e.contains("short"),
+                "{e}"
+            );
+            jail.create_file("missing.toml", "[store]\nencryption_key_file = \"nope\"\n")?;
+            let e = Config::load(Some(Path::new("missing.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("store.encryption_key_file") && e.contains("nope"),
+                "{e}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn example_config_file_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/refreshd.toml");
         Jail::expect_with(|jail| {

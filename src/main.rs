@@ -454,6 +454,24 @@ async fn check(cli: &Cli) -> Result<u8> {
             ok = false;
         }
     }
+    match config.store.keyring.primary_id() {
+        Some(id) => println!(
+            "encryption: on, key {id} ({})",
+            config.store.keyring.describe()
+        ),
+        None => {
+            println!("encryption: off (tokens stored in the clear; see store.encryption_key_file)")
+        }
+    }
+    for (file, mode) in refreshd::hardening::exposed(&refreshd::hardening::secret_files(&config)) {
+        println!(
+            "files: {} has mode {mode:03o}, readable by other users: chmod 600 it",
+            file.display()
+        );
+        if config.store.permissions == refreshd::config::FilePolicy::Refuse {
+            ok = false;
+        }
+    }
     let path = &config.store.path;
     if path.exists() {
         match Store::open_read_only(lifecycle::store_options(&config)).await {
@@ -466,6 +484,12 @@ async fn check(cli: &Cli) -> Result<u8> {
                     .filter(|p| !config.providers.contains_key(*p))
                     .collect();
                 println!("store: ok ({}, {total} accounts)", path.display());
+                let unsealed = store.count_to_rekey().await?;
+                if unsealed > 0 {
+                    println!(
+                        "store: {unsealed} account(s) not sealed under the primary key yet: run `refreshd rekey`"
+                    );
+                }
                 for p in unknown {
                     println!("store: accounts of provider {p:?} exist but it is not configured");
                     ok = false;
