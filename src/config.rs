@@ -444,6 +444,15 @@ impl Config {
         if self.store.path.as_os_str().is_empty() {
             bad("store.path", "must not be empty".into());
         }
+        // Older keys alone would open sealed tokens but write rotations in the clear: an
+        // encrypted store would quietly decay. Refuse instead of guessing that was meant.
+        if self.store.encryption_key_file.is_none() && !self.store.decryption_key_files.is_empty() {
+            bad(
+                "store.decryption_key_files",
+                "older keys need store.encryption_key_file too (the key new tokens are sealed with)"
+                    .into(),
+            );
+        }
         // Key files are read here, like secrets, so a bad one is named as a config error.
         let primary = self
             .store
@@ -992,6 +1001,14 @@ token_url = "http://127.0.0.1:9/v2/oauth/token/"
                 e.contains("store.decryption_key_files") && e.contains("short"),
                 "{e}"
             );
+            jail.create_file(
+                "older.toml",
+                "[store]\ndecryption_key_files = [\"old-key\"]\n",
+            )?;
+            let e = Config::load(Some(Path::new("older.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("need store.encryption_key_file"), "{e}");
             jail.create_file("missing.toml", "[store]\nencryption_key_file = \"nope\"\n")?;
             let e = Config::load(Some(Path::new("missing.toml")))
                 .unwrap_err()
