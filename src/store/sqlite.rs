@@ -336,6 +336,16 @@ pub fn upsert(
                         a.provider, a.subject
                     )));
                 }
+                // The id is part of a sealed value's associated data and is known only
+                // after the insert: with a key, the tokens are written by a second statement.
+                let (access, refresh) = if keys.seals() {
+                    (String::new(), String::new())
+                } else {
+                    (
+                        a.tokens.access_token.expose_secret().to_string(),
+                        refresh_clear.clone(),
+                    )
+                };
                 let id: i64 = tx
                     .prepare_cached(
                         "INSERT INTO accounts (provider, subject, label, access_token, refresh_token,
@@ -346,14 +356,12 @@ pub fn upsert(
                     )
                     .and_then(|mut s| {
                         s.query_row(
-                            // The id is part of the sealed values' associated data and
-                                // only known after the insert: tokens are written just below.
                             params![
                                 a.provider,
                                 a.subject,
                                 a.label,
-                                "",
-                                "",
+                                access,
+                                refresh,
                                 a.tokens.scope.clone().unwrap_or_default(),
                                 a.tokens.token_type,
                                 access_expires_at,
@@ -368,21 +376,23 @@ pub fn upsert(
                         )
                     })
                     .map_err(sql_err("insert imported account"))?;
-                tx.prepare_cached(
-                    "UPDATE accounts SET access_token = ?2, refresh_token = ?3 WHERE id = ?1",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![
-                        id,
-                        keys.seal(
+                if keys.seals() {
+                    tx.prepare_cached(
+                        "UPDATE accounts SET access_token = ?2, refresh_token = ?3 WHERE id = ?1",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
                             id,
-                            Column::AccessToken,
-                            a.tokens.access_token.expose_secret()
-                        ),
-                        seal_refresh(id)
-                    ])
-                })
-                .map_err(sql_err("store imported tokens"))?;
+                            keys.seal(
+                                id,
+                                Column::AccessToken,
+                                a.tokens.access_token.expose_secret()
+                            ),
+                            seal_refresh(id)
+                        ])
+                    })
+                    .map_err(sql_err("store imported tokens"))?;
+                }
                 out.push((id, true));
                 id
             }
