@@ -629,7 +629,7 @@ pub fn check_endpoint_url(u: &str) -> Result<url::Url, String> {
 }
 
 /// Expands `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) in a file path.
-fn expand_credentials_path(path: &Path) -> Result<PathBuf, String> {
+pub fn expand_credentials_path(path: &Path) -> Result<PathBuf, String> {
     let raw = path.to_string_lossy();
     if raw.contains("$CREDENTIALS_DIRECTORY") || raw.contains("${CREDENTIALS_DIRECTORY}") {
         let dir = std::env::var("CREDENTIALS_DIRECTORY").map_err(|_| {

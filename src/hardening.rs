@@ -18,7 +18,7 @@ pub struct ExposedFiles {
     pub files: Vec<(PathBuf, u32)>,
 }
 
-/// Every file refreshd keeps secrets in, whether or not it exists yet.
+/// Every file refreshd keeps secrets in (or reads them from), whether or not it exists yet.
 pub fn secret_files(config: &Config) -> Vec<PathBuf> {
     let db = &config.store.path;
     let with = |suffix: &str| {
@@ -28,6 +28,13 @@ pub fn secret_files(config: &Config) -> Vec<PathBuf> {
     };
     let mut files = vec![db.clone(), with("-wal"), with("-shm"), recovery_path(db)];
     files.extend(config.store.keyring.files().map(Path::to_path_buf));
+    files.extend(
+        config
+            .providers
+            .values()
+            .filter_map(|p| p.client_secret_file.as_deref())
+            .filter_map(|p| crate::config::expand_credentials_path(p).ok()),
+    );
     // A config file with a client_secret written inline holds a secret too.
     if config
         .providers
@@ -138,5 +145,17 @@ mod tests {
         assert!(e.contains(&key.display().to_string()), "{e}");
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
         assert!(check_files(&config).is_ok());
+        // A client secret read from a file counts too.
+        let secret = dir.path().join("client-secret");
+        std::fs::write(&secret, "s").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o604)).unwrap();
+        let toml = format!(
+            "[providers.tiktok]\nclient_key = \"ck\"\nclient_secret_file = {:?}\n",
+            secret.display().to_string()
+        );
+        let mut with_secret = Config::from_toml_str(&toml).unwrap();
+        with_secret.store = config.store.clone();
+        let e = check_files(&with_secret).unwrap_err().to_string();
+        assert!(e.contains("client-secret mode 604"), "{e}");
     }
 }
