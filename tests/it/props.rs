@@ -100,7 +100,48 @@ fn no_secret(s: &str) -> bool {
     !s.contains("PROPSECRET")
 }
 
+/// One key for the sealing properties (key generation writes a file: once per run).
+fn keyring() -> &'static refreshd::crypto::Keyring {
+    static RING: std::sync::OnceLock<(tempfile::TempDir, refreshd::crypto::Keyring)> =
+        std::sync::OnceLock::new();
+    &RING
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("k");
+            refreshd::crypto::generate_key_file(&p).unwrap();
+            let ring = refreshd::crypto::Keyring::load(Some(&p), &[]).unwrap();
+            (dir, ring)
+        })
+        .1
+}
+
 proptest! {
+    #[test]
+    fn sealed_values_open_only_where_they_were_sealed(clear in ".{0,200}", id in any::<i64>(), other in any::<i64>()) {
+        use refreshd::crypto::Column;
+        let k = keyring();
+        let sealed = k.seal(id, Column::RefreshToken, &clear);
+        prop_assert!(clear.len() < 8 || !sealed.contains(&clear));
+        let opened = k.open(id, Column::RefreshToken, &sealed).unwrap();
+        prop_assert_eq!(opened.expose_secret(), clear.as_str());
+        prop_assert!(k.open(id, Column::AccessToken, &sealed).is_err());
+        if other != id {
+            prop_assert!(k.open(other, Column::RefreshToken, &sealed).is_err());
+        }
+    }
+
+    #[test]
+    fn stored_values_never_panic_the_opener(tail in ".{0,120}", id in any::<i64>()) {
+        // Whatever an attacker writes into the column: a clear value, or an error.
+        let k = keyring();
+        let id_prefix = format!("enc:v1:{}:", k.primary_id().unwrap());
+        for stored in [tail.clone(), format!("enc:v1:{tail}"), format!("{id_prefix}{tail}")] {
+            if let Err(e) = k.open(id, refreshd::crypto::Column::AccessToken, &stored) {
+                prop_assert!(e.to_string().contains(&format!("account {id}")), "{e}");
+            }
+        }
+    }
+
     #[test]
     fn token_parser_never_panics_on_bytes(status in status(), body in prop::collection::vec(any::<u8>(), 0..512)) {
         let _ = parse_response(status, None, Some("application/json"), &body);
