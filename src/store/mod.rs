@@ -612,8 +612,8 @@ pub async fn rekey(
         }
     }
     // The WAL still holds page images with the values just replaced: fold it into the
-    // database (whose free space secure_delete zeroes) and truncate it. A reader may keep it
-    // from truncating; the next checkpoint overwrites it then.
+    // database (whose free space secure_delete zeroes) and truncate it. A running daemon's
+    // reads can keep it from truncating; SQLite deletes it when the last connection closes.
     store
         .call(|c| {
             c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
