@@ -763,13 +763,16 @@ pub fn remove(tx: &Transaction<'_>, id: i64) -> Result<(), StoreError> {
 }
 
 /// Distinct ids of the keys that sealed stored tokens: one scan of the table at start-up.
+/// Only well-formed values count (`enc:v1:` + 16 hex digits + `:`); a garbled one is a
+/// problem of its row alone, reported when that row is read.
 pub fn sealing_key_ids(conn: &Connection) -> Result<Vec<String>, StoreError> {
     let mut s = conn
         .prepare(
-            "SELECT DISTINCT substr(v, 8, instr(substr(v, 8), ':') - 1) FROM (
+            "SELECT DISTINCT substr(v, 8, 16) FROM (
                 SELECT access_token AS v FROM accounts
                 UNION ALL SELECT refresh_token FROM accounts)
-             WHERE v LIKE 'enc:v1:%'",
+             WHERE v LIKE 'enc:v1:%' AND substr(v, 24, 1) = ':'
+               AND substr(v, 8, 16) NOT GLOB '*[^0-9a-f]*'",
         )
         .map_err(sql_err("list encryption key ids"))?;
     s.query_map([], |r| r.get(0))

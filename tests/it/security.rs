@@ -300,6 +300,45 @@ async fn sealed_values_cannot_be_swapped_between_rows() {
 }
 
 #[tokio::test]
+async fn a_garbled_value_is_its_rows_problem_only() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let k = key(&app, "k");
+    let cfg = config(
+        &app,
+        &format!("encryption_key_file = {:?}", k.display().to_string()),
+    );
+    let store = open(&app, cfg.store.keyring.clone()).await.unwrap();
+    let ids = app.import(&store, &cfg, &["u1", "u2", "u3"], None).await;
+    store.close().await;
+    let c = rusqlite::Connection::open(&app.db).unwrap();
+    for (id, garbage) in [
+        (ids[0], "enc:v1:garbage"),
+        (ids[1], "enc:v1:0123456789abcdeX:AAAA"),
+    ] {
+        c.execute(
+            "UPDATE accounts SET access_token = ?2 WHERE id = ?1",
+            rusqlite::params![id, garbage],
+        )
+        .unwrap();
+    }
+    drop(c);
+    // The store still opens; the garbled rows say what is wrong; the third is served.
+    let store = open(&app, cfg.store.keyring.clone()).await.unwrap();
+    let e = store.get(ids[0]).await.unwrap_err().to_string();
+    assert!(e.contains("not a well-formed sealed value"), "{e}");
+    app.clock.advance(Duration::from_secs(3 * 3600));
+    let claimed = store
+        .claim_due("t", app.clock.now(), Duration::from_secs(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.iter().map(|a| a.id).collect::<Vec<_>>(),
+        vec![ids[2]]
+    );
+    store.close().await;
+}
+
+#[tokio::test]
 async fn rekey_encrypts_in_place_then_rotates_keys_resumably() {
     let app = TestApp::start(SandboxConfig::default()).await;
     let clear_cfg = config(&app, "");
