@@ -456,7 +456,7 @@ async fn check(cli: &Cli) -> Result<u8> {
     }
     match config.store.keyring.primary_id() {
         Some(id) => println!(
-            "encryption: on, key {id} ({})",
+            "encryption: on, sealing with key {id}; keys: {}",
             config.store.keyring.describe()
         ),
         None => {

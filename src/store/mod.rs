@@ -56,7 +56,7 @@ pub enum StoreError {
     #[error(transparent)]
     Crypto(#[from] crate::crypto::CryptoError),
     #[error(
-        "database {path} holds tokens sealed with key {key_id}, which is not configured (configured keys: {configured}); set store.encryption_key_file or add the key's file to store.decryption_key_files. refreshd does not start rather than send every account to re-authorization"
+        "database {path} holds tokens sealed with key {key_id}, which is not configured (configured keys: {configured}); set store.encryption_key_file or add the key's file to store.decryption_key_files. Not opened: every refresh of those accounts would fail"
     )]
     MissingKey {
         path: PathBuf,
