@@ -73,6 +73,24 @@ pub struct StoreConfig {
     pub log_retention: Duration,
     /// Cron expression (with seconds) for pruning refresh_log.
     pub prune_cron: String,
+    /// Key that seals tokens at rest (`refreshd keygen`); None stores them in the clear.
+    pub encryption_key_file: Option<PathBuf>,
+    /// Older keys: they only open values, for a key rotation (`refreshd rekey`).
+    pub decryption_key_files: Vec<PathBuf>,
+    /// What start-up does when a store or key file is readable by group or others.
+    pub permissions: FilePolicy,
+    /// The keys read from the files above (not a key).
+    #[serde(skip)]
+    pub keyring: crate::crypto::Keyring,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FilePolicy {
+    /// Log a warning and go on.
+    Warn,
+    /// Refuse to start.
+    Refuse,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -100,6 +118,9 @@ pub struct RefreshConfig {
     pub request_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Longest wait for the next bytes of an answer (a stalled server is dropped early).
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
     pub max_response_bytes: usize,
     /// Longest sleep between looks at the store (notices work added by other processes).
     #[serde(with = "humantime_serde")]
@@ -459,6 +480,10 @@ impl Default for StoreConfig {
             lease: Duration::from_secs(300),
             log_retention: Duration::from_secs(30 * DAY),
             prune_cron: "0 17 3 * * *".into(),
+            encryption_key_file: None,
+            decryption_key_files: Vec::new(),
+            permissions: FilePolicy::Warn,
+            keyring: crate::crypto::Keyring::default(),
         }
     }
 }
@@ -476,6 +501,7 @@ impl Default for RefreshConfig {
             backoff_max: Duration::from_secs(1800),
             config_error_retry: Duration::from_secs(3600),
             request_timeout: Duration::from_secs(15),
+            read_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             max_response_bytes: 64 * 1024,
             max_idle: Duration::from_secs(60),
@@ -660,6 +686,9 @@ impl Config {
         if r.connect_timeout.is_zero() {
             bad("refresh.connect_timeout", "must be more than 0s".into());
         }
+        if r.read_timeout.is_zero() {
+            bad("refresh.read_timeout", "must be more than 0s".into());
+        }
         if r.max_response_bytes < 1024 {
             bad(
                 "refresh.max_response_bytes",
@@ -753,6 +782,47 @@ impl Config {
         }
         if self.store.path.as_os_str().is_empty() {
             bad("store.path", "must not be empty".into());
+        }
+        // Older keys alone would open sealed tokens but write rotations in the clear: an
+        // encrypted store would quietly decay. Refuse instead of guessing that was meant.
+        if self.store.encryption_key_file.is_none() && !self.store.decryption_key_files.is_empty() {
+            bad(
+                "store.decryption_key_files",
+                "older keys need store.encryption_key_file too (the key new tokens are sealed with)"
+                    .into(),
+            );
+        }
+        // Key files are read here, like secrets, so a bad one is named as a config error.
+        let primary = self
+            .store
+            .encryption_key_file
+            .as_deref()
+            .map(expand_credentials_path);
+        let older: Result<Vec<PathBuf>, String> = self
+            .store
+            .decryption_key_files
+            .iter()
+            .map(|p| expand_credentials_path(p))
+            .collect();
+        match (primary.transpose(), older) {
+            (Err(m), _) => bad("store.encryption_key_file", m),
+            (_, Err(m)) => bad("store.decryption_key_files", m),
+            (Ok(primary), Ok(older)) => {
+                match crate::crypto::Keyring::load(primary.as_deref(), &older) {
+                    Ok(ring) => self.store.keyring = ring,
+                    Err(e) => {
+                        let key = match &e {
+                            crate::crypto::CryptoError::KeyFile { path, .. }
+                                if Some(path) != primary.as_ref() =>
+                            {
+                                "store.decryption_key_files"
+                            }
+                            _ => "store.encryption_key_file",
+                        };
+                        bad(key, e.to_string())
+                    }
+                }
+            }
         }
         for (key, expr) in [
             ("reauth.sweep_cron", &self.reauth.sweep_cron),
@@ -1000,22 +1070,25 @@ pub fn check_endpoint_url(u: &str) -> Result<url::Url, String> {
     }
 }
 
-/// Expands `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) and reads a secret file.
-fn read_secret_file(path: &Path) -> Result<SecretString, String> {
+/// Expands `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) in a file path.
+pub fn expand_credentials_path(path: &Path) -> Result<PathBuf, String> {
     let raw = path.to_string_lossy();
-    let expanded = if raw.contains("$CREDENTIALS_DIRECTORY")
-        || raw.contains("${CREDENTIALS_DIRECTORY}")
-    {
+    if raw.contains("$CREDENTIALS_DIRECTORY") || raw.contains("${CREDENTIALS_DIRECTORY}") {
         let dir = std::env::var("CREDENTIALS_DIRECTORY").map_err(|_| {
             format!("{raw} uses $CREDENTIALS_DIRECTORY, which is not set (only systemd sets it)")
         })?;
-        PathBuf::from(
+        Ok(PathBuf::from(
             raw.replace("${CREDENTIALS_DIRECTORY}", &dir)
                 .replace("$CREDENTIALS_DIRECTORY", &dir),
-        )
+        ))
     } else {
-        path.to_path_buf()
-    };
+        Ok(path.to_path_buf())
+    }
+}
+
+/// Expands `$CREDENTIALS_DIRECTORY` and reads a secret file.
+fn read_secret_file(path: &Path) -> Result<SecretString, String> {
+    let expanded = expand_credentials_path(path)?;
     let text = std::fs::read_to_string(&expanded)
         .map_err(|e| format!("cannot read secret file {}: {e}", expanded.display()))?;
     let secret = text.trim();
@@ -1397,6 +1470,53 @@ client_key = \"k\"\nzzz = 1\n",
     }
 
     #[test]
+    fn key_files_are_read_with_credentials_directory_and_bad_ones_named() {
+        Jail::expect_with(|jail| {
+            let dir = jail.directory().to_path_buf();
+            crate::crypto::generate_key_file(&dir.join("token-key")).unwrap();
+            crate::crypto::generate_key_file(&dir.join("old-key")).unwrap();
+            jail.set_env("CREDENTIALS_DIRECTORY", dir.display());
+            jail.create_file(
+                "r.toml",
+                "[store]\nencryption_key_file = \"$CREDENTIALS_DIRECTORY/token-key\"\ndecryption_key_files = [\"old-key\"]\n",
+            )?;
+            let c = Config::load(Some(Path::new("r.toml"))).map_err(|e| e.to_string())?;
+            assert!(c.store.keyring.seals());
+            assert_eq!(c.store.keyring.files().count(), 2);
+
+            jail.create_file("short", "c2hvcnQ=\n")?;
+            jail.create_file(
+                "bad.toml",
+                "[store]\nencryption_key_file = \"token-key\"\ndecryption_key_files = [\"short\"]\n",
+            )?;
+            let e = Config::load(Some(Path::new("bad.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("store.decryption_key_files") && e.contains("short"),
+                "{e}"
+            );
+            jail.create_file(
+                "older.toml",
+                "[store]\ndecryption_key_files = [\"old-key\"]\n",
+            )?;
+            let e = Config::load(Some(Path::new("older.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("need store.encryption_key_file"), "{e}");
+            jail.create_file("missing.toml", "[store]\nencryption_key_file = \"nope\"\n")?;
+            let e = Config::load(Some(Path::new("missing.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("store.encryption_key_file") && e.contains("nope"),
+                "{e}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn example_config_file_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/refreshd.toml");
         Jail::expect_with(|jail| {
@@ -1408,6 +1528,12 @@ client_key = \"k\"\nzzz = 1\n",
             assert_eq!(c.refresh.batch, d.refresh.batch);
             assert_eq!(c.reauth.window, d.reauth.window);
             assert_eq!(c.store.lease, d.store.lease);
+            assert_eq!(c.store.encryption_key_file, d.store.encryption_key_file);
+            assert_eq!(c.store.decryption_key_files, d.store.decryption_key_files);
+            assert_eq!(c.store.permissions, d.store.permissions);
+            assert_eq!(c.refresh.read_timeout, d.refresh.read_timeout);
+            assert_eq!(c.refresh.request_timeout, d.refresh.request_timeout);
+            assert_eq!(c.refresh.connect_timeout, d.refresh.connect_timeout);
             Ok(())
         });
     }

@@ -276,17 +276,18 @@ pub async fn store_account(
 ) -> Result<Connected, ConnectError> {
     // The check and the write share one transaction: nothing can slip in between.
     let row = account.clone();
+    let keys = store.keyring().clone();
     let (ids, previous_status) = store
         .in_tx("store a connected account", move |tx| {
             if let Some(id) = expect_id {
-                let existing = sqlite::get(tx, id)?.ok_or(StoreError::NotFound(id))?;
+                let existing = sqlite::get(tx, &keys, id)?.ok_or(StoreError::NotFound(id))?;
                 if existing.provider != row.provider || existing.subject != row.subject {
                     return Ok(Err((id, existing.provider, existing.subject)));
                 }
             }
-            let previous = sqlite::find(tx, &row.provider, &row.subject)?.map(|a| a.status);
+            let previous = sqlite::find(tx, &keys, &row.provider, &row.subject)?.map(|a| a.status);
             Ok(Ok((
-                sqlite::upsert(tx, std::slice::from_ref(&row), now)?,
+                sqlite::upsert(tx, &keys, std::slice::from_ref(&row), now)?,
                 previous,
             )))
         })

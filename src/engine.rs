@@ -488,7 +488,9 @@ impl Engine {
                         reason: ReauthReason::SubjectMismatch,
                         at: now,
                         error: format!(
-                            "the provider returned tokens for user {s:?}, not this account's {:?}; nothing stored",
+                            "the provider returned tokens for user {:?}, not this account's {:?}; nothing stored",
+                            // Provider-chosen: bounded before it reaches the log and the store.
+                            s.chars().take(64).collect::<String>(),
                             account.subject
                         ),
                         http_status: Some(status),

@@ -18,7 +18,9 @@
 //! - [`jobs`]: cron jobs: reauth sweep, digest, log pruning.
 //! - [`metrics`]: Prometheus metrics (engine counters, store gauges).
 //! - [`lifecycle`]: running the daemon: signals, reload, systemd notifications.
+//! - [`crypto`]: token encryption at rest (XChaCha20-Poly1305), key files, key ids.
 //! - [`connect`]: connecting accounts: authorization URL, loopback callback, code exchange.
+//! - [`hardening`]: start-up checks: token and key files private, not running as root.
 //! - [`import`]: the JSON-lines import format.
 //! - [`server`]: the ops HTTP server: health, metrics, token API, web connect.
 //! - [`sandbox`]: a TikTok-compatible fake provider for the demo, tests and benchmarks.
@@ -38,9 +40,11 @@
 pub mod clock;
 pub mod config;
 pub mod connect;
+pub mod crypto;
 pub mod demo;
 pub mod engine;
 pub mod events;
+pub mod hardening;
 pub mod import;
 pub mod jobs;
 pub mod lifecycle;

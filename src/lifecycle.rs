@@ -34,6 +34,8 @@ pub enum DaemonError {
     Signals(std::io::Error),
     #[error(transparent)]
     Server(#[from] crate::server::ServerError),
+    #[error(transparent)]
+    ExposedFiles(#[from] crate::hardening::ExposedFiles),
 }
 
 /// What a run did, for `--once`'s exit code and the demo's summary.
@@ -86,6 +88,7 @@ pub fn store_options(config: &Config) -> StoreOptions {
     StoreOptions {
         path: config.store.path.clone(),
         busy_timeout: config.store.busy_timeout,
+        keyring: config.store.keyring.clone(),
     }
 }
 
@@ -95,6 +98,8 @@ pub async fn run(
     mut opts: RunOptions,
     shutdown: CancellationToken,
 ) -> Result<RunReport, DaemonError> {
+    crate::hardening::warn_if_root();
+    crate::hardening::check_files(&config)?;
     let store = Store::open(store_options(&config)).await?;
     let settings = Arc::new(Settings::new(config)?);
     let (settings_tx, settings_rx) = watch::channel(settings.clone());
@@ -288,10 +293,23 @@ fn reload_settings(
             "store.path changed; it takes effect on restart only"
         );
         new.store.path = old.config.store.path.clone();
-        changed.retain(|c| {
-            c != "store" || format!("{:?}", new.store) != format!("{:?}", old.config.store)
-        });
     }
+    // The open store seals with the keys it was opened with.
+    if new.store.encryption_key_file != old.config.store.encryption_key_file
+        || new.store.decryption_key_files != old.config.store.decryption_key_files
+    {
+        tracing::warn!(
+            event = "reload_needs_restart",
+            key = "store.encryption_key_file",
+            "encryption keys changed; they take effect on restart only"
+        );
+        new.store.encryption_key_file = old.config.store.encryption_key_file.clone();
+        new.store.decryption_key_files = old.config.store.decryption_key_files.clone();
+        new.store.keyring = old.config.store.keyring.clone();
+    }
+    changed.retain(|c| {
+        c != "store" || format!("{:?}", new.store) != format!("{:?}", old.config.store)
+    });
     // Listeners, routes, sinks and webhooks are set up once; values read per request
     // (stall_after, the API secret, connect URLs) take effect now.
     let (o, n) = (&old.config, &new);

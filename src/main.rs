@@ -101,6 +101,17 @@ enum Command {
         #[arg(long, value_name = "ID")]
         account: Option<i64>,
     },
+    /// Write a new random encryption key to PATH (mode 0600; never overwrites) and print its
+    /// id. Use it as store.encryption_key_file.
+    Keygen { path: PathBuf },
+    /// Re-seal every stored token under store.encryption_key_file (older keys from
+    /// store.decryption_key_files open them). Encrypts a clear store in place. Resumable,
+    /// and safe while the daemon runs.
+    Rekey {
+        /// Accounts per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+    },
     /// Serve the TikTok-compatible sandbox token endpoint on its own (manual tests, benchmarks).
     Sandbox {
         /// Address to listen on (loopback).
@@ -199,6 +210,44 @@ fn load_config(cli: &Cli) -> Result<Config> {
     Ok(Config::load(cli.config.as_deref())?)
 }
 
+async fn rekey_cmd(config: &Config, batch: usize) -> Result<u8> {
+    let Some(primary) = config.store.keyring.primary_id().map(str::to_string) else {
+        bail!(
+            "rekey seals tokens under store.encryption_key_file, which is not set (write a key with `refreshd keygen PATH`)"
+        );
+    };
+    refreshd::hardening::check_files(config)?;
+    let store = open_existing(config).await?;
+    let todo = store.count_to_rekey().await?;
+    // indicatif draws nothing when stderr is not a terminal (logs, CI).
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(todo),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} accounts re-sealed, {eta} left",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let report = refreshd::store::rekey(&store, batch, |n| bar.inc(n)).await;
+    bar.finish_and_clear();
+    store.close().await;
+    let report = report?;
+    println!(
+        "re-sealed {} account(s) under key {primary}; {} left",
+        report.resealed, report.remaining
+    );
+    if report.remaining > 0 {
+        eprintln!(
+            "{} account(s) were rewritten under another key while rekey ran: restart every daemon with the new store.encryption_key_file, then run `refreshd rekey` again",
+            report.remaining
+        );
+        return Ok(exit::ERROR);
+    }
+    Ok(exit::OK)
+}
+
 /// For commands that only read: no migration, no recovery replay (the daemon's job).
 async fn open_read_only(config: &Config) -> Result<Store> {
     ensure_exists(config)?;
@@ -246,6 +295,20 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             Ok(exit::OK)
         }
         Command::Check => check(&cli).await,
+        Command::Keygen { path } => {
+            let id = refreshd::crypto::generate_key_file(path)?;
+            println!("{id}");
+            eprintln!(
+                "wrote key {id} to {} (mode 0600): set store.encryption_key_file to it, keep a backup where the database's backups are not",
+                path.display()
+            );
+            Ok(exit::OK)
+        }
+        Command::Rekey { batch } => {
+            let config = load_config(&cli)?;
+            quiet_logs(&config);
+            rekey_cmd(&config, *batch).await
+        }
         Command::Accounts(cmd) => {
             let config = load_config(&cli)?;
             quiet_logs(&config);
@@ -403,6 +466,24 @@ async fn check(cli: &Cli) -> Result<u8> {
             w.queue
         );
     }
+    match config.store.keyring.primary_id() {
+        Some(id) => println!(
+            "encryption: on, sealing with key {id}; keys: {}",
+            config.store.keyring.describe()
+        ),
+        None => {
+            println!("encryption: off (tokens stored in the clear; see store.encryption_key_file)")
+        }
+    }
+    for (file, mode) in refreshd::hardening::exposed(&refreshd::hardening::secret_files(&config)) {
+        println!(
+            "files: {} has mode {mode:03o}, readable by other users: chmod 600 it",
+            file.display()
+        );
+        if config.store.permissions == refreshd::config::FilePolicy::Refuse {
+            ok = false;
+        }
+    }
     let path = &config.store.path;
     if path.exists() {
         match Store::open_read_only(lifecycle::store_options(&config)).await {
@@ -415,6 +496,12 @@ async fn check(cli: &Cli) -> Result<u8> {
                     .filter(|p| !config.providers.contains_key(*p))
                     .collect();
                 println!("store: ok ({}, {total} accounts)", path.display());
+                let unsealed = store.count_to_rekey().await?;
+                if unsealed > 0 {
+                    println!(
+                        "store: {unsealed} account(s) not sealed under the primary key yet: run `refreshd rekey`"
+                    );
+                }
                 for p in unknown {
                     println!("store: accounts of provider {p:?} exist but it is not configured");
                     ok = false;

@@ -96,6 +96,13 @@ pub fn http_client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
         .redirect(reqwest::redirect::Policy::none())
         .timeout(config.refresh.request_timeout)
         .connect_timeout(config.refresh.connect_timeout)
+        // A read timeout above the total one would never fire.
+        .read_timeout(
+            config
+                .refresh
+                .read_timeout
+                .min(config.refresh.request_timeout),
+        )
         .pool_max_idle_per_host(config.refresh.concurrency)
         .build()
 }

@@ -8,6 +8,7 @@ mod recovery;
 mod schema;
 pub mod sqlite;
 
+use crate::crypto::Keyring;
 use crate::model::{Account, ReauthReason, Status, TokenSet};
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use std::path::{Path, PathBuf};
@@ -52,6 +53,16 @@ pub enum StoreError {
     Invalid(String),
     #[error("the store's worker thread has stopped")]
     Closed,
+    #[error(transparent)]
+    Crypto(#[from] crate::crypto::CryptoError),
+    #[error(
+        "database {path} holds tokens sealed with key {key_id}, which is not configured (configured keys: {configured}); set store.encryption_key_file or add the key's file to store.decryption_key_files. Not opened: every refresh of those accounts would fail"
+    )]
+    MissingKey {
+        path: PathBuf,
+        key_id: String,
+        configured: String,
+    },
 }
 
 impl StoreError {
@@ -225,6 +236,8 @@ enum Job {
 pub struct StoreOptions {
     pub path: PathBuf,
     pub busy_timeout: Duration,
+    /// Seals tokens on write, opens them on read. The default keyring stores them clear.
+    pub keyring: Keyring,
 }
 
 /// Async handle to the store. Cheap to clone; all clones talk to one worker thread.
@@ -232,6 +245,7 @@ pub struct StoreOptions {
 pub struct Store {
     tx: std_mpsc::Sender<Job>,
     path: PathBuf,
+    keys: Keyring,
 }
 
 impl std::fmt::Debug for Store {
@@ -258,6 +272,21 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
             source,
         }),
     }
+}
+
+/// Refuses to start when a stored token is sealed with a key that is not configured: every
+/// refresh would fail to read its token, and the accounts would look broken for no reason.
+fn check_keys(conn: &Connection, path: &Path, keys: &Keyring) -> Result<(), StoreError> {
+    for key_id in sqlite::sealing_key_ids(conn)? {
+        if !keys.knows(&key_id) {
+            return Err(StoreError::MissingKey {
+                path: path.to_path_buf(),
+                key_id,
+                configured: keys.describe(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Opens a connection with the durability settings every process sharing the file uses.
@@ -300,6 +329,10 @@ pub(crate) fn connect(opts: &StoreOptions) -> Result<Connection, StoreError> {
     }
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(open_err)?;
+    // Overwrites deleted and moved content with zeros, so a token replaced by a rotation
+    // (or by its sealed form, during rekey) does not linger in free space of the file.
+    conn.pragma_update(None, "secure_delete", "ON")
+        .map_err(open_err)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
@@ -321,6 +354,7 @@ impl Store {
         let (tx, rx) = std_mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = oneshot::channel();
         let path = opts.path.clone();
+        let keys = opts.keyring.clone();
         std::thread::Builder::new()
             .name("refreshd-store".into())
             .spawn(move || {
@@ -346,7 +380,7 @@ impl Store {
                 source: e,
             })?;
         ready_rx.await.map_err(|_| StoreError::Closed)??;
-        Ok(Store { tx, path })
+        Ok(Store { tx, path, keys })
     }
 
     fn prepare(opts: &StoreOptions) -> Result<Connection, StoreError> {
@@ -356,7 +390,8 @@ impl Store {
             version,
             source,
         })?;
-        recovery::replay(&mut conn, &recovery_path(&opts.path))?;
+        check_keys(&conn, &opts.path, &opts.keyring)?;
+        recovery::replay(&mut conn, &opts.keyring, &recovery_path(&opts.path))?;
         Ok(conn)
     }
 
@@ -381,11 +416,17 @@ impl Store {
                 schema::MIGRATIONS.len()
             )));
         }
+        check_keys(&conn, &opts.path, &opts.keyring)?;
         Ok(conn)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The keys this store seals and opens tokens with (for queries run through `in_tx`).
+    pub fn keyring(&self) -> &Keyring {
+        &self.keys
     }
 
     /// Runs `f` on the worker thread with the connection.
@@ -429,7 +470,8 @@ impl Store {
     ) -> Result<Vec<Account>, StoreError> {
         let owner = owner.to_string();
         let until = now + lease.as_secs() as i64;
-        self.call(move |c| sqlite::claim_due(c, &owner, now, until, limit))
+        let keys = self.keys.clone();
+        self.call(move |c| sqlite::claim_due(c, &keys, &owner, now, until, limit))
             .await
     }
 
@@ -448,7 +490,8 @@ impl Store {
     ) -> Result<Vec<Account>, StoreError> {
         let owner = owner.to_string();
         let until = now + lease.as_secs() as i64;
-        self.call(move |c| sqlite::claim_due_except(c, &owner, now, until, limit, &skip))
+        let keys = self.keys.clone();
+        self.call(move |c| sqlite::claim_due_except(c, &keys, &owner, now, until, limit, &skip))
             .await
     }
 
@@ -463,12 +506,14 @@ impl Store {
     }
 
     pub async fn get(&self, id: i64) -> Result<Option<Account>, StoreError> {
-        self.call(move |c| sqlite::get(c, id)).await
+        let keys = self.keys.clone();
+        self.call(move |c| sqlite::get(c, &keys, id)).await
     }
 
     pub async fn find(&self, provider: &str, subject: &str) -> Result<Option<Account>, StoreError> {
         let (p, s) = (provider.to_string(), subject.to_string());
-        self.call(move |c| sqlite::find(c, &p, &s)).await
+        let keys = self.keys.clone();
+        self.call(move |c| sqlite::find(c, &keys, &p, &s)).await
     }
 
     pub async fn list(
@@ -514,8 +559,9 @@ impl Store {
         accounts: Vec<NewAccount>,
         now: i64,
     ) -> Result<Vec<(i64, bool)>, StoreError> {
+        let keys = self.keys.clone();
         self.in_tx("import accounts", move |tx| {
-            sqlite::upsert(tx, &accounts, now)
+            sqlite::upsert(tx, &keys, &accounts, now)
         })
         .await
     }
@@ -546,6 +592,27 @@ impl Store {
             .await
     }
 
+    /// Accounts whose tokens are not sealed under the primary key yet (0 without one).
+    pub async fn count_to_rekey(&self) -> Result<u64, StoreError> {
+        let Some(id) = self.keys.primary_id().map(str::to_string) else {
+            return Ok(0);
+        };
+        self.call(move |c| sqlite::count_to_rekey(c, &id)).await
+    }
+
+    /// Re-seals one batch under the primary key; see `sqlite::rekey_batch`.
+    pub async fn rekey_batch(
+        &self,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<sqlite::RekeyBatch, StoreError> {
+        let keys = self.keys.clone();
+        self.in_tx("re-seal tokens", move |tx| {
+            sqlite::rekey_batch(tx, &keys, after_id, limit)
+        })
+        .await
+    }
+
     /// Runs `f` in one IMMEDIATE transaction on the worker thread; commits when it returns Ok.
     pub async fn in_tx<R, F>(&self, context: &'static str, f: F) -> Result<R, StoreError>
     where
@@ -565,6 +632,57 @@ impl Store {
     }
 }
 
+/// What `rekey` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RekeyReport {
+    pub resealed: u64,
+    /// Accounts still not under the primary key at the end: written meanwhile by a process
+    /// that seals with another key (a daemon not restarted with the new config).
+    pub remaining: u64,
+}
+
+/// Re-seals every account's tokens under the primary key, `batch` accounts per transaction
+/// (the write lock is never held for long, so a running daemon keeps working). Resumable:
+/// rows already under the primary key are skipped by the query, so an interrupted run just
+/// starts again. `progress` gets the number of accounts re-sealed by each batch.
+pub async fn rekey(
+    store: &Store,
+    batch: usize,
+    mut progress: impl FnMut(u64),
+) -> Result<RekeyReport, StoreError> {
+    let mut report = RekeyReport::default();
+    // Rows rewritten under an older key by a concurrent writer fall behind the cursor: a
+    // few more passes catch them; what remains after that is reported, never looped on.
+    for _pass in 0..3 {
+        let mut after = 0;
+        while let Some(last) = {
+            let b = store.rekey_batch(after, batch.max(1)).await?;
+            report.resealed += b.resealed as u64;
+            progress(b.resealed as u64);
+            b.last_id
+        } {
+            after = last;
+        }
+        report.remaining = store.count_to_rekey().await?;
+        if report.remaining == 0 {
+            break;
+        }
+    }
+    // The WAL still holds page images with the values just replaced: fold it into the
+    // database (whose free space secure_delete zeroes) and truncate it. A running daemon's
+    // reads can keep it from truncating; SQLite deletes it when the last connection closes.
+    store
+        .call(|c| {
+            c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .map_err(|source| StoreError::Sqlite {
+                    context: "checkpoint the WAL after rekey",
+                    source,
+                })
+        })
+        .await?;
+    Ok(report)
+}
+
 /// Most outcomes written by one commit.
 const MAX_GROUP: usize = 1024;
 /// How often deferred (recovery-file) commits are retried when the worker is idle.
@@ -575,6 +693,7 @@ const RETRY_BEFORE_JOB: Duration = Duration::from_millis(250);
 
 struct Worker {
     recovery: PathBuf,
+    keys: Keyring,
     /// Rotations that could not be committed: in the recovery file and here, until committed.
     deferred: Vec<Outcome>,
     last_retry: std::time::Instant,
@@ -584,6 +703,7 @@ impl Worker {
     fn new(opts: &StoreOptions) -> Self {
         Worker {
             recovery: recovery_path(&opts.path),
+            keys: opts.keyring.clone(),
             deferred: Vec::new(),
             last_retry: std::time::Instant::now(),
         }
@@ -650,7 +770,7 @@ impl Worker {
         batch: Vec<(Outcome, oneshot::Sender<Result<Recorded, StoreError>>)>,
     ) {
         let outcomes: Vec<&Outcome> = batch.iter().map(|(o, _)| o).collect();
-        let result = Self::commit(conn, &outcomes);
+        let result = Self::commit(conn, &self.keys, &outcomes);
         // A locked or full database fails every outcome alike; anything else may be one bad
         // outcome, which must not hold the others hostage: then commit each alone.
         if let Err(e) = &result
@@ -675,7 +795,7 @@ impl Worker {
                     .partition(|(o, _)| matches!(o, Outcome::Rotated { .. }));
                 if !rotated.is_empty() {
                     let outcomes: Vec<Outcome> = rotated.iter().map(|(o, _)| o.clone()).collect();
-                    let saved = recovery::append(&self.recovery, &outcomes);
+                    let saved = recovery::append(&self.recovery, &self.keys, &outcomes);
                     self.deferred.extend(outcomes);
                     for (_, reply) in rotated {
                         let _ = reply.send(match &saved {
@@ -697,7 +817,11 @@ impl Worker {
         }
     }
 
-    fn commit(conn: &mut Connection, outcomes: &[&Outcome]) -> Result<Vec<Recorded>, StoreError> {
+    fn commit(
+        conn: &mut Connection,
+        keys: &Keyring,
+        outcomes: &[&Outcome],
+    ) -> Result<Vec<Recorded>, StoreError> {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|source| StoreError::Sqlite {
@@ -706,7 +830,7 @@ impl Worker {
             })?;
         let mut results = Vec::with_capacity(outcomes.len());
         for o in outcomes {
-            results.push(sqlite::record(&tx, o)?);
+            results.push(sqlite::record(&tx, keys, o)?);
         }
         tx.commit().map_err(|source| StoreError::Sqlite {
             context: "commit refresh outcomes",
@@ -720,7 +844,7 @@ impl Worker {
             return;
         }
         self.last_retry = std::time::Instant::now();
-        match recovery::apply(conn, &self.deferred) {
+        match recovery::apply(conn, &self.keys, &self.deferred) {
             Ok(_) => {
                 self.deferred.clear();
                 if let Err(e) = recovery::remove(&self.recovery) {

@@ -4,9 +4,10 @@
 //! provider has already invalidated the old refresh token: losing these would lose accounts.
 
 use super::{Outcome, StoreError, sqlite};
+use crate::crypto::{Column, Keyring};
 use crate::model::{ReauthReason, Status, TokenSet};
 use rusqlite::{Connection, TransactionBehavior};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -17,8 +18,9 @@ pub fn recovery_path(db: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// One line of the file. Tokens are in the clear here, as they are in an unencrypted
-/// database: the file has the database's protection (mode 0600, same directory).
+/// One line of the file. Tokens are sealed exactly as in the database (clear without a key,
+/// else under the primary key, bound to the account id and column): the file never holds
+/// less protection than the database (mode 0600, same directory).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Entry {
     account_id: i64,
@@ -36,7 +38,7 @@ struct Entry {
     duration_ms: i64,
 }
 
-fn to_entry(o: &Outcome) -> Option<Entry> {
+fn to_entry(keys: &Keyring, o: &Outcome) -> Option<Entry> {
     match o {
         Outcome::Rotated {
             account_id,
@@ -51,11 +53,15 @@ fn to_entry(o: &Outcome) -> Option<Entry> {
         } => Some(Entry {
             account_id: *account_id,
             generation: *generation,
-            access_token: tokens.access_token.expose_secret().to_string(),
+            access_token: keys.seal(
+                *account_id,
+                Column::AccessToken,
+                tokens.access_token.expose_secret(),
+            ),
             refresh_token: tokens
                 .refresh_token
                 .as_ref()
-                .map(|t| t.expose_secret().to_string()),
+                .map(|t| keys.seal(*account_id, Column::RefreshToken, t.expose_secret())),
             expires_in: tokens.expires_in,
             refresh_expires_in: tokens.refresh_expires_in,
             scope: tokens.scope.clone(),
@@ -70,13 +76,17 @@ fn to_entry(o: &Outcome) -> Option<Entry> {
     }
 }
 
-fn from_entry(e: Entry) -> Outcome {
-    Outcome::Rotated {
+fn from_entry(keys: &Keyring, e: Entry) -> Result<Outcome, crate::crypto::CryptoError> {
+    let id = e.account_id;
+    Ok(Outcome::Rotated {
         account_id: e.account_id,
         generation: e.generation,
         tokens: TokenSet {
-            access_token: SecretString::from(e.access_token),
-            refresh_token: e.refresh_token.map(SecretString::from),
+            access_token: keys.open(id, Column::AccessToken, &e.access_token)?,
+            refresh_token: e
+                .refresh_token
+                .map(|t| keys.open(id, Column::RefreshToken, &t))
+                .transpose()?,
             expires_in: e.expires_in,
             refresh_expires_in: e.refresh_expires_in,
             subject: None,
@@ -89,11 +99,11 @@ fn from_entry(e: Entry) -> Outcome {
         reauth_reason: e.reauth_reason,
         http_status: None,
         duration_ms: e.duration_ms,
-    }
+    })
 }
 
 /// Appends rotations and fsyncs the file (and, when it was created, its directory).
-pub fn append(path: &Path, outcomes: &[Outcome]) -> std::io::Result<()> {
+pub fn append(path: &Path, keys: &Keyring, outcomes: &[Outcome]) -> std::io::Result<()> {
     let created = !path.exists();
     let mut opts = std::fs::OpenOptions::new();
     opts.append(true).create(true);
@@ -105,7 +115,7 @@ pub fn append(path: &Path, outcomes: &[Outcome]) -> std::io::Result<()> {
     let mut f = opts.open(path)?;
     let before = f.metadata()?.len();
     let mut buf = Vec::new();
-    for e in outcomes.iter().filter_map(to_entry) {
+    for e in outcomes.iter().filter_map(|o| to_entry(keys, o)) {
         serde_json::to_writer(&mut buf, &e).map_err(std::io::Error::other)?;
         buf.push(b'\n');
     }
@@ -128,7 +138,11 @@ pub fn append(path: &Path, outcomes: &[Outcome]) -> std::io::Result<()> {
 
 /// Commits deferred rotations in one transaction. A rotation already in the database (the
 /// process died after committing but before removing the file) is skipped.
-pub fn apply(conn: &mut Connection, outcomes: &[Outcome]) -> Result<usize, StoreError> {
+pub fn apply(
+    conn: &mut Connection,
+    keys: &Keyring,
+    outcomes: &[Outcome],
+) -> Result<usize, StoreError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(|source| StoreError::Sqlite {
@@ -143,13 +157,13 @@ pub fn apply(conn: &mut Connection, outcomes: &[Outcome]) -> Result<usize, Store
             tokens,
             ..
         } = o
-            && let Some(current) = sqlite::get(&tx, *account_id)?
+            && let Some(current) = sqlite::get(&tx, keys, *account_id)?
             && current.generation == generation + 1
             && current.access_token.expose_secret() == tokens.access_token.expose_secret()
         {
             continue;
         }
-        if sqlite::record(&tx, o)? == super::Recorded::Applied {
+        if sqlite::record(&tx, keys, o)? == super::Recorded::Applied {
             applied += 1;
         }
     }
@@ -169,7 +183,7 @@ pub fn remove(path: &Path) -> std::io::Result<()> {
 }
 
 /// Start-up: commit whatever a previous run could not, then remove the file.
-pub fn replay(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+pub fn replay(conn: &mut Connection, keys: &Keyring, path: &Path) -> Result<(), StoreError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -186,7 +200,10 @@ pub fn replay(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             continue;
         }
         match serde_json::from_str::<Entry>(line) {
-            Ok(e) => outcomes.push(from_entry(e)),
+            Ok(e) => outcomes.push(from_entry(keys, e).map_err(|e| StoreError::Recovery {
+                path: path.to_path_buf(),
+                message: format!("line {}: {e}", i + 1),
+            })?),
             // A torn last line is a write the crash interrupted before its fsync returned:
             // that refresh was never reported done, so skipping it loses nothing committed.
             Err(_) if i + 1 == text.lines().count() && !text.ends_with('\n') => {
@@ -203,7 +220,7 @@ pub fn replay(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             }
         }
     }
-    let applied = apply(conn, &outcomes)?;
+    let applied = apply(conn, keys, &outcomes)?;
     remove(path).map_err(|e| StoreError::Recovery {
         path: path.to_path_buf(),
         message: format!("replayed but cannot remove: {e}"),

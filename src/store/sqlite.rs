@@ -4,6 +4,7 @@
 use super::{
     AccountSummary, ListFilter, LogEntry, NewAccount, Outcome, Recorded, StoreError, SweepReport,
 };
+use crate::crypto::{Column, Keyring};
 use crate::model::{Account, ReauthReason, Status};
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use secrecy::{ExposeSecret, SecretString};
@@ -53,6 +54,13 @@ fn row_to_account(r: &Row<'_>) -> rusqlite::Result<Account> {
     })
 }
 
+/// Opens the sealed tokens of a row read by `row_to_account` (clear values pass through).
+fn open_tokens(keys: &Keyring, mut a: Account) -> Result<Account, StoreError> {
+    a.access_token = keys.open(a.id, Column::AccessToken, a.access_token.expose_secret())?;
+    a.refresh_token = keys.open(a.id, Column::RefreshToken, a.refresh_token.expose_secret())?;
+    Ok(a)
+}
+
 fn row_to_summary(r: &Row<'_>) -> rusqlite::Result<AccountSummary> {
     Ok(AccountSummary {
         id: r.get(0)?,
@@ -77,12 +85,13 @@ fn row_to_summary(r: &Row<'_>) -> rusqlite::Result<AccountSummary> {
 /// Leases up to `limit` due, refreshable, unleased accounts in one statement.
 pub fn claim_due(
     conn: &Connection,
+    keys: &Keyring,
     owner: &str,
     now: i64,
     lease_until: i64,
     limit: usize,
 ) -> Result<Vec<Account>, StoreError> {
-    claim_due_except(conn, owner, now, lease_until, limit, &[])
+    claim_due_except(conn, keys, owner, now, lease_until, limit, &[])
 }
 
 /// `NOT IN (...)` over `skip` with numbered parameters from `first`, or nothing.
@@ -97,6 +106,7 @@ fn skip_clause(skip: &[String], first: usize) -> String {
 /// Like `claim_due`, leaving out accounts of the `skip` providers (saturated ones).
 pub fn claim_due_except(
     conn: &Connection,
+    keys: &Keyring,
     owner: &str,
     now: i64,
     lease_until: i64,
@@ -128,9 +138,22 @@ pub fn claim_due_except(
     let rows = stmt
         .query_map(rusqlite::params_from_iter(values), row_to_account)
         .map_err(sql_err("claim due accounts"))?;
-    let mut out: Vec<Account> = rows
+    let sealed: Vec<Account> = rows
         .collect::<Result<_, _>>()
         .map_err(sql_err("claim due accounts"))?;
+    // A row that does not open (altered, or its key is missing) must not stop the others:
+    // it is logged and left leased, so it comes back only after the lease ends.
+    let mut out = Vec::with_capacity(sealed.len());
+    for a in sealed {
+        let id = a.id;
+        match open_tokens(keys, a) {
+            Ok(a) => out.push(a),
+            Err(e) => {
+                tracing::error!(event = "token_unreadable", account = id, error = %e,
+                    "cannot open this account's stored tokens; it is skipped until its lease ends")
+            }
+        }
+    }
     out.sort_by_key(|a| a.next_refresh_at);
     Ok(out)
 }
@@ -168,16 +191,19 @@ pub fn next_due_except(
     Ok(due)
 }
 
-pub fn get(conn: &Connection, id: i64) -> Result<Option<Account>, StoreError> {
+pub fn get(conn: &Connection, keys: &Keyring, id: i64) -> Result<Option<Account>, StoreError> {
     conn.prepare_cached(&format!(
         "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1"
     ))
     .and_then(|mut s| s.query_row([id], row_to_account).optional())
-    .map_err(sql_err("read account"))
+    .map_err(sql_err("read account"))?
+    .map(|a| open_tokens(keys, a))
+    .transpose()
 }
 
 pub fn find(
     conn: &Connection,
+    keys: &Keyring,
     provider: &str,
     subject: &str,
 ) -> Result<Option<Account>, StoreError> {
@@ -185,7 +211,9 @@ pub fn find(
         "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE provider = ?1 AND subject = ?2"
     ))
     .and_then(|mut s| s.query_row([provider, subject], row_to_account).optional())
-    .map_err(sql_err("find account"))
+    .map_err(sql_err("find account"))?
+    .map(|a| open_tokens(keys, a))
+    .transpose()
 }
 
 /// One page of accounts (ids after `after_id`), filtered; never the whole table at once.
@@ -298,6 +326,7 @@ pub fn gauges(conn: &Connection, now: i64) -> Result<super::Gauges, StoreError> 
 /// Returns (id, inserted) per account in input order.
 pub fn upsert(
     tx: &Transaction<'_>,
+    keys: &Keyring,
     accounts: &[NewAccount],
     now: i64,
 ) -> Result<Vec<(i64, bool)>, StoreError> {
@@ -333,12 +362,20 @@ pub fn upsert(
             }
         }
         let existing = existing.map(|(id, _, _)| id);
-        let refresh_token = a
+        // '' means "no refresh token given": the stored one is kept.
+        let refresh_clear = a
             .tokens
             .refresh_token
             .as_ref()
             .map(|t| t.expose_secret().to_string())
             .unwrap_or_default();
+        let seal_refresh = |id| {
+            if refresh_clear.is_empty() {
+                String::new()
+            } else {
+                keys.seal(id, Column::RefreshToken, &refresh_clear)
+            }
+        };
         let access_expires_at = a.obtained_at + a.tokens.expires_in;
         let refresh_expires_at = a.tokens.refresh_expires_in.map(|s| a.obtained_at + s);
         let id = match existing {
@@ -358,8 +395,12 @@ pub fn upsert(
                     s.execute(params![
                         id,
                         a.label,
-                        a.tokens.access_token.expose_secret(),
-                        refresh_token,
+                        keys.seal(
+                            id,
+                            Column::AccessToken,
+                            a.tokens.access_token.expose_secret()
+                        ),
+                        seal_refresh(id),
                         a.tokens.scope.clone().unwrap_or_default(),
                         a.tokens.token_type,
                         access_expires_at,
@@ -378,6 +419,16 @@ pub fn upsert(
             None => {
                 // Accounts of profiles that extend the access token itself (Instagram,
                 // Facebook, Threads) have no refresh token; import checks the others.
+                // The id is part of a sealed value's associated data and is known only
+                // after the insert: with a key, the tokens are written by a second statement.
+                let (access, refresh) = if keys.seals() {
+                    (String::new(), String::new())
+                } else {
+                    (
+                        a.tokens.access_token.expose_secret().to_string(),
+                        refresh_clear.clone(),
+                    )
+                };
                 let id: i64 = tx
                     .prepare_cached(
                         "INSERT INTO accounts (provider, subject, label, access_token, refresh_token,
@@ -392,8 +443,8 @@ pub fn upsert(
                                 a.provider,
                                 a.subject,
                                 a.label,
-                                a.tokens.access_token.expose_secret(),
-                                refresh_token,
+                                access,
+                                refresh,
                                 a.tokens.scope.clone().unwrap_or_default(),
                                 a.tokens.token_type,
                                 access_expires_at,
@@ -408,6 +459,23 @@ pub fn upsert(
                         )
                     })
                     .map_err(sql_err("insert imported account"))?;
+                if keys.seals() {
+                    tx.prepare_cached(
+                        "UPDATE accounts SET access_token = ?2, refresh_token = ?3 WHERE id = ?1",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            id,
+                            keys.seal(
+                                id,
+                                Column::AccessToken,
+                                a.tokens.access_token.expose_secret()
+                            ),
+                            seal_refresh(id)
+                        ])
+                    })
+                    .map_err(sql_err("store imported tokens"))?;
+                }
                 out.push((id, true));
                 id
             }
@@ -436,7 +504,7 @@ fn append_log(
 }
 
 /// Writes one refresh outcome. Runs inside the group-commit transaction.
-pub fn record(tx: &Transaction<'_>, o: &Outcome) -> Result<Recorded, StoreError> {
+pub fn record(tx: &Transaction<'_>, keys: &Keyring, o: &Outcome) -> Result<Recorded, StoreError> {
     match o {
         Outcome::Rotated {
             account_id,
@@ -452,7 +520,7 @@ pub fn record(tx: &Transaction<'_>, o: &Outcome) -> Result<Recorded, StoreError>
             let refresh_token = tokens
                 .refresh_token
                 .as_ref()
-                .map(|t| t.expose_secret().to_string());
+                .map(|t| keys.seal(*account_id, Column::RefreshToken, t.expose_secret()));
             let n = tx
                 .prepare_cached(
                     "UPDATE accounts SET access_token = ?3,
@@ -473,7 +541,11 @@ pub fn record(tx: &Transaction<'_>, o: &Outcome) -> Result<Recorded, StoreError>
                     s.execute(params![
                         account_id,
                         generation,
-                        tokens.access_token.expose_secret(),
+                        keys.seal(
+                            *account_id,
+                            Column::AccessToken,
+                            tokens.access_token.expose_secret()
+                        ),
                         refresh_token,
                         tokens.scope,
                         tokens.token_type,
@@ -771,4 +843,107 @@ pub fn remove(tx: &Transaction<'_>, id: i64) -> Result<(), StoreError> {
     tx.execute("DELETE FROM refresh_log WHERE account_id = ?1", [id])
         .map_err(sql_err("remove account's refresh log"))?;
     Ok(())
+}
+
+/// Distinct ids of the keys that sealed stored tokens: one scan of the table at start-up.
+/// Only well-formed values count (`enc:v1:` + 16 hex digits + `:`); a garbled one is a
+/// problem of its row alone, reported when that row is read.
+pub fn sealing_key_ids(conn: &Connection) -> Result<Vec<String>, StoreError> {
+    let mut s = conn
+        .prepare(
+            "SELECT DISTINCT substr(v, 8, 16) FROM (
+                SELECT access_token AS v FROM accounts
+                UNION ALL SELECT refresh_token FROM accounts)
+             WHERE v LIKE 'enc:v1:%' AND substr(v, 24, 1) = ':'
+               AND substr(v, 8, 16) NOT GLOB '*[^0-9a-f]*'",
+        )
+        .map_err(sql_err("list encryption key ids"))?;
+    s.query_map([], |r| r.get(0))
+        .and_then(|rows| rows.collect())
+        .map_err(sql_err("list encryption key ids"))
+}
+
+/// `LIKE` pattern of values sealed under `key_id`; key ids are hex, so nothing to escape.
+fn sealed_pattern(key_id: &str) -> String {
+    format!("{}{key_id}:%", crate::crypto::PREFIX)
+}
+
+/// Accounts with a token not yet sealed under the primary key `key_id`.
+pub fn count_to_rekey(conn: &Connection, key_id: &str) -> Result<u64, StoreError> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM accounts WHERE access_token NOT LIKE ?1 OR refresh_token NOT LIKE ?1",
+        [sealed_pattern(key_id)],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n as u64)
+    .map_err(sql_err("count accounts to re-seal"))
+}
+
+/// What one `rekey_batch` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RekeyBatch {
+    /// The highest account id looked at; the next batch starts after it. None: no more rows.
+    pub last_id: Option<i64>,
+    pub resealed: usize,
+}
+
+/// Re-seals, under the primary key, the tokens of up to `limit` accounts after `after_id`
+/// that are not sealed under it yet (clear ones included: this encrypts a store in place).
+/// Runs in the caller's IMMEDIATE transaction, so no rotation can land between reading a
+/// value and replacing it; each update is still guarded on the value it replaces. The
+/// generation is deliberately not bumped: a refresh in flight must still be able to store
+/// the provider's rotation, which its generation guard would otherwise refuse (and that
+/// rotation would be lost, the provider having already retired the old refresh token).
+pub fn rekey_batch(
+    tx: &Transaction<'_>,
+    keys: &Keyring,
+    after_id: i64,
+    limit: usize,
+) -> Result<RekeyBatch, StoreError> {
+    let Some(primary) = keys.primary_id() else {
+        return Err(StoreError::Invalid(
+            "rekey needs store.encryption_key_file: the key every token is sealed under".into(),
+        ));
+    };
+    let rows: Vec<(i64, String, String)> = tx
+        .prepare_cached(
+            "SELECT id, access_token, refresh_token FROM accounts
+             WHERE id > ?1 AND (access_token NOT LIKE ?2 OR refresh_token NOT LIKE ?2)
+             ORDER BY id LIMIT ?3",
+        )
+        .and_then(|mut s| {
+            s.query_map(
+                params![after_id, sealed_pattern(primary), limit as i64],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?
+            .collect()
+        })
+        .map_err(sql_err("read accounts to re-seal"))?;
+    let mut out = RekeyBatch {
+        last_id: rows.last().map(|r| r.0),
+        resealed: 0,
+    };
+    for (id, access, refresh) in rows {
+        let new_access = keys.reseal(id, Column::AccessToken, &access)?;
+        let new_refresh = keys.reseal(id, Column::RefreshToken, &refresh)?;
+        if new_access.is_none() && new_refresh.is_none() {
+            continue;
+        }
+        out.resealed += tx
+            .prepare_cached(
+                "UPDATE accounts SET access_token = ?4, refresh_token = ?5
+                 WHERE id = ?1 AND access_token = ?2 AND refresh_token = ?3",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    id,
+                    access,
+                    refresh,
+                    new_access.as_deref().unwrap_or(&access),
+                    new_refresh.as_deref().unwrap_or(&refresh)
+                ])
+            })
+            .map_err(sql_err("re-seal account tokens"))?;
+    }
+    Ok(out)
 }

@@ -42,6 +42,7 @@ fn options(dir: &TempDir) -> StoreOptions {
     StoreOptions {
         path: dir.path().join("refreshd.db"),
         busy_timeout: Duration::from_millis(50),
+        keyring: Default::default(),
     }
 }
 
@@ -188,6 +189,7 @@ async fn open_fails_when_directory_is_missing() {
     let err = Store::open(StoreOptions {
         path: dir.path().join("nope").join("refreshd.db"),
         busy_timeout: Duration::from_millis(50),
+        keyring: Default::default(),
     })
     .await
     .unwrap_err();
@@ -951,7 +953,7 @@ async fn replay_skips_a_rotation_already_committed() {
     store.close().await;
     drop(store);
     // The process died after committing but before removing the file.
-    recovery::append(&recovery, &[outcome]).unwrap();
+    recovery::append(&recovery, &Default::default(), &[outcome]).unwrap();
 
     let store = Store::open(opts).await.unwrap();
     assert!(!recovery.exists());
@@ -976,14 +978,24 @@ async fn garbled_recovery_line_fails_open_with_path_and_line() {
     store.close().await;
     drop(store);
 
-    recovery::append(&recovery, &[rotated(id, 0, "at-1", None, NOW + 1)]).unwrap();
+    recovery::append(
+        &recovery,
+        &Default::default(),
+        &[rotated(id, 0, "at-1", None, NOW + 1)],
+    )
+    .unwrap();
     std::fs::OpenOptions::new()
         .append(true)
         .open(&recovery)
         .unwrap()
         .write_all(b"{\"account_id\": oops}\n")
         .unwrap();
-    recovery::append(&recovery, &[rotated(id, 1, "at-2", None, NOW + 2)]).unwrap();
+    recovery::append(
+        &recovery,
+        &Default::default(),
+        &[rotated(id, 1, "at-2", None, NOW + 2)],
+    )
+    .unwrap();
 
     let err = Store::open(opts.clone()).await.unwrap_err();
     assert!(matches!(err, StoreError::Recovery { .. }), "{err:?}");
@@ -1013,7 +1025,12 @@ async fn torn_last_recovery_line_is_ignored() {
     store.close().await;
     drop(store);
 
-    recovery::append(&recovery, &[rotated(id, 0, "at-1", None, NOW + 1)]).unwrap();
+    recovery::append(
+        &recovery,
+        &Default::default(),
+        &[rotated(id, 0, "at-1", None, NOW + 1)],
+    )
+    .unwrap();
     std::fs::OpenOptions::new()
         .append(true)
         .open(&recovery)

@@ -174,6 +174,17 @@ impl World {
         Store::open(StoreOptions {
             path: self.db.clone(),
             busy_timeout: Duration::from_secs(5),
+            keyring: Default::default(),
+        })
+        .await
+        .expect("open store")
+    }
+
+    async fn store_with_key(&self, key: &Path) -> Store {
+        Store::open(StoreOptions {
+            path: self.db.clone(),
+            busy_timeout: Duration::from_secs(5),
+            keyring: refreshd::crypto::Keyring::load(Some(key), &[]).expect("key"),
         })
         .await
         .expect("open store")
@@ -1001,6 +1012,17 @@ async fn no_secret_in_any_output() {
     let mut w = World::start("").await;
     // Everything at trace level, the CLI's quiet commands too.
     w.env.push(("RUST_LOG".into(), "trace".into()));
+    // Tokens sealed at rest: the key must never be printed either.
+    let key = w.path("token.key");
+    refreshd::crypto::generate_key_file(&key).unwrap();
+    let with_key = w.config_with(
+        "[store]\n",
+        &format!(
+            "[store]\nencryption_key_file = {:?}\n",
+            key.display().to_string()
+        ),
+    );
+    std::fs::write(&w.config, &with_key).unwrap();
     let subjects_all = ["s1", "s2", "s3", "s4", "s5", "gone"];
     let f = w.write("accounts.jsonl", &w.due_lines(&subjects_all[..4]));
     w.cli(&["accounts", "import", f.to_str().unwrap()])
@@ -1075,6 +1097,14 @@ async fn no_secret_in_any_output() {
         sandbox.stats().refreshed == 8
     })
     .await;
+    // A reload (SIGHUP) that changes a logged setting.
+    std::fs::write(
+        &w.config,
+        with_key.replace("jitter = \"0s\"", "jitter = \"1s\""),
+    )
+    .unwrap();
+    d.signal("HUP").await;
+    d.wait_event("config_reloaded", 10).await;
     d.signal("TERM").await;
     let (code, log, stdout) = d.finish(Duration::from_secs(10)).await;
     assert_eq!(code, Some(0));
@@ -1083,6 +1113,24 @@ async fn no_secret_in_any_output() {
         t.push_str(&log.join("\n"));
         t.push_str(&stdout.join("\n"));
     }
+
+    // The configuration-error class: the provider refuses our client credentials.
+    let wrong_secret = "wrong-client-SECRET-0123456789";
+    let bad_client = w.write(
+        "bad-client.toml",
+        &with_key.replace(CLIENT_SECRET, wrong_secret),
+    );
+    for a in w.list_json().await {
+        if a["status"] == "active" {
+            w.cli(&["accounts", "refresh", &a["id"].to_string()])
+                .await
+                .ok();
+        }
+    }
+    let out = w
+        .cli(&["--config", bad_client.to_str().unwrap(), "run", "--once"])
+        .await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
 
     // Show and list after all that (last_error, refresh_log filled in).
     w.cli(&["accounts", "list"]).await.ok();
@@ -1097,7 +1145,9 @@ async fn no_secret_in_any_output() {
     // Every secret the test knows of.
     let mut secrets: Vec<String> = w.issued.lock().unwrap().clone();
     secrets.push(CLIENT_SECRET.to_string());
-    let store = w.store().await;
+    secrets.push(wrong_secret.to_string());
+    secrets.push(std::fs::read_to_string(&key).unwrap().trim().to_string());
+    let store = w.store_with_key(&key).await;
     for a in &list {
         let acc = store.get(a["id"].as_i64().unwrap()).await.unwrap().unwrap();
         secrets.push(acc.access_token.expose_secret().to_string());
@@ -1118,6 +1168,8 @@ async fn no_secret_in_any_output() {
         "\"outcome\":\"transient\"",
         "\"outcome\":\"rotated\"",
         "\"event\":\"reauth_required\"",
+        "\"event\":\"config_reloaded\"",
+        "invalid_client",
         "invalid_grant",
         "\"level\":\"TRACE\"",
         "not a valid import record",

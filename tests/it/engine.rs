@@ -91,6 +91,7 @@ async fn open_store(app: &TestApp, busy_timeout: Duration) -> Store {
     Store::open(StoreOptions {
         path: app.db.clone(),
         busy_timeout,
+        keyring: Default::default(),
     })
     .await
     .expect("open store")

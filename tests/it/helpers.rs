@@ -114,6 +114,7 @@ impl TestApp {
         Store::open(StoreOptions {
             path: self.db.clone(),
             busy_timeout: Duration::from_secs(2),
+            keyring: Default::default(),
         })
         .await
         .expect("open store")

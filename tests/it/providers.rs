@@ -615,6 +615,7 @@ async fn open_store(db: &Path) -> Store {
     Store::open(StoreOptions {
         path: db.to_path_buf(),
         busy_timeout: Duration::from_secs(2),
+        keyring: Default::default(),
     })
     .await
     .expect("open store")

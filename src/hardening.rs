@@ -1,0 +1,161 @@
+//! Start-up checks of the process's surroundings: files holding tokens or keys must not be
+//! readable by other users, and running as root is worth a warning. refreshd creates its
+//! own files 0600; these checks catch files created or copied by someone else (a restored
+//! backup, `cp` without `-p`, a key written by hand).
+
+use crate::config::{Config, FilePolicy};
+use crate::store::recovery_path;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{} readable by other users ({}); run `chmod 600` on {}, or set store.permissions = \"warn\" to start anyway",
+    if files.len() == 1 { "a file holding tokens or keys is" } else { "files holding tokens or keys are" },
+    files.iter().map(|(p, m)| format!("{} mode {m:03o}", p.display())).collect::<Vec<_>>().join(", "),
+    if files.len() == 1 { "it" } else { "them" }
+)]
+pub struct ExposedFiles {
+    pub files: Vec<(PathBuf, u32)>,
+}
+
+/// Every file refreshd keeps secrets in (or reads them from), whether or not it exists yet.
+pub fn secret_files(config: &Config) -> Vec<PathBuf> {
+    let db = &config.store.path;
+    let with = |suffix: &str| {
+        let mut s = db.as_os_str().to_owned();
+        s.push(suffix);
+        PathBuf::from(s)
+    };
+    let mut files = vec![db.clone(), with("-wal"), with("-shm"), recovery_path(db)];
+    files.extend(config.store.keyring.files().map(Path::to_path_buf));
+    files.extend(
+        config
+            .providers
+            .values()
+            .filter_map(|p| p.client_secret_file.as_deref())
+            .filter_map(|p| crate::config::expand_credentials_path(p).ok()),
+    );
+    // A config file with a client_secret written inline holds a secret too.
+    if config
+        .providers
+        .values()
+        .any(|p| p.client_secret.is_some() && p.client_secret_file.is_none())
+        && let Some(f) = &config.file
+    {
+        files.push(f.clone());
+    }
+    files
+}
+
+/// Existing files among `paths` that group or others may read or write, with their mode.
+pub fn exposed(paths: &[PathBuf]) -> Vec<(PathBuf, u32)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        paths
+            .iter()
+            .filter_map(|p| {
+                let mode = std::fs::metadata(p).ok()?.permissions().mode() & 0o777;
+                (mode & 0o077 != 0).then(|| (p.clone(), mode))
+            })
+            .collect()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = paths;
+        Vec::new()
+    }
+}
+
+/// Warns about (or, with `store.permissions = "refuse"`, refuses) exposed secret files.
+pub fn check_files(config: &Config) -> Result<(), ExposedFiles> {
+    let files = exposed(&secret_files(config));
+    if files.is_empty() {
+        return Ok(());
+    }
+    let err = ExposedFiles { files };
+    match config.store.permissions {
+        FilePolicy::Refuse => Err(err),
+        FilePolicy::Warn => {
+            for (path, mode) in &err.files {
+                tracing::warn!(event = "file_readable_by_others", path = %path.display(),
+                    mode = format!("{mode:03o}"),
+                    "a file holding tokens or keys is readable by other users: chmod 600 it (store.permissions = \"refuse\" makes this fatal)");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// True when the process runs with root's effective user id. A file we create is owned by
+/// our effective uid: that answers the question without unsafe code or another dependency.
+pub fn running_as_root() -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        tempfile::tempfile()
+            .and_then(|f| f.metadata())
+            .is_ok_and(|m| m.uid() == 0)
+    }
+    #[cfg(not(unix))]
+    {
+        false
+    }
+}
+
+/// Root works, but a token store needs no privilege: say what is safer.
+pub fn warn_if_root() {
+    if running_as_root() {
+        tracing::warn!(
+            event = "running_as_root",
+            "refreshd runs as root, which it does not need: run it as a dedicated user, e.g. systemd's DynamicUser=yes with StateDirectory=refreshd and LoadCredential= for secrets (see deploy/), or a `refreshd` system user owning only its database and key files"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn exposed_files_warn_or_refuse() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("r.db");
+        let key = dir.path().join("k");
+        crate::crypto::generate_key_file(&key).unwrap();
+        std::fs::write(&db, "").unwrap();
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut config = Config::default();
+        config.store.path = db.clone();
+        config.store.keyring = crate::crypto::Keyring::load(Some(&key), &[]).unwrap();
+        assert_eq!(exposed(&secret_files(&config)), vec![(db.clone(), 0o644)]);
+        assert!(check_files(&config).is_ok(), "warn is the default");
+        config.store.permissions = FilePolicy::Refuse;
+        let e = check_files(&config).unwrap_err().to_string();
+        assert!(
+            e.contains(&db.display().to_string()) && e.contains("644"),
+            "{e}"
+        );
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = check_files(&config).unwrap_err().to_string();
+        assert!(e.contains(&key.display().to_string()), "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(check_files(&config).is_ok());
+        // A client secret read from a file counts too.
+        let secret = dir.path().join("client-secret");
+        std::fs::write(&secret, "s").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o604)).unwrap();
+        let toml = format!(
+            "[providers.tiktok]\nclient_key = \"ck\"\nclient_secret_file = {:?}\n",
+            secret.display().to_string()
+        );
+        let mut with_secret = Config::from_toml_str(&toml).unwrap();
+        with_secret.store = config.store.clone();
+        let e = check_files(&with_secret).unwrap_err().to_string();
+        assert!(e.contains("client-secret mode 604"), "{e}");
+    }
+}
