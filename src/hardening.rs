@@ -35,13 +35,23 @@ pub fn secret_files(config: &Config) -> Vec<PathBuf> {
             .filter_map(|p| p.client_secret_file.as_deref())
             .filter_map(|p| crate::config::expand_credentials_path(p).ok()),
     );
-    // A config file with a client_secret written inline holds a secret too.
-    if config
+    let webhook = config.notify.webhook.as_ref();
+    files.extend(
+        [
+            config.server.api_token_file.as_deref(),
+            webhook.and_then(|w| w.secret_file.as_deref()),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(|p| crate::config::expand_credentials_path(p).ok()),
+    );
+    // A config file with a secret written inline holds a secret too.
+    let inline = config
         .providers
         .values()
         .any(|p| p.client_secret.is_some() && p.client_secret_file.is_none())
-        && let Some(f) = &config.file
-    {
+        || webhook.is_some_and(|w| w.secret.is_some() && w.secret_file.is_none());
+    if inline && let Some(f) = &config.file {
         files.push(f.clone());
     }
     files
@@ -116,6 +126,24 @@ pub fn warn_if_root() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_api_secret_and_webhook_secret_files_are_checked_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = dir.path().join("api-token");
+        let hook = dir.path().join("webhook-secret");
+        std::fs::write(&api, "0123456789abcdef0123").unwrap();
+        std::fs::write(&hook, "hook-secret").unwrap();
+        let c = Config::from_toml_str(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\napi_token_file = {:?}\n[notify.webhook]\nurl = \"http://127.0.0.1:9/h\"\nsecret_file = {:?}\n",
+            api.display().to_string(),
+            hook.display().to_string()
+        ))
+        .unwrap();
+        let files = secret_files(&c);
+        assert!(files.contains(&api), "{files:?}");
+        assert!(files.contains(&hook), "{files:?}");
+    }
 
     #[cfg(unix)]
     #[test]
