@@ -560,15 +560,28 @@ impl Engine {
                     http_status: f.http_status,
                     duration_ms,
                 },
-                FailureClass::Rejected(reason) => Outcome::Rejected {
-                    account_id: account.id,
-                    generation: account.generation,
-                    reason,
-                    at: now,
-                    error: f.message,
-                    http_status: f.http_status,
-                    duration_ms,
-                },
+                FailureClass::Rejected(reason) => {
+                    let (reason, error) = match (reason, account.interrupted_at) {
+                        (ReauthReason::InvalidGrant, Some(window_end)) => (
+                            ReauthReason::RefreshInterrupted,
+                            format!(
+                                "{}; an earlier refresh of this account was cut off (its lease, ending {}, was never given back: the process died or its outcome could not be stored), so the provider most likely rotated the token in an answer that was lost",
+                                f.message,
+                                rfc3339(window_end)
+                            ),
+                        ),
+                        (r, _) => (r, f.message),
+                    };
+                    Outcome::Rejected {
+                        account_id: account.id,
+                        generation: account.generation,
+                        reason,
+                        at: now,
+                        error,
+                        http_status: f.http_status,
+                        duration_ms,
+                    }
+                }
             },
         };
         self.finish(&account, outcome, duration_ms).await;

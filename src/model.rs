@@ -75,15 +75,19 @@ pub enum ReauthReason {
     ScopeWithdrawn,
     /// The provider returned tokens for a different user than the account's.
     SubjectMismatch,
+    /// `invalid_grant` right after an earlier refresh of the account was cut off (process
+    /// killed, or its outcome lost): the provider had most likely rotated the token.
+    RefreshInterrupted,
 }
 
 impl ReauthReason {
-    pub const ALL: [ReauthReason; 5] = [
+    pub const ALL: [ReauthReason; 6] = [
         ReauthReason::RefreshTokenExpiring,
         ReauthReason::RefreshTokenExpired,
         ReauthReason::InvalidGrant,
         ReauthReason::ScopeWithdrawn,
         ReauthReason::SubjectMismatch,
+        ReauthReason::RefreshInterrupted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -93,6 +97,7 @@ impl ReauthReason {
             ReauthReason::InvalidGrant => "invalid_grant",
             ReauthReason::ScopeWithdrawn => "scope_withdrawn",
             ReauthReason::SubjectMismatch => "subject_mismatch",
+            ReauthReason::RefreshInterrupted => "refresh_interrupted",
         }
     }
 
@@ -132,6 +137,9 @@ pub struct Account {
     pub generation: i64,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Set by a claim that found an earlier attempt's lease never given back: that lease's
+    /// end (the earlier refresh may have rotated the token in an answer that was lost).
+    pub interrupted_at: Option<i64>,
 }
 
 /// A validated token response: what a provider returned on a code exchange or a refresh.
@@ -195,6 +203,7 @@ mod tests {
             generation: 0,
             created_at: 0,
             updated_at: 0,
+            interrupted_at: None,
         };
         let dbg = format!("{a:?}");
         assert!(!dbg.contains("SECRET"), "{dbg}");

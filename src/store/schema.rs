@@ -53,6 +53,13 @@ CREATE TABLE refresh_log (
 CREATE INDEX refresh_log_account ON refresh_log (account_id, at);
 CREATE INDEX refresh_log_at ON refresh_log (at);
 "#,
+    // 2: when a claim finds the lease of an earlier attempt never given back (the process
+    // died, or its outcome could not be stored), that lease's end: the crash window. An
+    // invalid_grant right after it most likely means the provider rotated the token in an
+    // answer that was lost.
+    r#"
+ALTER TABLE accounts ADD COLUMN interrupted_at INTEGER;
+"#,
 ];
 
 /// Applies every migration newer than the database, all in one transaction.

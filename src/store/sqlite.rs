@@ -11,7 +11,8 @@ use secrecy::{ExposeSecret, SecretString};
 
 const ACCOUNT_COLUMNS: &str = "id, provider, subject, label, access_token, refresh_token, scope, \
     token_type, access_expires_at, refresh_expires_at, next_refresh_at, status, reauth_reason, \
-    reauth_flagged_at, failures, last_error, last_refreshed_at, generation, created_at, updated_at";
+    reauth_flagged_at, failures, last_error, last_refreshed_at, generation, created_at, updated_at, \
+    interrupted_at";
 
 const SUMMARY_COLUMNS: &str = "id, provider, subject, label, status, reauth_reason, \
     access_expires_at, refresh_expires_at, next_refresh_at, failures, last_error, \
@@ -51,6 +52,7 @@ fn row_to_account(r: &Row<'_>) -> rusqlite::Result<Account> {
         generation: r.get(17)?,
         created_at: r.get(18)?,
         updated_at: r.get(19)?,
+        interrupted_at: r.get(20)?,
     })
 }
 
@@ -114,7 +116,8 @@ pub fn claim_due_except(
     skip: &[String],
 ) -> Result<Vec<Account>, StoreError> {
     let sql = format!(
-        "UPDATE accounts SET lease_owner = ?1, lease_expires_at = ?2
+        "UPDATE accounts SET lease_owner = ?1, lease_expires_at = ?2,
+             interrupted_at = CASE WHEN lease_owner IS NOT NULL THEN lease_expires_at END
          WHERE id IN (
              SELECT id FROM accounts INDEXED BY accounts_due
              WHERE status IN ('active', 'expiring') AND next_refresh_at <= ?3

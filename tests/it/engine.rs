@@ -1549,3 +1549,60 @@ async fn engine_announces_state_changes_once() {
         "{events:?}"
     );
 }
+
+#[tokio::test]
+async fn invalid_grant_after_a_lost_answer_names_the_crash_window() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = app.config("");
+    let store = app.store().await;
+    let ids = app.import(&store, &config, &["lost", "idle"], None).await;
+    let due = all_due_at(&store, &ids).await;
+    app.clock.set(due);
+
+    // A process claims both, sends one refresh (the provider rotates), and dies before
+    // storing the answer; the other account's request was never sent.
+    let claimed = store
+        .claim_due("dead-process", due, config.store.lease, 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    assert!(
+        claimed.iter().all(|a| a.interrupted_at.is_none()),
+        "a first claim interrupts nothing"
+    );
+    let lost = claimed.iter().find(|a| a.subject == "lost").unwrap();
+    let answer = reqwest::Client::new()
+        .post(app.sandbox.token_url())
+        .form(&[
+            ("client_key", helpers::CLIENT_KEY),
+            ("client_secret", helpers::CLIENT_SECRET),
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token(lost)),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let lease_end = due + config.store.lease.as_secs() as i64;
+
+    // After the lease ends, this daemon picks both up.
+    app.clock.set(lease_end + 1);
+    let report = run_once(&app, &config).await;
+    assert_eq!(
+        (report.stats.rotated, report.stats.flagged),
+        (1, 1),
+        "{report:?}"
+    );
+    let a = account(&store, ids[0]).await;
+    assert_eq!(a.status, Status::NeedsReauth);
+    assert_eq!(a.reauth_reason, Some(ReauthReason::RefreshInterrupted));
+    let err = a.last_error.unwrap();
+    assert!(
+        err.contains("cut off") && err.contains(&refreshd::clock::rfc3339(lease_end)),
+        "{err}"
+    );
+    // The one never sent was simply refreshed.
+    let b = account(&store, ids[1]).await;
+    assert_eq!((b.status, b.generation), (Status::Active, 1));
+    assert_eq!(app.sandbox.stats().reuse_rejected, 1);
+}
