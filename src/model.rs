@@ -158,6 +158,23 @@ pub struct TokenSet {
     pub token_type: String,
 }
 
+impl Account {
+    /// What the app gets (token API, sink files): the access token and what it is for.
+    /// Holds the token: only for the routes and files meant to hand it out.
+    pub fn token_document(&self) -> serde_json::Value {
+        use secrecy::ExposeSecret;
+        serde_json::json!({
+            "account_id": self.id,
+            "provider": self.provider,
+            "subject": self.subject,
+            "access_token": self.access_token.expose_secret(),
+            "token_type": self.token_type,
+            "expires_at": crate::clock::rfc3339(self.access_expires_at),
+            "scope": self.scope,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

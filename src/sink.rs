@@ -10,7 +10,7 @@
 //! An account that is missing, needs re-authorization or is disabled leaves the file as it
 //! is, with a warning naming the sink path and the account.
 
-use crate::clock::{Clock, rfc3339};
+use crate::clock::Clock;
 use crate::config::{SinkConfig, SinkFormat};
 use crate::events::{Event, Events};
 use crate::model::{Account, Status};
@@ -362,16 +362,7 @@ fn render(format: SinkFormat, a: &Account) -> Vec<u8> {
     match format {
         SinkFormat::Token => a.access_token.expose_secret().as_bytes().to_vec(),
         SinkFormat::Json => {
-            let mut v = serde_json::to_vec(&serde_json::json!({
-                "account_id": a.id,
-                "provider": a.provider,
-                "subject": a.subject,
-                "access_token": a.access_token.expose_secret(),
-                "token_type": a.token_type,
-                "expires_at": rfc3339(a.access_expires_at),
-                "scope": a.scope,
-            }))
-            .expect("a JSON object serializes");
+            let mut v = serde_json::to_vec(&a.token_document()).expect("a JSON object serializes");
             v.push(b'\n');
             v
         }

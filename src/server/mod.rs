@@ -129,16 +129,9 @@ pub async fn spawn(
             source,
         })?;
         handle.local_addr = Some(local);
-        let app = app.clone();
-        let stop = shutdown.clone();
-        handle.tasks.push(tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(event = "server_failed", error = %e, "the ops server stopped");
-            }
-        }));
+        handle
+            .tasks
+            .push(serve_on(listener, app.clone(), shutdown.clone(), "TCP"));
         tracing::info!(event = "server_listening", addr = %local, api = config.server.api_token.is_some(),
             connect = config.connect.enabled, "ops server listening");
     }
@@ -165,18 +158,33 @@ pub async fn spawn(
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
         }
         handle.socket = Some(path.clone());
-        let stop = shutdown.clone();
-        handle.tasks.push(tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(event = "server_failed", error = %e, "the ops server (Unix socket) stopped");
-            }
-        }));
+        handle
+            .tasks
+            .push(serve_on(listener, app, shutdown.clone(), "Unix socket"));
         tracing::info!(event = "server_listening", socket = %path.display(), "ops server listening on a Unix socket");
     }
     Ok(Some(handle))
+}
+
+/// Serves `app` on `listener` until `stop`, finishing requests in progress.
+fn serve_on<L>(
+    listener: L,
+    app: Router,
+    stop: CancellationToken,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(event = "server_failed", listener = what, error = %e, "the ops server stopped");
+        }
+    })
 }
 
 fn text(status: StatusCode, body: String) -> Response {

@@ -78,23 +78,8 @@ async fn by_id(
     Query(q): Query<TokenQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if !authorized(&s, &headers) {
-        tracing::warn!(
-            event = "token_api_unauthorized",
-            account = id,
-            "token request without the right bearer secret"
-        );
-        return unauthorized();
-    }
-    match s.store.get(id).await {
-        Ok(Some(a)) => serve(&s, a, q).await,
-        Ok(None) => json_error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no account with id {id}"),
-        ),
-        Err(e) => store_error(e),
-    }
+    let store = s.store.clone();
+    answer(&s, &headers, q, format!("account {id}"), store.get(id)).await
 }
 
 async fn by_subject(
@@ -103,21 +88,30 @@ async fn by_subject(
     Query(q): Query<TokenQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if !authorized(&s, &headers) {
+    let store = s.store.clone();
+    let who = format!("{provider} account with subject {subject:?}");
+    answer(&s, &headers, q, who, store.find(&provider, &subject)).await
+}
+
+/// Checks the bearer secret, then looks the account up and serves its token.
+async fn answer(
+    s: &AppState,
+    headers: &HeaderMap,
+    q: TokenQuery,
+    who: String,
+    lookup: impl std::future::Future<Output = Result<Option<Account>, crate::store::StoreError>>,
+) -> Response {
+    if !authorized(s, headers) {
         tracing::warn!(
             event = "token_api_unauthorized",
-            provider,
+            requested = %who,
             "token request without the right bearer secret"
         );
         return unauthorized();
     }
-    match s.store.find(&provider, &subject).await {
-        Ok(Some(a)) => serve(&s, a, q).await,
-        Ok(None) => json_error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no {provider} account with subject {subject:?}"),
-        ),
+    match lookup.await {
+        Ok(Some(a)) => serve(s, a, q).await,
+        Ok(None) => json_error(StatusCode::NOT_FOUND, "not_found", format!("no {who}")),
         Err(e) => store_error(e),
     }
 }
@@ -183,18 +177,10 @@ async fn serve(s: &AppState, mut a: Account, q: TokenQuery) -> Response {
         expires_at = %rfc3339(a.access_expires_at),
         "access token handed to the app"
     );
-    let mut r = axum::Json(serde_json::json!({
-        "account_id": a.id,
-        "provider": a.provider,
-        "subject": a.subject,
-        "access_token": a.access_token.expose_secret(),
-        "token_type": a.token_type,
-        "expires_at": rfc3339(a.access_expires_at),
-        "expires_in": a.access_expires_at - now,
-        "scope": a.scope,
-        "status": a.status,
-    }))
-    .into_response();
+    let mut doc = a.token_document();
+    doc["expires_in"] = (a.access_expires_at - now).into();
+    doc["status"] = a.status.as_str().into();
+    let mut r = axum::Json(doc).into_response();
     r.headers_mut()
         .insert(header::CACHE_CONTROL, "no-store".parse().expect("valid"));
     r
