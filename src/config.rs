@@ -79,6 +79,13 @@ pub struct StoreConfig {
     pub decryption_key_files: Vec<PathBuf>,
     /// What start-up does when a store or key file is readable by group or others.
     pub permissions: FilePolicy,
+    /// PostgreSQL instead of SQLite: `postgres://user:password@host/db` (a secret: it may
+    /// carry the password). `path` then only places the recovery file.
+    pub url: Option<SecretString>,
+    /// The same URL read from a file (Kubernetes secret, systemd credential).
+    pub url_file: Option<PathBuf>,
+    /// Most PostgreSQL connections one process holds.
+    pub pool_size: usize,
     /// The keys read from the files above (not a key).
     #[serde(skip)]
     pub keyring: crate::crypto::Keyring,
@@ -483,6 +490,9 @@ impl Default for StoreConfig {
             encryption_key_file: None,
             decryption_key_files: Vec::new(),
             permissions: FilePolicy::Warn,
+            url: None,
+            url_file: None,
+            pool_size: 8,
             keyring: crate::crypto::Keyring::default(),
         }
     }
@@ -595,7 +605,7 @@ impl Config {
         let env = env
             .split("__")
             .ignore(&["config"])
-            .filter(|k| !k.as_str().starts_with("test_"));
+            .filter(|k| !k.as_str().to_ascii_lowercase().starts_with("test_"));
         let figment = figment.merge(env);
         let mut config: Config = figment
             .extract()
@@ -782,6 +792,26 @@ impl Config {
         }
         if self.store.path.as_os_str().is_empty() {
             bad("store.path", "must not be empty".into());
+        }
+        match (&self.store.url, &self.store.url_file) {
+            (Some(_), Some(_)) => bad(
+                "store.url_file",
+                "give either store.url or store.url_file, not both".into(),
+            ),
+            (None, Some(f)) => match read_secret_file(f) {
+                Ok(u) => self.store.url = Some(u),
+                Err(m) => bad("store.url_file", m),
+            },
+            _ => {}
+        }
+        if let Some(u) = &self.store.url
+            && let Err(m) =
+                crate::store::postgres::validate_url(secrecy::ExposeSecret::expose_secret(u))
+        {
+            bad("store.url", m);
+        }
+        if !(1..=1000).contains(&self.store.pool_size) {
+            bad("store.pool_size", "must be 1 to 1000".into());
         }
         // Older keys alone would open sealed tokens but write rotations in the clear: an
         // encrypted store would quietly decay. Refuse instead of guessing that was meant.
@@ -1517,6 +1547,18 @@ client_key = \"k\"\nzzz = 1\n",
     }
 
     #[test]
+    fn test_suite_variables_are_not_config_keys() {
+        Jail::expect_with(|jail| {
+            jail.set_env("REFRESHD_TEST_POSTGRES_URL", "postgres://x@127.0.0.1/y");
+            Config::load(None).map_err(|e| e.to_string())?;
+            jail.set_env("REFRESHD_TSET_TYPO", "1");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("REFRESHD_TSET_TYPO"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn example_config_file_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/refreshd.toml");
         Jail::expect_with(|jail| {
@@ -1531,6 +1573,8 @@ client_key = \"k\"\nzzz = 1\n",
             assert_eq!(c.store.encryption_key_file, d.store.encryption_key_file);
             assert_eq!(c.store.decryption_key_files, d.store.decryption_key_files);
             assert_eq!(c.store.permissions, d.store.permissions);
+            assert_eq!(c.store.pool_size, d.store.pool_size);
+            assert!(c.store.url.is_none() && c.store.url_file.is_none());
             assert_eq!(c.refresh.read_timeout, d.refresh.read_timeout);
             assert_eq!(c.refresh.request_timeout, d.refresh.request_timeout);
             assert_eq!(c.refresh.connect_timeout, d.refresh.connect_timeout);

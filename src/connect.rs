@@ -7,7 +7,7 @@ use crate::config::{Config, ProviderConfig};
 use crate::model::{Status, TokenSet};
 use crate::policy;
 use crate::provider::{FailureClass, Provider, ProviderFailure};
-use crate::store::{NewAccount, Store, StoreError, sqlite};
+use crate::store::{NewAccount, Store, StoreError};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore;
@@ -275,22 +275,8 @@ pub async fn store_account(
     now: i64,
 ) -> Result<Connected, ConnectError> {
     // The check and the write share one transaction: nothing can slip in between.
-    let row = account.clone();
-    let keys = store.keyring().clone();
     let (ids, previous_status) = store
-        .in_tx("store a connected account", move |tx| {
-            if let Some(id) = expect_id {
-                let existing = sqlite::get(tx, &keys, id)?.ok_or(StoreError::NotFound(id))?;
-                if existing.provider != row.provider || existing.subject != row.subject {
-                    return Ok(Err((id, existing.provider, existing.subject)));
-                }
-            }
-            let previous = sqlite::find(tx, &keys, &row.provider, &row.subject)?.map(|a| a.status);
-            Ok(Ok((
-                sqlite::upsert(tx, &keys, std::slice::from_ref(&row), now)?,
-                previous,
-            )))
-        })
+        .store_connected(account.clone(), expect_id, now)
         .await?
         .map_err(
             |(id, have_provider, have_subject)| ConnectError::AccountMismatch {

@@ -84,11 +84,19 @@ impl RunOptions {
     }
 }
 
+fn pg_options(url: secrecy::SecretString, config: &Config) -> crate::store::PgOptions {
+    crate::store::PgOptions {
+        url,
+        pool_size: config.store.pool_size,
+    }
+}
+
 pub fn store_options(config: &Config) -> StoreOptions {
     StoreOptions {
         path: config.store.path.clone(),
         busy_timeout: config.store.busy_timeout,
         keyring: config.store.keyring.clone(),
+        postgres: config.store.url.clone().map(|url| pg_options(url, config)),
     }
 }
 
@@ -122,7 +130,7 @@ pub async fn run(
         shutdown.clone(),
         cfg.shutdown.grace,
     );
-    tracing::info!(event = "starting", store = %store.path().display(), owner = engine.owner(),
+    tracing::info!(event = "starting", store = %store.describe(), owner = engine.owner(),
         providers = ?settings.providers.names().collect::<Vec<_>>(), once = opts.once, "refreshd starting");
     for (name, p) in &cfg.providers {
         if !p.enabled {

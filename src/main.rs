@@ -256,7 +256,8 @@ async fn open_read_only(config: &Config) -> Result<Store> {
 
 fn ensure_exists(config: &Config) -> Result<()> {
     let path = &config.store.path;
-    if !path.exists() {
+    // A PostgreSQL store that was never migrated is named by open_read_only's error.
+    if config.store.url.is_none() && !path.exists() {
         bail!(
             "database {} does not exist (check store.path; `refreshd run` or `refreshd accounts import` creates it)",
             path.display()
@@ -485,7 +486,7 @@ async fn check(cli: &Cli) -> Result<u8> {
         }
     }
     let path = &config.store.path;
-    if path.exists() {
+    if path.exists() || config.store.url.is_some() {
         match Store::open_read_only(lifecycle::store_options(&config)).await {
             Ok(store) => {
                 let counts = store.counts().await?;
@@ -495,7 +496,7 @@ async fn check(cli: &Cli) -> Result<u8> {
                     .map(|(p, _, _)| p)
                     .filter(|p| !config.providers.contains_key(*p))
                     .collect();
-                println!("store: ok ({}, {total} accounts)", path.display());
+                println!("store: ok ({}, {total} accounts)", store.describe());
                 let unsealed = store.count_to_rekey().await?;
                 if unsealed > 0 {
                     println!(

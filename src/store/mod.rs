@@ -4,6 +4,7 @@
 //! commit fails go to a recovery file beside the database and are retried; `open` replays
 //! that file before anything is claimed.
 
+pub mod postgres;
 mod recovery;
 mod schema;
 pub mod sqlite;
@@ -11,7 +12,9 @@ pub mod sqlite;
 use crate::crypto::Keyring;
 use crate::model::{Account, ReauthReason, Status, TokenSet};
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use secrecy::SecretString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -56,6 +59,30 @@ pub enum StoreError {
     #[error(transparent)]
     Crypto(#[from] crate::crypto::CryptoError),
     #[error(
+        "cannot connect to PostgreSQL at {url}: {message} (check store.url, and that the server is up and reachable)"
+    )]
+    PgConnect { url: String, message: String },
+    #[error("PostgreSQL {url}: migration {version} failed: {source}")]
+    PgMigration {
+        url: String,
+        version: usize,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("PostgreSQL error while trying to {context}: {source}")]
+    Postgres {
+        context: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("PostgreSQL: no connection to {context}: {message}")]
+    PgPool {
+        context: &'static str,
+        message: String,
+    },
+    #[error("{what} needs the SQLite store; this store is {store}")]
+    SqliteOnly { what: &'static str, store: String },
+    #[error(
         "database {path} holds tokens sealed with key {key_id}, which is not configured (configured keys: {configured}); set store.encryption_key_file or add the key's file to store.decryption_key_files. Not opened: every refresh of those accounts would fail"
     )]
     MissingKey {
@@ -78,6 +105,9 @@ impl StoreError {
                         | rusqlite::ErrorCode::SystemIoFailure
                 )
             ),
+            StoreError::Postgres { source, .. } => postgres::is_transient(source),
+            // The pool could not hand out a connection: the server is down or saturated.
+            StoreError::PgPool { .. } => true,
             _ => false,
         }
     }
@@ -95,6 +125,48 @@ pub struct NewAccount {
     pub next_refresh_at: i64,
     pub status: Status,
     pub reauth_reason: Option<ReauthReason>,
+}
+
+/// Whether an import or connection may replace an existing account's tokens.
+pub(crate) fn check_upsert(
+    id: i64,
+    a: &NewAccount,
+    lease_expires_at: Option<i64>,
+    last_refreshed_at: Option<i64>,
+    now: i64,
+) -> Result<(), StoreError> {
+    // Replacing tokens under a refresh in flight would make that refresh's rotation
+    // "superseded" and drop it: the provider may already have retired our token.
+    if lease_expires_at.is_some_and(|t| t > now) {
+        return Err(StoreError::Invalid(format!(
+            "account {id} ({}/{}) is being refreshed right now; nothing imported, try again in a minute",
+            a.provider, a.subject
+        )));
+    }
+    // An old export must not overwrite tokens refreshd rotated since.
+    if last_refreshed_at.is_some_and(|t| t > a.obtained_at) {
+        return Err(StoreError::Invalid(format!(
+            "account {id} ({}/{}) was refreshed after these tokens were obtained (obtained_at is older than its last refresh); nothing imported: drop that line or give a newer token response",
+            a.provider, a.subject
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `accounts refresh` may make an account in `status` due.
+pub(crate) fn check_mark_due(id: i64, status: Status, force: bool) -> Result<(), StoreError> {
+    let refreshable = matches!(status, Status::Active | Status::Expiring);
+    if status == Status::Disabled {
+        return Err(StoreError::Invalid(format!(
+            "account {id} is disabled by an admin: it is not refreshed"
+        )));
+    }
+    if !refreshable && !force {
+        return Err(StoreError::Invalid(format!(
+            "account {id} is {status}: it is not refreshed automatically. Reconnect it, or pass --force to try its stored refresh token once more"
+        )));
+    }
+    Ok(())
 }
 
 /// What happened to one claimed account, to be written by `Store::record`.
@@ -234,23 +306,42 @@ enum Job {
 /// Settings the store needs; a subset of `[store]`.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
+    /// The SQLite file; with `postgres`, only where the recovery file goes (beside it).
     pub path: PathBuf,
     pub busy_timeout: Duration,
     /// Seals tokens on write, opens them on read. The default keyring stores them clear.
     pub keyring: Keyring,
+    /// Use PostgreSQL at this URL instead of the SQLite file.
+    pub postgres: Option<PgOptions>,
 }
 
-/// Async handle to the store. Cheap to clone; all clones talk to one worker thread.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    pub url: SecretString,
+    /// Most connections this process holds.
+    pub pool_size: usize,
+}
+
+/// Async handle to the store. Cheap to clone; all clones share one worker (SQLite: a
+/// thread owning the connection; PostgreSQL: a pool and a group-commit task).
 #[derive(Clone)]
 pub struct Store {
-    tx: std_mpsc::Sender<Job>,
-    path: PathBuf,
+    backend: Backend,
     keys: Keyring,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite {
+        tx: std_mpsc::Sender<Job>,
+        path: PathBuf,
+    },
+    Postgres(Arc<postgres::PgStore>),
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Store({})", self.path.display())
+        write!(f, "Store({})", self.describe())
     }
 }
 
@@ -351,6 +442,20 @@ impl Store {
     }
 
     async fn start(opts: StoreOptions, read_only: bool) -> Result<Store, StoreError> {
+        if let Some(pg) = &opts.postgres {
+            let store = postgres::PgStore::open(
+                &pg.url,
+                pg.pool_size,
+                opts.keyring.clone(),
+                recovery_path(&opts.path),
+                read_only,
+            )
+            .await?;
+            return Ok(Store {
+                backend: Backend::Postgres(Arc::new(store)),
+                keys: opts.keyring,
+            });
+        }
         let (tx, rx) = std_mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = oneshot::channel();
         let path = opts.path.clone();
@@ -380,7 +485,10 @@ impl Store {
                 source: e,
             })?;
         ready_rx.await.map_err(|_| StoreError::Closed)??;
-        Ok(Store { tx, path, keys })
+        Ok(Store {
+            backend: Backend::Sqlite { tx, path },
+            keys,
+        })
     }
 
     fn prepare(opts: &StoreOptions) -> Result<Connection, StoreError> {
@@ -420,8 +528,31 @@ impl Store {
         Ok(conn)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The SQLite file, or None on PostgreSQL.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Sqlite { path, .. } => Some(path),
+            Backend::Postgres(_) => None,
+        }
+    }
+
+    /// Where the store is, for logs: the file, or the PostgreSQL URL without its password.
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite { path, .. } => path.display().to_string(),
+            Backend::Postgres(pg) => pg.describe().to_string(),
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    fn pg(&self) -> Option<&postgres::PgStore> {
+        match &self.backend {
+            Backend::Postgres(pg) => Some(pg),
+            Backend::Sqlite { .. } => None,
+        }
     }
 
     /// The keys this store seals and opens tokens with (for queries run through `in_tx`).
@@ -429,34 +560,46 @@ impl Store {
         &self.keys
     }
 
-    /// Runs `f` on the worker thread with the connection.
+    /// Runs `f` on the SQLite worker thread with the connection (SQLite only).
     pub async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
     {
+        let Backend::Sqlite { tx: jobs, .. } = &self.backend else {
+            return Err(StoreError::SqliteOnly {
+                what: "a raw SQLite query",
+                store: self.describe(),
+            });
+        };
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Job::Call(Box::new(move |c| {
-                let _ = tx.send(f(c));
-            })))
-            .map_err(|_| StoreError::Closed)?;
+        jobs.send(Job::Call(Box::new(move |c| {
+            let _ = tx.send(f(c));
+        })))
+        .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Writes one outcome; outcomes sent while a commit is running share the next commit.
     pub async fn record(&self, outcome: Outcome) -> Result<Recorded, StoreError> {
+        let jobs = match &self.backend {
+            Backend::Sqlite { tx, .. } => tx,
+            Backend::Postgres(pg) => return pg.record(outcome).await,
+        };
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Job::Record(outcome, tx))
+        jobs.send(Job::Record(outcome, tx))
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Finishes queued work (including retrying deferred commits once) and stops the worker.
     pub async fn close(&self) {
+        let jobs = match &self.backend {
+            Backend::Sqlite { tx, .. } => tx,
+            Backend::Postgres(pg) => return pg.close().await,
+        };
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Job::Close(tx)).is_ok() {
+        if jobs.send(Job::Close(tx)).is_ok() {
             let _ = rx.await;
         }
     }
@@ -468,15 +611,12 @@ impl Store {
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<Account>, StoreError> {
-        let owner = owner.to_string();
-        let until = now + lease.as_secs() as i64;
-        let keys = self.keys.clone();
-        self.call(move |c| sqlite::claim_due(c, &keys, &owner, now, until, limit))
+        self.claim_due_except(owner, now, lease, limit, Vec::new())
             .await
     }
 
     pub async fn next_due(&self, now: i64) -> Result<Option<i64>, StoreError> {
-        self.call(move |c| sqlite::next_due(c, now)).await
+        self.next_due_except(now, Vec::new()).await
     }
 
     /// `claim_due` without the accounts of the `skip` providers.
@@ -490,6 +630,9 @@ impl Store {
     ) -> Result<Vec<Account>, StoreError> {
         let owner = owner.to_string();
         let until = now + lease.as_secs() as i64;
+        if let Some(pg) = self.pg() {
+            return pg.claim_due_except(&owner, now, until, limit, &skip).await;
+        }
         let keys = self.keys.clone();
         self.call(move |c| sqlite::claim_due_except(c, &keys, &owner, now, until, limit, &skip))
             .await
@@ -501,16 +644,25 @@ impl Store {
         now: i64,
         skip: Vec<String>,
     ) -> Result<Option<i64>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.next_due_except(now, &skip).await;
+        }
         self.call(move |c| sqlite::next_due_except(c, now, &skip))
             .await
     }
 
     pub async fn get(&self, id: i64) -> Result<Option<Account>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.get(id).await;
+        }
         let keys = self.keys.clone();
         self.call(move |c| sqlite::get(c, &keys, id)).await
     }
 
     pub async fn find(&self, provider: &str, subject: &str) -> Result<Option<Account>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.find(provider, subject).await;
+        }
         let (p, s) = (provider.to_string(), subject.to_string());
         let keys = self.keys.clone();
         self.call(move |c| sqlite::find(c, &keys, &p, &s)).await
@@ -522,20 +674,32 @@ impl Store {
         after_id: i64,
         page: usize,
     ) -> Result<Vec<AccountSummary>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.list(&filter, after_id, page).await;
+        }
         self.call(move |c| sqlite::list(c, &filter, after_id, page))
             .await
     }
 
     pub async fn log_entries(&self, id: i64, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.log_entries(id, limit).await;
+        }
         self.call(move |c| sqlite::log_entries(c, id, limit)).await
     }
 
     pub async fn counts(&self) -> Result<Vec<(String, Status, i64)>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.counts().await;
+        }
         self.call(|c| sqlite::counts(c)).await
     }
 
     /// True when the database answers and carries every migration this build knows.
     pub async fn schema_current(&self) -> Result<bool, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.schema_current().await;
+        }
         self.call(|c| {
             let v: i64 = c
                 .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -550,6 +714,9 @@ impl Store {
 
     /// What the metrics report about the accounts, read in one go.
     pub async fn gauges(&self, now: i64) -> Result<Gauges, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.gauges(now).await;
+        }
         self.call(move |c| sqlite::gauges(c, now)).await
     }
 
@@ -559,6 +726,9 @@ impl Store {
         accounts: Vec<NewAccount>,
         now: i64,
     ) -> Result<Vec<(i64, bool)>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.upsert(&accounts, now).await;
+        }
         let keys = self.keys.clone();
         self.in_tx("import accounts", move |tx| {
             sqlite::upsert(tx, &keys, &accounts, now)
@@ -566,21 +736,64 @@ impl Store {
         .await
     }
 
+    /// Stores a connected account in one transaction. With `expect_id`, the account with
+    /// that id must be this provider and subject: else nothing is written and the stored
+    /// (id, provider, subject) comes back as the inner error. Ok gives the upsert's result
+    /// and the account's status before.
+    #[allow(clippy::type_complexity)]
+    pub async fn store_connected(
+        &self,
+        row: NewAccount,
+        expect_id: Option<i64>,
+        now: i64,
+    ) -> Result<Result<(Vec<(i64, bool)>, Option<Status>), (i64, String, String)>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.store_connected(&row, expect_id, now).await;
+        }
+        let keys = self.keys.clone();
+        self.in_tx("store a connected account", move |tx| {
+            if let Some(id) = expect_id {
+                let existing = sqlite::get(tx, &keys, id)?.ok_or(StoreError::NotFound(id))?;
+                if existing.provider != row.provider || existing.subject != row.subject {
+                    return Ok(Err((id, existing.provider, existing.subject)));
+                }
+            }
+            let previous = sqlite::find(tx, &keys, &row.provider, &row.subject)?.map(|a| a.status);
+            Ok(Ok((
+                sqlite::upsert(tx, &keys, std::slice::from_ref(&row), now)?,
+                previous,
+            )))
+        })
+        .await
+    }
+
     pub async fn sweep(&self, now: i64, window: Duration) -> Result<SweepReport, StoreError> {
         let end = now + window.as_secs() as i64;
+        if let Some(pg) = self.pg() {
+            return pg.sweep(now, end).await;
+        }
         self.in_tx("reauth sweep", move |tx| sqlite::sweep(tx, now, end))
             .await
     }
 
     pub async fn flagged_ids(&self) -> Result<Vec<(i64, Status)>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.flagged_ids().await;
+        }
         self.call(|c| sqlite::flagged_ids(c)).await
     }
 
     pub async fn prune_log(&self, before: i64) -> Result<usize, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.prune_log(before).await;
+        }
         self.call(move |c| sqlite::prune_log(c, before)).await
     }
 
     pub async fn mark_due(&self, id: i64, now: i64, force: bool) -> Result<Status, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.mark_due(id, now, force).await;
+        }
         self.in_tx("mark account due", move |tx| {
             sqlite::mark_due(tx, id, now, force)
         })
@@ -588,6 +801,9 @@ impl Store {
     }
 
     pub async fn remove(&self, id: i64) -> Result<(), StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.remove(id).await;
+        }
         self.in_tx("remove account", move |tx| sqlite::remove(tx, id))
             .await
     }
@@ -597,6 +813,9 @@ impl Store {
         let Some(id) = self.keys.primary_id().map(str::to_string) else {
             return Ok(0);
         };
+        if let Some(pg) = self.pg() {
+            return pg.count_to_rekey(&id).await;
+        }
         self.call(move |c| sqlite::count_to_rekey(c, &id)).await
     }
 
@@ -606,9 +825,73 @@ impl Store {
         after_id: i64,
         limit: usize,
     ) -> Result<sqlite::RekeyBatch, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.rekey_batch(after_id, limit).await;
+        }
         let keys = self.keys.clone();
         self.in_tx("re-seal tokens", move |tx| {
             sqlite::rekey_batch(tx, &keys, after_id, limit)
+        })
+        .await
+    }
+
+    /// One integer (or NULL) from a raw query whose `?1` is `id`, on either backend.
+    #[cfg(test)]
+    pub(crate) async fn test_query_i64(
+        &self,
+        sql: &'static str,
+        id: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        if let Some(pg) = self.pg() {
+            let c = pg.client().await?;
+            let row = c
+                .query_one(&sql.replace("?1", "$1::bigint"), &[&id])
+                .await
+                .map_err(|source| StoreError::Postgres {
+                    context: "test query",
+                    source,
+                })?;
+            return Ok(row.get(0));
+        }
+        self.call(move |c| {
+            c.query_row(sql, [id], |r| r.get(0))
+                .map_err(|source| StoreError::Sqlite {
+                    context: "test query",
+                    source,
+                })
+        })
+        .await
+    }
+
+    #[cfg(test)]
+    pub(crate) async fn test_lease(
+        &self,
+        id: i64,
+    ) -> Result<(Option<String>, Option<i64>), StoreError> {
+        if let Some(pg) = self.pg() {
+            let c = pg.client().await?;
+            let row = c
+                .query_one(
+                    "SELECT lease_owner, lease_expires_at FROM accounts WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .map_err(|source| StoreError::Postgres {
+                    context: "test query",
+                    source,
+                })?;
+            return Ok((row.get(0), row.get(1)));
+        }
+        self.call(move |c| {
+            c.query_row(
+                "SELECT lease_owner, lease_expires_at FROM accounts WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|source| StoreError::Sqlite {
+                context: "test query",
+                source,
+            })
         })
         .await
     }
@@ -671,6 +954,9 @@ pub async fn rekey(
     // The WAL still holds page images with the values just replaced: fold it into the
     // database (whose free space secure_delete zeroes) and truncate it. A running daemon's
     // reads can keep it from truncating; SQLite deletes it when the last connection closes.
+    if store.is_postgres() {
+        return Ok(report);
+    }
     store
         .call(|c| {
             c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))

@@ -182,11 +182,11 @@ pub fn remove(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Start-up: commit whatever a previous run could not, then remove the file.
-pub fn replay(conn: &mut Connection, keys: &Keyring, path: &Path) -> Result<(), StoreError> {
+/// The rotations a previous run left in the file; None when there is no file.
+pub fn read(path: &Path, keys: &Keyring) -> Result<Option<Vec<Outcome>>, StoreError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
             return Err(StoreError::Recovery {
                 path: path.to_path_buf(),
@@ -220,6 +220,14 @@ pub fn replay(conn: &mut Connection, keys: &Keyring, path: &Path) -> Result<(), 
             }
         }
     }
+    Ok(Some(outcomes))
+}
+
+/// Start-up: commit whatever a previous run could not, then remove the file.
+pub fn replay(conn: &mut Connection, keys: &Keyring, path: &Path) -> Result<(), StoreError> {
+    let Some(outcomes) = read(path, keys)? else {
+        return Ok(());
+    };
     let applied = apply(conn, keys, &outcomes)?;
     remove(path).map_err(|e| StoreError::Recovery {
         path: path.to_path_buf(),

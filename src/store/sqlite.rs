@@ -348,21 +348,7 @@ pub fn upsert(
             })
             .map_err(sql_err("look up account for import"))?;
         if let Some((id, lease_expires_at, last_refreshed_at)) = existing {
-            // Replacing tokens under a refresh in flight would make that refresh's rotation
-            // "superseded" and drop it: the provider may already have retired our token.
-            if lease_expires_at.is_some_and(|t| t > now) {
-                return Err(StoreError::Invalid(format!(
-                    "account {id} ({}/{}) is being refreshed right now; nothing imported, try again in a minute",
-                    a.provider, a.subject
-                )));
-            }
-            // An old export must not overwrite tokens refreshd rotated since.
-            if last_refreshed_at.is_some_and(|t| t > a.obtained_at) {
-                return Err(StoreError::Invalid(format!(
-                    "account {id} ({}/{}) was refreshed after these tokens were obtained (obtained_at is older than its last refresh); nothing imported: drop that line or give a newer token response",
-                    a.provider, a.subject
-                )));
-            }
+            super::check_upsert(id, a, lease_expires_at, last_refreshed_at, now)?;
         }
         let existing = existing.map(|(id, _, _)| id);
         // '' means "no refresh token given": the stored one is kept.
@@ -810,17 +796,7 @@ pub fn mark_due(
         .optional()
         .map_err(sql_err("read account"))?
         .ok_or(StoreError::NotFound(id))?;
-    let refreshable = matches!(status, Status::Active | Status::Expiring);
-    if status == Status::Disabled {
-        return Err(StoreError::Invalid(format!(
-            "account {id} is disabled by an admin: it is not refreshed"
-        )));
-    }
-    if !refreshable && !force {
-        return Err(StoreError::Invalid(format!(
-            "account {id} is {status}: it is not refreshed automatically. Reconnect it, or pass --force to try its stored refresh token once more"
-        )));
-    }
+    super::check_mark_due(id, status, force)?;
     // The lease is left alone: a daemon may be refreshing this account right now.
     tx.execute(
         "UPDATE accounts SET next_refresh_at = ?2, updated_at = ?2,
@@ -867,7 +843,7 @@ pub fn sealing_key_ids(conn: &Connection) -> Result<Vec<String>, StoreError> {
 }
 
 /// `LIKE` pattern of values sealed under `key_id`; key ids are hex, so nothing to escape.
-fn sealed_pattern(key_id: &str) -> String {
+pub(crate) fn sealed_pattern(key_id: &str) -> String {
     format!("{}{key_id}:%", crate::crypto::PREFIX)
 }
 

@@ -38,12 +38,73 @@ fn new_account(provider: &str, subject: &str, next_refresh_at: i64) -> NewAccoun
     }
 }
 
+tokio::task_local! {
+    /// The PostgreSQL URL (with a schema of its own) of the test running in this task, or
+    /// None for SQLite. Set by `on_both_backends!`.
+    static POSTGRES: Option<String>;
+}
+
 fn options(dir: &TempDir) -> StoreOptions {
     StoreOptions {
         path: dir.path().join("refreshd.db"),
         busy_timeout: Duration::from_millis(50),
         keyring: Default::default(),
+        postgres: POSTGRES
+            .try_with(|u| u.clone())
+            .ok()
+            .flatten()
+            .map(|url| PgOptions {
+                url: SecretString::from(url),
+                pool_size: 4,
+            }),
     }
+}
+
+/// A fresh schema in the database of `REFRESHD_TEST_POSTGRES_URL` and a URL that uses it;
+/// None (saying so on the terminal) when the variable is unset.
+async fn postgres_schema(test: &str) -> Option<String> {
+    let Ok(base) = std::env::var("REFRESHD_TEST_POSTGRES_URL") else {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        // Straight to stderr: the test harness captures print macros, not this.
+        SAID.call_once(|| {
+            let _ = writeln!(
+                std::io::stderr(),
+                "store tests on PostgreSQL NOT RUN: set REFRESHD_TEST_POSTGRES_URL (see README, Development)"
+            );
+        });
+        return None;
+    };
+    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("REFRESHD_TEST_POSTGRES_URL is set but does not connect: {e}"));
+    tokio::spawn(conn);
+    let schema = format!("t_{test}_{}", rand::random::<u32>());
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+        ))
+        .await
+        .unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
+}
+
+/// Runs each listed test on SQLite and on PostgreSQL (`NAME::sqlite`, `NAME::postgres`).
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::POSTGRES.scope(None, super::$name()).await
+            }
+            #[tokio::test]
+            async fn postgres() {
+                if let Some(url) = super::postgres_schema(stringify!($name)).await {
+                    super::POSTGRES.scope(Some(url), super::$name()).await
+                }
+            }
+        }
+    )*};
 }
 
 async fn temp_store() -> (TempDir, Store) {
@@ -92,35 +153,13 @@ fn transient(id: i64, owner: &str, at: i64) -> Outcome {
     }
 }
 
-/// One integer (or NULL) from a raw query on the worker's connection.
+/// One integer (or NULL) from a raw query (`?1` is `id`), on either backend.
 async fn query(store: &Store, sql: &'static str, id: i64) -> Option<i64> {
-    store
-        .call(move |c| {
-            c.query_row(sql, [id], |r| r.get(0))
-                .map_err(|source| StoreError::Sqlite {
-                    context: "test query",
-                    source,
-                })
-        })
-        .await
-        .unwrap()
+    store.test_query_i64(sql, id).await.unwrap()
 }
 
 async fn lease(store: &Store, id: i64) -> (Option<String>, Option<i64>) {
-    store
-        .call(move |c| {
-            c.query_row(
-                "SELECT lease_owner, lease_expires_at FROM accounts WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .map_err(|source| StoreError::Sqlite {
-                context: "test query",
-                source,
-            })
-        })
-        .await
-        .unwrap()
+    store.test_lease(id).await.unwrap()
 }
 
 async fn log_outcomes(store: &Store, id: i64) -> Vec<String> {
@@ -190,6 +229,7 @@ async fn open_fails_when_directory_is_missing() {
         path: dir.path().join("nope").join("refreshd.db"),
         busy_timeout: Duration::from_millis(50),
         keyring: Default::default(),
+        postgres: None,
     })
     .await
     .unwrap_err();
@@ -199,7 +239,6 @@ async fn open_fails_when_directory_is_missing() {
 
 // ---- upsert ----
 
-#[tokio::test]
 async fn upsert_inserts_then_updates_by_provider_and_subject() {
     let (_dir, store) = temp_store().await;
     let flagged = NewAccount {
@@ -272,7 +311,6 @@ async fn upsert_inserts_then_updates_by_provider_and_subject() {
     assert_eq!(log_outcomes(&store, id).await, ["imported"; 3]);
 }
 
-#[tokio::test]
 async fn upsert_refused_under_a_live_lease_then_clears_lease_and_failures() {
     let (_dir, store) = temp_store().await;
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
@@ -300,7 +338,6 @@ async fn upsert_refused_under_a_live_lease_then_clears_lease_and_failures() {
     assert_eq!(a.last_error, None);
 }
 
-#[tokio::test]
 async fn upsert_is_all_or_nothing() {
     let (_dir, store) = temp_store().await;
     // The second record is refused (its account is being refreshed): the first is not
@@ -329,7 +366,6 @@ async fn upsert_is_all_or_nothing() {
 
 // ---- claim_due ----
 
-#[tokio::test]
 async fn claim_due_takes_due_refreshable_accounts_in_order() {
     let (_dir, store) = temp_store().await;
     let accounts = vec![
@@ -382,7 +418,6 @@ async fn claim_due_takes_due_refreshable_accounts_in_order() {
     assert_eq!(ids(&much_later), [future]);
 }
 
-#[tokio::test]
 async fn claim_due_except_leaves_out_saturated_providers() {
     let (_dir, store) = temp_store().await;
     let id = insert(
@@ -419,7 +454,6 @@ async fn claim_due_except_leaves_out_saturated_providers() {
     assert_eq!(ids(&rest), [id[0], id[1]]);
 }
 
-#[tokio::test]
 async fn claim_due_respects_limit() {
     let (_dir, store) = temp_store().await;
     let id = insert(
@@ -437,7 +471,6 @@ async fn claim_due_respects_limit() {
     assert_eq!(ids(&rest), [id[0]]);
 }
 
-#[tokio::test]
 async fn claim_due_lease_blocks_other_owners_until_it_expires() {
     let (_dir, store) = temp_store().await;
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
@@ -473,7 +506,6 @@ async fn claim_due_lease_blocks_other_owners_until_it_expires() {
 
 // ---- record: Rotated ----
 
-#[tokio::test]
 async fn rotated_applies_when_generation_matches() {
     let (_dir, store) = temp_store().await;
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
@@ -540,7 +572,6 @@ async fn rotated_applies_when_generation_matches() {
     assert_eq!(a.generation, 2);
 }
 
-#[tokio::test]
 async fn rotated_is_superseded_when_generation_moved() {
     let (_dir, store) = temp_store().await;
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
@@ -568,7 +599,6 @@ async fn rotated_is_superseded_when_generation_moved() {
 
 // ---- record: Rejected ----
 
-#[tokio::test]
 async fn rejected_flags_needs_reauth_when_generation_matches() {
     let (_dir, store) = temp_store().await;
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
@@ -604,7 +634,6 @@ async fn rejected_flags_needs_reauth_when_generation_matches() {
     );
 }
 
-#[tokio::test]
 async fn rejected_after_a_rotation_elsewhere_is_superseded() {
     let (_dir, store) = temp_store().await;
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
@@ -649,7 +678,6 @@ async fn rejected_after_a_rotation_elsewhere_is_superseded() {
 
 // ---- record: Transient, ConfigError, Released ----
 
-#[tokio::test]
 async fn transient_counts_failure_and_releases_lease() {
     let (_dir, store) = temp_store().await;
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
@@ -683,7 +711,6 @@ async fn transient_counts_failure_and_releases_lease() {
     assert_eq!(get(&store, id).await.failures, 2);
 }
 
-#[tokio::test]
 async fn transient_with_lost_lease_leaves_row_to_new_owner() {
     let (_dir, store) = temp_store().await;
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
@@ -710,7 +737,6 @@ async fn transient_with_lost_lease_leaves_row_to_new_owner() {
     );
 }
 
-#[tokio::test]
 async fn config_error_and_release_need_the_lease() {
     let (_dir, store) = temp_store().await;
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
@@ -760,7 +786,6 @@ async fn config_error_and_release_need_the_lease() {
 
 // ---- group commit ----
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_records_are_all_committed() {
     let (_dir, store) = temp_store().await;
     let accounts = (0..200)
@@ -937,7 +962,6 @@ async fn open_replays_recovery_file_left_by_a_previous_run() {
     assert_eq!(log_outcomes(&store, id).await, ["rotated", "imported"]);
 }
 
-#[tokio::test]
 async fn replay_skips_a_rotation_already_committed() {
     let dir = tempfile::tempdir().unwrap();
     let opts = options(&dir);
@@ -968,7 +992,6 @@ async fn replay_skips_a_rotation_already_committed() {
     );
 }
 
-#[tokio::test]
 async fn garbled_recovery_line_fails_open_with_path_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let opts = options(&dir);
@@ -1015,7 +1038,6 @@ async fn garbled_recovery_line_fails_open_with_path_and_line() {
     assert_eq!(get(&store, id).await.generation, 0);
 }
 
-#[tokio::test]
 async fn torn_last_recovery_line_is_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let opts = options(&dir);
@@ -1047,7 +1069,6 @@ async fn torn_last_recovery_line_is_ignored() {
 
 // ---- sweep ----
 
-#[tokio::test]
 async fn sweep_flags_expiring_and_expired_refresh_tokens_once() {
     let (_dir, store) = temp_store().await;
     let with_refresh_life = |subject: &str, status: Status, obtained_at: i64, life: i64| {
@@ -1125,7 +1146,6 @@ async fn sweep_flags_expiring_and_expired_refresh_tokens_once() {
 
 // ---- admin operations ----
 
-#[tokio::test]
 async fn mark_due_needs_force_for_flagged_accounts() {
     let (_dir, store) = temp_store().await;
     let flagged = NewAccount {
@@ -1172,7 +1192,6 @@ async fn mark_due_needs_force_for_flagged_accounts() {
     ));
 }
 
-#[tokio::test]
 async fn remove_deletes_account_and_its_log() {
     let (_dir, store) = temp_store().await;
     let id = insert(
@@ -1208,7 +1227,6 @@ async fn remove_deletes_account_and_its_log() {
     );
 }
 
-#[tokio::test]
 async fn list_pages_and_filters() {
     let (_dir, store) = temp_store().await;
     let with_status = |provider: &str, subject: &str, status: Status| NewAccount {
@@ -1271,7 +1289,6 @@ async fn list_pages_and_filters() {
     assert_eq!(page[0].access_expires_at, NOW + 3600);
 }
 
-#[tokio::test]
 async fn log_entries_are_newest_first() {
     let (_dir, store) = temp_store().await;
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
@@ -1300,7 +1317,6 @@ async fn log_entries_are_newest_first() {
     assert!(store.log_entries(id + 1, 10).await.unwrap().is_empty());
 }
 
-#[tokio::test]
 async fn counts_group_by_provider_and_status() {
     let (_dir, store) = temp_store().await;
     assert!(store.counts().await.unwrap().is_empty());
@@ -1328,7 +1344,6 @@ async fn counts_group_by_provider_and_status() {
     );
 }
 
-#[tokio::test]
 async fn next_due_skips_held_leases_and_flagged_accounts() {
     let (_dir, store) = temp_store().await;
     assert_eq!(store.next_due(NOW).await.unwrap(), None);
@@ -1358,7 +1373,6 @@ async fn next_due_skips_held_leases_and_flagged_accounts() {
     assert_eq!(store.next_due(NOW + 110).await.unwrap(), Some(NOW + 50));
 }
 
-#[tokio::test]
 async fn prune_log_deletes_older_entries() {
     let (_dir, store) = temp_store().await;
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
@@ -1377,7 +1391,6 @@ async fn prune_log_deletes_older_entries() {
     assert!(store.get(id).await.unwrap().is_some(), "accounts untouched");
 }
 
-#[tokio::test]
 async fn mark_due_never_reenables_a_disabled_account() {
     let (_dir, store) = temp_store().await;
     let disabled = NewAccount {
@@ -1434,7 +1447,6 @@ async fn read_only_open_of_an_unmigrated_database_says_what_to_do() {
     );
 }
 
-#[tokio::test]
 async fn upsert_refuses_tokens_older_than_the_last_refresh() {
     let (_dir, store) = temp_store().await;
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
@@ -1452,4 +1464,51 @@ async fn upsert_refuses_tokens_older_than_the_last_refresh() {
         get(&store, id).await.refresh_token.expose_secret(),
         "rt-new"
     );
+}
+
+on_both_backends!(
+    upsert_inserts_then_updates_by_provider_and_subject,
+    upsert_refused_under_a_live_lease_then_clears_lease_and_failures,
+    upsert_is_all_or_nothing,
+    claim_due_takes_due_refreshable_accounts_in_order,
+    claim_due_except_leaves_out_saturated_providers,
+    claim_due_respects_limit,
+    claim_due_lease_blocks_other_owners_until_it_expires,
+    rotated_applies_when_generation_matches,
+    rotated_is_superseded_when_generation_moved,
+    rejected_flags_needs_reauth_when_generation_matches,
+    rejected_after_a_rotation_elsewhere_is_superseded,
+    transient_counts_failure_and_releases_lease,
+    transient_with_lost_lease_leaves_row_to_new_owner,
+    config_error_and_release_need_the_lease,
+    replay_skips_a_rotation_already_committed,
+    garbled_recovery_line_fails_open_with_path_and_line,
+    torn_last_recovery_line_is_ignored,
+    sweep_flags_expiring_and_expired_refresh_tokens_once,
+    mark_due_needs_force_for_flagged_accounts,
+    remove_deletes_account_and_its_log,
+    list_pages_and_filters,
+    log_entries_are_newest_first,
+    counts_group_by_provider_and_status,
+    next_due_skips_held_leases_and_flagged_accounts,
+    prune_log_deletes_older_entries,
+    mark_due_never_reenables_a_disabled_account,
+    upsert_refuses_tokens_older_than_the_last_refresh
+);
+
+mod concurrent_records_are_all_committed {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sqlite() {
+        super::POSTGRES
+            .scope(None, super::concurrent_records_are_all_committed())
+            .await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres() {
+        if let Some(url) = super::postgres_schema("concurrent").await {
+            super::POSTGRES
+                .scope(Some(url), super::concurrent_records_are_all_committed())
+                .await
+        }
+    }
 }

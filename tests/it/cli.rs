@@ -175,6 +175,7 @@ impl World {
             path: self.db.clone(),
             busy_timeout: Duration::from_secs(5),
             keyring: Default::default(),
+            postgres: None,
         })
         .await
         .expect("open store")
@@ -185,6 +186,7 @@ impl World {
             path: self.db.clone(),
             busy_timeout: Duration::from_secs(5),
             keyring: refreshd::crypto::Keyring::load(Some(key), &[]).expect("key"),
+            postgres: None,
         })
         .await
         .expect("open store")

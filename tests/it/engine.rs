@@ -92,6 +92,7 @@ async fn open_store(app: &TestApp, busy_timeout: Duration) -> Store {
         path: app.db.clone(),
         busy_timeout,
         keyring: Default::default(),
+        postgres: None,
     })
     .await
     .expect("open store")

@@ -115,6 +115,7 @@ impl TestApp {
             path: self.db.clone(),
             busy_timeout: Duration::from_secs(2),
             keyring: Default::default(),
+            postgres: None,
         })
         .await
         .expect("open store")

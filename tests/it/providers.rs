@@ -616,6 +616,7 @@ async fn open_store(db: &Path) -> Store {
         path: db.to_path_buf(),
         busy_timeout: Duration::from_secs(2),
         keyring: Default::default(),
+        postgres: None,
     })
     .await
     .expect("open store")

@@ -28,6 +28,7 @@ async fn open(app: &TestApp, keyring: Keyring) -> Result<Store, StoreError> {
         path: app.db.clone(),
         busy_timeout: Duration::from_secs(2),
         keyring,
+        postgres: None,
     })
     .await
 }
@@ -234,6 +235,7 @@ async fn a_key_that_opens_nothing_is_refused_at_start_naming_the_key() {
         path: app.db.clone(),
         busy_timeout: Duration::from_secs(2),
         keyring: Keyring::default(),
+        postgres: None,
     })
     .await;
     assert!(ro.is_err());

@@ -1,0 +1,1561 @@
+//! The PostgreSQL backend: the same accounts table and refresh log, the same semantics as
+//! `sqlite.rs` (leases, generation-guarded writes, group commit, recovery file), for several
+//! replicas sharing one database. Claims use `FOR UPDATE SKIP LOCKED`, so replicas never wait
+//! on each other's rows; migrations run under an advisory lock, so replicas starting together
+//! do not race. A lost connection is a transient error: the pool reconnects on the next use.
+
+use super::{
+    AccountSummary, Gauges, ListFilter, LogEntry, NewAccount, Outcome, Recorded, StoreError,
+    SweepReport, recovery,
+};
+use crate::crypto::{Column, Keyring};
+use crate::model::{Account, ReauthReason, Status};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
+use secrecy::{ExposeSecret, SecretString};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{GenericClient, NoTls, Row};
+
+/// Numbered like `schema::MIGRATIONS` (the same changes, in PostgreSQL's dialect), so one
+/// version number means the same schema on both backends.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: accounts and the refresh log.
+    r#"
+CREATE TABLE accounts (
+    id                 BIGSERIAL PRIMARY KEY,
+    provider           TEXT    NOT NULL,
+    subject            TEXT    NOT NULL,
+    label              TEXT,
+    access_token       TEXT    NOT NULL,
+    refresh_token      TEXT    NOT NULL,
+    scope              TEXT    NOT NULL DEFAULT '',
+    token_type         TEXT    NOT NULL DEFAULT 'Bearer',
+    access_expires_at  BIGINT  NOT NULL,
+    refresh_expires_at BIGINT,
+    next_refresh_at    BIGINT  NOT NULL,
+    status             TEXT    NOT NULL DEFAULT 'active'
+                       CHECK (status IN ('active', 'expiring', 'needs_reauth', 'disabled')),
+    reauth_reason      TEXT,
+    reauth_flagged_at  BIGINT,
+    failures           BIGINT  NOT NULL DEFAULT 0,
+    last_error         TEXT,
+    last_refreshed_at  BIGINT,
+    lease_owner        TEXT,
+    lease_expires_at   BIGINT,
+    generation         BIGINT  NOT NULL DEFAULT 0,
+    created_at         BIGINT  NOT NULL,
+    updated_at         BIGINT  NOT NULL,
+    UNIQUE (provider, subject)
+);
+CREATE INDEX accounts_due ON accounts (next_refresh_at) WHERE status IN ('active', 'expiring');
+CREATE INDEX accounts_status ON accounts (status, provider);
+CREATE INDEX accounts_refresh_expiry ON accounts (refresh_expires_at)
+    WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL;
+
+CREATE TABLE refresh_log (
+    id          BIGSERIAL PRIMARY KEY,
+    account_id  BIGINT  NOT NULL,
+    at          BIGINT  NOT NULL,
+    outcome     TEXT    NOT NULL,
+    http_status INTEGER,
+    error       TEXT,
+    duration_ms BIGINT
+);
+CREATE INDEX refresh_log_account ON refresh_log (account_id, at);
+CREATE INDEX refresh_log_at ON refresh_log (at);
+"#,
+    // 2: the crash window (see schema.rs).
+    r#"
+ALTER TABLE accounts ADD COLUMN interrupted_at BIGINT;
+"#,
+];
+
+/// Taken (per database) while migrating: "refreshd" in ASCII.
+const MIGRATION_LOCK: i64 = 0x7265_6672_6573_6864;
+
+const ACCOUNT_COLUMNS: &str = "id, provider, subject, label, access_token, refresh_token, scope, \
+    token_type, access_expires_at, refresh_expires_at, next_refresh_at, status, reauth_reason, \
+    reauth_flagged_at, failures, last_error, last_refreshed_at, generation, created_at, updated_at, \
+    interrupted_at";
+
+const SUMMARY_COLUMNS: &str = "id, provider, subject, label, status, reauth_reason, \
+    access_expires_at, refresh_expires_at, next_refresh_at, failures, last_error, \
+    last_refreshed_at, reauth_flagged_at, scope";
+
+fn pg_err(context: &'static str) -> impl Fn(tokio_postgres::Error) -> StoreError {
+    move |source| StoreError::Postgres { context, source }
+}
+
+fn pool_err(context: &'static str) -> impl Fn(deadpool_postgres::PoolError) -> StoreError {
+    move |source| StoreError::PgPool {
+        context,
+        message: source.to_string(),
+    }
+}
+
+/// `postgres://user@host:port/db`, never the password: for logs and errors.
+pub fn describe(url: &str) -> String {
+    match url.parse::<tokio_postgres::Config>() {
+        Ok(c) => {
+            let host = c
+                .get_hosts()
+                .first()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .unwrap_or_else(|| "localhost".into());
+            let port = c.get_ports().first().copied().unwrap_or(5432);
+            format!(
+                "postgres://{}@{host}:{port}/{}",
+                c.get_user().unwrap_or(""),
+                c.get_dbname().unwrap_or("")
+            )
+        }
+        Err(_) => "postgres://(unparsable url)".into(),
+    }
+}
+
+/// Checks a `store.url` without connecting; the message never carries the password.
+pub fn validate_url(url: &str) -> Result<(), String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("must start with postgres:// or postgresql:// (leave it unset for SQLite at store.path)".into());
+    }
+    let c: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| format!("is not a valid PostgreSQL URL: {e}"))?;
+    if c.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err("sslmode=require is not supported yet: connect over loopback, a Unix socket or a private network (sslmode=disable or prefer)".into());
+    }
+    Ok(())
+}
+
+fn status(s: String) -> Result<Status, StoreError> {
+    s.parse::<Status>()
+        .map_err(|e| StoreError::Invalid(format!("stored status {s:?}: {e}")))
+}
+
+fn row_to_account(r: &Row) -> Result<Account, StoreError> {
+    let g = pg_err("read an account row");
+    Ok(Account {
+        id: r.try_get(0).map_err(&g)?,
+        provider: r.try_get(1).map_err(&g)?,
+        subject: r.try_get(2).map_err(&g)?,
+        label: r.try_get(3).map_err(&g)?,
+        access_token: SecretString::from(r.try_get::<_, String>(4).map_err(&g)?),
+        refresh_token: SecretString::from(r.try_get::<_, String>(5).map_err(&g)?),
+        scope: r.try_get(6).map_err(&g)?,
+        token_type: r.try_get(7).map_err(&g)?,
+        access_expires_at: r.try_get(8).map_err(&g)?,
+        refresh_expires_at: r.try_get(9).map_err(&g)?,
+        next_refresh_at: r.try_get(10).map_err(&g)?,
+        status: status(r.try_get(11).map_err(&g)?)?,
+        reauth_reason: r
+            .try_get::<_, Option<String>>(12)
+            .map_err(&g)?
+            .and_then(|s| ReauthReason::parse(&s)),
+        reauth_flagged_at: r.try_get(13).map_err(&g)?,
+        failures: r.try_get(14).map_err(&g)?,
+        last_error: r.try_get(15).map_err(&g)?,
+        last_refreshed_at: r.try_get(16).map_err(&g)?,
+        generation: r.try_get(17).map_err(&g)?,
+        created_at: r.try_get(18).map_err(&g)?,
+        updated_at: r.try_get(19).map_err(&g)?,
+        interrupted_at: r.try_get(20).map_err(&g)?,
+    })
+}
+
+fn open_tokens(keys: &Keyring, mut a: Account) -> Result<Account, StoreError> {
+    a.access_token = keys.open(a.id, Column::AccessToken, a.access_token.expose_secret())?;
+    a.refresh_token = keys.open(a.id, Column::RefreshToken, a.refresh_token.expose_secret())?;
+    Ok(a)
+}
+
+fn row_to_summary(r: &Row) -> Result<AccountSummary, StoreError> {
+    let g = pg_err("read an account row");
+    Ok(AccountSummary {
+        id: r.try_get(0).map_err(&g)?,
+        provider: r.try_get(1).map_err(&g)?,
+        subject: r.try_get(2).map_err(&g)?,
+        label: r.try_get(3).map_err(&g)?,
+        status: status(r.try_get(4).map_err(&g)?)?,
+        reauth_reason: r
+            .try_get::<_, Option<String>>(5)
+            .map_err(&g)?
+            .and_then(|s| ReauthReason::parse(&s)),
+        access_expires_at: r.try_get(6).map_err(&g)?,
+        refresh_expires_at: r.try_get(7).map_err(&g)?,
+        next_refresh_at: r.try_get(8).map_err(&g)?,
+        failures: r.try_get(9).map_err(&g)?,
+        last_error: r.try_get(10).map_err(&g)?,
+        last_refreshed_at: r.try_get(11).map_err(&g)?,
+        reauth_flagged_at: r.try_get(12).map_err(&g)?,
+        scope: r.try_get(13).map_err(&g)?,
+    })
+}
+
+/// Most outcomes written by one commit.
+const MAX_GROUP: usize = 1024;
+/// How often deferred (recovery-file) commits are retried while any are pending.
+const RETRY_EVERY: Duration = Duration::from_secs(2);
+
+enum Job {
+    Record(Outcome, oneshot::Sender<Result<Recorded, StoreError>>),
+    Close(oneshot::Sender<()>),
+}
+
+/// Handle to a PostgreSQL store: a connection pool plus the group-commit task.
+pub struct PgStore {
+    pool: Pool,
+    keys: Keyring,
+    jobs: mpsc::UnboundedSender<Job>,
+    describe: String,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PgStore({})", self.describe)
+    }
+}
+
+impl PgStore {
+    /// Connects, migrates (unless `read_only`), checks the keys, replays the recovery file
+    /// (unless `read_only`) and starts the group-commit task.
+    pub async fn open(
+        url: &SecretString,
+        pool_size: usize,
+        keys: Keyring,
+        recovery_file: PathBuf,
+        read_only: bool,
+    ) -> Result<PgStore, StoreError> {
+        let describe = describe(url.expose_secret());
+        let mut config: tokio_postgres::Config =
+            url.expose_secret()
+                .parse()
+                .map_err(|e| StoreError::PgConnect {
+                    url: describe.clone(),
+                    message: format!("invalid URL: {e}"),
+                })?;
+        if read_only {
+            // The server refuses writes, as SQLite's read-only open does.
+            let options = format!(
+                "{} -c default_transaction_read_only=on",
+                config.get_options().unwrap_or("")
+            );
+            config.options(options.trim());
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(2))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| StoreError::PgConnect {
+                url: describe.clone(),
+                message: e.to_string(),
+            })?;
+        // The first connection says whether the server is there at all: name it plainly.
+        let mut client = pool.get().await.map_err(|e| StoreError::PgConnect {
+            url: describe.clone(),
+            message: e.to_string(),
+        })?;
+        if read_only {
+            let v = schema_version(&**client).await?;
+            if v != MIGRATIONS.len() {
+                return Err(StoreError::Invalid(format!(
+                    "database {describe} has schema version {v}, this refreshd uses {}: run `refreshd run` (or `refreshd accounts import`) once to migrate it",
+                    MIGRATIONS.len()
+                )));
+            }
+        } else {
+            migrate(&mut client)
+                .await
+                .map_err(|(version, source)| StoreError::PgMigration {
+                    url: describe.clone(),
+                    version,
+                    source,
+                })?;
+        }
+        for key_id in sealing_key_ids(&**client).await? {
+            if !keys.knows(&key_id) {
+                return Err(StoreError::MissingKey {
+                    path: PathBuf::from(&describe),
+                    key_id,
+                    configured: keys.describe(),
+                });
+            }
+        }
+        if !read_only && let Some(outcomes) = recovery::read(&recovery_file, &keys)? {
+            let mut c = client;
+            let applied = apply_recovered(&mut c, &keys, &outcomes).await?;
+            recovery::remove(&recovery_file).map_err(|e| StoreError::Recovery {
+                path: recovery_file.clone(),
+                message: format!("replayed but cannot remove: {e}"),
+            })?;
+            tracing::info!(event = "recovery_replayed", path = %recovery_file.display(), entries = outcomes.len(), applied, "replayed rotations a previous run could not commit");
+        }
+        let (jobs, rx) = mpsc::unbounded_channel();
+        tokio::spawn(
+            Worker {
+                pool: pool.clone(),
+                keys: keys.clone(),
+                recovery: recovery_file,
+                deferred: Vec::new(),
+            }
+            .run(rx),
+        );
+        Ok(PgStore {
+            pool,
+            keys,
+            jobs,
+            describe,
+        })
+    }
+
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    /// Runs `f` in one transaction on a pooled connection; commits when it returns Ok.
+    async fn in_tx<R>(
+        &self,
+        context: &'static str,
+        f: impl AsyncFnOnce(&Transaction<'_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let mut client = self.pool.get().await.map_err(pool_err(context))?;
+        let tx = client.transaction().await.map_err(pg_err(context))?;
+        let r = f(&tx).await?;
+        tx.commit().await.map_err(pg_err(context))?;
+        Ok(r)
+    }
+
+    pub async fn record(&self, outcome: Outcome) -> Result<Recorded, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Record(outcome, tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.send(Job::Close(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    pub async fn claim_due_except(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+        skip: &[String],
+    ) -> Result<Vec<Account>, StoreError> {
+        let ctx = "claim due accounts";
+        let sealed = self
+            .in_tx(ctx, async |tx| {
+                // SKIP LOCKED: rows another replica is claiming right now are left to it.
+                let stmt = tx
+                    .prepare_cached(&format!(
+                        "UPDATE accounts a SET lease_owner = $1, lease_expires_at = $2,
+                            interrupted_at = CASE WHEN a.lease_owner IS NOT NULL THEN a.lease_expires_at END
+                         FROM (SELECT id FROM accounts
+                               WHERE status IN ('active', 'expiring') AND next_refresh_at <= $3
+                                 AND (lease_owner IS NULL OR lease_expires_at <= $3)
+                                 AND provider <> ALL($5::text[])
+                               ORDER BY next_refresh_at
+                               LIMIT $4
+                               FOR UPDATE SKIP LOCKED) due
+                         WHERE a.id = due.id
+                         RETURNING {}",
+                        ACCOUNT_COLUMNS
+                            .split(", ")
+                            .map(|c| format!("a.{c}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                    .await
+                    .map_err(pg_err(ctx))?;
+                let rows = tx
+                    .query(&stmt, &[&owner, &lease_until, &now, &(limit as i64), &skip])
+                    .await
+                    .map_err(pg_err(ctx))?;
+                rows.iter().map(row_to_account).collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        let mut out = Vec::with_capacity(sealed.len());
+        for a in sealed {
+            let id = a.id;
+            match open_tokens(&self.keys, a) {
+                Ok(a) => out.push(a),
+                Err(e) => {
+                    tracing::error!(event = "token_unreadable", account = id, error = %e,
+                        "cannot open this account's stored tokens; it is skipped until its lease ends")
+                }
+            }
+        }
+        out.sort_by_key(|a| a.next_refresh_at);
+        Ok(out)
+    }
+
+    pub async fn next_due_except(
+        &self,
+        now: i64,
+        skip: &[String],
+    ) -> Result<Option<i64>, StoreError> {
+        let ctx = "find next due account";
+        let client = self.pool.get().await.map_err(pool_err(ctx))?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT next_refresh_at FROM accounts
+                 WHERE status IN ('active', 'expiring')
+                   AND (lease_owner IS NULL OR lease_expires_at <= $1)
+                   AND provider <> ALL($2::text[])
+                 ORDER BY next_refresh_at LIMIT 1",
+            )
+            .await
+            .map_err(pg_err(ctx))?;
+        let row = client
+            .query_opt(&stmt, &[&now, &skip])
+            .await
+            .map_err(pg_err(ctx))?;
+        row.map(|r| r.try_get(0).map_err(pg_err(ctx))).transpose()
+    }
+
+    pub async fn get(&self, id: i64) -> Result<Option<Account>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err("read account"))?;
+        get_on(&**client, &self.keys, id).await
+    }
+
+    pub async fn find(&self, provider: &str, subject: &str) -> Result<Option<Account>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err("find account"))?;
+        find_on(&**client, &self.keys, provider, subject).await
+    }
+
+    pub async fn list(
+        &self,
+        filter: &ListFilter,
+        after_id: i64,
+        page: usize,
+    ) -> Result<Vec<AccountSummary>, StoreError> {
+        let ctx = "list accounts";
+        let client = self.pool.get().await.map_err(pool_err(ctx))?;
+        let needs = if filter.needs_reauth {
+            " AND status IN ('expiring', 'needs_reauth')"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT {SUMMARY_COLUMNS} FROM accounts WHERE id > $1
+               AND ($2::text IS NULL OR provider = $2) AND ($3::text IS NULL OR status = $3){needs}
+             ORDER BY id LIMIT $4"
+        );
+        let rows = client
+            .query(
+                &sql,
+                &[
+                    &after_id,
+                    &filter.provider,
+                    &filter.status.map(|s| s.as_str()),
+                    &(page as i64),
+                ],
+            )
+            .await
+            .map_err(pg_err(ctx))?;
+        rows.iter().map(row_to_summary).collect()
+    }
+
+    pub async fn log_entries(&self, id: i64, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
+        let ctx = "read refresh log";
+        let client = self.pool.get().await.map_err(pool_err(ctx))?;
+        let rows = client
+            .query(
+                "SELECT at, outcome, http_status, error, duration_ms FROM refresh_log
+                 WHERE account_id = $1 ORDER BY at DESC, id DESC LIMIT $2",
+                &[&id, &(limit as i64)],
+            )
+            .await
+            .map_err(pg_err(ctx))?;
+        rows.iter()
+            .map(|r| {
+                Ok(LogEntry {
+                    at: r.try_get(0).map_err(pg_err(ctx))?,
+                    outcome: r.try_get(1).map_err(pg_err(ctx))?,
+                    http_status: r
+                        .try_get::<_, Option<i32>>(2)
+                        .map_err(pg_err(ctx))?
+                        .map(|s| s as u16),
+                    error: r.try_get(3).map_err(pg_err(ctx))?,
+                    duration_ms: r.try_get(4).map_err(pg_err(ctx))?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn counts(&self) -> Result<Vec<(String, Status, i64)>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err("count accounts"))?;
+        counts_on(&**client).await
+    }
+
+    pub async fn schema_current(&self) -> Result<bool, StoreError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(pool_err("read the schema version"))?;
+        Ok(schema_version(&**client).await? == MIGRATIONS.len())
+    }
+
+    pub async fn gauges(&self, now: i64) -> Result<Gauges, StoreError> {
+        let ctx = "read account gauges";
+        let client = self.pool.get().await.map_err(pool_err(ctx))?;
+        let pairs = |rows: Vec<Row>| -> Result<Vec<(String, i64)>, StoreError> {
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get(0).map_err(pg_err(ctx))?,
+                        r.try_get(1).map_err(pg_err(ctx))?,
+                    ))
+                })
+                .collect()
+        };
+        let flagged = client
+            .query(
+                "SELECT provider, COALESCE(reauth_reason, 'unknown'), COUNT(*) FROM accounts
+                 WHERE status IN ('needs_reauth', 'expiring') GROUP BY 1, 2 ORDER BY 1, 2",
+                &[],
+            )
+            .await
+            .map_err(pg_err(ctx))?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0).map_err(pg_err(ctx))?,
+                    r.try_get(1).map_err(pg_err(ctx))?,
+                    r.try_get(2).map_err(pg_err(ctx))?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let access_expired = pairs(
+            client
+                .query(
+                    "SELECT provider, COUNT(*) FROM accounts
+                     WHERE status IN ('active', 'expiring') AND access_expires_at <= $1
+                     GROUP BY 1 ORDER BY 1",
+                    &[&now],
+                )
+                .await
+                .map_err(pg_err(ctx))?,
+        )?;
+        let soonest_refresh_expiry = pairs(
+            client
+                .query(
+                    "SELECT provider, MIN(refresh_expires_at) FROM accounts
+                     WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
+                     GROUP BY 1 ORDER BY 1",
+                    &[],
+                )
+                .await
+                .map_err(pg_err(ctx))?,
+        )?;
+        Ok(Gauges {
+            by_status: counts_on(&**client).await?,
+            flagged,
+            access_expired,
+            soonest_refresh_expiry,
+        })
+    }
+
+    pub async fn upsert(
+        &self,
+        accounts: &[NewAccount],
+        now: i64,
+    ) -> Result<Vec<(i64, bool)>, StoreError> {
+        let keys = self.keys.clone();
+        self.in_tx("import accounts", async |tx| {
+            upsert_on(tx, &keys, accounts, now).await
+        })
+        .await
+    }
+
+    /// `connect`'s write: with `expect_id`, the account must be that provider and subject.
+    /// Returns the upsert's result and the status the account had before, or the mismatch.
+    #[allow(clippy::type_complexity)]
+    pub async fn store_connected(
+        &self,
+        row: &NewAccount,
+        expect_id: Option<i64>,
+        now: i64,
+    ) -> Result<Result<(Vec<(i64, bool)>, Option<Status>), (i64, String, String)>, StoreError> {
+        let keys = self.keys.clone();
+        self.in_tx("store a connected account", async |tx| {
+            if let Some(id) = expect_id {
+                let existing = get_on(&**tx, &keys, id)
+                    .await?
+                    .ok_or(StoreError::NotFound(id))?;
+                if existing.provider != row.provider || existing.subject != row.subject {
+                    return Ok(Err((id, existing.provider, existing.subject)));
+                }
+            }
+            let previous = find_on(&**tx, &keys, &row.provider, &row.subject)
+                .await?
+                .map(|a| a.status);
+            Ok(Ok((
+                upsert_on(tx, &keys, std::slice::from_ref(row), now).await?,
+                previous,
+            )))
+        })
+        .await
+    }
+
+    pub async fn sweep(&self, now: i64, window_end: i64) -> Result<SweepReport, StoreError> {
+        self.in_tx("reauth sweep", async |tx| {
+            let run = async |sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]| {
+                tx.query(sql, params)
+                    .await
+                    .map_err(pg_err("sweep refresh-token expiries"))?
+                    .iter()
+                    .map(row_to_summary)
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            let expired = run(
+                &format!(
+                    "UPDATE accounts SET status = 'needs_reauth', reauth_reason = 'refresh_token_expired',
+                        reauth_flagged_at = $1, updated_at = $1
+                     WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
+                       AND refresh_expires_at <= $1
+                     RETURNING {SUMMARY_COLUMNS}"
+                ),
+                &[&now],
+            )
+            .await?;
+            let expiring = run(
+                &format!(
+                    "UPDATE accounts SET status = 'expiring', reauth_reason = 'refresh_token_expiring',
+                        reauth_flagged_at = $1, updated_at = $1
+                     WHERE status = 'active' AND refresh_expires_at IS NOT NULL
+                       AND refresh_expires_at <= $2
+                     RETURNING {SUMMARY_COLUMNS}"
+                ),
+                &[&now, &window_end],
+            )
+            .await?;
+            for a in &expired {
+                append_log(tx, a.id, now, "reauth_required", None, Some("refresh token expired"), None)
+                    .await?;
+            }
+            for a in &expiring {
+                append_log(
+                    tx,
+                    a.id,
+                    now,
+                    "reauth_required",
+                    None,
+                    Some("refresh token ends within the reauth window"),
+                    None,
+                )
+                .await?;
+            }
+            // Each list in id order, as on SQLite, whatever order the update visited rows in.
+            let (mut expiring, mut expired) = (expiring, expired);
+            expiring.sort_by_key(|a| a.id);
+            expired.sort_by_key(|a| a.id);
+            Ok(SweepReport { expiring, expired })
+        })
+        .await
+    }
+
+    pub async fn flagged_ids(&self) -> Result<Vec<(i64, Status)>, StoreError> {
+        let ctx = "list flagged accounts";
+        let client = self.pool.get().await.map_err(pool_err(ctx))?;
+        client
+            .query(
+                "SELECT id, status FROM accounts WHERE status IN ('expiring', 'needs_reauth') ORDER BY id",
+                &[],
+            )
+            .await
+            .map_err(pg_err(ctx))?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0).map_err(pg_err(ctx))?,
+                    status(r.try_get(1).map_err(pg_err(ctx))?)?,
+                ))
+            })
+            .collect()
+    }
+
+    pub async fn prune_log(&self, before: i64) -> Result<usize, StoreError> {
+        let ctx = "prune refresh log";
+        let client = self.pool.get().await.map_err(pool_err(ctx))?;
+        let mut total = 0;
+        loop {
+            let n = client
+                .execute(
+                    "DELETE FROM refresh_log WHERE id IN
+                        (SELECT id FROM refresh_log WHERE at < $1 LIMIT 10000)",
+                    &[&before],
+                )
+                .await
+                .map_err(pg_err(ctx))? as usize;
+            total += n;
+            if n < 10_000 {
+                return Ok(total);
+            }
+        }
+    }
+
+    pub async fn mark_due(&self, id: i64, now: i64, force: bool) -> Result<Status, StoreError> {
+        self.in_tx("mark account due", async |tx| {
+            let row = tx
+                .query_opt("SELECT status FROM accounts WHERE id = $1 FOR UPDATE", &[&id])
+                .await
+                .map_err(pg_err("read account"))?
+                .ok_or(StoreError::NotFound(id))?;
+            let st = status(row.try_get(0).map_err(pg_err("read account"))?)?;
+            super::check_mark_due(id, st, force)?;
+            tx.execute(
+                "UPDATE accounts SET next_refresh_at = $2, updated_at = $2,
+                    failures = CASE WHEN status = 'needs_reauth' THEN 0 ELSE failures END,
+                    reauth_reason = CASE WHEN status = 'needs_reauth' THEN NULL ELSE reauth_reason END,
+                    reauth_flagged_at = CASE WHEN status = 'needs_reauth' THEN NULL ELSE reauth_flagged_at END,
+                    status = CASE WHEN status = 'needs_reauth' THEN 'active' ELSE status END
+                 WHERE id = $1",
+                &[&id, &now],
+            )
+            .await
+            .map_err(pg_err("mark account due"))?;
+            append_log(tx, id, now, "marked_due", None, None, None).await?;
+            Ok(st)
+        })
+        .await
+    }
+
+    pub async fn remove(&self, id: i64) -> Result<(), StoreError> {
+        self.in_tx("remove account", async |tx| {
+            let n = tx
+                .execute("DELETE FROM accounts WHERE id = $1", &[&id])
+                .await
+                .map_err(pg_err("remove account"))?;
+            if n == 0 {
+                return Err(StoreError::NotFound(id));
+            }
+            tx.execute("DELETE FROM refresh_log WHERE account_id = $1", &[&id])
+                .await
+                .map_err(pg_err("remove account's refresh log"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn count_to_rekey(&self, key_id: &str) -> Result<u64, StoreError> {
+        let ctx = "count accounts to re-seal";
+        let client = self.pool.get().await.map_err(pool_err(ctx))?;
+        let n: i64 = client
+            .query_one(
+                "SELECT COUNT(*) FROM accounts WHERE access_token NOT LIKE $1 OR refresh_token NOT LIKE $1",
+                &[&super::sqlite::sealed_pattern(key_id)],
+            )
+            .await
+            .map_err(pg_err(ctx))?
+            .try_get(0)
+            .map_err(pg_err(ctx))?;
+        Ok(n as u64)
+    }
+
+    pub async fn rekey_batch(
+        &self,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<super::sqlite::RekeyBatch, StoreError> {
+        let Some(primary) = self.keys.primary_id().map(str::to_string) else {
+            return Err(StoreError::Invalid(
+                "rekey needs store.encryption_key_file: the key every token is sealed under".into(),
+            ));
+        };
+        let keys = self.keys.clone();
+        self.in_tx("re-seal tokens", async |tx| {
+            let ctx = "read accounts to re-seal";
+            // FOR UPDATE: no rotation lands between reading a value and replacing it.
+            let rows = tx
+                .query(
+                    "SELECT id, access_token, refresh_token FROM accounts
+                     WHERE id > $1 AND (access_token NOT LIKE $2 OR refresh_token NOT LIKE $2)
+                     ORDER BY id LIMIT $3 FOR UPDATE",
+                    &[
+                        &after_id,
+                        &super::sqlite::sealed_pattern(&primary),
+                        &(limit as i64),
+                    ],
+                )
+                .await
+                .map_err(pg_err(ctx))?;
+            let mut out = super::sqlite::RekeyBatch {
+                last_id: None,
+                resealed: 0,
+            };
+            for r in rows {
+                let id: i64 = r.try_get(0).map_err(pg_err(ctx))?;
+                let access: String = r.try_get(1).map_err(pg_err(ctx))?;
+                let refresh: String = r.try_get(2).map_err(pg_err(ctx))?;
+                out.last_id = Some(id);
+                let new_access = keys.reseal(id, Column::AccessToken, &access)?;
+                let new_refresh = keys.reseal(id, Column::RefreshToken, &refresh)?;
+                if new_access.is_none() && new_refresh.is_none() {
+                    continue;
+                }
+                out.resealed +=
+                    tx.execute(
+                        "UPDATE accounts SET access_token = $2, refresh_token = $3 WHERE id = $1",
+                        &[
+                            &id,
+                            &new_access.as_deref().unwrap_or(&access),
+                            &new_refresh.as_deref().unwrap_or(&refresh),
+                        ],
+                    )
+                    .await
+                    .map_err(pg_err("re-seal account tokens"))? as usize;
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// A pooled connection, for tests.
+    #[cfg(test)]
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(pool_err("connect"))
+    }
+}
+
+async fn schema_version(client: &impl GenericClient) -> Result<usize, StoreError> {
+    let ctx = "read the schema version";
+    let exists: bool = client
+        .query_one("SELECT to_regclass('refreshd_schema') IS NOT NULL", &[])
+        .await
+        .map_err(pg_err(ctx))?
+        .try_get(0)
+        .map_err(pg_err(ctx))?;
+    if !exists {
+        return Ok(0);
+    }
+    let v: i32 = client
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM refreshd_schema", &[])
+        .await
+        .map_err(pg_err(ctx))?
+        .try_get(0)
+        .map_err(pg_err(ctx))?;
+    Ok(v as usize)
+}
+
+/// Applies every migration newer than the database in one transaction, under an advisory
+/// lock: a replica starting at the same moment waits, then finds nothing left to do.
+async fn migrate(
+    client: &mut deadpool_postgres::Object,
+) -> Result<(), (usize, tokio_postgres::Error)> {
+    let tx = client.transaction().await.map_err(|e| (0, e))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(|e| (0, e))?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS refreshd_schema (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        .await
+        .map_err(|e| (0, e))?;
+    let current: i32 = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM refreshd_schema", &[])
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(|e| (0, e))?;
+    let current = current as usize;
+    if current > MIGRATIONS.len() {
+        // Surfaced as a migration error on a version this build does not know.
+        return Err((
+            current,
+            tx.execute("SELECT 1/0", &[])
+                .await
+                .expect_err("division by zero fails"),
+        ));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        tx.batch_execute(sql).await.map_err(|e| (i + 1, e))?;
+        tx.execute(
+            "INSERT INTO refreshd_schema (version) VALUES ($1)",
+            &[&((i + 1) as i32)],
+        )
+        .await
+        .map_err(|e| (i + 1, e))?;
+    }
+    tx.commit().await.map_err(|e| (MIGRATIONS.len(), e))?;
+    if current < MIGRATIONS.len() {
+        tracing::info!(
+            event = "schema_migrated",
+            from = current,
+            to = MIGRATIONS.len(),
+            "PostgreSQL schema migrated"
+        );
+    }
+    Ok(())
+}
+
+async fn sealing_key_ids(client: &impl GenericClient) -> Result<Vec<String>, StoreError> {
+    let ctx = "list encryption key ids";
+    client
+        .query(
+            "SELECT DISTINCT substr(v, 8, 16) FROM (
+                SELECT access_token AS v FROM accounts
+                UNION ALL SELECT refresh_token FROM accounts) t
+             WHERE v LIKE 'enc:v1:%' AND substr(v, 24, 1) = ':'
+               AND substr(v, 8, 16) ~ '^[0-9a-f]{16}$'",
+            &[],
+        )
+        .await
+        .map_err(pg_err(ctx))?
+        .iter()
+        .map(|r| r.try_get(0).map_err(pg_err(ctx)))
+        .collect()
+}
+
+async fn counts_on(client: &impl GenericClient) -> Result<Vec<(String, Status, i64)>, StoreError> {
+    let ctx = "count accounts";
+    client
+        .query(
+            "SELECT provider, status, COUNT(*) FROM accounts GROUP BY provider, status ORDER BY provider, status",
+            &[],
+        )
+        .await
+        .map_err(pg_err(ctx))?
+        .iter()
+        .map(|r| {
+            Ok((
+                r.try_get(0).map_err(pg_err(ctx))?,
+                status(r.try_get(1).map_err(pg_err(ctx))?)?,
+                r.try_get(2).map_err(pg_err(ctx))?,
+            ))
+        })
+        .collect()
+}
+
+async fn get_on(
+    c: &impl GenericClient,
+    keys: &Keyring,
+    id: i64,
+) -> Result<Option<Account>, StoreError> {
+    c.query_opt(
+        &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1"),
+        &[&id],
+    )
+    .await
+    .map_err(pg_err("read account"))?
+    .map(|r| open_tokens(keys, row_to_account(&r)?))
+    .transpose()
+}
+
+async fn find_on(
+    c: &impl GenericClient,
+    keys: &Keyring,
+    provider: &str,
+    subject: &str,
+) -> Result<Option<Account>, StoreError> {
+    c.query_opt(
+        &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE provider = $1 AND subject = $2"),
+        &[&provider, &subject],
+    )
+    .await
+    .map_err(pg_err("find account"))?
+    .map(|r| open_tokens(keys, row_to_account(&r)?))
+    .transpose()
+}
+
+async fn append_log(
+    tx: &Transaction<'_>,
+    id: i64,
+    at: i64,
+    outcome: &str,
+    http_status: Option<u16>,
+    error: Option<&str>,
+    duration_ms: Option<i64>,
+) -> Result<(), StoreError> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO refresh_log (account_id, at, outcome, http_status, error, duration_ms)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .await
+        .map_err(pg_err("append refresh log"))?;
+    tx.execute(
+        &stmt,
+        &[
+            &id,
+            &at,
+            &outcome,
+            &http_status.map(i32::from),
+            &error,
+            &duration_ms,
+        ],
+    )
+    .await
+    .map_err(pg_err("append refresh log"))?;
+    Ok(())
+}
+
+async fn upsert_on(
+    tx: &Transaction<'_>,
+    keys: &Keyring,
+    accounts: &[NewAccount],
+    now: i64,
+) -> Result<Vec<(i64, bool)>, StoreError> {
+    let mut out = Vec::with_capacity(accounts.len());
+    for a in accounts {
+        let existing = tx
+            .query_opt(
+                "SELECT id, lease_expires_at, last_refreshed_at FROM accounts
+                 WHERE provider = $1 AND subject = $2 FOR UPDATE",
+                &[&a.provider, &a.subject],
+            )
+            .await
+            .map_err(pg_err("look up account for import"))?
+            .map(|r| -> Result<(i64, Option<i64>, Option<i64>), StoreError> {
+                let g = pg_err("look up account for import");
+                Ok((
+                    r.try_get(0).map_err(&g)?,
+                    r.try_get(1).map_err(&g)?,
+                    r.try_get(2).map_err(&g)?,
+                ))
+            })
+            .transpose()?;
+        if let Some((id, lease_expires_at, last_refreshed_at)) = existing {
+            super::check_upsert(id, a, lease_expires_at, last_refreshed_at, now)?;
+        }
+        let refresh_clear = a
+            .tokens
+            .refresh_token
+            .as_ref()
+            .map(|t| t.expose_secret().to_string())
+            .unwrap_or_default();
+        let seal_refresh = |id| {
+            if refresh_clear.is_empty() {
+                String::new()
+            } else {
+                keys.seal(id, Column::RefreshToken, &refresh_clear)
+            }
+        };
+        let access_expires_at = a.obtained_at + a.tokens.expires_in;
+        let refresh_expires_at = a.tokens.refresh_expires_in.map(|s| a.obtained_at + s);
+        let scope = a.tokens.scope.clone().unwrap_or_default();
+        let reason = a.reauth_reason.map(|r| r.as_str());
+        let flagged_at = a.reauth_reason.map(|_| now);
+        let id = match existing {
+            Some((id, _, _)) => {
+                tx.execute(
+                    "UPDATE accounts SET label = COALESCE($2, label), access_token = $3,
+                        refresh_token = CASE WHEN $4 = '' THEN refresh_token ELSE $4 END,
+                        scope = $5, token_type = $6, access_expires_at = $7,
+                        refresh_expires_at = CASE WHEN $4 = '' THEN COALESCE($8, refresh_expires_at) ELSE $8 END,
+                        next_refresh_at = $9, status = $10,
+                        reauth_reason = $11, reauth_flagged_at = $12, failures = 0,
+                        last_error = NULL, lease_owner = NULL, lease_expires_at = NULL,
+                        generation = generation + 1, updated_at = $13
+                     WHERE id = $1",
+                    &[
+                        &id,
+                        &a.label,
+                        &keys.seal(id, Column::AccessToken, a.tokens.access_token.expose_secret()),
+                        &seal_refresh(id),
+                        &scope,
+                        &a.tokens.token_type,
+                        &access_expires_at,
+                        &refresh_expires_at,
+                        &a.next_refresh_at,
+                        &a.status.as_str(),
+                        &reason,
+                        &flagged_at,
+                        &now,
+                    ],
+                )
+                .await
+                .map_err(pg_err("update imported account"))?;
+                out.push((id, false));
+                id
+            }
+            None => {
+                // The id is part of a sealed value's associated data and known only after
+                // the insert: with a key, the tokens are written by a second statement.
+                let (access, refresh) = if keys.seals() {
+                    (String::new(), String::new())
+                } else {
+                    (
+                        a.tokens.access_token.expose_secret().to_string(),
+                        refresh_clear.clone(),
+                    )
+                };
+                let id: i64 = tx
+                    .query_one(
+                        "INSERT INTO accounts (provider, subject, label, access_token, refresh_token,
+                            scope, token_type, access_expires_at, refresh_expires_at, next_refresh_at,
+                            status, reauth_reason, reauth_flagged_at, created_at, updated_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14)
+                         RETURNING id",
+                        &[
+                            &a.provider,
+                            &a.subject,
+                            &a.label,
+                            &access,
+                            &refresh,
+                            &scope,
+                            &a.tokens.token_type,
+                            &access_expires_at,
+                            &refresh_expires_at,
+                            &a.next_refresh_at,
+                            &a.status.as_str(),
+                            &reason,
+                            &flagged_at,
+                            &now,
+                        ],
+                    )
+                    .await
+                    .map_err(pg_err("insert imported account"))?
+                    .try_get(0)
+                    .map_err(pg_err("insert imported account"))?;
+                if keys.seals() {
+                    tx.execute(
+                        "UPDATE accounts SET access_token = $2, refresh_token = $3 WHERE id = $1",
+                        &[
+                            &id,
+                            &keys.seal(
+                                id,
+                                Column::AccessToken,
+                                a.tokens.access_token.expose_secret(),
+                            ),
+                            &seal_refresh(id),
+                        ],
+                    )
+                    .await
+                    .map_err(pg_err("store imported tokens"))?;
+                }
+                out.push((id, true));
+                id
+            }
+        };
+        append_log(tx, id, now, "imported", None, None, None).await?;
+    }
+    Ok(out)
+}
+
+/// Writes one refresh outcome inside the group-commit transaction; see `sqlite::record`.
+async fn record(tx: &Transaction<'_>, keys: &Keyring, o: &Outcome) -> Result<Recorded, StoreError> {
+    let exec = async |ctx: &'static str,
+                      sql: &str,
+                      params: &[&(dyn tokio_postgres::types::ToSql + Sync)]|
+           -> Result<u64, StoreError> {
+        let stmt = tx.prepare_cached(sql).await.map_err(pg_err(ctx))?;
+        tx.execute(&stmt, params).await.map_err(pg_err(ctx))
+    };
+    match o {
+        Outcome::Rotated {
+            account_id,
+            generation,
+            tokens,
+            at,
+            next_refresh_at,
+            status,
+            reauth_reason,
+            http_status,
+            duration_ms,
+        } => {
+            let refresh_token = tokens
+                .refresh_token
+                .as_ref()
+                .map(|t| keys.seal(*account_id, Column::RefreshToken, t.expose_secret()));
+            let n = exec(
+                "store rotated tokens",
+                "UPDATE accounts SET access_token = $3,
+                    refresh_token = COALESCE($4, refresh_token),
+                    scope = COALESCE($5, scope), token_type = $6,
+                    access_expires_at = $7,
+                    refresh_expires_at = COALESCE($8, refresh_expires_at),
+                    next_refresh_at = $9, status = $10,
+                    reauth_reason = $11::text,
+                    reauth_flagged_at = CASE WHEN $11::text IS NULL THEN NULL
+                        WHEN reauth_reason IS NOT DISTINCT FROM $11::text THEN reauth_flagged_at ELSE $12 END,
+                    failures = 0, last_error = NULL, last_refreshed_at = $12,
+                    lease_owner = NULL, lease_expires_at = NULL,
+                    generation = generation + 1, updated_at = $12
+                 WHERE id = $1 AND generation = $2",
+                &[
+                    account_id,
+                    generation,
+                    &keys.seal(
+                        *account_id,
+                        Column::AccessToken,
+                        tokens.access_token.expose_secret(),
+                    ),
+                    &refresh_token,
+                    &tokens.scope,
+                    &tokens.token_type,
+                    &(at + tokens.expires_in),
+                    &tokens.refresh_expires_in.map(|s| at + s),
+                    next_refresh_at,
+                    &status.as_str(),
+                    &reauth_reason.map(|r| r.as_str()),
+                    at,
+                ],
+            )
+            .await?;
+            if n == 0 {
+                append_log(
+                    tx,
+                    *account_id,
+                    *at,
+                    "superseded",
+                    *http_status,
+                    Some(
+                        "another refresh rotated this account first; these tokens were not stored",
+                    ),
+                    Some(*duration_ms),
+                )
+                .await?;
+                return Ok(Recorded::Superseded);
+            }
+            append_log(
+                tx,
+                *account_id,
+                *at,
+                "rotated",
+                *http_status,
+                None,
+                Some(*duration_ms),
+            )
+            .await?;
+            Ok(Recorded::Applied)
+        }
+        Outcome::Transient {
+            account_id,
+            owner,
+            at,
+            next_refresh_at,
+            error,
+            http_status,
+            duration_ms,
+        } => {
+            let n = exec(
+                "record transient failure",
+                "UPDATE accounts SET failures = failures + 1, last_error = $3,
+                    next_refresh_at = $4, lease_owner = NULL, lease_expires_at = NULL,
+                    updated_at = $5
+                 WHERE id = $1 AND lease_owner = $2",
+                &[account_id, owner, error, next_refresh_at, at],
+            )
+            .await?;
+            append_log(
+                tx,
+                *account_id,
+                *at,
+                "transient",
+                *http_status,
+                Some(error),
+                Some(*duration_ms),
+            )
+            .await?;
+            Ok(if n == 0 {
+                Recorded::LeaseLost
+            } else {
+                Recorded::Applied
+            })
+        }
+        Outcome::ConfigError {
+            account_id,
+            owner,
+            at,
+            next_refresh_at,
+            error,
+            http_status,
+            duration_ms,
+        } => {
+            let n = exec(
+                "record provider configuration error",
+                "UPDATE accounts SET last_error = $3, next_refresh_at = $4,
+                    lease_owner = NULL, lease_expires_at = NULL, updated_at = $5
+                 WHERE id = $1 AND lease_owner = $2",
+                &[account_id, owner, error, next_refresh_at, at],
+            )
+            .await?;
+            append_log(
+                tx,
+                *account_id,
+                *at,
+                "config_error",
+                *http_status,
+                Some(error),
+                Some(*duration_ms),
+            )
+            .await?;
+            Ok(if n == 0 {
+                Recorded::LeaseLost
+            } else {
+                Recorded::Applied
+            })
+        }
+        Outcome::Rejected {
+            account_id,
+            generation,
+            reason,
+            at,
+            error,
+            http_status,
+            duration_ms,
+        } => {
+            let n = exec(
+                "flag account for re-authorization",
+                "UPDATE accounts SET status = 'needs_reauth', reauth_reason = $3,
+                    reauth_flagged_at = $4, last_error = $5, failures = failures + 1,
+                    lease_owner = NULL, lease_expires_at = NULL, updated_at = $4
+                 WHERE id = $1 AND generation = $2",
+                &[account_id, generation, &reason.as_str(), at, error],
+            )
+            .await?;
+            if n == 0 {
+                append_log(
+                    tx,
+                    *account_id,
+                    *at,
+                    "superseded",
+                    *http_status,
+                    Some(&format!(
+                        "rejected, but another refresh had rotated the account: not flagged ({error})"
+                    )),
+                    Some(*duration_ms),
+                )
+                .await?;
+                return Ok(Recorded::Superseded);
+            }
+            append_log(
+                tx,
+                *account_id,
+                *at,
+                "reauth_required",
+                *http_status,
+                Some(error),
+                Some(*duration_ms),
+            )
+            .await?;
+            Ok(Recorded::Applied)
+        }
+        Outcome::Released { account_id, owner } => {
+            exec(
+                "release lease",
+                "UPDATE accounts SET lease_owner = NULL, lease_expires_at = NULL
+                 WHERE id = $1 AND lease_owner = $2",
+                &[account_id, owner],
+            )
+            .await?;
+            Ok(Recorded::Applied)
+        }
+    }
+}
+
+/// Commits deferred rotations; one already in the database is skipped (see recovery.rs).
+async fn apply_recovered(
+    client: &mut deadpool_postgres::Object,
+    keys: &Keyring,
+    outcomes: &[Outcome],
+) -> Result<usize, StoreError> {
+    let ctx = "replay rotations that could not be committed";
+    let tx = client.transaction().await.map_err(pg_err(ctx))?;
+    let mut applied = 0;
+    for o in outcomes {
+        if let Outcome::Rotated {
+            account_id,
+            generation,
+            tokens,
+            ..
+        } = o
+            && let Some(current) = get_on(&*tx, keys, *account_id).await?
+            && current.generation == generation + 1
+            && current.access_token.expose_secret() == tokens.access_token.expose_secret()
+        {
+            continue;
+        }
+        if record(&tx, keys, o).await? == Recorded::Applied {
+            applied += 1;
+        }
+    }
+    tx.commit().await.map_err(pg_err(ctx))?;
+    Ok(applied)
+}
+
+/// The group-commit task: outcomes that arrive together share one transaction.
+struct Worker {
+    pool: Pool,
+    keys: Keyring,
+    recovery: PathBuf,
+    deferred: Vec<Outcome>,
+}
+
+type Reply = oneshot::Sender<Result<Recorded, StoreError>>;
+
+impl Worker {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
+        loop {
+            let job = if self.deferred.is_empty() {
+                match rx.recv().await {
+                    Some(j) => j,
+                    None => break,
+                }
+            } else {
+                match tokio::time::timeout(RETRY_EVERY, rx.recv()).await {
+                    Ok(Some(j)) => j,
+                    Ok(None) => break,
+                    Err(_) => {
+                        self.retry_deferred().await;
+                        continue;
+                    }
+                }
+            };
+            match job {
+                Job::Close(done) => {
+                    self.retry_deferred().await;
+                    let _ = done.send(());
+                    return;
+                }
+                Job::Record(o, reply) => {
+                    let mut batch = vec![(o, reply)];
+                    let mut close = None;
+                    while batch.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(Job::Record(o, r)) => batch.push((o, r)),
+                            Ok(Job::Close(d)) => {
+                                close = Some(d);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    // Deferred rotations go first: nothing else should see the rows they update.
+                    self.retry_deferred().await;
+                    self.commit_group(batch).await;
+                    if let Some(done) = close {
+                        self.retry_deferred().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                }
+            }
+        }
+        self.retry_deferred().await;
+    }
+
+    async fn commit(&self, outcomes: &[&Outcome]) -> Result<Vec<Recorded>, StoreError> {
+        let ctx = "commit refresh outcomes";
+        let mut client = self.pool.get().await.map_err(pool_err(ctx))?;
+        let tx = client.transaction().await.map_err(pg_err(ctx))?;
+        let mut results = Vec::with_capacity(outcomes.len());
+        for o in outcomes {
+            results.push(record(&tx, &self.keys, o).await?);
+        }
+        tx.commit().await.map_err(pg_err(ctx))?;
+        Ok(results)
+    }
+
+    async fn commit_group(&mut self, batch: Vec<(Outcome, Reply)>) {
+        let outcomes: Vec<&Outcome> = batch.iter().map(|(o, _)| o).collect();
+        let result = self.commit(&outcomes).await;
+        // A lost connection fails every outcome alike; anything else may be one bad outcome,
+        // which must not hold the others hostage: then commit each alone.
+        if let Err(e) = &result
+            && batch.len() > 1
+            && !e.is_transient()
+        {
+            for one in batch {
+                Box::pin(self.commit_group(vec![one])).await;
+            }
+            return;
+        }
+        match result {
+            Ok(results) => {
+                for ((_, reply), r) in batch.into_iter().zip(results) {
+                    let _ = reply.send(Ok(r));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                let (rotated, others): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .partition(|(o, _)| matches!(o, Outcome::Rotated { .. }));
+                if !rotated.is_empty() {
+                    let outcomes: Vec<Outcome> = rotated.iter().map(|(o, _)| o.clone()).collect();
+                    let saved = recovery::append(&self.recovery, &self.keys, &outcomes);
+                    self.deferred.extend(outcomes);
+                    for (_, reply) in rotated {
+                        let _ = reply.send(match &saved {
+                            Ok(()) => Ok(Recorded::Deferred),
+                            Err(e) => Err(StoreError::Recovery {
+                                path: self.recovery.clone(),
+                                message: format!("{e}; commit failed too: {message}"),
+                            }),
+                        });
+                    }
+                }
+                for (_, reply) in others {
+                    let _ = reply.send(Err(StoreError::Invalid(format!(
+                        "commit failed, outcome not stored (will be retried after the lease expires): {message}"
+                    ))));
+                }
+            }
+        }
+    }
+
+    async fn retry_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let result = match self.pool.get().await {
+            Ok(mut c) => apply_recovered(&mut c, &self.keys, &self.deferred).await,
+            Err(e) => Err(pool_err("retry deferred rotations")(e)),
+        };
+        match result {
+            Ok(_) => {
+                self.deferred.clear();
+                if let Err(e) = recovery::remove(&self.recovery) {
+                    tracing::error!(event = "recovery_cleanup_failed", path = %self.recovery.display(), error = %e,
+                        "deferred tokens are committed but the recovery file could not be removed; it is replayed harmlessly at next start");
+                } else {
+                    tracing::info!(event = "recovery_committed", path = %self.recovery.display(), "deferred token rotations are now committed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(event = "recovery_retry_failed", pending = self.deferred.len(), error = %e,
+                    "rotated tokens still waiting to be committed; they are safe in the recovery file");
+            }
+        }
+    }
+}
+
+/// Whether a PostgreSQL error is worth retrying: the connection or server went away, or the
+/// transaction lost a race (serialization, deadlock) or was cancelled.
+pub fn is_transient(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08") // connection exception
+                || c.starts_with("53") // insufficient resources (disk full, too many connections)
+                || c.starts_with("57P") // admin shutdown, crash shutdown, cannot connect now
+                || c == "40001" // serialization failure
+                || c == "40P01" // deadlock
+                || c == "55P03" // lock not available
+                || c == "57014" // query cancelled (statement_timeout)
+        }
+        // No SQLSTATE: an I/O error talking to the server.
+        None => true,
+    }
+}
