@@ -866,9 +866,17 @@ async fn migrate(
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(|e| (0, e))?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS refreshd_schema (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+    // Under the lock, so this cannot race; checked first, so the server logs no NOTICE.
+    let exists: bool = tx
+        .query_one("SELECT to_regclass('refreshd_schema') IS NOT NULL", &[])
         .await
+        .and_then(|r| r.try_get(0))
         .map_err(|e| (0, e))?;
+    if !exists {
+        tx.batch_execute("CREATE TABLE refreshd_schema (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+            .await
+            .map_err(|e| (0, e))?;
+    }
     let current: i32 = tx
         .query_one("SELECT COALESCE(MAX(version), 0) FROM refreshd_schema", &[])
         .await

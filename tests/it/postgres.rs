@@ -1,0 +1,466 @@
+//! PostgreSQL: real `refreshd run` replicas sharing one database, connection loss, and
+//! `store copy` between the backends. Needs `REFRESHD_TEST_POSTGRES_URL` (`.ci/run` starts a
+//! server and sets it); without it each test says on the terminal that it did not run.
+
+use crate::helpers::{CLIENT_KEY, CLIENT_SECRET, bin, eventually};
+use refreshd::clock::Clock;
+use refreshd::model::{Status, TokenSet};
+use refreshd::sandbox::{Sandbox, SandboxConfig};
+use refreshd::store::{NewAccount, Outcome, PgOptions, Recorded, Store, StoreOptions};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A URL on a fresh schema of the test database, or None (said on the terminal).
+pub async fn postgres_url(test: &str) -> Option<String> {
+    let Ok(base) = std::env::var("REFRESHD_TEST_POSTGRES_URL") else {
+        // Straight to stderr: the harness captures the print macros, not this.
+        let _ = writeln!(
+            std::io::stderr(),
+            "{test}: NOT RUN, needs PostgreSQL: set REFRESHD_TEST_POSTGRES_URL (see README, Development)"
+        );
+        return None;
+    };
+    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("REFRESHD_TEST_POSTGRES_URL is set but does not connect: {e}"));
+    tokio::spawn(conn);
+    let schema = format!("it_{test}_{}", rand::random::<u32>());
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
+}
+
+async fn raw(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+fn pg_store_options(url: &str, dir: &Path) -> StoreOptions {
+    StoreOptions {
+        path: dir.join("refreshd.db"),
+        busy_timeout: Duration::from_secs(5),
+        keyring: Default::default(),
+        postgres: Some(PgOptions {
+            url: SecretString::from(url.to_string()),
+            pool_size: 4,
+        }),
+    }
+}
+
+fn now() -> i64 {
+    Clock::system().now()
+}
+
+/// Imports fresh sandbox grants for `n` users, due now.
+async fn import(store: &Store, sandbox: &Sandbox, n: usize) -> Vec<i64> {
+    let t = now();
+    let accounts = (0..n)
+        .map(|i| {
+            let open_id = format!("user-{i:03}");
+            let g = sandbox.grant(&open_id, "user.info.basic", None);
+            NewAccount {
+                provider: "tiktok".into(),
+                subject: open_id,
+                label: None,
+                tokens: TokenSet {
+                    access_token: SecretString::from(g["access_token"].as_str().unwrap()),
+                    refresh_token: Some(SecretString::from(g["refresh_token"].as_str().unwrap())),
+                    expires_in: g["expires_in"].as_i64().unwrap(),
+                    refresh_expires_in: g["refresh_expires_in"].as_i64(),
+                    subject: None,
+                    scope: Some("user.info.basic".into()),
+                    token_type: "Bearer".into(),
+                },
+                obtained_at: t,
+                next_refresh_at: t,
+                status: Status::Active,
+                reauth_reason: None,
+            }
+        })
+        .collect();
+    store
+        .upsert(accounts, t)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// One `refreshd run` with its JSON log collected; SIGKILLed when dropped.
+struct Replica {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Replica {
+    fn start(config: &Path) -> Replica {
+        let mut cmd = Command::new(bin());
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("REFRESHD_") || k == "RUST_LOG" {
+                cmd.env_remove(&k);
+            }
+        }
+        cmd.args(["--config", config.to_str().unwrap(), "run"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn refreshd run");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let pipe = child.stderr.take().unwrap();
+        let into = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                into.lock().unwrap().push(line);
+            }
+        });
+        Replica { child, log }
+    }
+
+    fn events(&self, name: &str) -> Vec<Value> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["event"] == name)
+            .collect()
+    }
+
+    fn owner(&self) -> Option<String> {
+        self.events("starting")
+            .first()
+            .and_then(|e| e["owner"].as_str().map(str::to_string))
+    }
+
+    fn text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn generations(db: &tokio_postgres::Client) -> Vec<(String, i64, String, Option<String>)> {
+    db.query(
+        "SELECT subject, generation, status, reauth_reason FROM accounts ORDER BY id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_replicas_share_the_work_and_pick_up_a_killed_ones_leases() {
+    let Some(url) = postgres_url("replicas").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::start(
+        SandboxConfig {
+            access_ttl: Duration::from_secs(3600),
+            ..SandboxConfig::default()
+        },
+        Clock::system(),
+    )
+    .await
+    .unwrap();
+    const N: usize = 120;
+    let store = Store::open(pg_store_options(&url, dir.path()))
+        .await
+        .unwrap();
+    let ids = import(&store, &sandbox, N).await;
+    assert_eq!(ids.len(), N);
+
+    // A slow provider rate (per process) keeps accounts leased while they wait their turn,
+    // so the replica killed later holds leases of accounts it never sent.
+    let config = dir.path().join("refreshd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[store]
+url = {url:?}
+path = {recovery:?}
+lease = "9s"
+pool_size = 4
+
+[refresh]
+lead = "10m"
+jitter = "0s"
+min_interval = "1s"
+request_timeout = "2s"
+connect_timeout = "1s"
+max_idle = "500ms"
+concurrency = 8
+
+[log]
+format = "json"
+level = "info"
+
+[providers.tiktok]
+client_key = "{CLIENT_KEY}"
+client_secret = "{CLIENT_SECRET}"
+token_url = {token:?}
+rate_limit = 900
+burst = 1
+"#,
+            recovery = dir.path().join("recovery-base").display().to_string(),
+            token = sandbox.token_url(),
+        ),
+    )
+    .unwrap();
+    let db = raw(&url).await;
+
+    // Phase 1: four replicas refresh every account once; none twice.
+    let mut replicas: Vec<Replica> = (0..4).map(|_| Replica::start(&config)).collect();
+    let all_refreshed = eventually(30, || async {
+        generations(&db).await.iter().all(|(_, g, _, _)| *g >= 1)
+    })
+    .await;
+    let logs: String = replicas.iter().map(Replica::text).collect();
+    assert!(
+        all_refreshed,
+        "not every account was refreshed; logs:\n{logs}"
+    );
+    let stats = sandbox.stats();
+    assert_eq!(stats.reuse_rejected, 0, "{stats:?}");
+    assert_eq!(
+        stats.refreshed, N as u64,
+        "each account exactly once: {stats:?}"
+    );
+    let per_replica: Vec<usize> = replicas
+        .iter()
+        .map(|r| {
+            r.events("refresh")
+                .iter()
+                .filter(|e| e["outcome"] == "rotated")
+                .count()
+        })
+        .collect();
+    eprintln!("rotations per replica: {per_replica:?}");
+    assert_eq!(per_replica.iter().sum::<usize>(), N);
+    assert!(
+        per_replica.iter().all(|n| *n > 0),
+        "work spread over all four replicas: {per_replica:?}"
+    );
+
+    // Phase 2: everything due again; kill one replica while it holds leases.
+    let victim = replicas[0].owner().expect("the victim logged its owner id");
+    db.execute("UPDATE accounts SET next_refresh_at = $1", &[&now()])
+        .await
+        .unwrap();
+    let held = || async {
+        db.query("SELECT id FROM accounts WHERE lease_owner = $1", &[&victim])
+            .await
+            .unwrap()
+            .len()
+    };
+    assert!(
+        eventually(10, || async { held().await >= 3 }).await,
+        "the victim never held leases"
+    );
+    replicas[0].kill();
+    let orphaned: Vec<i64> = db
+        .query(
+            "SELECT id FROM accounts WHERE lease_owner = $1 ORDER BY id",
+            &[&victim],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let stats_at_kill = sandbox.stats();
+    eprintln!(
+        "killed {victim} holding {} leases; sandbox had answered {} refreshes",
+        orphaned.len(),
+        stats_at_kill.refreshed
+    );
+    assert!(!orphaned.is_empty());
+
+    // The others take over once the lease (9 s) has run out.
+    let done = eventually(30, || async {
+        generations(&db)
+            .await
+            .iter()
+            .all(|(_, g, status, _)| *g >= 2 || status == "needs_reauth")
+    })
+    .await;
+    let logs: String = replicas[1..].iter().map(Replica::text).collect();
+    assert!(done, "accounts left behind after the kill; logs:\n{logs}");
+    let rows = generations(&db).await;
+    let flagged: Vec<_> = rows.iter().filter(|r| r.2 == "needs_reauth").collect();
+    let stats = sandbox.stats();
+    eprintln!(
+        "after the kill: {} flagged (crash window), {} reuse rejections",
+        flagged.len(),
+        stats.reuse_rejected
+    );
+    // Only a refresh the provider answered and the victim never stored can be lost, and it
+    // must then be named for what it is. Everything else is picked up.
+    assert!(
+        stats.reuse_rejected as usize <= flagged.len() && flagged.len() <= 8,
+        "at most the victim's in-flight refreshes (concurrency 8): {flagged:?} {stats:?}"
+    );
+    for (subject, _, _, reason) in &flagged {
+        assert_eq!(reason.as_deref(), Some("refresh_interrupted"), "{subject}");
+    }
+    // Nothing lost: every active account's stored refresh token is the provider's current one.
+    for r in db
+        .query(
+            "SELECT subject, refresh_token, status FROM accounts ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+    {
+        let (subject, token, status): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        if status == "active" {
+            assert_eq!(
+                Some(token),
+                sandbox.current_refresh_token(&subject),
+                "{subject}"
+            );
+        }
+    }
+    for r in &mut replicas {
+        r.kill();
+    }
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_is_transient_and_no_outcome_is_half_written() {
+    let Some(url) = postgres_url("connloss").await else {
+        return;
+    };
+    // Named, so the server can drop exactly this store's connections.
+    let url = format!("{url}&application_name=refreshd_connloss");
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::start(SandboxConfig::default(), Clock::system())
+        .await
+        .unwrap();
+    let store = Store::open(pg_store_options(&url, dir.path()))
+        .await
+        .unwrap();
+    import(&store, &sandbox, 3).await;
+    let t = now();
+    let claimed = store
+        .claim_due("owner-a", t, Duration::from_secs(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3);
+
+    // The server drops every connection of this test's schema (a restart, a failover).
+    let admin = raw(&url).await;
+    let kill_others = async || {
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND application_name = 'refreshd_connloss'",
+                &[],
+            )
+            .await
+            .unwrap()
+    };
+    // Every pooled connection is dead now: the first use of each fails, transiently.
+    let _ = kill_others().await;
+    let mut transient_errors = 0;
+    let mut recorded = Vec::new();
+    for a in &claimed {
+        let outcome = Outcome::Rotated {
+            account_id: a.id,
+            generation: a.generation,
+            tokens: TokenSet {
+                access_token: SecretString::from(format!("at-new-{}", a.id)),
+                refresh_token: Some(SecretString::from(format!("rt-new-{}", a.id))),
+                expires_in: 3600,
+                refresh_expires_in: None,
+                subject: None,
+                scope: None,
+                token_type: "Bearer".into(),
+            },
+            at: t + 1,
+            next_refresh_at: t + 3000,
+            status: Status::Active,
+            reauth_reason: None,
+            http_status: Some(200),
+            duration_ms: 5,
+        };
+        match store.record(outcome).await {
+            Ok(r) => recorded.push(r),
+            Err(e) => {
+                assert!(e.is_transient(), "{e}");
+                transient_errors += 1;
+            }
+        }
+        match store.get(a.id).await {
+            Ok(_) => {}
+            Err(e) => {
+                assert!(e.is_transient(), "a lost connection is transient: {e}");
+                transient_errors += 1;
+            }
+        }
+    }
+    eprintln!("records: {recorded:?}, transient errors: {transient_errors}");
+    // Rotated tokens are never dropped: applied, or deferred to the recovery file and
+    // committed by the retry once a connection works again.
+    assert!(
+        recorded
+            .iter()
+            .all(|r| matches!(r, Recorded::Applied | Recorded::Deferred)),
+        "{recorded:?}"
+    );
+    assert_eq!(recorded.len(), 3);
+    let committed = eventually(10, || async {
+        let mut ok = true;
+        for a in &claimed {
+            match store.get(a.id).await {
+                Ok(Some(acc)) => {
+                    ok &= acc.access_token.expose_secret() == format!("at-new-{}", a.id)
+                        && acc.generation == 1
+                }
+                _ => ok = false,
+            }
+        }
+        ok
+    })
+    .await;
+    assert!(committed, "the rotations reached the database");
+    // Each rotation is in the log once: nothing written twice, nothing half.
+    let logged: i64 = admin
+        .query_one(
+            "SELECT COUNT(*) FROM refresh_log WHERE outcome = 'rotated'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 3);
+    store.close().await;
+    assert!(!refreshd::store::recovery_path(&dir.path().join("refreshd.db")).exists());
+}
