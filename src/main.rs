@@ -112,11 +112,32 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         batch: usize,
     },
+    /// Move or back up the store itself.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Serve the TikTok-compatible sandbox token endpoint on its own (manual tests, benchmarks).
     Sandbox {
         /// Address to listen on (loopback).
         #[arg(long, default_value = "127.0.0.1:8787")]
         listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy every account and its refresh log from one store to another (SQLite file or
+    /// postgres:// URL), ids and sealed tokens as they are. Stop the daemons first. Resumable:
+    /// run it again after an interruption. Verified by counts and SHA-256 checksums.
+    Copy {
+        /// The store to read: a SQLite file path (or sqlite://PATH) or a postgres:// URL.
+        #[arg(long, value_name = "URL")]
+        from: String,
+        /// The store to write (created and migrated when new; must be empty or a partial copy).
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// Accounts per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
     },
 }
 
@@ -208,6 +229,85 @@ fn main() -> ExitCode {
 
 fn load_config(cli: &Cli) -> Result<Config> {
     Ok(Config::load(cli.config.as_deref())?)
+}
+
+/// Store options for a `store copy` end: a postgres:// URL, or a SQLite path (sqlite:// optional).
+fn copy_end(
+    config: &Config,
+    url: &str,
+    scratch: &std::path::Path,
+) -> Result<refreshd::store::StoreOptions> {
+    let mut opts = lifecycle::store_options(config);
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        refreshd::store::postgres::validate_url(url)
+            .map_err(|m| anyhow::anyhow!("{}: {m}", refreshd::store::postgres::describe(url)))?;
+        opts.postgres = Some(refreshd::store::PgOptions {
+            url: secrecy::SecretString::from(url.to_string()),
+            pool_size: 2,
+        });
+        // A PostgreSQL end has no recovery file of its own: never replay the daemon's.
+        opts.path = scratch.join("copy.db");
+    } else {
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        if path.is_empty() {
+            bail!(
+                "store copy: an empty store location; give a SQLite file path or a postgres:// URL"
+            );
+        }
+        opts.path = PathBuf::from(path);
+        opts.postgres = None;
+    }
+    Ok(opts)
+}
+
+async fn store_copy(config: &Config, from: &str, to: &str, batch: usize) -> Result<u8> {
+    let scratch = tempfile::tempdir()?;
+    let from_opts = copy_end(config, from, scratch.path())?;
+    let to_opts = copy_end(config, to, scratch.path())?;
+    if from_opts.postgres.is_none() && !from_opts.path.exists() {
+        bail!(
+            "store copy: the source {} does not exist",
+            from_opts.path.display()
+        );
+    }
+    let source = Store::open_read_only(from_opts).await?;
+    let dest = Store::open(to_opts).await?;
+    let total: i64 = source.counts().await?.iter().map(|(_, _, n)| n).sum();
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} accounts copied, {eta} left")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = std::time::Instant::now();
+    let report =
+        refreshd::store::copy::copy(&source, &dest, batch, Clock::system().now(), |n| bar.inc(n))
+            .await;
+    bar.finish_and_clear();
+    source.close().await;
+    dest.close().await;
+    let report = report?;
+    if report.resumed_after > 0 {
+        println!(
+            "resumed after account {} (copied by an earlier, interrupted run)",
+            report.resumed_after
+        );
+    }
+    println!(
+        "copied {} account(s) and {} refresh-log row(s) from {} to {} in {:.1}s",
+        report.accounts_copied,
+        report.log_rows_copied,
+        source.describe(),
+        dest.describe(),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "verified: accounts {} rows sha256 {}; refresh_log {} rows sha256 {}",
+        report.accounts, report.accounts_sha256, report.log_rows, report.log_sha256
+    );
+    Ok(exit::OK)
 }
 
 async fn rekey_cmd(config: &Config, batch: usize) -> Result<u8> {
@@ -304,6 +404,11 @@ async fn dispatch(cli: Cli) -> Result<u8> {
                 path.display()
             );
             Ok(exit::OK)
+        }
+        Command::Store(StoreCommand::Copy { from, to, batch }) => {
+            let config = load_config(&cli)?;
+            quiet_logs(&config);
+            store_copy(&config, from, to, *batch).await
         }
         Command::Rekey { batch } => {
             let config = load_config(&cli)?;

@@ -4,6 +4,7 @@
 //! commit fails go to a recovery file beside the database and are retried; `open` replays
 //! that file before anything is claimed.
 
+pub mod copy;
 pub mod postgres;
 mod recovery;
 mod schema;

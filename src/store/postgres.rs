@@ -830,8 +830,7 @@ impl PgStore {
         .await
     }
 
-    /// A pooled connection, for tests.
-    #[cfg(test)]
+    /// A pooled connection, for `store copy` and tests.
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(pool_err("connect"))
     }

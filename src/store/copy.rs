@@ -1,0 +1,431 @@
+//! `refreshd store copy`: every account and its refresh log from one store to another
+//! (SQLite to PostgreSQL and back), ids kept, sealed tokens copied as they are (their
+//! associated data is the account id, which does not change). Batches of accounts commit
+//! with their log rows, in id order, so an interrupted copy resumes after the destination's
+//! last account. Verified at the end by counts and SHA-256 checksums over both sides.
+
+use super::{Store, StoreError};
+use sha2::{Digest, Sha256};
+
+/// A column value as both backends hold it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum Value {
+    Null,
+    Int(i64),
+    Text(String),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Int,
+    /// INTEGER (32 bits) on PostgreSQL.
+    Int4,
+    Text,
+}
+
+/// A table as copied: its columns, in order, with their kinds.
+pub struct Table {
+    pub name: &'static str,
+    /// The column that orders and batches the copy (the account id).
+    pub key: &'static str,
+    columns: &'static [(&'static str, Kind)],
+}
+
+const ACCOUNTS: Table = Table {
+    name: "accounts",
+    key: "id",
+    columns: &[
+        ("id", Kind::Int),
+        ("provider", Kind::Text),
+        ("subject", Kind::Text),
+        ("label", Kind::Text),
+        ("access_token", Kind::Text),
+        ("refresh_token", Kind::Text),
+        ("scope", Kind::Text),
+        ("token_type", Kind::Text),
+        ("access_expires_at", Kind::Int),
+        ("refresh_expires_at", Kind::Int),
+        ("next_refresh_at", Kind::Int),
+        ("status", Kind::Text),
+        ("reauth_reason", Kind::Text),
+        ("reauth_flagged_at", Kind::Int),
+        ("failures", Kind::Int),
+        ("last_error", Kind::Text),
+        ("last_refreshed_at", Kind::Int),
+        ("lease_owner", Kind::Text),
+        ("lease_expires_at", Kind::Int),
+        ("generation", Kind::Int),
+        ("created_at", Kind::Int),
+        ("updated_at", Kind::Int),
+        ("interrupted_at", Kind::Int),
+    ],
+};
+
+const LOG: Table = Table {
+    name: "refresh_log",
+    key: "account_id",
+    columns: &[
+        ("id", Kind::Int),
+        ("account_id", Kind::Int),
+        ("at", Kind::Int),
+        ("outcome", Kind::Text),
+        ("http_status", Kind::Int4),
+        ("error", Kind::Text),
+        ("duration_ms", Kind::Int),
+    ],
+};
+
+impl Table {
+    fn column_list(&self) -> String {
+        self.columns
+            .iter()
+            .map(|(c, _)| *c)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+type Row = Vec<Value>;
+
+/// What `copy` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CopyReport {
+    /// Accounts the destination already held from an interrupted copy.
+    pub resumed_after: i64,
+    pub accounts_copied: u64,
+    pub log_rows_copied: u64,
+    pub accounts: u64,
+    pub log_rows: u64,
+    pub accounts_sha256: String,
+    pub log_sha256: String,
+}
+
+fn sqlite_err(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sqlite { context, source }
+}
+
+fn pg_err(context: &'static str) -> impl Fn(tokio_postgres::Error) -> StoreError {
+    move |source| StoreError::Postgres { context, source }
+}
+
+/// Rows of `table` whose key is in (`after`, `upto`], in key then id order, at most `limit`
+/// (None: all of them).
+async fn read(
+    store: &Store,
+    table: &'static Table,
+    after: i64,
+    upto: i64,
+    limit: Option<usize>,
+) -> Result<Vec<Row>, StoreError> {
+    let limit = limit.map(|l| l as i64).unwrap_or(i64::MAX);
+    let order = if table.key == "id" {
+        "id".to_string()
+    } else {
+        format!("{}, id", table.key)
+    };
+    if let Some(pg) = store.pg() {
+        let c = pg.client().await?;
+        let sql = format!(
+            "SELECT {} FROM {} WHERE {key} > $1 AND {key} <= $2 ORDER BY {order} LIMIT $3",
+            table.column_list(),
+            table.name,
+            key = table.key
+        );
+        let rows = c
+            .query(&sql, &[&after, &upto, &limit])
+            .await
+            .map_err(pg_err("read rows to copy"))?;
+        return rows
+            .iter()
+            .map(|r| {
+                table
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, kind))| {
+                        let v = match kind {
+                            Kind::Int => r.try_get::<_, Option<i64>>(i)?.map(Value::Int),
+                            Kind::Int4 => r
+                                .try_get::<_, Option<i32>>(i)?
+                                .map(|v| Value::Int(v.into())),
+                            Kind::Text => r.try_get::<_, Option<String>>(i)?.map(Value::Text),
+                        };
+                        Ok(v.unwrap_or(Value::Null))
+                    })
+                    .collect::<Result<Row, tokio_postgres::Error>>()
+                    .map_err(pg_err("read rows to copy"))
+            })
+            .collect();
+    }
+    store
+        .call(move |c| {
+            let sql = format!(
+                "SELECT {} FROM {} WHERE {key} > ?1 AND {key} <= ?2 ORDER BY {order} LIMIT ?3",
+                table.column_list(),
+                table.name,
+                key = table.key
+            );
+            let mut stmt = c.prepare(&sql).map_err(sqlite_err("read rows to copy"))?;
+            let rows = stmt
+                .query_map(rusqlite::params![after, upto, limit], |r| {
+                    (0..table.columns.len())
+                        .map(|i| {
+                            Ok(match r.get::<_, rusqlite::types::Value>(i)? {
+                                rusqlite::types::Value::Integer(v) => Value::Int(v),
+                                rusqlite::types::Value::Text(t) => Value::Text(t),
+                                rusqlite::types::Value::Null => Value::Null,
+                                other => Value::Text(format!("{other:?}")),
+                            })
+                        })
+                        .collect()
+                })
+                .map_err(sqlite_err("read rows to copy"))?;
+            rows.collect::<Result<Vec<Row>, _>>()
+                .map_err(sqlite_err("read rows to copy"))
+        })
+        .await
+}
+
+/// Writes accounts and their log rows in one transaction.
+async fn write(store: &Store, accounts: Vec<Row>, log: Vec<Row>) -> Result<(), StoreError> {
+    if let Some(pg) = store.pg() {
+        let mut c = pg.client().await?;
+        let tx = c
+            .transaction()
+            .await
+            .map_err(pg_err("begin copying a batch"))?;
+        for (table, rows) in [(&ACCOUNTS, &accounts), (&LOG, &log)] {
+            let marks: Vec<String> = (1..=table.columns.len()).map(|i| format!("${i}")).collect();
+            let stmt = tx
+                .prepare(&format!(
+                    "INSERT INTO {} ({}) VALUES ({})",
+                    table.name,
+                    table.column_list(),
+                    marks.join(", ")
+                ))
+                .await
+                .map_err(pg_err("prepare copying rows"))?;
+            for row in rows {
+                let ints: Vec<Option<i64>> = row
+                    .iter()
+                    .map(|v| match v {
+                        Value::Int(i) => Some(*i),
+                        _ => None,
+                    })
+                    .collect();
+                let int4s: Vec<Option<i32>> = ints.iter().map(|v| v.map(|i| i as i32)).collect();
+                let texts: Vec<Option<&str>> = row
+                    .iter()
+                    .map(|v| match v {
+                        Value::Text(t) => Some(t.as_str()),
+                        _ => None,
+                    })
+                    .collect();
+                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = table
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .map(
+                        |(i, (_, kind))| -> &(dyn tokio_postgres::types::ToSql + Sync) {
+                            match kind {
+                                Kind::Int => &ints[i],
+                                Kind::Int4 => &int4s[i],
+                                Kind::Text => &texts[i],
+                            }
+                        },
+                    )
+                    .collect();
+                tx.execute(&stmt, &params)
+                    .await
+                    .map_err(pg_err("copy a row"))?;
+            }
+        }
+        // Ids were given explicitly: move the sequences past them for later inserts.
+        for table in ["accounts", "refresh_log"] {
+            tx.execute(
+                &format!(
+                    "SELECT setval(pg_get_serial_sequence('{table}', 'id'), GREATEST((SELECT MAX(id) FROM {table}), 1))"
+                ),
+                &[],
+            )
+            .await
+            .map_err(pg_err("advance the id sequences"))?;
+        }
+        return tx.commit().await.map_err(pg_err("commit a copied batch"));
+    }
+    store
+        .in_tx("copy a batch", move |tx| {
+            for (table, rows) in [(&ACCOUNTS, &accounts), (&LOG, &log)] {
+                let marks: Vec<String> =
+                    (1..=table.columns.len()).map(|i| format!("?{i}")).collect();
+                let mut stmt = tx
+                    .prepare(&format!(
+                        "INSERT INTO {} ({}) VALUES ({})",
+                        table.name,
+                        table.column_list(),
+                        marks.join(", ")
+                    ))
+                    .map_err(sqlite_err("prepare copying rows"))?;
+                for row in rows {
+                    let values = row.iter().map(|v| match v {
+                        Value::Null => rusqlite::types::Value::Null,
+                        Value::Int(i) => rusqlite::types::Value::Integer(*i),
+                        Value::Text(t) => rusqlite::types::Value::Text(t.clone()),
+                    });
+                    stmt.execute(rusqlite::params_from_iter(values))
+                        .map_err(sqlite_err("copy a row"))?;
+                }
+            }
+            Ok(())
+        })
+        .await
+}
+
+/// Count and SHA-256 of every row of `table` with key <= `upto`, read in pages.
+async fn checksum(
+    store: &Store,
+    table: &'static Table,
+    upto: i64,
+) -> Result<(u64, String), StoreError> {
+    let mut hasher = Sha256::new();
+    let mut count = 0u64;
+    let mut after = i64::MIN;
+    loop {
+        // Whole keys per page (an account's log rows never straddle two pages).
+        let page = read(store, &ACCOUNTS, after, upto, Some(5000)).await?;
+        let Some(last) = page.last().map(|r| r[0].clone()) else {
+            break;
+        };
+        let Value::Int(last) = last else {
+            return Err(StoreError::Invalid(
+                "an account id is not an integer".into(),
+            ));
+        };
+        let rows = if table.name == ACCOUNTS.name {
+            page
+        } else {
+            read(store, table, after, last, None).await?
+        };
+        for r in &rows {
+            hasher.update(serde_json::to_vec(r).unwrap_or_default());
+            hasher.update(b"\n");
+        }
+        count += rows.len() as u64;
+        after = last;
+    }
+    Ok((count, format!("{:x}", hasher.finalize())))
+}
+
+async fn max_account_id(store: &Store) -> Result<Option<i64>, StoreError> {
+    if let Some(pg) = store.pg() {
+        let c = pg.client().await?;
+        return c
+            .query_one("SELECT MAX(id) FROM accounts", &[])
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(pg_err("read the last account id"));
+    }
+    store
+        .call(|c| {
+            c.query_row("SELECT MAX(id) FROM accounts", [], |r| r.get(0))
+                .map_err(sqlite_err("read the last account id"))
+        })
+        .await
+}
+
+async fn live_leases(store: &Store, now: i64) -> Result<i64, StoreError> {
+    if let Some(pg) = store.pg() {
+        let c = pg.client().await?;
+        return c
+            .query_one(
+                "SELECT COUNT(*) FROM accounts WHERE lease_expires_at > $1",
+                &[&now],
+            )
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(pg_err("count live leases"));
+    }
+    store
+        .call(move |c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM accounts WHERE lease_expires_at > ?1",
+                [now],
+                |r| r.get(0),
+            )
+            .map_err(sqlite_err("count live leases"))
+        })
+        .await
+}
+
+/// Copies `from` into `to` in batches of `batch` accounts; `progress` gets the number of
+/// accounts each batch copied. The source must not be refreshing meanwhile (stop the
+/// daemons): a live lease refuses the copy, and the checksums catch any later change.
+pub async fn copy(
+    from: &Store,
+    to: &Store,
+    batch: usize,
+    now: i64,
+    mut progress: impl FnMut(u64),
+) -> Result<CopyReport, StoreError> {
+    let leased = live_leases(from, now).await?;
+    if leased > 0 {
+        return Err(StoreError::Invalid(format!(
+            "{leased} account(s) of {} are being refreshed right now: stop every refreshd using it, then copy",
+            from.describe()
+        )));
+    }
+    let mut report = CopyReport::default();
+    // Resume: the destination may hold the batches of an interrupted copy of this source.
+    let mut after = match max_account_id(to).await? {
+        None => i64::MIN,
+        Some(last) => {
+            let theirs = read(to, &ACCOUNTS, last - 1, last, Some(1)).await?;
+            let ours = read(from, &ACCOUNTS, last - 1, last, Some(1)).await?;
+            let same =
+                |a: &[Row], b: &[Row]| a.first().map(|r| &r[..3]) == b.first().map(|r| &r[..3]);
+            if !same(&theirs, &ours) {
+                return Err(StoreError::Invalid(format!(
+                    "{} already holds accounts that are not a partial copy of {} (account {last} differs): copy into an empty store",
+                    to.describe(),
+                    from.describe()
+                )));
+            }
+            report.resumed_after = last;
+            last
+        }
+    };
+    loop {
+        let accounts = read(from, &ACCOUNTS, after, i64::MAX, Some(batch.max(1))).await?;
+        let Some(Value::Int(last)) = accounts.last().map(|r| r[0].clone()) else {
+            break;
+        };
+        let log = read(from, &LOG, after, last, None).await?;
+        let (n, l) = (accounts.len() as u64, log.len() as u64);
+        write(to, accounts, log).await?;
+        report.accounts_copied += n;
+        report.log_rows_copied += l;
+        progress(n);
+        after = last;
+    }
+    // Verify: the same rows on both sides, up to the source's last account.
+    let upto = max_account_id(from).await?.unwrap_or(i64::MIN);
+    for table in [&ACCOUNTS, &LOG] {
+        let (n_from, sum_from) = checksum(from, table, upto).await?;
+        let (n_to, sum_to) = checksum(to, table, i64::MAX).await?;
+        if (n_from, &sum_from) != (n_to, &sum_to) {
+            return Err(StoreError::Invalid(format!(
+                "verification failed for {}: {n_from} rows (sha256 {sum_from}) in {}, {n_to} rows (sha256 {sum_to}) in {}; was a daemon writing to either store?",
+                table.name,
+                from.describe(),
+                to.describe()
+            )));
+        }
+        if table.name == ACCOUNTS.name {
+            (report.accounts, report.accounts_sha256) = (n_to, sum_to);
+        } else {
+            (report.log_rows, report.log_sha256) = (n_to, sum_to);
+        }
+    }
+    Ok(report)
+}
