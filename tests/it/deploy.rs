@@ -151,7 +151,10 @@ fn kubernetes_manifests_validate_offline() {
         .iter()
         .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, ["sidecar.yaml", "standalone.yaml"]);
+    assert_eq!(
+        names,
+        ["replicas-postgres.yaml", "sidecar.yaml", "standalone.yaml"]
+    );
     for f in &files {
         let (ok, out) = kubernetes_validate(&[f]);
         assert!(ok, "{} does not validate:\n{out}", f.display());
@@ -159,7 +162,7 @@ fn kubernetes_manifests_validate_offline() {
     }
 
     // The validator does reject a mistake (an unknown field, strict mode).
-    let sidecar = std::fs::read_to_string(&files[0]).unwrap();
+    let sidecar = std::fs::read_to_string(&files[1]).unwrap();
     let needle = "\n          restartPolicy: Always\n";
     assert!(sidecar.contains(needle));
     let dir = tempfile::tempdir().unwrap();
@@ -182,8 +185,15 @@ fn kubernetes_manifests_validate_offline() {
                 continue;
             }
             let name = format!("{} {}", f.display(), doc["metadata"]["name"]);
-            assert_eq!(doc["spec"]["replicas"], 1, "{name}");
-            assert_eq!(doc["spec"]["strategy"]["type"], "Recreate", "{name}");
+            if f.ends_with("replicas-postgres.yaml") {
+                // Replicas share PostgreSQL: several at once, rolled one by one.
+                assert_eq!(doc["spec"]["replicas"], 3, "{name}");
+                assert_eq!(doc["spec"]["strategy"]["type"], "RollingUpdate", "{name}");
+            } else {
+                // One SQLite file has one writer: the old pod must be gone first.
+                assert_eq!(doc["spec"]["replicas"], 1, "{name}");
+                assert_eq!(doc["spec"]["strategy"]["type"], "Recreate", "{name}");
+            }
             let pod = &doc["spec"]["template"]["spec"];
             assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{name}");
             assert_eq!(pod["automountServiceAccountToken"], false, "{name}");
@@ -231,6 +241,11 @@ fn load_example(text: &str, secret_dir: &str, what: &str) -> Config {
     for name in ["tiktok-client-secret", "api-token", "webhook-secret"] {
         std::fs::write(dir.path().join(name), "0123456789abcdef0123456789abcdef").unwrap();
     }
+    std::fs::write(
+        dir.path().join("store-url"),
+        "postgres://refreshd:pw@db.example.internal:5432/refreshd\n",
+    )
+    .unwrap();
     let text = text.replace(secret_dir, &dir.path().display().to_string());
     Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{what}: {e}"))
 }
@@ -274,6 +289,11 @@ fn example_configs_in_deploy_load() {
                 "{what}"
             );
             assert!(text.contains("listen = \"0.0.0.0:8787\""), "{what}");
+            assert_eq!(
+                c.store.url.is_some(),
+                f.ends_with("replicas-postgres.yaml"),
+                "{what}: only the replicas run on PostgreSQL"
+            );
         }
     }
 }
