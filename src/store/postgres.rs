@@ -122,13 +122,9 @@ pub fn validate_url(url: &str) -> Result<(), String> {
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err("must start with postgres:// or postgresql:// (leave it unset for SQLite at store.path)".into());
     }
-    let c: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| format!("is not a valid PostgreSQL URL: {e}"))?;
-    if c.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-        return Err("sslmode=require is not supported yet: connect over loopback, a Unix socket or a private network (sslmode=disable or prefer)".into());
-    }
-    Ok(())
+    url.parse::<tokio_postgres::Config>()
+        .map(|_| ())
+        .map_err(|e| format!("is not a valid PostgreSQL URL: {e}"))
 }
 
 fn status(s: String) -> Result<Status, StoreError> {
@@ -245,13 +241,28 @@ impl PgStore {
             );
             config.options(options.trim());
         }
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        // sslmode=require: TLS, with the server's certificate checked against the system's
+        // trust store (SSL_CERT_FILE may name another bundle). Otherwise the connection is
+        // plain, as for a server on loopback, a Unix socket or a private network.
+        let manager = if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            use rustls_platform_verifier::ConfigVerifierExt;
+            let tls = rustls::ClientConfig::with_platform_verifier().map_err(|e| {
+                StoreError::PgConnect {
+                    url: describe.clone(),
+                    message: format!("cannot set up TLS: {e}"),
+                }
+            })?;
+            Manager::from_config(
+                config,
+                tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                manager_config,
+            )
+        } else {
+            Manager::from_config(config, NoTls, manager_config)
+        };
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(2))
             .runtime(Runtime::Tokio1)

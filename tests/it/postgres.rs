@@ -763,3 +763,44 @@ async fn import_one(store: &Store, sandbox: &Sandbox, open_id: &str) -> i64 {
         .unwrap()[0]
         .0
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmode_require_speaks_tls_and_checks_the_certificate() {
+    let Some(url) = postgres_url("tls").await else {
+        return;
+    };
+    let ssl: String = raw(&url)
+        .await
+        .query_one("SHOW ssl", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if ssl != "on" {
+        let _ = writeln!(
+            std::io::stderr(),
+            "sslmode_require_speaks_tls_and_checks_the_certificate: NOT RUN, the test server has ssl = off"
+        );
+        return;
+    }
+    // Debian's server certificate (snakeoil) names a host, never an IP address: a client
+    // that checks certificates must refuse it at 127.0.0.1, and say so without the password.
+    let base = std::env::var("REFRESHD_TEST_POSTGRES_URL").unwrap();
+    let cfg: tokio_postgres::Config = base.parse().unwrap();
+    let password = String::from_utf8_lossy(cfg.get_password().unwrap_or(b"")).into_owned();
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let user = cfg.get_user().unwrap_or("postgres");
+    let db = cfg.get_dbname().unwrap_or(user);
+    let tls_url = format!("postgres://{user}:{password}@127.0.0.1:{port}/{db}?sslmode=require");
+    let dir = tempfile::tempdir().unwrap();
+    let err = Store::open(pg_store_options(&tls_url, dir.path()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("TLS"), "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}/{db}")), "{err}");
+    assert!(
+        !err.contains(&format!(":{password}@")),
+        "no password: {err}"
+    );
+    drop(url);
+}
