@@ -33,6 +33,8 @@ const KEY_ID_LEN: usize = 16;
 pub enum Column {
     AccessToken,
     RefreshToken,
+    /// A web connect's PKCE verifier, kept until the callback (account id 0).
+    PkceVerifier,
 }
 
 impl Column {
@@ -40,6 +42,7 @@ impl Column {
         match self {
             Column::AccessToken => "access_token",
             Column::RefreshToken => "refresh_token",
+            Column::PkceVerifier => "pkce_verifier",
         }
     }
 }

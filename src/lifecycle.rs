@@ -191,7 +191,6 @@ pub async fn run(
             engine: engine.clone(),
             settings: settings_rx.clone(),
             engine_running: engine_running.clone(),
-            pending: Arc::default(),
         },
         cfg,
         shutdown.clone(),

@@ -4,14 +4,16 @@
 //! redirect to `connect.success_url` / `failure_url` (an account id or an error code, never
 //! a token).
 //!
-//! Pending states live in this process's memory: a restart forgets them and the user simply
-//! starts again. Each is keyed by the SHA-256 of the state, so the lookup never compares the
-//! secret itself.
+//! Pending states live in the store (`connect_states`), keyed by the SHA-256 of the state
+//! (the lookup never compares the secret itself): the callback may reach any replica sharing
+//! the store, and a restart between start and callback forgets nothing. The PKCE verifier is
+//! sealed like a token when a key is configured.
 
 use super::AppState;
 use crate::connect::{self, ConnectError, Exchange};
 use crate::events::Event;
 use crate::model::Status;
+use crate::store::PendingConnect;
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
@@ -20,101 +22,16 @@ use axum::routing::get;
 use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 /// Most authorizations in progress at once; beyond it `start` answers 503 (a flood of
-/// `start` requests cannot grow memory without bound).
+/// `start` requests cannot grow the store without bound).
 const MAX_PENDING: usize = 10_000;
-/// Used and expired states are remembered this long after expiry, so a replay is reported
-/// as a replay rather than as an unknown state.
-const REMEMBER: i64 = 3600;
 
-struct Entry {
-    provider: String,
-    verifier: Option<SecretString>,
-    label: Option<String>,
-    account: Option<i64>,
-    scopes: Vec<String>,
-    expires_at: i64,
-    used: bool,
-}
+pub use crate::store::StateProblem;
 
-/// Why a callback's `state` was refused (a CSRF or replay attempt, or a slow user).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StateProblem {
-    Missing,
-    Unknown,
-    Replayed,
-    Expired,
-    WrongProvider,
-}
-
-impl StateProblem {
-    fn as_str(self) -> &'static str {
-        match self {
-            StateProblem::Missing => "missing",
-            StateProblem::Unknown => "unknown",
-            StateProblem::Replayed => "replayed",
-            StateProblem::Expired => "expired",
-            StateProblem::WrongProvider => "wrong_provider",
-        }
-    }
-}
-
-#[derive(Default)]
-pub struct PendingStates {
-    map: Mutex<HashMap<[u8; 32], Entry>>,
-}
-
-fn key(state: &str) -> [u8; 32] {
-    Sha256::digest(state.as_bytes()).into()
-}
-
-impl PendingStates {
-    fn insert(&self, state: &str, entry: Entry, now: i64) -> bool {
-        let mut map = self.map.lock().expect("not poisoned");
-        if map.len() >= MAX_PENDING {
-            map.retain(|_, e| e.expires_at + REMEMBER > now && !(e.used && e.expires_at < now));
-        }
-        if map.len() >= MAX_PENDING {
-            return false;
-        }
-        map.insert(key(state), entry);
-        true
-    }
-
-    /// Takes a state for its one use.
-    fn take(&self, state: &str, provider: &str, now: i64) -> Result<Entry, StateProblem> {
-        let mut map = self.map.lock().expect("not poisoned");
-        let e = map.get_mut(&key(state)).ok_or(StateProblem::Unknown)?;
-        if e.used {
-            return Err(StateProblem::Replayed);
-        }
-        e.used = true;
-        if e.expires_at < now {
-            return Err(StateProblem::Expired);
-        }
-        if e.provider != provider {
-            return Err(StateProblem::WrongProvider);
-        }
-        Ok(Entry {
-            provider: e.provider.clone(),
-            verifier: e.verifier.take(),
-            label: e.label.take(),
-            account: e.account,
-            scopes: std::mem::take(&mut e.scopes),
-            expires_at: e.expires_at,
-            used: true,
-        })
-    }
-
-    /// Authorizations started and not yet used or expired.
-    pub fn open(&self, now: i64) -> usize {
-        let map = self.map.lock().expect("not poisoned");
-        map.values()
-            .filter(|e| !e.used && e.expires_at >= now)
-            .count()
-    }
+fn key(state: &str) -> String {
+    let digest = Sha256::digest(state.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn routes() -> Router<AppState> {
@@ -230,16 +147,32 @@ async fn start(
         Err(e) => return failure(&s, StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
     };
     let now = s.clock.now();
-    let entry = Entry {
+    let entry = PendingConnect {
         provider: provider.clone(),
         verifier: auth.pkce.map(|k| k.verifier),
         label: q.label.filter(|l| !l.trim().is_empty()),
         account: q.account,
         scopes: auth.scopes,
         expires_at: now + cfg.connect.state_ttl.as_secs() as i64,
-        used: false,
     };
-    if !s.pending.insert(&auth.state, entry, now) {
+    let stored = match s
+        .store
+        .connect_state_put(&key(&auth.state), entry, now, MAX_PENDING)
+        .await
+    {
+        Ok(stored) => stored,
+        Err(e) => {
+            tracing::error!(event = "connect_store_failed", provider, error = %e,
+                "web connect: cannot remember the authorization in the store");
+            return failure(
+                &s,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "try again in a moment",
+            );
+        }
+    };
+    if !stored {
         tracing::warn!(
             event = "connect_busy",
             provider,
@@ -269,7 +202,19 @@ async fn callback(
     let now = s.clock.now();
     let entry = match q.get("state").filter(|st| !st.is_empty()) {
         None => Err(StateProblem::Missing),
-        Some(st) => s.pending.take(st, &provider, now),
+        Some(st) => match s.store.connect_state_take(&key(st), &provider, now).await {
+            Ok(taken) => taken,
+            Err(e) => {
+                tracing::error!(event = "connect_store_failed", provider, error = %e,
+                    "web connect: cannot read the authorization's state from the store");
+                return failure(
+                    &s,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "try again in a moment",
+                );
+            }
+        },
     };
     let entry = match entry {
         Ok(e) => e,
@@ -404,50 +349,6 @@ async fn callback(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn entry(provider: &str, expires_at: i64) -> Entry {
-        Entry {
-            provider: provider.into(),
-            verifier: None,
-            label: None,
-            account: None,
-            scopes: vec![],
-            expires_at,
-            used: false,
-        }
-    }
-
-    #[test]
-    fn a_state_is_used_once_and_only_before_it_expires() {
-        let p = PendingStates::default();
-        assert!(p.insert("s1", entry("tiktok", 100), 0));
-        assert!(p.insert("s2", entry("tiktok", 100), 0));
-        assert!(p.insert("s3", entry("tiktok", 100), 0));
-        assert_eq!(p.open(0), 3);
-        assert!(p.take("s1", "tiktok", 50).is_ok());
-        assert_eq!(
-            p.take("s1", "tiktok", 50).err(),
-            Some(StateProblem::Replayed)
-        );
-        assert_eq!(
-            p.take("s2", "tiktok", 101).err(),
-            Some(StateProblem::Expired)
-        );
-        assert_eq!(
-            p.take("nope", "tiktok", 0).err(),
-            Some(StateProblem::Unknown)
-        );
-        assert_eq!(
-            p.take("s3", "google", 0).err(),
-            Some(StateProblem::WrongProvider)
-        );
-        // A state refused once is spent: the right provider cannot use it afterwards.
-        assert_eq!(
-            p.take("s3", "tiktok", 0).err(),
-            Some(StateProblem::Replayed)
-        );
-        assert_eq!(p.open(0), 0);
-    }
 
     #[test]
     fn pages_escape_what_the_provider_sent() {

@@ -20,8 +20,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use connect_web::PendingStates;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(
@@ -49,7 +47,6 @@ pub struct AppState {
     pub settings: watch::Receiver<Arc<Settings>>,
     /// False once the engine loop has ended (or the daemon is draining).
     pub engine_running: Arc<AtomicBool>,
-    pub pending: Arc<PendingStates>,
 }
 
 impl AppState {

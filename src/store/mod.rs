@@ -170,6 +170,98 @@ pub(crate) fn check_mark_due(id: i64, status: Status, force: bool) -> Result<(),
     Ok(())
 }
 
+/// A web connect in progress: what the callback needs besides the code.
+#[derive(Clone, Debug)]
+pub struct PendingConnect {
+    pub provider: String,
+    pub verifier: Option<SecretString>,
+    pub label: Option<String>,
+    pub account: Option<i64>,
+    pub scopes: Vec<String>,
+    pub expires_at: i64,
+}
+
+/// Why a callback's `state` was refused (a CSRF or replay attempt, or a slow user).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateProblem {
+    Missing,
+    Unknown,
+    Replayed,
+    Expired,
+    WrongProvider,
+}
+
+impl StateProblem {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateProblem::Missing => "missing",
+            StateProblem::Unknown => "unknown",
+            StateProblem::Replayed => "replayed",
+            StateProblem::Expired => "expired",
+            StateProblem::WrongProvider => "wrong_provider",
+        }
+    }
+}
+
+/// Used and expired connect states are kept this long after expiry, so a replay is reported
+/// as a replay rather than as an unknown state.
+pub(crate) const CONNECT_REMEMBER: i64 = 3600;
+
+fn seal_verifier(keys: &Keyring, p: &PendingConnect) -> Option<String> {
+    use secrecy::ExposeSecret;
+    p.verifier
+        .as_ref()
+        .map(|v| keys.seal(0, crate::crypto::Column::PkceVerifier, v.expose_secret()))
+}
+
+/// A `connect_states` row as read by either backend, before it is judged.
+struct StateRow {
+    provider: String,
+    verifier: Option<String>,
+    label: Option<String>,
+    account: Option<i64>,
+    scopes: String,
+    expires_at: i64,
+    used: bool,
+}
+
+impl StateRow {
+    /// The state's one use: spent even when refused (a refused state is never retried).
+    fn judge(
+        self,
+        keys: &Keyring,
+        provider: &str,
+        now: i64,
+    ) -> Result<Result<PendingConnect, StateProblem>, StoreError> {
+        if self.used {
+            return Ok(Err(StateProblem::Replayed));
+        }
+        if self.expires_at < now {
+            return Ok(Err(StateProblem::Expired));
+        }
+        if self.provider != provider {
+            return Ok(Err(StateProblem::WrongProvider));
+        }
+        let verifier = self
+            .verifier
+            .map(|v| keys.open(0, crate::crypto::Column::PkceVerifier, &v))
+            .transpose()?;
+        Ok(Ok(PendingConnect {
+            provider: self.provider,
+            verifier,
+            label: self.label,
+            account: self.account,
+            scopes: self
+                .scopes
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+            expires_at: self.expires_at,
+        }))
+    }
+}
+
 /// What happened to one claimed account, to be written by `Store::record`.
 #[derive(Clone, Debug)]
 pub enum Outcome {
@@ -818,6 +910,45 @@ impl Store {
             return pg.count_to_rekey(&id).await;
         }
         self.call(move |c| sqlite::count_to_rekey(c, &id)).await
+    }
+
+    /// Remembers a web connect under `key` (the SHA-256 of its state, hex) until its callback.
+    /// False when `max_open` are already in progress (a flood of starts cannot fill the
+    /// database). Forgets states that ended long ago.
+    pub async fn connect_state_put(
+        &self,
+        key: &str,
+        pending: PendingConnect,
+        now: i64,
+        max_open: usize,
+    ) -> Result<bool, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.connect_state_put(key, &pending, now, max_open).await;
+        }
+        let key = key.to_string();
+        let verifier = seal_verifier(&self.keys, &pending);
+        self.in_tx("remember a web connect", move |tx| {
+            sqlite::connect_state_put(tx, &key, &pending, verifier, now, max_open)
+        })
+        .await
+    }
+
+    /// Takes a web connect's state for its one use, whichever replica stored it.
+    pub async fn connect_state_take(
+        &self,
+        key: &str,
+        provider: &str,
+        now: i64,
+    ) -> Result<Result<PendingConnect, StateProblem>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.connect_state_take(key, provider, now).await;
+        }
+        let (key, provider) = (key.to_string(), provider.to_string());
+        let keys = self.keys.clone();
+        self.in_tx("take a web connect's state", move |tx| {
+            sqlite::connect_state_take(tx, &keys, &key, &provider, now)
+        })
+        .await
     }
 
     /// Re-seals one batch under the primary key; see `sqlite::rekey_batch`.

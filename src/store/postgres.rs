@@ -69,6 +69,20 @@ CREATE INDEX refresh_log_at ON refresh_log (at);
     r#"
 ALTER TABLE accounts ADD COLUMN interrupted_at BIGINT;
 "#,
+    // 3: web connects in progress (see schema.rs).
+    r#"
+CREATE TABLE connect_states (
+    key        TEXT    PRIMARY KEY,
+    provider   TEXT    NOT NULL,
+    verifier   TEXT,
+    label      TEXT,
+    account    BIGINT,
+    scopes     TEXT    NOT NULL DEFAULT '',
+    expires_at BIGINT  NOT NULL,
+    used       INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX connect_states_expiry ON connect_states (expires_at);
+"#,
 ];
 
 /// Taken (per database) while migrating: "refreshd" in ASCII.
@@ -837,6 +851,96 @@ impl PgStore {
                     .map_err(pg_err("re-seal account tokens"))? as usize;
             }
             Ok(out)
+        })
+        .await
+    }
+
+    pub async fn connect_state_put(
+        &self,
+        key: &str,
+        p: &super::PendingConnect,
+        now: i64,
+        max_open: usize,
+    ) -> Result<bool, StoreError> {
+        let verifier = super::seal_verifier(&self.keys, p);
+        self.in_tx("remember a web connect", async |tx| {
+            let ctx = "remember a web connect";
+            tx.execute(
+                "DELETE FROM connect_states WHERE expires_at < $1",
+                &[&(now - super::CONNECT_REMEMBER)],
+            )
+            .await
+            .map_err(pg_err(ctx))?;
+            let open: i64 = tx
+                .query_one(
+                    "SELECT COUNT(*) FROM connect_states WHERE used = 0 AND expires_at >= $1",
+                    &[&now],
+                )
+                .await
+                .and_then(|r| r.try_get(0))
+                .map_err(pg_err(ctx))?;
+            if open as usize >= max_open {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO connect_states (key, provider, verifier, label, account, scopes, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &key,
+                    &p.provider,
+                    &verifier,
+                    &p.label,
+                    &p.account,
+                    &p.scopes.join(" "),
+                    &p.expires_at,
+                ],
+            )
+            .await
+            .map_err(pg_err(ctx))?;
+            Ok(true)
+        })
+        .await
+    }
+
+    pub async fn connect_state_take(
+        &self,
+        key: &str,
+        provider: &str,
+        now: i64,
+    ) -> Result<Result<super::PendingConnect, super::StateProblem>, StoreError> {
+        let keys = self.keys.clone();
+        self.in_tx("take a web connect's state", async |tx| {
+            let ctx = "take a web connect's state";
+            let Some(r) = tx
+                .query_opt(
+                    "SELECT provider, verifier, label, account, scopes, expires_at, used
+                     FROM connect_states WHERE key = $1 FOR UPDATE",
+                    &[&key],
+                )
+                .await
+                .map_err(pg_err(ctx))?
+            else {
+                return Ok(Err(super::StateProblem::Unknown));
+            };
+            let g = pg_err(ctx);
+            let row = super::StateRow {
+                provider: r.try_get(0).map_err(&g)?,
+                verifier: r.try_get(1).map_err(&g)?,
+                label: r.try_get(2).map_err(&g)?,
+                account: r.try_get(3).map_err(&g)?,
+                scopes: r.try_get(4).map_err(&g)?,
+                expires_at: r.try_get(5).map_err(&g)?,
+                used: r.try_get::<_, i32>(6).map_err(&g)? != 0,
+            };
+            if !row.used {
+                tx.execute(
+                    "UPDATE connect_states SET used = 1, verifier = NULL WHERE key = $1",
+                    &[&key],
+                )
+                .await
+                .map_err(pg_err(ctx))?;
+            }
+            row.judge(&keys, provider, now)
         })
         .await
     }

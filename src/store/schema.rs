@@ -60,6 +60,21 @@ CREATE INDEX refresh_log_at ON refresh_log (at);
     r#"
 ALTER TABLE accounts ADD COLUMN interrupted_at INTEGER;
 "#,
+    // 3: web connects in progress (single-use states), in the store so that any replica can
+    // take the callback and a restart forgets none. Keyed by the SHA-256 of the state.
+    r#"
+CREATE TABLE connect_states (
+    key        TEXT    PRIMARY KEY,
+    provider   TEXT    NOT NULL,
+    verifier   TEXT,
+    label      TEXT,
+    account    INTEGER,
+    scopes     TEXT    NOT NULL DEFAULT '',
+    expires_at INTEGER NOT NULL,
+    used       INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX connect_states_expiry ON connect_states (expires_at);
+"#,
 ];
 
 /// Applies every migration newer than the database, all in one transaction.

@@ -824,6 +824,89 @@ pub fn remove(tx: &Transaction<'_>, id: i64) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// See `Store::connect_state_put`.
+pub fn connect_state_put(
+    tx: &Transaction<'_>,
+    key: &str,
+    p: &super::PendingConnect,
+    verifier: Option<String>,
+    now: i64,
+    max_open: usize,
+) -> Result<bool, StoreError> {
+    let ctx = "remember a web connect";
+    tx.execute(
+        "DELETE FROM connect_states WHERE expires_at < ?1",
+        [now - super::CONNECT_REMEMBER],
+    )
+    .map_err(sql_err(ctx))?;
+    let open: i64 = tx
+        .query_row(
+            "SELECT COUNT(*) FROM connect_states WHERE used = 0 AND expires_at >= ?1",
+            [now],
+            |r| r.get(0),
+        )
+        .map_err(sql_err(ctx))?;
+    if open as usize >= max_open {
+        return Ok(false);
+    }
+    tx.execute(
+        "INSERT INTO connect_states (key, provider, verifier, label, account, scopes, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            key,
+            p.provider,
+            verifier,
+            p.label,
+            p.account,
+            p.scopes.join(" "),
+            p.expires_at
+        ],
+    )
+    .map_err(sql_err(ctx))?;
+    Ok(true)
+}
+
+/// See `Store::connect_state_take`.
+pub fn connect_state_take(
+    tx: &Transaction<'_>,
+    keys: &Keyring,
+    key: &str,
+    provider: &str,
+    now: i64,
+) -> Result<Result<super::PendingConnect, super::StateProblem>, StoreError> {
+    let ctx = "take a web connect's state";
+    let row = tx
+        .query_row(
+            "SELECT provider, verifier, label, account, scopes, expires_at, used
+             FROM connect_states WHERE key = ?1",
+            [key],
+            |r| {
+                Ok(super::StateRow {
+                    provider: r.get(0)?,
+                    verifier: r.get(1)?,
+                    label: r.get(2)?,
+                    account: r.get(3)?,
+                    scopes: r.get(4)?,
+                    expires_at: r.get(5)?,
+                    used: r.get::<_, i64>(6)? != 0,
+                })
+            },
+        )
+        .optional()
+        .map_err(sql_err(ctx))?;
+    let Some(row) = row else {
+        return Ok(Err(super::StateProblem::Unknown));
+    };
+    if !row.used {
+        tx.execute(
+            "UPDATE connect_states SET used = 1, verifier = NULL WHERE key = ?1",
+            [key],
+        )
+        .map_err(sql_err(ctx))?;
+    }
+    row.judge(keys, provider, now)
+}
+
 /// Distinct ids of the keys that sealed stored tokens: one scan of the table at start-up.
 /// Only well-formed values count (`enc:v1:` + 16 hex digits + `:`); a garbled one is a
 /// problem of its row alone, reported when that row is read.

@@ -1466,7 +1466,100 @@ async fn upsert_refuses_tokens_older_than_the_last_refresh() {
     );
 }
 
+async fn connect_states_are_single_use_expire_and_any_handle_takes_them() {
+    let (dir, store) = temp_store().await;
+    // Another process on the same store: the callback may reach any replica.
+    let other = Store::open(options(&dir)).await.unwrap();
+    let pending = |provider: &str, expires_at: i64| PendingConnect {
+        provider: provider.into(),
+        verifier: Some(SecretString::from("verifier-1")),
+        label: Some("shop".into()),
+        account: Some(7),
+        scopes: vec!["user.info.basic".into(), "video.list".into()],
+        expires_at,
+    };
+    for k in ["k1", "k2", "k3"] {
+        assert!(
+            store
+                .connect_state_put(k, pending("tiktok", 100), 0, 10)
+                .await
+                .unwrap()
+        );
+    }
+    let taken = other
+        .connect_state_take("k1", "tiktok", 50)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.verifier.unwrap().expose_secret(), "verifier-1");
+    assert_eq!(
+        (taken.label.as_deref(), taken.account),
+        (Some("shop"), Some(7))
+    );
+    assert_eq!(taken.scopes, ["user.info.basic", "video.list"]);
+    let problem = |r: Result<PendingConnect, StateProblem>| r.err();
+    assert_eq!(
+        problem(store.connect_state_take("k1", "tiktok", 50).await.unwrap()),
+        Some(StateProblem::Replayed)
+    );
+    assert_eq!(
+        problem(store.connect_state_take("k2", "tiktok", 101).await.unwrap()),
+        Some(StateProblem::Expired)
+    );
+    assert_eq!(
+        problem(store.connect_state_take("nope", "tiktok", 0).await.unwrap()),
+        Some(StateProblem::Unknown)
+    );
+    assert_eq!(
+        problem(other.connect_state_take("k3", "google", 0).await.unwrap()),
+        Some(StateProblem::WrongProvider)
+    );
+    // A state refused once is spent: the right provider cannot use it afterwards.
+    assert_eq!(
+        problem(store.connect_state_take("k3", "tiktok", 0).await.unwrap()),
+        Some(StateProblem::Replayed)
+    );
+    // At most `max_open` in progress; spent and expired ones do not count.
+    assert!(
+        store
+            .connect_state_put("k4", pending("tiktok", 100), 0, 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .connect_state_put("k5", pending("tiktok", 100), 0, 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .connect_state_put("k6", pending("tiktok", 100), 0, 2)
+            .await
+            .unwrap()
+    );
+    // Long after expiry they are forgotten (a replay then reads as unknown).
+    let later = 100 + CONNECT_REMEMBER + 1;
+    assert!(
+        store
+            .connect_state_put("k7", pending("tiktok", later + 100), later, 2)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        problem(
+            store
+                .connect_state_take("k1", "tiktok", later)
+                .await
+                .unwrap()
+        ),
+        Some(StateProblem::Unknown)
+    );
+    other.close().await;
+}
+
 on_both_backends!(
+    connect_states_are_single_use_expire_and_any_handle_takes_them,
     upsert_inserts_then_updates_by_provider_and_subject,
     upsert_refused_under_a_live_lease_then_clears_lease_and_failures,
     upsert_is_all_or_nothing,
@@ -1511,4 +1604,10 @@ mod concurrent_records_are_all_committed {
                 .await
         }
     }
+}
+
+#[test]
+fn both_backends_know_the_same_migrations() {
+    // One version number means the same schema on SQLite and PostgreSQL (store copy).
+    assert_eq!(schema::MIGRATIONS.len(), postgres::MIGRATIONS.len());
 }
