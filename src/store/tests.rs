@@ -1558,7 +1558,27 @@ async fn connect_states_are_single_use_expire_and_any_handle_takes_them() {
     other.close().await;
 }
 
+async fn replicas_opening_a_fresh_store_together_migrate_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let opens = (0..4).map(|_| Store::open(options(&dir)));
+    let stores: Vec<Store> = futures::future::join_all(opens)
+        .await
+        .into_iter()
+        .map(|r| r.expect("every replica opens"))
+        .collect();
+    for s in &stores {
+        assert!(s.schema_current().await.unwrap());
+    }
+    // They all work on the one schema.
+    let id = insert(&stores[0], vec![new_account("tiktok", "u1", NOW)]).await[0];
+    assert_eq!(get(&stores[3], id).await.subject, "u1");
+    for s in stores {
+        s.close().await;
+    }
+}
+
 on_both_backends!(
+    replicas_opening_a_fresh_store_together_migrate_it_once,
     connect_states_are_single_use_expire_and_any_handle_takes_them,
     upsert_inserts_then_updates_by_provider_and_subject,
     upsert_refused_under_a_live_lease_then_clears_lease_and_failures,
