@@ -386,37 +386,38 @@ impl PgStore {
         skip: &[String],
     ) -> Result<Vec<Account>, StoreError> {
         let ctx = "claim due accounts";
-        let sealed = self
-            .in_tx(ctx, async |tx| {
-                // SKIP LOCKED: rows another replica is claiming right now are left to it.
-                let stmt = tx
-                    .prepare_cached(&format!(
-                        "UPDATE accounts a SET lease_owner = $1, lease_expires_at = $2,
-                            interrupted_at = CASE WHEN a.lease_owner IS NOT NULL THEN a.lease_expires_at END
-                         FROM (SELECT id FROM accounts
-                               WHERE status IN ('active', 'expiring') AND next_refresh_at <= $3
-                                 AND (lease_owner IS NULL OR lease_expires_at <= $3)
-                                 AND provider <> ALL($5::text[])
-                               ORDER BY next_refresh_at
-                               LIMIT $4
-                               FOR UPDATE SKIP LOCKED) due
-                         WHERE a.id = due.id
-                         RETURNING {}",
-                        ACCOUNT_COLUMNS
-                            .split(", ")
-                            .map(|c| format!("a.{c}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
-                    .await
-                    .map_err(pg_err(ctx))?;
-                let rows = tx
-                    .query(&stmt, &[&owner, &lease_until, &now, &(limit as i64), &skip])
-                    .await
-                    .map_err(pg_err(ctx))?;
-                rows.iter().map(row_to_account).collect::<Result<Vec<_>, _>>()
-            })
-            .await?;
+        // One statement: atomic on its own, no transaction round trips needed.
+        let client = self.pool.get().await.map_err(pool_err(ctx))?;
+        // SKIP LOCKED: rows another replica is claiming right now are left to it.
+        let stmt = client
+            .prepare_cached(&format!(
+                "UPDATE accounts a SET lease_owner = $1, lease_expires_at = $2,
+                    interrupted_at = CASE WHEN a.lease_owner IS NOT NULL THEN a.lease_expires_at END
+                 FROM (SELECT id FROM accounts
+                       WHERE status IN ('active', 'expiring') AND next_refresh_at <= $3
+                         AND (lease_owner IS NULL OR lease_expires_at <= $3)
+                         AND provider <> ALL($5::text[])
+                       ORDER BY next_refresh_at
+                       LIMIT $4
+                       FOR UPDATE SKIP LOCKED) due
+                 WHERE a.id = due.id
+                 RETURNING {}",
+                ACCOUNT_COLUMNS
+                    .split(", ")
+                    .map(|c| format!("a.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .await
+            .map_err(pg_err(ctx))?;
+        let rows = client
+            .query(&stmt, &[&owner, &lease_until, &now, &(limit as i64), &skip])
+            .await
+            .map_err(pg_err(ctx))?;
+        let sealed = rows
+            .iter()
+            .map(row_to_account)
+            .collect::<Result<Vec<_>, _>>()?;
         let mut out = Vec::with_capacity(sealed.len());
         for a in sealed {
             let id = a.id;
