@@ -36,6 +36,10 @@ pub enum DaemonError {
     Server(#[from] crate::server::ServerError),
     #[error(transparent)]
     ExposedFiles(#[from] crate::hardening::ExposedFiles),
+    #[error(
+        "stopped with the rotated tokens of {count} account(s) only in the recovery file {path} (the database refused them): keep that file; the next start commits them"
+    )]
+    PendingRotations { count: usize, path: String },
 }
 
 /// What a run did, for `--once`'s exit code and the demo's summary.
@@ -109,6 +113,7 @@ pub async fn run(
     crate::hardening::warn_if_root();
     crate::hardening::check_files(&config)?;
     let store = Store::open(store_options(&config)).await?;
+    let config_store_path = config.store.path.clone();
     let settings = Arc::new(Settings::new(config)?);
     let (settings_tx, settings_rx) = watch::channel(settings.clone());
     let engine = Engine::new(store.clone(), opts.clock.clone(), settings_rx.clone());
@@ -264,6 +269,20 @@ pub async fn run(
     sinks.stop().await;
     notifier.stop().await;
     store.close().await;
+    let pending = store.pending_rotations();
+    if !pending.is_empty() {
+        // Say exactly which accounts depend on the file: deleting it (a pod's emptyDir, a
+        // cleaned temp dir) would lose their tokens.
+        let path = crate::store::recovery_path(&config_store_path)
+            .display()
+            .to_string();
+        tracing::error!(event = "stopped_with_pending_rotations", accounts = ?pending, path = %path,
+            "stopping with rotated tokens the database has not taken yet; they are safe in the recovery file only");
+        return Err(DaemonError::PendingRotations {
+            count: pending.len(),
+            path,
+        });
+    }
     let report = RunReport {
         stats: engine.stats().snapshot(),
         ..Default::default()

@@ -184,6 +184,14 @@ pub fn parse(
     let access_token = string(obj.get("access_token"))
         .ok_or_else(|| malformed("`access_token` missing or empty".into()))?;
     let refresh_token = string(obj.get("refresh_token"));
+    // A token is sent back in headers and form bodies, where control characters cannot go,
+    // and PostgreSQL text cannot hold a NUL: such an answer is garbage, retried like one.
+    let control = |t: &str| t.chars().any(char::is_control);
+    if control(&access_token) || refresh_token.as_deref().is_some_and(control) {
+        return Err(malformed(
+            "a token contains control characters; it could never be used".into(),
+        ));
+    }
     // A new credential means the provider may already have retired the old one: such an
     // answer is stored even when other fields are broken, with a short lifetime so the
     // account is refreshed again soon. Otherwise a broken answer is simply retried.
@@ -258,7 +266,9 @@ pub fn parse(
         expires_in,
         refresh_expires_in,
         subject,
-        scope: string(obj.get("scope")),
+        scope: string(obj.get("scope"))
+            .map(|s| s.chars().filter(|c| !c.is_control()).collect::<String>())
+            .filter(|s| !s.is_empty()),
         token_type: "Bearer".into(),
     })
 }
@@ -315,6 +325,26 @@ mod tests {
             Some("application/json"),
             body.as_bytes(),
         )
+    }
+
+    #[test]
+    fn control_characters_in_a_token_are_garbage_and_in_the_scope_dropped() {
+        for body in [
+            r#"{"access_token":"at\u0000x","refresh_token":"rt","expires_in":3600}"#,
+            r#"{"access_token":"at","refresh_token":"rt\r\nSet-Cookie: x","expires_in":3600}"#,
+        ] {
+            let f = parse_as("tiktok", 200, body).unwrap_err();
+            assert_eq!(f.class, FailureClass::Transient, "{body}");
+            assert!(f.message.contains("control characters"), "{}", f.message);
+            assert!(!f.message.contains("rt"), "no token in {}", f.message);
+        }
+        let t = parse_as(
+            "tiktok",
+            200,
+            r#"{"access_token":"at","refresh_token":"rt","expires_in":3600,"scope":"user.info\u0000basic"}"#,
+        )
+        .unwrap();
+        assert_eq!(t.scope.as_deref(), Some("user.infobasic"));
     }
 
     #[test]

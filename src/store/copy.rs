@@ -105,9 +105,7 @@ fn sqlite_err(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { context, source }
 }
 
-fn pg_err(context: &'static str) -> impl Fn(tokio_postgres::Error) -> StoreError {
-    move |source| StoreError::Postgres { context, source }
-}
+use super::postgres::pg_err;
 
 /// Rows of `table` whose key is in (`after`, `upto`], in key then id order, at most `limit`
 /// (None: all of them).

@@ -63,18 +63,19 @@ pub enum StoreError {
         "cannot connect to PostgreSQL at {url}: {message} (check store.url, and that the server is up and reachable)"
     )]
     PgConnect { url: String, message: String },
-    #[error("PostgreSQL {url}: migration {version} failed: {source}")]
+    #[error("PostgreSQL {url}: migration {version} failed: {message}")]
     PgMigration {
         url: String,
         version: usize,
-        #[source]
-        source: tokio_postgres::Error,
+        message: String,
     },
-    #[error("PostgreSQL error while trying to {context}: {source}")]
+    /// `message` is built from the server's code, message, table and constraint, never its
+    /// DETAIL, which can quote a whole row (tokens included).
+    #[error("PostgreSQL error while trying to {context}: {message}")]
     Postgres {
         context: &'static str,
-        #[source]
-        source: tokio_postgres::Error,
+        message: String,
+        transient: bool,
     },
     #[error("PostgreSQL: no connection to {context}: {message}")]
     PgPool {
@@ -106,7 +107,7 @@ impl StoreError {
                         | rusqlite::ErrorCode::SystemIoFailure
                 )
             ),
-            StoreError::Postgres { source, .. } => postgres::is_transient(source),
+            StoreError::Postgres { transient, .. } => *transient,
             // The pool could not hand out a connection: the server is down or saturated.
             StoreError::PgPool { .. } => true,
             _ => false,
@@ -421,7 +422,12 @@ pub struct PgOptions {
 pub struct Store {
     backend: Backend,
     keys: Keyring,
+    /// Accounts whose rotated tokens wait in the recovery file: never claimed meanwhile,
+    /// or they would be refreshed again with the refresh token the provider just retired.
+    deferred: DeferredIds,
 }
+
+pub(crate) type DeferredIds = Arc<std::sync::Mutex<std::collections::HashSet<i64>>>;
 
 #[derive(Clone)]
 enum Backend {
@@ -536,23 +542,28 @@ impl Store {
 
     async fn start(opts: StoreOptions, read_only: bool) -> Result<Store, StoreError> {
         if let Some(pg) = &opts.postgres {
+            let deferred = DeferredIds::default();
             let store = postgres::PgStore::open(
                 &pg.url,
                 pg.pool_size,
                 opts.keyring.clone(),
                 recovery_path(&opts.path),
                 read_only,
+                deferred.clone(),
             )
             .await?;
             return Ok(Store {
                 backend: Backend::Postgres(Arc::new(store)),
                 keys: opts.keyring,
+                deferred,
             });
         }
         let (tx, rx) = std_mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = oneshot::channel();
         let path = opts.path.clone();
         let keys = opts.keyring.clone();
+        let deferred = DeferredIds::default();
+        let worker_deferred = deferred.clone();
         std::thread::Builder::new()
             .name("refreshd-store".into())
             .spawn(move || {
@@ -571,7 +582,7 @@ impl Store {
                         return;
                     }
                 };
-                Worker::new(&opts).run(&mut conn, rx);
+                Worker::new(&opts, worker_deferred).run(&mut conn, rx);
             })
             .map_err(|e| StoreError::Create {
                 path: path.clone(),
@@ -581,6 +592,7 @@ impl Store {
         Ok(Store {
             backend: Backend::Sqlite { tx, path },
             keys,
+            deferred,
         })
     }
 
@@ -635,6 +647,20 @@ impl Store {
             Backend::Sqlite { path, .. } => path.display().to_string(),
             Backend::Postgres(pg) => pg.describe().to_string(),
         }
+    }
+
+    /// Accounts whose rotated tokens are still only in the recovery file (after `close`:
+    /// the next start must replay that file; it must not be deleted).
+    pub fn pending_rotations(&self) -> Vec<i64> {
+        let mut ids: Vec<i64> = self
+            .deferred
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     pub fn is_postgres(&self) -> bool {
@@ -723,12 +749,23 @@ impl Store {
     ) -> Result<Vec<Account>, StoreError> {
         let owner = owner.to_string();
         let until = now + lease.as_secs() as i64;
+        let exclude: Vec<i64> = self
+            .deferred
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .copied()
+            .collect();
         if let Some(pg) = self.pg() {
-            return pg.claim_due_except(&owner, now, until, limit, &skip).await;
+            return pg
+                .claim_due_except(&owner, now, until, limit, &skip, &exclude)
+                .await;
         }
         let keys = self.keys.clone();
-        self.call(move |c| sqlite::claim_due_except(c, &keys, &owner, now, until, limit, &skip))
-            .await
+        self.call(move |c| {
+            sqlite::claim_due_except(c, &keys, &owner, now, until, limit, &skip, &exclude)
+        })
+        .await
     }
 
     /// `next_due` without the accounts of the `skip` providers.
@@ -979,10 +1016,7 @@ impl Store {
             let row = c
                 .query_one(&sql.replace("?1", "$1::bigint"), &[&id])
                 .await
-                .map_err(|source| StoreError::Postgres {
-                    context: "test query",
-                    source,
-                })?;
+                .map_err(postgres::pg_err("test query"))?;
             return Ok(row.get(0));
         }
         self.call(move |c| {
@@ -1008,10 +1042,7 @@ impl Store {
                     &[&id],
                 )
                 .await
-                .map_err(|source| StoreError::Postgres {
-                    context: "test query",
-                    source,
-                })?;
+                .map_err(postgres::pg_err("test query"))?;
             return Ok((row.get(0), row.get(1)));
         }
         self.call(move |c| {
@@ -1103,6 +1134,10 @@ pub async fn rekey(
 
 /// Most outcomes written by one commit.
 const MAX_GROUP: usize = 1024;
+/// How often `close` tries to commit deferred rotations, `CLOSE_RETRY_EVERY` apart, before
+/// leaving them to the recovery file (a short blip at shutdown loses nothing either way).
+pub(crate) const CLOSE_RETRIES: usize = 5;
+pub(crate) const CLOSE_RETRY_EVERY: Duration = Duration::from_millis(200);
 /// How often deferred (recovery-file) commits are retried when the worker is idle.
 const RETRY_EVERY: Duration = Duration::from_secs(2);
 /// While commits are deferred, a job first retries them, at most this often (each retry may
@@ -1114,15 +1149,18 @@ struct Worker {
     keys: Keyring,
     /// Rotations that could not be committed: in the recovery file and here, until committed.
     deferred: Vec<Outcome>,
+    /// Their account ids, shared with the Store handles (claims leave them out).
+    deferred_ids: DeferredIds,
     last_retry: std::time::Instant,
 }
 
 impl Worker {
-    fn new(opts: &StoreOptions) -> Self {
+    fn new(opts: &StoreOptions, deferred_ids: DeferredIds) -> Self {
         Worker {
             recovery: recovery_path(&opts.path),
             keys: opts.keyring.clone(),
             deferred: Vec::new(),
+            deferred_ids,
             last_retry: std::time::Instant::now(),
         }
     }
@@ -1156,7 +1194,15 @@ impl Worker {
             match job {
                 Job::Call(f) => f(conn),
                 Job::Close(done) => {
-                    self.retry_deferred(conn);
+                    // A few more tries: what is still deferred after them waits for the
+                    // next start in the recovery file.
+                    for _ in 0..CLOSE_RETRIES {
+                        self.retry_deferred(conn);
+                        if self.deferred.is_empty() {
+                            break;
+                        }
+                        std::thread::sleep(CLOSE_RETRY_EVERY);
+                    }
                     let _ = done.send(());
                     return;
                 }
@@ -1214,6 +1260,10 @@ impl Worker {
                 if !rotated.is_empty() {
                     let outcomes: Vec<Outcome> = rotated.iter().map(|(o, _)| o.clone()).collect();
                     let saved = recovery::append(&self.recovery, &self.keys, &outcomes);
+                    self.deferred_ids
+                        .lock()
+                        .expect("not poisoned")
+                        .extend(outcomes.iter().map(Outcome::account_id));
                     self.deferred.extend(outcomes);
                     for (_, reply) in rotated {
                         let _ = reply.send(match &saved {
@@ -1263,8 +1313,10 @@ impl Worker {
         }
         self.last_retry = std::time::Instant::now();
         match recovery::apply(conn, &self.keys, &self.deferred) {
-            Ok(_) => {
+            Ok((_, refused)) => {
+                recovery::quarantine(&self.recovery, &self.keys, &refused);
                 self.deferred.clear();
+                self.deferred_ids.lock().expect("not poisoned").clear();
                 if let Err(e) = recovery::remove(&self.recovery) {
                     tracing::error!(event = "recovery_cleanup_failed", path = %self.recovery.display(), error = %e,
                         "deferred tokens are committed but the recovery file could not be removed; it is replayed harmlessly at next start");

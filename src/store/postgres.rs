@@ -97,15 +97,44 @@ const SUMMARY_COLUMNS: &str = "id, provider, subject, label, status, reauth_reas
     access_expires_at, refresh_expires_at, next_refresh_at, failures, last_error, \
     last_refreshed_at, reauth_flagged_at, scope";
 
-fn pg_err(context: &'static str) -> impl Fn(tokio_postgres::Error) -> StoreError {
-    move |source| StoreError::Postgres { context, source }
+pub(crate) fn pg_err(context: &'static str) -> impl Fn(tokio_postgres::Error) -> StoreError {
+    move |e| StoreError::Postgres {
+        context,
+        message: describe_error(&e),
+        transient: is_transient(&e),
+    }
 }
 
 fn pool_err(context: &'static str) -> impl Fn(deadpool_postgres::PoolError) -> StoreError {
-    move |source| StoreError::PgPool {
+    move |e| StoreError::PgPool {
         context,
-        message: source.to_string(),
+        message: match &e {
+            deadpool_postgres::PoolError::Backend(b) => describe_error(b),
+            other => other.to_string(),
+        },
     }
+}
+
+/// What went wrong, without the server's DETAIL or WHERE (a constraint violation quotes the
+/// failing row there, tokens included).
+pub fn describe_error(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut m = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(c) = db.constraint() {
+            m.push_str(&format!(", constraint {c}"));
+        } else if let Some(t) = db.table() {
+            m.push_str(&format!(", table {t}"));
+        }
+        return m;
+    }
+    // Client-side and I/O errors carry no data: their chain is safe to show.
+    let mut m = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        m.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    m
 }
 
 /// `postgres://user@host:port/db`, never the password: for logs and errors.
@@ -238,6 +267,7 @@ impl PgStore {
         keys: Keyring,
         recovery_file: PathBuf,
         read_only: bool,
+        deferred_ids: super::DeferredIds,
     ) -> Result<PgStore, StoreError> {
         let describe = describe(url.expose_secret());
         let mut config: tokio_postgres::Config =
@@ -303,10 +333,10 @@ impl PgStore {
         } else {
             migrate(&mut client)
                 .await
-                .map_err(|(version, source)| StoreError::PgMigration {
+                .map_err(|(version, e)| StoreError::PgMigration {
                     url: describe.clone(),
                     version,
-                    source,
+                    message: describe_error(&e),
                 })?;
         }
         for key_id in sealing_key_ids(&**client).await? {
@@ -320,7 +350,8 @@ impl PgStore {
         }
         if !read_only && let Some(outcomes) = recovery::read(&recovery_file, &keys)? {
             let mut c = client;
-            let applied = apply_recovered(&mut c, &keys, &outcomes).await?;
+            let (applied, refused) = apply_recovered(&mut c, &keys, &outcomes).await?;
+            recovery::quarantine(&recovery_file, &keys, &refused);
             recovery::remove(&recovery_file).map_err(|e| StoreError::Recovery {
                 path: recovery_file.clone(),
                 message: format!("replayed but cannot remove: {e}"),
@@ -334,6 +365,7 @@ impl PgStore {
                 keys: keys.clone(),
                 recovery: recovery_file,
                 deferred: Vec::new(),
+                deferred_ids,
             }
             .run(rx),
         );
@@ -384,6 +416,7 @@ impl PgStore {
         lease_until: i64,
         limit: usize,
         skip: &[String],
+        exclude: &[i64],
     ) -> Result<Vec<Account>, StoreError> {
         let ctx = "claim due accounts";
         // One statement: atomic on its own, no transaction round trips needed.
@@ -397,6 +430,7 @@ impl PgStore {
                        WHERE status IN ('active', 'expiring') AND next_refresh_at <= $3
                          AND (lease_owner IS NULL OR lease_expires_at <= $3)
                          AND provider <> ALL($5::text[])
+                         AND id <> ALL($6::bigint[])
                        ORDER BY next_refresh_at
                        LIMIT $4
                        FOR UPDATE SKIP LOCKED) due
@@ -411,7 +445,10 @@ impl PgStore {
             .await
             .map_err(pg_err(ctx))?;
         let rows = client
-            .query(&stmt, &[&owner, &lease_until, &now, &(limit as i64), &skip])
+            .query(
+                &stmt,
+                &[&owner, &lease_until, &now, &(limit as i64), &skip, &exclude],
+            )
             .await
             .map_err(pg_err(ctx))?;
         let sealed = rows
@@ -1137,6 +1174,15 @@ async fn upsert_on(
 ) -> Result<Vec<(i64, bool)>, StoreError> {
     let mut out = Vec::with_capacity(accounts.len());
     for a in accounts {
+        // FOR UPDATE locks nothing while the account does not exist yet: two connects of one
+        // new user (two tabs, two replicas) would both insert and one would fail on the
+        // UNIQUE constraint. This lock, held to the end of the transaction, serialises them.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))",
+            &[&a.provider, &a.subject],
+        )
+        .await
+        .map_err(pg_err("lock the account for import"))?;
         let existing = tx
             .query_opt(
                 "SELECT id, lease_expires_at, last_refreshed_at FROM accounts
@@ -1484,15 +1530,16 @@ async fn record(tx: &Transaction<'_>, keys: &Keyring, o: &Outcome) -> Result<Rec
     }
 }
 
-/// Commits deferred rotations; one already in the database is skipped (see recovery.rs).
+/// Commits deferred rotations, each under its own savepoint; see `recovery::apply`.
 async fn apply_recovered(
     client: &mut deadpool_postgres::Object,
     keys: &Keyring,
     outcomes: &[Outcome],
-) -> Result<usize, StoreError> {
+) -> Result<(usize, Vec<(Outcome, String)>), StoreError> {
     let ctx = "replay rotations that could not be committed";
-    let tx = client.transaction().await.map_err(pg_err(ctx))?;
+    let mut tx = client.transaction().await.map_err(pg_err(ctx))?;
     let mut applied = 0;
+    let mut refused = Vec::new();
     for o in outcomes {
         if let Outcome::Rotated {
             account_id,
@@ -1506,12 +1553,23 @@ async fn apply_recovered(
         {
             continue;
         }
-        if record(&tx, keys, o).await? == Recorded::Applied {
-            applied += 1;
+        let sp = tx.transaction().await.map_err(pg_err(ctx))?;
+        match record(&sp, keys, o).await {
+            Ok(r) => {
+                sp.commit().await.map_err(pg_err(ctx))?;
+                if r == Recorded::Applied {
+                    applied += 1;
+                }
+            }
+            Err(e) if !e.is_transient() => {
+                sp.rollback().await.map_err(pg_err(ctx))?;
+                refused.push((o.clone(), e.to_string()));
+            }
+            Err(e) => return Err(e),
         }
     }
     tx.commit().await.map_err(pg_err(ctx))?;
-    Ok(applied)
+    Ok((applied, refused))
 }
 
 /// The group-commit task: outcomes that arrive together share one transaction.
@@ -1520,6 +1578,7 @@ struct Worker {
     keys: Keyring,
     recovery: PathBuf,
     deferred: Vec<Outcome>,
+    deferred_ids: super::DeferredIds,
 }
 
 type Reply = oneshot::Sender<Result<Recorded, StoreError>>;
@@ -1544,7 +1603,7 @@ impl Worker {
             };
             match job {
                 Job::Close(done) => {
-                    self.retry_deferred().await;
+                    self.close_retries().await;
                     let _ = done.send(());
                     return;
                 }
@@ -1565,7 +1624,7 @@ impl Worker {
                     self.retry_deferred().await;
                     self.commit_group(batch).await;
                     if let Some(done) = close {
-                        self.retry_deferred().await;
+                        self.close_retries().await;
                         let _ = done.send(());
                         return;
                     }
@@ -1615,6 +1674,10 @@ impl Worker {
                 if !rotated.is_empty() {
                     let outcomes: Vec<Outcome> = rotated.iter().map(|(o, _)| o.clone()).collect();
                     let saved = recovery::append(&self.recovery, &self.keys, &outcomes);
+                    self.deferred_ids
+                        .lock()
+                        .expect("not poisoned")
+                        .extend(outcomes.iter().map(Outcome::account_id));
                     self.deferred.extend(outcomes);
                     for (_, reply) in rotated {
                         let _ = reply.send(match &saved {
@@ -1635,6 +1698,18 @@ impl Worker {
         }
     }
 
+    /// A few more tries before closing: what is still deferred after them waits for the
+    /// next start in the recovery file.
+    async fn close_retries(&mut self) {
+        for _ in 0..super::CLOSE_RETRIES {
+            self.retry_deferred().await;
+            if self.deferred.is_empty() {
+                break;
+            }
+            tokio::time::sleep(super::CLOSE_RETRY_EVERY).await;
+        }
+    }
+
     async fn retry_deferred(&mut self) {
         if self.deferred.is_empty() {
             return;
@@ -1644,8 +1719,10 @@ impl Worker {
             Err(e) => Err(pool_err("retry deferred rotations")(e)),
         };
         match result {
-            Ok(_) => {
+            Ok((_, refused)) => {
+                recovery::quarantine(&self.recovery, &self.keys, &refused);
                 self.deferred.clear();
+                self.deferred_ids.lock().expect("not poisoned").clear();
                 if let Err(e) = recovery::remove(&self.recovery) {
                     tracing::error!(event = "recovery_cleanup_failed", path = %self.recovery.display(), error = %e,
                         "deferred tokens are committed but the recovery file could not be removed; it is replayed harmlessly at next start");
@@ -1667,6 +1744,18 @@ pub fn is_transient(e: &tokio_postgres::Error) -> bool {
     if e.is_closed() {
         return true;
     }
+    if e.code().is_none() {
+        // No SQLSTATE: transient only when talking to the server failed (I/O, a timeout),
+        // not for a client-side mistake (a type mismatch, an unexpected row count).
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            if s.is::<std::io::Error>() {
+                return true;
+            }
+            source = s.source();
+        }
+        return e.to_string().contains("timed out");
+    }
     match e.code() {
         Some(code) => {
             let c = code.code();
@@ -1678,7 +1767,6 @@ pub fn is_transient(e: &tokio_postgres::Error) -> bool {
                 || c == "55P03" // lock not available
                 || c == "57014" // query cancelled (statement_timeout)
         }
-        // No SQLSTATE: an I/O error talking to the server.
-        None => true,
+        None => false,
     }
 }

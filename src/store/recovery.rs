@@ -136,20 +136,46 @@ pub fn append(path: &Path, keys: &Keyring, outcomes: &[Outcome]) -> std::io::Res
     Ok(())
 }
 
-/// Commits deferred rotations in one transaction. A rotation already in the database (the
-/// process died after committing but before removing the file) is skipped.
+/// `<database>.recovery.rejected`: rotations the database refused for good (not a passing
+/// failure), kept for an operator instead of blocking every other rotation behind them.
+pub fn quarantine_path(recovery: &Path) -> PathBuf {
+    let mut s = recovery.as_os_str().to_owned();
+    s.push(".rejected");
+    PathBuf::from(s)
+}
+
+/// Moves rotations the database refused for good to the quarantine file, loudly.
+pub fn quarantine(recovery: &Path, keys: &Keyring, refused: &[(Outcome, String)]) {
+    if refused.is_empty() {
+        return;
+    }
+    let path = quarantine_path(recovery);
+    let outcomes: Vec<Outcome> = refused.iter().map(|(o, _)| o.clone()).collect();
+    let saved = append(&path, keys, &outcomes);
+    for (o, error) in refused {
+        tracing::error!(event = "recovery_rejected", account = o.account_id(), path = %path.display(),
+            saved = saved.is_ok(), error = %error,
+            "the database refuses this account's rotated tokens for good; they are kept in the quarantine file for an operator, and the account will need re-authorization if they cannot be stored");
+    }
+}
+
+/// Commits deferred rotations in one transaction, each under its own savepoint. A rotation
+/// already in the database (the process died after committing but before removing the
+/// file) is skipped. One the database refuses for good (not a passing failure) is returned
+/// with its error instead of failing the others; a passing failure fails the whole call.
 pub fn apply(
     conn: &mut Connection,
     keys: &Keyring,
     outcomes: &[Outcome],
-) -> Result<usize, StoreError> {
-    let tx = conn
+) -> Result<(usize, Vec<(Outcome, String)>), StoreError> {
+    let mut tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(|source| StoreError::Sqlite {
             context: "begin replay of recovery file",
             source,
         })?;
     let mut applied = 0;
+    let mut refused = Vec::new();
     for o in outcomes {
         if let Outcome::Rotated {
             account_id,
@@ -163,15 +189,32 @@ pub fn apply(
         {
             continue;
         }
-        if sqlite::record(&tx, keys, o)? == super::Recorded::Applied {
-            applied += 1;
+        let sp = tx.savepoint().map_err(|source| StoreError::Sqlite {
+            context: "replay one rotation",
+            source,
+        })?;
+        match sqlite::record(&sp, keys, o) {
+            Ok(r) => {
+                sp.commit().map_err(|source| StoreError::Sqlite {
+                    context: "replay one rotation",
+                    source,
+                })?;
+                if r == super::Recorded::Applied {
+                    applied += 1;
+                }
+            }
+            Err(e) if !e.is_transient() => {
+                drop(sp);
+                refused.push((o.clone(), e.to_string()));
+            }
+            Err(e) => return Err(e),
         }
     }
     tx.commit().map_err(|source| StoreError::Sqlite {
         context: "commit replay of recovery file",
         source,
     })?;
-    Ok(applied)
+    Ok((applied, refused))
 }
 
 pub fn remove(path: &Path) -> std::io::Result<()> {
@@ -228,7 +271,8 @@ pub fn replay(conn: &mut Connection, keys: &Keyring, path: &Path) -> Result<(), 
     let Some(outcomes) = read(path, keys)? else {
         return Ok(());
     };
-    let applied = apply(conn, keys, &outcomes)?;
+    let (applied, refused) = apply(conn, keys, &outcomes)?;
+    quarantine(path, keys, &refused);
     remove(path).map_err(|e| StoreError::Recovery {
         path: path.to_path_buf(),
         message: format!("replayed but cannot remove: {e}"),

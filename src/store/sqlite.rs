@@ -93,7 +93,7 @@ pub fn claim_due(
     lease_until: i64,
     limit: usize,
 ) -> Result<Vec<Account>, StoreError> {
-    claim_due_except(conn, keys, owner, now, lease_until, limit, &[])
+    claim_due_except(conn, keys, owner, now, lease_until, limit, &[], &[])
 }
 
 /// `NOT IN (...)` over `skip` with numbered parameters from `first`, or nothing.
@@ -105,7 +105,9 @@ fn skip_clause(skip: &[String], first: usize) -> String {
     format!("AND provider NOT IN ({})", marks.join(", "))
 }
 
-/// Like `claim_due`, leaving out accounts of the `skip` providers (saturated ones).
+/// Like `claim_due`, leaving out accounts of the `skip` providers (saturated ones) and the
+/// `exclude` accounts (rotations waiting in the recovery file).
+#[allow(clippy::too_many_arguments)]
 pub fn claim_due_except(
     conn: &Connection,
     keys: &Keyring,
@@ -114,6 +116,7 @@ pub fn claim_due_except(
     lease_until: i64,
     limit: usize,
     skip: &[String],
+    exclude: &[i64],
 ) -> Result<Vec<Account>, StoreError> {
     let sql = format!(
         "UPDATE accounts SET lease_owner = ?1, lease_expires_at = ?2,
@@ -122,11 +125,12 @@ pub fn claim_due_except(
              SELECT id FROM accounts INDEXED BY accounts_due
              WHERE status IN ('active', 'expiring') AND next_refresh_at <= ?3
                AND (lease_owner IS NULL OR lease_expires_at <= ?3)
+               AND id NOT IN (SELECT value FROM json_each(?5))
                {}
              ORDER BY next_refresh_at
              LIMIT ?4)
          RETURNING {ACCOUNT_COLUMNS}",
-        skip_clause(skip, 5)
+        skip_clause(skip, 6),
     );
     let mut stmt = conn
         .prepare_cached(&sql)
@@ -136,6 +140,7 @@ pub fn claim_due_except(
         lease_until.into(),
         now.into(),
         (limit as i64).into(),
+        serde_json::to_string(exclude).unwrap_or_default().into(),
     ];
     values.extend(skip.iter().map(|s| rusqlite::types::Value::from(s.clone())));
     let rows = stmt
@@ -493,7 +498,7 @@ fn append_log(
 }
 
 /// Writes one refresh outcome. Runs inside the group-commit transaction.
-pub fn record(tx: &Transaction<'_>, keys: &Keyring, o: &Outcome) -> Result<Recorded, StoreError> {
+pub fn record(tx: &Connection, keys: &Keyring, o: &Outcome) -> Result<Recorded, StoreError> {
     match o {
         Outcome::Rotated {
             account_id,

@@ -943,7 +943,7 @@ async fn open_replays_recovery_file_left_by_a_previous_run() {
         .await
         .unwrap();
     assert_eq!(r, Recorded::Deferred);
-    // Close retries once, fails on the lock, and leaves the file for the next start.
+    // Close retries a few times, fails on the lock, and leaves the file for the next start.
     tokio::time::timeout(Duration::from_secs(5), store.close())
         .await
         .expect("close returns although the database stays locked");

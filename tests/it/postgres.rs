@@ -804,3 +804,122 @@ async fn sslmode_require_speaks_tls_and_checks_the_certificate() {
     );
     drop(url);
 }
+
+fn new_account(subject: &str, t: i64) -> NewAccount {
+    NewAccount {
+        provider: "tiktok".into(),
+        subject: subject.into(),
+        label: None,
+        tokens: TokenSet {
+            access_token: SecretString::from(format!("at-{subject}")),
+            refresh_token: Some(SecretString::from(format!("rt-{subject}"))),
+            expires_in: 3600,
+            refresh_expires_in: None,
+            subject: None,
+            scope: None,
+            token_type: "Bearer".into(),
+        },
+        obtained_at: t,
+        next_refresh_at: t,
+        status: Status::Active,
+        reauth_reason: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_connecting_one_new_user_at_once_both_succeed() {
+    let Some(url) = postgres_url("upsert_race").await else {
+        return;
+    };
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Store::open(pg_store_options(&url, d1.path()))
+        .await
+        .unwrap();
+    let b = Store::open(pg_store_options(&url, d2.path()))
+        .await
+        .unwrap();
+    let t = now();
+    for i in 0..30 {
+        let s = format!("race-{i}");
+        let (ra, rb) = tokio::join!(
+            a.upsert(vec![new_account(&s, t)], t),
+            b.upsert(vec![new_account(&s, t)], t)
+        );
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert_eq!(ra[0].0, rb[0].0, "one account");
+        assert!(ra[0].1 ^ rb[0].1, "exactly one of them inserted it");
+    }
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_the_database_refuses_for_good_is_quarantined_not_a_poison() {
+    let Some(url) = postgres_url("poison").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(pg_store_options(&url, dir.path()))
+        .await
+        .unwrap();
+    let t = now();
+    let ids: Vec<i64> = store
+        .upsert(vec![new_account("p1", t), new_account("p2", t)], t)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let claimed = store
+        .claim_due("owner-a", t, Duration::from_secs(10), 10)
+        .await
+        .unwrap();
+    let a = claimed.iter().find(|a| a.id == ids[0]).unwrap();
+    // PostgreSQL text cannot hold a NUL: this rotation can never be stored.
+    let bad = Outcome::Rotated {
+        account_id: a.id,
+        generation: a.generation,
+        tokens: TokenSet {
+            access_token: SecretString::from("at-new"),
+            refresh_token: Some(SecretString::from("rt-new")),
+            expires_in: 3600,
+            refresh_expires_in: None,
+            subject: None,
+            scope: Some("user\u{0}info".into()),
+            token_type: "Bearer".into(),
+        },
+        at: t + 1,
+        next_refresh_at: t + 3000,
+        status: Status::Active,
+        reauth_reason: None,
+        http_status: Some(200),
+        duration_ms: 5,
+    };
+    assert_eq!(store.record(bad).await.unwrap(), Recorded::Deferred);
+    assert_eq!(store.pending_rotations(), vec![a.id]);
+    // While its rotation waits in the recovery file, the account is never claimed again
+    // (its stored refresh token may be retired at the provider), even after the lease.
+    let again = store
+        .claim_due("owner-b", t + 60, Duration::from_secs(10), 10)
+        .await
+        .unwrap();
+    assert!(again.iter().all(|x| x.id != a.id), "{again:?}");
+    assert!(again.iter().any(|x| x.id == ids[1]));
+
+    // The retry finds it refused for good: moved to the quarantine file, the rest unblocked.
+    let recovery = refreshd::store::recovery_path(&dir.path().join("refreshd.db"));
+    let quarantine = dir.path().join("refreshd.db.recovery.rejected");
+    assert!(
+        eventually(10, || async { quarantine.exists() && !recovery.exists() }).await,
+        "quarantined"
+    );
+    assert!(store.pending_rotations().is_empty());
+    store.close().await;
+    drop(store);
+    // And a restart is not blocked by it.
+    let reopened = Store::open(pg_store_options(&url, dir.path()))
+        .await
+        .unwrap();
+    assert_eq!(reopened.get(ids[1]).await.unwrap().unwrap().subject, "p2");
+    reopened.close().await;
+}
