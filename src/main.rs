@@ -129,10 +129,12 @@ enum StoreCommand {
     /// postgres:// URL), ids and sealed tokens as they are. Stop the daemons first. Resumable:
     /// run it again after an interruption. Verified by counts and SHA-256 checksums.
     Copy {
-        /// The store to read: a SQLite file path (or sqlite://PATH) or a postgres:// URL.
+        /// The store to read: a SQLite file path (or sqlite://PATH), a postgres:// URL, or
+        /// @FILE holding one (keeps a password out of the command line and shell history).
         #[arg(long, value_name = "URL")]
         from: String,
-        /// The store to write (created and migrated when new; must be empty or a partial copy).
+        /// The store to write (created and migrated when new; must be empty or a partial
+        /// copy), in the same forms.
         #[arg(long, value_name = "URL")]
         to: String,
         /// Accounts per transaction.
@@ -231,44 +233,92 @@ fn load_config(cli: &Cli) -> Result<Config> {
     Ok(Config::load(cli.config.as_deref())?)
 }
 
-/// Store options for a `store copy` end: a postgres:// URL, or a SQLite path (sqlite:// optional).
+/// Store options for a `store copy` end: a postgres:// URL, a SQLite path (sqlite://PATH
+/// too), or `@FILE` holding either (keeps a password out of the command line). Never echoes
+/// a URL: a mistyped one may carry a password.
 fn copy_end(
     config: &Config,
-    url: &str,
+    which: &str,
+    given: &str,
     scratch: &std::path::Path,
 ) -> Result<refreshd::store::StoreOptions> {
+    let text = match given.strip_prefix('@') {
+        Some(file) => std::fs::read_to_string(file)
+            .with_context(|| format!("store copy --{which}: cannot read {file}"))?
+            .trim()
+            .to_string(),
+        None => given.to_string(),
+    };
     let mut opts = lifecycle::store_options(config);
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        refreshd::store::postgres::validate_url(url)
-            .map_err(|m| anyhow::anyhow!("{}: {m}", refreshd::store::postgres::describe(url)))?;
-        opts.postgres = Some(refreshd::store::PgOptions {
-            url: secrecy::SecretString::from(url.to_string()),
-            pool_size: 2,
+    // Anything shaped like `scheme:/...` is a URL, whatever its case.
+    let scheme = text
+        .split_once(":/")
+        .map(|(s, _)| s.to_ascii_lowercase())
+        .filter(|s| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
         });
-        // A PostgreSQL end has no recovery file of its own: never replay the daemon's.
-        opts.path = scratch.join("copy.db");
-    } else {
-        let path = url.strip_prefix("sqlite://").unwrap_or(url);
-        if path.is_empty() {
-            bail!(
-                "store copy: an empty store location; give a SQLite file path or a postgres:// URL"
-            );
+    match scheme.as_deref() {
+        Some("postgres" | "postgresql") => {
+            let rest = text.split_once("://").map(|(_, r)| r).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "store copy --{which}: a PostgreSQL URL starts with postgres:// (two slashes)"
+                )
+            })?;
+            let url = format!("postgres://{rest}");
+            refreshd::store::postgres::validate_url(&url).map_err(|m| {
+                anyhow::anyhow!(
+                    "store copy --{which} {}: {m}",
+                    refreshd::store::postgres::describe(&url)
+                )
+            })?;
+            opts.postgres = Some(refreshd::store::PgOptions {
+                url: secrecy::SecretString::from(url),
+                pool_size: 2,
+            });
+            // A PostgreSQL end has no recovery file of its own: never replay the daemon's.
+            opts.path = scratch.join(format!("{which}.db"));
         }
-        opts.path = PathBuf::from(path);
-        opts.postgres = None;
+        Some("sqlite") => {
+            opts.path = PathBuf::from(text.split_once("://").map(|(_, p)| p).unwrap_or(""));
+            opts.postgres = None;
+        }
+        Some(other) => bail!(
+            "store copy --{which}: unknown store scheme {other:?}: give a SQLite file path, sqlite://PATH or postgres://USER:PASSWORD@HOST/DB"
+        ),
+        None => {
+            opts.path = PathBuf::from(&text);
+            opts.postgres = None;
+        }
+    }
+    if opts.postgres.is_none() && opts.path.as_os_str().is_empty() {
+        bail!("store copy --{which}: empty; give a SQLite file path or a postgres:// URL");
     }
     Ok(opts)
 }
 
 async fn store_copy(config: &Config, from: &str, to: &str, batch: usize) -> Result<u8> {
     let scratch = tempfile::tempdir()?;
-    let from_opts = copy_end(config, from, scratch.path())?;
-    let to_opts = copy_end(config, to, scratch.path())?;
-    if from_opts.postgres.is_none() && !from_opts.path.exists() {
-        bail!(
-            "store copy: the source {} does not exist",
-            from_opts.path.display()
-        );
+    let from_opts = copy_end(config, "from", from, scratch.path())?;
+    let to_opts = copy_end(config, "to", to, scratch.path())?;
+    if from_opts.postgres.is_none() {
+        if !from_opts.path.exists() {
+            bail!(
+                "store copy: the source {} does not exist",
+                from_opts.path.display()
+            );
+        }
+        // Rotations a run could not commit live only there: copying without them would
+        // leave the destination with refresh tokens the provider has already retired.
+        let recovery = refreshd::store::recovery_path(&from_opts.path);
+        if recovery.exists() {
+            bail!(
+                "store copy: {} holds rotated tokens not yet committed to {}: run `refreshd run` on it once (start-up commits them), stop it, then copy",
+                recovery.display(),
+                from_opts.path.display()
+            );
+        }
     }
     let source = Store::open_read_only(from_opts).await?;
     let dest = Store::open(to_opts).await?;

@@ -1,8 +1,8 @@
 //! `refreshd store copy`: every account and its refresh log from one store to another
 //! (SQLite to PostgreSQL and back), ids kept, sealed tokens copied as they are (their
-//! associated data is the account id, which does not change). Batches of accounts commit
-//! with their log rows, in id order, so an interrupted copy resumes after the destination's
-//! last account. Verified at the end by counts and SHA-256 checksums over both sides.
+//! associated data is the account id, which does not change). Each table is copied in id
+//! order, in batches, so an interrupted copy resumes after the destination's last row.
+//! Verified at the end by counts and SHA-256 checksums of both tables on both sides.
 
 use super::{Store, StoreError};
 use sha2::{Digest, Sha256};
@@ -27,7 +27,7 @@ enum Kind {
 /// A table as copied: its columns, in order, with their kinds.
 pub struct Table {
     pub name: &'static str,
-    /// The column that orders and batches the copy (the account id).
+    /// The column that orders and batches the copy.
     pub key: &'static str,
     columns: &'static [(&'static str, Kind)],
 }
@@ -64,7 +64,7 @@ const ACCOUNTS: Table = Table {
 
 const LOG: Table = Table {
     name: "refresh_log",
-    key: "account_id",
+    key: "id",
     columns: &[
         ("id", Kind::Int),
         ("account_id", Kind::Int),
@@ -185,7 +185,22 @@ async fn read(
         .await
 }
 
-/// Writes accounts and their log rows in one transaction.
+/// An integer column holding text (SQLite allows it) would be written as NULL or fail with
+/// the server quoting the row: refuse it by name instead, never showing the value.
+fn check_types(table: &Table, row: &Row) -> Result<(), StoreError> {
+    for ((column, kind), v) in table.columns.iter().zip(row) {
+        if matches!(kind, Kind::Int | Kind::Int4) && matches!(v, Value::Text(_)) {
+            return Err(StoreError::Invalid(format!(
+                "{}.{column} of row {:?} holds text where an integer belongs: fix that row in the source, then copy again",
+                table.name,
+                row.first().cloned().unwrap_or(Value::Null)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Writes rows of accounts and of the refresh log in one transaction.
 async fn write(store: &Store, accounts: Vec<Row>, log: Vec<Row>) -> Result<(), StoreError> {
     if let Some(pg) = store.pg() {
         let mut c = pg.client().await?;
@@ -205,6 +220,7 @@ async fn write(store: &Store, accounts: Vec<Row>, log: Vec<Row>) -> Result<(), S
                 .await
                 .map_err(pg_err("prepare copying rows"))?;
             for row in rows {
+                check_types(table, row)?;
                 let ints: Vec<Option<i64>> = row
                     .iter()
                     .map(|v| match v {
@@ -213,11 +229,12 @@ async fn write(store: &Store, accounts: Vec<Row>, log: Vec<Row>) -> Result<(), S
                     })
                     .collect();
                 let int4s: Vec<Option<i32>> = ints.iter().map(|v| v.map(|i| i as i32)).collect();
-                let texts: Vec<Option<&str>> = row
+                let texts: Vec<Option<String>> = row
                     .iter()
                     .map(|v| match v {
-                        Value::Text(t) => Some(t.as_str()),
-                        _ => None,
+                        Value::Text(t) => Some(t.clone()),
+                        Value::Int(i) => Some(i.to_string()),
+                        Value::Null => None,
                     })
                     .collect();
                 let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = table
@@ -266,6 +283,7 @@ async fn write(store: &Store, accounts: Vec<Row>, log: Vec<Row>) -> Result<(), S
                     ))
                     .map_err(sqlite_err("prepare copying rows"))?;
                 for row in rows {
+                    check_types(table, row)?;
                     let values = row.iter().map(|v| match v {
                         Value::Null => rusqlite::types::Value::Null,
                         Value::Int(i) => rusqlite::types::Value::Integer(*i),
@@ -280,54 +298,40 @@ async fn write(store: &Store, accounts: Vec<Row>, log: Vec<Row>) -> Result<(), S
         .await
 }
 
-/// Count and SHA-256 of every row of `table` with key <= `upto`, read in pages.
-async fn checksum(
-    store: &Store,
-    table: &'static Table,
-    upto: i64,
-) -> Result<(u64, String), StoreError> {
+/// Count and SHA-256 of every row of `table`, in id order, read in pages.
+async fn checksum(store: &Store, table: &'static Table) -> Result<(u64, String), StoreError> {
     let mut hasher = Sha256::new();
     let mut count = 0u64;
     let mut after = i64::MIN;
     loop {
-        // Whole keys per page (an account's log rows never straddle two pages).
-        let page = read(store, &ACCOUNTS, after, upto, Some(5000)).await?;
-        let Some(last) = page.last().map(|r| r[0].clone()) else {
+        let page = read(store, table, after, i64::MAX, Some(5000)).await?;
+        let Some(Value::Int(last)) = page.last().map(|r| r[0].clone()) else {
             break;
         };
-        let Value::Int(last) = last else {
-            return Err(StoreError::Invalid(
-                "an account id is not an integer".into(),
-            ));
-        };
-        let rows = if table.name == ACCOUNTS.name {
-            page
-        } else {
-            read(store, table, after, last, None).await?
-        };
-        for r in &rows {
+        for r in &page {
             hasher.update(serde_json::to_vec(r).unwrap_or_default());
             hasher.update(b"\n");
         }
-        count += rows.len() as u64;
+        count += page.len() as u64;
         after = last;
     }
     Ok((count, format!("{:x}", hasher.finalize())))
 }
 
-async fn max_account_id(store: &Store) -> Result<Option<i64>, StoreError> {
+async fn max_id(store: &Store, table: &'static Table) -> Result<Option<i64>, StoreError> {
+    let sql = format!("SELECT MAX(id) FROM {}", table.name);
     if let Some(pg) = store.pg() {
         let c = pg.client().await?;
         return c
-            .query_one("SELECT MAX(id) FROM accounts", &[])
+            .query_one(&sql, &[])
             .await
             .and_then(|r| r.try_get(0))
-            .map_err(pg_err("read the last account id"));
+            .map_err(pg_err("read the last id"));
     }
     store
-        .call(|c| {
-            c.query_row("SELECT MAX(id) FROM accounts", [], |r| r.get(0))
-                .map_err(sqlite_err("read the last account id"))
+        .call(move |c| {
+            c.query_row(&sql, [], |r| r.get(0))
+                .map_err(sqlite_err("read the last id"))
         })
         .await
 }
@@ -374,43 +378,51 @@ pub async fn copy(
         )));
     }
     let mut report = CopyReport::default();
-    // Resume: the destination may hold the batches of an interrupted copy of this source.
-    let mut after = match max_account_id(to).await? {
-        None => i64::MIN,
-        Some(last) => {
-            let theirs = read(to, &ACCOUNTS, last - 1, last, Some(1)).await?;
-            let ours = read(from, &ACCOUNTS, last - 1, last, Some(1)).await?;
-            let same =
-                |a: &[Row], b: &[Row]| a.first().map(|r| &r[..3]) == b.first().map(|r| &r[..3]);
-            if !same(&theirs, &ours) {
-                return Err(StoreError::Invalid(format!(
-                    "{} already holds accounts that are not a partial copy of {} (account {last} differs): copy into an empty store",
-                    to.describe(),
-                    from.describe()
-                )));
-            }
-            report.resumed_after = last;
-            last
-        }
-    };
-    loop {
-        let accounts = read(from, &ACCOUNTS, after, i64::MAX, Some(batch.max(1))).await?;
-        let Some(Value::Int(last)) = accounts.last().map(|r| r[0].clone()) else {
-            break;
-        };
-        let log = read(from, &LOG, after, last, None).await?;
-        let (n, l) = (accounts.len() as u64, log.len() as u64);
-        write(to, accounts, log).await?;
-        report.accounts_copied += n;
-        report.log_rows_copied += l;
-        progress(n);
-        after = last;
-    }
-    // Verify: the same rows on both sides, up to the source's last account.
-    let upto = max_account_id(from).await?.unwrap_or(i64::MIN);
+    // Each table in id order, in batches: a rerun continues after the destination's last row
+    // (an interrupted copy), once it has checked that row is the source's.
     for table in [&ACCOUNTS, &LOG] {
-        let (n_from, sum_from) = checksum(from, table, upto).await?;
-        let (n_to, sum_to) = checksum(to, table, i64::MAX).await?;
+        let mut after = match max_id(to, table).await? {
+            None => i64::MIN,
+            Some(last) => {
+                let theirs = read(to, table, last - 1, last, Some(1)).await?;
+                let ours = read(from, table, last - 1, last, Some(1)).await?;
+                let same =
+                    |a: &[Row], b: &[Row]| a.first().map(|r| &r[..3]) == b.first().map(|r| &r[..3]);
+                if !same(&theirs, &ours) {
+                    return Err(StoreError::Invalid(format!(
+                        "{} already holds {} rows that are not a partial copy of {} (row {last} differs): copy into an empty store",
+                        to.describe(),
+                        table.name,
+                        from.describe()
+                    )));
+                }
+                if table.name == ACCOUNTS.name {
+                    report.resumed_after = last;
+                }
+                last
+            }
+        };
+        loop {
+            let rows = read(from, table, after, i64::MAX, Some(batch.max(1))).await?;
+            let Some(Value::Int(last)) = rows.last().map(|r| r[0].clone()) else {
+                break;
+            };
+            let n = rows.len() as u64;
+            if table.name == ACCOUNTS.name {
+                write(to, rows, Vec::new()).await?;
+                report.accounts_copied += n;
+                progress(n);
+            } else {
+                write(to, Vec::new(), rows).await?;
+                report.log_rows_copied += n;
+            }
+            after = last;
+        }
+    }
+    // Verify: the same rows on both sides.
+    for table in [&ACCOUNTS, &LOG] {
+        let (n_from, sum_from) = checksum(from, table).await?;
+        let (n_to, sum_to) = checksum(to, table).await?;
         if (n_from, &sum_from) != (n_to, &sum_to) {
             return Err(StoreError::Invalid(format!(
                 "verification failed for {}: {n_from} rows (sha256 {sum_from}) in {}, {n_to} rows (sha256 {sum_to}) in {}; was a daemon writing to either store?",

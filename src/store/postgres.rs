@@ -1638,9 +1638,13 @@ impl Worker {
         let ctx = "commit refresh outcomes";
         let mut client = self.pool.get().await.map_err(pool_err(ctx))?;
         let tx = client.transaction().await.map_err(pg_err(ctx))?;
-        let mut results = Vec::with_capacity(outcomes.len());
-        for o in outcomes {
-            results.push(record(&tx, &self.keys, o).await?);
+        // Rows locked in account order, as the sweep and rekey lock them: two replicas'
+        // transactions then never wait on each other in a cycle (a deadlock).
+        let mut order: Vec<usize> = (0..outcomes.len()).collect();
+        order.sort_by_key(|&i| outcomes[i].account_id());
+        let mut results = vec![Recorded::Applied; outcomes.len()];
+        for i in order {
+            results[i] = record(&tx, &self.keys, outcomes[i]).await?;
         }
         tx.commit().await.map_err(pg_err(ctx))?;
         Ok(results)

@@ -579,7 +579,21 @@ async fn store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes() {
     source.close().await;
     drop(source);
 
-    // SQLite -> PostgreSQL.
+    // A log row whose account is gone (removed while a refresh was in flight) is history too.
+    rusqlite::Connection::open(&sqlite)
+        .unwrap()
+        .execute(
+            "INSERT INTO refresh_log (account_id, at, outcome) VALUES (99999, ?1, 'superseded')",
+            [t],
+        )
+        .unwrap();
+    let logged: i64 = rusqlite::Connection::open(&sqlite)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM refresh_log", [], |r| r.get(0))
+        .unwrap();
+
+    // A mistyped URL is refused without echoing it (it may carry a password).
+    let typo = url.replacen("postgres://", "postgress://", 1);
     let (code, out) = cli(
         &config,
         &[
@@ -588,13 +602,35 @@ async fn store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes() {
             "--from",
             sqlite.to_str().unwrap(),
             "--to",
-            &url,
+            &typo,
+        ],
+    );
+    assert_ne!(code, Some(0));
+    assert!(out.contains("unknown store scheme \"postgress\""), "{out}");
+    assert!(!out.contains(&typo), "{out}");
+
+    // SQLite -> PostgreSQL, the URL read from a file (not on the command line).
+    let url_file = dir.path().join("store-url");
+    std::fs::write(&url_file, format!("{url}\n")).unwrap();
+    let (code, out) = cli(
+        &config,
+        &[
+            "store",
+            "copy",
+            "--from",
+            sqlite.to_str().unwrap(),
+            "--to",
+            &format!("@{}", url_file.display()),
             "--batch",
             "16",
         ],
     );
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("copied 50 account(s)"), "{out}");
+    assert!(
+        out.contains(&format!("and {logged} refresh-log row(s)")),
+        "every log row, the orphan too: {out}"
+    );
     assert!(
         !out.contains("refreshd_ci:") && !out.contains(":refreshd@"),
         "no password printed: {out}"
@@ -658,10 +694,11 @@ async fn store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes() {
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(verified_line(&out), forth, "same checksums both ways");
 
-    // Interrupted copy: the destination holds the first 20 accounts; the rerun resumes.
+    // Interrupted copy: the destination holds the first 20 accounts and the first log rows
+    // (each table is copied in id order); the rerun resumes after them.
     let c = rusqlite::Connection::open(&back).unwrap();
     c.execute_batch(&format!(
-        "DELETE FROM refresh_log WHERE account_id > {0}; DELETE FROM accounts WHERE id > {0};",
+        "DELETE FROM refresh_log WHERE id > 7; DELETE FROM accounts WHERE id > {0};",
         ids[19]
     ))
     .unwrap();
@@ -732,6 +769,21 @@ async fn store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes() {
     );
     assert_ne!(code, Some(0));
     assert!(out.contains("being refreshed right now"), "{out}");
+    // Rotations waiting in the source's recovery file must be committed first.
+    std::fs::write(refreshd::store::recovery_path(&sqlite), "").unwrap();
+    let (code, out) = cli(
+        &config,
+        &[
+            "store",
+            "copy",
+            "--from",
+            sqlite.to_str().unwrap(),
+            "--to",
+            other.to_str().unwrap(),
+        ],
+    );
+    assert_ne!(code, Some(0));
+    assert!(out.contains("not yet committed"), "{out}");
 }
 
 async fn import_one(store: &Store, sandbox: &Sandbox, open_id: &str) -> i64 {
