@@ -104,6 +104,22 @@ pub fn store_options(config: &Config) -> StoreOptions {
     }
 }
 
+/// After `close`: rotations still only in the recovery file make the run fail, naming the
+/// accounts, so that nobody deletes that file (a pod's emptyDir, a cleaned temp dir).
+fn check_pending(store: &Store, db: &std::path::Path) -> Result<(), DaemonError> {
+    let pending = store.pending_rotations();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let path = crate::store::recovery_path(db).display().to_string();
+    tracing::error!(event = "stopped_with_pending_rotations", accounts = ?pending, path = %path,
+        "stopping with rotated tokens the database has not taken yet; they are safe in the recovery file only");
+    Err(DaemonError::PendingRotations {
+        count: pending.len(),
+        path,
+    })
+}
+
 /// Runs the daemon until `shutdown` is cancelled (or, with `once`, until due work is done).
 pub async fn run(
     config: Config,
@@ -144,14 +160,21 @@ pub async fn run(
     }
 
     if opts.once {
-        engine.run_due(shutdown.clone()).await?;
-        let report = jobs::sweep(&store, &opts.clock, cfg, &engine.events()).await?;
+        let refreshed = engine.run_due(shutdown.clone()).await;
+        let swept = match refreshed {
+            Ok(_) => Some(jobs::sweep(&store, &opts.clock, cfg, &engine.events()).await),
+            Err(_) => None,
+        };
         if let Some(cb) = opts.on_ready.take() {
             cb(&store, &engine, None);
         }
         sinks.stop().await;
         notifier.stop().await;
         store.close().await;
+        // Rotations left only in the recovery file matter most: said first, whatever failed.
+        check_pending(&store, &config_store_path)?;
+        refreshed?;
+        let report = swept.unwrap_or_else(|| Ok(Default::default()))?;
         let r = RunReport {
             stats: engine.stats().snapshot(),
             swept_expiring: report.expiring.len(),
@@ -269,20 +292,7 @@ pub async fn run(
     sinks.stop().await;
     notifier.stop().await;
     store.close().await;
-    let pending = store.pending_rotations();
-    if !pending.is_empty() {
-        // Say exactly which accounts depend on the file: deleting it (a pod's emptyDir, a
-        // cleaned temp dir) would lose their tokens.
-        let path = crate::store::recovery_path(&config_store_path)
-            .display()
-            .to_string();
-        tracing::error!(event = "stopped_with_pending_rotations", accounts = ?pending, path = %path,
-            "stopping with rotated tokens the database has not taken yet; they are safe in the recovery file only");
-        return Err(DaemonError::PendingRotations {
-            count: pending.len(),
-            path,
-        });
-    }
+    check_pending(&store, &config_store_path)?;
     let report = RunReport {
         stats: engine.stats().snapshot(),
         ..Default::default()

@@ -1607,3 +1607,65 @@ async fn invalid_grant_after_a_lost_answer_names_the_crash_window() {
     assert_eq!((b.status, b.generation), (Status::Active, 1));
     assert_eq!(app.sandbox.stats().reuse_rejected, 1);
 }
+
+/// A run that has to stop while the database still refuses a rotation it received fails,
+/// naming the account and the recovery file (which must not be deleted); the next run
+/// commits it.
+#[tokio::test]
+async fn a_run_ending_with_a_rotation_only_in_the_recovery_file_fails_and_says_so() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = config_with(
+        &app,
+        &app.sandbox.token_url(),
+        &[("store", "busy_timeout", "50ms".into())],
+    );
+    let store = open_store(&app, config.store.busy_timeout).await;
+    let id = app.import(&store, &config, &["u1"], None).await[0];
+    app.clock.set(account(&store, id).await.next_refresh_at);
+    store.close().await;
+    app.sandbox.set_faults(Faults {
+        slow: 1.0,
+        slow_delay: Duration::from_millis(300),
+        ..Faults::default()
+    });
+    let run = {
+        let (config, clock) = (config.clone(), app.clock.clone());
+        tokio::spawn(async move {
+            lifecycle::run(
+                config,
+                RunOptions {
+                    once: true,
+                    ..RunOptions::new(clock)
+                },
+                CancellationToken::new(),
+            )
+            .await
+        })
+    };
+    let sb = &app.sandbox;
+    assert!(helpers::eventually(5, || async move { sb.stats().requests >= 1 }).await);
+    let locker = lock_writes(&app.db);
+    let err = run.await.unwrap().unwrap_err();
+    let recovery = recovery_path(&app.db);
+    match &err {
+        lifecycle::DaemonError::PendingRotations { count, path } => {
+            assert_eq!(*count, 1);
+            assert_eq!(path, &recovery.display().to_string());
+        }
+        other => panic!("{other}"),
+    }
+    assert!(err.to_string().contains("keep that file"), "{err}");
+    assert!(recovery.exists());
+    locker.execute_batch("ROLLBACK").unwrap();
+    drop(locker);
+    app.sandbox.set_faults(Faults::default());
+
+    // The next run commits it before anything else.
+    run_once(&app, &config).await;
+    assert!(!recovery.exists());
+    let store = app.store().await;
+    assert_eq!(
+        app.sandbox.current_refresh_token("u1").as_deref(),
+        Some(refresh_token(&account(&store, id).await))
+    );
+}
