@@ -1144,6 +1144,50 @@ const RETRY_EVERY: Duration = Duration::from_secs(2);
 /// wait `busy_timeout` on a locked database).
 const RETRY_BEFORE_JOB: Duration = Duration::from_millis(250);
 
+/// A reply channel of `Store::record`.
+pub(crate) type Reply = oneshot::Sender<Result<Recorded, StoreError>>;
+
+/// After a failed group commit (both backends): rotated tokens go to the recovery file and
+/// to `deferred` (retried, their accounts not claimed meanwhile); the other outcomes fail
+/// with the error (their leases run out and the accounts are retried).
+pub(crate) fn settle_failed(
+    recovery: &Path,
+    keys: &Keyring,
+    deferred: &mut Vec<Outcome>,
+    deferred_ids: &DeferredIds,
+    batch: Vec<(Outcome, Reply)>,
+    e: &StoreError,
+) {
+    let message = e.to_string();
+    let (rotated, others): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .partition(|(o, _)| matches!(o, Outcome::Rotated { .. }));
+    if !rotated.is_empty() {
+        let outcomes: Vec<Outcome> = rotated.iter().map(|(o, _)| o.clone()).collect();
+        let saved = recovery::append(recovery, keys, &outcomes);
+        deferred_ids
+            .lock()
+            .expect("not poisoned")
+            .extend(outcomes.iter().map(Outcome::account_id));
+        deferred.extend(outcomes);
+        for (_, reply) in rotated {
+            let _ = reply.send(match &saved {
+                Ok(()) => Ok(Recorded::Deferred),
+                // Still held in memory and retried, but not crash-safe: say so.
+                Err(e) => Err(StoreError::Recovery {
+                    path: recovery.to_path_buf(),
+                    message: format!("{e}; commit failed too: {message}"),
+                }),
+            });
+        }
+    }
+    for (_, reply) in others {
+        let _ = reply.send(Err(StoreError::Invalid(format!(
+            "commit failed, outcome not stored (will be retried after the lease expires): {message}"
+        ))));
+    }
+}
+
 struct Worker {
     recovery: PathBuf,
     keys: Keyring,
@@ -1228,11 +1272,7 @@ impl Worker {
         self.retry_deferred(conn);
     }
 
-    fn commit_group(
-        &mut self,
-        conn: &mut Connection,
-        batch: Vec<(Outcome, oneshot::Sender<Result<Recorded, StoreError>>)>,
-    ) {
+    fn commit_group(&mut self, conn: &mut Connection, batch: Vec<(Outcome, Reply)>) {
         let outcomes: Vec<&Outcome> = batch.iter().map(|(o, _)| o).collect();
         let result = Self::commit(conn, &self.keys, &outcomes);
         // A locked or full database fails every outcome alike; anything else may be one bad
@@ -1252,36 +1292,14 @@ impl Worker {
                     let _ = reply.send(Ok(r));
                 }
             }
-            Err(e) => {
-                let message = e.to_string();
-                let (rotated, others): (Vec<_>, Vec<_>) = batch
-                    .into_iter()
-                    .partition(|(o, _)| matches!(o, Outcome::Rotated { .. }));
-                if !rotated.is_empty() {
-                    let outcomes: Vec<Outcome> = rotated.iter().map(|(o, _)| o.clone()).collect();
-                    let saved = recovery::append(&self.recovery, &self.keys, &outcomes);
-                    self.deferred_ids
-                        .lock()
-                        .expect("not poisoned")
-                        .extend(outcomes.iter().map(Outcome::account_id));
-                    self.deferred.extend(outcomes);
-                    for (_, reply) in rotated {
-                        let _ = reply.send(match &saved {
-                            Ok(()) => Ok(Recorded::Deferred),
-                            // Still held in memory and retried, but not crash-safe: say so.
-                            Err(e) => Err(StoreError::Recovery {
-                                path: self.recovery.clone(),
-                                message: format!("{e}; commit failed too: {message}"),
-                            }),
-                        });
-                    }
-                }
-                for (_, reply) in others {
-                    let _ = reply.send(Err(StoreError::Invalid(format!(
-                        "commit failed, outcome not stored (will be retried after the lease expires): {message}"
-                    ))));
-                }
-            }
+            Err(e) => settle_failed(
+                &self.recovery,
+                &self.keys,
+                &mut self.deferred,
+                &self.deferred_ids,
+                batch,
+                &e,
+            ),
         }
     }
 

@@ -1581,7 +1581,7 @@ struct Worker {
     deferred_ids: super::DeferredIds,
 }
 
-type Reply = oneshot::Sender<Result<Recorded, StoreError>>;
+use super::Reply;
 
 impl Worker {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
@@ -1670,35 +1670,14 @@ impl Worker {
                     let _ = reply.send(Ok(r));
                 }
             }
-            Err(e) => {
-                let message = e.to_string();
-                let (rotated, others): (Vec<_>, Vec<_>) = batch
-                    .into_iter()
-                    .partition(|(o, _)| matches!(o, Outcome::Rotated { .. }));
-                if !rotated.is_empty() {
-                    let outcomes: Vec<Outcome> = rotated.iter().map(|(o, _)| o.clone()).collect();
-                    let saved = recovery::append(&self.recovery, &self.keys, &outcomes);
-                    self.deferred_ids
-                        .lock()
-                        .expect("not poisoned")
-                        .extend(outcomes.iter().map(Outcome::account_id));
-                    self.deferred.extend(outcomes);
-                    for (_, reply) in rotated {
-                        let _ = reply.send(match &saved {
-                            Ok(()) => Ok(Recorded::Deferred),
-                            Err(e) => Err(StoreError::Recovery {
-                                path: self.recovery.clone(),
-                                message: format!("{e}; commit failed too: {message}"),
-                            }),
-                        });
-                    }
-                }
-                for (_, reply) in others {
-                    let _ = reply.send(Err(StoreError::Invalid(format!(
-                        "commit failed, outcome not stored (will be retried after the lease expires): {message}"
-                    ))));
-                }
-            }
+            Err(e) => super::settle_failed(
+                &self.recovery,
+                &self.keys,
+                &mut self.deferred,
+                &self.deferred_ids,
+                batch,
+                &e,
+            ),
         }
     }
 
