@@ -412,14 +412,16 @@ impl Bench {
                 Some(false) => "NO",
                 None => "",
             };
-            t.push_str(&format!(
-                "{:<9} {:<44} {:>14}  {:<20} {}\n",
+            let line = format!(
+                "{:<9} {:<44} {:>14}  {:<20} {}",
                 r.scenario,
                 r.figure,
                 v,
                 r.target.as_deref().unwrap_or(""),
                 met
-            ));
+            );
+            t.push_str(line.trim_end());
+            t.push('\n');
         }
         t
     }
