@@ -992,20 +992,11 @@ burst = 100000
         let n = self.cli.accounts as i64;
         let window = (self.cli.steady_window.as_secs() as i64).min(n / STEADY_RATE);
         // Time to prepare the store and start the daemon before the first account is due.
-        let lead_in = if n > 100_000 { 8 } else { 3 };
-        let t0 = now() + lead_in;
-        let prep = self.prepare(
-            &format!("{t0} + (id - 1) / {STEADY_RATE}"),
-            &format!(
-                "CASE WHEN id % 100 = 50 THEN {} + (id / 100) % {} ELSE unixepoch() + 180 * 86400 END",
-                t0 + WINDOW,
-                window.max(1)
-            ),
-        )?;
-        let t0 = t0.max(now() + 2);
-        // Re-plan if preparing took longer than the lead-in.
-        if prep > (lead_in - 2) as f64 {
-            self.prepare(
+        let mut lead_in = if n > 100_000 { 8 } else { 3 };
+        let mut attempts = 0;
+        let (t0, prep) = loop {
+            let t0 = now() + lead_in;
+            let prep = self.prepare(
                 &format!("{t0} + (id - 1) / {STEADY_RATE}"),
                 &format!(
                     "CASE WHEN id % 100 = 50 THEN {} + (id / 100) % {} ELSE unixepoch() + 180 * 86400 END",
@@ -1013,7 +1004,19 @@ burst = 100000
                     window.max(1)
                 ),
             )?;
-        }
+            // The daemon needs a moment to start before the first account is due; when
+            // preparing ate the lead-in, plan again with a longer one.
+            if now() + 2 <= t0 {
+                break (t0, prep);
+            }
+            attempts += 1;
+            if attempts == 3 {
+                bail!(
+                    "preparing the store takes longer than {lead_in} s each time; nothing measured"
+                );
+            }
+            lead_in = prep.ceil() as i64 + 4;
+        };
         let (sb_port, ops) = (free_port()?, free_port()?);
         let sandbox = self.spawn_sandbox(sb_port).await?;
         let config = self.write_config(
@@ -1101,6 +1104,7 @@ burst = 100000
         self.details.insert(
             "steady".into(),
             json!({"window_secs": window, "measured_secs": secs, "rate_due_per_sec": STEADY_RATE,
+                   "prepare_secs": prep,
                    "refreshed": refreshed, "expected": expected, "missed": missed,
                    "lateness_histogram": hist, "p50": p50, "p99": p99,
                    "max_lateness_db_secs": max_late, "daemon_cpu_secs": usage.daemon_cpu,
