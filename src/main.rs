@@ -116,11 +116,27 @@ enum Command {
     #[command(subcommand)]
     Store(StoreCommand),
     /// Serve the TikTok-compatible sandbox token endpoint on its own (manual tests, benchmarks).
-    Sandbox {
-        /// Address to listen on (loopback).
-        #[arg(long, default_value = "127.0.0.1:8787")]
-        listen: std::net::SocketAddr,
-    },
+    Sandbox(SandboxArgs),
+}
+
+#[derive(Args)]
+struct SandboxArgs {
+    /// Address to listen on (loopback).
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    listen: std::net::SocketAddr,
+    /// Access-token lifetime the sandbox issues.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2h")]
+    access_ttl: Duration,
+    /// Refresh-token lifetime, fixed at each grant.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "180d")]
+    refresh_ttl: Duration,
+    /// Never rotate refresh tokens (refresh answers omit them).
+    #[arg(long)]
+    no_rotate: bool,
+    /// Benchmarks: take an unknown refresh token `rft.adopt.<open_id>` as a new grant of
+    /// <open_id>, so a seeded store needs no grant per account.
+    #[arg(long)]
+    adopt: bool,
 }
 
 #[derive(Subcommand)]
@@ -553,9 +569,9 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             print_connected(&c, &[]);
             Ok(exit::OK)
         }
-        Command::Sandbox { listen } => {
+        Command::Sandbox(args) => {
             telemetry::init(&refreshd::config::LogConfig::default());
-            sandbox(*listen).await
+            sandbox(args).await
         }
     }
 }
@@ -1017,11 +1033,19 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-async fn sandbox(listen: std::net::SocketAddr) -> Result<u8> {
+async fn sandbox(args: &SandboxArgs) -> Result<u8> {
+    let listen = args.listen;
     if !listen.ip().is_loopback() {
         bail!("the sandbox listens on loopback only; {listen} is not a loopback address");
     }
-    let sb = refreshd::sandbox::Sandbox::start_on(listen, Default::default(), Clock::system())
+    let config = refreshd::sandbox::SandboxConfig {
+        access_ttl: args.access_ttl,
+        refresh_ttl: args.refresh_ttl,
+        rotate: !args.no_rotate,
+        adopt: args.adopt,
+        ..Default::default()
+    };
+    let sb = refreshd::sandbox::Sandbox::start_on(listen, config, Clock::system())
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     println!("sandbox token endpoint: {}", sb.token_url());
@@ -1029,7 +1053,13 @@ async fn sandbox(listen: std::net::SocketAddr) -> Result<u8> {
     println!(
         "client_key = \"sandbox-client-key\", client_secret = \"sandbox-client-secret\"; Ctrl-C stops it"
     );
-    tokio::signal::ctrl_c().await.ok();
+    println!("counters: http://{listen}{}", refreshd::sandbox::STATS_PATH);
+    // SIGTERM too: a benchmark or a supervisor stops it like the daemon.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
     println!("{}", serde_json::to_string_pretty(&sb.stats())?);
     sb.shutdown().await;
     Ok(exit::OK)

@@ -41,6 +41,8 @@ use crate::clock::Clock;
 pub const TOKEN_PATH: &str = "/v2/oauth/token/";
 /// Path of the authorization page, as on `www.tiktok.com`.
 pub const AUTHORIZE_PATH: &str = "/v2/auth/authorize/";
+/// Path of the counters ([`SandboxStats`] as JSON), for a sandbox run as its own process.
+pub const STATS_PATH: &str = "/sandbox/stats";
 /// How long an authorization code can be exchanged (TikTok does not document it).
 const CODE_TTL: i64 = 600;
 
@@ -80,8 +82,16 @@ pub struct SandboxConfig {
     pub refresh_ttl: Duration,
     /// When false the refresh token never changes and refresh responses omit it.
     pub rotate: bool,
+    /// Benchmarks: a refresh token never seen before of the form `rft.adopt.<open_id>` is
+    /// taken as the refresh token of a grant of `<open_id>` issued at that moment (then
+    /// rotated as usual), so a store seeded with a million accounts needs no grant per
+    /// account here first. Off by default: unknown tokens are `invalid_grant`.
+    pub adopt: bool,
     pub faults: Faults,
 }
+
+/// The prefix of refresh tokens the sandbox adopts when [`SandboxConfig::adopt`] is on.
+pub const ADOPT_PREFIX: &str = "rft.adopt.";
 
 impl Default for SandboxConfig {
     fn default() -> Self {
@@ -91,6 +101,7 @@ impl Default for SandboxConfig {
             access_ttl: Duration::from_secs(2 * 3600),
             refresh_ttl: Duration::from_secs(180 * 86_400),
             rotate: true,
+            adopt: false,
             faults: Faults::default(),
         }
     }
@@ -134,6 +145,8 @@ pub struct SandboxStats {
     pub codes_rejected: u64,
     /// Faults of every kind, `slow` included.
     pub faults_injected: u64,
+    /// Refresh tokens taken as new grants (`SandboxConfig::adopt`).
+    pub adopted: u64,
 }
 
 /// A running sandbox. Dropping it stops the server too; `shutdown` also waits for it.
@@ -174,6 +187,7 @@ impl Sandbox {
         let app = Router::new()
             .route(TOKEN_PATH, post(token_endpoint))
             .route(AUTHORIZE_PATH, get(authorize_endpoint))
+            .route(STATS_PATH, get(stats_endpoint))
             .with_state(shared.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -487,6 +501,19 @@ impl Shared {
                 "Refresh token has already been used.",
             ));
         }
+        if book.config.adopt
+            && !book.current.contains_key(token)
+            && let Some(open_id) = token.strip_prefix(ADOPT_PREFIX).filter(|o| !o.is_empty())
+        {
+            let scope = "user.info.basic";
+            book.grant(now, open_id, scope, None);
+            // The grant made its own token: present the adopted one in its place.
+            let grant = book.grants.get_mut(open_id).expect("just granted");
+            let made = std::mem::replace(&mut grant.refresh_token, token.into());
+            book.current.remove(&made);
+            book.current.insert(token.into(), Arc::from(open_id));
+            book.stats.adopted += 1;
+        }
         let Some(open_id) = book.current.get(token).cloned() else {
             book.stats.unknown_rejected += 1;
             return Err(Reject::invalid_grant("Refresh token is invalid."));
@@ -695,6 +722,11 @@ async fn token_endpoint(
     }
 }
 
+async fn stats_endpoint(State(shared): State<Arc<Shared>>) -> Response {
+    let stats = shared.lock().stats.clone();
+    (StatusCode::OK, axum::Json(stats)).into_response()
+}
+
 fn json_response(status: StatusCode, body: Value) -> Response {
     let mut response = (status, axum::Json(body)).into_response();
     // RFC 6749 §5.1: token responses must not be cached.
@@ -883,6 +915,55 @@ mod tests {
         assert_eq!(status, 200);
         let stats = sb.stats();
         assert_eq!((stats.refreshed, stats.reuse_rejected), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn adopted_tokens_become_grants_and_rotate_like_any_other() {
+        // Off by default: an unknown token is refused.
+        let (sb, _) = sandbox(SandboxConfig::default()).await;
+        let (status, _, body) = refresh(&sb, "rft.adopt.u1").await;
+        assert_eq!(status, 400);
+        assert_error(&body, "invalid_grant");
+
+        let (sb, _) = sandbox(SandboxConfig {
+            adopt: true,
+            ..SandboxConfig::default()
+        })
+        .await;
+        let (status, _, body) = refresh(&sb, "rft.adopt.u1").await;
+        assert_eq!(status, 200);
+        assert_eq!(str_field(&body, "open_id"), "u1");
+        let new = str_field(&body, "refresh_token").to_owned();
+        assert_token(&new, "rft.");
+        // The adopted token is now rotated away like any other, and not adopted again.
+        let (status, _, body) = refresh(&sb, "rft.adopt.u1").await;
+        assert_eq!(status, 400);
+        assert_error(&body, "invalid_grant");
+        let (status, _, _) = refresh(&sb, &new).await;
+        assert_eq!(status, 200);
+        let (status, _, _) = refresh(&sb, "rft.unknown").await;
+        assert_eq!(status, 400);
+        let stats = sb.stats();
+        assert_eq!(
+            (
+                stats.adopted,
+                stats.refreshed,
+                stats.reuse_rejected,
+                stats.unknown_rejected
+            ),
+            (1, 2, 1, 1)
+        );
+        // The counters are served for a sandbox run as its own process.
+        let served: Value = client()
+            .get(format!("http://{}{STATS_PATH}", sb.addr()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(served["adopted"], 1);
+        assert_eq!(served["refreshed"], 2);
     }
 
     #[tokio::test]

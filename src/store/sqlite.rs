@@ -915,12 +915,16 @@ pub fn connect_state_take(
 /// Distinct ids of the keys that sealed stored tokens: one scan of the table at start-up.
 /// Only well-formed values count (`enc:v1:` + 16 hex digits + `:`); a garbled one is a
 /// problem of its row alone, reported when that row is read.
+///
+/// Both columns are read in a single pass (each row joined with two column numbers, the
+/// table on the outside): a `UNION ALL` of the two columns scanned the table twice, and
+/// this scan is most of a start-up at a million accounts (BENCHMARKS.md).
 pub fn sealing_key_ids(conn: &Connection) -> Result<Vec<String>, StoreError> {
     let mut s = conn
         .prepare(
             "SELECT DISTINCT substr(v, 8, 16) FROM (
-                SELECT access_token AS v FROM accounts
-                UNION ALL SELECT refresh_token FROM accounts)
+                SELECT CASE c.n WHEN 1 THEN a.access_token ELSE a.refresh_token END AS v
+                FROM accounts AS a CROSS JOIN (SELECT 1 AS n UNION ALL SELECT 2) AS c)
              WHERE v LIKE 'enc:v1:%' AND substr(v, 24, 1) = ':'
                AND substr(v, 8, 16) NOT GLOB '*[^0-9a-f]*'",
         )

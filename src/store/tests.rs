@@ -1631,3 +1631,39 @@ fn both_backends_know_the_same_migrations() {
     // One version number means the same schema on SQLite and PostgreSQL (store copy).
     assert_eq!(schema::MIGRATIONS.len(), postgres::MIGRATIONS.len());
 }
+
+#[tokio::test]
+async fn sealing_key_ids_reads_both_columns_and_skips_garbled_values() {
+    let (_dir, store) = temp_store().await;
+    let ids = insert(
+        &store,
+        vec![
+            new_account("tiktok", "a", NOW),
+            new_account("tiktok", "b", NOW),
+            new_account("tiktok", "c", NOW),
+        ],
+    )
+    .await;
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
+    let found = store
+        .call(move |conn| {
+            let set = |id: i64, col: &str, v: &str| {
+                conn.execute(
+                    &format!("UPDATE accounts SET {col} = ?2 WHERE id = ?1"),
+                    rusqlite::params![id, v],
+                )
+                .unwrap();
+            };
+            set(a, "access_token", "enc:v1:00000000000000aa:AAAA");
+            set(b, "refresh_token", "enc:v1:00000000000000bb:BBBB");
+            // Garbled: not hex, too short. Neither is a key id.
+            set(c, "access_token", "enc:v1:zzzzzzzzzzzzzzzz:CCCC");
+            set(c, "refresh_token", "enc:v1:12:DDDD");
+            sqlite::sealing_key_ids(conn)
+        })
+        .await
+        .unwrap();
+    let mut found = found;
+    found.sort();
+    assert_eq!(found, ["00000000000000aa", "00000000000000bb"]);
+}
