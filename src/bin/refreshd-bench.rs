@@ -16,7 +16,7 @@ use refreshd::config::Config;
 use refreshd::model::{Status, TokenSet};
 use refreshd::provider::Providers;
 use refreshd::sandbox::ADOPT_PREFIX;
-use refreshd::store::{NewAccount, Store, StoreOptions};
+use refreshd::store::{NewAccount, PgOptions, Store, StoreOptions};
 use rusqlite::{Connection, OpenFlags};
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -76,6 +76,76 @@ struct Cli {
     /// default (32) suits real providers' rate limits; a burst needs a deeper pipeline.
     #[arg(long, default_value_t = 128)]
     concurrency: usize,
+    /// Run on PostgreSQL at this URL (a database the benchmark may fill: it drops and creates
+    /// refreshd's tables there) instead of a SQLite file.
+    #[arg(long, value_name = "URL")]
+    postgres: Option<String>,
+}
+
+/// A connection the benchmark prepares and reads the store with, on either backend.
+enum Db {
+    Sqlite(Connection),
+    Postgres(tokio_postgres::Client),
+}
+
+impl Db {
+    /// Runs `f` on the PostgreSQL client from synchronous code (the runtime is multi-thread).
+    fn pg<T>(
+        c: &tokio_postgres::Client,
+        f: impl AsyncFnOnce(&tokio_postgres::Client) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T> {
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f(c)))
+            .map_err(|e| anyhow::anyhow!("{}", refreshd::store::postgres::describe_error(&e)))
+    }
+
+    /// One row of integers (each possibly NULL).
+    fn ints(&self, sql: &str) -> Result<Vec<Option<i64>>> {
+        match self {
+            Db::Sqlite(c) => Ok(c.query_row(sql, [], |r| {
+                (0..r.as_ref().column_count())
+                    .map(|i| r.get::<_, Option<i64>>(i))
+                    .collect()
+            })?),
+            Db::Postgres(c) => Self::pg(c, async |c| {
+                let row = c.query_one(sql, &[]).await?;
+                (0..row.len())
+                    .map(|i| row.try_get::<_, Option<i64>>(i))
+                    .collect()
+            }),
+        }
+    }
+
+    fn int(&self, sql: &str) -> Result<i64> {
+        Ok(self.ints(sql)?.first().copied().flatten().unwrap_or(0))
+    }
+
+    /// Refresh-log outcomes and their counts after log id `base`.
+    fn outcomes_after(&self, base: i64) -> Result<Vec<(String, i64)>> {
+        let sql = format!(
+            "SELECT outcome, COUNT(*) FROM refresh_log WHERE id > {base} GROUP BY 1 ORDER BY 1"
+        );
+        match self {
+            Db::Sqlite(c) => {
+                let mut s = c.prepare(&sql)?;
+                Ok(s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?)
+            }
+            Db::Postgres(c) => Self::pg(c, async |c| {
+                c.query(&sql, &[])
+                    .await?
+                    .iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                    .collect()
+            }),
+        }
+    }
+
+    fn exec(&self, sql: &str) -> Result<()> {
+        match self {
+            Db::Sqlite(c) => Ok(c.execute_batch(sql)?),
+            Db::Postgres(c) => Self::pg(c, async |c| c.batch_execute(sql).await),
+        }
+    }
 }
 
 /// One line of the table.
@@ -431,7 +501,10 @@ impl Bench {
             path: self.db.clone(),
             busy_timeout: Duration::from_secs(5),
             keyring: Default::default(),
-            postgres: None,
+            postgres: self.cli.postgres.as_ref().map(|url| PgOptions {
+                url: SecretString::from(url.clone()),
+                pool_size: 8,
+            }),
         }
     }
 
@@ -441,6 +514,7 @@ impl Bench {
         format!(
             r#"[store]
 path = {db:?}
+{url}
 
 [refresh]
 concurrency = {concurrency}
@@ -463,6 +537,10 @@ rate_limit = 60000000
 burst = 100000
 "#,
             db = self.db.display().to_string(),
+            url = match &self.cli.postgres {
+                Some(u) => format!("url = {u:?}"),
+                None => String::new(),
+            },
             concurrency = self.cli.concurrency,
         )
     }
@@ -560,28 +638,40 @@ burst = 100000
         }
     }
 
-    fn open_rw(&self) -> Result<Connection> {
+    fn open_rw(&self) -> Result<Db> {
+        if self.cli.postgres.is_some() {
+            return self.open_ro();
+        }
         let c = Connection::open(&self.db)?;
         c.busy_timeout(Duration::from_secs(30))?;
-        Ok(c)
+        Ok(Db::Sqlite(c))
     }
 
     /// A connection the benchmark only reads with while the daemon runs (WAL: it never
     /// blocks the daemon's writes). Not opened read-only: SQLite cannot open a WAL database
     /// read-only while its -shm file does not exist.
-    fn open_ro(&self) -> Result<Connection> {
+    fn open_ro(&self) -> Result<Db> {
+        if let Some(url) = &self.cli.postgres {
+            let (client, conn) = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current()
+                    .block_on(tokio_postgres::connect(url, tokio_postgres::NoTls))
+            })
+            .map_err(|e| anyhow::anyhow!("{}", refreshd::store::postgres::describe_error(&e)))?;
+            tokio::spawn(conn);
+            return Ok(Db::Postgres(client));
+        }
         let c = Connection::open_with_flags(
             &self.db,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         c.busy_timeout(Duration::from_secs(30))?;
-        Ok(c)
+        Ok(Db::Sqlite(c))
     }
 
     async fn ensure_seeded(&mut self) -> Result<()> {
-        let n = if self.db.exists() {
+        let n = if self.db.exists() || self.cli.postgres.is_some() {
             self.open_ro()?
-                .query_row("SELECT COUNT(*) FROM accounts", [], |r| r.get::<_, i64>(0))
+                .int("SELECT COUNT(*) FROM accounts")
                 .unwrap_or(0)
         } else {
             0
@@ -602,6 +692,11 @@ burst = 100000
         for suffix in ["", "-wal", "-shm", ".recovery"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", self.db.display()));
         }
+        if self.cli.postgres.is_some() {
+            self.open_rw()?.exec(
+                "DROP TABLE IF EXISTS accounts, refresh_log, connect_states, refreshd_schema",
+            )?;
+        }
         let n = self.cli.accounts;
         let store = Store::open(self.store_options()).await?;
         let t = Instant::now();
@@ -614,17 +709,24 @@ burst = 100000
             i = end;
         }
         let secs = t.elapsed().as_secs_f64();
-        store
-            .call(|c| {
-                c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-                    .map_err(|source| refreshd::store::StoreError::Sqlite {
-                        context: "checkpoint",
-                        source,
-                    })
-            })
-            .await?;
+        if !store.is_postgres() {
+            store
+                .call(|c| {
+                    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                        .map_err(|source| refreshd::store::StoreError::Sqlite {
+                            context: "checkpoint",
+                            source,
+                        })
+                })
+                .await?;
+        }
         store.close().await;
-        let size = std::fs::metadata(&self.db)?.len() as f64;
+        let size = match self.cli.postgres {
+            Some(_) => self.open_ro()?.int(
+                "SELECT pg_total_relation_size('accounts') + pg_total_relation_size('refresh_log')",
+            )? as f64,
+            None => std::fs::metadata(&self.db)?.len() as f64,
+        };
         self.row("seed", "time", secs, "s", None);
         self.row("seed", "accounts per second", n as f64 / secs, "/s", None);
         self.row("seed", "database size", size / MIB, "MiB", None);
@@ -643,33 +745,35 @@ burst = 100000
     fn prepare(&self, due: &str, refresh_end: &str) -> Result<f64> {
         let t = Instant::now();
         let c = self.open_rw()?;
-        c.execute_batch(&format!(
-            "BEGIN IMMEDIATE;
-             UPDATE accounts SET refresh_token = '{ADOPT_PREFIX}' || subject,
+        let update = format!(
+            "UPDATE accounts SET refresh_token = '{ADOPT_PREFIX}' || subject,
                 status = 'active', reauth_reason = NULL, reauth_flagged_at = NULL, failures = 0,
                 last_error = NULL, last_refreshed_at = NULL, lease_owner = NULL,
                 lease_expires_at = NULL, interrupted_at = NULL,
-                next_refresh_at = {due}, refresh_expires_at = {refresh_end};
-             COMMIT;
-             PRAGMA wal_checkpoint(TRUNCATE);"
-        ))?;
+                next_refresh_at = {due}, refresh_expires_at = {refresh_end};"
+        );
+        match &c {
+            Db::Sqlite(_) => c.exec(&format!(
+                "BEGIN IMMEDIATE; {update} COMMIT; PRAGMA wal_checkpoint(TRUNCATE);"
+            ))?,
+            // Rewriting every row leaves a dead copy of each: vacuum, so every run starts
+            // from the same table.
+            Db::Postgres(_) => {
+                c.exec(&update)?;
+                c.exec("VACUUM ANALYZE accounts")?;
+            }
+        }
         Ok(t.elapsed().as_secs_f64())
     }
 
-    fn log_max_id(c: &Connection) -> Result<i64> {
-        Ok(
-            c.query_row("SELECT COALESCE(MAX(id), 0) FROM refresh_log", [], |r| {
-                r.get(0)
-            })?,
-        )
+    fn log_max_id(c: &Db) -> Result<i64> {
+        c.int("SELECT COALESCE(MAX(id), 0) FROM refresh_log")
     }
 
-    fn count_rotated(c: &Connection, after: i64) -> Result<i64> {
-        Ok(c.query_row(
-            "SELECT COUNT(*) FROM refresh_log WHERE id > ?1 AND outcome = 'rotated'",
-            [after],
-            |r| r.get(0),
-        )?)
+    fn count_rotated(c: &Db, after: i64) -> Result<i64> {
+        c.int(&format!(
+            "SELECT COUNT(*) FROM refresh_log WHERE id > {after} AND outcome = 'rotated'"
+        ))
     }
 
     /// startup: `refreshd run` on the seeded store, nothing due, until /readyz says ready.
@@ -677,7 +781,7 @@ burst = 100000
         let at = now();
         self.prepare(
             &format!("{} + id % 3600", at + DAY),
-            "unixepoch() + 180 * 86400",
+            &format!("{} + 180 * 86400", now()),
         )?;
         let ops = free_port()?;
         let config = self.write_config(
@@ -869,7 +973,7 @@ burst = 100000
     /// burst: every account due now; committed rotations per second over the window.
     async fn burst(&mut self) -> Result<()> {
         let at = now();
-        let prep = self.prepare(&format!("{}", at - 60), "unixepoch() + 180 * 86400")?;
+        let prep = self.prepare(&format!("{}", at - 60), &format!("{} + 180 * 86400", now()))?;
         eprintln!("   prepared in {prep:.1} s");
         let ro = self.open_ro()?;
         let base = Self::log_max_id(&ro)?;
@@ -911,13 +1015,7 @@ burst = 100000
         let (_, hwm) = rss(daemon.pid());
         daemon.stop()?;
         sandbox.stop()?;
-        let outcomes: Vec<(String, i64)> = {
-            let mut s = ro.prepare(
-                "SELECT outcome, COUNT(*) FROM refresh_log WHERE id > ?1 GROUP BY 1 ORDER BY 1",
-            )?;
-            s.query_map([base], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?
-        };
+        let outcomes: Vec<(String, i64)> = ro.outcomes_after(base)?;
         let done = (end_rotated - start_rotated) as f64;
         let rate = done / secs;
         let peak = usage.hwm.max(hwm);
@@ -1000,9 +1098,10 @@ burst = 100000
             let prep = self.prepare(
                 &format!("{t0} + (id - 1) / {STEADY_RATE}"),
                 &format!(
-                    "CASE WHEN id % 100 = 50 THEN {} + (id / 100) % {} ELSE unixepoch() + 180 * 86400 END",
+                    "CASE WHEN id % 100 = 50 THEN {} + (id / 100) % {} ELSE {} END",
                     t0 + WINDOW,
-                    window.max(1)
+                    window.max(1),
+                    now() + 180 * DAY
                 ),
             )?;
             // The daemon needs a moment to start before the first account is due; when
@@ -1046,21 +1145,14 @@ burst = 100000
         let (p50, p99) = (quantile(&hist, 0.5), quantile(&hist, 0.99));
         let ro = self.open_ro()?;
         let planned = format!("({t0} + (id - 1) / {STEADY_RATE})");
-        let (refreshed, max_late): (i64, Option<i64>) = ro.query_row(
-            &format!(
-                "SELECT COUNT(*), MAX(last_refreshed_at - {planned}) FROM accounts
-                 WHERE last_refreshed_at IS NOT NULL AND {planned} < {end}"
-            ),
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        let missed: i64 = ro.query_row(
-            &format!(
-                "SELECT COUNT(*) FROM accounts WHERE {planned} < {end} AND last_refreshed_at IS NULL"
-            ),
-            [],
-            |r| r.get(0),
-        )?;
+        let got = ro.ints(&format!(
+            "SELECT COUNT(*), MAX(last_refreshed_at - {planned}) FROM accounts
+             WHERE last_refreshed_at IS NOT NULL AND {planned} < {end}"
+        ))?;
+        let (refreshed, max_late) = (got[0].unwrap_or(0), got[1]);
+        let missed = ro.int(&format!(
+            "SELECT COUNT(*) FROM accounts WHERE {planned} < {end} AND last_refreshed_at IS NULL"
+        ))?;
         let expected = (window * STEADY_RATE).min(n);
         let log = std::fs::read_to_string(self.cli.dir.join("steady.log")).unwrap_or_default();
         let sweeps = log.matches("\"event\":\"reauth_sweep\"").count();
@@ -1156,13 +1248,15 @@ burst = 100000
             Some(("<= 2 s", first <= 2.0)),
         );
         self.row("sweep", "sweep with nothing new", second, "s", None);
-        self.row(
-            "sweep",
-            "WAL written by that sweep",
-            wal_written as f64 / MIB,
-            "MiB",
-            None,
-        );
+        if self.cli.postgres.is_none() {
+            self.row(
+                "sweep",
+                "WAL written by that sweep",
+                wal_written as f64 / MIB,
+                "MiB",
+                None,
+            );
+        }
         self.details.insert(
             "sweep".into(),
             json!({"first_secs": first, "expiring": report.expiring.len(), "wal_bytes_written": wal_written,

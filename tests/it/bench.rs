@@ -6,9 +6,28 @@ use std::process::Command;
 
 #[test]
 fn every_scenario_runs_at_ten_thousand_accounts() {
+    smoke(None);
+}
+
+/// The same on PostgreSQL (README: "Scaling out on PostgreSQL"), on a schema of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_runs_at_ten_thousand_accounts_on_postgres() {
+    let Some(url) = crate::postgres::postgres_url("bench").await else {
+        return;
+    };
+    tokio::task::spawn_blocking(move || smoke(Some(&url)))
+        .await
+        .unwrap();
+}
+
+fn smoke(postgres: Option<&str>) {
     let dir = tempfile::tempdir().expect("temp dir");
     let json = dir.path().join("bench.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_refreshd-bench"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_refreshd-bench"));
+    if let Some(url) = postgres {
+        cmd.args(["--postgres", url]);
+    }
+    let out = cmd
         .args(["all", "--accounts", "10000", "--window", "2s"])
         .args(["--steady-window", "5s", "--startups", "1"])
         .arg("--dir")
