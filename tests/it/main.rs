@@ -8,6 +8,7 @@ mod deploy;
 mod engine;
 mod helpers;
 mod hostile;
+mod interop;
 mod props;
 mod providers;
 mod security;
