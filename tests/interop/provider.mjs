@@ -94,7 +94,7 @@ function flushNow() {
 }
 function changed() {
   dirty = true;
-  if (!flushTimer) flushTimer = setTimeout(flushNow, 200);
+  if (!flushTimer) flushTimer = setTimeout(flushNow, 1000);
 }
 
 const grantable = new Set(['AccessToken', 'AuthorizationCode', 'RefreshToken', 'DeviceCode',
