@@ -419,6 +419,7 @@ impl Engine {
                 ),
                 http_status: None,
                 duration_ms: 0,
+                answer_lost: false,
             };
             self.finish(&account, outcome, 0).await;
             return;
@@ -549,6 +550,7 @@ impl Engine {
                         error: f.message,
                         http_status: f.http_status,
                         duration_ms,
+                        answer_lost: f.answer_lost,
                     }
                 }
                 FailureClass::Config => Outcome::ConfigError {
@@ -565,7 +567,7 @@ impl Engine {
                         (ReauthReason::InvalidGrant, Some(window_end)) => (
                             ReauthReason::RefreshInterrupted,
                             format!(
-                                "{}; an earlier refresh of this account was cut off (its lease, ending {}, was never given back: the process died or its outcome could not be stored), so the provider most likely rotated the token in an answer that was lost",
+                                "{}; an earlier refresh of this account was cut off (its lease, ending {}, was never given back: the process died, the provider's answer was lost on the way, or the outcome could not be stored), so the provider most likely rotated the token in an answer that was lost",
                                 f.message,
                                 rfc3339(window_end)
                             ),

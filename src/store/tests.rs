@@ -89,6 +89,7 @@ fn transient(id: i64, owner: &str, at: i64) -> Outcome {
         error: "HTTP 503".into(),
         http_status: Some(503),
         duration_ms: 7,
+        answer_lost: false,
     }
 }
 

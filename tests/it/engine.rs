@@ -496,8 +496,89 @@ async fn timeout_is_transient() {
         a.last_error
     );
     assert!((now + 1..=now + BACKOFF_BASE).contains(&a.next_refresh_at));
-    assert_eq!(lease(&store, id).await, (None, None));
+    // The provider may have rotated in the answer that came too late: the lease is not
+    // given back but runs until the retry, so the crash window stays on record.
+    let (owner, until) = lease(&store, id).await;
+    assert!(owner.is_some());
+    assert_eq!(until, Some(a.next_refresh_at));
     server.verify().await;
+}
+
+#[tokio::test]
+async fn invalid_grant_after_a_timed_out_refresh_names_the_crash_window() {
+    // Found by the interop harness (tests/interop, scenario `cut`): oidc-provider rotated,
+    // the answer never arrived, the retry presented the retired token, the provider revoked
+    // the grant, and the account was flagged plain `invalid_grant`, as if its user had
+    // revoked access.
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(token_body("u1"))
+                .set_delay(Duration::from_secs(3)),
+        )
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(ResponseTemplate::new(400).set_body_json(serde_json::json!({
+            "error": "invalid_grant", "error_description": "grant request is invalid"
+        })))
+        .mount(&server)
+        .await;
+    let config = config_with(
+        &app,
+        &format!("{}{TOKEN_PATH}", server.uri()),
+        &[("refresh", "request_timeout", "1s".into())],
+    );
+    let store = app.store().await;
+    let id = app.import(&store, &config, &["u1"], None).await[0];
+    app.clock.set(account(&store, id).await.next_refresh_at);
+    let report = run_once(&app, &config).await;
+    assert_eq!(report.stats.transient, 1, "{report:?}");
+
+    // The retry gets a 503; the window stays on record for the one after it.
+    app.clock.set(account(&store, id).await.next_refresh_at);
+    let report = run_once(&app, &config).await;
+    assert_eq!(report.stats.transient, 1, "{report:?}");
+    let retry_at = account(&store, id).await.next_refresh_at;
+    app.clock.set(retry_at);
+    let report = run_once(&app, &config).await;
+    assert_eq!(report.newly_flagged(), 1, "{report:?}");
+    let a = account(&store, id).await;
+    assert_eq!(a.status, Status::NeedsReauth);
+    assert_eq!(a.reauth_reason, Some(ReauthReason::RefreshInterrupted));
+    let err = a.last_error.unwrap();
+    assert!(
+        err.contains("answer was lost") && err.contains(&refreshd::clock::rfc3339(retry_at)),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_connection_interrupts_nothing() {
+    // Nothing listens: the provider never saw the request, so a later invalid_grant is the
+    // user's doing, not a lost answer.
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}{TOKEN_PATH}", closed.local_addr().unwrap());
+    drop(closed);
+    let config = config_with(&app, &url, &[]);
+    let store = app.store().await;
+    let id = app.import(&store, &config, &["u1"], None).await[0];
+    app.clock.set(account(&store, id).await.next_refresh_at);
+    let report = run_once(&app, &config).await;
+    assert_eq!(report.stats.transient, 1, "{report:?}");
+    assert_eq!(lease(&store, id).await, (None, None));
 }
 
 #[tokio::test]
