@@ -177,7 +177,8 @@ pub fn next_due_except(
     let sql = format!(
         "SELECT next_refresh_at FROM accounts INDEXED BY accounts_due
          WHERE status IN ('active', 'expiring')
-           AND (lease_owner IS NULL OR lease_expires_at <= ?1)
+           AND (lease_owner IS NULL OR lease_expires_at <= ?1
+                OR lease_expires_at <= next_refresh_at)
            {}
          ORDER BY next_refresh_at LIMIT 1",
         skip_clause(skip, 2)
