@@ -104,6 +104,7 @@ class OidcProvider {
       '--access-ttl', String(this.opts.accessTtl), '--refresh-ttl', String(this.opts.refreshTtl),
       '--short-refresh-ttl', String(this.opts.shortRefreshTtl ?? 60),
       '--refresh-delay-ms', String(this.opts.refreshDelayMs ?? 0),
+      '--cut-rate', String(this.opts.cutRate ?? 0),
       '--client-id', CLIENT_ID, '--client-secret', CLIENT_SECRET];
     for (const u of this.opts.redirectUris) a.push('--redirect-uri', u);
     if (this.port) a.push('--port', String(this.port));
@@ -347,7 +348,8 @@ async function verifyWithProvider(sc, rows) {
   for (const a of rows) {
     const r = await fetch(`${sc.provider.issuer}/token`, {
       method: 'POST',
-      headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      // Never cut by the provider's chaos: this is the verdict, not the test.
+      headers: { 'content-type': 'application/x-www-form-urlencoded', 'x-interop-verify': '1' },
       body: new URLSearchParams({
         grant_type: 'refresh_token', refresh_token: a.refresh_token, client_id: CLIENT_ID, client_secret: CLIENT_SECRET,
       }).toString(),
@@ -400,6 +402,7 @@ async function setUp(name, opts) {
     refreshTtl: opts.refreshTtl ?? 3600,
     shortRefreshTtl: opts.shortRefreshTtl,
     refreshDelayMs: opts.refreshDelayMs ?? 0,
+    cutRate: opts.cutRate ?? 0,
     redirectUris: [`http://127.0.0.1:${sc.connectPort}/connect/interop/callback`],
   }).start();
   sc.main = new Refreshd(sc, 'a', sc.connectPort);
@@ -657,7 +660,40 @@ async function endOfLife() {
   });
 }
 
-const SCENARIOS = { steady, replicas, crash, outage, end_of_life: endOfLife };
+// The provider rotates, then the connection is cut before the answer (a proxy, a network
+// failure): refreshd sees a transient failure, while the provider has retired the token it
+// holds. The account is lost to the provider's reuse detection whatever the client does;
+// refreshd must name it refresh_interrupted, never mistake it for a user's revocation, and
+// lose nothing else.
+async function cut() {
+  const n = LONG ? 100 : 20;
+  const seconds = LONG ? 180 : 40;
+  const sc = await setUp('cut', { accessTtl: 10, cutRate: 0.02, logins: logins('cut', n) });
+  await sleep(seconds * 1000);
+  await sc.main.stop();
+  const rows = accounts(sc);
+  const stats = await sc.provider.stats();
+  const failed = await verifyWithProvider(sc, rows);
+  const allowed = (a) => a.status === 'needs_reauth' && a.reauth_reason === 'refresh_interrupted';
+  const lost = lostAccounts(rows, failed, allowed);
+  const events = sc.main.events();
+  const flagged = rows.filter((a) => a.status !== 'active');
+  await sc.provider.stop();
+  return row(sc, {
+    refreshes: refreshesRotated(events),
+    reuse: stats.reuse_revocations,
+    flagged: flagged.length,
+    lost: lost.length,
+    lateness: maxLateness(events),
+    ok: lost.length === 0 && flagged.length <= stats.answers_cut && flagged.every(allowed),
+    notes: `${stats.answers_cut} answers cut after the rotation; flagged ${flagged.length} <= ${stats.answers_cut}, reasons ${[...new Set(flagged.map((a) => a.reauth_reason))].join(',') || '-'}`,
+    details: { provider: stats, failed, lost, flagged_reasons: flagged.map((a) => a.reauth_reason) },
+  });
+}
+
+const SCENARIOS = {
+  steady, replicas, crash, outage, end_of_life: endOfLife, cut,
+};
 
 // ----------------------------------------------------------------------------- main
 

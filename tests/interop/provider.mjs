@@ -35,6 +35,9 @@ const { values: args } = parseArgs({
     // Up to this long (random) between rotating a refresh token and sending the answer:
     // network latency, and the window in which a client that dies loses the rotation.
     'refresh-delay-ms': { type: 'string', default: process.env.REFRESH_DELAY_MS ?? '0' },
+    // This fraction of refresh answers is never sent: the connection is cut after the
+    // rotation (a proxy or network failure between the provider's commit and the client).
+    'cut-rate': { type: 'string', default: process.env.CUT_RATE ?? '0' },
   },
 });
 
@@ -43,6 +46,7 @@ const REFRESH_TTL = Number(args['refresh-ttl']);
 const SHORT_REFRESH_TTL = Number(args['short-refresh-ttl']);
 const STATE_FILE = path.resolve(args.state);
 const REFRESH_DELAY_MS = Number(args['refresh-delay-ms']);
+const CUT_RATE = Number(args['cut-rate']);
 
 // ---------------------------------------------------------------------------------------
 // File-backed adapter: one in-memory map, written whole to STATE_FILE (temp + rename) on a
@@ -61,6 +65,7 @@ const counters = db.counters ?? {
   reuse_revocations: 0, // grants revoked because a used refresh token came back
   invalid_grant: 0, // every invalid_grant answer (reuse, expired, revoked...)
   code_exchanges: 0, // authorization_code grants answered with tokens
+  answers_cut: 0, // rotations whose answer was cut off by --cut-rate
   grants_revoked: 0, // every grant revocation (reuse detection, or the revocation endpoint)
   restarts: 0,
 };
@@ -276,6 +281,11 @@ provider.use(async (ctx, next) => {
     if (grantType === 'refresh_token') {
       counters.refresh_served += 1;
       if (REFRESH_DELAY_MS > 0) await new Promise((r) => setTimeout(r, Math.random() * REFRESH_DELAY_MS));
+      if (Math.random() < CUT_RATE && !ctx.get('x-interop-verify')) {
+        counters.answers_cut += 1;
+        ctx.req.socket.destroy();
+        return undefined;
+      }
     }
     if (grantType === 'authorization_code') counters.code_exchanges += 1;
   } else if (ctx.body?.error === 'invalid_grant') {

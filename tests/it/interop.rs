@@ -131,7 +131,14 @@ fn interop_with_oidc_provider_short_form() {
         .collect();
     assert_eq!(
         names,
-        ["steady", "replicas", "crash", "outage", "end_of_life"]
+        [
+            "steady",
+            "replicas",
+            "crash",
+            "outage",
+            "end_of_life",
+            "cut"
+        ]
     );
     for row in rows {
         let name = row["scenario"].as_str().unwrap();
@@ -142,15 +149,19 @@ fn interop_with_oidc_provider_short_form() {
         );
         assert_eq!(num(row, "lost"), 0, "{name}: accounts lost: {row:#}");
         match name {
-            "crash" => {
-                // Each flag is a rotation the provider made in an answer the killed process
-                // never read: at most one per refresh in flight at the kills, each naming
-                // the crash window.
+            "crash" | "cut" => {
+                // Each flag is a rotation the provider made in an answer refreshd never
+                // read (the process was killed, or the connection cut): at most one per
+                // refresh in flight at the kills / per answer cut, each naming the window.
                 let flagged = num(row, "flagged");
-                let in_flight = num(&row["details"], "in_flight_at_kills");
+                let bound = if name == "crash" {
+                    num(&row["details"], "in_flight_at_kills")
+                } else {
+                    num(&row["details"]["provider"], "answers_cut")
+                };
                 assert!(
-                    flagged <= in_flight,
-                    "crash: {flagged} flagged > {in_flight} in flight: {row:#}"
+                    flagged <= bound,
+                    "{name}: {flagged} flagged > {bound}: {row:#}"
                 );
                 assert!(
                     row["details"]["flagged_reasons"]
@@ -158,7 +169,7 @@ fn interop_with_oidc_provider_short_form() {
                         .unwrap()
                         .iter()
                         .all(|r| r == "refresh_interrupted"),
-                    "crash: a flag names another reason: {row:#}"
+                    "{name}: a flag names another reason: {row:#}"
                 );
             }
             "end_of_life" => {
