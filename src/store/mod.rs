@@ -145,7 +145,8 @@ pub enum Outcome {
         http_status: Option<u16>,
         duration_ms: i64,
     },
-    /// Never started (shutdown): give the lease back.
+    /// Never started (shutdown, or the lease would end before an answer could be stored):
+    /// give the lease back.
     Released { account_id: i64, owner: String },
 }
 

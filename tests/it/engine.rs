@@ -1687,3 +1687,67 @@ async fn invalid_grant_after_a_lost_answer_names_the_crash_window() {
     assert_eq!((b.status, b.generation), (Status::Active, 1));
     assert_eq!(app.sandbox.stats().reuse_rejected, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_waiting_on_the_rate_limit_gives_its_lease_back_before_it_ends() {
+    // Found by the interop harness (scenario `outage`): after an outage, claimed accounts
+    // waited in the provider's rate limit longer than their lease. The lease lapsed, a new
+    // claim took it (recording a crash window that never was), and the old attempt's
+    // "lease too short" release, under the same owner, gave the new claim's lease back:
+    // a third claim then refreshed the account while the second was in flight, with a
+    // token the provider had just retired, and oidc-provider revoked the grant.
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = config_with(
+        &app,
+        &app.sandbox.token_url(),
+        &[
+            ("providers.tiktok", "rate_limit", 1.into()),
+            ("providers.tiktok", "burst", 1.into()),
+        ],
+    );
+    let store = app.store().await;
+    let ids = app.import(&store, &config, &["w1", "w2", "w3"], None).await;
+    app.clock.set(all_due_at(&store, &ids).await);
+    let (engine, _tx) = engine(&store, &app.clock, &config);
+    let shutdown = CancellationToken::new();
+    let task = {
+        let (e, s) = (engine.clone(), shutdown.clone());
+        tokio::spawn(async move { e.run(s).await })
+    };
+    let stats = engine.stats();
+    assert!(helpers::eventually(5, || async { stats.snapshot().rotated == 1 }).await);
+    let waiting: Vec<i64> = {
+        let mut v = Vec::new();
+        for &id in &ids {
+            if account(&store, id).await.generation == 0 {
+                v.push(id);
+            }
+        }
+        v
+    };
+    assert_eq!(waiting.len(), 2);
+    // lease 30s - (request_timeout 5s + 5s): the waits give up 20s after the claim.
+    app.clock.advance(Duration::from_secs(21));
+    assert!(helpers::eventually(5, || async { stats.snapshot().released >= 2 }).await);
+    // Given back, not lapsed: claiming them again records no crash window.
+    for &id in &waiting {
+        let interrupted: Option<i64> = store
+            .call(move |c| {
+                c.query_row(
+                    "SELECT interrupted_at FROM accounts WHERE id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .map_err(|source| StoreError::Sqlite {
+                    context: "test query",
+                    source,
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(interrupted, None, "account {id}");
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(app.sandbox.stats().reuse_rejected, 0);
+}
