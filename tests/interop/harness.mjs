@@ -137,6 +137,11 @@ class OidcProvider {
     const exited = new Promise((r) => this.proc.on('exit', r));
     this.proc.kill('SIGTERM');
     await exited;
+    if (this.final) {
+      const f = this.final;
+      log(`${path.basename(this.dir)}: oidc-provider at exit: ${f.refresh_served} refreshes served, `
+        + `${f.reuse_revocations} grants revoked for reuse, ${f.refresh_unavailable} answered 503`);
+    }
     return this.final;
   }
 
@@ -499,9 +504,9 @@ async function replicas() {
 async function crash() {
   const n = LONG ? 200 : 40;
   const kills = LONG ? 60 : 20;
-  // The provider waits up to 300 ms between rotating and answering: a kill then loses the
-  // rotation, the crash window refreshd must name.
-  const sc = await setUp('crash', { accessTtl: LONG ? 12 : 8, refreshDelayMs: 300, logins: logins('crash', n) });
+  // The provider waits up to 300 ms (long form 100 ms, for more accounts) between rotating
+  // and answering: a kill then loses the rotation, the crash window refreshd must name.
+  const sc = await setUp('crash', { accessTtl: LONG ? 12 : 8, refreshDelayMs: LONG ? 100 : 300, logins: logins('crash', n) });
   let inFlight = 0;
   const killLog = [];
   for (let k = 0; k < kills; k += 1) {
