@@ -95,6 +95,10 @@ struct Gate {
     permits: Arc<Semaphore>,
     /// Unix time the claim's lease ends.
     lease_until: i64,
+    /// The lease owner of this claim: the process's owner plus the claim's number, so the
+    /// record of one attempt can never give back (or keep) the lease of a later claim of
+    /// the same account by this process.
+    owner: String,
 }
 
 /// A unique lease owner for this process: host, pid and a random part.
@@ -179,6 +183,7 @@ impl Engine {
         let mut settings = settings_rx.borrow_and_update().clone();
         let mut permits = Arc::new(Semaphore::new(settings.config.refresh.concurrency));
         let mut store_failures: u32 = 0;
+        let mut claims: u64 = 0;
         // --once refreshes what was due when it started, each account once.
         let started_at = self.clock.now();
         loop {
@@ -210,9 +215,11 @@ impl Engine {
             }
             let want = free.clamp(1, cfg.refresh.batch);
             let now = if once { started_at } else { self.clock.now() };
+            claims += 1;
+            let claim_owner = format!("{}:{claims}", self.owner);
             let claimed = match self
                 .store
-                .claim_due_except(&self.owner, now, cfg.store.lease, want, skip.clone())
+                .claim_due_except(&claim_owner, now, cfg.store.lease, want, skip.clone())
                 .await
             {
                 Ok(c) => {
@@ -287,6 +294,7 @@ impl Engine {
                 let shutdown = shutdown.clone();
                 let permits = permits.clone();
                 let lease_until = now + cfg.store.lease.as_secs() as i64;
+                let owner = claim_owner.clone();
                 let span = tracing::info_span!("refresh", account = account.id, provider = %account.provider);
                 tracker.spawn(
                     async move {
@@ -294,6 +302,7 @@ impl Engine {
                             slot,
                             permits,
                             lease_until,
+                            owner,
                         };
                         this.refresh_one(&settings, account, gate, &shutdown).await;
                         this.wake.notify_one();
@@ -340,9 +349,9 @@ impl Engine {
             slot,
             permits,
             lease_until,
+            owner,
         } = gate;
         let cfg = &settings.config;
-        let owner = self.owner.to_string();
         let now = self.clock.now();
         // A refresh token past its end cannot work: flag without asking the provider.
         if policy::refresh_token_state(now, account.refresh_expires_at, cfg.reauth.window)
@@ -419,6 +428,7 @@ impl Engine {
                 ),
                 http_status: None,
                 duration_ms: 0,
+                answer_lost: false,
             };
             self.finish(&account, outcome, 0).await;
             return;
@@ -430,6 +440,13 @@ impl Engine {
             account_id: account.id,
             owner,
         };
+        // The waits may be long (a throttled provider): never send with a lease that could
+        // expire before the answer is stored, or another claim could refresh the account
+        // too. A wait that reaches that point gives the lease back at once, rather than
+        // letting it lapse, which the next claim would take for a crashed attempt.
+        let needed =
+            (cfg.refresh.request_timeout + std::time::Duration::from_secs(5)).as_secs() as i64;
+        let give_up_at = lease_until.saturating_sub(needed).saturating_mul(1000);
         let _slot = match slot {
             Some(s) => s,
             None => tokio::select! {
@@ -439,6 +456,10 @@ impl Engine {
                     return;
                 }
                 s = provider.slot() => s,
+                _ = self.clock.sleep_until_millis(give_up_at) => {
+                    self.finish(&account, released(owner), 0).await;
+                    return;
+                }
             },
         };
         tokio::select! {
@@ -448,6 +469,10 @@ impl Engine {
                 return;
             }
             _ = provider.ready() => {}
+            _ = self.clock.sleep_until_millis(give_up_at) => {
+                self.finish(&account, released(owner), 0).await;
+                return;
+            }
         }
         let _permit = tokio::select! {
             biased;
@@ -456,11 +481,11 @@ impl Engine {
                 return;
             }
             p = permits.acquire_owned() => p.expect("semaphore is never closed"),
+            _ = self.clock.sleep_until_millis(give_up_at) => {
+                self.finish(&account, released(owner), 0).await;
+                return;
+            }
         };
-        // The waits may have been long: never send with a lease that could expire before
-        // the answer is stored, or another process could refresh the account too.
-        let needed =
-            (cfg.refresh.request_timeout + std::time::Duration::from_secs(5)).as_secs() as i64;
         if self.clock.now() + needed > lease_until {
             tracing::debug!(
                 event = "lease_too_short",
@@ -549,6 +574,7 @@ impl Engine {
                         error: f.message,
                         http_status: f.http_status,
                         duration_ms,
+                        answer_lost: f.answer_lost,
                     }
                 }
                 FailureClass::Config => Outcome::ConfigError {
@@ -565,7 +591,7 @@ impl Engine {
                         (ReauthReason::InvalidGrant, Some(window_end)) => (
                             ReauthReason::RefreshInterrupted,
                             format!(
-                                "{}; an earlier refresh of this account was cut off (its lease, ending {}, was never given back: the process died or its outcome could not be stored), so the provider most likely rotated the token in an answer that was lost",
+                                "{}; an earlier refresh of this account was cut off (its lease, ending {}, was never given back: the process died, the provider's answer was lost on the way, or the outcome could not be stored), so the provider most likely rotated the token in an answer that was lost",
                                 f.message,
                                 rfc3339(window_end)
                             ),
@@ -737,7 +763,7 @@ impl Engine {
                     event = "lease_released",
                     account = id,
                     provider,
-                    "not started before shutdown"
+                    "not started: shutdown, or the lease would have ended while waiting"
                 );
             }
         }

@@ -47,6 +47,10 @@ pub struct ProviderFailure {
     pub message: String,
     pub http_status: Option<u16>,
     pub retry_after: Option<Duration>,
+    /// The request may have reached the provider and its answer was not read (a timeout, a
+    /// connection cut after sending, a 2xx body cut off or unreadable): the provider may
+    /// have rotated the refresh token in an answer that is lost.
+    pub answer_lost: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +257,7 @@ impl Provider {
             message,
             http_status: None,
             retry_after: None,
+            answer_lost: false,
         };
         let Some(url) = self.profile.userinfo_url.clone() else {
             return Err(config(format!(
@@ -282,6 +287,7 @@ impl Provider {
             ),
             http_status: None,
             retry_after: None,
+            answer_lost: false,
         })?;
         let status = resp.status().as_u16();
         let body = resp.bytes().await.unwrap_or_default();
@@ -331,12 +337,14 @@ impl Provider {
             message,
             http_status: None,
             retry_after: None,
+            answer_lost: false,
         };
         let mut url = url::Url::parse(&req.url).map_err(|e| ProviderFailure {
             class: FailureClass::Config,
             message: format!("token URL of provider {} is not a URL: {e}", self.name),
             http_status: None,
             retry_after: None,
+            answer_lost: false,
         })?;
         {
             let query_params = req.query.iter().chain(
@@ -369,10 +377,12 @@ impl Provider {
         if req.params_in == ParamsIn::Form {
             rb = rb.form(&req.params);
         }
-        let mut resp = rb
-            .send()
-            .await
-            .map_err(|e| transient(describe_reqwest(&e.without_url())))?;
+        // Only a failure to connect proves the provider never saw the request.
+        let mut resp = rb.send().await.map_err(|e| ProviderFailure {
+            answer_lost: !e.is_connect(),
+            ..transient(describe_reqwest(&e.without_url()))
+        })?;
+        let answered_ok = resp.status().is_success();
         let status = resp.status().as_u16();
         let retry_after = resp
             .headers()
@@ -391,6 +401,7 @@ impl Provider {
                     if body.len() + chunk.len() > self.max_body {
                         return Err(ProviderFailure {
                             http_status: Some(status),
+                            answer_lost: answered_ok,
                             ..transient(format!(
                                 "response body larger than refresh.max_response_bytes ({} bytes); cut off",
                                 self.max_body
@@ -403,6 +414,7 @@ impl Provider {
                 Err(e) => {
                     return Err(ProviderFailure {
                         http_status: Some(status),
+                        answer_lost: answered_ok,
                         ..transient(format!(
                             "reading the response body failed: {}",
                             describe_reqwest(&e.without_url())

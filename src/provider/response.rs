@@ -114,6 +114,13 @@ pub fn parse(
         message,
         http_status: Some(http_status),
         retry_after,
+        answer_lost: false,
+    };
+    // A 2xx answer we cannot use: the provider said it did the refresh, so it may have
+    // rotated the refresh token in this answer.
+    let lost = |f: ProviderFailure| ProviderFailure {
+        answer_lost: true,
+        ..f
     };
     let json: Option<Value> = serde_json::from_slice(body).ok();
     // An error body wins whatever the status.
@@ -167,19 +174,19 @@ pub fn parse(
         ));
     }
     let Some(Value::Object(obj)) = json else {
-        return Err(fail(
+        return Err(lost(fail(
             FailureClass::Transient,
             format!(
                 "malformed token response: not a JSON object{}",
                 describe_body(content_type, body)
             ),
-        ));
+        )));
     };
     let malformed = |m: String| {
-        fail(
+        lost(fail(
             FailureClass::Transient,
             format!("malformed token response: {m}"),
-        )
+        ))
     };
     let access_token = string(obj.get("access_token"))
         .ok_or_else(|| malformed("`access_token` missing or empty".into()))?;

@@ -278,7 +278,9 @@ pub enum Outcome {
         http_status: Option<u16>,
         duration_ms: i64,
     },
-    /// Retry later; never flags.
+    /// Retry later; never flags. With `answer_lost` (the provider may have rotated in an
+    /// answer we never read), the lease is not given back but runs until the retry, so the
+    /// next claim records the crash window as for a process that died.
     Transient {
         account_id: i64,
         owner: String,
@@ -287,6 +289,7 @@ pub enum Outcome {
         error: String,
         http_status: Option<u16>,
         duration_ms: i64,
+        answer_lost: bool,
     },
     /// The provider rejected our client credentials: accounts untouched, retried slowly.
     ConfigError {
@@ -308,7 +311,8 @@ pub enum Outcome {
         http_status: Option<u16>,
         duration_ms: i64,
     },
-    /// Never started (shutdown): give the lease back.
+    /// Never started (shutdown, or the lease would end before an answer could be stored):
+    /// give the lease back.
     Released { account_id: i64, owner: String },
 }
 

@@ -481,7 +481,8 @@ impl PgStore {
             .prepare_cached(
                 "SELECT next_refresh_at FROM accounts
                  WHERE status IN ('active', 'expiring')
-                   AND (lease_owner IS NULL OR lease_expires_at <= $1)
+                   AND (lease_owner IS NULL OR lease_expires_at <= $1
+                        OR lease_expires_at <= next_refresh_at)
                    AND provider <> ALL($2::text[])
                  ORDER BY next_refresh_at LIMIT 1",
             )
@@ -1413,14 +1414,19 @@ async fn record(tx: &Transaction<'_>, keys: &Keyring, o: &Outcome) -> Result<Rec
             error,
             http_status,
             duration_ms,
+            answer_lost,
         } => {
+            // As in sqlite.rs: the lease is kept until the retry when the answer may have
+            // been lost, or when this attempt already followed a cut-off one.
             let n = exec(
                 "record transient failure",
                 "UPDATE accounts SET failures = failures + 1, last_error = $3,
-                    next_refresh_at = $4, lease_owner = NULL, lease_expires_at = NULL,
+                    next_refresh_at = $4::bigint,
+                    lease_owner = CASE WHEN $6::boolean OR interrupted_at IS NOT NULL THEN lease_owner END,
+                    lease_expires_at = CASE WHEN $6::boolean OR interrupted_at IS NOT NULL THEN $4::bigint END,
                     updated_at = $5
                  WHERE id = $1 AND lease_owner = $2",
-                &[account_id, owner, error, next_refresh_at, at],
+                &[account_id, owner, error, next_refresh_at, at, answer_lost],
             )
             .await?;
             append_log(

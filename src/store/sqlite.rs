@@ -182,7 +182,8 @@ pub fn next_due_except(
     let sql = format!(
         "SELECT next_refresh_at FROM accounts INDEXED BY accounts_due
          WHERE status IN ('active', 'expiring')
-           AND (lease_owner IS NULL OR lease_expires_at <= ?1)
+           AND (lease_owner IS NULL OR lease_expires_at <= ?1
+                OR lease_expires_at <= next_refresh_at)
            {}
          ORDER BY next_refresh_at LIMIT 1",
         skip_clause(skip, 2)
@@ -585,15 +586,23 @@ pub fn record(tx: &Connection, keys: &Keyring, o: &Outcome) -> Result<Recorded, 
             error,
             http_status,
             duration_ms,
+            answer_lost,
         } => {
+            // The lease is kept until the retry when the answer may have been lost, or when
+            // this attempt already followed a cut-off one (interrupted_at): the next claim
+            // then finds it not given back and keeps the crash window on record.
             let n = tx
                 .prepare_cached(
                     "UPDATE accounts SET failures = failures + 1, last_error = ?3,
-                        next_refresh_at = ?4, lease_owner = NULL, lease_expires_at = NULL,
+                        next_refresh_at = ?4,
+                        lease_owner = CASE WHEN ?6 OR interrupted_at IS NOT NULL THEN lease_owner END,
+                        lease_expires_at = CASE WHEN ?6 OR interrupted_at IS NOT NULL THEN ?4 END,
                         updated_at = ?5
                      WHERE id = ?1 AND lease_owner = ?2",
                 )
-                .and_then(|mut s| s.execute(params![account_id, owner, error, next_refresh_at, at]))
+                .and_then(|mut s| {
+                    s.execute(params![account_id, owner, error, next_refresh_at, at, answer_lost])
+                })
                 .map_err(sql_err("record transient failure"))?;
             append_log(
                 tx,

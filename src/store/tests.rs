@@ -150,6 +150,7 @@ fn transient(id: i64, owner: &str, at: i64) -> Outcome {
         error: "HTTP 503".into(),
         http_status: Some(503),
         duration_ms: 7,
+        answer_lost: false,
     }
 }
 
@@ -1578,6 +1579,7 @@ async fn replicas_opening_a_fresh_store_together_migrate_it_once() {
 }
 
 on_both_backends!(
+    transient_with_a_lost_answer_keeps_the_lease_until_the_retry_and_records_the_window,
     replicas_opening_a_fresh_store_together_migrate_it_once,
     connect_states_are_single_use_expire_and_any_handle_takes_them,
     upsert_inserts_then_updates_by_provider_and_subject,
@@ -1666,4 +1668,45 @@ async fn sealing_key_ids_reads_both_columns_and_skips_garbled_values() {
     let mut found = found;
     found.sort();
     assert_eq!(found, ["00000000000000aa", "00000000000000bb"]);
+}
+
+async fn transient_with_a_lost_answer_keeps_the_lease_until_the_retry_and_records_the_window() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    let retry = NOW + 30;
+    let mut lost = transient(id, OWNER, NOW);
+    if let Outcome::Transient { answer_lost, .. } = &mut lost {
+        *answer_lost = true;
+    }
+    assert_eq!(store.record(lost).await.unwrap(), Recorded::Applied);
+    assert_eq!(lease(&store, id).await, (Some(OWNER.into()), Some(retry)));
+    // The engine still wakes for the retry, and nobody claims the account before it.
+    assert_eq!(store.next_due(NOW + 1).await.unwrap(), Some(retry));
+    assert!(
+        store
+            .claim_due("other", retry - 1, LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = store.claim_due("other", retry, LEASE, 10).await.unwrap();
+    assert_eq!(again[0].interrupted_at, Some(retry));
+
+    // A plain transient failure right after keeps the window on record too...
+    store.record(transient(id, "other", retry)).await.unwrap();
+    let third = store.claim_due(OWNER, retry + 30, LEASE, 10).await.unwrap();
+    assert_eq!(third[0].interrupted_at, Some(retry + 30));
+    // ...until an attempt ends otherwise: a rotation gives the lease back for good.
+    store
+        .record(rotated(
+            id,
+            third[0].generation,
+            "at-2",
+            Some("rt-2"),
+            retry + 31,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(lease(&store, id).await, (None, None));
 }

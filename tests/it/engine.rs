@@ -497,8 +497,89 @@ async fn timeout_is_transient() {
         a.last_error
     );
     assert!((now + 1..=now + BACKOFF_BASE).contains(&a.next_refresh_at));
-    assert_eq!(lease(&store, id).await, (None, None));
+    // The provider may have rotated in the answer that came too late: the lease is not
+    // given back but runs until the retry, so the crash window stays on record.
+    let (owner, until) = lease(&store, id).await;
+    assert!(owner.is_some());
+    assert_eq!(until, Some(a.next_refresh_at));
     server.verify().await;
+}
+
+#[tokio::test]
+async fn invalid_grant_after_a_timed_out_refresh_names_the_crash_window() {
+    // Found by the interop harness (tests/interop, scenario `cut`): oidc-provider rotated,
+    // the answer never arrived, the retry presented the retired token, the provider revoked
+    // the grant, and the account was flagged plain `invalid_grant`, as if its user had
+    // revoked access.
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(token_body("u1"))
+                .set_delay(Duration::from_secs(3)),
+        )
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(ResponseTemplate::new(400).set_body_json(serde_json::json!({
+            "error": "invalid_grant", "error_description": "grant request is invalid"
+        })))
+        .mount(&server)
+        .await;
+    let config = config_with(
+        &app,
+        &format!("{}{TOKEN_PATH}", server.uri()),
+        &[("refresh", "request_timeout", "1s".into())],
+    );
+    let store = app.store().await;
+    let id = app.import(&store, &config, &["u1"], None).await[0];
+    app.clock.set(account(&store, id).await.next_refresh_at);
+    let report = run_once(&app, &config).await;
+    assert_eq!(report.stats.transient, 1, "{report:?}");
+
+    // The retry gets a 503; the window stays on record for the one after it.
+    app.clock.set(account(&store, id).await.next_refresh_at);
+    let report = run_once(&app, &config).await;
+    assert_eq!(report.stats.transient, 1, "{report:?}");
+    let retry_at = account(&store, id).await.next_refresh_at;
+    app.clock.set(retry_at);
+    let report = run_once(&app, &config).await;
+    assert_eq!(report.newly_flagged(), 1, "{report:?}");
+    let a = account(&store, id).await;
+    assert_eq!(a.status, Status::NeedsReauth);
+    assert_eq!(a.reauth_reason, Some(ReauthReason::RefreshInterrupted));
+    let err = a.last_error.unwrap();
+    assert!(
+        err.contains("answer was lost") && err.contains(&refreshd::clock::rfc3339(retry_at)),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_connection_interrupts_nothing() {
+    // Nothing listens: the provider never saw the request, so a later invalid_grant is the
+    // user's doing, not a lost answer.
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}{TOKEN_PATH}", closed.local_addr().unwrap());
+    drop(closed);
+    let config = config_with(&app, &url, &[]);
+    let store = app.store().await;
+    let id = app.import(&store, &config, &["u1"], None).await[0];
+    app.clock.set(account(&store, id).await.next_refresh_at);
+    let report = run_once(&app, &config).await;
+    assert_eq!(report.stats.transient, 1, "{report:?}");
+    assert_eq!(lease(&store, id).await, (None, None));
 }
 
 #[tokio::test]
@@ -1606,6 +1687,70 @@ async fn invalid_grant_after_a_lost_answer_names_the_crash_window() {
     let b = account(&store, ids[1]).await;
     assert_eq!((b.status, b.generation), (Status::Active, 1));
     assert_eq!(app.sandbox.stats().reuse_rejected, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_waiting_on_the_rate_limit_gives_its_lease_back_before_it_ends() {
+    // Found by the interop harness (scenario `outage`): after an outage, claimed accounts
+    // waited in the provider's rate limit longer than their lease. The lease lapsed, a new
+    // claim took it (recording a crash window that never was), and the old attempt's
+    // "lease too short" release, under the same owner, gave the new claim's lease back:
+    // a third claim then refreshed the account while the second was in flight, with a
+    // token the provider had just retired, and oidc-provider revoked the grant.
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = config_with(
+        &app,
+        &app.sandbox.token_url(),
+        &[
+            ("providers.tiktok", "rate_limit", 1.into()),
+            ("providers.tiktok", "burst", 1.into()),
+        ],
+    );
+    let store = app.store().await;
+    let ids = app.import(&store, &config, &["w1", "w2", "w3"], None).await;
+    app.clock.set(all_due_at(&store, &ids).await);
+    let (engine, _tx) = engine(&store, &app.clock, &config);
+    let shutdown = CancellationToken::new();
+    let task = {
+        let (e, s) = (engine.clone(), shutdown.clone());
+        tokio::spawn(async move { e.run(s).await })
+    };
+    let stats = engine.stats();
+    assert!(helpers::eventually(5, || async { stats.snapshot().rotated == 1 }).await);
+    let waiting: Vec<i64> = {
+        let mut v = Vec::new();
+        for &id in &ids {
+            if account(&store, id).await.generation == 0 {
+                v.push(id);
+            }
+        }
+        v
+    };
+    assert_eq!(waiting.len(), 2);
+    // lease 30s - (request_timeout 5s + 5s): the waits give up 20s after the claim.
+    app.clock.advance(Duration::from_secs(21));
+    assert!(helpers::eventually(5, || async { stats.snapshot().released >= 2 }).await);
+    // Given back, not lapsed: claiming them again records no crash window.
+    for &id in &waiting {
+        let interrupted: Option<i64> = store
+            .call(move |c| {
+                c.query_row(
+                    "SELECT interrupted_at FROM accounts WHERE id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .map_err(|source| StoreError::Sqlite {
+                    context: "test query",
+                    source,
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(interrupted, None, "account {id}");
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(app.sandbox.stats().reuse_rejected, 0);
 }
 
 /// A run that has to stop while the database still refuses a rotation it received fails,

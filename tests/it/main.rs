@@ -9,6 +9,7 @@ mod deploy;
 mod engine;
 mod helpers;
 mod hostile;
+mod interop;
 mod postgres;
 mod props;
 mod providers;

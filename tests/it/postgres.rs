@@ -273,10 +273,14 @@ burst = 1
         .await
         .unwrap();
     let held = || async {
-        db.query("SELECT id FROM accounts WHERE lease_owner = $1", &[&victim])
-            .await
-            .unwrap()
-            .len()
+        // Each claim's lease is the process's owner id plus the claim's number.
+        db.query(
+            "SELECT id FROM accounts WHERE lease_owner LIKE $1 || ':%'",
+            &[&victim],
+        )
+        .await
+        .unwrap()
+        .len()
     };
     assert!(
         eventually(10, || async { held().await >= 3 }).await,
@@ -285,7 +289,7 @@ burst = 1
     replicas[0].kill();
     let orphaned: Vec<i64> = db
         .query(
-            "SELECT id FROM accounts WHERE lease_owner = $1 ORDER BY id",
+            "SELECT id FROM accounts WHERE lease_owner LIKE $1 || ':%' ORDER BY id",
             &[&victim],
         )
         .await

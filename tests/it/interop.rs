@@ -1,0 +1,192 @@
+//! refreshd against an OAuth server nobody here wrote: the short form of the interop and
+//! chaos harness in `tests/interop/` (oidc-provider with refresh-token rotation and reuse
+//! detection; scenarios steady, replicas, crash, outage, end_of_life), run with the binary
+//! under test, its conditions asserted here.
+//!
+//! It needs Node.js (20.19 or newer), npm and the `sqlite3` shell; `.ci/run` installs them
+//! where missing. A missing tool fails the test, unless `REFRESHD_SKIP_INTEROP_TESTS=1` is
+//! set outside CI, where it prints "skipped". `npm ci` runs when `node_modules` is missing.
+//! The whole harness takes about 1.5 minutes (its scenarios run side by side).
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const HARNESS_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn interop_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
+}
+
+fn works(tool: &str, arg: &str) -> bool {
+    Command::new(tool)
+        .arg(arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether every tool is there; when one is not: false if skipping is allowed, else a panic
+/// that says how to install it.
+fn have_tools() -> bool {
+    let missing: Vec<&str> = [
+        ("node", "--version"),
+        ("npm", "--version"),
+        ("sqlite3", "-version"),
+    ]
+    .into_iter()
+    .filter(|(t, a)| !works(t, a))
+    .map(|(t, _)| t)
+    .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let skip = std::env::var("REFRESHD_SKIP_INTEROP_TESTS").is_ok_and(|v| v == "1");
+    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
+    if skip && !ci {
+        eprintln!("skipped: {missing:?} not installed (REFRESHD_SKIP_INTEROP_TESTS=1)");
+        return false;
+    }
+    panic!(
+        "{missing:?} not installed: the interop harness needs Node.js >= 20.19 with npm and the sqlite3 shell \
+         (apt-get install nodejs npm sqlite3; .ci/run does this), or set REFRESHD_SKIP_INTEROP_TESTS=1 to skip locally"
+    );
+}
+
+fn npm_ci(dir: &Path) {
+    if dir.join("node_modules/oidc-provider/package.json").exists() {
+        return;
+    }
+    let out = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(dir)
+        .output()
+        .expect("run npm ci");
+    assert!(
+        out.status.success(),
+        "npm ci in {} failed:\n{}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn num(row: &Value, key: &str) -> i64 {
+    row[key]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{key} missing in {row}"))
+}
+
+#[test]
+fn interop_with_oidc_provider_short_form() {
+    if !have_tools() {
+        return;
+    }
+    let dir = interop_dir();
+    npm_ci(&dir);
+    let work = tempfile::tempdir().unwrap();
+    let out_file = work.path().join("interop-results.json");
+    // Niced: its daemons and providers run in real time beside the other tests of this
+    // binary, whose timing-sensitive parts must not starve on a small machine.
+    let mut child = Command::new("nice")
+        .args(["-n", "15", "node", "harness.mjs"])
+        .args(["--form", "short", "--bin", env!("CARGO_BIN_EXE_refreshd")])
+        .arg("--keep")
+        .arg(work.path().join("run"))
+        .arg("--out")
+        .arg(&out_file)
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start node harness.mjs");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if started.elapsed() > HARNESS_TIMEOUT {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The table, shown with --nocapture and on failure.
+    println!("{stdout}");
+    let Some(status) = status else {
+        panic!("the harness ran longer than {HARNESS_TIMEOUT:?}:\n{stdout}\n{stderr}");
+    };
+    let results: Value = serde_json::from_slice(
+        &std::fs::read(&out_file)
+            .unwrap_or_else(|e| panic!("no results ({e}); harness said:\n{stdout}\n{stderr}")),
+    )
+    .unwrap();
+    let rows = results["results"].as_array().unwrap();
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "steady",
+            "replicas",
+            "crash",
+            "outage",
+            "end_of_life",
+            "cut"
+        ]
+    );
+    for row in rows {
+        let name = row["scenario"].as_str().unwrap();
+        assert!(
+            row.get("error").is_none(),
+            "{name} did not run: {}\n{stderr}",
+            row["error"]
+        );
+        assert_eq!(num(row, "lost"), 0, "{name}: accounts lost: {row:#}");
+        match name {
+            "crash" | "cut" => {
+                // Each flag is a rotation the provider made in an answer refreshd never
+                // read (the process was killed, or the connection cut): at most one per
+                // refresh in flight at the kills / per answer cut, each naming the window.
+                let flagged = num(row, "flagged");
+                let bound = if name == "crash" {
+                    num(&row["details"], "in_flight_at_kills")
+                } else {
+                    num(&row["details"]["provider"], "answers_cut")
+                };
+                assert!(
+                    flagged <= bound,
+                    "{name}: {flagged} flagged > {bound}: {row:#}"
+                );
+                assert!(
+                    row["details"]["flagged_reasons"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .all(|r| r == "refresh_interrupted"),
+                    "{name}: a flag names another reason: {row:#}"
+                );
+            }
+            "end_of_life" => {
+                assert_eq!(num(row, "reuse_revocations"), 0, "{name}: {row:#}");
+                assert!(
+                    row["details"]["late"].as_array().unwrap().is_empty(),
+                    "end_of_life: accounts not flagged before their refresh token ended: {row:#}"
+                );
+            }
+            _ => {
+                assert_eq!(num(row, "reuse_revocations"), 0, "{name}: {row:#}");
+                assert_eq!(num(row, "flagged"), 0, "{name}: {row:#}");
+            }
+        }
+        assert_eq!(row["ok"], true, "{name} missed a condition: {row:#}");
+    }
+    assert!(status.success(), "harness failed:\n{stdout}\n{stderr}");
+}
