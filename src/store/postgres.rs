@@ -1175,17 +1175,8 @@ async fn upsert_on(
 ) -> Result<Vec<(i64, bool)>, StoreError> {
     let mut out = Vec::with_capacity(accounts.len());
     for a in accounts {
-        // FOR UPDATE locks nothing while the account does not exist yet: two connects of one
-        // new user (two tabs, two replicas) would both insert and one would fail on the
-        // UNIQUE constraint. This lock, held to the end of the transaction, serialises them.
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))",
-            &[&a.provider, &a.subject],
-        )
-        .await
-        .map_err(pg_err("lock the account for import"))?;
-        let existing = tx
-            .query_opt(
+        let lookup = async || {
+            tx.query_opt(
                 "SELECT id, lease_expires_at, last_refreshed_at FROM accounts
                  WHERE provider = $1 AND subject = $2 FOR UPDATE",
                 &[&a.provider, &a.subject],
@@ -1200,10 +1191,9 @@ async fn upsert_on(
                     r.try_get(2).map_err(&g)?,
                 ))
             })
-            .transpose()?;
-        if let Some((id, lease_expires_at, last_refreshed_at)) = existing {
-            super::check_upsert(id, a, lease_expires_at, last_refreshed_at, now)?;
-        }
+            .transpose()
+        };
+        let mut existing = lookup().await?;
         let refresh_clear = a
             .tokens
             .refresh_token
@@ -1222,8 +1212,82 @@ async fn upsert_on(
         let scope = a.tokens.scope.clone().unwrap_or_default();
         let reason = a.reauth_reason.map(|r| r.as_str());
         let flagged_at = a.reauth_reason.map(|_| now);
-        let id = match existing {
-            Some((id, _, _)) => {
+        // FOR UPDATE locks nothing while the account does not exist yet: two connects of one
+        // new user (two tabs, two replicas) would both insert, and one fail on the UNIQUE
+        // constraint. The insert skips a conflict instead (waiting for the other transaction),
+        // and the account it finds then is updated like any existing one.
+        let id = loop {
+            let Some((id, lease_expires_at, last_refreshed_at)) = existing else {
+                // The id is part of a sealed value's associated data and known only after
+                // the insert: with a key, the tokens are written by a second statement.
+                let (access, refresh) = if keys.seals() {
+                    (String::new(), String::new())
+                } else {
+                    (
+                        a.tokens.access_token.expose_secret().to_string(),
+                        refresh_clear.clone(),
+                    )
+                };
+                let inserted = tx
+                    .query_opt(
+                        "INSERT INTO accounts (provider, subject, label, access_token, refresh_token,
+                            scope, token_type, access_expires_at, refresh_expires_at, next_refresh_at,
+                            status, reauth_reason, reauth_flagged_at, created_at, updated_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14)
+                         ON CONFLICT (provider, subject) DO NOTHING
+                         RETURNING id",
+                        &[
+                            &a.provider,
+                            &a.subject,
+                            &a.label,
+                            &access,
+                            &refresh,
+                            &scope,
+                            &a.tokens.token_type,
+                            &access_expires_at,
+                            &refresh_expires_at,
+                            &a.next_refresh_at,
+                            &a.status.as_str(),
+                            &reason,
+                            &flagged_at,
+                            &now,
+                        ],
+                    )
+                    .await
+                    .map_err(pg_err("insert imported account"))?;
+                let Some(row) = inserted else {
+                    // Created meanwhile by another transaction: update that one.
+                    existing = lookup().await?;
+                    if existing.is_none() {
+                        return Err(StoreError::Invalid(format!(
+                            "account {}/{} was created and removed by others while being imported; nothing imported, try again",
+                            a.provider, a.subject
+                        )));
+                    }
+                    continue;
+                };
+                let id: i64 = row.try_get(0).map_err(pg_err("insert imported account"))?;
+                if keys.seals() {
+                    tx.execute(
+                        "UPDATE accounts SET access_token = $2, refresh_token = $3 WHERE id = $1",
+                        &[
+                            &id,
+                            &keys.seal(
+                                id,
+                                Column::AccessToken,
+                                a.tokens.access_token.expose_secret(),
+                            ),
+                            &seal_refresh(id),
+                        ],
+                    )
+                    .await
+                    .map_err(pg_err("store imported tokens"))?;
+                }
+                out.push((id, true));
+                break id;
+            };
+            super::check_upsert(id, a, lease_expires_at, last_refreshed_at, now)?;
+            {
                 tx.execute(
                     "UPDATE accounts SET label = COALESCE($2, label), access_token = $3,
                         refresh_token = CASE WHEN $4 = '' THEN refresh_token ELSE $4 END,
@@ -1253,65 +1317,7 @@ async fn upsert_on(
                 .await
                 .map_err(pg_err("update imported account"))?;
                 out.push((id, false));
-                id
-            }
-            None => {
-                // The id is part of a sealed value's associated data and known only after
-                // the insert: with a key, the tokens are written by a second statement.
-                let (access, refresh) = if keys.seals() {
-                    (String::new(), String::new())
-                } else {
-                    (
-                        a.tokens.access_token.expose_secret().to_string(),
-                        refresh_clear.clone(),
-                    )
-                };
-                let id: i64 = tx
-                    .query_one(
-                        "INSERT INTO accounts (provider, subject, label, access_token, refresh_token,
-                            scope, token_type, access_expires_at, refresh_expires_at, next_refresh_at,
-                            status, reauth_reason, reauth_flagged_at, created_at, updated_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14)
-                         RETURNING id",
-                        &[
-                            &a.provider,
-                            &a.subject,
-                            &a.label,
-                            &access,
-                            &refresh,
-                            &scope,
-                            &a.tokens.token_type,
-                            &access_expires_at,
-                            &refresh_expires_at,
-                            &a.next_refresh_at,
-                            &a.status.as_str(),
-                            &reason,
-                            &flagged_at,
-                            &now,
-                        ],
-                    )
-                    .await
-                    .map_err(pg_err("insert imported account"))?
-                    .try_get(0)
-                    .map_err(pg_err("insert imported account"))?;
-                if keys.seals() {
-                    tx.execute(
-                        "UPDATE accounts SET access_token = $2, refresh_token = $3 WHERE id = $1",
-                        &[
-                            &id,
-                            &keys.seal(
-                                id,
-                                Column::AccessToken,
-                                a.tokens.access_token.expose_secret(),
-                            ),
-                            &seal_refresh(id),
-                        ],
-                    )
-                    .await
-                    .map_err(pg_err("store imported tokens"))?;
-                }
-                out.push((id, true));
-                id
+                break id;
             }
         };
         append_log(tx, id, now, "imported", None, None, None).await?;

@@ -979,3 +979,24 @@ async fn a_rotation_the_database_refuses_for_good_is_quarantined_not_a_poison() 
     assert_eq!(reopened.get(ids[1]).await.unwrap().unwrap().subject, "p2");
     reopened.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_import_is_one_transaction_without_running_out_of_locks() {
+    let Some(url) = postgres_url("large_import").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(pg_store_options(&url, dir.path()))
+        .await
+        .unwrap();
+    let t = now();
+    // More accounts than the server's lock table holds per transaction by default
+    // (max_locks_per_transaction 64 x max_connections 100): no per-account lock may be kept.
+    let accounts: Vec<NewAccount> = (0..10_000)
+        .map(|i| new_account(&format!("bulk-{i:05}"), t))
+        .collect();
+    let ids = store.upsert(accounts, t).await.unwrap();
+    assert_eq!(ids.len(), 10_000);
+    assert!(ids.iter().all(|(_, inserted)| *inserted));
+    store.close().await;
+}
