@@ -1174,7 +1174,28 @@ async fn upsert_on(
     now: i64,
 ) -> Result<Vec<(i64, bool)>, StoreError> {
     let mut out = Vec::with_capacity(accounts.len());
-    for a in accounts {
+    // Accounts of a chunk in flight at once: tokio-postgres pipelines their statements on
+    // the one connection (sent, and executed, in order), instead of a round trip each.
+    for chunk in accounts.chunks(UPSERT_PIPELINE) {
+        out.extend(
+            futures::future::try_join_all(chunk.iter().map(|a| upsert_one(tx, keys, a, now)))
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+/// Accounts imported together whose statements are pipelined.
+const UPSERT_PIPELINE: usize = 256;
+
+/// Inserts or updates one account; returns (id, inserted).
+async fn upsert_one(
+    tx: &Transaction<'_>,
+    keys: &Keyring,
+    a: &NewAccount,
+    now: i64,
+) -> Result<(i64, bool), StoreError> {
+    {
         let lookup = async || {
             tx.query_opt(
                 "SELECT id, lease_expires_at, last_refreshed_at FROM accounts
@@ -1216,7 +1237,7 @@ async fn upsert_on(
         // new user (two tabs, two replicas) would both insert, and one fail on the UNIQUE
         // constraint. The insert skips a conflict instead (waiting for the other transaction),
         // and the account it finds then is updated like any existing one.
-        let id = loop {
+        let done = loop {
             let Some((id, lease_expires_at, last_refreshed_at)) = existing else {
                 // The id is part of a sealed value's associated data and known only after
                 // the insert: with a key, the tokens are written by a second statement.
@@ -1283,8 +1304,7 @@ async fn upsert_on(
                     .await
                     .map_err(pg_err("store imported tokens"))?;
                 }
-                out.push((id, true));
-                break id;
+                break (id, true);
             };
             super::check_upsert(id, a, lease_expires_at, last_refreshed_at, now)?;
             {
@@ -1316,13 +1336,12 @@ async fn upsert_on(
                 )
                 .await
                 .map_err(pg_err("update imported account"))?;
-                out.push((id, false));
-                break id;
+                break (id, false);
             }
         };
-        append_log(tx, id, now, "imported", None, None, None).await?;
+        append_log(tx, done.0, now, "imported", None, None, None).await?;
+        Ok(done)
     }
-    Ok(out)
 }
 
 /// Writes one refresh outcome inside the group-commit transaction; see `sqlite::record`.
