@@ -219,6 +219,7 @@ pub async fn run(
             engine: engine.clone(),
             settings: settings_rx.clone(),
             engine_running: engine_running.clone(),
+            started_at: opts.clock.now(),
         },
         cfg,
         shutdown.clone(),

@@ -47,6 +47,9 @@ pub struct AppState {
     pub settings: watch::Receiver<Arc<Settings>>,
     /// False once the engine loop has ended (or the daemon is draining).
     pub engine_running: Arc<AtomicBool>,
+    /// When the engine loop was started (unix seconds): before its first pass completes (a
+    /// slow first claim on a busy machine or a remote database) it is starting, not stalled.
+    pub started_at: i64,
 }
 
 impl AppState {
@@ -54,10 +57,10 @@ impl AppState {
         self.settings.borrow().config.clone()
     }
 
-    /// Seconds since the engine loop last completed a look at the store.
+    /// Seconds since the engine loop last completed a look at the store (or started).
     fn heartbeat_age(&self) -> i64 {
         let beat = self.engine.stats().heartbeat.load(Ordering::Relaxed);
-        self.clock.now() - beat
+        self.clock.now() - beat.max(self.started_at)
     }
 }
 
