@@ -112,7 +112,8 @@ async fn serve_one(mut s: TcpStream, answer: Answer) {
             let head =
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{";
             let _ = s.write_all(head.as_bytes()).await;
-            tokio::time::sleep(Duration::from_secs(30)).await;
+            // Never another byte: the client's read timeout must end it.
+            std::future::pending::<()>().await;
         }
         Answer::ResetMidBody => {
             let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"access_t";

@@ -46,6 +46,19 @@ async fn raw(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// Tokens that live an hour, with no refresh-token lifetime, scope or subject.
+fn tokens(access: impl Into<String>, refresh: impl Into<String>) -> TokenSet {
+    TokenSet {
+        access_token: SecretString::from(access.into()),
+        refresh_token: Some(SecretString::from(refresh.into())),
+        expires_in: 3600,
+        refresh_expires_in: None,
+        subject: None,
+        scope: None,
+        token_type: "Bearer".into(),
+    }
+}
+
 fn pg_store_options(url: &str, dir: &Path) -> StoreOptions {
     StoreOptions {
         path: dir.join("refreshd.db"),
@@ -399,15 +412,7 @@ async fn a_lost_connection_is_transient_and_no_outcome_is_half_written() {
         let outcome = Outcome::Rotated {
             account_id: a.id,
             generation: a.generation,
-            tokens: TokenSet {
-                access_token: SecretString::from(format!("at-new-{}", a.id)),
-                refresh_token: Some(SecretString::from(format!("rt-new-{}", a.id))),
-                expires_in: 3600,
-                refresh_expires_in: None,
-                subject: None,
-                scope: None,
-                token_type: "Bearer".into(),
-            },
+            tokens: tokens(format!("at-new-{}", a.id), format!("rt-new-{}", a.id)),
             at: t + 1,
             next_refresh_at: t + 3000,
             status: Status::Active,
@@ -554,15 +559,7 @@ async fn store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes() {
             Outcome::Rotated {
                 account_id: a.id,
                 generation: a.generation,
-                tokens: TokenSet {
-                    access_token: SecretString::from(format!("at-2-{}", a.id)),
-                    refresh_token: Some(SecretString::from(format!("rt-2-{}", a.id))),
-                    expires_in: 3600,
-                    refresh_expires_in: None,
-                    subject: None,
-                    scope: None,
-                    token_type: "Bearer".into(),
-                },
+                tokens: tokens(format!("at-2-{}", a.id), format!("rt-2-{}", a.id)),
                 at: t,
                 next_refresh_at: t + 3000,
                 status: Status::Active,
@@ -799,15 +796,10 @@ async fn import_one(store: &Store, sandbox: &Sandbox, open_id: &str) -> i64 {
                 provider: "tiktok".into(),
                 subject: open_id.into(),
                 label: None,
-                tokens: TokenSet {
-                    access_token: SecretString::from(g["access_token"].as_str().unwrap()),
-                    refresh_token: Some(SecretString::from(g["refresh_token"].as_str().unwrap())),
-                    expires_in: 3600,
-                    refresh_expires_in: None,
-                    subject: None,
-                    scope: None,
-                    token_type: "Bearer".into(),
-                },
+                tokens: tokens(
+                    g["access_token"].as_str().unwrap(),
+                    g["refresh_token"].as_str().unwrap(),
+                ),
                 obtained_at: t,
                 next_refresh_at: t + 3000,
                 status: Status::Active,
@@ -866,15 +858,7 @@ fn new_account(subject: &str, t: i64) -> NewAccount {
         provider: "tiktok".into(),
         subject: subject.into(),
         label: None,
-        tokens: TokenSet {
-            access_token: SecretString::from(format!("at-{subject}")),
-            refresh_token: Some(SecretString::from(format!("rt-{subject}"))),
-            expires_in: 3600,
-            refresh_expires_in: None,
-            subject: None,
-            scope: None,
-            token_type: "Bearer".into(),
-        },
+        tokens: tokens(format!("at-{subject}"), format!("rt-{subject}")),
         obtained_at: t,
         next_refresh_at: t,
         status: Status::Active,
@@ -936,13 +920,8 @@ async fn a_rotation_the_database_refuses_for_good_is_quarantined_not_a_poison() 
         account_id: a.id,
         generation: a.generation,
         tokens: TokenSet {
-            access_token: SecretString::from("at-new"),
-            refresh_token: Some(SecretString::from("rt-new")),
-            expires_in: 3600,
-            refresh_expires_in: None,
-            subject: None,
             scope: Some("user\u{0}info".into()),
-            token_type: "Bearer".into(),
+            ..tokens("at-new", "rt-new")
         },
         at: t + 1,
         next_refresh_at: t + 3000,
