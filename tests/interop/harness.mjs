@@ -133,6 +133,8 @@ class OidcProvider {
 
   outage(on) { return this.control(`outage?on=${on ? 1 : 0}`, 'POST'); }
 
+  cutRate(rate) { return this.control(`cut?rate=${rate}`, 'POST'); }
+
   async stop() {
     const exited = new Promise((r) => this.proc.on('exit', r));
     this.proc.kill('SIGTERM');
@@ -675,6 +677,14 @@ async function cut() {
   const seconds = LONG ? 180 : 40;
   const sc = await setUp('cut', { accessTtl: 10, cutRate: 0.02, logins: logins('cut', n) });
   await sleep(seconds * 1000);
+  // No more cuts; an answer cut just before keeps its lease until the retry (backoff, up to
+  // backoff_max), which flags it: wait for those retries, so that none is stopped midway.
+  await sc.provider.cutRate(0);
+  for (let i = 0; i < 60; i++) {
+    const pending = accounts(sc).filter((a) => a.status === 'active' && a.lease_owner && a.last_error);
+    if (pending.length === 0) break;
+    await sleep(500);
+  }
   await sc.main.stop();
   const rows = accounts(sc);
   const stats = await sc.provider.stats();

@@ -46,7 +46,7 @@ const REFRESH_TTL = Number(args['refresh-ttl']);
 const SHORT_REFRESH_TTL = Number(args['short-refresh-ttl']);
 const STATE_FILE = path.resolve(args.state);
 const REFRESH_DELAY_MS = Number(args['refresh-delay-ms']);
-const CUT_RATE = Number(args['cut-rate']);
+let CUT_RATE = Number(args['cut-rate']);
 
 // ---------------------------------------------------------------------------------------
 // File-backed adapter: one in-memory map, written whole to STATE_FILE (temp + rename) on a
@@ -333,6 +333,9 @@ async function control(ctx) {
   } else if (ctx.path === '/control/outage' && ctx.method === 'POST') {
     outage = q.on === '1' || q.on === 'true';
     ctx.body = { outage };
+  } else if (ctx.path === '/control/cut' && ctx.method === 'POST') {
+    CUT_RATE = Number(q.rate ?? 0);
+    ctx.body = { cut_rate: CUT_RATE };
   } else if (ctx.path === '/control/refresh-times') {
     const since = Number(q.since ?? 0);
     ctx.body = refreshTimes.filter((t) => t >= since);

@@ -21,6 +21,7 @@ async fn every_scenario_runs_at_ten_thousand_accounts_on_postgres() {
 }
 
 fn smoke(postgres: Option<&str>) {
+    let _heavy = crate::helpers::heavy();
     let dir = tempfile::tempdir().expect("temp dir");
     let json = dir.path().join("bench.json");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_refreshd-bench"));

@@ -164,6 +164,14 @@ impl TestApp {
     }
 }
 
+/// Tests that keep both cores busy for many seconds (the interop harness, the bench smokes)
+/// take turns: together they starved the timing-sensitive tests beside
+/// them (a store open past its busy timeout, a harness retry past its window).
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Polls `f` every 20 ms for up to `secs` seconds of real time.
 pub async fn eventually<F, Fut>(secs: u64, mut f: F) -> bool
 where

@@ -81,6 +81,7 @@ fn num(row: &Value, key: &str) -> i64 {
 
 #[test]
 fn interop_with_oidc_provider_short_form() {
+    let _heavy = crate::helpers::heavy();
     if !have_tools() {
         return;
     }
