@@ -4,7 +4,7 @@ use secrecy::SecretString;
 use std::fmt;
 use std::str::FromStr;
 
-/// Where an account stands. See DESIGN.md "Statuses".
+/// Where an account stands. See docs/src/operating.md "Account statuses".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {

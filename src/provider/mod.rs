@@ -1,7 +1,7 @@
 //! Providers: one per `[providers.NAME]` table. A provider builds the refresh request of its
 //! profile (`profile.rs`: built-in or generic, overridable per key), sends it under its own
 //! rate limit and claim slots with a timeout and a response-size cap, and classifies the
-//! answer into tokens or a failure class (`response.rs`; see DESIGN.md "Outcomes").
+//! answer into tokens or a failure class (`response.rs`; see docs/src/failures.md).
 
 pub mod profile;
 pub mod response;

@@ -1,5 +1,5 @@
 //! Provider profiles: everything that differs between platforms' token endpoints, as data.
-//! A built-in profile (PROVIDERS.md) or `kind = "generic"` is the base; every key of
+//! A built-in profile (docs/src/providers/) or `kind = "generic"` is the base; every key of
 //! `[providers.NAME]` overrides one field. Pure: no I/O.
 
 use crate::config::ProviderConfig;
@@ -220,7 +220,7 @@ impl Profile {
         }
     }
 
-    /// A built-in profile, as documented in PROVIDERS.md; None for an unknown kind.
+    /// A built-in profile, as docs/src/providers/ describes it; None for an unknown kind.
     pub fn built_in(kind: &str) -> Option<Profile> {
         let g = Profile::generic();
         let meta_errors = ErrorRules {

@@ -1,6 +1,6 @@
 //! Built-in provider profiles against wiremock on loopback: the exact request each one sends
 //! (method, path, client auth, parameters) and how each documented answer is classified
-//! (PROVIDERS.md fixtures); then the engine with several providers at once: independent
+//! (fixtures shaped as docs/src/providers/ describes); then the engine with several providers at once: independent
 //! rate limits and failure counters, one provider's outage never delaying another, and
 //! re-authorization by each profile's refresh-token TTL rule.
 
