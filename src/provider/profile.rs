@@ -40,12 +40,15 @@ pub enum ParamsIn {
 
 /// How the client authenticates on token requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum ClientAuth {
     /// client id and secret as parameters (form body, or query for GET).
     Body,
-    /// HTTP Basic with client id and secret.
+    /// HTTP Basic with client id and secret, each form-urlencoded first (RFC 6749 §2.3.1).
     Basic,
+    /// HTTP Basic with client id and secret as they are, for the few servers that do not
+    /// decode them (differs from `Basic` only when they hold characters like `+/=%`).
+    BasicRaw,
     /// client id and secret in the URL query (Facebook).
     Query,
     /// No client credentials on refresh (Instagram, Threads).
@@ -623,7 +626,7 @@ impl Profile {
     ) -> TokenRequest {
         let mut req = TokenRequest::new(Method::Post, &self.token_url, ParamsIn::Form);
         let auth = match self.client_auth {
-            ClientAuth::Basic => ClientAuth::Basic,
+            a @ (ClientAuth::Basic | ClientAuth::BasicRaw) => a,
             _ => ClientAuth::Body,
         };
         self.client_auth(&mut req, auth, client_id, client_secret);
@@ -665,8 +668,15 @@ impl Profile {
                     .push((self.client_id_param.clone(), client_id.to_string()));
                 req.query.push((self.client_secret_param.clone(), secret()));
             }
-            ClientAuth::Basic => {
-                req.basic = Some((client_id.to_string(), SecretString::from(secret())));
+            ClientAuth::Basic | ClientAuth::BasicRaw => {
+                req.basic = Some(if auth == ClientAuth::Basic {
+                    (
+                        form_encode(client_id),
+                        SecretString::from(form_encode(&secret())),
+                    )
+                } else {
+                    (client_id.to_string(), SecretString::from(secret()))
+                });
                 if self.send_client_id {
                     req.params
                         .push((self.client_id_param.clone(), client_id.to_string()));
@@ -725,6 +735,12 @@ impl Profile {
     }
 }
 
+/// `application/x-www-form-urlencoded` of one value, as RFC 6749 §2.3.1 asks for the
+/// client id and secret before they go into HTTP Basic.
+fn form_encode(v: &str) -> String {
+    url::form_urlencoded::byte_serialize(v.as_bytes()).collect()
+}
+
 /// A token request ready to send. Holds secrets: its `Debug` shows parameter names only.
 pub struct TokenRequest {
     pub method: Method,
@@ -734,6 +750,8 @@ pub struct TokenRequest {
     pub params: Vec<(String, String)>,
     /// Always in the URL query (client_auth = "query").
     pub query: Vec<(String, String)>,
+    /// HTTP Basic user and password, exactly as they go into the header (already
+    /// form-urlencoded for `client_auth = "basic"`).
     pub basic: Option<(String, SecretString)>,
     pub headers: Vec<(String, String)>,
 }

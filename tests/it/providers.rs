@@ -565,6 +565,60 @@ refresh_ttl = "sliding"
     server.verify().await;
 }
 
+/// RFC 6749 §2.3.1: the client id and secret are form-urlencoded before HTTP Basic; a secret
+/// shaped like base64 (`+/=`) or holding `%` must reach the server intact. `basic_raw`
+/// sends them as they are, for servers that do not decode.
+#[tokio::test]
+async fn basic_credentials_are_form_encoded_unless_raw() {
+    init_logs();
+    let id = "my client+1";
+    let secret = "Ab3+x/Yz9=Q%zz~";
+    let basic = |user: &str, pass: &str| {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        )
+    };
+    for (auth, want) in [
+        ("basic", basic("my+client%2B1", "Ab3%2Bx%2FYz9%3DQ%25zz%7E")),
+        ("basic_raw", basic(id, secret)),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .and(header("authorization", want.as_str()))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "access_token": "A-NEW", "expires_in": 3600, "refresh_token": "R-NEW"
+            })))
+            .expect(2)
+            .mount(&server)
+            .await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(
+            &dir.path().join("x.db"),
+            "",
+            &format!(
+                "[providers.own]\nkind = \"generic\"\nclient_id = \"{id}\"\nclient_secret = \"{secret}\"\ntoken_url = \"{}/token\"\nclient_auth = \"{auth}\"\n",
+                server.uri()
+            ),
+        );
+        let http = refreshd::provider::http_client(&config).unwrap();
+        let provider = Provider::new("own", &config.providers["own"], &config, http).unwrap();
+        let refreshed = provider.refresh(&SecretString::from(RT), T0).await;
+        assert!(refreshed.is_ok(), "{auth}: {:?}", refreshed.err());
+        let exchanged = provider
+            .exchange_code(&SecretString::from("C"), "http://127.0.0.1/cb", None, T0)
+            .await;
+        // The same mock answers the code exchange, which must carry the same header; it
+        // names no user, so only a Config failure about the subject is acceptable.
+        if let Err(f) = exchanged {
+            assert!(f.message.contains("does not name the user"), "{auth}: {f}");
+        }
+        server.verify().await;
+    }
+}
+
 #[test]
 fn generic_profile_errors_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
