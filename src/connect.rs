@@ -231,6 +231,11 @@ pub fn new_account(
             what: "code exchange answer",
             message: "`open_id` is missing: cannot tell which account was connected".into(),
         })?;
+    // Stored exactly as given; an unusable one is refused, never altered.
+    crate::subject::check(&subject).map_err(|why| ConnectError::Invalid {
+        what: "code exchange answer",
+        message: format!("the user id the provider gave cannot be stored: {why}"),
+    })?;
     let refreshes_itself =
         config.credential_of(provider) == Some(crate::provider::profile::Credential::AccessToken);
     if tokens.refresh_token.is_none() && !refreshes_itself {

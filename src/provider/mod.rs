@@ -316,7 +316,6 @@ impl Provider {
                 serde_json::Value::Number(n) => Some(n.to_string()),
                 _ => None,
             })
-            .map(|s| response::sanitize(&s, 200))
             .filter(|s| !s.is_empty());
         match found {
             Some(s) => Ok(Some(s)),

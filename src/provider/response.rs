@@ -289,12 +289,17 @@ fn id_token_subject(jwt: &str) -> Option<String> {
         .decode(payload.trim_end_matches('='))
         .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    let sub = claims.get("sub")?.as_str()?;
-    Some(sanitize(sub, 200)).filter(|s| !s.is_empty())
+    // Kept exactly: `auth0|123` and `alice@example.org` are ids, not text to clean.
+    claims
+        .get("sub")?
+        .as_str()
+        .map(str::to_string)
+        .filter(|s| !s.is_empty())
 }
 
-/// Provider-chosen identifiers end up in logs and the store: keep them short and plain.
-pub(crate) fn sanitize(s: &str, max: usize) -> String {
+/// Provider-chosen error codes and trace ids end up in logs: keep them short and plain.
+/// Never applied to subjects (see `crate::subject`).
+fn sanitize(s: &str, max: usize) -> String {
     s.chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
         .take(max)

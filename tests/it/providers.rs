@@ -1109,16 +1109,17 @@ async fn connect_identifies_the_user_per_profile() {
             "google",
             json!({"access_token": "g-at", "expires_in": 3599, "refresh_token": "g-rt",
                    "scope": "openid email", "token_type": "Bearer",
-                   "id_token": jwt(&json!({"sub": "1098765", "email": "a@example.com"}))}),
+                   "id_token": jwt(&json!({"sub": "google-oauth2|a@example.com", "email": "a@example.com"}))}),
             None,
-            "1098765",
+            // Subjects are stored exactly: `|` and `@` included.
+            "google-oauth2|a@example.com",
         ),
         (
             "linkedin",
             json!({"access_token": "l-at", "expires_in": 5183999, "refresh_token": "l-rt",
                    "refresh_token_expires_in": 31536000, "scope": "r_basicprofile"}),
-            Some(json!({"sub": "li-782bbtaQ", "name": "A"})),
-            "li-782bbtaQ",
+            Some(json!({"sub": "li|782 bbtaQ@x", "name": "A"})),
+            "li|782 bbtaQ@x",
         ),
         (
             "x",
