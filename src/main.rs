@@ -901,10 +901,11 @@ async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
 /// Who was connected; never a token.
 fn print_connected(c: &connect::Connected, requested: &[String]) {
     println!(
-        "connected {} account {} ({}): open_id {}",
+        "connected {} account {} ({}): {} {}",
         c.provider,
         c.account_id,
         if c.created { "new" } else { "updated" },
+        c.subject_name,
         c.open_id
     );
     println!(

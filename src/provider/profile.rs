@@ -556,6 +556,15 @@ impl Profile {
         if errs.is_empty() { Ok(prof) } else { Err(errs) }
     }
 
+    /// The profile's own word for the user id, for messages and CLI output: the token
+    /// answer's `subject_field` (TikTok `open_id`), else the userinfo / id_token field
+    /// (`sub` for OpenID Connect).
+    pub fn subject_name(&self) -> &str {
+        self.subject_field
+            .as_deref()
+            .unwrap_or(&self.userinfo_subject_field)
+    }
+
     /// Where refresh requests go.
     pub fn refresh_endpoint(&self) -> &str {
         self.refresh_url.as_deref().unwrap_or(&self.token_url)
