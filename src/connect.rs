@@ -59,6 +59,10 @@ pub enum ConnectError {
         error: String,
         description: Option<String>,
     },
+    #[error(
+        "provider {provider} issued no refresh token, so refreshd cannot keep this account alive: an OpenID Connect server issues one only for the `offline_access` scope with prompt=consent (refreshd adds prompt=consent when offline_access is asked for and no prompt is configured); other providers have their own switch, e.g. Google's access_type=offline. See docs/src/providers/oidc.md"
+    )]
+    NoRefreshToken { provider: String },
     #[error("the callback carries no `code`: nothing to exchange")]
     NoCode,
     #[error("the code exchange with provider {provider} failed: {failure}; {hint}")]
@@ -192,6 +196,13 @@ pub fn authorize_url(
         for (k, v) in &profile.authorize_params {
             q.append_pair(k, v);
         }
+        // OpenID Connect Core 11: offline_access needs prompt=consent, or the server may
+        // issue no refresh token; a configured prompt is left alone.
+        if scopes.iter().any(|s| s == "offline_access")
+            && !profile.authorize_params.iter().any(|(k, _)| k == "prompt")
+        {
+            q.append_pair("prompt", "consent");
+        }
         if let Some(c) = pkce_challenge {
             q.append_pair("code_challenge", c)
                 .append_pair("code_challenge_method", "S256");
@@ -250,9 +261,8 @@ pub fn new_account(
     let refreshes_itself =
         config.credential_of(provider) == Some(crate::provider::profile::Credential::AccessToken);
     if tokens.refresh_token.is_none() && !refreshes_itself {
-        return Err(ConnectError::Invalid {
-            what: "code exchange answer",
-            message: "no `refresh_token`: refreshd cannot keep this account alive".into(),
+        return Err(ConnectError::NoRefreshToken {
+            provider: provider.to_string(),
         });
     }
     let access_expires_at = now + tokens.expires_in;
@@ -735,6 +745,54 @@ mod tests {
             a.url
                 .as_str()
                 .starts_with("https://x.com/i/oauth2/authorize?")
+        );
+    }
+
+    #[test]
+    fn offline_access_asks_for_consent_unless_a_prompt_is_configured() {
+        let toml = |extra: &str| {
+            Config::from_toml_str(&format!(
+                "[providers.own]\nkind = \"generic\"\nclient_id = \"id\"\nclient_secret = \"s\"\ntoken_url = \"https://auth.example/token\"\nauthorize_url = \"https://auth.example/auth\"\nredirect_uri = \"http://127.0.0.1:8788/callback\"\n{extra}"
+            ))
+            .unwrap()
+        };
+        let prompts = |c: &Config, scopes: &[&str]| {
+            let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+            authorize_url("own", &c.providers["own"], &scopes, "st", None)
+                .unwrap()
+                .query_pairs()
+                .filter(|(k, _)| k == "prompt")
+                .map(|(_, v)| v.into_owned())
+                .collect::<Vec<_>>()
+        };
+        let c = toml("");
+        assert_eq!(prompts(&c, &["openid", "offline_access"]), ["consent"]);
+        assert!(prompts(&c, &["openid"]).is_empty());
+        let c = toml("authorize_params = { prompt = \"login consent\" }\n");
+        assert_eq!(
+            prompts(&c, &["openid", "offline_access"]),
+            ["login consent"]
+        );
+    }
+
+    #[test]
+    fn no_refresh_token_at_connect_says_what_to_ask_for() {
+        let c = provider("");
+        let tokens = TokenSet {
+            access_token: SecretString::from("a"),
+            refresh_token: None,
+            expires_in: 60,
+            refresh_expires_in: None,
+            subject: Some("u1".into()),
+            scope: None,
+            token_type: "Bearer".into(),
+        };
+        let e = new_account("tiktok", tokens, None, 1000, &c).unwrap_err();
+        assert!(matches!(e, ConnectError::NoRefreshToken { .. }), "{e}");
+        let e = e.to_string();
+        assert!(
+            e.contains("offline_access") && e.contains("prompt=consent"),
+            "{e}"
         );
     }
 

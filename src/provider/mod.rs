@@ -206,7 +206,20 @@ impl Provider {
         let req =
             self.profile
                 .refresh_request(&self.client_key, self.client_secret.as_ref(), credential);
-        self.send(req, now).await
+        let answer = self.send(req, now).await?;
+        // Only a refresh has a stored token to keep; a code exchange without one fails in
+        // connect with its own message.
+        if self.profile.rotation == profile::Rotation::Always
+            && self.profile.credential == Credential::RefreshToken
+            && answer.0.refresh_token.is_none()
+        {
+            tracing::warn!(
+                event = "rotation_missing",
+                provider = %self.name,
+                "the provider rotates refresh tokens but returned none; keeping the stored one"
+            );
+        }
+        Ok(answer)
     }
 
     /// Exchanges an authorization code for tokens (grant_type=authorization_code). The

@@ -253,15 +253,6 @@ pub fn parse(
             token_type.chars().take(40).collect::<String>()
         ))?;
     }
-    if profile.rotation == super::profile::Rotation::Always
-        && profile.credential == Credential::RefreshToken
-        && refresh_token.is_none()
-    {
-        tracing::warn!(
-            event = "rotation_missing",
-            "the provider rotates refresh tokens but returned none; keeping the stored one"
-        );
-    }
     let subject = profile
         .subject_field
         .as_ref()
@@ -407,6 +398,36 @@ mod tests {
         .unwrap();
         assert_eq!(t.refresh_expires_in, Some(5_184_000));
         assert_eq!(t.refresh_token.unwrap().expose_secret(), "pinr_R");
+    }
+
+    /// A code exchange without a refresh token has nothing stored to keep: the answer is
+    /// parsed without the refresh-only `rotation_missing` warning (connect says what is wrong).
+    #[test]
+    fn parsing_never_warns_about_a_missing_rotation() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .finish();
+        let t = tracing::subscriber::with_default(sub, || {
+            parse_as("x", 200, r#"{"access_token":"a","expires_in":60}"#)
+        })
+        .unwrap();
+        assert!(t.refresh_token.is_none());
+        let logged = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(!logged.contains("rotation_missing"), "{logged}");
     }
 
     #[test]
