@@ -275,6 +275,16 @@ pub fn new_account(
     )
     .min(access_expires_at);
     let refresh_expires_at = tokens.refresh_expires_in.map(|s| now + s);
+    if let Some(life) = tokens.refresh_expires_in
+        && life <= config.reauth.window.as_secs() as i64
+    {
+        tracing::warn!(
+            event = "reauth_window_swallows_lifetime",
+            provider,
+            refresh_lifetime_s = life,
+            "the refresh token lives no longer than reauth.window: the account is flagged expiring at once; set reauth.window to at most half the lifetime"
+        );
+    }
     let (status, reason) = policy::status_for(policy::refresh_token_state(
         now,
         refresh_expires_at,

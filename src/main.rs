@@ -619,6 +619,15 @@ async fn check(cli: &Cli) -> Result<u8> {
                     "provider {name}: ok, {state}, kind {}, token endpoint {url}",
                     pc.kind(name)
                 );
+                if let Some(prof) = p.get(name).map(|p| p.profile()) {
+                    for w in refreshd::provider::advice::lifetime_warnings(
+                        name,
+                        prof,
+                        config.reauth.window,
+                    ) {
+                        println!("warning: {w}");
+                    }
+                }
             }
         }
         Err(e) => {

@@ -3,6 +3,7 @@
 //! rate limit and claim slots with a timeout and a response-size cap, and classifies the
 //! answer into tokens or a failure class (`response.rs`; see DESIGN.md "Outcomes").
 
+pub mod advice;
 pub mod profile;
 pub mod response;
 pub mod tiktok;
@@ -435,15 +436,23 @@ impl Provider {
                 }
             }
         }
-        response::parse(
+        let mut tokens = response::parse(
             &self.profile,
             now,
             status,
             retry_after,
             content_type.as_deref(),
             &body,
-        )
-        .map(|t| (t, status))
+        )?;
+        // What the server does not announce, the config may: policy::refresh_expires_at then
+        // keeps a fixed end at the first grant's, or slides it with each refresh.
+        if tokens.refresh_expires_in.is_none() {
+            tokens.refresh_expires_in = self
+                .profile
+                .refresh_token_lifetime
+                .map(|d| d.as_secs().min(tiktok::MAX_LIFETIME as u64) as i64);
+        }
+        Ok((tokens, status))
     }
 }
 

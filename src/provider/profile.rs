@@ -150,6 +150,8 @@ pub struct Profile {
     pub min_token_age: Duration,
     pub rotation: Rotation,
     pub refresh_ttl: RefreshTtl,
+    /// Taken as the refresh token's lifetime when the answer gives none (configured only).
+    pub refresh_token_lifetime: Option<Duration>,
     pub errors: ErrorRules,
 }
 
@@ -214,6 +216,7 @@ impl Profile {
             min_token_age: Duration::ZERO,
             rotation: Rotation::Maybe,
             refresh_ttl: RefreshTtl::None,
+            refresh_token_lifetime: None,
             errors: ErrorRules {
                 reauth: list(&["invalid_grant"]),
                 reauth_messages: Vec::new(),
@@ -472,6 +475,9 @@ impl Profile {
         set!(min_token_age);
         set!(rotation);
         set!(refresh_ttl);
+        if let Some(d) = p.refresh_token_lifetime {
+            prof.refresh_token_lifetime = Some(d);
+        }
         let map = |m: &std::collections::BTreeMap<String, String>| {
             m.iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
@@ -516,6 +522,16 @@ impl Profile {
         ] {
             if v.trim().is_empty() {
                 bad(k, "must not be empty".into());
+            }
+        }
+        if let Some(d) = prof.refresh_token_lifetime {
+            if d.as_secs() == 0 {
+                bad("refresh_token_lifetime", "must be at least 1s".into());
+            } else if prof.refresh_ttl == RefreshTtl::None {
+                bad(
+                    "refresh_token_lifetime",
+                    "say how it counts: refresh_ttl = \"fixed\" (from the first grant) or \"sliding\" (from each refresh)".into(),
+                );
             }
         }
         if prof.scope_separator.is_empty() {

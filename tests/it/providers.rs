@@ -619,6 +619,42 @@ async fn basic_credentials_are_form_encoded_unless_raw() {
     }
 }
 
+/// Most OpenID Connect servers never announce the refresh token's end: a configured
+/// `refresh_token_lifetime` stands in for it, and it needs a `refresh_ttl` to count by.
+#[tokio::test]
+async fn configured_refresh_lifetime_fills_what_the_server_does_not_say() {
+    init_logs();
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "access_token": "A-NEW", "expires_in": 30, "refresh_token": "R-NEW"
+        })))
+        .mount(&server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = |extra: &str| {
+        format!(
+            "[providers.own]\nkind = \"generic\"\nclient_id = \"id\"\nclient_secret = \"s\"\ntoken_url = \"{}/token\"\n{extra}",
+            server.uri()
+        )
+    };
+    let config = config(
+        &dir.path().join("x.db"),
+        "",
+        &toml("refresh_ttl = \"fixed\"\nrefresh_token_lifetime = \"30d\"\n"),
+    );
+    let http = refreshd::provider::http_client(&config).unwrap();
+    let provider = Provider::new("own", &config.providers["own"], &config, http).unwrap();
+    let (t, _) = provider.refresh(&SecretString::from(RT), T0).await.unwrap();
+    assert_eq!(t.refresh_expires_in, Some(30 * DAY));
+    let e = Config::from_toml_str(&toml("refresh_token_lifetime = \"30d\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("providers.own.refresh_token_lifetime"), "{e}");
+    assert!(e.contains("refresh_ttl"), "{e}");
+}
+
 #[test]
 fn generic_profile_errors_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
