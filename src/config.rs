@@ -327,6 +327,11 @@ pub struct ProviderConfig {
     pub rotation: Option<Rotation>,
     #[serde(default)]
     pub refresh_ttl: Option<RefreshTtl>,
+    /// The refresh token's lifetime when the token answer does not say (most OpenID Connect
+    /// servers): counted from the first grant (`refresh_ttl = "fixed"`) or from each
+    /// refresh (`"sliding"`).
+    #[serde(default, with = "humantime_serde")]
+    pub refresh_token_lifetime: Option<Duration>,
     #[serde(default)]
     pub reauth_errors: Option<Vec<String>>,
     #[serde(default)]

@@ -6,6 +6,7 @@
 use crate::config::{Config, ProviderConfig};
 use crate::model::{Status, TokenSet};
 use crate::policy;
+use crate::provider::profile::{ClientAuth, Profile};
 use crate::provider::{FailureClass, Provider, ProviderFailure};
 use crate::store::{NewAccount, Store, StoreError};
 use base64::Engine;
@@ -58,6 +59,10 @@ pub enum ConnectError {
         error: String,
         description: Option<String>,
     },
+    #[error(
+        "provider {provider} issued no refresh token, so refreshd cannot keep this account alive: an OpenID Connect server issues one only for the `offline_access` scope with prompt=consent (refreshd adds prompt=consent when offline_access is asked for and no prompt is configured); other providers have their own switch, e.g. Google's access_type=offline. See docs/src/providers/oidc.md"
+    )]
+    NoRefreshToken { provider: String },
     #[error("the callback carries no `code`: nothing to exchange")]
     NoCode,
     #[error("the code exchange with provider {provider} failed: {failure}; {hint}")]
@@ -65,7 +70,7 @@ pub enum ConnectError {
         provider: String,
         #[source]
         failure: ProviderFailure,
-        hint: &'static str,
+        hint: String,
     },
     #[error(
         "account {id} is {have_provider}/{have_subject}, but the login was {provider}/{subject}: nothing was written. Log in as the account's user, or leave out --account to add a new account"
@@ -191,6 +196,13 @@ pub fn authorize_url(
         for (k, v) in &profile.authorize_params {
             q.append_pair(k, v);
         }
+        // OpenID Connect Core 11: offline_access needs prompt=consent, or the server may
+        // issue no refresh token; a configured prompt is left alone.
+        if scopes.iter().any(|s| s == "offline_access")
+            && !profile.authorize_params.iter().any(|(k, _)| k == "prompt")
+        {
+            q.append_pair("prompt", "consent");
+        }
         if let Some(c) = pkce_challenge {
             q.append_pair("code_challenge", c)
                 .append_pair("code_challenge_method", "S256");
@@ -206,7 +218,10 @@ pub struct Connected {
     /// True when a new account was created, false when an existing one was updated.
     pub created: bool,
     pub provider: String,
+    /// The subject, exactly as stored (the name predates other providers than TikTok).
     pub open_id: String,
+    /// The profile's word for it (`open_id`, `sub`, ...), for output.
+    pub subject_name: String,
     pub scope: String,
     pub access_expires_at: i64,
     pub refresh_expires_at: Option<i64>,
@@ -223,20 +238,31 @@ pub fn new_account(
     now: i64,
     config: &Config,
 ) -> Result<NewAccount, ConnectError> {
+    let profile = config.providers.get(provider).map(|p| p.profile(provider));
+    let subject_name = match &profile {
+        Some(Ok(prof)) => prof.subject_name().to_string(),
+        _ => "subject".to_string(),
+    };
     let subject = tokens
         .subject
         .clone()
         .filter(|s| !s.trim().is_empty())
-        .ok_or(ConnectError::Invalid {
+        .ok_or_else(|| ConnectError::Invalid {
             what: "code exchange answer",
-            message: "`open_id` is missing: cannot tell which account was connected".into(),
+            message: format!(
+                "`{subject_name}` is missing: cannot tell which account was connected"
+            ),
         })?;
+    // Stored exactly as given; an unusable one is refused, never altered.
+    crate::subject::check(&subject).map_err(|why| ConnectError::Invalid {
+        what: "code exchange answer",
+        message: format!("the user id the provider gave cannot be stored: {why}"),
+    })?;
     let refreshes_itself =
         config.credential_of(provider) == Some(crate::provider::profile::Credential::AccessToken);
     if tokens.refresh_token.is_none() && !refreshes_itself {
-        return Err(ConnectError::Invalid {
-            what: "code exchange answer",
-            message: "no `refresh_token`: refreshd cannot keep this account alive".into(),
+        return Err(ConnectError::NoRefreshToken {
+            provider: provider.to_string(),
         });
     }
     let access_expires_at = now + tokens.expires_in;
@@ -249,6 +275,16 @@ pub fn new_account(
     )
     .min(access_expires_at);
     let refresh_expires_at = tokens.refresh_expires_in.map(|s| now + s);
+    if let Some(life) = tokens.refresh_expires_in
+        && life <= config.reauth.window.as_secs() as i64
+    {
+        tracing::warn!(
+            event = "reauth_window_swallows_lifetime",
+            provider,
+            refresh_lifetime_s = life,
+            "the refresh token lives no longer than reauth.window: the account is flagged expiring at once; set reauth.window to at most half the lifetime"
+        );
+    }
     let (status, reason) = policy::status_for(policy::refresh_token_state(
         now,
         refresh_expires_at,
@@ -273,6 +309,7 @@ pub async fn store_account(
     account: NewAccount,
     expect_id: Option<i64>,
     now: i64,
+    subject_name: &str,
 ) -> Result<Connected, ConnectError> {
     // The check and the write share one transaction: nothing can slip in between.
     let (ids, previous_status) = store
@@ -296,6 +333,7 @@ pub async fn store_account(
         created,
         provider: account.provider,
         open_id: account.subject,
+        subject_name: subject_name.to_string(),
         scope: account.tokens.scope.clone().unwrap_or_default(),
         access_expires_at: now + account.tokens.expires_in,
         refresh_expires_at: account.tokens.refresh_expires_in.map(|s| now + s),
@@ -335,25 +373,33 @@ pub async fn exchange_and_store(
         .await
         .map_err(|failure| ConnectError::Exchange {
             provider: req.provider.to_string(),
-            hint: exchange_hint(failure.class),
+            hint: exchange_hint(provider.profile(), failure.class),
             failure,
         })?;
     let at = now();
     let account = new_account(req.provider, tokens, req.label, at, config)?;
-    store_account(store, account, req.account, at).await
+    let subject_name = provider.profile().subject_name();
+    store_account(store, account, req.account, at, subject_name).await
 }
 
-/// What to do after a failed code exchange.
-fn exchange_hint(class: FailureClass) -> &'static str {
+/// What to do after a failed code exchange, in the profile's own words.
+fn exchange_hint(profile: &Profile, class: FailureClass) -> String {
     match class {
         FailureClass::Rejected(_) => {
-            "authorization codes are single use, short-lived and bound to the redirect_uri (and PKCE verifier) of their request: start over with a fresh authorization"
+            "authorization codes are single use, short-lived and bound to the redirect_uri (and PKCE verifier) of their request: start over with a fresh authorization".into()
         }
-        FailureClass::Config => {
-            "check client_key, client_secret, redirect_uri (exactly as registered) and the scopes of the app in the provider's developer portal"
-        }
+        FailureClass::Config => format!(
+            "check the client id ({}), the client secret ({}{}), redirect_uri (exactly as registered) and the scopes of the app at the provider",
+            profile.client_id_param,
+            profile.client_secret_param,
+            match profile.client_auth {
+                ClientAuth::Basic => ", sent form-encoded in HTTP Basic; client_auth = \"basic_raw\" sends it as is",
+                ClientAuth::BasicRaw => ", sent as is in HTTP Basic",
+                _ => "",
+            }
+        ),
         FailureClass::Transient => {
-            "the provider or the network failed for now: start over with a fresh authorization in a moment"
+            "the provider or the network failed for now: start over with a fresh authorization in a moment".into()
         }
     }
 }
@@ -713,6 +759,54 @@ mod tests {
     }
 
     #[test]
+    fn offline_access_asks_for_consent_unless_a_prompt_is_configured() {
+        let toml = |extra: &str| {
+            Config::from_toml_str(&format!(
+                "[providers.own]\nkind = \"generic\"\nclient_id = \"id\"\nclient_secret = \"s\"\ntoken_url = \"https://auth.example/token\"\nauthorize_url = \"https://auth.example/auth\"\nredirect_uri = \"http://127.0.0.1:8788/callback\"\n{extra}"
+            ))
+            .unwrap()
+        };
+        let prompts = |c: &Config, scopes: &[&str]| {
+            let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+            authorize_url("own", &c.providers["own"], &scopes, "st", None)
+                .unwrap()
+                .query_pairs()
+                .filter(|(k, _)| k == "prompt")
+                .map(|(_, v)| v.into_owned())
+                .collect::<Vec<_>>()
+        };
+        let c = toml("");
+        assert_eq!(prompts(&c, &["openid", "offline_access"]), ["consent"]);
+        assert!(prompts(&c, &["openid"]).is_empty());
+        let c = toml("authorize_params = { prompt = \"login consent\" }\n");
+        assert_eq!(
+            prompts(&c, &["openid", "offline_access"]),
+            ["login consent"]
+        );
+    }
+
+    #[test]
+    fn no_refresh_token_at_connect_says_what_to_ask_for() {
+        let c = provider("");
+        let tokens = TokenSet {
+            access_token: SecretString::from("a"),
+            refresh_token: None,
+            expires_in: 60,
+            refresh_expires_in: None,
+            subject: Some("u1".into()),
+            scope: None,
+            token_type: "Bearer".into(),
+        };
+        let e = new_account("tiktok", tokens, None, 1000, &c).unwrap_err();
+        assert!(matches!(e, ConnectError::NoRefreshToken { .. }), "{e}");
+        let e = e.to_string();
+        assert!(
+            e.contains("offline_access") && e.contains("prompt=consent"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn authorize_url_needs_redirect_uri() {
         let c = provider("");
         let e = authorize_url("tiktok", &c.providers["tiktok"], &[], "s", None).unwrap_err();
@@ -806,6 +900,35 @@ mod tests {
         let mut no_id = tokens;
         no_id.subject = None;
         assert!(new_account("tiktok", no_id, None, 1000, &c).is_err());
+    }
+
+    #[test]
+    fn messages_use_the_profile_words() {
+        let c = Config::from_toml_str(
+            "[providers.own]\nkind = \"generic\"\nclient_id = \"id\"\nclient_secret = \"s\"\ntoken_url = \"https://auth.example/token\"\nclient_auth = \"basic\"\n",
+        )
+        .unwrap();
+        let prof = c.providers["own"].profile("own").unwrap();
+        let hint = exchange_hint(&prof, FailureClass::Config);
+        assert!(hint.contains("client id (client_id)"), "{hint}");
+        assert!(hint.contains("basic_raw"), "{hint}");
+        assert!(!hint.contains("client_key"), "{hint}");
+        let tokens = TokenSet {
+            access_token: SecretString::from("a"),
+            refresh_token: Some(SecretString::from("r")),
+            expires_in: 60,
+            refresh_expires_in: None,
+            subject: None,
+            scope: None,
+            token_type: "Bearer".into(),
+        };
+        let e = new_account("own", tokens, None, 1000, &c)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`sub` is missing"), "{e}");
+        let tiktok = Profile::built_in("tiktok").unwrap();
+        assert_eq!(tiktok.subject_name(), "open_id");
+        assert!(exchange_hint(&tiktok, FailureClass::Config).contains("(client_key)"));
     }
 
     #[tokio::test]

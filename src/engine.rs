@@ -507,7 +507,7 @@ impl Engine {
         let outcome = match result {
             Ok((tokens, status)) => {
                 match &tokens.subject {
-                    Some(s) if s != &account.subject => Outcome::Rejected {
+                    Some(s) if !crate::subject::same(&account.subject, s) => Outcome::Rejected {
                         account_id: account.id,
                         generation: account.generation,
                         reason: ReauthReason::SubjectMismatch,

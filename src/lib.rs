@@ -9,6 +9,7 @@
 //! - [`policy`]: when to refresh, backoff, the reauth window. Pure.
 //! - [`store`]: SQLite on one worker thread; leases, generation-guarded writes, group
 //!   commit, the recovery file.
+//! - [`subject`]: the provider's user id, kept exactly; matching stored ones.
 //! - [`provider`]: profiles (TikTok, Google, LinkedIn, X, Pinterest, Instagram, Facebook,
 //!   Threads, Reddit, or generic from the config): token requests and their answers.
 //! - [`engine`]: the refresh loop.
@@ -57,4 +58,5 @@ pub mod sandbox;
 pub mod server;
 pub mod sink;
 pub mod store;
+pub mod subject;
 pub mod telemetry;

@@ -619,6 +619,15 @@ async fn check(cli: &Cli) -> Result<u8> {
                     "provider {name}: ok, {state}, kind {}, token endpoint {url}",
                     pc.kind(name)
                 );
+                if let Some(prof) = p.get(name).map(|p| p.profile()) {
+                    for w in refreshd::provider::advice::lifetime_warnings(
+                        name,
+                        prof,
+                        config.reauth.window,
+                    ) {
+                        println!("warning: {w}");
+                    }
+                }
             }
         }
         Err(e) => {
@@ -901,10 +910,11 @@ async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
 /// Who was connected; never a token.
 fn print_connected(c: &connect::Connected, requested: &[String]) {
     println!(
-        "connected {} account {} ({}): open_id {}",
+        "connected {} account {} ({}): {} {}",
         c.provider,
         c.account_id,
         if c.created { "new" } else { "updated" },
+        c.subject_name,
         c.open_id
     );
     println!(

@@ -3,6 +3,7 @@
 //! rate limit and claim slots with a timeout and a response-size cap, and classifies the
 //! answer into tokens or a failure class (`response.rs`; see docs/src/failures.md).
 
+pub mod advice;
 pub mod profile;
 pub mod response;
 pub mod tiktok;
@@ -206,7 +207,20 @@ impl Provider {
         let req =
             self.profile
                 .refresh_request(&self.client_key, self.client_secret.as_ref(), credential);
-        self.send(req, now).await
+        let answer = self.send(req, now).await?;
+        // Only a refresh has a stored token to keep; a code exchange without one fails in
+        // connect with its own message.
+        if self.profile.rotation == profile::Rotation::Always
+            && self.profile.credential == Credential::RefreshToken
+            && answer.0.refresh_token.is_none()
+        {
+            tracing::warn!(
+                event = "rotation_missing",
+                provider = %self.name,
+                "the provider rotates refresh tokens but returned none; keeping the stored one"
+            );
+        }
+        Ok(answer)
     }
 
     /// Exchanges an authorization code for tokens (grant_type=authorization_code). The
@@ -316,7 +330,6 @@ impl Provider {
                 serde_json::Value::Number(n) => Some(n.to_string()),
                 _ => None,
             })
-            .map(|s| response::sanitize(&s, 200))
             .filter(|s| !s.is_empty());
         match found {
             Some(s) => Ok(Some(s)),
@@ -423,15 +436,23 @@ impl Provider {
                 }
             }
         }
-        response::parse(
+        let mut tokens = response::parse(
             &self.profile,
             now,
             status,
             retry_after,
             content_type.as_deref(),
             &body,
-        )
-        .map(|t| (t, status))
+        )?;
+        // What the server does not announce, the config may: policy::refresh_expires_at then
+        // keeps a fixed end at the first grant's, or slides it with each refresh.
+        if tokens.refresh_expires_in.is_none() {
+            tokens.refresh_expires_in = self
+                .profile
+                .refresh_token_lifetime
+                .map(|d| d.as_secs().min(tiktok::MAX_LIFETIME as u64) as i64);
+        }
+        Ok((tokens, status))
     }
 }
 

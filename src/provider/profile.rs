@@ -40,12 +40,15 @@ pub enum ParamsIn {
 
 /// How the client authenticates on token requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum ClientAuth {
     /// client id and secret as parameters (form body, or query for GET).
     Body,
-    /// HTTP Basic with client id and secret.
+    /// HTTP Basic with client id and secret, each form-urlencoded first (RFC 6749 §2.3.1).
     Basic,
+    /// HTTP Basic with client id and secret as they are, for the few servers that do not
+    /// decode them (differs from `Basic` only when they hold characters like `+/=%`).
+    BasicRaw,
     /// client id and secret in the URL query (Facebook).
     Query,
     /// No client credentials on refresh (Instagram, Threads).
@@ -147,6 +150,8 @@ pub struct Profile {
     pub min_token_age: Duration,
     pub rotation: Rotation,
     pub refresh_ttl: RefreshTtl,
+    /// Taken as the refresh token's lifetime when the answer gives none (configured only).
+    pub refresh_token_lifetime: Option<Duration>,
     pub errors: ErrorRules,
 }
 
@@ -211,6 +216,7 @@ impl Profile {
             min_token_age: Duration::ZERO,
             rotation: Rotation::Maybe,
             refresh_ttl: RefreshTtl::None,
+            refresh_token_lifetime: None,
             errors: ErrorRules {
                 reauth: list(&["invalid_grant"]),
                 reauth_messages: Vec::new(),
@@ -469,6 +475,9 @@ impl Profile {
         set!(min_token_age);
         set!(rotation);
         set!(refresh_ttl);
+        if let Some(d) = p.refresh_token_lifetime {
+            prof.refresh_token_lifetime = Some(d);
+        }
         let map = |m: &std::collections::BTreeMap<String, String>| {
             m.iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
@@ -515,6 +524,16 @@ impl Profile {
                 bad(k, "must not be empty".into());
             }
         }
+        if let Some(d) = prof.refresh_token_lifetime {
+            if d.as_secs() == 0 {
+                bad("refresh_token_lifetime", "must be at least 1s".into());
+            } else if prof.refresh_ttl == RefreshTtl::None {
+                bad(
+                    "refresh_token_lifetime",
+                    "say how it counts: refresh_ttl = \"fixed\" (from the first grant) or \"sliding\" (from each refresh)".into(),
+                );
+            }
+        }
         if prof.scope_separator.is_empty() {
             bad(
                 "scope_separator",
@@ -551,6 +570,15 @@ impl Profile {
             bad("reauth_messages", "matchers must not be empty".into());
         }
         if errs.is_empty() { Ok(prof) } else { Err(errs) }
+    }
+
+    /// The profile's own word for the user id, for messages and CLI output: the token
+    /// answer's `subject_field` (TikTok `open_id`), else the userinfo / id_token field
+    /// (`sub` for OpenID Connect).
+    pub fn subject_name(&self) -> &str {
+        self.subject_field
+            .as_deref()
+            .unwrap_or(&self.userinfo_subject_field)
     }
 
     /// Where refresh requests go.
@@ -623,7 +651,7 @@ impl Profile {
     ) -> TokenRequest {
         let mut req = TokenRequest::new(Method::Post, &self.token_url, ParamsIn::Form);
         let auth = match self.client_auth {
-            ClientAuth::Basic => ClientAuth::Basic,
+            a @ (ClientAuth::Basic | ClientAuth::BasicRaw) => a,
             _ => ClientAuth::Body,
         };
         self.client_auth(&mut req, auth, client_id, client_secret);
@@ -665,8 +693,15 @@ impl Profile {
                     .push((self.client_id_param.clone(), client_id.to_string()));
                 req.query.push((self.client_secret_param.clone(), secret()));
             }
-            ClientAuth::Basic => {
-                req.basic = Some((client_id.to_string(), SecretString::from(secret())));
+            ClientAuth::Basic | ClientAuth::BasicRaw => {
+                req.basic = Some(if auth == ClientAuth::Basic {
+                    (
+                        form_encode(client_id),
+                        SecretString::from(form_encode(&secret())),
+                    )
+                } else {
+                    (client_id.to_string(), SecretString::from(secret()))
+                });
                 if self.send_client_id {
                     req.params
                         .push((self.client_id_param.clone(), client_id.to_string()));
@@ -725,6 +760,12 @@ impl Profile {
     }
 }
 
+/// `application/x-www-form-urlencoded` of one value, as RFC 6749 §2.3.1 asks for the
+/// client id and secret before they go into HTTP Basic.
+fn form_encode(v: &str) -> String {
+    url::form_urlencoded::byte_serialize(v.as_bytes()).collect()
+}
+
 /// A token request ready to send. Holds secrets: its `Debug` shows parameter names only.
 pub struct TokenRequest {
     pub method: Method,
@@ -734,6 +775,8 @@ pub struct TokenRequest {
     pub params: Vec<(String, String)>,
     /// Always in the URL query (client_auth = "query").
     pub query: Vec<(String, String)>,
+    /// HTTP Basic user and password, exactly as they go into the header (already
+    /// form-urlencoded for `client_auth = "basic"`).
     pub basic: Option<(String, SecretString)>,
     pub headers: Vec<(String, String)>,
 }

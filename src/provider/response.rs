@@ -253,15 +253,6 @@ pub fn parse(
             token_type.chars().take(40).collect::<String>()
         ))?;
     }
-    if profile.rotation == super::profile::Rotation::Always
-        && profile.credential == Credential::RefreshToken
-        && refresh_token.is_none()
-    {
-        tracing::warn!(
-            event = "rotation_missing",
-            "the provider rotates refresh tokens but returned none; keeping the stored one"
-        );
-    }
     let subject = profile
         .subject_field
         .as_ref()
@@ -289,12 +280,17 @@ fn id_token_subject(jwt: &str) -> Option<String> {
         .decode(payload.trim_end_matches('='))
         .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    let sub = claims.get("sub")?.as_str()?;
-    Some(sanitize(sub, 200)).filter(|s| !s.is_empty())
+    // Kept exactly: `auth0|123` and `alice@example.org` are ids, not text to clean.
+    claims
+        .get("sub")?
+        .as_str()
+        .map(str::to_string)
+        .filter(|s| !s.is_empty())
 }
 
-/// Provider-chosen identifiers end up in logs and the store: keep them short and plain.
-pub(crate) fn sanitize(s: &str, max: usize) -> String {
+/// Provider-chosen error codes and trace ids end up in logs: keep them short and plain.
+/// Never applied to subjects (see `crate::subject`).
+fn sanitize(s: &str, max: usize) -> String {
     s.chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
         .take(max)
@@ -402,6 +398,36 @@ mod tests {
         .unwrap();
         assert_eq!(t.refresh_expires_in, Some(5_184_000));
         assert_eq!(t.refresh_token.unwrap().expose_secret(), "pinr_R");
+    }
+
+    /// A code exchange without a refresh token has nothing stored to keep: the answer is
+    /// parsed without the refresh-only `rotation_missing` warning (connect says what is wrong).
+    #[test]
+    fn parsing_never_warns_about_a_missing_rotation() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .finish();
+        let t = tracing::subscriber::with_default(sub, || {
+            parse_as("x", 200, r#"{"access_token":"a","expires_in":60}"#)
+        })
+        .unwrap();
+        assert!(t.refresh_token.is_none());
+        let logged = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(!logged.contains("rotation_missing"), "{logged}");
     }
 
     #[test]

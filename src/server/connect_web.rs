@@ -283,6 +283,7 @@ async fn callback(
             let code = match &e {
                 ConnectError::AccountMismatch { .. } => "account_mismatch",
                 ConnectError::Exchange { .. } => "exchange_failed",
+                ConnectError::NoRefreshToken { .. } => "no_refresh_token",
                 ConnectError::Store(_) => "server_error",
                 _ => "connect_failed",
             };

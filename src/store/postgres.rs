@@ -694,7 +694,10 @@ impl PgStore {
             let expired = run(
                 &format!(
                     "UPDATE accounts SET status = 'needs_reauth', reauth_reason = 'refresh_token_expired',
-                        reauth_flagged_at = $1, updated_at = $1
+                        reauth_flagged_at = $1, updated_at = $1,
+                        last_error = 'refresh token expired at ' || to_char(
+                            to_timestamp(refresh_expires_at) AT TIME ZONE 'UTC',
+                            'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
                      WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
                        AND refresh_expires_at <= $1
                      RETURNING {SUMMARY_COLUMNS}"

@@ -711,14 +711,17 @@ pub fn record(tx: &Connection, keys: &Keyring, o: &Outcome) -> Result<Recorded, 
 }
 
 /// The reauth sweep: flags refreshable accounts whose refresh token ends inside the window
-/// (`expiring`) or has ended (`needs_reauth`). Returns only the accounts whose state changed.
+/// (`expiring`) or has ended (`needs_reauth`, with that end as `last_error`: the error that
+/// decided the status, not an earlier 503). Returns only the accounts whose state changed.
 pub fn sweep(tx: &Transaction<'_>, now: i64, window_end: i64) -> Result<SweepReport, StoreError> {
     let expired: Vec<AccountSummary> = {
         let mut s = tx
             .prepare_cached(&format!(
                 "UPDATE accounts INDEXED BY accounts_refresh_expiry
                     SET status = 'needs_reauth', reauth_reason = 'refresh_token_expired',
-                    reauth_flagged_at = ?1, updated_at = ?1
+                    reauth_flagged_at = ?1, updated_at = ?1,
+                    last_error = 'refresh token expired at '
+                        || strftime('%Y-%m-%dT%H:%M:%SZ', refresh_expires_at, 'unixepoch')
                  WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
                    AND refresh_expires_at <= ?1
                  RETURNING {SUMMARY_COLUMNS}"

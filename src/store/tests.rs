@@ -1113,6 +1113,14 @@ async fn sweep_flags_expiring_and_expired_refresh_tokens_once() {
         let a = get(&store, id).await;
         assert_eq!(a.status, Status::NeedsReauth);
         assert_eq!(a.reauth_reason, Some(ReauthReason::RefreshTokenExpired));
+        // The error shown is the one that decided the status.
+        assert_eq!(
+            a.last_error,
+            Some(format!(
+                "refresh token expired at {}",
+                crate::clock::rfc3339(a.refresh_expires_at.unwrap())
+            ))
+        );
         assert_eq!(log_outcomes(&store, id).await[0], "reauth_required");
     }
     for id in [none, far] {

@@ -12,6 +12,11 @@
 //
 // Usage: node provider.mjs [--port 0] [--state FILE] [--access-ttl 20] [--refresh-ttl 600]
 //        [--short-refresh-ttl 60] [--redirect-uri URL]...
+//        [--auth-method client_secret_post|client_secret_basic] [--pkce-required]
+//        [--rotate 1|0] [--sliding] [--announce-refresh-expiry 1|0]
+// The generic-profile set-ups (issue 18) use client_secret_basic, required PKCE, no announced
+// refresh-token end, and either rotation with a fixed lifetime or no rotation with a sliding
+// one (each refresh renews the token's end: --sliding).
 // Logins whose name starts with "eol-" get --short-refresh-ttl: the end-of-life scenario.
 // Prints one JSON line {"event":"listening","issuer":...} on stdout when ready, and its
 // counters as one JSON line {"event":"counters",...} when it exits (SIGTERM/SIGINT or
@@ -38,6 +43,11 @@ const { values: args } = parseArgs({
     // This fraction of refresh answers is never sent: the connection is cut after the
     // rotation (a proxy or network failure between the provider's commit and the client).
     'cut-rate': { type: 'string', default: process.env.CUT_RATE ?? '0' },
+    'auth-method': { type: 'string', default: 'client_secret_post' },
+    'pkce-required': { type: 'boolean', default: false },
+    rotate: { type: 'string', default: '1' },
+    sliding: { type: 'boolean', default: false },
+    'announce-refresh-expiry': { type: 'string', default: '1' },
   },
 });
 
@@ -47,6 +57,8 @@ const SHORT_REFRESH_TTL = Number(args['short-refresh-ttl']);
 const STATE_FILE = path.resolve(args.state);
 const REFRESH_DELAY_MS = Number(args['refresh-delay-ms']);
 let CUT_RATE = Number(args['cut-rate']);
+const ROTATE = args.rotate !== '0';
+const ANNOUNCE = args['announce-refresh-expiry'] !== '0';
 
 // ---------------------------------------------------------------------------------------
 // File-backed adapter: one in-memory map, written whole to STATE_FILE (temp + rename) on a
@@ -186,7 +198,7 @@ const configuration = {
     grant_types: ['authorization_code', 'refresh_token'],
     response_types: ['code'],
     redirect_uris: args['redirect-uri'],
-    token_endpoint_auth_method: 'client_secret_post',
+    token_endpoint_auth_method: args['auth-method'],
   }],
   // Keys are fixed so tokens and sessions stay valid across a restart.
   cookies: { keys: ['interop-cookie-key-not-a-secret'] },
@@ -197,8 +209,8 @@ const configuration = {
     introspection: { enabled: true },
     revocation: { enabled: true },
   },
-  pkce: { required: () => false },
-  rotateRefreshToken: true,
+  pkce: { required: () => args['pkce-required'] },
+  rotateRefreshToken: ROTATE,
   ttl: {
     AccessToken: ACCESS_TTL,
     AuthorizationCode: 60,
@@ -272,9 +284,18 @@ provider.use(async (ctx, next) => {
   await next();
   if (ctx.status === 200 && ctx.body && typeof ctx.body === 'object') {
     const rt = ctx.oidc?.entities?.RefreshToken;
+    if (rt && grantType === 'refresh_token' && !ROTATE && args.sliding) {
+      // Sliding: the presented (kept) token lives REFRESH_TTL from this refresh on.
+      const e = db.entries[`RefreshToken:${rt.jti}`];
+      if (e) {
+        e.payload.exp = Math.floor(now() / 1000) + refreshTtlFor(rt.accountId);
+        e.exp = e.payload.exp * 1000;
+        changed();
+      }
+    }
     if (rt && ctx.body.refresh_token) {
       // Announce the refresh token's end, as TikTok or LinkedIn do.
-      ctx.body.refresh_expires_in = Math.max(0, rt.remainingTTL);
+      if (ANNOUNCE) ctx.body.refresh_expires_in = Math.max(0, rt.remainingTTL);
       issued[ctx.body.refresh_token] = { grant: rt.grantId, at: now(), presented: false };
       changed();
     }

@@ -564,6 +564,30 @@ async fn config_errors_name_key_and_source() {
     );
     assert!(out.stdout.contains("store: "), "{out:#?}");
 
+    // `check` names a provider whose refresh-token end nobody gives (issue 18), and a
+    // reauth window that swallows a configured lifetime; both are warnings, not failures.
+    let own = format!(
+        "{}\n[providers.own]\nkind = \"generic\"\nclient_id = \"id\"\nclient_secret = \"s\"\ntoken_url = \"https://auth.example/token\"\nrefresh_ttl = \"fixed\"\n[providers.short]\nkind = \"generic\"\nclient_id = \"id\"\nclient_secret = \"s\"\ntoken_url = \"https://auth.example/token\"\nrefresh_ttl = \"sliding\"\nrefresh_token_lifetime = \"3d\"\n",
+        std::fs::read_to_string(&w.config).unwrap()
+    );
+    let cfg = w.write("own.toml", &own);
+    let out = w.cli(&["--config", cfg.to_str().unwrap(), "check"]).await;
+    out.ok();
+    assert!(
+        out.stdout
+            .contains("warning: providers.own: refresh_ttl says the refresh token ends"),
+        "{out:#?}"
+    );
+    assert!(
+        out.stdout.contains("`expiring` flag cannot work"),
+        "{out:#?}"
+    );
+    assert!(
+        out.stdout
+            .contains("warning: providers.short: reauth.window (7days) is more than half"),
+        "{out:#?}"
+    );
+
     // `check` with a client secret file that is not there.
     let missing = w.path("no-such-secret");
     let text = w.config_with(

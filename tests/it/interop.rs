@@ -1,6 +1,7 @@
 //! refreshd against an OAuth server nobody here wrote: the short form of the interop and
 //! chaos harness in `tests/interop/` (oidc-provider with refresh-token rotation and reuse
-//! detection; scenarios steady, replicas, crash, outage, end_of_life), run with the binary
+//! detection; scenarios steady, replicas, crash, outage, end_of_life, cut, and the generic
+//! profile against a client_secret_basic + PKCE server: generic_fixed, generic_sliding), run with the binary
 //! under test, its conditions asserted here.
 //!
 //! It needs Node.js (20.19 or newer), npm and the `sqlite3` shell; `.ci/run` installs them
@@ -140,7 +141,9 @@ fn interop_with_oidc_provider_short_form() {
             "crash",
             "outage",
             "end_of_life",
-            "cut"
+            "cut",
+            "generic_fixed",
+            "generic_sliding"
         ]
     );
     for row in rows {
@@ -180,6 +183,25 @@ fn interop_with_oidc_provider_short_form() {
                 assert!(
                     row["details"]["late"].as_array().unwrap().is_empty(),
                     "end_of_life: accounts not flagged before their refresh token ended: {row:#}"
+                );
+            }
+            "generic_fixed" | "generic_sliding" => {
+                // Issue 18: client_secret_basic with a secret holding +/=%, PKCE, a refresh
+                // lifetime from the config, subjects holding @ and |.
+                assert_eq!(num(row, "reuse_revocations"), 0, "{name}: {row:#}");
+                assert_eq!(num(row, "flagged"), 0, "{name}: {row:#}");
+                let d = &row["details"];
+                assert!(
+                    d["not_refreshed"].as_array().unwrap().is_empty(),
+                    "{name}: accounts never refreshed: {row:#}"
+                );
+                assert!(
+                    d["inexact_subjects"].as_array().unwrap().is_empty(),
+                    "{name}: subjects not stored exactly: {row:#}"
+                );
+                assert!(
+                    num(d, "max_expiry_diff_s") <= 1,
+                    "{name}: stored refresh-token ends differ from the server's: {row:#}"
                 );
             }
             _ => {

@@ -565,6 +565,96 @@ refresh_ttl = "sliding"
     server.verify().await;
 }
 
+/// RFC 6749 §2.3.1: the client id and secret are form-urlencoded before HTTP Basic; a secret
+/// shaped like base64 (`+/=`) or holding `%` must reach the server intact. `basic_raw`
+/// sends them as they are, for servers that do not decode.
+#[tokio::test]
+async fn basic_credentials_are_form_encoded_unless_raw() {
+    init_logs();
+    let id = "my client+1";
+    let secret = "Ab3+x/Yz9=Q%zz~";
+    let basic = |user: &str, pass: &str| {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        )
+    };
+    for (auth, want) in [
+        ("basic", basic("my+client%2B1", "Ab3%2Bx%2FYz9%3DQ%25zz%7E")),
+        ("basic_raw", basic(id, secret)),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .and(header("authorization", want.as_str()))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "access_token": "A-NEW", "expires_in": 3600, "refresh_token": "R-NEW"
+            })))
+            .expect(2)
+            .mount(&server)
+            .await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(
+            &dir.path().join("x.db"),
+            "",
+            &format!(
+                "[providers.own]\nkind = \"generic\"\nclient_id = \"{id}\"\nclient_secret = \"{secret}\"\ntoken_url = \"{}/token\"\nclient_auth = \"{auth}\"\n",
+                server.uri()
+            ),
+        );
+        let http = refreshd::provider::http_client(&config).unwrap();
+        let provider = Provider::new("own", &config.providers["own"], &config, http).unwrap();
+        let refreshed = provider.refresh(&SecretString::from(RT), T0).await;
+        assert!(refreshed.is_ok(), "{auth}: {:?}", refreshed.err());
+        let exchanged = provider
+            .exchange_code(&SecretString::from("C"), "http://127.0.0.1/cb", None, T0)
+            .await;
+        // The same mock answers the code exchange, which must carry the same header; it
+        // names no user, so only a Config failure about the subject is acceptable.
+        if let Err(f) = exchanged {
+            assert!(f.message.contains("does not name the user"), "{auth}: {f}");
+        }
+        server.verify().await;
+    }
+}
+
+/// Most OpenID Connect servers never announce the refresh token's end: a configured
+/// `refresh_token_lifetime` stands in for it, and it needs a `refresh_ttl` to count by.
+#[tokio::test]
+async fn configured_refresh_lifetime_fills_what_the_server_does_not_say() {
+    init_logs();
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "access_token": "A-NEW", "expires_in": 30, "refresh_token": "R-NEW"
+        })))
+        .mount(&server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = |extra: &str| {
+        format!(
+            "[providers.own]\nkind = \"generic\"\nclient_id = \"id\"\nclient_secret = \"s\"\ntoken_url = \"{}/token\"\n{extra}",
+            server.uri()
+        )
+    };
+    let config = config(
+        &dir.path().join("x.db"),
+        "",
+        &toml("refresh_ttl = \"fixed\"\nrefresh_token_lifetime = \"30d\"\n"),
+    );
+    let http = refreshd::provider::http_client(&config).unwrap();
+    let provider = Provider::new("own", &config.providers["own"], &config, http).unwrap();
+    let (t, _) = provider.refresh(&SecretString::from(RT), T0).await.unwrap();
+    assert_eq!(t.refresh_expires_in, Some(30 * DAY));
+    let e = Config::from_toml_str(&toml("refresh_token_lifetime = \"30d\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("providers.own.refresh_token_lifetime"), "{e}");
+    assert!(e.contains("refresh_ttl"), "{e}");
+}
+
 #[test]
 fn generic_profile_errors_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -1055,16 +1145,17 @@ async fn connect_identifies_the_user_per_profile() {
             "google",
             json!({"access_token": "g-at", "expires_in": 3599, "refresh_token": "g-rt",
                    "scope": "openid email", "token_type": "Bearer",
-                   "id_token": jwt(&json!({"sub": "1098765", "email": "a@example.com"}))}),
+                   "id_token": jwt(&json!({"sub": "google-oauth2|a@example.com", "email": "a@example.com"}))}),
             None,
-            "1098765",
+            // Subjects are stored exactly: `|` and `@` included.
+            "google-oauth2|a@example.com",
         ),
         (
             "linkedin",
             json!({"access_token": "l-at", "expires_in": 5183999, "refresh_token": "l-rt",
                    "refresh_token_expires_in": 31536000, "scope": "r_basicprofile"}),
-            Some(json!({"sub": "li-782bbtaQ", "name": "A"})),
-            "li-782bbtaQ",
+            Some(json!({"sub": "li|782 bbtaQ@x", "name": "A"})),
+            "li|782 bbtaQ@x",
         ),
         (
             "x",

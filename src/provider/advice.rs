@@ -1,0 +1,93 @@
+//! What `refreshd check` says about a provider's refresh-token lifetime: whether the
+//! `expiring` flag can work at all, and whether `reauth.window` swallows the lifetime (every
+//! account would be flagged `expiring` at once). Pure: words only, no decision changes.
+
+use super::profile::{Credential, GENERIC, Profile, RefreshTtl};
+use std::time::Duration;
+
+/// Warnings about `[providers.NAME]` under a reauth window of `window`.
+pub fn lifetime_warnings(name: &str, profile: &Profile, window: Duration) -> Vec<String> {
+    let mut out = Vec::new();
+    if profile.credential != Credential::RefreshToken {
+        return out;
+    }
+    let announced =
+        profile.refresh_expires_in_field.is_some() || profile.refresh_expires_at_field.is_some();
+    let configured = profile.refresh_token_lifetime;
+    if !announced && configured.is_none() {
+        if profile.refresh_ttl != RefreshTtl::None {
+            out.push(format!(
+                "providers.{name}: refresh_ttl says the refresh token ends, but neither the token answer (no refresh_expires_in_field / refresh_expires_at_field) nor the config (refresh_token_lifetime) gives when: its end is unknown and the `expiring` flag cannot work for this provider; set refresh_token_lifetime (see docs/src/providers/oidc.md)"
+            ));
+        } else if profile.kind == GENERIC {
+            out.push(format!(
+                "providers.{name}: no refresh-token lifetime from the server or the config: accounts are flagged only once a refresh is refused, never `expiring` before; if the server's refresh tokens end, set refresh_token_lifetime and refresh_ttl (see docs/src/providers/oidc.md)"
+            ));
+        }
+    }
+    if let Some(life) = configured
+        && window > life / 2
+    {
+        let when = if window >= life {
+            "at connect".to_string()
+        } else {
+            format!(
+                "{} after each grant",
+                humantime::format_duration(life - window)
+            )
+        };
+        out.push(format!(
+            "providers.{name}: reauth.window ({}) is more than half of refresh_token_lifetime ({}): every account is flagged `expiring` {when}; set reauth.window to at most {}",
+            humantime::format_duration(window),
+            humantime::format_duration(life),
+            humantime::format_duration(life / 2)
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn profile(extra: &str) -> Profile {
+        let c = Config::from_toml_str(&format!(
+            "[providers.own]\nkind = \"generic\"\nclient_id = \"id\"\nclient_secret = \"s\"\ntoken_url = \"https://auth.example/token\"\n{extra}"
+        ))
+        .unwrap();
+        c.providers["own"].profile("own").unwrap()
+    }
+    const WEEK: Duration = Duration::from_secs(7 * 86_400);
+
+    #[test]
+    fn unknown_refresh_lifetime_is_named() {
+        let w = lifetime_warnings("own", &profile("refresh_ttl = \"fixed\"\n"), WEEK);
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("`expiring` flag cannot work"), "{w:?}");
+        assert!(w[0].contains("refresh_token_lifetime"), "{w:?}");
+        let w = lifetime_warnings("own", &profile(""), WEEK);
+        assert!(w[0].contains("no refresh-token lifetime"), "{w:?}");
+        let fine = profile("refresh_ttl = \"fixed\"\nrefresh_token_lifetime = \"90d\"\n");
+        assert!(lifetime_warnings("own", &fine, WEEK).is_empty());
+        let announced = profile("refresh_ttl = \"fixed\"\nrefresh_expires_in_field = \"rei\"\n");
+        assert!(lifetime_warnings("own", &announced, WEEK).is_empty());
+        // Built-ins whose refresh tokens have no end are not nagged.
+        let x = Profile::built_in("x").unwrap();
+        assert!(lifetime_warnings("x", &x, WEEK).is_empty());
+    }
+
+    #[test]
+    fn a_window_swallowing_the_lifetime_is_named() {
+        let p = profile("refresh_ttl = \"sliding\"\nrefresh_token_lifetime = \"3d\"\n");
+        let w = lifetime_warnings("own", &p, WEEK);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("at connect"), "{w:?}");
+        assert!(w[0].contains("at most 1day 12h"), "{w:?}");
+        let p = profile("refresh_ttl = \"fixed\"\nrefresh_token_lifetime = \"10d\"\n");
+        let w = lifetime_warnings("own", &p, WEEK);
+        assert!(w[0].contains("3days after each grant"), "{w:?}");
+        let p = profile("refresh_ttl = \"fixed\"\nrefresh_token_lifetime = \"14d\"\n");
+        assert!(lifetime_warnings("own", &p, WEEK).is_empty());
+    }
+}
