@@ -175,3 +175,56 @@ impl Deferrals {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn healthy() -> Health {
+        let h = Health::default();
+        h.recovery_ready.store(true, Ordering::Relaxed);
+        h
+    }
+
+    #[test]
+    fn refreshes_stop_only_when_no_store_can_take_a_rotation() {
+        let h = healthy();
+        assert!(h.may_refresh(4));
+        // The database fails, the recovery file has room: go on (rotations go there).
+        h.store_failing.store(true, Ordering::Relaxed);
+        assert!(h.may_refresh(4));
+        // Neither can take a write: stop.
+        h.recovery_ready.store(false, Ordering::Relaxed);
+        assert!(!h.may_refresh(4));
+        // The database takes writes again: go on.
+        h.store_failing.store(false, Ordering::Relaxed);
+        assert!(h.may_refresh(4));
+    }
+
+    #[test]
+    fn a_rotation_held_in_memory_only_stops_refreshes() {
+        let h = healthy();
+        h.volatile.lock().unwrap().push(Outcome::Released {
+            account_id: 7,
+            owner: "o:1".into(),
+        });
+        assert!(!h.may_refresh(4));
+        assert_eq!(h.volatile_ids(), vec![7]);
+    }
+
+    #[test]
+    fn answers_waiting_for_their_commit_beyond_the_bound_stop_refreshes() {
+        let h = healthy();
+        h.waiting.store(4, Ordering::Relaxed);
+        assert!(h.may_refresh(4));
+        h.waiting.store(5, Ordering::Relaxed);
+        assert!(!h.may_refresh(4));
+    }
+
+    #[test]
+    fn a_lost_store_stops_refreshes() {
+        let h = healthy();
+        *h.lost.lock().unwrap() = Some("deleted".into());
+        assert!(!h.may_refresh(4));
+    }
+}

@@ -544,3 +544,61 @@ pub fn replay(conn: &mut Connection, keys: &Keyring, path: &Path) -> Result<(), 
     tracing::info!(event = "recovery_replayed", path = %path.display(), entries = outcomes.len(), applied, "replayed rotations a previous run could not commit");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn the_own_file_has_room_reserved_before_any_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = owner_recovery_path(&dir.path().join("x.db"), "h:1:aa");
+        let log = RecoveryLog::open(path.clone());
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!(m.len(), 0, "reserved without growing the file");
+        if log.unreservable {
+            eprintln!("this file system cannot reserve: nothing to check");
+            return;
+        }
+        assert!(m.blocks() * 512 >= RESERVE, "{} blocks", m.blocks());
+        assert!(log.ready());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn clearing_keeps_the_file_and_its_reservation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = owner_recovery_path(&dir.path().join("x.db"), "h:1:bb");
+        let mut log = RecoveryLog::open(path.clone());
+        let o = Outcome::Rotated {
+            account_id: 1,
+            generation: 0,
+            tokens: TokenSet {
+                access_token: "at".to_string().into(),
+                refresh_token: Some("rt".to_string().into()),
+                expires_in: 3600,
+                refresh_expires_in: None,
+                subject: None,
+                scope: None,
+                token_type: "Bearer".into(),
+            },
+            at: 1,
+            next_refresh_at: 2,
+            status: Status::Active,
+            reauth_reason: None,
+            http_status: None,
+            duration_ms: 1,
+        };
+        log.append(&Keyring::default(), std::slice::from_ref(&o))
+            .unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() > 0);
+        log.clear().unwrap();
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!(m.len(), 0);
+        assert!(log.unreservable || m.blocks() * 512 >= RESERVE);
+        log.remove();
+        assert!(!path.exists());
+    }
+}
