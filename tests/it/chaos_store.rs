@@ -629,3 +629,29 @@ async fn check_fails_on_a_damaged_store_and_run_refuses_it() {
     assert_ne!(code, Some(0), "{text}");
     assert!(text.contains("is damaged"), "{text}");
 }
+
+/// Item 9: a store refreshd can read but not write: `check` says so and exits non-zero.
+/// As root (who writes any file) the check runs as `nobody`; otherwise the file is 0444.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_fails_on_a_read_only_store() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let lab = Lab::start(3, &[]).await;
+    let root = refreshd::hardening::running_as_root();
+    let open = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    open(lab.dir.path(), 0o755);
+    open(&lab.config, 0o644);
+    open(&lab.db, if root { 0o644 } else { 0o444 });
+    let mut cmd = Command::new(helpers::bin());
+    cmd.arg("--config").arg(&lab.config).arg("check");
+    if root {
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().expect("run refreshd check");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("store: NOT writable"), "{text}");
+}
