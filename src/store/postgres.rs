@@ -1752,6 +1752,11 @@ impl Worker {
         let ctx = "commit refresh outcomes";
         let mut client = self.pool.get().await.map_err(pool_err(ctx))?;
         let tx = client.transaction().await.map_err(pg_err(ctx))?;
+        // A row another transaction holds fails the commit fast (55P03, transient): the
+        // rotations go to the recovery file instead of waiting in memory.
+        tx.batch_execute("SET LOCAL lock_timeout = '100ms'")
+            .await
+            .map_err(pg_err(ctx))?;
         // Rows locked in account order, as the sweep and rekey lock them: two replicas'
         // transactions then never wait on each other in a cycle (a deadlock).
         let mut order: Vec<usize> = (0..outcomes.len()).collect();

@@ -1895,3 +1895,41 @@ async fn a_damaged_database_fails_check_and_is_refused_at_open() {
     assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
     assert!(err.to_string().contains("is damaged"), "{err}");
 }
+
+// ---- a stalled PostgreSQL commit (issue 13, item 4) ----
+
+/// A row held by another transaction fails the group commit within its lock_timeout: the
+/// rotation goes to the recovery file at once instead of waiting in memory.
+#[tokio::test]
+async fn a_postgres_commit_blocked_on_a_row_lock_defers_at_once() {
+    let Some(url) = postgres_schema("row_lock_defer").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let opts = POSTGRES
+        .scope(Some(url.clone()), async { options(&dir) })
+        .await;
+    let store = Store::open(opts.clone()).await.unwrap();
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM accounts WHERE id = {id} FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(3),
+        store.record(rotated(id, 0, "at-x", Some("rt-x"), NOW + 1)),
+    )
+    .await
+    .expect("the commit does not wait for the row lock")
+    .unwrap();
+    assert_eq!(r, Recorded::Deferred);
+    client.batch_execute("ROLLBACK").await.unwrap();
+    wait_for_recovery_commit(&store.own_recovery_path(&opts.path)).await;
+    assert_eq!(get(&store, id).await.refresh_token.expose_secret(), "rt-x");
+}
