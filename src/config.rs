@@ -86,6 +86,12 @@ pub struct StoreConfig {
     pub url_file: Option<PathBuf>,
     /// Most PostgreSQL connections one process holds.
     pub pool_size: usize,
+    /// `run` may create a missing SQLite database (logged at WARN); else it refuses.
+    pub create: bool,
+    /// Where a stop with rotated tokens nowhere durable writes them for the operator.
+    pub handoff_dir: Option<PathBuf>,
+    /// Also (or, without `handoff_dir`, only) print such tokens to stdout, sealed as stored.
+    pub handoff_stdout: bool,
     /// The keys read from the files above (not a key).
     #[serde(skip)]
     pub keyring: crate::crypto::Keyring,
@@ -498,6 +504,9 @@ impl Default for StoreConfig {
             url: None,
             url_file: None,
             pool_size: 8,
+            create: false,
+            handoff_dir: None,
+            handoff_stdout: false,
             keyring: crate::crypto::Keyring::default(),
         }
     }
@@ -1579,6 +1588,9 @@ client_key = \"k\"\nzzz = 1\n",
             assert_eq!(c.store.decryption_key_files, d.store.decryption_key_files);
             assert_eq!(c.store.permissions, d.store.permissions);
             assert_eq!(c.store.pool_size, d.store.pool_size);
+            assert_eq!(c.store.create, d.store.create);
+            assert_eq!(c.store.handoff_dir, d.store.handoff_dir);
+            assert_eq!(c.store.handoff_stdout, d.store.handoff_stdout);
             assert!(c.store.url.is_none() && c.store.url_file.is_none());
             assert_eq!(c.refresh.read_timeout, d.refresh.read_timeout);
             assert_eq!(c.refresh.request_timeout, d.refresh.request_timeout);

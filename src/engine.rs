@@ -87,6 +87,9 @@ pub enum EngineError {
     Store(#[from] StoreError),
 }
 
+/// How often the loop looks again while backpressure holds new claims back.
+const BACKPRESSURE_POLL: Duration = Duration::from_millis(100);
+
 /// What a refresh task holds or must still get before it may send its request.
 struct Gate {
     /// This provider's claim slot, when one was free at claim time.
@@ -103,15 +106,7 @@ struct Gate {
 
 /// A unique lease owner for this process: host, pid and a random part.
 pub fn lease_owner() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "localhost".into());
-    format!(
-        "{}:{}:{:08x}",
-        host.trim(),
-        std::process::id(),
-        rand::random::<u32>()
-    )
+    crate::store::instance::new_owner()
 }
 
 #[derive(Clone)]
@@ -131,11 +126,13 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(store: Store, clock: Clock, settings: watch::Receiver<Arc<Settings>>) -> Engine {
+        // The store's owner names its instance lock: others tell our leases alive by it.
+        let owner: Arc<str> = store.owner().into();
         Engine {
             store,
             clock,
             settings,
-            owner: lease_owner().into(),
+            owner,
             wake: Arc::new(Notify::new()),
             stats: Arc::new(Stats::default()),
             events: Events::default(),
@@ -209,6 +206,16 @@ impl Engine {
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(cfg.refresh.max_idle) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            if !self.durability_allows(cfg) {
+                if once && tracker.is_empty() {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(BACKPRESSURE_POLL) => {}
                     _ = shutdown.cancelled() => break,
                 }
                 continue;
@@ -334,6 +341,20 @@ impl Engine {
             tracker.wait().await;
         }
         Ok(())
+    }
+
+    /// Backpressure: no new claims while answers wait for durability beyond
+    /// `refresh.concurrency`, or while neither the database nor the recovery file can take
+    /// a rotated token (a full disk, a stalled database, a vanished store file).
+    fn durability_allows(&self, cfg: &Config) -> bool {
+        let ok = self.store.may_refresh(cfg.refresh.concurrency);
+        if !ok {
+            tracing::debug!(
+                event = "backpressure",
+                "not claiming: earlier rotated tokens are not durable yet"
+            );
+        }
+        ok
     }
 
     /// One account: refresh, decide, record, log. Never returns an error: every way it can

@@ -27,6 +27,12 @@ pub fn secret_files(config: &Config) -> Vec<PathBuf> {
         PathBuf::from(s)
     };
     let mut files = vec![db.clone(), with("-wal"), with("-shm"), recovery_path(db)];
+    // Recovery files of every process (and what they refused) that exist now.
+    files.extend(
+        crate::store::pending_recovery_files(db)
+            .into_iter()
+            .filter(|p| *p != recovery_path(db)),
+    );
     files.extend(config.store.keyring.files().map(Path::to_path_buf));
     files.extend(
         config

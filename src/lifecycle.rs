@@ -37,9 +37,19 @@ pub enum DaemonError {
     #[error(transparent)]
     ExposedFiles(#[from] crate::hardening::ExposedFiles),
     #[error(
-        "stopped with the rotated tokens of {count} account(s) only in the recovery file {path} (the database refused them): keep that file; the next start commits them"
+        "stopped with the rotated tokens of {count} account(s) only in the recovery file {path} (fsynced there; the database refused them): keep that file; the next start commits them"
     )]
     PendingRotations { count: usize, path: String },
+    #[error(
+        "stopped with the rotated tokens of account(s) {accounts:?} NOT durable anywhere (neither the database nor the recovery file could take them): {where_}. See docs/src/durability.md"
+    )]
+    RotationsNotDurable { accounts: Vec<i64>, where_: String },
+    #[error(
+        "database {path} does not exist: `refreshd run` does not create a store where it expected one. Check store.path; for a first start set store.create = true (or import accounts first). See docs/src/durability.md"
+    )]
+    NoStore { path: String },
+    #[error(transparent)]
+    StoreLost(StoreError),
 }
 
 /// What a run did, for `--once`'s exit code and the demo's summary.
@@ -106,18 +116,93 @@ pub fn store_options(config: &Config) -> StoreOptions {
 
 /// After `close`: rotations still only in the recovery file make the run fail, naming the
 /// accounts, so that nobody deletes that file (a pod's emptyDir, a cleaned temp dir).
-fn check_pending(store: &Store, db: &std::path::Path) -> Result<(), DaemonError> {
+/// Rotations in memory only are handed to the operator (`store.handoff_dir`, stdout when
+/// asked) and named: durability is claimed only where an fsync returned.
+fn check_pending(store: &Store, config: &Config) -> Result<(), DaemonError> {
+    let volatile = store.volatile_rotations();
+    if !volatile.is_empty() {
+        let mut where_ = Vec::new();
+        if let Some(dir) = &config.store.handoff_dir {
+            match store.hand_off(dir) {
+                Ok(path) => {
+                    tracing::error!(event = "rotations_handed_off", accounts = ?volatile, path = %path.display(),
+                        "rotated tokens no store could take are fsynced in this hand-off file (mode 0600): move it beside the database as <db>.recovery.handoff before the next start, which commits it");
+                    where_.push(format!("fsynced in the hand-off file {}: move it beside the database as <database>.recovery.handoff, then start refreshd", path.display()));
+                }
+                Err(e) => {
+                    tracing::error!(event = "handoff_failed", accounts = ?volatile, dir = %dir.display(), error = %e,
+                        "cannot write the hand-off file either");
+                    where_.push(format!(
+                        "the hand-off file in {} failed: {e}",
+                        dir.display()
+                    ));
+                }
+            }
+        }
+        if config.store.handoff_stdout {
+            use std::io::Write;
+            let printed = store.hand_off_lines().and_then(|lines| {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&lines)?;
+                out.flush()
+            });
+            where_.push(match printed {
+                Ok(()) => "printed to stdout as recovery-file lines (save them as <database>.recovery.handoff)".into(),
+                Err(e) => format!("printing to stdout failed: {e}"),
+            });
+        }
+        if where_.is_empty() {
+            where_.push("no store.handoff_dir is set and store.handoff_stdout is off: these accounts will need re-authorization".into());
+        }
+        let where_ = where_.join("; ");
+        tracing::error!(event = "stopped_with_rotations_not_durable", accounts = ?volatile, handoff = %where_,
+            "stopping with rotated tokens that are NOT durable in the database or the recovery file");
+        return Err(DaemonError::RotationsNotDurable {
+            accounts: volatile,
+            where_,
+        });
+    }
     let pending = store.pending_rotations();
     if pending.is_empty() {
         return Ok(());
     }
-    let path = crate::store::recovery_path(db).display().to_string();
+    let path = store
+        .own_recovery_path(&config.store.path)
+        .display()
+        .to_string();
     tracing::error!(event = "stopped_with_pending_rotations", accounts = ?pending, path = %path,
-        "stopping with rotated tokens the database has not taken yet; they are safe in the recovery file only");
+        "stopping with rotated tokens the database has not taken yet; they are fsynced in the recovery file only");
     Err(DaemonError::PendingRotations {
         count: pending.len(),
         path,
     })
+}
+
+/// `run` never creates a store silently where it expected one: a missing SQLite file is
+/// an error unless `store.create` is set, and then its creation is logged at WARN.
+fn check_store_exists(config: &Config) -> Result<(), DaemonError> {
+    let path = &config.store.path;
+    if config.store.url.is_some() || path.exists() {
+        return Ok(());
+    }
+    if !config.store.create {
+        return Err(DaemonError::NoStore {
+            path: path.display().to_string(),
+        });
+    }
+    tracing::warn!(event = "store_created", path = %path.display(),
+        "creating a new, empty database (store.create = true): if accounts were expected here, stop and check store.path");
+    Ok(())
+}
+
+/// Resolves when the store reports it cannot be used any more (its file vanished).
+async fn store_lost(store: &Store) -> String {
+    loop {
+        if let Some(m) = store.lost() {
+            return m;
+        }
+        tokio::time::sleep(crate::store::WATCH_EVERY).await;
+    }
 }
 
 /// Runs the daemon until `shutdown` is cancelled (or, with `once`, until due work is done).
@@ -128,8 +213,9 @@ pub async fn run(
 ) -> Result<RunReport, DaemonError> {
     crate::hardening::warn_if_root();
     crate::hardening::check_files(&config)?;
+    check_store_exists(&config)?;
     let store = Store::open(store_options(&config)).await?;
-    let config_store_path = config.store.path.clone();
+    let stop_config = config.clone();
     let settings = Arc::new(Settings::new(config)?);
     let (settings_tx, settings_rx) = watch::channel(settings.clone());
     let engine = Engine::new(store.clone(), opts.clock.clone(), settings_rx.clone());
@@ -172,7 +258,7 @@ pub async fn run(
         notifier.stop().await;
         store.close().await;
         // Rotations left only in the recovery file matter most: said first, whatever failed.
-        check_pending(&store, &config_store_path)?;
+        check_pending(&store, &stop_config)?;
         refreshed?;
         let report = swept.unwrap_or_else(|| Ok(Default::default()))?;
         let r = RunReport {
@@ -246,9 +332,15 @@ pub async fn run(
     let watchdog = spawn_watchdog(engine.clone(), settings_rx.clone(), shutdown.clone());
 
     let mut reload = opts.reload.take();
+    let mut lost = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            m = store_lost(&store) => {
+                lost = Some(m);
+                shutdown.cancel();
+                break;
+            }
             Some(()) = async { match reload.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
                 let old = settings_tx.borrow().clone();
                 match reload_settings(&old, opts.config_file.as_deref(), &opts.log) {
@@ -293,7 +385,13 @@ pub async fn run(
     sinks.stop().await;
     notifier.stop().await;
     store.close().await;
-    check_pending(&store, &config_store_path)?;
+    check_pending(&store, &stop_config)?;
+    if let Some(message) = lost {
+        return Err(DaemonError::StoreLost(StoreError::Lost {
+            path: stop_config.store.path.clone(),
+            message,
+        }));
+    }
     let report = RunReport {
         stats: engine.stats().snapshot(),
         ..Default::default()

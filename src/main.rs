@@ -58,7 +58,11 @@ enum Command {
     #[command(subcommand)]
     Accounts(AccountsCommand),
     /// Check the config, the store and the providers' settings; exit non-zero on a problem.
-    Check,
+    Check {
+        /// Run SQLite's full `integrity_check` instead of `quick_check`.
+        #[arg(long)]
+        full: bool,
+    },
     /// Run the real daemon against a built-in sandbox provider and a temporary store.
     Demo(DemoArgs),
     /// Connect an account: print the authorization URL, wait for the browser's callback on
@@ -327,8 +331,7 @@ async fn store_copy(config: &Config, from: &str, to: &str, batch: usize) -> Resu
         }
         // Rotations a run could not commit live only there: copying without them would
         // leave the destination with refresh tokens the provider has already retired.
-        let recovery = refreshd::store::recovery_path(&from_opts.path);
-        if recovery.exists() {
+        if let Some(recovery) = refreshd::store::pending_recovery_files(&from_opts.path).first() {
             bail!(
                 "store copy: {} holds rotated tokens not yet committed to {}: run `refreshd run` on it once (start-up commits them), stop it, then copy",
                 recovery.display(),
@@ -425,7 +428,7 @@ fn ensure_exists(config: &Config) -> Result<()> {
     // A PostgreSQL store that was never migrated is named by open_read_only's error.
     if config.store.url.is_none() && !path.exists() {
         bail!(
-            "database {} does not exist (check store.path; `refreshd run` or `refreshd accounts import` creates it)",
+            "database {} does not exist (check store.path; `refreshd accounts import`, or `refreshd run` with store.create = true, creates it)",
             path.display()
         );
     }
@@ -461,7 +464,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             }
             Ok(exit::OK)
         }
-        Command::Check => check(&cli).await,
+        Command::Check { full } => check(&cli, *full).await,
         Command::Keygen { path } => {
             let id = refreshd::crypto::generate_key_file(path)?;
             println!("{id}");
@@ -585,7 +588,7 @@ fn quiet_logs(config: &Config) {
     telemetry::init(&log);
 }
 
-async fn check(cli: &Cli) -> Result<u8> {
+async fn check(cli: &Cli, full: bool) -> Result<u8> {
     let config = match load_config(cli) {
         Ok(c) => c,
         Err(e) => {
@@ -677,6 +680,12 @@ async fn check(cli: &Cli) -> Result<u8> {
                     .filter(|p| !config.providers.contains_key(*p))
                     .collect();
                 println!("store: ok ({}, {total} accounts)", store.describe());
+                if config.store.url.is_none() {
+                    for (line, fine) in refreshd::store::check_report(path, full) {
+                        println!("{line}");
+                        ok &= fine;
+                    }
+                }
                 let unsealed = store.count_to_rekey().await?;
                 if unsealed > 0 {
                     println!(
@@ -692,11 +701,16 @@ async fn check(cli: &Cli) -> Result<u8> {
             Err(e) => {
                 println!("store: FAILED\n  {e}");
                 ok = false;
+                if config.store.url.is_none() {
+                    for (line, _) in refreshd::store::check_report(path, full) {
+                        println!("{line}");
+                    }
+                }
             }
         }
     } else {
         println!(
-            "store: {} does not exist yet; `refreshd run` creates it",
+            "store: {} does not exist yet; `refreshd accounts import` (or `refreshd run` with store.create = true) creates it",
             path.display()
         );
     }

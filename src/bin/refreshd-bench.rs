@@ -692,6 +692,10 @@ burst = 100000
         for suffix in ["", "-wal", "-shm", ".recovery"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", self.db.display()));
         }
+        // Recovery files of earlier runs' processes would be replayed into the new store.
+        for p in refreshd::store::pending_recovery_files(&self.db) {
+            let _ = std::fs::remove_file(p);
+        }
         if self.cli.postgres.is_some() {
             self.open_rw()?.exec(
                 "DROP TABLE IF EXISTS accounts, refresh_log, connect_states, refreshd_schema",

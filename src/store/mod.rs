@@ -4,7 +4,10 @@
 //! commit fails go to a recovery file beside the database and are retried; `open` replays
 //! that file before anything is claimed.
 
+mod check;
 pub mod copy;
+mod deferred;
+pub mod instance;
 pub mod postgres;
 mod recovery;
 mod schema;
@@ -20,7 +23,14 @@ use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
-pub use recovery::recovery_path;
+pub use recovery::{FAULT_ENV as RECOVERY_FAULT_ENV, owner_recovery_path, recovery_path};
+
+pub use check::report as check_report;
+
+/// Recovery files beside `db` that hold rotations not committed yet (any owner).
+pub fn pending_recovery_files(db: &Path) -> Vec<PathBuf> {
+    recovery::pending_files(db)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -57,6 +67,14 @@ pub enum StoreError {
     Invalid(String),
     #[error("the store's worker thread has stopped")]
     Closed,
+    #[error(
+        "store {path}: {message}; stopping (see docs/src/durability.md). Restore the database file, then start again: rotations not committed are in the recovery file beside it"
+    )]
+    Lost { path: PathBuf, message: String },
+    #[error(
+        "database {path} is damaged: {problems}. Not used: restore it from a backup or `sqlite3 {path} .recover` into a new file (see docs/src/durability.md)"
+    )]
+    Damaged { path: PathBuf, problems: String },
     #[error(transparent)]
     Crypto(#[from] crate::crypto::CryptoError),
     #[error(
@@ -426,12 +444,13 @@ pub struct PgOptions {
 pub struct Store {
     backend: Backend,
     keys: Keyring,
-    /// Accounts whose rotated tokens wait in the recovery file: never claimed meanwhile,
-    /// or they would be refreshed again with the refresh token the provider just retired.
-    deferred: DeferredIds,
+    /// Rotations waiting for the database, and whether refreshes may be sent.
+    health: Arc<deferred::Health>,
+    /// This process's lease owner, the name of its instance and recovery files.
+    owner: Arc<str>,
 }
 
-pub(crate) type DeferredIds = Arc<std::sync::Mutex<std::collections::HashSet<i64>>>;
+pub(crate) type DeferredIds = Arc<deferred::Health>;
 
 #[derive(Clone)]
 enum Backend {
@@ -532,8 +551,9 @@ pub(crate) fn connect(opts: &StoreOptions) -> Result<Connection, StoreError> {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database, applies migrations, replays the recovery
-    /// file, and starts the worker thread.
+    /// Opens (creating if needed) the database, applies migrations, checks it
+    /// (`quick_check`), takes the instance lock, replays the recovery files of dead
+    /// processes, and starts the worker thread.
     pub async fn open(opts: StoreOptions) -> Result<Store, StoreError> {
         Self::start(opts, false).await
     }
@@ -545,38 +565,42 @@ impl Store {
     }
 
     async fn start(opts: StoreOptions, read_only: bool) -> Result<Store, StoreError> {
+        let owner: Arc<str> = instance::new_owner().into();
         if let Some(pg) = &opts.postgres {
-            let deferred = DeferredIds::default();
+            let health = DeferredIds::default();
             let store = postgres::PgStore::open(
                 &pg.url,
                 pg.pool_size,
                 opts.keyring.clone(),
-                recovery_path(&opts.path),
+                &opts.path,
+                &owner,
                 read_only,
-                deferred.clone(),
+                health.clone(),
             )
             .await?;
             return Ok(Store {
                 backend: Backend::Postgres(Arc::new(store)),
                 keys: opts.keyring,
-                deferred,
+                health,
+                owner,
             });
         }
         let (tx, rx) = std_mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = oneshot::channel();
         let path = opts.path.clone();
         let keys = opts.keyring.clone();
-        let deferred = DeferredIds::default();
-        let worker_deferred = deferred.clone();
+        let health = DeferredIds::default();
+        let worker_health = health.clone();
+        let worker_owner = owner.clone();
         std::thread::Builder::new()
             .name("refreshd-store".into())
             .spawn(move || {
                 let prepared = if read_only {
-                    Self::prepare_read_only(&opts)
+                    Self::prepare_read_only(&opts).map(|c| (c, None))
                 } else {
-                    Self::prepare(&opts)
+                    Self::prepare(&opts, &worker_owner, &worker_health).map(|(c, i)| (c, Some(i)))
                 };
-                let mut conn = match prepared {
+                let (mut conn, instance) = match prepared {
                     Ok(c) => {
                         let _ = ready_tx.send(Ok(()));
                         c
@@ -586,7 +610,7 @@ impl Store {
                         return;
                     }
                 };
-                Worker::new(&opts, worker_deferred).run(&mut conn, rx);
+                Worker::new(&opts, &worker_owner, instance, worker_health).run(&mut conn, rx);
             })
             .map_err(|e| StoreError::Create {
                 path: path.clone(),
@@ -596,20 +620,38 @@ impl Store {
         Ok(Store {
             backend: Backend::Sqlite { tx, path },
             keys,
-            deferred,
+            health,
+            owner,
         })
     }
 
-    fn prepare(opts: &StoreOptions) -> Result<Connection, StoreError> {
+    fn prepare(
+        opts: &StoreOptions,
+        owner: &str,
+        health: &deferred::Health,
+    ) -> Result<(Connection, instance::Instance), StoreError> {
         let mut conn = connect(opts)?;
+        // A damaged file is refused before anything (a migration included) writes to it.
+        let problems = check::quick(&conn).map_err(|e| StoreError::Damaged {
+            path: opts.path.clone(),
+            problems: e.to_string(),
+        })?;
+        if !problems.is_empty() {
+            return Err(StoreError::Damaged {
+                path: opts.path.clone(),
+                problems: problems.join("; "),
+            });
+        }
         schema::migrate(&mut conn).map_err(|(version, source)| StoreError::Migration {
             path: opts.path.clone(),
             version,
             source,
         })?;
         check_keys(&conn, &opts.path, &opts.keyring)?;
-        recovery::replay(&mut conn, &opts.keyring, &recovery_path(&opts.path))?;
-        Ok(conn)
+        let lock = instance::StoreLock::acquire(&opts.path)?;
+        let me = instance::Instance::acquire(&opts.path, owner, &lock)?;
+        adopt_dead(&mut conn, &opts.keyring, &opts.path, owner, health, &lock)?;
+        Ok((conn, me))
     }
 
     fn prepare_read_only(opts: &StoreOptions) -> Result<Connection, StoreError> {
@@ -653,11 +695,55 @@ impl Store {
         }
     }
 
+    /// This process's lease owner (its instance and recovery files are named after it).
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// This process's own recovery file, for the SQLite file or (PostgreSQL) `store.path`.
+    pub fn own_recovery_path(&self, db: &Path) -> PathBuf {
+        owner_recovery_path(db, &self.owner)
+    }
+
+    /// Whether a new refresh may be sent now: rotated tokens have somewhere durable to go
+    /// (the database, or reserved room in the recovery file), nothing is held in memory
+    /// only, and at most `max_waiting` answers wait for their commit (backpressure).
+    pub fn may_refresh(&self, max_waiting: usize) -> bool {
+        self.health.may_refresh(max_waiting)
+    }
+
+    /// Why the store cannot be used any more (its file vanished or was replaced).
+    pub fn lost(&self) -> Option<String> {
+        self.health.lost()
+    }
+
+    /// Accounts whose rotated tokens are in memory only: neither the database nor the
+    /// recovery file took them (after `close`: to be handed to the operator).
+    pub fn volatile_rotations(&self) -> Vec<i64> {
+        self.health.volatile_ids()
+    }
+
+    /// Writes the rotations held in memory only to a new 0600 file in `dir` (same format
+    /// as a recovery file, sealed as in the database) and fsyncs it and `dir`.
+    pub fn hand_off(&self, dir: &Path) -> std::io::Result<PathBuf> {
+        let volatile = self.health.volatile.lock().expect("not poisoned").clone();
+        let path = dir.join(format!("refreshd-handoff.{}.recovery", self.owner));
+        recovery::append(&path, &self.keys, &volatile)?;
+        Ok(path)
+    }
+
+    /// The rotations held in memory only, as recovery-file lines (for stdout, when asked).
+    pub fn hand_off_lines(&self) -> std::io::Result<Vec<u8>> {
+        let volatile = self.health.volatile.lock().expect("not poisoned").clone();
+        recovery::encode(&self.keys, &volatile)
+    }
+
     /// Accounts whose rotated tokens are still only in the recovery file (after `close`:
     /// the next start must replay that file; it must not be deleted).
     pub fn pending_rotations(&self) -> Vec<i64> {
         let mut ids: Vec<i64> = self
-            .deferred
+            .health
+            .ids
             .lock()
             .expect("not poisoned")
             .iter()
@@ -707,9 +793,13 @@ impl Store {
     pub async fn record(&self, outcome: Outcome) -> Result<Recorded, StoreError> {
         let jobs = match &self.backend {
             Backend::Sqlite { tx, .. } => tx,
-            Backend::Postgres(pg) => return pg.record(outcome).await,
+            Backend::Postgres(pg) => {
+                let _waiting = Waiting::new(&self.health);
+                return pg.record(outcome).await;
+            }
         };
         let (tx, rx) = oneshot::channel();
+        let _waiting = Waiting::new(&self.health);
         jobs.send(Job::Record(outcome, tx))
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -751,22 +841,34 @@ impl Store {
         limit: usize,
         skip: Vec<String>,
     ) -> Result<Vec<Account>, StoreError> {
+        if let Some(message) = self.lost() {
+            return Err(StoreError::Lost {
+                path: PathBuf::from(self.describe()),
+                message,
+            });
+        }
         let owner = owner.to_string();
         let until = now + lease.as_secs() as i64;
         let exclude: Vec<i64> = self
-            .deferred
+            .health
+            .ids
             .lock()
             .expect("not poisoned")
             .iter()
             .copied()
             .collect();
+        // Leases of processes found dead end now: taken over like expired ones, so the
+        // claim records the crash window (`refresh_interrupted`).
+        let dead = std::mem::take(&mut *self.health.dead_owners.lock().expect("not poisoned"));
         if let Some(pg) = self.pg() {
+            pg.expire_leases_of(&dead, now).await?;
             return pg
                 .claim_due_except(&owner, now, until, limit, &skip, &exclude)
                 .await;
         }
         let keys = self.keys.clone();
         self.call(move |c| {
+            sqlite::expire_leases_of(c, &dead, now)?;
             sqlite::claim_due_except(c, &keys, &owner, now, until, limit, &skip, &exclude)
         })
         .await
@@ -1136,6 +1238,71 @@ pub async fn rekey(
     Ok(report)
 }
 
+/// A reply channel of `Store::record`.
+pub(crate) type Reply = oneshot::Sender<Result<Recorded, StoreError>>;
+
+/// Counts one outcome as waiting for durability while it lives.
+struct Waiting<'a>(&'a deferred::Health);
+
+impl<'a> Waiting<'a> {
+    fn new(h: &'a deferred::Health) -> Self {
+        h.waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Waiting(h)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Takes over what dead processes left (store lock held): commits their recovery files
+/// (and an old single `<db>.recovery`), then hands their owners to the next claim, which
+/// ends their leases, and forgets their instance files.
+fn adopt_dead(
+    conn: &mut Connection,
+    keys: &Keyring,
+    db: &Path,
+    own: &str,
+    health: &deferred::Health,
+    lock: &instance::StoreLock,
+) -> Result<(), StoreError> {
+    let dead = instance::dead_owners(db, own, lock);
+    recovery::replay_orphans(conn, keys, db, own)?;
+    for owner in &dead {
+        tracing::warn!(event = "dead_owner_taken_over", owner = %owner, store = %db.display(),
+            "a process that used this store died; its leases are taken over now and its accounts refreshed again (flagged refresh_interrupted where an answer may have been lost)");
+        instance::forget(db, owner, lock);
+    }
+    health
+        .dead_owners
+        .lock()
+        .expect("not poisoned")
+        .extend(dead);
+    Ok(())
+}
+
+/// (device, inode) of a file, to notice it being deleted or replaced under us.
+pub(crate) fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Compares the store file with the one opened; the message says what changed.
+pub(crate) fn vanished(path: &Path, opened: Option<(u64, u64)>) -> Option<String> {
+    let opened = opened?;
+    match identity(path) {
+        None => Some("the database file was deleted while in use".into()),
+        Some(now) if now != opened => {
+            Some("the database file was replaced by another file while in use".into())
+        }
+        Some(_) => None,
+    }
+}
+
 /// Most outcomes written by one commit.
 const MAX_GROUP: usize = 1024;
 /// How often `close` tries to commit deferred rotations, `CLOSE_RETRY_EVERY` apart, before
@@ -1144,97 +1311,82 @@ pub(crate) const CLOSE_RETRIES: usize = 5;
 pub(crate) const CLOSE_RETRY_EVERY: Duration = Duration::from_millis(200);
 /// How often deferred (recovery-file) commits are retried when the worker is idle.
 const RETRY_EVERY: Duration = Duration::from_secs(2);
-/// While commits are deferred, a job first retries them, at most this often (each retry may
-/// wait `busy_timeout` on a locked database).
+/// While commits are deferred, a job first retries them, at most this often.
 const RETRY_BEFORE_JOB: Duration = Duration::from_millis(250);
-
-/// A reply channel of `Store::record`.
-pub(crate) type Reply = oneshot::Sender<Result<Recorded, StoreError>>;
-
-/// After a failed group commit (both backends): rotated tokens go to the recovery file and
-/// to `deferred` (retried, their accounts not claimed meanwhile); the other outcomes fail
-/// with the error (their leases run out and the accounts are retried).
-pub(crate) fn settle_failed(
-    recovery: &Path,
-    keys: &Keyring,
-    deferred: &mut Vec<Outcome>,
-    deferred_ids: &DeferredIds,
-    batch: Vec<(Outcome, Reply)>,
-    e: &StoreError,
-) {
-    let message = e.to_string();
-    let (rotated, others): (Vec<_>, Vec<_>) = batch
-        .into_iter()
-        .partition(|(o, _)| matches!(o, Outcome::Rotated { .. }));
-    if !rotated.is_empty() {
-        let outcomes: Vec<Outcome> = rotated.iter().map(|(o, _)| o.clone()).collect();
-        let saved = recovery::append(recovery, keys, &outcomes);
-        deferred_ids
-            .lock()
-            .expect("not poisoned")
-            .extend(outcomes.iter().map(Outcome::account_id));
-        deferred.extend(outcomes);
-        for (_, reply) in rotated {
-            let _ = reply.send(match &saved {
-                Ok(()) => Ok(Recorded::Deferred),
-                // Still held in memory and retried, but not crash-safe: say so.
-                Err(e) => Err(StoreError::Recovery {
-                    path: recovery.to_path_buf(),
-                    message: format!("{e}; commit failed too: {message}"),
-                }),
-            });
-        }
-    }
-    for (_, reply) in others {
-        let _ = reply.send(Err(StoreError::Invalid(format!(
-            "commit failed, outcome not stored (will be retried after the lease expires): {message}"
-        ))));
-    }
-}
+/// How often the worker checks the database file is still the one it opened and looks
+/// for dead processes' leases and recovery files.
+pub const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// How long a commit of outcomes waits for another process's write lock before its
+/// rotations go to the recovery file: answers are not held in memory for busy_timeout.
+const COMMIT_WAIT: Duration = Duration::from_millis(100);
 
 struct Worker {
-    recovery: PathBuf,
+    db: PathBuf,
+    owner: String,
     keys: Keyring,
-    /// Rotations that could not be committed: in the recovery file and here, until committed.
-    deferred: Vec<Outcome>,
-    /// Their account ids, shared with the Store handles (claims leave them out).
-    deferred_ids: DeferredIds,
+    busy_timeout: Duration,
+    deferrals: deferred::Deferrals,
+    instance: Option<instance::Instance>,
+    /// (device, inode) of the database when opened.
+    identity: Option<(u64, u64)>,
     last_retry: std::time::Instant,
+    last_watch: std::time::Instant,
 }
 
 impl Worker {
-    fn new(opts: &StoreOptions, deferred_ids: DeferredIds) -> Self {
+    fn new(
+        opts: &StoreOptions,
+        owner: &str,
+        instance: Option<instance::Instance>,
+        health: DeferredIds,
+    ) -> Self {
+        let log = if instance.is_some() {
+            recovery::RecoveryLog::open(owner_recovery_path(&opts.path, owner))
+        } else {
+            recovery::RecoveryLog::unopened(owner_recovery_path(&opts.path, owner))
+        };
         Worker {
-            recovery: recovery_path(&opts.path),
+            db: opts.path.clone(),
+            owner: owner.to_string(),
             keys: opts.keyring.clone(),
-            deferred: Vec::new(),
-            deferred_ids,
+            busy_timeout: opts.busy_timeout,
+            deferrals: deferred::Deferrals::new(log, opts.keyring.clone(), health),
+            identity: instance.as_ref().and_then(|_| identity(&opts.path)),
+            instance,
             last_retry: std::time::Instant::now(),
+            last_watch: std::time::Instant::now(),
         }
     }
 
     fn run(mut self, conn: &mut Connection, rx: std_mpsc::Receiver<Job>) {
         let mut stash: Vec<Job> = Vec::new();
         loop {
+            if self.instance.is_some() && self.last_watch.elapsed() >= WATCH_EVERY {
+                self.watch(conn);
+            }
             let job = if let Some(j) = stash.pop() {
                 j
-            } else if self.deferred.is_empty() {
-                match rx.recv() {
-                    Ok(j) => j,
-                    Err(_) => break,
-                }
             } else {
-                match rx.recv_timeout(RETRY_EVERY) {
+                let wait = if self.instance.is_none() {
+                    Duration::from_secs(3600)
+                } else if self.deferrals.is_empty() {
+                    WATCH_EVERY
+                } else {
+                    RETRY_EVERY.min(WATCH_EVERY)
+                };
+                match rx.recv_timeout(wait) {
                     Ok(j) => j,
                     Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                        self.retry_deferred(conn);
+                        if self.last_retry.elapsed() >= RETRY_EVERY {
+                            self.retry_deferred(conn);
+                        }
                         continue;
                     }
                     Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
                 }
             };
             // Deferred rotations go first: nothing else should see the rows they update.
-            if !self.deferred.is_empty()
+            if !self.deferrals.is_empty()
                 && (matches!(job, Job::Call(_)) || self.last_retry.elapsed() >= RETRY_BEFORE_JOB)
             {
                 self.retry_deferred(conn);
@@ -1246,11 +1398,12 @@ impl Worker {
                     // next start in the recovery file.
                     for _ in 0..CLOSE_RETRIES {
                         self.retry_deferred(conn);
-                        if self.deferred.is_empty() {
+                        if self.deferrals.is_empty() {
                             break;
                         }
                         std::thread::sleep(CLOSE_RETRY_EVERY);
                     }
+                    self.finish();
                     let _ = done.send(());
                     return;
                 }
@@ -1274,16 +1427,85 @@ impl Worker {
             }
         }
         self.retry_deferred(conn);
+        self.finish();
+    }
+
+    /// A stop: the own recovery file goes when empty, the instance lock with its file.
+    fn finish(&mut self) {
+        let Some(me) = self.instance.take() else {
+            return;
+        };
+        let log = std::mem::replace(
+            &mut self.deferrals.log,
+            recovery::RecoveryLog::unopened(owner_recovery_path(&self.db, &self.owner)),
+        );
+        if self.deferrals.is_empty() {
+            log.remove();
+        }
+        if let Ok(lock) = instance::StoreLock::acquire(&self.db) {
+            me.release(&lock);
+        }
+    }
+
+    /// Notices a deleted or replaced database, and takes over dead processes' work.
+    fn watch(&mut self, conn: &mut Connection) {
+        self.last_watch = std::time::Instant::now();
+        if self.deferrals.health.lost().is_none()
+            && let Some(message) = vanished(&self.db, self.identity)
+        {
+            tracing::error!(event = "store_vanished", path = %self.db.display(), message = %message,
+                "the database file this process opened is gone or replaced: stopping; restore it and start again (see docs/src/durability.md)");
+            *self.deferrals.health.lost.lock().expect("not poisoned") = Some(message);
+        }
+        if self.deferrals.health.lost().is_some() {
+            return;
+        }
+        let Ok(lock) = instance::StoreLock::acquire(&self.db) else {
+            return;
+        };
+        self.set_wait(conn, COMMIT_WAIT);
+        if let Err(e) = adopt_dead(
+            conn,
+            &self.keys,
+            &self.db,
+            &self.owner,
+            &self.deferrals.health,
+            &lock,
+        ) {
+            tracing::warn!(event = "adopt_dead_failed", error = %e, "cannot take over a dead process's recovery file yet; retried in a second");
+        }
+        self.set_wait(conn, self.busy_timeout);
+    }
+
+    fn set_wait(&self, conn: &Connection, wait: Duration) {
+        let _ = conn.busy_timeout(wait);
     }
 
     fn commit_group(&mut self, conn: &mut Connection, batch: Vec<(Outcome, Reply)>) {
-        let outcomes: Vec<&Outcome> = batch.iter().map(|(o, _)| o).collect();
-        let result = Self::commit(conn, &self.keys, &outcomes);
+        let lost = self.deferrals.health.lost().or_else(|| {
+            self.instance
+                .as_ref()
+                .and_then(|_| vanished(&self.db, self.identity))
+        });
+        let result = match &lost {
+            Some(message) => Err(StoreError::Lost {
+                path: self.db.clone(),
+                message: message.clone(),
+            }),
+            None => {
+                let outcomes: Vec<&Outcome> = batch.iter().map(|(o, _)| o).collect();
+                self.set_wait(conn, COMMIT_WAIT);
+                let r = Self::commit(conn, &self.keys, &outcomes);
+                self.set_wait(conn, self.busy_timeout);
+                r
+            }
+        };
         // A locked or full database fails every outcome alike; anything else may be one bad
         // outcome, which must not hold the others hostage: then commit each alone.
         if let Err(e) = &result
             && batch.len() > 1
             && !e.is_transient()
+            && lost.is_none()
         {
             for one in batch {
                 self.commit_group(conn, vec![one]);
@@ -1292,18 +1514,12 @@ impl Worker {
         }
         match result {
             Ok(results) => {
+                self.deferrals.commit_ok();
                 for ((_, reply), r) in batch.into_iter().zip(results) {
                     let _ = reply.send(Ok(r));
                 }
             }
-            Err(e) => settle_failed(
-                &self.recovery,
-                &self.keys,
-                &mut self.deferred,
-                &self.deferred_ids,
-                batch,
-                &e,
-            ),
+            Err(e) => self.deferrals.settle_failed(batch, &e),
         }
     }
 
@@ -1330,26 +1546,23 @@ impl Worker {
     }
 
     fn retry_deferred(&mut self, conn: &mut Connection) {
-        if self.deferred.is_empty() {
+        if self.deferrals.is_empty() {
             return;
         }
         self.last_retry = std::time::Instant::now();
-        match recovery::apply(conn, &self.keys, &self.deferred) {
-            Ok((_, refused)) => {
-                recovery::quarantine(&self.recovery, &self.keys, &refused);
-                self.deferred.clear();
-                self.deferred_ids.lock().expect("not poisoned").clear();
-                if let Err(e) = recovery::remove(&self.recovery) {
-                    tracing::error!(event = "recovery_cleanup_failed", path = %self.recovery.display(), error = %e,
-                        "deferred tokens are committed but the recovery file could not be removed; it is replayed harmlessly at next start");
-                } else {
-                    tracing::info!(event = "recovery_committed", path = %self.recovery.display(), "deferred token rotations are now committed");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(event = "recovery_retry_failed", pending = self.deferred.len(), error = %e,
-                    "rotated tokens still waiting to be committed; they are safe in the recovery file");
-            }
+        if let Some(message) = self.deferrals.health.lost() {
+            self.deferrals.retry_failed(&StoreError::Lost {
+                path: self.db.clone(),
+                message,
+            });
+            return;
+        }
+        self.set_wait(conn, COMMIT_WAIT);
+        let result = recovery::apply(conn, &self.keys, &self.deferrals.pending);
+        self.set_wait(conn, self.busy_timeout);
+        match result {
+            Ok((_, refused)) => self.deferrals.committed(&refused),
+            Err(e) => self.deferrals.retry_failed(&e),
         }
     }
 }

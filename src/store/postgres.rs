@@ -12,7 +12,7 @@ use crate::crypto::{Column, Keyring};
 use crate::model::{Account, ReauthReason, Status};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
 use secrecy::{ExposeSecret, SecretString};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{GenericClient, NoTls, Row};
@@ -261,13 +261,14 @@ impl std::fmt::Debug for PgStore {
 impl PgStore {
     /// Connects, migrates (unless `read_only`), checks the keys, replays the recovery file
     /// (unless `read_only`) and starts the group-commit task.
-    pub async fn open(
+    pub(crate) async fn open(
         url: &SecretString,
         pool_size: usize,
         keys: Keyring,
-        recovery_file: PathBuf,
+        db: &Path,
+        owner: &str,
         read_only: bool,
-        deferred_ids: super::DeferredIds,
+        health: super::DeferredIds,
     ) -> Result<PgStore, StoreError> {
         let describe = describe(url.expose_secret());
         let mut config: tokio_postgres::Config =
@@ -348,24 +349,63 @@ impl PgStore {
                 });
             }
         }
-        if !read_only && let Some(outcomes) = recovery::read(&recovery_file, &keys)? {
-            let mut c = client;
-            let (applied, refused) = apply_recovered(&mut c, &keys, &outcomes).await?;
-            recovery::quarantine(&recovery_file, &keys, &refused);
-            recovery::remove(&recovery_file).map_err(|e| StoreError::Recovery {
-                path: recovery_file.clone(),
-                message: format!("replayed but cannot remove: {e}"),
-            })?;
-            tracing::info!(event = "recovery_replayed", path = %recovery_file.display(), entries = outcomes.len(), applied, "replayed rotations a previous run could not commit");
+        if read_only {
+            drop(client);
+            let (jobs, rx) = mpsc::unbounded_channel();
+            let log = recovery::RecoveryLog::unopened(super::owner_recovery_path(db, owner));
+            tokio::spawn(
+                Worker {
+                    pool: pool.clone(),
+                    keys: keys.clone(),
+                    deferrals: super::deferred::Deferrals::new(log, keys.clone(), health),
+                    instance: None,
+                    db: db.to_path_buf(),
+                }
+                .run(rx),
+            );
+            return Ok(PgStore {
+                pool,
+                keys,
+                jobs,
+                describe,
+            });
         }
+        // Recovery files and instance locks sit beside store.path: replicas on one host
+        // sharing it take over each other's work as SQLite processes do.
+        let lock = super::instance::StoreLock::acquire(db)?;
+        let me = super::instance::Instance::acquire(db, owner, &lock)?;
+        let mut c = client;
+        for path in recovery::orphans(db, owner) {
+            if let Some(outcomes) = recovery::read(&path, &keys)? {
+                let (applied, refused) = apply_recovered(&mut c, &keys, &outcomes).await?;
+                recovery::quarantine(&path, &keys, &refused);
+                recovery::remove(&path).map_err(|e| StoreError::Recovery {
+                    path: path.clone(),
+                    message: format!("replayed but cannot remove: {e}"),
+                })?;
+                tracing::info!(event = "recovery_replayed", path = %path.display(), entries = outcomes.len(), applied, "replayed rotations a process could not commit before it stopped");
+            }
+        }
+        let dead = super::instance::dead_owners(db, owner, &lock);
+        for o in &dead {
+            super::instance::forget(db, o, &lock);
+        }
+        health
+            .dead_owners
+            .lock()
+            .expect("not poisoned")
+            .extend(dead);
+        drop(lock);
+        drop(c);
         let (jobs, rx) = mpsc::unbounded_channel();
+        let log = recovery::RecoveryLog::open(super::owner_recovery_path(db, owner));
         tokio::spawn(
             Worker {
                 pool: pool.clone(),
                 keys: keys.clone(),
-                recovery: recovery_file,
-                deferred: Vec::new(),
-                deferred_ids,
+                deferrals: super::deferred::Deferrals::new(log, keys.clone(), health),
+                instance: Some(me),
+                db: db.to_path_buf(),
             }
             .run(rx),
         );
@@ -407,6 +447,27 @@ impl PgStore {
         if self.jobs.send(Job::Close(tx)).is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// Ends now the leases of processes found dead; see `sqlite::expire_leases_of`.
+    pub async fn expire_leases_of(&self, owners: &[String], now: i64) -> Result<(), StoreError> {
+        if owners.is_empty() {
+            return Ok(());
+        }
+        let ctx = "take over a dead process's leases";
+        let client = self.pool.get().await.map_err(pool_err(ctx))?;
+        for owner in owners {
+            client
+                .execute(
+                    "UPDATE accounts SET lease_expires_at = $2
+                     WHERE lease_owner IS NOT NULL AND lease_expires_at > $2
+                       AND left(lease_owner, length($1) + 1) = $1 || ':'",
+                    &[owner, &now],
+                )
+                .await
+                .map_err(pg_err(ctx))?;
+        }
+        Ok(())
     }
 
     pub async fn claim_due_except(
@@ -1610,9 +1671,10 @@ async fn apply_recovered(
 struct Worker {
     pool: Pool,
     keys: Keyring,
-    recovery: PathBuf,
-    deferred: Vec<Outcome>,
-    deferred_ids: super::DeferredIds,
+    deferrals: super::deferred::Deferrals,
+    /// This process's instance lock (None when read-only).
+    instance: Option<super::instance::Instance>,
+    db: PathBuf,
 }
 
 use super::Reply;
@@ -1620,7 +1682,7 @@ use super::Reply;
 impl Worker {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
         loop {
-            let job = if self.deferred.is_empty() {
+            let job = if self.deferrals.is_empty() {
                 match rx.recv().await {
                     Some(j) => j,
                     None => break,
@@ -1638,6 +1700,7 @@ impl Worker {
             match job {
                 Job::Close(done) => {
                     self.close_retries().await;
+                    self.finish();
                     let _ = done.send(());
                     return;
                 }
@@ -1659,6 +1722,7 @@ impl Worker {
                     self.commit_group(batch).await;
                     if let Some(done) = close {
                         self.close_retries().await;
+                        self.finish();
                         let _ = done.send(());
                         return;
                     }
@@ -1666,12 +1730,36 @@ impl Worker {
             }
         }
         self.retry_deferred().await;
+        self.finish();
+    }
+
+    /// A stop: the own recovery file goes when empty, the instance lock with its file.
+    fn finish(&mut self) {
+        let Some(me) = self.instance.take() else {
+            return;
+        };
+        let path = self.deferrals.log.path().to_path_buf();
+        let log = std::mem::replace(
+            &mut self.deferrals.log,
+            recovery::RecoveryLog::unopened(path),
+        );
+        if self.deferrals.is_empty() {
+            log.remove();
+        }
+        if let Ok(lock) = super::instance::StoreLock::acquire(&self.db) {
+            me.release(&lock);
+        }
     }
 
     async fn commit(&self, outcomes: &[&Outcome]) -> Result<Vec<Recorded>, StoreError> {
         let ctx = "commit refresh outcomes";
         let mut client = self.pool.get().await.map_err(pool_err(ctx))?;
         let tx = client.transaction().await.map_err(pg_err(ctx))?;
+        // A row another transaction holds fails the commit fast (55P03, transient): the
+        // rotations go to the recovery file instead of waiting in memory.
+        tx.batch_execute("SET LOCAL lock_timeout = '100ms'")
+            .await
+            .map_err(pg_err(ctx))?;
         // Rows locked in account order, as the sweep and rekey lock them: two replicas'
         // transactions then never wait on each other in a cycle (a deadlock).
         let mut order: Vec<usize> = (0..outcomes.len()).collect();
@@ -1707,18 +1795,12 @@ impl Worker {
         }
         match result {
             Ok(results) => {
+                self.deferrals.commit_ok();
                 for ((_, reply), r) in batch.into_iter().zip(results) {
                     let _ = reply.send(Ok(r));
                 }
             }
-            Err(e) => super::settle_failed(
-                &self.recovery,
-                &self.keys,
-                &mut self.deferred,
-                &self.deferred_ids,
-                batch,
-                &e,
-            ),
+            Err(e) => self.deferrals.settle_failed(batch, &e),
         }
     }
 
@@ -1727,7 +1809,7 @@ impl Worker {
     async fn close_retries(&mut self) {
         for _ in 0..super::CLOSE_RETRIES {
             self.retry_deferred().await;
-            if self.deferred.is_empty() {
+            if self.deferrals.is_empty() {
                 break;
             }
             tokio::time::sleep(super::CLOSE_RETRY_EVERY).await;
@@ -1735,29 +1817,16 @@ impl Worker {
     }
 
     async fn retry_deferred(&mut self) {
-        if self.deferred.is_empty() {
+        if self.deferrals.is_empty() {
             return;
         }
         let result = match self.pool.get().await {
-            Ok(mut c) => apply_recovered(&mut c, &self.keys, &self.deferred).await,
+            Ok(mut c) => apply_recovered(&mut c, &self.keys, &self.deferrals.pending).await,
             Err(e) => Err(pool_err("retry deferred rotations")(e)),
         };
         match result {
-            Ok((_, refused)) => {
-                recovery::quarantine(&self.recovery, &self.keys, &refused);
-                self.deferred.clear();
-                self.deferred_ids.lock().expect("not poisoned").clear();
-                if let Err(e) = recovery::remove(&self.recovery) {
-                    tracing::error!(event = "recovery_cleanup_failed", path = %self.recovery.display(), error = %e,
-                        "deferred tokens are committed but the recovery file could not be removed; it is replayed harmlessly at next start");
-                } else {
-                    tracing::info!(event = "recovery_committed", path = %self.recovery.display(), "deferred token rotations are now committed");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(event = "recovery_retry_failed", pending = self.deferred.len(), error = %e,
-                    "rotated tokens still waiting to be committed; they are safe in the recovery file");
-            }
+            Ok((_, refused)) => self.deferrals.committed(&refused),
+            Err(e) => self.deferrals.retry_failed(&e),
         }
     }
 }

@@ -166,6 +166,21 @@ pub fn claim_due_except(
     Ok(out)
 }
 
+/// Ends now the leases of processes found dead (their instance lock is free), so the next
+/// claim takes their accounts over and records the crash window as for an expired lease.
+pub fn expire_leases_of(conn: &Connection, owners: &[String], now: i64) -> Result<(), StoreError> {
+    for owner in owners {
+        conn.prepare_cached(
+            "UPDATE accounts SET lease_expires_at = ?2
+             WHERE lease_owner IS NOT NULL AND lease_expires_at > ?2
+               AND substr(lease_owner, 1, length(?1) + 1) = ?1 || ':'",
+        )
+        .and_then(|mut st| st.execute(rusqlite::params![owner, now]))
+        .map_err(sql_err("take over a dead process's leases"))?;
+    }
+    Ok(())
+}
+
 /// The earliest due time among refreshable accounts that nobody holds a valid lease on.
 /// Accounts leased by a process that died become visible when their lease expires; the
 /// engine's `refresh.max_idle` bounds how late it notices.

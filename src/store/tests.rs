@@ -844,10 +844,10 @@ async fn let_worker_retry_fail() {
 }
 
 /// Waits (sending the worker no jobs, so only its periodic retry can commit) until the
-/// recovery file is gone.
+/// recovery file is gone or empty.
 async fn wait_for_recovery_commit(recovery: &Path) {
     for _ in 0..100 {
-        if !recovery.exists() {
+        if std::fs::metadata(recovery).map_or(true, |m| m.len() == 0) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -859,8 +859,12 @@ async fn wait_for_recovery_commit(recovery: &Path) {
 async fn failed_commit_defers_to_recovery_file_then_commits() {
     let (dir, store) = temp_store().await;
     let db = options(&dir).path;
-    let recovery = recovery_path(&db);
-    assert_eq!(recovery, dir.path().join("refreshd.db.recovery"));
+    let recovery = store.own_recovery_path(&db);
+    assert_eq!(
+        recovery,
+        dir.path()
+            .join(format!("refreshd.db.recovery.{}", store.owner()))
+    );
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
     let other = insert(&store, vec![new_account("tiktok", "u2", NOW)]).await[0];
     store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
@@ -933,8 +937,8 @@ async fn close_commits_deferred_rotations_once_the_database_is_free() {
 async fn open_replays_recovery_file_left_by_a_previous_run() {
     let dir = tempfile::tempdir().unwrap();
     let opts = options(&dir);
-    let recovery = recovery_path(&opts.path);
     let store = Store::open(opts.clone()).await.unwrap();
+    let recovery = store.own_recovery_path(&opts.path);
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
     store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
 
@@ -1717,4 +1721,223 @@ async fn transient_with_a_lost_answer_keeps_the_lease_until_the_retry_and_record
         .await
         .unwrap();
     assert_eq!(lease(&store, id).await, (None, None));
+}
+
+// ---- recovery files per owner, dead owners (issue 13, items 1 and 7) ----
+
+/// Two processes on one file, both deferring while a third holds the write lock: each
+/// rotation sits in its writer's own file, and a process starting meanwhile leaves the
+/// live writers' files alone (it never removes what it did not commit).
+#[tokio::test]
+async fn deferred_rotations_stay_in_their_writers_own_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(&dir);
+    let a = Store::open(opts.clone()).await.unwrap();
+    let b = Store::open(opts.clone()).await.unwrap();
+    assert_ne!(a.owner(), b.owner());
+    let accts = insert(
+        &a,
+        vec![
+            new_account("tiktok", "u1", NOW),
+            new_account("tiktok", "u2", NOW),
+        ],
+    )
+    .await;
+    let locker = lock_writes(&opts.path);
+    let ra = a.record(rotated(accts[0], 0, "at-a", Some("rt-a"), NOW + 1));
+    let rb = b.record(rotated(accts[1], 0, "at-b", Some("rt-b"), NOW + 1));
+    let (ra, rb) = tokio::join!(ra, rb);
+    assert_eq!(ra.unwrap(), Recorded::Deferred);
+    assert_eq!(rb.unwrap(), Recorded::Deferred);
+    let (fa, fb) = (
+        a.own_recovery_path(&opts.path),
+        b.own_recovery_path(&opts.path),
+    );
+    assert!(std::fs::read_to_string(&fa).unwrap().contains("at-a"));
+    assert!(std::fs::read_to_string(&fb).unwrap().contains("at-b"));
+    assert!(!std::fs::read_to_string(&fa).unwrap().contains("at-b"));
+    // A process starting now replays no live writer's file.
+    let c = Store::open(opts.clone()).await.unwrap();
+    assert!(std::fs::read_to_string(&fb).unwrap().contains("at-b"));
+    assert!(std::fs::read_to_string(&fa).unwrap().contains("at-a"));
+    locker.execute_batch("ROLLBACK").unwrap();
+    drop(locker);
+    wait_for_recovery_commit(&fa).await;
+    wait_for_recovery_commit(&fb).await;
+    assert_eq!(get(&c, accts[0]).await.access_token.expose_secret(), "at-a");
+    assert_eq!(
+        get(&c, accts[1]).await.refresh_token.expose_secret(),
+        "rt-b"
+    );
+    for s in [a, b, c] {
+        s.close().await;
+    }
+    assert!(
+        !fa.exists() && !fb.exists(),
+        "empty own files go at a clean stop"
+    );
+}
+
+/// A dead writer's file (no live instance lock) is committed and removed by the next
+/// process to open the store, as is the old single `<db>.recovery`.
+#[tokio::test]
+async fn a_dead_writers_recovery_file_is_replayed_by_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(&dir);
+    let store = Store::open(opts.clone()).await.unwrap();
+    let accts = insert(
+        &store,
+        vec![
+            new_account("tiktok", "u1", NOW),
+            new_account("tiktok", "u2", NOW),
+        ],
+    )
+    .await;
+    store.close().await;
+    drop(store);
+    let dead = owner_recovery_path(&opts.path, "deadhost:4242:0000beef");
+    recovery::append(
+        &dead,
+        &Default::default(),
+        &[rotated(accts[0], 0, "at-dead", Some("rt-dead"), NOW + 1)],
+    )
+    .unwrap();
+    let legacy = recovery_path(&opts.path);
+    recovery::append(
+        &legacy,
+        &Default::default(),
+        &[rotated(accts[1], 0, "at-old", Some("rt-old"), NOW + 1)],
+    )
+    .unwrap();
+    let store = Store::open(opts.clone()).await.unwrap();
+    assert!(!dead.exists() && !legacy.exists());
+    assert_eq!(
+        get(&store, accts[0]).await.refresh_token.expose_secret(),
+        "rt-dead"
+    );
+    assert_eq!(
+        get(&store, accts[1]).await.refresh_token.expose_secret(),
+        "rt-old"
+    );
+}
+
+/// A lease whose owner's instance lock is free is taken over at once (the claim records
+/// the crash window); a live owner's lease is not.
+#[tokio::test]
+async fn a_dead_owners_leases_are_taken_over_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(&dir);
+    let live = Store::open(opts.clone()).await.unwrap();
+    let accts = insert(
+        &live,
+        vec![
+            new_account("tiktok", "u1", NOW),
+            new_account("tiktok", "u2", NOW),
+        ],
+    )
+    .await;
+    // u1 leased by a process that died (its instance file is there, unlocked).
+    let dead = "deadhost:4242:0000beef";
+    std::fs::write(instance::instance_path(&opts.path, dead), "").unwrap();
+    let taken = live
+        .claim_due(&format!("{dead}:1"), NOW, LEASE, 1)
+        .await
+        .unwrap();
+    assert_eq!(ids(&taken), [accts[0]]);
+    // u2 leased by the live process.
+    let taken = live
+        .claim_due(&format!("{}:1", live.owner()), NOW, LEASE, 1)
+        .await
+        .unwrap();
+    assert_eq!(ids(&taken), [accts[1]]);
+
+    let next = Store::open(opts.clone()).await.unwrap();
+    let again = next
+        .claim_due(&format!("{}:1", next.owner()), NOW + 1, LEASE, 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(&again), [accts[0]], "only the dead owner's lease");
+    assert_eq!(again[0].interrupted_at, Some(NOW + 1));
+    assert!(!instance::instance_path(&opts.path, dead).exists());
+}
+
+// ---- damaged store (issue 13, item 9) ----
+
+/// Writes garbage over the start of page `page` (1-based) of a closed database.
+fn garble_page(path: &Path, page: u64) {
+    use std::io::{Seek, SeekFrom};
+    // Every page in the main file first: a WAL copy would hide the garbage.
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    drop(c);
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(SeekFrom::Start((page - 1) * 4096)).unwrap();
+    f.write_all(&[0xA5; 512]).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[tokio::test]
+async fn a_damaged_database_fails_check_and_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(&dir);
+    let store = Store::open(opts.clone()).await.unwrap();
+    let many: Vec<NewAccount> = (0..60)
+        .map(|i| new_account("tiktok", &format!("u{i}"), NOW))
+        .collect();
+    insert(&store, many).await;
+    store.close().await;
+    drop(store);
+    assert!(check::report(&opts.path, false).iter().all(|(_, ok)| *ok));
+    garble_page(&opts.path, 2);
+    for full in [false, true] {
+        let report = check::report(&opts.path, full);
+        assert!(
+            report
+                .iter()
+                .any(|(line, ok)| !ok && line.contains("FAILED") && line.contains("damaged")),
+            "{report:?}"
+        );
+    }
+    let err = Store::open(opts).await.unwrap_err();
+    assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
+    assert!(err.to_string().contains("is damaged"), "{err}");
+}
+
+// ---- a stalled PostgreSQL commit (issue 13, item 4) ----
+
+/// A row held by another transaction fails the group commit within its lock_timeout: the
+/// rotation goes to the recovery file at once instead of waiting in memory.
+#[tokio::test]
+async fn a_postgres_commit_blocked_on_a_row_lock_defers_at_once() {
+    let Some(url) = postgres_schema("row_lock_defer").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let opts = POSTGRES
+        .scope(Some(url.clone()), async { options(&dir) })
+        .await;
+    let store = Store::open(opts.clone()).await.unwrap();
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM accounts WHERE id = {id} FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(3),
+        store.record(rotated(id, 0, "at-x", Some("rt-x"), NOW + 1)),
+    )
+    .await
+    .expect("the commit does not wait for the row lock")
+    .unwrap();
+    assert_eq!(r, Recorded::Deferred);
+    client.batch_execute("ROLLBACK").await.unwrap();
+    wait_for_recovery_commit(&store.own_recovery_path(&opts.path)).await;
+    assert_eq!(get(&store, id).await.refresh_token.expose_secret(), "rt-x");
 }

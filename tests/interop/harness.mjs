@@ -162,6 +162,7 @@ function refreshdConfig(sc, provider, listenPort) {
 path = ${JSON.stringify(path.join(sc.dir, 'refreshd.db'))}
 lease = "${o.lease ?? '15s'}"
 busy_timeout = "5s"
+create = true
 
 [refresh]
 lead = "10m"

@@ -1268,6 +1268,17 @@ async fn config_errors_never_echo_a_secret() {
     check("digits through the environment", digits, &out.all());
 
     // The same typo picked up by a SIGHUP reload goes into the daemon's JSON log.
+    // `run` starts on an existing store only (docs/src/durability.md).
+    Store::open(StoreOptions {
+        path: w.db.clone(),
+        busy_timeout: Duration::from_secs(5),
+        keyring: Default::default(),
+        postgres: None,
+    })
+    .await
+    .expect("create the store")
+    .close()
+    .await;
     let mut d = w.daemon();
     d.wait_event("ready", 10).await;
     std::fs::write(

@@ -1119,7 +1119,7 @@ async fn refresh_into_recovery_file(
         .unwrap();
     assert_eq!(in_db, original);
     // ...and the recovery file the new one.
-    let recovery = recovery_path(&app.db);
+    let recovery = store.own_recovery_path(&app.db);
     let text = std::fs::read_to_string(&recovery).expect("recovery file written");
     assert_eq!(text.lines().count(), 1, "one entry in the recovery file");
     let entry: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
@@ -1138,7 +1138,7 @@ async fn recovery_file_keeps_a_rotation_the_database_refused() {
         &[("store", "busy_timeout", "100ms".into())],
     );
     let (id, store, locker, _) = refresh_into_recovery_file(&app, &config).await;
-    let recovery = recovery_path(&app.db);
+    let recovery = store.own_recovery_path(&app.db);
 
     // Closing while the database is still locked cannot commit: the file stays.
     store.close().await;
@@ -1795,19 +1795,23 @@ async fn a_run_ending_with_a_rotation_only_in_the_recovery_file_fails_and_says_s
     match &err {
         lifecycle::DaemonError::PendingRotations { count, path } => {
             assert_eq!(*count, 1);
-            assert_eq!(path, &recovery.display().to_string());
+            // The run's own file: `<db>.recovery.<owner>`.
+            assert!(
+                path.starts_with(&format!("{}.", recovery.display())),
+                "{path}"
+            );
         }
         other => panic!("{other}"),
     }
     assert!(err.to_string().contains("keep that file"), "{err}");
-    assert!(recovery.exists());
+    assert_eq!(refreshd::store::pending_recovery_files(&app.db).len(), 1);
     locker.execute_batch("ROLLBACK").unwrap();
     drop(locker);
     app.sandbox.set_faults(Faults::default());
 
     // The next run commits it before anything else.
     run_once(&app, &config).await;
-    assert!(!recovery.exists());
+    assert!(refreshd::store::pending_recovery_files(&app.db).is_empty());
     let store = app.store().await;
     assert_eq!(
         app.sandbox.current_refresh_token("u1").as_deref(),

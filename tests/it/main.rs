@@ -3,6 +3,8 @@
 //! a temp dir. Set TEST_LOG=1 to see the daemon's logs.
 
 mod bench;
+mod chaos_row;
+mod chaos_store;
 mod cli;
 mod connect;
 mod deploy;

@@ -10,7 +10,7 @@ use refreshd::store::{NewAccount, Outcome, PgOptions, Recorded, Store, StoreOpti
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -942,10 +942,14 @@ async fn a_rotation_the_database_refuses_for_good_is_quarantined_not_a_poison() 
     assert!(again.iter().any(|x| x.id == ids[1]));
 
     // The retry finds it refused for good: moved to the quarantine file, the rest unblocked.
-    let recovery = refreshd::store::recovery_path(&dir.path().join("refreshd.db"));
-    let quarantine = dir.path().join("refreshd.db.recovery.rejected");
+    // The process's own recovery file: emptied once nothing in it waits any more.
+    let recovery = store.own_recovery_path(&dir.path().join("refreshd.db"));
+    let quarantine = PathBuf::from(format!("{}.rejected", recovery.display()));
     assert!(
-        eventually(10, || async { quarantine.exists() && !recovery.exists() }).await,
+        eventually(10, || async {
+            quarantine.exists() && std::fs::metadata(&recovery).map_or(true, |m| m.len() == 0)
+        })
+        .await,
         "quarantined"
     );
     assert!(store.pending_rotations().is_empty());

@@ -57,6 +57,7 @@ async fn tokens(store: &Store, ids: &[i64]) -> Vec<String> {
 /// Every file of the store that exists: database, WAL, SHM, recovery file.
 fn store_bytes(db: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut files = vec![db.to_path_buf(), recovery_path(db)];
+    files.extend(store::pending_recovery_files(db));
     for suffix in ["-wal", "-shm"] {
         let mut s = db.as_os_str().to_owned();
         s.push(suffix);
@@ -182,7 +183,7 @@ async fn encrypted_store_round_trips_and_no_file_holds_a_clear_token() {
         .await
         .unwrap();
     assert_eq!(r, Recorded::Deferred);
-    let recovery = std::fs::read_to_string(recovery_path(&app.db)).unwrap();
+    let recovery = std::fs::read_to_string(store.own_recovery_path(&app.db)).unwrap();
     assert!(recovery.contains("enc:v1:"), "{recovery}");
     let mut secrets: Vec<String> = imported.iter().chain(&now).cloned().collect();
     secrets.extend(deferred.iter().map(|s| s.to_string()));
@@ -551,7 +552,7 @@ async fn files_readable_by_others_warn_or_refuse_at_start() {
             helpers::config_toml(&app.db, &app.sandbox.token_url(), "").replacen(
                 "[store]\n",
                 &format!(
-                    "[store]\nencryption_key_file = {:?}\npermissions = {policy:?}\n",
+                    "[store]\nencryption_key_file = {:?}\npermissions = {policy:?}\ncreate = true\n",
                     k.display().to_string()
                 ),
                 1,

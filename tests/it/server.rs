@@ -28,7 +28,9 @@ struct Daemon {
 }
 
 impl Daemon {
-    async fn start(app: &TestApp, config: Config) -> Daemon {
+    async fn start(app: &TestApp, mut config: Config) -> Daemon {
+        // A first start: the daemon may create its store (docs/src/durability.md).
+        config.store.create = true;
         let shutdown = CancellationToken::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let opts = RunOptions {

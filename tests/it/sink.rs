@@ -254,7 +254,9 @@ async fn sink_follows_an_account_imported_and_replaced_by_another_process() {
         &app.sandbox.token_url(),
         &format!("[[sink]]\nprovider = \"tiktok\"\nsubject = \"late\"\npath = {path:?}\n"),
     )
-    .replace("max_idle = \"1s\"", "max_idle = \"50ms\"");
+    .replace("max_idle = \"1s\"", "max_idle = \"50ms\"")
+    // The daemon starts first, on a store nothing has created yet.
+    .replace("[store]\n", "[store]\ncreate = true\n");
     let config = refreshd::config::Config::from_toml_str(&toml).unwrap();
     let shutdown = CancellationToken::new();
     let daemon = {
