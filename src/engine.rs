@@ -9,9 +9,11 @@
 use crate::clock::{Clock, rfc3339};
 use crate::config::Config;
 use crate::events::{Event, Events};
+use crate::model::TokenSet;
 use crate::model::{Account, ReauthReason};
 use crate::policy::{self, RefreshTokenState};
 use crate::provider::profile::Credential;
+use crate::provider::response::{Answer, Granted};
 use crate::provider::{FailureClass, Providers};
 use crate::store::{Outcome, Recorded, Store, StoreError};
 use crate::telemetry;
@@ -504,57 +506,12 @@ impl Engine {
         // At least 1: 0 means "nothing was sent", and a loopback answer can take under 1 ms.
         let duration_ms = (started.elapsed().as_millis() as i64).max(1);
         let now = self.clock.now();
+        let mut report = None;
         let outcome = match result {
-            Ok((tokens, status)) => {
-                match &tokens.subject {
-                    Some(s) if s != &account.subject => Outcome::Rejected {
-                        account_id: account.id,
-                        generation: account.generation,
-                        reason: ReauthReason::SubjectMismatch,
-                        at: now,
-                        error: format!(
-                            "the provider returned tokens for user {:?}, not this account's {:?}; nothing stored",
-                            // Provider-chosen: bounded before it reaches the log and the store.
-                            s.chars().take(64).collect::<String>(),
-                            account.subject
-                        ),
-                        http_status: Some(status),
-                        duration_ms,
-                    },
-                    _ => {
-                        let mut tokens = tokens;
-                        let access_expires_at = now + tokens.expires_in;
-                        let next = policy::next_refresh_at(
-                            &cfg.refresh.timing(),
-                            access_expires_at,
-                            tokens.expires_in,
-                            Some(now),
-                            &mut rand::rng(),
-                        );
-                        let next = next.max(now + profile.min_token_age.as_secs() as i64);
-                        let refresh_expires_at = policy::refresh_expires_at(
-                            profile.refresh_ttl,
-                            account.refresh_expires_at,
-                            tokens.refresh_expires_in.map(|s| now + s),
-                        );
-                        // What is stored is what the profile's TTL rule allows.
-                        tokens.refresh_expires_in = refresh_expires_at.map(|t| t - now);
-                        let (status_after, reason) = policy::status_for(
-                            policy::refresh_token_state(now, refresh_expires_at, cfg.reauth.window),
-                        );
-                        Outcome::Rotated {
-                            account_id: account.id,
-                            generation: account.generation,
-                            tokens,
-                            at: now,
-                            next_refresh_at: next,
-                            status: status_after,
-                            reauth_reason: reason,
-                            http_status: Some(status),
-                            duration_ms,
-                        }
-                    }
-                }
+            Ok((answer, status)) => {
+                let outcome = self.answered(cfg, profile, &account, &answer, status, duration_ms);
+                report = Some(answer);
+                outcome
             }
             Err(f) => match f.class {
                 FailureClass::Transient => {
@@ -610,11 +567,122 @@ impl Engine {
                 }
             },
         };
-        self.finish(&account, outcome, duration_ms).await;
+        let stored = matches!(outcome, Outcome::Rotated { .. });
+        let recorded = self.finish(&account, outcome, duration_ms).await;
+        if let Some(answer) = report {
+            let stored = stored && matches!(recorded, Some(Recorded::Applied | Recorded::Deferred));
+            report_answer(&account, &answer, stored);
+        }
     }
 
-    /// Records an outcome, then (only once it is durable) logs it.
-    async fn finish(&self, account: &Account, outcome: Outcome, duration_ms: i64) {
+    /// The outcome of a 2xx answer: its tokens (or its new refresh token alone, with the
+    /// stored access token kept and asked for again soon), unless they are another user's.
+    fn answered(
+        &self,
+        cfg: &Config,
+        profile: &crate::provider::profile::Profile,
+        account: &Account,
+        answer: &Answer,
+        status: u16,
+        duration_ms: i64,
+    ) -> Outcome {
+        let now = self.clock.now();
+        let subject = match &answer.granted {
+            Granted::Tokens(t) => t.subject.as_ref(),
+            Granted::RefreshTokenOnly { subject, .. } => subject.as_ref(),
+        };
+        if let Some(s) = subject
+            && s != &account.subject
+        {
+            return Outcome::Rejected {
+                account_id: account.id,
+                generation: account.generation,
+                reason: ReauthReason::SubjectMismatch,
+                at: now,
+                error: format!(
+                    "the provider returned tokens for user {:?}, not this account's {:?}; nothing stored",
+                    // Provider-chosen: bounded before it reaches the log and the store.
+                    s.chars().take(64).collect::<String>(),
+                    account.subject
+                ),
+                http_status: Some(status),
+                duration_ms,
+            };
+        }
+        let (mut tokens, next) = match &answer.granted {
+            Granted::Tokens(tokens) => {
+                let access_expires_at = now + tokens.expires_in;
+                let next = policy::next_refresh_at(
+                    &cfg.refresh.timing(),
+                    access_expires_at,
+                    tokens.expires_in,
+                    Some(now),
+                    &mut rand::rng(),
+                );
+                (
+                    tokens.clone(),
+                    next.max(now + profile.min_token_age.as_secs() as i64),
+                )
+            }
+            Granted::RefreshTokenOnly {
+                refresh_token,
+                refresh_expires_in,
+                ..
+            } => {
+                // The stored access token stays, with its own expiry (possibly past); the
+                // account asks for a new one after a first backoff step.
+                let soon = policy::backoff(
+                    1,
+                    cfg.refresh.backoff_base,
+                    cfg.refresh.backoff_max,
+                    None,
+                    &mut rand::rng(),
+                );
+                let tokens = TokenSet {
+                    access_token: account.access_token.clone(),
+                    refresh_token: Some(refresh_token.clone()),
+                    expires_in: account.access_expires_at - now,
+                    refresh_expires_in: *refresh_expires_in,
+                    subject: None,
+                    scope: None,
+                    token_type: account.token_type.clone(),
+                };
+                (tokens, now + soon.as_secs().max(1) as i64)
+            }
+        };
+        let refresh_expires_at = policy::refresh_expires_at(
+            profile.refresh_ttl,
+            account.refresh_expires_at,
+            tokens.refresh_expires_in.map(|s| now + s),
+        );
+        // What is stored is what the profile's TTL rule allows.
+        tokens.refresh_expires_in = refresh_expires_at.map(|t| t - now);
+        let (status_after, reason) = policy::status_for(policy::refresh_token_state(
+            now,
+            refresh_expires_at,
+            cfg.reauth.window,
+        ));
+        Outcome::Rotated {
+            account_id: account.id,
+            generation: account.generation,
+            tokens,
+            at: now,
+            next_refresh_at: next,
+            status: status_after,
+            reauth_reason: reason,
+            http_status: Some(status),
+            duration_ms,
+        }
+    }
+
+    /// Records an outcome, then (only once it is durable) logs it. Returns how it was
+    /// recorded, or None when it could not be.
+    async fn finish(
+        &self,
+        account: &Account,
+        outcome: Outcome,
+        duration_ms: i64,
+    ) -> Option<Recorded> {
         let id = account.id;
         let provider = account.provider.as_str();
         // Progress for the watchdog, also while the loop itself waits for permits.
@@ -635,7 +703,7 @@ impl Engine {
                 inc(&s.record_errors);
                 tracing::error!(event = "record_failed", account = id, provider, error = %e,
                     "could not store the outcome of a refresh");
-                return;
+                return None;
             }
         };
         match (&outcome, recorded) {
@@ -767,6 +835,7 @@ impl Engine {
                 );
             }
         }
+        Some(recorded)
     }
 
     fn reauth_required(&self, account: &Account, reason: &str, refresh_expires_at: Option<i64>) {
@@ -811,5 +880,36 @@ impl Engine {
                 provider: provider.to_string(),
             });
         }
+    }
+}
+
+/// Reports what was wrong with an answer, naming the account, once it is known whether its
+/// new credential was stored.
+fn report_answer(account: &Account, answer: &Answer, stored: bool) {
+    let (id, provider) = (account.id, account.provider.as_str());
+    let refresh_only = matches!(answer.granted, Granted::RefreshTokenOnly { .. });
+    for problem in &answer.problems {
+        match (stored, refresh_only) {
+            (true, true) => {
+                tracing::warn!(event = "malformed_token_response", account = id, provider, problem = %problem,
+                "the answer has no usable access token; its new refresh token was stored and the access token is asked for again soon")
+            }
+            (true, false) => {
+                tracing::warn!(event = "malformed_token_response", account = id, provider, problem = %problem,
+                "the answer has a broken field; its new token was stored anyway and the account is refreshed again soon")
+            }
+            (false, _) => {
+                tracing::warn!(event = "malformed_token_response", account = id, provider, problem = %problem,
+                "the answer has a broken field; nothing of it was stored")
+            }
+        }
+    }
+    if answer.rotation_missing {
+        tracing::warn!(
+            event = "rotation_missing",
+            account = id,
+            provider,
+            "the provider rotates refresh tokens but returned none; keeping the stored one"
+        );
     }
 }

@@ -197,12 +197,13 @@ impl Provider {
     }
 
     /// Presents `credential` for new tokens. `now` (unix seconds) turns absolute expiry
-    /// fields into lifetimes. Returns the tokens and the HTTP status.
+    /// fields into lifetimes. Returns the answer (tokens, or a new refresh token alone, with
+    /// the problems tolerated in it) and the HTTP status.
     pub async fn refresh(
         &self,
         credential: &SecretString,
         now: i64,
-    ) -> Result<(TokenSet, u16), ProviderFailure> {
+    ) -> Result<(response::Answer, u16), ProviderFailure> {
         let req =
             self.profile
                 .refresh_request(&self.client_key, self.client_secret.as_ref(), credential);
@@ -226,7 +227,7 @@ impl Provider {
             redirect_uri,
             code_verifier,
         );
-        let (mut tokens, mut status) = self.send(req, now).await?;
+        let (mut tokens, mut status) = self.send_for_tokens(req, now).await?;
         if tokens.subject.is_none() {
             tokens.subject = self.identify(&tokens).await?;
         }
@@ -237,7 +238,7 @@ impl Provider {
             self.client_secret.as_ref(),
             &tokens.access_token,
         ) {
-            let (long, s) = self.send(req, now).await?;
+            let (long, s) = self.send_for_tokens(req, now).await?;
             status = s;
             tokens = TokenSet {
                 subject: tokens.subject,
@@ -330,8 +331,26 @@ impl Provider {
         }
     }
 
+    /// Sends a token request whose answer must carry an access token (a code exchange).
+    async fn send_for_tokens(
+        &self,
+        req: TokenRequest,
+        now: i64,
+    ) -> Result<(TokenSet, u16), ProviderFailure> {
+        let (answer, status) = self.send(req, now).await?;
+        for problem in &answer.problems {
+            tracing::warn!(event = "malformed_token_response", provider = %self.name, problem = %problem,
+                "the code exchange answer has a broken field; its tokens are used with a short lifetime");
+        }
+        Ok((answer.into_tokens(status)?, status))
+    }
+
     /// Sends a token request and parses the answer, with the body-size cap.
-    async fn send(&self, req: TokenRequest, now: i64) -> Result<(TokenSet, u16), ProviderFailure> {
+    async fn send(
+        &self,
+        req: TokenRequest,
+        now: i64,
+    ) -> Result<(response::Answer, u16), ProviderFailure> {
         let transient = |message: String| ProviderFailure {
             class: FailureClass::Transient,
             message,
@@ -423,7 +442,7 @@ impl Provider {
                 }
             }
         }
-        response::parse(
+        response::parse_answer(
             &self.profile,
             now,
             status,

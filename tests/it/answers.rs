@@ -1,0 +1,117 @@
+//! Odd answers of the token endpoint driven through the engine (issue 13, items 5 and 6):
+//! a new refresh token is stored whatever else is broken, a token that is not a JSON string
+//! is never coerced. wiremock gives the exact answers; the store is a real SQLite file.
+
+use crate::helpers::{TestApp, config_toml};
+use refreshd::config::Config;
+use refreshd::engine::{Engine, Settings};
+use refreshd::model::{Account, Status};
+use refreshd::sandbox::{SandboxConfig, TOKEN_PATH};
+use refreshd::store::Store;
+use secrecy::ExposeSecret;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use wiremock::matchers::{body_string_contains, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+/// The helpers' `refresh.backoff_base`, seconds.
+const BACKOFF_BASE: i64 = 30;
+
+async fn account(store: &Store, id: i64) -> Account {
+    store.get(id).await.expect("read").expect("exists")
+}
+
+/// Runs one `--once` pass of an engine at the clock's time.
+async fn run_due(store: &Store, app: &TestApp, config: &Config) {
+    let settings = Arc::new(Settings::new(config.clone()).expect("providers"));
+    let (_tx, rx) = watch::channel(settings);
+    Engine::new(store.clone(), app.clock.clone(), rx)
+        .run_due(CancellationToken::new())
+        .await
+        .expect("run");
+}
+
+/// Answers `body` (HTTP 200) to the refresh presenting `token`.
+async fn answer(server: &MockServer, token: &str, body: serde_json::Value) {
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .and(body_string_contains(token))
+        .respond_with(ResponseTemplate::new(200).set_body_json(body))
+        .expect(1)
+        .mount(server)
+        .await;
+}
+
+#[tokio::test]
+async fn a_new_refresh_token_without_an_access_token_is_stored_and_retried_soon() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let server = MockServer::start().await;
+    let config = Config::from_toml_str(&config_toml(
+        &app.db,
+        &format!("{}{TOKEN_PATH}", server.uri()),
+        "",
+    ))
+    .unwrap();
+    let store = app.store().await;
+    let ids = app
+        .import(&store, &config, &["no-access", "numbers"], None)
+        .await;
+    let before = [account(&store, ids[0]).await, account(&store, ids[1]).await];
+    let old = |a: &Account| a.refresh_token.expose_secret().to_string();
+    // Item 5: the issue's answer, a new refresh token and no access token.
+    answer(
+        &server,
+        &old(&before[0]),
+        serde_json::json!({"refresh_token": "rft.NEW", "expires_in": 3600, "open_id": "no-access"}),
+    )
+    .await;
+    // Item 6: tokens that are not JSON strings.
+    answer(
+        &server,
+        &old(&before[1]),
+        serde_json::json!({"access_token": 12345, "refresh_token": ["a"], "expires_in": 3600, "open_id": "numbers"}),
+    )
+    .await;
+    let now = before[0].next_refresh_at.max(before[1].next_refresh_at);
+    app.clock.set(now);
+    run_due(&store, &app, &config).await;
+    server.verify().await;
+
+    let a = account(&store, ids[0]).await;
+    assert_eq!(
+        a.refresh_token.expose_secret(),
+        "rft.NEW",
+        "the new refresh token was dropped"
+    );
+    assert_eq!(
+        a.access_token.expose_secret(),
+        before[0].access_token.expose_secret(),
+        "the stored access token is kept"
+    );
+    assert_eq!(
+        a.access_expires_at, before[0].access_expires_at,
+        "its expiry is not invented"
+    );
+    assert!(
+        (now + 1..=now + BACKOFF_BASE).contains(&a.next_refresh_at),
+        "an access token is asked for again soon: {} after now",
+        a.next_refresh_at - now
+    );
+    assert_eq!(a.status, Status::Active);
+
+    let b = account(&store, ids[1]).await;
+    assert_eq!(
+        b.refresh_token.expose_secret(),
+        old(&before[1]),
+        "nothing stored"
+    );
+    assert_eq!(
+        b.access_token.expose_secret(),
+        before[1].access_token.expose_secret(),
+        "12345 was not coerced into an access token"
+    );
+    assert_eq!(b.failures, 1, "a malformed answer is a transient failure");
+    let err = b.last_error.unwrap();
+    assert!(err.contains("not a JSON string"), "{err}");
+}
