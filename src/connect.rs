@@ -352,6 +352,9 @@ fn exchange_hint(class: FailureClass) -> &'static str {
         FailureClass::Config => {
             "check client_key, client_secret, redirect_uri (exactly as registered) and the scopes of the app in the provider's developer portal"
         }
+        FailureClass::Unexpected => {
+            "the token endpoint answered with a redirect or an error without an OAuth body: check token_url"
+        }
         FailureClass::Transient => {
             "the provider or the network failed for now: start over with a fresh authorization in a moment"
         }

@@ -15,6 +15,7 @@ use crate::policy::{self, RefreshTokenState};
 use crate::provider::profile::Credential;
 use crate::provider::response::{Answer, Granted};
 use crate::provider::{FailureClass, Providers};
+use crate::provider_state::{Change, ConfigState};
 use crate::store::{Outcome, Recorded, Store, StoreError};
 use crate::telemetry;
 use std::sync::Arc;
@@ -126,9 +127,9 @@ pub struct Engine {
     stats: Arc<Stats>,
     events: Events,
     metrics: Arc<crate::metrics::Metrics>,
-    /// Providers whose last answer refused our client credentials: `ProviderRejected` is
-    /// announced once per outage, not once per account.
-    rejecting: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Per provider: does it refuse our configuration? `ProviderRejected` is announced once
+    /// per outage, not once per account, and one account's odd answer is not the provider's.
+    provider_states: Arc<std::sync::Mutex<std::collections::HashMap<String, ConfigState>>>,
 }
 
 impl Engine {
@@ -142,7 +143,7 @@ impl Engine {
             stats: Arc::new(Stats::default()),
             events: Events::default(),
             metrics: Arc::default(),
-            rejecting: Arc::default(),
+            provider_states: Arc::default(),
         }
     }
 
@@ -387,7 +388,9 @@ impl Engine {
                 http_status: None,
                 duration_ms: 0,
             };
+            let error = format!("provider {:?} is not configured", account.provider);
             self.finish(&account, outcome, 0).await;
+            self.provider_state(&account.provider, Some(&error), ConfigState::config_error);
             return;
         };
         let profile = provider.profile();
@@ -507,6 +510,7 @@ impl Engine {
         let duration_ms = (started.elapsed().as_millis() as i64).max(1);
         let now = self.clock.now();
         let mut report = None;
+        let class = result.as_ref().err().map(|f| (f.class, f.message.clone()));
         let outcome = match result {
             Ok((answer, status)) => {
                 let outcome = self.answered(cfg, profile, &account, &answer, status, duration_ms);
@@ -534,7 +538,7 @@ impl Engine {
                         answer_lost: f.answer_lost,
                     }
                 }
-                FailureClass::Config => Outcome::ConfigError {
+                FailureClass::Config | FailureClass::Unexpected => Outcome::ConfigError {
                     account_id: account.id,
                     owner,
                     at: now,
@@ -568,6 +572,23 @@ impl Engine {
             },
         };
         let stored = matches!(outcome, Outcome::Rotated { .. });
+        // What the answer says about the provider is known now: the provider accepts our
+        // client (or not) whether or not the outcome can be stored.
+        let name = account.provider.as_str();
+        match class {
+            None => self.provider_state(name, None, ConfigState::success),
+            Some((FailureClass::Config, error)) => {
+                self.provider_state(name, Some(&error), ConfigState::config_error)
+            }
+            Some((FailureClass::Unexpected, error)) => {
+                self.provider_state(name, Some(&error), |s| s.unexpected(account.id))
+            }
+            Some((FailureClass::Rejected(_), _)) => self.provider_state(name, None, |s| {
+                s.answered();
+                None
+            }),
+            Some((FailureClass::Transient, _)) => {}
+        }
         let recorded = self.finish(&account, outcome, duration_ms).await;
         if let Some(answer) = report {
             let stored = stored && matches!(recorded, Some(Recorded::Applied | Recorded::Deferred));
@@ -739,7 +760,6 @@ impl Engine {
                     duration_ms, new_refresh_token = tokens.refresh_token.is_some(),
                     commit = if r == Recorded::Deferred { "deferred" } else { "committed" },
                     next_refresh_at = %rfc3339(*next_refresh_at), "refreshed");
-                self.provider_ok(provider);
                 self.events.emit(Event::TokensChanged {
                     account_id: id,
                     provider: provider.to_string(),
@@ -794,20 +814,9 @@ impl Engine {
             ) => {
                 metric("config_error");
                 inc(&s.config_errors);
-                tracing::error!(event = "provider_config_error", account = id, provider, outcome = "config_error",
+                tracing::warn!(event = "refresh", account = id, provider, outcome = "config_error",
                     duration_ms, http_status, error = %error, retry_at = %rfc3339(*next_refresh_at),
-                    "the provider rejected our client configuration; check [providers.{provider}]");
-                let newly = self
-                    .rejecting
-                    .lock()
-                    .expect("not poisoned")
-                    .insert(provider.to_string());
-                if newly {
-                    self.events.emit(Event::ProviderRejected {
-                        provider: provider.to_string(),
-                        error: error.clone(),
-                    });
-                }
+                    "refresh refused for a configuration reason (see provider_config_error for the provider's state); will retry");
             }
             (
                 Outcome::Rejected {
@@ -863,22 +872,40 @@ impl Engine {
         });
     }
 
-    /// A successful refresh proves the provider takes our credentials again.
-    fn provider_ok(&self, provider: &str) {
-        let was = self
-            .rejecting
-            .lock()
-            .expect("not poisoned")
-            .remove(provider);
-        if was {
-            tracing::info!(
-                event = "provider_recovered",
-                provider,
-                "the provider accepts our client credentials again"
-            );
-            self.events.emit(Event::ProviderRecovered {
-                provider: provider.to_string(),
-            });
+    /// Feeds one answer of `provider` to its configuration state and announces a change.
+    fn provider_state(
+        &self,
+        provider: &str,
+        error: Option<&str>,
+        feed: impl FnOnce(&mut ConfigState) -> Option<Change>,
+    ) {
+        let change = {
+            let mut states = self.provider_states.lock().expect("not poisoned");
+            feed(states.entry(provider.to_string()).or_default())
+        };
+        match change {
+            Some(Change::Rejecting) => {
+                self.metrics.provider_rejecting(provider, true);
+                let error = error.unwrap_or_default().to_string();
+                tracing::error!(event = "provider_config_error", provider, error = %error,
+                    "the provider rejects our client configuration; check [providers.{provider}]");
+                self.events.emit(Event::ProviderRejected {
+                    provider: provider.to_string(),
+                    error,
+                });
+            }
+            Some(Change::Recovered) => {
+                self.metrics.provider_rejecting(provider, false);
+                tracing::info!(
+                    event = "provider_recovered",
+                    provider,
+                    "the provider accepts our client configuration again"
+                );
+                self.events.emit(Event::ProviderRecovered {
+                    provider: provider.to_string(),
+                });
+            }
+            None => {}
         }
     }
 }

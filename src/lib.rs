@@ -11,6 +11,8 @@
 //!   commit, the recovery file.
 //! - [`provider`]: profiles (TikTok, Google, LinkedIn, X, Pinterest, Instagram, Facebook,
 //!   Threads, Reddit, or generic from the config): token requests and their answers.
+//! - [`provider_state`]: whether a provider refuses our configuration or one account got an
+//!   odd answer. Pure.
 //! - [`engine`]: the refresh loop.
 //! - [`events`]: in-process state changes (tokens rotated, reauth needed, recovered).
 //! - [`sink`]: token files for an app, rewritten atomically after each rotation.
@@ -53,6 +55,7 @@ pub mod model;
 pub mod notify;
 pub mod policy;
 pub mod provider;
+pub mod provider_state;
 pub mod sandbox;
 pub mod server;
 pub mod sink;

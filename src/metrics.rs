@@ -188,18 +188,13 @@ impl Metrics {
             }
             _ => {}
         }
-        let rejecting = self
-            .provider_rejecting
-            .get_or_create(&Self::provider(provider));
-        match outcome {
-            "config_error" => {
-                rejecting.set(1);
-            }
-            "rotated" => {
-                rejecting.set(0);
-            }
-            _ => {}
-        }
+    }
+
+    /// Whether the provider refuses our configuration (set on its state's changes only).
+    pub fn provider_rejecting(&self, provider: &str, rejecting: bool) {
+        self.provider_rejecting
+            .get_or_create(&Self::provider(provider))
+            .set(i64::from(rejecting));
     }
 
     /// A refresh started `secs` after it was planned.

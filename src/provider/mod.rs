@@ -27,6 +27,10 @@ pub enum FailureClass {
     Config,
     /// 429, 5xx, timeouts, broken answers: back off and retry; never flags.
     Transient,
+    /// An answer that fits no rule (a redirect, an error without an OAuth body): this
+    /// account's, retried slowly, until several accounts in a row get one (then the
+    /// provider's configuration; see `provider_state`).
+    Unexpected,
 }
 
 impl FailureClass {
@@ -35,6 +39,7 @@ impl FailureClass {
             FailureClass::Rejected(_) => "rejected",
             FailureClass::Config => "config_error",
             FailureClass::Transient => "transient",
+            FailureClass::Unexpected => "unexpected_answer",
         }
     }
 }

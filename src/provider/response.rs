@@ -250,9 +250,10 @@ pub fn parse_answer(
             ),
         ));
     }
+    // Odd answers: one account's until several accounts get them (`provider_state`).
     if (300..400).contains(&http_status) {
         return Err(fail(
-            FailureClass::Config,
+            FailureClass::Unexpected,
             format!(
                 "HTTP {http_status}: the token endpoint redirects; redirects are not followed on token requests, check token_url"
             ),
@@ -260,7 +261,7 @@ pub fn parse_answer(
     }
     if !(200..300).contains(&http_status) {
         return Err(fail(
-            FailureClass::Config,
+            FailureClass::Unexpected,
             format!(
                 "HTTP {http_status} without an OAuth error body{}",
                 describe_body(content_type, body)

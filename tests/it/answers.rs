@@ -115,3 +115,64 @@ async fn a_new_refresh_token_without_an_access_token_is_stored_and_retried_soon(
     let err = b.last_error.unwrap();
     assert!(err.contains("not a JSON string"), "{err}");
 }
+
+/// Runs one pass where each of `subjects` gets `status` + `body(i)` (None: a redirect), and
+/// returns the kinds of the events the engine emitted about providers.
+async fn provider_events(subjects: &[&str], redirected: &[bool]) -> Vec<&'static str> {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let server = MockServer::start().await;
+    let config = Config::from_toml_str(&config_toml(
+        &app.db,
+        &format!("{}{TOKEN_PATH}", server.uri()),
+        "",
+    ))
+    .unwrap();
+    let store = app.store().await;
+    let ids = app.import(&store, &config, subjects, None).await;
+    let mut due = 0;
+    for (i, (&id, subject)) in ids.iter().zip(subjects).enumerate() {
+        let a = account(&store, id).await;
+        due = due.max(a.next_refresh_at);
+        let reply = if redirected[i] {
+            ResponseTemplate::new(302).insert_header("location", "http://127.0.0.1:9/elsewhere")
+        } else {
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "access_token": format!("act.{subject}"), "expires_in": 7200,
+                "refresh_token": format!("rft.{subject}.2"), "open_id": subject,
+                "token_type": "Bearer",
+            }))
+        };
+        Mock::given(method("POST"))
+            .and(path(TOKEN_PATH))
+            .and(body_string_contains(a.refresh_token.expose_secret()))
+            .respond_with(reply)
+            .expect(1)
+            .mount(&server)
+            .await;
+    }
+    app.clock.set(due);
+    let settings = Arc::new(Settings::new(config.clone()).expect("providers"));
+    let (_tx, rx) = watch::channel(settings);
+    let engine = Engine::new(store.clone(), app.clock.clone(), rx);
+    let mut events = engine.events().subscribe();
+    engine.run_due(CancellationToken::new()).await.unwrap();
+    server.verify().await;
+    let mut kinds = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        if e.kind().starts_with("provider_") {
+            kinds.push(e.kind());
+        }
+    }
+    kinds
+}
+
+#[tokio::test]
+async fn one_accounts_redirect_is_not_the_providers_configuration() {
+    // Issue 13, item 10: a redirect answering one account's refresh flipped the provider to
+    // provider_config_error and back on the next account's success.
+    let kinds = provider_events(&["odd", "b", "c", "d"], &[true, false, false, false]).await;
+    assert!(kinds.is_empty(), "the provider's state moved: {kinds:?}");
+    // Every account redirected: that is the provider's configuration, announced once.
+    let kinds = provider_events(&["a", "b", "c", "d"], &[true; 4]).await;
+    assert_eq!(kinds, ["provider_rejected"]);
+}
