@@ -6,6 +6,7 @@
 //! has been asked, the answer is always recorded, because a rotated refresh token that is
 //! not stored is an account lost.
 
+use crate::circuit::{self, Circuit, Permit};
 use crate::clock::{Clock, rfc3339};
 use crate::config::Config;
 use crate::events::{Event, Events};
@@ -130,6 +131,8 @@ pub struct Engine {
     /// Per provider: does it refuse our configuration? `ProviderRejected` is announced once
     /// per outage, not once per account, and one account's odd answer is not the provider's.
     provider_states: Arc<std::sync::Mutex<std::collections::HashMap<String, ConfigState>>>,
+    /// Per provider: its circuit breaker (`circuit`).
+    circuits: Arc<std::sync::Mutex<std::collections::HashMap<String, Circuit>>>,
 }
 
 impl Engine {
@@ -144,6 +147,7 @@ impl Engine {
             events: Events::default(),
             metrics: Arc::default(),
             provider_states: Arc::default(),
+            circuits: Arc::default(),
         }
     }
 
@@ -203,7 +207,8 @@ impl Engine {
             // Claims are bounded by each provider's slots, not by the global permits: a
             // provider that is throttled or stalled holds its own slots only, and its
             // accounts are not claimed until one frees up.
-            let skip = settings.providers.saturated();
+            let mut skip = settings.providers.saturated();
+            skip.extend(self.held_providers());
             let free = settings.providers.free_slots();
             if free == 0 && !settings.providers.is_empty() {
                 if once && tracker.is_empty() {
@@ -275,7 +280,8 @@ impl Engine {
                 let idle_until = self.clock.now_millis() + cfg.refresh.max_idle.as_millis() as i64;
                 let deadline = next
                     .map(|t| (t * 1000).min(idle_until))
-                    .unwrap_or(idle_until);
+                    .unwrap_or(idle_until)
+                    .min(self.next_probe().unwrap_or(i64::MAX));
                 tracing::trace!(event = "idle", next_due = next.map(rfc3339), "nothing due");
                 tokio::select! {
                     _ = self.clock.sleep_until_millis(deadline) => {}
@@ -500,6 +506,10 @@ impl Engine {
             self.finish(&account, released(owner), 0).await;
             return;
         }
+        if !self.circuit_admits(&account) {
+            self.finish(&account, released(owner), 0).await;
+            return;
+        }
         self.metrics
             .lateness(self.clock.now_millis() as f64 / 1000.0 - account.next_refresh_at as f64);
         let started = Instant::now();
@@ -520,13 +530,28 @@ impl Engine {
             Err(f) => match f.class {
                 FailureClass::Transient => {
                     let failures = (account.failures + 1).clamp(1, u32::MAX as i64) as u32;
-                    let delay = policy::backoff(
-                        failures,
-                        cfg.refresh.backoff_base,
-                        cfg.refresh.backoff_max,
-                        f.retry_after,
-                        &mut rand::rng(),
-                    );
+                    let delay = match self.circuit_failure(&account, f.retry_after) {
+                        // The circuit holds the provider's accounts back and lets them go
+                        // together when it closes: no backoff of their own on top.
+                        true => f
+                            .retry_after
+                            .unwrap_or_default()
+                            .max(circuit::PROBE_INTERVAL),
+                        false => policy::backoff(
+                            failures,
+                            cfg.refresh.backoff_base,
+                            cfg.refresh.backoff_max,
+                            f.retry_after,
+                            &mut rand::rng(),
+                        ),
+                    };
+                    let retry_at = now + delay.as_secs().max(1) as i64;
+                    if retry_at > account.access_expires_at {
+                        self.metrics.parked_past_expiry(&account.provider);
+                        tracing::warn!(event = "parked_past_expiry", account = account.id, provider = %account.provider,
+                            access_expires_at = %rfc3339(account.access_expires_at), retry_at = %rfc3339(retry_at),
+                            "the provider is failing: this account's access token expires before its next refresh");
+                    }
                     Outcome::Transient {
                         account_id: account.id,
                         owner,
@@ -571,6 +596,9 @@ impl Engine {
                 }
             },
         };
+        if !matches!(class, Some((FailureClass::Transient, _))) {
+            self.circuit_answered(&account.provider);
+        }
         let stored = matches!(outcome, Outcome::Rotated { .. });
         // What the answer says about the provider is known now: the provider accepts our
         // client (or not) whether or not the outcome can be stored.
@@ -870,6 +898,71 @@ impl Engine {
             reason: reason.to_string(),
             refresh_expires_at,
         });
+    }
+
+    /// Providers whose circuit holds their accounts back now: not claimed.
+    fn held_providers(&self) -> Vec<String> {
+        let now = self.clock.now_millis();
+        let circuits = self.circuits.lock().expect("not poisoned");
+        circuits
+            .iter()
+            .filter(|(_, c)| c.holding(now))
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    /// The earliest probe time of an open circuit (clock ms).
+    fn next_probe(&self) -> Option<i64> {
+        let circuits = self.circuits.lock().expect("not poisoned");
+        circuits.values().filter_map(Circuit::probe_at).min()
+    }
+
+    /// Asks the account's provider circuit whether its request may be sent now.
+    fn circuit_admits(&self, account: &Account) -> bool {
+        let now = self.clock.now_millis();
+        let mut circuits = self.circuits.lock().expect("not poisoned");
+        let circuit = circuits.entry(account.provider.clone()).or_default();
+        match circuit.permit(now) {
+            Permit::Send => true,
+            Permit::Probe => {
+                tracing::info!(event = "provider_circuit_probe", account = account.id, provider = %account.provider,
+                    "the provider's circuit is open: this refresh is the probe");
+                true
+            }
+            Permit::Wait { .. } => false,
+        }
+    }
+
+    /// Reports a transient failure to the account's provider circuit; true while it is open.
+    fn circuit_failure(&self, account: &Account, retry_after: Option<Duration>) -> bool {
+        let now = self.clock.now_millis();
+        let mut circuits = self.circuits.lock().expect("not poisoned");
+        let circuit = circuits.entry(account.provider.clone()).or_default();
+        if circuit.failure(now, retry_after) == Some(circuit::Change::Opened) {
+            self.metrics.circuit_open(&account.provider, true);
+            tracing::warn!(event = "provider_circuit_open", provider = %account.provider,
+                failures = circuit::THRESHOLD, probe_every_ms = circuit::PROBE_INTERVAL.as_millis() as u64,
+                retry_after_ms = retry_after.map(|d| d.as_millis() as u64),
+                "the provider keeps failing: its accounts wait while one probe request per interval checks it");
+        }
+        circuit.is_open()
+    }
+
+    /// Reports a proper answer of `provider`: its circuit closes.
+    fn circuit_answered(&self, provider: &str) {
+        let closed = {
+            let mut circuits = self.circuits.lock().expect("not poisoned");
+            circuits.entry(provider.to_string()).or_default().answered()
+        };
+        if closed == Some(circuit::Change::Closed) {
+            self.metrics.circuit_open(provider, false);
+            tracing::info!(
+                event = "provider_circuit_closed",
+                provider,
+                "the provider answers again: its waiting accounts are refreshed within its rate limit"
+            );
+            self.wake.notify_one();
+        }
     }
 
     /// Feeds one answer of `provider` to its configuration state and announces a change.
