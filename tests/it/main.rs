@@ -4,6 +4,9 @@
 
 mod answers;
 mod bench;
+mod chaos;
+mod chaos_answers;
+mod chaos_row;
 mod cli;
 mod connect;
 mod deploy;
