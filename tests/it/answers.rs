@@ -176,3 +176,47 @@ async fn one_accounts_redirect_is_not_the_providers_configuration() {
     let kinds = provider_events(&["a", "b", "c", "d"], &[true; 4]).await;
     assert_eq!(kinds, ["provider_rejected"]);
 }
+
+#[tokio::test]
+async fn a_retry_after_past_the_access_tokens_expiry_is_honoured_and_shown() {
+    // Issue 13, item 8: Retry-After is honoured, but an account parked past its access
+    // token's expiry shows it (log event and metric), never silently.
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let server = MockServer::start().await;
+    let config = Config::from_toml_str(&config_toml(
+        &app.db,
+        &format!("{}{TOKEN_PATH}", server.uri()),
+        "",
+    ))
+    .unwrap();
+    let store = app.store().await;
+    let ids = app.import(&store, &config, &["parked"], None).await;
+    let a = account(&store, ids[0]).await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "7200"))
+        .expect(1)
+        .mount(&server)
+        .await;
+    app.clock.set(a.next_refresh_at);
+    let settings = Arc::new(Settings::new(config.clone()).expect("providers"));
+    let (_tx, rx) = watch::channel(settings);
+    let engine = Engine::new(store.clone(), app.clock.clone(), rx);
+    engine.run_due(CancellationToken::new()).await.unwrap();
+    server.verify().await;
+    let b = account(&store, ids[0]).await;
+    assert!(
+        b.next_refresh_at >= a.next_refresh_at + 7200,
+        "Retry-After not honoured"
+    );
+    assert!(b.next_refresh_at > b.access_expires_at);
+    let text = engine
+        .metrics()
+        .render(&store, app.clock.now(), 0)
+        .await
+        .unwrap();
+    assert!(
+        text.contains("refreshd_parked_past_expiry_total{provider=\"tiktok\"} 1"),
+        "{text}"
+    );
+}
