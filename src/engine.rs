@@ -546,18 +546,26 @@ impl Engine {
                         ),
                     };
                     let retry_at = now + delay.as_secs().max(1) as i64;
+                    let mut error = f.message;
+                    // Parked past the access token's expiry: said in the account's status
+                    // (its last error), the log and a metric, never silently.
                     if retry_at > account.access_expires_at {
                         self.metrics.parked_past_expiry(&account.provider);
                         tracing::warn!(event = "parked_past_expiry", account = account.id, provider = %account.provider,
                             access_expires_at = %rfc3339(account.access_expires_at), retry_at = %rfc3339(retry_at),
                             "the provider is failing: this account's access token expires before its next refresh");
+                        error.push_str(&format!(
+                            "; parked past expiry: the access token expires at {}, the retry is at {}",
+                            rfc3339(account.access_expires_at),
+                            rfc3339(retry_at)
+                        ));
                     }
                     Outcome::Transient {
                         account_id: account.id,
                         owner,
                         at: now,
-                        next_refresh_at: now + delay.as_secs().max(1) as i64,
-                        error: f.message,
+                        next_refresh_at: retry_at,
+                        error,
                         http_status: f.http_status,
                         duration_ms,
                         answer_lost: f.answer_lost,

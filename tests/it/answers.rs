@@ -210,6 +210,8 @@ async fn a_retry_after_past_the_access_tokens_expiry_is_honoured_and_shown() {
         "Retry-After not honoured"
     );
     assert!(b.next_refresh_at > b.access_expires_at);
+    let status = b.last_error.unwrap();
+    assert!(status.contains("parked past expiry"), "{status}");
     let text = engine
         .metrics()
         .render(&store, app.clock.now(), 0)
