@@ -398,6 +398,9 @@ fn exchange_hint(profile: &Profile, class: FailureClass) -> String {
                 _ => "",
             }
         ),
+        FailureClass::Unexpected => {
+            "the token endpoint answered with a redirect or an error without an OAuth body: check token_url".into()
+        }
         FailureClass::Transient => {
             "the provider or the network failed for now: start over with a fresh authorization in a moment".into()
         }

@@ -200,6 +200,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<DemoS
             error_in_200: 0.02,
             slow: 0.02,
             slow_delay: Duration::from_millis(400),
+            ..Faults::default()
         }
     } else {
         Faults::default()

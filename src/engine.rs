@@ -6,13 +6,17 @@
 //! has been asked, the answer is always recorded, because a rotated refresh token that is
 //! not stored is an account lost.
 
+use crate::circuit::{self, Circuit, Permit};
 use crate::clock::{Clock, rfc3339};
 use crate::config::Config;
 use crate::events::{Event, Events};
+use crate::model::TokenSet;
 use crate::model::{Account, ReauthReason};
 use crate::policy::{self, RefreshTokenState};
 use crate::provider::profile::Credential;
+use crate::provider::response::{Answer, Granted};
 use crate::provider::{FailureClass, Providers};
+use crate::provider_state::{Change, ConfigState};
 use crate::store::{Outcome, Recorded, Store, StoreError};
 use crate::telemetry;
 use std::sync::Arc;
@@ -119,9 +123,11 @@ pub struct Engine {
     stats: Arc<Stats>,
     events: Events,
     metrics: Arc<crate::metrics::Metrics>,
-    /// Providers whose last answer refused our client credentials: `ProviderRejected` is
-    /// announced once per outage, not once per account.
-    rejecting: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Per provider: does it refuse our configuration? `ProviderRejected` is announced once
+    /// per outage, not once per account, and one account's odd answer is not the provider's.
+    provider_states: Arc<std::sync::Mutex<std::collections::HashMap<String, ConfigState>>>,
+    /// Per provider: its circuit breaker (`circuit`).
+    circuits: Arc<std::sync::Mutex<std::collections::HashMap<String, Circuit>>>,
 }
 
 impl Engine {
@@ -137,7 +143,8 @@ impl Engine {
             stats: Arc::new(Stats::default()),
             events: Events::default(),
             metrics: Arc::default(),
-            rejecting: Arc::default(),
+            provider_states: Arc::default(),
+            circuits: Arc::default(),
         }
     }
 
@@ -197,7 +204,8 @@ impl Engine {
             // Claims are bounded by each provider's slots, not by the global permits: a
             // provider that is throttled or stalled holds its own slots only, and its
             // accounts are not claimed until one frees up.
-            let skip = settings.providers.saturated();
+            let mut skip = settings.providers.saturated();
+            skip.extend(self.held_providers());
             let free = settings.providers.free_slots();
             if free == 0 && !settings.providers.is_empty() {
                 if once && tracker.is_empty() {
@@ -279,7 +287,8 @@ impl Engine {
                 let idle_until = self.clock.now_millis() + cfg.refresh.max_idle.as_millis() as i64;
                 let deadline = next
                     .map(|t| (t * 1000).min(idle_until))
-                    .unwrap_or(idle_until);
+                    .unwrap_or(idle_until)
+                    .min(self.next_probe().unwrap_or(i64::MAX));
                 tracing::trace!(event = "idle", next_due = next.map(rfc3339), "nothing due");
                 tokio::select! {
                     _ = self.clock.sleep_until_millis(deadline) => {}
@@ -406,7 +415,9 @@ impl Engine {
                 http_status: None,
                 duration_ms: 0,
             };
+            let error = format!("provider {:?} is not configured", account.provider);
             self.finish(&account, outcome, 0).await;
+            self.provider_state(&account.provider, Some(&error), ConfigState::config_error);
             return;
         };
         let profile = provider.profile();
@@ -516,6 +527,10 @@ impl Engine {
             self.finish(&account, released(owner), 0).await;
             return;
         }
+        if !self.circuit_admits(&account) {
+            self.finish(&account, released(owner), 0).await;
+            return;
+        }
         self.metrics
             .lateness(self.clock.now_millis() as f64 / 1000.0 - account.next_refresh_at as f64);
         let started = Instant::now();
@@ -525,80 +540,59 @@ impl Engine {
         // At least 1: 0 means "nothing was sent", and a loopback answer can take under 1 ms.
         let duration_ms = (started.elapsed().as_millis() as i64).max(1);
         let now = self.clock.now();
+        let mut report = None;
+        let class = result.as_ref().err().map(|f| (f.class, f.message.clone()));
         let outcome = match result {
-            Ok((tokens, status)) => {
-                match &tokens.subject {
-                    Some(s) if !crate::subject::same(&account.subject, s) => Outcome::Rejected {
-                        account_id: account.id,
-                        generation: account.generation,
-                        reason: ReauthReason::SubjectMismatch,
-                        at: now,
-                        error: format!(
-                            "the provider returned tokens for user {:?}, not this account's {:?}; nothing stored",
-                            // Provider-chosen: bounded before it reaches the log and the store.
-                            s.chars().take(64).collect::<String>(),
-                            account.subject
-                        ),
-                        http_status: Some(status),
-                        duration_ms,
-                    },
-                    _ => {
-                        let mut tokens = tokens;
-                        let access_expires_at = now + tokens.expires_in;
-                        let next = policy::next_refresh_at(
-                            &cfg.refresh.timing(),
-                            access_expires_at,
-                            tokens.expires_in,
-                            Some(now),
-                            &mut rand::rng(),
-                        );
-                        let next = next.max(now + profile.min_token_age.as_secs() as i64);
-                        let refresh_expires_at = policy::refresh_expires_at(
-                            profile.refresh_ttl,
-                            account.refresh_expires_at,
-                            tokens.refresh_expires_in.map(|s| now + s),
-                        );
-                        // What is stored is what the profile's TTL rule allows.
-                        tokens.refresh_expires_in = refresh_expires_at.map(|t| t - now);
-                        let (status_after, reason) = policy::status_for(
-                            policy::refresh_token_state(now, refresh_expires_at, cfg.reauth.window),
-                        );
-                        Outcome::Rotated {
-                            account_id: account.id,
-                            generation: account.generation,
-                            tokens,
-                            at: now,
-                            next_refresh_at: next,
-                            status: status_after,
-                            reauth_reason: reason,
-                            http_status: Some(status),
-                            duration_ms,
-                        }
-                    }
-                }
+            Ok((answer, status)) => {
+                let outcome = self.answered(cfg, profile, &account, &answer, status, duration_ms);
+                report = Some(answer);
+                outcome
             }
             Err(f) => match f.class {
                 FailureClass::Transient => {
                     let failures = (account.failures + 1).clamp(1, u32::MAX as i64) as u32;
-                    let delay = policy::backoff(
-                        failures,
-                        cfg.refresh.backoff_base,
-                        cfg.refresh.backoff_max,
-                        f.retry_after,
-                        &mut rand::rng(),
-                    );
+                    let delay = match self.circuit_failure(&account, f.retry_after) {
+                        // The circuit holds the provider's accounts back and lets them go
+                        // together when it closes: no backoff of their own on top.
+                        true => f
+                            .retry_after
+                            .unwrap_or_default()
+                            .max(circuit::PROBE_INTERVAL),
+                        false => policy::backoff(
+                            failures,
+                            cfg.refresh.backoff_base,
+                            cfg.refresh.backoff_max,
+                            f.retry_after,
+                            &mut rand::rng(),
+                        ),
+                    };
+                    let retry_at = now + delay.as_secs().max(1) as i64;
+                    let mut error = f.message;
+                    // Parked past the access token's expiry: said in the account's status
+                    // (its last error), the log and a metric, never silently.
+                    if retry_at > account.access_expires_at {
+                        self.metrics.parked_past_expiry(&account.provider);
+                        tracing::warn!(event = "parked_past_expiry", account = account.id, provider = %account.provider,
+                            access_expires_at = %rfc3339(account.access_expires_at), retry_at = %rfc3339(retry_at),
+                            "the provider is failing: this account's access token expires before its next refresh");
+                        error.push_str(&format!(
+                            "; parked past expiry: the access token expires at {}, the retry is at {}",
+                            rfc3339(account.access_expires_at),
+                            rfc3339(retry_at)
+                        ));
+                    }
                     Outcome::Transient {
                         account_id: account.id,
                         owner,
                         at: now,
-                        next_refresh_at: now + delay.as_secs().max(1) as i64,
-                        error: f.message,
+                        next_refresh_at: retry_at,
+                        error,
                         http_status: f.http_status,
                         duration_ms,
                         answer_lost: f.answer_lost,
                     }
                 }
-                FailureClass::Config => Outcome::ConfigError {
+                FailureClass::Config | FailureClass::Unexpected => Outcome::ConfigError {
                     account_id: account.id,
                     owner,
                     at: now,
@@ -631,11 +625,142 @@ impl Engine {
                 }
             },
         };
-        self.finish(&account, outcome, duration_ms).await;
+        if !matches!(class, Some((FailureClass::Transient, _))) {
+            self.circuit_answered(&account.provider);
+        }
+        let stored = matches!(outcome, Outcome::Rotated { .. });
+        // What the answer says about the provider is known now: the provider accepts our
+        // client (or not) whether or not the outcome can be stored.
+        let name = account.provider.as_str();
+        match class {
+            None => self.provider_state(name, None, ConfigState::success),
+            Some((FailureClass::Config, error)) => {
+                self.provider_state(name, Some(&error), ConfigState::config_error)
+            }
+            Some((FailureClass::Unexpected, error)) => {
+                self.provider_state(name, Some(&error), |s| s.unexpected(account.id))
+            }
+            Some((FailureClass::Rejected(_), _)) => self.provider_state(name, None, |s| {
+                s.answered();
+                None
+            }),
+            Some((FailureClass::Transient, _)) => {}
+        }
+        let recorded = self.finish(&account, outcome, duration_ms).await;
+        if let Some(answer) = report {
+            let stored = stored && matches!(recorded, Some(Recorded::Applied | Recorded::Deferred));
+            report_answer(&account, &answer, stored);
+        }
     }
 
-    /// Records an outcome, then (only once it is durable) logs it.
-    async fn finish(&self, account: &Account, outcome: Outcome, duration_ms: i64) {
+    /// The outcome of a 2xx answer: its tokens (or its new refresh token alone, with the
+    /// stored access token kept and asked for again soon), unless they are another user's.
+    fn answered(
+        &self,
+        cfg: &Config,
+        profile: &crate::provider::profile::Profile,
+        account: &Account,
+        answer: &Answer,
+        status: u16,
+        duration_ms: i64,
+    ) -> Outcome {
+        let now = self.clock.now();
+        let subject = match &answer.granted {
+            Granted::Tokens(t) => t.subject.as_ref(),
+            Granted::RefreshTokenOnly { subject, .. } => subject.as_ref(),
+        };
+        if let Some(s) = subject
+            && !crate::subject::same(&account.subject, s)
+        {
+            return Outcome::Rejected {
+                account_id: account.id,
+                generation: account.generation,
+                reason: ReauthReason::SubjectMismatch,
+                at: now,
+                error: format!(
+                    "the provider returned tokens for user {:?}, not this account's {:?}; nothing stored",
+                    // Provider-chosen: bounded before it reaches the log and the store.
+                    s.chars().take(64).collect::<String>(),
+                    account.subject
+                ),
+                http_status: Some(status),
+                duration_ms,
+            };
+        }
+        let (mut tokens, next) = match &answer.granted {
+            Granted::Tokens(tokens) => {
+                let access_expires_at = now + tokens.expires_in;
+                let next = policy::next_refresh_at(
+                    &cfg.refresh.timing(),
+                    access_expires_at,
+                    tokens.expires_in,
+                    Some(now),
+                    &mut rand::rng(),
+                );
+                (
+                    tokens.clone(),
+                    next.max(now + profile.min_token_age.as_secs() as i64),
+                )
+            }
+            Granted::RefreshTokenOnly {
+                refresh_token,
+                refresh_expires_in,
+                ..
+            } => {
+                // The stored access token stays, with its own expiry (possibly past); the
+                // account asks for a new one after a first backoff step.
+                let soon = policy::backoff(
+                    1,
+                    cfg.refresh.backoff_base,
+                    cfg.refresh.backoff_max,
+                    None,
+                    &mut rand::rng(),
+                );
+                let tokens = TokenSet {
+                    access_token: account.access_token.clone(),
+                    refresh_token: Some(refresh_token.clone()),
+                    expires_in: account.access_expires_at - now,
+                    refresh_expires_in: *refresh_expires_in,
+                    subject: None,
+                    scope: None,
+                    token_type: account.token_type.clone(),
+                };
+                (tokens, now + soon.as_secs().max(1) as i64)
+            }
+        };
+        let refresh_expires_at = policy::refresh_expires_at(
+            profile.refresh_ttl,
+            account.refresh_expires_at,
+            tokens.refresh_expires_in.map(|s| now + s),
+        );
+        // What is stored is what the profile's TTL rule allows.
+        tokens.refresh_expires_in = refresh_expires_at.map(|t| t - now);
+        let (status_after, reason) = policy::status_for(policy::refresh_token_state(
+            now,
+            refresh_expires_at,
+            cfg.reauth.window,
+        ));
+        Outcome::Rotated {
+            account_id: account.id,
+            generation: account.generation,
+            tokens,
+            at: now,
+            next_refresh_at: next,
+            status: status_after,
+            reauth_reason: reason,
+            http_status: Some(status),
+            duration_ms,
+        }
+    }
+
+    /// Records an outcome, then (only once it is durable) logs it. Returns how it was
+    /// recorded, or None when it could not be.
+    async fn finish(
+        &self,
+        account: &Account,
+        outcome: Outcome,
+        duration_ms: i64,
+    ) -> Option<Recorded> {
         let id = account.id;
         let provider = account.provider.as_str();
         // Progress for the watchdog, also while the loop itself waits for permits.
@@ -656,7 +781,7 @@ impl Engine {
                 inc(&s.record_errors);
                 tracing::error!(event = "record_failed", account = id, provider, error = %e,
                     "could not store the outcome of a refresh");
-                return;
+                return None;
             }
         };
         match (&outcome, recorded) {
@@ -692,7 +817,6 @@ impl Engine {
                     duration_ms, new_refresh_token = tokens.refresh_token.is_some(),
                     commit = if r == Recorded::Deferred { "deferred" } else { "committed" },
                     next_refresh_at = %rfc3339(*next_refresh_at), "refreshed");
-                self.provider_ok(provider);
                 self.events.emit(Event::TokensChanged {
                     account_id: id,
                     provider: provider.to_string(),
@@ -747,20 +871,9 @@ impl Engine {
             ) => {
                 metric("config_error");
                 inc(&s.config_errors);
-                tracing::error!(event = "provider_config_error", account = id, provider, outcome = "config_error",
+                tracing::warn!(event = "refresh", account = id, provider, outcome = "config_error",
                     duration_ms, http_status, error = %error, retry_at = %rfc3339(*next_refresh_at),
-                    "the provider rejected our client configuration; check [providers.{provider}]");
-                let newly = self
-                    .rejecting
-                    .lock()
-                    .expect("not poisoned")
-                    .insert(provider.to_string());
-                if newly {
-                    self.events.emit(Event::ProviderRejected {
-                        provider: provider.to_string(),
-                        error: error.clone(),
-                    });
-                }
+                    "refresh refused for a configuration reason (see provider_config_error for the provider's state); will retry");
             }
             (
                 Outcome::Rejected {
@@ -788,6 +901,7 @@ impl Engine {
                 );
             }
         }
+        Some(recorded)
     }
 
     fn reauth_required(&self, account: &Account, reason: &str, refresh_expires_at: Option<i64>) {
@@ -815,22 +929,136 @@ impl Engine {
         });
     }
 
-    /// A successful refresh proves the provider takes our credentials again.
-    fn provider_ok(&self, provider: &str) {
-        let was = self
-            .rejecting
-            .lock()
-            .expect("not poisoned")
-            .remove(provider);
-        if was {
-            tracing::info!(
-                event = "provider_recovered",
-                provider,
-                "the provider accepts our client credentials again"
-            );
-            self.events.emit(Event::ProviderRecovered {
-                provider: provider.to_string(),
-            });
+    /// Providers whose circuit holds their accounts back now: not claimed.
+    fn held_providers(&self) -> Vec<String> {
+        let now = self.clock.now_millis();
+        let circuits = self.circuits.lock().expect("not poisoned");
+        circuits
+            .iter()
+            .filter(|(_, c)| c.holding(now))
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    /// The earliest probe time of an open circuit (clock ms).
+    fn next_probe(&self) -> Option<i64> {
+        let circuits = self.circuits.lock().expect("not poisoned");
+        circuits.values().filter_map(Circuit::probe_at).min()
+    }
+
+    /// Asks the account's provider circuit whether its request may be sent now.
+    fn circuit_admits(&self, account: &Account) -> bool {
+        let now = self.clock.now_millis();
+        let mut circuits = self.circuits.lock().expect("not poisoned");
+        let circuit = circuits.entry(account.provider.clone()).or_default();
+        match circuit.permit(now) {
+            Permit::Send => true,
+            Permit::Probe => {
+                tracing::info!(event = "provider_circuit_probe", account = account.id, provider = %account.provider,
+                    "the provider's circuit is open: this refresh is the probe");
+                true
+            }
+            Permit::Wait { .. } => false,
         }
+    }
+
+    /// Reports a transient failure to the account's provider circuit; true while it is open.
+    fn circuit_failure(&self, account: &Account, retry_after: Option<Duration>) -> bool {
+        let now = self.clock.now_millis();
+        let mut circuits = self.circuits.lock().expect("not poisoned");
+        let circuit = circuits.entry(account.provider.clone()).or_default();
+        if circuit.failure(now, retry_after) == Some(circuit::Change::Opened) {
+            self.metrics.circuit_open(&account.provider, true);
+            tracing::warn!(event = "provider_circuit_open", provider = %account.provider,
+                failures = circuit::THRESHOLD, probe_every_ms = circuit::PROBE_INTERVAL.as_millis() as u64,
+                retry_after_ms = retry_after.map(|d| d.as_millis() as u64),
+                "the provider keeps failing: its accounts wait while one probe request per interval checks it");
+        }
+        circuit.is_open()
+    }
+
+    /// Reports a proper answer of `provider`: its circuit closes.
+    fn circuit_answered(&self, provider: &str) {
+        let closed = {
+            let mut circuits = self.circuits.lock().expect("not poisoned");
+            circuits.entry(provider.to_string()).or_default().answered()
+        };
+        if closed == Some(circuit::Change::Closed) {
+            self.metrics.circuit_open(provider, false);
+            tracing::info!(
+                event = "provider_circuit_closed",
+                provider,
+                "the provider answers again: its waiting accounts are refreshed within its rate limit"
+            );
+            self.wake.notify_one();
+        }
+    }
+
+    /// Feeds one answer of `provider` to its configuration state and announces a change.
+    fn provider_state(
+        &self,
+        provider: &str,
+        error: Option<&str>,
+        feed: impl FnOnce(&mut ConfigState) -> Option<Change>,
+    ) {
+        let change = {
+            let mut states = self.provider_states.lock().expect("not poisoned");
+            feed(states.entry(provider.to_string()).or_default())
+        };
+        match change {
+            Some(Change::Rejecting) => {
+                self.metrics.provider_rejecting(provider, true);
+                let error = error.unwrap_or_default().to_string();
+                tracing::error!(event = "provider_config_error", provider, error = %error,
+                    "the provider rejects our client configuration; check [providers.{provider}]");
+                self.events.emit(Event::ProviderRejected {
+                    provider: provider.to_string(),
+                    error,
+                });
+            }
+            Some(Change::Recovered) => {
+                self.metrics.provider_rejecting(provider, false);
+                tracing::info!(
+                    event = "provider_recovered",
+                    provider,
+                    "the provider accepts our client configuration again"
+                );
+                self.events.emit(Event::ProviderRecovered {
+                    provider: provider.to_string(),
+                });
+            }
+            None => {}
+        }
+    }
+}
+
+/// Reports what was wrong with an answer, naming the account, once it is known whether its
+/// new credential was stored.
+fn report_answer(account: &Account, answer: &Answer, stored: bool) {
+    let (id, provider) = (account.id, account.provider.as_str());
+    let refresh_only = matches!(answer.granted, Granted::RefreshTokenOnly { .. });
+    for problem in &answer.problems {
+        match (stored, refresh_only) {
+            (true, true) => {
+                tracing::warn!(event = "malformed_token_response", account = id, provider, problem = %problem,
+                "the answer has no usable access token; its new refresh token was stored and the access token is asked for again soon")
+            }
+            (true, false) => {
+                tracing::warn!(event = "malformed_token_response", account = id, provider, problem = %problem,
+                "the answer has a broken field; its new token was stored anyway and the account is refreshed again soon")
+            }
+            (false, _) => {
+                tracing::warn!(event = "malformed_token_response", account = id, provider, problem = %problem,
+                "the answer has a broken field; nothing of it was stored")
+            }
+        }
+    }
+    if answer.rotation_missing {
+        tracing::warn!(
+            event = "rotation_missing",
+            account = id,
+            provider,
+            "the provider rotates refresh tokens but returned none; keeping the stored one"
+        );
     }
 }

@@ -12,6 +12,9 @@
 //! - [`subject`]: the provider's user id, kept exactly; matching stored ones.
 //! - [`provider`]: profiles (TikTok, Google, LinkedIn, X, Pinterest, Instagram, Facebook,
 //!   Threads, Reddit, or generic from the config): token requests and their answers.
+//! - [`provider_state`]: whether a provider refuses our configuration or one account got an
+//!   odd answer. Pure.
+//! - [`circuit`]: the per-provider circuit breaker (probe while a provider is down). Pure.
 //! - [`engine`]: the refresh loop.
 //! - [`events`]: in-process state changes (tokens rotated, reauth needed, recovered).
 //! - [`sink`]: token files for an app, rewritten atomically after each rotation.
@@ -38,6 +41,7 @@
 //! 5. Bad input is rejected with an error naming what and where; nothing is half-applied.
 //! 6. A transient failure never flags an account; a permanent one is never retried blindly.
 
+pub mod circuit;
 pub mod clock;
 pub mod config;
 pub mod connect;
@@ -54,6 +58,7 @@ pub mod model;
 pub mod notify;
 pub mod policy;
 pub mod provider;
+pub mod provider_state;
 pub mod sandbox;
 pub mod server;
 pub mod sink;

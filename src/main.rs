@@ -137,6 +137,9 @@ struct SandboxArgs {
     /// Never rotate refresh tokens (refresh answers omit them).
     #[arg(long)]
     no_rotate: bool,
+    /// Revoke the whole grant when a rotated-away refresh token is presented again.
+    #[arg(long)]
+    revoke_on_reuse: bool,
     /// Benchmarks: take an unknown refresh token `rft.adopt.<open_id>` as a new grant of
     /// <open_id>, so a seeded store needs no grant per account.
     #[arg(long)]
@@ -1067,6 +1070,7 @@ async fn sandbox(args: &SandboxArgs) -> Result<u8> {
         refresh_ttl: args.refresh_ttl,
         rotate: !args.no_rotate,
         adopt: args.adopt,
+        revoke_on_reuse: args.revoke_on_reuse,
         ..Default::default()
     };
     let sb = refreshd::sandbox::Sandbox::start_on(listen, config, Clock::system())

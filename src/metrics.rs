@@ -52,6 +52,8 @@ pub struct Metrics {
     lateness: Histogram,
     provider_failures: Family<ProviderLabel, Gauge>,
     provider_rejecting: Family<ProviderLabel, Gauge>,
+    circuit_open: Family<ProviderLabel, Gauge>,
+    parked_past_expiry: Family<ProviderLabel, Counter>,
     accounts: Family<StatusLabels, Gauge>,
     flagged: Family<ReasonLabels, Gauge>,
     access_expired: Family<ProviderLabel, Gauge>,
@@ -109,6 +111,18 @@ impl Metrics {
             "1 while the provider refuses our client credentials (invalid_client and the like)",
             provider_rejecting.clone(),
         );
+        let circuit_open = Family::<ProviderLabel, Gauge>::default();
+        registry.register(
+            "provider_circuit_open",
+            "1 while the provider's circuit is open (its accounts wait; one probe request per second at most)",
+            circuit_open.clone(),
+        );
+        let parked_past_expiry = Family::<ProviderLabel, Counter>::default();
+        registry.register(
+            "parked_past_expiry",
+            "Transient failures whose retry comes after the account's access token expires",
+            parked_past_expiry.clone(),
+        );
         let accounts = Family::<StatusLabels, Gauge>::default();
         registry.register(
             "accounts",
@@ -148,6 +162,8 @@ impl Metrics {
             lateness,
             provider_failures,
             provider_rejecting,
+            circuit_open,
+            parked_past_expiry,
             accounts,
             flagged,
             access_expired,
@@ -188,18 +204,27 @@ impl Metrics {
             }
             _ => {}
         }
-        let rejecting = self
-            .provider_rejecting
-            .get_or_create(&Self::provider(provider));
-        match outcome {
-            "config_error" => {
-                rejecting.set(1);
-            }
-            "rotated" => {
-                rejecting.set(0);
-            }
-            _ => {}
-        }
+    }
+
+    /// Whether the provider's circuit is open.
+    pub fn circuit_open(&self, provider: &str, open: bool) {
+        self.circuit_open
+            .get_or_create(&Self::provider(provider))
+            .set(i64::from(open));
+    }
+
+    /// A transient failure parked an account past its access token's expiry.
+    pub fn parked_past_expiry(&self, provider: &str) {
+        self.parked_past_expiry
+            .get_or_create(&Self::provider(provider))
+            .inc();
+    }
+
+    /// Whether the provider refuses our configuration (set on its state's changes only).
+    pub fn provider_rejecting(&self, provider: &str, rejecting: bool) {
+        self.provider_rejecting
+            .get_or_create(&Self::provider(provider))
+            .set(i64::from(rejecting));
     }
 
     /// A refresh started `secs` after it was planned.

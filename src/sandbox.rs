@@ -17,7 +17,7 @@
 //! Every expiry is computed with the injected [`Clock`], so a manual clock can make days pass
 //! in a test.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -87,6 +87,9 @@ pub struct SandboxConfig {
     /// rotated as usual), so a store seeded with a million accounts needs no grant per
     /// account here first. Off by default: unknown tokens are `invalid_grant`.
     pub adopt: bool,
+    /// When a rotated-away refresh token comes back, revoke the whole grant (as providers
+    /// that detect token theft do): the account's current token dies too.
+    pub revoke_on_reuse: bool,
     pub faults: Faults,
 }
 
@@ -102,6 +105,7 @@ impl Default for SandboxConfig {
             refresh_ttl: Duration::from_secs(180 * 86_400),
             rotate: true,
             adopt: false,
+            revoke_on_reuse: false,
             faults: Faults::default(),
         }
     }
@@ -122,6 +126,11 @@ pub struct Faults {
     /// Waits `slow_delay`, then answers normally.
     pub slow: f64,
     pub slow_delay: Duration,
+    /// Performs the refresh (the token rotates), then answers HTTP 200 with a body of an odd
+    /// shape that still carries the new refresh token as a string: no or a numeric access
+    /// token, a lifetime that is text or negative, a strange token_type, a broken
+    /// refresh_expires_in or open_id.
+    pub odd_answer: f64,
 }
 
 /// Counters of what the endpoint has done since start.
@@ -147,6 +156,11 @@ pub struct SandboxStats {
     pub faults_injected: u64,
     /// Refresh tokens taken as new grants (`SandboxConfig::adopt`).
     pub adopted: u64,
+    /// Refreshes answered with an odd shape (`Faults::odd_answer`).
+    pub odd_answers: u64,
+    /// Grants revoked because a used refresh token came back
+    /// (`SandboxConfig::revoke_on_reuse`).
+    pub reuse_revoked: u64,
 }
 
 /// A running sandbox. Dropping it stops the server too; `shutdown` also waits for it.
@@ -178,7 +192,7 @@ impl Sandbox {
                 config,
                 grants: HashMap::new(),
                 current: HashMap::new(),
-                used: HashSet::new(),
+                used: HashMap::new(),
                 codes: HashMap::new(),
                 consent: Consent::default(),
                 stats: SandboxStats::default(),
@@ -252,6 +266,12 @@ impl Sandbox {
 
     pub fn stats(&self) -> SandboxStats {
         self.shared.lock().stats.clone()
+    }
+
+    /// A reader of the counters that can move into a task (a test's sampler).
+    pub fn stats_handle(&self) -> impl Fn() -> SandboxStats + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || shared.lock().stats.clone()
     }
 
     /// Is `access_token` the latest access token of `open_id`, unexpired and unrevoked?
@@ -351,8 +371,8 @@ struct Book {
     grants: HashMap<Arc<str>, Grant>,
     /// Current refresh token → open_id.
     current: HashMap<Box<str>, Arc<str>>,
-    /// Refresh tokens rotated away, kept to tell reuse apart from garbage.
-    used: HashSet<Box<str>>,
+    /// Refresh tokens rotated away (-> their open_id), kept to tell reuse apart from garbage.
+    used: HashMap<Box<str>, Arc<str>>,
     /// Authorization code → what it grants; removed when presented (single use).
     codes: HashMap<Box<str>, PendingCode>,
     consent: Consent,
@@ -376,6 +396,7 @@ enum Fault {
     RateLimited(u64),
     ErrorIn200,
     Slow(Duration),
+    OddAnswer,
 }
 
 /// Why a request failed, with everything needed to answer it.
@@ -426,6 +447,8 @@ impl Shared {
             Fault::ErrorIn200
         } else if fires(f.slow) {
             Fault::Slow(f.slow_delay)
+        } else if fires(f.odd_answer) {
+            Fault::OddAnswer
         } else {
             Fault::None
         };
@@ -495,8 +518,15 @@ impl Shared {
             return Err(Reject::invalid_request("refresh_token is required."));
         };
 
-        if book.used.contains(token) {
+        if let Some(open_id) = book.used.get(token).cloned() {
             book.stats.reuse_rejected += 1;
+            if book.config.revoke_on_reuse
+                && let Some(grant) = book.grants.get_mut(&open_id)
+                && !grant.revoked
+            {
+                grant.revoked = true;
+                book.stats.reuse_revoked += 1;
+            }
             return Err(Reject::invalid_grant(
                 "Refresh token has already been used.",
             ));
@@ -544,7 +574,7 @@ impl Shared {
         if let Some(old) = rotated {
             let new = grant.refresh_token.clone();
             book.current.remove(&old);
-            book.used.insert(old);
+            book.used.insert(old, open_id.clone());
             book.current.insert(new, open_id);
         }
         book.stats.refreshed += 1;
@@ -668,7 +698,8 @@ async fn token_endpoint(
     State(shared): State<Arc<Shared>>,
     form: Result<Form<HashMap<String, String>>, FormRejection>,
 ) -> Response {
-    match shared.pick_fault() {
+    let fault = shared.pick_fault();
+    match fault {
         Fault::None => {}
         Fault::ServerError => {
             let reject = if rand::rng().random_bool(0.5) {
@@ -705,7 +736,9 @@ async fn token_endpoint(
             ));
         }
         Fault::Slow(delay) => tokio::time::sleep(delay).await,
+        Fault::OddAnswer => {}
     }
+    let odd = matches!(fault, Fault::OddAnswer);
 
     let Form(form) = match form {
         Ok(form) => form,
@@ -717,6 +750,10 @@ async fn token_endpoint(
         }
     };
     match shared.refresh(&form) {
+        Ok(body) if odd && body.get("refresh_token").is_some() => {
+            shared.lock().stats.odd_answers += 1;
+            json_response(StatusCode::OK, odd_shape(body))
+        }
         Ok(body) => json_response(StatusCode::OK, body),
         Err(reject) => shared.error_response(reject),
     }
@@ -748,6 +785,27 @@ fn token_body(open_id: &str, grant: &Grant, now: i64, with_refresh_token: bool) 
     });
     if with_refresh_token {
         body["refresh_token"] = Value::from(&*grant.refresh_token);
+    }
+    body
+}
+
+/// The success body bent into one of the odd shapes of [`Faults::odd_answer`], picked at
+/// random; the new refresh token stays a string.
+fn odd_shape(mut body: Value) -> Value {
+    let shapes: [(&str, Option<Value>); 8] = [
+        ("access_token", None),
+        ("access_token", Some(json!(12345))),
+        ("access_token", Some(json!(""))),
+        ("expires_in", Some(json!("soon"))),
+        ("expires_in", Some(json!(-5))),
+        ("token_type", Some(json!("MAC"))),
+        ("refresh_expires_in", Some(json!([1]))),
+        ("open_id", Some(json!({"id": 1}))),
+    ];
+    let (field, value) = shapes[rand::rng().random_range(0..shapes.len())].clone();
+    match value {
+        None => drop(body.as_object_mut().map(|o| o.remove(field))),
+        Some(v) => body[field] = v,
     }
     body
 }
@@ -841,6 +899,54 @@ mod tests {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric())
         );
+    }
+
+    #[tokio::test]
+    async fn reuse_revokes_the_whole_grant_when_asked() {
+        let (sb, _) = sandbox(SandboxConfig {
+            revoke_on_reuse: true,
+            ..SandboxConfig::default()
+        })
+        .await;
+        let g = sb.grant("thief", "user.info.basic", None);
+        let first = str_field(&g, "refresh_token").to_owned();
+        let (_, _, body) = refresh(&sb, &first).await;
+        let second = str_field(&body, "refresh_token").to_owned();
+        let (status, _, body) = refresh(&sb, &first).await;
+        assert_eq!(status, 400);
+        assert_error(&body, "invalid_grant");
+        // The current token died with the grant.
+        let (_, _, body) = refresh(&sb, &second).await;
+        assert_error(&body, "invalid_grant");
+        let s = sb.stats();
+        assert_eq!(
+            (s.reuse_rejected, s.reuse_revoked, s.revoked_rejected),
+            (1, 1, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn odd_answers_rotate_and_keep_the_new_refresh_token_a_string() {
+        let (sb, _) = sandbox(SandboxConfig {
+            faults: Faults {
+                odd_answer: 1.0,
+                ..Faults::default()
+            },
+            ..SandboxConfig::default()
+        })
+        .await;
+        let g = sb.grant("odd", "user.info.basic", None);
+        let mut token = str_field(&g, "refresh_token").to_owned();
+        for _ in 0..20 {
+            let (status, _, body) = refresh(&sb, &token).await;
+            assert_eq!(status, 200, "{body}");
+            token = str_field(&body, "refresh_token").to_owned();
+            assert_eq!(
+                sb.current_refresh_token("odd").as_deref(),
+                Some(token.as_str())
+            );
+        }
+        assert_eq!(sb.stats().odd_answers, 20);
     }
 
     #[tokio::test]
@@ -1154,7 +1260,7 @@ mod tests {
     #[tokio::test]
     async fn log_ids_are_unique_and_timestamped() {
         let (sb, _) = sandbox(SandboxConfig::default()).await;
-        let mut seen = HashSet::new();
+        let mut seen = std::collections::HashSet::new();
         for _ in 0..5 {
             let (_, _, body) = refresh(&sb, "rft.unknown").await;
             let log_id = str_field(&body, "log_id").to_owned();

@@ -28,6 +28,10 @@ pub enum FailureClass {
     Config,
     /// 429, 5xx, timeouts, broken answers: back off and retry; never flags.
     Transient,
+    /// An answer that fits no rule (a redirect, an error without an OAuth body): this
+    /// account's, retried slowly, until several accounts in a row get one (then the
+    /// provider's configuration; see `provider_state`).
+    Unexpected,
 }
 
 impl FailureClass {
@@ -36,6 +40,7 @@ impl FailureClass {
             FailureClass::Rejected(_) => "rejected",
             FailureClass::Config => "config_error",
             FailureClass::Transient => "transient",
+            FailureClass::Unexpected => "unexpected_answer",
         }
     }
 }
@@ -198,29 +203,17 @@ impl Provider {
     }
 
     /// Presents `credential` for new tokens. `now` (unix seconds) turns absolute expiry
-    /// fields into lifetimes. Returns the tokens and the HTTP status.
+    /// fields into lifetimes. Returns the answer (tokens, or a new refresh token alone, with
+    /// the problems tolerated in it) and the HTTP status.
     pub async fn refresh(
         &self,
         credential: &SecretString,
         now: i64,
-    ) -> Result<(TokenSet, u16), ProviderFailure> {
+    ) -> Result<(response::Answer, u16), ProviderFailure> {
         let req =
             self.profile
                 .refresh_request(&self.client_key, self.client_secret.as_ref(), credential);
-        let answer = self.send(req, now).await?;
-        // Only a refresh has a stored token to keep; a code exchange without one fails in
-        // connect with its own message.
-        if self.profile.rotation == profile::Rotation::Always
-            && self.profile.credential == Credential::RefreshToken
-            && answer.0.refresh_token.is_none()
-        {
-            tracing::warn!(
-                event = "rotation_missing",
-                provider = %self.name,
-                "the provider rotates refresh tokens but returned none; keeping the stored one"
-            );
-        }
-        Ok(answer)
+        self.send(req, now).await
     }
 
     /// Exchanges an authorization code for tokens (grant_type=authorization_code). The
@@ -240,7 +233,7 @@ impl Provider {
             redirect_uri,
             code_verifier,
         );
-        let (mut tokens, mut status) = self.send(req, now).await?;
+        let (mut tokens, mut status) = self.send_for_tokens(req, now).await?;
         if tokens.subject.is_none() {
             tokens.subject = self.identify(&tokens).await?;
         }
@@ -251,7 +244,7 @@ impl Provider {
             self.client_secret.as_ref(),
             &tokens.access_token,
         ) {
-            let (long, s) = self.send(req, now).await?;
+            let (long, s) = self.send_for_tokens(req, now).await?;
             status = s;
             tokens = TokenSet {
                 subject: tokens.subject,
@@ -343,8 +336,26 @@ impl Provider {
         }
     }
 
+    /// Sends a token request whose answer must carry an access token (a code exchange).
+    async fn send_for_tokens(
+        &self,
+        req: TokenRequest,
+        now: i64,
+    ) -> Result<(TokenSet, u16), ProviderFailure> {
+        let (answer, status) = self.send(req, now).await?;
+        for problem in &answer.problems {
+            tracing::warn!(event = "malformed_token_response", provider = %self.name, problem = %problem,
+                "the code exchange answer has a broken field; its tokens are used with a short lifetime");
+        }
+        Ok((answer.into_tokens(status)?, status))
+    }
+
     /// Sends a token request and parses the answer, with the body-size cap.
-    async fn send(&self, req: TokenRequest, now: i64) -> Result<(TokenSet, u16), ProviderFailure> {
+    async fn send(
+        &self,
+        req: TokenRequest,
+        now: i64,
+    ) -> Result<(response::Answer, u16), ProviderFailure> {
         let transient = |message: String| ProviderFailure {
             class: FailureClass::Transient,
             message,
@@ -436,7 +447,7 @@ impl Provider {
                 }
             }
         }
-        let mut tokens = response::parse(
+        let mut answer = response::parse_answer(
             &self.profile,
             now,
             status,
@@ -446,13 +457,19 @@ impl Provider {
         )?;
         // What the server does not announce, the config may: policy::refresh_expires_at then
         // keeps a fixed end at the first grant's, or slides it with each refresh.
-        if tokens.refresh_expires_in.is_none() {
-            tokens.refresh_expires_in = self
+        let announced = match &mut answer.granted {
+            response::Granted::Tokens(t) => &mut t.refresh_expires_in,
+            response::Granted::RefreshTokenOnly {
+                refresh_expires_in, ..
+            } => refresh_expires_in,
+        };
+        if announced.is_none() {
+            *announced = self
                 .profile
                 .refresh_token_lifetime
                 .map(|d| d.as_secs().min(tiktok::MAX_LIFETIME as u64) as i64);
         }
-        Ok((tokens, status))
+        Ok((answer, status))
     }
 }
 

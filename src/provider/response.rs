@@ -53,7 +53,9 @@ fn error_answer(obj: &Map<String, Value>) -> Option<ErrorAnswer> {
             text(obj.get("error_description")).or_else(|| text(obj.get("message"))),
             trace(obj),
         ),
-        _ if !obj.contains_key("access_token") => (
+        // A top-level `code` is an error only beside no token: a 2xx answer carrying one
+        // is read as tokens, so a new refresh token is never lost to a stray field.
+        _ if !obj.contains_key("access_token") && !obj.contains_key("refresh_token") => (
             scalar(obj.get("code"))?,
             None,
             text(obj.get("message")),
@@ -81,6 +83,11 @@ fn string(v: Option<&Value>) -> Option<String> {
     scalar(v).filter(|s| !s.is_empty())
 }
 
+/// A JSON string only: no number or array is taken for text.
+fn text(v: Option<&Value>) -> Option<String> {
+    v.and_then(Value::as_str).map(str::to_string)
+}
+
 /// An absolute time (unix seconds, or RFC 3339) as seconds remaining after `now`.
 fn remaining(v: Option<&Value>, field: &str, now: i64) -> Result<Option<i64>, String> {
     let at = match v {
@@ -99,8 +106,77 @@ fn remaining(v: Option<&Value>, field: &str, now: i64) -> Result<Option<i64>, St
     seconds(Some(&Value::from(at.saturating_sub(now).max(0))), field)
 }
 
-/// Maps an answer of the token endpoint to tokens or a classified failure. `now` turns
-/// absolute expiry fields into lifetimes.
+/// What a usable 2xx answer gave.
+#[derive(Debug)]
+pub enum Granted {
+    /// New tokens.
+    Tokens(TokenSet),
+    /// A new refresh token but no usable access token: the refresh token must be stored
+    /// (the provider may already have retired the old one), the stored access token kept,
+    /// and an access token asked for again soon.
+    RefreshTokenOnly {
+        refresh_token: SecretString,
+        refresh_expires_in: Option<i64>,
+        subject: Option<String>,
+    },
+}
+
+/// A 2xx answer the engine can store, with what was wrong in it.
+#[derive(Debug)]
+pub struct Answer {
+    pub granted: Granted,
+    /// Broken fields tolerated because the answer carries a new credential: the caller
+    /// reports them (naming the account) once it knows whether the credential was stored.
+    pub problems: Vec<String>,
+    /// The profile rotates refresh tokens, but this answer carried none.
+    pub rotation_missing: bool,
+}
+
+impl Answer {
+    /// The tokens, when the answer has an access token: a code exchange needs one.
+    pub fn into_tokens(self, http_status: u16) -> Result<TokenSet, ProviderFailure> {
+        match self.granted {
+            Granted::Tokens(t) => Ok(t),
+            Granted::RefreshTokenOnly { .. } => Err(ProviderFailure {
+                class: FailureClass::Transient,
+                message: format!("malformed token response: {}", self.problems.join("; ")),
+                http_status: Some(http_status),
+                retry_after: None,
+                answer_lost: true,
+            }),
+        }
+    }
+}
+
+/// A token field: `Ok(None)` when absent, null or empty; an error when it is not a JSON
+/// string (never coerced) or could never be sent back (control characters: tokens go into
+/// headers and form bodies, and PostgreSQL text cannot hold a NUL).
+fn token_field(obj: &Map<String, Value>, name: &str) -> Result<Option<String>, String> {
+    match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) if s.chars().any(char::is_control) => Err(format!(
+            "`{name}` contains control characters; it could never be used"
+        )),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(v) => Err(format!("`{name}` is {}, not a JSON string", json_kind(v))),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Maps an answer of the token endpoint to tokens or a classified failure, for callers that
+/// need an access token (a code exchange, tools). `now` turns absolute expiry fields into
+/// lifetimes.
 pub fn parse(
     profile: &Profile,
     now: i64,
@@ -109,6 +185,24 @@ pub fn parse(
     content_type: Option<&str>,
     body: &[u8],
 ) -> Result<TokenSet, ProviderFailure> {
+    parse_answer(profile, now, http_status, retry_after, content_type, body)?
+        .into_tokens(http_status)
+        .map_err(|f| ProviderFailure { retry_after, ..f })
+}
+
+/// Maps an answer of the token endpoint to what can be stored or a classified failure.
+///
+/// The storing rule: a 2xx answer carrying a new refresh token (a JSON string) is stored
+/// whatever else is broken in it (missing, empty, wrongly typed or out-of-range fields),
+/// because the provider may already have retired the old one.
+pub fn parse_answer(
+    profile: &Profile,
+    now: i64,
+    http_status: u16,
+    retry_after: Option<Duration>,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<Answer, ProviderFailure> {
     let fail = |class, message: String| ProviderFailure {
         class,
         message,
@@ -156,9 +250,10 @@ pub fn parse(
             ),
         ));
     }
+    // Odd answers: one account's until several accounts get them (`provider_state`).
     if (300..400).contains(&http_status) {
         return Err(fail(
-            FailureClass::Config,
+            FailureClass::Unexpected,
             format!(
                 "HTTP {http_status}: the token endpoint redirects; redirects are not followed on token requests, check token_url"
             ),
@@ -166,7 +261,7 @@ pub fn parse(
     }
     if !(200..300).contains(&http_status) {
         return Err(fail(
-            FailureClass::Config,
+            FailureClass::Unexpected,
             format!(
                 "HTTP {http_status} without an OAuth error body{}",
                 describe_body(content_type, body)
@@ -188,29 +283,70 @@ pub fn parse(
             format!("malformed token response: {m}"),
         ))
     };
-    let access_token = string(obj.get("access_token"))
-        .ok_or_else(|| malformed("`access_token` missing or empty".into()))?;
-    let refresh_token = string(obj.get("refresh_token"));
-    // A token is sent back in headers and form bodies, where control characters cannot go,
-    // and PostgreSQL text cannot hold a NUL: such an answer is garbage, retried like one.
-    let control = |t: &str| t.chars().any(char::is_control);
-    if control(&access_token) || refresh_token.as_deref().is_some_and(control) {
-        return Err(malformed(
-            "a token contains control characters; it could never be used".into(),
-        ));
-    }
+    // A refresh token that is not a usable string cannot be stored: the whole answer is
+    // garbage, retried like one.
+    let refresh_token = token_field(&obj, "refresh_token").map_err(malformed)?;
+    let mut problems = Vec::new();
+    // No usable access token: with a new refresh token, that token alone is stored.
+    let access_token = match token_field(&obj, "access_token") {
+        Ok(Some(t)) => Some(t),
+        bad => {
+            let problem = bad
+                .err()
+                .unwrap_or_else(|| "`access_token` missing or empty".into());
+            if refresh_token.is_none() {
+                return Err(malformed(problem));
+            }
+            problems.push(problem);
+            None
+        }
+    };
     // A new credential means the provider may already have retired the old one: such an
     // answer is stored even when other fields are broken, with a short lifetime so the
     // account is refreshed again soon. Otherwise a broken answer is simply retried.
     let new_credential = refresh_token.is_some() || profile.credential == Credential::AccessToken;
-    let tolerate = |problem: String| -> Result<(), ProviderFailure> {
+    let mut tolerate = |problem: String| -> Result<(), ProviderFailure> {
         if new_credential {
-            tracing::warn!(event = "malformed_token_response", problem = %problem,
-                "storing the new token anyway; the account is refreshed again soon");
+            problems.push(problem);
             Ok(())
         } else {
             Err(malformed(problem))
         }
+    };
+    let mut refresh_expires = Ok(None);
+    if let Some(f) = &profile.refresh_expires_in_field {
+        refresh_expires = seconds(obj.get(f.as_str()), f);
+    }
+    if let (Ok(None), Some(f)) = (&refresh_expires, &profile.refresh_expires_at_field) {
+        refresh_expires = remaining(obj.get(f.as_str()), f, now);
+    }
+    let refresh_expires_in = match refresh_expires {
+        Ok(v) => v,
+        Err(m) => {
+            tolerate(m)?;
+            None
+        }
+    };
+    let subject = profile
+        .subject_field
+        .as_ref()
+        .and_then(|f| string(obj.get(f.as_str())))
+        .or_else(|| {
+            text(obj.get("id_token"))
+                .filter(|t| !t.is_empty())
+                .and_then(|t| id_token_subject(&t))
+        });
+    let Some(access_token) = access_token else {
+        let refresh_token = refresh_token.expect("only an answer with one gets here");
+        return Ok(Answer {
+            granted: Granted::RefreshTokenOnly {
+                refresh_token: SecretString::from(refresh_token),
+                refresh_expires_in,
+                subject,
+            },
+            problems,
+            rotation_missing: false,
+        });
     };
     let field = &profile.expires_in_field;
     let mut expires = seconds(obj.get(field.as_str()), field);
@@ -232,42 +368,35 @@ pub fn parse(
             FALLBACK_LIFETIME
         }
     };
-    let mut refresh_expires = Ok(None);
-    if let Some(f) = &profile.refresh_expires_in_field {
-        refresh_expires = seconds(obj.get(f.as_str()), f);
-    }
-    if let (Ok(None), Some(f)) = (&refresh_expires, &profile.refresh_expires_at_field) {
-        refresh_expires = remaining(obj.get(f.as_str()), f, now);
-    }
-    let refresh_expires_in = match refresh_expires {
-        Ok(v) => v,
-        Err(m) => {
-            tolerate(m)?;
-            None
-        }
-    };
-    let token_type = string(obj.get("token_type")).unwrap_or_else(|| "Bearer".into());
-    if !token_type.eq_ignore_ascii_case("bearer") {
-        tolerate(format!(
+    match obj.get("token_type") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(t)) if t.is_empty() || t.eq_ignore_ascii_case("bearer") => {}
+        Some(Value::String(t)) => tolerate(format!(
             "unsupported token_type {:?} (expected Bearer)",
-            token_type.chars().take(40).collect::<String>()
-        ))?;
+            t.chars().take(40).collect::<String>()
+        ))?,
+        Some(v) => tolerate(format!(
+            "`token_type` is {}, not a JSON string",
+            json_kind(v)
+        ))?,
     }
-    let subject = profile
-        .subject_field
-        .as_ref()
-        .and_then(|f| string(obj.get(f.as_str())))
-        .or_else(|| string(obj.get("id_token")).and_then(|t| id_token_subject(&t)));
-    Ok(TokenSet {
-        access_token: SecretString::from(access_token),
-        refresh_token: refresh_token.map(SecretString::from),
-        expires_in,
-        refresh_expires_in,
-        subject,
-        scope: string(obj.get("scope"))
-            .map(|s| s.chars().filter(|c| !c.is_control()).collect::<String>())
-            .filter(|s| !s.is_empty()),
-        token_type: "Bearer".into(),
+    let rotation_missing = profile.rotation == super::profile::Rotation::Always
+        && profile.credential == Credential::RefreshToken
+        && refresh_token.is_none();
+    Ok(Answer {
+        granted: Granted::Tokens(TokenSet {
+            access_token: SecretString::from(access_token),
+            refresh_token: refresh_token.map(SecretString::from),
+            expires_in,
+            refresh_expires_in,
+            subject,
+            scope: text(obj.get("scope"))
+                .map(|s| s.chars().filter(|c| !c.is_control()).collect::<String>())
+                .filter(|s| !s.is_empty()),
+            token_type: "Bearer".into(),
+        }),
+        problems,
+        rotation_missing,
     })
 }
 
@@ -348,6 +477,155 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.scope.as_deref(), Some("user.infobasic"));
+    }
+
+    fn answer_as(kind: &str, body: &Value) -> Result<Answer, ProviderFailure> {
+        let p = Profile::built_in(kind).unwrap();
+        parse_answer(&p, NOW, 200, None, None, body.to_string().as_bytes())
+    }
+
+    /// Every way a field can be broken: missing, empty, of the wrong JSON type, out of range.
+    fn malformations() -> Vec<Option<Value>> {
+        use serde_json::json;
+        vec![
+            None,
+            Some(json!(null)),
+            Some(json!("")),
+            Some(json!(" ")),
+            Some(json!("soon")),
+            Some(json!(12345)),
+            Some(json!(0)),
+            Some(json!(-5)),
+            Some(json!(3600.5)),
+            Some(json!(1e300)),
+            Some(json!(99_999_999_999i64)),
+            Some(json!(u64::MAX)),
+            Some(json!(true)),
+            Some(json!(["a"])),
+            Some(json!({"v": 1})),
+            Some(json!("x\u{0}y")),
+        ]
+    }
+
+    #[test]
+    fn a_new_refresh_token_is_kept_whatever_else_is_broken() {
+        use serde_json::json;
+        let good = json!({
+            "access_token": "act.OK", "expires_in": 3600, "refresh_token": "rft.NEW",
+            "refresh_expires_in": 86_400, "open_id": "u1", "scope": "user.info.basic",
+            "token_type": "Bearer",
+        });
+        let fields = [
+            "access_token",
+            "expires_in",
+            "refresh_expires_in",
+            "open_id",
+            "scope",
+            "token_type",
+        ];
+        for field in fields {
+            for value in malformations() {
+                let mut body = good.clone();
+                match &value {
+                    None => drop(body.as_object_mut().unwrap().remove(field)),
+                    Some(v) => body[field] = v.clone(),
+                }
+                let a = answer_as("tiktok", &body)
+                    .unwrap_or_else(|f| panic!("{body}: refused: {}", f.message));
+                match a.granted {
+                    Granted::Tokens(t) => {
+                        assert_eq!(t.refresh_token.unwrap().expose_secret(), "rft.NEW");
+                        let at = t.access_token.expose_secret();
+                        assert_eq!(
+                            Some(at),
+                            body[field]
+                                .as_str()
+                                .filter(|_| field == "access_token")
+                                .or(Some("act.OK")),
+                            "{body}"
+                        );
+                        assert!(
+                            (1..=super::super::tiktok::MAX_LIFETIME).contains(&t.expires_in),
+                            "{body}"
+                        );
+                    }
+                    Granted::RefreshTokenOnly { refresh_token, .. } => {
+                        assert_eq!(field, "access_token", "{body}");
+                        assert_eq!(refresh_token.expose_secret(), "rft.NEW");
+                        assert_eq!(a.problems.len(), 1, "{body}: the problem is reported");
+                        assert!(!a.problems[0].contains("x\u{0}"), "{:?}", a.problems);
+                    }
+                }
+            }
+        }
+        // The answer: a new refresh token and no access token at all.
+        let a = answer_as(
+            "tiktok",
+            &json!({"refresh_token": "rft.NEW", "expires_in": 3600, "open_id": "u1"}),
+        )
+        .unwrap();
+        assert!(
+            matches!(&a.granted, Granted::RefreshTokenOnly { refresh_token, subject, .. }
+                if refresh_token.expose_secret() == "rft.NEW" && subject.as_deref() == Some("u1")),
+            "{a:?}"
+        );
+        // A caller that needs an access token gets a transient failure, never a token.
+        let f = a.into_tokens(200).unwrap_err();
+        assert_eq!(f.class, FailureClass::Transient);
+        assert!(f.message.contains("access_token"), "{}", f.message);
+    }
+
+    #[test]
+    fn a_token_that_is_not_a_json_string_is_malformed_never_coerced() {
+        use serde_json::json;
+        // The answer: nothing of it is usable, and nothing is stored.
+        for body in [
+            json!({"access_token": 12345, "refresh_token": ["a"], "expires_in": 3600, "open_id": "u1"}),
+            json!({"access_token": "act.A", "refresh_token": 12345, "expires_in": 3600}),
+            json!({"access_token": "act.A", "refresh_token": {"t": "x"}, "expires_in": 3600}),
+            json!({"access_token": "act.A", "refresh_token": true, "expires_in": 3600}),
+            json!({"access_token": 12345, "expires_in": 3600}),
+            json!({"access_token": ["act.A"], "expires_in": 3600}),
+        ] {
+            let f = answer_as("tiktok", &body).unwrap_err();
+            assert_eq!(f.class, FailureClass::Transient, "{body}");
+            assert!(f.answer_lost, "{body}: the provider may have rotated");
+            assert!(f.message.contains("not a JSON string"), "{}", f.message);
+            assert!(!f.message.contains("12345"), "{}", f.message);
+        }
+        // An access token that is a number beside a good refresh token: only the refresh
+        // token is kept.
+        let a = answer_as(
+            "tiktok",
+            &json!({"access_token": 12345, "refresh_token": "rft.NEW", "expires_in": 3600}),
+        )
+        .unwrap();
+        assert!(
+            matches!(a.granted, Granted::RefreshTokenOnly { .. }),
+            "{a:?}"
+        );
+        assert!(
+            a.problems[0].contains("`access_token` is a number"),
+            "{:?}",
+            a.problems
+        );
+    }
+
+    #[test]
+    fn problems_and_missing_rotation_are_reported_not_logged_here() {
+        let a = answer_as(
+            "tiktok",
+            &serde_json::json!({"access_token": "act.A", "refresh_token": "rft.N", "expires_in": "soon"}),
+        )
+        .unwrap();
+        assert_eq!(a.problems.len(), 1, "{a:?}");
+        assert!(!a.rotation_missing);
+        let a = answer_as(
+            "tiktok",
+            &serde_json::json!({"access_token": "act.A", "expires_in": 60}),
+        )
+        .unwrap();
+        assert!(a.rotation_missing && a.problems.is_empty(), "{a:?}");
     }
 
     #[test]

@@ -216,10 +216,10 @@ mod tests {
     }
 
     #[test]
-    fn redirect_is_config_error() {
+    fn redirect_is_an_unexpected_answer() {
         assert_eq!(
             parse_response(302, None, None, b"").unwrap_err().class,
-            FailureClass::Config
+            FailureClass::Unexpected
         );
     }
 

@@ -2,7 +2,10 @@
 //! binary against the sandbox provider (or wiremock) on loopback and a real SQLite file in
 //! a temp dir. Set TEST_LOG=1 to see the daemon's logs.
 
+mod answers;
 mod bench;
+mod chaos;
+mod chaos_answers;
 mod chaos_row;
 mod chaos_store;
 mod cli;

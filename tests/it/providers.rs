@@ -252,7 +252,7 @@ async fn refresh_once(kind: &str, status: u16, body: &Value) -> Result<TokenSet,
     let out = provider
         .refresh(&SecretString::from(shape.credential), T0)
         .await
-        .map(|(t, _)| t);
+        .and_then(|(answer, status)| answer.into_tokens(status));
     server.verify().await;
     out
 }
@@ -556,8 +556,9 @@ refresh_ttl = "sliding"
     );
     let http = refreshd::provider::http_client(&config).unwrap();
     let provider = Provider::new("acme", &config.providers["acme"], &config, http).unwrap();
-    let (t, status) = provider.refresh(&SecretString::from(RT), T0).await.unwrap();
+    let (answer, status) = provider.refresh(&SecretString::from(RT), T0).await.unwrap();
     assert_eq!(status, 200);
+    let t = answer.into_tokens(status).unwrap();
     assert_eq!(t.access_token.expose_secret(), "A-NEW");
     assert_eq!(t.expires_in, 3600);
     assert_eq!(t.refresh_expires_in, Some(30 * DAY));
@@ -646,7 +647,8 @@ async fn configured_refresh_lifetime_fills_what_the_server_does_not_say() {
     );
     let http = refreshd::provider::http_client(&config).unwrap();
     let provider = Provider::new("own", &config.providers["own"], &config, http).unwrap();
-    let (t, _) = provider.refresh(&SecretString::from(RT), T0).await.unwrap();
+    let (answer, status) = provider.refresh(&SecretString::from(RT), T0).await.unwrap();
+    let t = answer.into_tokens(status).unwrap();
     assert_eq!(t.refresh_expires_in, Some(30 * DAY));
     let e = Config::from_toml_str(&toml("refresh_token_lifetime = \"30d\"\n"))
         .unwrap_err()
