@@ -311,6 +311,17 @@ async fn token_api_needs_the_bearer_secret_and_refreshes_on_request() {
         assert_eq!(status, 401, "{bearer:?}: {body}");
         assert!(!body.to_string().contains("access_token"), "{body}");
     }
+    // RFC 7235: the scheme is case-insensitive.
+    for scheme in ["bearer", "BEARER"] {
+        let r = d
+            .http
+            .get(d.url(&path))
+            .header("authorization", format!("{scheme} {API_TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "scheme {scheme:?}");
+    }
 
     let stored = d.store.get(id).await.unwrap().unwrap();
     let (status, body) = d.get_auth(&path, Some(API_TOKEN)).await;
