@@ -232,7 +232,12 @@ async fn readyz(State(s): State<AppState>) -> Response {
     match s.store.schema_current().await {
         Ok(true) => {}
         Ok(false) => problems.push("the store's schema is not migrated".into()),
-        Err(e) => problems.push(format!("the store does not answer: {e}")),
+        // The error may name paths or hosts: it goes to the log, the unauthenticated page
+        // gets a fixed reason.
+        Err(e) => {
+            tracing::warn!(event = "readiness_store_failed", error = %e, "/readyz: the store does not answer");
+            problems.push("the store does not answer (the daemon's log says why)".into());
+        }
     }
     if problems.is_empty() {
         text(StatusCode::OK, "ready\n".into())
@@ -261,9 +266,12 @@ async fn metrics(State(s): State<AppState>) -> Response {
             body,
         )
             .into_response(),
-        Err(e) => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("cannot read the store for metrics: {e}\n"),
-        ),
+        Err(e) => {
+            tracing::warn!(event = "metrics_store_failed", error = %e, "/metrics: cannot read the store");
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot read the store for metrics (the daemon's log says why)\n".into(),
+            )
+        }
     }
 }

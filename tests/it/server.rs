@@ -719,3 +719,26 @@ async fn the_same_routes_on_a_unix_socket_mode_0660() {
     d.stop().await;
     assert!(!sock.exists(), "the socket file is removed on shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_gives_a_fixed_reason_and_logs_the_store_error() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let d = Daemon::start(&app, server_config(&app, "")).await;
+    assert!(helpers::eventually(5, || async { d.get("/readyz").await.0 == 200 }).await);
+    // The store stops answering: its error text (which may name paths or hosts) must not
+    // reach an unauthenticated client.
+    d.store.close().await;
+    let detail = refreshd::store::StoreError::Closed.to_string();
+    let (status, body) = d.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("- the store does not answer (the daemon's log says why)\n"),
+        "{body}"
+    );
+    assert!(!body.contains(&detail), "the detail leaked: {body}");
+    let (status, body) = d.get("/metrics").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(!body.contains(&detail), "the detail leaked: {body}");
+    d.shutdown.cancel();
+    let _ = d.task.await;
+}
