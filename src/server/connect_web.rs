@@ -120,28 +120,8 @@ async fn start(
             "this provider cannot be connected yet; the administrator has been told",
         );
     }
-    if let Some(id) = q.account {
-        match s.store.get(id).await {
-            Ok(Some(a)) if a.provider == provider => {}
-            Ok(_) => {
-                return failure(
-                    &s,
-                    StatusCode::NOT_FOUND,
-                    "unknown_account",
-                    &format!("there is no {provider} account {id} to re-authorize"),
-                );
-            }
-            Err(e) => {
-                tracing::error!(event = "connect_store_error", provider, error = %e, "web connect cannot read the store");
-                return failure(
-                    &s,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "server_error",
-                    "try again in a moment",
-                );
-            }
-        }
-    }
+    // `account` is not looked up here: an answer that differed for existing and unknown
+    // ids would let anyone enumerate them. The callback refuses an unknown one.
     let auth = match connect::prepare_authorization(&provider, p, q.scopes.as_deref()) {
         Ok(a) => a,
         Err(e) => return failure(&s, StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
@@ -282,6 +262,7 @@ async fn callback(
         Err(e) => {
             let code = match &e {
                 ConnectError::AccountMismatch { .. } => "account_mismatch",
+                ConnectError::Store(crate::store::StoreError::NotFound(_)) => "unknown_account",
                 ConnectError::Exchange { .. } => "exchange_failed",
                 ConnectError::Store(_) => "server_error",
                 _ => "connect_failed",

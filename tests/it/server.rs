@@ -664,17 +664,36 @@ async fn web_reconnect_clears_the_flag_and_redirects_with_the_account_id() {
         "{seen:?}"
     );
 
-    // An unknown account id to re-authorize is refused before the provider is asked.
-    let r =
-        w.d.http
-            .get(w.d.url("/connect/tiktok/start?account=9999"))
-            .send()
-            .await
-            .unwrap();
+    // An unknown account id: `start` answers exactly as for a known one (no enumeration
+    // without auth); the callback refuses it and writes nothing.
+    for id in [id, 9999] {
+        let r =
+            w.d.http
+                .get(w.d.url(&format!("/connect/tiktok/start?account={id}")))
+                .send()
+                .await
+                .unwrap();
+        assert_eq!(r.status().as_u16(), 303, "account {id}");
+        let to = r.headers()["location"].to_str().unwrap();
+        assert!(to.starts_with(&w.app.sandbox.authorize_url()), "{to}");
+    }
+    w.consent("newcomer", None);
+    let (status, location, _) = w.connect_flow("?account=9999").await;
     assert_eq!(
-        r.headers()["location"].to_str().unwrap(),
-        "https://app.example/failed?from=refreshd&error=unknown_account"
+        (status, location.as_str()),
+        (
+            303,
+            "https://app.example/failed?from=refreshd&error=unknown_account"
+        )
     );
+    assert!(
+        w.d.store
+            .find("tiktok", "newcomer")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(w.d.store.get(9999).await.unwrap().is_none());
     w.d.stop().await;
 }
 
