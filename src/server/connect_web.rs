@@ -130,7 +130,7 @@ async fn start(
     let entry = PendingConnect {
         provider: provider.clone(),
         verifier: auth.pkce.map(|k| k.verifier),
-        label: q.label.filter(|l| !l.trim().is_empty()),
+        label: q.label.as_deref().and_then(connect::clean_label),
         account: q.account,
         scopes: auth.scopes,
         expires_at: now + cfg.connect.state_ttl.as_secs() as i64,

@@ -761,3 +761,26 @@ async fn readyz_gives_a_fixed_reason_and_logs_the_store_error() {
     d.shutdown.cancel();
     let _ = d.task.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_connect_label_is_capped_and_loses_control_characters() {
+    let w = Web::start("").await;
+    w.consent("labelled", None);
+    let raw = format!("Shop\r\n\u{1b}[31m main{}", "<i>x</i>".repeat(1_000));
+    let query: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("label", &raw)
+        .finish();
+    let (status, page, _) = w.connect_flow(&format!("?{query}")).await;
+    assert_eq!(status, 200, "{page}");
+    let a =
+        w.d.store
+            .find("tiktok", "labelled")
+            .await
+            .unwrap()
+            .expect("stored");
+    let label = a.label.expect("a label");
+    assert_eq!(label.chars().count(), 200, "{label}");
+    assert!(label.starts_with("Shop[31m main<i>x</i>"), "{label}");
+    assert!(!label.chars().any(char::is_control), "{label:?}");
+    w.d.stop().await;
+}
