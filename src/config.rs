@@ -183,6 +183,9 @@ pub struct ServerConfig {
     /// `/readyz` fails when the refresh loop has not completed a pass for this long.
     #[serde(with = "humantime_serde")]
     pub stall_after: Duration,
+    /// The server speaks plain HTTP: a `listen` address off loopback is refused unless this
+    /// says TLS (a proxy, a mesh) is in front.
+    pub allow_non_loopback: bool,
 }
 
 /// The web connect endpoints `/connect/{provider}/start` and `/connect/{provider}/callback`.
@@ -207,6 +210,7 @@ impl Default for ServerConfig {
             api_token_file: None,
             api_token: None,
             stall_after: Duration::from_secs(300),
+            allow_non_loopback: false,
         }
     }
 }
@@ -736,13 +740,20 @@ impl Config {
             );
         }
         let sv = &mut self.server;
-        if let Some(l) = &sv.listen
-            && l.parse::<std::net::SocketAddr>().is_err()
-        {
-            bad(
-                "server.listen",
-                format!("not a host:port address: {l:?}; e.g. \"127.0.0.1:8787\""),
-            );
+        if let Some(l) = &sv.listen {
+            match l.parse::<std::net::SocketAddr>() {
+                Err(_) => bad(
+                    "server.listen",
+                    format!("not a host:port address: {l:?}; e.g. \"127.0.0.1:8787\""),
+                ),
+                Ok(a) if !a.ip().is_loopback() && !sv.allow_non_loopback => bad(
+                    "server.listen",
+                    format!(
+                        "{l:?} is not a loopback address, and the ops server speaks plain HTTP: the bearer secret, tokens and connect traffic would cross the network in clear. Listen on 127.0.0.1 behind a TLS proxy, or set server.allow_non_loopback = true once TLS is in front (see docs/src/web-connect-security.md)"
+                    ),
+                ),
+                Ok(_) => {}
+            }
         }
         if sv.stall_after <= r.max_idle {
             bad(
@@ -1547,6 +1558,29 @@ client_key = \"k\"\nzzz = 1\n",
     }
 
     #[test]
+    fn a_non_loopback_listen_address_needs_allow_non_loopback() {
+        for addr in ["0.0.0.0:8787", "192.0.2.7:8787", "[::]:8787"] {
+            let e = Config::from_toml_str(&format!("[server]\nlisten = {addr:?}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("server.listen")
+                    && e.contains("not a loopback address")
+                    && e.contains("allow_non_loopback"),
+                "{addr}: {e}"
+            );
+            let c = Config::from_toml_str(&format!(
+                "[server]\nlisten = {addr:?}\nallow_non_loopback = true\n"
+            ))
+            .unwrap();
+            assert!(c.server.allow_non_loopback);
+        }
+        for addr in ["127.0.0.1:8787", "[::1]:0"] {
+            Config::from_toml_str(&format!("[server]\nlisten = {addr:?}\n")).unwrap();
+        }
+    }
+
+    #[test]
     fn test_suite_variables_are_not_config_keys() {
         Jail::expect_with(|jail| {
             jail.set_env("REFRESHD_TEST_POSTGRES_URL", "postgres://x@127.0.0.1/y");
@@ -1578,6 +1612,7 @@ client_key = \"k\"\nzzz = 1\n",
             assert_eq!(c.refresh.read_timeout, d.refresh.read_timeout);
             assert_eq!(c.refresh.request_timeout, d.refresh.request_timeout);
             assert_eq!(c.refresh.connect_timeout, d.refresh.connect_timeout);
+            assert_eq!(c.server.allow_non_loopback, d.server.allow_non_loopback);
             Ok(())
         });
     }

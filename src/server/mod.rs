@@ -134,6 +134,10 @@ pub async fn spawn(
             .push(serve_on(listener, app.clone(), shutdown.clone(), "TCP"));
         tracing::info!(event = "server_listening", addr = %local, api = config.server.api_token.is_some(),
             connect = config.connect.enabled, "ops server listening");
+        if !local.ip().is_loopback() {
+            tracing::warn!(event = "server_not_on_loopback", addr = %local,
+                "the ops server speaks plain HTTP off loopback (server.allow_non_loopback = true): TLS must be in front of it");
+        }
     }
     if let Some(path) = &sv.unix_socket {
         let err = |source| ServerError::Socket {
