@@ -186,6 +186,21 @@ pub struct ServerConfig {
     /// The server speaks plain HTTP: a `listen` address off loopback is refused unless this
     /// says TLS (a proxy, a mesh) is in front.
     pub allow_non_loopback: bool,
+    /// A connection must send its whole request head within this (slow and idle clients
+    /// are closed).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest a request may take (a token request that refreshes first included).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Most open connections (TCP and Unix socket together); default: the open-files limit
+    /// minus `fd_reserve`, at most 1024.
+    pub max_connections: Option<usize>,
+    /// File descriptors kept for the providers, the store, sinks and webhooks: the ops
+    /// server's connections never use them.
+    pub fd_reserve: usize,
+    /// Most requests handled at once; more wait for a slot (within `request_timeout`).
+    pub max_concurrent_requests: usize,
 }
 
 /// The web connect endpoints `/connect/{provider}/start` and `/connect/{provider}/callback`.
@@ -211,6 +226,11 @@ impl Default for ServerConfig {
             api_token: None,
             stall_after: Duration::from_secs(300),
             allow_non_loopback: false,
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(120),
+            max_connections: None,
+            fd_reserve: 256,
+            max_concurrent_requests: 64,
         }
     }
 }
@@ -754,6 +774,23 @@ impl Config {
                 ),
                 Ok(_) => {}
             }
+        }
+        for (key, d) in [
+            ("server.header_read_timeout", sv.header_read_timeout),
+            ("server.request_timeout", sv.request_timeout),
+        ] {
+            if d.is_zero() {
+                bad(key, "must be more than 0s".into());
+            }
+        }
+        if sv.max_connections == Some(0) {
+            bad("server.max_connections", "must be at least 1".into());
+        }
+        if sv.max_concurrent_requests == 0 || sv.max_concurrent_requests > 10_000 {
+            bad(
+                "server.max_concurrent_requests",
+                format!("must be 1..=10000, got {}", sv.max_concurrent_requests),
+            );
         }
         if sv.stall_after <= r.max_idle {
             bad(
@@ -1613,6 +1650,14 @@ client_key = \"k\"\nzzz = 1\n",
             assert_eq!(c.refresh.request_timeout, d.refresh.request_timeout);
             assert_eq!(c.refresh.connect_timeout, d.refresh.connect_timeout);
             assert_eq!(c.server.allow_non_loopback, d.server.allow_non_loopback);
+            assert_eq!(c.server.header_read_timeout, d.server.header_read_timeout);
+            assert_eq!(c.server.request_timeout, d.server.request_timeout);
+            assert_eq!(c.server.max_connections, d.server.max_connections);
+            assert_eq!(c.server.fd_reserve, d.server.fd_reserve);
+            assert_eq!(
+                c.server.max_concurrent_requests,
+                d.server.max_concurrent_requests
+            );
             Ok(())
         });
     }
