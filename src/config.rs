@@ -215,6 +215,11 @@ pub struct ConnectConfig {
     pub success_url: Option<String>,
     /// Redirect here with `?error=CODE` after a failure (else a small HTML page).
     pub failure_url: Option<String>,
+    /// The HMAC-SHA256 key signing those redirects (`ref`, `account_id`, outcome, time), so
+    /// the app can tell them from a forged link. Needed with `success_url` or `failure_url`.
+    pub redirect_secret: Option<SecretString>,
+    /// The same key read from a file (systemd credentials, Kubernetes secrets).
+    pub redirect_secret_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -242,6 +247,8 @@ impl Default for ConnectConfig {
             state_ttl: Duration::from_secs(600),
             success_url: None,
             failure_url: None,
+            redirect_secret: None,
+            redirect_secret_file: None,
         }
     }
 }
@@ -838,6 +845,29 @@ impl Config {
                 bad(key, m);
             }
         }
+        let c = &mut self.connect;
+        match (&c.redirect_secret, &c.redirect_secret_file) {
+            (Some(_), Some(_)) => bad(
+                "connect.redirect_secret_file",
+                "give either redirect_secret or redirect_secret_file, not both".into(),
+            ),
+            (None, Some(path)) => match read_secret_file(path) {
+                Ok(s) => c.redirect_secret = Some(s),
+                Err(m) => bad("connect.redirect_secret_file", m),
+            },
+            _ => {}
+        }
+        match &c.redirect_secret {
+            Some(s) if secrecy::ExposeSecret::expose_secret(s).len() < 16 => bad(
+                "connect.redirect_secret",
+                "shorter than 16 characters; generate one, e.g. `openssl rand -hex 32`".into(),
+            ),
+            None if c.success_url.is_some() || c.failure_url.is_some() => bad(
+                "connect.redirect_secret_file",
+                "missing: success_url and failure_url redirects are signed so the app can tell them from forged links; set redirect_secret_file (e.g. `openssl rand -hex 32 > FILE`), see docs/src/web-connect-security.md".into(),
+            ),
+            _ => {}
+        }
         if self.store.path.as_os_str().is_empty() {
             bad("store.path", "must not be empty".into());
         }
@@ -1244,7 +1274,7 @@ fn find_line(path: &Path, key: &str) -> Option<usize> {
 }
 
 fn is_secret_key(leaf: &str) -> bool {
-    leaf == "client_secret" || leaf == "secret"
+    leaf == "client_secret" || leaf == "secret" || leaf == "redirect_secret"
 }
 
 /// figment's message, without echoing a secret value or the file's text (TOML syntax errors

@@ -40,6 +40,7 @@ pub fn secret_files(config: &Config) -> Vec<PathBuf> {
     files.extend(
         [
             config.server.api_token_file.as_deref(),
+            config.connect.redirect_secret_file.as_deref(),
             webhook.and_then(|w| w.secret_file.as_deref()),
         ]
         .into_iter()
@@ -51,7 +52,9 @@ pub fn secret_files(config: &Config) -> Vec<PathBuf> {
         .providers
         .values()
         .any(|p| p.client_secret.is_some() && p.client_secret_file.is_none())
-        || webhook.is_some_and(|w| w.secret.is_some() && w.secret_file.is_none());
+        || webhook.is_some_and(|w| w.secret.is_some() && w.secret_file.is_none())
+        || config.connect.redirect_secret.is_some()
+            && config.connect.redirect_secret_file.is_none();
     if inline && let Some(f) = &config.file {
         files.push(f.clone());
     }

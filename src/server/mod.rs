@@ -4,6 +4,7 @@
 
 mod connect_web;
 mod serve;
+mod signed_redirect;
 mod token_api;
 
 pub use serve::connection_cap;

@@ -423,7 +423,11 @@ async fn without_a_secret_the_token_routes_do_not_exist() {
 struct Web {
     app: TestApp,
     d: Daemon,
+    /// The browser's cookie jar: `name=value` of every cookie `start` set.
+    jar: std::sync::Mutex<Vec<String>>,
 }
+
+const REDIRECT_SECRET: &str = "redirect-secret-0123456789abcdef";
 
 impl Web {
     async fn start(connect: &str) -> Web {
@@ -435,7 +439,11 @@ impl Web {
         );
         let config = app.config(&extra);
         let d = Daemon::start(&app, config).await;
-        Web { app, d }
+        Web {
+            app,
+            d,
+            jar: Default::default(),
+        }
     }
 
     /// GET /connect/tiktok/start: returns the provider URL the browser is sent to.
@@ -447,8 +455,23 @@ impl Web {
             .send()
             .await
             .unwrap();
+        let set: Vec<String> = r
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect();
+        for c in &set {
+            let pair = c.split(';').next().unwrap().to_string();
+            self.jar.lock().unwrap().push(pair);
+        }
         assert_eq!(r.status().as_u16(), 303, "{:?}", r.text().await);
         url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap()
+    }
+
+    /// The cookies the browser sends (all of them: each has its own name).
+    fn cookies(&self) -> String {
+        self.jar.lock().unwrap().join("; ")
     }
 
     /// The browser at the provider: consent, then the redirect back to our callback URL.
@@ -460,7 +483,16 @@ impl Web {
 
     /// Opens the callback URL: (status, Location or body).
     async fn callback(&self, url: &url::Url) -> (u16, String) {
-        let r = self.d.http.get(url.clone()).send().await.unwrap();
+        self.callback_from(url, &self.cookies()).await
+    }
+
+    /// Opens the callback URL in a browser holding `cookies`.
+    async fn callback_from(&self, url: &url::Url, cookies: &str) -> (u16, String) {
+        let mut req = self.d.http.get(url.clone());
+        if !cookies.is_empty() {
+            req = req.header("cookie", cookies);
+        }
+        let r = req.send().await.unwrap();
         let status = r.status().as_u16();
         match r.headers().get("location") {
             Some(l) => (status, l.to_str().unwrap().to_string()),
@@ -481,6 +513,26 @@ impl Web {
             grant_scopes: grant_scopes.map(str::to_string),
         });
     }
+}
+
+/// The query of a redirect to the app, after checking its signature independently of the
+/// daemon's code: HMAC-SHA256 over `ref \n account_id \n outcome \n ts`.
+fn verified(location: &str) -> std::collections::HashMap<String, String> {
+    use hmac::{Hmac, Mac};
+    let u = url::Url::parse(location).unwrap();
+    let q: std::collections::HashMap<String, String> = u.query_pairs().into_owned().collect();
+    let account_id = q.get("account_id").cloned().unwrap_or_default();
+    let outcome = q.get("error").map(String::as_str).unwrap_or("connected");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(REDIRECT_SECRET.as_bytes()).unwrap();
+    mac.update(format!("{}\n{account_id}\n{outcome}\n{}", q["ref"], q["ts"]).as_bytes());
+    let want: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(q["sig"], want, "bad signature on {location}");
+    q
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -594,7 +646,7 @@ async fn web_connect_refuses_unknown_expired_and_denied() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_reconnect_clears_the_flag_and_redirects_with_the_account_id() {
     let w = Web::start(
-        "success_url = \"https://app.example/connected\"\nfailure_url = \"https://app.example/failed?from=refreshd\"",
+        &format!("success_url = \"https://app.example/connected\"\nfailure_url = \"https://app.example/failed?from=refreshd\"\nredirect_secret = {REDIRECT_SECRET:?}"),
     )
     .await;
     let config = w.app.config("");
@@ -618,10 +670,13 @@ async fn web_reconnect_clears_the_flag_and_redirects_with_the_account_id() {
     w.consent("someone-else", None);
     let (status, location, _) = w.connect_flow(&format!("?account={id}")).await;
     assert_eq!(status, 303);
-    assert_eq!(
-        location,
-        "https://app.example/failed?from=refreshd&error=account_mismatch"
+    assert!(
+        location.starts_with(
+            "https://app.example/failed?from=refreshd&error=account_mismatch&ref=&ts="
+        ),
+        "{location}"
     );
+    assert_eq!(verified(&location)["error"], "account_mismatch");
     let still = w.d.store.get(id).await.unwrap().unwrap();
     assert_eq!(still.status, Status::NeedsReauth);
     assert!(
@@ -635,13 +690,14 @@ async fn web_reconnect_clears_the_flag_and_redirects_with_the_account_id() {
     // The account's own user: flag, reason and failures cleared; new tokens stored.
     w.consent("flagged", None);
     let (status, location, _) = w.connect_flow(&format!("?account={id}")).await;
-    assert_eq!(
-        (status, location.as_str()),
-        (
-            303,
-            format!("https://app.example/connected?account_id={id}").as_str()
-        )
+    assert_eq!(status, 303);
+    assert!(
+        location.starts_with(&format!(
+            "https://app.example/connected?account_id={id}&ref="
+        )),
+        "{location}"
     );
+    assert_eq!(verified(&location)["account_id"], id.to_string());
     let fixed = w.d.store.get(id).await.unwrap().unwrap();
     assert_eq!(fixed.status, Status::Active);
     assert_eq!(fixed.reauth_reason, None);
@@ -679,12 +735,11 @@ async fn web_reconnect_clears_the_flag_and_redirects_with_the_account_id() {
     }
     w.consent("newcomer", None);
     let (status, location, _) = w.connect_flow("?account=9999").await;
+    assert_eq!(status, 303);
     assert_eq!(
-        (status, location.as_str()),
-        (
-            303,
-            "https://app.example/failed?from=refreshd&error=unknown_account"
-        )
+        verified(&location)["error"],
+        "unknown_account",
+        "{location}"
     );
     assert!(
         w.d.store
@@ -841,4 +896,81 @@ async fn slow_idle_and_dripping_clients_are_closed_after_the_header_read_timeout
     assert_eq!(d.get("/healthz").await.0, 200);
     drop(fill);
     d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_connect_redirect_is_signed_with_the_apps_ref_and_state_is_bound_to_the_browser() {
+    let w = Web::start(&format!(
+        "success_url = \"https://app.example/connected\"\nfailure_url = \"https://app.example/failed\"\nredirect_secret = {REDIRECT_SECRET:?}"
+    ))
+    .await;
+    w.consent("signed-user", None);
+    let (status, location, _) = w.connect_flow("?ref=session-7.abc_~").await;
+    assert_eq!(status, 303, "{location}");
+    let q = verified(&location);
+    assert_eq!(q["ref"], "session-7.abc_~");
+    let a =
+        w.d.store
+            .find("tiktok", "signed-user")
+            .await
+            .unwrap()
+            .expect("stored");
+    assert_eq!(q["account_id"], a.id.to_string());
+    assert!((q["ts"].parse::<i64>().unwrap() - w.app.clock.now()).abs() <= 1);
+    // A forged success link: another account id under the same signature does not verify.
+    let forged = location.replace(&format!("account_id={}", a.id), "account_id=4242");
+    assert!(std::panic::catch_unwind(|| verified(&forged)).is_err());
+
+    // The binding cookie: HttpOnly, SameSite=Lax, scoped to the callback, short-lived.
+    let r =
+        w.d.http
+            .get(w.d.url("/connect/tiktok/start"))
+            .send()
+            .await
+            .unwrap();
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    for part in [
+        "HttpOnly",
+        "SameSite=Lax",
+        "Path=/connect/tiktok/callback",
+        "Max-Age=600",
+    ] {
+        assert!(set.contains(part), "{set}");
+    }
+
+    // Login CSRF: the attacker starts, consents as themselves, and has the victim open the
+    // callback link. The victim's browser lacks the attacker's cookie: refused, nothing stored.
+    w.consent("attacker", None);
+    let authorize = w.start_url("").await;
+    let attacker_cookies = w.cookies();
+    let link = w.provider_redirect(&authorize).await;
+    let (status, location) = w.callback_from(&link, "").await;
+    assert_eq!(status, 303);
+    assert_eq!(verified(&location)["error"], "invalid_state", "{location}");
+    assert!(
+        w.d.store
+            .find("tiktok", "attacker")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // A cookie whose ref was altered does not match either.
+    let tampered = attacker_cookies.replace(".", ".x");
+    let (_, location) = w.callback_from(&link, &tampered).await;
+    assert_eq!(verified(&location)["error"], "invalid_state", "{location}");
+    // The browser that started it finishes it.
+    let (status, location) = w.callback_from(&link, &attacker_cookies).await;
+    assert_eq!(status, 303);
+    assert!(verified(&location).contains_key("account_id"), "{location}");
+
+    // A bad ref is refused at start.
+    let r =
+        w.d.http
+            .get(w.d.url("/connect/tiktok/start?ref=a%20b"))
+            .send()
+            .await
+            .unwrap();
+    let to = r.headers()["location"].to_str().unwrap().to_string();
+    assert_eq!(verified(&to)["error"], "bad_request", "{to}");
+    w.d.stop().await;
 }
