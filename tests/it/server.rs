@@ -974,3 +974,67 @@ async fn web_connect_redirect_is_signed_with_the_apps_ref_and_state_is_bound_to_
     assert_eq!(verified(&to)["error"], "bad_request", "{to}");
     w.d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_docs_verification_example_verifies_a_real_redirect() {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/src/web-connect-security.md"),
+    )
+    .unwrap();
+    let example = doc
+        .split("```js\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a js example in the docs");
+    if std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("node is not installed: the docs example is not run");
+        return;
+    }
+    let w = Web::start(&format!(
+        "success_url = \"https://app.example/connected\"\nredirect_secret = {REDIRECT_SECRET:?}"
+    ))
+    .await;
+    w.consent("docs-user", None);
+    let (status, location, _) = w.connect_flow("?ref=session-42").await;
+    assert_eq!(status, 303, "{location}");
+    let script = w.app.dir.path().join("verify-refreshd-redirect.js");
+    std::fs::write(&script, example).unwrap();
+    let now = w.app.clock.now().to_string();
+    let run = |url: &str, secret: &str, now: &str| {
+        std::process::Command::new("node")
+            .arg(&script)
+            .args([url, secret, now])
+            .output()
+            .unwrap()
+    };
+    let ok = run(&location, REDIRECT_SECRET, &now);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let id = verified(&location)["account_id"].clone();
+    assert!(
+        out.contains(&format!("\"accountId\":\"{id}\"")) && out.contains("\"ref\":\"session-42\""),
+        "{out}"
+    );
+    // Forged, signed under another key, or stale: refused.
+    let forged = location.replace(&format!("account_id={id}"), "account_id=4242");
+    let later = (w.app.clock.now() + 3600).to_string();
+    for (url, secret, at) in [
+        (forged.as_str(), REDIRECT_SECRET, now.as_str()),
+        (location.as_str(), "another-secret-0123456789", now.as_str()),
+        (location.as_str(), REDIRECT_SECRET, later.as_str()),
+    ] {
+        assert!(
+            !run(url, secret, at).status.success(),
+            "{url} {secret} {at}"
+        );
+    }
+    w.d.stop().await;
+}
