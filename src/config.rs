@@ -211,7 +211,8 @@ pub struct ConnectConfig {
     /// How long a started authorization may take before its `state` is refused.
     #[serde(with = "humantime_serde")]
     pub state_ttl: Duration,
-    /// Redirect here with `?account_id=ID` after a connection (else a small HTML page).
+    /// Redirect here with `?account_id=ID&ref=..&ts=..&sig=..` after a connection (else a
+    /// small HTML page); the app verifies `sig` before trusting `account_id`.
     pub success_url: Option<String>,
     /// Redirect here with `?error=CODE` after a failure (else a small HTML page).
     pub failure_url: Option<String>,
