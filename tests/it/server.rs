@@ -1038,3 +1038,44 @@ async fn the_docs_verification_example_verifies_a_real_redirect() {
     }
     w.d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_longer_than_the_request_timeout_is_cut_with_503() {
+    let app = TestApp::start(SandboxConfig {
+        faults: refreshd::sandbox::Faults {
+            slow: 1.0,
+            slow_delay: Duration::from_millis(1500),
+            ..Default::default()
+        },
+        ..SandboxConfig::default()
+    })
+    .await;
+    let mut config = api_config(&app);
+    config.server.request_timeout = Duration::from_millis(300);
+    let store = app.store().await;
+    let id = app.import(&store, &config, &["u1"], None).await[0];
+    store.close().await;
+    let d = Daemon::start(&app, config).await;
+    // The token has 2 h left: min_valid=3h refreshes first, and the provider is slow.
+    let started = std::time::Instant::now();
+    let (status, _) = d
+        .get_auth(
+            &format!("/v1/accounts/{id}/token?min_valid=3h"),
+            Some(API_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 503);
+    assert!(
+        started.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        started.elapsed()
+    );
+    // The refresh itself is not cut: the engine commits it.
+    assert!(
+        helpers::eventually(10, || async {
+            d.store.get(id).await.unwrap().unwrap().generation > 0
+        })
+        .await
+    );
+    d.stop().await;
+}
