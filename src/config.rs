@@ -1649,6 +1649,37 @@ client_key = \"k\"\nzzz = 1\n",
     }
 
     #[test]
+    fn redirects_to_the_app_need_a_signing_secret() {
+        let base = "[server]\nlisten = \"127.0.0.1:0\"\n[connect]\nenabled = true\nsuccess_url = \"https://app.example/ok\"\n";
+        let e = Config::from_toml_str(base).unwrap_err().to_string();
+        assert!(
+            e.contains("connect.redirect_secret_file") && e.contains("signed"),
+            "{e}"
+        );
+        let e = Config::from_toml_str(&format!("{base}redirect_secret = \"short\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("connect.redirect_secret") && !e.contains("short\""),
+            "{e}"
+        );
+        Jail::expect_with(|jail| {
+            jail.create_file("redirect-secret", "from-file-0123456789abcdef\n")?;
+            jail.create_file(
+                "r.toml",
+                &format!("{base}redirect_secret_file = \"redirect-secret\"\n"),
+            )?;
+            let c = Config::load(Some(Path::new("r.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(
+                secrecy::ExposeSecret::expose_secret(c.connect.redirect_secret.as_ref().unwrap()),
+                "from-file-0123456789abcdef"
+            );
+            assert!(!format!("{c:?}").contains("from-file"));
+            Ok(())
+        });
+    }
+
+    #[test]
     fn test_suite_variables_are_not_config_keys() {
         Jail::expect_with(|jail| {
             jail.set_env("REFRESHD_TEST_POSTGRES_URL", "postgres://x@127.0.0.1/y");
