@@ -189,6 +189,24 @@ pub struct ServerConfig {
     /// `/readyz` fails when the refresh loop has not completed a pass for this long.
     #[serde(with = "humantime_serde")]
     pub stall_after: Duration,
+    /// The server speaks plain HTTP: a `listen` address off loopback is refused unless this
+    /// says TLS (a proxy, a mesh) is in front.
+    pub allow_non_loopback: bool,
+    /// A connection must send its whole request head within this (slow and idle clients
+    /// are closed).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest a request may take (a token request that refreshes first included).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Most open connections (TCP and Unix socket together); default: the open-files limit
+    /// minus `fd_reserve`, at most 1024.
+    pub max_connections: Option<usize>,
+    /// File descriptors kept for the providers, the store, sinks and webhooks: the ops
+    /// server's connections never use them.
+    pub fd_reserve: usize,
+    /// Most requests handled at once; more wait for a slot (within `request_timeout`).
+    pub max_concurrent_requests: usize,
 }
 
 /// The web connect endpoints `/connect/{provider}/start` and `/connect/{provider}/callback`.
@@ -199,10 +217,16 @@ pub struct ConnectConfig {
     /// How long a started authorization may take before its `state` is refused.
     #[serde(with = "humantime_serde")]
     pub state_ttl: Duration,
-    /// Redirect here with `?account_id=ID` after a connection (else a small HTML page).
+    /// Redirect here with `?account_id=ID&ref=..&ts=..&sig=..` after a connection (else a
+    /// small HTML page); the app verifies `sig` before trusting `account_id`.
     pub success_url: Option<String>,
     /// Redirect here with `?error=CODE` after a failure (else a small HTML page).
     pub failure_url: Option<String>,
+    /// The HMAC-SHA256 key signing those redirects (`ref`, `account_id`, outcome, time), so
+    /// the app can tell them from a forged link. Needed with `success_url` or `failure_url`.
+    pub redirect_secret: Option<SecretString>,
+    /// The same key read from a file (systemd credentials, Kubernetes secrets).
+    pub redirect_secret_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -213,6 +237,12 @@ impl Default for ServerConfig {
             api_token_file: None,
             api_token: None,
             stall_after: Duration::from_secs(300),
+            allow_non_loopback: false,
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(120),
+            max_connections: None,
+            fd_reserve: 256,
+            max_concurrent_requests: 64,
         }
     }
 }
@@ -224,6 +254,8 @@ impl Default for ConnectConfig {
             state_ttl: Duration::from_secs(600),
             success_url: None,
             failure_url: None,
+            redirect_secret: None,
+            redirect_secret_file: None,
         }
     }
 }
@@ -750,12 +782,36 @@ impl Config {
             );
         }
         let sv = &mut self.server;
-        if let Some(l) = &sv.listen
-            && l.parse::<std::net::SocketAddr>().is_err()
-        {
+        if let Some(l) = &sv.listen {
+            match l.parse::<std::net::SocketAddr>() {
+                Err(_) => bad(
+                    "server.listen",
+                    format!("not a host:port address: {l:?}; e.g. \"127.0.0.1:8787\""),
+                ),
+                Ok(a) if !a.ip().is_loopback() && !sv.allow_non_loopback => bad(
+                    "server.listen",
+                    format!(
+                        "{l:?} is not a loopback address, and the ops server speaks plain HTTP: the bearer secret, tokens and connect traffic would cross the network in clear. Listen on 127.0.0.1 behind a TLS proxy, or set server.allow_non_loopback = true once TLS is in front (see docs/src/web-connect-security.md)"
+                    ),
+                ),
+                Ok(_) => {}
+            }
+        }
+        for (key, d) in [
+            ("server.header_read_timeout", sv.header_read_timeout),
+            ("server.request_timeout", sv.request_timeout),
+        ] {
+            if d.is_zero() {
+                bad(key, "must be more than 0s".into());
+            }
+        }
+        if sv.max_connections == Some(0) {
+            bad("server.max_connections", "must be at least 1".into());
+        }
+        if sv.max_concurrent_requests == 0 || sv.max_concurrent_requests > 10_000 {
             bad(
-                "server.listen",
-                format!("not a host:port address: {l:?}; e.g. \"127.0.0.1:8787\""),
+                "server.max_concurrent_requests",
+                format!("must be 1..=10000, got {}", sv.max_concurrent_requests),
             );
         }
         if sv.stall_after <= r.max_idle {
@@ -803,6 +859,29 @@ impl Config {
             {
                 bad(key, m);
             }
+        }
+        let c = &mut self.connect;
+        match (&c.redirect_secret, &c.redirect_secret_file) {
+            (Some(_), Some(_)) => bad(
+                "connect.redirect_secret_file",
+                "give either redirect_secret or redirect_secret_file, not both".into(),
+            ),
+            (None, Some(path)) => match read_secret_file(path) {
+                Ok(s) => c.redirect_secret = Some(s),
+                Err(m) => bad("connect.redirect_secret_file", m),
+            },
+            _ => {}
+        }
+        match &c.redirect_secret {
+            Some(s) if secrecy::ExposeSecret::expose_secret(s).len() < 16 => bad(
+                "connect.redirect_secret",
+                "shorter than 16 characters; generate one, e.g. `openssl rand -hex 32`".into(),
+            ),
+            None if c.success_url.is_some() || c.failure_url.is_some() => bad(
+                "connect.redirect_secret_file",
+                "missing: success_url and failure_url redirects are signed so the app can tell them from forged links; set redirect_secret_file (e.g. `openssl rand -hex 32 > FILE`), see docs/src/web-connect-security.md".into(),
+            ),
+            _ => {}
         }
         if self.store.path.as_os_str().is_empty() {
             bad("store.path", "must not be empty".into());
@@ -1210,7 +1289,7 @@ fn find_line(path: &Path, key: &str) -> Option<usize> {
 }
 
 fn is_secret_key(leaf: &str) -> bool {
-    leaf == "client_secret" || leaf == "secret"
+    leaf == "client_secret" || leaf == "secret" || leaf == "redirect_secret"
 }
 
 /// figment's message, without echoing a secret value or the file's text (TOML syntax errors
@@ -1561,6 +1640,60 @@ client_key = \"k\"\nzzz = 1\n",
     }
 
     #[test]
+    fn a_non_loopback_listen_address_needs_allow_non_loopback() {
+        for addr in ["0.0.0.0:8787", "192.0.2.7:8787", "[::]:8787"] {
+            let e = Config::from_toml_str(&format!("[server]\nlisten = {addr:?}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("server.listen")
+                    && e.contains("not a loopback address")
+                    && e.contains("allow_non_loopback"),
+                "{addr}: {e}"
+            );
+            let c = Config::from_toml_str(&format!(
+                "[server]\nlisten = {addr:?}\nallow_non_loopback = true\n"
+            ))
+            .unwrap();
+            assert!(c.server.allow_non_loopback);
+        }
+        for addr in ["127.0.0.1:8787", "[::1]:0"] {
+            Config::from_toml_str(&format!("[server]\nlisten = {addr:?}\n")).unwrap();
+        }
+    }
+
+    #[test]
+    fn redirects_to_the_app_need_a_signing_secret() {
+        let base = "[server]\nlisten = \"127.0.0.1:0\"\n[connect]\nenabled = true\nsuccess_url = \"https://app.example/ok\"\n";
+        let e = Config::from_toml_str(base).unwrap_err().to_string();
+        assert!(
+            e.contains("connect.redirect_secret_file") && e.contains("signed"),
+            "{e}"
+        );
+        let e = Config::from_toml_str(&format!("{base}redirect_secret = \"short\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("connect.redirect_secret") && !e.contains("short\""),
+            "{e}"
+        );
+        Jail::expect_with(|jail| {
+            jail.create_file("redirect-secret", "from-file-0123456789abcdef\n")?;
+            jail.create_file(
+                "r.toml",
+                &format!("{base}redirect_secret_file = \"redirect-secret\"\n"),
+            )?;
+            let c = Config::load(Some(Path::new("r.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(
+                secrecy::ExposeSecret::expose_secret(c.connect.redirect_secret.as_ref().unwrap()),
+                "from-file-0123456789abcdef"
+            );
+            assert!(!format!("{c:?}").contains("from-file"));
+            Ok(())
+        });
+    }
+
+    #[test]
     fn test_suite_variables_are_not_config_keys() {
         Jail::expect_with(|jail| {
             jail.set_env("REFRESHD_TEST_POSTGRES_URL", "postgres://x@127.0.0.1/y");
@@ -1595,6 +1728,15 @@ client_key = \"k\"\nzzz = 1\n",
             assert_eq!(c.refresh.read_timeout, d.refresh.read_timeout);
             assert_eq!(c.refresh.request_timeout, d.refresh.request_timeout);
             assert_eq!(c.refresh.connect_timeout, d.refresh.connect_timeout);
+            assert_eq!(c.server.allow_non_loopback, d.server.allow_non_loopback);
+            assert_eq!(c.server.header_read_timeout, d.server.header_read_timeout);
+            assert_eq!(c.server.request_timeout, d.server.request_timeout);
+            assert_eq!(c.server.max_connections, d.server.max_connections);
+            assert_eq!(c.server.fd_reserve, d.server.fd_reserve);
+            assert_eq!(
+                c.server.max_concurrent_requests,
+                d.server.max_concurrent_requests
+            );
             Ok(())
         });
     }

@@ -95,6 +95,25 @@ pub fn new_state() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// Most characters a label keeps: it is a name for people, shown by the CLI and sent in
+/// webhooks, and anyone who can reach `start` can set it.
+pub const MAX_LABEL_CHARS: usize = 200;
+
+/// A label as stored: control characters (and the bidirectional overrides that reorder a
+/// terminal line) removed, surrounding blanks trimmed, at most [`MAX_LABEL_CHARS`]
+/// characters; None when nothing is left.
+pub fn clean_label(raw: &str) -> Option<String> {
+    let kept: String = raw
+        .chars()
+        .filter(|c| {
+            !c.is_control() && !matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
+        .collect();
+    let label: String = kept.trim().chars().take(MAX_LABEL_CHARS).collect();
+    let label = label.trim_end();
+    (!label.is_empty()).then(|| label.to_string())
+}
+
 /// Compares two states in constant time (for equal lengths).
 pub fn state_matches(expected: &str, got: &str) -> bool {
     expected.as_bytes().ct_eq(got.as_bytes()).into()
@@ -293,7 +312,7 @@ pub fn new_account(
     Ok(NewAccount {
         provider: provider.to_string(),
         subject,
-        label: label.filter(|l| !l.trim().is_empty()),
+        label: label.as_deref().and_then(clean_label),
         tokens,
         obtained_at: now,
         next_refresh_at: next,
@@ -664,6 +683,21 @@ mod tests {
             "[providers.tiktok]\nclient_key = \"ck\"\nclient_secret = \"cs\"\n{extra}"
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn labels_lose_control_characters_and_are_capped() {
+        assert_eq!(clean_label("  Shop main "), Some("Shop main".into()));
+        assert_eq!(
+            clean_label("a\u{0}b\r\nc\u{1b}[31md\u{7f}\u{85}e\u{202e}f"),
+            Some("abc[31mdef".into())
+        );
+        assert_eq!(clean_label("\t\n "), None);
+        assert_eq!(clean_label(""), None);
+        let long = "é".repeat(60_000);
+        assert_eq!(clean_label(&long).unwrap().chars().count(), MAX_LABEL_CHARS);
+        // HTML is text here: pages escape it, nothing else interprets it.
+        assert_eq!(clean_label("<b>x</b>"), Some("<b>x</b>".into()));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Start-up checks of the process's surroundings: files holding tokens or keys must not be
-//! readable by other users, and running as root is worth a warning. refreshd creates its
+//! readable by other users, running as root is worth a warning, and the open-files limit is
+//! raised as far as allowed. refreshd creates its
 //! own files 0600; these checks catch files created or copied by someone else (a restored
 //! backup, `cp` without `-p`, a key written by hand).
 
@@ -45,6 +46,7 @@ pub fn secret_files(config: &Config) -> Vec<PathBuf> {
     files.extend(
         [
             config.server.api_token_file.as_deref(),
+            config.connect.redirect_secret_file.as_deref(),
             webhook.and_then(|w| w.secret_file.as_deref()),
         ]
         .into_iter()
@@ -56,7 +58,9 @@ pub fn secret_files(config: &Config) -> Vec<PathBuf> {
         .providers
         .values()
         .any(|p| p.client_secret.is_some() && p.client_secret_file.is_none())
-        || webhook.is_some_and(|w| w.secret.is_some() && w.secret_file.is_none());
+        || webhook.is_some_and(|w| w.secret.is_some() && w.secret_file.is_none())
+        || config.connect.redirect_secret.is_some()
+            && config.connect.redirect_secret_file.is_none();
     if inline && let Some(f) = &config.file {
         files.push(f.clone());
     }
@@ -100,6 +104,40 @@ pub fn check_files(config: &Config) -> Result<(), ExposedFiles> {
             }
             Ok(())
         }
+    }
+}
+
+/// Raises the soft open-files limit (RLIMIT_NOFILE) to the hard one, so that the ops
+/// server's connection cap can leave room for refreshes; returns the soft limit now in force
+/// (None: unlimited or unknown).
+pub fn raise_fd_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let limit = getrlimit(Resource::Nofile);
+        match (limit.current, limit.maximum) {
+            (Some(soft), hard) if hard.is_none_or(|h| h > soft) => {
+                let raised = Rlimit {
+                    current: hard,
+                    maximum: hard,
+                };
+                match setrlimit(Resource::Nofile, raised) {
+                    Ok(()) => {
+                        tracing::debug!(event = "fd_limit_raised", from = soft, to = ?hard, "open-files limit raised to the hard limit");
+                        hard
+                    }
+                    Err(e) => {
+                        tracing::warn!(event = "fd_limit_not_raised", soft, hard = ?hard, error = %e, "cannot raise the open-files limit");
+                        Some(soft)
+                    }
+                }
+            }
+            (soft, _) => soft,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        None
     }
 }
 

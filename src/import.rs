@@ -176,7 +176,7 @@ pub fn parse_with(
             Ok(NewAccount {
                 provider,
                 subject,
-                label: line.label.filter(|l| !l.trim().is_empty()),
+                label: line.label.as_deref().and_then(crate::connect::clean_label),
                 tokens: TokenSet {
                     access_token: SecretString::from(line.access_token),
                     refresh_token: refresh_token.map(SecretString::from),

@@ -458,6 +458,24 @@ fn reload_settings(
             "server.api_token_file",
             o.server.api_token.is_some() != n.server.api_token.is_some(),
         ),
+        (
+            "server limits (allow_non_loopback, timeouts, connections)",
+            (
+                o.server.allow_non_loopback,
+                o.server.header_read_timeout,
+                o.server.request_timeout,
+                o.server.max_connections,
+                o.server.fd_reserve,
+                o.server.max_concurrent_requests,
+            ) != (
+                n.server.allow_non_loopback,
+                n.server.header_read_timeout,
+                n.server.request_timeout,
+                n.server.max_connections,
+                n.server.fd_reserve,
+                n.server.max_concurrent_requests,
+            ),
+        ),
         ("connect.enabled", o.connect.enabled != n.connect.enabled),
         ("sink", format!("{:?}", o.sink) != format!("{:?}", n.sink)),
         (

@@ -3,7 +3,11 @@
 //! `server.unix_socket`; off when neither is set.
 
 mod connect_web;
+mod serve;
+mod signed_redirect;
 mod token_api;
+
+pub use serve::connection_cap;
 
 use crate::clock::Clock;
 use crate::config::Config;
@@ -112,6 +116,22 @@ pub async fn spawn(
         return Ok(None);
     }
     let app = router(state, config);
+    let fd_limit = crate::hardening::raise_fd_limit();
+    let cap = connection_cap(sv.max_connections, sv.fd_reserve, fd_limit);
+    tracing::info!(event = "server_limits", max_connections = cap, fd_limit = ?fd_limit,
+        fd_reserve = sv.fd_reserve, header_read_timeout = ?sv.header_read_timeout,
+        request_timeout = ?sv.request_timeout, max_concurrent_requests = sv.max_concurrent_requests,
+        "ops server limits");
+    if fd_limit.is_some_and(|l| l < (sv.fd_reserve + cap) as u64) {
+        tracing::warn!(event = "fd_limit_low", fd_limit = ?fd_limit, fd_reserve = sv.fd_reserve,
+            "the open-files limit leaves refreshes fewer than server.fd_reserve descriptors: raise it (LimitNOFILE= in the unit, ulimit -n)");
+    }
+    let limits = serve::Limits {
+        header_read_timeout: sv.header_read_timeout,
+        request_timeout: sv.request_timeout,
+        max_concurrent_requests: sv.max_concurrent_requests,
+        connections: Arc::new(tokio::sync::Semaphore::new(cap)),
+    };
     let mut handle = ServerHandle {
         local_addr: None,
         tasks: Vec::new(),
@@ -129,11 +149,19 @@ pub async fn spawn(
             source,
         })?;
         handle.local_addr = Some(local);
-        handle
-            .tasks
-            .push(serve_on(listener, app.clone(), shutdown.clone(), "TCP"));
+        handle.tasks.push(serve::serve_on(
+            listener,
+            app.clone(),
+            limits.clone(),
+            shutdown.clone(),
+            "TCP",
+        ));
         tracing::info!(event = "server_listening", addr = %local, api = config.server.api_token.is_some(),
             connect = config.connect.enabled, "ops server listening");
+        if !local.ip().is_loopback() {
+            tracing::warn!(event = "server_not_on_loopback", addr = %local,
+                "the ops server speaks plain HTTP off loopback (server.allow_non_loopback = true): TLS must be in front of it");
+        }
     }
     if let Some(path) = &sv.unix_socket {
         let err = |source| ServerError::Socket {
@@ -158,33 +186,16 @@ pub async fn spawn(
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
         }
         handle.socket = Some(path.clone());
-        handle
-            .tasks
-            .push(serve_on(listener, app, shutdown.clone(), "Unix socket"));
+        handle.tasks.push(serve::serve_on(
+            listener,
+            app,
+            limits,
+            shutdown.clone(),
+            "Unix socket",
+        ));
         tracing::info!(event = "server_listening", socket = %path.display(), "ops server listening on a Unix socket");
     }
     Ok(Some(handle))
-}
-
-/// Serves `app` on `listener` until `stop`, finishing requests in progress.
-fn serve_on<L>(
-    listener: L,
-    app: Router,
-    stop: CancellationToken,
-    what: &'static str,
-) -> tokio::task::JoinHandle<()>
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(event = "server_failed", listener = what, error = %e, "the ops server stopped");
-        }
-    })
 }
 
 fn text(status: StatusCode, body: String) -> Response {
@@ -232,7 +243,12 @@ async fn readyz(State(s): State<AppState>) -> Response {
     match s.store.schema_current().await {
         Ok(true) => {}
         Ok(false) => problems.push("the store's schema is not migrated".into()),
-        Err(e) => problems.push(format!("the store does not answer: {e}")),
+        // The error may name paths or hosts: it goes to the log, the unauthenticated page
+        // gets a fixed reason.
+        Err(e) => {
+            tracing::warn!(event = "readiness_store_failed", error = %e, "/readyz: the store does not answer");
+            problems.push("the store does not answer (the daemon's log says why)".into());
+        }
     }
     if problems.is_empty() {
         text(StatusCode::OK, "ready\n".into())
@@ -261,9 +277,12 @@ async fn metrics(State(s): State<AppState>) -> Response {
             body,
         )
             .into_response(),
-        Err(e) => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("cannot read the store for metrics: {e}\n"),
-        ),
+        Err(e) => {
+            tracing::warn!(event = "metrics_store_failed", error = %e, "/metrics: cannot read the store");
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot read the store for metrics (the daemon's log says why)\n".into(),
+            )
+        }
     }
 }

@@ -54,11 +54,21 @@ fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
     let got = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_credentials)
         .unwrap_or("");
     let a = Sha256::digest(expected.expose_secret().as_bytes());
-    let b = Sha256::digest(got.trim().as_bytes());
+    let b = Sha256::digest(got.as_bytes());
     bool::from(a.ct_eq(&b)) && !got.is_empty()
+}
+
+/// The credentials of an `Authorization: Bearer <token>` value. The scheme is matched
+/// case-insensitively (RFC 7235 section 2.1): `bearer`, `BEARER` and `Bearer` are the same.
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim().split_once([' ', '\t'])?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
+        .filter(|t| !t.is_empty())
 }
 
 fn unauthorized() -> Response {
@@ -234,6 +244,21 @@ async fn refresh_first(s: &AppState, a: &Account) -> Result<Account, Response> {
                 "refresh_pending",
                 "the refresh did not finish in time; ask again shortly".into(),
             ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_credentials;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer abc", "bearer abc", "BEARER abc", "  bEaReR   abc "] {
+            assert_eq!(bearer_credentials(v), Some("abc"), "{v:?}");
+        }
+        for v in ["Basic abc", "Bearer", "Bearer   ", "Bearerabc", "", "abc"] {
+            assert_eq!(bearer_credentials(v), None, "{v:?}");
         }
     }
 }

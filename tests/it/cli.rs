@@ -1453,3 +1453,31 @@ async fn ops_server_of_the_real_binary() {
     assert_eq!(events_in(&log, "token_api_unauthorized").len(), 2);
     assert_eq!(events_in(&log, "token_handed_out").len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_a_plain_http_listen_address_off_loopback() {
+    let w = World::start("\n[server]\nlisten = \"0.0.0.0:8787\"\n").await;
+    for args in [&["check"][..], &["run", "--once"][..]] {
+        let out = w.cli(args).await;
+        assert_eq!(out.code, Some(78), "{args:?}: {out:#?}");
+        let all = out.all();
+        assert!(
+            all.contains("server.listen")
+                && all.contains("not a loopback address")
+                && all.contains("server.allow_non_loopback = true"),
+            "{args:?}: {out:#?}"
+        );
+    }
+    let allowed = w.write(
+        "allowed.toml",
+        &helpers::config_toml(
+            &w.db,
+            &w.sandbox.token_url(),
+            "\n[server]\nlisten = \"0.0.0.0:8787\"\nallow_non_loopback = true\n",
+        ),
+    );
+    let out = w
+        .cli(&["--config", allowed.to_str().unwrap(), "check"])
+        .await;
+    assert!(out.stdout.contains("config: ok"), "{out:#?}");
+}

@@ -16,6 +16,7 @@ mod engine;
 mod helpers;
 mod hostile;
 mod interop;
+mod ops_flood;
 mod postgres;
 mod props;
 mod providers;

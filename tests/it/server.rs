@@ -313,6 +313,17 @@ async fn token_api_needs_the_bearer_secret_and_refreshes_on_request() {
         assert_eq!(status, 401, "{bearer:?}: {body}");
         assert!(!body.to_string().contains("access_token"), "{body}");
     }
+    // RFC 7235: the scheme is case-insensitive.
+    for scheme in ["bearer", "BEARER"] {
+        let r = d
+            .http
+            .get(d.url(&path))
+            .header("authorization", format!("{scheme} {API_TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "scheme {scheme:?}");
+    }
 
     let stored = d.store.get(id).await.unwrap().unwrap();
     let (status, body) = d.get_auth(&path, Some(API_TOKEN)).await;
@@ -414,7 +425,11 @@ async fn without_a_secret_the_token_routes_do_not_exist() {
 struct Web {
     app: TestApp,
     d: Daemon,
+    /// The browser's cookie jar: `name=value` of every cookie `start` set.
+    jar: std::sync::Mutex<Vec<String>>,
 }
+
+const REDIRECT_SECRET: &str = "redirect-secret-0123456789abcdef";
 
 impl Web {
     async fn start(connect: &str) -> Web {
@@ -426,7 +441,11 @@ impl Web {
         );
         let config = app.config(&extra);
         let d = Daemon::start(&app, config).await;
-        Web { app, d }
+        Web {
+            app,
+            d,
+            jar: Default::default(),
+        }
     }
 
     /// GET /connect/tiktok/start: returns the provider URL the browser is sent to.
@@ -438,8 +457,23 @@ impl Web {
             .send()
             .await
             .unwrap();
+        let set: Vec<String> = r
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect();
+        for c in &set {
+            let pair = c.split(';').next().unwrap().to_string();
+            self.jar.lock().unwrap().push(pair);
+        }
         assert_eq!(r.status().as_u16(), 303, "{:?}", r.text().await);
         url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap()
+    }
+
+    /// The cookies the browser sends (all of them: each has its own name).
+    fn cookies(&self) -> String {
+        self.jar.lock().unwrap().join("; ")
     }
 
     /// The browser at the provider: consent, then the redirect back to our callback URL.
@@ -451,7 +485,16 @@ impl Web {
 
     /// Opens the callback URL: (status, Location or body).
     async fn callback(&self, url: &url::Url) -> (u16, String) {
-        let r = self.d.http.get(url.clone()).send().await.unwrap();
+        self.callback_from(url, &self.cookies()).await
+    }
+
+    /// Opens the callback URL in a browser holding `cookies`.
+    async fn callback_from(&self, url: &url::Url, cookies: &str) -> (u16, String) {
+        let mut req = self.d.http.get(url.clone());
+        if !cookies.is_empty() {
+            req = req.header("cookie", cookies);
+        }
+        let r = req.send().await.unwrap();
         let status = r.status().as_u16();
         match r.headers().get("location") {
             Some(l) => (status, l.to_str().unwrap().to_string()),
@@ -472,6 +515,26 @@ impl Web {
             grant_scopes: grant_scopes.map(str::to_string),
         });
     }
+}
+
+/// The query of a redirect to the app, after checking its signature independently of the
+/// daemon's code: HMAC-SHA256 over `ref \n account_id \n outcome \n ts`.
+fn verified(location: &str) -> std::collections::HashMap<String, String> {
+    use hmac::{Hmac, Mac};
+    let u = url::Url::parse(location).unwrap();
+    let q: std::collections::HashMap<String, String> = u.query_pairs().into_owned().collect();
+    let account_id = q.get("account_id").cloned().unwrap_or_default();
+    let outcome = q.get("error").map(String::as_str).unwrap_or("connected");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(REDIRECT_SECRET.as_bytes()).unwrap();
+    mac.update(format!("{}\n{account_id}\n{outcome}\n{}", q["ref"], q["ts"]).as_bytes());
+    let want: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(q["sig"], want, "bad signature on {location}");
+    q
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -585,7 +648,7 @@ async fn web_connect_refuses_unknown_expired_and_denied() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_reconnect_clears_the_flag_and_redirects_with_the_account_id() {
     let w = Web::start(
-        "success_url = \"https://app.example/connected\"\nfailure_url = \"https://app.example/failed?from=refreshd\"",
+        &format!("success_url = \"https://app.example/connected\"\nfailure_url = \"https://app.example/failed?from=refreshd\"\nredirect_secret = {REDIRECT_SECRET:?}"),
     )
     .await;
     let config = w.app.config("");
@@ -609,10 +672,13 @@ async fn web_reconnect_clears_the_flag_and_redirects_with_the_account_id() {
     w.consent("someone-else", None);
     let (status, location, _) = w.connect_flow(&format!("?account={id}")).await;
     assert_eq!(status, 303);
-    assert_eq!(
-        location,
-        "https://app.example/failed?from=refreshd&error=account_mismatch"
+    assert!(
+        location.starts_with(
+            "https://app.example/failed?from=refreshd&error=account_mismatch&ref=&ts="
+        ),
+        "{location}"
     );
+    assert_eq!(verified(&location)["error"], "account_mismatch");
     let still = w.d.store.get(id).await.unwrap().unwrap();
     assert_eq!(still.status, Status::NeedsReauth);
     assert!(
@@ -626,13 +692,14 @@ async fn web_reconnect_clears_the_flag_and_redirects_with_the_account_id() {
     // The account's own user: flag, reason and failures cleared; new tokens stored.
     w.consent("flagged", None);
     let (status, location, _) = w.connect_flow(&format!("?account={id}")).await;
-    assert_eq!(
-        (status, location.as_str()),
-        (
-            303,
-            format!("https://app.example/connected?account_id={id}").as_str()
-        )
+    assert_eq!(status, 303);
+    assert!(
+        location.starts_with(&format!(
+            "https://app.example/connected?account_id={id}&ref="
+        )),
+        "{location}"
     );
+    assert_eq!(verified(&location)["account_id"], id.to_string());
     let fixed = w.d.store.get(id).await.unwrap().unwrap();
     assert_eq!(fixed.status, Status::Active);
     assert_eq!(fixed.reauth_reason, None);
@@ -655,17 +722,35 @@ async fn web_reconnect_clears_the_flag_and_redirects_with_the_account_id() {
         "{seen:?}"
     );
 
-    // An unknown account id to re-authorize is refused before the provider is asked.
-    let r =
-        w.d.http
-            .get(w.d.url("/connect/tiktok/start?account=9999"))
-            .send()
-            .await
-            .unwrap();
+    // An unknown account id: `start` answers exactly as for a known one (no enumeration
+    // without auth); the callback refuses it and writes nothing.
+    for id in [id, 9999] {
+        let r =
+            w.d.http
+                .get(w.d.url(&format!("/connect/tiktok/start?account={id}")))
+                .send()
+                .await
+                .unwrap();
+        assert_eq!(r.status().as_u16(), 303, "account {id}");
+        let to = r.headers()["location"].to_str().unwrap();
+        assert!(to.starts_with(&w.app.sandbox.authorize_url()), "{to}");
+    }
+    w.consent("newcomer", None);
+    let (status, location, _) = w.connect_flow("?account=9999").await;
+    assert_eq!(status, 303);
     assert_eq!(
-        r.headers()["location"].to_str().unwrap(),
-        "https://app.example/failed?from=refreshd&error=unknown_account"
+        verified(&location)["error"],
+        "unknown_account",
+        "{location}"
     );
+    assert!(
+        w.d.store
+            .find("tiktok", "newcomer")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(w.d.store.get(9999).await.unwrap().is_none());
     w.d.stop().await;
 }
 
@@ -709,4 +794,290 @@ async fn the_same_routes_on_a_unix_socket_mode_0660() {
     assert!(denied.starts_with("HTTP/1.1 401"), "{denied}");
     d.stop().await;
     assert!(!sock.exists(), "the socket file is removed on shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_gives_a_fixed_reason_and_logs_the_store_error() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let d = Daemon::start(&app, server_config(&app, "")).await;
+    assert!(helpers::eventually(5, || async { d.get("/readyz").await.0 == 200 }).await);
+    // The store stops answering: its error text (which may name paths or hosts) must not
+    // reach an unauthenticated client.
+    d.store.close().await;
+    let detail = refreshd::store::StoreError::Closed.to_string();
+    let (status, body) = d.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("- the store does not answer (the daemon's log says why)\n"),
+        "{body}"
+    );
+    assert!(!body.contains(&detail), "the detail leaked: {body}");
+    let (status, body) = d.get("/metrics").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(!body.contains(&detail), "the detail leaked: {body}");
+    d.shutdown.cancel();
+    let _ = d.task.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_connect_label_is_capped_and_loses_control_characters() {
+    let w = Web::start("").await;
+    w.consent("labelled", None);
+    let raw = format!("Shop\r\n\u{1b}[31m main{}", "<i>x</i>".repeat(1_000));
+    let query: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("label", &raw)
+        .finish();
+    let (status, page, _) = w.connect_flow(&format!("?{query}")).await;
+    assert_eq!(status, 200, "{page}");
+    let a =
+        w.d.store
+            .find("tiktok", "labelled")
+            .await
+            .unwrap()
+            .expect("stored");
+    let label = a.label.expect("a label");
+    assert_eq!(label.chars().count(), 200, "{label}");
+    assert!(label.starts_with("Shop[31m main<i>x</i>"), "{label}");
+    assert!(!label.chars().any(char::is_control), "{label:?}");
+    w.d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_idle_and_dripping_clients_are_closed_after_the_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let d = Daemon::start(
+        &app,
+        server_config(&app, "header_read_timeout = \"300ms\"\nmax_connections = 4"),
+    )
+    .await;
+    let open = || tokio::net::TcpStream::connect(d.addr);
+    // Silent, half-sent, and a byte every 50 ms (which a per-read timeout would never end).
+    let silent = open().await.unwrap();
+    let mut half = open().await.unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut drip = open().await.unwrap();
+    let dripping = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        for b in b"GET /healthz HTTP/1.1\r\nX-Slow: ".iter().cycle() {
+            if drip.write_all(&[*b]).await.is_err() {
+                return started.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if started.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+        }
+        started.elapsed()
+    });
+    let closed_within = |mut s: tokio::net::TcpStream| async move {
+        let started = std::time::Instant::now();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+        started.elapsed()
+    };
+    for (what, took) in [
+        ("silent", closed_within(silent).await),
+        ("half-sent", closed_within(half).await),
+    ] {
+        assert!(took < Duration::from_secs(3), "{what} held {took:?}");
+    }
+    let took = dripping.await.unwrap();
+    assert!(
+        took < Duration::from_secs(3),
+        "the drip sender held {took:?}"
+    );
+    // max_connections = 4: four silent clients fill the server; it serves again once the
+    // header-read timeout has closed them.
+    let mut fill = Vec::new();
+    for _ in 0..4 {
+        fill.push(open().await.unwrap());
+    }
+    assert_eq!(d.get("/healthz").await.0, 200);
+    drop(fill);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_connect_redirect_is_signed_with_the_apps_ref_and_state_is_bound_to_the_browser() {
+    let w = Web::start(&format!(
+        "success_url = \"https://app.example/connected\"\nfailure_url = \"https://app.example/failed\"\nredirect_secret = {REDIRECT_SECRET:?}"
+    ))
+    .await;
+    w.consent("signed-user", None);
+    let (status, location, _) = w.connect_flow("?ref=session-7.abc_~").await;
+    assert_eq!(status, 303, "{location}");
+    let q = verified(&location);
+    assert_eq!(q["ref"], "session-7.abc_~");
+    let a =
+        w.d.store
+            .find("tiktok", "signed-user")
+            .await
+            .unwrap()
+            .expect("stored");
+    assert_eq!(q["account_id"], a.id.to_string());
+    assert!((q["ts"].parse::<i64>().unwrap() - w.app.clock.now()).abs() <= 1);
+    // A forged success link: another account id under the same signature does not verify.
+    let forged = location.replace(&format!("account_id={}", a.id), "account_id=4242");
+    assert!(std::panic::catch_unwind(|| verified(&forged)).is_err());
+
+    // The binding cookie: HttpOnly, SameSite=Lax, scoped to the callback, short-lived.
+    let r =
+        w.d.http
+            .get(w.d.url("/connect/tiktok/start"))
+            .send()
+            .await
+            .unwrap();
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    for part in [
+        "HttpOnly",
+        "SameSite=Lax",
+        "Path=/connect/tiktok/callback",
+        "Max-Age=600",
+    ] {
+        assert!(set.contains(part), "{set}");
+    }
+
+    // Login CSRF: the attacker starts, consents as themselves, and has the victim open the
+    // callback link. The victim's browser lacks the attacker's cookie: refused, nothing stored.
+    w.consent("attacker", None);
+    let authorize = w.start_url("").await;
+    let attacker_cookies = w.cookies();
+    let link = w.provider_redirect(&authorize).await;
+    let (status, location) = w.callback_from(&link, "").await;
+    assert_eq!(status, 303);
+    assert_eq!(verified(&location)["error"], "invalid_state", "{location}");
+    assert!(
+        w.d.store
+            .find("tiktok", "attacker")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // A cookie whose ref was altered does not match either.
+    let tampered = attacker_cookies.replace(".", ".x");
+    let (_, location) = w.callback_from(&link, &tampered).await;
+    assert_eq!(verified(&location)["error"], "invalid_state", "{location}");
+    // The browser that started it finishes it.
+    let (status, location) = w.callback_from(&link, &attacker_cookies).await;
+    assert_eq!(status, 303);
+    assert!(verified(&location).contains_key("account_id"), "{location}");
+
+    // A bad ref is refused at start.
+    let r =
+        w.d.http
+            .get(w.d.url("/connect/tiktok/start?ref=a%20b"))
+            .send()
+            .await
+            .unwrap();
+    let to = r.headers()["location"].to_str().unwrap().to_string();
+    assert_eq!(verified(&to)["error"], "bad_request", "{to}");
+    w.d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_docs_verification_example_verifies_a_real_redirect() {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/src/web-connect-security.md"),
+    )
+    .unwrap();
+    let example = doc
+        .split("```js\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a js example in the docs");
+    if std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("node is not installed: the docs example is not run");
+        return;
+    }
+    let w = Web::start(&format!(
+        "success_url = \"https://app.example/connected\"\nredirect_secret = {REDIRECT_SECRET:?}"
+    ))
+    .await;
+    w.consent("docs-user", None);
+    let (status, location, _) = w.connect_flow("?ref=session-42").await;
+    assert_eq!(status, 303, "{location}");
+    let script = w.app.dir.path().join("verify-refreshd-redirect.js");
+    std::fs::write(&script, example).unwrap();
+    let now = w.app.clock.now().to_string();
+    let run = |url: &str, secret: &str, now: &str| {
+        std::process::Command::new("node")
+            .arg(&script)
+            .args([url, secret, now])
+            .output()
+            .unwrap()
+    };
+    let ok = run(&location, REDIRECT_SECRET, &now);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let id = verified(&location)["account_id"].clone();
+    assert!(
+        out.contains(&format!("\"accountId\":\"{id}\"")) && out.contains("\"ref\":\"session-42\""),
+        "{out}"
+    );
+    // Forged, signed under another key, or stale: refused.
+    let forged = location.replace(&format!("account_id={id}"), "account_id=4242");
+    let later = (w.app.clock.now() + 3600).to_string();
+    for (url, secret, at) in [
+        (forged.as_str(), REDIRECT_SECRET, now.as_str()),
+        (location.as_str(), "another-secret-0123456789", now.as_str()),
+        (location.as_str(), REDIRECT_SECRET, later.as_str()),
+    ] {
+        assert!(
+            !run(url, secret, at).status.success(),
+            "{url} {secret} {at}"
+        );
+    }
+    w.d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_longer_than_the_request_timeout_is_cut_with_503() {
+    let app = TestApp::start(SandboxConfig {
+        faults: refreshd::sandbox::Faults {
+            slow: 1.0,
+            slow_delay: Duration::from_millis(1500),
+            ..Default::default()
+        },
+        ..SandboxConfig::default()
+    })
+    .await;
+    let mut config = api_config(&app);
+    config.server.request_timeout = Duration::from_millis(300);
+    let store = app.store().await;
+    let id = app.import(&store, &config, &["u1"], None).await[0];
+    store.close().await;
+    let d = Daemon::start(&app, config).await;
+    // The token has 2 h left: min_valid=3h refreshes first, and the provider is slow.
+    let started = std::time::Instant::now();
+    let (status, _) = d
+        .get_auth(
+            &format!("/v1/accounts/{id}/token?min_valid=3h"),
+            Some(API_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 503);
+    assert!(
+        started.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        started.elapsed()
+    );
+    // The refresh itself is not cut: the engine commits it.
+    assert!(
+        helpers::eventually(10, || async {
+            d.store.get(id).await.unwrap().unwrap().generation > 0
+        })
+        .await
+    );
+    d.stop().await;
 }
