@@ -185,6 +185,7 @@ impl Engine {
         let tracker = TaskTracker::new();
         let mut settings_rx = self.settings.clone();
         let mut settings = settings_rx.borrow_and_update().clone();
+        self.metrics.providers_known(settings.providers.names());
         let mut permits = Arc::new(Semaphore::new(settings.config.refresh.concurrency));
         let mut store_failures: u32 = 0;
         let mut claims: u64 = 0;
@@ -197,6 +198,7 @@ impl Engine {
             // Compared by pointer: the idle wait's `changed()` marks a new value as seen.
             if !Arc::ptr_eq(&settings, &settings_rx.borrow()) {
                 settings = settings_rx.borrow_and_update().clone();
+                self.metrics.providers_known(settings.providers.names());
                 // In-flight refreshes keep their permits of the old semaphore.
                 permits = Arc::new(Semaphore::new(settings.config.refresh.concurrency));
             }

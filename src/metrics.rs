@@ -206,6 +206,17 @@ impl Metrics {
         }
     }
 
+    /// Gives each configured provider its per-provider series at 0, so an alert on them sees
+    /// a value before anything went wrong (an absent series alerts on nothing).
+    pub fn providers_known<'a>(&self, providers: impl Iterator<Item = &'a str>) {
+        for provider in providers {
+            let label = Self::provider(provider);
+            let _ = self.provider_rejecting.get_or_create(&label);
+            let _ = self.circuit_open.get_or_create(&label);
+            let _ = self.parked_past_expiry.get_or_create(&label);
+        }
+    }
+
     /// Whether the provider's circuit is open.
     pub fn circuit_open(&self, provider: &str, open: bool) {
         self.circuit_open
