@@ -199,8 +199,9 @@ fn interop_with_oidc_provider_short_form() {
                     d["inexact_subjects"].as_array().unwrap().is_empty(),
                     "{name}: subjects not stored exactly: {row:#}"
                 );
+                // Transit time of the answer, bounded by request_timeout (harness.mjs).
                 assert!(
-                    num(d, "max_expiry_diff_s") <= 1,
+                    num(d, "max_expiry_diff_s") <= 5,
                     "{name}: stored refresh-token ends differ from the server's: {row:#}"
                 );
             }

@@ -93,6 +93,8 @@ async fn refreshes_go_on_while_2000_slow_clients_hold_the_ops_port() {
         .arg(&config_path)
         .arg("run")
         .env("REFRESHD_LOG__FORMAT", "json")
+        // A first start: the daemon creates its store (docs/src/durability.md).
+        .env("REFRESHD_STORE__CREATE", "true")
         .env("REFRESHD_LOG__LEVEL", "info")
         .env_remove("NOTIFY_SOCKET")
         .current_dir(dir.path())

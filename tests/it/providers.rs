@@ -1031,15 +1031,18 @@ async fn reauth_follows_each_profiles_ttl_rule() {
     assert!(report.stats.flagged >= 1, "{report:?}");
 }
 
-/// The README's generic example is a valid config describing what it says.
+/// The book's generic example is a valid config describing what it says.
 #[test]
-fn readme_generic_example_loads() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
-    let section = readme
-        .split("### A generic profile")
+fn docs_generic_example_loads() {
+    let page = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/src/providers/generic.md"
+    ))
+    .expect("docs/src/providers/generic.md");
+    let section = page
+        .split("# A generic profile")
         .nth(1)
-        .expect("README has the generic example");
+        .expect("the page has the generic example");
     let block = section
         .split("```toml\n")
         .nth(1)
