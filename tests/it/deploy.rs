@@ -2,8 +2,8 @@
 //! 2.0 in `systemd-analyze security --offline=yes`; the Kubernetes manifests validate offline
 //! with `kubernetes-validate`; the example configs in them load.
 //!
-//! The tools are installed by `.ci/run`. A missing tool fails the test, unless
-//! `REFRESHD_SKIP_DEPLOY_TESTS=1` is set outside CI, where it prints "skipped".
+//! The tools are installed by `.ci/run`. A missing tool is a NOT RUN (refreshd-testkit): a
+//! failure under `REFRESHD_TEST_STRICT=1`.
 
 use refreshd::config::Config;
 use std::path::{Path, PathBuf};
@@ -16,23 +16,6 @@ const MAX_EXPOSURE: f64 = 2.0;
 
 fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-/// Whether `tool` is usable; when it is not: false if skipping is allowed, else a panic
-/// that says how to install it.
-fn have(tool: &str, works: bool, install: &str) -> bool {
-    if works {
-        return true;
-    }
-    let skip = std::env::var("REFRESHD_SKIP_DEPLOY_TESTS").is_ok_and(|v| v == "1");
-    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
-    if skip && !ci {
-        eprintln!("skipped: {tool} not installed (REFRESHD_SKIP_DEPLOY_TESTS=1)");
-        return false;
-    }
-    panic!(
-        "{tool} is not installed: {install} (.ci/run does this), or set REFRESHD_SKIP_DEPLOY_TESTS=1 to skip locally"
-    );
 }
 
 fn run(cmd: &mut Command) -> (bool, String, String) {
@@ -48,11 +31,12 @@ fn run(cmd: &mut Command) -> (bool, String, String) {
 
 #[test]
 fn systemd_unit_verifies_and_scores_at_most_2() {
-    let works = Command::new(SYSTEMD_ANALYZE)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have(SYSTEMD_ANALYZE, works, "apt-get install systemd") {
+    if !refreshd_testkit::tool(
+        "deploy::systemd_unit_verifies_and_scores_at_most_2",
+        SYSTEMD_ANALYZE,
+        &[SYSTEMD_ANALYZE, "--version"],
+        "apt-get install systemd",
+    ) {
         return;
     }
     // verify checks that ExecStart= exists: point it at the binary under test.
@@ -135,13 +119,10 @@ fn manifests() -> Vec<PathBuf> {
 
 #[test]
 fn kubernetes_manifests_validate_offline() {
-    let works = Command::new("python3")
-        .args(["-m", "kubernetes_validate", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have(
+    if !refreshd_testkit::tool(
+        "deploy::kubernetes_manifests_validate_offline",
         "kubernetes-validate",
-        works,
+        &["python3", "-m", "kubernetes_validate", "--version"],
         "python3 -m pip install kubernetes-validate",
     ) {
         return;
@@ -262,13 +243,10 @@ fn example_configs_in_deploy_load() {
     assert!(c.providers.contains_key("tiktok"));
     assert!(host.contains("listen = \"127.0.0.1:8787\""));
 
-    let works = Command::new("python3")
-        .args(["-c", "import yaml"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have(
+    if !refreshd_testkit::tool(
+        "deploy::example_configs_in_deploy_load",
         "PyYAML",
-        works,
+        &["python3", "-c", "import yaml"],
         "python3 -m pip install kubernetes-validate",
     ) {
         return;
