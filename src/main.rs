@@ -2,7 +2,8 @@
 //! maps errors to exit codes. Nothing else lives here.
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use refreshd::clock::{Clock, rfc3339};
 use refreshd::config::Config;
 use refreshd::lifecycle::{self, RunOptions};
@@ -16,7 +17,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Exit codes (documented in README.md).
+// The generated CLI reference is written and checked by a test (see tests below).
+#[cfg(test)]
+mod cli_reference;
+
+/// Exit codes (documented in docs/src/reference/cli.md).
 mod exit {
     pub const OK: u8 = 0;
     pub const ERROR: u8 = 1;
@@ -32,15 +37,20 @@ mod exit {
     about = "Keeps OAuth 2.0 connections alive: refreshes tokens ahead of expiry and flags accounts that need re-authorization."
 )]
 struct Cli {
-    /// Config file (default: ./refreshd.toml when present).
+    /// Config file (default: ./refreshd.toml when present). Read by run, check, accounts,
+    /// connect, authorize-url, exchange, rekey and store; give it before the command.
     #[arg(
         long,
         short = 'c',
-        global = true,
         env = "REFRESHD_CONFIG",
+        hide_env_values = true,
         value_name = "PATH"
     )]
     config: Option<PathBuf>,
+    /// Whether --config came from the command line (not the environment): commands that
+    /// read no config refuse it rather than ignore it.
+    #[arg(skip)]
+    config_given: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -64,6 +74,7 @@ enum Command {
     /// Connect an account: print the authorization URL, wait for the browser's callback on
     /// the loopback redirect_uri, exchange the code and store the account.
     Connect {
+        /// The provider's name: a [providers.NAME] table of the config (e.g. tiktok).
         provider: String,
         /// A label for the account (shown by `accounts list`).
         #[arg(long)]
@@ -81,6 +92,7 @@ enum Command {
     /// Print an authorization URL; the state (and PKCE verifier) go to stderr for you to
     /// keep. Finish with `refreshd exchange`.
     AuthorizeUrl {
+        /// The provider's name: a [providers.NAME] table of the config (e.g. tiktok).
         provider: String,
         /// Scopes to request, comma-separated (default: the provider's `scopes`).
         #[arg(long)]
@@ -88,6 +100,7 @@ enum Command {
     },
     /// Exchange an authorization code from the provider's callback and store the account.
     Exchange {
+        /// The provider's name: a [providers.NAME] table of the config (e.g. tiktok).
         provider: String,
         /// The `code` from the callback URL.
         #[arg(long)]
@@ -95,6 +108,7 @@ enum Command {
         /// The PKCE verifier printed by `authorize-url` (when pkce = true).
         #[arg(long)]
         code_verifier: Option<String>,
+        /// A label for the account (shown by `accounts list`).
         #[arg(long)]
         label: Option<String>,
         /// Re-authorize this existing account: the login must be the same user.
@@ -103,7 +117,10 @@ enum Command {
     },
     /// Write a new random encryption key to PATH (mode 0600; never overwrites) and print its
     /// id. Use it as store.encryption_key_file.
-    Keygen { path: PathBuf },
+    Keygen {
+        /// Where to write the key (a new file).
+        path: PathBuf,
+    },
     /// Re-seal every stored token under store.encryption_key_file (older keys from
     /// store.decryption_key_files open them). Encrypts a clear store in place. Resumable,
     /// and safe while the daemon runs.
@@ -117,6 +134,15 @@ enum Command {
     Store(StoreCommand),
     /// Serve the TikTok-compatible sandbox token endpoint on its own (manual tests, benchmarks).
     Sandbox(SandboxArgs),
+    /// Print a shell completion script to stdout, e.g.
+    /// `refreshd completions bash > /etc/bash_completion.d/refreshd`.
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page refreshd(1) (roff) to stdout, e.g.
+    /// `refreshd man > /usr/local/share/man/man1/refreshd.1`.
+    Man,
 }
 
 #[derive(Args)]
@@ -163,9 +189,11 @@ enum StoreCommand {
 enum AccountsCommand {
     /// List accounts (tokens are never shown).
     List {
-        #[arg(long, value_parser = parse_status)]
-        status: Option<Status>,
+        /// Only accounts with this status.
         #[arg(long)]
+        status: Option<StatusArg>,
+        /// Only accounts of this provider (a [providers.NAME] of the config).
+        #[arg(long, value_name = "NAME")]
         provider: Option<String>,
         /// Only accounts that need a human: `expiring` and `needs_reauth`.
         #[arg(long)]
@@ -176,7 +204,9 @@ enum AccountsCommand {
     },
     /// Show one account and its latest refresh attempts.
     Show {
+        /// The account's id (see `accounts list`).
         id: i64,
+        /// One JSON document instead of text.
         #[arg(long)]
         json: bool,
         /// How many refresh_log entries to show.
@@ -184,16 +214,23 @@ enum AccountsCommand {
         log: usize,
     },
     /// Import accounts from JSON lines (a file, or - for stdin). All or nothing.
-    Import { file: String },
+    Import {
+        /// The JSON-lines file, or - for stdin.
+        file: String,
+    },
     /// Make an account due now (a running daemon picks it up at its next look).
     Refresh {
+        /// The account's id (see `accounts list`).
         id: i64,
         /// Also retry an account flagged needs_reauth (clears the flag).
         #[arg(long)]
         force: bool,
     },
     /// Delete an account and its refresh history.
-    Remove { id: i64 },
+    Remove {
+        /// The account's id (see `accounts list`).
+        id: i64,
+    },
 }
 
 #[derive(Args)]
@@ -211,16 +248,47 @@ struct DemoArgs {
     #[arg(long)]
     no_faults: bool,
     /// Keep the temporary database in this directory instead of deleting it.
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     keep_dir: Option<PathBuf>,
 }
 
-fn parse_status(s: &str) -> Result<Status, String> {
-    s.parse::<Status>().map_err(|e| e.to_string())
+/// An account status on the command line: the library's `Status`, its values listed by
+/// `--help` and the completions.
+#[derive(Clone, Copy)]
+struct StatusArg(Status);
+
+impl ValueEnum for StatusArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        const ALL: [StatusArg; 4] = [
+            StatusArg(Status::ALL[0]),
+            StatusArg(Status::ALL[1]),
+            StatusArg(Status::ALL[2]),
+            StatusArg(Status::ALL[3]),
+        ];
+        &ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        let help = match self.0 {
+            Status::Active => "refreshed automatically",
+            Status::Expiring => "refreshed, but the refresh token ends within the reauth window",
+            Status::NeedsReauth => "cannot be refreshed: a person must log in again",
+            Status::Disabled => "switched off by an admin",
+        };
+        Some(clap::builder::PossibleValue::new(self.0.as_str()).help(help))
+    }
+}
+
+/// The command line, parsed; exits with clap's usage error on a bad one.
+fn parse_cli() -> Cli {
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cli.config_given = matches.value_source("config") == Some(ValueSource::CommandLine);
+    cli
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -440,7 +508,33 @@ async fn open_existing(config: &Config) -> Result<Store> {
 }
 
 async fn dispatch(cli: Cli) -> Result<u8> {
+    let reads_config = !matches!(
+        cli.command,
+        Command::Demo(_)
+            | Command::Keygen { .. }
+            | Command::Sandbox(_)
+            | Command::Completions { .. }
+            | Command::Man
+    );
+    if cli.config_given && !reads_config {
+        bail!(
+            "this command reads no config file: drop --config (see `refreshd help`; the demo runs its own config)"
+        );
+    }
     match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "refreshd",
+                &mut std::io::stdout(),
+            );
+            Ok(exit::OK)
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(exit::OK)
+        }
         Command::Run { once } => {
             let config = load_config(&cli)?;
             let log = telemetry::init(&config.log);
@@ -706,7 +800,7 @@ async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
             let store = open_read_only(config).await?;
             let filter = ListFilter {
                 provider: provider.clone(),
-                status: *status,
+                status: status.map(|s| s.0),
                 needs_reauth: *needs_reauth,
             };
             let mut after = 0;
@@ -1063,4 +1157,84 @@ async fn sandbox(args: &SandboxArgs) -> Result<u8> {
     println!("{}", serde_json::to_string_pretty(&sb.stats())?);
     sb.shutdown().await;
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REFERENCE: &str = "docs/src/reference/cli.md";
+
+    /// Every command, depth first, with its path.
+    fn commands(cmd: &clap::Command, path: String, out: &mut Vec<(String, clap::Command)>) {
+        out.push((path.clone(), cmd.clone()));
+        for sub in cmd.get_subcommands() {
+            commands(sub, format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_option_and_argument_has_help() {
+        let mut root = Cli::command();
+        root.build();
+        let mut all = Vec::new();
+        commands(&root, "refreshd".into(), &mut all);
+        let mut missing = Vec::new();
+        for (path, cmd) in &all {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path}: {id}"));
+                }
+            }
+            if cmd.get_about().is_none() && path != "refreshd" {
+                missing.push(format!("{path}: the command itself"));
+            }
+        }
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
+
+    #[test]
+    fn commands_that_read_no_config_do_not_offer_it() {
+        let mut root = Cli::command();
+        root.build();
+        for name in ["demo", "keygen", "sandbox", "completions", "man"] {
+            let sub = root.find_subcommand_mut(name).unwrap();
+            let help = sub.render_long_help().to_string();
+            assert!(
+                !help.contains("--config"),
+                "{name} offers --config:\n{help}"
+            );
+        }
+    }
+
+    #[test]
+    fn status_lists_its_values() {
+        let err = Cli::try_parse_from(["refreshd", "accounts", "list", "--status", "bogus"])
+            .err()
+            .expect("refused")
+            .to_string();
+        for s in Status::ALL {
+            assert!(err.contains(s.as_str()), "{s} missing from: {err}");
+        }
+    }
+
+    /// The committed CLI reference is what the definitions render; REFRESHD_BLESS=1 rewrites it.
+    #[test]
+    fn cli_reference_is_current() {
+        let rendered = cli_reference::render(Cli::command());
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(REFERENCE);
+        if std::env::var("REFRESHD_BLESS").is_ok_and(|v| v == "1") {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &rendered).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == rendered,
+            "{REFERENCE} is stale: regenerate it with `REFRESHD_BLESS=1 cargo test --bin refreshd cli_reference`"
+        );
+    }
 }

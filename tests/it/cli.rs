@@ -1418,3 +1418,51 @@ async fn ops_server_of_the_real_binary() {
     assert_eq!(events_in(&log, "token_api_unauthorized").len(), 2);
     assert_eq!(events_in(&log, "token_handed_out").len(), 1);
 }
+
+/// Shell habits (issue 14): completions and the manual page come from the binary itself.
+#[test]
+fn completions_and_man_page_are_printed() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(crate::helpers::bin())
+            .args(args)
+            .output()
+            .expect("run refreshd")
+    };
+    let bash = run(&["completions", "bash"]);
+    assert!(bash.status.success(), "{bash:?}");
+    let script = String::from_utf8_lossy(&bash.stdout);
+    assert!(script.contains("_refreshd()"), "{script}");
+    assert!(
+        script.contains("needs_reauth"),
+        "--status values complete: {script}"
+    );
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        assert!(run(&["completions", shell]).status.success(), "{shell}");
+    }
+    let man = run(&["man"]);
+    assert!(man.status.success(), "{man:?}");
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH refreshd 1"),
+        "{page}"
+    );
+    assert!(page.contains("accounts"), "{page}");
+}
+
+/// A command that reads no config refuses --config instead of ignoring it.
+#[test]
+fn demo_refuses_a_config_it_would_ignore() {
+    let out = std::process::Command::new(crate::helpers::bin())
+        .args([
+            "--config",
+            "/nonexistent/refreshd.toml",
+            "demo",
+            "--duration",
+            "1s",
+        ])
+        .output()
+        .expect("run refreshd");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reads no config file: drop --config"), "{err}");
+}
