@@ -11,7 +11,6 @@ use refreshd::model::Status;
 use refreshd::store::{ListFilter, Store};
 use refreshd::{connect, demo, import, telemetry};
 use secrecy::{ExposeSecret, SecretString};
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -68,7 +67,11 @@ enum Command {
     #[command(subcommand)]
     Accounts(AccountsCommand),
     /// Check the config, the store and the providers' settings; exit non-zero on a problem.
-    Check,
+    Check {
+        /// A JSON summary on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the real daemon against a built-in sandbox provider and a temporary store.
     Demo(DemoArgs),
     /// Connect an account: print the authorization URL, wait for the browser's callback on
@@ -182,6 +185,9 @@ enum StoreCommand {
         /// Accounts per transaction.
         #[arg(long, default_value_t = 1000)]
         batch: usize,
+        /// A JSON summary on stdout instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -213,10 +219,14 @@ enum AccountsCommand {
         #[arg(long, default_value_t = 10)]
         log: usize,
     },
-    /// Import accounts from JSON lines (a file, or - for stdin). All or nothing.
+    /// Import accounts from JSON lines (a file, or - for stdin). All or nothing: one
+    /// transaction, streamed (memory stays flat whatever the file's size).
     Import {
         /// The JSON-lines file, or - for stdin.
         file: String,
+        /// A JSON summary on stdout instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Make an account due now (a running daemon picks it up at its next look).
     Refresh {
@@ -382,7 +392,7 @@ fn copy_end(
     Ok(opts)
 }
 
-async fn store_copy(config: &Config, from: &str, to: &str, batch: usize) -> Result<u8> {
+async fn store_copy(config: &Config, from: &str, to: &str, batch: usize, json: bool) -> Result<u8> {
     let scratch = tempfile::tempdir()?;
     let from_opts = copy_end(config, "from", from, scratch.path())?;
     let to_opts = copy_end(config, "to", to, scratch.path())?;
@@ -423,6 +433,22 @@ async fn store_copy(config: &Config, from: &str, to: &str, batch: usize) -> Resu
     source.close().await;
     dest.close().await;
     let report = report?;
+    if json {
+        let summary = serde_json::json!({
+            "from": source.describe(),
+            "to": dest.describe(),
+            "resumed_after": report.resumed_after,
+            "accounts_copied": report.accounts_copied,
+            "log_rows_copied": report.log_rows_copied,
+            "accounts": report.accounts,
+            "accounts_sha256": report.accounts_sha256,
+            "log_rows": report.log_rows,
+            "log_sha256": report.log_sha256,
+            "seconds": started.elapsed().as_secs_f64(),
+        });
+        println!("{summary}");
+        return Ok(exit::OK);
+    }
     if report.resumed_after > 0 {
         println!(
             "resumed after account {} (copied by an earlier, interrupted run)",
@@ -555,7 +581,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             }
             Ok(exit::OK)
         }
-        Command::Check => check(&cli).await,
+        Command::Check { json } => check(&cli, *json).await,
         Command::Keygen { path } => {
             let id = refreshd::crypto::generate_key_file(path)?;
             println!("{id}");
@@ -565,10 +591,15 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             );
             Ok(exit::OK)
         }
-        Command::Store(StoreCommand::Copy { from, to, batch }) => {
+        Command::Store(StoreCommand::Copy {
+            from,
+            to,
+            batch,
+            json,
+        }) => {
             let config = load_config(&cli)?;
             quiet_logs(&config);
-            store_copy(&config, from, to, *batch).await
+            store_copy(&config, from, to, *batch, *json).await
         }
         Command::Rekey { batch } => {
             let config = load_config(&cli)?;
@@ -621,6 +652,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         }
         Command::AuthorizeUrl { provider, scopes } => {
             let config = load_config(&cli)?;
+            quiet_logs(&config);
             let p = connect::enabled_provider(&config, provider)?;
             let connect::Authorization {
                 state, pkce, url, ..
@@ -670,35 +702,42 @@ async fn dispatch(cli: Cli) -> Result<u8> {
     }
 }
 
+/// Logging for the one-shot commands: the config's [log] format (JSON to a non-terminal
+/// stderr under `auto`), at `warn` unless RUST_LOG says otherwise, so stderr carries
+/// problems and stdout the command's output.
 fn quiet_logs(config: &Config) {
     let mut log = config.log.clone();
     if std::env::var_os("RUST_LOG").is_none() {
         log.level = "warn".into();
     }
-    log.format = refreshd::config::LogFormat::Pretty;
     telemetry::init(&log);
 }
 
-async fn check(cli: &Cli) -> Result<u8> {
+async fn check(cli: &Cli, json: bool) -> Result<u8> {
+    let mut lines: Vec<String> = Vec::new();
     let config = match load_config(cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("config: FAILED\n  {e}");
+            if json {
+                print_check(&[format!("config: FAILED\n  {e}")], false, true);
+            } else {
+                eprintln!("config: FAILED\n  {e}");
+            }
             return Ok(exit::CONFIG);
         }
     };
     quiet_logs(&config);
-    println!(
+    lines.push(format!(
         "config: ok ({})",
         config
             .file
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "built-in defaults and environment".into())
-    );
+    ));
     let mut ok = true;
     if config.providers.is_empty() {
-        println!("providers: none configured (add a [providers.tiktok] table)");
+        lines.push("providers: none configured (add a [providers.tiktok] table)".into());
         ok = false;
     }
     match refreshd::provider::Providers::from_config(&config) {
@@ -709,43 +748,43 @@ async fn check(cli: &Cli) -> Result<u8> {
                     .get(name)
                     .map(|p| p.token_url().to_string())
                     .unwrap_or_default();
-                println!(
+                lines.push(format!(
                     "provider {name}: ok, {state}, kind {}, token endpoint {url}",
                     pc.kind(name)
-                );
+                ));
             }
         }
         Err(e) => {
-            println!("providers: FAILED\n  {e}");
+            lines.push(format!("providers: FAILED\n  {e}"));
             ok = false;
         }
     }
     for (line, fine) in refreshd::sink::check(&config.sink) {
-        println!("{line}");
+        lines.push(line);
         ok &= fine;
     }
     if let Some(w) = &config.notify.webhook {
-        println!(
+        lines.push(format!(
             "webhook: ok, POST to {} (retries {}, queue {})",
             refreshd::config::redact_url(&w.url),
             w.retries,
             w.queue
-        );
+        ));
     }
     match config.store.keyring.primary_id() {
-        Some(id) => println!(
+        Some(id) => lines.push(format!(
             "encryption: on, sealing with key {id}; keys: {}",
             config.store.keyring.describe()
+        )),
+        None => lines.push(
+            "encryption: off (tokens stored in the clear; see store.encryption_key_file)".into(),
         ),
-        None => {
-            println!("encryption: off (tokens stored in the clear; see store.encryption_key_file)")
-        }
     }
     for (file, mode) in refreshd::hardening::exposed(&refreshd::hardening::secret_files(&config)) {
-        println!(
+        lines.push(format!(
             "files: {} has mode {mode:03o}, readable by other users: chmod 600 it",
             file.display()
-        );
+        ));
         if config.store.permissions == refreshd::config::FilePolicy::Refuse {
             ok = false;
         }
@@ -761,31 +800,57 @@ async fn check(cli: &Cli) -> Result<u8> {
                     .map(|(p, _, _)| p)
                     .filter(|p| !config.providers.contains_key(*p))
                     .collect();
-                println!("store: ok ({}, {total} accounts)", store.describe());
+                lines.push(format!(
+                    "store: ok ({}, {total} accounts)",
+                    store.describe()
+                ));
                 let unsealed = store.count_to_rekey().await?;
                 if unsealed > 0 {
-                    println!(
+                    lines.push(format!(
                         "store: {unsealed} account(s) not sealed under the primary key yet: run `refreshd rekey`"
-                    );
+                    ));
                 }
                 for p in unknown {
-                    println!("store: accounts of provider {p:?} exist but it is not configured");
+                    lines.push(format!(
+                        "store: accounts of provider {p:?} exist but it is not configured"
+                    ));
                     ok = false;
                 }
                 store.close().await;
             }
             Err(e) => {
-                println!("store: FAILED\n  {e}");
+                lines.push(format!("store: FAILED\n  {e}"));
                 ok = false;
             }
         }
     } else {
-        println!(
+        lines.push(format!(
             "store: {} does not exist yet; `refreshd run` creates it",
             path.display()
-        );
+        ));
     }
+    print_check(&lines, ok, json);
     Ok(if ok { exit::OK } else { exit::ERROR })
+}
+
+/// `check`'s findings: the lines as text, or with `--json` one object
+/// `{"ok": bool, "checks": [{"check": "store", "message": "ok (...)"}, ...]}` whose `check`
+/// is each line's subject (config, providers, provider NAME, store, encryption, files...).
+fn print_check(lines: &[String], ok: bool, json: bool) {
+    if !json {
+        for l in lines {
+            println!("{l}");
+        }
+        return;
+    }
+    let checks: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| {
+            let (check, message) = l.split_once(": ").unwrap_or(("", l));
+            serde_json::json!({"check": check, "message": message})
+        })
+        .collect();
+    println!("{}", serde_json::json!({"ok": ok, "checks": checks}));
 }
 
 async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
@@ -932,44 +997,7 @@ async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
             }
             Ok(exit::OK)
         }
-        AccountsCommand::Import { file } => {
-            let (name, text) = if file == "-" {
-                let mut s = String::new();
-                std::io::stdin()
-                    .read_to_string(&mut s)
-                    .context("cannot read the import from stdin")?;
-                ("stdin".to_string(), s)
-            } else {
-                let text = std::fs::read_to_string(file)
-                    .with_context(|| format!("cannot read import file {file}"))?;
-                (file.clone(), text)
-            };
-            let now = clock.now();
-            let records = import::parse_with(
-                &name,
-                &text,
-                now,
-                &config.refresh.timing(),
-                config.reauth.window,
-                |p| config.credential_of(p),
-            )?;
-            let store = Store::open(lifecycle::store_options(config)).await?;
-            let ids = store.upsert(records.clone(), now).await?;
-            store.close().await;
-            let inserted = ids.iter().filter(|(_, new)| *new).count();
-            let flagged = import::announce_flagged(&records, &ids);
-            if flagged > 0 {
-                eprintln!(
-                    "{flagged} imported account(s) already need re-authorization: see `refreshd accounts list --needs-reauth`"
-                );
-            }
-            println!(
-                "imported {} account(s) from {name}: {inserted} new, {} updated",
-                ids.len(),
-                ids.len() - inserted
-            );
-            Ok(exit::OK)
-        }
+        AccountsCommand::Import { file, json } => import_cmd(config, file, *json).await,
         AccountsCommand::Refresh { id, force } => {
             let store = open_existing(config).await?;
             let was = store.mark_due(*id, clock.now(), *force).await?;
@@ -990,6 +1018,173 @@ async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
             Ok(exit::OK)
         }
     }
+}
+
+/// What `accounts import` counted, for its closing line and `--json`.
+#[derive(Default, serde::Serialize)]
+struct ImportCounts {
+    accounts: usize,
+    inserted: usize,
+    updated: usize,
+    flagged: usize,
+}
+
+/// `accounts import`: the file is read line by line and streamed into one transaction in
+/// batches, so memory stays flat in the file's size; a problem on any line rolls the whole
+/// import back (nothing half-applied), and every problem names its line.
+async fn import_cmd(config: &Config, file: &str, json: bool) -> Result<u8> {
+    use std::io::BufRead;
+    const BATCH: usize = 1000;
+    let (name, reader, size): (String, Box<dyn BufRead + Send>, Option<u64>) = if file == "-" {
+        (
+            "stdin".into(),
+            Box::new(std::io::BufReader::new(std::io::stdin())),
+            None,
+        )
+    } else {
+        let f =
+            std::fs::File::open(file).with_context(|| format!("cannot read import file {file}"))?;
+        let size = f.metadata().ok().map(|m| m.len());
+        (file.to_string(), Box::new(std::io::BufReader::new(f)), size)
+    };
+    // indicatif draws nothing when stderr is not a terminal (logs, CI).
+    let bar = match size {
+        Some(len) => {
+            let bar = indicatif::ProgressBar::with_draw_target(
+                Some(len),
+                indicatif::ProgressDrawTarget::stderr(),
+            );
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} read, {msg}, {eta} left",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        }
+        None => {
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr())
+        }
+    };
+    let now = Clock::system().now();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Vec<refreshd::store::NewAccount>>>(2);
+    let parse = {
+        let (timing, window, bar) = (config.refresh.timing(), config.reauth.window, bar.clone());
+        let providers: std::collections::HashMap<String, _> = config
+            .providers
+            .keys()
+            .filter_map(|p| config.credential_of(p).map(|c| (p.clone(), c)))
+            .collect();
+        let name = name.clone();
+        tokio::task::spawn_blocking(move || -> Result<Result<usize, import::ImportError>> {
+            let mut importer = import::Importer::new(&name, now, timing, window, |p: &str| {
+                providers.get(p).copied()
+            });
+            let (mut reader, mut raw, mut n) = (reader, String::new(), 0usize);
+            let mut batch = Vec::with_capacity(BATCH);
+            loop {
+                raw.clear();
+                let read = reader
+                    .read_line(&mut raw)
+                    .with_context(|| format!("cannot read import file {name} after line {n}"))?;
+                if read == 0 {
+                    break;
+                }
+                n += 1;
+                bar.inc(read as u64);
+                let record = importer.line(n, &raw);
+                // After a problem the import is refused: nothing more goes to the store.
+                if let Some(r) = record.filter(|_| !importer.failed()) {
+                    batch.push(r);
+                    if batch.len() == BATCH
+                        && tx.blocking_send(Some(std::mem::take(&mut batch))).is_err()
+                    {
+                        break; // the store refused a batch: its error is the answer
+                    }
+                }
+            }
+            let checked = importer.finish();
+            if checked.is_ok() {
+                // The last batch, then the commit; a dropped sender rolls back.
+                let _ = tx.blocking_send(Some(batch));
+                let _ = tx.blocking_send(None);
+            }
+            Ok(checked)
+        })
+    };
+    // The store is opened once the first batch passed the checks: a file refused early
+    // does not even create the database.
+    let Some(first) = rx.recv().await else {
+        bar.finish_and_clear();
+        parse
+            .await
+            .context("the import's reader stopped")??
+            .map(|_| ())?;
+        bail!("{name}: the import stopped before its end: nothing imported");
+    };
+    let store = Store::open(lifecycle::store_options(config)).await?;
+    let (fwd, batches) = tokio::sync::mpsc::channel(2);
+    let _ = fwd.send(first).await;
+    tokio::spawn(async move {
+        while let Some(item) = rx.recv().await {
+            if fwd.send(item).await.is_err() {
+                break;
+            }
+        }
+    });
+    let counts = std::sync::Arc::new(std::sync::Mutex::new(ImportCounts::default()));
+    // Accounts that arrive already flagged are announced after the commit, never before.
+    let flagged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let written = {
+        let (counts, flagged, bar) = (counts.clone(), flagged.clone(), bar.clone());
+        store
+            .upsert_stream(batches, now, move |records, ids| {
+                let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+                for (r, (id, new)) in records.iter().zip(ids) {
+                    c.accounts += 1;
+                    if *new {
+                        c.inserted += 1
+                    } else {
+                        c.updated += 1
+                    }
+                    if r.reauth_reason.is_some() {
+                        flagged
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((r.clone(), (*id, *new)));
+                    }
+                }
+                bar.set_message(format!("{} accounts written", c.accounts));
+            })
+            .await
+    };
+    store.close().await;
+    bar.finish_and_clear();
+    let checked = parse.await.context("the import's reader stopped")??;
+    // A problem in the file outranks the rollback it caused.
+    checked?;
+    written?;
+    let flagged = std::mem::take(&mut *flagged.lock().unwrap_or_else(|e| e.into_inner()));
+    let (records, ids): (Vec<_>, Vec<_>) = flagged.into_iter().unzip();
+    let mut counts = std::mem::take(&mut *counts.lock().unwrap_or_else(|e| e.into_inner()));
+    counts.flagged = import::announce_flagged(&records, &ids);
+    if json {
+        let mut v = serde_json::to_value(&counts)?;
+        v["source"] = serde_json::Value::from(name);
+        println!("{v}");
+        return Ok(exit::OK);
+    }
+    if counts.flagged > 0 {
+        eprintln!(
+            "{} imported account(s) already need re-authorization: see `refreshd accounts list --needs-reauth`",
+            counts.flagged
+        );
+    }
+    println!(
+        "imported {} account(s) from {name}: {} new, {} updated",
+        counts.accounts, counts.inserted, counts.updated
+    );
+    Ok(exit::OK)
 }
 
 /// Who was connected; never a token.
