@@ -11,7 +11,7 @@
 mod cluster;
 mod report;
 
-pub use cluster::{postgres, postgres_schema};
+pub use cluster::{is_root, postgres, postgres_schema};
 pub use report::{not_run, strict};
 
 use std::process::{Command, Stdio};

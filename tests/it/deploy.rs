@@ -53,7 +53,20 @@ fn systemd_unit_verifies_and_scores_at_most_2() {
     let path = dir.path().join("refreshd.service");
     std::fs::write(&path, unit).unwrap();
 
-    let (ok, stdout, stderr) = run(Command::new(SYSTEMD_ANALYZE).arg("verify").arg(&path));
+    // Documentation=man:refreshd(1): verify runs `man`, so the page `refreshd man` prints is
+    // installed where a MANPATH finds it.
+    let man1 = dir.path().join("man/man1");
+    std::fs::create_dir_all(&man1).unwrap();
+    let page = Command::new(env!("CARGO_BIN_EXE_refreshd"))
+        .arg("man")
+        .output()
+        .unwrap();
+    assert!(page.status.success(), "refreshd man: {page:?}");
+    std::fs::write(man1.join("refreshd.1"), &page.stdout).unwrap();
+    let (ok, stdout, stderr) = run(Command::new(SYSTEMD_ANALYZE)
+        .arg("verify")
+        .arg(&path)
+        .env("MANPATH", dir.path().join("man")));
     assert!(ok, "systemd-analyze verify failed:\n{stdout}{stderr}");
     assert!(
         !stderr.contains("refreshd.service"),
@@ -80,6 +93,84 @@ fn systemd_unit_verifies_and_scores_at_most_2() {
         score <= MAX_EXPOSURE,
         "exposure {score} > {MAX_EXPOSURE}:\n{stdout}"
     );
+}
+
+/// The unit runs as the user refreshd.sysusers creates, in the directories
+/// refreshd.tmpfiles creates: both applied to a scratch root by systemd's own tools.
+#[test]
+fn sysusers_and_tmpfiles_create_the_units_user_and_directories() {
+    const TEST: &str = "deploy::sysusers_and_tmpfiles_create_the_units_user_and_directories";
+    for tool in ["systemd-sysusers", "systemd-tmpfiles"] {
+        if !refreshd_testkit::tool(TEST, tool, &[tool, "--version"], "apt-get install systemd") {
+            return;
+        }
+    }
+    let unit = std::fs::read_to_string(repo("deploy/systemd/refreshd.service")).unwrap();
+    for line in [
+        "User=refreshd",
+        "Group=refreshd",
+        "StateDirectory=refreshd",
+        "WorkingDirectory=/var/lib/refreshd",
+        "Documentation=man:refreshd(1)",
+        "--config /etc/refreshd/refreshd.toml",
+    ] {
+        assert!(unit.contains(line), "the unit lacks {line:?}");
+    }
+    assert!(
+        !unit.contains("DynamicUser=yes"),
+        "a static user, from sysusers.d"
+    );
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("etc")).unwrap();
+    for f in ["etc/passwd", "etc/group"] {
+        std::fs::write(root.path().join(f), "").unwrap();
+    }
+    let apply = |tool: &str, args: &[&str], file: &str| {
+        let text = std::fs::read(repo(file)).unwrap();
+        let mut child = Command::new(tool)
+            .arg(format!("--root={}", root.path().display()))
+            .args(args)
+            .arg("-")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(&text).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} {file}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    apply("systemd-sysusers", &[], "deploy/systemd/refreshd.sysusers");
+    let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
+    let user = passwd
+        .lines()
+        .find(|l| l.starts_with("refreshd:"))
+        .unwrap_or_else(|| panic!("no refreshd user in:\n{passwd}"));
+    let fields: Vec<&str> = user.split(':').collect();
+    let uid: u32 = fields[2].parse().unwrap();
+    assert!(uid > 0 && uid < 1000, "a system user: {user}");
+    assert_eq!(fields[5], "/var/lib/refreshd", "{user}");
+    assert!(fields[6].ends_with("nologin"), "{user}");
+    // tmpfiles resolves the owner from the scratch root's passwd.
+    apply(
+        "systemd-tmpfiles",
+        &["--create"],
+        "deploy/systemd/refreshd.tmpfiles",
+    );
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let state = std::fs::metadata(root.path().join("var/lib/refreshd")).unwrap();
+    assert_eq!(state.permissions().mode() & 0o777, 0o700);
+    if refreshd_testkit::is_root() {
+        assert_eq!(state.uid(), uid, "/var/lib/refreshd belongs to refreshd");
+    }
+    let etc = std::fs::metadata(root.path().join("etc/refreshd")).unwrap();
+    assert!(etc.is_dir());
 }
 
 fn kubernetes_validate(files: &[&Path]) -> (bool, String) {
