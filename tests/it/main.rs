@@ -6,6 +6,7 @@ mod bench;
 mod cli;
 mod connect;
 mod deploy;
+mod docker;
 mod engine;
 mod helpers;
 mod hostile;
