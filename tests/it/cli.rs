@@ -1538,3 +1538,27 @@ async fn check_and_store_copy_offer_json() {
         "{v}"
     );
 }
+
+/// The import streams in batches of 1,000 inside one transaction: a bad line after the
+/// first batch was written still leaves nothing of the file behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_line_after_the_first_batch_rolls_the_whole_import_back() {
+    let w = World::start("").await;
+    let first = w.write("first.jsonl", &w.due_lines(&["s0"]));
+    w.cli(&["accounts", "import", first.to_str().unwrap()])
+        .await
+        .ok();
+    let ids: Vec<String> = (1..=1500).map(|i| format!("s{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let text = w.due_lines(&refs) + "{\"provider\":\"tiktok\"}\n";
+    let file = w.write("big.jsonl", &text);
+    let out = w.cli(&["accounts", "import", file.to_str().unwrap()]).await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(out.stderr.contains("line 1501"), "names the line: {out:#?}");
+    assert!(out.stderr.contains("nothing imported"), "{out:#?}");
+    assert_eq!(
+        subjects(&w.list_json().await),
+        ["s0"],
+        "nothing half-applied"
+    );
+}
