@@ -10,7 +10,7 @@ use crate::store::NewAccount;
 use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::Value;
-use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 /// At most this many problems are listed; the file is rejected either way.
@@ -107,21 +107,74 @@ pub fn parse_with(
     window: Duration,
     credential: impl Fn(&str) -> Option<Credential>,
 ) -> Result<Vec<NewAccount>, ImportError> {
-    let mut out = Vec::new();
-    let mut problems: Vec<(usize, String)> = Vec::new();
-    let mut seen: HashMap<(String, String), usize> = HashMap::new();
-    let mut rng = rand::rng();
-    for (i, raw) in text.lines().enumerate() {
-        let n = i + 1;
-        if raw.trim().is_empty() {
-            continue;
+    let mut importer = Importer::new(source_name, now, timing.clone(), window, credential);
+    let out: Vec<NewAccount> = text
+        .lines()
+        .enumerate()
+        .filter_map(|(i, raw)| importer.line(i + 1, raw))
+        .collect();
+    importer.finish().map(|_| out)
+}
+
+/// Checks an import one line at a time, so a file of any size streams through in constant
+/// memory (`accounts import`): each good line becomes a record, each problem is kept with
+/// its line number, and `finish` says whether the whole file may be committed.
+pub struct Importer<C> {
+    source_name: String,
+    now: i64,
+    timing: RefreshTiming,
+    window: Duration,
+    credential: C,
+    rng: rand::rngs::ThreadRng,
+    problems: Vec<(usize, String)>,
+    /// (hash of provider and subject, line) of every record: 12 bytes a line instead of
+    /// the names, sorted by `finish` to find duplicates.
+    keys: Vec<(u64, u32)>,
+    records: usize,
+}
+
+impl<C: Fn(&str) -> Option<Credential>> Importer<C> {
+    pub fn new(
+        source_name: &str,
+        now: i64,
+        timing: RefreshTiming,
+        window: Duration,
+        credential: C,
+    ) -> Self {
+        Importer {
+            source_name: source_name.to_string(),
+            now,
+            timing,
+            window,
+            credential,
+            rng: rand::rng(),
+            problems: Vec::new(),
+            keys: Vec::new(),
+            records: 0,
         }
+    }
+
+    /// Whether a problem was found: the import will be refused, later records need not be
+    /// written anywhere.
+    pub fn failed(&self) -> bool {
+        !self.problems.is_empty()
+    }
+
+    /// Checks line `n`: the record, or None (a blank line, or a problem kept for `finish`).
+    pub fn line(&mut self, n: usize, raw: &str) -> Option<NewAccount> {
+        if raw.trim().is_empty() {
+            return None;
+        }
+        let (now, timing, window) = (self.now, &self.timing, self.window);
+        let credential = &self.credential;
+        let rng = &mut self.rng;
         let line: Line = match serde_json::from_str(raw) {
             Ok(l) => l,
             Err(e) => {
                 // serde_json's message names the field, never the value of a token.
-                problems.push((n, format!("not a valid import record: {e}")));
-                continue;
+                self.problems
+                    .push((n, format!("not a valid import record: {e}")));
+                return None;
             }
         };
         let result = (|| -> Result<NewAccount, String> {
@@ -167,9 +220,8 @@ pub fn parse_with(
                 ));
             }
             let access_expires_at = obtained + expires_in;
-            let next =
-                policy::next_refresh_at(timing, access_expires_at, expires_in, None, &mut rng)
-                    .min(access_expires_at);
+            let next = policy::next_refresh_at(timing, access_expires_at, expires_in, None, rng)
+                .min(access_expires_at);
             let refresh_expires_at = refresh_expires_in.map(|s| obtained + s);
             let (status, reason) =
                 policy::status_for(policy::refresh_token_state(now, refresh_expires_at, window));
@@ -194,32 +246,52 @@ pub fn parse_with(
         })();
         match result {
             Ok(a) => {
-                let key = (a.provider.clone(), a.subject.clone());
-                if let Some(first) = seen.insert(key, n) {
-                    problems.push((
-                        n,
-                        format!(
-                            "duplicate of line {first}: {}/{} appears twice",
-                            a.provider, a.subject
-                        ),
-                    ));
-                } else {
-                    out.push(a);
-                }
+                let mut h = std::hash::DefaultHasher::new();
+                (&a.provider, &a.subject).hash(&mut h);
+                self.keys.push((h.finish(), n as u32));
+                self.records += 1;
+                Some(a)
             }
-            Err(m) => problems.push((n, m)),
+            Err(m) => {
+                self.problems.push((n, m));
+                None
+            }
         }
     }
-    if out.is_empty() && problems.is_empty() {
-        problems.push((0, "the file holds no records".into()));
+
+    /// The records checked so far.
+    pub fn records(&self) -> usize {
+        self.records
     }
-    if problems.is_empty() {
-        Ok(out)
-    } else {
-        problems.truncate(MAX_REPORTED);
+
+    /// Ok(number of records) when every line was good and no account appears twice; else
+    /// the problems (at most `MAX_REPORTED`, by line).
+    pub fn finish(mut self) -> Result<usize, ImportError> {
+        self.keys.sort_unstable();
+        for pair in self.keys.windows(2) {
+            if pair[0].0 == pair[1].0 {
+                // Equal hashes: the same provider and subject (two different accounts share
+                // a 64-bit hash about once in 10^7 million-line files; that file is refused).
+                self.problems.push((
+                    pair[1].1 as usize,
+                    format!(
+                        "duplicate of line {}: the same provider and open_id appear twice",
+                        pair[0].1
+                    ),
+                ));
+            }
+        }
+        if self.records == 0 && self.problems.is_empty() {
+            self.problems.push((0, "the file holds no records".into()));
+        }
+        if self.problems.is_empty() {
+            return Ok(self.records);
+        }
+        self.problems.sort_by_key(|(l, _)| *l);
+        self.problems.truncate(MAX_REPORTED);
         Err(ImportError {
-            source_name: source_name.to_string(),
-            problems,
+            source_name: self.source_name,
+            problems: self.problems,
         })
     }
 }

@@ -2,7 +2,8 @@
 //! maps errors to exit codes. Nothing else lives here.
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use refreshd::clock::{Clock, rfc3339};
 use refreshd::config::Config;
 use refreshd::lifecycle::{self, RunOptions};
@@ -10,13 +11,16 @@ use refreshd::model::Status;
 use refreshd::store::{ListFilter, Store};
 use refreshd::{connect, demo, import, telemetry};
 use secrecy::{ExposeSecret, SecretString};
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Exit codes (documented in README.md).
+// The generated CLI reference is written and checked by a test (see tests below).
+#[cfg(test)]
+mod cli_reference;
+
+/// Exit codes (documented in docs/src/reference/cli.md).
 mod exit {
     pub const OK: u8 = 0;
     pub const ERROR: u8 = 1;
@@ -32,15 +36,20 @@ mod exit {
     about = "Keeps OAuth 2.0 connections alive: refreshes tokens ahead of expiry and flags accounts that need re-authorization."
 )]
 struct Cli {
-    /// Config file (default: ./refreshd.toml when present).
+    /// Config file (default: ./refreshd.toml when present). Read by run, check, accounts,
+    /// connect, authorize-url, exchange, rekey and store; give it before the command.
     #[arg(
         long,
         short = 'c',
-        global = true,
         env = "REFRESHD_CONFIG",
+        hide_env_values = true,
         value_name = "PATH"
     )]
     config: Option<PathBuf>,
+    /// Whether --config came from the command line (not the environment): commands that
+    /// read no config refuse it rather than ignore it.
+    #[arg(skip)]
+    config_given: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -62,12 +71,16 @@ enum Command {
         /// Run SQLite's full `integrity_check` instead of `quick_check`.
         #[arg(long)]
         full: bool,
+        /// A JSON summary on stdout instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the real daemon against a built-in sandbox provider and a temporary store.
     Demo(DemoArgs),
     /// Connect an account: print the authorization URL, wait for the browser's callback on
     /// the loopback redirect_uri, exchange the code and store the account.
     Connect {
+        /// The provider's name: a [providers.NAME] table of the config (e.g. tiktok).
         provider: String,
         /// A label for the account (shown by `accounts list`).
         #[arg(long)]
@@ -85,6 +98,7 @@ enum Command {
     /// Print an authorization URL; the state (and PKCE verifier) go to stderr for you to
     /// keep. Finish with `refreshd exchange`.
     AuthorizeUrl {
+        /// The provider's name: a [providers.NAME] table of the config (e.g. tiktok).
         provider: String,
         /// Scopes to request, comma-separated (default: the provider's `scopes`).
         #[arg(long)]
@@ -92,6 +106,7 @@ enum Command {
     },
     /// Exchange an authorization code from the provider's callback and store the account.
     Exchange {
+        /// The provider's name: a [providers.NAME] table of the config (e.g. tiktok).
         provider: String,
         /// The `code` from the callback URL.
         #[arg(long)]
@@ -99,6 +114,7 @@ enum Command {
         /// The PKCE verifier printed by `authorize-url` (when pkce = true).
         #[arg(long)]
         code_verifier: Option<String>,
+        /// A label for the account (shown by `accounts list`).
         #[arg(long)]
         label: Option<String>,
         /// Re-authorize this existing account: the login must be the same user.
@@ -107,7 +123,10 @@ enum Command {
     },
     /// Write a new random encryption key to PATH (mode 0600; never overwrites) and print its
     /// id. Use it as store.encryption_key_file.
-    Keygen { path: PathBuf },
+    Keygen {
+        /// Where to write the key (a new file).
+        path: PathBuf,
+    },
     /// Re-seal every stored token under store.encryption_key_file (older keys from
     /// store.decryption_key_files open them). Encrypts a clear store in place. Resumable,
     /// and safe while the daemon runs.
@@ -121,6 +140,15 @@ enum Command {
     Store(StoreCommand),
     /// Serve the TikTok-compatible sandbox token endpoint on its own (manual tests, benchmarks).
     Sandbox(SandboxArgs),
+    /// Print a shell completion script to stdout, e.g.
+    /// `refreshd completions bash > /etc/bash_completion.d/refreshd`.
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page refreshd(1) (roff) to stdout, e.g.
+    /// `refreshd man > /usr/local/share/man/man1/refreshd.1`.
+    Man,
 }
 
 #[derive(Args)]
@@ -163,6 +191,9 @@ enum StoreCommand {
         /// Accounts per transaction.
         #[arg(long, default_value_t = 1000)]
         batch: usize,
+        /// A JSON summary on stdout instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -170,9 +201,11 @@ enum StoreCommand {
 enum AccountsCommand {
     /// List accounts (tokens are never shown).
     List {
-        #[arg(long, value_parser = parse_status)]
-        status: Option<Status>,
+        /// Only accounts with this status.
         #[arg(long)]
+        status: Option<StatusArg>,
+        /// Only accounts of this provider (a [providers.NAME] of the config).
+        #[arg(long, value_name = "NAME")]
         provider: Option<String>,
         /// Only accounts that need a human: `expiring` and `needs_reauth`.
         #[arg(long)]
@@ -183,24 +216,37 @@ enum AccountsCommand {
     },
     /// Show one account and its latest refresh attempts.
     Show {
+        /// The account's id (see `accounts list`).
         id: i64,
+        /// One JSON document instead of text.
         #[arg(long)]
         json: bool,
         /// How many refresh_log entries to show.
         #[arg(long, default_value_t = 10)]
         log: usize,
     },
-    /// Import accounts from JSON lines (a file, or - for stdin). All or nothing.
-    Import { file: String },
+    /// Import accounts from JSON lines (a file, or - for stdin). All or nothing: one
+    /// transaction, streamed (memory stays flat whatever the file's size).
+    Import {
+        /// The JSON-lines file, or - for stdin.
+        file: String,
+        /// A JSON summary on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make an account due now (a running daemon picks it up at its next look).
     Refresh {
+        /// The account's id (see `accounts list`).
         id: i64,
         /// Also retry an account flagged needs_reauth (clears the flag).
         #[arg(long)]
         force: bool,
     },
     /// Delete an account and its refresh history.
-    Remove { id: i64 },
+    Remove {
+        /// The account's id (see `accounts list`).
+        id: i64,
+    },
 }
 
 #[derive(Args)]
@@ -218,16 +264,47 @@ struct DemoArgs {
     #[arg(long)]
     no_faults: bool,
     /// Keep the temporary database in this directory instead of deleting it.
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     keep_dir: Option<PathBuf>,
 }
 
-fn parse_status(s: &str) -> Result<Status, String> {
-    s.parse::<Status>().map_err(|e| e.to_string())
+/// An account status on the command line: the library's `Status`, its values listed by
+/// `--help` and the completions.
+#[derive(Clone, Copy)]
+struct StatusArg(Status);
+
+impl ValueEnum for StatusArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        const ALL: [StatusArg; 4] = [
+            StatusArg(Status::ALL[0]),
+            StatusArg(Status::ALL[1]),
+            StatusArg(Status::ALL[2]),
+            StatusArg(Status::ALL[3]),
+        ];
+        &ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        let help = match self.0 {
+            Status::Active => "refreshed automatically",
+            Status::Expiring => "refreshed, but the refresh token ends within the reauth window",
+            Status::NeedsReauth => "cannot be refreshed: a person must log in again",
+            Status::Disabled => "switched off by an admin",
+        };
+        Some(clap::builder::PossibleValue::new(self.0.as_str()).help(help))
+    }
+}
+
+/// The command line, parsed; exits with clap's usage error on a bad one.
+fn parse_cli() -> Cli {
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cli.config_given = matches.value_source("config") == Some(ValueSource::CommandLine);
+    cli
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -321,7 +398,7 @@ fn copy_end(
     Ok(opts)
 }
 
-async fn store_copy(config: &Config, from: &str, to: &str, batch: usize) -> Result<u8> {
+async fn store_copy(config: &Config, from: &str, to: &str, batch: usize, json: bool) -> Result<u8> {
     let scratch = tempfile::tempdir()?;
     let from_opts = copy_end(config, "from", from, scratch.path())?;
     let to_opts = copy_end(config, "to", to, scratch.path())?;
@@ -361,6 +438,22 @@ async fn store_copy(config: &Config, from: &str, to: &str, batch: usize) -> Resu
     source.close().await;
     dest.close().await;
     let report = report?;
+    if json {
+        let summary = serde_json::json!({
+            "from": source.describe(),
+            "to": dest.describe(),
+            "resumed_after": report.resumed_after,
+            "accounts_copied": report.accounts_copied,
+            "log_rows_copied": report.log_rows_copied,
+            "accounts": report.accounts,
+            "accounts_sha256": report.accounts_sha256,
+            "log_rows": report.log_rows,
+            "log_sha256": report.log_sha256,
+            "seconds": started.elapsed().as_secs_f64(),
+        });
+        println!("{summary}");
+        return Ok(exit::OK);
+    }
     if report.resumed_after > 0 {
         println!(
             "resumed after account {} (copied by an earlier, interrupted run)",
@@ -446,7 +539,33 @@ async fn open_existing(config: &Config) -> Result<Store> {
 }
 
 async fn dispatch(cli: Cli) -> Result<u8> {
+    let reads_config = !matches!(
+        cli.command,
+        Command::Demo(_)
+            | Command::Keygen { .. }
+            | Command::Sandbox(_)
+            | Command::Completions { .. }
+            | Command::Man
+    );
+    if cli.config_given && !reads_config {
+        bail!(
+            "this command reads no config file: drop --config (see `refreshd help`; the demo runs its own config)"
+        );
+    }
     match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "refreshd",
+                &mut std::io::stdout(),
+            );
+            Ok(exit::OK)
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(exit::OK)
+        }
         Command::Run { once } => {
             let config = load_config(&cli)?;
             let log = telemetry::init(&config.log);
@@ -467,7 +586,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             }
             Ok(exit::OK)
         }
-        Command::Check { full } => check(&cli, *full).await,
+        Command::Check { full, json } => check(&cli, *full, *json).await,
         Command::Keygen { path } => {
             let id = refreshd::crypto::generate_key_file(path)?;
             println!("{id}");
@@ -477,10 +596,15 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             );
             Ok(exit::OK)
         }
-        Command::Store(StoreCommand::Copy { from, to, batch }) => {
+        Command::Store(StoreCommand::Copy {
+            from,
+            to,
+            batch,
+            json,
+        }) => {
             let config = load_config(&cli)?;
             quiet_logs(&config);
-            store_copy(&config, from, to, *batch).await
+            store_copy(&config, from, to, *batch, *json).await
         }
         Command::Rekey { batch } => {
             let config = load_config(&cli)?;
@@ -533,6 +657,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         }
         Command::AuthorizeUrl { provider, scopes } => {
             let config = load_config(&cli)?;
+            quiet_logs(&config);
             let p = connect::enabled_provider(&config, provider)?;
             let connect::Authorization {
                 state, pkce, url, ..
@@ -582,35 +707,42 @@ async fn dispatch(cli: Cli) -> Result<u8> {
     }
 }
 
+/// Logging for the one-shot commands: the config's [log] format (JSON to a non-terminal
+/// stderr under `auto`), at `warn` unless RUST_LOG says otherwise, so stderr carries
+/// problems and stdout the command's output.
 fn quiet_logs(config: &Config) {
     let mut log = config.log.clone();
     if std::env::var_os("RUST_LOG").is_none() {
         log.level = "warn".into();
     }
-    log.format = refreshd::config::LogFormat::Pretty;
     telemetry::init(&log);
 }
 
-async fn check(cli: &Cli, full: bool) -> Result<u8> {
+async fn check(cli: &Cli, full: bool, json: bool) -> Result<u8> {
+    let mut lines: Vec<String> = Vec::new();
     let config = match load_config(cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("config: FAILED\n  {e}");
+            if json {
+                print_check(&[format!("config: FAILED\n  {e}")], false, true);
+            } else {
+                eprintln!("config: FAILED\n  {e}");
+            }
             return Ok(exit::CONFIG);
         }
     };
     quiet_logs(&config);
-    println!(
+    lines.push(format!(
         "config: ok ({})",
         config
             .file
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "built-in defaults and environment".into())
-    );
+    ));
     let mut ok = true;
     if config.providers.is_empty() {
-        println!("providers: none configured (add a [providers.tiktok] table)");
+        lines.push("providers: none configured (add a [providers.tiktok] table)".into());
         ok = false;
     }
     match refreshd::provider::Providers::from_config(&config) {
@@ -621,52 +753,52 @@ async fn check(cli: &Cli, full: bool) -> Result<u8> {
                     .get(name)
                     .map(|p| p.token_url().to_string())
                     .unwrap_or_default();
-                println!(
+                lines.push(format!(
                     "provider {name}: ok, {state}, kind {}, token endpoint {url}",
                     pc.kind(name)
-                );
+                ));
                 if let Some(prof) = p.get(name).map(|p| p.profile()) {
                     for w in refreshd::provider::advice::lifetime_warnings(
                         name,
                         prof,
                         config.reauth.window,
                     ) {
-                        println!("warning: {w}");
+                        lines.push(format!("warning: {w}"));
                     }
                 }
             }
         }
         Err(e) => {
-            println!("providers: FAILED\n  {e}");
+            lines.push(format!("providers: FAILED\n  {e}"));
             ok = false;
         }
     }
     for (line, fine) in refreshd::sink::check(&config.sink) {
-        println!("{line}");
+        lines.push(line);
         ok &= fine;
     }
     if let Some(w) = &config.notify.webhook {
-        println!(
+        lines.push(format!(
             "webhook: ok, POST to {} (retries {}, queue {})",
             refreshd::config::redact_url(&w.url),
             w.retries,
             w.queue
-        );
+        ));
     }
     match config.store.keyring.primary_id() {
-        Some(id) => println!(
+        Some(id) => lines.push(format!(
             "encryption: on, sealing with key {id}; keys: {}",
             config.store.keyring.describe()
+        )),
+        None => lines.push(
+            "encryption: off (tokens stored in the clear; see store.encryption_key_file)".into(),
         ),
-        None => {
-            println!("encryption: off (tokens stored in the clear; see store.encryption_key_file)")
-        }
     }
     for (file, mode) in refreshd::hardening::exposed(&refreshd::hardening::secret_files(&config)) {
-        println!(
+        lines.push(format!(
             "files: {} has mode {mode:03o}, readable by other users: chmod 600 it",
             file.display()
-        );
+        ));
         if config.store.permissions == refreshd::config::FilePolicy::Refuse {
             ok = false;
         }
@@ -682,42 +814,68 @@ async fn check(cli: &Cli, full: bool) -> Result<u8> {
                     .map(|(p, _, _)| p)
                     .filter(|p| !config.providers.contains_key(*p))
                     .collect();
-                println!("store: ok ({}, {total} accounts)", store.describe());
+                lines.push(format!(
+                    "store: ok ({}, {total} accounts)",
+                    store.describe()
+                ));
                 if config.store.url.is_none() {
                     for (line, fine) in refreshd::store::check_report(path, full) {
-                        println!("{line}");
+                        lines.push(line);
                         ok &= fine;
                     }
                 }
                 let unsealed = store.count_to_rekey().await?;
                 if unsealed > 0 {
-                    println!(
+                    lines.push(format!(
                         "store: {unsealed} account(s) not sealed under the primary key yet: run `refreshd rekey`"
-                    );
+                    ));
                 }
                 for p in unknown {
-                    println!("store: accounts of provider {p:?} exist but it is not configured");
+                    lines.push(format!(
+                        "store: accounts of provider {p:?} exist but it is not configured"
+                    ));
                     ok = false;
                 }
                 store.close().await;
             }
             Err(e) => {
-                println!("store: FAILED\n  {e}");
+                lines.push(format!("store: FAILED\n  {e}"));
                 ok = false;
                 if config.store.url.is_none() {
                     for (line, _) in refreshd::store::check_report(path, full) {
-                        println!("{line}");
+                        lines.push(line);
                     }
                 }
             }
         }
     } else {
-        println!(
+        lines.push(format!(
             "store: {} does not exist yet; `refreshd accounts import` (or `refreshd run` with store.create = true) creates it",
             path.display()
-        );
+        ));
     }
+    print_check(&lines, ok, json);
     Ok(if ok { exit::OK } else { exit::ERROR })
+}
+
+/// `check`'s findings: the lines as text, or with `--json` one object
+/// `{"ok": bool, "checks": [{"check": "store", "message": "ok (...)"}, ...]}` whose `check`
+/// is each line's subject (config, providers, provider NAME, store, encryption, files...).
+fn print_check(lines: &[String], ok: bool, json: bool) {
+    if !json {
+        for l in lines {
+            println!("{l}");
+        }
+        return;
+    }
+    let checks: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| {
+            let (check, message) = l.split_once(": ").unwrap_or(("", l));
+            serde_json::json!({"check": check, "message": message})
+        })
+        .collect();
+    println!("{}", serde_json::json!({"ok": ok, "checks": checks}));
 }
 
 async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
@@ -732,7 +890,7 @@ async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
             let store = open_read_only(config).await?;
             let filter = ListFilter {
                 provider: provider.clone(),
-                status: *status,
+                status: status.map(|s| s.0),
                 needs_reauth: *needs_reauth,
             };
             let mut after = 0;
@@ -864,44 +1022,7 @@ async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
             }
             Ok(exit::OK)
         }
-        AccountsCommand::Import { file } => {
-            let (name, text) = if file == "-" {
-                let mut s = String::new();
-                std::io::stdin()
-                    .read_to_string(&mut s)
-                    .context("cannot read the import from stdin")?;
-                ("stdin".to_string(), s)
-            } else {
-                let text = std::fs::read_to_string(file)
-                    .with_context(|| format!("cannot read import file {file}"))?;
-                (file.clone(), text)
-            };
-            let now = clock.now();
-            let records = import::parse_with(
-                &name,
-                &text,
-                now,
-                &config.refresh.timing(),
-                config.reauth.window,
-                |p| config.credential_of(p),
-            )?;
-            let store = Store::open(lifecycle::store_options(config)).await?;
-            let ids = store.upsert(records.clone(), now).await?;
-            store.close().await;
-            let inserted = ids.iter().filter(|(_, new)| *new).count();
-            let flagged = import::announce_flagged(&records, &ids);
-            if flagged > 0 {
-                eprintln!(
-                    "{flagged} imported account(s) already need re-authorization: see `refreshd accounts list --needs-reauth`"
-                );
-            }
-            println!(
-                "imported {} account(s) from {name}: {inserted} new, {} updated",
-                ids.len(),
-                ids.len() - inserted
-            );
-            Ok(exit::OK)
-        }
+        AccountsCommand::Import { file, json } => import_cmd(config, file, *json).await,
         AccountsCommand::Refresh { id, force } => {
             let store = open_existing(config).await?;
             let was = store.mark_due(*id, clock.now(), *force).await?;
@@ -922,6 +1043,173 @@ async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
             Ok(exit::OK)
         }
     }
+}
+
+/// What `accounts import` counted, for its closing line and `--json`.
+#[derive(Default, serde::Serialize)]
+struct ImportCounts {
+    accounts: usize,
+    inserted: usize,
+    updated: usize,
+    flagged: usize,
+}
+
+/// `accounts import`: the file is read line by line and streamed into one transaction in
+/// batches, so memory stays flat in the file's size; a problem on any line rolls the whole
+/// import back (nothing half-applied), and every problem names its line.
+async fn import_cmd(config: &Config, file: &str, json: bool) -> Result<u8> {
+    use std::io::BufRead;
+    const BATCH: usize = 1000;
+    let (name, reader, size): (String, Box<dyn BufRead + Send>, Option<u64>) = if file == "-" {
+        (
+            "stdin".into(),
+            Box::new(std::io::BufReader::new(std::io::stdin())),
+            None,
+        )
+    } else {
+        let f =
+            std::fs::File::open(file).with_context(|| format!("cannot read import file {file}"))?;
+        let size = f.metadata().ok().map(|m| m.len());
+        (file.to_string(), Box::new(std::io::BufReader::new(f)), size)
+    };
+    // indicatif draws nothing when stderr is not a terminal (logs, CI).
+    let bar = match size {
+        Some(len) => {
+            let bar = indicatif::ProgressBar::with_draw_target(
+                Some(len),
+                indicatif::ProgressDrawTarget::stderr(),
+            );
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} read, {msg}, {eta} left",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        }
+        None => {
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr())
+        }
+    };
+    let now = Clock::system().now();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Vec<refreshd::store::NewAccount>>>(2);
+    let parse = {
+        let (timing, window, bar) = (config.refresh.timing(), config.reauth.window, bar.clone());
+        let providers: std::collections::HashMap<String, _> = config
+            .providers
+            .keys()
+            .filter_map(|p| config.credential_of(p).map(|c| (p.clone(), c)))
+            .collect();
+        let name = name.clone();
+        tokio::task::spawn_blocking(move || -> Result<Result<usize, import::ImportError>> {
+            let mut importer = import::Importer::new(&name, now, timing, window, |p: &str| {
+                providers.get(p).copied()
+            });
+            let (mut reader, mut raw, mut n) = (reader, String::new(), 0usize);
+            let mut batch = Vec::with_capacity(BATCH);
+            loop {
+                raw.clear();
+                let read = reader
+                    .read_line(&mut raw)
+                    .with_context(|| format!("cannot read import file {name} after line {n}"))?;
+                if read == 0 {
+                    break;
+                }
+                n += 1;
+                bar.inc(read as u64);
+                let record = importer.line(n, &raw);
+                // After a problem the import is refused: nothing more goes to the store.
+                if let Some(r) = record.filter(|_| !importer.failed()) {
+                    batch.push(r);
+                    if batch.len() == BATCH
+                        && tx.blocking_send(Some(std::mem::take(&mut batch))).is_err()
+                    {
+                        break; // the store refused a batch: its error is the answer
+                    }
+                }
+            }
+            let checked = importer.finish();
+            if checked.is_ok() {
+                // The last batch, then the commit; a dropped sender rolls back.
+                let _ = tx.blocking_send(Some(batch));
+                let _ = tx.blocking_send(None);
+            }
+            Ok(checked)
+        })
+    };
+    // The store is opened once the first batch passed the checks: a file refused early
+    // does not even create the database.
+    let Some(first) = rx.recv().await else {
+        bar.finish_and_clear();
+        parse
+            .await
+            .context("the import's reader stopped")??
+            .map(|_| ())?;
+        bail!("{name}: the import stopped before its end: nothing imported");
+    };
+    let store = Store::open(lifecycle::store_options(config)).await?;
+    let (fwd, batches) = tokio::sync::mpsc::channel(2);
+    let _ = fwd.send(first).await;
+    tokio::spawn(async move {
+        while let Some(item) = rx.recv().await {
+            if fwd.send(item).await.is_err() {
+                break;
+            }
+        }
+    });
+    let counts = std::sync::Arc::new(std::sync::Mutex::new(ImportCounts::default()));
+    // Accounts that arrive already flagged are announced after the commit, never before.
+    let flagged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let written = {
+        let (counts, flagged, bar) = (counts.clone(), flagged.clone(), bar.clone());
+        store
+            .upsert_stream(batches, now, move |records, ids| {
+                let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+                for (r, (id, new)) in records.iter().zip(ids) {
+                    c.accounts += 1;
+                    if *new {
+                        c.inserted += 1
+                    } else {
+                        c.updated += 1
+                    }
+                    if r.reauth_reason.is_some() {
+                        flagged
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((r.clone(), (*id, *new)));
+                    }
+                }
+                bar.set_message(format!("{} accounts written", c.accounts));
+            })
+            .await
+    };
+    store.close().await;
+    bar.finish_and_clear();
+    let checked = parse.await.context("the import's reader stopped")??;
+    // A problem in the file outranks the rollback it caused.
+    checked?;
+    written?;
+    let flagged = std::mem::take(&mut *flagged.lock().unwrap_or_else(|e| e.into_inner()));
+    let (records, ids): (Vec<_>, Vec<_>) = flagged.into_iter().unzip();
+    let mut counts = std::mem::take(&mut *counts.lock().unwrap_or_else(|e| e.into_inner()));
+    counts.flagged = import::announce_flagged(&records, &ids);
+    if json {
+        let mut v = serde_json::to_value(&counts)?;
+        v["source"] = serde_json::Value::from(name);
+        println!("{v}");
+        return Ok(exit::OK);
+    }
+    if counts.flagged > 0 {
+        eprintln!(
+            "{} imported account(s) already need re-authorization: see `refreshd accounts list --needs-reauth`",
+            counts.flagged
+        );
+    }
+    println!(
+        "imported {} account(s) from {name}: {} new, {} updated",
+        counts.accounts, counts.inserted, counts.updated
+    );
+    Ok(exit::OK)
 }
 
 /// Who was connected; never a token.
@@ -1091,4 +1379,84 @@ async fn sandbox(args: &SandboxArgs) -> Result<u8> {
     println!("{}", serde_json::to_string_pretty(&sb.stats())?);
     sb.shutdown().await;
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REFERENCE: &str = "docs/src/reference/cli.md";
+
+    /// Every command, depth first, with its path.
+    fn commands(cmd: &clap::Command, path: String, out: &mut Vec<(String, clap::Command)>) {
+        out.push((path.clone(), cmd.clone()));
+        for sub in cmd.get_subcommands() {
+            commands(sub, format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_option_and_argument_has_help() {
+        let mut root = Cli::command();
+        root.build();
+        let mut all = Vec::new();
+        commands(&root, "refreshd".into(), &mut all);
+        let mut missing = Vec::new();
+        for (path, cmd) in &all {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path}: {id}"));
+                }
+            }
+            if cmd.get_about().is_none() && path != "refreshd" {
+                missing.push(format!("{path}: the command itself"));
+            }
+        }
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
+
+    #[test]
+    fn commands_that_read_no_config_do_not_offer_it() {
+        let mut root = Cli::command();
+        root.build();
+        for name in ["demo", "keygen", "sandbox", "completions", "man"] {
+            let sub = root.find_subcommand_mut(name).unwrap();
+            let help = sub.render_long_help().to_string();
+            assert!(
+                !help.contains("--config"),
+                "{name} offers --config:\n{help}"
+            );
+        }
+    }
+
+    #[test]
+    fn status_lists_its_values() {
+        let err = Cli::try_parse_from(["refreshd", "accounts", "list", "--status", "bogus"])
+            .err()
+            .expect("refused")
+            .to_string();
+        for s in Status::ALL {
+            assert!(err.contains(s.as_str()), "{s} missing from: {err}");
+        }
+    }
+
+    /// The committed CLI reference is what the definitions render; REFRESHD_BLESS=1 rewrites it.
+    #[test]
+    fn cli_reference_is_current() {
+        let rendered = cli_reference::render(Cli::command());
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(REFERENCE);
+        if std::env::var("REFRESHD_BLESS").is_ok_and(|v| v == "1") {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &rendered).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == rendered,
+            "{REFERENCE} is stale: regenerate it with `REFRESHD_BLESS=1 cargo test --bin refreshd cli_reference`"
+        );
+    }
 }

@@ -972,6 +972,35 @@ impl Store {
         .await
     }
 
+    /// Upserts batches as they arrive on `batches`, all in one transaction: `Some(batch)`
+    /// is written (then handed to `per_batch` with its ids), `None` commits. A channel
+    /// closed before `None` rolls everything back, so the sender aborts by dropping it:
+    /// a large import streams through without a half-applied end.
+    pub async fn upsert_stream<F>(
+        &self,
+        batches: tokio::sync::mpsc::Receiver<Option<Vec<NewAccount>>>,
+        now: i64,
+        per_batch: F,
+    ) -> Result<(), StoreError>
+    where
+        F: FnMut(&[NewAccount], &[(i64, bool)]) + Send + 'static,
+    {
+        if let Some(pg) = self.pg() {
+            return pg.upsert_stream(batches, now, per_batch).await;
+        }
+        let keys = self.keys.clone();
+        let (mut batches, mut per_batch) = (batches, per_batch);
+        self.in_tx("import accounts", move |tx| {
+            while let Some(item) = batches.blocking_recv() {
+                let Some(batch) = item else { return Ok(()) };
+                let ids = sqlite::upsert(tx, &keys, &batch, now)?;
+                per_batch(&batch, &ids);
+            }
+            Err(StoreError::Invalid(IMPORT_ABORTED.into()))
+        })
+        .await
+    }
+
     /// Stores a connected account in one transaction. With `expect_id`, the account with
     /// that id must be this provider and subject: else nothing is written and the stored
     /// (id, provider, subject) comes back as the inner error. Ok gives the upsert's result
@@ -1183,6 +1212,9 @@ impl Store {
         .await
     }
 }
+
+/// The error of an import whose sender stopped before the end: nothing was written.
+pub const IMPORT_ABORTED: &str = "import aborted before its end: nothing imported";
 
 /// What `rekey` did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

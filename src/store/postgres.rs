@@ -712,6 +712,28 @@ impl PgStore {
         .await
     }
 
+    /// `Store::upsert_stream` on PostgreSQL: every batch in one transaction.
+    pub async fn upsert_stream<F>(
+        &self,
+        mut batches: tokio::sync::mpsc::Receiver<Option<Vec<NewAccount>>>,
+        now: i64,
+        mut per_batch: F,
+    ) -> Result<(), StoreError>
+    where
+        F: FnMut(&[NewAccount], &[(i64, bool)]),
+    {
+        let keys = self.keys.clone();
+        self.in_tx("import accounts", async |tx| {
+            while let Some(item) = batches.recv().await {
+                let Some(batch) = item else { return Ok(()) };
+                let ids = upsert_on(tx, &keys, &batch, now).await?;
+                per_batch(&batch, &ids);
+            }
+            Err(StoreError::Invalid(super::IMPORT_ABORTED.into()))
+        })
+        .await
+    }
+
     /// `connect`'s write: with `expect_id`, the account must be that provider and subject.
     /// Returns the upsert's result and the status the account had before, or the mismatch.
     #[allow(clippy::type_complexity)]

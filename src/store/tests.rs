@@ -60,35 +60,6 @@ fn options(dir: &TempDir) -> StoreOptions {
     }
 }
 
-/// A fresh schema in the database of `REFRESHD_TEST_POSTGRES_URL` and a URL that uses it;
-/// None (saying so on the terminal) when the variable is unset.
-async fn postgres_schema(test: &str) -> Option<String> {
-    let Ok(base) = std::env::var("REFRESHD_TEST_POSTGRES_URL") else {
-        static SAID: std::sync::Once = std::sync::Once::new();
-        // Straight to stderr: the test harness captures print macros, not this.
-        SAID.call_once(|| {
-            let _ = writeln!(
-                std::io::stderr(),
-                "store tests on PostgreSQL NOT RUN: set REFRESHD_TEST_POSTGRES_URL (see README, Development)"
-            );
-        });
-        return None;
-    };
-    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("REFRESHD_TEST_POSTGRES_URL is set but does not connect: {e}"));
-    tokio::spawn(conn);
-    let schema = format!("t_{test}_{}", rand::random::<u32>());
-    client
-        .batch_execute(&format!(
-            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
-        ))
-        .await
-        .unwrap();
-    let sep = if base.contains('?') { '&' } else { '?' };
-    Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
-}
-
 /// Runs each listed test on SQLite and on PostgreSQL (`NAME::sqlite`, `NAME::postgres`).
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {$(
@@ -99,7 +70,9 @@ macro_rules! on_both_backends {
             }
             #[tokio::test]
             async fn postgres() {
-                if let Some(url) = super::postgres_schema(stringify!($name)).await {
+                // A throwaway cluster (refreshd-testkit), or a NOT RUN when none is installed.
+                let test = concat!("store::tests::", stringify!($name), "::postgres");
+                if let Some(url) = refreshd_testkit::postgres_schema(test).await {
                     super::POSTGRES.scope(Some(url), super::$name()).await
                 }
             }
@@ -1632,7 +1605,8 @@ mod concurrent_records_are_all_committed {
     }
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn postgres() {
-        if let Some(url) = super::postgres_schema("concurrent").await {
+        let test = "store::tests::concurrent_records_are_all_committed::postgres";
+        if let Some(url) = refreshd_testkit::postgres_schema(test).await {
             super::POSTGRES
                 .scope(Some(url), super::concurrent_records_are_all_committed())
                 .await
@@ -1910,7 +1884,7 @@ async fn a_damaged_database_fails_check_and_is_refused_at_open() {
 /// rotation goes to the recovery file at once instead of waiting in memory.
 #[tokio::test]
 async fn a_postgres_commit_blocked_on_a_row_lock_defers_at_once() {
-    let Some(url) = postgres_schema("row_lock_defer").await else {
+    let Some(url) = refreshd_testkit::postgres_schema("row_lock_defer").await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

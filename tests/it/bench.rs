@@ -1,8 +1,9 @@
-//! CI smoke test of the benchmark program (BENCHMARKS.md): every scenario runs at 10,000
-//! accounts and prints its rows. Never a timed assertion: the debug build on a shared CI
+//! CI smoke test of the benchmark program (BENCHMARKS.md; the workspace member `bench/`, run
+//! here in-process through its library): every scenario runs at 10,000 accounts and prints
+//! its rows. Never a timed assertion: the debug build on a shared CI
 //! machine measures nothing worth comparing; the figures come from release runs.
 
-use std::process::Command;
+use std::ffi::OsString;
 
 #[test]
 fn every_scenario_runs_at_ten_thousand_accounts() {
@@ -12,11 +13,16 @@ fn every_scenario_runs_at_ten_thousand_accounts() {
 /// The same on PostgreSQL (README: "Scaling out on PostgreSQL"), on a schema of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_runs_at_ten_thousand_accounts_on_postgres() {
-    let Some(url) = crate::postgres::postgres_url("bench").await else {
+    let Some(url) = crate::postgres::postgres_url(
+        "bench::every_scenario_runs_at_ten_thousand_accounts_on_postgres",
+    )
+    .await
+    else {
         return;
     };
-    tokio::task::spawn_blocking(move || smoke(Some(&url)))
-        .await
+    // Its own thread: the benchmark starts a runtime of its own.
+    std::thread::spawn(move || smoke(Some(&url)))
+        .join()
         .unwrap();
 }
 
@@ -24,27 +30,24 @@ fn smoke(postgres: Option<&str>) {
     let _heavy = crate::helpers::heavy();
     let dir = tempfile::tempdir().expect("temp dir");
     let json = dir.path().join("bench.json");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_refreshd-bench"));
+    let mut args: Vec<OsString> = vec!["refreshd-bench".into()];
     if let Some(url) = postgres {
-        cmd.args(["--postgres", url]);
+        args.extend(["--postgres".into(), url.into()]);
     }
-    let out = cmd
-        .args(["all", "--accounts", "10000", "--window", "2s"])
-        .args(["--steady-window", "5s", "--startups", "1"])
-        .arg("--dir")
-        .arg(dir.path())
-        .arg("--json")
-        .arg(&json)
-        .arg("--refreshd")
-        .arg(env!("CARGO_BIN_EXE_refreshd"))
-        .output()
-        .expect("run refreshd-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    for a in ["all", "--accounts", "10000", "--window", "2s"] {
+        args.push(a.into());
+    }
+    for a in ["--steady-window", "5s", "--startups", "1", "--dir"] {
+        args.push(a.into());
+    }
+    args.extend([dir.path().into(), "--json".into(), json.clone().into()]);
+    args.extend(["--refreshd".into(), env!("CARGO_BIN_EXE_refreshd").into()]);
+    let mut out = Vec::new();
+    let code = refreshd_bench::main_with(args, &mut out);
+    let stdout = String::from_utf8_lossy(&out);
     assert!(
-        out.status.success(),
-        "refreshd-bench failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status
+        code == std::process::ExitCode::SUCCESS,
+        "refreshd-bench failed ({code:?}; its errors are on stderr above)\nstdout:\n{stdout}"
     );
     for scenario in ["seed", "startup", "limit", "burst", "steady", "sweep"] {
         assert!(

@@ -1481,3 +1481,147 @@ async fn check_refuses_a_plain_http_listen_address_off_loopback() {
         .await;
     assert!(out.stdout.contains("config: ok"), "{out:#?}");
 }
+
+/// Shell habits (issue 14): completions and the manual page come from the binary itself.
+#[test]
+fn completions_and_man_page_are_printed() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(crate::helpers::bin())
+            .args(args)
+            .output()
+            .expect("run refreshd")
+    };
+    let bash = run(&["completions", "bash"]);
+    assert!(bash.status.success(), "{bash:?}");
+    let script = String::from_utf8_lossy(&bash.stdout);
+    assert!(script.contains("_refreshd()"), "{script}");
+    assert!(
+        script.contains("needs_reauth"),
+        "--status values complete: {script}"
+    );
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        assert!(run(&["completions", shell]).status.success(), "{shell}");
+    }
+    let man = run(&["man"]);
+    assert!(man.status.success(), "{man:?}");
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH refreshd 1"),
+        "{page}"
+    );
+    assert!(page.contains("accounts"), "{page}");
+}
+
+/// A command that reads no config refuses --config instead of ignoring it.
+#[test]
+fn demo_refuses_a_config_it_would_ignore() {
+    let out = std::process::Command::new(crate::helpers::bin())
+        .args([
+            "--config",
+            "/nonexistent/refreshd.toml",
+            "demo",
+            "--duration",
+            "1s",
+        ])
+        .output()
+        .expect("run refreshd");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reads no config file: drop --config"), "{err}");
+}
+
+/// Every command honours [log] (issue 14): `accounts import` under log.format = "json"
+/// writes JSON lines to a non-terminal stderr (here: a flagged account's WARN event), and
+/// `--json` puts one stable summary on stdout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_logs_as_configured_and_summarises_in_json() {
+    let w = World::start("").await;
+    // A refresh token that ended long ago: flagged on import, announced as a WARN event.
+    let mut expired = w.grant("j2", DUE, Some(Duration::from_secs(60)));
+    expired["obtained_at"] = (now() - 100_000).into();
+    let text = format!("{}{expired}\n", w.due_lines(&["j1"]));
+    let file = w.write("j.jsonl", &text);
+    let out = w
+        .cli(&["accounts", "import", "--json", file.to_str().unwrap()])
+        .await;
+    out.ok();
+    let summary: Value = serde_json::from_str(out.stdout.trim()).expect("one JSON object");
+    assert_eq!(summary["accounts"], 2, "{summary}");
+    assert_eq!(summary["inserted"], 2, "{summary}");
+    assert_eq!(summary["updated"], 0, "{summary}");
+    assert_eq!(summary["flagged"], 1, "{summary}");
+    assert_eq!(summary["source"], file.to_str().unwrap(), "{summary}");
+    let events: Vec<Value> = out
+        .stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        events.iter().any(|e| e["event"] == "reauth_required"),
+        "{events:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_and_store_copy_offer_json() {
+    let w = World::start("").await;
+    let file = w.write("c.jsonl", &w.due_lines(&["k1", "k2"]));
+    w.cli(&["accounts", "import", file.to_str().unwrap()])
+        .await
+        .ok();
+    let out = w.cli(&["check", "--json"]).await;
+    out.ok();
+    let v: Value = serde_json::from_str(out.stdout.trim()).expect("one JSON object");
+    assert_eq!(v["ok"], true, "{v}");
+    let checks = v["checks"].as_array().expect("checks");
+    assert!(
+        checks
+            .iter()
+            .any(|c| c["check"] == "store" && c["message"].as_str().unwrap().contains("2 accounts")),
+        "{v}"
+    );
+    let copy = w.path("copy.db");
+    let out = w
+        .cli(&[
+            "store",
+            "copy",
+            "--json",
+            "--from",
+            w.db.to_str().unwrap(),
+            "--to",
+            copy.to_str().unwrap(),
+        ])
+        .await;
+    out.ok();
+    let v: Value = serde_json::from_str(out.stdout.trim()).expect("one JSON object");
+    assert_eq!(v["accounts_copied"], 2, "{v}");
+    assert_eq!(v["accounts"], 2, "{v}");
+    assert!(
+        v["accounts_sha256"].as_str().is_some_and(|s| s.len() == 64),
+        "{v}"
+    );
+}
+
+/// The import streams in batches of 1,000 inside one transaction: a bad line after the
+/// first batch was written still leaves nothing of the file behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_line_after_the_first_batch_rolls_the_whole_import_back() {
+    let w = World::start("").await;
+    let first = w.write("first.jsonl", &w.due_lines(&["s0"]));
+    w.cli(&["accounts", "import", first.to_str().unwrap()])
+        .await
+        .ok();
+    let ids: Vec<String> = (1..=1500).map(|i| format!("s{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let text = w.due_lines(&refs) + "{\"provider\":\"tiktok\"}\n";
+    let file = w.write("big.jsonl", &text);
+    let out = w.cli(&["accounts", "import", file.to_str().unwrap()]).await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(out.stderr.contains("line 1501"), "names the line: {out:#?}");
+    assert!(out.stderr.contains("nothing imported"), "{out:#?}");
+    assert_eq!(
+        subjects(&w.list_json().await),
+        ["s0"],
+        "nothing half-applied"
+    );
+}

@@ -2,8 +2,8 @@
 //! 2.0 in `systemd-analyze security --offline=yes`; the Kubernetes manifests validate offline
 //! with `kubernetes-validate`; the example configs in them load.
 //!
-//! The tools are installed by `.ci/run`. A missing tool fails the test, unless
-//! `REFRESHD_SKIP_DEPLOY_TESTS=1` is set outside CI, where it prints "skipped".
+//! The tools are installed by `.ci/run`. A missing tool is a NOT RUN (refreshd-testkit): a
+//! failure under `REFRESHD_TEST_STRICT=1`.
 
 use refreshd::config::Config;
 use std::path::{Path, PathBuf};
@@ -16,23 +16,6 @@ const MAX_EXPOSURE: f64 = 2.0;
 
 fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-/// Whether `tool` is usable; when it is not: false if skipping is allowed, else a panic
-/// that says how to install it.
-fn have(tool: &str, works: bool, install: &str) -> bool {
-    if works {
-        return true;
-    }
-    let skip = std::env::var("REFRESHD_SKIP_DEPLOY_TESTS").is_ok_and(|v| v == "1");
-    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
-    if skip && !ci {
-        eprintln!("skipped: {tool} not installed (REFRESHD_SKIP_DEPLOY_TESTS=1)");
-        return false;
-    }
-    panic!(
-        "{tool} is not installed: {install} (.ci/run does this), or set REFRESHD_SKIP_DEPLOY_TESTS=1 to skip locally"
-    );
 }
 
 fn run(cmd: &mut Command) -> (bool, String, String) {
@@ -48,11 +31,12 @@ fn run(cmd: &mut Command) -> (bool, String, String) {
 
 #[test]
 fn systemd_unit_verifies_and_scores_at_most_2() {
-    let works = Command::new(SYSTEMD_ANALYZE)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have(SYSTEMD_ANALYZE, works, "apt-get install systemd") {
+    if !refreshd_testkit::tool(
+        "deploy::systemd_unit_verifies_and_scores_at_most_2",
+        SYSTEMD_ANALYZE,
+        &[SYSTEMD_ANALYZE, "--version"],
+        "apt-get install systemd",
+    ) {
         return;
     }
     // verify checks that ExecStart= exists: point it at the binary under test.
@@ -69,7 +53,20 @@ fn systemd_unit_verifies_and_scores_at_most_2() {
     let path = dir.path().join("refreshd.service");
     std::fs::write(&path, unit).unwrap();
 
-    let (ok, stdout, stderr) = run(Command::new(SYSTEMD_ANALYZE).arg("verify").arg(&path));
+    // Documentation=man:refreshd(1): verify runs `man`, so the page `refreshd man` prints is
+    // installed where a MANPATH finds it.
+    let man1 = dir.path().join("man/man1");
+    std::fs::create_dir_all(&man1).unwrap();
+    let page = Command::new(env!("CARGO_BIN_EXE_refreshd"))
+        .arg("man")
+        .output()
+        .unwrap();
+    assert!(page.status.success(), "refreshd man: {page:?}");
+    std::fs::write(man1.join("refreshd.1"), &page.stdout).unwrap();
+    let (ok, stdout, stderr) = run(Command::new(SYSTEMD_ANALYZE)
+        .arg("verify")
+        .arg(&path)
+        .env("MANPATH", dir.path().join("man")));
     assert!(ok, "systemd-analyze verify failed:\n{stdout}{stderr}");
     assert!(
         !stderr.contains("refreshd.service"),
@@ -96,6 +93,84 @@ fn systemd_unit_verifies_and_scores_at_most_2() {
         score <= MAX_EXPOSURE,
         "exposure {score} > {MAX_EXPOSURE}:\n{stdout}"
     );
+}
+
+/// The unit runs as the user refreshd.sysusers creates, in the directories
+/// refreshd.tmpfiles creates: both applied to a scratch root by systemd's own tools.
+#[test]
+fn sysusers_and_tmpfiles_create_the_units_user_and_directories() {
+    const TEST: &str = "deploy::sysusers_and_tmpfiles_create_the_units_user_and_directories";
+    for tool in ["systemd-sysusers", "systemd-tmpfiles"] {
+        if !refreshd_testkit::tool(TEST, tool, &[tool, "--version"], "apt-get install systemd") {
+            return;
+        }
+    }
+    let unit = std::fs::read_to_string(repo("deploy/systemd/refreshd.service")).unwrap();
+    for line in [
+        "User=refreshd",
+        "Group=refreshd",
+        "StateDirectory=refreshd",
+        "WorkingDirectory=/var/lib/refreshd",
+        "Documentation=man:refreshd(1)",
+        "--config /etc/refreshd/refreshd.toml",
+    ] {
+        assert!(unit.contains(line), "the unit lacks {line:?}");
+    }
+    assert!(
+        !unit.contains("DynamicUser=yes"),
+        "a static user, from sysusers.d"
+    );
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("etc")).unwrap();
+    for f in ["etc/passwd", "etc/group"] {
+        std::fs::write(root.path().join(f), "").unwrap();
+    }
+    let apply = |tool: &str, args: &[&str], file: &str| {
+        let text = std::fs::read(repo(file)).unwrap();
+        let mut child = Command::new(tool)
+            .arg(format!("--root={}", root.path().display()))
+            .args(args)
+            .arg("-")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(&text).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} {file}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    apply("systemd-sysusers", &[], "deploy/systemd/refreshd.sysusers");
+    let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
+    let user = passwd
+        .lines()
+        .find(|l| l.starts_with("refreshd:"))
+        .unwrap_or_else(|| panic!("no refreshd user in:\n{passwd}"));
+    let fields: Vec<&str> = user.split(':').collect();
+    let uid: u32 = fields[2].parse().unwrap();
+    assert!(uid > 0 && uid < 1000, "a system user: {user}");
+    assert_eq!(fields[5], "/var/lib/refreshd", "{user}");
+    assert!(fields[6].ends_with("nologin"), "{user}");
+    // tmpfiles resolves the owner from the scratch root's passwd.
+    apply(
+        "systemd-tmpfiles",
+        &["--create"],
+        "deploy/systemd/refreshd.tmpfiles",
+    );
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let state = std::fs::metadata(root.path().join("var/lib/refreshd")).unwrap();
+    assert_eq!(state.permissions().mode() & 0o777, 0o700);
+    if refreshd_testkit::is_root() {
+        assert_eq!(state.uid(), uid, "/var/lib/refreshd belongs to refreshd");
+    }
+    let etc = std::fs::metadata(root.path().join("etc/refreshd")).unwrap();
+    assert!(etc.is_dir());
 }
 
 fn kubernetes_validate(files: &[&Path]) -> (bool, String) {
@@ -135,13 +210,10 @@ fn manifests() -> Vec<PathBuf> {
 
 #[test]
 fn kubernetes_manifests_validate_offline() {
-    let works = Command::new("python3")
-        .args(["-m", "kubernetes_validate", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have(
+    if !refreshd_testkit::tool(
+        "deploy::kubernetes_manifests_validate_offline",
         "kubernetes-validate",
-        works,
+        &["python3", "-m", "kubernetes_validate", "--version"],
         "python3 -m pip install kubernetes-validate",
     ) {
         return;
@@ -262,13 +334,10 @@ fn example_configs_in_deploy_load() {
     assert!(c.providers.contains_key("tiktok"));
     assert!(host.contains("listen = \"127.0.0.1:8787\""));
 
-    let works = Command::new("python3")
-        .args(["-c", "import yaml"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have(
+    if !refreshd_testkit::tool(
+        "deploy::example_configs_in_deploy_load",
         "PyYAML",
-        works,
+        &["python3", "-c", "import yaml"],
         "python3 -m pip install kubernetes-validate",
     ) {
         return;

@@ -4,9 +4,9 @@
 //! profile against a client_secret_basic + PKCE server: generic_fixed, generic_sliding), run with the binary
 //! under test, its conditions asserted here.
 //!
-//! It needs Node.js (20.19 or newer), npm and the `sqlite3` shell; `.ci/run` installs them
-//! where missing. A missing tool fails the test, unless `REFRESHD_SKIP_INTEROP_TESTS=1` is
-//! set outside CI, where it prints "skipped". `npm ci` runs when `node_modules` is missing.
+//! It needs Node.js (20.19 or newer), the `sqlite3` shell and the harness's packages
+//! (`npm ci` in tests/interop); `.ci/run` installs them. A missing one is a NOT RUN
+//! (refreshd-testkit): a failure under `REFRESHD_TEST_STRICT=1`.
 //! The whole harness takes about 1.5 minutes (its scenarios run side by side).
 
 use serde_json::Value;
@@ -20,59 +20,29 @@ fn interop_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
 }
 
-fn works(tool: &str, arg: &str) -> bool {
-    Command::new(tool)
-        .arg(arg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+const TEST: &str = "interop::interop_with_oidc_provider_short_form";
+
+/// Whether the harness can run here; a NOT RUN naming what is missing when it cannot.
+fn have_tools(dir: &Path) -> bool {
+    refreshd_testkit::tool(
+        TEST,
+        "Node.js >= 20.19",
+        &["node", "-e", NODE_20_19],
+        "apt-get install nodejs npm",
+    ) && refreshd_testkit::tool(
+        TEST,
+        "the sqlite3 shell",
+        &["sqlite3", "-version"],
+        "apt-get install sqlite3",
+    ) && (dir.join("node_modules/oidc-provider/package.json").exists() || {
+        let install = format!("cd {} && npm ci", dir.display());
+        refreshd_testkit::not_run(TEST, "the harness's npm packages", &install);
+        false
+    })
 }
 
-/// Whether every tool is there; when one is not: false if skipping is allowed, else a panic
-/// that says how to install it.
-fn have_tools() -> bool {
-    let missing: Vec<&str> = [
-        ("node", "--version"),
-        ("npm", "--version"),
-        ("sqlite3", "-version"),
-    ]
-    .into_iter()
-    .filter(|(t, a)| !works(t, a))
-    .map(|(t, _)| t)
-    .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let skip = std::env::var("REFRESHD_SKIP_INTEROP_TESTS").is_ok_and(|v| v == "1");
-    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
-    if skip && !ci {
-        eprintln!("skipped: {missing:?} not installed (REFRESHD_SKIP_INTEROP_TESTS=1)");
-        return false;
-    }
-    panic!(
-        "{missing:?} not installed: the interop harness needs Node.js >= 20.19 with npm and the sqlite3 shell \
-         (apt-get install nodejs npm sqlite3; .ci/run does this), or set REFRESHD_SKIP_INTEROP_TESTS=1 to skip locally"
-    );
-}
-
-fn npm_ci(dir: &Path) {
-    if dir.join("node_modules/oidc-provider/package.json").exists() {
-        return;
-    }
-    let out = Command::new("npm")
-        .args(["ci", "--no-audit", "--no-fund"])
-        .current_dir(dir)
-        .output()
-        .expect("run npm ci");
-    assert!(
-        out.status.success(),
-        "npm ci in {} failed:\n{}{}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+/// Exits 0 on Node.js 20.19 or newer.
+const NODE_20_19: &str = "const [a, b] = process.versions.node.split('.').map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)";
 
 fn num(row: &Value, key: &str) -> i64 {
     row[key]
@@ -83,11 +53,10 @@ fn num(row: &Value, key: &str) -> i64 {
 #[test]
 fn interop_with_oidc_provider_short_form() {
     let _heavy = crate::helpers::heavy();
-    if !have_tools() {
+    let dir = interop_dir();
+    if !have_tools(&dir) {
         return;
     }
-    let dir = interop_dir();
-    npm_ci(&dir);
     let work = tempfile::tempdir().unwrap();
     let out_file = work.path().join("interop-results.json");
     // Niced: its daemons and providers run in real time beside the other tests of this

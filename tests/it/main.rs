@@ -11,6 +11,7 @@ mod chaos_store;
 mod cli;
 mod connect;
 mod deploy;
+mod docker;
 mod docs;
 mod engine;
 mod helpers;

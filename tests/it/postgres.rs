@@ -1,6 +1,6 @@
 //! PostgreSQL: real `refreshd run` replicas sharing one database, connection loss, and
-//! `store copy` between the backends. Needs `REFRESHD_TEST_POSTGRES_URL` (`.ci/run` starts a
-//! server and sets it); without it each test says on the terminal that it did not run.
+//! `store copy` between the backends, on the test binary's throwaway PostgreSQL cluster
+//! (refreshd-testkit; `REFRESHD_TEST_POSTGRES_URL` names another server).
 
 use crate::helpers::{CLIENT_KEY, CLIENT_SECRET, bin, eventually};
 use refreshd::clock::Clock;
@@ -9,33 +9,16 @@ use refreshd::sandbox::{Sandbox, SandboxConfig};
 use refreshd::store::{NewAccount, Outcome, PgOptions, Recorded, Store, StoreOptions};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// A URL on a fresh schema of the test database, or None (said on the terminal).
+/// A URL on a fresh schema of the throwaway cluster (refreshd-testkit), or None after a
+/// NOT RUN when PostgreSQL is not installed.
 pub async fn postgres_url(test: &str) -> Option<String> {
-    let Ok(base) = std::env::var("REFRESHD_TEST_POSTGRES_URL") else {
-        // Straight to stderr: the harness captures the print macros, not this.
-        let _ = writeln!(
-            std::io::stderr(),
-            "{test}: NOT RUN, needs PostgreSQL: set REFRESHD_TEST_POSTGRES_URL (see README, Development)"
-        );
-        return None;
-    };
-    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("REFRESHD_TEST_POSTGRES_URL is set but does not connect: {e}"));
-    tokio::spawn(conn);
-    let schema = format!("it_{test}_{}", rand::random::<u32>());
-    client
-        .batch_execute(&format!("CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
-    let sep = if base.contains('?') { '&' } else { '?' };
-    Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
+    refreshd_testkit::postgres_schema(test).await
 }
 
 async fn raw(url: &str) -> tokio_postgres::Client {
@@ -187,7 +170,10 @@ async fn generations(db: &tokio_postgres::Client) -> Vec<(String, i64, String, O
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_replicas_share_the_work_and_pick_up_a_killed_ones_leases() {
-    let Some(url) = postgres_url("replicas").await else {
+    let Some(url) =
+        postgres_url("postgres::four_replicas_share_the_work_and_pick_up_a_killed_ones_leases")
+            .await
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -371,7 +357,10 @@ burst = 1
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_connection_is_transient_and_no_outcome_is_half_written() {
-    let Some(url) = postgres_url("connloss").await else {
+    let Some(url) =
+        postgres_url("postgres::a_lost_connection_is_transient_and_no_outcome_is_half_written")
+            .await
+    else {
         return;
     };
     // Named, so the server can drop exactly this store's connections.
@@ -508,7 +497,11 @@ fn verified_line(out: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes() {
-    let Some(url) = postgres_url("copy").await else {
+    let Some(url) = postgres_url(
+        "postgres::store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes",
+    )
+    .await
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -814,7 +807,9 @@ async fn import_one(store: &Store, sandbox: &Sandbox, open_id: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sslmode_require_speaks_tls_and_checks_the_certificate() {
-    let Some(url) = postgres_url("tls").await else {
+    let Some(url) =
+        postgres_url("postgres::sslmode_require_speaks_tls_and_checks_the_certificate").await
+    else {
         return;
     };
     let ssl: String = raw(&url)
@@ -824,15 +819,21 @@ async fn sslmode_require_speaks_tls_and_checks_the_certificate() {
         .unwrap()
         .get(0);
     if ssl != "on" {
-        let _ = writeln!(
-            std::io::stderr(),
-            "sslmode_require_speaks_tls_and_checks_the_certificate: NOT RUN, the test server has ssl = off"
+        // The throwaway cluster has TLS when openssl made it a certificate.
+        refreshd_testkit::not_run(
+            "postgres::sslmode_require_speaks_tls_and_checks_the_certificate",
+            "a PostgreSQL server with ssl = on (openssl for the throwaway cluster's certificate)",
+            "apt-get install openssl",
         );
         return;
     }
-    // Debian's server certificate (snakeoil) names a host, never an IP address: a client
-    // that checks certificates must refuse it at 127.0.0.1, and say so without the password.
-    let base = std::env::var("REFRESHD_TEST_POSTGRES_URL").unwrap();
+    // The server's certificate (self-signed for localhost, or Debian's snakeoil) names a host,
+    // never an IP address: a client that checks certificates must refuse it at 127.0.0.1,
+    // and say so without the password.
+    let base = refreshd_testkit::postgres(
+        "postgres::sslmode_require_speaks_tls_and_checks_the_certificate",
+    )
+    .unwrap();
     let cfg: tokio_postgres::Config = base.parse().unwrap();
     let password = String::from_utf8_lossy(cfg.get_password().unwrap_or(b"")).into_owned();
     let port = cfg.get_ports().first().copied().unwrap_or(5432);
@@ -868,7 +869,9 @@ fn new_account(subject: &str, t: i64) -> NewAccount {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_connecting_one_new_user_at_once_both_succeed() {
-    let Some(url) = postgres_url("upsert_race").await else {
+    let Some(url) =
+        postgres_url("postgres::two_replicas_connecting_one_new_user_at_once_both_succeed").await
+    else {
         return;
     };
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -895,7 +898,11 @@ async fn two_replicas_connecting_one_new_user_at_once_both_succeed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_the_database_refuses_for_good_is_quarantined_not_a_poison() {
-    let Some(url) = postgres_url("poison").await else {
+    let Some(url) = postgres_url(
+        "postgres::a_rotation_the_database_refuses_for_good_is_quarantined_not_a_poison",
+    )
+    .await
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -965,7 +972,10 @@ async fn a_rotation_the_database_refuses_for_good_is_quarantined_not_a_poison() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_import_is_one_transaction_without_running_out_of_locks() {
-    let Some(url) = postgres_url("large_import").await else {
+    let Some(url) =
+        postgres_url("postgres::a_large_import_is_one_transaction_without_running_out_of_locks")
+            .await
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

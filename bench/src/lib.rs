@@ -20,6 +20,7 @@ use refreshd::store::{NewAccount, PgOptions, Store, StoreOptions};
 use rusqlite::{Connection, OpenFlags};
 use secrecy::SecretString;
 use serde_json::{Value, json};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -170,10 +171,22 @@ struct Bench {
     clk_tck: f64,
 }
 
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+/// The program: parses `args` (the program's name first), runs the scenarios, writes the
+/// table to `out`. A library function so the CI smoke test (tests/it/bench.rs) runs it.
+pub fn main_with<I, T>(args: I, out: &mut dyn Write) -> std::process::ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return std::process::ExitCode::from(2);
+        }
+    };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run(cli, out)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("refreshd-bench: error: {e:#}");
@@ -182,7 +195,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
     if cli.accounts < STEADY_RATE as usize {
         bail!("--accounts must be at least {STEADY_RATE}");
     }
@@ -249,7 +262,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     let table = b.table();
-    println!("{table}");
+    writeln!(out, "{table}")?;
     let doc = json!({
         "accounts": b.cli.accounts,
         "build": if cfg!(debug_assertions) { "debug" } else { "release" },
@@ -265,7 +278,7 @@ async fn run(cli: Cli) -> Result<()> {
     }
     std::fs::write(&b.cli.json, serde_json::to_string_pretty(&doc)? + "\n")
         .with_context(|| format!("cannot write {}", b.cli.json.display()))?;
-    println!("results: {}", b.cli.json.display());
+    writeln!(out, "results: {}", b.cli.json.display())?;
     Ok(())
 }
 

@@ -1,0 +1,122 @@
+//! deploy/Dockerfile's cargo steps, without Docker: no container runtime runs on this
+//! project's machines, so the image itself is never built here. What broke before (the
+//! dependency-caching step naming a target that moved) is a cargo matter, and this test runs
+//! the Dockerfile's own cargo-chef commands in a scratch copy of the build context:
+//! `prepare` on the whole workspace, then `cook` in a directory holding the recipe alone.
+//! Two changes keep it bounded: `--check` instead of `--release` (the dependencies are
+//! checked, not optimised) and `--offline` (the registry cache the test build used). Its
+//! target directory persists under target/ so later runs are quick.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const TEST: &str = "docker::dockerfile_cargo_steps_cache_dependencies_for_every_target";
+const BOUND: Duration = Duration::from_secs(15 * 60);
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The build context: the repository less what .dockerignore leaves out.
+fn copy_context(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if matches!(name.as_ref(), "target" | ".git" | "node_modules") || name.ends_with(".db") {
+            continue;
+        }
+        let (src, dst) = (entry.path(), to.join(&*name));
+        if entry.file_type().unwrap().is_dir() {
+            copy_context(&src, &dst);
+        } else if entry.file_type().unwrap().is_file() {
+            std::fs::copy(&src, &dst).unwrap();
+        }
+    }
+}
+
+/// The arguments after `cargo` of each `RUN cargo chef ...` line of the Dockerfile.
+fn chef_steps(dockerfile: &str) -> Vec<Vec<String>> {
+    dockerfile
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("RUN cargo chef "))
+        .map(|rest| {
+            std::iter::once("chef".to_string())
+                .chain(rest.split_whitespace().map(str::to_string))
+                .collect()
+        })
+        .collect()
+}
+
+fn cargo(dir: &Path, args: &[String], target: &Path) {
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO"))
+        .args(args)
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", target)
+        .env("CARGO_NET_OFFLINE", "true")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run cargo {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "cargo {} failed in {}:\n{}{}",
+        args.join(" "),
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < BOUND,
+        "cargo {args:?} took {:?}",
+        started.elapsed()
+    );
+    eprintln!("cargo {}: {:.0?}", args.join(" "), started.elapsed());
+}
+
+#[test]
+fn dockerfile_cargo_steps_cache_dependencies_for_every_target() {
+    let dockerfile = std::fs::read_to_string(repo().join("deploy/Dockerfile")).unwrap();
+    let steps = chef_steps(&dockerfile);
+    assert_eq!(steps.len(), 2, "a prepare and a cook step: {steps:?}");
+    assert_eq!(steps[0][1], "prepare", "{steps:?}");
+    assert_eq!(steps[1][1], "cook", "{steps:?}");
+    assert!(
+        dockerfile.contains("USER 65532") && dockerfile.contains("distroless"),
+        "a non-root distroless runtime"
+    );
+    let install = "cargo install cargo-chef --locked";
+    if !refreshd_testkit::tool(TEST, "cargo-chef", &["cargo", "chef", "--version"], install) {
+        return;
+    }
+    let _heavy = crate::helpers::heavy();
+    let scratch = tempfile::tempdir().unwrap();
+    let (planner, build) = (scratch.path().join("planner"), scratch.path().join("build"));
+    copy_context(&repo(), &planner);
+    let target = repo().join("target/docker-cook");
+    cargo(&planner, &steps[0], &target);
+    std::fs::create_dir_all(&build).unwrap();
+    std::fs::copy(planner.join("recipe.json"), build.join("recipe.json")).unwrap();
+    // The cook step as written, checked and offline instead of an optimised download.
+    let cook: Vec<String> = steps[1]
+        .iter()
+        .map(|a| {
+            if a == "--release" {
+                "--check".to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .chain(["--offline".to_string()])
+        .collect();
+    assert!(cook.contains(&"--check".to_string()), "{cook:?}");
+    cargo(&build, &cook, &target);
+    // Only the manifests reached the cook: the skeleton has every workspace member.
+    for member in ["Cargo.toml", "bench/Cargo.toml", "testkit/Cargo.toml"] {
+        assert!(
+            build.join(member).is_file(),
+            "{member} missing from the cook's skeleton"
+        );
+    }
+}
