@@ -48,8 +48,17 @@ token_url = {url:?}
 /// sandbox's request counter per step.
 struct TimeDriver {
     stop: CancellationToken,
-    /// (clock ms, sandbox requests so far), one per step.
-    samples: Arc<Mutex<Vec<(i64, u64)>>>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+}
+
+/// One step of the [`TimeDriver`].
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    clock_ms: i64,
+    /// Real ms since the driver started: the provider's rate limiter runs on real time.
+    real_ms: i64,
+    /// Sandbox token requests so far.
+    requests: u64,
 }
 
 impl TimeDriver {
@@ -62,12 +71,17 @@ impl TimeDriver {
             samples.clone(),
             stop.clone(),
         );
+        let started = std::time::Instant::now();
         tokio::spawn(async move {
             while !st.is_cancelled() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 clock.advance(Duration::from_millis(10 * speed as u64));
-                let requests = sandbox_stats().requests;
-                s.lock().unwrap().push((clock.now_millis(), requests));
+                let sample = Sample {
+                    clock_ms: clock.now_millis(),
+                    real_ms: started.elapsed().as_millis() as i64,
+                    requests: sandbox_stats().requests,
+                };
+                s.lock().unwrap().push(sample);
             }
         });
         TimeDriver { stop, samples }
@@ -233,6 +247,19 @@ pub async fn outage(short: bool) -> ChaosRow {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // The accounts that came due during the outage: their access token has expired.
+    let due: Vec<bool> = valid_now(&app, &store, &ids, &subjects)
+        .await
+        .iter()
+        .map(|valid| !valid)
+        .collect();
+    let came_due = due.iter().filter(|d| **d).count();
+    let provider = &config.providers["tiktok"];
+    assert!(
+        came_due > provider.burst as usize,
+        "only {came_due} account(s) came due during the outage: the rate limit (burst {}) is not tested",
+        provider.burst
+    );
     app.sandbox.set_faults(Faults::default());
     let recovered_at = app.clock.now_millis();
     let at_risk = app.sandbox.stats().refreshed - refreshed_before;
@@ -240,22 +267,20 @@ pub async fn outage(short: bool) -> ChaosRow {
     // Every stored access token valid again: how long after the recovery?
     let mut all_valid_after = None;
     while app.clock.now_millis() < recovered_at + 60_000 {
-        let mut valid = 0;
-        for (&id, subject) in ids.iter().zip(&subjects) {
-            let a = store.get(id).await.unwrap().unwrap();
-            if app
-                .sandbox
-                .access_token_valid(subject, a.access_token.expose_secret())
-            {
-                valid += 1;
-            }
-        }
-        if valid == ids.len() {
+        let valid = valid_now(&app, &store, &ids, &subjects).await;
+        if valid.iter().all(|v| *v) {
             all_valid_after = Some(app.clock.now_millis() - recovered_at);
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // None left behind: every account that came due holds a new, valid access token.
+    let left_behind = valid_now(&app, &store, &ids, &subjects)
+        .await
+        .iter()
+        .zip(&due)
+        .filter(|(valid, due)| **due && !**valid)
+        .count();
     daemon.stop().await;
     let samples = time.samples.lock().unwrap().clone();
     // Requests that reached the provider while the circuit was open: one probe per
@@ -266,30 +291,54 @@ pub async fn outage(short: bool) -> ChaosRow {
     let requests_at = |t: i64| {
         samples
             .iter()
-            .find(|(at, _)| *at >= t)
-            .map_or(0, |(_, r)| *r)
+            .find(|s| s.clock_ms >= t)
+            .map_or(0, |s| s.requests)
     };
     let probes = requests_at(recovered_at) - requests_at(from);
     let open_secs = (recovered_at - from) as f64 / 1000.0;
     let mut per_second = std::collections::BTreeMap::<i64, u64>::new();
     for w in samples.windows(2) {
-        let ((_, before), (at, requests)) = (w[0], w[1]);
-        if at > from && at <= recovered_at {
-            *per_second.entry((at - from) / 1000).or_default() += requests - before;
+        let (before, s) = (w[0], w[1]);
+        if s.clock_ms > from && s.clock_ms <= recovered_at {
+            *per_second.entry((s.clock_ms - from) / 1000).or_default() +=
+                s.requests - before.requests;
         }
     }
+    // After the recovery: the herd of due accounts within the provider's rate limit.
+    let after_recovery = &samples[samples
+        .iter()
+        .rposition(|s| s.clock_ms <= recovered_at)
+        .unwrap_or(0)..];
+    let herd = after_recovery.last().unwrap().requests - after_recovery[0].requests;
+    let busiest = busiest_window(after_recovery, provider.rate_limit, provider.burst);
     let max_per_second = per_second.values().copied().max().unwrap_or(0);
     println!(
-        "outage: {outage_secs} s at {speed}x, {accounts} accounts: circuit open {:.1} s into it; {probes} probe(s) in {open_secs:.1} s open (at most {max_per_second} in one second); every access token valid {} after the recovery",
+        "outage: {outage_secs} s at {speed}x, {accounts} accounts: circuit open {:.1} s into it; {probes} probe(s) in {open_secs:.1} s open (at most {max_per_second} in one second); every access token valid {} after the recovery; {came_due} came due, {herd} request(s) after the recovery, busiest window {} in {} real ms (limit allows {})",
         (opened_at - outage_start) as f64 / 1000.0,
         all_valid_after.map_or("NOT within 60 s".to_string(), |ms| format!(
             "{:.1} s",
             ms as f64 / 1000.0
-        ))
+        )),
+        busiest.requests,
+        busiest.real_ms,
+        busiest.allowed,
     );
     assert!(
         probes as f64 <= open_secs + 1.0 && max_per_second <= 2,
         "more than one probe per second reached the provider: {per_second:?}"
+    );
+    assert!(
+        busiest.requests <= busiest.allowed,
+        "after the recovery {} requests reached the provider in {} real ms; rate_limit {}/min with burst {} allows {}",
+        busiest.requests,
+        busiest.real_ms,
+        provider.rate_limit,
+        provider.burst,
+        busiest.allowed
+    );
+    assert_eq!(
+        left_behind, 0,
+        "{left_behind} of the {came_due} accounts that came due during the outage not refreshed within 60 s of the recovery"
     );
     let after = all_valid_after.expect("every access token valid again within 60 s");
     assert!(
@@ -305,4 +354,82 @@ pub async fn outage(short: bool) -> ChaosRow {
         at_risk,
     )
     .await
+}
+
+/// Which stored access tokens the sandbox takes as valid now, one per account.
+async fn valid_now(app: &TestApp, store: &Store, ids: &[i64], subjects: &[String]) -> Vec<bool> {
+    let mut valid = Vec::with_capacity(ids.len());
+    for (&id, subject) in ids.iter().zip(subjects) {
+        let a = store.get(id).await.unwrap().unwrap();
+        valid.push(
+            app.sandbox
+                .access_token_valid(subject, a.access_token.expose_secret()),
+        );
+    }
+    valid
+}
+
+/// The requests that reached the provider in one window of real time, and how many its
+/// rate limiter lets through in that long.
+#[derive(Debug, PartialEq)]
+struct Window {
+    requests: u64,
+    real_ms: i64,
+    allowed: u64,
+}
+
+/// Time a request may take from the rate limiter to the sandbox's counter, beyond another's:
+/// requests released apart may be counted closer together.
+const LIMITER_TO_COUNTER_MS: i64 = 200;
+
+/// The window between two samples whose requests exceed (or come nearest to) what a
+/// limiter of `per_minute` with `burst` allows: at most `burst` at once plus one per
+/// 60/`per_minute` s (governor's GCRA), in real time because the limiter runs on it.
+fn busiest_window(samples: &[Sample], per_minute: u32, burst: u32) -> Window {
+    let excess = |w: &Window| (w.requests as i64 - w.allowed as i64, w.requests);
+    let mut busiest: Option<Window> = None;
+    for (i, first) in samples.iter().enumerate() {
+        for last in &samples[i + 1..] {
+            let real_ms = last.real_ms - first.real_ms;
+            let window = Window {
+                requests: last.requests - first.requests,
+                real_ms,
+                allowed: burst as u64
+                    + ((real_ms + LIMITER_TO_COUNTER_MS) as u64 * per_minute as u64) / 60_000,
+            };
+            if busiest.as_ref().is_none_or(|b| excess(&window) > excess(b)) {
+                busiest = Some(window);
+            }
+        }
+    }
+    busiest.unwrap_or(Window {
+        requests: 0,
+        real_ms: 0,
+        allowed: burst as u64,
+    })
+}
+
+#[test]
+fn busiest_window_finds_a_herd_and_passes_a_paced_stream() {
+    let at = |real_ms, requests| Sample {
+        clock_ms: real_ms,
+        real_ms,
+        requests,
+    };
+    // 600/min, burst 20: 20 at once then one per 100 ms holds.
+    let paced: Vec<Sample> = std::iter::once(at(-10, 0))
+        .chain((0..50).map(|i| at(i * 100, 20 + i as u64)))
+        .collect();
+    let w = busiest_window(&paced, 600, 20);
+    assert!(w.requests <= w.allowed, "{w:?}");
+    // 30 at once does not.
+    let herd = [at(0, 0), at(10, 30)];
+    assert_eq!(
+        busiest_window(&herd, 600, 20),
+        Window {
+            requests: 30,
+            real_ms: 10,
+            allowed: 22
+        }
+    );
 }
