@@ -16,6 +16,12 @@ use tokio_postgres::Client;
 /// The marker of owners that hold a liveness lock.
 pub const MARKER: &str = "pglive.";
 
+/// `pglive.` and the key's 16 hex digits: one replica's leases share it.
+const KEYED_PREFIX_LEN: usize = MARKER.len() + 16;
+
+/// How far ahead of this host's clock another host's claim may be dated.
+const CLOCK_SLACK_SECS: i64 = 300;
+
 /// How often dead replicas are looked for, and a lost lock re-acquired.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -33,7 +39,9 @@ pub fn new_owner(base: &str) -> String {
 
 /// The lock key an owner (or a lease owner `<owner>:<n>`) carries, if it has the marker.
 pub fn key_of(owner: &str) -> Option<i64> {
-    let hex = owner.strip_prefix(MARKER)?.get(..16)?;
+    let hex = owner
+        .strip_prefix(MARKER)?
+        .get(..KEYED_PREFIX_LEN - MARKER.len())?;
     u64::from_str_radix(hex, 16).ok().map(|k| k as i64)
 }
 
@@ -138,11 +146,20 @@ impl Liveness {
             return Ok(());
         };
         let now = self.health.claim_now.load(Ordering::Relaxed);
+        // A lease worth taking over was claimed on a due row, so only due rows are read
+        // (the `accounts_due` index, not the whole table). The bound allows for a claim not
+        // made yet here and for other hosts' clocks running a little ahead; the wall clock
+        // only widens this range, it decides nothing.
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let due_by = now.max(wall) + CLOCK_SLACK_SECS;
         let rows = client
             .query(
-                "SELECT DISTINCT lease_owner FROM accounts
-                 WHERE lease_owner LIKE 'pglive.%' AND lease_expires_at > $1",
-                &[&now],
+                "SELECT DISTINCT ON (left(lease_owner, $3)) lease_owner FROM accounts
+                 WHERE status IN ('active', 'expiring') AND next_refresh_at <= $2
+                   AND lease_owner LIKE 'pglive.%' AND lease_expires_at > $1",
+                &[&now, &due_by, &(KEYED_PREFIX_LEN as i32)],
             )
             .await?;
         let mut seen = HashSet::new();
