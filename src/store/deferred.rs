@@ -7,7 +7,7 @@ use super::{Outcome, Recorded, Reply, StoreError};
 use crate::crypto::Keyring;
 use std::collections::HashSet;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 
 /// Shared by the worker and every `Store` handle.
 #[derive(Debug, Default)]
@@ -27,6 +27,11 @@ pub(crate) struct Health {
     pub lost: Mutex<Option<String>>,
     /// Processes found dead whose leases the next claim ends.
     pub dead_owners: Mutex<Vec<String>>,
+    /// PostgreSQL: this replica's liveness lock is gone (its connection was lost), so
+    /// others may take its leases: nothing is claimed until it is re-acquired.
+    pub liveness_lost: AtomicBool,
+    /// The `now` of the last claim (the engine's clock), for telling live leases.
+    pub claim_now: AtomicI64,
 }
 
 impl Health {
@@ -50,6 +55,7 @@ impl Health {
     /// go, and earlier answers must not be piling up in memory beyond `max_waiting`.
     pub fn may_refresh(&self, max_waiting: usize) -> bool {
         self.lost().is_none()
+            && !self.liveness_lost.load(Ordering::Relaxed)
             && self.volatile.lock().expect("not poisoned").is_empty()
             && (!self.store_failing.load(Ordering::Relaxed)
                 || self.recovery_ready.load(Ordering::Relaxed))

@@ -8,6 +8,7 @@ mod check;
 pub mod copy;
 mod deferred;
 pub mod instance;
+mod liveness;
 pub mod postgres;
 mod recovery;
 mod schema;
@@ -565,8 +566,12 @@ impl Store {
     }
 
     async fn start(opts: StoreOptions, read_only: bool) -> Result<Store, StoreError> {
-        let owner: Arc<str> = instance::new_owner().into();
+        let mut owner: Arc<str> = instance::new_owner().into();
         if let Some(pg) = &opts.postgres {
+            if !read_only {
+                // The marker says this owner holds a liveness lock others may judge it by.
+                owner = liveness::new_owner(&owner).into();
+            }
             let health = DeferredIds::default();
             let store = postgres::PgStore::open(
                 &pg.url,
@@ -847,6 +852,19 @@ impl Store {
                 message,
             });
         }
+        if self
+            .health
+            .liveness_lost
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(StoreError::PgPool {
+                context: "claim due accounts",
+                message: "this replica's liveness lock is lost (its connection dropped); not claiming until it is re-acquired".into(),
+            });
+        }
+        self.health
+            .claim_now
+            .store(now, std::sync::atomic::Ordering::Relaxed);
         let owner = owner.to_string();
         let until = now + lease.as_secs() as i64;
         let exclude: Vec<i64> = self

@@ -3,6 +3,7 @@
 //! replicas sharing one database. Claims use `FOR UPDATE SKIP LOCKED`, so replicas never wait
 //! on each other's rows; migrations run under an advisory lock, so replicas starting together
 //! do not race. A lost connection is a transient error: the pool reconnects on the next use.
+//! Each replica's liveness lock (`liveness.rs`) lets the others take a dead one's leases.
 
 use super::{
     AccountSummary, Gauges, ListFilter, LogEntry, NewAccount, Outcome, Recorded, StoreError,
@@ -13,6 +14,7 @@ use crate::model::{Account, ReauthReason, Status};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
 use secrecy::{ExposeSecret, SecretString};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{GenericClient, NoTls, Row};
@@ -250,6 +252,8 @@ pub struct PgStore {
     keys: Keyring,
     jobs: mpsc::UnboundedSender<Job>,
     describe: String,
+    /// Ends the liveness task, and with its connection the lock (None when read-only).
+    liveness_stop: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -292,22 +296,43 @@ impl PgStore {
         // sslmode=require: TLS, with the server's certificate checked against the system's
         // trust store (SSL_CERT_FILE may name another bundle). Otherwise the connection is
         // plain, as for a server on loopback, a Unix socket or a private network.
-        let manager = if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            use rustls_platform_verifier::ConfigVerifierExt;
-            let tls = rustls::ClientConfig::with_platform_verifier().map_err(|e| {
-                StoreError::PgConnect {
-                    url: describe.clone(),
-                    message: format!("cannot set up TLS: {e}"),
-                }
-            })?;
-            Manager::from_config(
-                config,
-                tokio_postgres_rustls::MakeRustlsConnect::new(tls),
-                manager_config,
-            )
-        } else {
-            Manager::from_config(config, NoTls, manager_config)
-        };
+        // The liveness lock's connection is made the same way, outside the pool.
+        let lock_config = config.clone();
+        let (manager, connect): (Manager, super::liveness::Connect) =
+            if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+                use rustls_platform_verifier::ConfigVerifierExt;
+                let tls = rustls::ClientConfig::with_platform_verifier().map_err(|e| {
+                    StoreError::PgConnect {
+                        url: describe.clone(),
+                        message: format!("cannot set up TLS: {e}"),
+                    }
+                })?;
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+                let lock_tls = tls.clone();
+                (
+                    Manager::from_config(config, tls, manager_config),
+                    Arc::new(move || {
+                        let (config, tls) = (lock_config.clone(), lock_tls.clone());
+                        Box::pin(async move {
+                            let (client, conn) = config.connect(tls).await?;
+                            tokio::spawn(conn);
+                            Ok(client)
+                        })
+                    }),
+                )
+            } else {
+                (
+                    Manager::from_config(config, NoTls, manager_config),
+                    Arc::new(move || {
+                        let config = lock_config.clone();
+                        Box::pin(async move {
+                            let (client, conn) = config.connect(NoTls).await?;
+                            tokio::spawn(conn);
+                            Ok(client)
+                        })
+                    }),
+                )
+            };
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(2))
             .runtime(Runtime::Tokio1)
@@ -368,8 +393,15 @@ impl PgStore {
                 keys,
                 jobs,
                 describe,
+                liveness_stop: Mutex::new(None),
             });
         }
+        let liveness = super::liveness::Liveness::start(connect, owner, &describe, health.clone())
+            .await
+            .map_err(|message| StoreError::PgConnect {
+                url: describe.clone(),
+                message: format!("cannot take this replica's liveness lock: {message}"),
+            })?;
         // Recovery files and instance locks sit beside store.path: replicas on one host
         // sharing it take over each other's work as SQLite processes do.
         let lock = super::instance::StoreLock::acquire(db)?;
@@ -409,11 +441,14 @@ impl PgStore {
             }
             .run(rx),
         );
+        let (stop, stopped) = oneshot::channel();
+        tokio::spawn(liveness.run(stopped));
         Ok(PgStore {
             pool,
             keys,
             jobs,
             describe,
+            liveness_stop: Mutex::new(Some(stop)),
         })
     }
 
@@ -447,6 +482,8 @@ impl PgStore {
         if self.jobs.send(Job::Close(tx)).is_ok() {
             let _ = rx.await;
         }
+        // Stopped cleanly: our leases are released or recorded, the lock may go.
+        self.liveness_stop.lock().expect("not poisoned").take();
     }
 
     /// Ends now the leases of processes found dead; see `sqlite::expire_leases_of`.
