@@ -1948,7 +1948,7 @@ async fn claim_eventually(store: &Store, now: i64) -> Vec<Account> {
 /// and an owner of an older version (no liveness marker) wait for their lease to end.
 #[tokio::test]
 async fn a_dead_postgres_replicas_leases_are_taken_over_and_a_live_ones_are_not() {
-    let Some(url) = postgres_schema("pg_dead_replica").await else {
+    let Some(url) = refreshd_testkit::postgres_schema("pg_dead_replica").await else {
         return;
     };
     let (_da, a) = replica(&url).await;
@@ -2002,7 +2002,7 @@ async fn a_dead_postgres_replicas_leases_are_taken_over_and_a_live_ones_are_not(
 /// again (here another session holds it), and claims again once it has it.
 #[tokio::test]
 async fn a_replica_that_lost_its_lock_connection_stops_claiming_until_it_has_it_again() {
-    let Some(url) = postgres_schema("pg_lock_lost").await else {
+    let Some(url) = refreshd_testkit::postgres_schema("pg_lock_lost").await else {
         return;
     };
     let (_db, b) = replica(&url).await;
