@@ -1019,12 +1019,13 @@ async fn the_docs_verification_example_verifies_a_real_redirect() {
         .nth(1)
         .and_then(|rest| rest.split("```").next())
         .expect("a js example in the docs");
-    if std::process::Command::new("node")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("node is not installed: the docs example is not run");
+    const TEST: &str = "server::the_docs_verification_example_verifies_a_real_redirect";
+    if !refreshd_testkit::tool(
+        TEST,
+        "node",
+        &["node", "--version"],
+        "apt-get install nodejs",
+    ) {
         return;
     }
     let w = Web::start(&format!(
