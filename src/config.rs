@@ -915,6 +915,14 @@ impl Config {
                     .into(),
             );
         }
+        // Hand-off lines are sealed as in the database: plaintext without a key, and stdout
+        // under systemd is the journal.
+        if self.store.handoff_stdout && self.store.encryption_key_file.is_none() {
+            bad(
+                "store.handoff_stdout",
+                "printing hand-off tokens needs store.encryption_key_file (without it they would be plaintext, e.g. in the journal); set a key or use store.handoff_dir".into(),
+            );
+        }
         // Key files are read here, like secrets, so a bad one is named as a config error.
         let primary = self
             .store
@@ -1627,6 +1635,19 @@ client_key = \"k\"\nzzz = 1\n",
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("need store.encryption_key_file"), "{e}");
+            jail.create_file("stdout.toml", "[store]\nhandoff_stdout = true\n")?;
+            let e = Config::load(Some(Path::new("stdout.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("store.handoff_stdout") && e.contains("store.encryption_key_file"),
+                "{e}"
+            );
+            jail.create_file(
+                "sealed-stdout.toml",
+                "[store]\nencryption_key_file = \"token-key\"\nhandoff_stdout = true\n",
+            )?;
+            Config::load(Some(Path::new("sealed-stdout.toml"))).map_err(|e| e.to_string())?;
             jail.create_file("missing.toml", "[store]\nencryption_key_file = \"nope\"\n")?;
             let e = Config::load(Some(Path::new("missing.toml")))
                 .unwrap_err()

@@ -79,6 +79,11 @@ fn error_answer(obj: &Map<String, Value>) -> Option<ErrorAnswer> {
     })
 }
 
+/// An `error` code that says there is none (TikTok v2 `"ok"`, a numeric `0`).
+fn means_success(code: &str) -> bool {
+    code.eq_ignore_ascii_case("ok") || code == "0"
+}
+
 fn string(v: Option<&Value>) -> Option<String> {
     scalar(v).filter(|s| !s.is_empty())
 }
@@ -217,7 +222,10 @@ pub fn parse_answer(
         ..f
     };
     let json: Option<Value> = serde_json::from_slice(body).ok();
-    // An error body wins whatever the status.
+    let success = (200..300).contains(&http_status);
+    // An error body wins whatever the status, except beside a token on a 2xx: the storing
+    // rule keeps that answer, and the error field is only a tolerated problem.
+    let mut error_problem = None;
     if let Some(Value::Object(obj)) = &json
         && let Some(e) = error_answer(obj)
     {
@@ -233,13 +241,25 @@ pub fn parse_answer(
             message.push_str(&format!(" ({k} {v})"));
         }
         message.push_str(&format!(" [HTTP {http_status}]"));
-        let class = profile.classify(
-            &e.code,
-            e.subcode.as_deref(),
-            e.description.as_deref(),
-            http_status,
-        );
-        return Err(fail(class, message));
+        let carries_token = ["refresh_token", "access_token"]
+            .iter()
+            .any(|f| matches!(obj.get(*f), Some(Value::String(t)) if !t.is_empty()));
+        if success && carries_token {
+            // TikTok's v2 envelope says `"error":{"code":"ok"}` on every success.
+            if !means_success(&e.code) {
+                error_problem = Some(format!("error field beside the tokens: {message}"));
+            }
+        } else {
+            let class = profile.classify(
+                &e.code,
+                e.subcode.as_deref(),
+                e.description.as_deref(),
+                http_status,
+            );
+            let f = fail(class, message);
+            // The provider may have rotated the refresh token in a 2xx answer we cannot use.
+            return Err(if success { lost(f) } else { f });
+        }
     }
     if http_status == 429 || http_status >= 500 {
         return Err(fail(
@@ -286,7 +306,7 @@ pub fn parse_answer(
     // A refresh token that is not a usable string cannot be stored: the whole answer is
     // garbage, retried like one.
     let refresh_token = token_field(&obj, "refresh_token").map_err(malformed)?;
-    let mut problems = Vec::new();
+    let mut problems: Vec<String> = error_problem.into_iter().collect();
     // No usable access token: with a new refresh token, that token alone is stored.
     let access_token = match token_field(&obj, "access_token") {
         Ok(Some(t)) => Some(t),
@@ -505,6 +525,43 @@ mod tests {
             Some(json!({"v": 1})),
             Some(json!("x\u{0}y")),
         ]
+    }
+
+    #[test]
+    fn an_error_field_beside_tokens_on_a_2xx_never_drops_the_rotated_token() {
+        use serde_json::json;
+        let base = json!({"access_token": "A2", "refresh_token": "R2", "expires_in": 86_400});
+        // (error field, a problem reported)
+        let table = [
+            (json!({"code": "ok", "message": "", "log_id": "x"}), false),
+            (json!(0), false),
+            (json!("0"), false),
+            (json!({"code": "internal_error", "message": "odd"}), true),
+            (json!("invalid_grant"), true),
+        ];
+        for kind in ["tiktok", "google"] {
+            for (error, reported) in &table {
+                let mut body = base.clone();
+                body["error"] = error.clone();
+                let a = answer_as(kind, &body).unwrap_or_else(|f| panic!("{body}: {f:?}"));
+                let Granted::Tokens(t) = a.granted else {
+                    panic!("{body}: {:?}", a.granted)
+                };
+                assert_eq!(t.refresh_token.unwrap().expose_secret(), "R2", "{body}");
+                assert_eq!(t.access_token.expose_secret(), "A2", "{body}");
+                assert_eq!(
+                    !a.problems.is_empty(),
+                    *reported,
+                    "{body}: {:?}",
+                    a.problems
+                );
+            }
+        }
+        // Without a token, a 2xx error body is an error whose answer may have been lost.
+        for error in [json!({"code": "internal_error"}), json!("invalid_grant")] {
+            let f = answer_as("tiktok", &json!({"error": error})).unwrap_err();
+            assert!(f.answer_lost, "{error}: {f:?}");
+        }
     }
 
     #[test]

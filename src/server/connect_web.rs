@@ -174,7 +174,8 @@ async fn start(
                 StatusCode::NOT_FOUND,
                 "unknown_provider",
                 &e.to_string(),
-                &app_ref,
+                // Not verified yet: a victim's ref must not be signed for anyone.
+                "",
             );
         }
     };
@@ -201,7 +202,8 @@ async fn start(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 &e.to_string(),
-                &app_ref,
+                // Not verified yet: a victim's ref must not be signed for anyone.
+                "",
             );
         }
     };
@@ -328,7 +330,8 @@ async fn callback(
                 StatusCode::BAD_REQUEST,
                 "invalid_state",
                 message,
-                &app_ref,
+                // Not verified yet: a victim's ref must not be signed for anyone.
+                "",
             );
         }
     };

@@ -978,6 +978,37 @@ async fn web_connect_redirect_is_signed_with_the_apps_ref_and_state_is_bound_to_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_connect_failures_before_the_ref_is_verified_are_signed_with_an_empty_ref() {
+    let w = Web::start(&format!(
+        "success_url = \"https://app.example/connected\"\nfailure_url = \"https://app.example/failed\"\nredirect_secret = {REDIRECT_SECRET:?}"
+    ))
+    .await;
+    // An unknown provider at start: anyone could ask with a victim's ref.
+    let r =
+        w.d.http
+            .get(w.d.url("/connect/nosuch/start?ref=victim-ref"))
+            .send()
+            .await
+            .unwrap();
+    let to = r.headers()["location"].to_str().unwrap().to_string();
+    let q = verified(&to);
+    assert_eq!(q["error"], "unknown_provider", "{to}");
+    assert_eq!(q["ref"], "", "{to}");
+    // A refused (replayed) state: the cookie's ref is not trusted.
+    w.consent("replayed", None);
+    let authorize = w.start_url("?ref=victim-ref").await;
+    let cookies = w.cookies();
+    let link = w.provider_redirect(&authorize).await;
+    let (_, location) = w.callback_from(&link, &cookies).await;
+    assert_eq!(verified(&location)["ref"], "victim-ref", "{location}");
+    let (_, location) = w.callback_from(&link, &cookies).await;
+    let q = verified(&location);
+    assert_eq!(q["error"], "invalid_state", "{location}");
+    assert_eq!(q["ref"], "", "{location}");
+    w.d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_docs_verification_example_verifies_a_real_redirect() {
     let doc = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/src/web-connect-security.md"),
@@ -988,12 +1019,13 @@ async fn the_docs_verification_example_verifies_a_real_redirect() {
         .nth(1)
         .and_then(|rest| rest.split("```").next())
         .expect("a js example in the docs");
-    if std::process::Command::new("node")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("node is not installed: the docs example is not run");
+    const TEST: &str = "server::the_docs_verification_example_verifies_a_real_redirect";
+    if !refreshd_testkit::tool(
+        TEST,
+        "node",
+        &["node", "--version"],
+        "apt-get install nodejs",
+    ) {
         return;
     }
     let w = Web::start(&format!(
