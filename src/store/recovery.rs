@@ -52,7 +52,9 @@ pub fn files(db: &Path) -> Vec<(PathBuf, Option<String>)> {
         .filter_map(|e| {
             let n = e.file_name().to_string_lossy().into_owned();
             let owner = n.strip_prefix(&prefix)?;
-            (!owner.ends_with(".rejected")).then(|| (e.path(), Some(owner.to_string())))
+            // `<db>.recovery.rejected` is the old file's quarantine, not an owner's file.
+            (owner != "rejected" && !owner.ends_with(".rejected"))
+                .then(|| (e.path(), Some(owner.to_string())))
         })
         .collect();
     own.sort();
@@ -600,5 +602,17 @@ mod tests {
         assert!(log.unreservable || m.blocks() * 512 >= RESERVE);
         log.remove();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn the_old_files_quarantine_is_not_a_recovery_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("x.db");
+        let rejected = quarantine_path(&recovery_path(&db));
+        std::fs::write(&rejected, b"x\n").unwrap();
+        std::fs::write(owner_recovery_path(&db, "h:1:aa"), b"x\n").unwrap();
+        let found: Vec<PathBuf> = files(&db).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(found, vec![owner_recovery_path(&db, "h:1:aa")]);
+        assert!(!pending_files(&db).contains(&rejected));
     }
 }
