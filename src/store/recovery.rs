@@ -382,10 +382,15 @@ pub fn quarantine_path(recovery: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Moves rotations the database refused for good to the quarantine file, loudly.
-pub fn quarantine(recovery: &Path, keys: &Keyring, refused: &[(Outcome, String)]) {
+/// Moves rotations the database refused for good to the quarantine file, loudly. On an
+/// error the caller must keep its own copy: the quarantine file may be the only other one.
+pub fn quarantine(
+    recovery: &Path,
+    keys: &Keyring,
+    refused: &[(Outcome, String)],
+) -> std::io::Result<()> {
     if refused.is_empty() {
-        return;
+        return Ok(());
     }
     let path = quarantine_path(recovery);
     let outcomes: Vec<Outcome> = refused.iter().map(|(o, _)| o.clone()).collect();
@@ -393,8 +398,9 @@ pub fn quarantine(recovery: &Path, keys: &Keyring, refused: &[(Outcome, String)]
     for (o, error) in refused {
         tracing::error!(event = "recovery_rejected", account = o.account_id(), path = %path.display(),
             saved = saved.is_ok(), error = %error,
-            "the database refuses this account's rotated tokens for good; they are kept in the quarantine file for an operator, and the account will need re-authorization if they cannot be stored");
+            "the database refuses this account's rotated tokens for good; they are kept in the quarantine file for an operator (or, if it cannot be written, in the recovery file), and the account will need re-authorization if they cannot be stored");
     }
+    saved
 }
 
 /// Commits deferred rotations in one transaction, each under its own savepoint. A rotation
@@ -538,7 +544,13 @@ pub fn replay(conn: &mut Connection, keys: &Keyring, path: &Path) -> Result<(), 
         return Ok(());
     };
     let (applied, refused) = apply(conn, keys, &outcomes)?;
-    quarantine(path, keys, &refused);
+    quarantine(path, keys, &refused).map_err(|e| StoreError::Recovery {
+        path: quarantine_path(path),
+        message: format!(
+            "cannot save refused rotations ({e}); {} is kept and replayed again: free disk space or make the directory writable",
+            path.display()
+        ),
+    })?;
     remove(path).map_err(|e| StoreError::Recovery {
         path: path.to_path_buf(),
         message: format!("replayed but cannot remove: {e}"),
@@ -614,5 +626,33 @@ mod tests {
         let found: Vec<PathBuf> = files(&db).into_iter().map(|(p, _)| p).collect();
         assert_eq!(found, vec![owner_recovery_path(&db, "h:1:aa")]);
         assert!(!pending_files(&db).contains(&rejected));
+    }
+
+    #[test]
+    fn a_failed_quarantine_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = owner_recovery_path(&dir.path().join("x.db"), "h:1:cc");
+        std::fs::create_dir(quarantine_path(&path)).unwrap();
+        let o = Outcome::Rotated {
+            account_id: 1,
+            generation: 0,
+            tokens: TokenSet {
+                access_token: "at".to_string().into(),
+                refresh_token: Some("rt".to_string().into()),
+                expires_in: 3600,
+                refresh_expires_in: None,
+                subject: None,
+                scope: None,
+                token_type: "Bearer".into(),
+            },
+            at: 1,
+            next_refresh_at: 2,
+            status: Status::Active,
+            reauth_reason: None,
+            http_status: None,
+            duration_ms: 1,
+        };
+        let refused = vec![(o, "refused".to_string())];
+        assert!(quarantine(&path, &Keyring::default(), &refused).is_err());
     }
 }
