@@ -211,7 +211,26 @@ impl RecoveryLog {
         }
         let before = self.len;
         let buf = encode(keys, outcomes)?;
+        let need = buf.len() as u64;
+        let unreservable = self.unreservable;
+        let reserved_end = self.reserved_end;
         let f = self.open_file()?;
+        // A failed group can be far larger than the standing reservation (1024 sealed
+        // entries of a few KB each): reserve the whole batch past the end first. If that
+        // fails the write is still tried; only the fsync below makes it count.
+        if !unreservable
+            && reserved_end < before + need
+            && rustix::fs::fallocate(
+                f,
+                rustix::fs::FallocateFlags::KEEP_SIZE,
+                before,
+                need + RESERVE,
+            )
+            .is_ok()
+        {
+            self.reserved_end = before + need + RESERVE;
+        }
+        let f = self.file.as_ref().expect("opened above");
         if let Err(e) = (&*f).write_all(&buf).and_then(|()| f.sync_all()) {
             // A partial line would glue onto the next append: cut it back.
             let _ = f.set_len(before);
@@ -614,6 +633,50 @@ mod tests {
         assert!(log.unreservable || m.blocks() * 512 >= RESERVE);
         log.remove();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_whole_failed_group_of_large_entries_appends_and_stays_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = owner_recovery_path(&dir.path().join("x.db"), "h:1:dd");
+        let mut log = RecoveryLog::open(path.clone());
+        if log.unreservable {
+            eprintln!("this file system cannot reserve: nothing to check");
+            return;
+        }
+        let big = "t".repeat(4096);
+        let outcomes: Vec<Outcome> = (0..1024)
+            .map(|i| Outcome::Rotated {
+                account_id: i,
+                generation: 0,
+                tokens: TokenSet {
+                    access_token: big.clone().into(),
+                    refresh_token: Some(big.clone().into()),
+                    expires_in: 3600,
+                    refresh_expires_in: None,
+                    subject: None,
+                    scope: None,
+                    token_type: "Bearer".into(),
+                },
+                at: 1,
+                next_refresh_at: 2,
+                status: Status::Active,
+                reauth_reason: None,
+                http_status: None,
+                duration_ms: 1,
+            })
+            .collect();
+        log.append(&Keyring::default(), &outcomes).unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(
+            len > RESERVE,
+            "the batch ({len} bytes) outgrows the standing reservation"
+        );
+        assert!(
+            log.reserved_end >= len + RESERVE_LOW,
+            "room is still reserved past the batch"
+        );
+        assert!(log.ready());
     }
 
     #[test]
