@@ -141,7 +141,21 @@ impl Deferrals {
 
     /// The pending rotations are committed (`refused` ones quarantined): empty the file.
     pub fn committed(&mut self, refused: &[(Outcome, String)]) {
-        super::recovery::quarantine(self.log.path(), &self.keys, refused);
+        if let Err(e) = super::recovery::quarantine(self.log.path(), &self.keys, refused) {
+            // The recovery file (kept as is) and memory hold the only copies of the refused
+            // rotations: keep them pending, and their accounts out of claims, and retry.
+            tracing::error!(event = "quarantine_failed", path = %self.log.path().display(), error = %e,
+                "refused rotations cannot be moved to the quarantine file; they stay in the recovery file and are retried");
+            let kept: HashSet<i64> = refused.iter().map(|(o, _)| o.account_id()).collect();
+            self.pending.retain(|o| kept.contains(&o.account_id()));
+            *self.health.ids.lock().expect("not poisoned") = kept.clone();
+            self.health
+                .volatile
+                .lock()
+                .expect("not poisoned")
+                .retain(|o| kept.contains(&o.account_id()));
+            return;
+        }
         self.pending.clear();
         self.health.ids.lock().expect("not poisoned").clear();
         self.health.volatile.lock().expect("not poisoned").clear();

@@ -59,6 +59,14 @@ impl StoreLock {
         flock(&file, FlockOperation::LockExclusive).map_err(|e| lock_err(&path, e))?;
         Ok(StoreLock { _file: file })
     }
+
+    /// The lock if it is free now, `None` if another process holds it (or it cannot be
+    /// opened): for periodic work that must not stall the store worker.
+    pub fn try_acquire(db: &Path) -> Option<StoreLock> {
+        let file = open_private(&with_suffix(db, ".lock"), true).ok()?;
+        flock(&file, FlockOperation::NonBlockingLockExclusive).ok()?;
+        Some(StoreLock { _file: file })
+    }
 }
 
 /// This process's instance lock. Dropping it (the process ending, even by `kill -9`)
@@ -87,23 +95,52 @@ impl Instance {
         &self.owner
     }
 
+    /// Recreates and relocks the instance file if someone removed it (store lock held), so
+    /// other processes never take this live process for dead.
+    pub fn ensure(&mut self, _held: &StoreLock) -> Result<(), StoreError> {
+        if self.path.exists() {
+            return Ok(());
+        }
+        let file = open_private(&self.path, true).map_err(|e| lock_err(&self.path, e))?;
+        flock(&file, FlockOperation::NonBlockingLockExclusive)
+            .map_err(|e| lock_err(&self.path, e))?;
+        self._file = file;
+        Ok(())
+    }
+
     /// Removes the file at a clean stop (the lock goes with the handle).
     pub fn release(self, _held: &StoreLock) {
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
-/// Whether the process `owner` is alive: its instance file exists and is locked.
+/// Whether the process `owner` is alive. It is dead only when its instance file is gone
+/// (files are removed only under the store lock, at a clean stop or by `forget`) or when
+/// the file opens and a lock on it is granted. Any other failure (EMFILE, EACCES, ...)
+/// counts as alive: taking a live owner for dead would expire its leases and replay a
+/// recovery file it still appends to.
 pub fn is_alive(db: &Path, owner: &str) -> bool {
-    let Ok(file) = open_private(&instance_path(db, owner), false) else {
-        return false;
+    let path = instance_path(db, owner);
+    let file = match open_private(&path, false) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+        Err(e) => {
+            tracing::warn!(event = "instance_unreadable", path = %path.display(), error = %e,
+                "cannot open another process's instance file: taking it for alive");
+            return true;
+        }
     };
     match flock(&file, FlockOperation::NonBlockingLockShared) {
         Ok(()) => {
             let _ = flock(&file, FlockOperation::Unlock);
             false
         }
-        Err(_) => true,
+        Err(rustix::io::Errno::WOULDBLOCK) => true,
+        Err(e) => {
+            tracing::warn!(event = "instance_unlockable", path = %path.display(), error = %e,
+                "cannot test another process's instance lock: taking it for alive");
+            true
+        }
     }
 }
 
@@ -170,5 +207,47 @@ mod tests {
         assert_eq!(dead_owners(&db, "me", &lock), vec!["h:1:aa".to_string()]);
         forget(&db, "h:1:aa", &lock);
         assert!(dead_owners(&db, "me", &lock).is_empty());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_instance_file_that_cannot_be_opened_is_alive() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("x.db");
+        let path = instance_path(&db, "h:2:bb");
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000)).unwrap();
+        // root opens any file: only meaningful when the open really fails.
+        if File::open(&path).is_err() {
+            assert!(is_alive(&db, "h:2:bb"));
+        }
+        // A directory in its place fails the read-write open with EISDIR, even for root.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert!(is_alive(&db, "h:2:bb"));
+        assert!(!is_alive(&db, "h:3:cc"), "a missing file is a dead owner");
+    }
+
+    #[test]
+    fn ensure_recreates_and_relocks_a_removed_instance_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("x.db");
+        let lock = StoreLock::acquire(&db).unwrap();
+        let mut a = Instance::acquire(&db, "h:1:aa", &lock).unwrap();
+        std::fs::remove_file(instance_path(&db, "h:1:aa")).unwrap();
+        assert!(!is_alive(&db, "h:1:aa"));
+        a.ensure(&lock).unwrap();
+        assert!(is_alive(&db, "h:1:aa"));
+    }
+
+    #[test]
+    fn try_acquire_does_not_wait_for_a_held_store_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("x.db");
+        let held = StoreLock::acquire(&db).unwrap();
+        assert!(StoreLock::try_acquire(&db).is_none());
+        drop(held);
+        assert!(StoreLock::try_acquire(&db).is_some());
     }
 }

@@ -655,7 +655,19 @@ impl Store {
         check_keys(&conn, &opts.path, &opts.keyring)?;
         let lock = instance::StoreLock::acquire(&opts.path)?;
         let me = instance::Instance::acquire(&opts.path, owner, &lock)?;
-        adopt_dead(&mut conn, &opts.keyring, &opts.path, owner, health, &lock)?;
+        // Others' `watch` skips rounds while the store lock is held, so keep it short:
+        // try with the commit wait first, and only a second time with the full busy_timeout
+        // (a failure here still stops the start, as before).
+        let open_err = |source| StoreError::Open {
+            path: opts.path.clone(),
+            source,
+        };
+        conn.busy_timeout(COMMIT_WAIT).map_err(open_err)?;
+        let quick = adopt_dead(&mut conn, &opts.keyring, &opts.path, owner, health, &lock);
+        conn.busy_timeout(opts.busy_timeout).map_err(open_err)?;
+        if quick.is_err() {
+            adopt_dead(&mut conn, &opts.keyring, &opts.path, owner, health, &lock)?;
+        }
         Ok((conn, me))
     }
 
@@ -1510,9 +1522,16 @@ impl Worker {
         if self.deferrals.health.lost().is_some() {
             return;
         }
-        let Ok(lock) = instance::StoreLock::acquire(&self.db) else {
+        // Never block the worker (and its group commits) on another process's store lock:
+        // a busy round is skipped and tried again in a second.
+        let Some(lock) = instance::StoreLock::try_acquire(&self.db) else {
             return;
         };
+        if let Some(me) = self.instance.as_mut()
+            && let Err(e) = me.ensure(&lock)
+        {
+            tracing::warn!(event = "instance_file_lost", error = %e, "this process's instance file was removed and cannot be recreated; other processes may take this one for dead");
+        }
         self.set_wait(conn, COMMIT_WAIT);
         if let Err(e) = adopt_dead(
             conn,

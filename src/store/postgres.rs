@@ -410,7 +410,15 @@ impl PgStore {
         for path in recovery::orphans(db, owner) {
             if let Some(outcomes) = recovery::read(&path, &keys)? {
                 let (applied, refused) = apply_recovered(&mut c, &keys, &outcomes).await?;
-                recovery::quarantine(&path, &keys, &refused);
+                recovery::quarantine(&path, &keys, &refused).map_err(|e| {
+                    StoreError::Recovery {
+                        path: recovery::quarantine_path(&path),
+                        message: format!(
+                            "cannot save refused rotations ({e}); {} is kept and replayed again: free disk space or make the directory writable",
+                            path.display()
+                        ),
+                    }
+                })?;
                 recovery::remove(&path).map_err(|e| StoreError::Recovery {
                     path: path.clone(),
                     message: format!("replayed but cannot remove: {e}"),

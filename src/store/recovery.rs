@@ -52,7 +52,9 @@ pub fn files(db: &Path) -> Vec<(PathBuf, Option<String>)> {
         .filter_map(|e| {
             let n = e.file_name().to_string_lossy().into_owned();
             let owner = n.strip_prefix(&prefix)?;
-            (!owner.ends_with(".rejected")).then(|| (e.path(), Some(owner.to_string())))
+            // `<db>.recovery.rejected` is the old file's quarantine, not an owner's file.
+            (owner != "rejected" && !owner.ends_with(".rejected"))
+                .then(|| (e.path(), Some(owner.to_string())))
         })
         .collect();
     own.sort();
@@ -209,7 +211,26 @@ impl RecoveryLog {
         }
         let before = self.len;
         let buf = encode(keys, outcomes)?;
+        let need = buf.len() as u64;
+        let unreservable = self.unreservable;
+        let reserved_end = self.reserved_end;
         let f = self.open_file()?;
+        // A failed group can be far larger than the standing reservation (1024 sealed
+        // entries of a few KB each): reserve the whole batch past the end first. If that
+        // fails the write is still tried; only the fsync below makes it count.
+        if !unreservable
+            && reserved_end < before + need
+            && rustix::fs::fallocate(
+                f,
+                rustix::fs::FallocateFlags::KEEP_SIZE,
+                before,
+                need + RESERVE,
+            )
+            .is_ok()
+        {
+            self.reserved_end = before + need + RESERVE;
+        }
+        let f = self.file.as_ref().expect("opened above");
         if let Err(e) = (&*f).write_all(&buf).and_then(|()| f.sync_all()) {
             // A partial line would glue onto the next append: cut it back.
             let _ = f.set_len(before);
@@ -380,10 +401,15 @@ pub fn quarantine_path(recovery: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Moves rotations the database refused for good to the quarantine file, loudly.
-pub fn quarantine(recovery: &Path, keys: &Keyring, refused: &[(Outcome, String)]) {
+/// Moves rotations the database refused for good to the quarantine file, loudly. On an
+/// error the caller must keep its own copy: the quarantine file may be the only other one.
+pub fn quarantine(
+    recovery: &Path,
+    keys: &Keyring,
+    refused: &[(Outcome, String)],
+) -> std::io::Result<()> {
     if refused.is_empty() {
-        return;
+        return Ok(());
     }
     let path = quarantine_path(recovery);
     let outcomes: Vec<Outcome> = refused.iter().map(|(o, _)| o.clone()).collect();
@@ -391,8 +417,9 @@ pub fn quarantine(recovery: &Path, keys: &Keyring, refused: &[(Outcome, String)]
     for (o, error) in refused {
         tracing::error!(event = "recovery_rejected", account = o.account_id(), path = %path.display(),
             saved = saved.is_ok(), error = %error,
-            "the database refuses this account's rotated tokens for good; they are kept in the quarantine file for an operator, and the account will need re-authorization if they cannot be stored");
+            "the database refuses this account's rotated tokens for good; they are kept in the quarantine file for an operator (or, if it cannot be written, in the recovery file), and the account will need re-authorization if they cannot be stored");
     }
+    saved
 }
 
 /// Commits deferred rotations in one transaction, each under its own savepoint. A rotation
@@ -536,7 +563,13 @@ pub fn replay(conn: &mut Connection, keys: &Keyring, path: &Path) -> Result<(), 
         return Ok(());
     };
     let (applied, refused) = apply(conn, keys, &outcomes)?;
-    quarantine(path, keys, &refused);
+    quarantine(path, keys, &refused).map_err(|e| StoreError::Recovery {
+        path: quarantine_path(path),
+        message: format!(
+            "cannot save refused rotations ({e}); {} is kept and replayed again: free disk space or make the directory writable",
+            path.display()
+        ),
+    })?;
     remove(path).map_err(|e| StoreError::Recovery {
         path: path.to_path_buf(),
         message: format!("replayed but cannot remove: {e}"),
@@ -600,5 +633,89 @@ mod tests {
         assert!(log.unreservable || m.blocks() * 512 >= RESERVE);
         log.remove();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_whole_failed_group_of_large_entries_appends_and_stays_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = owner_recovery_path(&dir.path().join("x.db"), "h:1:dd");
+        let mut log = RecoveryLog::open(path.clone());
+        if log.unreservable {
+            eprintln!("this file system cannot reserve: nothing to check");
+            return;
+        }
+        let big = "t".repeat(4096);
+        let outcomes: Vec<Outcome> = (0..1024)
+            .map(|i| Outcome::Rotated {
+                account_id: i,
+                generation: 0,
+                tokens: TokenSet {
+                    access_token: big.clone().into(),
+                    refresh_token: Some(big.clone().into()),
+                    expires_in: 3600,
+                    refresh_expires_in: None,
+                    subject: None,
+                    scope: None,
+                    token_type: "Bearer".into(),
+                },
+                at: 1,
+                next_refresh_at: 2,
+                status: Status::Active,
+                reauth_reason: None,
+                http_status: None,
+                duration_ms: 1,
+            })
+            .collect();
+        log.append(&Keyring::default(), &outcomes).unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(
+            len > RESERVE,
+            "the batch ({len} bytes) outgrows the standing reservation"
+        );
+        assert!(
+            log.reserved_end >= len + RESERVE_LOW,
+            "room is still reserved past the batch"
+        );
+        assert!(log.ready());
+    }
+
+    #[test]
+    fn the_old_files_quarantine_is_not_a_recovery_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("x.db");
+        let rejected = quarantine_path(&recovery_path(&db));
+        std::fs::write(&rejected, b"x\n").unwrap();
+        std::fs::write(owner_recovery_path(&db, "h:1:aa"), b"x\n").unwrap();
+        let found: Vec<PathBuf> = files(&db).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(found, vec![owner_recovery_path(&db, "h:1:aa")]);
+        assert!(!pending_files(&db).contains(&rejected));
+    }
+
+    #[test]
+    fn a_failed_quarantine_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = owner_recovery_path(&dir.path().join("x.db"), "h:1:cc");
+        std::fs::create_dir(quarantine_path(&path)).unwrap();
+        let o = Outcome::Rotated {
+            account_id: 1,
+            generation: 0,
+            tokens: TokenSet {
+                access_token: "at".to_string().into(),
+                refresh_token: Some("rt".to_string().into()),
+                expires_in: 3600,
+                refresh_expires_in: None,
+                subject: None,
+                scope: None,
+                token_type: "Bearer".into(),
+            },
+            at: 1,
+            next_refresh_at: 2,
+            status: Status::Active,
+            reauth_reason: None,
+            http_status: None,
+            duration_ms: 1,
+        };
+        let refused = vec![(o, "refused".to_string())];
+        assert!(quarantine(&path, &Keyring::default(), &refused).is_err());
     }
 }
