@@ -257,8 +257,9 @@ pub fn parse_answer(
                 http_status,
             );
             let f = fail(class, message);
-            // The provider may have rotated the refresh token in a 2xx answer we cannot use.
-            return Err(if success { lost(f) } else { f });
+            // An error answer without a token is the provider's word that nothing was
+            // rotated (TikTok answers every error inside HTTP 200): not a lost answer.
+            return Err(f);
         }
     }
     if http_status == 429 || http_status >= 500 {
@@ -557,10 +558,11 @@ mod tests {
                 );
             }
         }
-        // Without a token, a 2xx error body is an error whose answer may have been lost.
+        // Without a token, a 2xx error body is the provider's error answer (TikTok answers
+        // every error inside HTTP 200): nothing was rotated, so no answer was lost.
         for error in [json!({"code": "internal_error"}), json!("invalid_grant")] {
             let f = answer_as("tiktok", &json!({"error": error})).unwrap_err();
-            assert!(f.answer_lost, "{error}: {f:?}");
+            assert!(!f.answer_lost, "{error}: {f:?}");
         }
     }
 
