@@ -583,6 +583,29 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
+    /// A rotation of `account_id` to the given tokens, as the engine records one.
+    fn rotated(account_id: i64, access: &str, refresh: &str) -> Outcome {
+        Outcome::Rotated {
+            account_id,
+            generation: 0,
+            tokens: TokenSet {
+                access_token: access.to_string().into(),
+                refresh_token: Some(refresh.to_string().into()),
+                expires_in: 3600,
+                refresh_expires_in: None,
+                subject: None,
+                scope: None,
+                token_type: "Bearer".into(),
+            },
+            at: 1,
+            next_refresh_at: 2,
+            status: Status::Active,
+            reauth_reason: None,
+            http_status: None,
+            duration_ms: 1,
+        }
+    }
+
     #[test]
     fn the_own_file_has_room_reserved_before_any_append() {
         let dir = tempfile::tempdir().unwrap();
@@ -605,25 +628,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = owner_recovery_path(&dir.path().join("x.db"), "h:1:bb");
         let mut log = RecoveryLog::open(path.clone());
-        let o = Outcome::Rotated {
-            account_id: 1,
-            generation: 0,
-            tokens: TokenSet {
-                access_token: "at".to_string().into(),
-                refresh_token: Some("rt".to_string().into()),
-                expires_in: 3600,
-                refresh_expires_in: None,
-                subject: None,
-                scope: None,
-                token_type: "Bearer".into(),
-            },
-            at: 1,
-            next_refresh_at: 2,
-            status: Status::Active,
-            reauth_reason: None,
-            http_status: None,
-            duration_ms: 1,
-        };
+        let o = rotated(1, "at", "rt");
         log.append(&Keyring::default(), std::slice::from_ref(&o))
             .unwrap();
         assert!(std::fs::metadata(&path).unwrap().len() > 0);
@@ -645,27 +650,7 @@ mod tests {
             return;
         }
         let big = "t".repeat(4096);
-        let outcomes: Vec<Outcome> = (0..1024)
-            .map(|i| Outcome::Rotated {
-                account_id: i,
-                generation: 0,
-                tokens: TokenSet {
-                    access_token: big.clone().into(),
-                    refresh_token: Some(big.clone().into()),
-                    expires_in: 3600,
-                    refresh_expires_in: None,
-                    subject: None,
-                    scope: None,
-                    token_type: "Bearer".into(),
-                },
-                at: 1,
-                next_refresh_at: 2,
-                status: Status::Active,
-                reauth_reason: None,
-                http_status: None,
-                duration_ms: 1,
-            })
-            .collect();
+        let outcomes: Vec<Outcome> = (0..1024).map(|i| rotated(i, &big, &big)).collect();
         log.append(&Keyring::default(), &outcomes).unwrap();
         let len = std::fs::metadata(&path).unwrap().len();
         assert!(
@@ -696,25 +681,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = owner_recovery_path(&dir.path().join("x.db"), "h:1:cc");
         std::fs::create_dir(quarantine_path(&path)).unwrap();
-        let o = Outcome::Rotated {
-            account_id: 1,
-            generation: 0,
-            tokens: TokenSet {
-                access_token: "at".to_string().into(),
-                refresh_token: Some("rt".to_string().into()),
-                expires_in: 3600,
-                refresh_expires_in: None,
-                subject: None,
-                scope: None,
-                token_type: "Bearer".into(),
-            },
-            at: 1,
-            next_refresh_at: 2,
-            status: Status::Active,
-            reauth_reason: None,
-            http_status: None,
-            duration_ms: 1,
-        };
+        let o = rotated(1, "at", "rt");
         let refused = vec![(o, "refused".to_string())];
         assert!(quarantine(&path, &Keyring::default(), &refused).is_err());
     }
