@@ -532,9 +532,21 @@ pub(crate) fn connect(opts: &StoreOptions) -> Result<Connection, StoreError> {
     )
     .map_err(open_err)?;
     conn.busy_timeout(opts.busy_timeout).map_err(open_err)?;
-    let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-        .map_err(open_err)?;
+    // Several processes opening a brand-new file at once: converting it to WAL needs an
+    // exclusive lock, and SQLite answers BUSY at once (no busy handler: it would deadlock)
+    // to all but one. Try again until busy_timeout, as the busy handler would.
+    let deadline = std::time::Instant::now() + opts.busy_timeout;
+    let mode: String = loop {
+        match conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            result => break result.map_err(open_err)?,
+        }
+    };
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Invalid(format!(
             "database {}: cannot switch to WAL journal mode (got {mode:?}); is it on a network file system?",
