@@ -55,7 +55,7 @@ struct Line {
 
 fn secs(v: &Value, field: &str) -> Result<i64, String> {
     // The same bounds as a provider's answer: a whole number of seconds up to 10 years.
-    crate::provider::tiktok::seconds(Some(v), field)?
+    crate::provider::response::seconds(Some(v), field)?
         .ok_or_else(|| format!("`{field}` must be a whole number of seconds"))
 }
 

@@ -11,18 +11,6 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 
-/// Checks a cron expression (six fields: sec min hour day month weekday) with the same
-/// parser the scheduler uses.
-pub fn validate_cron(expr: &str) -> Result<(), String> {
-    Job::new_async(expr, |_, _| Box::pin(async {}))
-        .map(|_| ())
-        .map_err(|e| {
-            format!(
-                "not a valid cron expression {expr:?} ({e:?}); six fields are needed: sec min hour day month weekday, e.g. \"0 */15 * * * *\""
-            )
-        })
-}
-
 /// Flags accounts whose refresh token ends within the window (or has ended) and emits one
 /// `reauth_required` event per account whose state changed.
 pub async fn sweep(
@@ -182,24 +170,4 @@ pub async fn start(
     }
     sched.start().await?;
     Ok(sched)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cron_validation() {
-        assert!(validate_cron("0 */15 * * * *").is_ok());
-        assert!(validate_cron("0 0 9 * * *").is_ok());
-        let e = validate_cron("every tuesday").unwrap_err();
-        assert!(
-            e.contains("every tuesday") && e.contains("six fields"),
-            "{e}"
-        );
-        assert!(
-            validate_cron("*/15 * * * *").is_err(),
-            "five fields lack seconds"
-        );
-    }
 }

@@ -2,7 +2,8 @@
 //! `expiring` flag can work at all, and whether `reauth.window` swallows the lifetime (every
 //! account would be flagged `expiring` at once). Pure: words only, no decision changes.
 
-use super::profile::{Credential, GENERIC, Profile, RefreshTtl};
+use super::builtin::GENERIC;
+use super::profile::{Credential, Profile, RefreshTtl};
 use std::time::Duration;
 
 /// Warnings about `[providers.NAME]` under a reauth window of `window`.
@@ -49,28 +50,34 @@ pub fn lifetime_warnings(name: &str, profile: &Profile, window: Duration) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
 
-    fn profile(extra: &str) -> Profile {
-        let c = Config::from_toml_str(&format!(
-            "[providers.own]\nkind = \"generic\"\nclient_id = \"id\"\nclient_secret = \"s\"\ntoken_url = \"https://auth.example/token\"\n{extra}"
-        ))
-        .unwrap();
-        c.providers["own"].profile("own").unwrap()
+    const DAY: u64 = 86_400;
+
+    /// A generic provider whose refresh token ends as `ttl` says, after `days` if given.
+    fn profile(ttl: RefreshTtl, days: Option<u64>) -> Profile {
+        Profile {
+            token_url: "https://auth.example/token".into(),
+            refresh_ttl: ttl,
+            refresh_token_lifetime: days.map(|d| Duration::from_secs(d * DAY)),
+            ..Profile::generic()
+        }
     }
-    const WEEK: Duration = Duration::from_secs(7 * 86_400);
+    const WEEK: Duration = Duration::from_secs(7 * DAY);
 
     #[test]
     fn unknown_refresh_lifetime_is_named() {
-        let w = lifetime_warnings("own", &profile("refresh_ttl = \"fixed\"\n"), WEEK);
+        let w = lifetime_warnings("own", &profile(RefreshTtl::Fixed, None), WEEK);
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("`expiring` flag cannot work"), "{w:?}");
         assert!(w[0].contains("refresh_token_lifetime"), "{w:?}");
-        let w = lifetime_warnings("own", &profile(""), WEEK);
+        let w = lifetime_warnings("own", &profile(RefreshTtl::None, None), WEEK);
         assert!(w[0].contains("no refresh-token lifetime"), "{w:?}");
-        let fine = profile("refresh_ttl = \"fixed\"\nrefresh_token_lifetime = \"90d\"\n");
+        let fine = profile(RefreshTtl::Fixed, Some(90));
         assert!(lifetime_warnings("own", &fine, WEEK).is_empty());
-        let announced = profile("refresh_ttl = \"fixed\"\nrefresh_expires_in_field = \"rei\"\n");
+        let announced = Profile {
+            refresh_expires_in_field: Some("rei".into()),
+            ..profile(RefreshTtl::Fixed, None)
+        };
         assert!(lifetime_warnings("own", &announced, WEEK).is_empty());
         // Built-ins whose refresh tokens have no end are not nagged.
         let x = Profile::built_in("x").unwrap();
@@ -79,15 +86,15 @@ mod tests {
 
     #[test]
     fn a_window_swallowing_the_lifetime_is_named() {
-        let p = profile("refresh_ttl = \"sliding\"\nrefresh_token_lifetime = \"3d\"\n");
+        let p = profile(RefreshTtl::Sliding, Some(3));
         let w = lifetime_warnings("own", &p, WEEK);
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].contains("at connect"), "{w:?}");
         assert!(w[0].contains("at most 1day 12h"), "{w:?}");
-        let p = profile("refresh_ttl = \"fixed\"\nrefresh_token_lifetime = \"10d\"\n");
+        let p = profile(RefreshTtl::Fixed, Some(10));
         let w = lifetime_warnings("own", &p, WEEK);
         assert!(w[0].contains("3days after each grant"), "{w:?}");
-        let p = profile("refresh_ttl = \"fixed\"\nrefresh_token_lifetime = \"14d\"\n");
+        let p = profile(RefreshTtl::Fixed, Some(14));
         assert!(lifetime_warnings("own", &p, WEEK).is_empty());
     }
 }

@@ -1,15 +1,24 @@
-//! Providers: one per `[providers.NAME]` table. A provider builds the refresh request of its
-//! profile (`profile.rs`: built-in or generic, overridable per key), sends it under its own
-//! rate limit and claim slots with a timeout and a response-size cap, and classifies the
-//! answer into tokens or a failure class (`response.rs`; see docs/src/failures.md).
+//! Providers: the HTTP client of token endpoints, one `Provider` per `[providers.NAME]`
+//! table. A provider builds the request of its profile, sends it under its own rate limit
+//! and claim slots with a timeout and a response-size cap, and reads the answer into tokens
+//! or a failure (see docs/src/failures.md).
+//!
+//! The pure parts beside it: `profile.rs` (the profile type: requests, error classes),
+//! `builtin.rs` (the built-in profiles as data), `response.rs` (answers -> tokens or a
+//! failure), `failure.rs` (failure classes), `tiktok.rs` (the reference case), `advice.rs`
+//! (what `check` says about refresh-token lifetimes).
 
 pub mod advice;
+pub mod builtin;
+mod failure;
 pub mod profile;
 pub mod response;
 pub mod tiktok;
 
+pub use failure::{FailureClass, ProviderFailure};
+
 use crate::config::{Config, ProviderConfig};
-use crate::model::{Account, ReauthReason, TokenSet};
+use crate::model::{Account, TokenSet};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use profile::{Credential, Method, ParamsIn, Profile, TokenRequest};
 use secrecy::{ExposeSecret, SecretString};
@@ -18,46 +27,6 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-/// How a failed refresh is handled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FailureClass {
-    /// For good: flag the account (after checking its generation did not move).
-    Rejected(ReauthReason),
-    /// Our client credentials or request are wrong: log loudly, leave accounts, retry slowly.
-    Config,
-    /// 429, 5xx, timeouts, broken answers: back off and retry; never flags.
-    Transient,
-    /// An answer that fits no rule (a redirect, an error without an OAuth body): this
-    /// account's, retried slowly, until several accounts in a row get one (then the
-    /// provider's configuration; see `provider_state`).
-    Unexpected,
-}
-
-impl FailureClass {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureClass::Rejected(_) => "rejected",
-            FailureClass::Config => "config_error",
-            FailureClass::Transient => "transient",
-            FailureClass::Unexpected => "unexpected_answer",
-        }
-    }
-}
-
-/// A refresh that did not produce tokens. `message` never contains a secret.
-#[derive(Clone, Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct ProviderFailure {
-    pub class: FailureClass,
-    pub message: String,
-    pub http_status: Option<u16>,
-    pub retry_after: Option<Duration>,
-    /// The request may have reached the provider and its answer was not read (a timeout, a
-    /// connection cut after sending, a 2xx body cut off or unreadable): the provider may
-    /// have rotated the refresh token in an answer that is lost.
-    pub answer_lost: bool,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -467,7 +436,7 @@ impl Provider {
             *announced = self
                 .profile
                 .refresh_token_lifetime
-                .map(|d| d.as_secs().min(tiktok::MAX_LIFETIME as u64) as i64);
+                .map(|d| d.as_secs().min(response::MAX_LIFETIME as u64) as i64);
         }
         Ok((answer, status))
     }

@@ -1,73 +1,15 @@
-//! TikTok Login Kit v2 token endpoint: the refresh request and the mapping of its answers to
-//! outcomes. Pure functions; `mod.rs` does the HTTP.
+//! TikTok Login Kit v2 token endpoint, the reference case: its answers read through the
+//! built-in `tiktok` profile, and the tests that pin them. Pure; `mod.rs` does the HTTP.
 //!
 //! Request: `POST /v2/oauth/token/`, form-encoded, credentials in the body (`client_key`,
 //! `client_secret`). Success: `access_token, expires_in, refresh_token, refresh_expires_in,
 //! open_id, scope, token_type`. Errors: `error, error_description, log_id`, possibly with
 //! HTTP 200, so the body decides, not only the status.
 
-use super::ProviderFailure;
+use super::failure::ProviderFailure;
 use super::profile::Profile;
 use crate::model::TokenSet;
-use secrecy::{ExposeSecret, SecretString};
-use serde_json::Value;
 use std::time::Duration;
-
-/// Form fields of a refresh request, in order. Holds secrets: never log it.
-pub fn refresh_form(
-    client_key: &str,
-    client_secret: &SecretString,
-    refresh_token: &SecretString,
-) -> Vec<(&'static str, String)> {
-    vec![
-        ("client_key", client_key.to_string()),
-        ("client_secret", client_secret.expose_secret().to_string()),
-        ("grant_type", "refresh_token".to_string()),
-        ("refresh_token", refresh_token.expose_secret().to_string()),
-    ]
-}
-
-/// Form fields of an authorization-code exchange, in order. Holds secrets: never log it.
-pub fn code_form(
-    client_key: &str,
-    client_secret: &SecretString,
-    code: &SecretString,
-    redirect_uri: &str,
-    code_verifier: Option<&SecretString>,
-) -> Vec<(&'static str, String)> {
-    let mut form = vec![
-        ("client_key", client_key.to_string()),
-        ("client_secret", client_secret.expose_secret().to_string()),
-        ("code", code.expose_secret().to_string()),
-        ("grant_type", "authorization_code".to_string()),
-        ("redirect_uri", redirect_uri.to_string()),
-    ];
-    if let Some(v) = code_verifier {
-        form.push(("code_verifier", v.expose_secret().to_string()));
-    }
-    form
-}
-
-/// Longest lifetime we believe (10 years): anything longer is a broken answer.
-pub const MAX_LIFETIME: i64 = 10 * 365 * 86_400;
-
-/// A lifetime in seconds: a whole number (or numeric string) in `0..=MAX_LIFETIME`.
-pub fn seconds(v: Option<&Value>, field: &str) -> Result<Option<i64>, String> {
-    let n = match v {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Number(n)) => n.as_i64(),
-        // Some providers send lifetimes as numeric strings; accept exactly that.
-        Some(Value::String(s)) => s.trim().parse::<i64>().ok(),
-        Some(_) => None,
-    };
-    match n {
-        Some(n) if (0..=MAX_LIFETIME).contains(&n) => Ok(Some(n)),
-        Some(n) => Err(format!(
-            "`{field}` = {n} is outside 0..={MAX_LIFETIME} seconds"
-        )),
-        None => Err(format!("`{field}` is not a whole number of seconds")),
-    }
-}
 
 /// Maps an HTTP answer of TikTok's token endpoint to tokens or a classified failure.
 pub fn parse_response(
@@ -84,7 +26,8 @@ pub fn parse_response(
 mod tests {
     use super::*;
     use crate::model::ReauthReason;
-    use crate::provider::FailureClass;
+    use crate::provider::failure::FailureClass;
+    use secrecy::ExposeSecret;
 
     fn ok(body: &str) -> TokenSet {
         parse_response(200, None, Some("application/json"), body.as_bytes()).unwrap()
@@ -221,51 +164,5 @@ mod tests {
             parse_response(302, None, None, b"").unwrap_err().class,
             FailureClass::Unexpected
         );
-    }
-
-    #[test]
-    fn code_form_has_exact_fields() {
-        let f = code_form(
-            "ck",
-            &SecretString::from("cs"),
-            &SecretString::from("c"),
-            "http://127.0.0.1:8788/callback",
-            None,
-        );
-        let names: Vec<_> = f.iter().map(|(k, _)| *k).collect();
-        assert_eq!(
-            names,
-            [
-                "client_key",
-                "client_secret",
-                "code",
-                "grant_type",
-                "redirect_uri"
-            ]
-        );
-        assert_eq!(f[3].1, "authorization_code");
-        let v = SecretString::from("verifier");
-        let f = code_form(
-            "ck",
-            &SecretString::from("cs"),
-            &SecretString::from("c"),
-            "u",
-            Some(&v),
-        );
-        assert_eq!(
-            f.last().unwrap(),
-            &("code_verifier", "verifier".to_string())
-        );
-    }
-
-    #[test]
-    fn form_has_exact_fields() {
-        let f = refresh_form("ck", &SecretString::from("cs"), &SecretString::from("rt"));
-        let names: Vec<_> = f.iter().map(|(k, _)| *k).collect();
-        assert_eq!(
-            names,
-            ["client_key", "client_secret", "grant_type", "refresh_token"]
-        );
-        assert_eq!(f[2].1, "refresh_token");
     }
 }
