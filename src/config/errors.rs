@@ -217,3 +217,40 @@ pub(super) fn from_figment(err: figment::Error, file: Option<&Path>) -> ConfigEr
     }
     one_or_many(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::error::{Actual, Kind};
+
+    #[test]
+    fn env_var_names_nest_with_double_underscores() {
+        assert_eq!(env_var_name("refresh.lead"), "REFRESHD_REFRESH__LEAD");
+        assert_eq!(
+            env_var_name("providers.tiktok.client_secret"),
+            "REFRESHD_PROVIDERS__TIKTOK__CLIENT_SECRET"
+        );
+    }
+
+    #[test]
+    fn a_secret_of_the_wrong_type_is_described_not_quoted() {
+        let kind = Kind::InvalidType(Actual::Signed(7531), "a string".into());
+        let shown = error_message(&kind, is_secret_key("client_secret"));
+        assert!(
+            shown.contains("found an integer") && !shown.contains("7531"),
+            "{shown}"
+        );
+        assert!(error_message(&kind, false).contains("7531"));
+    }
+
+    #[test]
+    fn a_syntax_error_keeps_its_line_number_but_not_the_quoted_text() {
+        let kind = Kind::Message(
+            "TOML parse error at line 2, column 17\n  |\n2 | client_secret = \"abc-SECRET\n  |                 ^\ninvalid basic string\n".into(),
+        );
+        let shown = error_message(&kind, false);
+        assert!(shown.contains("line 2, column 17"), "{shown}");
+        assert!(shown.contains("invalid basic string"), "{shown}");
+        assert!(!shown.contains("SECRET"), "{shown}");
+    }
+}
