@@ -4,7 +4,7 @@
 //! order, in batches, so an interrupted copy resumes after the destination's last row.
 //! Verified at the end by counts and SHA-256 checksums of both tables on both sides.
 
-use super::{Store, StoreError};
+use super::{Refusal, Store, StoreError};
 use sha2::{Digest, Sha256};
 
 /// A column value as both backends hold it.
@@ -190,11 +190,12 @@ async fn read(
 fn check_types(table: &Table, row: &Row) -> Result<(), StoreError> {
     for ((column, kind), v) in table.columns.iter().zip(row) {
         if matches!(kind, Kind::Int | Kind::Int4) && matches!(v, Value::Text(_)) {
-            return Err(StoreError::Invalid(format!(
-                "{}.{column} of row {:?} holds text where an integer belongs: fix that row in the source, then copy again",
-                table.name,
-                row.first().cloned().unwrap_or(Value::Null)
-            )));
+            return Err(Refusal::CopyTextInInteger {
+                table: table.name,
+                column,
+                row: format!("{:?}", row.first().cloned().unwrap_or(Value::Null)),
+            }
+            .into());
         }
     }
     Ok(())
@@ -372,10 +373,11 @@ pub async fn copy(
 ) -> Result<CopyReport, StoreError> {
     let leased = live_leases(from, now).await?;
     if leased > 0 {
-        return Err(StoreError::Invalid(format!(
-            "{leased} account(s) of {} are being refreshed right now: stop every refreshd using it, then copy",
-            from.describe()
-        )));
+        return Err(Refusal::CopyWhileLeased {
+            leased,
+            store: from.describe(),
+        }
+        .into());
     }
     let mut report = CopyReport::default();
     // Each table in id order, in batches: a rerun continues after the destination's last row
@@ -389,12 +391,13 @@ pub async fn copy(
                 let same =
                     |a: &[Row], b: &[Row]| a.first().map(|r| &r[..3]) == b.first().map(|r| &r[..3]);
                 if !same(&theirs, &ours) {
-                    return Err(StoreError::Invalid(format!(
-                        "{} already holds {} rows that are not a partial copy of {} (row {last} differs): copy into an empty store",
-                        to.describe(),
-                        table.name,
-                        from.describe()
-                    )));
+                    return Err(Refusal::CopyNotPartial {
+                        to: to.describe(),
+                        rows: table.name,
+                        from: from.describe(),
+                        last,
+                    }
+                    .into());
                 }
                 if table.name == ACCOUNTS.name {
                     report.resumed_after = last;
@@ -424,12 +427,16 @@ pub async fn copy(
         let (n_from, sum_from) = checksum(from, table).await?;
         let (n_to, sum_to) = checksum(to, table).await?;
         if (n_from, &sum_from) != (n_to, &sum_to) {
-            return Err(StoreError::Invalid(format!(
-                "verification failed for {}: {n_from} rows (sha256 {sum_from}) in {}, {n_to} rows (sha256 {sum_to}) in {}; was a daemon writing to either store?",
-                table.name,
-                from.describe(),
-                to.describe()
-            )));
+            return Err(Refusal::CopyMismatch {
+                table: table.name,
+                n_from,
+                sum_from,
+                from: from.describe(),
+                n_to,
+                sum_to,
+                to: to.describe(),
+            }
+            .into());
         }
         if table.name == ACCOUNTS.name {
             (report.accounts, report.accounts_sha256) = (n_to, sum_to);

@@ -133,9 +133,9 @@ impl Deferrals {
             .recovery_ready
             .store(self.log.ready(), Ordering::Relaxed);
         for (_, reply) in others {
-            let _ = reply.send(Err(StoreError::Invalid(format!(
-                "commit failed, outcome not stored (will be retried after the lease expires): {message}"
-            ))));
+            let _ = reply.send(Err(StoreError::NotStored {
+                message: message.clone(),
+            }));
         }
     }
 

@@ -7,17 +7,27 @@
 mod check;
 pub mod copy;
 mod deferred;
+mod error;
 pub mod instance;
 mod liveness;
 pub mod postgres;
 mod recovery;
+mod rules;
 mod schema;
 pub mod sqlite;
+mod types;
+
+pub use error::{IMPORT_ABORTED, Refusal, StoreError};
+pub(crate) use rules::{CONNECT_REMEMBER, StateRow, check_mark_due, check_upsert, seal_verifier};
+pub(crate) use types::Reply;
+pub use types::{
+    AccountSummary, Gauges, ListFilter, LogEntry, NewAccount, Outcome, PendingConnect, PgOptions,
+    Recorded, RekeyBatch, RekeyReport, StateProblem, StoreOptions, SweepReport,
+};
 
 use crate::crypto::Keyring;
-use crate::model::{Account, ReauthReason, Status, TokenSet};
+use crate::model::{Account, Status};
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
-use secrecy::SecretString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
@@ -33,410 +43,12 @@ pub fn pending_recovery_files(db: &Path) -> Vec<PathBuf> {
     recovery::pending_files(db)
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("cannot open database {path}: {source}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: rusqlite::Error,
-    },
-    #[error("cannot create database file {path}: {source}")]
-    Create {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("database {path}: migration {version} failed: {source}")]
-    Migration {
-        path: PathBuf,
-        version: usize,
-        #[source]
-        source: rusqlite::Error,
-    },
-    #[error("database error while trying to {context}: {source}")]
-    Sqlite {
-        context: &'static str,
-        #[source]
-        source: rusqlite::Error,
-    },
-    #[error("recovery file {path}: {message}")]
-    Recovery { path: PathBuf, message: String },
-    #[error("no account with id {0} (see `refreshd accounts list`)")]
-    NotFound(i64),
-    #[error("{0}")]
-    Invalid(String),
-    #[error("the store's worker thread has stopped")]
-    Closed,
-    #[error(
-        "store {path}: {message}; stopping (see docs/src/durability.md). Restore the database file, then start again: rotations not committed are in the recovery file beside it"
-    )]
-    Lost { path: PathBuf, message: String },
-    #[error(
-        "database {path} is damaged: {problems}. Not used: restore it from a backup or `sqlite3 {path} .recover` into a new file (see docs/src/durability.md)"
-    )]
-    Damaged { path: PathBuf, problems: String },
-    #[error(transparent)]
-    Crypto(#[from] crate::crypto::CryptoError),
-    #[error(
-        "cannot connect to PostgreSQL at {url}: {message} (check store.url, and that the server is up and reachable)"
-    )]
-    PgConnect { url: String, message: String },
-    #[error("PostgreSQL {url}: migration {version} failed: {message}")]
-    PgMigration {
-        url: String,
-        version: usize,
-        message: String,
-    },
-    /// `message` is built from the server's code, message, table and constraint, never its
-    /// DETAIL, which can quote a whole row (tokens included).
-    #[error("PostgreSQL error while trying to {context}: {message}")]
-    Postgres {
-        context: &'static str,
-        message: String,
-        transient: bool,
-    },
-    #[error("PostgreSQL: no connection to {context}: {message}")]
-    PgPool {
-        context: &'static str,
-        message: String,
-    },
-    #[error("{what} needs the SQLite store; this store is {store}")]
-    SqliteOnly { what: &'static str, store: String },
-    #[error(
-        "database {path} holds tokens sealed with key {key_id}, which is not configured (configured keys: {configured}); set store.encryption_key_file or add the key's file to store.decryption_key_files. Not opened: every refresh of those accounts would fail"
-    )]
-    MissingKey {
-        path: PathBuf,
-        key_id: String,
-        configured: String,
-    },
-}
-
-impl StoreError {
-    /// Disk full, database locked past the busy timeout, I/O: worth retrying later.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            StoreError::Sqlite { source, .. } => matches!(
-                source.sqlite_error_code(),
-                Some(
-                    rusqlite::ErrorCode::DatabaseBusy
-                        | rusqlite::ErrorCode::DatabaseLocked
-                        | rusqlite::ErrorCode::DiskFull
-                        | rusqlite::ErrorCode::SystemIoFailure
-                )
-            ),
-            StoreError::Postgres { transient, .. } => *transient,
-            // The pool could not hand out a connection: the server is down or saturated.
-            StoreError::PgPool { .. } => true,
-            _ => false,
-        }
-    }
-}
-
-/// An account to insert or update by (provider, subject): from an import or a code exchange.
-#[derive(Clone, Debug)]
-pub struct NewAccount {
-    pub provider: String,
-    pub subject: String,
-    pub label: Option<String>,
-    pub tokens: TokenSet,
-    /// When the token response was issued (unix seconds): lifetimes count from here.
-    pub obtained_at: i64,
-    pub next_refresh_at: i64,
-    pub status: Status,
-    pub reauth_reason: Option<ReauthReason>,
-}
-
-/// Whether an import or connection may replace an existing account's tokens.
-pub(crate) fn check_upsert(
-    id: i64,
-    a: &NewAccount,
-    lease_expires_at: Option<i64>,
-    last_refreshed_at: Option<i64>,
-    now: i64,
-) -> Result<(), StoreError> {
-    // Replacing tokens under a refresh in flight would make that refresh's rotation
-    // "superseded" and drop it: the provider may already have retired our token.
-    if lease_expires_at.is_some_and(|t| t > now) {
-        return Err(StoreError::Invalid(format!(
-            "account {id} ({}/{}) is being refreshed right now; nothing imported, try again in a minute",
-            a.provider, a.subject
-        )));
-    }
-    // An old export must not overwrite tokens refreshd rotated since.
-    if last_refreshed_at.is_some_and(|t| t > a.obtained_at) {
-        return Err(StoreError::Invalid(format!(
-            "account {id} ({}/{}) was refreshed after these tokens were obtained (obtained_at is older than its last refresh); nothing imported: drop that line or give a newer token response",
-            a.provider, a.subject
-        )));
-    }
-    Ok(())
-}
-
-/// Whether `accounts refresh` may make an account in `status` due.
-pub(crate) fn check_mark_due(id: i64, status: Status, force: bool) -> Result<(), StoreError> {
-    let refreshable = matches!(status, Status::Active | Status::Expiring);
-    if status == Status::Disabled {
-        return Err(StoreError::Invalid(format!(
-            "account {id} is disabled by an admin: it is not refreshed"
-        )));
-    }
-    if !refreshable && !force {
-        return Err(StoreError::Invalid(format!(
-            "account {id} is {status}: it is not refreshed automatically. Reconnect it, or pass --force to try its stored refresh token once more"
-        )));
-    }
-    Ok(())
-}
-
-/// A web connect in progress: what the callback needs besides the code.
-#[derive(Clone, Debug)]
-pub struct PendingConnect {
-    pub provider: String,
-    pub verifier: Option<SecretString>,
-    pub label: Option<String>,
-    pub account: Option<i64>,
-    pub scopes: Vec<String>,
-    pub expires_at: i64,
-}
-
-/// Why a callback's `state` was refused (a CSRF or replay attempt, or a slow user).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StateProblem {
-    Missing,
-    Unknown,
-    Replayed,
-    Expired,
-    WrongProvider,
-}
-
-impl StateProblem {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StateProblem::Missing => "missing",
-            StateProblem::Unknown => "unknown",
-            StateProblem::Replayed => "replayed",
-            StateProblem::Expired => "expired",
-            StateProblem::WrongProvider => "wrong_provider",
-        }
-    }
-}
-
-/// Used and expired connect states are kept this long after expiry, so a replay is reported
-/// as a replay rather than as an unknown state.
-pub(crate) const CONNECT_REMEMBER: i64 = 3600;
-
-fn seal_verifier(keys: &Keyring, p: &PendingConnect) -> Option<String> {
-    use secrecy::ExposeSecret;
-    p.verifier
-        .as_ref()
-        .map(|v| keys.seal(0, crate::crypto::Column::PkceVerifier, v.expose_secret()))
-}
-
-/// A `connect_states` row as read by either backend, before it is judged.
-struct StateRow {
-    provider: String,
-    verifier: Option<String>,
-    label: Option<String>,
-    account: Option<i64>,
-    scopes: String,
-    expires_at: i64,
-    used: bool,
-}
-
-impl StateRow {
-    /// The state's one use: spent even when refused (a refused state is never retried).
-    fn judge(
-        self,
-        keys: &Keyring,
-        provider: &str,
-        now: i64,
-    ) -> Result<Result<PendingConnect, StateProblem>, StoreError> {
-        if self.used {
-            return Ok(Err(StateProblem::Replayed));
-        }
-        if self.expires_at < now {
-            return Ok(Err(StateProblem::Expired));
-        }
-        if self.provider != provider {
-            return Ok(Err(StateProblem::WrongProvider));
-        }
-        let verifier = self
-            .verifier
-            .map(|v| keys.open(0, crate::crypto::Column::PkceVerifier, &v))
-            .transpose()?;
-        Ok(Ok(PendingConnect {
-            provider: self.provider,
-            verifier,
-            label: self.label,
-            account: self.account,
-            scopes: self
-                .scopes
-                .split(' ')
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect(),
-            expires_at: self.expires_at,
-        }))
-    }
-}
-
-/// What happened to one claimed account, to be written by `Store::record`.
-#[derive(Clone, Debug)]
-pub enum Outcome {
-    /// New tokens: stored only if `generation` is still the one that was claimed.
-    Rotated {
-        account_id: i64,
-        generation: i64,
-        tokens: TokenSet,
-        at: i64,
-        next_refresh_at: i64,
-        status: Status,
-        reauth_reason: Option<ReauthReason>,
-        http_status: Option<u16>,
-        duration_ms: i64,
-    },
-    /// Retry later; never flags. With `answer_lost` (the provider may have rotated in an
-    /// answer we never read), the lease is not given back but runs until the retry, so the
-    /// next claim records the crash window as for a process that died.
-    Transient {
-        account_id: i64,
-        owner: String,
-        at: i64,
-        next_refresh_at: i64,
-        error: String,
-        http_status: Option<u16>,
-        duration_ms: i64,
-        answer_lost: bool,
-    },
-    /// The provider rejected our client credentials: accounts untouched, retried slowly.
-    ConfigError {
-        account_id: i64,
-        owner: String,
-        at: i64,
-        next_refresh_at: i64,
-        error: String,
-        http_status: Option<u16>,
-        duration_ms: i64,
-    },
-    /// Permanent rejection: flag `needs_reauth`, unless `generation` moved meanwhile.
-    Rejected {
-        account_id: i64,
-        generation: i64,
-        reason: ReauthReason,
-        at: i64,
-        error: String,
-        http_status: Option<u16>,
-        duration_ms: i64,
-    },
-    /// Never started (shutdown, or the lease would end before an answer could be stored):
-    /// give the lease back.
-    Released { account_id: i64, owner: String },
-}
-
-impl Outcome {
-    pub fn account_id(&self) -> i64 {
-        match self {
-            Outcome::Rotated { account_id, .. }
-            | Outcome::Transient { account_id, .. }
-            | Outcome::ConfigError { account_id, .. }
-            | Outcome::Rejected { account_id, .. }
-            | Outcome::Released { account_id, .. } => *account_id,
-        }
-    }
-}
-
-/// How `record` ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Recorded {
-    Applied,
-    /// The account's generation moved: another refresh got there first; nothing written.
-    Superseded,
-    /// Our lease was taken over; the failure was logged but the row left to its new owner.
-    LeaseLost,
-    /// The commit failed; the rotated tokens are fsynced in the recovery file and retried.
-    Deferred,
-}
-
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct AccountSummary {
-    pub id: i64,
-    pub provider: String,
-    pub subject: String,
-    pub label: Option<String>,
-    pub status: Status,
-    pub reauth_reason: Option<ReauthReason>,
-    pub access_expires_at: i64,
-    pub refresh_expires_at: Option<i64>,
-    pub next_refresh_at: i64,
-    pub failures: i64,
-    pub last_error: Option<String>,
-    pub last_refreshed_at: Option<i64>,
-    pub reauth_flagged_at: Option<i64>,
-    pub scope: String,
-}
-
-#[derive(Clone, Debug, Default)]
-pub struct ListFilter {
-    pub provider: Option<String>,
-    pub status: Option<Status>,
-    pub needs_reauth: bool,
-}
-
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct LogEntry {
-    pub at: i64,
-    pub outcome: String,
-    pub http_status: Option<u16>,
-    pub error: Option<String>,
-    pub duration_ms: Option<i64>,
-}
-
-/// Counts over all accounts, for the metrics.
-#[derive(Clone, Debug, Default)]
-pub struct Gauges {
-    pub by_status: Vec<(String, Status, i64)>,
-    /// (provider, reason, count) of accounts `needs_reauth` or `expiring`.
-    pub flagged: Vec<(String, String, i64)>,
-    /// (provider, count) of refreshable accounts whose access token has already expired.
-    pub access_expired: Vec<(String, i64)>,
-    /// (provider, soonest refresh-token end) over refreshable accounts that have one.
-    pub soonest_refresh_expiry: Vec<(String, i64)>,
-}
-
-/// Accounts whose state the reauth sweep changed.
-#[derive(Clone, Debug, Default)]
-pub struct SweepReport {
-    pub expiring: Vec<AccountSummary>,
-    pub expired: Vec<AccountSummary>,
-}
-
 type Call = Box<dyn FnOnce(&mut Connection) + Send>;
 
 enum Job {
     Call(Call),
     Record(Outcome, oneshot::Sender<Result<Recorded, StoreError>>),
     Close(oneshot::Sender<()>),
-}
-
-/// Settings the store needs; a subset of `[store]`.
-#[derive(Clone, Debug)]
-pub struct StoreOptions {
-    /// The SQLite file; with `postgres`, only where the recovery file goes (beside it).
-    pub path: PathBuf,
-    pub busy_timeout: Duration,
-    /// Seals tokens on write, opens them on read. The default keyring stores them clear.
-    pub keyring: Keyring,
-    /// Use PostgreSQL at this URL instead of the SQLite file.
-    pub postgres: Option<PgOptions>,
-}
-
-#[derive(Clone, Debug)]
-pub struct PgOptions {
-    pub url: SecretString,
-    /// Most connections this process holds.
-    pub pool_size: usize,
 }
 
 /// Async handle to the store. Cheap to clone; all clones share one worker (SQLite: a
@@ -548,10 +160,10 @@ pub(crate) fn connect(opts: &StoreOptions) -> Result<Connection, StoreError> {
         }
     };
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::Invalid(format!(
-            "database {}: cannot switch to WAL journal mode (got {mode:?}); is it on a network file system?",
-            opts.path.display()
-        )));
+        return Err(StoreError::NotWal {
+            path: opts.path.clone(),
+            mode,
+        });
     }
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(open_err)?;
@@ -698,11 +310,12 @@ impl Store {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(open_err)?;
         if version != schema::MIGRATIONS.len() as i64 {
-            return Err(StoreError::Invalid(format!(
-                "database {} has schema version {version}, this refreshd uses {}: run `refreshd run` (or `refreshd accounts import`) once to migrate it",
-                opts.path.display(),
-                schema::MIGRATIONS.len()
-            )));
+            return Err(Refusal::SchemaBehind {
+                store: opts.path.display().to_string(),
+                version,
+                current: schema::MIGRATIONS.len(),
+            }
+            .into());
         }
         check_keys(&conn, &opts.path, &opts.keyring)?;
         Ok(conn)
@@ -1038,7 +651,7 @@ impl Store {
                 let ids = sqlite::upsert(tx, &keys, &batch, now)?;
                 per_batch(&batch, &ids);
             }
-            Err(StoreError::Invalid(IMPORT_ABORTED.into()))
+            Err(Refusal::ImportAborted.into())
         })
         .await
     }
@@ -1166,11 +779,7 @@ impl Store {
     }
 
     /// Re-seals one batch under the primary key; see `sqlite::rekey_batch`.
-    pub async fn rekey_batch(
-        &self,
-        after_id: i64,
-        limit: usize,
-    ) -> Result<sqlite::RekeyBatch, StoreError> {
+    pub async fn rekey_batch(&self, after_id: i64, limit: usize) -> Result<RekeyBatch, StoreError> {
         if let Some(pg) = self.pg() {
             return pg.rekey_batch(after_id, limit).await;
         }
@@ -1255,18 +864,6 @@ impl Store {
     }
 }
 
-/// The error of an import whose sender stopped before the end: nothing was written.
-pub const IMPORT_ABORTED: &str = "import aborted before its end: nothing imported";
-
-/// What `rekey` did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RekeyReport {
-    pub resealed: u64,
-    /// Accounts still not under the primary key at the end: written meanwhile by a process
-    /// that seals with another key (a daemon not restarted with the new config).
-    pub remaining: u64,
-}
-
 /// Re-seals every account's tokens under the primary key, `batch` accounts per transaction
 /// (the write lock is never held for long, so a running daemon keeps working). Resumable:
 /// rows already under the primary key are skipped by the query, so an interrupted run just
@@ -1311,9 +908,6 @@ pub async fn rekey(
         .await?;
     Ok(report)
 }
-
-/// A reply channel of `Store::record`.
-pub(crate) type Reply = oneshot::Sender<Result<Recorded, StoreError>>;
 
 /// Counts one outcome as waiting for durability while it lives.
 struct Waiting<'a>(&'a deferred::Health);

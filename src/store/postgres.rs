@@ -173,8 +173,10 @@ pub fn validate_url(url: &str) -> Result<(), String> {
 }
 
 fn status(s: String) -> Result<Status, StoreError> {
-    s.parse::<Status>()
-        .map_err(|e| StoreError::Invalid(format!("stored status {s:?}: {e}")))
+    s.parse::<Status>().map_err(|e| StoreError::StoredStatus {
+        message: e.to_string(),
+        value: s,
+    })
 }
 
 fn row_to_account(r: &Row) -> Result<Account, StoreError> {
@@ -351,10 +353,12 @@ impl PgStore {
         if read_only {
             let v = schema_version(&**client).await?;
             if v != MIGRATIONS.len() {
-                return Err(StoreError::Invalid(format!(
-                    "database {describe} has schema version {v}, this refreshd uses {}: run `refreshd run` (or `refreshd accounts import`) once to migrate it",
-                    MIGRATIONS.len()
-                )));
+                return Err(super::Refusal::SchemaBehind {
+                    store: describe,
+                    version: v as i64,
+                    current: MIGRATIONS.len(),
+                }
+                .into());
             }
         } else {
             migrate(&mut client)
@@ -774,7 +778,7 @@ impl PgStore {
                 let ids = upsert_on(tx, &keys, &batch, now).await?;
                 per_batch(&batch, &ids);
             }
-            Err(StoreError::Invalid(super::IMPORT_ABORTED.into()))
+            Err(super::Refusal::ImportAborted.into())
         })
         .await
     }
@@ -958,7 +962,7 @@ impl PgStore {
         let n: i64 = client
             .query_one(
                 "SELECT COUNT(*) FROM accounts WHERE access_token NOT LIKE $1 OR refresh_token NOT LIKE $1",
-                &[&super::sqlite::sealed_pattern(key_id)],
+                &[&super::rules::sealed_pattern(key_id)],
             )
             .await
             .map_err(pg_err(ctx))?
@@ -971,11 +975,9 @@ impl PgStore {
         &self,
         after_id: i64,
         limit: usize,
-    ) -> Result<super::sqlite::RekeyBatch, StoreError> {
+    ) -> Result<super::RekeyBatch, StoreError> {
         let Some(primary) = self.keys.primary_id().map(str::to_string) else {
-            return Err(StoreError::Invalid(
-                "rekey needs store.encryption_key_file: the key every token is sealed under".into(),
-            ));
+            return Err(super::Refusal::RekeyWithoutKey.into());
         };
         let keys = self.keys.clone();
         self.in_tx("re-seal tokens", async |tx| {
@@ -988,13 +990,13 @@ impl PgStore {
                      ORDER BY id LIMIT $3 FOR UPDATE",
                     &[
                         &after_id,
-                        &super::sqlite::sealed_pattern(&primary),
+                        &super::rules::sealed_pattern(&primary),
                         &(limit as i64),
                     ],
                 )
                 .await
                 .map_err(pg_err(ctx))?;
-            let mut out = super::sqlite::RekeyBatch {
+            let mut out = super::RekeyBatch {
                 last_id: None,
                 resealed: 0,
             };
@@ -1411,10 +1413,11 @@ async fn upsert_one(
                     // Created meanwhile by another transaction: update that one.
                     existing = lookup().await?;
                     if existing.is_none() {
-                        return Err(StoreError::Invalid(format!(
-                            "account {}/{} was created and removed by others while being imported; nothing imported, try again",
-                            a.provider, a.subject
-                        )));
+                        return Err(super::Refusal::UpsertRaced {
+                            provider: a.provider.clone(),
+                            subject: a.subject.clone(),
+                        }
+                        .into());
                     }
                     continue;
                 };

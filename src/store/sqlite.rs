@@ -1,8 +1,10 @@
 //! The queries: plain synchronous functions over a `rusqlite::Connection`, called only from
 //! the store's worker thread, unit-tested on `:memory:`.
 
+use super::rules::sealed_pattern;
 use super::{
-    AccountSummary, ListFilter, LogEntry, NewAccount, Outcome, Recorded, StoreError, SweepReport,
+    AccountSummary, ListFilter, LogEntry, NewAccount, Outcome, Recorded, RekeyBatch, StoreError,
+    SweepReport,
 };
 use crate::crypto::{Column, Keyring};
 use crate::model::{Account, ReauthReason, Status};
@@ -961,11 +963,6 @@ pub fn sealing_key_ids(conn: &Connection) -> Result<Vec<String>, StoreError> {
         .map_err(sql_err("list encryption key ids"))
 }
 
-/// `LIKE` pattern of values sealed under `key_id`; key ids are hex, so nothing to escape.
-pub(crate) fn sealed_pattern(key_id: &str) -> String {
-    format!("{}{key_id}:%", crate::crypto::PREFIX)
-}
-
 /// Accounts with a token not yet sealed under the primary key `key_id`.
 pub fn count_to_rekey(conn: &Connection, key_id: &str) -> Result<u64, StoreError> {
     conn.query_row(
@@ -975,14 +972,6 @@ pub fn count_to_rekey(conn: &Connection, key_id: &str) -> Result<u64, StoreError
     )
     .map(|n| n as u64)
     .map_err(sql_err("count accounts to re-seal"))
-}
-
-/// What one `rekey_batch` did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RekeyBatch {
-    /// The highest account id looked at; the next batch starts after it. None: no more rows.
-    pub last_id: Option<i64>,
-    pub resealed: usize,
 }
 
 /// Re-seals, under the primary key, the tokens of up to `limit` accounts after `after_id`
@@ -999,9 +988,7 @@ pub fn rekey_batch(
     limit: usize,
 ) -> Result<RekeyBatch, StoreError> {
     let Some(primary) = keys.primary_id() else {
-        return Err(StoreError::Invalid(
-            "rekey needs store.encryption_key_file: the key every token is sealed under".into(),
-        ));
+        return Err(super::Refusal::RekeyWithoutKey.into());
     };
     let rows: Vec<(i64, String, String)> = tx
         .prepare_cached(

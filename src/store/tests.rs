@@ -329,7 +329,7 @@ async fn upsert_is_all_or_nothing() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    assert!(matches!(err, StoreError::Refused(_)), "{err:?}");
     assert!(err.to_string().contains("being refreshed"), "{err}");
     assert!(store.find("tiktok", "u1").await.unwrap().is_none());
     assert_eq!(
@@ -1147,7 +1147,7 @@ async fn mark_due_needs_force_for_flagged_accounts() {
     let (flagged, ok) = (id[0], id[1]);
 
     let err = store.mark_due(flagged, NOW, false).await.unwrap_err();
-    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    assert!(matches!(err, StoreError::Refused(_)), "{err:?}");
     assert!(err.to_string().contains("--force"), "{err}");
     assert_eq!(get(&store, flagged).await.status, Status::NeedsReauth);
     assert_eq!(get(&store, flagged).await.next_refresh_at, NOW + 5000);
