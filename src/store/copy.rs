@@ -4,6 +4,7 @@
 //! order, in batches, so an interrupted copy resumes after the destination's last row.
 //! Verified at the end by counts and SHA-256 checksums of both tables on both sides.
 
+use super::columns::{self, Kind};
 use super::{Refusal, Store, StoreError};
 use sha2::{Digest, Sha256};
 
@@ -14,14 +15,6 @@ pub enum Value {
     Null,
     Int(i64),
     Text(String),
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Int,
-    /// INTEGER (32 bits) on PostgreSQL.
-    Int4,
-    Text,
 }
 
 /// A table as copied: its columns, in order, with their kinds.
@@ -35,45 +28,13 @@ pub struct Table {
 const ACCOUNTS: Table = Table {
     name: "accounts",
     key: "id",
-    columns: &[
-        ("id", Kind::Int),
-        ("provider", Kind::Text),
-        ("subject", Kind::Text),
-        ("label", Kind::Text),
-        ("access_token", Kind::Text),
-        ("refresh_token", Kind::Text),
-        ("scope", Kind::Text),
-        ("token_type", Kind::Text),
-        ("access_expires_at", Kind::Int),
-        ("refresh_expires_at", Kind::Int),
-        ("next_refresh_at", Kind::Int),
-        ("status", Kind::Text),
-        ("reauth_reason", Kind::Text),
-        ("reauth_flagged_at", Kind::Int),
-        ("failures", Kind::Int),
-        ("last_error", Kind::Text),
-        ("last_refreshed_at", Kind::Int),
-        ("lease_owner", Kind::Text),
-        ("lease_expires_at", Kind::Int),
-        ("generation", Kind::Int),
-        ("created_at", Kind::Int),
-        ("updated_at", Kind::Int),
-        ("interrupted_at", Kind::Int),
-    ],
+    columns: columns::ACCOUNTS,
 };
 
 const LOG: Table = Table {
     name: "refresh_log",
     key: "id",
-    columns: &[
-        ("id", Kind::Int),
-        ("account_id", Kind::Int),
-        ("at", Kind::Int),
-        ("outcome", Kind::Text),
-        ("http_status", Kind::Int4),
-        ("error", Kind::Text),
-        ("duration_ms", Kind::Int),
-    ],
+    columns: columns::REFRESH_LOG,
 };
 
 impl Table {
@@ -123,7 +84,7 @@ async fn read(
         format!("{}, id", table.key)
     };
     if let Some(pg) = store.pg() {
-        let c = pg.client().await?;
+        let c = pg.client("connect").await?;
         let sql = format!(
             "SELECT {} FROM {} WHERE {key} > $1 AND {key} <= $2 ORDER BY {order} LIMIT $3",
             table.column_list(),
@@ -204,7 +165,7 @@ fn check_types(table: &Table, row: &Row) -> Result<(), StoreError> {
 /// Writes rows of accounts and of the refresh log in one transaction.
 async fn write(store: &Store, accounts: Vec<Row>, log: Vec<Row>) -> Result<(), StoreError> {
     if let Some(pg) = store.pg() {
-        let mut c = pg.client().await?;
+        let mut c = pg.client("connect").await?;
         let tx = c
             .transaction()
             .await
@@ -322,7 +283,7 @@ async fn checksum(store: &Store, table: &'static Table) -> Result<(u64, String),
 async fn max_id(store: &Store, table: &'static Table) -> Result<Option<i64>, StoreError> {
     let sql = format!("SELECT MAX(id) FROM {}", table.name);
     if let Some(pg) = store.pg() {
-        let c = pg.client().await?;
+        let c = pg.client("connect").await?;
         return c
             .query_one(&sql, &[])
             .await
@@ -339,7 +300,7 @@ async fn max_id(store: &Store, table: &'static Table) -> Result<Option<i64>, Sto
 
 async fn live_leases(store: &Store, now: i64) -> Result<i64, StoreError> {
     if let Some(pg) = store.pg() {
-        let c = pg.client().await?;
+        let c = pg.client("connect").await?;
         return c
             .query_one(
                 "SELECT COUNT(*) FROM accounts WHERE lease_expires_at > $1",

@@ -2,8 +2,9 @@
 //! its rotated tokens, what is durable where, and the health the engine reads to decide
 //! whether it may send refreshes at all. Durability is claimed only after an fsync.
 
+use super::error::StoreError;
 use super::recovery::RecoveryLog;
-use super::{Outcome, Recorded, Reply, StoreError};
+use super::types::{Outcome, Recorded, Reply};
 use crate::crypto::Keyring;
 use std::collections::HashSet;
 use std::sync::Mutex;

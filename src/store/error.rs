@@ -41,7 +41,7 @@ pub enum StoreError {
     NotFound(i64),
     /// A refusal: the request was understood, and saying no leaves everything as it was.
     #[error(transparent)]
-    Refused(#[from] Refusal),
+    Refused(Box<Refusal>),
     #[error(
         "database {path}: cannot switch to WAL journal mode (got {mode:?}); is it on a network file system?"
     )]
@@ -117,6 +117,12 @@ impl StoreError {
             StoreError::PgPool { .. } => true,
             _ => false,
         }
+    }
+}
+
+impl From<Refusal> for StoreError {
+    fn from(r: Refusal) -> Self {
+        StoreError::Refused(Box::new(r))
     }
 }
 

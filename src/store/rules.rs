@@ -7,7 +7,7 @@ use super::StoreError;
 use super::error::Refusal;
 use super::types::{NewAccount, PendingConnect, StateProblem};
 use crate::crypto::{Column, Keyring};
-use crate::model::Status;
+use crate::model::{Account, Status};
 use secrecy::ExposeSecret;
 
 /// Whether an import or connection may replace an existing account's tokens.
@@ -111,6 +111,25 @@ impl StateRow {
     }
 }
 
+/// A connect for an existing account (`expect_id`, read as `existing`) must be of that
+/// account's provider and subject: else the stored (id, provider, subject), and nothing is
+/// written.
+#[allow(clippy::type_complexity)]
+pub(crate) fn connected_mismatch(
+    expect_id: Option<i64>,
+    existing: Option<Option<Account>>,
+    row: &NewAccount,
+) -> Result<Option<(i64, String, String)>, StoreError> {
+    let Some(id) = expect_id else {
+        return Ok(None);
+    };
+    let existing = existing.flatten().ok_or(StoreError::NotFound(id))?;
+    if existing.provider != row.provider || existing.subject != row.subject {
+        return Ok(Some((id, existing.provider, existing.subject)));
+    }
+    Ok(None)
+}
+
 /// `LIKE` pattern of values sealed under `key_id`; key ids are hex, so nothing to escape.
 pub(crate) fn sealed_pattern(key_id: &str) -> String {
     format!("{}{key_id}:%", crate::crypto::PREFIX)
@@ -143,6 +162,13 @@ mod tests {
         }
     }
 
+    fn refusal(e: &StoreError) -> &Refusal {
+        match e {
+            StoreError::Refused(r) => r,
+            other => panic!("not a refusal: {other:?}"),
+        }
+    }
+
     fn row(used: bool, expires_at: i64, provider: &str) -> StateRow {
         StateRow {
             provider: provider.into(),
@@ -159,8 +185,8 @@ mod tests {
     fn an_upsert_under_a_live_lease_is_refused_naming_the_account() {
         let err = check_upsert(3, &account(100), Some(101), None, 100).unwrap_err();
         assert!(matches!(
-            err,
-            StoreError::Refused(Refusal::UpsertUnderLease { id: 3, .. })
+            refusal(&err),
+            Refusal::UpsertUnderLease { id: 3, .. }
         ));
         assert!(
             err.to_string()
@@ -174,10 +200,7 @@ mod tests {
     #[test]
     fn an_upsert_older_than_the_last_refresh_is_refused() {
         let err = check_upsert(3, &account(100), None, Some(101), 100).unwrap_err();
-        assert!(matches!(
-            err,
-            StoreError::Refused(Refusal::UpsertOlderTokens { .. })
-        ));
+        assert!(matches!(refusal(&err), Refusal::UpsertOlderTokens { .. }));
         assert!(err.to_string().contains("drop that line"), "{err}");
         check_upsert(3, &account(100), None, Some(100), 100).unwrap();
     }
@@ -186,10 +209,7 @@ mod tests {
     fn mark_due_refuses_disabled_always_and_flagged_without_force() {
         for force in [false, true] {
             let err = check_mark_due(4, Status::Disabled, force).unwrap_err();
-            assert!(matches!(
-                err,
-                StoreError::Refused(Refusal::MarkDueDisabled { id: 4 })
-            ));
+            assert!(matches!(refusal(&err), Refusal::MarkDueDisabled { id: 4 }));
         }
         let err = check_mark_due(4, Status::NeedsReauth, false).unwrap_err();
         assert!(err.to_string().contains("pass --force"), "{err}");

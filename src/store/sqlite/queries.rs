@@ -1,24 +1,18 @@
-//! The queries: plain synchronous functions over a `rusqlite::Connection`, called only from
-//! the store's worker thread, unit-tested on `:memory:`.
+//! The SQLite queries: plain synchronous functions over a `rusqlite::Connection`, run only on
+//! the store's worker thread. `postgres/queries.rs` holds the same functions, in the same
+//! order, under the same names: read the two side by side. Unit-tested on `:memory:` below.
 
-use super::rules::sealed_pattern;
-use super::{
-    AccountSummary, ListFilter, LogEntry, NewAccount, Outcome, Recorded, RekeyBatch, StoreError,
-    SweepReport,
-};
 use crate::crypto::{Column, Keyring};
-use crate::model::{Account, ReauthReason, Status};
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
-use secrecy::{ExposeSecret, SecretString};
-
-const ACCOUNT_COLUMNS: &str = "id, provider, subject, label, access_token, refresh_token, scope, \
-    token_type, access_expires_at, refresh_expires_at, next_refresh_at, status, reauth_reason, \
-    reauth_flagged_at, failures, last_error, last_refreshed_at, generation, created_at, updated_at, \
-    interrupted_at";
-
-const SUMMARY_COLUMNS: &str = "id, provider, subject, label, status, reauth_reason, \
-    access_expires_at, refresh_expires_at, next_refresh_at, failures, last_error, \
-    last_refreshed_at, reauth_flagged_at, scope";
+use crate::model::{Account, Status};
+use crate::store::columns::{self, ACCOUNT_COLUMNS, RowRead, SUMMARY_COLUMNS};
+use crate::store::record::{self, Update};
+use crate::store::rules::{self, StateRow, sealed_pattern};
+use crate::store::{
+    AccountSummary, Gauges, ListFilter, LogEntry, NewAccount, Outcome, PendingConnect, Recorded,
+    Refusal, RekeyBatch, StateProblem, StoreError, SweepReport, recovery,
+};
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+use secrecy::ExposeSecret;
 
 fn sql_err(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { context, source }
@@ -30,72 +24,31 @@ fn parse_status(s: String) -> rusqlite::Result<Status> {
     })
 }
 
-fn row_to_account(r: &Row<'_>) -> rusqlite::Result<Account> {
-    Ok(Account {
-        id: r.get(0)?,
-        provider: r.get(1)?,
-        subject: r.get(2)?,
-        label: r.get(3)?,
-        access_token: SecretString::from(r.get::<_, String>(4)?),
-        refresh_token: SecretString::from(r.get::<_, String>(5)?),
-        scope: r.get(6)?,
-        token_type: r.get(7)?,
-        access_expires_at: r.get(8)?,
-        refresh_expires_at: r.get(9)?,
-        next_refresh_at: r.get(10)?,
-        status: parse_status(r.get(11)?)?,
-        reauth_reason: r
-            .get::<_, Option<String>>(12)?
-            .and_then(|s| ReauthReason::parse(&s)),
-        reauth_flagged_at: r.get(13)?,
-        failures: r.get(14)?,
-        last_error: r.get(15)?,
-        last_refreshed_at: r.get(16)?,
-        generation: r.get(17)?,
-        created_at: r.get(18)?,
-        updated_at: r.get(19)?,
-        interrupted_at: r.get(20)?,
-    })
+impl RowRead for Row<'_> {
+    type Error = rusqlite::Error;
+    fn int(&self, i: usize) -> rusqlite::Result<i64> {
+        self.get(i)
+    }
+    fn opt_int(&self, i: usize) -> rusqlite::Result<Option<i64>> {
+        self.get(i)
+    }
+    fn text(&self, i: usize) -> rusqlite::Result<String> {
+        self.get(i)
+    }
+    fn opt_text(&self, i: usize) -> rusqlite::Result<Option<String>> {
+        self.get(i)
+    }
+    fn bad_status(_value: String, e: String) -> rusqlite::Error {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+    }
 }
 
-/// Opens the sealed tokens of a row read by `row_to_account` (clear values pass through).
-fn open_tokens(keys: &Keyring, mut a: Account) -> Result<Account, StoreError> {
-    a.access_token = keys.open(a.id, Column::AccessToken, a.access_token.expose_secret())?;
-    a.refresh_token = keys.open(a.id, Column::RefreshToken, a.refresh_token.expose_secret())?;
-    Ok(a)
+fn row_to_account(r: &Row<'_>) -> rusqlite::Result<Account> {
+    columns::account_from(r)
 }
 
 fn row_to_summary(r: &Row<'_>) -> rusqlite::Result<AccountSummary> {
-    Ok(AccountSummary {
-        id: r.get(0)?,
-        provider: r.get(1)?,
-        subject: r.get(2)?,
-        label: r.get(3)?,
-        status: parse_status(r.get(4)?)?,
-        reauth_reason: r
-            .get::<_, Option<String>>(5)?
-            .and_then(|s| ReauthReason::parse(&s)),
-        access_expires_at: r.get(6)?,
-        refresh_expires_at: r.get(7)?,
-        next_refresh_at: r.get(8)?,
-        failures: r.get(9)?,
-        last_error: r.get(10)?,
-        last_refreshed_at: r.get(11)?,
-        reauth_flagged_at: r.get(12)?,
-        scope: r.get(13)?,
-    })
-}
-
-/// Leases up to `limit` due, refreshable, unleased accounts in one statement.
-pub fn claim_due(
-    conn: &Connection,
-    keys: &Keyring,
-    owner: &str,
-    now: i64,
-    lease_until: i64,
-    limit: usize,
-) -> Result<Vec<Account>, StoreError> {
-    claim_due_except(conn, keys, owner, now, lease_until, limit, &[], &[])
+    columns::summary_from(r)
 }
 
 /// `NOT IN (...)` over `skip` with numbered parameters from `first`, or nothing.
@@ -107,8 +60,9 @@ fn skip_clause(skip: &[String], first: usize) -> String {
     format!("AND provider NOT IN ({})", marks.join(", "))
 }
 
-/// Like `claim_due`, leaving out accounts of the `skip` providers (saturated ones) and the
-/// `exclude` accounts (rotations waiting in the recovery file).
+/// Leases up to `limit` due, refreshable, unleased accounts in one statement, leaving out
+/// accounts of the `skip` providers (saturated ones) and the `exclude` accounts (rotations
+/// waiting in the recovery file).
 #[allow(clippy::too_many_arguments)]
 pub fn claim_due_except(
     conn: &Connection,
@@ -151,21 +105,7 @@ pub fn claim_due_except(
     let sealed: Vec<Account> = rows
         .collect::<Result<_, _>>()
         .map_err(sql_err("claim due accounts"))?;
-    // A row that does not open (altered, or its key is missing) must not stop the others:
-    // it is logged and left leased, so it comes back only after the lease ends.
-    let mut out = Vec::with_capacity(sealed.len());
-    for a in sealed {
-        let id = a.id;
-        match open_tokens(keys, a) {
-            Ok(a) => out.push(a),
-            Err(e) => {
-                tracing::error!(event = "token_unreadable", account = id, error = %e,
-                    "cannot open this account's stored tokens; it is skipped until its lease ends")
-            }
-        }
-    }
-    out.sort_by_key(|a| a.next_refresh_at);
-    Ok(out)
+    Ok(columns::open_claimed(keys, sealed))
 }
 
 /// Ends now the leases of processes found dead (their instance lock is free), so the next
@@ -183,14 +123,10 @@ pub fn expire_leases_of(conn: &Connection, owners: &[String], now: i64) -> Resul
     Ok(())
 }
 
-/// The earliest due time among refreshable accounts that nobody holds a valid lease on.
-/// Accounts leased by a process that died become visible when their lease expires; the
-/// engine's `refresh.max_idle` bounds how late it notices.
-pub fn next_due(conn: &Connection, now: i64) -> Result<Option<i64>, StoreError> {
-    next_due_except(conn, now, &[])
-}
-
-/// Like `next_due`, leaving out accounts of the `skip` providers.
+/// The earliest due time among refreshable accounts that nobody holds a valid lease on,
+/// leaving out accounts of the `skip` providers. Accounts leased by a process that died
+/// become visible when their lease expires; the engine's `refresh.max_idle` bounds how late
+/// it notices.
 pub fn next_due_except(
     conn: &Connection,
     now: i64,
@@ -223,7 +159,7 @@ pub fn get(conn: &Connection, keys: &Keyring, id: i64) -> Result<Option<Account>
     ))
     .and_then(|mut s| s.query_row([id], row_to_account).optional())
     .map_err(sql_err("read account"))?
-    .map(|a| open_tokens(keys, a))
+    .map(|a| columns::open_tokens(keys, a))
     .transpose()
 }
 
@@ -238,7 +174,7 @@ pub fn find(
     ))
     .and_then(|mut s| s.query_row([provider, subject], row_to_account).optional())
     .map_err(sql_err("find account"))?
-    .map(|a| open_tokens(keys, a))
+    .map(|a| columns::open_tokens(keys, a))
     .transpose()
 }
 
@@ -306,7 +242,7 @@ pub fn counts(conn: &Connection) -> Result<Vec<(String, Status, i64)>, StoreErro
         .map_err(sql_err("count accounts"))
 }
 
-pub fn gauges(conn: &Connection, now: i64) -> Result<super::Gauges, StoreError> {
+pub fn gauges(conn: &Connection, now: i64) -> Result<Gauges, StoreError> {
     let ctx = "read account gauges";
     let flagged = conn
         .prepare_cached(
@@ -340,7 +276,7 @@ pub fn gauges(conn: &Connection, now: i64) -> Result<super::Gauges, StoreError> 
                 .collect::<Result<Vec<_>, _>>()
         })
         .map_err(sql_err(ctx))?;
-    Ok(super::Gauges {
+    Ok(Gauges {
         by_status: counts(conn)?,
         flagged,
         access_expired,
@@ -371,7 +307,7 @@ pub fn upsert(
             })
             .map_err(sql_err("look up account for import"))?;
         if let Some((id, lease_expires_at, last_refreshed_at)) = existing {
-            super::check_upsert(id, a, lease_expires_at, last_refreshed_at, now)?;
+            rules::check_upsert(id, a, lease_expires_at, last_refreshed_at, now)?;
         }
         let existing = existing.map(|(id, _, _)| id);
         // '' means "no refresh token given": the stored one is kept.
@@ -515,216 +451,161 @@ fn append_log(
     Ok(())
 }
 
-/// Writes one refresh outcome. Runs inside the group-commit transaction.
+/// Writes one refresh outcome (see `record::plan`). Runs inside the group-commit
+/// transaction.
 pub fn record(tx: &Connection, keys: &Keyring, o: &Outcome) -> Result<Recorded, StoreError> {
-    match o {
-        Outcome::Rotated {
+    let write = record::plan(keys, o);
+    let run = |ctx: &'static str, sql: &str, params: &[&dyn rusqlite::ToSql]| {
+        tx.prepare_cached(sql)
+            .and_then(|mut s| s.execute(params))
+            .map_err(sql_err(ctx))
+    };
+    let n = match &write.update {
+        Update::Rotate {
             account_id,
             generation,
-            tokens,
-            at,
+            access_token,
+            refresh_token,
+            scope,
+            token_type,
+            access_expires_at,
+            refresh_expires_at,
             next_refresh_at,
             status,
             reauth_reason,
-            http_status,
-            duration_ms,
-        } => {
-            let refresh_token = tokens
-                .refresh_token
-                .as_ref()
-                .map(|t| keys.seal(*account_id, Column::RefreshToken, t.expose_secret()));
-            let n = tx
-                .prepare_cached(
-                    "UPDATE accounts SET access_token = ?3,
-                        refresh_token = COALESCE(?4, refresh_token),
-                        scope = COALESCE(?5, scope), token_type = ?6,
-                        access_expires_at = ?7,
-                        refresh_expires_at = COALESCE(?8, refresh_expires_at),
-                        next_refresh_at = ?9, status = ?10,
-                        reauth_reason = ?11,
-                        reauth_flagged_at = CASE WHEN ?11 IS NULL THEN NULL
-                            WHEN reauth_reason IS ?11 THEN reauth_flagged_at ELSE ?12 END,
-                        failures = 0, last_error = NULL, last_refreshed_at = ?12,
-                        lease_owner = NULL, lease_expires_at = NULL,
-                        generation = generation + 1, updated_at = ?12
-                     WHERE id = ?1 AND generation = ?2",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![
-                        account_id,
-                        generation,
-                        keys.seal(
-                            *account_id,
-                            Column::AccessToken,
-                            tokens.access_token.expose_secret()
-                        ),
-                        refresh_token,
-                        tokens.scope,
-                        tokens.token_type,
-                        at + tokens.expires_in,
-                        tokens.refresh_expires_in.map(|s| at + s),
-                        next_refresh_at,
-                        status.as_str(),
-                        reauth_reason.map(|r| r.as_str()),
-                        at
-                    ])
-                })
-                .map_err(sql_err("store rotated tokens"))?;
-            if n == 0 {
-                append_log(
-                    tx,
-                    *account_id,
-                    *at,
-                    "superseded",
-                    *http_status,
-                    Some(
-                        "another refresh rotated this account first; these tokens were not stored",
-                    ),
-                    Some(*duration_ms),
-                )?;
-                return Ok(Recorded::Superseded);
-            }
-            append_log(
-                tx,
-                *account_id,
-                *at,
-                "rotated",
-                *http_status,
-                None,
-                Some(*duration_ms),
-            )?;
-            Ok(Recorded::Applied)
-        }
-        Outcome::Transient {
+            at,
+        } => run(
+            "store rotated tokens",
+            "UPDATE accounts SET access_token = ?3,
+                refresh_token = COALESCE(?4, refresh_token),
+                scope = COALESCE(?5, scope), token_type = ?6,
+                access_expires_at = ?7,
+                refresh_expires_at = COALESCE(?8, refresh_expires_at),
+                next_refresh_at = ?9, status = ?10,
+                reauth_reason = ?11,
+                reauth_flagged_at = CASE WHEN ?11 IS NULL THEN NULL
+                    WHEN reauth_reason IS ?11 THEN reauth_flagged_at ELSE ?12 END,
+                failures = 0, last_error = NULL, last_refreshed_at = ?12,
+                lease_owner = NULL, lease_expires_at = NULL,
+                generation = generation + 1, updated_at = ?12
+             WHERE id = ?1 AND generation = ?2",
+            params![
+                account_id,
+                generation,
+                access_token,
+                refresh_token,
+                scope,
+                token_type,
+                access_expires_at,
+                refresh_expires_at,
+                next_refresh_at,
+                status,
+                reauth_reason,
+                at
+            ],
+        )?,
+        Update::Fail {
             account_id,
             owner,
-            at,
-            next_refresh_at,
             error,
-            http_status,
-            duration_ms,
-            answer_lost,
-        } => {
-            // The lease is kept until the retry when the answer may have been lost, or when
-            // this attempt already followed a cut-off one (interrupted_at): the next claim
-            // then finds it not given back and keeps the crash window on record.
-            let n = tx
-                .prepare_cached(
-                    "UPDATE accounts SET failures = failures + 1, last_error = ?3,
-                        next_refresh_at = ?4,
-                        lease_owner = CASE WHEN ?6 OR interrupted_at IS NOT NULL THEN lease_owner END,
-                        lease_expires_at = CASE WHEN ?6 OR interrupted_at IS NOT NULL THEN ?4 END,
-                        updated_at = ?5
-                     WHERE id = ?1 AND lease_owner = ?2",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![account_id, owner, error, next_refresh_at, at, answer_lost])
-                })
-                .map_err(sql_err("record transient failure"))?;
-            append_log(
-                tx,
-                *account_id,
-                *at,
-                "transient",
-                *http_status,
-                Some(error),
-                Some(*duration_ms),
-            )?;
-            Ok(if n == 0 {
-                Recorded::LeaseLost
-            } else {
-                Recorded::Applied
-            })
-        }
-        Outcome::ConfigError {
+            next_refresh_at,
+            at,
+            keep_lease,
+        } => run(
+            "record transient failure",
+            "UPDATE accounts SET failures = failures + 1, last_error = ?3,
+                next_refresh_at = ?4,
+                lease_owner = CASE WHEN ?6 OR interrupted_at IS NOT NULL THEN lease_owner END,
+                lease_expires_at = CASE WHEN ?6 OR interrupted_at IS NOT NULL THEN ?4 END,
+                updated_at = ?5
+             WHERE id = ?1 AND lease_owner = ?2",
+            params![account_id, owner, error, next_refresh_at, at, keep_lease],
+        )?,
+        Update::Postpone {
             account_id,
             owner,
-            at,
-            next_refresh_at,
             error,
-            http_status,
-            duration_ms,
-        } => {
-            let n = tx
-                .prepare_cached(
-                    "UPDATE accounts SET last_error = ?3, next_refresh_at = ?4,
-                        lease_owner = NULL, lease_expires_at = NULL, updated_at = ?5
-                     WHERE id = ?1 AND lease_owner = ?2",
-                )
-                .and_then(|mut s| s.execute(params![account_id, owner, error, next_refresh_at, at]))
-                .map_err(sql_err("record provider configuration error"))?;
-            append_log(
-                tx,
-                *account_id,
-                *at,
-                "config_error",
-                *http_status,
-                Some(error),
-                Some(*duration_ms),
-            )?;
-            Ok(if n == 0 {
-                Recorded::LeaseLost
-            } else {
-                Recorded::Applied
-            })
-        }
-        Outcome::Rejected {
+            next_refresh_at,
+            at,
+        } => run(
+            "record provider configuration error",
+            "UPDATE accounts SET last_error = ?3, next_refresh_at = ?4,
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = ?5
+             WHERE id = ?1 AND lease_owner = ?2",
+            params![account_id, owner, error, next_refresh_at, at],
+        )?,
+        Update::Flag {
             account_id,
             generation,
             reason,
             at,
             error,
-            http_status,
-            duration_ms,
-        } => {
-            // Guarded by generation: if another process rotated the account meanwhile, the
-            // rejection was of a token that is already replaced, and nothing is wrong.
-            let n = tx
-                .prepare_cached(
-                    "UPDATE accounts SET status = 'needs_reauth', reauth_reason = ?3,
-                        reauth_flagged_at = ?4, last_error = ?5, failures = failures + 1,
-                        lease_owner = NULL, lease_expires_at = NULL, updated_at = ?4
-                     WHERE id = ?1 AND generation = ?2",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![account_id, generation, reason.as_str(), at, error])
-                })
-                .map_err(sql_err("flag account for re-authorization"))?;
-            if n == 0 {
-                append_log(
-                    tx,
-                    *account_id,
-                    *at,
-                    "superseded",
-                    *http_status,
-                    Some(&format!(
-                        "rejected, but another refresh had rotated the account: not flagged ({error})"
-                    )),
-                    Some(*duration_ms),
-                )?;
-                return Ok(Recorded::Superseded);
-            }
-            append_log(
-                tx,
-                *account_id,
-                *at,
-                "reauth_required",
-                *http_status,
-                Some(error),
-                Some(*duration_ms),
-            )?;
-            Ok(Recorded::Applied)
+        } => run(
+            "flag account for re-authorization",
+            "UPDATE accounts SET status = 'needs_reauth', reauth_reason = ?3,
+                reauth_flagged_at = ?4, last_error = ?5, failures = failures + 1,
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = ?4
+             WHERE id = ?1 AND generation = ?2",
+            params![account_id, generation, reason, at, error],
+        )?,
+        Update::Release { account_id, owner } => run(
+            "release lease",
+            "UPDATE accounts SET lease_owner = NULL, lease_expires_at = NULL
+             WHERE id = ?1 AND lease_owner = ?2",
+            params![account_id, owner],
+        )?,
+    };
+    let (recorded, log) = write.ended(n > 0);
+    if let Some(l) = log {
+        append_log(
+            tx,
+            l.account_id,
+            l.at,
+            l.outcome,
+            l.http_status,
+            l.error.as_deref(),
+            l.duration_ms,
+        )?;
+    }
+    Ok(recorded)
+}
+
+/// Commits deferred rotations in one transaction, each under its own savepoint. A rotation
+/// already in the database (the process died after committing but before removing the
+/// file) is skipped. One the database refuses for good (not a passing failure) is returned
+/// with its error instead of failing the others; a passing failure fails the whole call.
+pub fn apply_recovered(
+    conn: &mut Connection,
+    keys: &Keyring,
+    outcomes: &[Outcome],
+) -> Result<(usize, Vec<(Outcome, String)>), StoreError> {
+    let ctx = "replay rotations that could not be committed";
+    let mut tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql_err(ctx))?;
+    let mut applied = 0;
+    let mut refused = Vec::new();
+    for o in outcomes {
+        if recovery::already_committed(o, get(&tx, keys, o.account_id())?.as_ref()) {
+            continue;
         }
-        Outcome::Released { account_id, owner } => {
-            tx.prepare_cached(
-                "UPDATE accounts SET lease_owner = NULL, lease_expires_at = NULL
-                 WHERE id = ?1 AND lease_owner = ?2",
-            )
-            .and_then(|mut s| s.execute(params![account_id, owner]))
-            .map_err(sql_err("release lease"))?;
-            Ok(Recorded::Applied)
+        let sp = tx.savepoint().map_err(sql_err(ctx))?;
+        match record(&sp, keys, o) {
+            Ok(r) => {
+                sp.commit().map_err(sql_err(ctx))?;
+                if r == Recorded::Applied {
+                    applied += 1;
+                }
+            }
+            Err(e) if !e.is_transient() => {
+                drop(sp);
+                refused.push((o.clone(), e.to_string()));
+            }
+            Err(e) => return Err(e),
         }
     }
+    tx.commit().map_err(sql_err(ctx))?;
+    Ok((applied, refused))
 }
 
 /// The reauth sweep: flags refreshable accounts whose refresh token ends inside the window
@@ -830,7 +711,7 @@ pub fn mark_due(
         .optional()
         .map_err(sql_err("read account"))?
         .ok_or(StoreError::NotFound(id))?;
-    super::check_mark_due(id, status, force)?;
+    rules::check_mark_due(id, status, force)?;
     // The lease is left alone: a daemon may be refreshing this account right now.
     tx.execute(
         "UPDATE accounts SET next_refresh_at = ?2, updated_at = ?2,
@@ -862,7 +743,7 @@ pub fn remove(tx: &Transaction<'_>, id: i64) -> Result<(), StoreError> {
 pub fn connect_state_put(
     tx: &Transaction<'_>,
     key: &str,
-    p: &super::PendingConnect,
+    p: &PendingConnect,
     verifier: Option<String>,
     now: i64,
     max_open: usize,
@@ -870,7 +751,7 @@ pub fn connect_state_put(
     let ctx = "remember a web connect";
     tx.execute(
         "DELETE FROM connect_states WHERE expires_at < ?1",
-        [now - super::CONNECT_REMEMBER],
+        [now - rules::CONNECT_REMEMBER],
     )
     .map_err(sql_err(ctx))?;
     let open: i64 = tx
@@ -907,7 +788,7 @@ pub fn connect_state_take(
     key: &str,
     provider: &str,
     now: i64,
-) -> Result<Result<super::PendingConnect, super::StateProblem>, StoreError> {
+) -> Result<Result<PendingConnect, StateProblem>, StoreError> {
     let ctx = "take a web connect's state";
     let row = tx
         .query_row(
@@ -915,7 +796,7 @@ pub fn connect_state_take(
              FROM connect_states WHERE key = ?1",
             [key],
             |r| {
-                Ok(super::StateRow {
+                Ok(StateRow {
                     provider: r.get(0)?,
                     verifier: r.get(1)?,
                     label: r.get(2)?,
@@ -929,7 +810,7 @@ pub fn connect_state_take(
         .optional()
         .map_err(sql_err(ctx))?;
     let Some(row) = row else {
-        return Ok(Err(super::StateProblem::Unknown));
+        return Ok(Err(StateProblem::Unknown));
     };
     if !row.used {
         tx.execute(
@@ -988,7 +869,7 @@ pub fn rekey_batch(
     limit: usize,
 ) -> Result<RekeyBatch, StoreError> {
     let Some(primary) = keys.primary_id() else {
-        return Err(super::Refusal::RekeyWithoutKey.into());
+        return Err(Refusal::RekeyWithoutKey.into());
     };
     let rows: Vec<(i64, String, String)> = tx
         .prepare_cached(

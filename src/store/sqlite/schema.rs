@@ -116,6 +116,16 @@ pub fn migrate(conn: &mut Connection) -> Result<(usize, usize), (usize, rusqlite
     Ok((current, MIGRATIONS.len()))
 }
 
+/// The schema version the database carries (`PRAGMA user_version`).
+pub fn version(conn: &Connection) -> Result<usize, crate::store::error::StoreError> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        .map(|v| v as usize)
+        .map_err(|source| crate::store::error::StoreError::Sqlite {
+            context: "read the schema version",
+            source,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
