@@ -11,7 +11,8 @@ use crate::crypto::{Column, Keyring};
 use crate::model::{Account, ReauthReason, Status};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{AccountSummary, StoreError};
+use super::error::StoreError;
+use super::types::AccountSummary;
 
 /// How a value is held, for binding it on PostgreSQL (SQLite takes any).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

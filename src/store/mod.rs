@@ -420,13 +420,13 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => {
                 s.in_tx("import accounts", move |tx| {
-                    lite::upsert(tx, &keys, &accounts, now)
+                    sqlite::writes::upsert(tx, &keys, &accounts, now)
                 })
                 .await
             }
             Backend::Postgres(p) => {
                 p.in_tx("import accounts", async |tx| {
-                    pg::upsert(tx, &keys, &accounts, now).await
+                    postgres::writes::upsert(tx, &keys, &accounts, now).await
                 })
                 .await
             }
@@ -453,7 +453,7 @@ impl Store {
                 s.in_tx("import accounts", move |tx| {
                     while let Some(item) = batches.blocking_recv() {
                         let Some(batch) = item else { return Ok(()) };
-                        let ids = lite::upsert(tx, &keys, &batch, now)?;
+                        let ids = sqlite::writes::upsert(tx, &keys, &batch, now)?;
                         per_batch(&batch, &ids);
                     }
                     Err(Refusal::ImportAborted.into())
@@ -464,7 +464,7 @@ impl Store {
                 p.in_tx("import accounts", async |tx| {
                     while let Some(item) = batches.recv().await {
                         let Some(batch) = item else { return Ok(()) };
-                        let ids = pg::upsert(tx, &keys, &batch, now).await?;
+                        let ids = postgres::writes::upsert(tx, &keys, &batch, now).await?;
                         per_batch(&batch, &ids);
                     }
                     Err(Refusal::ImportAborted.into())
@@ -495,7 +495,7 @@ impl Store {
                         return Ok(Err(mismatch));
                     }
                     let previous = lite::find(tx, &keys, &row.provider, &row.subject)?;
-                    let ids = lite::upsert(tx, &keys, std::slice::from_ref(&row), now)?;
+                    let ids = sqlite::writes::upsert(tx, &keys, std::slice::from_ref(&row), now)?;
                     Ok(Ok((ids, previous.map(|a| a.status))))
                 })
                 .await
@@ -510,7 +510,8 @@ impl Store {
                         return Ok(Err(mismatch));
                     }
                     let previous = pg::find(&**tx, &keys, &row.provider, &row.subject).await?;
-                    let ids = pg::upsert(tx, &keys, std::slice::from_ref(&row), now).await?;
+                    let ids = postgres::writes::upsert(tx, &keys, std::slice::from_ref(&row), now)
+                        .await?;
                     Ok(Ok((ids, previous.map(|a| a.status))))
                 })
                 .await

@@ -3,7 +3,7 @@
 //! a row, how the write ended and which refresh-log row it leaves. Each backend's
 //! `queries::record` only runs the update's SQL and appends the log row.
 
-use super::{Outcome, Recorded};
+use super::types::{Outcome, Recorded};
 use crate::crypto::{Column, Keyring};
 use secrecy::ExposeSecret;
 

@@ -3,8 +3,8 @@
 //! connect's stored state is judged when its callback comes back, and which stored values
 //! a rekey still has to re-seal. No I/O here; unit-tested below.
 
-use super::StoreError;
 use super::error::Refusal;
+use super::error::StoreError;
 use super::types::{NewAccount, PendingConnect, StateProblem};
 use crate::crypto::{Column, Keyring};
 use crate::model::{Account, Status};

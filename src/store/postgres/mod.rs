@@ -11,6 +11,7 @@ mod errors;
 pub(crate) mod liveness;
 pub(crate) mod queries;
 pub mod schema;
+pub(crate) mod writes;
 
 pub use errors::{describe, describe_error, is_transient, validate_url};
 pub(crate) use errors::{pg_err, pool_err};
@@ -201,7 +202,7 @@ impl PgStore {
         let mut c = client;
         for path in recovery::orphans(db, owner) {
             if let Some(outcomes) = recovery::read(&path, &keys)? {
-                let (applied, refused) = queries::apply_recovered(&mut c, &keys, &outcomes).await?;
+                let (applied, refused) = apply_recovered(&mut c, &keys, &outcomes).await?;
                 recovery::replayed(&path, &keys, outcomes.len(), applied, &refused)?;
             }
         }
@@ -384,7 +385,7 @@ impl Worker {
         let recorded = futures::future::try_join_all(
             order
                 .iter()
-                .map(|&i| queries::record(&tx, &self.keys, outcomes[i])),
+                .map(|&i| writes::record(&tx, &self.keys, outcomes[i])),
         )
         .await?;
         let mut results = vec![Recorded::Applied; outcomes.len()];
@@ -433,11 +434,43 @@ impl Worker {
             return;
         }
         let result = match self.pool.get().await {
-            Ok(mut c) => {
-                queries::apply_recovered(&mut c, &self.keys, &self.deferrals.pending).await
-            }
+            Ok(mut c) => apply_recovered(&mut c, &self.keys, &self.deferrals.pending).await,
             Err(e) => Err(pool_err("retry deferred rotations")(e)),
         };
         commit::settle_retry(&mut self.deferrals, result);
     }
+}
+
+/// Commits deferred rotations, each under its own savepoint; see SQLite's.
+async fn apply_recovered(
+    client: &mut deadpool_postgres::Object,
+    keys: &Keyring,
+    outcomes: &[Outcome],
+) -> Result<(usize, Vec<(Outcome, String)>), StoreError> {
+    let ctx = "replay rotations that could not be committed";
+    let mut tx = client.transaction().await.map_err(pg_err(ctx))?;
+    let mut applied = 0;
+    let mut refused = Vec::new();
+    for o in outcomes {
+        let current = queries::get(&*tx, keys, o.account_id()).await?;
+        if recovery::already_committed(o, current.as_ref()) {
+            continue;
+        }
+        let sp = tx.transaction().await.map_err(pg_err(ctx))?;
+        match writes::record(&sp, keys, o).await {
+            Ok(r) => {
+                sp.commit().await.map_err(pg_err(ctx))?;
+                if r == Recorded::Applied {
+                    applied += 1;
+                }
+            }
+            Err(e) if !e.is_transient() => {
+                sp.rollback().await.map_err(pg_err(ctx))?;
+                refused.push((o.clone(), e.to_string()));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tx.commit().await.map_err(pg_err(ctx))?;
+    Ok((applied, refused))
 }

@@ -8,6 +8,7 @@
 mod check;
 pub(crate) mod queries;
 pub mod schema;
+pub(crate) mod writes;
 
 pub use check::report as check_report;
 
@@ -574,7 +575,7 @@ impl Worker {
             })?;
         let mut results = Vec::with_capacity(outcomes.len());
         for o in outcomes {
-            results.push(queries::record(&tx, keys, o)?);
+            results.push(writes::record(&tx, keys, o)?);
         }
         tx.commit().map_err(|source| StoreError::Sqlite {
             context: "commit refresh outcomes",
@@ -596,7 +597,7 @@ impl Worker {
             return;
         }
         self.set_wait(conn, COMMIT_WAIT);
-        let result = queries::apply_recovered(conn, &self.keys, &self.deferrals.pending);
+        let result = apply_recovered(conn, &self.keys, &self.deferrals.pending);
         self.set_wait(conn, self.busy_timeout);
         commit::settle_retry(&mut self.deferrals, result);
     }
@@ -607,8 +608,50 @@ fn replay(conn: &mut Connection, keys: &Keyring, path: &Path) -> Result<(), Stor
     let Some(outcomes) = recovery::read(path, keys)? else {
         return Ok(());
     };
-    let (applied, refused) = queries::apply_recovered(conn, keys, &outcomes)?;
+    let (applied, refused) = apply_recovered(conn, keys, &outcomes)?;
     recovery::replayed(path, keys, outcomes.len(), applied, &refused)
+}
+
+fn sql_err(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sqlite { context, source }
+}
+
+/// Commits deferred rotations in one transaction, each under its own savepoint. A rotation
+/// already in the database (the process died after committing but before removing the
+/// file) is skipped. One the database refuses for good (not a passing failure) is returned
+/// with its error instead of failing the others; a passing failure fails the whole call.
+fn apply_recovered(
+    conn: &mut Connection,
+    keys: &Keyring,
+    outcomes: &[Outcome],
+) -> Result<(usize, Vec<(Outcome, String)>), StoreError> {
+    let ctx = "replay rotations that could not be committed";
+    let mut tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql_err(ctx))?;
+    let mut applied = 0;
+    let mut refused = Vec::new();
+    for o in outcomes {
+        if recovery::already_committed(o, queries::get(&tx, keys, o.account_id())?.as_ref()) {
+            continue;
+        }
+        let sp = tx.savepoint().map_err(sql_err(ctx))?;
+        match writes::record(&sp, keys, o) {
+            Ok(r) => {
+                sp.commit().map_err(sql_err(ctx))?;
+                if r == Recorded::Applied {
+                    applied += 1;
+                }
+            }
+            Err(e) if !e.is_transient() => {
+                drop(sp);
+                refused.push((o.clone(), e.to_string()));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tx.commit().map_err(sql_err(ctx))?;
+    Ok((applied, refused))
 }
 
 #[cfg(test)]

@@ -1,10 +1,10 @@
 //! The SQLite worker carries its callers' spans; the queries on `:memory:`.
 
-use super::queries;
-use super::schema;
+use super::{SqliteStore, queries, schema, writes};
 use crate::crypto::Keyring;
 use crate::model::{Status, TokenSet};
-use crate::store::{NewAccount, Outcome, Recorded, Store, StoreOptions};
+use crate::store::deferred::Health;
+use crate::store::types::{NewAccount, Outcome, Recorded, StoreOptions};
 use rusqlite::{Connection, TransactionBehavior};
 use secrecy::{ExposeSecret, SecretString};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -46,14 +46,16 @@ fn captured() -> &'static Buf {
 async fn a_log_line_of_a_store_job_carries_the_callers_span() {
     let buf = captured();
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(StoreOptions {
+    let opts = StoreOptions {
         path: dir.path().join("refreshd.db"),
         busy_timeout: Duration::from_secs(5),
         keyring: Keyring::default(),
         postgres: None,
-    })
-    .await
-    .unwrap();
+    };
+    let health = Arc::new(Health::default());
+    let store = SqliteStore::start(opts, "me".into(), health, false)
+        .await
+        .unwrap();
     let span = tracing::info_span!("refresh", account = 424_242);
     let worker = store
         .call(|_| {
@@ -126,7 +128,7 @@ fn upsert(c: &mut Connection, accounts: &[NewAccount]) -> Vec<i64> {
     let tx = c
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .unwrap();
-    let ids = queries::upsert(&tx, &Keyring::default(), accounts, NOW).unwrap();
+    let ids = writes::upsert(&tx, &Keyring::default(), accounts, NOW).unwrap();
     tx.commit().unwrap();
     ids.into_iter().map(|(id, _)| id).collect()
 }
@@ -154,11 +156,11 @@ fn a_claimed_account_takes_its_rotation_once() {
         duration_ms: 5,
     };
     assert_eq!(
-        queries::record(&c, &keys, &rotated).unwrap(),
+        writes::record(&c, &keys, &rotated).unwrap(),
         Recorded::Applied
     );
     assert_eq!(
-        queries::record(&c, &keys, &rotated).unwrap(),
+        writes::record(&c, &keys, &rotated).unwrap(),
         Recorded::Superseded
     );
     let a = queries::get(&c, &keys, id).unwrap().unwrap();
