@@ -3,7 +3,7 @@
 //! a row, how the write ended and which refresh-log row it leaves. Each backend's
 //! `queries::record` only runs the update's SQL and appends the log row.
 
-use super::types::{Outcome, Recorded};
+use super::types::{NewAccount, Outcome, Recorded};
 use crate::crypto::{Column, Keyring};
 use secrecy::ExposeSecret;
 
@@ -283,6 +283,70 @@ impl Write<'_> {
     }
 }
 
+/// What an imported (or connected) account's row is written with, the same on both
+/// backends: expiries counted from when its tokens were obtained, its flag, and its tokens
+/// sealed for its id.
+pub(crate) struct Imported<'a> {
+    a: &'a NewAccount,
+    pub access_expires_at: i64,
+    pub refresh_expires_at: Option<i64>,
+    pub scope: String,
+    pub reauth_reason: Option<&'static str>,
+    pub reauth_flagged_at: Option<i64>,
+}
+
+pub(crate) fn imported(a: &NewAccount, now: i64) -> Imported<'_> {
+    Imported {
+        a,
+        access_expires_at: a.obtained_at + a.tokens.expires_in,
+        refresh_expires_at: a.tokens.refresh_expires_in.map(|s| a.obtained_at + s),
+        scope: a.tokens.scope.clone().unwrap_or_default(),
+        reauth_reason: a.reauth_reason.map(|r| r.as_str()),
+        reauth_flagged_at: a.reauth_reason.map(|_| now),
+    }
+}
+
+impl Imported<'_> {
+    fn refresh_clear(&self) -> &str {
+        self.a
+            .tokens
+            .refresh_token
+            .as_ref()
+            .map_or("", |t| t.expose_secret())
+    }
+
+    pub fn access_token(&self, keys: &Keyring, id: i64) -> String {
+        let clear = self.a.tokens.access_token.expose_secret();
+        keys.seal(id, Column::AccessToken, clear)
+    }
+
+    /// '' means "no refresh token given": the stored one is kept. Accounts of profiles that
+    /// extend the access token itself (Instagram, Facebook, Threads) have none.
+    pub fn refresh_token(&self, keys: &Keyring, id: i64) -> String {
+        match self.refresh_clear() {
+            "" => String::new(),
+            clear => keys.seal(id, Column::RefreshToken, clear),
+        }
+    }
+
+    /// The tokens an INSERT writes. A sealed value's associated data holds the account id,
+    /// known only after the insert: with a key, the insert writes '' and a second statement
+    /// the sealed tokens (`sealed_after_insert`).
+    pub fn inserted_tokens(&self, keys: &Keyring) -> (String, String) {
+        if keys.seals() {
+            (String::new(), String::new())
+        } else {
+            let access = self.a.tokens.access_token.expose_secret();
+            (access.to_string(), self.refresh_clear().to_string())
+        }
+    }
+
+    /// Whether the tokens are written by a second statement after the insert.
+    pub fn sealed_after_insert(keys: &Keyring) -> bool {
+        keys.seals()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,6 +457,44 @@ mod tests {
                 .contains("not flagged (invalid_grant)")
         );
         assert_eq!(w.ended(true).1.unwrap().outcome, "reauth_required");
+    }
+
+    #[test]
+    fn an_import_counts_expiries_from_when_its_tokens_were_obtained() {
+        let a = NewAccount {
+            provider: "tiktok".into(),
+            subject: "u1".into(),
+            label: None,
+            tokens: TokenSet {
+                access_token: SecretString::from("at"),
+                refresh_token: None,
+                expires_in: 100,
+                refresh_expires_in: Some(1000),
+                subject: None,
+                scope: None,
+                token_type: "Bearer".into(),
+            },
+            obtained_at: 50,
+            next_refresh_at: 90,
+            status: Status::Expiring,
+            reauth_reason: Some(ReauthReason::RefreshTokenExpiring),
+        };
+        let row = imported(&a, 60);
+        assert_eq!(
+            (row.access_expires_at, row.refresh_expires_at),
+            (150, Some(1050))
+        );
+        assert_eq!((row.reauth_flagged_at, row.scope.as_str()), (Some(60), ""));
+        let keys = Keyring::default();
+        assert_eq!(
+            row.refresh_token(&keys, 1),
+            "",
+            "none given: the stored one is kept"
+        );
+        assert_eq!(
+            row.inserted_tokens(&keys),
+            ("at".to_string(), String::new())
+        );
     }
 
     #[test]

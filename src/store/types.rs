@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
-use super::StoreError;
+use super::error::StoreError;
 
 /// An account to insert or update by (provider, subject): from an import or a code exchange.
 #[derive(Clone, Debug)]

@@ -1,11 +1,12 @@
 //! The PostgreSQL backend: the same accounts table and refresh log, the same semantics as
 //! SQLite's (leases, generation-guarded writes, group commit, recovery file), for several
 //! replicas sharing one database. This file holds the pool and the group-commit task;
-//! `queries.rs` the queries, `schema.rs` the migrations, `errors.rs` what a PostgreSQL error
-//! becomes. Claims use `FOR UPDATE SKIP LOCKED`, so replicas never wait on each other's
-//! rows; migrations run under an advisory lock, so replicas starting together do not race.
-//! A lost connection is a transient error: the pool reconnects on the next use. Each
-//! replica's liveness lock (`liveness.rs`) lets the others take a dead one's leases.
+//! `queries.rs` and `writes.rs` the SQL, `schema.rs` the migrations, `errors.rs` what a
+//! PostgreSQL error becomes. Claims use `FOR UPDATE SKIP LOCKED`, so replicas never wait
+//! on each other's rows; migrations run under an advisory lock, so replicas starting
+//! together do not race. A lost connection is a transient error: the pool reconnects on the
+//! next use. Each replica's liveness lock (`liveness.rs`) lets the others take a dead one's
+//! leases.
 
 mod errors;
 pub(crate) mod liveness;
@@ -21,8 +22,9 @@ use crate::crypto::Keyring;
 use crate::store::commit::{self, CLOSE_RETRIES, CLOSE_RETRY_EVERY, MAX_GROUP, RETRY_EVERY};
 use crate::store::deferred::{Deferrals, Health};
 use crate::store::error::{Refusal, StoreError};
+use crate::store::instance;
+use crate::store::recovery;
 use crate::store::types::{Outcome, Recorded, Reply};
-use crate::store::{instance, recovery};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
 use secrecy::{ExposeSecret, SecretString};
 use std::path::{Path, PathBuf};

@@ -53,11 +53,11 @@ CREATE TABLE refresh_log (
 CREATE INDEX refresh_log_account ON refresh_log (account_id, at);
 CREATE INDEX refresh_log_at ON refresh_log (at);
 "#,
-    // 2: the crash window (see schema.rs).
+    // 2: the crash window (see sqlite/schema.rs).
     r#"
 ALTER TABLE accounts ADD COLUMN interrupted_at BIGINT;
 "#,
-    // 3: web connects in progress (see schema.rs).
+    // 3: web connects in progress (see sqlite/schema.rs).
     r#"
 CREATE TABLE connect_states (
     key        TEXT    PRIMARY KEY,

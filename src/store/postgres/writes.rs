@@ -3,13 +3,12 @@
 //! order, under the same names.
 
 use super::errors::pg_err;
-use crate::crypto::{Column, Keyring};
+use crate::crypto::Keyring;
 use crate::store::error::{Refusal, StoreError};
 use crate::store::record::{self, Update};
 use crate::store::rules;
 use crate::store::types::{NewAccount, Outcome, Recorded};
 use deadpool_postgres::Transaction;
-use secrecy::ExposeSecret;
 
 /// Inserts or updates accounts by (provider, subject), all in the caller's transaction.
 /// Returns (id, inserted) per account in input order.
@@ -61,40 +60,14 @@ async fn upsert_one(
             .transpose()
         };
         let mut existing = lookup().await?;
-        let refresh_clear = a
-            .tokens
-            .refresh_token
-            .as_ref()
-            .map(|t| t.expose_secret().to_string())
-            .unwrap_or_default();
-        let seal_refresh = |id| {
-            if refresh_clear.is_empty() {
-                String::new()
-            } else {
-                keys.seal(id, Column::RefreshToken, &refresh_clear)
-            }
-        };
-        let access_expires_at = a.obtained_at + a.tokens.expires_in;
-        let refresh_expires_at = a.tokens.refresh_expires_in.map(|s| a.obtained_at + s);
-        let scope = a.tokens.scope.clone().unwrap_or_default();
-        let reason = a.reauth_reason.map(|r| r.as_str());
-        let flagged_at = a.reauth_reason.map(|_| now);
+        let new = record::imported(a, now);
         // FOR UPDATE locks nothing while the account does not exist yet: two connects of one
         // new user (two tabs, two replicas) would both insert, and one fail on the UNIQUE
         // constraint. The insert skips a conflict instead (waiting for the other transaction),
         // and the account it finds then is updated like any existing one.
         let done = loop {
             let Some((id, lease_expires_at, last_refreshed_at)) = existing else {
-                // The id is part of a sealed value's associated data and known only after
-                // the insert: with a key, the tokens are written by a second statement.
-                let (access, refresh) = if keys.seals() {
-                    (String::new(), String::new())
-                } else {
-                    (
-                        a.tokens.access_token.expose_secret().to_string(),
-                        refresh_clear.clone(),
-                    )
-                };
+                let (access, refresh) = new.inserted_tokens(keys);
                 let inserted = tx
                     .query_opt(
                         "INSERT INTO accounts (provider, subject, label, access_token, refresh_token,
@@ -109,14 +82,14 @@ async fn upsert_one(
                             &a.label,
                             &access,
                             &refresh,
-                            &scope,
+                            &new.scope,
                             &a.tokens.token_type,
-                            &access_expires_at,
-                            &refresh_expires_at,
+                            &new.access_expires_at,
+                            &new.refresh_expires_at,
                             &a.next_refresh_at,
                             &a.status.as_str(),
-                            &reason,
-                            &flagged_at,
+                            &new.reauth_reason,
+                            &new.reauth_flagged_at,
                             &now,
                         ],
                     )
@@ -135,17 +108,13 @@ async fn upsert_one(
                     continue;
                 };
                 let id: i64 = row.try_get(0).map_err(pg_err("insert imported account"))?;
-                if keys.seals() {
+                if record::Imported::sealed_after_insert(keys) {
                     tx.execute(
                         "UPDATE accounts SET access_token = $2, refresh_token = $3 WHERE id = $1",
                         &[
                             &id,
-                            &keys.seal(
-                                id,
-                                Column::AccessToken,
-                                a.tokens.access_token.expose_secret(),
-                            ),
-                            &seal_refresh(id),
+                            &new.access_token(keys, id),
+                            &new.refresh_token(keys, id),
                         ],
                     )
                     .await
@@ -168,16 +137,16 @@ async fn upsert_one(
                     &[
                         &id,
                         &a.label,
-                        &keys.seal(id, Column::AccessToken, a.tokens.access_token.expose_secret()),
-                        &seal_refresh(id),
-                        &scope,
+                        &new.access_token(keys, id),
+                        &new.refresh_token(keys, id),
+                        &new.scope,
                         &a.tokens.token_type,
-                        &access_expires_at,
-                        &refresh_expires_at,
+                        &new.access_expires_at,
+                        &new.refresh_expires_at,
                         &a.next_refresh_at,
                         &a.status.as_str(),
-                        &reason,
-                        &flagged_at,
+                        &new.reauth_reason,
+                        &new.reauth_flagged_at,
                         &now,
                     ],
                 )

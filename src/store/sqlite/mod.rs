@@ -4,6 +4,8 @@
 //! `commit.rs`); rotations whose commit fails go to the recovery file and are retried. The
 //! worker also watches that the database file is still the one it opened and takes over
 //! what dead processes sharing the file left (their recovery files and leases).
+//! `queries.rs` and `writes.rs` hold the SQL, `schema.rs` the migrations, `check.rs` the
+//! file's health checks.
 
 mod check;
 pub(crate) mod queries;
@@ -18,8 +20,9 @@ use crate::store::commit::{
 };
 use crate::store::deferred::{self, Health};
 use crate::store::error::{Refusal, StoreError};
+use crate::store::instance;
+use crate::store::recovery;
 use crate::store::types::{Outcome, Recorded, Reply, StoreOptions};
-use crate::store::{instance, recovery};
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

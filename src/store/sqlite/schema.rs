@@ -1,4 +1,5 @@
-//! Numbered schema migrations, applied at start-up in one transaction.
+//! The SQLite schema: numbered migrations (numbered as PostgreSQL's, so one version means
+//! the same schema on both backends), applied at start-up in one transaction.
 
 use rusqlite::Connection;
 

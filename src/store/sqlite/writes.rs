@@ -2,13 +2,12 @@
 //! refresh-log rows they leave. `postgres/writes.rs` holds the same functions, in the same
 //! order, under the same names.
 
-use crate::crypto::{Column, Keyring};
+use crate::crypto::Keyring;
 use crate::store::error::StoreError;
 use crate::store::record::{self, Update};
 use crate::store::rules;
 use crate::store::types::{NewAccount, Outcome, Recorded};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use secrecy::ExposeSecret;
 
 fn sql_err(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { context, source }
@@ -40,22 +39,7 @@ pub fn upsert(
             rules::check_upsert(id, a, lease_expires_at, last_refreshed_at, now)?;
         }
         let existing = existing.map(|(id, _, _)| id);
-        // '' means "no refresh token given": the stored one is kept.
-        let refresh_clear = a
-            .tokens
-            .refresh_token
-            .as_ref()
-            .map(|t| t.expose_secret().to_string())
-            .unwrap_or_default();
-        let seal_refresh = |id| {
-            if refresh_clear.is_empty() {
-                String::new()
-            } else {
-                keys.seal(id, Column::RefreshToken, &refresh_clear)
-            }
-        };
-        let access_expires_at = a.obtained_at + a.tokens.expires_in;
-        let refresh_expires_at = a.tokens.refresh_expires_in.map(|s| a.obtained_at + s);
+        let new = record::imported(a, now);
         let id = match existing {
             Some(id) => {
                 tx.prepare_cached(
@@ -73,20 +57,16 @@ pub fn upsert(
                     s.execute(params![
                         id,
                         a.label,
-                        keys.seal(
-                            id,
-                            Column::AccessToken,
-                            a.tokens.access_token.expose_secret()
-                        ),
-                        seal_refresh(id),
-                        a.tokens.scope.clone().unwrap_or_default(),
+                        new.access_token(keys, id),
+                        new.refresh_token(keys, id),
+                        new.scope,
                         a.tokens.token_type,
-                        access_expires_at,
-                        refresh_expires_at,
+                        new.access_expires_at,
+                        new.refresh_expires_at,
                         a.next_refresh_at,
                         a.status.as_str(),
-                        a.reauth_reason.map(|r| r.as_str()),
-                        a.reauth_reason.map(|_| now),
+                        new.reauth_reason,
+                        new.reauth_flagged_at,
                         now
                     ])
                 })
@@ -95,18 +75,7 @@ pub fn upsert(
                 id
             }
             None => {
-                // Accounts of profiles that extend the access token itself (Instagram,
-                // Facebook, Threads) have no refresh token; import checks the others.
-                // The id is part of a sealed value's associated data and is known only
-                // after the insert: with a key, the tokens are written by a second statement.
-                let (access, refresh) = if keys.seals() {
-                    (String::new(), String::new())
-                } else {
-                    (
-                        a.tokens.access_token.expose_secret().to_string(),
-                        refresh_clear.clone(),
-                    )
-                };
+                let (access, refresh) = new.inserted_tokens(keys);
                 let id: i64 = tx
                     .prepare_cached(
                         "INSERT INTO accounts (provider, subject, label, access_token, refresh_token,
@@ -123,33 +92,29 @@ pub fn upsert(
                                 a.label,
                                 access,
                                 refresh,
-                                a.tokens.scope.clone().unwrap_or_default(),
+                                new.scope,
                                 a.tokens.token_type,
-                                access_expires_at,
-                                refresh_expires_at,
+                                new.access_expires_at,
+                                new.refresh_expires_at,
                                 a.next_refresh_at,
                                 a.status.as_str(),
-                                a.reauth_reason.map(|r| r.as_str()),
-                                a.reauth_reason.map(|_| now),
+                                new.reauth_reason,
+                                new.reauth_flagged_at,
                                 now
                             ],
                             |r| r.get(0),
                         )
                     })
                     .map_err(sql_err("insert imported account"))?;
-                if keys.seals() {
+                if record::Imported::sealed_after_insert(keys) {
                     tx.prepare_cached(
                         "UPDATE accounts SET access_token = ?2, refresh_token = ?3 WHERE id = ?1",
                     )
                     .and_then(|mut s| {
                         s.execute(params![
                             id,
-                            keys.seal(
-                                id,
-                                Column::AccessToken,
-                                a.tokens.access_token.expose_secret()
-                            ),
-                            seal_refresh(id)
+                            new.access_token(keys, id),
+                            new.refresh_token(keys, id)
                         ])
                     })
                     .map_err(sql_err("store imported tokens"))?;
