@@ -5,6 +5,7 @@
 
 use super::types::{NewAccount, Outcome, Recorded};
 use crate::crypto::{Column, Keyring};
+use crate::model::TokenSet;
 use secrecy::ExposeSecret;
 
 /// The guarded update of one outcome. Rows are matched by id and by `generation` (a rotation
@@ -77,6 +78,26 @@ pub(crate) struct Write<'a> {
     o: &'a Outcome,
 }
 
+/// A rotated token set as stored for `account_id` (in the database and the recovery file):
+/// sealed under the primary key, or clear without one; no refresh token when the provider
+/// did not rotate it.
+pub(crate) fn sealed_tokens(
+    keys: &Keyring,
+    account_id: i64,
+    tokens: &TokenSet,
+) -> (String, Option<String>) {
+    let access = keys.seal(
+        account_id,
+        Column::AccessToken,
+        tokens.access_token.expose_secret(),
+    );
+    let refresh = tokens
+        .refresh_token
+        .as_ref()
+        .map(|t| keys.seal(account_id, Column::RefreshToken, t.expose_secret()));
+    (access, refresh)
+}
+
 /// The outcome's write; tokens are sealed here, for the account and column they belong to.
 pub(crate) fn plan<'a>(keys: &Keyring, o: &'a Outcome) -> Write<'a> {
     let update = match o {
@@ -89,27 +110,23 @@ pub(crate) fn plan<'a>(keys: &Keyring, o: &'a Outcome) -> Write<'a> {
             status,
             reauth_reason,
             ..
-        } => Update::Rotate {
-            account_id: *account_id,
-            generation: *generation,
-            access_token: keys.seal(
-                *account_id,
-                Column::AccessToken,
-                tokens.access_token.expose_secret(),
-            ),
-            refresh_token: tokens
-                .refresh_token
-                .as_ref()
-                .map(|t| keys.seal(*account_id, Column::RefreshToken, t.expose_secret())),
-            scope: tokens.scope.as_deref(),
-            token_type: &tokens.token_type,
-            access_expires_at: at + tokens.expires_in,
-            refresh_expires_at: tokens.refresh_expires_in.map(|s| at + s),
-            next_refresh_at: *next_refresh_at,
-            status: status.as_str(),
-            reauth_reason: reauth_reason.map(|r| r.as_str()),
-            at: *at,
-        },
+        } => {
+            let (access_token, refresh_token) = sealed_tokens(keys, *account_id, tokens);
+            Update::Rotate {
+                account_id: *account_id,
+                generation: *generation,
+                access_token,
+                refresh_token,
+                scope: tokens.scope.as_deref(),
+                token_type: &tokens.token_type,
+                access_expires_at: at + tokens.expires_in,
+                refresh_expires_at: tokens.refresh_expires_in.map(|s| at + s),
+                next_refresh_at: *next_refresh_at,
+                status: status.as_str(),
+                reauth_reason: reauth_reason.map(|r| r.as_str()),
+                at: *at,
+            }
+        }
         Outcome::Transient {
             account_id,
             owner,

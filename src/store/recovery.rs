@@ -6,6 +6,7 @@
 //! The own file keeps room reserved ahead, so an append does not meet a full disk.
 
 use super::error::StoreError;
+use super::record::sealed_tokens;
 use super::types::Outcome;
 use crate::crypto::{Column, Keyring};
 use crate::model::{Account, ReauthReason, Status, TokenSet};
@@ -315,28 +316,24 @@ fn to_entry(keys: &Keyring, o: &Outcome) -> Option<Entry> {
             reauth_reason,
             duration_ms,
             ..
-        } => Some(Entry {
-            account_id: *account_id,
-            generation: *generation,
-            access_token: keys.seal(
-                *account_id,
-                Column::AccessToken,
-                tokens.access_token.expose_secret(),
-            ),
-            refresh_token: tokens
-                .refresh_token
-                .as_ref()
-                .map(|t| keys.seal(*account_id, Column::RefreshToken, t.expose_secret())),
-            expires_in: tokens.expires_in,
-            refresh_expires_in: tokens.refresh_expires_in,
-            scope: tokens.scope.clone(),
-            token_type: tokens.token_type.clone(),
-            at: *at,
-            next_refresh_at: *next_refresh_at,
-            status: *status,
-            reauth_reason: *reauth_reason,
-            duration_ms: *duration_ms,
-        }),
+        } => {
+            let (access_token, refresh_token) = sealed_tokens(keys, *account_id, tokens);
+            Some(Entry {
+                account_id: *account_id,
+                generation: *generation,
+                access_token,
+                refresh_token,
+                expires_in: tokens.expires_in,
+                refresh_expires_in: tokens.refresh_expires_in,
+                scope: tokens.scope.clone(),
+                token_type: tokens.token_type.clone(),
+                at: *at,
+                next_refresh_at: *next_refresh_at,
+                status: *status,
+                reauth_reason: *reauth_reason,
+                duration_ms: *duration_ms,
+            })
+        }
         _ => None,
     }
 }
