@@ -4,7 +4,8 @@
 //! order, in batches, so an interrupted copy resumes after the destination's last row.
 //! Verified at the end by counts and SHA-256 checksums of both tables on both sides.
 
-use super::{Store, StoreError};
+use super::columns::{self, Kind};
+use super::{Refusal, Store, StoreError};
 use sha2::{Digest, Sha256};
 
 /// A column value as both backends hold it.
@@ -14,14 +15,6 @@ pub enum Value {
     Null,
     Int(i64),
     Text(String),
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Int,
-    /// INTEGER (32 bits) on PostgreSQL.
-    Int4,
-    Text,
 }
 
 /// A table as copied: its columns, in order, with their kinds.
@@ -35,45 +28,13 @@ pub struct Table {
 const ACCOUNTS: Table = Table {
     name: "accounts",
     key: "id",
-    columns: &[
-        ("id", Kind::Int),
-        ("provider", Kind::Text),
-        ("subject", Kind::Text),
-        ("label", Kind::Text),
-        ("access_token", Kind::Text),
-        ("refresh_token", Kind::Text),
-        ("scope", Kind::Text),
-        ("token_type", Kind::Text),
-        ("access_expires_at", Kind::Int),
-        ("refresh_expires_at", Kind::Int),
-        ("next_refresh_at", Kind::Int),
-        ("status", Kind::Text),
-        ("reauth_reason", Kind::Text),
-        ("reauth_flagged_at", Kind::Int),
-        ("failures", Kind::Int),
-        ("last_error", Kind::Text),
-        ("last_refreshed_at", Kind::Int),
-        ("lease_owner", Kind::Text),
-        ("lease_expires_at", Kind::Int),
-        ("generation", Kind::Int),
-        ("created_at", Kind::Int),
-        ("updated_at", Kind::Int),
-        ("interrupted_at", Kind::Int),
-    ],
+    columns: columns::ACCOUNTS,
 };
 
 const LOG: Table = Table {
     name: "refresh_log",
     key: "id",
-    columns: &[
-        ("id", Kind::Int),
-        ("account_id", Kind::Int),
-        ("at", Kind::Int),
-        ("outcome", Kind::Text),
-        ("http_status", Kind::Int4),
-        ("error", Kind::Text),
-        ("duration_ms", Kind::Int),
-    ],
+    columns: columns::REFRESH_LOG,
 };
 
 impl Table {
@@ -123,7 +84,7 @@ async fn read(
         format!("{}, id", table.key)
     };
     if let Some(pg) = store.pg() {
-        let c = pg.client().await?;
+        let c = pg.client("connect").await?;
         let sql = format!(
             "SELECT {} FROM {} WHERE {key} > $1 AND {key} <= $2 ORDER BY {order} LIMIT $3",
             table.column_list(),
@@ -190,11 +151,12 @@ async fn read(
 fn check_types(table: &Table, row: &Row) -> Result<(), StoreError> {
     for ((column, kind), v) in table.columns.iter().zip(row) {
         if matches!(kind, Kind::Int | Kind::Int4) && matches!(v, Value::Text(_)) {
-            return Err(StoreError::Invalid(format!(
-                "{}.{column} of row {:?} holds text where an integer belongs: fix that row in the source, then copy again",
-                table.name,
-                row.first().cloned().unwrap_or(Value::Null)
-            )));
+            return Err(Refusal::CopyTextInInteger {
+                table: table.name,
+                column,
+                row: format!("{:?}", row.first().cloned().unwrap_or(Value::Null)),
+            }
+            .into());
         }
     }
     Ok(())
@@ -203,7 +165,7 @@ fn check_types(table: &Table, row: &Row) -> Result<(), StoreError> {
 /// Writes rows of accounts and of the refresh log in one transaction.
 async fn write(store: &Store, accounts: Vec<Row>, log: Vec<Row>) -> Result<(), StoreError> {
     if let Some(pg) = store.pg() {
-        let mut c = pg.client().await?;
+        let mut c = pg.client("connect").await?;
         let tx = c
             .transaction()
             .await
@@ -321,7 +283,7 @@ async fn checksum(store: &Store, table: &'static Table) -> Result<(u64, String),
 async fn max_id(store: &Store, table: &'static Table) -> Result<Option<i64>, StoreError> {
     let sql = format!("SELECT MAX(id) FROM {}", table.name);
     if let Some(pg) = store.pg() {
-        let c = pg.client().await?;
+        let c = pg.client("connect").await?;
         return c
             .query_one(&sql, &[])
             .await
@@ -338,7 +300,7 @@ async fn max_id(store: &Store, table: &'static Table) -> Result<Option<i64>, Sto
 
 async fn live_leases(store: &Store, now: i64) -> Result<i64, StoreError> {
     if let Some(pg) = store.pg() {
-        let c = pg.client().await?;
+        let c = pg.client("connect").await?;
         return c
             .query_one(
                 "SELECT COUNT(*) FROM accounts WHERE lease_expires_at > $1",
@@ -372,10 +334,11 @@ pub async fn copy(
 ) -> Result<CopyReport, StoreError> {
     let leased = live_leases(from, now).await?;
     if leased > 0 {
-        return Err(StoreError::Invalid(format!(
-            "{leased} account(s) of {} are being refreshed right now: stop every refreshd using it, then copy",
-            from.describe()
-        )));
+        return Err(Refusal::CopyWhileLeased {
+            leased,
+            store: from.describe(),
+        }
+        .into());
     }
     let mut report = CopyReport::default();
     // Each table in id order, in batches: a rerun continues after the destination's last row
@@ -389,12 +352,13 @@ pub async fn copy(
                 let same =
                     |a: &[Row], b: &[Row]| a.first().map(|r| &r[..3]) == b.first().map(|r| &r[..3]);
                 if !same(&theirs, &ours) {
-                    return Err(StoreError::Invalid(format!(
-                        "{} already holds {} rows that are not a partial copy of {} (row {last} differs): copy into an empty store",
-                        to.describe(),
-                        table.name,
-                        from.describe()
-                    )));
+                    return Err(Refusal::CopyNotPartial {
+                        to: to.describe(),
+                        rows: table.name,
+                        from: from.describe(),
+                        last,
+                    }
+                    .into());
                 }
                 if table.name == ACCOUNTS.name {
                     report.resumed_after = last;
@@ -424,12 +388,16 @@ pub async fn copy(
         let (n_from, sum_from) = checksum(from, table).await?;
         let (n_to, sum_to) = checksum(to, table).await?;
         if (n_from, &sum_from) != (n_to, &sum_to) {
-            return Err(StoreError::Invalid(format!(
-                "verification failed for {}: {n_from} rows (sha256 {sum_from}) in {}, {n_to} rows (sha256 {sum_to}) in {}; was a daemon writing to either store?",
-                table.name,
-                from.describe(),
-                to.describe()
-            )));
+            return Err(Refusal::CopyMismatch {
+                table: table.name,
+                n_from,
+                sum_from,
+                from: from.describe(),
+                n_to,
+                sum_to,
+                to: to.describe(),
+            }
+            .into());
         }
         if table.name == ACCOUNTS.name {
             (report.accounts, report.accounts_sha256) = (n_to, sum_to);

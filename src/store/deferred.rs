@@ -2,8 +2,9 @@
 //! its rotated tokens, what is durable where, and the health the engine reads to decide
 //! whether it may send refreshes at all. Durability is claimed only after an fsync.
 
+use super::error::StoreError;
 use super::recovery::RecoveryLog;
-use super::{Outcome, Recorded, Reply, StoreError};
+use super::types::{Outcome, Recorded, Reply};
 use crate::crypto::Keyring;
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -133,9 +134,9 @@ impl Deferrals {
             .recovery_ready
             .store(self.log.ready(), Ordering::Relaxed);
         for (_, reply) in others {
-            let _ = reply.send(Err(StoreError::Invalid(format!(
-                "commit failed, outcome not stored (will be retried after the lease expires): {message}"
-            ))));
+            let _ = reply.send(Err(StoreError::NotStored {
+                message: message.clone(),
+            }));
         }
     }
 

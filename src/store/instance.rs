@@ -4,7 +4,7 @@
 //! Files are created and removed only under the store-wide lock `<db>.lock`, so a file is
 //! never taken for dead between its creation and its lock.
 
-use super::StoreError;
+use super::error::StoreError;
 use rustix::fs::{FlockOperation, flock};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};

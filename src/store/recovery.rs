@@ -5,10 +5,11 @@
 //! `<db>.recovery`) are replayed under the store lock by whichever process looks next.
 //! The own file keeps room reserved ahead, so an append does not meet a full disk.
 
-use super::{Outcome, StoreError, sqlite};
+use super::error::StoreError;
+use super::record::sealed_tokens;
+use super::types::Outcome;
 use crate::crypto::{Column, Keyring};
-use crate::model::{ReauthReason, Status, TokenSet};
-use rusqlite::{Connection, TransactionBehavior};
+use crate::model::{Account, ReauthReason, Status, TokenSet};
 use secrecy::ExposeSecret;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -315,28 +316,24 @@ fn to_entry(keys: &Keyring, o: &Outcome) -> Option<Entry> {
             reauth_reason,
             duration_ms,
             ..
-        } => Some(Entry {
-            account_id: *account_id,
-            generation: *generation,
-            access_token: keys.seal(
-                *account_id,
-                Column::AccessToken,
-                tokens.access_token.expose_secret(),
-            ),
-            refresh_token: tokens
-                .refresh_token
-                .as_ref()
-                .map(|t| keys.seal(*account_id, Column::RefreshToken, t.expose_secret())),
-            expires_in: tokens.expires_in,
-            refresh_expires_in: tokens.refresh_expires_in,
-            scope: tokens.scope.clone(),
-            token_type: tokens.token_type.clone(),
-            at: *at,
-            next_refresh_at: *next_refresh_at,
-            status: *status,
-            reauth_reason: *reauth_reason,
-            duration_ms: *duration_ms,
-        }),
+        } => {
+            let (access_token, refresh_token) = sealed_tokens(keys, *account_id, tokens);
+            Some(Entry {
+                account_id: *account_id,
+                generation: *generation,
+                access_token,
+                refresh_token,
+                expires_in: tokens.expires_in,
+                refresh_expires_in: tokens.refresh_expires_in,
+                scope: tokens.scope.clone(),
+                token_type: tokens.token_type.clone(),
+                at: *at,
+                next_refresh_at: *next_refresh_at,
+                status: *status,
+                reauth_reason: *reauth_reason,
+                duration_ms: *duration_ms,
+            })
+        }
         _ => None,
     }
 }
@@ -422,62 +419,45 @@ pub fn quarantine(
     saved
 }
 
-/// Commits deferred rotations in one transaction, each under its own savepoint. A rotation
-/// already in the database (the process died after committing but before removing the
-/// file) is skipped. One the database refuses for good (not a passing failure) is returned
-/// with its error instead of failing the others; a passing failure fails the whole call.
-pub fn apply(
-    conn: &mut Connection,
-    keys: &Keyring,
-    outcomes: &[Outcome],
-) -> Result<(usize, Vec<(Outcome, String)>), StoreError> {
-    let mut tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(|source| StoreError::Sqlite {
-            context: "begin replay of recovery file",
-            source,
-        })?;
-    let mut applied = 0;
-    let mut refused = Vec::new();
-    for o in outcomes {
-        if let Outcome::Rotated {
-            account_id,
-            generation,
-            tokens,
-            ..
-        } = o
-            && let Some(current) = sqlite::get(&tx, keys, *account_id)?
-            && current.generation == generation + 1
-            && current.access_token.expose_secret() == tokens.access_token.expose_secret()
-        {
-            continue;
+/// Whether a rotation read back from a recovery file is already in the database: the
+/// process died after committing but before emptying its file. Replays skip it.
+pub fn already_committed(o: &Outcome, current: Option<&Account>) -> bool {
+    match (o, current) {
+        (
+            Outcome::Rotated {
+                generation, tokens, ..
+            },
+            Some(current),
+        ) => {
+            current.generation == generation + 1
+                && current.access_token.expose_secret() == tokens.access_token.expose_secret()
         }
-        let sp = tx.savepoint().map_err(|source| StoreError::Sqlite {
-            context: "replay one rotation",
-            source,
-        })?;
-        match sqlite::record(&sp, keys, o) {
-            Ok(r) => {
-                sp.commit().map_err(|source| StoreError::Sqlite {
-                    context: "replay one rotation",
-                    source,
-                })?;
-                if r == super::Recorded::Applied {
-                    applied += 1;
-                }
-            }
-            Err(e) if !e.is_transient() => {
-                drop(sp);
-                refused.push((o.clone(), e.to_string()));
-            }
-            Err(e) => return Err(e),
-        }
+        _ => false,
     }
-    tx.commit().map_err(|source| StoreError::Sqlite {
-        context: "commit replay of recovery file",
-        source,
+}
+
+/// After a recovery file's rotations were committed (`applied` of them changed a row):
+/// moves the `refused` ones to the quarantine file, then removes the file.
+pub fn replayed(
+    path: &Path,
+    keys: &Keyring,
+    entries: usize,
+    applied: usize,
+    refused: &[(Outcome, String)],
+) -> Result<(), StoreError> {
+    quarantine(path, keys, refused).map_err(|e| StoreError::Recovery {
+        path: quarantine_path(path),
+        message: format!(
+            "cannot save refused rotations ({e}); {} is kept and replayed again: free disk space or make the directory writable",
+            path.display()
+        ),
     })?;
-    Ok((applied, refused))
+    remove(path).map_err(|e| StoreError::Recovery {
+        path: path.to_path_buf(),
+        message: format!("replayed but cannot remove: {e}"),
+    })?;
+    tracing::info!(event = "recovery_replayed", path = %path.display(), entries, applied, "replayed rotations a process could not commit before it stopped");
+    Ok(())
 }
 
 pub fn remove(path: &Path) -> std::io::Result<()> {
@@ -541,41 +521,6 @@ pub fn orphans(db: &Path, own: &str) -> Vec<PathBuf> {
         })
         .map(|(p, _)| p)
         .collect()
-}
-
-/// Commits the rotations of every orphaned recovery file and removes each file once its
-/// rotations are in the database (store lock held). Files of live processes are theirs.
-pub fn replay_orphans(
-    conn: &mut Connection,
-    keys: &Keyring,
-    db: &Path,
-    own: &str,
-) -> Result<(), StoreError> {
-    for path in orphans(db, own) {
-        replay(conn, keys, &path)?;
-    }
-    Ok(())
-}
-
-/// Commits whatever a dead process could not, then removes its file.
-pub fn replay(conn: &mut Connection, keys: &Keyring, path: &Path) -> Result<(), StoreError> {
-    let Some(outcomes) = read(path, keys)? else {
-        return Ok(());
-    };
-    let (applied, refused) = apply(conn, keys, &outcomes)?;
-    quarantine(path, keys, &refused).map_err(|e| StoreError::Recovery {
-        path: quarantine_path(path),
-        message: format!(
-            "cannot save refused rotations ({e}); {} is kept and replayed again: free disk space or make the directory writable",
-            path.display()
-        ),
-    })?;
-    remove(path).map_err(|e| StoreError::Recovery {
-        path: path.to_path_buf(),
-        message: format!("replayed but cannot remove: {e}"),
-    })?;
-    tracing::info!(event = "recovery_replayed", path = %path.display(), entries = outcomes.len(), applied, "replayed rotations a previous run could not commit");
-    Ok(())
 }
 
 #[cfg(test)]

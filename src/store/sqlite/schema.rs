@@ -1,4 +1,5 @@
-//! Numbered schema migrations, applied at start-up in one transaction.
+//! The SQLite schema: numbered migrations (numbered as PostgreSQL's, so one version means
+//! the same schema on both backends), applied at start-up in one transaction.
 
 use rusqlite::Connection;
 
@@ -114,6 +115,16 @@ pub fn migrate(conn: &mut Connection) -> Result<(usize, usize), (usize, rusqlite
         .map_err(|e| (MIGRATIONS.len(), e))?;
     tx.commit().map_err(|e| (MIGRATIONS.len(), e))?;
     Ok((current, MIGRATIONS.len()))
+}
+
+/// The schema version the database carries (`PRAGMA user_version`).
+pub fn version(conn: &Connection) -> Result<usize, crate::store::error::StoreError> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        .map(|v| v as usize)
+        .map_err(|source| crate::store::error::StoreError::Sqlite {
+            context: "read the schema version",
+            source,
+        })
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! `integrity_check`) and whether the file and its directory can take a write. `run`
 //! refuses a store that fails `quick_check`; `check` reports all of it.
 
-use super::StoreError;
+use crate::store::error::StoreError;
 use rusqlite::{Connection, OpenFlags};
 use std::path::Path;
 

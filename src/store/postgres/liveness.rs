@@ -4,7 +4,7 @@
 //! marker and whose lock is free belongs to a dead replica, on any host. Owners without the
 //! marker (older versions) hold no such lock: their leases still run out after `store.lease`.
 
-use super::deferred::Health;
+use crate::store::deferred::Health;
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
@@ -54,12 +54,12 @@ fn owner_of(lease_owner: &str) -> &str {
 async fn acquire(connect: &Connect, key: i64) -> Result<Client, String> {
     let client = connect()
         .await
-        .map_err(|e| super::postgres::describe_error(&e))?;
+        .map_err(|e| super::errors::describe_error(&e))?;
     let got: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
         .await
         .and_then(|r| r.try_get(0))
-        .map_err(|e| super::postgres::describe_error(&e))?;
+        .map_err(|e| super::errors::describe_error(&e))?;
     if got {
         Ok(client)
     } else {

@@ -1,0 +1,661 @@
+//! The SQLite backend: one worker thread owns the connection and runs the jobs async callers
+//! send it, each inside the tracing span its caller was in (so its log lines carry the
+//! account). Refresh outcomes that arrive together share one transaction (group commit, see
+//! `commit.rs`); rotations whose commit fails go to the recovery file and are retried. The
+//! worker also watches that the database file is still the one it opened and takes over
+//! what dead processes sharing the file left (their recovery files and leases).
+//! `queries.rs` and `writes.rs` hold the SQL, `schema.rs` the migrations, `check.rs` the
+//! file's health checks.
+
+mod check;
+pub(crate) mod queries;
+pub mod schema;
+pub(crate) mod writes;
+
+pub use check::report as check_report;
+
+use crate::crypto::Keyring;
+use crate::store::commit::{
+    self, CLOSE_RETRIES, CLOSE_RETRY_EVERY, COMMIT_WAIT, MAX_GROUP, RETRY_EVERY,
+};
+use crate::store::deferred::{self, Health};
+use crate::store::error::{Refusal, StoreError};
+use crate::store::instance;
+use crate::store::recovery;
+use crate::store::types::{Outcome, Recorded, Reply, StoreOptions};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tracing::Span;
+
+type Call = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// A job for the worker, with the span of the caller that sent it.
+enum Job {
+    Call(Call, Span),
+    Record(Outcome, Reply, Span),
+    Close(oneshot::Sender<()>),
+}
+
+/// Handle to the worker thread. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct SqliteStore {
+    jobs: std_mpsc::Sender<Job>,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database, applies migrations, checks it
+    /// (`quick_check`), takes the instance lock, replays the recovery files of dead
+    /// processes, and starts the worker thread. `read_only`: an existing, migrated database
+    /// opened for reading only, nothing replayed.
+    pub async fn start(
+        opts: StoreOptions,
+        owner: Arc<str>,
+        health: Arc<Health>,
+        read_only: bool,
+    ) -> Result<SqliteStore, StoreError> {
+        let (tx, rx) = std_mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let path = opts.path.clone();
+        let worker_health = health;
+        let worker_owner = owner.clone();
+        std::thread::Builder::new()
+            .name("refreshd-store".into())
+            .spawn(move || {
+                let prepared = if read_only {
+                    prepare_read_only(&opts).map(|c| (c, None))
+                } else {
+                    prepare(&opts, &worker_owner, &worker_health).map(|(c, i)| (c, Some(i)))
+                };
+                let (mut conn, instance) = match prepared {
+                    Ok(c) => {
+                        let _ = ready_tx.send(Ok(()));
+                        c
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                Worker::new(&opts, &worker_owner, instance, worker_health).run(&mut conn, rx);
+            })
+            .map_err(|e| StoreError::Create {
+                path: path.clone(),
+                source: e,
+            })?;
+        ready_rx.await.map_err(|_| StoreError::Closed)??;
+        Ok(SqliteStore { jobs: tx, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the worker thread with the connection, in the caller's span.
+    pub async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let call = Box::new(move |c: &mut Connection| {
+            let _ = tx.send(f(c));
+        });
+        self.jobs
+            .send(Job::Call(call, Span::current()))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` in one IMMEDIATE transaction on the worker thread; commits when it returns Ok.
+    pub async fn in_tx<R, F>(&self, context: &'static str, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&rusqlite::Transaction<'_>) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.call(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(|source| StoreError::Sqlite { context, source })?;
+            let r = f(&tx)?;
+            tx.commit()
+                .map_err(|source| StoreError::Sqlite { context, source })?;
+            Ok(r)
+        })
+        .await
+    }
+
+    /// Hands one outcome to the group commit.
+    pub async fn record(&self, outcome: Outcome) -> Result<Recorded, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Record(outcome, tx, Span::current()))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Finishes queued work (including retrying deferred commits once) and stops the worker.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.send(Job::Close(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Creates the database file with mode 0600 if it does not exist yet, so no other user can
+/// read tokens even for an instant. SQLite gives the WAL and SHM files the same mode.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    match opts.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(StoreError::Create {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Refuses to start when a stored token is sealed with a key that is not configured: every
+/// refresh would fail to read its token, and the accounts would look broken for no reason.
+fn check_keys(conn: &Connection, path: &Path, keys: &Keyring) -> Result<(), StoreError> {
+    for key_id in queries::sealing_key_ids(conn)? {
+        if !keys.knows(&key_id) {
+            return Err(StoreError::MissingKey {
+                path: path.to_path_buf(),
+                key_id,
+                configured: keys.describe(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Opens a connection with the durability settings every process sharing the file uses.
+pub(crate) fn connect(opts: &StoreOptions) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: opts.path.clone(),
+        source,
+    };
+    if let Some(parent) = opts.path.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        return Err(StoreError::Create {
+            path: opts.path.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "directory {} does not exist (set store.path)",
+                    parent.display()
+                ),
+            ),
+        });
+    }
+    create_private(&opts.path)?;
+    let conn = Connection::open_with_flags(
+        &opts.path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(open_err)?;
+    conn.busy_timeout(opts.busy_timeout).map_err(open_err)?;
+    // Several processes opening a brand-new file at once: converting it to WAL needs an
+    // exclusive lock, and SQLite answers BUSY at once (no busy handler: it would deadlock)
+    // to all but one. Try again until busy_timeout, as the busy handler would.
+    let deadline = std::time::Instant::now() + opts.busy_timeout;
+    let mode: String = loop {
+        match conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            result => break result.map_err(open_err)?,
+        }
+    };
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::NotWal {
+            path: opts.path.clone(),
+            mode,
+        });
+    }
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(open_err)?;
+    // Overwrites deleted and moved content with zeros, so a token replaced by a rotation
+    // (or by its sealed form, during rekey) does not linger in free space of the file.
+    conn.pragma_update(None, "secure_delete", "ON")
+        .map_err(open_err)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+fn prepare(
+    opts: &StoreOptions,
+    owner: &str,
+    health: &Health,
+) -> Result<(Connection, instance::Instance), StoreError> {
+    let mut conn = connect(opts)?;
+    // A damaged file is refused before anything (a migration included) writes to it.
+    let problems = check::quick(&conn).map_err(|e| StoreError::Damaged {
+        path: opts.path.clone(),
+        problems: e.to_string(),
+    })?;
+    if !problems.is_empty() {
+        return Err(StoreError::Damaged {
+            path: opts.path.clone(),
+            problems: problems.join("; "),
+        });
+    }
+    schema::migrate(&mut conn).map_err(|(version, source)| StoreError::Migration {
+        path: opts.path.clone(),
+        version,
+        source,
+    })?;
+    check_keys(&conn, &opts.path, &opts.keyring)?;
+    let lock = instance::StoreLock::acquire(&opts.path)?;
+    let me = instance::Instance::acquire(&opts.path, owner, &lock)?;
+    // Others' `watch` skips rounds while the store lock is held, so keep it short:
+    // try with the commit wait first, and only a second time with the full busy_timeout
+    // (a failure here still stops the start, as before).
+    let open_err = |source| StoreError::Open {
+        path: opts.path.clone(),
+        source,
+    };
+    conn.busy_timeout(COMMIT_WAIT).map_err(open_err)?;
+    let quick = adopt_dead(&mut conn, &opts.keyring, &opts.path, owner, health, &lock);
+    conn.busy_timeout(opts.busy_timeout).map_err(open_err)?;
+    if quick.is_err() {
+        adopt_dead(&mut conn, &opts.keyring, &opts.path, owner, health, &lock)?;
+    }
+    Ok((conn, me))
+}
+
+fn prepare_read_only(opts: &StoreOptions) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: opts.path.clone(),
+        source,
+    };
+    let conn = Connection::open_with_flags(
+        &opts.path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(open_err)?;
+    conn.busy_timeout(opts.busy_timeout).map_err(open_err)?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(open_err)?;
+    if version != schema::MIGRATIONS.len() as i64 {
+        return Err(Refusal::SchemaBehind {
+            store: opts.path.display().to_string(),
+            version,
+            current: schema::MIGRATIONS.len(),
+        }
+        .into());
+    }
+    check_keys(&conn, &opts.path, &opts.keyring)?;
+    Ok(conn)
+}
+
+/// Takes over what dead processes left (store lock held): commits their recovery files
+/// (and an old single `<db>.recovery`), then hands their owners to the next claim, which
+/// ends their leases, and forgets their instance files.
+fn adopt_dead(
+    conn: &mut Connection,
+    keys: &Keyring,
+    db: &Path,
+    own: &str,
+    health: &Health,
+    lock: &instance::StoreLock,
+) -> Result<(), StoreError> {
+    let dead = instance::dead_owners(db, own, lock);
+    for path in recovery::orphans(db, own) {
+        replay(conn, keys, &path)?;
+    }
+    for owner in &dead {
+        tracing::warn!(event = "dead_owner_taken_over", owner = %owner, store = %db.display(),
+            "a process that used this store died; its leases are taken over now and its accounts refreshed again (flagged refresh_interrupted where an answer may have been lost)");
+        instance::forget(db, owner, lock);
+    }
+    health
+        .dead_owners
+        .lock()
+        .expect("not poisoned")
+        .extend(dead);
+    Ok(())
+}
+
+/// (device, inode) of a file, to notice it being deleted or replaced under us.
+pub(crate) fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Compares the store file with the one opened; the message says what changed.
+pub(crate) fn vanished(path: &Path, opened: Option<(u64, u64)>) -> Option<String> {
+    let opened = opened?;
+    match identity(path) {
+        None => Some("the database file was deleted while in use".into()),
+        Some(now) if now != opened => {
+            Some("the database file was replaced by another file while in use".into())
+        }
+        Some(_) => None,
+    }
+}
+
+/// While commits are deferred, a job first retries them, at most this often.
+const RETRY_BEFORE_JOB: Duration = Duration::from_millis(250);
+/// How often the worker checks the database file is still the one it opened and looks
+/// for dead processes' leases and recovery files.
+pub const WATCH_EVERY: Duration = Duration::from_secs(1);
+struct Worker {
+    db: PathBuf,
+    owner: String,
+    keys: Keyring,
+    busy_timeout: Duration,
+    deferrals: deferred::Deferrals,
+    instance: Option<instance::Instance>,
+    /// (device, inode) of the database when opened.
+    identity: Option<(u64, u64)>,
+    last_retry: std::time::Instant,
+    last_watch: std::time::Instant,
+}
+
+impl Worker {
+    fn new(
+        opts: &StoreOptions,
+        owner: &str,
+        instance: Option<instance::Instance>,
+        health: Arc<Health>,
+    ) -> Self {
+        let log = if instance.is_some() {
+            recovery::RecoveryLog::open(recovery::owner_recovery_path(&opts.path, owner))
+        } else {
+            recovery::RecoveryLog::unopened(recovery::owner_recovery_path(&opts.path, owner))
+        };
+        Worker {
+            db: opts.path.clone(),
+            owner: owner.to_string(),
+            keys: opts.keyring.clone(),
+            busy_timeout: opts.busy_timeout,
+            deferrals: deferred::Deferrals::new(log, opts.keyring.clone(), health),
+            identity: instance.as_ref().and_then(|_| identity(&opts.path)),
+            instance,
+            last_retry: std::time::Instant::now(),
+            last_watch: std::time::Instant::now(),
+        }
+    }
+
+    fn run(mut self, conn: &mut Connection, rx: std_mpsc::Receiver<Job>) {
+        let mut stash: Vec<Job> = Vec::new();
+        loop {
+            if self.instance.is_some() && self.last_watch.elapsed() >= WATCH_EVERY {
+                self.watch(conn);
+            }
+            let job = if let Some(j) = stash.pop() {
+                j
+            } else {
+                let wait = if self.instance.is_none() {
+                    Duration::from_secs(3600)
+                } else if self.deferrals.is_empty() {
+                    WATCH_EVERY
+                } else {
+                    RETRY_EVERY.min(WATCH_EVERY)
+                };
+                match rx.recv_timeout(wait) {
+                    Ok(j) => j,
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                        if self.last_retry.elapsed() >= RETRY_EVERY {
+                            self.retry_deferred(conn);
+                        }
+                        continue;
+                    }
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            // Deferred rotations go first: nothing else should see the rows they update.
+            if !self.deferrals.is_empty()
+                && (matches!(job, Job::Call(..)) || self.last_retry.elapsed() >= RETRY_BEFORE_JOB)
+            {
+                self.retry_deferred(conn);
+            }
+            match job {
+                Job::Call(f, span) => span.in_scope(|| f(conn)),
+                Job::Close(done) => {
+                    // A few more tries: what is still deferred after them waits for the
+                    // next start in the recovery file.
+                    for _ in 0..CLOSE_RETRIES {
+                        self.retry_deferred(conn);
+                        if self.deferrals.is_empty() {
+                            break;
+                        }
+                        std::thread::sleep(CLOSE_RETRY_EVERY);
+                    }
+                    self.finish();
+                    let _ = done.send(());
+                    return;
+                }
+                Job::Record(o, reply, span) => {
+                    let mut batch = vec![(o, reply, span)];
+                    // Group commit: take every outcome already waiting; keep other jobs, in
+                    // order, for after the commit.
+                    let mut later = Vec::new();
+                    while batch.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(Job::Record(o, r, s)) => batch.push((o, r, s)),
+                            Ok(other) => later.push(other),
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit_spanned(conn, batch);
+                    // `stash` is popped from the end.
+                    later.reverse();
+                    stash.extend(later);
+                }
+            }
+        }
+        self.retry_deferred(conn);
+        self.finish();
+    }
+
+    /// A stop: the own recovery file goes when empty, the instance lock with its file.
+    fn finish(&mut self) {
+        let Some(me) = self.instance.take() else {
+            return;
+        };
+        let log = std::mem::replace(
+            &mut self.deferrals.log,
+            recovery::RecoveryLog::unopened(recovery::owner_recovery_path(&self.db, &self.owner)),
+        );
+        if self.deferrals.is_empty() {
+            log.remove();
+        }
+        if let Ok(lock) = instance::StoreLock::acquire(&self.db) {
+            me.release(&lock);
+        }
+    }
+
+    /// Notices a deleted or replaced database, and takes over dead processes' work.
+    fn watch(&mut self, conn: &mut Connection) {
+        self.last_watch = std::time::Instant::now();
+        if self.deferrals.health.lost().is_none()
+            && let Some(message) = vanished(&self.db, self.identity)
+        {
+            tracing::error!(event = "store_vanished", path = %self.db.display(), message = %message,
+                "the database file this process opened is gone or replaced: stopping; restore it and start again (see docs/src/durability.md)");
+            *self.deferrals.health.lost.lock().expect("not poisoned") = Some(message);
+        }
+        if self.deferrals.health.lost().is_some() {
+            return;
+        }
+        // Never block the worker (and its group commits) on another process's store lock:
+        // a busy round is skipped and tried again in a second.
+        let Some(lock) = instance::StoreLock::try_acquire(&self.db) else {
+            return;
+        };
+        if let Some(me) = self.instance.as_mut()
+            && let Err(e) = me.ensure(&lock)
+        {
+            tracing::warn!(event = "instance_file_lost", error = %e, "this process's instance file was removed and cannot be recreated; other processes may take this one for dead");
+        }
+        self.set_wait(conn, COMMIT_WAIT);
+        if let Err(e) = adopt_dead(
+            conn,
+            &self.keys,
+            &self.db,
+            &self.owner,
+            &self.deferrals.health,
+            &lock,
+        ) {
+            tracing::warn!(event = "adopt_dead_failed", error = %e, "cannot take over a dead process's recovery file yet; retried in a second");
+        }
+        self.set_wait(conn, self.busy_timeout);
+    }
+
+    fn set_wait(&self, conn: &Connection, wait: Duration) {
+        let _ = conn.busy_timeout(wait);
+    }
+
+    /// Commits a group in the span of its outcome when it has one outcome (a group of
+    /// several belongs to no one account).
+    fn commit_spanned(&mut self, conn: &mut Connection, batch: Vec<(Outcome, Reply, Span)>) {
+        let span = match &batch[..] {
+            [(_, _, one)] => one.clone(),
+            _ => Span::none(),
+        };
+        let batch = batch.into_iter().map(|(o, r, _)| (o, r)).collect();
+        span.in_scope(|| self.commit_group(conn, batch));
+    }
+
+    fn commit_group(&mut self, conn: &mut Connection, batch: Vec<(Outcome, Reply)>) {
+        let lost = self.deferrals.health.lost().or_else(|| {
+            self.instance
+                .as_ref()
+                .and_then(|_| vanished(&self.db, self.identity))
+        });
+        let result = match &lost {
+            Some(message) => Err(StoreError::Lost {
+                path: self.db.clone(),
+                message: message.clone(),
+            }),
+            None => {
+                let outcomes: Vec<&Outcome> = batch.iter().map(|(o, _)| o).collect();
+                self.set_wait(conn, COMMIT_WAIT);
+                let r = Self::commit(conn, &self.keys, &outcomes);
+                self.set_wait(conn, self.busy_timeout);
+                r
+            }
+        };
+        if let Some(batch) = commit::settle(&mut self.deferrals, batch, result, lost.is_some()) {
+            for one in batch {
+                self.commit_group(conn, vec![one]);
+            }
+        }
+    }
+
+    fn commit(
+        conn: &mut Connection,
+        keys: &Keyring,
+        outcomes: &[&Outcome],
+    ) -> Result<Vec<Recorded>, StoreError> {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|source| StoreError::Sqlite {
+                context: "begin commit of refresh outcomes",
+                source,
+            })?;
+        let mut results = Vec::with_capacity(outcomes.len());
+        for o in outcomes {
+            results.push(writes::record(&tx, keys, o)?);
+        }
+        tx.commit().map_err(|source| StoreError::Sqlite {
+            context: "commit refresh outcomes",
+            source,
+        })?;
+        Ok(results)
+    }
+
+    fn retry_deferred(&mut self, conn: &mut Connection) {
+        if self.deferrals.is_empty() {
+            return;
+        }
+        self.last_retry = std::time::Instant::now();
+        if let Some(message) = self.deferrals.health.lost() {
+            self.deferrals.retry_failed(&StoreError::Lost {
+                path: self.db.clone(),
+                message,
+            });
+            return;
+        }
+        self.set_wait(conn, COMMIT_WAIT);
+        let result = apply_recovered(conn, &self.keys, &self.deferrals.pending);
+        self.set_wait(conn, self.busy_timeout);
+        commit::settle_retry(&mut self.deferrals, result);
+    }
+}
+
+/// Commits whatever a dead process could not, then removes its file.
+fn replay(conn: &mut Connection, keys: &Keyring, path: &Path) -> Result<(), StoreError> {
+    let Some(outcomes) = recovery::read(path, keys)? else {
+        return Ok(());
+    };
+    let (applied, refused) = apply_recovered(conn, keys, &outcomes)?;
+    recovery::replayed(path, keys, outcomes.len(), applied, &refused)
+}
+
+fn sql_err(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sqlite { context, source }
+}
+
+/// Commits deferred rotations in one transaction, each under its own savepoint. A rotation
+/// already in the database (the process died after committing but before removing the
+/// file) is skipped. One the database refuses for good (not a passing failure) is returned
+/// with its error instead of failing the others; a passing failure fails the whole call.
+fn apply_recovered(
+    conn: &mut Connection,
+    keys: &Keyring,
+    outcomes: &[Outcome],
+) -> Result<(usize, Vec<(Outcome, String)>), StoreError> {
+    let ctx = "replay rotations that could not be committed";
+    let mut tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql_err(ctx))?;
+    let mut applied = 0;
+    let mut refused = Vec::new();
+    for o in outcomes {
+        if recovery::already_committed(o, queries::get(&tx, keys, o.account_id())?.as_ref()) {
+            continue;
+        }
+        let sp = tx.savepoint().map_err(sql_err(ctx))?;
+        match writes::record(&sp, keys, o) {
+            Ok(r) => {
+                sp.commit().map_err(sql_err(ctx))?;
+                if r == Recorded::Applied {
+                    applied += 1;
+                }
+            }
+            Err(e) if !e.is_transient() => {
+                drop(sp);
+                refused.push((o.clone(), e.to_string()));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tx.commit().map_err(sql_err(ctx))?;
+    Ok((applied, refused))
+}
+
+#[cfg(test)]
+mod tests;

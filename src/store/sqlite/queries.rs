@@ -1,0 +1,592 @@
+//! The SQLite queries: plain synchronous functions over a `rusqlite::Connection`, run only on
+//! the store's worker thread. `postgres/queries.rs` holds the same functions, in the same
+//! order, under the same names: read the two side by side. Writes of imports and outcomes
+//! are in `writes.rs`. Tested on `:memory:` in `tests.rs`.
+
+use super::writes::append_log;
+use crate::crypto::{Column, Keyring};
+use crate::model::{Account, Status};
+use crate::store::columns::{self, ACCOUNT_COLUMNS, RowRead, SUMMARY_COLUMNS};
+use crate::store::error::{Refusal, StoreError};
+use crate::store::rules::{self, StateRow, sealed_pattern};
+use crate::store::types::{
+    AccountSummary, Gauges, ListFilter, LogEntry, PendingConnect, RekeyBatch, StateProblem,
+    SweepReport,
+};
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+
+fn sql_err(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sqlite { context, source }
+}
+
+fn parse_status(s: String) -> rusqlite::Result<Status> {
+    s.parse::<Status>().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+    })
+}
+
+impl RowRead for Row<'_> {
+    type Error = rusqlite::Error;
+    fn int(&self, i: usize) -> rusqlite::Result<i64> {
+        self.get(i)
+    }
+    fn opt_int(&self, i: usize) -> rusqlite::Result<Option<i64>> {
+        self.get(i)
+    }
+    fn text(&self, i: usize) -> rusqlite::Result<String> {
+        self.get(i)
+    }
+    fn opt_text(&self, i: usize) -> rusqlite::Result<Option<String>> {
+        self.get(i)
+    }
+    fn bad_status(_value: String, e: String) -> rusqlite::Error {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+    }
+}
+
+fn row_to_account(r: &Row<'_>) -> rusqlite::Result<Account> {
+    columns::account_from(r)
+}
+
+fn row_to_summary(r: &Row<'_>) -> rusqlite::Result<AccountSummary> {
+    columns::summary_from(r)
+}
+
+/// `NOT IN (...)` over `skip` with numbered parameters from `first`, or nothing.
+fn skip_clause(skip: &[String], first: usize) -> String {
+    if skip.is_empty() {
+        return String::new();
+    }
+    let marks: Vec<String> = (0..skip.len()).map(|i| format!("?{}", first + i)).collect();
+    format!("AND provider NOT IN ({})", marks.join(", "))
+}
+
+/// Leases up to `limit` due, refreshable, unleased accounts in one statement, leaving out
+/// accounts of the `skip` providers (saturated ones) and the `exclude` accounts (rotations
+/// waiting in the recovery file).
+#[allow(clippy::too_many_arguments)]
+pub fn claim_due_except(
+    conn: &Connection,
+    keys: &Keyring,
+    owner: &str,
+    now: i64,
+    lease_until: i64,
+    limit: usize,
+    skip: &[String],
+    exclude: &[i64],
+) -> Result<Vec<Account>, StoreError> {
+    let sql = format!(
+        "UPDATE accounts SET lease_owner = ?1, lease_expires_at = ?2,
+             interrupted_at = CASE WHEN lease_owner IS NOT NULL THEN lease_expires_at END
+         WHERE id IN (
+             SELECT id FROM accounts INDEXED BY accounts_due
+             WHERE status IN ('active', 'expiring') AND next_refresh_at <= ?3
+               AND (lease_owner IS NULL OR lease_expires_at <= ?3)
+               AND id NOT IN (SELECT value FROM json_each(?5))
+               {}
+             ORDER BY next_refresh_at
+             LIMIT ?4)
+         RETURNING {ACCOUNT_COLUMNS}",
+        skip_clause(skip, 6),
+    );
+    let mut stmt = conn
+        .prepare_cached(&sql)
+        .map_err(sql_err("claim due accounts"))?;
+    let mut values: Vec<rusqlite::types::Value> = vec![
+        owner.to_string().into(),
+        lease_until.into(),
+        now.into(),
+        (limit as i64).into(),
+        serde_json::to_string(exclude).unwrap_or_default().into(),
+    ];
+    values.extend(skip.iter().map(|s| rusqlite::types::Value::from(s.clone())));
+    let rows = stmt
+        .query_map(rusqlite::params_from_iter(values), row_to_account)
+        .map_err(sql_err("claim due accounts"))?;
+    let sealed: Vec<Account> = rows
+        .collect::<Result<_, _>>()
+        .map_err(sql_err("claim due accounts"))?;
+    Ok(columns::open_claimed(keys, sealed))
+}
+
+/// Ends now the leases of processes found dead (their instance lock is free), so the next
+/// claim takes their accounts over and records the crash window as for an expired lease.
+pub fn expire_leases_of(conn: &Connection, owners: &[String], now: i64) -> Result<(), StoreError> {
+    for owner in owners {
+        conn.prepare_cached(
+            "UPDATE accounts SET lease_expires_at = ?2
+             WHERE lease_owner IS NOT NULL AND lease_expires_at > ?2
+               AND substr(lease_owner, 1, length(?1) + 1) = ?1 || ':'",
+        )
+        .and_then(|mut st| st.execute(rusqlite::params![owner, now]))
+        .map_err(sql_err("take over a dead process's leases"))?;
+    }
+    Ok(())
+}
+
+/// The earliest due time among refreshable accounts that nobody holds a valid lease on,
+/// leaving out accounts of the `skip` providers. Accounts leased by a process that died
+/// become visible when their lease expires; the engine's `refresh.max_idle` bounds how late
+/// it notices.
+pub fn next_due_except(
+    conn: &Connection,
+    now: i64,
+    skip: &[String],
+) -> Result<Option<i64>, StoreError> {
+    let sql = format!(
+        "SELECT next_refresh_at FROM accounts INDEXED BY accounts_due
+         WHERE status IN ('active', 'expiring')
+           AND (lease_owner IS NULL OR lease_expires_at <= ?1
+                OR lease_expires_at <= next_refresh_at)
+           {}
+         ORDER BY next_refresh_at LIMIT 1",
+        skip_clause(skip, 2)
+    );
+    let mut values: Vec<rusqlite::types::Value> = vec![now.into()];
+    values.extend(skip.iter().map(|s| rusqlite::types::Value::from(s.clone())));
+    let due: Option<i64> = conn
+        .prepare_cached(&sql)
+        .and_then(|mut s| {
+            s.query_row(rusqlite::params_from_iter(values), |r| r.get(0))
+                .optional()
+        })
+        .map_err(sql_err("find next due account"))?;
+    Ok(due)
+}
+
+pub fn get(conn: &Connection, keys: &Keyring, id: i64) -> Result<Option<Account>, StoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1"
+    ))
+    .and_then(|mut s| s.query_row([id], row_to_account).optional())
+    .map_err(sql_err("read account"))?
+    .map(|a| columns::open_tokens(keys, a))
+    .transpose()
+}
+
+pub fn find(
+    conn: &Connection,
+    keys: &Keyring,
+    provider: &str,
+    subject: &str,
+) -> Result<Option<Account>, StoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE provider = ?1 AND subject = ?2"
+    ))
+    .and_then(|mut s| s.query_row([provider, subject], row_to_account).optional())
+    .map_err(sql_err("find account"))?
+    .map(|a| columns::open_tokens(keys, a))
+    .transpose()
+}
+
+/// One page of accounts (ids after `after_id`), filtered; never the whole table at once.
+pub fn list(
+    conn: &Connection,
+    filter: &ListFilter,
+    after_id: i64,
+    page: usize,
+) -> Result<Vec<AccountSummary>, StoreError> {
+    let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM accounts WHERE id > ?1");
+    let mut args: Vec<rusqlite::types::Value> = vec![after_id.into()];
+    if let Some(p) = &filter.provider {
+        args.push(p.clone().into());
+        sql.push_str(&format!(" AND provider = ?{}", args.len()));
+    }
+    if let Some(s) = filter.status {
+        args.push(s.as_str().to_string().into());
+        sql.push_str(&format!(" AND status = ?{}", args.len()));
+    }
+    if filter.needs_reauth {
+        sql.push_str(" AND status IN ('expiring', 'needs_reauth')");
+    }
+    args.push((page as i64).into());
+    sql.push_str(&format!(" ORDER BY id LIMIT ?{}", args.len()));
+    let mut stmt = conn.prepare(&sql).map_err(sql_err("list accounts"))?;
+    let rows = stmt
+        .query_map(rusqlite::params_from_iter(args), row_to_summary)
+        .map_err(sql_err("list accounts"))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(sql_err("list accounts"))
+}
+
+pub fn log_entries(conn: &Connection, id: i64, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT at, outcome, http_status, error, duration_ms FROM refresh_log
+             WHERE account_id = ?1 ORDER BY at DESC, id DESC LIMIT ?2",
+        )
+        .map_err(sql_err("read refresh log"))?;
+    let rows = stmt
+        .query_map(params![id, limit as i64], |r| {
+            Ok(LogEntry {
+                at: r.get(0)?,
+                outcome: r.get(1)?,
+                http_status: r.get(2)?,
+                error: r.get(3)?,
+                duration_ms: r.get(4)?,
+            })
+        })
+        .map_err(sql_err("read refresh log"))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(sql_err("read refresh log"))
+}
+
+/// Counts by (provider, status).
+pub fn counts(conn: &Connection) -> Result<Vec<(String, Status, i64)>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT provider, status, COUNT(*) FROM accounts GROUP BY provider, status ORDER BY provider, status")
+        .map_err(sql_err("count accounts"))?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, parse_status(r.get(1)?)?, r.get(2)?)))
+        .map_err(sql_err("count accounts"))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(sql_err("count accounts"))
+}
+
+pub fn gauges(conn: &Connection, now: i64) -> Result<Gauges, StoreError> {
+    let ctx = "read account gauges";
+    let flagged = conn
+        .prepare_cached(
+            "SELECT provider, COALESCE(reauth_reason, 'unknown'), COUNT(*) FROM accounts
+             WHERE status IN ('needs_reauth', 'expiring') GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(sql_err(ctx))?;
+    let access_expired = conn
+        .prepare_cached(
+            "SELECT provider, COUNT(*) FROM accounts INDEXED BY accounts_status
+             WHERE status IN ('active', 'expiring') AND access_expires_at <= ?1
+             GROUP BY 1 ORDER BY 1",
+        )
+        .and_then(|mut s| {
+            s.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(sql_err(ctx))?;
+    let soonest_refresh_expiry = conn
+        .prepare_cached(
+            "SELECT provider, MIN(refresh_expires_at) FROM accounts INDEXED BY accounts_status
+             WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
+             GROUP BY 1 ORDER BY 1",
+        )
+        .and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(sql_err(ctx))?;
+    Ok(Gauges {
+        by_status: counts(conn)?,
+        flagged,
+        access_expired,
+        soonest_refresh_expiry,
+    })
+}
+
+/// The reauth sweep: flags refreshable accounts whose refresh token ends inside the window
+/// (`expiring`) or has ended (`needs_reauth`, with that end as `last_error`: the error that
+/// decided the status, not an earlier 503). Returns only the accounts whose state changed.
+pub fn sweep(tx: &Transaction<'_>, now: i64, window_end: i64) -> Result<SweepReport, StoreError> {
+    let expired: Vec<AccountSummary> = {
+        let mut s = tx
+            .prepare_cached(&format!(
+                "UPDATE accounts INDEXED BY accounts_refresh_expiry
+                    SET status = 'needs_reauth', reauth_reason = 'refresh_token_expired',
+                    reauth_flagged_at = ?1, updated_at = ?1,
+                    last_error = 'refresh token expired at '
+                        || strftime('%Y-%m-%dT%H:%M:%SZ', refresh_expires_at, 'unixepoch')
+                 WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
+                   AND refresh_expires_at <= ?1
+                 RETURNING {SUMMARY_COLUMNS}"
+            ))
+            .map_err(sql_err("sweep expired refresh tokens"))?;
+        s.query_map([now], row_to_summary)
+            .and_then(|rows| rows.collect())
+            .map_err(sql_err("sweep expired refresh tokens"))?
+    };
+    let expiring: Vec<AccountSummary> = {
+        let mut s = tx
+            .prepare_cached(&format!(
+                "UPDATE accounts INDEXED BY accounts_refresh_expiry
+                    SET status = 'expiring', reauth_reason = 'refresh_token_expiring',
+                    reauth_flagged_at = ?1, updated_at = ?1
+                 WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
+                   AND status = 'active' AND refresh_expires_at <= ?2
+                 RETURNING {SUMMARY_COLUMNS}"
+            ))
+            .map_err(sql_err("sweep expiring refresh tokens"))?;
+        s.query_map([now, window_end], row_to_summary)
+            .and_then(|rows| rows.collect())
+            .map_err(sql_err("sweep expiring refresh tokens"))?
+    };
+    for a in &expired {
+        append_log(
+            tx,
+            a.id,
+            now,
+            "reauth_required",
+            None,
+            Some("refresh token expired"),
+            None,
+        )?;
+    }
+    for a in &expiring {
+        append_log(
+            tx,
+            a.id,
+            now,
+            "reauth_required",
+            None,
+            Some("refresh token ends within the reauth window"),
+            None,
+        )?;
+    }
+    Ok(SweepReport { expiring, expired })
+}
+
+/// Ids of every account that needs a human, for the digest.
+pub fn flagged_ids(conn: &Connection) -> Result<Vec<(i64, Status)>, StoreError> {
+    let mut s = conn
+        .prepare_cached("SELECT id, status FROM accounts WHERE status IN ('expiring', 'needs_reauth') ORDER BY id")
+        .map_err(sql_err("list flagged accounts"))?;
+    s.query_map([], |r| Ok((r.get(0)?, parse_status(r.get(1)?)?)))
+        .and_then(|rows| rows.collect())
+        .map_err(sql_err("list flagged accounts"))
+}
+
+pub fn prune_log(conn: &Connection, before: i64) -> Result<usize, StoreError> {
+    // In chunks, so a large backlog never holds the write lock for long.
+    let mut total = 0;
+    loop {
+        let n = conn
+            .prepare_cached(
+                "DELETE FROM refresh_log WHERE id IN
+                    (SELECT id FROM refresh_log WHERE at < ?1 LIMIT 10000)",
+            )
+            .and_then(|mut s| s.execute([before]))
+            .map_err(sql_err("prune refresh log"))?;
+        total += n;
+        if n < 10_000 {
+            return Ok(total);
+        }
+    }
+}
+
+/// Makes an account due now (`accounts refresh`). `force` also lifts a reauth flag.
+pub fn mark_due(
+    tx: &Transaction<'_>,
+    id: i64,
+    now: i64,
+    force: bool,
+) -> Result<Status, StoreError> {
+    let status: Status = tx
+        .query_row("SELECT status FROM accounts WHERE id = ?1", [id], |r| {
+            parse_status(r.get(0)?)
+        })
+        .optional()
+        .map_err(sql_err("read account"))?
+        .ok_or(StoreError::NotFound(id))?;
+    rules::check_mark_due(id, status, force)?;
+    // The lease is left alone: a daemon may be refreshing this account right now.
+    tx.execute(
+        "UPDATE accounts SET next_refresh_at = ?2, updated_at = ?2,
+            failures = CASE WHEN status = 'needs_reauth' THEN 0 ELSE failures END,
+            reauth_reason = CASE WHEN status = 'needs_reauth' THEN NULL ELSE reauth_reason END,
+            reauth_flagged_at = CASE WHEN status = 'needs_reauth' THEN NULL ELSE reauth_flagged_at END,
+            status = CASE WHEN status = 'needs_reauth' THEN 'active' ELSE status END
+         WHERE id = ?1",
+        params![id, now],
+    )
+    .map_err(sql_err("mark account due"))?;
+    append_log(tx, id, now, "marked_due", None, None, None)?;
+    Ok(status)
+}
+
+pub fn remove(tx: &Transaction<'_>, id: i64) -> Result<(), StoreError> {
+    let n = tx
+        .execute("DELETE FROM accounts WHERE id = ?1", [id])
+        .map_err(sql_err("remove account"))?;
+    if n == 0 {
+        return Err(StoreError::NotFound(id));
+    }
+    tx.execute("DELETE FROM refresh_log WHERE account_id = ?1", [id])
+        .map_err(sql_err("remove account's refresh log"))?;
+    Ok(())
+}
+
+/// See `Store::connect_state_put`.
+pub fn connect_state_put(
+    tx: &Transaction<'_>,
+    key: &str,
+    p: &PendingConnect,
+    verifier: Option<String>,
+    now: i64,
+    max_open: usize,
+) -> Result<bool, StoreError> {
+    let ctx = "remember a web connect";
+    tx.execute(
+        "DELETE FROM connect_states WHERE expires_at < ?1",
+        [now - rules::CONNECT_REMEMBER],
+    )
+    .map_err(sql_err(ctx))?;
+    let open: i64 = tx
+        .query_row(
+            "SELECT COUNT(*) FROM connect_states WHERE used = 0 AND expires_at >= ?1",
+            [now],
+            |r| r.get(0),
+        )
+        .map_err(sql_err(ctx))?;
+    if open as usize >= max_open {
+        return Ok(false);
+    }
+    tx.execute(
+        "INSERT INTO connect_states (key, provider, verifier, label, account, scopes, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            key,
+            p.provider,
+            verifier,
+            p.label,
+            p.account,
+            p.scopes.join(" "),
+            p.expires_at
+        ],
+    )
+    .map_err(sql_err(ctx))?;
+    Ok(true)
+}
+
+/// See `Store::connect_state_take`.
+pub fn connect_state_take(
+    tx: &Transaction<'_>,
+    keys: &Keyring,
+    key: &str,
+    provider: &str,
+    now: i64,
+) -> Result<Result<PendingConnect, StateProblem>, StoreError> {
+    let ctx = "take a web connect's state";
+    let row = tx
+        .query_row(
+            "SELECT provider, verifier, label, account, scopes, expires_at, used
+             FROM connect_states WHERE key = ?1",
+            [key],
+            |r| {
+                Ok(StateRow {
+                    provider: r.get(0)?,
+                    verifier: r.get(1)?,
+                    label: r.get(2)?,
+                    account: r.get(3)?,
+                    scopes: r.get(4)?,
+                    expires_at: r.get(5)?,
+                    used: r.get::<_, i64>(6)? != 0,
+                })
+            },
+        )
+        .optional()
+        .map_err(sql_err(ctx))?;
+    let Some(row) = row else {
+        return Ok(Err(StateProblem::Unknown));
+    };
+    if !row.used {
+        tx.execute(
+            "UPDATE connect_states SET used = 1, verifier = NULL WHERE key = ?1",
+            [key],
+        )
+        .map_err(sql_err(ctx))?;
+    }
+    row.judge(keys, provider, now)
+}
+
+/// Distinct ids of the keys that sealed stored tokens: one scan of the table at start-up.
+/// Only well-formed values count (`enc:v1:` + 16 hex digits + `:`); a garbled one is a
+/// problem of its row alone, reported when that row is read.
+///
+/// Both columns are read in a single pass (each row joined with two column numbers, the
+/// table on the outside): a `UNION ALL` of the two columns scanned the table twice, and
+/// this scan is most of a start-up at a million accounts (BENCHMARKS.md).
+pub fn sealing_key_ids(conn: &Connection) -> Result<Vec<String>, StoreError> {
+    let mut s = conn
+        .prepare(
+            "SELECT DISTINCT substr(v, 8, 16) FROM (
+                SELECT CASE c.n WHEN 1 THEN a.access_token ELSE a.refresh_token END AS v
+                FROM accounts AS a CROSS JOIN (SELECT 1 AS n UNION ALL SELECT 2) AS c)
+             WHERE v LIKE 'enc:v1:%' AND substr(v, 24, 1) = ':'
+               AND substr(v, 8, 16) NOT GLOB '*[^0-9a-f]*'",
+        )
+        .map_err(sql_err("list encryption key ids"))?;
+    s.query_map([], |r| r.get(0))
+        .and_then(|rows| rows.collect())
+        .map_err(sql_err("list encryption key ids"))
+}
+
+/// Accounts with a token not yet sealed under the primary key `key_id`.
+pub fn count_to_rekey(conn: &Connection, key_id: &str) -> Result<u64, StoreError> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM accounts WHERE access_token NOT LIKE ?1 OR refresh_token NOT LIKE ?1",
+        [sealed_pattern(key_id)],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n as u64)
+    .map_err(sql_err("count accounts to re-seal"))
+}
+
+/// Re-seals, under the primary key, the tokens of up to `limit` accounts after `after_id`
+/// that are not sealed under it yet (clear ones included: this encrypts a store in place).
+/// Runs in the caller's IMMEDIATE transaction, so no rotation can land between reading a
+/// value and replacing it; each update is still guarded on the value it replaces. The
+/// generation is deliberately not bumped: a refresh in flight must still be able to store
+/// the provider's rotation, which its generation guard would otherwise refuse (and that
+/// rotation would be lost, the provider having already retired the old refresh token).
+pub fn rekey_batch(
+    tx: &Transaction<'_>,
+    keys: &Keyring,
+    after_id: i64,
+    limit: usize,
+) -> Result<RekeyBatch, StoreError> {
+    let Some(primary) = keys.primary_id() else {
+        return Err(Refusal::RekeyWithoutKey.into());
+    };
+    let rows: Vec<(i64, String, String)> = tx
+        .prepare_cached(
+            "SELECT id, access_token, refresh_token FROM accounts
+             WHERE id > ?1 AND (access_token NOT LIKE ?2 OR refresh_token NOT LIKE ?2)
+             ORDER BY id LIMIT ?3",
+        )
+        .and_then(|mut s| {
+            s.query_map(
+                params![after_id, sealed_pattern(primary), limit as i64],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?
+            .collect()
+        })
+        .map_err(sql_err("read accounts to re-seal"))?;
+    let mut out = RekeyBatch {
+        last_id: rows.last().map(|r| r.0),
+        resealed: 0,
+    };
+    for (id, access, refresh) in rows {
+        let new_access = keys.reseal(id, Column::AccessToken, &access)?;
+        let new_refresh = keys.reseal(id, Column::RefreshToken, &refresh)?;
+        if new_access.is_none() && new_refresh.is_none() {
+            continue;
+        }
+        out.resealed += tx
+            .prepare_cached(
+                "UPDATE accounts SET access_token = ?4, refresh_token = ?5
+                 WHERE id = ?1 AND access_token = ?2 AND refresh_token = ?3",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    id,
+                    access,
+                    refresh,
+                    new_access.as_deref().unwrap_or(&access),
+                    new_refresh.as_deref().unwrap_or(&refresh)
+                ])
+            })
+            .map_err(sql_err("re-seal account tokens"))?;
+    }
+    Ok(out)
+}

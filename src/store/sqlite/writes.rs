@@ -1,0 +1,266 @@
+//! The SQLite write path: imports (`upsert`) and refresh outcomes (`record`), and the
+//! refresh-log rows they leave. `postgres/writes.rs` holds the same functions, in the same
+//! order, under the same names.
+
+use crate::crypto::Keyring;
+use crate::store::error::StoreError;
+use crate::store::record::{self, Update};
+use crate::store::rules;
+use crate::store::types::{NewAccount, Outcome, Recorded};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+fn sql_err(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sqlite { context, source }
+}
+
+/// Inserts or updates accounts by (provider, subject), all in the caller's transaction.
+/// Returns (id, inserted) per account in input order.
+pub fn upsert(
+    tx: &Transaction<'_>,
+    keys: &Keyring,
+    accounts: &[NewAccount],
+    now: i64,
+) -> Result<Vec<(i64, bool)>, StoreError> {
+    let mut out = Vec::with_capacity(accounts.len());
+    for a in accounts {
+        let existing: Option<(i64, Option<i64>, Option<i64>)> = tx
+            .prepare_cached(
+                "SELECT id, lease_expires_at, last_refreshed_at FROM accounts
+                 WHERE provider = ?1 AND subject = ?2",
+            )
+            .and_then(|mut s| {
+                s.query_row([&a.provider, &a.subject], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()
+            })
+            .map_err(sql_err("look up account for import"))?;
+        if let Some((id, lease_expires_at, last_refreshed_at)) = existing {
+            rules::check_upsert(id, a, lease_expires_at, last_refreshed_at, now)?;
+        }
+        let existing = existing.map(|(id, _, _)| id);
+        let new = record::imported(a, now);
+        let id = match existing {
+            Some(id) => {
+                tx.prepare_cached(
+                    "UPDATE accounts SET label = COALESCE(?2, label), access_token = ?3,
+                        refresh_token = CASE WHEN ?4 = '' THEN refresh_token ELSE ?4 END,
+                        scope = ?5, token_type = ?6, access_expires_at = ?7,
+                        refresh_expires_at = CASE WHEN ?4 = '' THEN COALESCE(?8, refresh_expires_at) ELSE ?8 END,
+                        next_refresh_at = ?9, status = ?10,
+                        reauth_reason = ?11, reauth_flagged_at = ?12, failures = 0,
+                        last_error = NULL, lease_owner = NULL, lease_expires_at = NULL,
+                        generation = generation + 1, updated_at = ?13
+                     WHERE id = ?1",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        id,
+                        a.label,
+                        new.access_token(keys, id),
+                        new.refresh_token(keys, id),
+                        new.scope,
+                        a.tokens.token_type,
+                        new.access_expires_at,
+                        new.refresh_expires_at,
+                        a.next_refresh_at,
+                        a.status.as_str(),
+                        new.reauth_reason,
+                        new.reauth_flagged_at,
+                        now
+                    ])
+                })
+                .map_err(sql_err("update imported account"))?;
+                out.push((id, false));
+                id
+            }
+            None => {
+                let (access, refresh) = new.inserted_tokens(keys);
+                let id: i64 = tx
+                    .prepare_cached(
+                        "INSERT INTO accounts (provider, subject, label, access_token, refresh_token,
+                            scope, token_type, access_expires_at, refresh_expires_at, next_refresh_at,
+                            status, reauth_reason, reauth_flagged_at, created_at, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)
+                         RETURNING id",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(
+                            params![
+                                a.provider,
+                                a.subject,
+                                a.label,
+                                access,
+                                refresh,
+                                new.scope,
+                                a.tokens.token_type,
+                                new.access_expires_at,
+                                new.refresh_expires_at,
+                                a.next_refresh_at,
+                                a.status.as_str(),
+                                new.reauth_reason,
+                                new.reauth_flagged_at,
+                                now
+                            ],
+                            |r| r.get(0),
+                        )
+                    })
+                    .map_err(sql_err("insert imported account"))?;
+                if record::Imported::sealed_after_insert(keys) {
+                    tx.prepare_cached(
+                        "UPDATE accounts SET access_token = ?2, refresh_token = ?3 WHERE id = ?1",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            id,
+                            new.access_token(keys, id),
+                            new.refresh_token(keys, id)
+                        ])
+                    })
+                    .map_err(sql_err("store imported tokens"))?;
+                }
+                out.push((id, true));
+                id
+            }
+        };
+        append_log(tx, id, now, "imported", None, None, None)?;
+    }
+    Ok(out)
+}
+
+pub(super) fn append_log(
+    conn: &Connection,
+    id: i64,
+    at: i64,
+    outcome: &str,
+    http_status: Option<u16>,
+    error: Option<&str>,
+    duration_ms: Option<i64>,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO refresh_log (account_id, at, outcome, http_status, error, duration_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut s| s.execute(params![id, at, outcome, http_status, error, duration_ms]))
+    .map_err(sql_err("append refresh log"))?;
+    Ok(())
+}
+
+/// Writes one refresh outcome (see `record::plan`). Runs inside the group-commit
+/// transaction.
+pub fn record(tx: &Connection, keys: &Keyring, o: &Outcome) -> Result<Recorded, StoreError> {
+    let write = record::plan(keys, o);
+    let run = |ctx: &'static str, sql: &str, params: &[&dyn rusqlite::ToSql]| {
+        tx.prepare_cached(sql)
+            .and_then(|mut s| s.execute(params))
+            .map_err(sql_err(ctx))
+    };
+    let n = match &write.update {
+        Update::Rotate {
+            account_id,
+            generation,
+            access_token,
+            refresh_token,
+            scope,
+            token_type,
+            access_expires_at,
+            refresh_expires_at,
+            next_refresh_at,
+            status,
+            reauth_reason,
+            at,
+        } => run(
+            "store rotated tokens",
+            "UPDATE accounts SET access_token = ?3,
+                refresh_token = COALESCE(?4, refresh_token),
+                scope = COALESCE(?5, scope), token_type = ?6,
+                access_expires_at = ?7,
+                refresh_expires_at = COALESCE(?8, refresh_expires_at),
+                next_refresh_at = ?9, status = ?10,
+                reauth_reason = ?11,
+                reauth_flagged_at = CASE WHEN ?11 IS NULL THEN NULL
+                    WHEN reauth_reason IS ?11 THEN reauth_flagged_at ELSE ?12 END,
+                failures = 0, last_error = NULL, last_refreshed_at = ?12,
+                lease_owner = NULL, lease_expires_at = NULL,
+                generation = generation + 1, updated_at = ?12
+             WHERE id = ?1 AND generation = ?2",
+            params![
+                account_id,
+                generation,
+                access_token,
+                refresh_token,
+                scope,
+                token_type,
+                access_expires_at,
+                refresh_expires_at,
+                next_refresh_at,
+                status,
+                reauth_reason,
+                at
+            ],
+        )?,
+        Update::Fail {
+            account_id,
+            owner,
+            error,
+            next_refresh_at,
+            at,
+            keep_lease,
+        } => run(
+            "record transient failure",
+            "UPDATE accounts SET failures = failures + 1, last_error = ?3,
+                next_refresh_at = ?4,
+                lease_owner = CASE WHEN ?6 OR interrupted_at IS NOT NULL THEN lease_owner END,
+                lease_expires_at = CASE WHEN ?6 OR interrupted_at IS NOT NULL THEN ?4 END,
+                updated_at = ?5
+             WHERE id = ?1 AND lease_owner = ?2",
+            params![account_id, owner, error, next_refresh_at, at, keep_lease],
+        )?,
+        Update::Postpone {
+            account_id,
+            owner,
+            error,
+            next_refresh_at,
+            at,
+        } => run(
+            "record provider configuration error",
+            "UPDATE accounts SET last_error = ?3, next_refresh_at = ?4,
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = ?5
+             WHERE id = ?1 AND lease_owner = ?2",
+            params![account_id, owner, error, next_refresh_at, at],
+        )?,
+        Update::Flag {
+            account_id,
+            generation,
+            reason,
+            at,
+            error,
+        } => run(
+            "flag account for re-authorization",
+            "UPDATE accounts SET status = 'needs_reauth', reauth_reason = ?3,
+                reauth_flagged_at = ?4, last_error = ?5, failures = failures + 1,
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = ?4
+             WHERE id = ?1 AND generation = ?2",
+            params![account_id, generation, reason, at, error],
+        )?,
+        Update::Release { account_id, owner } => run(
+            "release lease",
+            "UPDATE accounts SET lease_owner = NULL, lease_expires_at = NULL
+             WHERE id = ?1 AND lease_owner = ?2",
+            params![account_id, owner],
+        )?,
+    };
+    let (recorded, log) = write.ended(n > 0);
+    if let Some(l) = log {
+        append_log(
+            tx,
+            l.account_id,
+            l.at,
+            l.outcome,
+            l.http_status,
+            l.error.as_deref(),
+            l.duration_ms,
+        )?;
+    }
+    Ok(recorded)
+}

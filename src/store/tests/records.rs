@@ -1,0 +1,544 @@
+//! Claims and refresh outcomes: leases, generation-guarded writes, group commit.
+
+use super::*;
+
+// ---- claim_due ----
+
+async fn claim_due_takes_due_refreshable_accounts_in_order() {
+    let (_dir, store) = temp_store().await;
+    let accounts = vec![
+        new_account("tiktok", "late", NOW - 10),
+        new_account("tiktok", "early", NOW - 30),
+        new_account("tiktok", "exactly-now", NOW),
+        new_account("tiktok", "future", NOW + 1),
+        NewAccount {
+            status: Status::Expiring,
+            reauth_reason: Some(ReauthReason::RefreshTokenExpiring),
+            ..new_account("tiktok", "expiring", NOW - 20)
+        },
+        NewAccount {
+            status: Status::NeedsReauth,
+            reauth_reason: Some(ReauthReason::InvalidGrant),
+            ..new_account("tiktok", "flagged", NOW - 100)
+        },
+        NewAccount {
+            status: Status::Disabled,
+            ..new_account("tiktok", "disabled", NOW - 100)
+        },
+    ];
+    let id = insert(&store, accounts).await;
+    let (late, early, exact, future, expiring, flagged, disabled) =
+        (id[0], id[1], id[2], id[3], id[4], id[5], id[6]);
+
+    let claimed = store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    assert_eq!(ids(&claimed), [early, expiring, late, exact]);
+    for a in &claimed {
+        assert_eq!(
+            lease(&store, a.id).await,
+            (Some(OWNER.to_string()), Some(NOW + 60))
+        );
+    }
+    for id in [future, flagged, disabled] {
+        assert_eq!(lease(&store, id).await, (None, None));
+    }
+    // Nothing else is due, and flagged or disabled accounts never are.
+    assert!(
+        store
+            .claim_due("owner-b", NOW, LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let much_later = store
+        .claim_due("owner-b", NOW + 30, LEASE, 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(&much_later), [future]);
+}
+
+async fn claim_due_except_leaves_out_saturated_providers() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(
+        &store,
+        vec![
+            new_account("linkedin", "a", NOW - 30),
+            new_account("x", "b", NOW - 20),
+            new_account("google", "c", NOW - 10),
+            new_account("linkedin", "d", NOW + 50),
+            new_account("google", "e", NOW + 60),
+        ],
+    )
+    .await;
+    let skip = vec!["linkedin".to_string(), "x".to_string()];
+    assert_eq!(
+        store.next_due_except(NOW, skip.clone()).await.unwrap(),
+        Some(NOW - 10)
+    );
+    let claimed = store
+        .claim_due_except(OWNER, NOW, LEASE, 10, skip.clone())
+        .await
+        .unwrap();
+    assert_eq!(ids(&claimed), [id[2]]);
+    // The skipped providers' due accounts stay unleased for a later claim.
+    assert_eq!(lease(&store, id[0]).await, (None, None));
+    assert_eq!(
+        store.next_due_except(NOW, skip).await.unwrap(),
+        Some(NOW + 60)
+    );
+    let rest = store
+        .claim_due_except(OWNER, NOW, LEASE, 10, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(ids(&rest), [id[0], id[1]]);
+}
+
+async fn claim_due_respects_limit() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(
+        &store,
+        vec![
+            new_account("tiktok", "a", NOW - 1),
+            new_account("tiktok", "b", NOW - 3),
+            new_account("tiktok", "c", NOW - 2),
+        ],
+    )
+    .await;
+    let first = store.claim_due(OWNER, NOW, LEASE, 2).await.unwrap();
+    assert_eq!(ids(&first), [id[1], id[2]]);
+    let rest = store.claim_due(OWNER, NOW, LEASE, 2).await.unwrap();
+    assert_eq!(ids(&rest), [id[0]]);
+}
+
+async fn claim_due_lease_blocks_other_owners_until_it_expires() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    assert_eq!(
+        ids(&store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap()),
+        [id]
+    );
+    assert!(
+        store
+            .claim_due("owner-b", NOW, LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .claim_due("owner-b", NOW + 59, LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let taken = store
+        .claim_due("owner-b", NOW + 61, LEASE, 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(&taken), [id]);
+    assert_eq!(
+        lease(&store, id).await,
+        (Some("owner-b".to_string()), Some(NOW + 61 + 60))
+    );
+}
+
+// ---- record: Rotated ----
+
+async fn rotated_applies_when_generation_matches() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    // A failure first, so there is something to reset.
+    store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    assert_eq!(
+        store.record(transient(id, OWNER, NOW)).await.unwrap(),
+        Recorded::Applied
+    );
+    let claimed = store.claim_due(OWNER, NOW + 30, LEASE, 10).await.unwrap();
+    assert_eq!(claimed[0].generation, 0);
+    assert_eq!(claimed[0].failures, 1);
+
+    let at = NOW + 40;
+    let outcome = Outcome::Rotated {
+        account_id: id,
+        generation: 0,
+        tokens: TokenSet {
+            expires_in: 7200,
+            refresh_expires_in: Some(86_400),
+            scope: Some("user.info video.list".into()),
+            ..tokens("at-new", None)
+        },
+        at,
+        next_refresh_at: at + 6000,
+        status: Status::Active,
+        reauth_reason: None,
+        http_status: Some(200),
+        duration_ms: 33,
+    };
+    assert_eq!(store.record(outcome).await.unwrap(), Recorded::Applied);
+    let a = get(&store, id).await;
+    assert_eq!(a.access_token.expose_secret(), "at-new");
+    assert_eq!(
+        a.refresh_token.expose_secret(),
+        "rt-u1",
+        "COALESCE keeps it"
+    );
+    assert_eq!(a.access_expires_at, at + 7200);
+    assert_eq!(a.refresh_expires_at, Some(at + 86_400));
+    assert_eq!(a.next_refresh_at, at + 6000);
+    assert_eq!(a.scope, "user.info video.list");
+    assert_eq!(a.failures, 0);
+    assert_eq!(a.last_error, None);
+    assert_eq!(a.last_refreshed_at, Some(at));
+    assert_eq!(a.generation, 1);
+    assert_eq!(lease(&store, id).await, (None, None));
+    let log = store.log_entries(id, 1).await.unwrap();
+    assert_eq!(log[0].outcome, "rotated");
+    assert_eq!(log[0].at, at);
+    assert_eq!(log[0].http_status, Some(200));
+    assert_eq!(log[0].duration_ms, Some(33));
+
+    // A new refresh token replaces the stored one.
+    assert_eq!(
+        store
+            .record(rotated(id, 1, "at-3", Some("rt-3"), at + 100))
+            .await
+            .unwrap(),
+        Recorded::Applied
+    );
+    let a = get(&store, id).await;
+    assert_eq!(a.refresh_token.expose_secret(), "rt-3");
+    assert_eq!(a.generation, 2);
+}
+
+async fn rotated_is_superseded_when_generation_moved() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    let claimed = store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    assert_eq!(claimed[0].generation, 0);
+    // Meanwhile (our lease having run out) the account is re-imported.
+    let mut reimport = new_account("tiktok", "u1", NOW + 500);
+    reimport.tokens = tokens("at-import", Some("rt-import"));
+    store.upsert(vec![reimport], NOW + 61).await.unwrap();
+    let before = get(&store, id).await;
+
+    let r = store
+        .record(rotated(id, 0, "at-stale", Some("rt-stale"), NOW + 62))
+        .await
+        .unwrap();
+    assert_eq!(r, Recorded::Superseded);
+    let a = get(&store, id).await;
+    assert_eq!(a.access_token.expose_secret(), "at-import");
+    assert_eq!(a.refresh_token.expose_secret(), "rt-import");
+    assert_eq!(a.generation, before.generation);
+    assert_eq!(a.updated_at, before.updated_at);
+    assert_eq!(a.last_refreshed_at, None);
+    assert_eq!(log_outcomes(&store, id).await[0], "superseded");
+}
+
+// ---- record: Rejected ----
+
+async fn rejected_flags_needs_reauth_when_generation_matches() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    let r = store
+        .record(Outcome::Rejected {
+            account_id: id,
+            generation: 0,
+            reason: ReauthReason::InvalidGrant,
+            at: NOW + 1,
+            error: "invalid_grant: revoked".into(),
+            http_status: Some(400),
+            duration_ms: 5,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, Recorded::Applied);
+    let a = get(&store, id).await;
+    assert_eq!(a.status, Status::NeedsReauth);
+    assert_eq!(a.reauth_reason, Some(ReauthReason::InvalidGrant));
+    assert_eq!(a.reauth_flagged_at, Some(NOW + 1));
+    assert_eq!(a.last_error.as_deref(), Some("invalid_grant: revoked"));
+    assert_eq!(a.failures, 1);
+    assert_eq!(a.access_token.expose_secret(), "at-u1", "tokens untouched");
+    assert_eq!(lease(&store, id).await, (None, None));
+    assert_eq!(log_outcomes(&store, id).await[0], "reauth_required");
+    assert!(
+        store
+            .claim_due(OWNER, NOW + 10_000, LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn rejected_after_a_rotation_elsewhere_is_superseded() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    let claimed = store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    let generation = claimed[0].generation;
+    // Another process rotated the account while our refresh was in flight, so the provider
+    // rejects the token we sent: it is already replaced.
+    assert_eq!(
+        store
+            .record(rotated(
+                id,
+                generation,
+                "at-other",
+                Some("rt-other"),
+                NOW + 1
+            ))
+            .await
+            .unwrap(),
+        Recorded::Applied
+    );
+    let r = store
+        .record(Outcome::Rejected {
+            account_id: id,
+            generation,
+            reason: ReauthReason::InvalidGrant,
+            at: NOW + 2,
+            error: "invalid_grant".into(),
+            http_status: Some(400),
+            duration_ms: 5,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, Recorded::Superseded);
+    let a = get(&store, id).await;
+    assert_eq!(a.status, Status::Active);
+    assert_eq!(a.reauth_reason, None);
+    assert_eq!(a.reauth_flagged_at, None);
+    assert_eq!(a.failures, 0);
+    assert_eq!(a.access_token.expose_secret(), "at-other");
+    assert_eq!(log_outcomes(&store, id).await[0], "superseded");
+}
+
+// ---- record: Transient, ConfigError, Released ----
+
+async fn transient_counts_failure_and_releases_lease() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    assert_eq!(
+        store.record(transient(id, OWNER, NOW + 1)).await.unwrap(),
+        Recorded::Applied
+    );
+    let a = get(&store, id).await;
+    assert_eq!(a.failures, 1);
+    assert_eq!(a.next_refresh_at, NOW + 31);
+    assert_eq!(a.last_error.as_deref(), Some("HTTP 503"));
+    assert_eq!(a.generation, 0);
+    assert_eq!(a.status, Status::Active);
+    assert_eq!(lease(&store, id).await, (None, None));
+    let log = store.log_entries(id, 1).await.unwrap();
+    assert_eq!(log[0].outcome, "transient");
+    assert_eq!(log[0].http_status, Some(503));
+    assert_eq!(log[0].error.as_deref(), Some("HTTP 503"));
+
+    // Due again at the new time, and failures keep counting.
+    assert!(
+        store
+            .claim_due(OWNER, NOW + 30, LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store.claim_due(OWNER, NOW + 31, LEASE, 10).await.unwrap();
+    store.record(transient(id, OWNER, NOW + 32)).await.unwrap();
+    assert_eq!(get(&store, id).await.failures, 2);
+}
+
+async fn transient_with_lost_lease_leaves_row_to_new_owner() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    // Our lease ran out and another owner took the account.
+    store
+        .claim_due("owner-b", NOW + 100, LEASE, 10)
+        .await
+        .unwrap();
+    let r = store.record(transient(id, OWNER, NOW + 101)).await.unwrap();
+    assert_eq!(r, Recorded::LeaseLost);
+    let a = get(&store, id).await;
+    assert_eq!(a.failures, 0);
+    assert_eq!(a.next_refresh_at, NOW);
+    assert_eq!(a.last_error, None);
+    assert_eq!(
+        lease(&store, id).await,
+        (Some("owner-b".to_string()), Some(NOW + 160))
+    );
+    assert_eq!(
+        log_outcomes(&store, id).await[0],
+        "transient",
+        "still logged"
+    );
+}
+
+async fn config_error_and_release_need_the_lease() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    let config_error = |owner: &str| Outcome::ConfigError {
+        account_id: id,
+        owner: owner.into(),
+        at: NOW + 1,
+        next_refresh_at: NOW + 3600,
+        error: "invalid_client".into(),
+        http_status: Some(401),
+        duration_ms: 3,
+    };
+    assert_eq!(
+        store.record(config_error("intruder")).await.unwrap(),
+        Recorded::LeaseLost
+    );
+    assert_eq!(lease(&store, id).await.0.as_deref(), Some(OWNER));
+    assert_eq!(
+        store.record(config_error(OWNER)).await.unwrap(),
+        Recorded::Applied
+    );
+    let a = get(&store, id).await;
+    assert_eq!(a.failures, 0, "never counted against the account");
+    assert_eq!(a.status, Status::Active);
+    assert_eq!(a.next_refresh_at, NOW + 3600);
+    assert_eq!(a.last_error.as_deref(), Some("invalid_client"));
+    assert_eq!(lease(&store, id).await, (None, None));
+
+    store.claim_due(OWNER, NOW + 3600, LEASE, 10).await.unwrap();
+    let release = |owner: &str| Outcome::Released {
+        account_id: id,
+        owner: owner.into(),
+    };
+    store.record(release("intruder")).await.unwrap();
+    assert_eq!(lease(&store, id).await.0.as_deref(), Some(OWNER));
+    store.record(release(OWNER)).await.unwrap();
+    assert_eq!(lease(&store, id).await, (None, None));
+    assert_eq!(
+        ids(&store
+            .claim_due("owner-b", NOW + 3600, LEASE, 10)
+            .await
+            .unwrap()),
+        [id]
+    );
+}
+
+// ---- group commit ----
+
+async fn concurrent_records_are_all_committed() {
+    let (_dir, store) = temp_store().await;
+    let accounts = (0..200)
+        .map(|i| new_account("tiktok", &format!("u{i}"), NOW))
+        .collect();
+    let ids = insert(&store, accounts).await;
+    let claimed = store.claim_due(OWNER, NOW, LEASE, 500).await.unwrap();
+    assert_eq!(claimed.len(), 200);
+
+    let tasks: Vec<_> = claimed
+        .iter()
+        .map(|a| {
+            let store = store.clone();
+            let outcome = rotated(a.id, a.generation, &format!("new-{}", a.id), None, NOW + 1);
+            tokio::spawn(async move { store.record(outcome).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), Recorded::Applied);
+    }
+    for id in ids {
+        let a = get(&store, id).await;
+        assert_eq!(a.access_token.expose_secret(), format!("new-{id}"));
+        assert_eq!(a.generation, 1);
+    }
+    assert_eq!(
+        query(
+            &store,
+            "SELECT COUNT(*) FROM accounts WHERE lease_owner IS NULL AND generation = ?1",
+            1
+        )
+        .await,
+        Some(200)
+    );
+    assert_eq!(
+        query(
+            &store,
+            "SELECT COUNT(*) FROM refresh_log WHERE outcome = 'rotated' AND ?1 = ?1",
+            0
+        )
+        .await,
+        Some(200)
+    );
+}
+
+mod concurrent_records_are_all_committed {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sqlite() {
+        super::POSTGRES
+            .scope(None, super::concurrent_records_are_all_committed())
+            .await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres() {
+        let test = "store::tests::concurrent_records_are_all_committed::postgres";
+        if let Some(url) = refreshd_testkit::postgres_schema(test).await {
+            super::POSTGRES
+                .scope(Some(url), super::concurrent_records_are_all_committed())
+                .await
+        }
+    }
+}
+
+async fn transient_with_a_lost_answer_keeps_the_lease_until_the_retry_and_records_the_window() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    let retry = NOW + 30;
+    let mut lost = transient(id, OWNER, NOW);
+    if let Outcome::Transient { answer_lost, .. } = &mut lost {
+        *answer_lost = true;
+    }
+    assert_eq!(store.record(lost).await.unwrap(), Recorded::Applied);
+    assert_eq!(lease(&store, id).await, (Some(OWNER.into()), Some(retry)));
+    // The engine still wakes for the retry, and nobody claims the account before it.
+    assert_eq!(store.next_due(NOW + 1).await.unwrap(), Some(retry));
+    assert!(
+        store
+            .claim_due("other", retry - 1, LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = store.claim_due("other", retry, LEASE, 10).await.unwrap();
+    assert_eq!(again[0].interrupted_at, Some(retry));
+
+    // A plain transient failure right after keeps the window on record too...
+    store.record(transient(id, "other", retry)).await.unwrap();
+    let third = store.claim_due(OWNER, retry + 30, LEASE, 10).await.unwrap();
+    assert_eq!(third[0].interrupted_at, Some(retry + 30));
+    // ...until an attempt ends otherwise: a rotation gives the lease back for good.
+    store
+        .record(rotated(
+            id,
+            third[0].generation,
+            "at-2",
+            Some("rt-2"),
+            retry + 31,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(lease(&store, id).await, (None, None));
+}
+
+on_both_backends!(
+    transient_with_a_lost_answer_keeps_the_lease_until_the_retry_and_records_the_window,
+    claim_due_takes_due_refreshable_accounts_in_order,
+    claim_due_except_leaves_out_saturated_providers,
+    claim_due_respects_limit,
+    claim_due_lease_blocks_other_owners_until_it_expires,
+    rotated_applies_when_generation_matches,
+    rotated_is_superseded_when_generation_moved,
+    rejected_flags_needs_reauth_when_generation_matches,
+    rejected_after_a_rotation_elsewhere_is_superseded,
+    transient_counts_failure_and_releases_lease,
+    transient_with_lost_lease_leaves_row_to_new_owner,
+    config_error_and_release_need_the_lease,
+);
