@@ -97,11 +97,9 @@ pub async fn sandbox(args: &SandboxArgs) -> Result<u8> {
     );
     println!("counters: http://{listen}{}", refreshd::sandbox::STATS_PATH);
     // SIGTERM too: a benchmark or a supervisor stops it like the daemon.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let stop = CancellationToken::new();
+    lifecycle::install_stop_signals(stop.clone())?;
+    stop.cancelled().await;
     println!("{}", serde_json::to_string_pretty(&sb.stats())?);
     sb.shutdown().await;
     Ok(exit::OK)
