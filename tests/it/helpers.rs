@@ -293,3 +293,16 @@ pub fn collect_lines(
         }
     })
 }
+
+/// HMAC-SHA256 of `message` under `key`, in lower-case hex: how webhooks and signed
+/// redirects are signed.
+pub fn hmac_sha256_hex(key: &str, message: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).expect("any key length");
+    mac.update(message);
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
