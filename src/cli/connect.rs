@@ -54,11 +54,8 @@ pub async fn connect(
             return Err(e.into());
         }
     };
-    let store = Store::open(lifecycle::store_options(config)).await?;
-    let clock = Clock::system();
-    let result = connect::exchange_and_store(
+    let result = exchange_into_store(
         config,
-        &store,
         connect::Exchange {
             provider,
             code,
@@ -66,10 +63,8 @@ pub async fn connect(
             label,
             account,
         },
-        || clock.now(),
     )
-    .await;
-    store.close().await;
+    .await?;
     match result {
         Ok(c) => {
             callback
@@ -118,11 +113,8 @@ pub async fn exchange(
     label: Option<String>,
     account: Option<i64>,
 ) -> Result<u8> {
-    let store = Store::open(lifecycle::store_options(config)).await?;
-    let clock = Clock::system();
-    let result = connect::exchange_and_store(
+    let c = exchange_into_store(
         config,
-        &store,
         connect::Exchange {
             provider,
             code: SecretString::from(code.to_string()),
@@ -130,13 +122,23 @@ pub async fn exchange(
             label,
             account,
         },
-        || clock.now(),
     )
-    .await;
-    store.close().await;
-    let c = result?;
+    .await??;
     print_connected(&c, &[]);
     Ok(exit::OK)
+}
+
+/// Exchanges the code and stores the account in the configured store (closed after). The
+/// outer error is the store's; the inner one the connection's, for the browser to be told.
+async fn exchange_into_store(
+    config: &Config,
+    req: connect::Exchange<'_>,
+) -> Result<Result<connect::Connected, connect::ConnectError>> {
+    let store = Store::open(lifecycle::store_options(config)).await?;
+    let clock = Clock::system();
+    let result = connect::exchange_and_store(config, &store, req, || clock.now()).await;
+    store.close().await;
+    Ok(result)
 }
 
 /// Who was connected; never a token.

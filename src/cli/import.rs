@@ -1,7 +1,7 @@
 //! `refreshd accounts import`: a JSON-lines file (or stdin) checked line by line by the
 //! library's importer and streamed into one transaction.
 
-use super::exit;
+use super::{exit, progress};
 use anyhow::{Context, Result, bail};
 use refreshd::clock::Clock;
 use refreshd::config::Config;
@@ -35,21 +35,11 @@ pub async fn import(config: &Config, file: &str, json: bool) -> Result<u8> {
         let size = f.metadata().ok().map(|m| m.len());
         (file.to_string(), Box::new(std::io::BufReader::new(f)), size)
     };
-    // indicatif draws nothing when stderr is not a terminal (logs, CI).
     let bar = match size {
-        Some(len) => {
-            let bar = indicatif::ProgressBar::with_draw_target(
-                Some(len),
-                indicatif::ProgressDrawTarget::stderr(),
-            );
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:40} {bytes}/{total_bytes} read, {msg}, {eta} left",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            bar
-        }
+        Some(len) => progress(
+            len,
+            "{bar:40} {bytes}/{total_bytes} read, {msg}, {eta} left",
+        ),
         None => {
             indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr())
         }

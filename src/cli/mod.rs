@@ -204,6 +204,20 @@ pub(crate) async fn open_existing(config: &Config) -> Result<Store> {
     Ok(Store::open(lifecycle::store_options(config)).await?)
 }
 
+/// A progress bar of `len` steps on stderr, drawn in `template`; indicatif draws nothing
+/// when stderr is not a terminal (logs, CI).
+fn progress(len: u64, template: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(len),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
 /// The config of a one-shot command, with its quiet logging set up.
 fn one_shot_config(cli: &Cli) -> Result<Config> {
     let config = load_config(cli)?;

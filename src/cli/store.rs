@@ -1,7 +1,7 @@
 //! The store's own commands: `store copy` (between SQLite files and PostgreSQL, and where
 //! each end's URL or path is read), `rekey` and `keygen`.
 
-use super::{exit, open_existing};
+use super::{exit, open_existing, progress};
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use refreshd::clock::Clock;
@@ -157,13 +157,9 @@ async fn copy(config: &Config, from: &str, to: &str, batch: usize, json: bool) -
     let source = Store::open_read_only(from_opts).await?;
     let dest = Store::open(to_opts).await?;
     let total: i64 = source.counts().await?.iter().map(|(_, _, n)| n).sum();
-    let bar = indicatif::ProgressBar::with_draw_target(
-        Some(total as u64),
-        indicatif::ProgressDrawTarget::stderr(),
-    );
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} accounts copied, {eta} left")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    let bar = progress(
+        total as u64,
+        "{bar:40} {pos}/{len} accounts copied, {eta} left",
     );
     let started = std::time::Instant::now();
     let report =
@@ -220,17 +216,7 @@ pub async fn rekey(config: &Config, batch: usize) -> Result<u8> {
     refreshd::hardening::check_files(config)?;
     let store = open_existing(config).await?;
     let todo = store.count_to_rekey().await?;
-    // indicatif draws nothing when stderr is not a terminal (logs, CI).
-    let bar = indicatif::ProgressBar::with_draw_target(
-        Some(todo),
-        indicatif::ProgressDrawTarget::stderr(),
-    );
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} accounts re-sealed, {eta} left",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = progress(todo, "{bar:40} {pos}/{len} accounts re-sealed, {eta} left");
     let report = refreshd::store::rekey(&store, batch, |n| bar.inc(n)).await;
     bar.finish_and_clear();
     store.close().await;

@@ -225,14 +225,7 @@ fn clip(s: &str, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-
-    fn provider(extra: &str) -> Config {
-        Config::from_toml_str(&format!(
-            "[providers.tiktok]\nclient_key = \"ck\"\nclient_secret = \"cs\"\n{extra}"
-        ))
-        .unwrap()
-    }
+    use crate::connect::tests::provider;
 
     #[test]
     fn loopback_redirect_required_for_connect() {

@@ -500,7 +500,8 @@ mod tests {
     use super::*;
     use secrecy::ExposeSecret;
 
-    fn provider(extra: &str) -> Config {
+    /// A config with a `tiktok` provider and `extra` keys in its table.
+    pub(super) fn provider(extra: &str) -> Config {
         Config::from_toml_str(&format!(
             "[providers.tiktok]\nclient_key = \"ck\"\nclient_secret = \"cs\"\n{extra}"
         ))
