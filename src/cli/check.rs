@@ -147,16 +147,22 @@ pub async fn check(cli: &Cli, full: bool, json: bool) -> Result<u8> {
     Ok(if ok { exit::OK } else { exit::ERROR })
 }
 
-/// `check`'s findings: the lines as text, or with `--json` one object
-/// `{"ok": bool, "checks": [{"check": "store", "message": "ok (...)"}, ...]}` whose `check`
-/// is each line's subject (config, providers, provider NAME, store, encryption, files...).
+/// `check`'s findings: the lines as text, or with `--json` one object (see
+/// [`findings_json`]).
 fn print_check(lines: &[String], ok: bool, json: bool) {
-    if !json {
+    if json {
+        println!("{}", findings_json(lines, ok));
+    } else {
         for l in lines {
             println!("{l}");
         }
-        return;
     }
+}
+
+/// `{"ok": bool, "checks": [{"check": "store", "message": "ok (...)"}, ...]}`, whose
+/// `check` is each line's subject (config, providers, provider NAME, store, encryption,
+/// files...).
+fn findings_json(lines: &[String], ok: bool) -> serde_json::Value {
     let checks: Vec<serde_json::Value> = lines
         .iter()
         .map(|l| {
@@ -164,5 +170,29 @@ fn print_check(lines: &[String], ok: bool, json: bool) {
             serde_json::json!({"check": check, "message": message})
         })
         .collect();
-    println!("{}", serde_json::json!({"ok": ok, "checks": checks}));
+    serde_json::json!({"ok": ok, "checks": checks})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_finding_is_named_by_its_subject() {
+        let lines = [
+            "config: ok (refreshd.toml)".to_string(),
+            "provider tiktok: ok, enabled".to_string(),
+            "store: FAILED\n  database is locked: retry".to_string(),
+            "no subject".to_string(),
+        ];
+        let v = findings_json(&lines, false);
+        assert_eq!(v["ok"], false);
+        let checks = v["checks"].as_array().unwrap();
+        assert_eq!(checks[0]["check"], "config");
+        assert_eq!(checks[1]["check"], "provider tiktok");
+        assert_eq!(checks[1]["message"], "ok, enabled");
+        assert_eq!(checks[2]["message"], "FAILED\n  database is locked: retry");
+        assert_eq!(checks[3]["check"], "");
+        assert_eq!(checks[3]["message"], "no subject");
+    }
 }
