@@ -101,27 +101,8 @@ pub struct StartQuery {
     scopes: Option<String>,
 }
 
-fn escape(s: &str) -> String {
-    s.chars()
-        .map(|c| match c {
-            '<' => "&lt;".to_string(),
-            '>' => "&gt;".to_string(),
-            '&' => "&amp;".to_string(),
-            '"' => "&quot;".to_string(),
-            '\'' => "&#39;".to_string(),
-            c => c.to_string(),
-        })
-        .collect()
-}
-
 fn page(status: StatusCode, title: &str, body: &str) -> Response {
-    let html = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title></head>\
-         <body><h1>{t}</h1><p>{b}</p></body></html>\n",
-        t = escape(title),
-        b = escape(body)
-    );
-    let mut r = (status, Html(html)).into_response();
+    let mut r = (status, Html(connect::page::html_page(title, body))).into_response();
     r.headers_mut()
         .insert(header::CACHE_CONTROL, "no-store".parse().expect("valid"));
     r
@@ -458,19 +439,5 @@ async fn callback(
             }
             page(StatusCode::OK, "Connected", &body)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pages_escape_what_the_provider_sent() {
-        let r = escape("<script>alert('x')</script>&\"");
-        assert_eq!(
-            r,
-            "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;"
-        );
     }
 }

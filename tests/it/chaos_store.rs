@@ -11,7 +11,6 @@ use refreshd::clock::Clock;
 use refreshd::sandbox::{Faults, Sandbox, SandboxConfig};
 use refreshd::store::{Store, StoreOptions};
 use secrecy::ExposeSecret;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -76,12 +75,7 @@ impl Proc {
 }
 
 fn store_options(db: &Path) -> StoreOptions {
-    StoreOptions {
-        path: db.to_path_buf(),
-        busy_timeout: Duration::from_secs(5),
-        keyring: Default::default(),
-        postgres: None,
-    }
+    helpers::sqlite_options(db, Duration::from_secs(5))
 }
 
 impl Lab {
@@ -111,24 +105,10 @@ impl Lab {
         let now = Clock::system().now();
         let text: String = open_ids
             .iter()
-            .map(|o| {
-                let mut g = sandbox.grant(o, "user.info.basic", None);
-                g["provider"] = "tiktok".into();
-                g["obtained_at"] = (now - DUE).into();
-                g.to_string() + "\n"
-            })
+            .map(|o| helpers::sandbox_line(&sandbox, o, "user.info.basic", now - DUE))
             .collect();
-        let records = refreshd::import::parse(
-            "chaos",
-            &text,
-            now,
-            &parsed.refresh.timing(),
-            parsed.reauth.window,
-            |p| p == "tiktok",
-        )
-        .expect("import");
-        let store = Store::open(store_options(&db)).await.expect("store");
-        store.upsert(records, now).await.expect("upsert");
+        let store = helpers::open_store(&db, Duration::from_secs(5)).await;
+        helpers::import_text(&store, &parsed, "chaos", &text, now).await;
         store.close().await;
         Lab {
             dir,
@@ -153,17 +133,8 @@ impl Lab {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn refreshd run");
-        let pipe = child.stderr.take().expect("stderr");
         let stderr = Arc::new(Mutex::new(Vec::new()));
-        let into = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                match line {
-                    Ok(l) => into.lock().unwrap().push(l),
-                    Err(_) => break,
-                }
-            }
-        });
+        helpers::collect_lines(child.stderr.take().expect("stderr"), stderr.clone());
         Proc { child, stderr }
     }
 

@@ -9,7 +9,6 @@ use refreshd::sandbox::{Faults, Sandbox, SandboxConfig};
 use refreshd::store::{Store, StoreOptions};
 use secrecy::ExposeSecret;
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -171,14 +170,7 @@ impl World {
 
     async fn store(&self) -> Store {
         assert!(self.db.exists(), "the database should exist by now");
-        Store::open(StoreOptions {
-            path: self.db.clone(),
-            busy_timeout: Duration::from_secs(5),
-            keyring: Default::default(),
-            postgres: None,
-        })
-        .await
-        .expect("open store")
+        helpers::open_store(&self.db, Duration::from_secs(5)).await
     }
 
     async fn store_with_key(&self, key: &Path) -> Store {
@@ -203,8 +195,8 @@ impl World {
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let readers = vec![
-            collect_lines(child.stderr.take().expect("stderr"), stderr.clone()),
-            collect_lines(child.stdout.take().expect("stdout"), stdout.clone()),
+            helpers::collect_lines(child.stderr.take().expect("stderr"), stderr.clone()),
+            helpers::collect_lines(child.stdout.take().expect("stdout"), stdout.clone()),
         ];
         Daemon {
             child,
@@ -231,44 +223,9 @@ fn clean_env(cmd: &mut Command) {
     }
 }
 
-/// Runs `cmd` to the end off the async threads (the sandbox serves on them), feeding it
-/// `stdin`; kills it after `CLI_TIMEOUT`.
-async fn output(mut cmd: Command, stdin: Option<String>) -> Out {
-    let mut child = cmd.spawn().expect("spawn refreshd");
-    let pid = child.id();
-    if let Some(text) = stdin {
-        let mut pipe = child.stdin.take().expect("stdin");
-        pipe.write_all(text.as_bytes()).expect("write stdin");
-    }
-    let waiting = tokio::task::spawn_blocking(move || child.wait_with_output());
-    let out = match tokio::time::timeout(CLI_TIMEOUT, waiting).await {
-        Ok(out) => out.expect("join").expect("wait for refreshd"),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            panic!("refreshd did not finish within {CLI_TIMEOUT:?}");
-        }
-    };
-    Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn collect_lines(
-    pipe: impl Read + Send + 'static,
-    into: Arc<Mutex<Vec<String>>>,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            match line {
-                Ok(l) => into.lock().unwrap().push(l),
-                Err(_) => break,
-            }
-        }
-    })
+/// Runs `cmd` to the end, feeding it `stdin`; kills it after `CLI_TIMEOUT`.
+async fn output(cmd: Command, stdin: Option<String>) -> Out {
+    helpers::run_to_end(cmd, stdin, CLI_TIMEOUT).await
 }
 
 /// A running `refreshd run`; killed if dropped while running (a failed test).
@@ -1269,16 +1226,10 @@ async fn config_errors_never_echo_a_secret() {
 
     // The same typo picked up by a SIGHUP reload goes into the daemon's JSON log.
     // `run` starts on an existing store only (docs/src/durability.md).
-    Store::open(StoreOptions {
-        path: w.db.clone(),
-        busy_timeout: Duration::from_secs(5),
-        keyring: Default::default(),
-        postgres: None,
-    })
-    .await
-    .expect("create the store")
-    .close()
-    .await;
+    helpers::open_store(&w.db, Duration::from_secs(5))
+        .await
+        .close()
+        .await;
     let mut d = w.daemon();
     d.wait_event("ready", 10).await;
     std::fs::write(

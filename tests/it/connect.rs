@@ -7,7 +7,6 @@ use refreshd::model::{ReauthReason, Status};
 use refreshd::sandbox::{Consent, SandboxConfig};
 use refreshd::store::Outcome;
 use secrecy::ExposeSecret;
-use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -59,18 +58,7 @@ impl World {
     }
 
     async fn cli(&self, args: &[&str]) -> Out {
-        let child = self.command(args).spawn().expect("spawn refreshd");
-        let waiting = tokio::task::spawn_blocking(move || child.wait_with_output());
-        let out = tokio::time::timeout(RUN_TIMEOUT, waiting)
-            .await
-            .expect("refreshd finished in time")
-            .expect("join")
-            .expect("wait");
-        Out {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        helpers::run_to_end(self.command(args), None, RUN_TIMEOUT).await
     }
 
     /// Runs `connect` with `args`; once it prints the authorization URL, `tamper` may change
@@ -87,8 +75,8 @@ impl World {
         let stdout = Arc::new(Mutex::new(Vec::<String>::new()));
         let stderr = Arc::new(Mutex::new(Vec::<String>::new()));
         let readers = [
-            collect(child.stdout.take().expect("stdout"), stdout.clone()),
-            collect(child.stderr.take().expect("stderr"), stderr.clone()),
+            helpers::collect_lines(child.stdout.take().expect("stdout"), stdout.clone()),
+            helpers::collect_lines(child.stderr.take().expect("stderr"), stderr.clone()),
         ];
         let find_url = || {
             stdout
@@ -169,18 +157,6 @@ impl World {
         store.close().await;
         id
     }
-}
-
-fn collect(
-    pipe: impl Read + Send + 'static,
-    into: Arc<Mutex<Vec<String>>>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            into.lock().unwrap().push(line);
-        }
-    })
 }
 
 fn id_in(stdout: &str) -> i64 {

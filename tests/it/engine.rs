@@ -3,7 +3,7 @@
 //! loopback and a real SQLite file. Time is the manual clock shared by the sandbox and the
 //! engine, so days pass in milliseconds; real waiting is limited to 20 ms polls.
 
-use crate::helpers::{self, T0, TestApp};
+use crate::helpers::{self, T0, TestApp, account};
 use refreshd::clock::Clock;
 use refreshd::config::Config;
 use refreshd::engine::{Engine, Settings};
@@ -11,7 +11,7 @@ use refreshd::jobs;
 use refreshd::lifecycle::{self, RunOptions, RunReport};
 use refreshd::model::{Account, ReauthReason, Status, TokenSet};
 use refreshd::sandbox::{Faults, SandboxConfig, TOKEN_PATH};
-use refreshd::store::{Outcome, Recorded, Store, StoreError, StoreOptions, recovery_path};
+use refreshd::store::{Outcome, Recorded, Store, StoreError, recovery_path};
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -88,22 +88,7 @@ fn engine(store: &Store, clock: &Clock, config: &Config) -> (Engine, watch::Send
 }
 
 async fn open_store(app: &TestApp, busy_timeout: Duration) -> Store {
-    Store::open(StoreOptions {
-        path: app.db.clone(),
-        busy_timeout,
-        keyring: Default::default(),
-        postgres: None,
-    })
-    .await
-    .expect("open store")
-}
-
-async fn account(store: &Store, id: i64) -> Account {
-    store
-        .get(id)
-        .await
-        .expect("read account")
-        .expect("account exists")
+    helpers::open_store(&app.db, busy_timeout).await
 }
 
 fn refresh_token(a: &Account) -> &str {

@@ -1,9 +1,12 @@
-//! Shared set-up: temp database, sandbox provider on loopback, a config pointing at both.
+//! Shared set-up, written once for every test module: temp database, sandbox provider on
+//! loopback, a config pointing at both, opening a store, importing accounts, reading one
+//! back, running the binary.
 
 #![allow(dead_code)]
 
 use refreshd::clock::Clock;
 use refreshd::config::Config;
+use refreshd::model::Account;
 use refreshd::sandbox::{Sandbox, SandboxConfig};
 use refreshd::store::{Store, StoreOptions};
 use std::path::{Path, PathBuf};
@@ -111,14 +114,7 @@ impl TestApp {
     }
 
     pub async fn store(&self) -> Store {
-        Store::open(StoreOptions {
-            path: self.db.clone(),
-            busy_timeout: Duration::from_secs(2),
-            keyring: Default::default(),
-            postgres: None,
-        })
-        .await
-        .expect("open store")
+        open_store(&self.db, Duration::from_secs(2)).await
     }
 
     /// One import line for a fresh sandbox grant of `open_id`.
@@ -144,24 +140,70 @@ impl TestApp {
             .iter()
             .map(|o| self.grant_line(o, refresh_ttl) + "\n")
             .collect();
-        let now = self.clock.now();
-        let records = refreshd::import::parse(
-            "test",
-            &text,
-            now,
-            &config.refresh.timing(),
-            config.reauth.window,
-            |p| config.providers.contains_key(p),
-        )
-        .expect("valid import");
-        store
-            .upsert(records, now)
-            .await
-            .expect("upsert")
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect()
+        import_text(store, config, "test", &text, self.clock.now()).await
     }
+}
+
+/// Options for the SQLite store at `db`, tokens in the clear.
+pub fn sqlite_options(db: &Path, busy_timeout: Duration) -> StoreOptions {
+    StoreOptions {
+        path: db.to_path_buf(),
+        busy_timeout,
+        keyring: Default::default(),
+        postgres: None,
+    }
+}
+
+/// Opens (creating and migrating when new) the SQLite store at `db`, tokens in the clear.
+pub async fn open_store(db: &Path, busy_timeout: Duration) -> Store {
+    Store::open(sqlite_options(db, busy_timeout))
+        .await
+        .expect("open store")
+}
+
+/// One stored account, which must exist.
+pub async fn account(store: &Store, id: i64) -> Account {
+    store
+        .get(id)
+        .await
+        .expect("read account")
+        .expect("account exists")
+}
+
+/// A fresh sandbox grant of `open_id` as an import line of provider `tiktok`, obtained at
+/// `obtained_at`.
+pub fn sandbox_line(sandbox: &Sandbox, open_id: &str, scope: &str, obtained_at: i64) -> String {
+    let mut g = sandbox.grant(open_id, scope, None);
+    g["provider"] = "tiktok".into();
+    g["obtained_at"] = obtained_at.into();
+    g.to_string() + "\n"
+}
+
+/// Imports JSON lines through the real import rules (the config's providers and timing) at
+/// `now`, in one upsert; the accounts' ids, in line order.
+pub async fn import_text(
+    store: &Store,
+    config: &Config,
+    source: &str,
+    text: &str,
+    now: i64,
+) -> Vec<i64> {
+    let records = refreshd::import::parse_with(
+        source,
+        text,
+        now,
+        &config.refresh.timing(),
+        config.reauth.window,
+        |p| config.credential_of(p),
+    )
+    .expect("valid import");
+    store
+        .upsert(records, now)
+        .await
+        .expect("upsert")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
 }
 
 /// Tests that keep both cores busy for many seconds (the interop harness, the bench smokes)
@@ -205,4 +247,62 @@ impl Out {
     pub fn all(&self) -> String {
         format!("{}{}", self.stdout, self.stderr)
     }
+}
+
+/// Runs `cmd` to the end off the async threads (the sandbox serves on them), feeding it
+/// `stdin`; kills it and fails the test after `timeout`.
+pub async fn run_to_end(
+    mut cmd: std::process::Command,
+    stdin: Option<String>,
+    timeout: Duration,
+) -> Out {
+    use std::io::Write;
+    let mut child = cmd.spawn().expect("spawn refreshd");
+    let pid = child.id();
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin");
+        pipe.write_all(text.as_bytes()).expect("write stdin");
+    }
+    let waiting = tokio::task::spawn_blocking(move || child.wait_with_output());
+    let out = match tokio::time::timeout(timeout, waiting).await {
+        Ok(out) => out.expect("join").expect("wait for refreshd"),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("refreshd did not finish within {timeout:?}");
+        }
+    };
+    Out {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Reads a child's pipe line by line into `into` on a thread of its own, until it closes.
+pub fn collect_lines(
+    pipe: impl std::io::Read + Send + 'static,
+    into: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::BufRead;
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            into.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        }
+    })
+}
+
+/// HMAC-SHA256 of `message` under `key`, in lower-case hex: how webhooks and signed
+/// redirects are signed.
+pub fn hmac_sha256_hex(key: &str, message: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).expect("any key length");
+    mac.update(message);
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

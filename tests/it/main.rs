@@ -17,6 +17,7 @@ mod engine;
 mod helpers;
 mod hostile;
 mod interop;
+mod layers;
 mod ops_flood;
 mod postgres;
 mod props;

@@ -8,7 +8,6 @@ use crate::helpers;
 use refreshd::clock::Clock;
 use refreshd::config::Config;
 use refreshd::sandbox::{Sandbox, SandboxConfig};
-use refreshd::store::{Store, StoreOptions};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -138,39 +137,19 @@ async fn refreshes_go_on_while_2000_slow_clients_hold_the_ops_port() {
     );
 
     // Due accounts arrive while the port is held: every one is refreshed and committed.
-    let store = Store::open(StoreOptions {
-        path: db.clone(),
-        busy_timeout: Duration::from_secs(5),
-        keyring: Default::default(),
-        postgres: None,
-    })
-    .await
-    .unwrap();
+    let store = helpers::open_store(&db, Duration::from_secs(5)).await;
     let now = Clock::system().now();
     let lines: String = (0..ACCOUNTS)
         .map(|i| {
-            let mut g = sandbox.grant(&format!("flooded-{i}"), "user.info.basic", None);
-            g["provider"] = "tiktok".into();
-            g["obtained_at"] = (now - 7_000).into();
-            g.to_string() + "\n"
+            helpers::sandbox_line(
+                &sandbox,
+                &format!("flooded-{i}"),
+                "user.info.basic",
+                now - 7_000,
+            )
         })
         .collect();
-    let records = refreshd::import::parse(
-        "flood",
-        &lines,
-        now,
-        &config.refresh.timing(),
-        config.reauth.window,
-        |p| config.providers.contains_key(p),
-    )
-    .unwrap();
-    let ids: Vec<i64> = store
-        .upsert(records, now)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
+    let ids = helpers::import_text(&store, &config, "flood", &lines, now).await;
     let mut before = Vec::new();
     for &id in &ids {
         before.push((id, store.get(id).await.unwrap().unwrap().generation));

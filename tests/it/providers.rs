@@ -4,15 +4,15 @@
 //! rate limits and failure counters, one provider's outage never delaying another, and
 //! re-authorization by each profile's refresh-token TTL rule.
 
-use crate::helpers::{T0, init_logs};
+use crate::helpers::{self, T0, account, init_logs};
 use refreshd::clock::Clock;
 use refreshd::config::Config;
 use refreshd::engine::{Engine, Settings};
 use refreshd::lifecycle::{self, RunOptions};
-use refreshd::model::{Account, ReauthReason, Status, TokenSet};
+use refreshd::model::{ReauthReason, Status, TokenSet};
 use refreshd::provider::profile::Profile;
 use refreshd::provider::{FailureClass, Provider, ProviderFailure};
-use refreshd::store::{Store, StoreOptions};
+use refreshd::store::Store;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -704,14 +704,7 @@ fn generic_profile_errors_name_the_key() {
 // ---- several providers in one daemon ----
 
 async fn open_store(db: &Path) -> Store {
-    Store::open(StoreOptions {
-        path: db.to_path_buf(),
-        busy_timeout: Duration::from_secs(2),
-        keyring: Default::default(),
-        postgres: None,
-    })
-    .await
-    .expect("open store")
+    helpers::open_store(db, Duration::from_secs(2)).await
 }
 
 /// Imports one account per subject for `provider`, obtained at `obtained_at`.
@@ -741,27 +734,7 @@ async fn import(
             line.to_string() + "\n"
         })
         .collect();
-    let now = T0.max(obtained_at);
-    let records = refreshd::import::parse_with(
-        "test",
-        &text,
-        now,
-        &config.refresh.timing(),
-        config.reauth.window,
-        |p| config.credential_of(p),
-    )
-    .expect("valid import");
-    store
-        .upsert(records, now)
-        .await
-        .expect("upsert")
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect()
-}
-
-async fn account(store: &Store, id: i64) -> Account {
-    store.get(id).await.unwrap().unwrap()
+    helpers::import_text(store, config, "test", &text, T0.max(obtained_at)).await
 }
 
 fn ok_body(access: &str) -> Value {

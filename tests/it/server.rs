@@ -520,19 +520,12 @@ impl Web {
 /// The query of a redirect to the app, after checking its signature independently of the
 /// daemon's code: HMAC-SHA256 over `ref \n account_id \n outcome \n ts`.
 fn verified(location: &str) -> std::collections::HashMap<String, String> {
-    use hmac::{Hmac, Mac};
     let u = url::Url::parse(location).unwrap();
     let q: std::collections::HashMap<String, String> = u.query_pairs().into_owned().collect();
     let account_id = q.get("account_id").cloned().unwrap_or_default();
     let outcome = q.get("error").map(String::as_str).unwrap_or("connected");
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(REDIRECT_SECRET.as_bytes()).unwrap();
-    mac.update(format!("{}\n{account_id}\n{outcome}\n{}", q["ref"], q["ts"]).as_bytes());
-    let want: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let signed = format!("{}\n{account_id}\n{outcome}\n{}", q["ref"], q["ts"]);
+    let want = helpers::hmac_sha256_hex(REDIRECT_SECRET, signed.as_bytes());
     assert_eq!(q["sig"], want, "bad signature on {location}");
     q
 }

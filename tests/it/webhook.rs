@@ -3,7 +3,6 @@
 //! retried after a 5xx, never a token, never a plain rotation.
 
 use crate::helpers::{self, TestApp};
-use hmac::{Hmac, Mac};
 use refreshd::clock::Clock;
 use refreshd::config::{Config, WebhookConfig};
 use refreshd::events::{Event, Events};
@@ -12,7 +11,6 @@ use refreshd::model::Status;
 use refreshd::notify;
 use refreshd::sandbox::SandboxConfig;
 use secrecy::ExposeSecret;
-use sha2::Sha256;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use wiremock::matchers::{method, path};
@@ -33,16 +31,8 @@ fn verified(r: &Request) -> serde_json::Value {
     let ts = header("x-refreshd-timestamp");
     let sig = header("x-refreshd-signature");
     let hex = sig.strip_prefix("sha256=").expect("sha256= prefix");
-    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(ts.as_bytes());
-    mac.update(b".");
-    mac.update(&r.body);
-    let want: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let signed = [ts.as_bytes(), b".", &r.body].concat();
+    let want = crate::helpers::hmac_sha256_hex(SECRET, &signed);
     assert_eq!(hex, want, "signature does not verify");
     assert_eq!(header("content-type"), "application/json");
     let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();

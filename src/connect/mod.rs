@@ -1,5 +1,6 @@
-//! Connecting accounts: the authorization URL (state, PKCE), the one-shot loopback callback
-//! of `refreshd connect`, the code exchange, and storing the result as an account.
+//! Connecting accounts: the authorization URL (state, PKCE), the code exchange, and storing
+//! the result as an account. The one-shot loopback callback of `refreshd connect` is in
+//! `loopback.rs`, the page a browser sees at the end in `page.rs`.
 //!
 //! Nothing here prints or logs a token, a code, a state or a PKCE verifier.
 
@@ -12,12 +13,17 @@ use crate::store::{NewAccount, Store, StoreError};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 use std::time::Duration;
 use subtle::ConstantTimeEq;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+
+mod loopback;
+pub mod page;
+
+pub use loopback::{
+    CallbackListener, CallbackReply, CallbackResult, loopback_redirect, parse_callback,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -489,196 +495,13 @@ pub fn enabled_provider<'a>(
         })
 }
 
-/// How long one connection to the callback listener may take to send its request.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The loopback listener `refreshd connect` waits on for exactly one callback.
-pub struct CallbackListener {
-    listener: TcpListener,
-    path: String,
-}
-
-/// The browser's open connection, to answer once the outcome is known.
-pub struct CallbackReply {
-    stream: TcpStream,
-}
-
-/// What the callback carried: the code and the granted scopes, or why not.
-pub type CallbackResult = Result<(SecretString, Option<String>), ConnectError>;
-
-/// Checks a redirect URI is on loopback and returns it parsed.
-pub fn loopback_redirect(name: &str, p: &ProviderConfig) -> Result<url::Url, ConnectError> {
-    let raw = redirect_uri(name, p)?;
-    let url = crate::config::check_redirect_uri(raw).map_err(|message| ConnectError::Invalid {
-        what: "redirect_uri",
-        message,
-    })?;
-    let loopback = url.scheme() == "http"
-        && match url.host() {
-            Some(url::Host::Ipv4(a)) => a.is_loopback(),
-            Some(url::Host::Ipv6(a)) => a.is_loopback(),
-            Some(url::Host::Domain(d)) => d == "localhost",
-            None => false,
-        };
-    if !loopback {
-        return Err(ConnectError::NotLoopback {
-            provider: name.to_string(),
-            uri: raw.to_string(),
-        });
-    }
-    Ok(url)
-}
-
-impl CallbackListener {
-    /// Binds the redirect URI's host and port (port 80 when none is given).
-    pub async fn bind(redirect: &url::Url) -> Result<CallbackListener, ConnectError> {
-        let host = match redirect.host() {
-            Some(url::Host::Domain(_)) => "127.0.0.1".to_string(),
-            Some(url::Host::Ipv6(a)) => format!("[{a}]"),
-            Some(h) => h.to_string(),
-            None => "127.0.0.1".to_string(),
-        };
-        let addr = format!("{host}:{}", redirect.port_or_known_default().unwrap_or(80));
-        let listener = TcpListener::bind(&addr)
-            .await
-            .map_err(|source| ConnectError::Bind { addr, source })?;
-        Ok(CallbackListener {
-            listener,
-            path: redirect.path().to_string(),
-        })
-    }
-
-    /// The address actually bound.
-    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    /// Waits for the callback on the redirect path, answering anything else with 404.
-    /// Checks `state` in constant time and turns `error` into `Denied`. The code and the
-    /// granted scopes come back with the browser's connection; answer it with
-    /// [`CallbackReply::respond`].
-    pub async fn accept(
-        &self,
-        expected_state: &str,
-        timeout: Duration,
-    ) -> Result<(CallbackReply, CallbackResult), ConnectError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let (mut stream, _) = tokio::time::timeout_at(deadline, self.listener.accept())
-                .await
-                .map_err(|_| ConnectError::Timeout(timeout))??;
-            // A connection that sends nothing must not hold the one callback slot.
-            let read_by = deadline.min(tokio::time::Instant::now() + READ_TIMEOUT);
-            let target = match tokio::time::timeout_at(read_by, read_target(&mut stream)).await {
-                Err(_) if read_by == deadline => return Err(ConnectError::Timeout(timeout)),
-                Err(_) | Ok(Err(_)) | Ok(Ok(None)) => continue,
-                Ok(Ok(Some(t))) => t,
-            };
-            let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-            if path != self.path {
-                let _ = write_response(&mut stream, "404 Not Found", "Not found.").await;
-                continue;
-            }
-            let result = parse_callback(query, expected_state);
-            return Ok((CallbackReply { stream }, result));
-        }
-    }
-}
-
-impl CallbackReply {
-    /// Answers the browser with a short HTML page.
-    pub async fn respond(mut self, ok: bool, message: &str) {
-        let status = if ok { "200 OK" } else { "400 Bad Request" };
-        let _ = write_response(&mut self.stream, status, message).await;
-    }
-}
-
-/// Parses a callback query: checks the state, then `error` or `code` (+ `scopes`).
-pub fn parse_callback(
-    query: &str,
-    expected_state: &str,
-) -> Result<(SecretString, Option<String>), ConnectError> {
-    let mut code = None;
-    let mut state = None;
-    let mut scopes = None;
-    let mut error = None;
-    let mut description = None;
-    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-        match &*k {
-            "code" => code = Some(SecretString::from(v.into_owned())),
-            "state" => state = Some(v.into_owned()),
-            "scopes" | "scope" => scopes = Some(v.into_owned()),
-            "error" => error = Some(v.into_owned()),
-            "error_description" => description = Some(v.into_owned()),
-            _ => {}
-        }
-    }
-    if !state.is_some_and(|s| state_matches(expected_state, &s)) {
-        return Err(ConnectError::StateMismatch);
-    }
-    if let Some(error) = error {
-        return Err(ConnectError::Denied {
-            error: clip(&error, 80),
-            description: description.map(|d| clip(&d, 300)),
-        });
-    }
-    let code = code
-        .filter(|c| !c.expose_secret().is_empty())
-        .ok_or(ConnectError::NoCode)?;
-    Ok((code, scopes))
-}
-
-fn clip(s: &str, n: usize) -> String {
-    s.chars().filter(|c| !c.is_control()).take(n).collect()
-}
-
-/// Reads an HTTP request head and returns its target (path and query).
-async fn read_target(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        if buf.len() > 16 * 1024 {
-            return Ok(None);
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.lines().next().unwrap_or("").split(' ');
-    match (parts.next(), parts.next()) {
-        (Some("GET"), Some(target)) => Ok(Some(target.to_string())),
-        _ => Ok(None),
-    }
-}
-
-async fn write_response(
-    stream: &mut TcpStream,
-    status: &str,
-    message: &str,
-) -> std::io::Result<()> {
-    let escaped = message
-        .replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;");
-    let body = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>refreshd</title></head><body><h1>refreshd</h1><p>{escaped}</p></body></html>"
-    );
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(resp.as_bytes()).await?;
-    stream.shutdown().await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use secrecy::ExposeSecret;
 
-    fn provider(extra: &str) -> Config {
+    /// A config with a `tiktok` provider and `extra` keys in its table.
+    pub(super) fn provider(extra: &str) -> Config {
         Config::from_toml_str(&format!(
             "[providers.tiktok]\nclient_key = \"ck\"\nclient_secret = \"cs\"\n{extra}"
         ))
@@ -872,43 +695,6 @@ mod tests {
     }
 
     #[test]
-    fn loopback_redirect_required_for_connect() {
-        let c = provider("redirect_uri = \"https://app.example.com/cb\"");
-        let e = loopback_redirect("tiktok", &c.providers["tiktok"]).unwrap_err();
-        assert!(e.to_string().contains("[connect] enabled = true"), "{e}");
-        let c = provider("redirect_uri = \"http://localhost:8788/callback\"");
-        assert!(loopback_redirect("tiktok", &c.providers["tiktok"]).is_ok());
-    }
-
-    #[test]
-    fn callback_parsing() {
-        let (code, scopes) = parse_callback("code=abc&scopes=a%2Cb&state=S", "S").unwrap();
-        assert_eq!(code.expose_secret(), "abc");
-        assert_eq!(scopes.as_deref(), Some("a,b"));
-        assert!(matches!(
-            parse_callback("code=abc&state=T", "S"),
-            Err(ConnectError::StateMismatch)
-        ));
-        assert!(matches!(
-            parse_callback("code=abc", "S"),
-            Err(ConnectError::StateMismatch)
-        ));
-        let e = parse_callback(
-            "error=access_denied&error_description=User+said+no&state=S",
-            "S",
-        )
-        .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "the provider refused the authorization: access_denied: User said no"
-        );
-        assert!(matches!(
-            parse_callback("state=S", "S"),
-            Err(ConnectError::NoCode)
-        ));
-    }
-
-    #[test]
     fn missing_scopes_named() {
         let req = parse_scopes("user.info.basic, video.list");
         assert_eq!(
@@ -966,51 +752,5 @@ mod tests {
         let tiktok = Profile::built_in("tiktok").unwrap();
         assert_eq!(tiktok.subject_name(), "open_id");
         assert!(exchange_hint(&tiktok, FailureClass::Config).contains("(client_key)"));
-    }
-
-    #[tokio::test]
-    async fn listener_skips_other_paths_and_answers_the_callback() {
-        let redirect = url::Url::parse("http://127.0.0.1:0/callback").unwrap();
-        let l = CallbackListener::bind(&redirect).await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let browser = tokio::spawn(async move {
-            let get = |path: &'static str| async move {
-                let mut s = TcpStream::connect(addr).await.unwrap();
-                s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-                    .await
-                    .unwrap();
-                let mut out = String::new();
-                s.read_to_string(&mut out).await.unwrap();
-                out
-            };
-            let favicon = get("/favicon.ico").await;
-            let page = get("/callback?code=c1&scopes=a&state=S").await;
-            (favicon, page)
-        });
-        let (reply, result) = l.accept("S", Duration::from_secs(10)).await.unwrap();
-        let (code, scopes) = result.unwrap();
-        assert_eq!(code.expose_secret(), "c1");
-        assert_eq!(scopes.as_deref(), Some("a"));
-        reply.respond(true, "Connected <you>.").await;
-        let (favicon, page) = browser.await.unwrap();
-        assert!(favicon.starts_with("HTTP/1.1 404"), "{favicon}");
-        assert!(page.starts_with("HTTP/1.1 200"), "{page}");
-        assert!(page.contains("Connected &lt;you&gt;."), "{page}");
-    }
-
-    #[tokio::test]
-    async fn listener_times_out() {
-        let redirect = url::Url::parse("http://127.0.0.1:0/callback").unwrap();
-        let l = CallbackListener::bind(&redirect).await.unwrap();
-        let e = l
-            .accept("S", Duration::from_millis(50))
-            .await
-            .err()
-            .unwrap();
-        assert!(
-            e.to_string()
-                .contains("no authorization arrived within 50ms"),
-            "{e}"
-        );
     }
 }

@@ -1,0 +1,281 @@
+//! `refreshd accounts`: list, show, import (in `import.rs`), refresh and remove stored
+//! accounts. Tokens are never printed.
+
+use super::{exit, import, open_existing, open_read_only};
+use anyhow::{Result, bail};
+use clap::{Subcommand, ValueEnum};
+use refreshd::clock::{Clock, rfc3339};
+use refreshd::config::Config;
+use refreshd::model::Status;
+use refreshd::store::ListFilter;
+use refreshd::{connect, telemetry};
+
+#[derive(Subcommand)]
+pub enum AccountsCommand {
+    /// List accounts (tokens are never shown).
+    List {
+        /// Only accounts with this status.
+        #[arg(long)]
+        status: Option<StatusArg>,
+        /// Only accounts of this provider (a [providers.NAME] of the config).
+        #[arg(long, value_name = "NAME")]
+        provider: Option<String>,
+        /// Only accounts that need a human: `expiring` and `needs_reauth`.
+        #[arg(long)]
+        needs_reauth: bool,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one account and its latest refresh attempts.
+    Show {
+        /// The account's id (see `accounts list`).
+        id: i64,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+        /// How many refresh_log entries to show.
+        #[arg(long, default_value_t = 10)]
+        log: usize,
+    },
+    /// Import accounts from JSON lines (a file, or - for stdin). All or nothing: one
+    /// transaction, streamed (memory stays flat whatever the file's size).
+    Import {
+        /// The JSON-lines file, or - for stdin.
+        file: String,
+        /// A JSON summary on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an account due now (a running daemon picks it up at its next look).
+    Refresh {
+        /// The account's id (see `accounts list`).
+        id: i64,
+        /// Also retry an account flagged needs_reauth (clears the flag).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete an account and its refresh history.
+    Remove {
+        /// The account's id (see `accounts list`).
+        id: i64,
+    },
+}
+
+/// An account status on the command line: the library's `Status`, its values listed by
+/// `--help` and the completions.
+#[derive(Clone, Copy)]
+pub struct StatusArg(Status);
+
+impl ValueEnum for StatusArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        const ALL: [StatusArg; 4] = [
+            StatusArg(Status::ALL[0]),
+            StatusArg(Status::ALL[1]),
+            StatusArg(Status::ALL[2]),
+            StatusArg(Status::ALL[3]),
+        ];
+        &ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        let help = match self.0 {
+            Status::Active => "refreshed automatically",
+            Status::Expiring => "refreshed, but the refresh token ends within the reauth window",
+            Status::NeedsReauth => "cannot be refreshed: a person must log in again",
+            Status::Disabled => "switched off by an admin",
+        };
+        Some(clap::builder::PossibleValue::new(self.0.as_str()).help(help))
+    }
+}
+
+/// `refreshd accounts ...`.
+pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
+    let clock = Clock::system();
+    match cmd {
+        AccountsCommand::List {
+            status,
+            provider,
+            needs_reauth,
+            json,
+        } => {
+            let store = open_read_only(config).await?;
+            let filter = ListFilter {
+                provider: provider.clone(),
+                status: status.map(|s| s.0),
+                needs_reauth: *needs_reauth,
+            };
+            let mut after = 0;
+            let mut n = 0usize;
+            if !json {
+                println!(
+                    "{:>8}  {:<10} {:<24} {:<16} {:<13} {:<23} {:<21} {:<21} {:>4}",
+                    "ID",
+                    "PROVIDER",
+                    "SUBJECT",
+                    "LABEL",
+                    "STATUS",
+                    "REASON",
+                    "ACCESS EXPIRES",
+                    "REFRESH EXPIRES",
+                    "FAIL"
+                );
+            }
+            loop {
+                let page = store.list(filter.clone(), after, 1000).await?;
+                let Some(last) = page.last() else { break };
+                after = last.id;
+                for a in &page {
+                    n += 1;
+                    if *json {
+                        println!("{}", serde_json::to_string(&summary_json(a))?);
+                    } else {
+                        println!(
+                            "{:>8}  {:<10} {:<24} {:<16} {:<13} {:<23} {:<21} {:<21} {:>4}",
+                            a.id,
+                            a.provider,
+                            truncate(&a.subject, 24),
+                            truncate(a.label.as_deref().unwrap_or("-"), 16),
+                            a.status.as_str(),
+                            a.reauth_reason.map(|r| r.as_str()).unwrap_or("-"),
+                            rfc3339(a.access_expires_at),
+                            a.refresh_expires_at
+                                .map(rfc3339)
+                                .unwrap_or_else(|| "-".into()),
+                            a.failures
+                        );
+                    }
+                }
+            }
+            if !json {
+                eprintln!("{n} account(s)");
+            }
+            store.close().await;
+            Ok(exit::OK)
+        }
+        AccountsCommand::Show { id, json, log } => {
+            let store = open_read_only(config).await?;
+            let Some(a) = store.get(*id).await? else {
+                bail!("no account with id {id} (see `refreshd accounts list`)");
+            };
+            let entries = store.log_entries(*id, *log).await?;
+            store.close().await;
+            if *json {
+                let mut v = serde_json::json!({
+                    "id": a.id, "provider": a.provider, "subject": a.subject, "label": a.label,
+                    "status": a.status, "reauth_reason": a.reauth_reason,
+                    "reconnect": a.status.needs_human().then(|| telemetry::reconnect_command(&a.provider, a.id)),
+                    "reconnect_url": a.status.needs_human().then(|| connect::web_reconnect_url(config, &a.provider, a.id)).flatten(),
+                    "reauth_flagged_at": a.reauth_flagged_at.map(rfc3339),
+                    "scope": a.scope, "token_type": a.token_type,
+                    "access_expires_at": rfc3339(a.access_expires_at),
+                    "refresh_expires_at": a.refresh_expires_at.map(rfc3339),
+                    "next_refresh_at": rfc3339(a.next_refresh_at),
+                    "last_refreshed_at": a.last_refreshed_at.map(rfc3339),
+                    "failures": a.failures, "last_error": a.last_error, "generation": a.generation,
+                    "created_at": rfc3339(a.created_at), "updated_at": rfc3339(a.updated_at),
+                });
+                v["refresh_log"] = entries
+                    .iter()
+                    .map(|e| serde_json::json!({"at": rfc3339(e.at), "outcome": e.outcome, "http_status": e.http_status, "error": e.error, "duration_ms": e.duration_ms}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let opt = |o: Option<i64>| o.map(rfc3339).unwrap_or_else(|| "-".into());
+                println!("account {}", a.id);
+                println!("  provider           {}", a.provider);
+                println!("  subject            {}", a.subject);
+                println!("  label              {}", a.label.as_deref().unwrap_or("-"));
+                println!("  status             {}", a.status);
+                if let Some(r) = a.reauth_reason {
+                    println!(
+                        "  reauth reason      {r} (flagged {})",
+                        opt(a.reauth_flagged_at)
+                    );
+                }
+                if a.status.needs_human() {
+                    println!(
+                        "  to re-authorize    {}",
+                        telemetry::reconnect_command(&a.provider, a.id)
+                    );
+                    if let Some(u) = connect::web_reconnect_url(config, &a.provider, a.id) {
+                        println!("  or send the user   {u}");
+                    }
+                }
+                println!("  scope              {}", a.scope);
+                println!("  access expires     {}", rfc3339(a.access_expires_at));
+                println!("  refresh expires    {}", opt(a.refresh_expires_at));
+                println!("  next refresh       {}", rfc3339(a.next_refresh_at));
+                println!("  last refreshed     {}", opt(a.last_refreshed_at));
+                println!("  failures           {}", a.failures);
+                println!(
+                    "  last error         {}",
+                    a.last_error.as_deref().unwrap_or("-")
+                );
+                println!("  generation         {}", a.generation);
+                println!("  refresh log (newest first):");
+                if entries.is_empty() {
+                    println!("    (none)");
+                }
+                for e in entries {
+                    println!(
+                        "    {}  {:<16} {:>4} {:>6}  {}",
+                        rfc3339(e.at),
+                        e.outcome,
+                        e.http_status
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        e.duration_ms
+                            .map(|d| format!("{d}ms"))
+                            .unwrap_or_else(|| "-".into()),
+                        e.error.as_deref().unwrap_or("")
+                    );
+                }
+            }
+            Ok(exit::OK)
+        }
+        AccountsCommand::Import { file, json } => import::import(config, file, *json).await,
+        AccountsCommand::Refresh { id, force } => {
+            let store = open_existing(config).await?;
+            let was = store.mark_due(*id, clock.now(), *force).await?;
+            store.close().await;
+            println!(
+                "account {id} ({was}) is due now; a running daemon refreshes it at its next look at the store (within refresh.max_idle)"
+            );
+            Ok(exit::OK)
+        }
+        AccountsCommand::Remove { id } => {
+            let store = open_existing(config).await?;
+            let Some(a) = store.get(*id).await? else {
+                bail!("no account with id {id} (see `refreshd accounts list`)");
+            };
+            store.remove(*id).await?;
+            store.close().await;
+            println!("removed account {id} ({}/{})", a.provider, a.subject);
+            Ok(exit::OK)
+        }
+    }
+}
+
+fn summary_json(a: &refreshd::store::AccountSummary) -> serde_json::Value {
+    serde_json::json!({
+        "id": a.id, "provider": a.provider, "subject": a.subject, "label": a.label,
+        "status": a.status, "reauth_reason": a.reauth_reason,
+        "access_expires_at": rfc3339(a.access_expires_at),
+        "refresh_expires_at": a.refresh_expires_at.map(rfc3339),
+        "next_refresh_at": rfc3339(a.next_refresh_at),
+        "last_refreshed_at": a.last_refreshed_at.map(rfc3339),
+        "reauth_flagged_at": a.reauth_flagged_at.map(rfc3339),
+        "failures": a.failures, "last_error": a.last_error, "scope": a.scope,
+    })
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n - 1).collect();
+        t.push('…');
+        t
+    }
+}
