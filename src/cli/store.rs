@@ -83,7 +83,7 @@ fn parse_store_end(which: &str, text: &str) -> Result<StoreEnd> {
                 )
             })?;
             let url = format!("postgres://{rest}");
-            refreshd::store::postgres::validate_url(&url).map_err(|m| {
+            refreshd::config::validate_postgres_url(&url).map_err(|m| {
                 anyhow::anyhow!(
                     "store copy --{which} {}: {m}",
                     refreshd::store::postgres::describe(&url)

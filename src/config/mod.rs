@@ -26,7 +26,9 @@ pub use types::{
     RefreshConfig, ServerConfig, ShutdownConfig, SinkConfig, SinkFormat, StoreConfig,
     WebhookConfig, redact_url,
 };
-pub use validate::{check_endpoint_url, check_redirect_uri, validate_cron};
+pub use validate::{
+    check_endpoint_url, check_redirect_uri, postgres_url as validate_postgres_url, validate_cron,
+};
 
 use crate::provider::profile::Credential;
 use serde::Deserialize;

@@ -268,10 +268,7 @@ fn store(p: &mut Problems, s: &mut StoreConfig) {
         s.url_file.as_deref(),
     );
     if let Some(u) = &s.url {
-        p.check(
-            "store.url",
-            crate::store::postgres::validate_url(u.expose_secret()),
-        );
+        p.check("store.url", postgres_url(u.expose_secret()));
     }
     if !(1..=1000).contains(&s.pool_size) {
         p.bad("store.pool_size", "must be 1 to 1000");
@@ -533,6 +530,16 @@ pub fn check_endpoint_url(u: &str) -> Result<url::Url, String> {
         }
         other => Err(format!("scheme {other:?} not allowed, use https://: {u:?}")),
     }
+}
+
+/// Checks a `store.url` without connecting; the message never carries the password.
+pub fn postgres_url(url: &str) -> Result<(), String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("must start with postgres:// or postgresql:// (leave it unset for SQLite at store.path)".into());
+    }
+    url.parse::<tokio_postgres::Config>()
+        .map(|_| ())
+        .map_err(|e| format!("is not a valid PostgreSQL URL: {e}"))
 }
 
 #[cfg(test)]

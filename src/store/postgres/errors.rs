@@ -69,16 +69,6 @@ pub fn describe(url: &str) -> String {
     }
 }
 
-/// Checks a `store.url` without connecting; the message never carries the password.
-pub fn validate_url(url: &str) -> Result<(), String> {
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err("must start with postgres:// or postgresql:// (leave it unset for SQLite at store.path)".into());
-    }
-    url.parse::<tokio_postgres::Config>()
-        .map(|_| ())
-        .map_err(|e| format!("is not a valid PostgreSQL URL: {e}"))
-}
-
 /// Whether a PostgreSQL error is worth retrying: the connection or server went away, or the
 /// transaction lost a race (serialization, deadlock) or was cancelled.
 pub fn is_transient(e: &tokio_postgres::Error) -> bool {

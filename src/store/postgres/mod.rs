@@ -14,7 +14,7 @@ pub(crate) mod queries;
 pub mod schema;
 pub(crate) mod writes;
 
-pub use errors::{describe, describe_error, is_transient, validate_url};
+pub use errors::{describe, describe_error, is_transient};
 pub(crate) use errors::{pg_err, pool_err};
 pub use schema::MIGRATIONS;
 
