@@ -245,13 +245,15 @@ impl Engine {
                 }
                 Err(e) => {
                     store_failures += 1;
+                    // At least a second: a failing store is not asked again at once.
                     let wait = policy::backoff(
                         store_failures,
                         Duration::from_secs(1),
                         Duration::from_secs(60),
                         None,
                         &mut rand::rng(),
-                    );
+                    )
+                    .max(Duration::from_secs(1));
                     tracing::error!(event = "claim_failed", error = %e, retry_in_ms = wait.as_millis() as u64, "cannot claim due accounts");
                     if once {
                         tracker.close();

@@ -45,25 +45,25 @@ pub fn next_refresh_at(
     }
 }
 
-/// Exponential backoff with full jitter: a random delay in `[1s, min(max, base * 2^(n-1))]`
-/// after the n-th consecutive failure, and never shorter than the provider's `Retry-After`.
+/// Exponential backoff with full jitter, for refreshes and webhook deliveries alike: after
+/// the `attempt`-th consecutive failure (1 = the first) a delay drawn uniformly from
+/// `[0, ceiling]`, where `ceiling = min(max, base * 2^(attempt-1))`; never shorter than the
+/// peer's `Retry-After` when one is given (that wait is the peer's, so `max` does not cut it).
+/// Full jitter spreads the retries of many failures over the whole interval, so a provider
+/// (or a webhook receiver) that comes back is not hit by all of them at once.
 pub fn backoff(
-    failures: u32,
+    attempt: u32,
     base: Duration,
     max: Duration,
     retry_after: Option<Duration>,
     rng: &mut impl Rng,
 ) -> Duration {
-    let exp = failures.saturating_sub(1).min(32);
-    let ceiling = base
-        .checked_mul(1u32 << exp.min(31))
-        .unwrap_or(max)
-        .min(max)
-        .max(Duration::from_secs(1));
-    let drawn =
-        Duration::from_millis(rng.random_range(1_000..=ceiling.as_millis().max(1_000) as u64));
+    let doublings = attempt.saturating_sub(1).min(31);
+    let ceiling = base.checked_mul(1u32 << doublings).unwrap_or(max).min(max);
+    let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    let drawn = Duration::from_millis(rng.random_range(0..=ceiling_ms));
     match retry_after {
-        Some(ra) => drawn.max(ra.min(max.max(ra))),
+        Some(ra) => drawn.max(ra),
         None => drawn,
     }
 }
@@ -177,22 +177,55 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_and_is_capped() {
+    fn backoff_is_full_jitter_up_to_the_doubling_ceiling() {
         let mut rng = StdRng::seed_from_u64(5);
         let base = Duration::from_secs(30);
         let max = Duration::from_secs(1800);
-        for n in 1..40 {
-            let ceiling = (30u64 << (n - 1).min(20)).min(1800);
-            for _ in 0..50 {
-                let d = backoff(n, base, max, None, &mut rng);
-                assert!(d >= Duration::from_secs(1), "{n}: {d:?}");
-                assert!(d <= Duration::from_secs(ceiling.max(1)), "{n}: {d:?}");
-            }
+        for attempt in 1..40u32 {
+            let ceiling = Duration::from_secs((30u64 << (attempt - 1).min(20)).min(1800));
+            let draws: Vec<Duration> = (0..400)
+                .map(|_| backoff(attempt, base, max, None, &mut rng))
+                .collect();
+            assert!(draws.iter().all(|d| *d <= ceiling), "{attempt}: {draws:?}");
+            // Full jitter: the whole of [0, ceiling] is used, its lower half too (the
+            // webhook's former draw never went below ceiling / 2).
+            assert!(draws.iter().any(|d| *d < ceiling / 4), "{attempt}");
+            assert!(draws.iter().any(|d| *d > ceiling * 3 / 4), "{attempt}");
         }
     }
 
     #[test]
-    fn backoff_honours_retry_after() {
+    fn backoff_counts_attempts_from_one_and_keeps_milliseconds() {
+        // The webhook's settings are milliseconds in tests: no whole-second floor.
+        let mut rng = StdRng::seed_from_u64(7);
+        let (base, max) = (Duration::from_millis(10), Duration::from_millis(40));
+        let mut top = |attempt| {
+            (0..400)
+                .map(|_| backoff(attempt, base, max, None, &mut rng))
+                .max()
+                .unwrap()
+        };
+        let (t1, t2, t9) = (top(1), top(2), top(9));
+        assert!(
+            t1 <= Duration::from_millis(10) && t1 >= Duration::from_millis(8),
+            "{t1:?}"
+        );
+        assert!(
+            t2 <= Duration::from_millis(20) && t2 > Duration::from_millis(10),
+            "{t2:?}"
+        );
+        assert!(
+            t9 <= Duration::from_millis(40) && t9 > Duration::from_millis(20),
+            "{t9:?}"
+        );
+        // A huge attempt count saturates at max instead of overflowing.
+        for _ in 0..100 {
+            assert!(backoff(u32::MAX, base, max, None, &mut rng) <= max);
+        }
+    }
+
+    #[test]
+    fn backoff_honours_retry_after_even_beyond_max() {
         let mut rng = StdRng::seed_from_u64(6);
         for _ in 0..100 {
             let d = backoff(
@@ -202,7 +235,15 @@ mod tests {
                 Some(Duration::from_secs(120)),
                 &mut rng,
             );
-            assert!(d >= Duration::from_secs(120));
+            assert_eq!(d, Duration::from_secs(120), "the draw is at most 30s");
+            let d = backoff(
+                1,
+                Duration::from_secs(30),
+                Duration::from_secs(60),
+                Some(Duration::from_secs(3600)),
+                &mut rng,
+            );
+            assert_eq!(d, Duration::from_secs(3600));
         }
     }
 
