@@ -691,21 +691,13 @@ impl Engine {
                 duration_ms,
             };
         }
-        let (mut tokens, next) = match &answer.granted {
-            Granted::Tokens(tokens) => {
-                let access_expires_at = now + tokens.expires_in;
-                let next = policy::next_refresh_at(
-                    &cfg.refresh.timing(),
-                    access_expires_at,
-                    tokens.expires_in,
-                    Some(now),
-                    &mut rand::rng(),
-                );
-                (
-                    tokens.clone(),
-                    next.max(now + profile.min_token_age.as_secs() as i64),
-                )
-            }
+        let (mut tokens, access) = match &answer.granted {
+            Granted::Tokens(tokens) => (
+                tokens.clone(),
+                policy::Access::Issued {
+                    expires_in: tokens.expires_in,
+                },
+            ),
             Granted::RefreshTokenOnly {
                 refresh_token,
                 refresh_expires_in,
@@ -713,13 +705,6 @@ impl Engine {
             } => {
                 // The stored access token stays, with its own expiry (possibly past); the
                 // account asks for a new one after a first backoff step.
-                let soon = policy::backoff(
-                    1,
-                    cfg.refresh.backoff_base,
-                    cfg.refresh.backoff_max,
-                    None,
-                    &mut rand::rng(),
-                );
                 let tokens = TokenSet {
                     access_token: account.access_token.clone(),
                     refresh_token: Some(refresh_token.clone()),
@@ -729,29 +714,42 @@ impl Engine {
                     scope: None,
                     token_type: account.token_type.clone(),
                 };
-                (tokens, now + soon.as_secs().max(1) as i64)
+                let retry_in = policy::backoff(
+                    1,
+                    cfg.refresh.backoff_base,
+                    cfg.refresh.backoff_max,
+                    None,
+                    &mut rand::rng(),
+                );
+                (tokens, policy::Access::Kept { retry_in })
             }
         };
-        let refresh_expires_at = policy::refresh_expires_at(
-            profile.refresh_ttl,
-            account.refresh_expires_at,
-            tokens.refresh_expires_in.map(|s| now + s),
+        let schedule = policy::schedule(
+            &policy::Fresh {
+                obtained_at: now,
+                access,
+                refresh_expires_in: tokens.refresh_expires_in,
+                origin: policy::Origin::Refresh {
+                    stored_refresh_expires_at: account.refresh_expires_at,
+                    ttl: profile.refresh_ttl,
+                    min_token_age: profile.min_token_age,
+                },
+            },
+            &cfg.refresh.timing(),
+            cfg.reauth.window,
+            now,
+            &mut rand::rng(),
         );
         // What is stored is what the profile's TTL rule allows.
-        tokens.refresh_expires_in = refresh_expires_at.map(|t| t - now);
-        let (status_after, reason) = policy::status_for(policy::refresh_token_state(
-            now,
-            refresh_expires_at,
-            cfg.reauth.window,
-        ));
+        tokens.refresh_expires_in = schedule.refresh_expires_at.map(|t| t - now);
         Outcome::Rotated {
             account_id: account.id,
             generation: account.generation,
             tokens,
             at: now,
-            next_refresh_at: next,
-            status: status_after,
-            reauth_reason: reason,
+            next_refresh_at: schedule.next_refresh_at,
+            status: schedule.status,
+            reauth_reason: schedule.reauth_reason,
             http_status: Some(status),
             duration_ms,
         }
