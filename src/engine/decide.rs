@@ -64,11 +64,15 @@ impl ProfileRules {
     }
 }
 
-/// Before the request.
+/// Before the request, for an account of provider `P`.
 #[derive(Debug)]
-pub enum Before<'a> {
-    /// Ask the provider, presenting this credential of the account.
-    Send { credential: &'a SecretString },
+pub enum Before<'a, P> {
+    /// Ask this provider, presenting this credential of the account.
+    Send {
+        provider: &'a P,
+        profile: ProfileRules,
+        credential: &'a SecretString,
+    },
     /// Record this without asking the provider. With `provider_error`, the account's
     /// provider is not configured: its configuration state hears that error.
     Record {
@@ -77,15 +81,15 @@ pub enum Before<'a> {
     },
 }
 
-/// Whether to ask the provider for `account` (claimed by lease `owner`) at `now`, and with
-/// what; `profile` is None when the account's provider is not configured.
-pub fn before_request<'a>(
+/// Whether to ask the account's `provider` (None: not configured) for `account` (claimed by
+/// lease `owner`) at `now`, and with what.
+pub fn before_request<'a, P>(
     account: &'a Account,
-    profile: Option<ProfileRules>,
+    provider: Option<(&'a P, ProfileRules)>,
     rules: &Rules,
     owner: &str,
     now: i64,
-) -> Before<'a> {
+) -> Before<'a, P> {
     let record = |outcome| Before::Record {
         outcome,
         provider_error: None,
@@ -101,7 +105,7 @@ pub fn before_request<'a>(
         let reason = ReauthReason::RefreshTokenExpired;
         return record(rejected(account, reason, error, None, now, 0));
     }
-    let Some(profile) = profile else {
+    let Some((provider, profile)) = provider else {
         return Before::Record {
             outcome: Outcome::ConfigError {
                 account_id: account.id,
@@ -156,7 +160,11 @@ pub fn before_request<'a>(
         Credential::RefreshToken => &account.refresh_token,
         Credential::AccessToken => &account.access_token,
     };
-    Before::Send { credential }
+    Before::Send {
+        provider,
+        profile,
+        credential,
+    }
 }
 
 /// The last moment (unix seconds) a request may be sent under a lease ending at

@@ -337,24 +337,27 @@ impl Engine {
         let cfg = &settings.config;
         let rules = decide::Rules::from_config(cfg);
         let provider = settings.providers.get(&account.provider);
-        let profile = provider.map(|p| decide::ProfileRules::of(p.profile()));
+        let provider = provider.map(|p| (p, decide::ProfileRules::of(p.profile())));
         let now = self.clock.now();
-        let credential = match decide::before_request(&account, profile, &rules, &owner, now) {
-            Before::Send { credential } => credential,
-            Before::Record {
-                outcome,
-                provider_error,
-            } => {
-                self.finish(&account, outcome, 0).await;
-                if let Some(error) = provider_error {
-                    self.provider_state(&account.provider, Some(&error), ConfigState::config_error);
+        let (provider, profile, credential) =
+            match decide::before_request(&account, provider, &rules, &owner, now) {
+                Before::Send {
+                    provider,
+                    profile,
+                    credential,
+                } => (provider, profile, credential),
+                Before::Record {
+                    outcome,
+                    provider_error,
+                } => {
+                    self.finish(&account, outcome, 0).await;
+                    if let Some(error) = provider_error {
+                        let name = &account.provider;
+                        self.provider_state(name, Some(&error), ConfigState::config_error);
+                    }
+                    return;
                 }
-                return;
-            }
-        };
-        let (Some(provider), Some(profile)) = (provider, profile) else {
-            unreachable!("before_request sends only to a configured provider")
-        };
+            };
         // Safe points: nothing has been sent yet, so shutdown may still give the lease back.
         let last_send_at = decide::last_send_at(lease_until, cfg.refresh.request_timeout);
         let Some(_turn) = self

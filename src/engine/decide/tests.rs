@@ -128,7 +128,14 @@ fn failed(account: &Account, f: &ProviderFailure, circuit_open: bool) -> After {
     )
 }
 
-fn recorded(before: Before<'_>) -> (Outcome, Option<String>) {
+/// The provider as `before_request` sees it: only its profile's rules matter.
+fn configured(profile: ProfileRules) -> Option<(&'static (), ProfileRules)> {
+    Some((&(), profile))
+}
+
+const UNCONFIGURED: Option<(&(), ProfileRules)> = None;
+
+fn recorded(before: Before<'_, ()>) -> (Outcome, Option<String>) {
     match before {
         Before::Record {
             outcome,
@@ -143,8 +150,8 @@ fn recorded(before: Before<'_>) -> (Outcome, Option<String>) {
 #[test]
 fn before_sends_the_refresh_token_or_the_long_lived_access_token() {
     let a = account();
-    let send = |profile| match before_request(&a, Some(profile), &rules(), "o", NOW) {
-        Before::Send { credential } => credential.expose_secret().to_string(),
+    let send = |profile| match before_request(&a, configured(profile), &rules(), "o", NOW) {
+        Before::Send { credential, .. } => credential.expose_secret().to_string(),
         other => panic!("{other:?}"),
     };
     assert_eq!(send(refreshing()), "rft.OLD");
@@ -152,8 +159,8 @@ fn before_sends_the_refresh_token_or_the_long_lived_access_token() {
         access_expires_at: NOW + 30 * DAY,
         ..account()
     };
-    let send_extending = match before_request(&a, Some(extending()), &rules(), "o", NOW) {
-        Before::Send { credential } => credential.expose_secret().to_string(),
+    let send_extending = match before_request(&a, configured(extending()), &rules(), "o", NOW) {
+        Before::Send { credential, .. } => credential.expose_secret().to_string(),
         other => panic!("{other:?}"),
     };
     assert_eq!(send_extending, "act.OLD");
@@ -165,7 +172,7 @@ fn before_flags_an_ended_refresh_token_without_asking_even_an_unknown_provider()
         refresh_expires_at: Some(NOW - 5),
         ..account()
     };
-    for profile in [Some(refreshing()), None] {
+    for profile in [configured(refreshing()), UNCONFIGURED] {
         let (outcome, provider_error) = recorded(before_request(&a, profile, &rules(), "o", NOW));
         assert_eq!(provider_error, None);
         match outcome {
@@ -188,7 +195,8 @@ fn before_flags_an_ended_refresh_token_without_asking_even_an_unknown_provider()
 
 #[test]
 fn before_an_unconfigured_provider_is_a_config_error_retried_slowly() {
-    let (outcome, provider_error) = recorded(before_request(&account(), None, &rules(), "o", NOW));
+    let (outcome, provider_error) =
+        recorded(before_request(&account(), UNCONFIGURED, &rules(), "o", NOW));
     assert_eq!(
         provider_error.as_deref(),
         Some("provider \"tiktok\" is not configured")
@@ -216,7 +224,15 @@ fn before_an_expired_long_lived_access_token_is_flagged_for_good() {
         access_expires_at: NOW,
         ..account()
     };
-    match recorded(before_request(&a, Some(extending()), &rules(), "o", NOW)).0 {
+    match recorded(before_request(
+        &a,
+        configured(extending()),
+        &rules(),
+        "o",
+        NOW,
+    ))
+    .0
+    {
         Outcome::Rejected { reason, error, .. } => {
             assert_eq!(reason, ReauthReason::RefreshTokenExpired);
             assert!(error.contains("cannot be extended"), "{error}");
@@ -225,7 +241,7 @@ fn before_an_expired_long_lived_access_token_is_flagged_for_good() {
     }
     // The same expiry is no reason to flag a refresh-token account.
     assert!(matches!(
-        before_request(&a, Some(refreshing()), &rules(), "o", NOW),
+        before_request(&a, configured(refreshing()), &rules(), "o", NOW),
         Before::Send { .. }
     ));
 }
@@ -237,7 +253,15 @@ fn before_a_token_younger_than_min_token_age_waits_until_it_is_old_enough() {
         access_expires_at: NOW + 60 * DAY,
         ..account()
     };
-    match recorded(before_request(&a, Some(extending()), &rules(), "o", NOW)).0 {
+    match recorded(before_request(
+        &a,
+        configured(extending()),
+        &rules(),
+        "o",
+        NOW,
+    ))
+    .0
+    {
         Outcome::Transient {
             next_refresh_at,
             answer_lost,
@@ -258,7 +282,15 @@ fn before_a_token_younger_than_min_token_age_waits_until_it_is_old_enough() {
         created_at: NOW - 100,
         ..a.clone()
     };
-    match recorded(before_request(&new, Some(extending()), &rules(), "o", NOW)).0 {
+    match recorded(before_request(
+        &new,
+        configured(extending()),
+        &rules(),
+        "o",
+        NOW,
+    ))
+    .0
+    {
         Outcome::Transient {
             next_refresh_at, ..
         } => assert_eq!(next_refresh_at, NOW - 100 + DAY),
@@ -270,7 +302,7 @@ fn before_a_token_younger_than_min_token_age_waits_until_it_is_old_enough() {
         ..a
     };
     assert!(matches!(
-        before_request(&short, Some(extending()), &rules(), "o", NOW),
+        before_request(&short, configured(extending()), &rules(), "o", NOW),
         Before::Send { .. }
     ));
 }
