@@ -219,12 +219,18 @@ impl<C: Fn(&str) -> Option<Credential>> Importer<C> {
                     "`token_type` {token_type:?} is not supported (expected Bearer)"
                 ));
             }
-            let access_expires_at = obtained + expires_in;
-            let next = policy::next_refresh_at(timing, access_expires_at, expires_in, None, rng)
-                .min(access_expires_at);
-            let refresh_expires_at = refresh_expires_in.map(|s| obtained + s);
-            let (status, reason) =
-                policy::status_for(policy::refresh_token_state(now, refresh_expires_at, window));
+            let schedule = policy::schedule(
+                &policy::Fresh {
+                    obtained_at: obtained,
+                    access: policy::Access::Issued { expires_in },
+                    refresh_expires_in,
+                    origin: policy::Origin::FirstGrant,
+                },
+                timing,
+                window,
+                now,
+                rng,
+            );
             Ok(NewAccount {
                 provider,
                 subject,
@@ -239,9 +245,9 @@ impl<C: Fn(&str) -> Option<Credential>> Importer<C> {
                     token_type: "Bearer".into(),
                 },
                 obtained_at: obtained,
-                next_refresh_at: next,
-                status,
-                reauth_reason: reason,
+                next_refresh_at: schedule.next_refresh_at,
+                status: schedule.status,
+                reauth_reason: schedule.reauth_reason,
             })
         })();
         match result {

@@ -4,7 +4,7 @@
 //!
 //! A forwarder turns broadcast events into bodies on a bounded queue (it never waits, so a
 //! slow receiver cannot slow refreshes); a deliverer POSTs them one by one, retrying
-//! failures with exponential backoff and full jitter.
+//! failures with the one exponential backoff with full jitter (`policy::backoff`).
 //!
 //! Signature: `X-Refreshd-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`,
 //! where `<timestamp>` is the `X-Refreshd-Timestamp` header (unix seconds) and `<body>` the
@@ -313,21 +313,17 @@ async fn deliver(
                 attempts = attempt + 1, "webhook notification given up after its retries");
             return;
         }
-        let delay = backoff(config, attempt);
+        let delay = crate::policy::backoff(
+            attempt + 1,
+            config.backoff_base,
+            config.backoff_max,
+            None,
+            &mut rand::rng(),
+        );
         tracing::warn!(event = "webhook_retry", kind = q.kind, delivery = %q.id, error = %why,
             retry_in_ms = delay.as_millis() as u64, "webhook delivery failed; retrying");
         tokio::time::sleep(delay).await;
     }
-}
-
-/// Full jitter over `base * 2^attempt`, capped at `backoff_max`.
-fn backoff(config: &WebhookConfig, attempt: u32) -> Duration {
-    let ceiling = config
-        .backoff_base
-        .saturating_mul(1u32 << attempt.min(20))
-        .min(config.backoff_max);
-    let ms = ceiling.as_millis().max(1) as u64;
-    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
-//! Pure scheduling rules: when to refresh, how long to back off, when a refresh token is
-//! close enough to its end that a person must log in again. No I/O; randomness is passed in.
+//! Pure scheduling rules: the schedule of a fresh token set (when to refresh it, when its
+//! refresh token ends, the account's status), how long to back off after a failure, when a
+//! refresh token is close enough to its end that a person must log in again. No I/O; the
+//! time and the randomness are passed in.
 
 use crate::model::{ReauthReason, Status};
+use crate::provider::profile::RefreshTtl;
 use rand::Rng;
 use std::time::Duration;
 
@@ -14,13 +17,114 @@ pub struct RefreshTiming {
     pub min_interval: Duration,
 }
 
+/// A fresh token set as `schedule` sees it: only its dates.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fresh {
+    /// When the provider issued the set (unix seconds): now, or an import's `obtained_at`.
+    pub obtained_at: i64,
+    pub access: Access,
+    /// The refresh token's lifetime from `obtained_at`; None when the provider gives none.
+    pub refresh_expires_in: Option<i64>,
+    pub origin: Origin,
+}
+
+/// The access token of a fresh set.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Access {
+    /// A new access token living `expires_in` seconds from `obtained_at`.
+    Issued { expires_in: i64 },
+    /// The answer carried a new refresh token but no usable access token: the stored one is
+    /// kept and a new one asked for `retry_in` after `obtained_at` (a first backoff step).
+    Kept { retry_in: Duration },
+}
+
+/// Where a fresh set came from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Origin {
+    /// The account's first set: a connect's code exchange or an import.
+    FirstGrant,
+    /// Our refresh of a stored account.
+    Refresh {
+        /// The stored refresh token's end, before this refresh.
+        stored_refresh_expires_at: Option<i64>,
+        /// The provider's rule for how that end moves.
+        ttl: RefreshTtl,
+        /// The provider refuses to refresh a token younger than this.
+        min_token_age: Duration,
+    },
+}
+
+/// What is stored with a fresh token set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    pub next_refresh_at: i64,
+    pub refresh_expires_at: Option<i64>,
+    pub status: Status,
+    pub reauth_reason: Option<ReauthReason>,
+}
+
+/// The schedule of a fresh token set: one rule for refreshes (engine), connects and imports.
+///
+/// - `refresh_expires_at`: `obtained_at + refresh_expires_in`; after a refresh the profile's
+///   TTL rule applies (a fixed end never moves later, a missing one keeps the stored end).
+/// - `status`: from that end, counted at `now` (an import's set may be older than now):
+///   ended -> `needs_reauth`, within `reauth_window` -> `expiring`, else `active`.
+/// - `next_refresh_at` for a new access token: `expiry - lead - jitter` (`next_refresh_at`'s
+///   lead rule, never after the access token's expiry), then two floors that apply to our
+///   own refreshes only: not before `obtained_at + min_interval` (no tight loop on a
+///   provider that issues seconds-long tokens) and not before `obtained_at + min_token_age`
+///   (the provider would refuse). The floors win over the expiry: a tight loop or a refused
+///   request is worse than an access token that is late. A first grant gets no floors: we
+///   have not refreshed it yet, and the due-time check defers a token that is too young.
+///   A kept access token is asked for again `retry_in` (at least 1 s) after `obtained_at`.
+///
+/// Deliberately no clamp to the refresh token's end: an account whose refresh token ends
+/// first is flagged by its status, and with a fixed TTL every refresh before that end would
+/// schedule the next one before it again, a loop until it ends.
+pub fn schedule(
+    fresh: &Fresh,
+    timing: &RefreshTiming,
+    reauth_window: Duration,
+    now: i64,
+    rng: &mut impl Rng,
+) -> Schedule {
+    let at = fresh.obtained_at;
+    let returned = fresh.refresh_expires_in.map(|s| at + s);
+    let refresh_expires_at = match fresh.origin {
+        Origin::FirstGrant => returned,
+        Origin::Refresh {
+            stored_refresh_expires_at,
+            ttl,
+            ..
+        } => refresh_expires_at(ttl, stored_refresh_expires_at, returned),
+    };
+    let (status, reauth_reason) =
+        status_for(refresh_token_state(now, refresh_expires_at, reauth_window));
+    let next_refresh_at = match (fresh.access, fresh.origin) {
+        (Access::Kept { retry_in }, _) => at + retry_in.as_secs().max(1) as i64,
+        (Access::Issued { expires_in }, Origin::FirstGrant) => {
+            next_refresh_at(timing, at + expires_in, expires_in, None, rng)
+        }
+        (Access::Issued { expires_in }, Origin::Refresh { min_token_age, .. }) => {
+            next_refresh_at(timing, at + expires_in, expires_in, Some(at), rng)
+                .max(at + min_token_age.as_secs() as i64)
+        }
+    };
+    Schedule {
+        next_refresh_at,
+        refresh_expires_at,
+        status,
+        reauth_reason,
+    }
+}
+
 /// When to refresh a token that expires at `access_expires_at` and lived `lifetime` seconds.
 ///
 /// `lead = max(lead, lead_fraction * lifetime)`, capped at half the lifetime so a token that
 /// lives shorter than the lead is not refreshed in a tight loop; jitter (at most a quarter
 /// of the lifetime) spreads accounts issued together; never earlier than
 /// `last_refreshed_at + min_interval`.
-pub fn next_refresh_at(
+fn next_refresh_at(
     timing: &RefreshTiming,
     access_expires_at: i64,
     lifetime: i64,
@@ -45,25 +149,25 @@ pub fn next_refresh_at(
     }
 }
 
-/// Exponential backoff with full jitter: a random delay in `[1s, min(max, base * 2^(n-1))]`
-/// after the n-th consecutive failure, and never shorter than the provider's `Retry-After`.
+/// Exponential backoff with full jitter, for refreshes and webhook deliveries alike: after
+/// the `attempt`-th consecutive failure (1 = the first) a delay drawn uniformly from
+/// `[0, ceiling]`, where `ceiling = min(max, base * 2^(attempt-1))`; never shorter than the
+/// peer's `Retry-After` when one is given (that wait is the peer's, so `max` does not cut it).
+/// Full jitter spreads the retries of many failures over the whole interval, so a provider
+/// (or a webhook receiver) that comes back is not hit by all of them at once.
 pub fn backoff(
-    failures: u32,
+    attempt: u32,
     base: Duration,
     max: Duration,
     retry_after: Option<Duration>,
     rng: &mut impl Rng,
 ) -> Duration {
-    let exp = failures.saturating_sub(1).min(32);
-    let ceiling = base
-        .checked_mul(1u32 << exp.min(31))
-        .unwrap_or(max)
-        .min(max)
-        .max(Duration::from_secs(1));
-    let drawn =
-        Duration::from_millis(rng.random_range(1_000..=ceiling.as_millis().max(1_000) as u64));
+    let doublings = attempt.saturating_sub(1).min(31);
+    let ceiling = base.checked_mul(1u32 << doublings).unwrap_or(max).min(max);
+    let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    let drawn = Duration::from_millis(rng.random_range(0..=ceiling_ms));
     match retry_after {
-        Some(ra) => drawn.max(ra.min(max.max(ra))),
+        Some(ra) => drawn.max(ra),
         None => drawn,
     }
 }
@@ -94,12 +198,7 @@ pub fn refresh_token_state(
 
 /// The refresh token's end after a refresh, by the profile's TTL rule: a fixed TTL never
 /// moves later than the first grant's end; a sliding one takes what the provider says.
-pub fn refresh_expires_at(
-    ttl: crate::provider::profile::RefreshTtl,
-    stored: Option<i64>,
-    returned: Option<i64>,
-) -> Option<i64> {
-    use crate::provider::profile::RefreshTtl;
+fn refresh_expires_at(ttl: RefreshTtl, stored: Option<i64>, returned: Option<i64>) -> Option<i64> {
     match (ttl, stored, returned) {
         (RefreshTtl::Fixed, Some(old), Some(new)) => Some(old.min(new)),
         (_, old, new) => new.or(old),
@@ -107,8 +206,8 @@ pub fn refresh_expires_at(
 }
 
 /// The status (and reauth reason) an account with fresh tokens gets from its refresh token's
-/// state: one rule for refreshes, imports and connects.
-pub fn status_for(state: RefreshTokenState) -> (Status, Option<ReauthReason>) {
+/// state.
+fn status_for(state: RefreshTokenState) -> (Status, Option<ReauthReason>) {
     match state {
         RefreshTokenState::Fine => (Status::Active, None),
         RefreshTokenState::Expiring => (Status::Expiring, Some(ReauthReason::RefreshTokenExpiring)),
@@ -177,22 +276,55 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_and_is_capped() {
+    fn backoff_is_full_jitter_up_to_the_doubling_ceiling() {
         let mut rng = StdRng::seed_from_u64(5);
         let base = Duration::from_secs(30);
         let max = Duration::from_secs(1800);
-        for n in 1..40 {
-            let ceiling = (30u64 << (n - 1).min(20)).min(1800);
-            for _ in 0..50 {
-                let d = backoff(n, base, max, None, &mut rng);
-                assert!(d >= Duration::from_secs(1), "{n}: {d:?}");
-                assert!(d <= Duration::from_secs(ceiling.max(1)), "{n}: {d:?}");
-            }
+        for attempt in 1..40u32 {
+            let ceiling = Duration::from_secs((30u64 << (attempt - 1).min(20)).min(1800));
+            let draws: Vec<Duration> = (0..400)
+                .map(|_| backoff(attempt, base, max, None, &mut rng))
+                .collect();
+            assert!(draws.iter().all(|d| *d <= ceiling), "{attempt}: {draws:?}");
+            // Full jitter: the whole of [0, ceiling] is used, its lower half too (the
+            // webhook's former draw never went below ceiling / 2).
+            assert!(draws.iter().any(|d| *d < ceiling / 4), "{attempt}");
+            assert!(draws.iter().any(|d| *d > ceiling * 3 / 4), "{attempt}");
         }
     }
 
     #[test]
-    fn backoff_honours_retry_after() {
+    fn backoff_counts_attempts_from_one_and_keeps_milliseconds() {
+        // The webhook's settings are milliseconds in tests: no whole-second floor.
+        let mut rng = StdRng::seed_from_u64(7);
+        let (base, max) = (Duration::from_millis(10), Duration::from_millis(40));
+        let mut top = |attempt| {
+            (0..400)
+                .map(|_| backoff(attempt, base, max, None, &mut rng))
+                .max()
+                .unwrap()
+        };
+        let (t1, t2, t9) = (top(1), top(2), top(9));
+        assert!(
+            t1 <= Duration::from_millis(10) && t1 >= Duration::from_millis(8),
+            "{t1:?}"
+        );
+        assert!(
+            t2 <= Duration::from_millis(20) && t2 > Duration::from_millis(10),
+            "{t2:?}"
+        );
+        assert!(
+            t9 <= Duration::from_millis(40) && t9 > Duration::from_millis(20),
+            "{t9:?}"
+        );
+        // A huge attempt count saturates at max instead of overflowing.
+        for _ in 0..100 {
+            assert!(backoff(u32::MAX, base, max, None, &mut rng) <= max);
+        }
+    }
+
+    #[test]
+    fn backoff_honours_retry_after_even_beyond_max() {
         let mut rng = StdRng::seed_from_u64(6);
         for _ in 0..100 {
             let d = backoff(
@@ -202,13 +334,20 @@ mod tests {
                 Some(Duration::from_secs(120)),
                 &mut rng,
             );
-            assert!(d >= Duration::from_secs(120));
+            assert_eq!(d, Duration::from_secs(120), "the draw is at most 30s");
+            let d = backoff(
+                1,
+                Duration::from_secs(30),
+                Duration::from_secs(60),
+                Some(Duration::from_secs(3600)),
+                &mut rng,
+            );
+            assert_eq!(d, Duration::from_secs(3600));
         }
     }
 
     #[test]
     fn fixed_ttl_never_moves_later_sliding_does() {
-        use crate::provider::profile::RefreshTtl;
         assert_eq!(
             refresh_expires_at(RefreshTtl::Fixed, Some(1_000), Some(5_000)),
             Some(1_000)
@@ -247,5 +386,192 @@ mod tests {
             refresh_token_state(10, Some(10), w),
             RefreshTokenState::Expired
         );
+    }
+
+    const WEEK: Duration = Duration::from_secs(7 * 86_400);
+
+    /// No jitter, so every date is exact.
+    fn exact() -> RefreshTiming {
+        RefreshTiming {
+            jitter: Duration::ZERO,
+            ..timing()
+        }
+    }
+
+    fn first(obtained_at: i64, expires_in: i64, refresh_expires_in: Option<i64>) -> Fresh {
+        Fresh {
+            obtained_at,
+            access: Access::Issued { expires_in },
+            refresh_expires_in,
+            origin: Origin::FirstGrant,
+        }
+    }
+
+    fn refreshed(at: i64, expires_in: i64, refresh_expires_in: Option<i64>) -> Fresh {
+        Fresh {
+            origin: Origin::Refresh {
+                stored_refresh_expires_at: None,
+                ttl: RefreshTtl::Sliding,
+                min_token_age: Duration::ZERO,
+            },
+            ..first(at, expires_in, refresh_expires_in)
+        }
+    }
+
+    fn at(fresh: Fresh, now: i64) -> Schedule {
+        schedule(&fresh, &exact(), WEEK, now, &mut StdRng::seed_from_u64(8))
+    }
+
+    #[test]
+    fn schedule_of_a_day_token_leads_by_the_larger_lead() {
+        let s = at(first(1_000_000, 86_400, Some(365 * 86_400)), 1_000_000);
+        assert_eq!(s.next_refresh_at, 1_000_000 + 86_400 - 8_640);
+        assert_eq!(s.refresh_expires_at, Some(1_000_000 + 365 * 86_400));
+        assert_eq!((s.status, s.reauth_reason), (Status::Active, None));
+        // A refresh schedules the same set the same way when no floor is reached.
+        assert_eq!(
+            at(refreshed(1_000_000, 86_400, Some(365 * 86_400)), 1_000_000),
+            s
+        );
+    }
+
+    #[test]
+    fn schedule_never_puts_a_first_grant_after_its_access_expiry() {
+        let mut rng = StdRng::seed_from_u64(9);
+        for expires_in in [-5_000, -1, 0, 1, 2, 40, 119, 600, 3_600, 86_400, 5_184_000] {
+            for _ in 0..50 {
+                let s = schedule(
+                    &first(1_000, expires_in, None),
+                    &timing(),
+                    WEEK,
+                    1_000,
+                    &mut rng,
+                );
+                // The lead rule alone: connect and import once clamped to the expiry, which
+                // it never passes.
+                assert!(s.next_refresh_at <= 1_000 + expires_in, "{expires_in}");
+            }
+        }
+    }
+
+    #[test]
+    fn schedule_of_an_already_expired_token_is_due_at_once() {
+        // An import of a set obtained two days ago that lived one day.
+        let now = 1_000_000;
+        let s = at(first(now - 2 * 86_400, 86_400, None), now);
+        assert!(s.next_refresh_at <= now - 86_400, "{}", s.next_refresh_at);
+        // The same from a refresh answer saying expires_in 0: not before min_interval.
+        assert_eq!(at(refreshed(now, 0, None), now).next_refresh_at, now + 60);
+        assert_eq!(at(first(now, 0, None), now).next_refresh_at, now);
+    }
+
+    #[test]
+    fn schedule_of_a_tiny_lifetime_halves_it_and_a_refresh_keeps_min_interval() {
+        // 40 s: the lead is capped at half the lifetime.
+        assert_eq!(at(first(1_000, 40, None), 1_000).next_refresh_at, 1_020);
+        // After our own refresh the floor wins, even past the access expiry (1_040): a
+        // refresh every 20 s would be a tight loop.
+        assert_eq!(at(refreshed(1_000, 40, None), 1_000).next_refresh_at, 1_060);
+    }
+
+    #[test]
+    fn schedule_after_a_refresh_waits_for_min_token_age() {
+        let fresh = Fresh {
+            origin: Origin::Refresh {
+                stored_refresh_expires_at: None,
+                ttl: RefreshTtl::None,
+                min_token_age: Duration::from_secs(86_400),
+            },
+            ..first(1_000, 3_600, None)
+        };
+        assert_eq!(at(fresh, 1_000).next_refresh_at, 1_000 + 86_400);
+        // A first grant is not held back: the due-time check defers a young token.
+        assert_eq!(
+            at(first(1_000, 3_600, None), 1_000).next_refresh_at,
+            1_000 + 3_000
+        );
+    }
+
+    #[test]
+    fn schedule_flags_a_refresh_token_ending_before_the_access_token() {
+        let s = at(first(1_000, 3_600, Some(100)), 1_000);
+        assert_eq!(s.refresh_expires_at, Some(1_100));
+        assert_eq!(
+            (s.status, s.reauth_reason),
+            (Status::Expiring, Some(ReauthReason::RefreshTokenExpiring))
+        );
+        // The refresh stays on the access token's schedule (no clamp to 1_100).
+        assert_eq!(s.next_refresh_at, 1_000 + 3_000);
+        let s = at(first(1_000, 3_600, Some(0)), 1_000);
+        assert_eq!(
+            (s.status, s.reauth_reason),
+            (Status::NeedsReauth, Some(ReauthReason::RefreshTokenExpired))
+        );
+    }
+
+    #[test]
+    fn schedule_counts_an_imports_status_at_now_and_its_dates_from_obtained_at() {
+        let now = 1_000_000;
+        // Obtained 5 days ago with 10 days of refresh token: 5 left, within the week.
+        let s = at(first(now - 5 * 86_400, 86_400, Some(10 * 86_400)), now);
+        assert_eq!(s.refresh_expires_at, Some(now + 5 * 86_400));
+        assert_eq!(s.status, Status::Expiring);
+        assert_eq!(s.next_refresh_at, now - 5 * 86_400 + 86_400 - 8_640);
+    }
+
+    #[test]
+    fn schedule_without_a_refresh_expiry_keeps_the_stored_end_or_none() {
+        let s = at(first(1_000, 3_600, None), 1_000);
+        assert_eq!((s.refresh_expires_at, s.status), (None, Status::Active));
+        for ttl in [RefreshTtl::Fixed, RefreshTtl::Sliding, RefreshTtl::None] {
+            let fresh = Fresh {
+                origin: Origin::Refresh {
+                    stored_refresh_expires_at: Some(1_000 + 3 * 86_400),
+                    ttl,
+                    min_token_age: Duration::ZERO,
+                },
+                ..first(1_000, 3_600, None)
+            };
+            let s = at(fresh, 1_000);
+            assert_eq!(s.refresh_expires_at, Some(1_000 + 3 * 86_400), "{ttl:?}");
+            assert_eq!(s.status, Status::Expiring, "{ttl:?}");
+        }
+    }
+
+    #[test]
+    fn schedule_keeps_a_fixed_end_and_takes_a_sliding_one() {
+        let with = |ttl| Fresh {
+            origin: Origin::Refresh {
+                stored_refresh_expires_at: Some(1_000 + 30 * 86_400),
+                ttl,
+                min_token_age: Duration::ZERO,
+            },
+            ..first(1_000, 3_600, Some(365 * 86_400))
+        };
+        assert_eq!(
+            at(with(RefreshTtl::Fixed), 1_000).refresh_expires_at,
+            Some(1_000 + 30 * 86_400)
+        );
+        assert_eq!(
+            at(with(RefreshTtl::Sliding), 1_000).refresh_expires_at,
+            Some(1_000 + 365 * 86_400)
+        );
+    }
+
+    #[test]
+    fn schedule_of_a_kept_access_token_asks_again_after_the_retry() {
+        let kept = |retry_in| Fresh {
+            access: Access::Kept { retry_in },
+            ..refreshed(1_000, 0, Some(86_400))
+        };
+        assert_eq!(
+            at(kept(Duration::from_secs(17)), 1_000).next_refresh_at,
+            1_017
+        );
+        assert_eq!(
+            at(kept(Duration::from_millis(300)), 1_000).next_refresh_at,
+            1_001
+        );
+        assert_eq!(at(kept(Duration::ZERO), 1_000).status, Status::Expiring);
     }
 }

@@ -290,16 +290,20 @@ pub fn new_account(
             provider: provider.to_string(),
         });
     }
-    let access_expires_at = now + tokens.expires_in;
-    let next = policy::next_refresh_at(
+    let schedule = policy::schedule(
+        &policy::Fresh {
+            obtained_at: now,
+            access: policy::Access::Issued {
+                expires_in: tokens.expires_in,
+            },
+            refresh_expires_in: tokens.refresh_expires_in,
+            origin: policy::Origin::FirstGrant,
+        },
         &config.refresh.timing(),
-        access_expires_at,
-        tokens.expires_in,
-        None,
+        config.reauth.window,
+        now,
         &mut rand::rng(),
-    )
-    .min(access_expires_at);
-    let refresh_expires_at = tokens.refresh_expires_in.map(|s| now + s);
+    );
     if let Some(life) = tokens.refresh_expires_in
         && life <= config.reauth.window.as_secs() as i64
     {
@@ -310,20 +314,15 @@ pub fn new_account(
             "the refresh token lives no longer than reauth.window: the account is flagged expiring at once; set reauth.window to at most half the lifetime"
         );
     }
-    let (status, reason) = policy::status_for(policy::refresh_token_state(
-        now,
-        refresh_expires_at,
-        config.reauth.window,
-    ));
     Ok(NewAccount {
         provider: provider.to_string(),
         subject,
         label: label.as_deref().and_then(clean_label),
         tokens,
         obtained_at: now,
-        next_refresh_at: next,
-        status,
-        reauth_reason: reason,
+        next_refresh_at: schedule.next_refresh_at,
+        status: schedule.status,
+        reauth_reason: schedule.reauth_reason,
     })
 }
 

@@ -1,0 +1,294 @@
+//! What the engine says about a refresh once it is decided: the outcome recorded (then,
+//! only once durable, logged, counted and emitted as events), the provider's configuration
+//! state, an account parked past its expiry, and what was wrong with an answer.
+
+use super::Engine;
+use super::decide::{After, ProviderSignal};
+use crate::clock::rfc3339;
+use crate::events::Event;
+use crate::model::Account;
+use crate::provider::response::{Answer, Granted};
+use crate::provider_state::{Change, ConfigState};
+use crate::store::{Outcome, Recorded};
+use crate::telemetry;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+impl Engine {
+    /// Records an outcome, then (only once it is durable) logs it. Returns how it was
+    /// recorded, or None when it could not be.
+    pub(super) async fn finish(
+        &self,
+        account: &Account,
+        outcome: Outcome,
+        duration_ms: i64,
+    ) -> Option<Recorded> {
+        let id = account.id;
+        let provider = account.provider.as_str();
+        // Progress for the watchdog, also while the loop itself waits for permits.
+        self.stats
+            .heartbeat
+            .store(self.clock.now(), Ordering::Relaxed);
+        let recorded = self.store.record(outcome.clone()).await;
+        let s = &self.stats;
+        let inc = |c: &AtomicU64| {
+            c.fetch_add(1, Ordering::Relaxed);
+        };
+        let sent = (duration_ms > 0).then(|| duration_ms as f64 / 1000.0);
+        let metric = |outcome: &str| self.metrics.refresh(provider, outcome, sent);
+        let recorded = match recorded {
+            Ok(r) => r,
+            Err(e) => {
+                metric("record_failed");
+                inc(&s.record_errors);
+                tracing::error!(event = "record_failed", account = id, provider, error = %e,
+                    "could not store the outcome of a refresh");
+                return None;
+            }
+        };
+        match (&outcome, recorded) {
+            (Outcome::Rotated { .. }, Recorded::Superseded)
+            | (Outcome::Rejected { .. }, Recorded::Superseded) => {
+                metric("superseded");
+                inc(&s.superseded);
+                tracing::info!(
+                    event = "refresh",
+                    account = id,
+                    provider,
+                    outcome = "superseded",
+                    duration_ms,
+                    "another refresh had already rotated this account; nothing changed"
+                );
+            }
+            (
+                Outcome::Rotated {
+                    next_refresh_at,
+                    status,
+                    reauth_reason,
+                    tokens,
+                    ..
+                },
+                r,
+            ) => {
+                metric("rotated");
+                inc(&s.rotated);
+                if r == Recorded::Deferred {
+                    inc(&s.deferred);
+                }
+                tracing::info!(event = "refresh", account = id, provider, outcome = "rotated",
+                    duration_ms, new_refresh_token = tokens.refresh_token.is_some(),
+                    commit = if r == Recorded::Deferred { "deferred" } else { "committed" },
+                    next_refresh_at = %rfc3339(*next_refresh_at), "refreshed");
+                self.events.emit(Event::TokensChanged {
+                    account_id: id,
+                    provider: provider.to_string(),
+                    subject: account.subject.clone(),
+                });
+                if *status != account.status {
+                    if let Some(reason) = reauth_reason {
+                        inc(&s.flagged);
+                        let refresh_expires_at = tokens
+                            .refresh_expires_in
+                            .map(|x| self.clock.now() + x)
+                            .or(account.refresh_expires_at);
+                        self.reauth_required(account, reason.as_str(), refresh_expires_at);
+                    } else {
+                        self.events.emit(Event::Recovered {
+                            account_id: id,
+                            provider: provider.to_string(),
+                            subject: account.subject.clone(),
+                        });
+                        tracing::info!(
+                            event = "reauth_cleared",
+                            account = id,
+                            provider,
+                            "refresh token lifetime renewed: no re-authorization needed any more"
+                        );
+                    }
+                }
+            }
+            (
+                Outcome::Transient {
+                    next_refresh_at,
+                    error,
+                    http_status,
+                    ..
+                },
+                _,
+            ) => {
+                metric("transient");
+                inc(&s.transient);
+                tracing::warn!(event = "refresh", account = id, provider, outcome = "transient", duration_ms,
+                    http_status, failures = account.failures + 1, error = %error,
+                    retry_at = %rfc3339(*next_refresh_at), "refresh failed, will retry");
+            }
+            (
+                Outcome::ConfigError {
+                    next_refresh_at,
+                    error,
+                    http_status,
+                    ..
+                },
+                _,
+            ) => {
+                metric("config_error");
+                inc(&s.config_errors);
+                tracing::warn!(event = "refresh", account = id, provider, outcome = "config_error",
+                    duration_ms, http_status, error = %error, retry_at = %rfc3339(*next_refresh_at),
+                    "refresh refused for a configuration reason (see provider_config_error for the provider's state); will retry");
+            }
+            (
+                Outcome::Rejected {
+                    reason,
+                    error,
+                    http_status,
+                    ..
+                },
+                _,
+            ) => {
+                metric("rejected");
+                inc(&s.flagged);
+                tracing::info!(event = "refresh", account = id, provider, outcome = "rejected", duration_ms,
+                    http_status, error = %error, "refresh rejected for good");
+                self.reauth_required(account, reason.as_str(), account.refresh_expires_at);
+            }
+            (Outcome::Released { .. }, _) => {
+                metric("released");
+                inc(&s.released);
+                tracing::debug!(
+                    event = "lease_released",
+                    account = id,
+                    provider,
+                    "not started: shutdown, or the lease would have ended while waiting"
+                );
+            }
+        }
+        Some(recorded)
+    }
+
+    fn reauth_required(&self, account: &Account, reason: &str, refresh_expires_at: Option<i64>) {
+        telemetry::reauth_required(
+            account.id,
+            &account.provider,
+            &account.subject,
+            account.label.as_deref(),
+            reason,
+            refresh_expires_at,
+            crate::connect::web_reconnect_url(
+                &self.settings.borrow().config,
+                &account.provider,
+                account.id,
+            )
+            .as_deref(),
+        );
+        self.events.emit(Event::ReauthRequired {
+            account_id: account.id,
+            provider: account.provider.clone(),
+            subject: account.subject.clone(),
+            label: account.label.clone(),
+            reason: reason.to_string(),
+            refresh_expires_at,
+        });
+    }
+
+    /// Tells the provider's circuit and configuration state what an answer said, and
+    /// announces a retry parked past the access token's expiry. Runs before the outcome is
+    /// recorded: what the answer says about the provider holds whether or not it is stored.
+    pub(super) fn announce_answer(&self, account: &Account, after: &After) {
+        if after.parked_past_expiry
+            && let Outcome::Transient {
+                next_refresh_at, ..
+            } = &after.outcome
+        {
+            self.metrics.parked_past_expiry(&account.provider);
+            tracing::warn!(event = "parked_past_expiry", account = account.id, provider = %account.provider,
+                access_expires_at = %rfc3339(account.access_expires_at), retry_at = %rfc3339(*next_refresh_at),
+                "the provider is failing: this account's access token expires before its next refresh");
+        }
+        if after.circuit_answered() {
+            self.circuit_answered(&account.provider);
+        }
+        let name = account.provider.as_str();
+        match &after.provider {
+            ProviderSignal::Accepted => self.provider_state(name, None, ConfigState::success),
+            ProviderSignal::ConfigError(error) => {
+                self.provider_state(name, Some(error), ConfigState::config_error)
+            }
+            ProviderSignal::Unexpected(error) => {
+                self.provider_state(name, Some(error), |s| s.unexpected(account.id))
+            }
+            ProviderSignal::Answered => self.provider_state(name, None, |s| {
+                s.answered();
+                None
+            }),
+            ProviderSignal::Nothing => {}
+        }
+    }
+
+    /// Feeds one answer of `provider` to its configuration state and announces a change.
+    pub(super) fn provider_state(
+        &self,
+        provider: &str,
+        error: Option<&str>,
+        feed: impl FnOnce(&mut ConfigState) -> Option<Change>,
+    ) {
+        let change = {
+            let mut states = self.provider_states.lock().expect("not poisoned");
+            feed(states.entry(provider.to_string()).or_default())
+        };
+        match change {
+            Some(Change::Rejecting) => {
+                self.metrics.provider_rejecting(provider, true);
+                let error = error.unwrap_or_default().to_string();
+                tracing::error!(event = "provider_config_error", provider, error = %error,
+                    "the provider rejects our client configuration; check [providers.{provider}]");
+                self.events.emit(Event::ProviderRejected {
+                    provider: provider.to_string(),
+                    error,
+                });
+            }
+            Some(Change::Recovered) => {
+                self.metrics.provider_rejecting(provider, false);
+                tracing::info!(
+                    event = "provider_recovered",
+                    provider,
+                    "the provider accepts our client configuration again"
+                );
+                self.events.emit(Event::ProviderRecovered {
+                    provider: provider.to_string(),
+                });
+            }
+            None => {}
+        }
+    }
+}
+
+/// Reports what was wrong with an answer, naming the account, once it is known whether its
+/// new credential was stored.
+pub(super) fn report_answer(account: &Account, answer: &Answer, stored: bool) {
+    let (id, provider) = (account.id, account.provider.as_str());
+    let refresh_only = matches!(answer.granted, Granted::RefreshTokenOnly { .. });
+    for problem in &answer.problems {
+        match (stored, refresh_only) {
+            (true, true) => {
+                tracing::warn!(event = "malformed_token_response", account = id, provider, problem = %problem,
+                "the answer has no usable access token; its new refresh token was stored and the access token is asked for again soon")
+            }
+            (true, false) => {
+                tracing::warn!(event = "malformed_token_response", account = id, provider, problem = %problem,
+                "the answer has a broken field; its new token was stored anyway and the account is refreshed again soon")
+            }
+            (false, _) => {
+                tracing::warn!(event = "malformed_token_response", account = id, provider, problem = %problem,
+                "the answer has a broken field; nothing of it was stored")
+            }
+        }
+    }
+    if answer.rotation_missing {
+        tracing::warn!(
+            event = "rotation_missing",
+            account = id,
+            provider,
+            "the provider rotates refresh tokens but returned none; keeping the stored one"
+        );
+    }
+}

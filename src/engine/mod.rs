@@ -1,0 +1,461 @@
+//! The refresh loop: claim due accounts (with a lease) -> refresh each under a global
+//! concurrency cap and its provider's rate limit -> record the outcome (group-committed)
+//! -> sleep until the next due time, a wake-up, or shutdown.
+//!
+//! One refresh (`refresh_one`) is a short sequence: decide before the request
+//! (`decide::before_request`) -> wait for its turn -> send -> decide after the answer
+//! (`decide::after_answer`) -> record -> announce (`announce`). The decisions are pure and
+//! unit-tested in `decide`; this file holds the waiting and the sending.
+//!
+//! Cancellation is checked only at safe points: before a request is sent. Once a provider
+//! has been asked, the answer is always recorded, because a rotated refresh token that is
+//! not stored is an account lost.
+
+mod announce;
+mod circuits;
+pub mod decide;
+mod settings;
+mod stats;
+
+pub use settings::Settings;
+pub use stats::{Stats, StatsSnapshot};
+
+use crate::circuit::Circuit;
+use crate::clock::{Clock, rfc3339};
+use crate::config::Config;
+use crate::events::Events;
+use crate::model::Account;
+use crate::policy;
+use crate::provider::{FailureClass, Provider};
+use crate::provider_state::ConfigState;
+use crate::store::{Outcome, Recorded, Store, StoreError};
+use announce::report_answer;
+use decide::Before;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How often the loop looks again while backpressure holds new claims back.
+const BACKPRESSURE_POLL: Duration = Duration::from_millis(100);
+
+/// What a refresh task holds or must still get before it may send its request.
+struct Gate {
+    /// This provider's claim slot, when one was free at claim time.
+    slot: Option<OwnedSemaphorePermit>,
+    /// The global concurrency cap (refresh.concurrency).
+    permits: Arc<Semaphore>,
+    /// Unix time the claim's lease ends.
+    lease_until: i64,
+    /// The lease owner of this claim: the process's owner plus the claim's number, so the
+    /// record of one attempt can never give back (or keep) the lease of a later claim of
+    /// the same account by this process.
+    owner: String,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    store: Store,
+    clock: Clock,
+    settings: watch::Receiver<Arc<Settings>>,
+    owner: Arc<str>,
+    wake: Arc<Notify>,
+    stats: Arc<Stats>,
+    events: Events,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Per provider: does it refuse our configuration? `ProviderRejected` is announced once
+    /// per outage, not once per account, and one account's odd answer is not the provider's.
+    provider_states: Arc<std::sync::Mutex<std::collections::HashMap<String, ConfigState>>>,
+    /// Per provider: its circuit breaker (`circuit`).
+    circuits: Arc<std::sync::Mutex<std::collections::HashMap<String, Circuit>>>,
+}
+
+impl Engine {
+    pub fn new(store: Store, clock: Clock, settings: watch::Receiver<Arc<Settings>>) -> Engine {
+        // The store's owner names its instance lock: others tell our leases alive by it.
+        let owner: Arc<str> = store.owner().into();
+        Engine {
+            store,
+            clock,
+            settings,
+            owner,
+            wake: Arc::new(Notify::new()),
+            stats: Arc::new(Stats::default()),
+            events: Events::default(),
+            metrics: Arc::default(),
+            provider_states: Arc::default(),
+            circuits: Arc::default(),
+        }
+    }
+
+    pub fn metrics(&self) -> Arc<crate::metrics::Metrics> {
+        self.metrics.clone()
+    }
+
+    /// State changes of the accounts this engine refreshes.
+    pub fn events(&self) -> Events {
+        self.events.clone()
+    }
+
+    /// Wakes the loop early (an import, a `refresh` request, a reload).
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains in-flight refreshes within the grace
+    /// period.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), EngineError> {
+        self.run_loop(shutdown, false).await
+    }
+
+    /// Refreshes everything due now, waits until every outcome is recorded, and returns.
+    pub async fn run_due(&self, shutdown: CancellationToken) -> Result<(), EngineError> {
+        self.run_loop(shutdown, true).await
+    }
+
+    async fn run_loop(&self, shutdown: CancellationToken, once: bool) -> Result<(), EngineError> {
+        let tracker = TaskTracker::new();
+        let mut settings_rx = self.settings.clone();
+        let mut settings = settings_rx.borrow_and_update().clone();
+        self.metrics.providers_known(settings.providers.names());
+        let mut permits = Arc::new(Semaphore::new(settings.config.refresh.concurrency));
+        let mut store_failures: u32 = 0;
+        let mut claims: u64 = 0;
+        // --once refreshes what was due when it started, each account once.
+        let started_at = self.clock.now();
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            // Compared by pointer: the idle wait's `changed()` marks a new value as seen.
+            if !Arc::ptr_eq(&settings, &settings_rx.borrow()) {
+                settings = settings_rx.borrow_and_update().clone();
+                self.metrics.providers_known(settings.providers.names());
+                // In-flight refreshes keep their permits of the old semaphore.
+                permits = Arc::new(Semaphore::new(settings.config.refresh.concurrency));
+            }
+            let cfg = &settings.config;
+            // Claims are bounded by each provider's slots, not by the global permits: a
+            // provider that is throttled or stalled holds its own slots only, and its
+            // accounts are not claimed until one frees up.
+            let mut skip = settings.providers.saturated();
+            skip.extend(self.held_providers());
+            let free = settings.providers.free_slots();
+            if free == 0 && !settings.providers.is_empty() {
+                if once && tracker.is_empty() {
+                    break;
+                }
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(cfg.refresh.max_idle) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            if !self.durability_allows(cfg) {
+                if once && tracker.is_empty() {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(BACKPRESSURE_POLL) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            let want = free.clamp(1, cfg.refresh.batch);
+            let now = if once { started_at } else { self.clock.now() };
+            claims += 1;
+            let claim_owner = format!("{}:{claims}", self.owner);
+            let claimed = match self
+                .store
+                .claim_due_except(&claim_owner, now, cfg.store.lease, want, skip.clone())
+                .await
+            {
+                Ok(c) => {
+                    store_failures = 0;
+                    c
+                }
+                Err(e) => {
+                    store_failures += 1;
+                    // At least a second: a failing store is not asked again at once.
+                    let wait = policy::backoff(
+                        store_failures,
+                        Duration::from_secs(1),
+                        Duration::from_secs(60),
+                        None,
+                        &mut rand::rng(),
+                    )
+                    .max(Duration::from_secs(1));
+                    tracing::error!(event = "claim_failed", error = %e, retry_in_ms = wait.as_millis() as u64, "cannot claim due accounts");
+                    if once {
+                        tracker.close();
+                        tracker.wait().await;
+                        return Err(e.into());
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    continue;
+                }
+            };
+            self.stats.heartbeat.store(now, Ordering::Relaxed);
+            if claimed.is_empty() {
+                if once {
+                    // Accounts of saturated providers are claimed once their refreshes
+                    // finish; anything else due was taken. Wait for in-flight work: a
+                    // transient failure may make an account due again, but --once
+                    // refreshes each due account once only.
+                    if skip.is_empty() || tracker.is_empty() {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    continue;
+                }
+                let next = self
+                    .store
+                    .next_due_except(now, skip.clone())
+                    .await
+                    .unwrap_or(None);
+                let idle_until = self.clock.now_millis() + cfg.refresh.max_idle.as_millis() as i64;
+                let deadline = next
+                    .map(|t| (t * 1000).min(idle_until))
+                    .unwrap_or(idle_until)
+                    .min(self.next_probe().unwrap_or(i64::MAX));
+                tracing::trace!(event = "idle", next_due = next.map(rfc3339), "nothing due");
+                tokio::select! {
+                    _ = self.clock.sleep_until_millis(deadline) => {}
+                    _ = self.wake.notified() => {}
+                    _ = async { if settings_rx.changed().await.is_err() { std::future::pending::<()>().await } } => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            for account in claimed {
+                // A slot now if one is free; otherwise the task waits for one (holding no
+                // global permit) and the provider counts as saturated meanwhile.
+                let slot = settings
+                    .providers
+                    .get(&account.provider)
+                    .and_then(|p| p.try_slot());
+                let this = self.clone();
+                let settings = settings.clone();
+                let shutdown = shutdown.clone();
+                let permits = permits.clone();
+                let lease_until = now + cfg.store.lease.as_secs() as i64;
+                let owner = claim_owner.clone();
+                let span = tracing::info_span!("refresh", account = account.id, provider = %account.provider);
+                tracker.spawn(
+                    async move {
+                        let gate = Gate {
+                            slot,
+                            permits,
+                            lease_until,
+                            owner,
+                        };
+                        this.refresh_one(&settings, account, gate, &shutdown).await;
+                        this.wake.notify_one();
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+        tracker.close();
+        if once {
+            tracker.wait().await;
+            return Ok(());
+        }
+        let grace = settings.config.shutdown.grace;
+        tracing::info!(
+            event = "draining",
+            in_flight = tracker.len(),
+            grace_ms = grace.as_millis() as u64,
+            "stopped claiming; finishing in-flight refreshes"
+        );
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            // What is left was already sent: its answer may carry a rotated refresh token,
+            // so it is still awaited (each request is bounded by refresh.request_timeout).
+            tracing::warn!(
+                event = "drain_timeout",
+                in_flight = tracker.len(),
+                "grace period over; still waiting for requests already sent to the provider"
+            );
+            tracker.wait().await;
+        }
+        Ok(())
+    }
+
+    /// Backpressure: no new claims while answers wait for durability beyond
+    /// `refresh.concurrency`, or while neither the database nor the recovery file can take
+    /// a rotated token (a full disk, a stalled database, a vanished store file).
+    fn durability_allows(&self, cfg: &Config) -> bool {
+        let ok = self.store.may_refresh(cfg.refresh.concurrency);
+        if !ok {
+            tracing::debug!(
+                event = "backpressure",
+                "not claiming: earlier rotated tokens are not durable yet"
+            );
+        }
+        ok
+    }
+
+    /// One account: decide, wait for its turn, send, decide, record, announce. Never returns
+    /// an error: every way it can end is recorded or logged.
+    async fn refresh_one(
+        &self,
+        settings: &Settings,
+        account: Account,
+        gate: Gate,
+        shutdown: &CancellationToken,
+    ) {
+        let Gate {
+            slot,
+            permits,
+            lease_until,
+            owner,
+        } = gate;
+        let cfg = &settings.config;
+        let rules = decide::Rules::from_config(cfg);
+        let provider = settings.providers.get(&account.provider);
+        let provider = provider.map(|p| (p, decide::ProfileRules::of(p.profile())));
+        let now = self.clock.now();
+        let (provider, profile, credential) =
+            match decide::before_request(&account, provider, &rules, &owner, now) {
+                Before::Send {
+                    provider,
+                    profile,
+                    credential,
+                } => (provider, profile, credential),
+                Before::Record {
+                    outcome,
+                    provider_error,
+                } => {
+                    self.finish(&account, outcome, 0).await;
+                    if let Some(error) = provider_error {
+                        let name = &account.provider;
+                        self.provider_state(name, Some(&error), ConfigState::config_error);
+                    }
+                    return;
+                }
+            };
+        // Safe points: nothing has been sent yet, so shutdown may still give the lease back.
+        let last_send_at = decide::last_send_at(lease_until, cfg.refresh.request_timeout);
+        let Some(_turn) = self
+            .wait_turn(provider, slot, permits, last_send_at, shutdown)
+            .await
+        else {
+            self.release(&account, owner).await;
+            return;
+        };
+        if self.clock.now() > last_send_at {
+            tracing::debug!(
+                event = "lease_too_short",
+                account = account.id,
+                "lease would expire during the request; giving it back"
+            );
+            self.release(&account, owner).await;
+            return;
+        }
+        if !self.circuit_admits(&account) {
+            self.release(&account, owner).await;
+            return;
+        }
+        self.metrics
+            .lateness(self.clock.now_millis() as f64 / 1000.0 - account.next_refresh_at as f64);
+        let started = Instant::now();
+        let result = provider.refresh(credential, self.clock.now()).await;
+        // At least 1: 0 means "nothing was sent", and a loopback answer can take under 1 ms.
+        let duration_ms = (started.elapsed().as_millis() as i64).max(1);
+        let circuit_open = match &result {
+            Err(f) if matches!(f.class, FailureClass::Transient) => {
+                self.circuit_failure(&account, f.retry_after)
+            }
+            _ => false,
+        };
+        let attempt = decide::Attempt {
+            owner: &owner,
+            duration_ms,
+            circuit_open,
+            now: self.clock.now(),
+        };
+        let answer = result.as_ref().map(|(answer, status)| (answer, *status));
+        let after =
+            decide::after_answer(&account, profile, &rules, answer, attempt, &mut rand::rng());
+        self.announce_answer(&account, &after);
+        let rotated = matches!(after.outcome, Outcome::Rotated { .. });
+        let recorded = self.finish(&account, after.outcome, duration_ms).await;
+        if let Ok((answer, _)) = &result {
+            let stored =
+                rotated && matches!(recorded, Some(Recorded::Applied | Recorded::Deferred));
+            report_answer(&account, answer, stored);
+        }
+    }
+
+    /// Waits for the provider's claim slot, its rate limit, then a global permit, in that
+    /// order, so waiting on one provider never holds a permit another provider's refresh
+    /// could use. None when shutdown comes first, or when the waits (a throttled provider)
+    /// reach `last_send_at`: a request must never be sent with a lease that could end
+    /// before its answer is stored, or another claim could refresh the account too.
+    async fn wait_turn(
+        &self,
+        provider: &Provider,
+        slot: Option<OwnedSemaphorePermit>,
+        permits: Arc<Semaphore>,
+        last_send_at: i64,
+        shutdown: &CancellationToken,
+    ) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let give_up_at = last_send_at.saturating_mul(1000);
+        let slot = match slot {
+            Some(s) => s,
+            None => tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return None,
+                s = provider.slot() => s,
+                _ = self.clock.sleep_until_millis(give_up_at) => return None,
+            },
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            _ = provider.ready() => {}
+            _ = self.clock.sleep_until_millis(give_up_at) => return None,
+        }
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            p = permits.acquire_owned() => p.expect("semaphore is never closed"),
+            _ = self.clock.sleep_until_millis(give_up_at) => return None,
+        };
+        Some((slot, permit))
+    }
+
+    /// Gives the lease back at once, rather than letting it lapse, which the next claim
+    /// would take for a crashed attempt.
+    async fn release(&self, account: &Account, owner: String) {
+        let outcome = Outcome::Released {
+            account_id: account.id,
+            owner,
+        };
+        self.finish(account, outcome, 0).await;
+    }
+}
