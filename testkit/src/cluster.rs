@@ -154,7 +154,7 @@ fn start() -> Result<String, String> {
     let dir_s = dir.to_string_lossy().into_owned();
     let pg_ctl = bin.join("pg_ctl");
     *RUNNING.lock().unwrap_or_else(|e| e.into_inner()) = Some((dir.clone(), pg_ctl.clone()));
-    crate::report::at_exit();
+    crate::exit::on_exit(remove);
     let fail = |what: String| -> ! {
         let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
         panic!("the throwaway PostgreSQL cluster in {dir_s}: {what}\n{log}")

@@ -9,6 +9,7 @@
 //! - [`tool`]: whether an installed program answers.
 
 mod cluster;
+mod exit;
 mod report;
 
 pub use cluster::{is_root, postgres, postgres_schema};

@@ -2,7 +2,7 @@
 //! binary exits, and the strict mode that turns a NOT RUN into a failure.
 
 use std::io::Write;
-use std::sync::{Mutex, Once};
+use std::sync::Mutex;
 
 /// The environment variable that makes a NOT RUN fail its test.
 pub const STRICT_VAR: &str = "REFRESHD_TEST_STRICT";
@@ -24,24 +24,11 @@ pub fn not_run(test: &str, what: &str, install: &str) {
     // Straight to stderr: the test harness captures the print macros, not this.
     let _ = writeln!(std::io::stderr(), "{line}");
     NOT_RUN.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-    at_exit();
+    crate::exit::on_exit(summary);
 }
 
-/// Registers, once, what runs when the test binary exits: the summary, then `extra`
-/// (the cluster's removal).
-pub(crate) fn at_exit() {
-    static REGISTER: Once = Once::new();
-    REGISTER.call_once(|| {
-        // SAFETY: `on_exit` is a plain `extern "C" fn()` that never unwinds (it catches
-        // nothing because nothing in it panics: it only locks, writes and runs commands).
-        unsafe {
-            libc::atexit(on_exit);
-        }
-    });
-}
-
-extern "C" fn on_exit() {
-    crate::cluster::remove();
+/// The summary of what did not run, on stderr (registered to run at exit).
+fn summary() {
     let lines = NOT_RUN.lock().unwrap_or_else(|e| e.into_inner());
     if lines.is_empty() {
         return;
