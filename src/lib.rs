@@ -6,16 +6,17 @@
 //! - [`config`]: defaults < TOML file < `REFRESHD_*` env, validated into typed settings.
 //! - [`clock`]: the one source of "now" (system, or manual in tests).
 //! - [`model`]: accounts, token sets, statuses, reauth reasons. Plain data.
-//! - [`policy`]: when to refresh, backoff, the reauth window. Pure.
-//! - [`store`]: SQLite on one worker thread; leases, generation-guarded writes, group
-//!   commit, the recovery file.
+//! - [`policy`]: `schedule()` of a fresh token set, the one backoff, the reauth window. Pure.
+//! - [`store`]: one facade over two backends (SQLite on one worker thread, PostgreSQL for
+//!   replicas); leases, generation-guarded writes, group commit, the recovery files.
 //! - [`subject`]: the provider's user id, kept exactly; matching stored ones.
 //! - [`provider`]: profiles (TikTok, Google, LinkedIn, X, Pinterest, Instagram, Facebook,
 //!   Threads, Reddit, or generic from the config): token requests and their answers.
 //! - [`provider_state`]: whether a provider refuses our configuration or one account got an
 //!   odd answer. Pure.
 //! - [`circuit`]: the per-provider circuit breaker (probe while a provider is down). Pure.
-//! - [`engine`]: the refresh loop.
+//! - [`engine`]: the refresh loop; its decisions about one account are pure functions
+//!   (`engine::decide`).
 //! - [`events`]: in-process state changes (tokens rotated, reauth needed, recovered).
 //! - [`sink`]: token files for an app, rewritten atomically after each rotation.
 //! - [`notify`]: signed webhook notifications of state changes.
@@ -23,13 +24,17 @@
 //! - [`metrics`]: Prometheus metrics (engine counters, store gauges).
 //! - [`lifecycle`]: running the daemon: signals, reload, systemd notifications.
 //! - [`crypto`]: token encryption at rest (XChaCha20-Poly1305), key files, key ids.
-//! - [`connect`]: connecting accounts: authorization URL, loopback callback, code exchange.
+//! - [`connect`]: connecting accounts: authorization URL, loopback callback (axum), code
+//!   exchange.
 //! - [`hardening`]: start-up checks: token and key files private, not running as root.
 //! - [`import`]: the JSON-lines import format.
 //! - [`server`]: the ops HTTP server: health, metrics, token API, web connect.
 //! - [`sandbox`]: a TikTok-compatible fake provider for the demo, tests and benchmarks.
 //! - [`demo`]: `refreshd demo`.
 //! - [`telemetry`]: logging and the stable log events.
+//!
+//! The modules are layered (ARCHITECTURE.md, "Layers"; kept by `tests/it/layers.rs`): base
+//! data, pure rules, config, services, work, daemon, tools; the binary (`src/cli/`) is on top.
 //!
 //! # Invariants
 //! 1. At most one refresh per account is in flight, across all processes sharing the store

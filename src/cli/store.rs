@@ -54,12 +54,22 @@ pub fn keygen(path: &Path) -> Result<u8> {
     Ok(exit::OK)
 }
 
-/// What one end of `store copy` names, once an `@FILE` was read.
-#[derive(Debug, PartialEq)]
+/// What one end of `store copy` names, once an `@FILE` was read. Its `Debug` leaves the URL
+/// out: it may carry a password.
+#[derive(PartialEq)]
 enum StoreEnd {
     /// A PostgreSQL URL, its scheme spelled `postgres://`.
     Postgres(String),
     Sqlite(PathBuf),
+}
+
+impl std::fmt::Debug for StoreEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreEnd::Postgres(_) => f.write_str("Postgres(<url>)"),
+            StoreEnd::Sqlite(p) => f.debug_tuple("Sqlite").field(p).finish(),
+        }
+    }
 }
 
 /// Reads a `store copy` end: a postgres:// URL (postgresql://, any case), a SQLite path

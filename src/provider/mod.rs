@@ -18,9 +18,9 @@ pub mod tiktok;
 pub use failure::{FailureClass, ProviderFailure};
 
 use crate::config::{Config, ProviderConfig};
-use crate::model::{Account, TokenSet};
+use crate::model::TokenSet;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use profile::{Credential, Method, ParamsIn, Profile, TokenRequest};
+use profile::{Method, ParamsIn, Profile, TokenRequest};
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
@@ -160,15 +160,6 @@ impl Provider {
 
     pub fn concurrency(&self) -> usize {
         self.concurrency
-    }
-
-    /// The stored credential a refresh presents: the refresh token, or the long-lived
-    /// access token itself (Instagram, Facebook, Threads).
-    pub fn credential_of<'a>(&self, account: &'a Account) -> &'a SecretString {
-        match self.profile.credential {
-            Credential::RefreshToken => &account.refresh_token,
-            Credential::AccessToken => &account.access_token,
-        }
     }
 
     /// Presents `credential` for new tokens. `now` (unix seconds) turns absolute expiry
@@ -424,7 +415,7 @@ impl Provider {
             content_type.as_deref(),
             &body,
         )?;
-        // What the server does not announce, the config may: policy::refresh_expires_at then
+        // What the server does not announce, the config may: policy::schedule() then
         // keeps a fixed end at the first grant's, or slides it with each refresh.
         let announced = match &mut answer.granted {
             response::Granted::Tokens(t) => &mut t.refresh_expires_in,

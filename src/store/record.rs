@@ -1,7 +1,7 @@
 //! What writing one refresh outcome means, the same on both backends: which guarded update
 //! runs (and with which values, tokens sealed), and, depending on whether its guard matched
 //! a row, how the write ended and which refresh-log row it leaves. Each backend's
-//! `queries::record` only runs the update's SQL and appends the log row.
+//! `writes::record` only runs the update's SQL and appends the log row.
 
 use super::types::{NewAccount, Outcome, Recorded};
 use crate::crypto::{Column, Keyring};

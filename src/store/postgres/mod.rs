@@ -374,9 +374,11 @@ impl Worker {
         let tx = client.transaction().await.map_err(pg_err(ctx))?;
         // A row another transaction holds fails the commit fast (55P03, transient): the
         // rotations go to the recovery file instead of waiting in memory.
-        tx.batch_execute("SET LOCAL lock_timeout = '100ms'")
-            .await
-            .map_err(pg_err(ctx))?;
+        let wait = format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            commit::COMMIT_WAIT.as_millis()
+        );
+        tx.batch_execute(&wait).await.map_err(pg_err(ctx))?;
         // Rows locked in account order, as the sweep and rekey lock them: two replicas'
         // transactions then never wait on each other in a cycle (a deadlock).
         let mut order: Vec<usize> = (0..outcomes.len()).collect();
