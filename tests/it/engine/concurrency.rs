@@ -1,0 +1,252 @@
+//! Several engines or processes on one database: leases keep one account to one refresh, a
+//! rotation by another process is not a re-authorization, and a claim waiting on the rate
+//! limit gives its lease back in time.
+
+use super::{INTERVAL, access_token, all_due_at, config_with, engine, outcomes, refresh_token};
+use crate::helpers::{self, TestApp, account};
+use refreshd::model::{ReauthReason, Status, TokenSet};
+use refreshd::sandbox::{Faults, SandboxConfig};
+use refreshd::store::{Outcome, Recorded, StoreError};
+use secrecy::SecretString;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test]
+async fn invalid_grant_after_another_process_rotated_is_not_reauth() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = app.config("");
+    let store = app.store().await;
+    let direct = app.import(&store, &config, &["direct"], None).await[0];
+    // "staged" falls due a minute after "direct".
+    app.clock.advance(Duration::from_secs(60));
+    let staged = app.import(&store, &config, &["staged"], None).await[0];
+    let now = account(&store, direct).await.next_refresh_at;
+    assert!(now < account(&store, staged).await.next_refresh_at);
+    app.clock.set(now);
+
+    // Direct: a claim holds generation g; another process rotates the account; then the
+    // stale claim's invalid_grant arrives.
+    let claimed = store
+        .claim_due("owner-a", now, config.store.lease, 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let stale = &claimed[0];
+    assert_eq!(stale.id, direct);
+    let g = stale.generation;
+    let rotated = Outcome::Rotated {
+        account_id: stale.id,
+        generation: g,
+        tokens: TokenSet {
+            access_token: SecretString::from("act.other-process"),
+            refresh_token: Some(SecretString::from("rft.other-process")),
+            expires_in: 7200,
+            refresh_expires_in: None,
+            subject: None,
+            scope: None,
+            token_type: "Bearer".into(),
+        },
+        at: now,
+        next_refresh_at: now + INTERVAL,
+        status: Status::Active,
+        reauth_reason: None,
+        http_status: Some(200),
+        duration_ms: 5,
+    };
+    assert_eq!(store.record(rotated).await.unwrap(), Recorded::Applied);
+    let rejected = Outcome::Rejected {
+        account_id: stale.id,
+        generation: g,
+        reason: ReauthReason::InvalidGrant,
+        at: now,
+        error: "invalid_grant: Refresh token has already been used.".into(),
+        http_status: Some(400),
+        duration_ms: 5,
+    };
+    assert_eq!(store.record(rejected).await.unwrap(), Recorded::Superseded);
+    let a = account(&store, stale.id).await;
+    assert_eq!(a.status, Status::Active);
+    assert_eq!(a.reauth_reason, None);
+    assert_eq!(a.generation, g + 1);
+    assert_eq!(refresh_token(&a), "rft.other-process");
+    assert_eq!(outcomes(&store, stale.id).await[0], "superseded");
+
+    // Staged with two engines on one file: engine A claims "staged" and its (slow) request
+    // is in flight when its lease runs out (the clock jumps past it, as for a stalled
+    // process); engine B claims it and refreshes first, so A's answer is invalid_grant
+    // for a token B already rotated away.
+    app.clock.set(account(&store, staged).await.next_refresh_at);
+    let store_a = app.store().await;
+    let store_b = app.store().await;
+    let (engine_a, _tx_a) = engine(&store_a, &app.clock, &config);
+    let (engine_b, _tx_b) = engine(&store_b, &app.clock, &config);
+    app.sandbox.set_faults(Faults {
+        slow: 1.0,
+        slow_delay: Duration::from_millis(400),
+        ..Faults::default()
+    });
+    let task_a = {
+        let e = engine_a.clone();
+        tokio::spawn(async move { e.run_due(CancellationToken::new()).await })
+    };
+    let sb = &app.sandbox;
+    assert!(helpers::eventually(5, || async move { sb.stats().requests >= 1 }).await);
+    app.sandbox.set_faults(Faults::default());
+    app.clock
+        .advance(config.store.lease + Duration::from_secs(1));
+    engine_b.run_due(CancellationToken::new()).await.unwrap();
+    assert_eq!(engine_b.stats().snapshot().rotated, 1);
+    task_a.await.unwrap().unwrap();
+
+    let sa = engine_a.stats().snapshot();
+    assert_eq!(sa.superseded, 1, "{sa:?}");
+    assert_eq!(sa.flagged, 0, "{sa:?}");
+    let a = account(&store, staged).await;
+    assert_eq!(a.status, Status::Active, "flagged by a stale invalid_grant");
+    assert_eq!(a.reauth_reason, None);
+    assert_eq!(
+        app.sandbox.current_refresh_token("staged").as_deref(),
+        Some(refresh_token(&a))
+    );
+    assert!(app.sandbox.access_token_valid("staged", access_token(&a)));
+    assert_eq!(
+        outcomes(&store, staged).await[..2],
+        ["superseded", "rotated"]
+    );
+    // The staged double refresh is exactly one reuse, by A's stale claim.
+    assert_eq!(app.sandbox.stats().reuse_rejected, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_engines_one_file_never_refresh_one_account_twice() {
+    const N: usize = 300;
+    const CYCLES: u64 = 6;
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = app.config("");
+    let store = app.store().await;
+    let subjects: Vec<String> = (0..N).map(|i| format!("user-{i:03}")).collect();
+    let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
+    let ids = app.import(&store, &config, &refs, None).await;
+
+    let store_a = app.store().await;
+    let store_b = app.store().await;
+    let (engine_a, _tx_a) = engine(&store_a, &app.clock, &config);
+    let (engine_b, _tx_b) = engine(&store_b, &app.clock, &config);
+    assert_ne!(engine_a.owner(), engine_b.owner());
+    let shutdown = CancellationToken::new();
+    let tasks: Vec<_> = [&engine_a, &engine_b]
+        .into_iter()
+        .map(|e| {
+            let (e, s) = (e.clone(), shutdown.clone());
+            tokio::spawn(async move { e.run(s).await })
+        })
+        .collect();
+
+    let rotated = || engine_a.stats().snapshot().rotated + engine_b.stats().snapshot().rotated;
+    for cycle in 1..=CYCLES {
+        let due = all_due_at(&store, &ids).await;
+        app.clock.set(due);
+        let want = N as u64 * cycle;
+        let done = helpers::eventually(20, || async move { rotated() >= want }).await;
+        assert!(
+            done,
+            "cycle {cycle}: {} of {want} refreshes recorded; sandbox {:?}",
+            rotated(),
+            app.sandbox.stats()
+        );
+        assert_eq!(app.sandbox.stats().refreshed, want, "cycle {cycle}");
+    }
+    shutdown.cancel();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+
+    let s = app.sandbox.stats();
+    assert_eq!(s.reuse_rejected, 0, "an account was refreshed twice: {s:?}");
+    assert_eq!(s.requests, N as u64 * CYCLES, "{s:?}");
+    let (sa, sb) = (engine_a.stats().snapshot(), engine_b.stats().snapshot());
+    assert_eq!(sa.superseded + sb.superseded, 0, "{sa:?} {sb:?}");
+    assert_eq!(sa.rotated + sb.rotated, N as u64 * CYCLES);
+    assert!(
+        sa.rotated > 0 && sb.rotated > 0,
+        "one engine did nothing: {sa:?} {sb:?}"
+    );
+    for (&id, subject) in ids.iter().zip(&subjects) {
+        let a = account(&store, id).await;
+        assert_eq!(a.status, Status::Active, "{subject}");
+        assert_eq!(a.generation, CYCLES as i64, "{subject}");
+        assert_eq!(
+            app.sandbox.current_refresh_token(subject).as_deref(),
+            Some(refresh_token(&a)),
+            "{subject}"
+        );
+        assert!(
+            app.sandbox.access_token_valid(subject, access_token(&a)),
+            "{subject}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_waiting_on_the_rate_limit_gives_its_lease_back_before_it_ends() {
+    // Found by the interop harness (scenario `outage`): after an outage, claimed accounts
+    // waited in the provider's rate limit longer than their lease. The lease lapsed, a new
+    // claim took it (recording a crash window that never was), and the old attempt's
+    // "lease too short" release, under the same owner, gave the new claim's lease back:
+    // a third claim then refreshed the account while the second was in flight, with a
+    // token the provider had just retired, and oidc-provider revoked the grant.
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = config_with(
+        &app,
+        &app.sandbox.token_url(),
+        &[
+            ("providers.tiktok", "rate_limit", 1.into()),
+            ("providers.tiktok", "burst", 1.into()),
+        ],
+    );
+    let store = app.store().await;
+    let ids = app.import(&store, &config, &["w1", "w2", "w3"], None).await;
+    app.clock.set(all_due_at(&store, &ids).await);
+    let (engine, _tx) = engine(&store, &app.clock, &config);
+    let shutdown = CancellationToken::new();
+    let task = {
+        let (e, s) = (engine.clone(), shutdown.clone());
+        tokio::spawn(async move { e.run(s).await })
+    };
+    let stats = engine.stats();
+    assert!(helpers::eventually(5, || async { stats.snapshot().rotated == 1 }).await);
+    let waiting: Vec<i64> = {
+        let mut v = Vec::new();
+        for &id in &ids {
+            if account(&store, id).await.generation == 0 {
+                v.push(id);
+            }
+        }
+        v
+    };
+    assert_eq!(waiting.len(), 2);
+    // lease 30s - (request_timeout 5s + 5s): the waits give up 20s after the claim.
+    app.clock.advance(Duration::from_secs(21));
+    assert!(helpers::eventually(5, || async { stats.snapshot().released >= 2 }).await);
+    // Given back, not lapsed: claiming them again records no crash window.
+    for &id in &waiting {
+        let interrupted: Option<i64> = store
+            .call(move |c| {
+                c.query_row(
+                    "SELECT interrupted_at FROM accounts WHERE id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .map_err(|source| StoreError::Sqlite {
+                    context: "test query",
+                    source,
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(interrupted, None, "account {id}");
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(app.sandbox.stats().reuse_rejected, 0);
+}

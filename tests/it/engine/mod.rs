@@ -1,0 +1,146 @@
+//! The refresh engine driven through the library: `lifecycle::run` with `once` and the
+//! continuous `Engine::run`, against the sandbox provider (or wiremock for exact answers) on
+//! loopback and a real SQLite file. Time is the manual clock shared by the sandbox and the
+//! engine, so days pass in milliseconds; real waiting is limited to 20 ms polls.
+
+use crate::helpers::{self, TestApp, account};
+use refreshd::clock::Clock;
+use refreshd::config::Config;
+use refreshd::engine::{Engine, Settings};
+use refreshd::lifecycle::{self, RunOptions, RunReport};
+use refreshd::model::Account;
+use refreshd::store::{Store, StoreError};
+use secrecy::ExposeSecret;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+mod concurrency;
+mod durability;
+mod events;
+mod failures;
+mod reauth;
+mod reload;
+mod rotation;
+mod shutdown;
+
+const MINUTE: i64 = 60;
+const HOUR: i64 = 3600;
+const DAY: i64 = 86_400;
+/// The sandbox's access tokens live 2 h; with `lead = 10m, lead_fraction = 0.1` (the
+/// helpers' config) the lead is 12 min, so a token is refreshed 108 min after it was issued.
+const ACCESS_TTL: i64 = 2 * HOUR;
+const LEAD: i64 = 12 * MINUTE;
+const INTERVAL: i64 = ACCESS_TTL - LEAD;
+/// The helpers' `refresh.backoff_base` and `refresh.backoff_max`, in seconds.
+const BACKOFF_BASE: i64 = 30;
+const BACKOFF_MAX: i64 = 1800;
+
+/// The helpers' test config with keys replaced or added: `(section, key, value)`, where a
+/// section may be dotted (`providers.tiktok`).
+fn config_with(app: &TestApp, token_url: &str, overrides: &[(&str, &str, toml::Value)]) -> Config {
+    try_config_with(app, token_url, overrides).expect("test config")
+}
+
+fn try_config_with(
+    app: &TestApp,
+    token_url: &str,
+    overrides: &[(&str, &str, toml::Value)],
+) -> Result<Config, refreshd::config::ConfigError> {
+    let mut table: toml::Table = helpers::config_toml(&app.db, token_url, "")
+        .parse()
+        .expect("the helpers' TOML parses");
+    for (section, key, value) in overrides {
+        let mut t = &mut table;
+        for part in section.split('.') {
+            t = t
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .expect("a table");
+        }
+        t.insert(key.to_string(), value.clone());
+    }
+    Config::from_toml_str(&table.to_string())
+}
+
+/// `refreshd run --once` at the clock's current time: refreshes everything due, sweeps, and
+/// closes its store.
+async fn run_once(app: &TestApp, config: &Config) -> RunReport {
+    let clock = app.clock.clone();
+    lifecycle::run(
+        config.clone(),
+        RunOptions {
+            once: true,
+            ..RunOptions::new(clock)
+        },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("run --once")
+}
+
+/// An engine on `store`. The settings sender is returned because the engine's idle wait also
+/// watches for new settings: it must outlive the engine.
+fn engine(store: &Store, clock: &Clock, config: &Config) -> (Engine, watch::Sender<Arc<Settings>>) {
+    let settings = Arc::new(Settings::new(config.clone()).expect("providers"));
+    let (tx, rx) = watch::channel(settings);
+    (Engine::new(store.clone(), clock.clone(), rx), tx)
+}
+
+fn refresh_token(a: &Account) -> &str {
+    a.refresh_token.expose_secret()
+}
+
+fn access_token(a: &Account) -> &str {
+    a.access_token.expose_secret()
+}
+
+/// The refresh log's outcomes for one account, newest first.
+async fn outcomes(store: &Store, id: i64) -> Vec<String> {
+    store
+        .log_entries(id, 10_000)
+        .await
+        .expect("read log")
+        .into_iter()
+        .map(|e| e.outcome)
+        .collect()
+}
+
+/// `(lease_owner, lease_expires_at)` of one account.
+async fn lease(store: &Store, id: i64) -> (Option<String>, Option<i64>) {
+    store
+        .call(move |c| {
+            c.query_row(
+                "SELECT lease_owner, lease_expires_at FROM accounts WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|source| StoreError::Sqlite {
+                context: "test query",
+                source,
+            })
+        })
+        .await
+        .expect("read lease")
+}
+
+/// The latest `next_refresh_at` among `ids`: once the clock is there, all of them are due.
+async fn all_due_at(store: &Store, ids: &[i64]) -> i64 {
+    let mut due = i64::MIN;
+    for &id in ids {
+        due = due.max(account(store, id).await.next_refresh_at);
+    }
+    due
+}
+
+/// Drains what has been emitted so far.
+fn drain(
+    rx: &mut tokio::sync::broadcast::Receiver<refreshd::events::Event>,
+) -> Vec<refreshd::events::Event> {
+    let mut out = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        out.push(e);
+    }
+    out
+}

@@ -1,0 +1,116 @@
+//! New settings (SIGHUP) and the idle engine: every reload reaches it, and it sleeps rather
+//! than spins when no reload can come.
+
+use super::{config_with, engine};
+use crate::helpers::{self, TestApp, account};
+use refreshd::engine::Settings;
+use refreshd::sandbox::SandboxConfig;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// `Engine::new` takes a settings receiver. When no reload can ever come (the sender is
+/// gone), an idle engine must still sleep, not spin on the closed channel.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn idle_engine_does_not_spin_when_no_reload_can_come() {
+    /// CPU time of the current thread (the test runtime's only thread), clock ticks.
+    fn thread_cpu_ticks() -> u64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        // utime and stime are fields 14 and 15 of stat(5); the first after ')' is field 3.
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = app.config("");
+    let store = app.store().await;
+    let id = app.import(&store, &config, &["u1"], None).await[0];
+    let (engine, tx) = engine(&store, &app.clock, &config);
+    drop(tx);
+    let shutdown = CancellationToken::new();
+    let task = {
+        let (e, s) = (engine.clone(), shutdown.clone());
+        tokio::spawn(async move { e.run(s).await })
+    };
+    let stats = engine.stats();
+    let looked =
+        || async { stats.heartbeat.load(std::sync::atomic::Ordering::Relaxed) == app.clock.now() };
+    assert!(helpers::eventually(5, looked).await);
+
+    let before = thread_cpu_ticks();
+    for _ in 0..25 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let used = thread_cpu_ticks() - before;
+    // Idle: about 1 tick (the polls themselves); spinning: 10 or more.
+    assert!(
+        used < 5,
+        "an idle engine with nothing due used {used} clock ticks of CPU in 500 ms (busy loop)"
+    );
+
+    // It still works.
+    app.clock.set(account(&store, id).await.next_refresh_at);
+    let stats = engine.stats();
+    assert!(helpers::eventually(5, || async { stats.snapshot().rotated == 1 }).await);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// SIGHUP's new settings reach an idle engine every time: the idle wait used to mark a new
+/// value as seen, and the loop then kept the old settings about half the time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_reaches_an_idle_engine_every_time() {
+    for round in 0..6 {
+        let app = TestApp::start(SandboxConfig::default()).await;
+        let good = config_with(&app, &app.sandbox.token_url(), &[]);
+        let bad = config_with(
+            &app,
+            &app.sandbox.token_url(),
+            &[("providers.tiktok", "client_secret", "wrong-secret".into())],
+        );
+        let store = app.store().await;
+        let id = app.import(&store, &good, &["reloaded"], None).await[0];
+        let (engine, tx) = engine(&store, &app.clock, &bad);
+        let token = CancellationToken::new();
+        let task = tokio::spawn({
+            let (engine, token) = (engine.clone(), token.clone());
+            async move { engine.run(token).await }
+        });
+        // Let the engine go idle (nothing is due), then reload with the right secret.
+        assert!(
+            helpers::eventually(5, || async {
+                engine
+                    .stats()
+                    .heartbeat
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 0
+            })
+            .await
+        );
+        tx.send_replace(Arc::new(Settings::new(good.clone()).expect("providers")));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let before = account(&store, id).await;
+        app.clock.set(before.next_refresh_at);
+        engine.waker().notify_one();
+        assert!(
+            helpers::eventually(5, || async {
+                account(&store, id).await.generation > before.generation
+            })
+            .await,
+            "round {round}: the account was not rotated with the reloaded credentials: {:?}",
+            account(&store, id).await.last_error
+        );
+        assert_eq!(
+            app.sandbox.stats().client_rejected,
+            0,
+            "round {round}: old secret used"
+        );
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
+}
