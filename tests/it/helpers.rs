@@ -306,3 +306,20 @@ pub fn hmac_sha256_hex(key: &str, message: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+// ---- Set-up shared across test folders (engine/, providers/) ----
+
+/// `refreshd run --once` with `config` at `clock`'s current time: refreshes everything due,
+/// sweeps, and closes its store.
+pub async fn run_once(config: &Config, clock: Clock) -> refreshd::lifecycle::RunReport {
+    refreshd::lifecycle::run(
+        config.clone(),
+        refreshd::lifecycle::RunOptions {
+            once: true,
+            ..refreshd::lifecycle::RunOptions::new(clock)
+        },
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect("run --once")
+}

@@ -2,7 +2,7 @@
 //! `check` and `store copy`.
 
 use super::{World, clean_env, output};
-use crate::helpers::{self};
+use crate::helpers;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -4,17 +4,21 @@
 use super::World;
 use crate::helpers::{self, CLIENT_SECRET};
 
+/// The 1-based number of the first line of `text` that starts with `prefix`.
+fn line_of(text: &str, prefix: &str) -> usize {
+    text.lines()
+        .position(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("a line starting with {prefix}"))
+        + 1
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_errors_name_key_and_source() {
     let w = World::start("").await;
 
     // An unknown key in the file: named with file and line, exit 78 (EX_CONFIG).
     let text = w.config_with("lead = \"10m\"", "leed = \"5m\"");
-    let line = text
-        .lines()
-        .position(|l| l.starts_with("leed"))
-        .expect("leed line")
-        + 1;
+    let line = line_of(&text, "leed");
     let bad = w.write("typo.toml", &text);
     let bad_arg = bad.to_str().unwrap();
     for args in [
@@ -114,11 +118,7 @@ async fn config_errors_name_key_and_source() {
 async fn config_syntax_error_points_at_its_line() {
     let w = World::start("").await;
     let text = w.config_with("jitter = \"0s\"", "jitter = \"0s");
-    let line = text
-        .lines()
-        .position(|l| l.starts_with("jitter"))
-        .expect("jitter line")
-        + 1;
+    let line = line_of(&text, "jitter");
     let cfg = w.write("syntax.toml", &text);
     let path = cfg.to_str().unwrap();
     let out = w.cli(&["--config", path, "accounts", "list"]).await;

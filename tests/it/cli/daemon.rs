@@ -2,7 +2,7 @@
 //! and the ops server of the real binary.
 
 use super::{World, events_in, id_of};
-use crate::helpers::{self};
+use crate::helpers;
 use refreshd::sandbox::Faults;
 use refreshd::store::Store;
 use secrecy::ExposeSecret;
@@ -143,10 +143,7 @@ async fn sigterm_drains_and_exits_zero() {
     });
     let names: Vec<String> = (0..50).map(|i| format!("user-{i:02}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let f = w.write("accounts.jsonl", &w.due_lines(&refs));
-    w.cli(&["accounts", "import", f.to_str().unwrap()])
-        .await
-        .ok();
+    w.import_due("accounts.jsonl", &refs).await;
 
     let mut d = w.daemon();
     d.wait_event("ready", 10).await;
@@ -214,10 +211,7 @@ async fn sighup_reloads_config() {
         "cli.toml",
         &helpers::config_toml(&w.db, &w.sandbox.token_url(), ""),
     );
-    let f = w.write("one.jsonl", &w.due_lines(&["before"]));
-    w.cli(&["accounts", "import", f.to_str().unwrap()])
-        .await
-        .ok();
+    w.import_due("one.jsonl", &["before"]).await;
 
     let mut d = w.daemon();
     d.wait_event("ready", 10).await;
@@ -297,10 +291,7 @@ async fn ops_server_of_the_real_binary() {
             ),
         ),
     );
-    let f = w.write("accounts.jsonl", &w.due_lines(&["o1", "o2"]));
-    w.cli(&["accounts", "import", f.to_str().unwrap()])
-        .await
-        .ok();
+    w.import_due("accounts.jsonl", &["o1", "o2"]).await;
     let mut d = w.daemon();
     let listening = d.wait_event("server_listening", 10).await;
     let addr = listening["addr"].as_str().expect("addr").to_string();

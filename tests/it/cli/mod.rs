@@ -1,7 +1,8 @@
 //! The real `refreshd` binary, driven as an operator would: a config file in a temp dir, a
 //! real SQLite file, and the sandbox provider (in this test process, on loopback, on the
 //! system clock) as the token endpoint. Accounts are imported already due (`obtained_at` in
-//! the past) so nothing waits for real time to pass.
+//! the past) so nothing waits for real time to pass. This file holds the shared set-up: the
+//! `World` (temp dir, config, sandbox), the running `Daemon` and reading what they print.
 
 use crate::helpers::{self, Out};
 use refreshd::clock::Clock;
@@ -116,6 +117,15 @@ impl World {
             .iter()
             .map(|o| self.grant(o, DUE, None).to_string() + "\n")
             .collect()
+    }
+
+    /// Writes due grants of `open_ids` to the file `name` and imports them (which must
+    /// succeed) with the binary.
+    async fn import_due(&self, name: &str, open_ids: &[&str]) {
+        let f = self.write(name, &self.due_lines(open_ids));
+        self.cli(&["accounts", "import", f.to_str().unwrap()])
+            .await
+            .ok();
     }
 
     fn command(&self, args: &[&str]) -> Command {

@@ -24,10 +24,7 @@ async fn no_secret_in_any_output() {
     );
     std::fs::write(&w.config, &with_key).unwrap();
     let subjects_all = ["s1", "s2", "s3", "s4", "s5", "gone"];
-    let f = w.write("accounts.jsonl", &w.due_lines(&subjects_all[..4]));
-    w.cli(&["accounts", "import", f.to_str().unwrap()])
-        .await
-        .ok();
+    w.import_due("accounts.jsonl", &subjects_all[..4]).await;
     w.cli_stdin(
         &["accounts", "import", "-"],
         &w.due_lines(&subjects_all[4..]),
@@ -87,10 +84,7 @@ async fn no_secret_in_any_output() {
     assert_eq!(w.sandbox.stats().refreshed, 5, "{}", out.stderr);
 
     // The daemon, with a few more due accounts, stopped by SIGTERM.
-    let f = w.write("more.jsonl", &w.due_lines(&["d1", "d2", "d3"]));
-    w.cli(&["accounts", "import", f.to_str().unwrap()])
-        .await
-        .ok();
+    w.import_due("more.jsonl", &["d1", "d2", "d3"]).await;
     let mut d = w.daemon();
     let sandbox = &w.sandbox;
     d.wait_until(10, "three more refreshes", |_| {

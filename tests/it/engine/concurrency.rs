@@ -2,7 +2,10 @@
 //! rotation by another process is not a re-authorization, and a claim waiting on the rate
 //! limit gives its lease back in time.
 
-use super::{INTERVAL, access_token, all_due_at, config_with, engine, outcomes, refresh_token};
+use super::{
+    INTERVAL, access_token, all_due_at, config_with, engine, import_users, outcomes, refresh_token,
+    spawn_run,
+};
 use crate::helpers::{self, TestApp, account};
 use refreshd::model::{ReauthReason, Status, TokenSet};
 use refreshd::sandbox::{Faults, SandboxConfig};
@@ -124,9 +127,7 @@ async fn two_engines_one_file_never_refresh_one_account_twice() {
     let app = TestApp::start(SandboxConfig::default()).await;
     let config = app.config("");
     let store = app.store().await;
-    let subjects: Vec<String> = (0..N).map(|i| format!("user-{i:03}")).collect();
-    let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
-    let ids = app.import(&store, &config, &refs, None).await;
+    let (subjects, ids) = import_users(&app, &store, &config, N).await;
 
     let store_a = app.store().await;
     let store_b = app.store().await;
@@ -209,10 +210,7 @@ async fn a_claim_waiting_on_the_rate_limit_gives_its_lease_back_before_it_ends()
     app.clock.set(all_due_at(&store, &ids).await);
     let (engine, _tx) = engine(&store, &app.clock, &config);
     let shutdown = CancellationToken::new();
-    let task = {
-        let (e, s) = (engine.clone(), shutdown.clone());
-        tokio::spawn(async move { e.run(s).await })
-    };
+    let task = spawn_run(&engine, &shutdown);
     let stats = engine.stats();
     assert!(helpers::eventually(5, || async { stats.snapshot().rotated == 1 }).await);
     let waiting: Vec<i64> = {

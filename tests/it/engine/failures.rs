@@ -7,6 +7,7 @@ use super::{
     refresh_token, run_once,
 };
 use crate::helpers::{self, TestApp, account};
+use refreshd::config::Config;
 use refreshd::model::{ReauthReason, Status};
 use refreshd::sandbox::{Faults, SandboxConfig, TOKEN_PATH};
 use std::time::{Duration, Instant};
@@ -39,6 +40,22 @@ fn log_id_stamp(now: i64) -> String {
             "[year][month][day][hour][minute][second]"
         ))
         .unwrap()
+}
+
+/// A good answer for `u1` that comes 3 s late: after `timing_out_config`'s request timeout.
+fn late_answer() -> ResponseTemplate {
+    ResponseTemplate::new(200)
+        .set_body_json(token_body("u1"))
+        .set_delay(Duration::from_secs(3))
+}
+
+/// The test config against `server`'s token endpoint, with a 1 s request timeout.
+fn timing_out_config(app: &TestApp, server: &MockServer) -> Config {
+    config_with(
+        app,
+        &format!("{}{TOKEN_PATH}", server.uri()),
+        &[("refresh", "request_timeout", "1s".into())],
+    )
 }
 
 #[tokio::test]
@@ -208,19 +225,11 @@ async fn timeout_is_transient() {
     // Would be a good answer, were it not late.
     Mock::given(method("POST"))
         .and(path(TOKEN_PATH))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(token_body("u1"))
-                .set_delay(Duration::from_secs(3)),
-        )
+        .respond_with(late_answer())
         .expect(1)
         .mount(&server)
         .await;
-    let config = config_with(
-        &app,
-        &format!("{}{TOKEN_PATH}", server.uri()),
-        &[("refresh", "request_timeout", "1s".into())],
-    );
+    let config = timing_out_config(&app, &server);
     let store = app.store().await;
     let id = app.import(&store, &config, &["u1"], None).await[0];
     let original = refresh_token(&account(&store, id).await).to_string();
@@ -265,11 +274,7 @@ async fn invalid_grant_after_a_timed_out_refresh_names_the_crash_window() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path(TOKEN_PATH))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(token_body("u1"))
-                .set_delay(Duration::from_secs(3)),
-        )
+        .respond_with(late_answer())
         .up_to_n_times(1)
         .mount(&server)
         .await;
@@ -286,11 +291,7 @@ async fn invalid_grant_after_a_timed_out_refresh_names_the_crash_window() {
         })))
         .mount(&server)
         .await;
-    let config = config_with(
-        &app,
-        &format!("{}{TOKEN_PATH}", server.uri()),
-        &[("refresh", "request_timeout", "1s".into())],
-    );
+    let config = timing_out_config(&app, &server);
     let store = app.store().await;
     let id = app.import(&store, &config, &["u1"], None).await[0];
     app.clock.set(account(&store, id).await.next_refresh_at);

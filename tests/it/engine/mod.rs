@@ -1,13 +1,14 @@
 //! The refresh engine driven through the library: `lifecycle::run` with `once` and the
 //! continuous `Engine::run`, against the sandbox provider (or wiremock for exact answers) on
 //! loopback and a real SQLite file. Time is the manual clock shared by the sandbox and the
-//! engine, so days pass in milliseconds; real waiting is limited to 20 ms polls.
+//! engine, so days pass in milliseconds; real waiting is limited to 20 ms polls. This file
+//! holds the timing constants and the set-up the themes below share.
 
 use crate::helpers::{self, TestApp, account};
 use refreshd::clock::Clock;
 use refreshd::config::Config;
-use refreshd::engine::{Engine, Settings};
-use refreshd::lifecycle::{self, RunOptions, RunReport};
+use refreshd::engine::{Engine, EngineError, Settings};
+use refreshd::lifecycle::RunReport;
 use refreshd::model::Account;
 use refreshd::store::{Store, StoreError};
 use secrecy::ExposeSecret;
@@ -67,17 +68,7 @@ fn try_config_with(
 /// `refreshd run --once` at the clock's current time: refreshes everything due, sweeps, and
 /// closes its store.
 async fn run_once(app: &TestApp, config: &Config) -> RunReport {
-    let clock = app.clock.clone();
-    lifecycle::run(
-        config.clone(),
-        RunOptions {
-            once: true,
-            ..RunOptions::new(clock)
-        },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("run --once")
+    helpers::run_once(config, app.clock.clone()).await
 }
 
 /// An engine on `store`. The settings sender is returned because the engine's idle wait also
@@ -143,4 +134,37 @@ fn drain(
         out.push(e);
     }
     out
+}
+
+/// Imports `n` sandbox users named `user-0` .. (zero-padded to the widest number); their
+/// subjects and ids, in order.
+async fn import_users(
+    app: &TestApp,
+    store: &Store,
+    config: &Config,
+    n: usize,
+) -> (Vec<String>, Vec<i64>) {
+    let width = (n - 1).to_string().len();
+    let subjects: Vec<String> = (0..n).map(|i| format!("user-{i:0width$}")).collect();
+    let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
+    let ids = app.import(store, config, &refs, None).await;
+    (subjects, ids)
+}
+
+/// Runs `engine` on a task until `shutdown`.
+fn spawn_run(
+    engine: &Engine,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), EngineError>> {
+    let (e, s) = (engine.clone(), shutdown.clone());
+    tokio::spawn(async move { e.run(s).await })
+}
+
+/// Waits until `engine` has looked at the store at the clock's current time (nothing was
+/// due, so it now waits for the clock).
+async fn wait_until_idle(engine: &Engine, clock: &Clock) {
+    let stats = engine.stats();
+    let looked =
+        || async { stats.heartbeat.load(std::sync::atomic::Ordering::Relaxed) == clock.now() };
+    assert!(helpers::eventually(5, looked).await);
 }

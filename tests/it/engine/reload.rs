@@ -1,7 +1,7 @@
 //! New settings (SIGHUP) and the idle engine: every reload reaches it, and it sleeps rather
 //! than spins when no reload can come.
 
-use super::{config_with, engine};
+use super::{config_with, engine, spawn_run, wait_until_idle};
 use crate::helpers::{self, TestApp, account};
 use refreshd::engine::Settings;
 use refreshd::sandbox::SandboxConfig;
@@ -33,14 +33,8 @@ async fn idle_engine_does_not_spin_when_no_reload_can_come() {
     let (engine, tx) = engine(&store, &app.clock, &config);
     drop(tx);
     let shutdown = CancellationToken::new();
-    let task = {
-        let (e, s) = (engine.clone(), shutdown.clone());
-        tokio::spawn(async move { e.run(s).await })
-    };
-    let stats = engine.stats();
-    let looked =
-        || async { stats.heartbeat.load(std::sync::atomic::Ordering::Relaxed) == app.clock.now() };
-    assert!(helpers::eventually(5, looked).await);
+    let task = spawn_run(&engine, &shutdown);
+    wait_until_idle(&engine, &app.clock).await;
 
     let before = thread_cpu_ticks();
     for _ in 0..25 {

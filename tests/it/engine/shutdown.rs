@@ -1,7 +1,10 @@
 //! Shutdown of the continuous engine: in-flight refreshes drain, nothing is sent once a stop
 //! is requested, and an answer that comes after the grace period is still stored.
 
-use super::{access_token, all_due_at, config_with, engine, lease, refresh_token, try_config_with};
+use super::{
+    access_token, all_due_at, config_with, engine, import_users, lease, refresh_token, spawn_run,
+    try_config_with, wait_until_idle,
+};
 use crate::helpers::{self, TestApp, account};
 use refreshd::lifecycle::{self, RunOptions};
 use refreshd::model::Status;
@@ -26,9 +29,7 @@ async fn shutdown_drains_in_flight() {
         ],
     );
     let store = app.store().await;
-    let subjects: Vec<String> = (0..N).map(|i| format!("user-{i:02}")).collect();
-    let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
-    let ids = app.import(&store, &config, &refs, None).await;
+    let (subjects, ids) = import_users(&app, &store, &config, N).await;
     let originals: Vec<String> = {
         let mut v = Vec::new();
         for &id in &ids {
@@ -45,10 +46,7 @@ async fn shutdown_drains_in_flight() {
 
     let (engine, _tx) = engine(&store, &app.clock, &config);
     let shutdown = CancellationToken::new();
-    let task = {
-        let (e, s) = (engine.clone(), shutdown.clone());
-        tokio::spawn(async move { e.run(s).await })
-    };
+    let task = spawn_run(&engine, &shutdown);
     let sb = &app.sandbox;
     assert!(helpers::eventually(5, || async move { sb.stats().requests >= BURST }).await);
     assert_eq!(
@@ -110,22 +108,14 @@ async fn no_request_is_sent_after_shutdown_is_requested() {
     let app = TestApp::start(SandboxConfig::default()).await;
     let config = app.config("");
     let store = app.store().await;
-    let subjects: Vec<String> = (0..N).map(|i| format!("user-{i}")).collect();
-    let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
-    let ids = app.import(&store, &config, &refs, None).await;
+    let (subjects, ids) = import_users(&app, &store, &config, N).await;
     let due = all_due_at(&store, &ids).await;
 
     let (engine, _tx) = engine(&store, &app.clock, &config);
     let shutdown = CancellationToken::new();
-    let task = {
-        let (e, s) = (engine.clone(), shutdown.clone());
-        tokio::spawn(async move { e.run(s).await })
-    };
+    let task = spawn_run(&engine, &shutdown);
     // The engine has looked at the store (nothing due) and waits for the clock.
-    let stats = engine.stats();
-    let looked =
-        || async { stats.heartbeat.load(std::sync::atomic::Ordering::Relaxed) == app.clock.now() };
-    assert!(helpers::eventually(5, looked).await);
+    wait_until_idle(&engine, &app.clock).await;
 
     // Occupy the store's worker thread until released.
     let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();

@@ -1,10 +1,10 @@
 //! What PostgreSQL refuses or must hold at once: a rotation refused for good is quarantined,
 //! and a large import is one transaction.
 
-use super::{new_account, now, pg_store_options, postgres_url, tokens};
+use super::{new_account, now, open_pg, postgres_url, tokens};
 use crate::helpers::eventually;
 use refreshd::model::{Status, TokenSet};
-use refreshd::store::{NewAccount, Outcome, Recorded, Store};
+use refreshd::store::{NewAccount, Outcome, Recorded};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -18,9 +18,7 @@ async fn a_rotation_the_database_refuses_for_good_is_quarantined_not_a_poison() 
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(pg_store_options(&url, dir.path()))
-        .await
-        .unwrap();
+    let store = open_pg(&url, dir.path()).await;
     let t = now();
     let ids: Vec<i64> = store
         .upsert(vec![new_account("p1", t), new_account("p2", t)], t)
@@ -75,9 +73,7 @@ async fn a_rotation_the_database_refuses_for_good_is_quarantined_not_a_poison() 
     store.close().await;
     drop(store);
     // And a restart is not blocked by it.
-    let reopened = Store::open(pg_store_options(&url, dir.path()))
-        .await
-        .unwrap();
+    let reopened = open_pg(&url, dir.path()).await;
     assert_eq!(reopened.get(ids[1]).await.unwrap().unwrap().subject, "p2");
     reopened.close().await;
 }
@@ -91,9 +87,7 @@ async fn a_large_import_is_one_transaction_without_running_out_of_locks() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(pg_store_options(&url, dir.path()))
-        .await
-        .unwrap();
+    let store = open_pg(&url, dir.path()).await;
     let t = now();
     // More accounts than the server's lock table holds per transaction by default
     // (max_locks_per_transaction 64 x max_connections 100): no per-account lock may be kept.

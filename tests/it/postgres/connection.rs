@@ -1,7 +1,7 @@
 //! The connection to PostgreSQL: a lost one is transient with no outcome half written, and
 //! `sslmode=require` speaks TLS and checks the certificate.
 
-use super::{import, now, pg_store_options, postgres_url, raw, tokens};
+use super::{import, now, open_pg, pg_store_options, postgres_url, raw, tokens};
 use crate::helpers::eventually;
 use refreshd::clock::Clock;
 use refreshd::model::Status;
@@ -24,9 +24,7 @@ async fn a_lost_connection_is_transient_and_no_outcome_is_half_written() {
     let sandbox = Sandbox::start(SandboxConfig::default(), Clock::system())
         .await
         .unwrap();
-    let store = Store::open(pg_store_options(&url, dir.path()))
-        .await
-        .unwrap();
+    let store = open_pg(&url, dir.path()).await;
     import(&store, &sandbox, 3).await;
     let t = now();
     let claimed = store

@@ -36,6 +36,23 @@ fn cli(config: &Path, args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
+/// Opens the SQLite store at `path` with tokens sealed by `keyring`.
+async fn open_sealed_sqlite(path: &Path, keyring: &refreshd::crypto::Keyring) -> Store {
+    Store::open(StoreOptions {
+        path: path.to_path_buf(),
+        busy_timeout: Duration::from_secs(5),
+        keyring: keyring.clone(),
+        postgres: None,
+    })
+    .await
+    .unwrap()
+}
+
+/// `refreshd store copy --from FROM --to TO` with `config`.
+fn store_copy(config: &Path, from: &str, to: &str) -> (Option<i32>, String) {
+    cli(config, &["store", "copy", "--from", from, "--to", to])
+}
+
 fn verified_line(out: &str) -> String {
     out.lines()
         .find(|l| l.starts_with("verified:"))
@@ -96,14 +113,7 @@ async fn store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes() {
         .unwrap();
 
     // A SQLite store with sealed tokens, rotations, a flagged account and some history.
-    let source = Store::open(StoreOptions {
-        path: sqlite.clone(),
-        busy_timeout: Duration::from_secs(5),
-        keyring: keyring.clone(),
-        postgres: None,
-    })
-    .await
-    .unwrap();
+    let source = open_sealed_sqlite(&sqlite, &keyring).await;
     let ids = import(&source, &sandbox, 50).await;
     let t = now();
     for a in source
@@ -161,17 +171,7 @@ async fn store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes() {
 
     // A mistyped URL is refused without echoing it (it may carry a password).
     let typo = url.replacen("postgres://", "postgress://", 1);
-    let (code, out) = cli(
-        &config,
-        &[
-            "store",
-            "copy",
-            "--from",
-            sqlite.to_str().unwrap(),
-            "--to",
-            &typo,
-        ],
-    );
+    let (code, out) = store_copy(&config, sqlite.to_str().unwrap(), &typo);
     assert_ne!(code, Some(0));
     assert!(out.contains("unknown store scheme \"postgress\""), "{out}");
     assert!(!out.contains(&typo), "{out}");
@@ -247,17 +247,7 @@ async fn store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes() {
 
     // PostgreSQL -> SQLite: the same rows, byte for byte.
     let back = dir.path().join("back.db");
-    let (code, out) = cli(
-        &config,
-        &[
-            "store",
-            "copy",
-            "--from",
-            &url,
-            "--to",
-            back.to_str().unwrap(),
-        ],
-    );
+    let (code, out) = store_copy(&config, &url, back.to_str().unwrap());
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(verified_line(&out), forth, "same checksums both ways");
 
@@ -270,17 +260,7 @@ async fn store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes() {
     ))
     .unwrap();
     drop(c);
-    let (code, out) = cli(
-        &config,
-        &[
-            "store",
-            "copy",
-            "--from",
-            &url,
-            "--to",
-            back.to_str().unwrap(),
-        ],
-    );
+    let (code, out) = store_copy(&config, &url, back.to_str().unwrap());
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains(&format!("resumed after account {}", ids[19])),
@@ -291,28 +271,11 @@ async fn store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes() {
 
     // A destination holding other accounts is refused, and so is a source being refreshed.
     let foreign = dir.path().join("foreign.db");
-    let f = Store::open(StoreOptions {
-        path: foreign.clone(),
-        busy_timeout: Duration::from_secs(5),
-        keyring: keyring.clone(),
-        postgres: None,
-    })
-    .await
-    .unwrap();
+    let f = open_sealed_sqlite(&foreign, &keyring).await;
     import_one(&f, &sandbox, "someone-else").await;
     f.close().await;
     drop(f);
-    let (code, out) = cli(
-        &config,
-        &[
-            "store",
-            "copy",
-            "--from",
-            sqlite.to_str().unwrap(),
-            "--to",
-            foreign.to_str().unwrap(),
-        ],
-    );
+    let (code, out) = store_copy(&config, sqlite.to_str().unwrap(), foreign.to_str().unwrap());
     assert_ne!(code, Some(0));
     assert!(out.contains("copy into an empty store"), "{out}");
     let c = rusqlite::Connection::open(&sqlite).unwrap();
@@ -323,32 +286,12 @@ async fn store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes() {
     .unwrap();
     drop(c);
     let other = dir.path().join("other.db");
-    let (code, out) = cli(
-        &config,
-        &[
-            "store",
-            "copy",
-            "--from",
-            sqlite.to_str().unwrap(),
-            "--to",
-            other.to_str().unwrap(),
-        ],
-    );
+    let (code, out) = store_copy(&config, sqlite.to_str().unwrap(), other.to_str().unwrap());
     assert_ne!(code, Some(0));
     assert!(out.contains("being refreshed right now"), "{out}");
     // Rotations waiting in the source's recovery file must be committed first.
     std::fs::write(refreshd::store::recovery_path(&sqlite), "").unwrap();
-    let (code, out) = cli(
-        &config,
-        &[
-            "store",
-            "copy",
-            "--from",
-            sqlite.to_str().unwrap(),
-            "--to",
-            other.to_str().unwrap(),
-        ],
-    );
+    let (code, out) = store_copy(&config, sqlite.to_str().unwrap(), other.to_str().unwrap());
     assert_ne!(code, Some(0));
     assert!(out.contains("not yet committed"), "{out}");
 }

@@ -1,6 +1,7 @@
 //! PostgreSQL: real `refreshd run` replicas sharing one database, connection loss, and
 //! `store copy` between the backends, on the test binary's throwaway PostgreSQL cluster
-//! (refreshd-testkit; `REFRESHD_TEST_POSTGRES_URL` names another server).
+//! (refreshd-testkit; `REFRESHD_TEST_POSTGRES_URL` names another server). This file holds the
+//! shared set-up: a fresh schema's URL, store options and imported accounts.
 
 use refreshd::clock::Clock;
 use refreshd::model::{Status, TokenSet};
@@ -52,6 +53,11 @@ fn pg_store_options(url: &str, dir: &Path) -> StoreOptions {
             pool_size: 4,
         }),
     }
+}
+
+/// Opens the store on `url` (recovery file and keys under `dir`).
+async fn open_pg(url: &str, dir: &Path) -> Store {
+    Store::open(pg_store_options(url, dir)).await.unwrap()
 }
 
 fn now() -> i64 {

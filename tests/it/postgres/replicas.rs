@@ -1,11 +1,10 @@
 //! `refreshd run` replicas sharing one PostgreSQL database: they share the work, pick up a
 //! killed one's leases, and connect one new user at once without a conflict.
 
-use super::{import, new_account, now, pg_store_options, postgres_url, raw};
+use super::{import, new_account, now, open_pg, postgres_url, raw};
 use crate::helpers::{CLIENT_KEY, CLIENT_SECRET, bin, eventually};
 use refreshd::clock::Clock;
 use refreshd::sandbox::{Sandbox, SandboxConfig};
-use refreshd::store::Store;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -106,9 +105,7 @@ async fn four_replicas_share_the_work_and_pick_up_a_killed_ones_leases() {
     .await
     .unwrap();
     const N: usize = 120;
-    let store = Store::open(pg_store_options(&url, dir.path()))
-        .await
-        .unwrap();
+    let store = open_pg(&url, dir.path()).await;
     let ids = import(&store, &sandbox, N).await;
     assert_eq!(ids.len(), N);
 
@@ -282,12 +279,8 @@ async fn two_replicas_connecting_one_new_user_at_once_both_succeed() {
         return;
     };
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Store::open(pg_store_options(&url, d1.path()))
-        .await
-        .unwrap();
-    let b = Store::open(pg_store_options(&url, d2.path()))
-        .await
-        .unwrap();
+    let a = open_pg(&url, d1.path()).await;
+    let b = open_pg(&url, d2.path()).await;
     let t = now();
     for i in 0..30 {
         let s = format!("race-{i}");

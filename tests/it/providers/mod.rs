@@ -1,10 +1,10 @@
-//! Built-in provider profiles against wiremock on loopback: the exact request each one sends
-//! (method, path, client auth, parameters) and how each documented answer is classified
-//! (fixtures shaped as docs/src/providers/ describes); then the engine with several providers at once: independent
-//! rate limits and failure counters, one provider's outage never delaying another, and
-//! re-authorization by each profile's refresh-token TTL rule.
+//! Provider profiles against wiremock on loopback: the exact request each built-in profile
+//! sends and how each documented answer is classified (fixtures shaped as docs/src/providers/
+//! describes), the generic profile, connect's identification of the user, and the engine with
+//! several providers at once. This file holds the shared set-up: configs with providers on a
+//! wiremock server and the exact-request matcher.
 
-use crate::helpers::{self};
+use crate::helpers;
 use refreshd::config::Config;
 use refreshd::provider::profile::Profile;
 use refreshd::store::Store;

@@ -6,7 +6,6 @@ use crate::helpers::{self, T0, account, init_logs};
 use refreshd::clock::Clock;
 use refreshd::config::Config;
 use refreshd::engine::{Engine, Settings};
-use refreshd::lifecycle::{self, RunOptions};
 use refreshd::model::{ReauthReason, Status};
 use refreshd::store::Store;
 use secrecy::ExposeSecret;
@@ -250,16 +249,7 @@ async fn reauth_follows_each_profiles_ttl_rule() {
     store.close().await;
 
     let clock = Clock::manual(T0 + 3300);
-    let report = lifecycle::run(
-        config.clone(),
-        RunOptions {
-            once: true,
-            ..RunOptions::new(clock.clone())
-        },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("run --once");
+    let report = helpers::run_once(&config, clock.clone()).await;
     let now = T0 + 3300;
     let store = open_store(&db).await;
 

@@ -1,7 +1,7 @@
 //! The ops server, driven through `lifecycle::run` (the daemon in this process) with the
-//! manual clock, the sandbox provider and a real SQLite file: health and readiness (also of a
-//! stalled loop), metrics after refreshes, the token API and its bearer secret, and the web
-//! connect flow end to end (the test plays the browser).
+//! manual clock, the sandbox provider and a real SQLite file: health, readiness and metrics,
+//! the token API, the web connect flow end to end (the test plays the browser) and slow
+//! clients. This file holds the shared set-up: the running `Daemon` and the browser's `Web`.
 
 use crate::helpers::{self, TestApp};
 use refreshd::config::Config;
