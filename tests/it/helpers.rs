@@ -307,7 +307,7 @@ pub fn hmac_sha256_hex(key: &str, message: &[u8]) -> String {
         .collect()
 }
 
-// ---- Set-up shared across test folders (engine/, providers/) ----
+// ---- Set-up shared across the test folders (engine/, providers/, cli/, postgres/) ----
 
 /// `refreshd run --once` with `config` at `clock`'s current time: refreshes everything due,
 /// sweeps, and closes its store.
@@ -322,4 +322,10 @@ pub async fn run_once(config: &Config, clock: Clock) -> refreshd::lifecycle::Run
     )
     .await
     .expect("run --once")
+}
+
+/// The system clock's unix second: for tests that run the real binary, which has no manual
+/// clock.
+pub fn now() -> i64 {
+    Clock::system().now()
 }

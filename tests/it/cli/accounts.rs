@@ -1,6 +1,7 @@
 //! `accounts list/show/refresh/remove` against a real database.
 
-use super::{World, id_of, now, subjects};
+use super::{World, id_of, subjects};
+use crate::helpers::now;
 use serde_json::Value;
 use std::time::Duration;
 

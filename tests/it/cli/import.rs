@@ -1,7 +1,8 @@
 //! `accounts import` from the binary: all or nothing with line numbers (also past the first
 //! batch), and logs and a JSON summary as configured.
 
-use super::{DUE, World, now, subjects};
+use super::{DUE, World, subjects};
+use crate::helpers::now;
 use serde_json::Value;
 use std::time::Duration;
 

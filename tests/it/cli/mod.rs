@@ -4,7 +4,7 @@
 //! the past) so nothing waits for real time to pass. This file holds the shared set-up: the
 //! `World` (temp dir, config, sandbox), the running `Daemon` and reading what they print.
 
-use crate::helpers::{self, Out};
+use crate::helpers::{self, Out, now};
 use refreshd::clock::Clock;
 use refreshd::sandbox::{Sandbox, SandboxConfig};
 use refreshd::store::{Store, StoreOptions};
@@ -35,10 +35,6 @@ impl Out {
         assert_eq!(self.code, Some(0), "expected success: {self:#?}");
         self
     }
-}
-
-fn now() -> i64 {
-    Clock::system().now()
 }
 
 /// A temp dir with a config file and a database path, and a sandbox on the system clock.

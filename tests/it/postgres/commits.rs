@@ -1,10 +1,10 @@
 //! What PostgreSQL refuses or must hold at once: a rotation refused for good is quarantined,
 //! and a large import is one transaction.
 
-use super::{new_account, now, open_pg, postgres_url, tokens};
-use crate::helpers::eventually;
-use refreshd::model::{Status, TokenSet};
-use refreshd::store::{NewAccount, Outcome, Recorded};
+use super::{new_account, open_pg, postgres_url, rotated_a_second_later, tokens};
+use crate::helpers::{eventually, now};
+use refreshd::model::TokenSet;
+use refreshd::store::{NewAccount, Recorded};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -33,20 +33,14 @@ async fn a_rotation_the_database_refuses_for_good_is_quarantined_not_a_poison() 
         .unwrap();
     let a = claimed.iter().find(|a| a.id == ids[0]).unwrap();
     // PostgreSQL text cannot hold a NUL: this rotation can never be stored.
-    let bad = Outcome::Rotated {
-        account_id: a.id,
-        generation: a.generation,
-        tokens: TokenSet {
+    let bad = rotated_a_second_later(
+        a,
+        TokenSet {
             scope: Some("user\u{0}info".into()),
             ..tokens("at-new", "rt-new")
         },
-        at: t + 1,
-        next_refresh_at: t + 3000,
-        status: Status::Active,
-        reauth_reason: None,
-        http_status: Some(200),
-        duration_ms: 5,
-    };
+        t,
+    );
     assert_eq!(store.record(bad).await.unwrap(), Recorded::Deferred);
     assert_eq!(store.pending_rotations(), vec![a.id]);
     // While its rotation waits in the recovery file, the account is never claimed again

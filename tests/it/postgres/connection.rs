@@ -1,12 +1,11 @@
 //! The connection to PostgreSQL: a lost one is transient with no outcome half written, and
 //! `sslmode=require` speaks TLS and checks the certificate.
 
-use super::{import, now, open_pg, pg_store_options, postgres_url, raw, tokens};
-use crate::helpers::eventually;
+use super::{import, open_pg, pg_store_options, postgres_url, raw, rotated_a_second_later, tokens};
+use crate::helpers::{eventually, now};
 use refreshd::clock::Clock;
-use refreshd::model::Status;
 use refreshd::sandbox::{Sandbox, SandboxConfig};
-use refreshd::store::{Outcome, Recorded, Store};
+use refreshd::store::{Recorded, Store};
 use secrecy::ExposeSecret;
 use std::time::Duration;
 
@@ -51,17 +50,11 @@ async fn a_lost_connection_is_transient_and_no_outcome_is_half_written() {
     let mut transient_errors = 0;
     let mut recorded = Vec::new();
     for a in &claimed {
-        let outcome = Outcome::Rotated {
-            account_id: a.id,
-            generation: a.generation,
-            tokens: tokens(format!("at-new-{}", a.id), format!("rt-new-{}", a.id)),
-            at: t + 1,
-            next_refresh_at: t + 3000,
-            status: Status::Active,
-            reauth_reason: None,
-            http_status: Some(200),
-            duration_ms: 5,
-        };
+        let outcome = rotated_a_second_later(
+            a,
+            tokens(format!("at-new-{}", a.id), format!("rt-new-{}", a.id)),
+            t,
+        );
         match store.record(outcome).await {
             Ok(r) => recorded.push(r),
             Err(e) => {

@@ -1,7 +1,7 @@
 //! `store copy` between SQLite and PostgreSQL: sealed accounts and history both ways, resumed.
 
-use super::{import, now, pg_store_options, postgres_url, tokens};
-use crate::helpers::bin;
+use super::{import, pg_store_options, postgres_url, tokens};
+use crate::helpers::{bin, now};
 use refreshd::clock::Clock;
 use refreshd::model::Status;
 use refreshd::sandbox::{Sandbox, SandboxConfig};

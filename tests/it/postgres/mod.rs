@@ -3,10 +3,10 @@
 //! (refreshd-testkit; `REFRESHD_TEST_POSTGRES_URL` names another server). This file holds the
 //! shared set-up: a fresh schema's URL, store options and imported accounts.
 
-use refreshd::clock::Clock;
-use refreshd::model::{Status, TokenSet};
+use crate::helpers::now;
+use refreshd::model::{Account, Status, TokenSet};
 use refreshd::sandbox::Sandbox;
-use refreshd::store::{NewAccount, PgOptions, Store, StoreOptions};
+use refreshd::store::{NewAccount, Outcome, PgOptions, Store, StoreOptions};
 use secrecy::SecretString;
 use std::path::Path;
 use std::time::Duration;
@@ -60,8 +60,20 @@ async fn open_pg(url: &str, dir: &Path) -> Store {
     Store::open(pg_store_options(url, dir)).await.unwrap()
 }
 
-fn now() -> i64 {
-    Clock::system().now()
+/// A successful rotation of the claimed account `a` to `tokens`, answered a second after `t`
+/// and due again 3,000 s after `t`.
+fn rotated_a_second_later(a: &Account, tokens: TokenSet, t: i64) -> Outcome {
+    Outcome::Rotated {
+        account_id: a.id,
+        generation: a.generation,
+        tokens,
+        at: t + 1,
+        next_refresh_at: t + 3000,
+        status: Status::Active,
+        reauth_reason: None,
+        http_status: Some(200),
+        duration_ms: 5,
+    }
 }
 
 /// Imports fresh sandbox grants for `n` users, due now.

@@ -1,8 +1,8 @@
 //! `refreshd run` replicas sharing one PostgreSQL database: they share the work, pick up a
 //! killed one's leases, and connect one new user at once without a conflict.
 
-use super::{import, new_account, now, open_pg, postgres_url, raw};
-use crate::helpers::{CLIENT_KEY, CLIENT_SECRET, bin, eventually};
+use super::{import, new_account, open_pg, postgres_url, raw};
+use crate::helpers::{CLIENT_KEY, CLIENT_SECRET, bin, eventually, now};
 use refreshd::clock::Clock;
 use refreshd::sandbox::{Sandbox, SandboxConfig};
 use serde_json::Value;
