@@ -49,10 +49,11 @@ struct ReasonLabels {
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// The commit this binary was built from: `REFRESHD_GIT_COMMIT` at build time (the
-/// packager's, e.g. `git rev-parse HEAD`), else "unknown". Nothing is fetched at build time.
+/// packager's, e.g. `git rev-parse HEAD`; deploy/Dockerfile takes it as a build argument),
+/// else "unknown". Nothing is fetched at build time.
 pub const BUILD_COMMIT: &str = match option_env!("REFRESHD_GIT_COMMIT") {
-    Some(c) => c,
-    None => "unknown",
+    Some(c) if !c.is_empty() => c,
+    _ => "unknown",
 };
 
 fn latency_histogram() -> Histogram {
@@ -480,5 +481,49 @@ impl ProcessMetrics {
         self.open_fds.set(as_i64(s.open_fds));
         self.max_fds.set(s.max_fds.map_or(-1, as_i64));
         self.start_time.set(as_i64(s.start_time_seconds));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(m: &Metrics) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_stored_rotation_sets_its_timestamps_and_a_failed_record_does_not() {
+        let m = Metrics::new();
+        m.refresh("tiktok", "rotated", Some(0.2), 1_700_000_000);
+        m.refresh("tiktok", "transient", Some(0.1), 1_700_000_100);
+        let text = encoded(&m);
+        assert!(
+            text.contains(
+                "refreshd_last_rotation_timestamp_seconds{provider=\"tiktok\"} 1700000000\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("refreshd_store_last_commit_timestamp_seconds 1700000100\n"),
+            "{text}"
+        );
+        m.refresh("tiktok", "record_failed", Some(0.1), 1_700_000_200);
+        assert!(
+            encoded(&m).contains("refreshd_store_last_commit_timestamp_seconds 1700000100\n"),
+            "a refused commit is no commit"
+        );
+    }
+
+    #[test]
+    fn build_info_names_the_version_and_commit() {
+        let text = encoded(&Metrics::new());
+        let line = format!(
+            "refreshd_build_info{{version=\"{}\",commit=\"{BUILD_COMMIT}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&line), "{text}");
     }
 }
