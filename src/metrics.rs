@@ -1,6 +1,8 @@
-//! Prometheus metrics: counters and histograms the engine updates as it works, and gauges
-//! read from the store when `/metrics` is scraped (cached briefly, so a scrape storm cannot
-//! load the database).
+//! Prometheus metrics: counters and histograms the engine updates as it works, gauges read
+//! from the store when `/metrics` is scraped (cached briefly, so a scrape storm cannot load
+//! the database), the build's identity, and the process's own resource use (`process`).
+
+mod process;
 
 use crate::store::{Store, StoreError};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -33,12 +35,26 @@ struct StatusLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    commit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     provider: String,
     reason: String,
 }
 
 type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// The commit this binary was built from: `REFRESHD_GIT_COMMIT` at build time (the
+/// packager's, e.g. `git rev-parse HEAD`; deploy/Dockerfile takes it as a build argument),
+/// else "unknown". Nothing is fetched at build time.
+pub const BUILD_COMMIT: &str = match option_env!("REFRESHD_GIT_COMMIT") {
+    Some(c) if !c.is_empty() => c,
+    _ => "unknown",
+};
 
 fn latency_histogram() -> Histogram {
     // 5 ms .. ~20 s
@@ -59,6 +75,13 @@ pub struct Metrics {
     access_expired: Family<ProviderLabel, Gauge>,
     refresh_expiry: Family<ProviderLabel, FloatGauge>,
     last_pass_age: FloatGauge,
+    last_pass_at: Gauge,
+    last_rotation_at: Family<ProviderLabel, Gauge>,
+    last_commit_at: Gauge,
+    next_due_at: Gauge,
+    refresh_expiry_at: Family<ProviderLabel, Gauge>,
+    pending_rotations: Gauge,
+    process: ProcessMetrics,
     /// Clock second of the last store read, so scrapes share it.
     gauges_read_at: Mutex<Option<i64>>,
 }
@@ -155,6 +178,59 @@ impl Metrics {
             Unit::Seconds,
             last_pass_age.clone(),
         );
+        let last_pass_at = Gauge::default();
+        registry.register_with_unit(
+            "engine_last_pass_timestamp",
+            "When the refresh loop last completed a look at the store (Unix time)",
+            Unit::Seconds,
+            last_pass_at.clone(),
+        );
+        let last_rotation_at = Family::<ProviderLabel, Gauge>::default();
+        registry.register_with_unit(
+            "last_rotation_timestamp",
+            "When a refresh of this provider last succeeded and was stored (Unix time)",
+            Unit::Seconds,
+            last_rotation_at.clone(),
+        );
+        let last_commit_at = Gauge::default();
+        registry.register_with_unit(
+            "store_last_commit_timestamp",
+            "When the store last committed a refresh outcome (Unix time; 0: none since start)",
+            Unit::Seconds,
+            last_commit_at.clone(),
+        );
+        let next_due_at = Gauge::default();
+        registry.register_with_unit(
+            "next_refresh_timestamp",
+            "When the soonest refreshable account is due (Unix time; 0: none)",
+            Unit::Seconds,
+            next_due_at.clone(),
+        );
+        let refresh_expiry_at = Family::<ProviderLabel, Gauge>::default();
+        registry.register_with_unit(
+            "refresh_token_soonest_expiry_timestamp",
+            "When the soonest refresh token among refreshable accounts ends, per provider (Unix time)",
+            Unit::Seconds,
+            refresh_expiry_at.clone(),
+        );
+        let pending_rotations = Gauge::default();
+        registry.register(
+            "store_pending_rotations",
+            "Rotated tokens this process holds only in its recovery file or memory, not yet committed to the database",
+            pending_rotations.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "Always 1; the labels say which version and commit is running",
+            build.clone(),
+        );
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                commit: BUILD_COMMIT.to_string(),
+            })
+            .set(1);
         Metrics {
             registry,
             refreshes,
@@ -169,6 +245,13 @@ impl Metrics {
             access_expired,
             refresh_expiry,
             last_pass_age,
+            last_pass_at,
+            last_rotation_at,
+            last_commit_at,
+            next_due_at,
+            refresh_expiry_at,
+            pending_rotations,
+            process: ProcessMetrics::new(),
             gauges_read_at: Mutex::new(None),
         }
     }
@@ -179,8 +262,9 @@ impl Metrics {
         }
     }
 
-    /// One finished refresh attempt. `duration_secs` is None when no request was sent.
-    pub fn refresh(&self, provider: &str, outcome: &str, duration_secs: Option<f64>) {
+    /// One finished refresh attempt, its outcome stored at `now` (unless `record_failed`).
+    /// `duration_secs` is None when no request was sent.
+    pub fn refresh(&self, provider: &str, outcome: &str, duration_secs: Option<f64>, now: i64) {
         self.refreshes
             .get_or_create(&OutcomeLabels {
                 provider: provider.to_string(),
@@ -204,6 +288,14 @@ impl Metrics {
             }
             _ => {}
         }
+        if outcome == "rotated" {
+            self.last_rotation_at
+                .get_or_create(&Self::provider(provider))
+                .set(now);
+        }
+        if outcome != "record_failed" {
+            self.last_commit_at.set(now);
+        }
     }
 
     /// Gives each configured provider its per-provider series at 0, so an alert on them sees
@@ -214,6 +306,7 @@ impl Metrics {
             let _ = self.provider_rejecting.get_or_create(&label);
             let _ = self.circuit_open.get_or_create(&label);
             let _ = self.parked_past_expiry.get_or_create(&label);
+            let _ = self.last_rotation_at.get_or_create(&label);
         }
     }
 
@@ -288,17 +381,149 @@ impl Metrics {
                     .set(n);
             }
             self.refresh_expiry.clear();
+            self.refresh_expiry_at.clear();
             for (provider, at) in g.soonest_refresh_expiry {
+                let label = Self::provider(&provider);
                 self.refresh_expiry
-                    .get_or_create(&Self::provider(&provider))
+                    .get_or_create(&label)
                     .set((at - now) as f64);
+                self.refresh_expiry_at.get_or_create(&label).set(at);
             }
+            let next = store.next_due_except(now, Vec::new()).await?;
+            self.next_due_at.set(next.unwrap_or(0));
             *self.gauges_read_at.lock().expect("not poisoned") = Some(now);
         }
         self.last_pass_age.set((now - last_pass).max(0) as f64);
+        self.last_pass_at.set(last_pass);
+        self.pending_rotations
+            .set((store.pending_rotations().len() + store.volatile_rotations().len()) as i64);
+        self.process.update();
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+        encode_registry(&mut out, &self.registry)
+            .and_then(|()| encode_registry(&mut out, &self.process.registry))
+            .and_then(|()| encode_eof(&mut out))
             .expect("writing to a String cannot fail");
         Ok(out)
+    }
+}
+
+/// The `process_*` metrics (unprefixed, as every exporter names them), set from a fresh
+/// /proc reading at each scrape. Where there is no /proc, nothing is registered.
+struct ProcessMetrics {
+    registry: Registry,
+    cpu: Counter<f64, AtomicU64>,
+    resident: Gauge,
+    virtual_memory: Gauge,
+    open_fds: Gauge,
+    max_fds: Gauge,
+    start_time: Gauge,
+}
+
+impl ProcessMetrics {
+    fn new() -> ProcessMetrics {
+        let mut registry = Registry::with_prefix("process");
+        let m = ProcessMetrics {
+            registry: Registry::default(),
+            cpu: Counter::default(),
+            resident: Gauge::default(),
+            virtual_memory: Gauge::default(),
+            open_fds: Gauge::default(),
+            max_fds: Gauge::default(),
+            start_time: Gauge::default(),
+        };
+        if process::sample().is_none() {
+            return m;
+        }
+        registry.register_with_unit(
+            "cpu",
+            "User and system CPU time spent by the process",
+            Unit::Seconds,
+            m.cpu.clone(),
+        );
+        registry.register_with_unit(
+            "resident_memory",
+            "Resident memory size",
+            Unit::Bytes,
+            m.resident.clone(),
+        );
+        registry.register_with_unit(
+            "virtual_memory",
+            "Virtual memory size",
+            Unit::Bytes,
+            m.virtual_memory.clone(),
+        );
+        registry.register("open_fds", "Open file descriptors", m.open_fds.clone());
+        registry.register(
+            "max_fds",
+            "Soft limit of open file descriptors (-1: unlimited)",
+            m.max_fds.clone(),
+        );
+        registry.register_with_unit(
+            "start_time",
+            "When the process started (Unix time)",
+            Unit::Seconds,
+            m.start_time.clone(),
+        );
+        ProcessMetrics { registry, ..m }
+    }
+
+    fn update(&self) {
+        let Some(s) = process::sample() else { return };
+        // The counter only goes up: add what the kernel counted since the last scrape.
+        let delta = s.cpu_seconds - self.cpu.get();
+        if delta > 0.0 {
+            self.cpu.inc_by(delta);
+        }
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.resident.set(as_i64(s.resident_memory_bytes));
+        self.virtual_memory.set(as_i64(s.virtual_memory_bytes));
+        self.open_fds.set(as_i64(s.open_fds));
+        self.max_fds.set(s.max_fds.map_or(-1, as_i64));
+        self.start_time.set(as_i64(s.start_time_seconds));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(m: &Metrics) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_stored_rotation_sets_its_timestamps_and_a_failed_record_does_not() {
+        let m = Metrics::new();
+        m.refresh("tiktok", "rotated", Some(0.2), 1_700_000_000);
+        m.refresh("tiktok", "transient", Some(0.1), 1_700_000_100);
+        let text = encoded(&m);
+        assert!(
+            text.contains(
+                "refreshd_last_rotation_timestamp_seconds{provider=\"tiktok\"} 1700000000\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("refreshd_store_last_commit_timestamp_seconds 1700000100\n"),
+            "{text}"
+        );
+        m.refresh("tiktok", "record_failed", Some(0.1), 1_700_000_200);
+        assert!(
+            encoded(&m).contains("refreshd_store_last_commit_timestamp_seconds 1700000100\n"),
+            "a refused commit is no commit"
+        );
+    }
+
+    #[test]
+    fn build_info_names_the_version_and_commit() {
+        let text = encoded(&Metrics::new());
+        let line = format!(
+            "refreshd_build_info{{version=\"{}\",commit=\"{BUILD_COMMIT}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&line), "{text}");
     }
 }

@@ -34,7 +34,10 @@ impl Engine {
             c.fetch_add(1, Ordering::Relaxed);
         };
         let sent = (duration_ms > 0).then(|| duration_ms as f64 / 1000.0);
-        let metric = |outcome: &str| self.metrics.refresh(provider, outcome, sent);
+        let metric = |outcome: &str| {
+            self.metrics
+                .refresh(provider, outcome, sent, self.clock.now())
+        };
         let recorded = match recorded {
             Ok(r) => r,
             Err(e) => {

@@ -4,16 +4,10 @@
 //! the keys the code and config/refreshd.toml know; the metrics reference lists exactly the
 //! metrics a running daemon serves; every log event the code emits is documented.
 
-use crate::helpers::{self, TestApp};
+use crate::helpers;
 use refreshd::config::Config;
-use refreshd::engine::Engine;
-use refreshd::lifecycle::{self, RunOptions};
-use refreshd::sandbox::SandboxConfig;
-use refreshd::store::Store;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
-use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 const README_BUDGET: usize = 12_000;
 /// The documents at the top of the repository; the book's pages are under docs/src.
@@ -565,68 +559,14 @@ fn documented_metrics() -> BTreeSet<String> {
         .lines()
         .filter_map(|l| l.strip_prefix("| `"))
         .filter_map(|l| l.split('`').next())
-        .filter(|m| m.starts_with("refreshd_"))
+        .filter(|m| m.starts_with("refreshd_") || m.starts_with("process_"))
         .map(str::to_string)
         .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_reference_lists_every_metric_the_daemon_serves() {
-    let app = TestApp::start(SandboxConfig::default()).await;
-    let config = app.config("\n[server]\nlisten = \"127.0.0.1:0\"\n");
-    let store = app.store().await;
-    let ids = app
-        .import(&store, &config, &["u1", "u2", "gone"], None)
-        .await;
-    let mut due = i64::MAX;
-    for &id in &ids {
-        due = due.min(store.get(id).await.unwrap().unwrap().next_refresh_at);
-    }
-    store.close().await;
-    app.sandbox.revoke("gone");
-
-    let shutdown = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let opts = RunOptions {
-        on_ready: Some(Box::new(move |_: &Store, engine: &Engine, addr| {
-            let _ = tx.send((engine.clone(), addr));
-        })),
-        ..RunOptions::new(app.clock.clone())
-    };
-    let task = tokio::spawn(lifecycle::run(config, opts, shutdown.clone()));
-    let (engine, addr) = tokio::time::timeout(Duration::from_secs(10), rx)
-        .await
-        .expect("daemon ready in time")
-        .expect("daemon started");
-    let addr = addr.expect("the ops server listens");
-    // Two rotations and one flag, so that every labelled family has a series (a family
-    // without one is not served at all).
-    app.clock.set(due + 60);
-    engine.waker().notify_one();
-    assert!(
-        helpers::eventually(10, || async {
-            let s = engine.stats().snapshot();
-            s.rotated == 2 && s.flagged == 1
-        })
-        .await,
-        "the accounts were refreshed"
-    );
-    // Store gauges are cached for 10 s of the clock: step past it.
-    app.clock.advance(Duration::from_secs(11));
-    let scrape = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .unwrap();
-    shutdown.cancel();
-    task.await.unwrap().expect("clean stop");
-
+    let scrape = helpers::scrape_after_refreshes().await;
     let served = served_metrics(&scrape);
     assert!(served.len() >= 5, "a real scrape: {scrape}");
     let documented = documented_metrics();

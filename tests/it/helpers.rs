@@ -329,3 +329,66 @@ pub async fn run_once(config: &Config, clock: Clock) -> refreshd::lifecycle::Run
 pub fn now() -> i64 {
     Clock::system().now()
 }
+
+/// Starts a daemon (the library, ops server on loopback) against a fresh sandbox, lets it
+/// rotate two accounts and flag a third, so that every labelled metric family has a series,
+/// and returns one scrape of its `/metrics`.
+pub async fn scrape_after_refreshes() -> String {
+    use refreshd::engine::Engine;
+    use refreshd::lifecycle::{self, RunOptions};
+    use tokio_util::sync::CancellationToken;
+
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = app.config("\n[server]\nlisten = \"127.0.0.1:0\"\n");
+    let store = app.store().await;
+    let ids = app
+        .import(&store, &config, &["u1", "u2", "gone"], None)
+        .await;
+    let mut due = i64::MAX;
+    for &id in &ids {
+        due = due.min(store.get(id).await.unwrap().unwrap().next_refresh_at);
+    }
+    store.close().await;
+    app.sandbox.revoke("gone");
+
+    let shutdown = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let opts = RunOptions {
+        on_ready: Some(Box::new(move |_: &Store, engine: &Engine, addr| {
+            let _ = tx.send((engine.clone(), addr));
+        })),
+        ..RunOptions::new(app.clock.clone())
+    };
+    let task = tokio::spawn(lifecycle::run(config, opts, shutdown.clone()));
+    let (engine, addr) = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("daemon ready in time")
+        .expect("daemon started");
+    let addr = addr.expect("the ops server listens");
+    app.clock.set(due + 60);
+    engine.waker().notify_one();
+    assert!(
+        eventually(10, || async {
+            let s = engine.stats().snapshot();
+            s.rotated == 2 && s.flagged == 1
+        })
+        .await,
+        "the accounts were refreshed"
+    );
+    // Store gauges are cached for 10 s of the clock: step past it.
+    app.clock.advance(Duration::from_secs(11));
+    let scrape = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .unwrap();
+    shutdown.cancel();
+    task.await.unwrap().expect("clean stop");
+    scrape
+}

@@ -10,6 +10,7 @@ mod chaos_row;
 mod chaos_store;
 mod cli;
 mod connect;
+mod dashboards;
 mod deploy;
 mod docker;
 mod docs;
