@@ -207,9 +207,13 @@ impl Engine {
             Recovery::Failures(n) => (n, None),
             Recovery::Flag(r) => (account.failures, Some(r.as_str())),
         };
-        tracing::info!(event = "account_recovered", account = account.id, provider = %account.provider,
-            subject = %account.subject, failures, reason = reason.unwrap_or(""),
-            "account {} ({}/{}) refreshes fine again", account.id, account.provider, account.subject);
+        telemetry::account_recovered(
+            account.id,
+            &account.provider,
+            &account.subject,
+            failures,
+            reason,
+        );
         self.events.emit(Event::Recovered {
             account_id: account.id,
             provider: account.provider.clone(),

@@ -322,6 +322,7 @@ async fn refreshd_cli(config: &std::path::Path, args: &[&str]) -> helpers::Out {
         }
     }
     cmd.env("REFRESHD_LOG__FORMAT", "json")
+        .env("RUST_LOG", "info")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
@@ -590,4 +591,80 @@ async fn accounts_flagged_at_import_are_announced_once_by_event_webhook_and_metr
         store.get(ending_id).await.unwrap().unwrap().status,
         Status::Expiring
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flagged_account_reconnected_from_the_command_line_is_announced_recovered() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let server = receiver().await;
+    let secret_file = app.dir.path().join("webhook-secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let extra = format!(
+        "authorize_url = {:?}\nredirect_uri = \"http://127.0.0.1:9/callback\"\nscopes = [\"user.info.basic\"]\n{}",
+        app.sandbox.authorize_url(),
+        webhook_toml(&server, &secret_file)
+    );
+    let (config, config_file) = (app.config(&extra), app.config_path(&extra));
+    let store = app.store().await;
+    let id = app.import(&store, &config, &["back"], None).await[0];
+    let a = store.get(id).await.unwrap().unwrap();
+    store
+        .record(refreshd::store::Outcome::Rejected {
+            account_id: id,
+            generation: a.generation,
+            reason: refreshd::model::ReauthReason::InvalidGrant,
+            at: helpers::T0,
+            error: "invalid_grant: revoked".into(),
+            http_status: Some(400),
+            duration_ms: 1,
+        })
+        .await
+        .unwrap();
+    store.close().await;
+
+    // The user logs in again: the code read off the sandbox's redirect, exchanged by hand.
+    app.sandbox
+        .set_consent(refreshd::sandbox::Consent::Approve {
+            open_id: "back".into(),
+            grant_scopes: None,
+        });
+    let out = refreshd_cli(&config_file, &["authorize-url", "tiktok"]).await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(out.stdout.trim())
+        .send()
+        .await
+        .unwrap();
+    let location = url::Url::parse(resp.headers()["location"].to_str().unwrap()).unwrap();
+    let code = location
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .map(|(_, v)| v.into_owned())
+        .expect("a code");
+    let out = refreshd_cli(
+        &config_file,
+        &[
+            "exchange",
+            "tiktok",
+            "--code",
+            &code,
+            "--account",
+            &id.to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stderr.contains("\"event\":\"account_recovered\""),
+        "{out:#?}"
+    );
+    let hooks = bodies(&server).await;
+    assert_eq!(hooks.len(), 1, "{hooks:?}");
+    assert_eq!(hooks[0]["event"], "account_recovered");
+    assert_eq!(hooks[0]["account_id"], id);
+    assert_eq!(hooks[0]["subject"], "back");
 }
