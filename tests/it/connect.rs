@@ -318,22 +318,7 @@ async fn authorize_url_then_exchange() {
     assert_eq!(out.code, Some(0), "{out:#?}");
     assert!(out.stderr.contains("state: "), "{out:#?}");
     // The browser, without following the redirect: read the code off the Location.
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-        .get(out.stdout.trim())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 302);
-    let loc = url::Url::parse(resp.headers()["location"].to_str().unwrap()).unwrap();
-    let code = loc
-        .query_pairs()
-        .find(|(k, _)| k == "code")
-        .map(|(_, v)| v.into_owned())
-        .unwrap();
+    let code = helpers::authorization_code(out.stdout.trim()).await;
     let out = w
         .cli(&["exchange", "tiktok", "--code", &code, "--label", "manual"])
         .await;

@@ -630,21 +630,7 @@ async fn a_flagged_account_reconnected_from_the_command_line_is_announced_recove
         });
     let out = refreshd_cli(&config_file, &["authorize-url", "tiktok"]).await;
     assert_eq!(out.code, Some(0), "{out:#?}");
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-        .get(out.stdout.trim())
-        .send()
-        .await
-        .unwrap();
-    let location = url::Url::parse(resp.headers()["location"].to_str().unwrap()).unwrap();
-    let code = location
-        .query_pairs()
-        .find(|(k, _)| k == "code")
-        .map(|(_, v)| v.into_owned())
-        .expect("a code");
+    let code = helpers::authorization_code(out.stdout.trim()).await;
     let out = refreshd_cli(
         &config_file,
         &[
