@@ -327,3 +327,20 @@ pub async fn authorization_code(authorize_url: &str) -> String {
         .map(|(_, v)| v.into_owned())
         .expect("a code in the redirect")
 }
+
+/// Flags account `id` `needs_reauth` (`invalid_grant`) the way a rejected refresh does.
+pub async fn flag_invalid_grant(store: &Store, id: i64) {
+    let a = store.get(id).await.unwrap().expect("the account");
+    store
+        .record(refreshd::store::Outcome::Rejected {
+            account_id: id,
+            generation: a.generation,
+            reason: refreshd::model::ReauthReason::InvalidGrant,
+            at: T0,
+            error: "invalid_grant: revoked".into(),
+            http_status: Some(400),
+            duration_ms: 1,
+        })
+        .await
+        .unwrap();
+}

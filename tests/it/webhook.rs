@@ -607,19 +607,7 @@ async fn a_flagged_account_reconnected_from_the_command_line_is_announced_recove
     let (config, config_file) = (app.config(&extra), app.config_path(&extra));
     let store = app.store().await;
     let id = app.import(&store, &config, &["back"], None).await[0];
-    let a = store.get(id).await.unwrap().unwrap();
-    store
-        .record(refreshd::store::Outcome::Rejected {
-            account_id: id,
-            generation: a.generation,
-            reason: refreshd::model::ReauthReason::InvalidGrant,
-            at: helpers::T0,
-            error: "invalid_grant: revoked".into(),
-            http_status: Some(400),
-            duration_ms: 1,
-        })
-        .await
-        .unwrap();
+    helpers::flag_invalid_grant(&store, id).await;
     store.close().await;
 
     // The user logs in again: the code read off the sandbox's redirect, exchanged by hand.
