@@ -257,7 +257,8 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<DemoS
         let store = Store::open(lifecycle::store_options(&config)).await?;
         let ids = store.upsert(records.clone(), now).await?;
         store.close().await;
-        import::announce_flagged(&records, &ids);
+        // The demo has no webhook: the log events are the announcement.
+        import::announce_flagged(&config, &records, &ids);
     }
     tracing::info!(event = "demo_started", accounts = opts.accounts, expiring, refresh_ending_soon = ending, revoked,
         sandbox = %sandbox.token_url(), store = %db.display(),

@@ -27,8 +27,9 @@ pub enum Event {
         reason: String,
         refresh_expires_at: Option<i64>,
     },
-    /// A flagged account is healthy again (its refresh-token lifetime was renewed, or it was
-    /// reconnected).
+    /// A failing account refreshes fine again (`account_recovered`): after transient
+    /// failures in a row, after a flag that a refresh renewed or a forced refresh fixed, or
+    /// reconnected through the web.
     Recovered {
         account_id: i64,
         provider: String,
@@ -46,7 +47,7 @@ impl Event {
         match self {
             Event::TokensChanged { .. } => "tokens_changed",
             Event::ReauthRequired { .. } => "reauth_required",
-            Event::Recovered { .. } => "recovered",
+            Event::Recovered { .. } => "account_recovered",
             Event::ProviderRejected { .. } => "provider_rejected",
             Event::ProviderRecovered { .. } => "provider_recovered",
         }

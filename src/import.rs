@@ -1,8 +1,10 @@
 //! `accounts import`: JSON lines, each a token response as TikTok returns it plus `provider`,
 //! optional `label` and optional `obtained_at`. Parsing is all-or-nothing: every line is
-//! checked before anything is written, and each problem names its line.
+//! checked before anything is written, and each problem names its line. Accounts that arrive
+//! flagged are announced once, after the commit (`announce_flagged`).
 
 use crate::clock::rfc3339;
+use crate::events::Event;
 use crate::model::TokenSet;
 use crate::policy::{self, RefreshTiming};
 use crate::provider::profile::Credential;
@@ -302,25 +304,38 @@ impl<C: Fn(&str) -> Option<Credential>> Importer<C> {
     }
 }
 
-/// Emits one `reauth_required` event per imported account that arrived already flagged.
-/// Returns how many there were.
-pub fn announce_flagged(records: &[NewAccount], ids: &[(i64, bool)]) -> usize {
-    let mut n = 0;
+/// Announces each imported account that arrived already flagged like any other flag: the
+/// `reauth_required` log event now, and the returned events for the webhook
+/// (`notify::send_now`). Call after the commit, once per import.
+pub fn announce_flagged(
+    config: &crate::config::Config,
+    records: &[NewAccount],
+    ids: &[(i64, bool)],
+) -> Vec<Event> {
+    let mut events = Vec::new();
     for (r, (id, _)) in records.iter().zip(ids) {
         if let Some(reason) = r.reauth_reason {
-            n += 1;
+            let refresh_expires_at = r.tokens.refresh_expires_in.map(|s| r.obtained_at + s);
             crate::telemetry::reauth_required(
                 *id,
                 &r.provider,
                 &r.subject,
                 r.label.as_deref(),
                 reason.as_str(),
-                r.tokens.refresh_expires_in.map(|s| r.obtained_at + s),
-                None,
+                refresh_expires_at,
+                crate::connect::web_reconnect_url(config, &r.provider, *id).as_deref(),
             );
+            events.push(Event::ReauthRequired {
+                account_id: *id,
+                provider: r.provider.clone(),
+                subject: r.subject.clone(),
+                label: r.label.clone(),
+                reason: reason.as_str().to_string(),
+                refresh_expires_at,
+            });
         }
     }
-    n
+    events
 }
 
 #[cfg(test)]

@@ -231,7 +231,7 @@ pub async fn run(
     )
     .await;
     let notifier = notify::spawn(
-        cfg.notify.webhook.clone(),
+        cfg,
         &engine.events(),
         opts.clock.clone(),
         shutdown.clone(),

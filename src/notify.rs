@@ -1,6 +1,7 @@
 //! Webhook notifications (`[notify.webhook]`): one signed JSON POST per state change
-//! (reauth required, recovered, provider credentials rejected / accepted again), never on a
-//! plain rotation and never with a token.
+//! (reauth required, with web connect's `reconnect_url`; account recovered; provider
+//! credentials rejected / accepted again), never on a plain rotation and never with a token.
+//! The daemon's tasks (`spawn`), or one batch sent by a command (`send_now`).
 //!
 //! A forwarder turns broadcast events into bodies on a bounded queue (it never waits, so a
 //! slow receiver cannot slow refreshes); a deliverer POSTs them one by one, retrying
@@ -13,7 +14,7 @@
 //! stays the same across retries, so a receiver can drop duplicates.
 
 use crate::clock::{Clock, rfc3339};
-use crate::config::WebhookConfig;
+use crate::config::{Config, WebhookConfig};
 use crate::events::{Event, Events};
 use hmac::{Hmac, Mac};
 use rand::Rng;
@@ -47,7 +48,13 @@ pub fn signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
 }
 
 /// The JSON body for a state change; None for events that are not notified.
-pub fn body(event: &Event, id: &str, now: i64) -> Option<serde_json::Value> {
+/// `reconnect_url` (web connect's start URL for the account) goes into `reauth_required`.
+pub fn body(
+    event: &Event,
+    id: &str,
+    now: i64,
+    reconnect_url: Option<String>,
+) -> Option<serde_json::Value> {
     let mut v = match event {
         Event::TokensChanged { .. } => return None,
         Event::ReauthRequired {
@@ -82,6 +89,9 @@ pub fn body(event: &Event, id: &str, now: i64) -> Option<serde_json::Value> {
         Event::ProviderRecovered { provider } => serde_json::json!({ "provider": provider }),
     };
     let obj = v.as_object_mut().expect("an object");
+    if let (Event::ReauthRequired { .. }, Some(url)) = (event, reconnect_url) {
+        obj.insert("reconnect_url".into(), url.into());
+    }
     obj.insert("id".into(), id.into());
     obj.insert("event".into(), event.kind().into());
     obj.insert("occurred_at".into(), rfc3339(now).into());
@@ -134,19 +144,21 @@ impl NotifyHandle {
     }
 }
 
-/// Starts the webhook tasks (nothing when `config` is None). Subscribes now, so no event
-/// emitted after this call is missed. What is still queued `grace` after `shutdown` is
-/// cancelled is given up by `stop`.
+/// Starts the webhook tasks of `[notify.webhook]` (nothing when it is not set). Subscribes
+/// now, so no event emitted after this call is missed. What is still queued `grace` after
+/// `shutdown` is cancelled is given up by `stop`.
 pub fn spawn(
-    config: Option<WebhookConfig>,
+    full: &Config,
     events: &Events,
     clock: Clock,
     shutdown: CancellationToken,
     grace: Duration,
 ) -> NotifyHandle {
-    let Some(config) = config else {
+    let Some(config) = full.notify.webhook.clone() else {
         return NotifyHandle { inner: None };
     };
+    // What the bodies' `reconnect_url` is computed from: web connect's settings.
+    let links = Arc::new(full.clone());
     let Some(secret) = config.secret.clone() else {
         // Config validation resolves secret_file into secret; this is a programming error.
         tracing::error!(
@@ -178,7 +190,15 @@ pub fn spawn(
         tokio::spawn(async move {
             let enqueue = |ev: Event| {
                 let id = delivery_id();
-                let Some(body) = body(&ev, &id, clock.now()) else {
+                let url = match &ev {
+                    Event::ReauthRequired {
+                        account_id,
+                        provider,
+                        ..
+                    } => crate::connect::web_reconnect_url(&links, provider, *account_id),
+                    _ => None,
+                };
+                let Some(body) = body(&ev, &id, clock.now(), url) else {
                     return;
                 };
                 let q = Queued {
@@ -243,6 +263,26 @@ pub fn spawn(
             shutdown_at,
         }),
     }
+}
+
+/// Sends `events` from a short-lived command (`accounts import`), which has no daemon's
+/// webhook tasks: delivered within `[shutdown] grace`, else given up with an error log.
+pub async fn send_now(config: &Config, clock: Clock, events: Vec<Event>) {
+    if config.notify.webhook.is_none() || events.is_empty() {
+        return;
+    }
+    let bus = Events::default();
+    let handle = spawn(
+        config,
+        &bus,
+        clock,
+        CancellationToken::new(),
+        config.shutdown.grace,
+    );
+    for e in events {
+        bus.emit(e);
+    }
+    handle.stop().await;
 }
 
 fn delivery_id() -> String {
@@ -349,7 +389,7 @@ mod tests {
             provider: "tiktok".into(),
             subject: "u".into(),
         };
-        assert!(body(&e, "id", 0).is_none());
+        assert!(body(&e, "id", 0, None).is_none());
         let e = Event::ReauthRequired {
             account_id: 1,
             provider: "tiktok".into(),
@@ -358,11 +398,26 @@ mod tests {
             reason: "invalid_grant".into(),
             refresh_expires_at: Some(0),
         };
-        let b = body(&e, "abc", 0).unwrap();
+        let b = body(&e, "abc", 0, None).unwrap();
         assert_eq!(b["event"], "reauth_required");
         assert_eq!(b["id"], "abc");
         assert_eq!(b["refresh_expires_at"], "1970-01-01T00:00:00Z");
         assert_eq!(b["reconnect"], "refreshd connect tiktok --account 1");
         assert!(b.get("access_token").is_none());
+        assert!(
+            b.get("reconnect_url").is_none(),
+            "absent without web connect"
+        );
+        let url = "https://r.example/connect/tiktok/start?account=1";
+        let b = body(&e, "abc", 0, Some(url.into())).unwrap();
+        assert_eq!(b["reconnect_url"], url);
+        let e = Event::Recovered {
+            account_id: 1,
+            provider: "tiktok".into(),
+            subject: "u".into(),
+        };
+        let b = body(&e, "abc", 0, Some(url.into())).unwrap();
+        assert_eq!(b["event"], "account_recovered");
+        assert!(b.get("reconnect_url").is_none());
     }
 }

@@ -94,6 +94,26 @@ pub fn reauth_required(
     );
 }
 
+/// The INFO event of a failing account that works again: `failures` transient failures in
+/// a row before, or a flag (`reason`) that a refresh or a reconnect lifted.
+pub fn account_recovered(
+    account: i64,
+    provider: &str,
+    subject: &str,
+    failures: i64,
+    reason: Option<&str>,
+) {
+    tracing::info!(
+        event = "account_recovered",
+        account,
+        provider,
+        subject,
+        failures,
+        reason = reason.unwrap_or(""),
+        "account {account} ({provider}/{subject}) works again"
+    );
+}
+
 /// The command an admin runs (with the user at the browser) to re-authorize an account.
 pub fn reconnect_command(provider: &str, account: i64) -> String {
     format!("refreshd connect {provider} --account {account}")

@@ -1,13 +1,13 @@
 //! Connecting accounts from the command line: `connect` (browser and loopback callback),
 //! `authorize-url` and `exchange` (the same flow by hand). Prints who was connected, never
-//! a token.
+//! a token; a flagged account reconnected is announced (`account_recovered`).
 
 use super::{exit, open_existing};
 use anyhow::{Result, bail};
 use refreshd::clock::{Clock, rfc3339};
 use refreshd::config::Config;
 use refreshd::store::Store;
-use refreshd::{connect, lifecycle};
+use refreshd::{connect, lifecycle, notify};
 use secrecy::{ExposeSecret, SecretString};
 use std::time::Duration;
 
@@ -77,6 +77,7 @@ pub async fn connect(
                 )
                 .await;
             print_connected(&c, &scopes);
+            announce_recovery(config, &c).await;
             Ok(exit::OK)
         }
         Err(e) => {
@@ -125,7 +126,16 @@ pub async fn exchange(
     )
     .await??;
     print_connected(&c, &[]);
+    announce_recovery(config, &c).await;
     Ok(exit::OK)
+}
+
+/// A flagged account reconnected from the command line: `account_recovered` logged and
+/// sent to the webhook by this command (no daemon hears of it).
+async fn announce_recovery(config: &Config, c: &connect::Connected) {
+    if let Some(e) = c.announce_recovery() {
+        notify::send_now(config, Clock::system(), vec![e]).await;
+    }
 }
 
 /// Exchanges the code and stores the account in the configured store (closed after). The

@@ -1,12 +1,13 @@
 //! `refreshd accounts import`: a JSON-lines file (or stdin) checked line by line by the
-//! library's importer and streamed into one transaction.
+//! library's importer and streamed into one transaction; accounts that arrive flagged are
+//! announced after the commit (log event and webhook).
 
 use super::{exit, progress};
 use anyhow::{Context, Result, bail};
 use refreshd::clock::Clock;
 use refreshd::config::Config;
 use refreshd::store::Store;
-use refreshd::{import, lifecycle};
+use refreshd::{import, lifecycle, notify};
 
 /// What `accounts import` counted, for its closing line and `--json`.
 #[derive(Default, serde::Serialize)]
@@ -145,7 +146,9 @@ pub async fn import(config: &Config, file: &str, json: bool) -> Result<u8> {
     let flagged = std::mem::take(&mut *flagged.lock().unwrap_or_else(|e| e.into_inner()));
     let (records, ids): (Vec<_>, Vec<_>) = flagged.into_iter().unzip();
     let mut counts = std::mem::take(&mut *counts.lock().unwrap_or_else(|e| e.into_inner()));
-    counts.flagged = import::announce_flagged(&records, &ids);
+    let announced = import::announce_flagged(config, &records, &ids);
+    counts.flagged = announced.len();
+    notify::send_now(config, Clock::system(), announced).await;
     if json {
         let mut v = serde_json::to_value(&counts)?;
         v["source"] = serde_json::Value::from(name);

@@ -5,6 +5,7 @@
 //! Nothing here prints or logs a token, a code, a state or a PKCE verifier.
 
 use crate::config::{Config, ProviderConfig};
+use crate::events::Event;
 use crate::model::{Status, TokenSet};
 use crate::policy;
 use crate::provider::profile::{ClientAuth, Profile};
@@ -253,6 +254,29 @@ pub struct Connected {
     pub status: Status,
     /// The account's status before this connection (None: it is new).
     pub previous_status: Option<Status>,
+}
+
+impl Connected {
+    /// A flagged account that this connection made healthy is a recovery: logs
+    /// `account_recovered` and returns the event for the webhook; None otherwise.
+    pub fn announce_recovery(&self) -> Option<Event> {
+        let flagged_before = self.previous_status.is_some_and(Status::needs_human);
+        if !flagged_before || self.status.needs_human() {
+            return None;
+        }
+        crate::telemetry::account_recovered(
+            self.account_id,
+            &self.provider,
+            &self.open_id,
+            0,
+            None,
+        );
+        Some(Event::Recovered {
+            account_id: self.account_id,
+            provider: self.provider.clone(),
+            subject: self.open_id.clone(),
+        })
+    }
 }
 
 /// Builds the account row for a code-exchange answer obtained at `now`.

@@ -1,9 +1,10 @@
 //! What the engine says about a refresh once it is decided: the outcome recorded (then,
-//! only once durable, logged, counted and emitted as events), the provider's configuration
-//! state, an account parked past its expiry, and what was wrong with an answer.
+//! only once durable, logged, counted and emitted as events: a new flag once, a failing
+//! account's recovery), the provider's configuration state, an account parked past its
+//! expiry, and what was wrong with an answer.
 
 use super::Engine;
-use super::decide::{After, ProviderSignal};
+use super::decide::{self, After, ProviderSignal, Recovery};
 use crate::clock::rfc3339;
 use crate::events::Event;
 use crate::model::Account;
@@ -86,27 +87,26 @@ impl Engine {
                     provider: provider.to_string(),
                     subject: account.subject.clone(),
                 });
-                if *status != account.status {
-                    if let Some(reason) = reauth_reason {
-                        inc(&s.flagged);
-                        let refresh_expires_at = tokens
-                            .refresh_expires_in
-                            .map(|x| self.clock.now() + x)
-                            .or(account.refresh_expires_at);
-                        self.reauth_required(account, reason.as_str(), refresh_expires_at);
-                    } else {
-                        self.events.emit(Event::Recovered {
-                            account_id: id,
-                            provider: provider.to_string(),
-                            subject: account.subject.clone(),
-                        });
-                        tracing::info!(
-                            event = "reauth_cleared",
-                            account = id,
-                            provider,
-                            "refresh token lifetime renewed: no re-authorization needed any more"
-                        );
-                    }
+                if *status != account.status
+                    && let Some(reason) = reauth_reason
+                {
+                    inc(&s.flagged);
+                    let refresh_expires_at = tokens
+                        .refresh_expires_in
+                        .map(|x| self.clock.now() + x)
+                        .or(account.refresh_expires_at);
+                    self.reauth_required(account, reason.as_str(), refresh_expires_at);
+                }
+                if account.status.needs_human() && !status.needs_human() {
+                    tracing::info!(
+                        event = "reauth_cleared",
+                        account = id,
+                        provider,
+                        "refresh token lifetime renewed: no re-authorization needed any more"
+                    );
+                }
+                if let Some(from) = decide::recovery(account, status.needs_human()) {
+                    self.recovered(account, from);
                 }
             }
             (
@@ -152,7 +152,17 @@ impl Engine {
                 inc(&s.flagged);
                 tracing::info!(event = "refresh", account = id, provider, outcome = "rejected", duration_ms,
                     http_status, error = %error, "refresh rejected for good");
-                self.reauth_required(account, reason.as_str(), account.refresh_expires_at);
+                if decide::flag_already_announced(account) {
+                    tracing::info!(
+                        event = "reauth_still_required",
+                        account = id,
+                        provider,
+                        reason = reason.as_str(),
+                        "a forced refresh was rejected again: still flagged, not announced a second time"
+                    );
+                } else {
+                    self.reauth_required(account, reason.as_str(), account.refresh_expires_at);
+                }
             }
             (Outcome::Released { .. }, _) => {
                 metric("released");
@@ -190,6 +200,27 @@ impl Engine {
             label: account.label.clone(),
             reason: reason.to_string(),
             refresh_expires_at,
+        });
+    }
+
+    /// Announces a failing account that refreshes fine again: the `account_recovered` log
+    /// event and the event (and webhook) of the same name.
+    fn recovered(&self, account: &Account, from: Recovery) {
+        let (failures, reason) = match from {
+            Recovery::Failures(n) => (n, None),
+            Recovery::Flag(r) => (account.failures, Some(r.as_str())),
+        };
+        telemetry::account_recovered(
+            account.id,
+            &account.provider,
+            &account.subject,
+            failures,
+            reason,
+        );
+        self.events.emit(Event::Recovered {
+            account_id: account.id,
+            provider: account.provider.clone(),
+            subject: account.subject.clone(),
         });
     }
 

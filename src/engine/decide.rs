@@ -6,7 +6,7 @@
 
 use crate::clock::rfc3339;
 use crate::config::Config;
-use crate::model::{Account, ReauthReason, TokenSet};
+use crate::model::{Account, ReauthReason, Status, TokenSet};
 use crate::policy::{self, RefreshTiming, RefreshTokenState};
 use crate::provider::profile::{Credential, Profile, RefreshTtl};
 use crate::provider::response::{Answer, Granted};
@@ -459,6 +459,36 @@ fn rejected(
         http_status,
         duration_ms,
     }
+}
+
+/// Why a refresh that stored new tokens closes a failing stretch, announced as
+/// `account_recovered`; None when the account was not failing or is still flagged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// Transient failures in a row (also a retry parked past the access token's end).
+    Failures(i64),
+    /// A flag that this refresh lifted: a renewed refresh-token lifetime, or a forced
+    /// refresh (`accounts refresh --force`) of an account flagged for this reason.
+    Flag(ReauthReason),
+}
+
+/// Whether a rotation of `account` that leaves it `flagged_after` (still needing a human)
+/// is a recovery, and from what.
+pub fn recovery(account: &Account, flagged_after: bool) -> Option<Recovery> {
+    if flagged_after {
+        return None;
+    }
+    match account.reauth_reason {
+        Some(reason) => Some(Recovery::Flag(reason)),
+        None => (account.failures > 0).then_some(Recovery::Failures(account.failures)),
+    }
+}
+
+/// Whether `account` was flagged and announced before and is only being tried again (a
+/// forced refresh keeps the status `active` and the flag's reason): a rejection then
+/// re-flags it without a second `reauth_required`.
+pub fn flag_already_announced(account: &Account) -> bool {
+    account.status == Status::Active && account.reauth_reason.is_some()
 }
 
 #[cfg(test)]

@@ -16,7 +16,6 @@ use super::AppState;
 use super::signed_redirect::{self, CONNECTED};
 use crate::connect::{self, ConnectError, Exchange};
 use crate::events::Event;
-use crate::model::Status;
 use crate::store::PendingConnect;
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -396,12 +395,8 @@ async fn callback(
         provider: provider.clone(),
         subject: c.open_id.clone(),
     });
-    if c.previous_status.is_some_and(Status::needs_human) && !c.status.needs_human() {
-        events.emit(Event::Recovered {
-            account_id: c.account_id,
-            provider: provider.clone(),
-            subject: c.open_id.clone(),
-        });
+    if let Some(recovered) = c.announce_recovery() {
+        events.emit(recovered);
     }
     // The engine schedules the new tokens at its next look; wake it so it notices now.
     s.engine.waker().notify_one();

@@ -3,9 +3,8 @@
 //! the printed authorization URL and follows the sandbox's 302 to the connect listener.
 
 use crate::helpers::{self, Out, TestApp};
-use refreshd::model::{ReauthReason, Status};
+use refreshd::model::Status;
 use refreshd::sandbox::{Consent, SandboxConfig};
-use refreshd::store::Outcome;
 use secrecy::ExposeSecret;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -137,19 +136,7 @@ impl World {
         let store = self.app.store().await;
         let config = self.app.config("");
         let id = self.app.import(&store, &config, &[open_id], None).await[0];
-        let a = store.get(id).await.unwrap().unwrap();
-        store
-            .record(Outcome::Rejected {
-                account_id: id,
-                generation: a.generation,
-                reason: ReauthReason::InvalidGrant,
-                at: helpers::T0,
-                error: "invalid_grant: revoked".into(),
-                http_status: Some(400),
-                duration_ms: 1,
-            })
-            .await
-            .unwrap();
+        helpers::flag_invalid_grant(&store, id).await;
         assert_eq!(
             store.get(id).await.unwrap().unwrap().status,
             Status::NeedsReauth
@@ -318,22 +305,7 @@ async fn authorize_url_then_exchange() {
     assert_eq!(out.code, Some(0), "{out:#?}");
     assert!(out.stderr.contains("state: "), "{out:#?}");
     // The browser, without following the redirect: read the code off the Location.
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-        .get(out.stdout.trim())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 302);
-    let loc = url::Url::parse(resp.headers()["location"].to_str().unwrap()).unwrap();
-    let code = loc
-        .query_pairs()
-        .find(|(k, _)| k == "code")
-        .map(|(_, v)| v.into_owned())
-        .unwrap();
+    let code = helpers::authorization_code(out.stdout.trim()).await;
     let out = w
         .cli(&["exchange", "tiktok", "--code", &code, "--label", "manual"])
         .await;

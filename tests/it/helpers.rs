@@ -392,3 +392,41 @@ pub async fn scrape_after_refreshes() -> String {
     task.await.unwrap().expect("clean stop");
     scrape
 }
+
+/// The browser at an authorization URL the sandbox approves, without following its
+/// redirect: the `code` read off the `Location` (asserting a 302).
+pub async fn authorization_code(authorize_url: &str) -> String {
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(authorize_url)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 302);
+    let location = url::Url::parse(resp.headers()["location"].to_str().unwrap()).unwrap();
+    location
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .map(|(_, v)| v.into_owned())
+        .expect("a code in the redirect")
+}
+
+/// Flags account `id` `needs_reauth` (`invalid_grant`) the way a rejected refresh does.
+pub async fn flag_invalid_grant(store: &Store, id: i64) {
+    let a = store.get(id).await.unwrap().expect("the account");
+    store
+        .record(refreshd::store::Outcome::Rejected {
+            account_id: id,
+            generation: a.generation,
+            reason: refreshd::model::ReauthReason::InvalidGrant,
+            at: T0,
+            error: "invalid_grant: revoked".into(),
+            http_status: Some(400),
+            duration_ms: 1,
+        })
+        .await
+        .unwrap();
+}

@@ -1,6 +1,7 @@
 //! Webhook notifications: a wiremock receiver on loopback gets one signed event per state
-//! change (the daemon with the sandbox on the manual clock, or events emitted directly),
-//! retried after a 5xx, never a token, never a plain rotation.
+//! change (the daemon with the sandbox on the manual clock, the import command, or events
+//! emitted directly), retried after a 5xx, never a token, never a plain rotation; with web
+//! connect the reconnect link; a failing account's recovery; no flag announced twice.
 
 use crate::helpers::{self, TestApp};
 use refreshd::clock::Clock;
@@ -125,6 +126,10 @@ async fn daemon_sends_one_signed_event_per_state_change_and_retries_after_500() 
         format!("refreshd connect tiktok --account {gone}")
     );
     assert!(first["occurred_at"].is_string());
+    assert!(
+        first.get("reconnect_url").is_none(),
+        "no reconnect_url without web connect: {first}"
+    );
 
     // No token of any account, and not the signing secret, in what was sent.
     let sent: String = requests
@@ -140,16 +145,16 @@ async fn daemon_sends_one_signed_event_per_state_change_and_retries_after_500() 
     assert!(!sent.contains(SECRET));
 }
 
-fn webhook_config(server: &MockServer, retries: u32) -> WebhookConfig {
+fn webhook_config(server: &MockServer, retries: u32) -> Config {
     let toml = format!(
         "[notify.webhook]\nurl = \"{}/hook\"\nsecret = \"{SECRET}\"\nretries = {retries}\nbackoff_base = \"10ms\"\nbackoff_max = \"20ms\"\ntimeout = \"2s\"\n",
         server.uri()
     );
-    Config::from_toml_str(&toml)
-        .expect("webhook config")
-        .notify
-        .webhook
-        .unwrap()
+    Config::from_toml_str(&toml).expect("webhook config")
+}
+
+fn webhook_mut(config: &mut Config) -> &mut WebhookConfig {
+    config.notify.webhook.as_mut().expect("a webhook")
 }
 
 #[tokio::test]
@@ -161,7 +166,7 @@ async fn each_kind_of_state_change_is_notified_in_order_and_rotations_are_not() 
         .await;
     let events = Events::default();
     let handle = notify::spawn(
-        Some(webhook_config(&server, 0)),
+        &webhook_config(&server, 0),
         &events,
         Clock::manual(helpers::T0),
         CancellationToken::new(),
@@ -198,7 +203,11 @@ async fn each_kind_of_state_change_is_notified_in_order_and_rotations_are_not() 
         .collect();
     assert_eq!(
         kinds,
-        ["provider_rejected", "provider_recovered", "recovered"]
+        [
+            "provider_rejected",
+            "provider_recovered",
+            "account_recovered"
+        ]
     );
     assert_eq!(bodies[0]["error"], "invalid_client");
     assert_eq!(bodies[0]["occurred_at"], "2026-11-25T00:00:00Z");
@@ -214,7 +223,7 @@ async fn a_client_error_is_not_retried_and_shutdown_gives_up_on_a_dead_receiver(
         .await;
     let events = Events::default();
     let handle = notify::spawn(
-        Some(webhook_config(&server, 5)),
+        &webhook_config(&server, 5),
         &events,
         Clock::manual(helpers::T0),
         CancellationToken::new(),
@@ -233,11 +242,11 @@ async fn a_client_error_is_not_retried_and_shutdown_gives_up_on_a_dead_receiver(
         .mount(&dead)
         .await;
     let mut config = webhook_config(&dead, 1000);
-    config.backoff_base = Duration::from_secs(3600);
-    config.backoff_max = Duration::from_secs(3600);
+    webhook_mut(&mut config).backoff_base = Duration::from_secs(3600);
+    webhook_mut(&mut config).backoff_max = Duration::from_secs(3600);
     let shutdown = CancellationToken::new();
     let handle = notify::spawn(
-        Some(config),
+        &config,
         &events,
         Clock::manual(helpers::T0),
         shutdown.clone(),
@@ -260,4 +269,376 @@ async fn a_client_error_is_not_retried_and_shutdown_gives_up_on_a_dead_receiver(
         started.elapsed() < Duration::from_secs(3),
         "stop waited out the retries"
     );
+}
+
+/// Web connect served by the daemon at `https://refreshd.example` (the provider's
+/// `redirect_uri` is its callback), and a webhook to `server` retried quickly.
+fn web_connect_and_webhook(server: &MockServer, secret_file: &std::path::Path) -> String {
+    format!(
+        "redirect_uri = \"https://refreshd.example/connect/tiktok/callback\"\n\n[server]\nlisten = \"127.0.0.1:0\"\n\n[connect]\nenabled = true\n{}",
+        webhook_toml(server, secret_file)
+    )
+}
+
+/// A receiver that accepts everything.
+async fn receiver() -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&server)
+        .await;
+    server
+}
+
+async fn bodies(server: &MockServer) -> Vec<serde_json::Value> {
+    server
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(verified)
+        .collect()
+}
+
+/// The daemon on `config` and the app's manual clock, until `shutdown`.
+fn daemon(
+    app: &TestApp,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<lifecycle::RunReport, lifecycle::DaemonError>> {
+    let (config, clock, s) = (config.clone(), app.clock.clone(), shutdown.clone());
+    tokio::spawn(async move { lifecycle::run(config, RunOptions::new(clock), s).await })
+}
+
+/// The real binary with `args` on the config file `config`, REFRESHD_* of the test's own
+/// environment left out; JSON logs on stderr.
+async fn refreshd_cli(config: &std::path::Path, args: &[&str]) -> helpers::Out {
+    let mut cmd = std::process::Command::new(helpers::bin());
+    cmd.arg("--config").arg(config).args(args);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("REFRESHD_") || k == "RUST_LOG" {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.env("REFRESHD_LOG__FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    helpers::run_to_end(cmd, None, Duration::from_secs(60)).await
+}
+
+#[tokio::test]
+async fn reauth_webhook_has_the_reconnect_url_and_a_forced_retry_rejected_again_is_not_announced_twice()
+ {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let server = receiver().await;
+    let secret_file = app.dir.path().join("webhook-secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let extra = web_connect_and_webhook(&server, &secret_file);
+    let (config, config_file) = (app.config(&extra), app.config_path(&extra));
+    let store = app.store().await;
+    let gone = app.import(&store, &config, &["gone"], None).await[0];
+    app.sandbox.revoke("gone");
+
+    let shutdown = CancellationToken::new();
+    let run = daemon(&app, &config, &shutdown);
+    app.clock
+        .set(store.get(gone).await.unwrap().unwrap().next_refresh_at);
+    let (s, srv) = (&store, &server);
+    assert!(
+        helpers::eventually(5, || async move {
+            s.get(gone).await.unwrap().unwrap().status == Status::NeedsReauth
+                && !srv.received_requests().await.unwrap_or_default().is_empty()
+        })
+        .await,
+        "account not flagged or not notified"
+    );
+    let first = bodies(&server).await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0]["event"], "reauth_required");
+    assert_eq!(
+        first[0]["reconnect_url"],
+        format!("https://refreshd.example/connect/tiktok/start?account={gone}")
+    );
+
+    // `accounts refresh --force` (another process, on the system clock): the daemon tries
+    // once more when the manual clock reaches that time; the provider rejects it again.
+    let out = refreshd_cli(
+        &config_file,
+        &["accounts", "refresh", &gone.to_string(), "--force"],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let forced = store.get(gone).await.unwrap().unwrap();
+    assert_eq!(forced.status, Status::Active);
+    app.clock
+        .set(forced.next_refresh_at.max(app.clock.now()) + 1);
+    let sandbox = &app.sandbox;
+    assert!(
+        helpers::eventually(5, || async move {
+            sandbox.stats().revoked_rejected == 2
+                && s.get(gone).await.unwrap().unwrap().status == Status::NeedsReauth
+        })
+        .await,
+        "the forced refresh was not tried and rejected"
+    );
+    // Time for a second webhook to arrive, were one sent.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shutdown.cancel();
+    run.await.unwrap().expect("daemon run");
+    let all = bodies(&server).await;
+    assert_eq!(all.len(), 1, "a second reauth_required was sent: {all:?}");
+    let again = store.get(gone).await.unwrap().unwrap();
+    assert_eq!(
+        again.reauth_reason,
+        Some(refreshd::model::ReauthReason::InvalidGrant)
+    );
+}
+
+#[tokio::test]
+async fn account_recovered_after_failures_in_a_row_and_after_a_forced_refresh_that_works() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let server = receiver().await;
+    let secret_file = app.dir.path().join("webhook-secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let config = app.config(&webhook_toml(&server, &secret_file));
+    let store = app.store().await;
+    let failing = app.import(&store, &config, &["failing"], None).await[0];
+    // Flagged by mistake (its token still works): only a forced refresh tries it.
+    let text = app.grant_line("flagged", None);
+    let mut records = refreshd::import::parse_with(
+        "test",
+        &text,
+        app.clock.now(),
+        &config.refresh.timing(),
+        config.reauth.window,
+        |p| config.credential_of(p),
+    )
+    .unwrap();
+    records[0].status = Status::NeedsReauth;
+    records[0].reauth_reason = Some(refreshd::model::ReauthReason::InvalidGrant);
+    let flagged = store.upsert(records, app.clock.now()).await.unwrap()[0].0;
+    let generation = store.get(flagged).await.unwrap().unwrap().generation;
+
+    app.sandbox.set_faults(refreshd::sandbox::Faults {
+        server_error: 1.0,
+        ..Default::default()
+    });
+    let shutdown = CancellationToken::new();
+    let run = daemon(&app, &config, &shutdown);
+    app.clock
+        .set(store.get(failing).await.unwrap().unwrap().next_refresh_at);
+    let s = &store;
+    assert!(
+        helpers::eventually(5, || async move {
+            s.get(failing).await.unwrap().unwrap().failures >= 1
+        })
+        .await,
+        "no transient failure"
+    );
+    app.sandbox.set_faults(Default::default());
+    store
+        .mark_due(flagged, app.clock.now(), true)
+        .await
+        .unwrap();
+    // Past the failing account's backoff (at most backoff_max).
+    app.clock.advance(Duration::from_secs(3600));
+    let srv = &server;
+    assert!(
+        helpers::eventually(5, || async move {
+            s.get(failing).await.unwrap().unwrap().failures == 0
+                && s.get(flagged).await.unwrap().unwrap().generation > generation
+                && srv.received_requests().await.unwrap_or_default().len() >= 2
+        })
+        .await,
+        "not both refreshed and notified"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    shutdown.cancel();
+    run.await.unwrap().expect("daemon run");
+
+    let mut got: Vec<(String, i64)> = bodies(&server)
+        .await
+        .iter()
+        .map(|b| {
+            (
+                b["event"].as_str().unwrap().to_string(),
+                b["account_id"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    got.sort();
+    let mut want = vec![
+        ("account_recovered".to_string(), failing),
+        ("account_recovered".to_string(), flagged),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    let fixed = store.get(flagged).await.unwrap().unwrap();
+    assert_eq!((fixed.status, fixed.reauth_reason), (Status::Active, None));
+}
+
+#[tokio::test]
+async fn accounts_flagged_at_import_are_announced_once_by_event_webhook_and_metric() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    // The import command runs on the system clock: grants are made at its time.
+    let now = Clock::system().now();
+    app.clock.set(now);
+    let server = receiver().await;
+    let secret_file = app.dir.path().join("webhook-secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let extra = web_connect_and_webhook(&server, &secret_file);
+    let (config, config_file) = (app.config(&extra), app.config_path(&extra));
+    let day = Duration::from_secs(86_400);
+    let mut ended: serde_json::Value =
+        serde_json::from_str(&app.grant_line("ended", Some(day))).unwrap();
+    ended["obtained_at"] = (now - 2 * 86_400).into();
+    let lines = format!(
+        "{ended}\n{}\n{}\n",
+        app.grant_line("ending", Some(2 * day)),
+        app.grant_line("fine", None)
+    );
+    let file = app.dir.path().join("accounts.jsonl");
+    std::fs::write(&file, lines).unwrap();
+
+    let out = refreshd_cli(
+        &config_file,
+        &["accounts", "import", file.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stderr
+            .contains("2 imported account(s) already need re-authorization"),
+        "{out:#?}"
+    );
+    let store = app.store().await;
+    let id_of = async |subject: &str| store.find("tiktok", subject).await.unwrap().unwrap().id;
+    let (ended_id, ending_id) = (id_of("ended").await, id_of("ending").await);
+
+    // The log event, with the reconnect URL.
+    let logged: Vec<serde_json::Value> = out
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["event"] == "reauth_required")
+        .collect();
+    assert_eq!(logged.len(), 2, "{}", out.stderr);
+    assert!(
+        logged.iter().all(|v| v["reconnect_url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("https://refreshd.example/connect/tiktok/start"))),
+        "{logged:?}"
+    );
+
+    // The webhook, sent by the import command itself.
+    let mut hooks: Vec<(i64, String, String)> = bodies(&server)
+        .await
+        .iter()
+        .map(|b| {
+            assert_eq!(b["event"], "reauth_required");
+            (
+                b["account_id"].as_i64().unwrap(),
+                b["reason"].as_str().unwrap().to_string(),
+                b["reconnect_url"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    hooks.sort();
+    let url = |id: i64| format!("https://refreshd.example/connect/tiktok/start?account={id}");
+    let mut want = vec![
+        (ended_id, "refresh_token_expired".to_string(), url(ended_id)),
+        (
+            ending_id,
+            "refresh_token_expiring".to_string(),
+            url(ending_id),
+        ),
+    ];
+    want.sort();
+    assert_eq!(hooks, want);
+
+    // The metric, as /metrics serves it.
+    let metrics = std::sync::Arc::new(refreshd::metrics::Metrics::new());
+    let text = metrics.render(&store, now, now).await.unwrap();
+    for reason in ["refresh_token_expired", "refresh_token_expiring"] {
+        let line = format!(
+            "refreshd_accounts_needing_reauth{{provider=\"tiktok\",reason=\"{reason}\"}} 1"
+        );
+        assert!(text.contains(&line), "{line} not in\n{text}");
+    }
+
+    // Once: the daemon refreshing the flagged account it can still refresh announces nothing.
+    let shutdown = CancellationToken::new();
+    let run = daemon(&app, &config, &shutdown);
+    let before = store.get(ending_id).await.unwrap().unwrap().generation;
+    app.clock
+        .set(store.get(ending_id).await.unwrap().unwrap().next_refresh_at);
+    let s = &store;
+    assert!(
+        helpers::eventually(5, || async move {
+            s.get(ending_id).await.unwrap().unwrap().generation > before
+        })
+        .await,
+        "the expiring account was not refreshed"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    shutdown.cancel();
+    run.await.unwrap().expect("daemon run");
+    assert_eq!(bodies(&server).await.len(), 2, "announced a second time");
+    assert_eq!(
+        store.get(ending_id).await.unwrap().unwrap().status,
+        Status::Expiring
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flagged_account_reconnected_from_the_command_line_is_announced_recovered() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let server = receiver().await;
+    let secret_file = app.dir.path().join("webhook-secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let extra = format!(
+        "authorize_url = {:?}\nredirect_uri = \"http://127.0.0.1:9/callback\"\nscopes = [\"user.info.basic\"]\n{}",
+        app.sandbox.authorize_url(),
+        webhook_toml(&server, &secret_file)
+    );
+    let (config, config_file) = (app.config(&extra), app.config_path(&extra));
+    let store = app.store().await;
+    let id = app.import(&store, &config, &["back"], None).await[0];
+    helpers::flag_invalid_grant(&store, id).await;
+    store.close().await;
+
+    // The user logs in again: the code read off the sandbox's redirect, exchanged by hand.
+    app.sandbox
+        .set_consent(refreshd::sandbox::Consent::Approve {
+            open_id: "back".into(),
+            grant_scopes: None,
+        });
+    let out = refreshd_cli(&config_file, &["authorize-url", "tiktok"]).await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let code = helpers::authorization_code(out.stdout.trim()).await;
+    let out = refreshd_cli(
+        &config_file,
+        &[
+            "exchange",
+            "tiktok",
+            "--code",
+            &code,
+            "--account",
+            &id.to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stderr.contains("\"event\":\"account_recovered\""),
+        "{out:#?}"
+    );
+    let hooks = bodies(&server).await;
+    assert_eq!(hooks.len(), 1, "{hooks:?}");
+    assert_eq!(hooks[0]["event"], "account_recovered");
+    assert_eq!(hooks[0]["account_id"], id);
+    assert_eq!(hooks[0]["subject"], "back");
 }

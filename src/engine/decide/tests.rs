@@ -574,3 +574,50 @@ fn after_a_rejection_flags_with_its_reason_or_as_interrupted() {
         ReauthReason::ScopeWithdrawn
     );
 }
+
+#[test]
+fn a_rotation_after_failures_or_a_lifted_flag_is_a_recovery() {
+    let healthy = account();
+    assert_eq!(recovery(&healthy, false), None);
+    let failing = Account {
+        failures: 3,
+        ..account()
+    };
+    assert_eq!(recovery(&failing, false), Some(Recovery::Failures(3)));
+    // Still flagged after the rotation (an expiring token not renewed): not recovered.
+    assert_eq!(recovery(&failing, true), None);
+    let forced = Account {
+        reauth_reason: Some(ReauthReason::InvalidGrant),
+        ..account()
+    };
+    assert_eq!(
+        recovery(&forced, false),
+        Some(Recovery::Flag(ReauthReason::InvalidGrant))
+    );
+    let renewed = Account {
+        status: Status::Expiring,
+        reauth_reason: Some(ReauthReason::RefreshTokenExpiring),
+        ..account()
+    };
+    assert_eq!(
+        recovery(&renewed, false),
+        Some(Recovery::Flag(ReauthReason::RefreshTokenExpiring))
+    );
+}
+
+#[test]
+fn only_a_forced_retry_of_a_flagged_account_was_announced_before() {
+    assert!(!flag_already_announced(&account()));
+    let forced = Account {
+        reauth_reason: Some(ReauthReason::InvalidGrant),
+        ..account()
+    };
+    assert!(flag_already_announced(&forced));
+    // An expiring account rejected for good is a new flag (needs_reauth), announced.
+    let expiring = Account {
+        status: Status::Expiring,
+        reauth_reason: Some(ReauthReason::RefreshTokenExpiring),
+        ..account()
+    };
+    assert!(!flag_already_announced(&expiring));
+}

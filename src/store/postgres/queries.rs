@@ -439,7 +439,9 @@ pub async fn prune_log(client: &impl GenericClient, before: i64) -> Result<usize
     }
 }
 
-/// Makes an account due now (`accounts refresh`). `force` also lifts a reauth flag.
+/// Makes an account due now (`accounts refresh`). `force` also makes a `needs_reauth` account
+/// refreshable, keeping its reason until the refresh answers (so a rejection again is not a
+/// new flag).
 pub async fn mark_due(
     tx: &Transaction<'_>,
     id: i64,
@@ -460,8 +462,6 @@ pub async fn mark_due(
         tx.execute(
             "UPDATE accounts SET next_refresh_at = $2, updated_at = $2,
                 failures = CASE WHEN status = 'needs_reauth' THEN 0 ELSE failures END,
-                reauth_reason = CASE WHEN status = 'needs_reauth' THEN NULL ELSE reauth_reason END,
-                reauth_flagged_at = CASE WHEN status = 'needs_reauth' THEN NULL ELSE reauth_flagged_at END,
                 status = CASE WHEN status = 'needs_reauth' THEN 'active' ELSE status END
              WHERE id = $1",
             &[&id, &now],

@@ -243,8 +243,9 @@ async fn mark_due_needs_force_for_flagged_accounts() {
     let a = get(&store, flagged).await;
     assert_eq!(a.status, Status::Active);
     assert_eq!(a.failures, 0, "a forced retry starts a fresh failure count");
-    assert_eq!(a.reauth_reason, None);
-    assert_eq!(a.reauth_flagged_at, None);
+    // The flag's reason stays until the refresh answers: a rejection again is not a new
+    // flag (no second announcement), a success is the account's recovery.
+    assert_eq!(a.reauth_reason, Some(ReauthReason::InvalidGrant));
     assert_eq!(a.next_refresh_at, NOW);
     assert_eq!(log_outcomes(&store, flagged).await[0], "marked_due");
 
