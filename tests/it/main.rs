@@ -17,6 +17,7 @@ mod engine;
 mod helpers;
 mod hostile;
 mod interop;
+mod keep_alive;
 mod layers;
 mod ops_flood;
 mod postgres;
