@@ -20,6 +20,7 @@ mod interop;
 mod keep_alive;
 mod layers;
 mod ops_flood;
+mod plan;
 mod postgres;
 mod props;
 mod providers;
