@@ -109,7 +109,8 @@ async fn plan_shows_due_minutes_the_rate_limit_and_the_soonest_ends() {
 
     let out = plan(&config, &["--json", "--top", "2"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect(&out.all());
+    let v: serde_json::Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|_| panic!("{}", out.all()));
     assert_eq!(v["window_minutes"], 60);
     let providers = v["providers"].as_array().unwrap();
     assert_eq!(providers.len(), 2, "{v}");
@@ -144,7 +145,8 @@ async fn plan_shows_due_minutes_the_rate_limit_and_the_soonest_ends() {
         &["--window", "1d", "--provider", "tiktok", "--json"],
     )
     .await;
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect(&out.all());
+    let v: serde_json::Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|_| panic!("{}", out.all()));
     assert_eq!(v["providers"].as_array().unwrap().len(), 1);
     assert_eq!(v["providers"][0]["due"], 10);
     assert_eq!(v["window_minutes"], 1_440);
