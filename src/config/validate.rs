@@ -423,23 +423,25 @@ fn keep_alive(p: &mut Problems, name: &str, prof: &Profile, r: &RefreshConfig, r
     if every.is_zero() {
         return p.positive(&key, every);
     }
-    if every < r.min_interval {
+    let floors = [
+        (
+            r.min_interval,
+            "refresh.min_interval",
+            "no refresh comes sooner",
+        ),
+        (
+            prof.min_token_age,
+            "the provider's min_token_age",
+            "it refuses to refresh a younger token",
+        ),
+    ];
+    if let Some((floor, name, why)) = floors.into_iter().find(|(floor, ..)| every < *floor) {
         return p.bad(
             key,
             format!(
-                "{} is shorter than refresh.min_interval ({}), which no refresh comes sooner than; set it to at least that",
+                "{} is shorter than {name} ({}): {why}; set it to at least that",
                 fmt(every),
-                fmt(r.min_interval)
-            ),
-        );
-    }
-    if every < prof.min_token_age {
-        return p.bad(
-            key,
-            format!(
-                "{} is shorter than the provider's min_token_age ({}): it refuses to refresh a younger token",
-                fmt(every),
-                fmt(prof.min_token_age)
+                fmt(floor)
             ),
         );
     }
