@@ -12,6 +12,7 @@ use crate::store::NewAccount;
 use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::Value;
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
@@ -127,6 +128,8 @@ pub struct Importer<C> {
     timing: RefreshTiming,
     window: Duration,
     credential: C,
+    /// Each provider's keep-alive (`refresh_at_least_every`), where set.
+    keep_alive: HashMap<String, Duration>,
     rng: rand::rngs::ThreadRng,
     problems: Vec<(usize, String)>,
     /// (hash of provider and subject, line) of every record: 12 bytes a line instead of
@@ -149,11 +152,19 @@ impl<C: Fn(&str) -> Option<Credential>> Importer<C> {
             timing,
             window,
             credential,
+            keep_alive: HashMap::new(),
             rng: rand::rng(),
             problems: Vec::new(),
             keys: Vec::new(),
             records: 0,
         }
+    }
+
+    /// Schedules each provider's records with its keep-alive (`refresh_at_least_every`):
+    /// an imported set is refreshed no later than that after its `obtained_at`.
+    pub fn with_keep_alive(mut self, by_provider: HashMap<String, Duration>) -> Self {
+        self.keep_alive = by_provider;
+        self
     }
 
     /// Whether a problem was found: the import will be refused, later records need not be
@@ -169,6 +180,7 @@ impl<C: Fn(&str) -> Option<Credential>> Importer<C> {
         }
         let (now, timing, window) = (self.now, &self.timing, self.window);
         let credential = &self.credential;
+        let keep_alive = &self.keep_alive;
         let rng = &mut self.rng;
         let line: Line = match serde_json::from_str(raw) {
             Ok(l) => l,
@@ -227,6 +239,7 @@ impl<C: Fn(&str) -> Option<Credential>> Importer<C> {
                     access: policy::Access::Issued { expires_in },
                     refresh_expires_in,
                     origin: policy::Origin::FirstGrant,
+                    keep_alive: keep_alive.get(&provider).copied(),
                 },
                 timing,
                 window,
@@ -367,6 +380,19 @@ mod tests {
         assert_eq!(v[0].subject, "u1");
         assert_eq!(v[0].status, Status::Active);
         assert_eq!(v[0].next_refresh_at, 1_000_000 + 86_400 - 8_640);
+    }
+
+    #[test]
+    fn a_providers_keep_alive_schedules_the_record_from_obtained_at() {
+        let keep = HashMap::from([("tiktok".to_string(), Duration::from_secs(3_600))]);
+        let mut importer = Importer::new("f.jsonl", 1_000_000, timing(), WEEK, |p: &str| {
+            (p == "tiktok").then_some(Credential::RefreshToken)
+        })
+        .with_keep_alive(keep);
+        let line = GOOD.replace("{\"provider\"", "{\"obtained_at\":999000,\"provider\"");
+        let record = importer.line(1, &line).unwrap();
+        assert_eq!(record.next_refresh_at, 999_000 + 3_600);
+        assert!(importer.finish().is_ok());
     }
 
     #[test]

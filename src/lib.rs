@@ -28,6 +28,7 @@
 //!   exchange.
 //! - [`hardening`]: start-up checks: token and key files private, not running as root.
 //! - [`import`]: the JSON-lines import format.
+//! - [`plan`]: `accounts plan`: due refreshes per minute against the rate limits, the soonest refresh-token ends. Pure.
 //! - [`server`]: the ops HTTP server: health, metrics, token API, web connect.
 //! - [`sandbox`]: a TikTok-compatible fake provider for the demo, tests and benchmarks.
 //! - [`demo`]: `refreshd demo`.
@@ -61,6 +62,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod plan;
 pub mod policy;
 pub mod provider;
 pub mod provider_state;

@@ -26,6 +26,10 @@ pub struct Fresh {
     /// The refresh token's lifetime from `obtained_at`; None when the provider gives none.
     pub refresh_expires_in: Option<i64>,
     pub origin: Origin,
+    /// The provider's keep-alive (`providers.NAME.refresh_at_least_every`): refresh no later
+    /// than this after `obtained_at`, however long the access token lives, so a provider
+    /// that revokes unused refresh tokens sees this one used in time. None: off.
+    pub keep_alive: Option<Duration>,
 }
 
 /// The access token of a fresh set.
@@ -77,6 +81,8 @@ pub struct Schedule {
 ///   request is worse than an access token that is late. A first grant gets no floors: we
 ///   have not refreshed it yet, and the due-time check defers a token that is too young.
 ///   A kept access token is asked for again `retry_in` (at least 1 s) after `obtained_at`.
+/// - The keep-alive, when set, caps the lead rule at `obtained_at + keep_alive - jitter`
+///   (the jitter at most a quarter of the interval); the floors still win over it.
 ///
 /// Deliberately no clamp to the refresh token's end: an account whose refresh token ends
 /// first is flagged by its status, and with a fixed TTL every refresh before that end would
@@ -103,11 +109,12 @@ pub fn schedule(
     let next_refresh_at = match (fresh.access, fresh.origin) {
         (Access::Kept { retry_in }, _) => at + retry_in.as_secs().max(1) as i64,
         (Access::Issued { expires_in }, Origin::FirstGrant) => {
-            next_refresh_at(timing, at + expires_in, expires_in, None, rng)
+            let due = Due::new(at, expires_in, fresh.keep_alive);
+            next_refresh_at(timing, &due, None, rng)
         }
         (Access::Issued { expires_in }, Origin::Refresh { min_token_age, .. }) => {
-            next_refresh_at(timing, at + expires_in, expires_in, Some(at), rng)
-                .max(at + min_token_age.as_secs() as i64)
+            let due = Due::new(at, expires_in, fresh.keep_alive);
+            next_refresh_at(timing, &due, Some(at), rng).max(at + min_token_age.as_secs() as i64)
         }
     };
     Schedule {
@@ -118,20 +125,41 @@ pub fn schedule(
     }
 }
 
+/// The dates `next_refresh_at` reads: the access token's end and lifetime, and the latest
+/// refresh the keep-alive allows.
+struct Due {
+    access_expires_at: i64,
+    lifetime: i64,
+    /// `obtained_at + keep_alive` in seconds, and the keep-alive itself.
+    keep_alive: Option<(i64, i64)>,
+}
+
+impl Due {
+    fn new(obtained_at: i64, expires_in: i64, keep_alive: Option<Duration>) -> Due {
+        let every = keep_alive.map(|d| d.as_secs() as i64);
+        Due {
+            access_expires_at: obtained_at + expires_in,
+            lifetime: expires_in,
+            keep_alive: every.map(|e| (obtained_at + e, e)),
+        }
+    }
+}
+
 /// When to refresh a token that expires at `access_expires_at` and lived `lifetime` seconds.
 ///
 /// `lead = max(lead, lead_fraction * lifetime)`, capped at half the lifetime so a token that
 /// lives shorter than the lead is not refreshed in a tight loop; jitter (at most a quarter
-/// of the lifetime) spreads accounts issued together; never earlier than
+/// of the lifetime) spreads accounts issued together; no later than the keep-alive's latest
+/// (less the jitter, at most a quarter of the interval); never earlier than
 /// `last_refreshed_at + min_interval`.
 fn next_refresh_at(
     timing: &RefreshTiming,
-    access_expires_at: i64,
-    lifetime: i64,
+    due: &Due,
     last_refreshed_at: Option<i64>,
     rng: &mut impl Rng,
 ) -> i64 {
-    let lifetime = lifetime.max(0);
+    let access_expires_at = due.access_expires_at;
+    let lifetime = due.lifetime.max(0);
     let by_fraction = (timing.lead_fraction * lifetime as f64) as i64;
     let lead = (timing.lead.as_secs() as i64)
         .max(by_fraction)
@@ -143,6 +171,10 @@ fn next_refresh_at(
         0
     };
     let at = access_expires_at - lead - jitter;
+    let at = match due.keep_alive {
+        Some((latest, every)) => at.min(latest - jitter.min(every / 4)),
+        None => at,
+    };
     match last_refreshed_at {
         Some(last) => at.max(last + timing.min_interval.as_secs() as i64),
         None => at,
@@ -223,6 +255,14 @@ mod tests {
     use rand::SeedableRng;
     use rand::rngs::StdRng;
 
+    fn due(access_expires_at: i64, lifetime: i64) -> Due {
+        Due {
+            access_expires_at,
+            lifetime,
+            keep_alive: None,
+        }
+    }
+
     fn timing() -> RefreshTiming {
         RefreshTiming {
             lead: Duration::from_secs(600),
@@ -238,7 +278,7 @@ mod tests {
         let exp = 1_000_000;
         let life = 86_400;
         for _ in 0..1000 {
-            let at = next_refresh_at(&timing(), exp, life, Some(exp - life), &mut rng);
+            let at = next_refresh_at(&timing(), &due(exp, life), Some(exp - life), &mut rng);
             // lead = max(600, 8640) = 8640; jitter within 0..=120
             assert!((exp - 8_640 - 120..=exp - 8_640).contains(&at), "{at}");
         }
@@ -254,7 +294,7 @@ mod tests {
         };
         // a 5-minute token with a 10-minute lead: refresh at half-life, not immediately
         assert_eq!(
-            next_refresh_at(&t, 1_300, 300, Some(1_000), &mut rng),
+            next_refresh_at(&t, &due(1_300, 300), Some(1_000), &mut rng),
             1_150
         );
     }
@@ -262,7 +302,7 @@ mod tests {
     #[test]
     fn never_earlier_than_min_interval_after_last_refresh() {
         let mut rng = StdRng::seed_from_u64(3);
-        let at = next_refresh_at(&timing(), 1_040, 40, Some(1_000), &mut rng);
+        let at = next_refresh_at(&timing(), &due(1_040, 40), Some(1_000), &mut rng);
         assert_eq!(at, 1_060);
     }
 
@@ -270,7 +310,7 @@ mod tests {
     fn jitter_spreads_accounts() {
         let mut rng = StdRng::seed_from_u64(4);
         let set: std::collections::HashSet<i64> = (0..200)
-            .map(|_| next_refresh_at(&timing(), 100_000, 7_200, None, &mut rng))
+            .map(|_| next_refresh_at(&timing(), &due(100_000, 7_200), None, &mut rng))
             .collect();
         assert!(set.len() > 50, "jitter should spread: {}", set.len());
     }
@@ -404,6 +444,7 @@ mod tests {
             access: Access::Issued { expires_in },
             refresh_expires_in,
             origin: Origin::FirstGrant,
+            keep_alive: None,
         }
     }
 
@@ -573,5 +614,70 @@ mod tests {
             1_001
         );
         assert_eq!(at(kept(Duration::ZERO), 1_000).status, Status::Expiring);
+    }
+
+    fn kept_alive(fresh: Fresh, every: u64) -> Fresh {
+        Fresh {
+            keep_alive: Some(Duration::from_secs(every)),
+            ..fresh
+        }
+    }
+
+    #[test]
+    fn keep_alive_caps_a_long_lived_access_token() {
+        // A 60-day access token with a 7-day keep-alive: refreshed after 7 days, not 54.
+        let (now, day) = (1_000_000, 86_400);
+        let long = refreshed(now, 60 * day, Some(180 * day));
+        assert_eq!(at(long, now).next_refresh_at, now + 60 * day - 6 * day);
+        assert_eq!(
+            at(kept_alive(long, 7 * 86_400), now).next_refresh_at,
+            now + 7 * day
+        );
+        // A first grant (connect, import) is kept alive from when it was obtained: an
+        // import of a set obtained 10 days ago is due at once.
+        let imported = kept_alive(first(now - 10 * day, 60 * day, None), 7 * 86_400);
+        assert_eq!(at(imported, now).next_refresh_at, now - 3 * day);
+    }
+
+    #[test]
+    fn keep_alive_never_delays_the_lead_rule() {
+        // A 2-hour token is refreshed on its own schedule; a day of keep-alive changes nothing.
+        let short = first(1_000, 7_200, None);
+        assert_eq!(
+            at(kept_alive(short, 86_400), 1_000),
+            at(short, 1_000),
+            "the earlier of the two wins"
+        );
+    }
+
+    #[test]
+    fn keep_alive_jitter_stays_before_the_interval_and_floors_still_win() {
+        let mut rng = StdRng::seed_from_u64(10);
+        let fresh = kept_alive(refreshed(1_000, 90 * 86_400, None), 3_600);
+        let draws: std::collections::HashSet<i64> = (0..300)
+            .map(|_| schedule(&fresh, &timing(), WEEK, 1_000, &mut rng).next_refresh_at)
+            .collect();
+        // jitter = min(120 s, 3600 / 4): every draw within [1h - 120s, 1h].
+        assert!(
+            draws
+                .iter()
+                .all(|t| (1_000 + 3_480..=1_000 + 3_600).contains(t)),
+            "{draws:?}"
+        );
+        assert!(
+            draws.len() > 20,
+            "jitter spreads the keep-alive too: {}",
+            draws.len()
+        );
+        // A provider's min_token_age wins over a keep-alive shorter than it.
+        let young = Fresh {
+            origin: Origin::Refresh {
+                stored_refresh_expires_at: None,
+                ttl: RefreshTtl::Sliding,
+                min_token_age: Duration::from_secs(86_400),
+            },
+            ..fresh
+        };
+        assert_eq!(at(young, 1_000).next_refresh_at, 1_000 + 86_400);
     }
 }

@@ -55,6 +55,9 @@ pub enum AccountsCommand {
         #[arg(long)]
         force: bool,
     },
+    /// What comes due in the next hour or day per provider, against each provider's rate
+    /// limit, and the soonest refresh-token ends.
+    Plan(super::plan::PlanArgs),
     /// Delete an account and its refresh history.
     Remove {
         /// The account's id (see `accounts list`).
@@ -254,6 +257,7 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
             println!("removed account {id} ({}/{})", a.provider, a.subject);
             Ok(exit::OK)
         }
+        AccountsCommand::Plan(args) => super::plan::plan(config, args).await,
     }
 }
 

@@ -54,11 +54,17 @@ pub async fn import(config: &Config, file: &str, json: bool) -> Result<u8> {
             .keys()
             .filter_map(|p| config.credential_of(p).map(|c| (p.clone(), c)))
             .collect();
+        let keep_alive: std::collections::HashMap<String, _> = config
+            .providers
+            .keys()
+            .filter_map(|p| config.keep_alive_of(p).map(|d| (p.clone(), d)))
+            .collect();
         let name = name.clone();
         tokio::task::spawn_blocking(move || -> Result<Result<usize, import::ImportError>> {
             let mut importer = import::Importer::new(&name, now, timing, window, |p: &str| {
                 providers.get(p).copied()
-            });
+            })
+            .with_keep_alive(keep_alive);
             let (mut reader, mut raw, mut n) = (reader, String::new(), 0usize);
             let mut batch = Vec::with_capacity(BATCH);
             loop {

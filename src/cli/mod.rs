@@ -8,6 +8,7 @@ mod connect;
 mod demo;
 mod docs;
 mod import;
+mod plan;
 #[cfg(test)]
 mod reference;
 mod run;

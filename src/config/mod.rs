@@ -70,4 +70,11 @@ impl Config {
                 .unwrap_or(Credential::RefreshToken),
         )
     }
+
+    /// A configured provider's keep-alive (`refresh_at_least_every`); None when off or
+    /// not configured.
+    pub fn keep_alive_of(&self, name: &str) -> Option<std::time::Duration> {
+        let p = self.providers.get(name)?;
+        p.profile(name).ok()?.refresh_at_least_every
+    }
 }

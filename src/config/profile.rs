@@ -106,6 +106,9 @@ pub(super) fn resolve(name: &str, p: &ProviderConfig) -> Result<Profile, Vec<(St
     if let Some(d) = p.refresh_token_lifetime {
         prof.refresh_token_lifetime = Some(d);
     }
+    if let Some(d) = p.refresh_at_least_every {
+        prof.refresh_at_least_every = Some(d);
+    }
     let map = |m: &std::collections::BTreeMap<String, String>| {
         m.iter()
             .map(|(k, v)| (k.clone(), v.clone()))

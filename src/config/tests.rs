@@ -486,3 +486,41 @@ fn example_config_sink_and_webhook_examples_load_when_uncommented() {
         Ok(())
     });
 }
+
+#[test]
+fn keep_alive_is_validated_against_the_floors_and_the_refresh_lifetime() {
+    let with = |extra: &str| {
+        Config::from_toml_str(&format!(
+            "[providers.own]\nkind = \"generic\"\nclient_key = \"k\"\nclient_secret = \"s\"\ntoken_url = \"https://auth.example/t\"\n{extra}"
+        ))
+    };
+    let key = "providers.own.refresh_at_least_every";
+    let ok = with("refresh_at_least_every = \"30d\"\n").unwrap();
+    assert_eq!(
+        ok.keep_alive_of("own"),
+        Some(Duration::from_secs(30 * 86_400))
+    );
+    assert_eq!(with("").unwrap().keep_alive_of("own"), None);
+    for (extra, says) in [
+        ("refresh_at_least_every = \"0s\"\n", "more than 0s"),
+        ("refresh_at_least_every = \"30s\"\n", "refresh.min_interval"),
+        (
+            "refresh_at_least_every = \"2h\"\nmin_token_age = \"1d\"\n",
+            "min_token_age",
+        ),
+        // Sliding 30 days with the 7-day window: at most 23 days between refreshes.
+        (
+            "refresh_at_least_every = \"23d\"\nrefresh_ttl = \"sliding\"\nrefresh_token_lifetime = \"30d\"\n",
+            "minus reauth.window",
+        ),
+        (
+            "refresh_at_least_every = \"30d\"\nrefresh_ttl = \"fixed\"\nrefresh_token_lifetime = \"30d\"\n",
+            "shorter than refresh_token_lifetime (30days)",
+        ),
+    ] {
+        let err = with(extra).unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains(says), "{extra}: {err}");
+    }
+    let fine = "refresh_at_least_every = \"22d\"\nrefresh_ttl = \"sliding\"\nrefresh_token_lifetime = \"30d\"\n";
+    assert!(with(fine).is_ok());
+}

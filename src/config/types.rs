@@ -322,6 +322,10 @@ pub struct ProviderConfig {
     /// refresh (`"sliding"`).
     #[serde(default, with = "humantime_serde")]
     pub refresh_token_lifetime: Option<Duration>,
+    /// Keep-alive: refresh every account of this provider at least this often, even when
+    /// its access token lives longer (providers that revoke unused refresh tokens).
+    #[serde(default, with = "humantime_serde")]
+    pub refresh_at_least_every: Option<Duration>,
     #[serde(default)]
     pub reauth_errors: Option<Vec<String>>,
     #[serde(default)]

@@ -8,6 +8,7 @@ use super::types::{
     ShutdownConfig, SinkConfig, StoreConfig, WebhookConfig, redact_url,
 };
 use super::{Config, profile};
+use crate::provider::profile::{Profile, RefreshTtl};
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -28,7 +29,9 @@ impl Config {
         crons(&mut p, &self.reauth, &self.store);
         log(&mut p, &self.log);
         for (name, provider_config) in self.providers.iter_mut() {
-            provider(&mut p, name, provider_config);
+            if let Some(profile) = provider(&mut p, name, provider_config) {
+                keep_alive(&mut p, name, &profile, &self.refresh, &self.reauth);
+            }
         }
         sinks(&mut p, &self.sink);
         if let Some(w) = self.notify.webhook.as_mut() {
@@ -341,8 +344,8 @@ fn log(p: &mut Problems, log: &LogConfig) {
 }
 
 /// `[providers.NAME]`: its profile, credentials, endpoints and limits; reads
-/// `client_secret_file`.
-fn provider(p: &mut Problems, name: &str, pc: &mut ProviderConfig) {
+/// `client_secret_file`. Returns the resolved profile when it resolves.
+fn provider(p: &mut Problems, name: &str, pc: &mut ProviderConfig) -> Option<Profile> {
     let key = |k: &str| format!("providers.{name}.{k}");
     let profile = match profile::resolve(name, pc) {
         Ok(prof) => Some(prof),
@@ -363,7 +366,7 @@ fn provider(p: &mut Problems, name: &str, pc: &mut ProviderConfig) {
         pc.client_secret_file.as_deref(),
     );
     // Instagram and Threads refresh without client credentials.
-    let secret_optional = profile.is_some_and(|prof| !prof.needs_secret());
+    let secret_optional = profile.as_ref().is_some_and(|prof| !prof.needs_secret());
     if pc.client_secret.is_none() && pc.client_secret_file.is_none() && !secret_optional {
         p.bad(
             key("client_secret"),
@@ -405,6 +408,69 @@ fn provider(p: &mut Problems, name: &str, pc: &mut ProviderConfig) {
     }
     if pc.burst == 0 {
         p.bad(key("burst"), "must be at least 1");
+    }
+    profile
+}
+
+/// `providers.NAME.refresh_at_least_every` against the floors that would override it and
+/// the refresh token's lifetime it is meant to stay within.
+fn keep_alive(p: &mut Problems, name: &str, prof: &Profile, r: &RefreshConfig, re: &ReauthConfig) {
+    let Some(every) = prof.refresh_at_least_every else {
+        return;
+    };
+    let key = format!("providers.{name}.refresh_at_least_every");
+    let fmt = humantime::format_duration;
+    if every.is_zero() {
+        return p.positive(&key, every);
+    }
+    let floors = [
+        (
+            r.min_interval,
+            "refresh.min_interval",
+            "no refresh comes sooner",
+        ),
+        (
+            prof.min_token_age,
+            "the provider's min_token_age",
+            "it refuses to refresh a younger token",
+        ),
+    ];
+    if let Some((floor, name, why)) = floors.into_iter().find(|(floor, ..)| every < *floor) {
+        return p.bad(
+            key,
+            format!(
+                "{} is shorter than {name} ({}): {why}; set it to at least that",
+                fmt(every),
+                fmt(floor)
+            ),
+        );
+    }
+    let Some(life) = prof.refresh_token_lifetime else {
+        return;
+    };
+    // A sliding lifetime restarts at each refresh: refreshed sooner than its reauth window
+    // opens, the account is never flagged. A fixed one only ends; refreshing it less often
+    // than it lives does nothing.
+    let (limit, why) = match prof.refresh_ttl {
+        RefreshTtl::Sliding if life > re.window => (
+            life - re.window,
+            format!(
+                "refresh_token_lifetime ({}) minus reauth.window ({}): an account refreshed less often is flagged expiring in between",
+                fmt(life),
+                fmt(re.window)
+            ),
+        ),
+        _ => (life, format!("refresh_token_lifetime ({})", fmt(life))),
+    };
+    if every >= limit {
+        p.bad(
+            key,
+            format!(
+                "{} must be shorter than {why}; set it to less than {}",
+                fmt(every),
+                fmt(limit)
+            ),
+        );
     }
 }
 

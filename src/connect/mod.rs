@@ -322,6 +322,7 @@ pub fn new_account(
             },
             refresh_expires_in: tokens.refresh_expires_in,
             origin: policy::Origin::FirstGrant,
+            keep_alive: config.keep_alive_of(provider),
         },
         &config.refresh.timing(),
         config.reauth.window,

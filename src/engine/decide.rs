@@ -52,6 +52,8 @@ pub struct ProfileRules {
     pub min_token_age: Duration,
     /// How the refresh token's end moves.
     pub refresh_ttl: RefreshTtl,
+    /// The keep-alive: refresh at least this often.
+    pub refresh_at_least_every: Option<Duration>,
 }
 
 impl ProfileRules {
@@ -60,6 +62,7 @@ impl ProfileRules {
             credential: profile.credential,
             min_token_age: profile.min_token_age,
             refresh_ttl: profile.refresh_ttl,
+            refresh_at_least_every: profile.refresh_at_least_every,
         }
     }
 }
@@ -420,6 +423,7 @@ fn rotated(
                 ttl: profile.refresh_ttl,
                 min_token_age: profile.min_token_age,
             },
+            keep_alive: profile.refresh_at_least_every,
         },
         &rules.timing,
         rules.reauth_window,

@@ -82,6 +82,7 @@ impl Profile {
             rotation: Rotation::Maybe,
             refresh_ttl: RefreshTtl::None,
             refresh_token_lifetime: None,
+            refresh_at_least_every: None,
             errors: ErrorRules {
                 reauth: list(&["invalid_grant"]),
                 reauth_messages: Vec::new(),

@@ -139,6 +139,10 @@ pub struct Profile {
     pub refresh_ttl: RefreshTtl,
     /// Taken as the refresh token's lifetime when the answer gives none (configured only).
     pub refresh_token_lifetime: Option<Duration>,
+    /// Refresh at least this often, however long the access token lives: providers that
+    /// revoke refresh tokens left unused (sliding lifetimes) keep the account (configured
+    /// only; None: off).
+    pub refresh_at_least_every: Option<Duration>,
     pub errors: ErrorRules,
 }
 

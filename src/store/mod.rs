@@ -26,8 +26,9 @@ pub use recovery::{FAULT_ENV as RECOVERY_FAULT_ENV, owner_recovery_path, recover
 pub use rekey::rekey;
 pub use sqlite::{WATCH_EVERY, check_report};
 pub use types::{
-    AccountSummary, Gauges, ListFilter, LogEntry, NewAccount, Outcome, PendingConnect, PgOptions,
-    Recorded, RekeyBatch, RekeyReport, StateProblem, StoreOptions, SweepReport,
+    AccountSummary, DueMinute, Gauges, ListFilter, LogEntry, NewAccount, Outcome, PendingConnect,
+    PgOptions, PlanQuery, PlanRows, Recorded, RefreshEnd, RekeyBatch, RekeyReport, StateProblem,
+    StoreOptions, SweepReport,
 };
 
 use crate::crypto::Keyring;
@@ -407,6 +408,15 @@ impl Store {
             Backend::Postgres(p) => {
                 pg::gauges(&**p.client("read account gauges").await?, now).await
             }
+        }
+    }
+
+    /// What `accounts plan` reads: due refreshes per provider and minute, and the soonest
+    /// refresh-token ends (`plan.rs` turns them into the plan).
+    pub async fn plan_rows(&self, q: PlanQuery) -> Result<PlanRows, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.call(move |c| lite::plan_rows(c, &q)).await,
+            Backend::Postgres(p) => pg::plan_rows(&**p.client("read the plan").await?, &q).await,
         }
     }
 

@@ -169,6 +169,46 @@ pub struct LogEntry {
     pub duration_ms: Option<i64>,
 }
 
+/// What `accounts plan` reads (see `plan.rs`): refreshes coming due, counted per provider
+/// and minute, and the soonest refresh-token ends.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PlanRows {
+    /// Refreshable accounts due before the window's end, by provider and minute, in that
+    /// order. Accounts already due before the window's first minute count in the minute
+    /// before it (the backlog).
+    pub due: Vec<DueMinute>,
+    /// Refreshable accounts whose refresh token ends, soonest first.
+    pub refresh_ends: Vec<RefreshEnd>,
+}
+
+/// How many accounts of `provider` come due in the minute starting at `minute * 60`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DueMinute {
+    pub provider: String,
+    pub minute: i64,
+    pub count: i64,
+}
+
+/// One account's refresh-token end.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RefreshEnd {
+    pub account_id: i64,
+    pub provider: String,
+    pub subject: String,
+    pub status: Status,
+    pub refresh_expires_at: i64,
+}
+
+/// What the plan asks for: the window `[start, end)` (whole minutes), one provider or all,
+/// and how many refresh-token ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanQuery {
+    pub start: i64,
+    pub end: i64,
+    pub provider: Option<String>,
+    pub soonest: usize,
+}
+
 /// Counts over all accounts, for the metrics.
 #[derive(Clone, Debug, Default)]
 pub struct Gauges {

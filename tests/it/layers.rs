@@ -42,6 +42,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("sink", 5),
     ("import", 5),
     ("jobs", 5),
+    ("plan", 5),
     // 6 daemon: wiring the process together.
     ("server", 6),
     ("lifecycle", 6),

@@ -30,6 +30,7 @@ fn refreshing() -> ProfileRules {
         credential: Credential::RefreshToken,
         min_token_age: Duration::ZERO,
         refresh_ttl: RefreshTtl::Sliding,
+        refresh_at_least_every: None,
     }
 }
 
@@ -38,6 +39,7 @@ fn extending() -> ProfileRules {
         credential: Credential::AccessToken,
         min_token_age: Duration::from_secs(DAY as u64),
         refresh_ttl: RefreshTtl::None,
+        refresh_at_least_every: None,
     }
 }
 
@@ -341,6 +343,22 @@ fn after_tokens_rotate_with_the_one_schedule() {
             assert_eq!((http_status, duration_ms), (Some(200), 42));
             assert_eq!(tokens.refresh_expires_in, Some(365 * DAY));
         }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn after_tokens_the_profiles_keep_alive_caps_the_next_refresh() {
+    // A day-long access token with a 6-hour keep-alive: due 6 hours after the rotation,
+    // not the lead rule's 21.6 hours.
+    let kept = ProfileRules {
+        refresh_at_least_every: Some(Duration::from_secs(6 * 3_600)),
+        ..refreshing()
+    };
+    match answered(&account(), kept, &tokens(Some("user-1"))).outcome {
+        Outcome::Rotated {
+            next_refresh_at, ..
+        } => assert_eq!(next_refresh_at, NOW + 6 * 3_600),
         other => panic!("{other:?}"),
     }
 }

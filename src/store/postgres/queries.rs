@@ -12,8 +12,8 @@ use crate::store::columns::{self, ACCOUNT_COLUMNS, RowRead, SUMMARY_COLUMNS};
 use crate::store::error::{Refusal, StoreError};
 use crate::store::rules::{self, StateRow, sealed_pattern};
 use crate::store::types::{
-    AccountSummary, Gauges, ListFilter, LogEntry, PendingConnect, RekeyBatch, StateProblem,
-    SweepReport,
+    AccountSummary, DueMinute, Gauges, ListFilter, LogEntry, PendingConnect, PlanQuery, PlanRows,
+    RefreshEnd, RekeyBatch, StateProblem, SweepReport,
 };
 use deadpool_postgres::{ClientWrapper, Transaction};
 use tokio_postgres::{GenericClient, Row};
@@ -326,6 +326,54 @@ pub async fn gauges(client: &impl GenericClient, now: i64) -> Result<Gauges, Sto
         access_expired,
         soonest_refresh_expiry,
     })
+}
+
+/// Due refreshes per (provider, minute) and the soonest refresh-token ends; see SQLite's.
+pub async fn plan_rows(client: &impl GenericClient, q: &PlanQuery) -> Result<PlanRows, StoreError> {
+    let ctx = "read the plan";
+    let provider = q.provider.as_deref();
+    let due = client
+        .query(
+            "SELECT provider, GREATEST(next_refresh_at, $1::bigint - 60) / 60 AS minute, COUNT(*)
+             FROM accounts
+             WHERE status IN ('active', 'expiring') AND next_refresh_at < $2
+               AND ($3::text IS NULL OR provider = $3)
+             GROUP BY 1, 2 ORDER BY 1, 2",
+            &[&q.start, &q.end, &provider],
+        )
+        .await
+        .map_err(pg_err(ctx))?
+        .iter()
+        .map(|r| {
+            Ok(DueMinute {
+                provider: r.try_get(0).map_err(pg_err(ctx))?,
+                minute: r.try_get(1).map_err(pg_err(ctx))?,
+                count: r.try_get(2).map_err(pg_err(ctx))?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let refresh_ends = client
+        .query(
+            "SELECT id, provider, subject, status, refresh_expires_at FROM accounts
+             WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
+               AND ($1::text IS NULL OR provider = $1)
+             ORDER BY refresh_expires_at, id LIMIT $2",
+            &[&provider, &(q.soonest as i64)],
+        )
+        .await
+        .map_err(pg_err(ctx))?
+        .iter()
+        .map(|r| {
+            Ok(RefreshEnd {
+                account_id: r.try_get(0).map_err(pg_err(ctx))?,
+                provider: r.try_get(1).map_err(pg_err(ctx))?,
+                subject: r.try_get(2).map_err(pg_err(ctx))?,
+                status: status(r.try_get(3).map_err(pg_err(ctx))?)?,
+                refresh_expires_at: r.try_get(4).map_err(pg_err(ctx))?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(PlanRows { due, refresh_ends })
 }
 
 /// The reauth sweep; see SQLite's.

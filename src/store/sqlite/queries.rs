@@ -10,8 +10,8 @@ use crate::store::columns::{self, ACCOUNT_COLUMNS, RowRead, SUMMARY_COLUMNS};
 use crate::store::error::{Refusal, StoreError};
 use crate::store::rules::{self, StateRow, sealed_pattern};
 use crate::store::types::{
-    AccountSummary, Gauges, ListFilter, LogEntry, PendingConnect, RekeyBatch, StateProblem,
-    SweepReport,
+    AccountSummary, DueMinute, Gauges, ListFilter, LogEntry, PendingConnect, PlanQuery, PlanRows,
+    RefreshEnd, RekeyBatch, StateProblem, SweepReport,
 };
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
@@ -283,6 +283,54 @@ pub fn gauges(conn: &Connection, now: i64) -> Result<Gauges, StoreError> {
         access_expired,
         soonest_refresh_expiry,
     })
+}
+
+/// Due refreshes per (provider, minute) in `[q.start, q.end)`, the backlog in the minute
+/// before, and the `q.soonest` nearest refresh-token ends of refreshable accounts.
+pub fn plan_rows(conn: &Connection, q: &PlanQuery) -> Result<PlanRows, StoreError> {
+    let ctx = "read the plan";
+    let provider = q.provider.as_deref();
+    let due = conn
+        .prepare_cached(
+            "SELECT provider, MAX(next_refresh_at, ?1 - 60) / 60 AS minute, COUNT(*)
+             FROM accounts INDEXED BY accounts_due
+             WHERE status IN ('active', 'expiring') AND next_refresh_at < ?2
+               AND (?3 IS NULL OR provider = ?3)
+             GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .and_then(|mut s| {
+            s.query_map(rusqlite::params![q.start, q.end, provider], |r| {
+                Ok(DueMinute {
+                    provider: r.get(0)?,
+                    minute: r.get(1)?,
+                    count: r.get(2)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(sql_err(ctx))?;
+    let refresh_ends = conn
+        .prepare_cached(
+            "SELECT id, provider, subject, status, refresh_expires_at
+             FROM accounts INDEXED BY accounts_refresh_expiry
+             WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
+               AND (?1 IS NULL OR provider = ?1)
+             ORDER BY refresh_expires_at, id LIMIT ?2",
+        )
+        .and_then(|mut s| {
+            s.query_map(rusqlite::params![provider, q.soonest as i64], |r| {
+                Ok(RefreshEnd {
+                    account_id: r.get(0)?,
+                    provider: r.get(1)?,
+                    subject: r.get(2)?,
+                    status: parse_status(r.get(3)?)?,
+                    refresh_expires_at: r.get(4)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(sql_err(ctx))?;
+    Ok(PlanRows { due, refresh_ends })
 }
 
 /// The reauth sweep: flags refreshable accounts whose refresh token ends inside the window

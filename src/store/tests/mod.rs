@@ -182,5 +182,6 @@ async fn wait_for_recovery_commit(recovery: &Path) {
 mod accounts;
 mod durability;
 mod open;
+mod plan;
 mod records;
 mod replicas;
