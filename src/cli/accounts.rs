@@ -1,5 +1,5 @@
-//! `refreshd accounts`: list, show, import (in `import.rs`), refresh and remove stored
-//! accounts. Tokens are never printed.
+//! `refreshd accounts`: list, show, import (in `import.rs`), refresh, disable, enable and
+//! remove stored accounts. Tokens are never printed.
 
 use super::{exit, import, open_existing, open_read_only};
 use anyhow::{Result, bail};
@@ -54,6 +54,18 @@ pub enum AccountsCommand {
         /// Also retry an account flagged needs_reauth (clears the flag).
         #[arg(long)]
         force: bool,
+    },
+    /// Switch an account off: it is not refreshed, the token API refuses its token and
+    /// sinks leave its file alone, until `accounts enable`.
+    Disable {
+        /// The account's id (see `accounts list`).
+        id: i64,
+    },
+    /// Switch a disabled account back on: it is due now (or needs a human again if it was
+    /// flagged).
+    Enable {
+        /// The account's id (see `accounts list`).
+        id: i64,
     },
     /// Delete an account and its refresh history.
     Remove {
@@ -193,6 +205,12 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
                         opt(a.reauth_flagged_at)
                     );
                 }
+                if a.status == Status::Disabled {
+                    println!(
+                        "  disabled           not refreshed, token not handed out; `refreshd accounts enable {}`",
+                        a.id
+                    );
+                }
                 if a.status.needs_human() {
                     println!(
                         "  to re-authorize    {}",
@@ -244,6 +262,8 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
             );
             Ok(exit::OK)
         }
+        AccountsCommand::Disable { id } => toggle(config, *id, true, clock.now()).await,
+        AccountsCommand::Enable { id } => toggle(config, *id, false, clock.now()).await,
         AccountsCommand::Remove { id } => {
             let store = open_existing(config).await?;
             let Some(a) = store.get(*id).await? else {
@@ -255,6 +275,32 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
             Ok(exit::OK)
         }
     }
+}
+
+/// `accounts disable` / `enable`: says what changed, or that nothing had to.
+async fn toggle(config: &Config, id: i64, disable: bool, now: i64) -> Result<u8> {
+    let store = open_existing(config).await?;
+    let Some(a) = store.get(id).await? else {
+        store.close().await;
+        bail!("no account with id {id} (see `refreshd accounts list`)");
+    };
+    let changed = store.set_disabled(id, disable, now).await;
+    store.close().await;
+    let who = format!("account {id} ({}/{})", a.provider, a.subject);
+    match changed? {
+        (was, None) => println!("{who} is already {was}; nothing changed"),
+        (was, Some(Status::Disabled)) => println!(
+            "{who} disabled (was {was}): not refreshed, its token not handed out, until `refreshd accounts enable {id}`"
+        ),
+        (_, Some(now @ (Status::Active | Status::Expiring))) => println!(
+            "{who} enabled ({now}): it is due now; a running daemon refreshes it at its next look at the store"
+        ),
+        (_, Some(now)) => println!(
+            "{who} enabled, but it is {now}: a person must log in again (`{}`)",
+            telemetry::reconnect_command(&a.provider, id)
+        ),
+    }
+    Ok(exit::OK)
 }
 
 fn summary_json(a: &refreshd::store::AccountSummary) -> serde_json::Value {

@@ -1,0 +1,243 @@
+//! What an admin does to accounts, end to end against the sandbox: `accounts disable` /
+//! `enable` (a disabled account is never refreshed, handed out or written to a sink).
+
+use crate::helpers::{self, TestApp};
+use refreshd::config::Config;
+use refreshd::engine::Engine;
+use refreshd::lifecycle::{self, RunOptions, RunReport};
+use refreshd::model::Status;
+use refreshd::sandbox::SandboxConfig;
+use refreshd::store::Store;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const API_TOKEN: &str = "admin-test-api-token-0123456789";
+
+/// The daemon in this process, with its ops server and token API.
+struct Daemon {
+    addr: SocketAddr,
+    store: Store,
+    engine: Engine,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<RunReport, lifecycle::DaemonError>>,
+}
+
+impl Daemon {
+    async fn start(app: &TestApp, config: Config) -> Daemon {
+        let shutdown = CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let opts = RunOptions {
+            on_ready: Some(Box::new(move |store: &Store, engine: &Engine, addr| {
+                let _ = tx.send((store.clone(), engine.clone(), addr));
+            })),
+            ..RunOptions::new(app.clock.clone())
+        };
+        let task = tokio::spawn(lifecycle::run(config, opts, shutdown.clone()));
+        let (store, engine, addr) = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("daemon ready in time")
+            .expect("daemon started");
+        Daemon {
+            addr: addr.expect("the server listens"),
+            store,
+            engine,
+            shutdown,
+            task,
+        }
+    }
+
+    /// The token API's answer for account `id`: status and JSON body.
+    async fn token(&self, id: i64) -> (u16, serde_json::Value) {
+        let r = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("http://{}/v1/accounts/{id}/token", self.addr))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    async fn generation(&self, id: i64) -> i64 {
+        helpers::account(&self.store, id).await.generation
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().expect("clean stop");
+    }
+}
+
+/// A config with the token API on and a sink for each of `sinks` (account id, file).
+fn daemon_config(app: &TestApp, sinks: &[(i64, &std::path::Path)]) -> Config {
+    let token_file = app.dir.path().join("api-token");
+    std::fs::write(&token_file, format!("{API_TOKEN}\n")).unwrap();
+    let mut extra = format!(
+        "\n[server]\nlisten = \"127.0.0.1:0\"\napi_token_file = {:?}\n",
+        token_file.display().to_string()
+    );
+    for (id, path) in sinks {
+        extra += &format!(
+            "\n[[sink]]\naccount = {id}\npath = {:?}\n",
+            path.display().to_string()
+        );
+    }
+    let mut c = app.config(&extra);
+    c.store.create = true;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_account_is_not_refreshed_handed_out_or_written_until_enabled() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let store = app.store().await;
+    let seed = app.config("");
+    let ids = app.import(&store, &seed, &["off", "on"], None).await;
+    let (off, on) = (ids[0], ids[1]);
+    store
+        .set_disabled(off, true, app.clock.now())
+        .await
+        .unwrap();
+    store.close().await;
+    // Both access tokens are long expired when the daemon starts.
+    app.clock.advance(Duration::from_secs(3 * 3600));
+    let (off_file, on_file) = (
+        app.dir.path().join("off.json"),
+        app.dir.path().join("on.json"),
+    );
+    let d = Daemon::start(
+        &app,
+        daemon_config(&app, &[(off, &off_file), (on, &on_file)]),
+    )
+    .await;
+
+    assert!(
+        helpers::eventually(10, || async { d.generation(on).await > 0 }).await,
+        "the enabled account is refreshed"
+    );
+    assert!(
+        helpers::eventually(10, || async { on_file.exists() }).await,
+        "the enabled account's sink is written"
+    );
+    let a = helpers::account(&d.store, off).await;
+    assert_eq!(
+        (a.status, a.generation),
+        (Status::Disabled, 0),
+        "never refreshed"
+    );
+    assert!(
+        !off_file.exists(),
+        "a disabled account's sink is not written"
+    );
+    let (status, body) = d.token(off).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"], "account_disabled", "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("account {off} (tiktok/off) is disabled")),
+        "{message}"
+    );
+    assert!(!body.to_string().contains("access_token"), "{body}");
+    assert_eq!(d.token(on).await.0, 200);
+
+    // Enabled again: due now, refreshed, handed out, written.
+    d.store
+        .set_disabled(off, false, app.clock.now())
+        .await
+        .unwrap();
+    d.engine.waker().notify_one();
+    assert!(
+        helpers::eventually(10, || async {
+            app.clock.advance(Duration::from_secs(1));
+            d.generation(off).await > 0
+        })
+        .await,
+        "the re-enabled account is refreshed"
+    );
+    let (status, body) = d.token(off).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        helpers::eventually(10, || async {
+            app.clock.advance(Duration::from_secs(1));
+            off_file.exists()
+        })
+        .await,
+        "the re-enabled account's sink is written"
+    );
+    d.stop().await;
+}
+
+/// Runs the binary with the test config and `args`.
+async fn cli(config: &std::path::Path, args: &[&str]) -> helpers::Out {
+    let mut cmd = Command::new(helpers::bin());
+    cmd.arg("--config").arg(config).args(args);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    helpers::run_to_end(cmd, None, Duration::from_secs(30)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_disable_and_enable_say_what_changed_and_show_tells() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = app.config_path("");
+    let store = app.store().await;
+    let id = app.import(&store, &app.config(""), &["u1"], None).await[0];
+    store.close().await;
+    let sid = id.to_string();
+
+    let out = cli(&config, &["accounts", "disable", &sid]).await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stdout
+            .contains(&format!("account {id} (tiktok/u1) disabled (was active)")),
+        "{out:#?}"
+    );
+    let out = cli(&config, &["accounts", "disable", &sid]).await;
+    assert!(
+        out.stdout.contains("is already disabled; nothing changed"),
+        "{out:#?}"
+    );
+    let out = cli(&config, &["accounts", "show", &sid]).await;
+    assert!(
+        out.stdout.contains("status             disabled"),
+        "{out:#?}"
+    );
+    assert!(
+        out.stdout
+            .contains(&format!("`refreshd accounts enable {id}`")),
+        "{out:#?}"
+    );
+    assert!(
+        out.stdout.contains(" disabled "),
+        "the log says when: {out:#?}"
+    );
+    let out = cli(&config, &["accounts", "refresh", &sid]).await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(out.stderr.contains("disabled"), "{out:#?}");
+
+    let out = cli(&config, &["accounts", "enable", &sid]).await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stdout.contains(&format!(
+            "account {id} (tiktok/u1) enabled (active): it is due now"
+        )),
+        "{out:#?}"
+    );
+    let out = cli(&config, &["accounts", "show", &sid, "--json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    assert_eq!(v["status"], "active");
+    for args in [
+        ["accounts", "disable", "999"],
+        ["accounts", "enable", "999"],
+    ] {
+        let out = cli(&config, &args).await;
+        assert_eq!(out.code, Some(1), "{out:#?}");
+        assert!(out.stderr.contains("no account with id 999"), "{out:#?}");
+    }
+}
