@@ -1,7 +1,7 @@
-//! `refreshd accounts`: list, show, import (in `import.rs`), refresh, disable, enable and
+//! `refreshd accounts`: list, show, import (in `import.rs`), export (in `export.rs`), refresh, disable, enable and
 //! remove stored accounts. Tokens are never printed.
 
-use super::{exit, import, open_existing, open_read_only};
+use super::{exit, export, import, open_existing, open_read_only};
 use anyhow::{Result, bail};
 use clap::{Subcommand, ValueEnum};
 use refreshd::clock::{Clock, rfc3339};
@@ -46,6 +46,19 @@ pub enum AccountsCommand {
         /// A JSON summary on stdout instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Write the accounts in the import format (JSON lines). Without --include-tokens an
+    /// inventory that `import` refuses; with it, a new 0600 file that imports back.
+    Export {
+        /// Only accounts of this provider (a [providers.NAME] of the config).
+        #[arg(long, value_name = "NAME")]
+        provider: Option<String>,
+        /// Also write each account's access and refresh token (needs -o FILE).
+        #[arg(long)]
+        include_tokens: bool,
+        /// A new file to write (mode 0600; never overwritten) instead of stdout.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
     },
     /// Make an account due now (a running daemon picks it up at its next look).
     Refresh {
@@ -253,6 +266,19 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
             Ok(exit::OK)
         }
         AccountsCommand::Import { file, json } => import::import(config, file, *json).await,
+        AccountsCommand::Export {
+            provider,
+            include_tokens,
+            output,
+        } => {
+            export::export(
+                config,
+                provider.as_deref(),
+                *include_tokens,
+                output.as_deref(),
+            )
+            .await
+        }
         AccountsCommand::Refresh { id, force } => {
             let store = open_existing(config).await?;
             let was = store.mark_due(*id, clock.now(), *force).await?;

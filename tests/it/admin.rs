@@ -1,5 +1,6 @@
 //! What an admin does to accounts, end to end against the sandbox: `accounts disable` /
-//! `enable` (a disabled account is never refreshed, handed out or written to a sink).
+//! `enable` (a disabled account is never refreshed, handed out or written to a sink);
+//! `accounts export` and its round trip through `accounts import`.
 
 use crate::helpers::{self, TestApp};
 use refreshd::config::Config;
@@ -8,6 +9,7 @@ use refreshd::lifecycle::{self, RunOptions, RunReport};
 use refreshd::model::Status;
 use refreshd::sandbox::SandboxConfig;
 use refreshd::store::Store;
+use secrecy::ExposeSecret;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
@@ -240,4 +242,137 @@ async fn accounts_disable_and_enable_say_what_changed_and_show_tells() {
         assert_eq!(out.code, Some(1), "{out:#?}");
         assert!(out.stderr.contains("no account with id 999"), "{out:#?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_with_tokens_imports_back_into_a_fresh_store_as_the_same_accounts() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = app.config_path("");
+    let now = refreshd::clock::Clock::system().now();
+    let mut lines = String::new();
+    for open_id in ["u1", "u2"] {
+        let mut g: serde_json::Value =
+            serde_json::from_str(&app.grant_line(open_id, None)).unwrap();
+        g["obtained_at"] = (now - 10).into();
+        lines += &format!("{g}\n");
+    }
+    let input = app.dir.path().join("in.jsonl");
+    std::fs::write(&input, &lines).unwrap();
+    let out = cli(&config, &["accounts", "import", input.to_str().unwrap()]).await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let store = app.store().await;
+    let originals = [
+        store.find("tiktok", "u1").await.unwrap().unwrap(),
+        store.find("tiktok", "u2").await.unwrap().unwrap(),
+    ];
+    store.close().await;
+    let secrets: Vec<String> = originals
+        .iter()
+        .flat_map(|a| {
+            [
+                a.access_token.expose_secret().to_string(),
+                a.refresh_token.expose_secret().to_string(),
+            ]
+        })
+        .collect();
+    let no_secret = |out: &helpers::Out| {
+        for s in &secrets {
+            assert!(
+                !out.all().contains(s.as_str()),
+                "a token was printed: {out:#?}"
+            );
+        }
+    };
+
+    // Without tokens: an inventory on stdout that import refuses, saying why.
+    let out = cli(&config, &["accounts", "export"]).await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    no_secret(&out);
+    assert_eq!(out.stdout.lines().count(), 2, "{out:#?}");
+    assert!(
+        out.stderr
+            .contains("exported 2 account(s) to stdout without tokens"),
+        "{out:#?}"
+    );
+    let bare = app.dir.path().join("bare.jsonl");
+    std::fs::write(&bare, &out.stdout).unwrap();
+    let out = cli(&config, &["accounts", "import", bare.to_str().unwrap()]).await;
+    assert_ne!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stderr.contains("tiktok/u1 has no `access_token`"),
+        "{out:#?}"
+    );
+    assert!(out.stderr.contains("--include-tokens"), "{out:#?}");
+    let out = cli(&config, &["accounts", "export", "--provider", "google"]).await;
+    assert!(
+        out.stdout.is_empty() && out.stderr.contains("exported 0"),
+        "{out:#?}"
+    );
+
+    // Tokens go only to a new 0600 file.
+    let out = cli(&config, &["accounts", "export", "--include-tokens"]).await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(
+        out.stdout.is_empty() && out.stderr.contains("-o FILE"),
+        "{out:#?}"
+    );
+    let file = app.dir.path().join("export.jsonl");
+    let f = file.to_str().unwrap();
+    let out = cli(
+        &config,
+        &["accounts", "export", "--include-tokens", "-o", f],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    no_secret(&out);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let exported = std::fs::read_to_string(&file).unwrap();
+    let out = cli(
+        &config,
+        &["accounts", "export", "--include-tokens", "-o", f],
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(out.stderr.contains("never overwrites"), "{out:#?}");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        exported,
+        "left as it was"
+    );
+
+    // Into a fresh store: the same accounts and tokens.
+    let fresh_db = app.dir.path().join("fresh.db");
+    let fresh = app.dir.path().join("fresh.toml");
+    std::fs::write(
+        &fresh,
+        helpers::config_toml(&fresh_db, &app.sandbox.token_url(), ""),
+    )
+    .unwrap();
+    let out = cli(&fresh, &["accounts", "import", f]).await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let store = helpers::open_store(&fresh_db, Duration::from_secs(2)).await;
+    for a in &originals {
+        let b = store
+            .find(&a.provider, &a.subject)
+            .await
+            .unwrap()
+            .expect("imported");
+        assert_eq!(b.label, a.label);
+        assert_eq!(
+            b.access_token.expose_secret(),
+            a.access_token.expose_secret()
+        );
+        assert_eq!(
+            b.refresh_token.expose_secret(),
+            a.refresh_token.expose_secret()
+        );
+        assert_eq!(b.scope, a.scope);
+        assert_eq!(b.token_type, a.token_type);
+        assert_eq!(b.access_expires_at, a.access_expires_at);
+        assert_eq!(b.refresh_expires_at, a.refresh_expires_at);
+        assert_eq!(b.status, a.status);
+    }
+    store.close().await;
 }
