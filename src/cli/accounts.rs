@@ -7,6 +7,7 @@ use clap::{Subcommand, ValueEnum};
 use refreshd::clock::{Clock, rfc3339};
 use refreshd::config::Config;
 use refreshd::model::Status;
+use refreshd::provider::Revocation;
 use refreshd::store::ListFilter;
 use refreshd::{connect, telemetry};
 
@@ -84,6 +85,13 @@ pub enum AccountsCommand {
     Remove {
         /// The account's id (see `accounts list`).
         id: i64,
+        /// First ask the provider to revoke the grant (its `revoke_url`); the account is
+        /// kept when the provider refuses or cannot be reached.
+        #[arg(long)]
+        revoke: bool,
+        /// With --revoke: remove the account even when the revocation failed.
+        #[arg(long, requires = "revoke")]
+        force: bool,
     },
 }
 
@@ -290,16 +298,80 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
         }
         AccountsCommand::Disable { id } => toggle(config, *id, true, clock.now()).await,
         AccountsCommand::Enable { id } => toggle(config, *id, false, clock.now()).await,
-        AccountsCommand::Remove { id } => {
+        AccountsCommand::Remove { id, revoke, force } => {
             let store = open_existing(config).await?;
             let Some(a) = store.get(*id).await? else {
                 bail!("no account with id {id} (see `refreshd accounts list`)");
             };
+            if *revoke && !revoked(config, &a, *force).await? {
+                store.close().await;
+                return Ok(exit::ERROR);
+            }
             store.remove(*id).await?;
             store.close().await;
             println!("removed account {id} ({}/{})", a.provider, a.subject);
             Ok(exit::OK)
         }
+    }
+}
+
+/// `accounts remove --revoke`: asks the provider and says what it answered. True when the
+/// account may go: revoked, or `force`.
+async fn revoked(config: &Config, a: &refreshd::model::Account, force: bool) -> Result<bool> {
+    let providers = refreshd::provider::Providers::from_config(config)?;
+    let Some(provider) = providers.get(&a.provider) else {
+        bail!(
+            "provider {:?} of account {} is not configured or disabled: add [providers.{}] to revoke, or remove without --revoke",
+            a.provider,
+            a.id,
+            a.provider
+        );
+    };
+    // The access token: what TikTok's revocation takes, and Google's ends the grant from it.
+    let token = &a.access_token;
+    let who = format!("account {} ({}/{})", a.id, a.provider, a.subject);
+    let failed = match provider.revoke(token).await {
+        Revocation::Revoked { http_status } => {
+            println!(
+                "provider {} revoked the grant of {who} (HTTP {http_status})",
+                a.provider
+            );
+            return Ok(true);
+        }
+        Revocation::Refused {
+            http_status,
+            code,
+            description,
+        } => format!(
+            "provider {} refused to revoke {who}: HTTP {http_status}, error {code}{}",
+            a.provider,
+            if description.is_empty() {
+                String::new()
+            } else {
+                format!(": {description}")
+            }
+        ),
+        Revocation::Unreachable(why) => {
+            format!(
+                "provider {} could not be reached to revoke {who}: {why}",
+                a.provider
+            )
+        }
+        Revocation::Unsupported => format!(
+            "provider {} has no revoke_url: {who} cannot be revoked by refreshd (set revoke_url, or revoke it at the provider)",
+            a.provider
+        ),
+    };
+    if force {
+        println!(
+            "{failed}; removing it anyway (--force): its tokens may still work at the provider"
+        );
+        Ok(true)
+    } else {
+        eprintln!(
+            "{failed}; the account is NOT removed (retry, or add --force to remove it anyway)"
+        );
+        Ok(false)
     }
 }
 

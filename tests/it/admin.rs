@@ -376,3 +376,119 @@ async fn export_with_tokens_imports_back_into_a_fresh_store_as_the_same_accounts
     }
     store.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_revoke_asks_the_sandbox_and_keeps_the_account_unless_revoked_or_forced() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let revoke = format!("revoke_url = {:?}", app.sandbox.revoke_url());
+    let config = app.config_path(&revoke);
+    let store = app.store().await;
+    let ids = app
+        .import(&store, &app.config(""), &["gone", "kept", "forced"], None)
+        .await;
+    let tokens: Vec<String> = {
+        let mut t = Vec::new();
+        for id in &ids {
+            t.push(
+                helpers::account(&store, *id)
+                    .await
+                    .access_token
+                    .expose_secret()
+                    .to_string(),
+            );
+        }
+        t
+    };
+    store.close().await;
+    let exists = |id: i64| {
+        let db = app.db.clone();
+        async move {
+            let s = helpers::open_store(&db, Duration::from_secs(2)).await;
+            let found = s.get(id).await.unwrap().is_some();
+            s.close().await;
+            found
+        }
+    };
+
+    // Revoked: the sandbox's grant is gone, then the account.
+    assert!(app.sandbox.access_token_valid("gone", &tokens[0]));
+    let out = cli(
+        &config,
+        &["accounts", "remove", &ids[0].to_string(), "--revoke"],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stdout
+            .contains("provider tiktok revoked the grant of account"),
+        "{out:#?}"
+    );
+    assert!(
+        out.stdout.contains(&format!("removed account {}", ids[0])),
+        "{out:#?}"
+    );
+    assert!(
+        !app.sandbox.access_token_valid("gone", &tokens[0]),
+        "revoked at the provider"
+    );
+    assert!(!exists(ids[0]).await);
+
+    // The provider refuses (a wrong client secret): the account stays, unless --force.
+    let wrong = app.dir.path().join("wrong.toml");
+    std::fs::write(
+        &wrong,
+        helpers::config_toml(&app.db, &app.sandbox.token_url(), &revoke)
+            .replace(helpers::CLIENT_SECRET, "not-the-secret"),
+    )
+    .unwrap();
+    let kept = ids[1].to_string();
+    let out = cli(&wrong, &["accounts", "remove", &kept, "--revoke"]).await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(out.stderr.contains("refused to revoke"), "{out:#?}");
+    assert!(
+        out.stderr.contains("HTTP 401, error invalid_client"),
+        "{out:#?}"
+    );
+    assert!(out.stderr.contains("NOT removed"), "{out:#?}");
+    assert!(exists(ids[1]).await);
+    assert!(app.sandbox.access_token_valid("kept", &tokens[1]));
+
+    // Unreachable: kept as well; --force removes it and says the tokens may still work.
+    let closed = app.dir.path().join("closed.toml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        &closed,
+        helpers::config_toml(
+            &app.db,
+            &app.sandbox.token_url(),
+            &format!("revoke_url = \"http://127.0.0.1:{port}/v2/oauth/revoke/\""),
+        ),
+    )
+    .unwrap();
+    let forced = ids[2].to_string();
+    let out = cli(&closed, &["accounts", "remove", &forced, "--revoke"]).await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(out.stderr.contains("could not be reached"), "{out:#?}");
+    assert!(exists(ids[2]).await);
+    let out = cli(
+        &closed,
+        &["accounts", "remove", &forced, "--revoke", "--force"],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stdout.contains("removing it anyway (--force)"),
+        "{out:#?}"
+    );
+    assert!(!exists(ids[2]).await);
+    for t in &tokens {
+        assert!(!out.all().contains(t.as_str()), "a token was printed");
+    }
+    // --force alone is a usage error.
+    let out = cli(&config, &["accounts", "remove", &kept, "--force"]).await;
+    assert_eq!(out.code, Some(2), "{out:#?}");
+}
