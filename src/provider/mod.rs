@@ -347,13 +347,6 @@ impl Provider {
         req: TokenRequest,
         now: i64,
     ) -> Result<(response::Answer, u16), ProviderFailure> {
-        let transient = |message: String| ProviderFailure {
-            class: FailureClass::Transient,
-            message,
-            http_status: None,
-            retry_after: None,
-            answer_lost: false,
-        };
         let rb = self.request(req)?;
         // Only a failure to connect proves the provider never saw the request.
         let mut resp = rb.send().await.map_err(|e| ProviderFailure {
@@ -412,13 +405,6 @@ impl Provider {
         resp: &mut reqwest::Response,
         now: i64,
     ) -> Result<(response::Answer, u16), ProviderFailure> {
-        let transient = |message: String| ProviderFailure {
-            class: FailureClass::Transient,
-            message,
-            http_status: None,
-            retry_after: None,
-            answer_lost: false,
-        };
         let answered_ok = resp.status().is_success();
         let status = resp.status().as_u16();
         let retry_after = resp
@@ -483,6 +469,17 @@ impl Provider {
                 .map(|d| d.as_secs().min(response::MAX_LIFETIME as u64) as i64);
         }
         Ok((answer, status))
+    }
+}
+
+/// A passing failure with no answer read (yet): the fields a caller fills in come after.
+fn transient(message: String) -> ProviderFailure {
+    ProviderFailure {
+        class: FailureClass::Transient,
+        message,
+        http_status: None,
+        retry_after: None,
+        answer_lost: false,
     }
 }
 

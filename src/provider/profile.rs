@@ -221,11 +221,7 @@ impl Profile {
         code_verifier: Option<&SecretString>,
     ) -> TokenRequest {
         let mut req = TokenRequest::new(Method::Post, &self.token_url, ParamsIn::Form);
-        let auth = match self.client_auth {
-            a @ (ClientAuth::Basic | ClientAuth::BasicRaw) => a,
-            _ => ClientAuth::Body,
-        };
-        self.client_auth(&mut req, auth, client_id, client_secret);
+        self.client_auth(&mut req, self.form_auth(), client_id, client_secret);
         req.params
             .push(("code".into(), code.expose_secret().to_string()));
         req.params
@@ -250,15 +246,20 @@ impl Profile {
     ) -> Option<TokenRequest> {
         let url = self.revoke_url.as_deref()?;
         let mut req = TokenRequest::new(Method::Post, url, ParamsIn::Form);
-        let auth = match self.client_auth {
-            a @ (ClientAuth::Basic | ClientAuth::BasicRaw) => a,
-            _ => ClientAuth::Body,
-        };
-        self.client_auth(&mut req, auth, client_id, client_secret);
+        self.client_auth(&mut req, self.form_auth(), client_id, client_secret);
         req.params
             .push(("token".into(), token.expose_secret().to_string()));
         req.headers = self.headers.clone();
         Some(req)
+    }
+
+    /// How a POST form to the provider (code exchange, revocation) authenticates the client:
+    /// in the body unless the profile uses HTTP Basic.
+    fn form_auth(&self) -> ClientAuth {
+        match self.client_auth {
+            a @ (ClientAuth::Basic | ClientAuth::BasicRaw) => a,
+            _ => ClientAuth::Body,
+        }
     }
 
     fn client_auth(
