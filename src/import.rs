@@ -1,15 +1,16 @@
-//! `accounts import`: JSON lines, each a token response as TikTok returns it plus `provider`,
-//! optional `label` and optional `obtained_at`. Parsing is all-or-nothing: every line is
-//! checked before anything is written, and each problem names its line. Accounts that arrive
-//! flagged are announced once, after the commit (`announce_flagged`).
+//! The import format, read by `accounts import` and written by `accounts export`: JSON
+//! lines, each a token response as TikTok returns it plus `provider`, optional `label` and
+//! optional `obtained_at`. Parsing is all-or-nothing: every line is checked before anything
+//! is written, and each problem names its line. Accounts that arrive flagged are announced
+//! once, after the commit (`announce_flagged`).
 
 use crate::clock::rfc3339;
 use crate::events::Event;
-use crate::model::TokenSet;
+use crate::model::{Account, TokenSet};
 use crate::policy::{self, RefreshTiming};
 use crate::provider::profile::Credential;
 use crate::store::NewAccount;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -35,7 +36,9 @@ struct Line {
     label: Option<String>,
     #[serde(default)]
     obtained_at: Option<Value>,
-    access_token: String,
+    /// Absent from an export without `--include-tokens`: such a line is refused.
+    #[serde(default)]
+    access_token: Option<String>,
     expires_in: Value,
     #[serde(default)]
     refresh_token: Option<String>,
@@ -206,7 +209,12 @@ impl<C: Fn(&str) -> Option<Credential>> Importer<C> {
                 .or(line.subject)
                 .filter(|s| !s.trim().is_empty())
                 .ok_or("`open_id` (the provider's user id) is missing or empty")?;
-            if line.access_token.trim().is_empty() {
+            let Some(access_token) = line.access_token else {
+                return Err(format!(
+                    "account {provider}/{subject} has no `access_token` (an `accounts export` without --include-tokens?): nothing to keep alive; export it with --include-tokens, or reconnect it with `refreshd connect {provider}`"
+                ));
+            };
+            if access_token.trim().is_empty() {
                 return Err("`access_token` is empty".into());
             }
             let refresh_token = line.refresh_token.filter(|t| !t.trim().is_empty());
@@ -251,7 +259,7 @@ impl<C: Fn(&str) -> Option<Credential>> Importer<C> {
                 subject,
                 label: line.label.as_deref().and_then(crate::connect::clean_label),
                 tokens: TokenSet {
-                    access_token: SecretString::from(line.access_token),
+                    access_token: SecretString::from(access_token),
                     refresh_token: refresh_token.map(SecretString::from),
                     expires_in,
                     refresh_expires_in,
@@ -317,6 +325,34 @@ impl<C: Fn(&str) -> Option<Credential>> Importer<C> {
     }
 }
 
+/// One `accounts export` line: `a` in the import format as of `now` (the lifetimes count
+/// from it), with its tokens only when `with_tokens`. Imported back, it gives the same
+/// account and tokens; its status and flag are not part of the format.
+pub fn export_line(a: &Account, now: i64, with_tokens: bool) -> Value {
+    let mut v = serde_json::json!({
+        "provider": a.provider,
+        "subject": a.subject,
+        "obtained_at": rfc3339(now),
+        "expires_in": (a.access_expires_at - now).max(0),
+        "scope": a.scope,
+        "token_type": a.token_type,
+    });
+    if let Some(label) = &a.label {
+        v["label"] = label.as_str().into();
+    }
+    if let Some(end) = a.refresh_expires_at {
+        v["refresh_expires_in"] = (end - now).max(0).into();
+    }
+    if with_tokens {
+        v["access_token"] = a.access_token.expose_secret().into();
+        let refresh = a.refresh_token.expose_secret();
+        if !refresh.is_empty() {
+            v["refresh_token"] = refresh.into();
+        }
+    }
+    v
+}
+
 /// Announces each imported account that arrived already flagged like any other flag: the
 /// `reauth_required` log event now, and the returned events for the webhook
 /// (`notify::send_now`). Call after the commit, once per import.
@@ -371,6 +407,63 @@ mod tests {
         parse("f.jsonl", text, 1_000_000, &timing(), WEEK, |p| {
             p == "tiktok"
         })
+    }
+
+    #[test]
+    fn a_line_without_tokens_is_refused_naming_the_account_and_the_way_out() {
+        let line = GOOD
+            .replace(r#""access_token":"act.A","#, "")
+            .replace(r#""refresh_token":"rft.R","#, "");
+        let e = p(&line).unwrap_err();
+        let (n, msg) = &e.problems[0];
+        assert_eq!(*n, 1);
+        assert!(msg.contains("tiktok/u1 has no `access_token`"), "{msg}");
+        assert!(msg.contains("--include-tokens"), "{msg}");
+    }
+
+    #[test]
+    fn an_export_line_reads_back_as_the_same_account() {
+        let a = Account {
+            id: 7,
+            provider: "tiktok".into(),
+            subject: "u1".into(),
+            label: Some("Shop".into()),
+            access_token: SecretString::from("act.A"),
+            refresh_token: SecretString::from("rft.R"),
+            scope: "user.info.basic".into(),
+            token_type: "Bearer".into(),
+            access_expires_at: 1_000_000 + 3600,
+            refresh_expires_at: Some(1_000_000 + 30 * 86_400),
+            next_refresh_at: 0,
+            status: Status::Active,
+            reauth_reason: None,
+            reauth_flagged_at: None,
+            failures: 0,
+            last_error: None,
+            last_refreshed_at: None,
+            generation: 3,
+            created_at: 0,
+            updated_at: 0,
+            interrupted_at: None,
+        };
+        let bare = export_line(&a, 1_000_000, false).to_string();
+        assert!(!bare.contains("act.A") && !bare.contains("rft.R"), "{bare}");
+        let line = export_line(&a, 1_000_000, true).to_string();
+        let r = &p(&line).unwrap()[0];
+        assert_eq!((r.provider.as_str(), r.subject.as_str()), ("tiktok", "u1"));
+        assert_eq!(r.label.as_deref(), Some("Shop"));
+        assert_eq!(r.tokens.access_token.expose_secret(), "act.A");
+        assert_eq!(
+            r.tokens.refresh_token.as_ref().map(|t| t.expose_secret()),
+            Some("rft.R")
+        );
+        assert_eq!(r.obtained_at, 1_000_000);
+        assert_eq!(r.obtained_at + r.tokens.expires_in, a.access_expires_at);
+        assert_eq!(
+            r.tokens.refresh_expires_in.map(|s| r.obtained_at + s),
+            a.refresh_expires_at
+        );
+        assert_eq!(r.tokens.scope.as_deref(), Some("user.info.basic"));
     }
 
     #[test]

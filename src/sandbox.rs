@@ -39,6 +39,8 @@ use crate::clock::Clock;
 
 /// Path of the token endpoint, as on `open.tiktokapis.com`.
 pub const TOKEN_PATH: &str = "/v2/oauth/token/";
+/// Path of the revocation endpoint, as on `open.tiktokapis.com`.
+pub const REVOKE_PATH: &str = "/v2/oauth/revoke/";
 /// Path of the authorization page, as on `www.tiktok.com`.
 pub const AUTHORIZE_PATH: &str = "/v2/auth/authorize/";
 /// Path of the counters ([`SandboxStats`] as JSON), for a sandbox run as its own process.
@@ -200,6 +202,7 @@ impl Sandbox {
         });
         let app = Router::new()
             .route(TOKEN_PATH, post(token_endpoint))
+            .route(REVOKE_PATH, post(revoke_endpoint))
             .route(AUTHORIZE_PATH, get(authorize_endpoint))
             .route(STATS_PATH, get(stats_endpoint))
             .with_state(shared.clone());
@@ -231,6 +234,11 @@ impl Sandbox {
     /// Full URL of the token endpoint, e.g. `http://127.0.0.1:PORT/v2/oauth/token/`.
     pub fn token_url(&self) -> String {
         format!("http://{}{}", self.addr, TOKEN_PATH)
+    }
+
+    /// Full URL of the revocation endpoint, e.g. `http://127.0.0.1:PORT/v2/oauth/revoke/`.
+    pub fn revoke_url(&self) -> String {
+        format!("http://{}{}", self.addr, REVOKE_PATH)
     }
 
     /// Full URL of the authorization page, e.g. `http://127.0.0.1:PORT/v2/auth/authorize/`.
@@ -757,6 +765,47 @@ async fn token_endpoint(
         Ok(body) => json_response(StatusCode::OK, body),
         Err(reject) => shared.error_response(reject),
     }
+}
+
+/// TikTok's revocation: form `client_key`, `client_secret`, `token` (an access or refresh
+/// token of a grant). A known token revokes its whole grant; an unknown one is answered
+/// as revoked too (RFC 7009 §2.2). Success is an empty JSON object.
+async fn revoke_endpoint(
+    State(shared): State<Arc<Shared>>,
+    form: Result<Form<HashMap<String, String>>, FormRejection>,
+) -> Response {
+    let Ok(Form(form)) = form else {
+        return shared.error_response(Reject::invalid_request(
+            "Body must be application/x-www-form-urlencoded.",
+        ));
+    };
+    let field = |name: &str| form.get(name).map(String::as_str).filter(|v| !v.is_empty());
+    let mut book = shared.lock();
+    if field("client_key") != Some(book.config.client_key.as_str())
+        || field("client_secret") != Some(book.config.client_secret.as_str())
+    {
+        book.stats.client_rejected += 1;
+        drop(book);
+        return shared.error_response(Reject::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "Client key or secret is invalid.",
+        ));
+    }
+    let Some(token) = field("token") else {
+        drop(book);
+        return shared.error_response(Reject::invalid_request("token is required."));
+    };
+    let owner = book.current.get(token).map(|o| o.to_string()).or_else(|| {
+        book.grants
+            .iter()
+            .find(|(_, g)| &*g.access_token == token)
+            .map(|(o, _)| o.to_string())
+    });
+    if let Some(grant) = owner.and_then(|o| book.grants.get_mut(o.as_str())) {
+        grant.revoked = true;
+    }
+    json_response(StatusCode::OK, json!({}))
 }
 
 async fn stats_endpoint(State(shared): State<Arc<Shared>>) -> Response {

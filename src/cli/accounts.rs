@@ -1,12 +1,13 @@
-//! `refreshd accounts`: list, show, import (in `import.rs`), refresh and remove stored
-//! accounts. Tokens are never printed.
+//! `refreshd accounts`: list, show, import (in `import.rs`), export (in `export.rs`), refresh, disable, enable and
+//! remove stored accounts. Tokens are never printed.
 
-use super::{exit, import, open_existing, open_read_only};
+use super::{exit, export, import, open_existing, open_read_only};
 use anyhow::{Result, bail};
 use clap::{Subcommand, ValueEnum};
 use refreshd::clock::{Clock, rfc3339};
 use refreshd::config::Config;
 use refreshd::model::Status;
+use refreshd::provider::Revocation;
 use refreshd::store::ListFilter;
 use refreshd::{connect, telemetry};
 
@@ -47,6 +48,19 @@ pub enum AccountsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write the accounts in the import format (JSON lines). Without --include-tokens an
+    /// inventory that `import` refuses; with it, a new 0600 file that imports back.
+    Export {
+        /// Only accounts of this provider (a [providers.NAME] of the config).
+        #[arg(long, value_name = "NAME")]
+        provider: Option<String>,
+        /// Also write each account's access and refresh token (needs -o FILE).
+        #[arg(long)]
+        include_tokens: bool,
+        /// A new file to write (mode 0600; never overwritten) instead of stdout.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
+    },
     /// Make an account due now (a running daemon picks it up at its next look).
     Refresh {
         /// The account's id (see `accounts list`).
@@ -58,10 +72,29 @@ pub enum AccountsCommand {
     /// What comes due in the next hour or day per provider, against each provider's rate
     /// limit, and the soonest refresh-token ends.
     Plan(super::plan::PlanArgs),
+    /// Switch an account off: it is not refreshed, the token API refuses its token and
+    /// sinks leave its file alone, until `accounts enable`.
+    Disable {
+        /// The account's id (see `accounts list`).
+        id: i64,
+    },
+    /// Switch a disabled account back on: it is due now (or needs a human again if it was
+    /// flagged).
+    Enable {
+        /// The account's id (see `accounts list`).
+        id: i64,
+    },
     /// Delete an account and its refresh history.
     Remove {
         /// The account's id (see `accounts list`).
         id: i64,
+        /// First ask the provider to revoke the grant (its `revoke_url`); the account is
+        /// kept when the provider refuses or cannot be reached.
+        #[arg(long)]
+        revoke: bool,
+        /// With --revoke: remove the account even when the revocation failed.
+        #[arg(long, requires = "revoke")]
+        force: bool,
     },
 }
 
@@ -196,6 +229,12 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
                         opt(a.reauth_flagged_at)
                     );
                 }
+                if a.status == Status::Disabled {
+                    println!(
+                        "  disabled           not refreshed, token not handed out; `refreshd accounts enable {}`",
+                        a.id
+                    );
+                }
                 if a.status.needs_human() {
                     println!(
                         "  to re-authorize    {}",
@@ -238,6 +277,19 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
             Ok(exit::OK)
         }
         AccountsCommand::Import { file, json } => import::import(config, file, *json).await,
+        AccountsCommand::Export {
+            provider,
+            include_tokens,
+            output,
+        } => {
+            export::export(
+                config,
+                provider.as_deref(),
+                *include_tokens,
+                output.as_deref(),
+            )
+            .await
+        }
         AccountsCommand::Refresh { id, force } => {
             let store = open_existing(config).await?;
             let was = store.mark_due(*id, clock.now(), *force).await?;
@@ -247,11 +299,17 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
             );
             Ok(exit::OK)
         }
-        AccountsCommand::Remove { id } => {
+        AccountsCommand::Disable { id } => toggle(config, *id, true, clock.now()).await,
+        AccountsCommand::Enable { id } => toggle(config, *id, false, clock.now()).await,
+        AccountsCommand::Remove { id, revoke, force } => {
             let store = open_existing(config).await?;
             let Some(a) = store.get(*id).await? else {
                 bail!("no account with id {id} (see `refreshd accounts list`)");
             };
+            if *revoke && !revoked(config, &a, *force).await? {
+                store.close().await;
+                return Ok(exit::ERROR);
+            }
             store.remove(*id).await?;
             store.close().await;
             println!("removed account {id} ({}/{})", a.provider, a.subject);
@@ -259,6 +317,92 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
         }
         AccountsCommand::Plan(args) => super::plan::plan(config, args).await,
     }
+}
+
+/// `accounts remove --revoke`: asks the provider and says what it answered. True when the
+/// account may go: revoked, or `force`.
+async fn revoked(config: &Config, a: &refreshd::model::Account, force: bool) -> Result<bool> {
+    let providers = refreshd::provider::Providers::from_config(config)?;
+    let Some(provider) = providers.get(&a.provider) else {
+        bail!(
+            "provider {:?} of account {} is not configured or disabled: add [providers.{}] to revoke, or remove without --revoke",
+            a.provider,
+            a.id,
+            a.provider
+        );
+    };
+    // The access token: what TikTok's revocation takes, and Google's ends the grant from it.
+    let token = &a.access_token;
+    let who = format!("account {} ({}/{})", a.id, a.provider, a.subject);
+    let failed = match provider.revoke(token).await {
+        Revocation::Revoked { http_status } => {
+            println!(
+                "provider {} revoked the grant of {who} (HTTP {http_status})",
+                a.provider
+            );
+            return Ok(true);
+        }
+        Revocation::Refused {
+            http_status,
+            code,
+            description,
+        } => format!(
+            "provider {} refused to revoke {who}: HTTP {http_status}, error {code}{}",
+            a.provider,
+            if description.is_empty() {
+                String::new()
+            } else {
+                format!(": {description}")
+            }
+        ),
+        Revocation::Unreachable(why) => {
+            format!(
+                "provider {} could not be reached to revoke {who}: {why}",
+                a.provider
+            )
+        }
+        Revocation::Unsupported => format!(
+            "provider {} has no revoke_url: {who} cannot be revoked by refreshd (set revoke_url, or revoke it at the provider)",
+            a.provider
+        ),
+    };
+    if force {
+        println!(
+            "{failed}; removing it anyway (--force): its tokens may still work at the provider"
+        );
+        Ok(true)
+    } else {
+        eprintln!(
+            "{failed}; the account is NOT removed (retry, or add --force to remove it anyway)"
+        );
+        Ok(false)
+    }
+}
+
+/// `accounts disable` / `enable`: says what changed, or that nothing had to.
+async fn toggle(config: &Config, id: i64, disable: bool, now: i64) -> Result<u8> {
+    let store = open_existing(config).await?;
+    let Some(a) = store.get(id).await? else {
+        store.close().await;
+        bail!("no account with id {id} (see `refreshd accounts list`)");
+    };
+    let changed = store.set_disabled(id, disable, now).await;
+    store.close().await;
+    let who = format!("account {id} ({}/{})", a.provider, a.subject);
+    match changed? {
+        (was, None) => println!("{who} is already {was}; nothing changed"),
+        (was, Some(Status::Disabled)) => println!(
+            "{who} disabled (was {was}): not refreshed, its token not handed out, until `refreshd accounts enable {id}`"
+        ),
+        (_, Some(now @ (Status::Active | Status::Expiring))) => println!(
+            "{who} enabled ({now}): it is due now; a running daemon refreshes it at its next look at the store"
+        ),
+        (_, Some(now)) => println!(
+            "{who} enabled, but it is {now}: a person must log in again (`{}`)",
+            telemetry::reconnect_command(&a.provider, id)
+        ),
+    }
+    Ok(exit::OK)
 }
 
 fn summary_json(a: &refreshd::store::AccountSummary) -> serde_json::Value {

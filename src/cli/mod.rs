@@ -7,6 +7,7 @@ mod check;
 mod connect;
 mod demo;
 mod docs;
+mod export;
 mod import;
 mod plan;
 #[cfg(test)]

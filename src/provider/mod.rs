@@ -16,6 +16,7 @@ pub mod response;
 pub mod tiktok;
 
 pub use failure::{FailureClass, ProviderFailure};
+pub use response::Revocation;
 
 use crate::config::{Config, ProviderConfig};
 use crate::model::TokenSet;
@@ -176,6 +177,36 @@ impl Provider {
         self.send(req, now).await
     }
 
+    /// Asks the provider to revoke `token` (its grant with it), under the rate limit.
+    pub async fn revoke(&self, token: &SecretString) -> Revocation {
+        let Some(req) =
+            self.profile
+                .revoke_request(&self.client_key, self.client_secret.as_ref(), token)
+        else {
+            return Revocation::Unsupported;
+        };
+        self.ready().await;
+        let rb = match self.request(req) {
+            Ok(rb) => rb,
+            Err(f) => return Revocation::Unreachable(f.message),
+        };
+        let resp = match rb.send().await {
+            Ok(r) => r,
+            Err(e) => return Revocation::Unreachable(describe_reqwest(&e.without_url())),
+        };
+        let status = resp.status();
+        let body = match resp.bytes().await {
+            Ok(b) if b.len() <= self.max_body => b,
+            Ok(_) => {
+                return Revocation::Unreachable(
+                    "the answer is larger than refresh.max_response_bytes".into(),
+                );
+            }
+            Err(e) => return Revocation::Unreachable(describe_reqwest(&e.without_url())),
+        };
+        response::revocation(status.as_u16(), &body)
+    }
+
     /// Exchanges an authorization code for tokens (grant_type=authorization_code). The
     /// answer must name the user (the profile's `subject_field`). Returns the tokens and
     /// the HTTP status.
@@ -316,13 +347,17 @@ impl Provider {
         req: TokenRequest,
         now: i64,
     ) -> Result<(response::Answer, u16), ProviderFailure> {
-        let transient = |message: String| ProviderFailure {
-            class: FailureClass::Transient,
-            message,
-            http_status: None,
-            retry_after: None,
-            answer_lost: false,
-        };
+        let rb = self.request(req)?;
+        // Only a failure to connect proves the provider never saw the request.
+        let mut resp = rb.send().await.map_err(|e| ProviderFailure {
+            answer_lost: !e.is_connect(),
+            ..transient(describe_reqwest(&e.without_url()))
+        })?;
+        self.read_answer(&mut resp, now).await
+    }
+
+    /// The HTTP request of `req`: its URL, query, method, headers and client auth.
+    fn request(&self, req: TokenRequest) -> Result<reqwest::RequestBuilder, ProviderFailure> {
         let mut url = url::Url::parse(&req.url).map_err(|e| ProviderFailure {
             class: FailureClass::Config,
             message: format!("token URL of provider {} is not a URL: {e}", self.name),
@@ -361,11 +396,15 @@ impl Provider {
         if req.params_in == ParamsIn::Form {
             rb = rb.form(&req.params);
         }
-        // Only a failure to connect proves the provider never saw the request.
-        let mut resp = rb.send().await.map_err(|e| ProviderFailure {
-            answer_lost: !e.is_connect(),
-            ..transient(describe_reqwest(&e.without_url()))
-        })?;
+        Ok(rb)
+    }
+
+    /// Reads a token endpoint's answer, with the body-size cap.
+    async fn read_answer(
+        &self,
+        resp: &mut reqwest::Response,
+        now: i64,
+    ) -> Result<(response::Answer, u16), ProviderFailure> {
         let answered_ok = resp.status().is_success();
         let status = resp.status().as_u16();
         let retry_after = resp
@@ -430,6 +469,17 @@ impl Provider {
                 .map(|d| d.as_secs().min(response::MAX_LIFETIME as u64) as i64);
         }
         Ok((answer, status))
+    }
+}
+
+/// A passing failure with no answer read (yet): the fields a caller fills in come after.
+fn transient(message: String) -> ProviderFailure {
+    ProviderFailure {
+        class: FailureClass::Transient,
+        message,
+        http_status: None,
+        retry_after: None,
+        answer_lost: false,
     }
 }
 

@@ -225,11 +225,7 @@ impl Profile {
         code_verifier: Option<&SecretString>,
     ) -> TokenRequest {
         let mut req = TokenRequest::new(Method::Post, &self.token_url, ParamsIn::Form);
-        let auth = match self.client_auth {
-            a @ (ClientAuth::Basic | ClientAuth::BasicRaw) => a,
-            _ => ClientAuth::Body,
-        };
-        self.client_auth(&mut req, auth, client_id, client_secret);
+        self.client_auth(&mut req, self.form_auth(), client_id, client_secret);
         req.params
             .push(("code".into(), code.expose_secret().to_string()));
         req.params
@@ -242,6 +238,32 @@ impl Profile {
         }
         req.headers = self.headers.clone();
         req
+    }
+
+    /// The revocation request (RFC 7009; TikTok's `/v2/oauth/revoke/`): a POST form of the
+    /// client credentials and `token` to `revoke_url`, or None without one. Holds secrets.
+    pub fn revoke_request(
+        &self,
+        client_id: &str,
+        client_secret: Option<&SecretString>,
+        token: &SecretString,
+    ) -> Option<TokenRequest> {
+        let url = self.revoke_url.as_deref()?;
+        let mut req = TokenRequest::new(Method::Post, url, ParamsIn::Form);
+        self.client_auth(&mut req, self.form_auth(), client_id, client_secret);
+        req.params
+            .push(("token".into(), token.expose_secret().to_string()));
+        req.headers = self.headers.clone();
+        Some(req)
+    }
+
+    /// How a POST form to the provider (code exchange, revocation) authenticates the client:
+    /// in the body unless the profile uses HTTP Basic.
+    fn form_auth(&self) -> ClientAuth {
+        match self.client_auth {
+            a @ (ClientAuth::Basic | ClientAuth::BasicRaw) => a,
+            _ => ClientAuth::Body,
+        }
     }
 
     fn client_auth(
@@ -417,6 +439,22 @@ mod tests {
         );
         assert_eq!(r.param("grant_type"), Some("refresh_token"));
         assert!(r.basic.is_none());
+    }
+
+    #[test]
+    fn tiktok_revocation_posts_the_client_and_the_token_to_revoke_url() {
+        let p = Profile::built_in("tiktok").unwrap();
+        let r = p
+            .revoke_request("ck", Some(&SecretString::from("cs")), &cred())
+            .unwrap();
+        assert_eq!(r.method, Method::Post);
+        assert_eq!(r.url, "https://open.tiktokapis.com/v2/oauth/revoke/");
+        assert_eq!(r.params_in, ParamsIn::Form);
+        assert_eq!(r.param_names(), ["client_key", "client_secret", "token"]);
+        assert_eq!(r.param("token"), Some("CRED-SECRET"));
+        let none = Profile::built_in("instagram").unwrap();
+        assert!(none.revoke_url.is_none());
+        assert!(none.revoke_request("ck", None, &cred()).is_none());
     }
 
     #[test]

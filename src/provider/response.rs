@@ -99,6 +99,52 @@ fn error_answer(obj: &Map<String, Value>) -> Option<ErrorAnswer> {
     })
 }
 
+/// What a provider answered to a revocation (`accounts remove --revoke`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Revocation {
+    /// A 2xx without an error in its body: the grant is gone.
+    Revoked { http_status: u16 },
+    /// The provider answered with an error: its HTTP status, code and description.
+    Refused {
+        http_status: u16,
+        code: String,
+        description: String,
+    },
+    /// No answer (connection refused, timeout, oversized answer): why.
+    Unreachable(String),
+    /// The provider has no `revoke_url`.
+    Unsupported,
+}
+
+/// A revocation's answer: revoked on a 2xx whose body (JSON or empty, RFC 7009) names no
+/// error; refused with the provider's code otherwise (`http_<status>` when it names none).
+pub fn revocation(status: u16, body: &[u8]) -> Revocation {
+    let error = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.as_object().and_then(error_answer))
+        .filter(|e| !means_success(&e.code));
+    match error {
+        None if (200..300).contains(&status) => Revocation::Revoked {
+            http_status: status,
+        },
+        e => Revocation::Refused {
+            http_status: status,
+            code: e
+                .as_ref()
+                .map_or_else(|| format!("http_{status}"), |e| e.code.clone()),
+            description: e
+                .and_then(|e| {
+                    let trace = e
+                        .trace
+                        .map(|(k, v)| format!(" ({k} {v})"))
+                        .unwrap_or_default();
+                    e.description.map(|d| d + &trace)
+                })
+                .unwrap_or_default(),
+        },
+    }
+}
+
 /// An `error` code that says there is none (TikTok v2 `"ok"`, a numeric `0`).
 fn means_success(code: &str) -> bool {
     code.eq_ignore_ascii_case("ok") || code == "0"

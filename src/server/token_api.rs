@@ -135,6 +135,16 @@ fn store_error(e: crate::store::StoreError) -> Response {
 }
 
 async fn serve(s: &AppState, mut a: Account, q: TokenQuery) -> Response {
+    if a.status == Status::Disabled {
+        return json_error(
+            StatusCode::FORBIDDEN,
+            "account_disabled",
+            format!(
+                "account {} ({}/{}) is disabled by an admin: its token is not handed out; `refreshd accounts enable {}` switches it back on",
+                a.id, a.provider, a.subject, a.id
+            ),
+        );
+    }
     let min_valid = match q.min_valid.as_deref().map(humantime::parse_duration) {
         None => Duration::ZERO,
         Some(Ok(d)) if d <= MAX_MIN_VALID => d,

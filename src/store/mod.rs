@@ -575,6 +575,28 @@ impl Store {
         }
     }
 
+    /// `accounts disable` (`disable`) or `enable`: the status before and, when it changed,
+    /// after. A disabled account is never claimed, handed out or written to a sink; enabling
+    /// makes it due now.
+    pub async fn set_disabled(
+        &self,
+        id: i64,
+        disable: bool,
+        now: i64,
+    ) -> Result<(Status, Option<Status>), StoreError> {
+        let ctx = "disable or enable account";
+        match &self.backend {
+            Backend::Sqlite(s) => {
+                s.in_tx(ctx, move |tx| lite::set_disabled(tx, id, disable, now))
+                    .await
+            }
+            Backend::Postgres(p) => {
+                p.in_tx(ctx, async |tx| pg::set_disabled(tx, id, disable, now).await)
+                    .await
+            }
+        }
+    }
+
     pub async fn remove(&self, id: i64) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => {

@@ -1,5 +1,6 @@
 //! The store's pure decisions, the same on both backends: whether an import may replace an
-//! account's tokens, whether `accounts refresh` may make an account due, how a web
+//! account's tokens, whether `accounts refresh` may make an account due, which status
+//! `accounts disable` / `enable` leave an account in, how a web
 //! connect's stored state is judged when its callback comes back, and which stored values
 //! a rekey still has to re-seal. No I/O here; unit-tested below.
 
@@ -7,7 +8,7 @@ use super::error::Refusal;
 use super::error::StoreError;
 use super::types::{NewAccount, PendingConnect, StateProblem};
 use crate::crypto::{Column, Keyring};
-use crate::model::{Account, Status};
+use crate::model::{Account, ReauthReason, Status};
 use secrecy::ExposeSecret;
 
 /// Whether an import or connection may replace an existing account's tokens.
@@ -50,6 +51,26 @@ pub(crate) fn check_mark_due(id: i64, status: Status, force: bool) -> Result<(),
         return Err(Refusal::MarkDueFlagged { id, status }.into());
     }
     Ok(())
+}
+
+/// The status `accounts disable` (`disable`) or `accounts enable` leaves an account in, or
+/// `None` when it already is there. Enabling goes back to what the account's flag says: a
+/// flag set before (or while) it was disabled still needs a human.
+pub(crate) fn toggled_status(
+    status: Status,
+    reauth_reason: Option<ReauthReason>,
+    disable: bool,
+) -> Option<Status> {
+    match (disable, status) {
+        (true, Status::Disabled)
+        | (false, Status::Active | Status::Expiring | Status::NeedsReauth) => None,
+        (true, _) => Some(Status::Disabled),
+        (false, Status::Disabled) => Some(match reauth_reason {
+            None => Status::Active,
+            Some(ReauthReason::RefreshTokenExpiring) => Status::Expiring,
+            Some(_) => Status::NeedsReauth,
+        }),
+    }
 }
 
 /// Used and expired connect states are kept this long after expiry, so a replay is reported
@@ -203,6 +224,24 @@ mod tests {
         assert!(matches!(refusal(&err), Refusal::UpsertOlderTokens { .. }));
         assert!(err.to_string().contains("drop that line"), "{err}");
         check_upsert(3, &account(100), None, Some(100), 100).unwrap();
+    }
+
+    #[test]
+    fn disable_and_enable_change_only_what_is_not_there_yet_and_enable_keeps_the_flag() {
+        use ReauthReason::*;
+        assert_eq!(toggled_status(Status::Disabled, None, true), None);
+        for s in [Status::Active, Status::Expiring, Status::NeedsReauth] {
+            assert_eq!(toggled_status(s, None, true), Some(Status::Disabled));
+            assert_eq!(toggled_status(s, None, false), None);
+        }
+        let enabled = |r| toggled_status(Status::Disabled, r, false);
+        assert_eq!(enabled(None), Some(Status::Active));
+        assert_eq!(enabled(Some(RefreshTokenExpiring)), Some(Status::Expiring));
+        assert_eq!(enabled(Some(InvalidGrant)), Some(Status::NeedsReauth));
+        assert_eq!(
+            enabled(Some(RefreshTokenExpired)),
+            Some(Status::NeedsReauth)
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! binary against the sandbox provider (or wiremock) on loopback and a real SQLite file in
 //! a temp dir. Set TEST_LOG=1 to see the daemon's logs.
 
+mod admin;
 mod answers;
 mod bench;
 mod chaos;

@@ -361,3 +361,32 @@ fn a_lifetime_is_whole_seconds_within_ten_years() {
         assert!(e.contains("`expires_in`"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn a_revocation_is_revoked_on_a_clean_2xx_and_refused_with_the_providers_code() {
+    use crate::provider::Revocation;
+    for body in [&b""[..], b"{}", br#"{"error":{"code":"ok","message":""}}"#] {
+        assert_eq!(
+            revocation(200, body),
+            Revocation::Revoked { http_status: 200 }
+        );
+    }
+    let tiktok = br#"{"error":"invalid_client","error_description":"Client key or secret is invalid.","log_id":"L1"}"#;
+    assert_eq!(
+        revocation(401, tiktok),
+        Revocation::Refused {
+            http_status: 401,
+            code: "invalid_client".into(),
+            description: "Client key or secret is invalid. (log_id L1)".into(),
+        }
+    );
+    // An error in a 200 is still an error; a bare 5xx names its status.
+    assert!(matches!(
+        revocation(200, br#"{"error":"invalid_request"}"#),
+        Revocation::Refused { code, .. } if code == "invalid_request"
+    ));
+    assert!(matches!(
+        revocation(503, b"<html>down</html>"),
+        Revocation::Refused { code, .. } if code == "http_503"
+    ));
+}

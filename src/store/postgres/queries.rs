@@ -7,7 +7,7 @@
 use super::errors::pg_err;
 use super::writes::append_log;
 use crate::crypto::{Column, Keyring};
-use crate::model::{Account, Status};
+use crate::model::{Account, ReauthReason, Status};
 use crate::store::columns::{self, ACCOUNT_COLUMNS, RowRead, SUMMARY_COLUMNS};
 use crate::store::error::{Refusal, StoreError};
 use crate::store::rules::{self, StateRow, sealed_pattern};
@@ -519,6 +519,42 @@ pub async fn mark_due(
         append_log(tx, id, now, "marked_due", None, None, None).await?;
         Ok(st)
     }
+}
+
+/// `accounts disable` / `enable`: the status before and, when it changed, after. An enabled
+/// account is due now. The lease is left alone: a refresh in flight still stores its tokens
+/// (`record` keeps `disabled`).
+pub async fn set_disabled(
+    tx: &Transaction<'_>,
+    id: i64,
+    disable: bool,
+    now: i64,
+) -> Result<(Status, Option<Status>), StoreError> {
+    let row = tx
+        .query_opt(
+            "SELECT status, reauth_reason FROM accounts WHERE id = $1 FOR UPDATE",
+            &[&id],
+        )
+        .await
+        .map_err(pg_err("read account"))?
+        .ok_or(StoreError::NotFound(id))?;
+    let st = status(row.try_get(0).map_err(pg_err("read account"))?)?;
+    let reason: Option<String> = row.try_get(1).map_err(pg_err("read account"))?;
+    let reason = reason.as_deref().and_then(ReauthReason::parse);
+    let Some(to) = rules::toggled_status(st, reason, disable) else {
+        return Ok((st, None));
+    };
+    tx.execute(
+        "UPDATE accounts SET status = $2, updated_at = $3,
+            next_refresh_at = CASE WHEN $4 THEN next_refresh_at ELSE $3 END
+         WHERE id = $1",
+        &[&id, &to.as_str(), &now, &disable],
+    )
+    .await
+    .map_err(pg_err("disable or enable account"))?;
+    let outcome = if disable { "disabled" } else { "enabled" };
+    append_log(tx, id, now, outcome, None, None, None).await?;
+    Ok((st, Some(to)))
 }
 
 pub async fn remove(tx: &Transaction<'_>, id: i64) -> Result<(), StoreError> {

@@ -129,7 +129,7 @@ async fn upsert_one(
                         refresh_token = CASE WHEN $4 = '' THEN refresh_token ELSE $4 END,
                         scope = $5, token_type = $6, access_expires_at = $7,
                         refresh_expires_at = CASE WHEN $4 = '' THEN COALESCE($8, refresh_expires_at) ELSE $8 END,
-                        next_refresh_at = $9, status = $10,
+                        next_refresh_at = $9, status = CASE WHEN status = 'disabled' THEN status ELSE $10 END,
                         reauth_reason = $11, reauth_flagged_at = $12, failures = 0,
                         last_error = NULL, lease_owner = NULL, lease_expires_at = NULL,
                         generation = generation + 1, updated_at = $13
@@ -228,7 +228,7 @@ pub async fn record(
                     scope = COALESCE($5, scope), token_type = $6,
                     access_expires_at = $7,
                     refresh_expires_at = COALESCE($8, refresh_expires_at),
-                    next_refresh_at = $9, status = $10,
+                    next_refresh_at = $9, status = CASE WHEN status = 'disabled' THEN status ELSE $10 END,
                     reauth_reason = $11::text,
                     reauth_flagged_at = CASE WHEN $11::text IS NULL THEN NULL
                         WHEN reauth_reason IS NOT DISTINCT FROM $11::text THEN reauth_flagged_at ELSE $12 END,
@@ -298,7 +298,8 @@ pub async fn record(
         } => {
             run(
                 "flag account for re-authorization",
-                "UPDATE accounts SET status = 'needs_reauth', reauth_reason = $3,
+                "UPDATE accounts SET reauth_reason = $3,
+                    status = CASE WHEN status = 'disabled' THEN status ELSE 'needs_reauth' END,
                     reauth_flagged_at = $4, last_error = $5, failures = failures + 1,
                     lease_owner = NULL, lease_expires_at = NULL, updated_at = $4
                  WHERE id = $1 AND generation = $2",

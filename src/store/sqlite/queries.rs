@@ -5,7 +5,7 @@
 
 use super::writes::append_log;
 use crate::crypto::{Column, Keyring};
-use crate::model::{Account, Status};
+use crate::model::{Account, ReauthReason, Status};
 use crate::store::columns::{self, ACCOUNT_COLUMNS, RowRead, SUMMARY_COLUMNS};
 use crate::store::error::{Refusal, StoreError};
 use crate::store::rules::{self, StateRow, sealed_pattern};
@@ -450,6 +450,40 @@ pub fn mark_due(
     .map_err(sql_err("mark account due"))?;
     append_log(tx, id, now, "marked_due", None, None, None)?;
     Ok(status)
+}
+
+/// `accounts disable` / `enable`: the status before and, when it changed, after. An enabled
+/// account is due now. The lease is left alone: a refresh in flight still stores its tokens
+/// (`record` keeps `disabled`).
+pub fn set_disabled(
+    tx: &Transaction<'_>,
+    id: i64,
+    disable: bool,
+    now: i64,
+) -> Result<(Status, Option<Status>), StoreError> {
+    let (status, reason): (Status, Option<String>) = tx
+        .query_row(
+            "SELECT status, reauth_reason FROM accounts WHERE id = ?1",
+            [id],
+            |r| Ok((parse_status(r.get(0)?)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(sql_err("read account"))?
+        .ok_or(StoreError::NotFound(id))?;
+    let reason = reason.as_deref().and_then(ReauthReason::parse);
+    let Some(to) = rules::toggled_status(status, reason, disable) else {
+        return Ok((status, None));
+    };
+    tx.execute(
+        "UPDATE accounts SET status = ?2, updated_at = ?3,
+            next_refresh_at = CASE WHEN ?4 THEN next_refresh_at ELSE ?3 END
+         WHERE id = ?1",
+        params![id, to.as_str(), now, disable],
+    )
+    .map_err(sql_err("disable or enable account"))?;
+    let outcome = if disable { "disabled" } else { "enabled" };
+    append_log(tx, id, now, outcome, None, None, None)?;
+    Ok((status, Some(to)))
 }
 
 pub fn remove(tx: &Transaction<'_>, id: i64) -> Result<(), StoreError> {

@@ -47,7 +47,7 @@ pub fn upsert(
                         refresh_token = CASE WHEN ?4 = '' THEN refresh_token ELSE ?4 END,
                         scope = ?5, token_type = ?6, access_expires_at = ?7,
                         refresh_expires_at = CASE WHEN ?4 = '' THEN COALESCE(?8, refresh_expires_at) ELSE ?8 END,
-                        next_refresh_at = ?9, status = ?10,
+                        next_refresh_at = ?9, status = CASE WHEN status = 'disabled' THEN status ELSE ?10 END,
                         reauth_reason = ?11, reauth_flagged_at = ?12, failures = 0,
                         last_error = NULL, lease_owner = NULL, lease_expires_at = NULL,
                         generation = generation + 1, updated_at = ?13
@@ -176,7 +176,7 @@ pub fn record(tx: &Connection, keys: &Keyring, o: &Outcome) -> Result<Recorded, 
                 scope = COALESCE(?5, scope), token_type = ?6,
                 access_expires_at = ?7,
                 refresh_expires_at = COALESCE(?8, refresh_expires_at),
-                next_refresh_at = ?9, status = ?10,
+                next_refresh_at = ?9, status = CASE WHEN status = 'disabled' THEN status ELSE ?10 END,
                 reauth_reason = ?11,
                 reauth_flagged_at = CASE WHEN ?11 IS NULL THEN NULL
                     WHEN reauth_reason IS ?11 THEN reauth_flagged_at ELSE ?12 END,
@@ -237,7 +237,8 @@ pub fn record(tx: &Connection, keys: &Keyring, o: &Outcome) -> Result<Recorded, 
             error,
         } => run(
             "flag account for re-authorization",
-            "UPDATE accounts SET status = 'needs_reauth', reauth_reason = ?3,
+            "UPDATE accounts SET reauth_reason = ?3,
+                status = CASE WHEN status = 'disabled' THEN status ELSE 'needs_reauth' END,
                 reauth_flagged_at = ?4, last_error = ?5, failures = failures + 1,
                 lease_owner = NULL, lease_expires_at = NULL, updated_at = ?4
              WHERE id = ?1 AND generation = ?2",

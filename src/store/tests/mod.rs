@@ -180,6 +180,7 @@ async fn wait_for_recovery_commit(recovery: &Path) {
 }
 
 mod accounts;
+mod admin;
 mod durability;
 mod open;
 mod plan;
