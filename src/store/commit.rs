@@ -1,11 +1,15 @@
 //! The group-commit policy, the same on both backends: how many outcomes share one commit,
 //! how long a commit waits for a lock before its rotations go to the recovery file, what a
 //! failed group does (one bad outcome must not hold the others hostage), and how often
-//! deferred rotations are retried. Each backend's worker only runs the transactions.
+//! deferred rotations are retried, and what a worker's stop leaves behind. Each backend's
+//! worker only runs the transactions.
 
 use super::deferred::Deferrals;
 use super::error::StoreError;
+use super::instance::{Instance, StoreLock};
+use super::recovery::RecoveryLog;
 use super::types::{Outcome, Recorded, Reply};
+use std::path::Path;
 use std::time::Duration;
 
 /// Most outcomes written by one commit.
@@ -61,6 +65,23 @@ pub(crate) fn settle_retry(
     match result {
         Ok((_, refused)) => deferrals.committed(&refused),
         Err(e) => deferrals.retry_failed(&e),
+    }
+}
+
+/// A worker's stop, the same on both backends: its own recovery file goes only when nothing
+/// is deferred (what is waits there for the next start), then its instance lock on `db` is
+/// released. A second call does nothing.
+pub(crate) fn stop(instance: &mut Option<Instance>, deferrals: &mut Deferrals, db: &Path) {
+    let Some(me) = instance.take() else {
+        return;
+    };
+    let path = deferrals.log.path().to_path_buf();
+    let log = std::mem::replace(&mut deferrals.log, RecoveryLog::unopened(path));
+    if deferrals.is_empty() {
+        log.remove();
+    }
+    if let Ok(lock) = StoreLock::acquire(db) {
+        me.release(&lock);
     }
 }
 

@@ -352,20 +352,7 @@ impl Worker {
 
     /// A stop: the own recovery file goes when empty, the instance lock with its file.
     fn finish(&mut self) {
-        let Some(me) = self.instance.take() else {
-            return;
-        };
-        let path = self.deferrals.log.path().to_path_buf();
-        let log = std::mem::replace(
-            &mut self.deferrals.log,
-            recovery::RecoveryLog::unopened(path),
-        );
-        if self.deferrals.is_empty() {
-            log.remove();
-        }
-        if let Ok(lock) = instance::StoreLock::acquire(&self.db) {
-            me.release(&lock);
-        }
+        commit::stop(&mut self.instance, &mut self.deferrals, &self.db);
     }
 
     async fn commit(&self, outcomes: &[&Outcome]) -> Result<Vec<Recorded>, StoreError> {

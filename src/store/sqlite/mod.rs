@@ -472,19 +472,7 @@ impl Worker {
 
     /// A stop: the own recovery file goes when empty, the instance lock with its file.
     fn finish(&mut self) {
-        let Some(me) = self.instance.take() else {
-            return;
-        };
-        let log = std::mem::replace(
-            &mut self.deferrals.log,
-            recovery::RecoveryLog::unopened(recovery::owner_recovery_path(&self.db, &self.owner)),
-        );
-        if self.deferrals.is_empty() {
-            log.remove();
-        }
-        if let Ok(lock) = instance::StoreLock::acquire(&self.db) {
-            me.release(&lock);
-        }
+        commit::stop(&mut self.instance, &mut self.deferrals, &self.db);
     }
 
     /// Notices a deleted or replaced database, and takes over dead processes' work.
