@@ -23,9 +23,8 @@ p{overflow-wrap:anywhere}\
 .scroll:focus{outline:2px solid #0b57d0;outline-offset:2px}\
 table{border-collapse:collapse;min-width:100%}\
 caption{text-align:left;font-weight:600;padding:.25rem 0}\
-th,td{border-bottom:1px solid #c4c4c4;padding:.35rem .5rem;text-align:left;vertical-align:top}\
-td{max-width:22rem;overflow-wrap:break-word}\
-time{white-space:nowrap}\
+th,td{border-bottom:1px solid #c4c4c4;padding:.35rem .5rem;text-align:left;vertical-align:top;white-space:nowrap}\
+td.text{white-space:normal;min-width:14rem;max-width:24rem;overflow-wrap:break-word}\
 .num{text-align:right;font-variant-numeric:tabular-nums}\
 .badge{display:inline-block;padding:0 .4rem;border:1px solid;border-radius:.25rem;white-space:nowrap}\
 .ok{color:#0d5a1f;background:#e8f5eb}\
@@ -233,7 +232,7 @@ fn recent(rows: &[RecentOutcome], now: i64) -> Markup {
                 }
                 td { span class={"badge " (outcome_class(&r.entry.outcome))} { (r.entry.outcome) } }
                 td.num { @if let Some(h) = r.entry.http_status { (h) } }
-                td { @if let Some(e) = &r.entry.error { (e) } }
+                td.text { @if let Some(e) = &r.entry.error { (e) } }
                 td.num { @if let Some(d) = r.entry.duration_ms { (d) } }
             }
         }
