@@ -47,6 +47,18 @@ pub enum Change {
     Closed,
 }
 
+/// Where a circuit stands, as the admin page shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Closed,
+    /// Requests wait; the next probe goes at `probe_at` (clock ms).
+    Open {
+        probe_at: i64,
+    },
+    /// One probe request is in flight.
+    Probing,
+}
+
 #[derive(Clone, Debug)]
 pub struct Circuit {
     state: State,
@@ -91,6 +103,14 @@ impl Circuit {
         match self.state {
             State::Open { probe_at } => Some(probe_at),
             _ => None,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        match self.state {
+            State::Closed { .. } => Phase::Closed,
+            State::Open { probe_at } => Phase::Open { probe_at },
+            State::Probing => Phase::Probing,
         }
     }
 
@@ -151,6 +171,20 @@ mod tests {
         }
         assert_eq!(c.failure(0, None), Some(Change::Opened));
         assert_eq!(c.permit(10), Permit::Wait { until: Some(1000) });
+    }
+
+    #[test]
+    fn its_phase_follows_closed_open_probing_closed() {
+        let mut c = Circuit::default();
+        assert_eq!(c.phase(), Phase::Closed);
+        for _ in 0..THRESHOLD {
+            c.failure(0, None);
+        }
+        assert_eq!(c.phase(), Phase::Open { probe_at: 1000 });
+        assert_eq!(c.permit(1000), Permit::Probe);
+        assert_eq!(c.phase(), Phase::Probing);
+        c.answered();
+        assert_eq!(c.phase(), Phase::Closed);
     }
 
     #[test]

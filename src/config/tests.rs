@@ -524,3 +524,20 @@ fn keep_alive_is_validated_against_the_floors_and_the_refresh_lifetime() {
     let fine = "refresh_at_least_every = \"22d\"\nrefresh_ttl = \"sliding\"\nrefresh_token_lifetime = \"30d\"\n";
     assert!(with(fine).is_ok());
 }
+
+#[test]
+fn the_admin_page_is_off_by_default_and_needs_the_api_secret_and_a_listener() {
+    assert!(!Config::from_toml_str("").unwrap().server.admin_page);
+    for server in [
+        "listen = \"127.0.0.1:0\"\nadmin_page = true\n",
+        "admin_page = true\napi_token_file = \"/nonexistent/api-token\"\n",
+    ] {
+        let e = Config::from_toml_str(&format!("[server]\n{server}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server.admin_page") && e.contains("server.api_token_file"),
+            "{server}: {e}"
+        );
+    }
+}

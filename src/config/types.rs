@@ -159,6 +159,8 @@ pub struct ServerConfig {
     pub fd_reserve: usize,
     /// Most requests handled at once; more wait for a slot (within `request_timeout`).
     pub max_concurrent_requests: usize,
+    /// Serve the read-only admin page `GET /admin` (with the token API's bearer secret).
+    pub admin_page: bool,
 }
 
 /// The web connect endpoints `/connect/{provider}/start` and `/connect/{provider}/callback`.
@@ -195,6 +197,7 @@ impl Default for ServerConfig {
             max_connections: None,
             fd_reserve: 256,
             max_concurrent_requests: 64,
+            admin_page: false,
         }
     }
 }

@@ -216,6 +216,14 @@ fn server(p: &mut Problems, sv: &mut ServerConfig, r: &RefreshConfig) {
             Err(m) => p.bad("server.api_token_file", m),
         }
     }
+    if sv.admin_page
+        && (sv.api_token_file.is_none() || (sv.listen.is_none() && sv.unix_socket.is_none()))
+    {
+        p.bad(
+            "server.admin_page",
+            "the admin page is served by the ops server with the token API's bearer secret: set server.listen (or server.unix_socket) and server.api_token_file too",
+        );
+    }
 }
 
 /// `[connect]`; reads `redirect_secret_file`.

@@ -1,13 +1,34 @@
 //! The engine's side of the per-provider circuit breakers (`crate::circuit`): which
 //! providers' accounts are held back, whether a request may go now, and the announcements
-//! (log, metric, wake-up) when a circuit opens or closes.
+//! (log, metric, wake-up) when a circuit opens or closes; what the admin page shows of each
+//! provider's circuit and configuration state.
 
 use super::Engine;
-use crate::circuit::{self, Circuit, Permit};
+use crate::circuit::{self, Circuit, Permit, Phase};
 use crate::model::Account;
 use std::time::Duration;
 
+/// What this process knows of one provider's health, for the admin page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProviderHealth {
+    pub circuit: Phase,
+    /// The provider refuses our client configuration (`provider_config_error`).
+    pub rejecting: bool,
+}
+
 impl Engine {
+    /// The circuit and configuration state of `provider` in this process (closed and
+    /// accepted until a request says otherwise).
+    pub fn provider_health(&self, provider: &str) -> ProviderHealth {
+        let circuit = (self.circuits.lock().expect("not poisoned"))
+            .get(provider)
+            .map_or(Phase::Closed, Circuit::phase);
+        let rejecting = (self.provider_states.lock().expect("not poisoned"))
+            .get(provider)
+            .is_some_and(|s| s.rejecting());
+        ProviderHealth { circuit, rejecting }
+    }
+
     /// Providers whose circuit holds their accounts back now: not claimed.
     pub(super) fn held_providers(&self) -> Vec<String> {
         let now = self.clock.now_millis();

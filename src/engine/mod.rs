@@ -17,6 +17,7 @@ pub mod decide;
 mod settings;
 mod stats;
 
+pub use circuits::ProviderHealth;
 pub use settings::Settings;
 pub use stats::{Stats, StatsSnapshot};
 

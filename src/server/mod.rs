@@ -1,7 +1,8 @@
 //! The ops HTTP server (axum): `/healthz`, `/readyz`, `/metrics`, the token API for the app
-//! the daemon serves, and the web connect endpoints. Served on `server.listen` and/or
+//! the daemon serves, the web connect endpoints and the admin page. Served on `server.listen` and/or
 //! `server.unix_socket`; off when neither is set.
 
+mod admin;
 mod connect_web;
 mod serve;
 mod signed_redirect;
@@ -90,7 +91,7 @@ impl ServerHandle {
 }
 
 /// The router: health and metrics always; the token API only with a configured secret;
-/// connect only when `connect.enabled`.
+/// connect only when `connect.enabled`; the admin page only when `server.admin_page`.
 pub fn router(state: AppState, config: &Config) -> Router {
     let mut app = Router::new()
         .route("/healthz", get(healthz))
@@ -98,6 +99,9 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .route("/metrics", get(metrics));
     if config.server.api_token.is_some() {
         app = app.merge(token_api::routes());
+    }
+    if config.server.admin_page && config.server.api_token.is_some() {
+        app = app.merge(admin::routes());
     }
     if config.connect.enabled {
         app = app.merge(connect_web::routes());

@@ -47,7 +47,7 @@ fn json_error(status: StatusCode, error: &str, message: String) -> Response {
 
 /// Compares the bearer secret through SHA-256 digests, so neither content nor length leaks
 /// through timing.
-fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
+pub(super) fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
     let Some(expected) = state.settings.borrow().config.server.api_token.clone() else {
         return false;
     };
@@ -69,6 +69,16 @@ fn bearer_credentials(value: &str) -> Option<&str> {
         .eq_ignore_ascii_case("bearer")
         .then(|| rest.trim())
         .filter(|t| !t.is_empty())
+}
+
+/// Logs a request for `requested` (an account's token, the admin page) without the right
+/// bearer secret.
+pub(super) fn unauthorized_event(requested: &str) {
+    tracing::warn!(
+        event = "token_api_unauthorized",
+        requested,
+        "request without the right bearer secret"
+    );
 }
 
 fn unauthorized() -> Response {
@@ -112,11 +122,7 @@ async fn answer(
     lookup: impl std::future::Future<Output = Result<Option<Account>, crate::store::StoreError>>,
 ) -> Response {
     if !authorized(s, headers) {
-        tracing::warn!(
-            event = "token_api_unauthorized",
-            requested = %who,
-            "token request without the right bearer secret"
-        );
+        unauthorized_event(&who);
         return unauthorized();
     }
     match lookup.await {

@@ -27,8 +27,8 @@ pub use rekey::rekey;
 pub use sqlite::{WATCH_EVERY, check_report};
 pub use types::{
     AccountSummary, DueMinute, Gauges, ListFilter, LogEntry, NewAccount, Outcome, PendingConnect,
-    PgOptions, PlanQuery, PlanRows, Recorded, RefreshEnd, RekeyBatch, RekeyReport, StateProblem,
-    StoreOptions, SweepReport,
+    PgOptions, PlanQuery, PlanRows, RecentOutcome, Recorded, RefreshEnd, RekeyBatch, RekeyReport,
+    StateProblem, StoreOptions, SweepReport,
 };
 
 use crate::crypto::Keyring;
@@ -376,6 +376,17 @@ impl Store {
             Backend::Sqlite(s) => s.call(move |c| lite::log_entries(c, id, limit)).await,
             Backend::Postgres(p) => {
                 pg::log_entries(&**p.client("read refresh log").await?, id, limit).await
+            }
+        }
+    }
+
+    /// The newest `limit` refresh outcomes of all accounts, newest first (the admin page).
+    pub async fn recent_outcomes(&self, limit: usize) -> Result<Vec<RecentOutcome>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.call(move |c| lite::recent_outcomes(c, limit)).await,
+            Backend::Postgres(p) => {
+                let c = p.client("read the latest refresh outcomes").await?;
+                pg::recent_outcomes(&**c, limit).await
             }
         }
     }

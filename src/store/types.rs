@@ -169,6 +169,16 @@ pub struct LogEntry {
     pub duration_ms: Option<i64>,
 }
 
+/// One row of the refresh log with the account it was for, for the admin page's latest
+/// outcomes. `provider` and `subject` are None when the account was removed since.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RecentOutcome {
+    pub account_id: i64,
+    pub provider: Option<String>,
+    pub subject: Option<String>,
+    pub entry: LogEntry,
+}
+
 /// What `accounts plan` reads (see `plan.rs`): refreshes coming due, counted per provider
 /// and minute, and the soonest refresh-token ends.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -7,7 +7,9 @@
 //!   `REFRESHD_TEST_STRICT=1` (`.ci/run` sets it) a NOT RUN fails the test instead.
 //! - [`postgres`]: a throwaway PostgreSQL cluster (module `cluster`), one per test binary.
 //! - [`tool`]: whether an installed program answers.
+//! - [`browser`]: a chromedriver for tests that drive a real headless Chromium.
 
+pub mod browser;
 mod cluster;
 mod exit;
 mod report;

@@ -3,6 +3,7 @@
 //! a temp dir. Set TEST_LOG=1 to see the daemon's logs.
 
 mod admin;
+mod admin_page;
 mod answers;
 mod bench;
 mod chaos;

@@ -13,7 +13,7 @@ use crate::store::error::{Refusal, StoreError};
 use crate::store::rules::{self, StateRow, sealed_pattern};
 use crate::store::types::{
     AccountSummary, DueMinute, Gauges, ListFilter, LogEntry, PendingConnect, PlanQuery, PlanRows,
-    RefreshEnd, RekeyBatch, StateProblem, SweepReport,
+    RecentOutcome, RefreshEnd, RekeyBatch, StateProblem, SweepReport,
 };
 use deadpool_postgres::{ClientWrapper, Transaction};
 use tokio_postgres::{GenericClient, Row};
@@ -217,6 +217,20 @@ pub async fn list(
     rows.iter().map(row_to_summary).collect()
 }
 
+/// A refresh log row's `at, outcome, http_status, error, duration_ms`, from column `first`.
+fn log_entry_at(r: &Row, first: usize, ctx: &'static str) -> Result<LogEntry, StoreError> {
+    Ok(LogEntry {
+        at: r.try_get(first).map_err(pg_err(ctx))?,
+        outcome: r.try_get(first + 1).map_err(pg_err(ctx))?,
+        http_status: r
+            .try_get::<_, Option<i32>>(first + 2)
+            .map_err(pg_err(ctx))?
+            .map(|s| s as u16),
+        error: r.try_get(first + 3).map_err(pg_err(ctx))?,
+        duration_ms: r.try_get(first + 4).map_err(pg_err(ctx))?,
+    })
+}
+
 pub async fn log_entries(
     client: &impl GenericClient,
     id: i64,
@@ -231,17 +245,33 @@ pub async fn log_entries(
         )
         .await
         .map_err(pg_err(ctx))?;
+    rows.iter().map(|r| log_entry_at(r, 0, ctx)).collect()
+}
+
+/// The newest `limit` rows of the whole refresh log, newest first, with their accounts
+/// (the `refresh_log_at` index read backwards: bounded at any table size).
+pub async fn recent_outcomes(
+    client: &impl GenericClient,
+    limit: usize,
+) -> Result<Vec<RecentOutcome>, StoreError> {
+    let ctx = "read the latest refresh outcomes";
+    let rows = client
+        .query(
+            "SELECT l.account_id, a.provider, a.subject, l.at, l.outcome, l.http_status, l.error,
+                    l.duration_ms
+             FROM refresh_log l LEFT JOIN accounts a ON a.id = l.account_id
+             ORDER BY l.at DESC, l.id DESC LIMIT $1",
+            &[&(limit as i64)],
+        )
+        .await
+        .map_err(pg_err(ctx))?;
     rows.iter()
         .map(|r| {
-            Ok(LogEntry {
-                at: r.try_get(0).map_err(pg_err(ctx))?,
-                outcome: r.try_get(1).map_err(pg_err(ctx))?,
-                http_status: r
-                    .try_get::<_, Option<i32>>(2)
-                    .map_err(pg_err(ctx))?
-                    .map(|s| s as u16),
-                error: r.try_get(3).map_err(pg_err(ctx))?,
-                duration_ms: r.try_get(4).map_err(pg_err(ctx))?,
+            Ok(RecentOutcome {
+                account_id: r.try_get(0).map_err(pg_err(ctx))?,
+                provider: r.try_get(1).map_err(pg_err(ctx))?,
+                subject: r.try_get(2).map_err(pg_err(ctx))?,
+                entry: log_entry_at(r, 3, ctx)?,
             })
         })
         .collect()

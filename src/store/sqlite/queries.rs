@@ -11,7 +11,7 @@ use crate::store::error::{Refusal, StoreError};
 use crate::store::rules::{self, StateRow, sealed_pattern};
 use crate::store::types::{
     AccountSummary, DueMinute, Gauges, ListFilter, LogEntry, PendingConnect, PlanQuery, PlanRows,
-    RefreshEnd, RekeyBatch, StateProblem, SweepReport,
+    RecentOutcome, RefreshEnd, RekeyBatch, StateProblem, SweepReport,
 };
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
@@ -209,6 +209,17 @@ pub fn list(
         .map_err(sql_err("list accounts"))
 }
 
+/// A refresh log row's `at, outcome, http_status, error, duration_ms`, from column `first`.
+fn log_entry_at(r: &Row<'_>, first: usize) -> rusqlite::Result<LogEntry> {
+    Ok(LogEntry {
+        at: r.get(first)?,
+        outcome: r.get(first + 1)?,
+        http_status: r.get(first + 2)?,
+        error: r.get(first + 3)?,
+        duration_ms: r.get(first + 4)?,
+    })
+}
+
 pub fn log_entries(conn: &Connection, id: i64, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
@@ -217,18 +228,35 @@ pub fn log_entries(conn: &Connection, id: i64, limit: usize) -> Result<Vec<LogEn
         )
         .map_err(sql_err("read refresh log"))?;
     let rows = stmt
-        .query_map(params![id, limit as i64], |r| {
-            Ok(LogEntry {
-                at: r.get(0)?,
-                outcome: r.get(1)?,
-                http_status: r.get(2)?,
-                error: r.get(3)?,
-                duration_ms: r.get(4)?,
-            })
-        })
+        .query_map(params![id, limit as i64], |r| log_entry_at(r, 0))
         .map_err(sql_err("read refresh log"))?;
     rows.collect::<Result<_, _>>()
         .map_err(sql_err("read refresh log"))
+}
+
+/// The newest `limit` rows of the whole refresh log, newest first, with their accounts
+/// (walks the `refresh_log_at` index backwards: bounded at any table size).
+pub fn recent_outcomes(conn: &Connection, limit: usize) -> Result<Vec<RecentOutcome>, StoreError> {
+    let ctx = "read the latest refresh outcomes";
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT l.account_id, a.provider, a.subject, l.at, l.outcome, l.http_status, l.error,
+                    l.duration_ms
+             FROM refresh_log l LEFT JOIN accounts a ON a.id = l.account_id
+             ORDER BY l.at DESC, l.id DESC LIMIT ?1",
+        )
+        .map_err(sql_err(ctx))?;
+    let rows = stmt
+        .query_map([limit as i64], |r| {
+            Ok(RecentOutcome {
+                account_id: r.get(0)?,
+                provider: r.get(1)?,
+                subject: r.get(2)?,
+                entry: log_entry_at(r, 3)?,
+            })
+        })
+        .map_err(sql_err(ctx))?;
+    rows.collect::<Result<_, _>>().map_err(sql_err(ctx))
 }
 
 /// Counts by (provider, status).

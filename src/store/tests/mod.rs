@@ -181,6 +181,7 @@ async fn wait_for_recovery_commit(recovery: &Path) {
 
 mod accounts;
 mod admin;
+mod admin_page;
 mod durability;
 mod open;
 mod plan;

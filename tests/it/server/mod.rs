@@ -19,19 +19,19 @@ mod token_api;
 mod web_connect;
 mod web_redirect;
 
-const API_TOKEN: &str = "test-api-token-0123456789abcdef";
+pub(crate) const API_TOKEN: &str = "test-api-token-0123456789abcdef";
 
-struct Daemon {
-    addr: SocketAddr,
-    store: Store,
-    engine: Engine,
+pub(crate) struct Daemon {
+    pub(crate) addr: SocketAddr,
+    pub(crate) store: Store,
+    pub(crate) engine: Engine,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<RunReport, lifecycle::DaemonError>>,
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
 }
 
 impl Daemon {
-    async fn start(app: &TestApp, mut config: Config) -> Daemon {
+    pub(crate) async fn start(app: &TestApp, mut config: Config) -> Daemon {
         // A first start: the daemon may create its store (docs/src/durability.md).
         config.store.create = true;
         let shutdown = CancellationToken::new();
@@ -61,7 +61,7 @@ impl Daemon {
         }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
@@ -80,20 +80,20 @@ impl Daemon {
         (status, r.json().await.unwrap_or(serde_json::Value::Null))
     }
 
-    async fn stop(self) -> RunReport {
+    pub(crate) async fn stop(self) -> RunReport {
         self.shutdown.cancel();
         self.task.await.unwrap().expect("clean stop")
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port()
 }
 
-fn server_config(app: &TestApp, server: &str) -> Config {
+pub(crate) fn server_config(app: &TestApp, server: &str) -> Config {
     app.config(&format!("\n[server]\nlisten = \"127.0.0.1:0\"\n{server}\n"))
 }
 
