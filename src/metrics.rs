@@ -64,6 +64,7 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     refreshes: Family<OutcomeLabels, Counter>,
+    proxy_requests: Family<OutcomeLabels, Counter>,
     latency: Family<ProviderLabel, Histogram, fn() -> Histogram>,
     lateness: Histogram,
     provider_failures: Family<ProviderLabel, Gauge>,
@@ -106,6 +107,12 @@ impl Metrics {
             "refreshes",
             "Refresh attempts by provider and outcome (rotated, transient, config_error, rejected, superseded, released)",
             refreshes.clone(),
+        );
+        let proxy_requests = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "proxy_requests",
+            "Token proxy requests by provider and outcome (forwarded, retried, refused, too_large, upstream_failed)",
+            proxy_requests.clone(),
         );
         let latency: Family<ProviderLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(latency_histogram);
@@ -234,6 +241,7 @@ impl Metrics {
         Metrics {
             registry,
             refreshes,
+            proxy_requests,
             latency,
             lateness,
             provider_failures,
@@ -296,6 +304,16 @@ impl Metrics {
         if outcome != "record_failed" {
             self.last_commit_at.set(now);
         }
+    }
+
+    /// One request through the token proxy and what it came to.
+    pub fn proxy_request(&self, provider: &str, outcome: &str) {
+        self.proxy_requests
+            .get_or_create(&OutcomeLabels {
+                provider: provider.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
     }
 
     /// Gives each configured provider its per-provider series at 0, so an alert on them sees

@@ -1,8 +1,9 @@
 //! The ops HTTP server (axum): `/healthz`, `/readyz`, `/metrics`, the token API for the app
-//! the daemon serves, and the web connect endpoints. Served on `server.listen` and/or
-//! `server.unix_socket`; off when neither is set.
+//! the daemon serves, the token proxy (`/proxy/...`), and the web connect endpoints. Served
+//! on `server.listen` and/or `server.unix_socket`; off when neither is set.
 
 mod connect_web;
+mod proxy;
 mod serve;
 mod signed_redirect;
 mod token_api;
@@ -98,6 +99,9 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .route("/metrics", get(metrics));
     if config.server.api_token.is_some() {
         app = app.merge(token_api::routes());
+        if config.proxy.enabled {
+            app = app.merge(proxy::routes(config));
+        }
     }
     if config.connect.enabled {
         app = app.merge(connect_web::routes());
