@@ -26,6 +26,7 @@ mod plan;
 mod postgres;
 mod props;
 mod providers;
+mod proxy;
 mod security;
 mod server;
 mod sink;
