@@ -325,6 +325,10 @@ impl Metrics {
             let _ = self.circuit_open.get_or_create(&label);
             let _ = self.parked_past_expiry.get_or_create(&label);
             let _ = self.last_rotation_at.get_or_create(&label);
+            let _ = self.proxy_requests.get_or_create(&OutcomeLabels {
+                provider: provider.to_string(),
+                outcome: "forwarded".to_string(),
+            });
         }
     }
 

@@ -60,8 +60,8 @@ impl Sandbox {
 }
 
 impl Shared {
-    /// The open_id whose live access token the request carries, counted; else TikTok's 401.
-    fn caller(&self, headers: &HeaderMap) -> Result<String, Response> {
+    /// The open_id whose live access token the request carries (counted; a refusal too).
+    fn caller(&self, headers: &HeaderMap) -> Option<String> {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -81,21 +81,22 @@ impl Shared {
                     && !book.api_refusals.users.contains(&***open_id)
             })
             .map(|(open_id, _)| open_id.to_string());
-        match found {
-            Some(open_id) => Ok(open_id),
-            None => {
-                book.stats.api_unauthorized += 1;
-                drop(book);
-                Err(json_response(
-                    StatusCode::UNAUTHORIZED,
-                    self.api_body(
-                        json!({}),
-                        "access_token_invalid",
-                        "The access token is invalid or not found in the request.",
-                    ),
-                ))
-            }
+        if found.is_none() {
+            book.stats.api_unauthorized += 1;
         }
+        found
+    }
+
+    /// TikTok's 401 for a missing, unknown, expired or revoked access token.
+    fn unauthorized(&self) -> Response {
+        json_response(
+            StatusCode::UNAUTHORIZED,
+            self.api_body(
+                json!({}),
+                "access_token_invalid",
+                "The access token is invalid or not found in the request.",
+            ),
+        )
     }
 
     /// TikTok's API envelope: `{"data": .., "error": {"code", "message", "log_id"}}`.
@@ -106,7 +107,7 @@ impl Shared {
 
 async fn user_info(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     match shared.caller(&headers) {
-        Ok(open_id) => {
+        Some(open_id) => {
             let user = json!({
                 "open_id": open_id,
                 "union_id": format!("union.{open_id}"),
@@ -118,7 +119,7 @@ async fn user_info(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Res
                 shared.api_body(json!({"user": user}), "ok", ""),
             )
         }
-        Err(r) => r,
+        None => shared.unauthorized(),
     }
 }
 
@@ -129,8 +130,8 @@ async fn echo(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Err(r) = shared.caller(&headers) {
-        return r;
+    if shared.caller(&headers).is_none() {
+        return shared.unauthorized();
     }
     let Ok(body) = axum::body::to_bytes(body, ECHO_MAX).await else {
         return StatusCode::PAYLOAD_TOO_LARGE.into_response();

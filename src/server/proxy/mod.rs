@@ -104,7 +104,10 @@ async fn proxy(s: AppState, upstream: Upstream, req: Request) -> Response {
         .and_then(|base| target::upstream_url(&base, rest, parts.uri.query()).map_err(refused))
     {
         Ok(u) => u,
-        Err(r) => return done(Outcome::Refused, r.status(), r),
+        Err(r) => {
+            let r = r.response();
+            return done(Outcome::Refused, r.status(), r);
+        }
     };
     let a = match usable(&s, a).await {
         Ok(a) => a,
@@ -149,9 +152,27 @@ fn split_path(path: &str) -> (&str, &str) {
     }
 }
 
+/// Why a request is not forwarded, before any I/O: the answer's parts (small, unlike a
+/// `Response`).
+struct Refusal {
+    status: StatusCode,
+    error: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn response(self) -> Response {
+        json_error(self.status, self.error, self.message)
+    }
+}
+
 /// The account's provider API base, or why there is none.
-fn api_base(cfg: &Config, a: &Account) -> Result<url::Url, Response> {
-    let conflict = |error: &str, message: String| json_error(StatusCode::CONFLICT, error, message);
+fn api_base(cfg: &Config, a: &Account) -> Result<url::Url, Refusal> {
+    let conflict = |error: &'static str, message: String| Refusal {
+        status: StatusCode::CONFLICT,
+        error,
+        message,
+    };
     let Some(pc) = cfg.providers.get(&a.provider) else {
         return Err(conflict(
             "provider_not_configured",
@@ -182,15 +203,15 @@ fn api_base(cfg: &Config, a: &Account) -> Result<url::Url, Response> {
     })
 }
 
-fn refused(why: target::Refused) -> Response {
-    json_error(
-        StatusCode::BAD_REQUEST,
-        "path_refused",
-        format!(
+fn refused(why: target::Refused) -> Refusal {
+    Refusal {
+        status: StatusCode::BAD_REQUEST,
+        error: "path_refused",
+        message: format!(
             "{}: the proxy forwards only to paths under the provider's api_base",
             why.reason()
         ),
-    )
+    }
 }
 
 /// The account if it may be used now: not disabled, not waiting for a person, with an
