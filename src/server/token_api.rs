@@ -207,6 +207,15 @@ async fn serve(s: &AppState, mut a: Account, q: TokenQuery) -> Response {
     r
 }
 
+/// The account went away while a request about it was in progress.
+pub(super) fn removed(id: i64) -> Response {
+    json_error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("account {id} was removed"),
+    )
+}
+
 pub(super) fn refreshable(s: Status) -> bool {
     matches!(s, Status::Active | Status::Expiring)
 }
@@ -240,13 +249,7 @@ pub(super) async fn refresh_first(s: &AppState, a: &Account) -> Result<Account, 
                 ));
             }
             Ok(Some(_)) => {}
-            Ok(None) => {
-                return Err(json_error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!("account {} was removed", a.id),
-                ));
-            }
+            Ok(None) => return Err(removed(a.id)),
             Err(e) => return Err(store_error(e)),
         }
         if tokio::time::Instant::now() >= deadline {

@@ -10,7 +10,7 @@ mod target;
 
 use super::AppState;
 use super::token_api::{
-    authorized, json_error, refresh_first, refreshable, store_error, unauthorized,
+    authorized, json_error, refresh_first, refreshable, removed, store_error, unauthorized,
 };
 use crate::config::Config;
 use crate::model::{Account, Status};
@@ -261,13 +261,7 @@ fn needs_human(a: &Account) -> Response {
 async fn renewed(s: &AppState, a: &Account) -> Result<Account, Response> {
     let now = match s.store.get(a.id).await {
         Ok(Some(now)) => now,
-        Ok(None) => {
-            return Err(json_error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("account {} was removed", a.id),
-            ));
-        }
+        Ok(None) => return Err(removed(a.id)),
         Err(e) => return Err(store_error(e)),
     };
     let fresh = if now.generation != a.generation || !refreshable(now.status) {
