@@ -65,8 +65,9 @@ impl World {
         let token_file = app.dir.path().join("api-token");
         std::fs::write(&token_file, API_TOKEN).unwrap();
         let mut config: Config = app.config(&format!(
-            "api_base = {:?}\n\n[server]\nlisten = \"127.0.0.1:0\"\napi_token_file = {:?}\n\n[proxy]\n{proxy}\n",
+            "api_base = {:?}\n\n[server]\nlisten = \"127.0.0.1:0\"\nunix_socket = {:?}\napi_token_file = {:?}\n\n[proxy]\n{proxy}\n",
             app.sandbox.api_base(),
+            app.dir.path().join("refreshd.sock").display().to_string(),
             token_file.display().to_string()
         ));
         config.store.create = true;
@@ -397,4 +398,27 @@ async fn bodies_are_bounded_resent_on_retry_and_answers_streamed_within_the_boun
         !logs.contains("bbbbbbbb") && !logs.contains("aaaaaaaa"),
         "no body in the logs"
     );
+}
+
+#[tokio::test]
+async fn the_unix_socket_serves_the_proxy_behind_the_same_secret() {
+    let w = World::start("").await;
+    let id = w.ids[0];
+    let http = reqwest::Client::builder()
+        .unix_socket(w.app.dir.path().join("refreshd.sock"))
+        .build()
+        .unwrap();
+    let url = format!("http://refreshd/proxy/{id}/v2/user/info/");
+    let r = http.get(&url).send().await.unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        401,
+        "the socket does not replace the secret"
+    );
+    let r = http.get(&url).bearer_auth(API_TOKEN).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["data"]["user"]["open_id"], "alice");
+    assert_eq!(w.stats().api_calls, 1);
+    w.stop().await;
 }
