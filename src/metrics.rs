@@ -72,6 +72,7 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     refreshes: Family<OutcomeLabels, Counter>,
+    proxy_requests: Family<OutcomeLabels, Counter>,
     latency: Family<ProviderLabel, Histogram, fn() -> Histogram>,
     lateness: Histogram,
     provider_failures: Family<ProviderLabel, Gauge>,
@@ -114,6 +115,12 @@ impl Metrics {
             "refreshes",
             "Refresh attempts by provider and outcome (rotated, transient, config_error, rejected, superseded, released)",
             refreshes.clone(),
+        );
+        let proxy_requests = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "proxy_requests",
+            "Token proxy requests by provider and outcome (forwarded, retried, refused, too_large, upstream_failed)",
+            proxy_requests.clone(),
         );
         let latency: Family<ProviderLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(latency_histogram);
@@ -242,6 +249,7 @@ impl Metrics {
         Metrics {
             registry,
             refreshes,
+            proxy_requests,
             latency,
             lateness,
             provider_failures,
@@ -306,6 +314,16 @@ impl Metrics {
         }
     }
 
+    /// One request through the token proxy and what it came to.
+    pub fn proxy_request(&self, provider: &str, outcome: &str) {
+        self.proxy_requests
+            .get_or_create(&OutcomeLabels {
+                provider: provider.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
     /// Gives each configured provider its per-provider series at 0, so an alert on them sees
     /// a value before anything went wrong (an absent series alerts on nothing).
     pub fn providers_known<'a>(&self, providers: impl Iterator<Item = &'a str>) {
@@ -315,6 +333,10 @@ impl Metrics {
             let _ = self.circuit_open.get_or_create(&label);
             let _ = self.parked_past_expiry.get_or_create(&label);
             let _ = self.last_rotation_at.get_or_create(&label);
+            let _ = self.proxy_requests.get_or_create(&OutcomeLabels {
+                provider: provider.to_string(),
+                outcome: "forwarded".to_string(),
+            });
         }
     }
 

@@ -16,6 +16,9 @@
 //!
 //! Every expiry is computed with the injected [`Clock`], so a manual clock can make days pass
 //! in a test.
+//!
+//! `api.rs` adds a small API (`/v2/user/info/`, `/v2/echo/`) that checks access tokens, for
+//! the token proxy.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -36,6 +39,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
+
+mod api;
+pub use api::{ECHO_PATH, USER_INFO_PATH};
 
 /// Path of the token endpoint, as on `open.tiktokapis.com`.
 pub const TOKEN_PATH: &str = "/v2/oauth/token/";
@@ -163,6 +169,10 @@ pub struct SandboxStats {
     /// Grants revoked because a used refresh token came back
     /// (`SandboxConfig::revoke_on_reuse`).
     pub reuse_revoked: u64,
+    /// Requests to the API (`/v2/user/info/`, `/v2/echo/`), refused or not.
+    pub api_calls: u64,
+    /// API requests answered 401 (no, an unknown, expired, revoked or refused token).
+    pub api_unauthorized: u64,
 }
 
 /// A running sandbox. Dropping it stops the server too; `shutdown` also waits for it.
@@ -198,6 +208,7 @@ impl Sandbox {
                 codes: HashMap::new(),
                 consent: Consent::default(),
                 stats: SandboxStats::default(),
+                api_refusals: api::ApiRefusals::default(),
             }),
         });
         let app = Router::new()
@@ -205,6 +216,7 @@ impl Sandbox {
             .route(REVOKE_PATH, post(revoke_endpoint))
             .route(AUTHORIZE_PATH, get(authorize_endpoint))
             .route(STATS_PATH, get(stats_endpoint))
+            .merge(api::routes())
             .with_state(shared.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -385,6 +397,8 @@ struct Book {
     codes: HashMap<Box<str>, PendingCode>,
     consent: Consent,
     stats: SandboxStats,
+    /// Valid tokens the API refuses anyway (tests of the proxy's retry).
+    api_refusals: api::ApiRefusals,
 }
 
 struct Grant {

@@ -22,12 +22,13 @@ mod validate;
 pub use errors::ConfigError;
 pub use secret_file::expand_credentials_path;
 pub use types::{
-    ConnectConfig, FilePolicy, LogConfig, LogFormat, NotifyConfig, ProviderConfig, ReauthConfig,
-    RefreshConfig, ServerConfig, ShutdownConfig, SinkConfig, SinkFormat, StoreConfig,
+    ConnectConfig, FilePolicy, LogConfig, LogFormat, NotifyConfig, ProviderConfig, ProxyConfig,
+    ReauthConfig, RefreshConfig, ServerConfig, ShutdownConfig, SinkConfig, SinkFormat, StoreConfig,
     WebhookConfig, redact_url,
 };
 pub use validate::{
-    check_endpoint_url, check_redirect_uri, postgres_url as validate_postgres_url, validate_cron,
+    check_api_base, check_endpoint_url, check_redirect_uri, postgres_url as validate_postgres_url,
+    validate_cron,
 };
 
 use crate::provider::profile::Credential;
@@ -50,6 +51,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub server: ServerConfig,
     pub connect: ConnectConfig,
+    /// `[proxy]`: the token proxy (see `server/proxy`).
+    pub proxy: ProxyConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
     /// `[[sink]]`: token files kept up to date for an app (see `sink.rs`).
     pub sink: Vec<SinkConfig>,

@@ -61,6 +61,7 @@ pub(super) fn resolve(name: &str, p: &ProviderConfig) -> Result<Profile, Vec<(St
     set!(authorize_url, opt);
     set!(refresh_url, opt);
     set!(revoke_url, opt);
+    set!(api_base, opt);
     set!(method);
     set!(params_in);
     set!(client_auth);
@@ -238,16 +239,27 @@ mod tests {
             assert_eq!(p.kind, *kind);
             assert!(p.token_url.starts_with("https://"), "{kind}");
             assert!(p.authorize_url.is_some(), "{kind}");
+            let base = p.api_base.as_deref().expect(kind);
+            assert!(
+                crate::config::check_api_base(base).is_ok(),
+                "{kind}: {base}"
+            );
+            assert!(base.starts_with("https://"), "{kind}");
         }
     }
 
     #[test]
     fn overrides_apply_to_built_ins() {
         let p = resolved(
-            "[providers.yt]\nkind = \"google\"\nclient_key = \"id\"\nclient_secret = \"s\"\ntoken_url = \"http://127.0.0.1:9/t\"\nrotation = \"always\"\nrefresh_params = { foo = \"bar\" }\nmin_token_age = \"1h\"\n",
+            "[providers.yt]\nkind = \"google\"\nclient_key = \"id\"\nclient_secret = \"s\"\ntoken_url = \"http://127.0.0.1:9/t\"\napi_base = \"http://127.0.0.1:9/api\"\nrotation = \"always\"\nrefresh_params = { foo = \"bar\" }\nmin_token_age = \"1h\"\n",
         );
         assert_eq!(p.kind, "google");
         assert_eq!(p.token_url, "http://127.0.0.1:9/t");
+        assert_eq!(p.api_base.as_deref(), Some("http://127.0.0.1:9/api"));
+        assert_eq!(
+            Profile::built_in("tiktok").unwrap().api_base.as_deref(),
+            Some("https://open.tiktokapis.com")
+        );
         assert_eq!(p.rotation, Rotation::Always);
         assert_eq!(p.refresh_params, vec![("foo".into(), "bar".into())]);
         assert_eq!(p.min_token_age, Duration::from_secs(3600));

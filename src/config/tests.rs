@@ -124,6 +124,28 @@ fn plain_http_token_url_refused_off_loopback() {
 }
 
 #[test]
+fn api_base_is_checked_like_the_other_urls() {
+    let with = |base: &str| {
+        Config::from_toml_str(&format!(
+            "[providers.tiktok]\nclient_key = \"k\"\nclient_secret = \"s\"\napi_base = {base:?}\n"
+        ))
+    };
+    assert!(with("http://127.0.0.1:9/api").is_ok());
+    assert!(with("https://open.tiktokapis.com").is_ok());
+    for bad in [
+        "http://api.example.com",
+        "ftp://127.0.0.1/",
+        "https://user:pw@api.example.com",
+        "https://api.example.com/?x=1",
+        "https://api.example.com/#f",
+        "not a url",
+    ] {
+        let err = with(bad).unwrap_err().to_string();
+        assert!(err.contains("providers.tiktok.api_base"), "{bad}: {err}");
+    }
+}
+
+#[test]
 fn bad_cron_is_named() {
     let err = Config::from_toml_str("[reauth]\nsweep_cron = \"every tuesday\"\n")
         .unwrap_err()
@@ -325,6 +347,12 @@ fn example_config_file_loads() {
         assert_eq!(c.refresh.batch, d.refresh.batch);
         assert_eq!(c.reauth.window, d.reauth.window);
         assert_eq!(c.store.lease, d.store.lease);
+        assert_eq!(c.proxy.enabled, d.proxy.enabled);
+        assert_eq!(c.proxy.max_request_bytes, d.proxy.max_request_bytes);
+        assert_eq!(c.proxy.max_response_bytes, d.proxy.max_response_bytes);
+        assert_eq!(c.proxy.timeout, d.proxy.timeout);
+        assert_eq!(c.proxy.read_timeout, d.proxy.read_timeout);
+        assert_eq!(c.proxy.connect_timeout, d.proxy.connect_timeout);
         assert_eq!(c.store.encryption_key_file, d.store.encryption_key_file);
         assert_eq!(c.store.decryption_key_files, d.store.decryption_key_files);
         assert_eq!(c.store.permissions, d.store.permissions);

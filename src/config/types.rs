@@ -163,6 +163,40 @@ pub struct ServerConfig {
     pub admin_page: bool,
 }
 
+/// `[proxy]`: the token proxy `/proxy/{account}/...` on the ops server, served with the
+/// token API (same bearer secret) unless switched off here.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub enabled: bool,
+    /// Largest request body forwarded (buffered, so a retry after a 401 can resend it);
+    /// larger ones get 413.
+    pub max_request_bytes: usize,
+    /// Largest answer passed back (streamed); a larger one gets 502, or is cut.
+    pub max_response_bytes: u64,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest wait for the API's response head.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Longest wait for the next bytes of the API's answer body.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            enabled: true,
+            max_request_bytes: 10 << 20,
+            max_response_bytes: 100 << 20,
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// The web connect endpoints `/connect/{provider}/start` and `/connect/{provider}/callback`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -268,6 +302,9 @@ pub struct ProviderConfig {
     pub refresh_url: Option<String>,
     #[serde(default)]
     pub revoke_url: Option<String>,
+    /// The provider's API base the token proxy forwards to (`https://`, no query).
+    #[serde(default)]
+    pub api_base: Option<String>,
     #[serde(default)]
     pub method: Option<Method>,
     #[serde(default)]

@@ -4,8 +4,8 @@
 
 use super::secret_file::{expand_credentials_path, read_secret_file};
 use super::types::{
-    ConnectConfig, LogConfig, ProviderConfig, ReauthConfig, RefreshConfig, ServerConfig,
-    ShutdownConfig, SinkConfig, StoreConfig, WebhookConfig, redact_url,
+    ConnectConfig, LogConfig, ProviderConfig, ProxyConfig, ReauthConfig, RefreshConfig,
+    ServerConfig, ShutdownConfig, SinkConfig, StoreConfig, WebhookConfig, redact_url,
 };
 use super::{Config, profile};
 use crate::provider::profile::{Profile, RefreshTtl};
@@ -25,6 +25,7 @@ impl Config {
         in_flight_bounds(&mut p, &self.refresh, &self.store, &self.shutdown);
         server(&mut p, &mut self.server, &self.refresh);
         connect(&mut p, &mut self.connect, &self.server);
+        proxy(&mut p, &self.proxy);
         store(&mut p, &mut self.store);
         crons(&mut p, &self.reauth, &self.store);
         log(&mut p, &self.log);
@@ -268,6 +269,17 @@ fn connect(p: &mut Problems, c: &mut ConnectConfig, sv: &ServerConfig) {
 }
 
 /// `[store]`; reads `url_file` and the key files into the keyring.
+/// `[proxy]`.
+fn proxy(p: &mut Problems, px: &ProxyConfig) {
+    p.count("proxy.max_request_bytes", px.max_request_bytes, 1 << 30);
+    if px.max_response_bytes == 0 {
+        p.bad("proxy.max_response_bytes", "must be at least 1");
+    }
+    p.positive("proxy.connect_timeout", px.connect_timeout);
+    p.positive("proxy.timeout", px.timeout);
+    p.positive("proxy.read_timeout", px.read_timeout);
+}
+
 fn store(p: &mut Problems, s: &mut StoreConfig) {
     if s.path.as_os_str().is_empty() {
         p.bad("store.path", "must not be empty");
@@ -383,6 +395,9 @@ fn provider(p: &mut Problems, name: &str, pc: &mut ProviderConfig) -> Option<Pro
     }
     if let Some(u) = &pc.token_url {
         p.check(&key("token_url"), check_endpoint_url(u));
+    }
+    if let Some(u) = pc.api_base.as_ref().filter(|u| !u.is_empty()) {
+        p.check(&key("api_base"), check_api_base(u));
     }
     for (k, u) in [
         ("authorize_url", &pc.authorize_url),
@@ -604,6 +619,21 @@ pub fn check_endpoint_url(u: &str) -> Result<url::Url, String> {
         }
         other => Err(format!("scheme {other:?} not allowed, use https://: {u:?}")),
     }
+}
+
+/// An API base of the token proxy: an endpoint URL (above) that is only a base: no user
+/// name, password, query or fragment, which a forwarded path could not keep apart.
+pub fn check_api_base(u: &str) -> Result<url::Url, String> {
+    let url = check_endpoint_url(u)?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("must not carry a user name or password: {u:?}"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "must be a base without ?query or #fragment, e.g. \"https://open.tiktokapis.com\": {u:?}"
+        ));
+    }
+    Ok(url)
 }
 
 /// Checks a `store.url` without connecting; the message never carries the password.

@@ -56,6 +56,7 @@ impl Profile {
             token_url: String::new(),
             refresh_url: None,
             revoke_url: None,
+            api_base: None,
             method: Method::Post,
             params_in: ParamsIn::Form,
             client_auth: ClientAuth::Body,
@@ -103,6 +104,7 @@ impl Profile {
         };
         let p = match kind {
             "tiktok" => Profile {
+                api_base: Some(s("https://open.tiktokapis.com")),
                 authorize_url: Some(s("https://www.tiktok.com/v2/auth/authorize/")),
                 token_url: s("https://open.tiktokapis.com/v2/oauth/token/"),
                 revoke_url: Some(s("https://open.tiktokapis.com/v2/oauth/revoke/")),
@@ -116,6 +118,7 @@ impl Profile {
                 ..g
             },
             "google" => Profile {
+                api_base: Some(s("https://www.googleapis.com")),
                 authorize_url: Some(s("https://accounts.google.com/o/oauth2/v2/auth")),
                 token_url: s("https://oauth2.googleapis.com/token"),
                 revoke_url: Some(s("https://oauth2.googleapis.com/revoke")),
@@ -131,6 +134,7 @@ impl Profile {
                 ..g
             },
             "linkedin" => Profile {
+                api_base: Some(s("https://api.linkedin.com")),
                 authorize_url: Some(s("https://www.linkedin.com/oauth/v2/authorization")),
                 token_url: s("https://www.linkedin.com/oauth/v2/accessToken"),
                 revoke_url: Some(s("https://www.linkedin.com/oauth/v2/revoke")),
@@ -145,6 +149,7 @@ impl Profile {
                 ..g
             },
             "x" => Profile {
+                api_base: Some(s("https://api.x.com")),
                 authorize_url: Some(s("https://x.com/i/oauth2/authorize")),
                 token_url: s("https://api.x.com/2/oauth2/token"),
                 revoke_url: Some(s("https://api.x.com/2/oauth2/revoke")),
@@ -161,6 +166,7 @@ impl Profile {
                 ..g
             },
             "pinterest" => Profile {
+                api_base: Some(s("https://api.pinterest.com")),
                 authorize_url: Some(s("https://www.pinterest.com/oauth/")),
                 token_url: s("https://api.pinterest.com/v5/oauth/token"),
                 client_auth: ClientAuth::Basic,
@@ -177,6 +183,7 @@ impl Profile {
                 ..g
             },
             "instagram" => Profile {
+                api_base: Some(s("https://graph.instagram.com")),
                 authorize_url: Some(s("https://www.instagram.com/oauth/authorize")),
                 token_url: s("https://api.instagram.com/oauth/access_token"),
                 refresh_url: Some(s("https://graph.instagram.com/refresh_access_token")),
@@ -199,6 +206,7 @@ impl Profile {
                 ..g
             },
             "facebook" => Profile {
+                api_base: Some(s("https://graph.facebook.com")),
                 authorize_url: Some(s("https://www.facebook.com/v24.0/dialog/oauth")),
                 token_url: s("https://graph.facebook.com/v24.0/oauth/access_token"),
                 userinfo_url: Some(s("https://graph.facebook.com/v24.0/me?fields=id")),
@@ -216,6 +224,7 @@ impl Profile {
                 ..g
             },
             "threads" => Profile {
+                api_base: Some(s("https://graph.threads.net")),
                 authorize_url: Some(s("https://threads.net/oauth/authorize")),
                 token_url: s("https://graph.threads.net/oauth/access_token"),
                 refresh_url: Some(s("https://graph.threads.net/refresh_access_token")),
@@ -237,6 +246,7 @@ impl Profile {
                 ..g
             },
             "reddit" => Profile {
+                api_base: Some(s("https://oauth.reddit.com")),
                 authorize_url: Some(s("https://www.reddit.com/api/v1/authorize")),
                 token_url: s("https://www.reddit.com/api/v1/access_token"),
                 revoke_url: Some(s("https://www.reddit.com/api/v1/revoke_token")),

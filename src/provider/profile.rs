@@ -102,6 +102,9 @@ pub struct Profile {
     pub token_url: String,
     pub refresh_url: Option<String>,
     pub revoke_url: Option<String>,
+    /// Where the provider's API lives (`https://open.tiktokapis.com`): the one base the
+    /// token proxy forwards to; None: the proxy refuses this provider's accounts.
+    pub api_base: Option<String>,
     pub method: Method,
     pub params_in: ParamsIn,
     pub client_auth: ClientAuth,

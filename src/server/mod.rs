@@ -1,9 +1,10 @@
 //! The ops HTTP server (axum): `/healthz`, `/readyz`, `/metrics`, the token API for the app
-//! the daemon serves, the web connect endpoints and the admin page. Served on `server.listen` and/or
-//! `server.unix_socket`; off when neither is set.
+//! the daemon serves, the token proxy (`/proxy/...`), the web connect endpoints and the admin
+//! page. Served on `server.listen` and/or `server.unix_socket`; off when neither is set.
 
 mod admin;
 mod connect_web;
+mod proxy;
 mod serve;
 mod signed_redirect;
 mod token_api;
@@ -99,6 +100,9 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .route("/metrics", get(metrics));
     if config.server.api_token.is_some() {
         app = app.merge(token_api::routes());
+        if config.proxy.enabled {
+            app = app.merge(proxy::routes(config));
+        }
     }
     if config.server.admin_page && config.server.api_token.is_some() {
         app = app.merge(admin::routes());

@@ -1,6 +1,7 @@
 //! The token API for the app the daemon serves: the current access token of one account,
 //! only with the configured bearer secret. `?min_valid=5m` refreshes first when the token
-//! would expire sooner, through the engine and its lease (never a second refresh).
+//! would expire sooner, through the engine and its lease (never a second refresh). The
+//! token proxy (`proxy/`) shares its authentication and that on-demand refresh.
 
 use super::AppState;
 use crate::clock::rfc3339;
@@ -34,7 +35,7 @@ pub struct TokenQuery {
     min_valid: Option<String>,
 }
 
-fn json_error(status: StatusCode, error: &str, message: String) -> Response {
+pub(super) fn json_error(status: StatusCode, error: &str, message: String) -> Response {
     let mut r = (
         status,
         axum::Json(serde_json::json!({"error": error, "message": message})),
@@ -81,7 +82,7 @@ pub(super) fn unauthorized_event(requested: &str) {
     );
 }
 
-fn unauthorized() -> Response {
+pub(super) fn unauthorized() -> Response {
     let mut r = json_error(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
@@ -132,7 +133,7 @@ async fn answer(
     }
 }
 
-fn store_error(e: crate::store::StoreError) -> Response {
+pub(super) fn store_error(e: crate::store::StoreError) -> Response {
     json_error(
         StatusCode::SERVICE_UNAVAILABLE,
         "store_unavailable",
@@ -212,14 +213,23 @@ async fn serve(s: &AppState, mut a: Account, q: TokenQuery) -> Response {
     r
 }
 
-fn refreshable(s: Status) -> bool {
+/// The account went away while a request about it was in progress.
+pub(super) fn removed(id: i64) -> Response {
+    json_error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("account {id} was removed"),
+    )
+}
+
+pub(super) fn refreshable(s: Status) -> bool {
     matches!(s, Status::Active | Status::Expiring)
 }
 
 /// Makes the account due, wakes the engine and waits until the refresh is recorded (a new
 /// generation) or the account is flagged. The engine claims it with its lease like any due
 /// account, so another process refreshing it at the same time is impossible.
-async fn refresh_first(s: &AppState, a: &Account) -> Result<Account, Response> {
+pub(super) async fn refresh_first(s: &AppState, a: &Account) -> Result<Account, Response> {
     let cfg = s.settings.borrow().config.clone();
     if let Err(e) = s.store.mark_due(a.id, s.clock.now(), false).await {
         return Err(store_error(e));
@@ -245,13 +255,7 @@ async fn refresh_first(s: &AppState, a: &Account) -> Result<Account, Response> {
                 ));
             }
             Ok(Some(_)) => {}
-            Ok(None) => {
-                return Err(json_error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!("account {} was removed", a.id),
-                ));
-            }
+            Ok(None) => return Err(removed(a.id)),
             Err(e) => return Err(store_error(e)),
         }
         if tokio::time::Instant::now() >= deadline {

@@ -27,6 +27,7 @@ mod plan;
 mod postgres;
 mod props;
 mod providers;
+mod proxy;
 mod security;
 mod server;
 mod sink;
