@@ -30,3 +30,4 @@ mod security;
 mod server;
 mod sink;
 mod webhook;
+mod year;
