@@ -19,6 +19,7 @@ mod docs;
 mod engine;
 mod helpers;
 mod hostile;
+mod import_flags;
 mod interop;
 mod keep_alive;
 mod layers;
