@@ -258,7 +258,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<DemoS
         let ids = store.upsert(records.clone(), now).await?;
         store.close().await;
         // The demo has no webhook: the log events are the announcement.
-        import::announce_flagged(&config, &records, &ids);
+        import::announce_flagged(&config, &records, &ids, &Default::default());
     }
     tracing::info!(event = "demo_started", accounts = opts.accounts, expiring, refresh_ending_soon = ending, revoked,
         sandbox = %sandbox.token_url(), store = %db.display(),

@@ -6,7 +6,7 @@
 
 use crate::clock::rfc3339;
 use crate::events::Event;
-use crate::model::{Account, TokenSet};
+use crate::model::{Account, Status, TokenSet};
 use crate::policy::{self, RefreshTiming};
 use crate::provider::profile::Credential;
 use crate::store::NewAccount;
@@ -353,16 +353,28 @@ pub fn export_line(a: &Account, now: i64, with_tokens: bool) -> Value {
     v
 }
 
-/// Announces each imported account that arrived already flagged like any other flag: the
-/// `reauth_required` log event now, and the returned events for the webhook
+/// Whether importing `r` flags its account anew: it arrives flagged, and the account was not
+/// already flagged with that status before the import (`before`: its status then, for the
+/// accounts that were flagged). A re-import of a flagged account is not a new flag.
+pub fn newly_flagged(r: &NewAccount, before: Option<Status>) -> bool {
+    r.reauth_reason.is_some() && before != Some(r.status)
+}
+
+/// Announces each imported account that arrived newly flagged (see [`newly_flagged`];
+/// `flagged_before` holds the accounts flagged before the import, by id) like any other
+/// flag: the `reauth_required` log event now, and the returned events for the webhook
 /// (`notify::send_now`). Call after the commit, once per import.
 pub fn announce_flagged(
     config: &crate::config::Config,
     records: &[NewAccount],
     ids: &[(i64, bool)],
+    flagged_before: &std::collections::HashMap<i64, Status>,
 ) -> Vec<Event> {
     let mut events = Vec::new();
     for (r, (id, _)) in records.iter().zip(ids) {
+        if !newly_flagged(r, flagged_before.get(id).copied()) {
+            continue;
+        }
         if let Some(reason) = r.reauth_reason {
             let refresh_expires_at = r.tokens.refresh_expires_in.map(|s| r.obtained_at + s);
             crate::telemetry::reauth_required(
@@ -390,7 +402,6 @@ pub fn announce_flagged(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Status;
 
     fn timing() -> RefreshTiming {
         RefreshTiming {
@@ -522,6 +533,16 @@ mod tests {
             .replace("\"provider\"", "\"obtained_at\":999000,\"provider\"");
         let v = p(&old).unwrap();
         assert_eq!(v[0].status, Status::NeedsReauth);
+    }
+
+    #[test]
+    fn only_a_flag_the_import_changes_is_new() {
+        let expiring = p(&GOOD.replace("31536000", "86400")).unwrap().remove(0);
+        assert!(newly_flagged(&expiring, None));
+        assert!(!newly_flagged(&expiring, Some(Status::Expiring)));
+        assert!(newly_flagged(&expiring, Some(Status::NeedsReauth)));
+        let fine = p(GOOD).unwrap().remove(0);
+        assert!(!newly_flagged(&fine, None));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! It mimics the parts of TikTok that matter to a refresher:
 //! - refresh tokens rotate, and a rotated-away token is rejected with `invalid_grant`;
 //! - the refresh token's expiry is fixed at the first grant, so `refresh_expires_in` counts
-//!   down instead of being renewed;
+//!   down instead of being renewed (or, with `sliding_refresh`, starts again at each refresh);
 //! - errors are JSON `{"error","error_description","log_id"}`, and sometimes arrive with
 //!   HTTP 200 (`error_in_200`).
 //!
@@ -88,6 +88,9 @@ pub struct SandboxConfig {
     pub access_ttl: Duration,
     /// Lifetime of a grant's refresh token, fixed at the first grant (TikTok: 365 days).
     pub refresh_ttl: Duration,
+    /// When true the refresh token's lifetime starts again at each refresh (a sliding
+    /// lifetime, as providers that revoke unused refresh tokens have); false: fixed.
+    pub sliding_refresh: bool,
     /// When false the refresh token never changes and refresh responses omit it.
     pub rotate: bool,
     /// Benchmarks: a refresh token never seen before of the form `rft.adopt.<open_id>` is
@@ -111,6 +114,7 @@ impl Default for SandboxConfig {
             client_secret: "sandbox-client-secret".to_owned(),
             access_ttl: Duration::from_secs(2 * 3600),
             refresh_ttl: Duration::from_secs(180 * 86_400),
+            sliding_refresh: false,
             rotate: true,
             adopt: false,
             revoke_on_reuse: false,
@@ -355,6 +359,7 @@ impl Book {
             access_expires_at: now.saturating_add(access_ttl),
             refresh_token: new_token("rft."),
             refresh_expires_at: now.saturating_add(refresh_ttl),
+            refresh_ttl,
             revoked: false,
         };
         self.current
@@ -406,8 +411,10 @@ struct Grant {
     access_token: Box<str>,
     access_expires_at: i64,
     refresh_token: Box<str>,
-    /// Fixed at grant time: refreshing never extends it.
+    /// Set at grant time; moved by a refresh only with `SandboxConfig::sliding_refresh`.
     refresh_expires_at: i64,
+    /// The grant's refresh-token lifetime (seconds), for a sliding renewal.
+    refresh_ttl: i64,
     revoked: bool,
 }
 
@@ -571,6 +578,7 @@ impl Shared {
             return Err(Reject::invalid_grant("Refresh token is invalid."));
         };
         let rotate = book.config.rotate;
+        let sliding = book.config.sliding_refresh;
         let access_ttl = secs(book.config.access_ttl);
         let Some(grant) = book.grants.get_mut(&open_id) else {
             // Unreachable while the maps are kept in step; answer as for a stranger.
@@ -588,6 +596,9 @@ impl Shared {
 
         grant.access_token = new_token("act.");
         grant.access_expires_at = now.saturating_add(access_ttl);
+        if sliding {
+            grant.refresh_expires_at = now.saturating_add(grant.refresh_ttl);
+        }
         let rotated = rotate.then(|| {
             let new: Box<str> = new_token("rft.");
             std::mem::replace(&mut grant.refresh_token, new.clone())
@@ -1180,6 +1191,31 @@ mod tests {
         );
         let stats = sb.stats();
         assert_eq!((stats.refreshed, stats.reuse_rejected), (3, 0));
+    }
+
+    #[tokio::test]
+    async fn sliding_refresh_expiry_starts_again_at_each_refresh() {
+        let (sb, clock) = sandbox(SandboxConfig {
+            sliding_refresh: true,
+            ..SandboxConfig::default()
+        })
+        .await;
+        let g = sb.grant("u", "s", Some(Duration::from_secs(10 * 86_400)));
+        let mut token = str_field(&g, "refresh_token").to_owned();
+        // Each refresh inside the lifetime renews it: 3 x 9 days outlive the first 10.
+        for _ in 0..3 {
+            clock.advance(Duration::from_secs(9 * 86_400));
+            let (status, _, body) = refresh(&sb, &token).await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["refresh_expires_in"], 10 * 86_400);
+            token = str_field(&body, "refresh_token").to_owned();
+        }
+        // Left unused for its whole lifetime, it ends.
+        clock.advance(Duration::from_secs(10 * 86_400));
+        let (status, _, body) = refresh(&sb, &token).await;
+        assert_eq!(status, 400);
+        assert_error(&body, "invalid_grant");
+        assert_eq!(sb.stats().expired_rejected, 1);
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ use refreshd::clock::{Clock, rfc3339};
 use refreshd::config::Config;
 use refreshd::model::Status;
 use refreshd::provider::Revocation;
-use refreshd::store::ListFilter;
+use refreshd::store::{Actor, AuditAction, AuditEntry, ListFilter};
 use refreshd::{connect, telemetry};
 
 #[derive(Subcommand)]
@@ -191,8 +191,10 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
         }
         AccountsCommand::Show { id, json, log } => {
             let store = open_read_only(config).await?;
+            let audit = store.audit_entries(*id).await?;
             let Some(a) = store.get(*id).await? else {
-                bail!("no account with id {id} (see `refreshd accounts list`)");
+                store.close().await;
+                return show_removed(*id, &audit, *json);
             };
             let entries = store.log_entries(*id, *log).await?;
             store.close().await;
@@ -215,6 +217,7 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
                     .iter()
                     .map(|e| serde_json::json!({"at": rfc3339(e.at), "outcome": e.outcome, "http_status": e.http_status, "error": e.error, "duration_ms": e.duration_ms}))
                     .collect();
+                v["audit"] = audit.iter().map(audit_json).collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 let opt = |o: Option<i64>| o.map(rfc3339).unwrap_or_else(|| "-".into());
@@ -273,6 +276,7 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
                         e.error.as_deref().unwrap_or("")
                     );
                 }
+                print_audit(&audit);
             }
             Ok(exit::OK)
         }
@@ -304,14 +308,36 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
         AccountsCommand::Remove { id, revoke, force } => {
             let store = open_existing(config).await?;
             let Some(a) = store.get(*id).await? else {
+                store.close().await;
                 bail!("no account with id {id} (see `refreshd accounts list`)");
             };
-            if *revoke && !revoked(config, &a, *force).await? {
-                store.close().await;
-                return Ok(exit::ERROR);
+            let via = match (*revoke, *force) {
+                (false, _) => "accounts remove",
+                (true, false) => "accounts remove --revoke",
+                (true, true) => "accounts remove --revoke --force",
+            };
+            let by = operator(via);
+            let mut revocation = None;
+            if *revoke {
+                let (go, action, answer) = revoked(config, &a, *force).await?;
+                if !go {
+                    let noted = store.audit(*id, clock.now(), action, &by, &answer).await;
+                    store.close().await;
+                    noted?;
+                    return Ok(exit::ERROR);
+                }
+                revocation = Some((action, answer));
             }
-            store.remove(*id).await?;
+            let removed = store
+                .remove(
+                    *id,
+                    clock.now(),
+                    &by,
+                    revocation.as_ref().map(|(a, s)| (*a, s.as_str())),
+                )
+                .await;
             store.close().await;
+            removed?;
             println!("removed account {id} ({}/{})", a.provider, a.subject);
             Ok(exit::OK)
         }
@@ -319,9 +345,13 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
     }
 }
 
-/// `accounts remove --revoke`: asks the provider and says what it answered. True when the
-/// account may go: revoked, or `force`.
-async fn revoked(config: &Config, a: &refreshd::model::Account, force: bool) -> Result<bool> {
+/// `accounts remove --revoke`: asks the provider and says what it answered. Returns whether
+/// the account may go (revoked, or `force`), and the audit trail's action and answer.
+async fn revoked(
+    config: &Config,
+    a: &refreshd::model::Account,
+    force: bool,
+) -> Result<(bool, AuditAction, String)> {
     let providers = refreshd::provider::Providers::from_config(config)?;
     let Some(provider) = providers.get(&a.provider) else {
         bail!(
@@ -340,7 +370,8 @@ async fn revoked(config: &Config, a: &refreshd::model::Account, force: bool) -> 
                 "provider {} revoked the grant of {who} (HTTP {http_status})",
                 a.provider
             );
-            return Ok(true);
+            let answer = format!("provider {} answered HTTP {http_status}", a.provider);
+            return Ok((true, AuditAction::Revoked, answer));
         }
         Revocation::Refused {
             http_status,
@@ -370,13 +401,12 @@ async fn revoked(config: &Config, a: &refreshd::model::Account, force: bool) -> 
         println!(
             "{failed}; removing it anyway (--force): its tokens may still work at the provider"
         );
-        Ok(true)
     } else {
         eprintln!(
             "{failed}; the account is NOT removed (retry, or add --force to remove it anyway)"
         );
-        Ok(false)
     }
+    Ok((force, AuditAction::RevokeFailed, failed))
 }
 
 /// `accounts disable` / `enable`: says what changed, or that nothing had to.
@@ -386,7 +416,12 @@ async fn toggle(config: &Config, id: i64, disable: bool, now: i64) -> Result<u8>
         store.close().await;
         bail!("no account with id {id} (see `refreshd accounts list`)");
     };
-    let changed = store.set_disabled(id, disable, now).await;
+    let via = if disable {
+        "accounts disable"
+    } else {
+        "accounts enable"
+    };
+    let changed = store.set_disabled(id, disable, now, &operator(via)).await;
     store.close().await;
     let who = format!("account {id} ({}/{})", a.provider, a.subject);
     match changed? {
@@ -403,6 +438,79 @@ async fn toggle(config: &Config, id: i64, disable: bool, now: i64) -> Result<u8>
         ),
     }
     Ok(exit::OK)
+}
+
+/// The audit trail's "who" for this command: the OS user running it (its name as the
+/// environment gives it, and the uid, which the environment cannot fake).
+fn operator(via: &str) -> Actor {
+    let uid = rustix::process::getuid().as_raw();
+    let name = ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|n| !n.is_empty()));
+    let who = match name {
+        Some(n) => format!("{n} (uid {uid})"),
+        None => format!("uid {uid}"),
+    };
+    Actor {
+        who,
+        via: via.to_string(),
+    }
+}
+
+/// `accounts show` of an account that is gone: its audit trail says when and by whom.
+fn show_removed(id: i64, audit: &[AuditEntry], json: bool) -> Result<u8> {
+    let Some(removal) = audit
+        .iter()
+        .find(|e| e.action == AuditAction::Removed.as_str())
+    else {
+        bail!("no account with id {id} (see `refreshd accounts list`)");
+    };
+    if json {
+        let v = serde_json::json!({
+            "id": id, "provider": removal.provider, "subject": removal.subject,
+            "removed_at": rfc3339(removal.at), "removed_by": removal.who, "removed_via": removal.via,
+            "audit": audit.iter().map(audit_json).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("account {id}");
+        println!("  provider           {}", removal.provider);
+        println!("  subject            {}", removal.subject);
+        println!(
+            "  removed at {} by {} (`{}`)",
+            rfc3339(removal.at),
+            removal.who,
+            removal.via
+        );
+        print_audit(audit);
+    }
+    Ok(exit::OK)
+}
+
+fn print_audit(audit: &[AuditEntry]) {
+    println!("  audit trail (newest first):");
+    if audit.is_empty() {
+        println!("    (none)");
+    }
+    for e in audit {
+        println!(
+            "    {}  {:<14} by {} via `{}`{}",
+            rfc3339(e.at),
+            e.action,
+            e.who,
+            e.via,
+            e.detail
+                .as_deref()
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+fn audit_json(e: &AuditEntry) -> serde_json::Value {
+    serde_json::json!({
+        "at": rfc3339(e.at), "action": e.action, "by": e.who, "via": e.via, "detail": e.detail,
+    })
 }
 
 fn summary_json(a: &refreshd::store::AccountSummary) -> serde_json::Value {

@@ -108,6 +108,9 @@ pub async fn import(config: &Config, file: &str, json: bool) -> Result<u8> {
         bail!("{name}: the import stopped before its end: nothing imported");
     };
     let store = Store::open(lifecycle::store_options(config)).await?;
+    // Flagged before: a re-import of such an account is not announced again.
+    let flagged_before: std::collections::HashMap<_, _> =
+        store.flagged_ids().await?.into_iter().collect();
     let (fwd, batches) = tokio::sync::mpsc::channel(2);
     let _ = fwd.send(first).await;
     tokio::spawn(async move {
@@ -152,7 +155,7 @@ pub async fn import(config: &Config, file: &str, json: bool) -> Result<u8> {
     let flagged = std::mem::take(&mut *flagged.lock().unwrap_or_else(|e| e.into_inner()));
     let (records, ids): (Vec<_>, Vec<_>) = flagged.into_iter().unzip();
     let mut counts = std::mem::take(&mut *counts.lock().unwrap_or_else(|e| e.into_inner()));
-    let announced = import::announce_flagged(config, &records, &ids);
+    let announced = import::announce_flagged(config, &records, &ids, &flagged_before);
     counts.flagged = announced.len();
     notify::send_now(config, Clock::system(), announced).await;
     if json {

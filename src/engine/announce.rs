@@ -65,6 +65,7 @@ impl Engine {
             }
             (
                 Outcome::Rotated {
+                    at,
                     next_refresh_at,
                     status,
                     reauth_reason,
@@ -105,7 +106,7 @@ impl Engine {
                         "refresh token lifetime renewed: no re-authorization needed any more"
                     );
                 }
-                if let Some(from) = decide::recovery(account, status.needs_human()) {
+                if let Some(from) = decide::recovery(account, status.needs_human(), *at) {
                     self.recovered(account, from);
                 }
             }

@@ -476,16 +476,25 @@ pub enum Recovery {
     Flag(ReauthReason),
 }
 
-/// Whether a rotation of `account` that leaves it `flagged_after` (still needing a human)
-/// is a recovery, and from what.
-pub fn recovery(account: &Account, flagged_after: bool) -> Option<Recovery> {
+/// Transient failures in a row after which an account counts as failing, so that its
+/// recovery is announced even though its access token never ran out.
+pub const FAILING_STREAK: i64 = 3;
+
+/// Whether a rotation of `account` at `now` that leaves it `flagged_after` (still needing a
+/// human) is a recovery worth announcing, and from what. Only a stretch an app could have
+/// noticed counts: a lifted flag, [`FAILING_STREAK`] failures in a row, or failures that
+/// outlasted the access token (the app held an expired token). A retried blip is not
+/// announced, so a short provider hiccup does not flood the webhooks.
+pub fn recovery(account: &Account, flagged_after: bool, now: i64) -> Option<Recovery> {
     if flagged_after {
         return None;
     }
-    match account.reauth_reason {
-        Some(reason) => Some(Recovery::Flag(reason)),
-        None => (account.failures > 0).then_some(Recovery::Failures(account.failures)),
+    if let Some(reason) = account.reauth_reason {
+        return Some(Recovery::Flag(reason));
     }
+    let failing = account.failures >= FAILING_STREAK
+        || (account.failures > 0 && account.access_expires_at <= now);
+    failing.then_some(Recovery::Failures(account.failures))
 }
 
 /// Whether `account` was flagged and announced before and is only being tried again (a

@@ -1,12 +1,14 @@
-//! The store: accounts, the refresh log and web connects in progress, in SQLite (one file,
+//! The store: accounts, the refresh log, the audit trail and web connects in progress, in SQLite (one file,
 //! one worker thread) or PostgreSQL (replicas sharing one database). This file is the
 //! facade: `Store`, which every other part uses, and its dispatch to the backend. Each
 //! backend (`sqlite/`, `postgres/`) builds only on the shared files beside this one:
 //! `types` (the data), `error`, `rules` (pure decisions), `columns` (the tables' columns
 //! and rows), `record` (what writing an outcome means), `commit` (the group-commit policy),
 //! `deferred` and `recovery` (rotations whose commit failed, and their file), `instance`
-//! (which processes are alive). `rekey` and `copy` build on the facade.
+//! (which processes are alive). `rekey`, `copy` and `audit` (admin changes with their
+//! audit rows) build on the facade.
 
+mod audit;
 mod columns;
 mod commit;
 pub mod copy;
@@ -26,9 +28,9 @@ pub use recovery::{FAULT_ENV as RECOVERY_FAULT_ENV, owner_recovery_path, recover
 pub use rekey::rekey;
 pub use sqlite::{WATCH_EVERY, check_report};
 pub use types::{
-    AccountSummary, DueMinute, Gauges, ListFilter, LogEntry, NewAccount, Outcome, PendingConnect,
-    PgOptions, PlanQuery, PlanRows, RecentOutcome, Recorded, RefreshEnd, RekeyBatch, RekeyReport,
-    StateProblem, StoreOptions, SweepReport,
+    AccountSummary, Actor, AuditAction, AuditEntry, DueMinute, Gauges, ListFilter, LogEntry,
+    NewAccount, Outcome, PendingConnect, PgOptions, PlanQuery, PlanRows, RecentOutcome, Recorded,
+    RefreshEnd, RekeyBatch, RekeyReport, StateProblem, StoreOptions, SweepReport,
 };
 
 use crate::crypto::Keyring;
@@ -589,38 +591,6 @@ impl Store {
     /// `accounts disable` (`disable`) or `enable`: the status before and, when it changed,
     /// after. A disabled account is never claimed, handed out or written to a sink; enabling
     /// makes it due now.
-    pub async fn set_disabled(
-        &self,
-        id: i64,
-        disable: bool,
-        now: i64,
-    ) -> Result<(Status, Option<Status>), StoreError> {
-        let ctx = "disable or enable account";
-        match &self.backend {
-            Backend::Sqlite(s) => {
-                s.in_tx(ctx, move |tx| lite::set_disabled(tx, id, disable, now))
-                    .await
-            }
-            Backend::Postgres(p) => {
-                p.in_tx(ctx, async |tx| pg::set_disabled(tx, id, disable, now).await)
-                    .await
-            }
-        }
-    }
-
-    pub async fn remove(&self, id: i64) -> Result<(), StoreError> {
-        match &self.backend {
-            Backend::Sqlite(s) => {
-                s.in_tx("remove account", move |tx| lite::remove(tx, id))
-                    .await
-            }
-            Backend::Postgres(p) => {
-                p.in_tx("remove account", async |tx| pg::remove(tx, id).await)
-                    .await
-            }
-        }
-    }
-
     /// Accounts whose tokens are not sealed under the primary key yet (0 without one).
     pub async fn count_to_rekey(&self) -> Result<u64, StoreError> {
         let Some(id) = self.keys.primary_id().map(str::to_string) else {

@@ -179,6 +179,52 @@ pub struct RecentOutcome {
     pub entry: LogEntry,
 }
 
+/// Who changed an account by hand, and through what: the OS user running the CLI and the
+/// command (`accounts remove --revoke`), or an API caller's identity and its route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Actor {
+    pub who: String,
+    pub via: String,
+}
+
+/// What an admin did to an account, as the audit trail names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditAction {
+    Removed,
+    Disabled,
+    Enabled,
+    /// The provider revoked the grant (the detail holds its answer).
+    Revoked,
+    /// The provider did not revoke it (refused, unreachable, no revoke_url).
+    RevokeFailed,
+}
+
+impl AuditAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::Removed => "removed",
+            AuditAction::Disabled => "disabled",
+            AuditAction::Enabled => "enabled",
+            AuditAction::Revoked => "revoked",
+            AuditAction::RevokeFailed => "revoke_failed",
+        }
+    }
+}
+
+/// One row of the audit trail; kept after the account is removed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub at: i64,
+    pub account_id: i64,
+    pub provider: String,
+    pub subject: String,
+    /// [`AuditAction::as_str`].
+    pub action: String,
+    pub who: String,
+    pub via: String,
+    pub detail: Option<String>,
+}
+
 /// What `accounts plan` reads (see `plan.rs`): refreshes coming due, counted per provider
 /// and minute, and the soonest refresh-token ends.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -17,6 +17,14 @@ use tokio_util::sync::CancellationToken;
 
 const API_TOKEN: &str = "admin-test-api-token-0123456789";
 
+/// Who this file's direct store changes are by (the audit trail's row).
+fn tester() -> refreshd::store::Actor {
+    refreshd::store::Actor {
+        who: "admin test".into(),
+        via: "tests/it/admin.rs".into(),
+    }
+}
+
 /// The daemon in this process, with its ops server and token API.
 struct Daemon {
     addr: SocketAddr,
@@ -102,7 +110,7 @@ async fn a_disabled_account_is_not_refreshed_handed_out_or_written_until_enabled
     let ids = app.import(&store, &seed, &["off", "on"], None).await;
     let (off, on) = (ids[0], ids[1]);
     store
-        .set_disabled(off, true, app.clock.now())
+        .set_disabled(off, true, app.clock.now(), &tester())
         .await
         .unwrap();
     store.close().await;
@@ -149,7 +157,7 @@ async fn a_disabled_account_is_not_refreshed_handed_out_or_written_until_enabled
 
     // Enabled again: due now, refreshed, handed out, written.
     d.store
-        .set_disabled(off, false, app.clock.now())
+        .set_disabled(off, false, app.clock.now(), &tester())
         .await
         .unwrap();
     d.engine.waker().notify_one();

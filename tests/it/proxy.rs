@@ -288,7 +288,15 @@ async fn disabled_and_flagged_accounts_are_refused_with_the_reason() {
     let w = World::start("").await;
     let (alice, bob) = (w.ids[0], w.ids[1]);
     w.store
-        .set_disabled(alice, true, w.app.clock.now())
+        .set_disabled(
+            alice,
+            true,
+            w.app.clock.now(),
+            &refreshd::store::Actor {
+                who: "proxy test".into(),
+                via: "tests/it/proxy.rs".into(),
+            },
+        )
         .await
         .unwrap();
     let (status, body) = w.get(&format!("/proxy/{alice}/v2/user/info/")).await;

@@ -398,7 +398,7 @@ async fn reauth_webhook_has_the_reconnect_url_and_a_forced_retry_rejected_again_
 }
 
 #[tokio::test]
-async fn account_recovered_after_failures_in_a_row_and_after_a_forced_refresh_that_works() {
+async fn account_recovered_after_a_failing_stretch_and_a_forced_refresh_not_after_a_blip() {
     let app = TestApp::start(SandboxConfig::default()).await;
     let server = receiver().await;
     let secret_file = app.dir.path().join("webhook-secret");
@@ -421,6 +421,10 @@ async fn account_recovered_after_failures_in_a_row_and_after_a_forced_refresh_th
     records[0].reauth_reason = Some(refreshd::model::ReauthReason::InvalidGrant);
     let flagged = store.upsert(records, app.clock.now()).await.unwrap()[0].0;
     let generation = store.get(flagged).await.unwrap().unwrap().generation;
+    // Imported 30 minutes later: it fails once, after "failing" has begun to, and its
+    // retry works long before its access token ends: a blip, not announced.
+    app.clock.advance(Duration::from_secs(1800));
+    let blip = app.import(&store, &config, &["blip"], None).await[0];
 
     app.sandbox.set_faults(refreshd::sandbox::Faults {
         server_error: 1.0,
@@ -438,12 +442,30 @@ async fn account_recovered_after_failures_in_a_row_and_after_a_forced_refresh_th
         .await,
         "no transient failure"
     );
+    app.clock
+        .set(store.get(blip).await.unwrap().unwrap().next_refresh_at);
+    assert!(
+        helpers::eventually(5, || async move {
+            s.get(blip).await.unwrap().unwrap().failures == 1
+        })
+        .await,
+        "no blip"
+    );
     app.sandbox.set_faults(Default::default());
+    // The blip's retry (one backoff_base at most) comes before its access token ends.
+    app.clock.advance(Duration::from_secs(60));
+    assert!(
+        helpers::eventually(5, || async move {
+            s.get(blip).await.unwrap().unwrap().failures == 0
+        })
+        .await,
+        "the blip was not retried"
+    );
     store
         .mark_due(flagged, app.clock.now(), true)
         .await
         .unwrap();
-    // Past the failing account's backoff (at most backoff_max).
+    // Past the failing account's backoff (at most backoff_max): its token ended meanwhile.
     app.clock.advance(Duration::from_secs(3600));
     let srv = &server;
     assert!(

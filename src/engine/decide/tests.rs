@@ -594,22 +594,39 @@ fn after_a_rejection_flags_with_its_reason_or_as_interrupted() {
 }
 
 #[test]
-fn a_rotation_after_failures_or_a_lifted_flag_is_a_recovery() {
+fn a_rotation_after_a_failing_stretch_or_a_lifted_flag_is_a_recovery() {
     let healthy = account();
-    assert_eq!(recovery(&healthy, false), None);
+    let now = healthy.access_expires_at - 60;
+    assert_eq!(recovery(&healthy, false, now), None);
     let failing = Account {
-        failures: 3,
+        failures: FAILING_STREAK,
         ..account()
     };
-    assert_eq!(recovery(&failing, false), Some(Recovery::Failures(3)));
+    assert_eq!(
+        recovery(&failing, false, now),
+        Some(Recovery::Failures(FAILING_STREAK))
+    );
     // Still flagged after the rotation (an expiring token not renewed): not recovered.
-    assert_eq!(recovery(&failing, true), None);
+    assert_eq!(recovery(&failing, true, now), None);
+    // A blip retried while the access token still worked: the app saw nothing.
+    let blip = Account {
+        failures: FAILING_STREAK - 1,
+        ..account()
+    };
+    assert_eq!(recovery(&blip, false, now), None);
+    // The same failures outlasting the access token: the app held an expired token.
+    let expired_at = blip.access_expires_at;
+    assert_eq!(
+        recovery(&blip, false, expired_at),
+        Some(Recovery::Failures(FAILING_STREAK - 1))
+    );
+    assert_eq!(recovery(&healthy, false, expired_at + 1), None);
     let forced = Account {
         reauth_reason: Some(ReauthReason::InvalidGrant),
         ..account()
     };
     assert_eq!(
-        recovery(&forced, false),
+        recovery(&forced, false, now),
         Some(Recovery::Flag(ReauthReason::InvalidGrant))
     );
     let renewed = Account {
@@ -618,7 +635,7 @@ fn a_rotation_after_failures_or_a_lifted_flag_is_a_recovery() {
         ..account()
     };
     assert_eq!(
-        recovery(&renewed, false),
+        recovery(&renewed, false, now),
         Some(Recovery::Flag(ReauthReason::RefreshTokenExpiring))
     );
 }

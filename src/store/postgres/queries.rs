@@ -12,8 +12,8 @@ use crate::store::columns::{self, ACCOUNT_COLUMNS, RowRead, SUMMARY_COLUMNS};
 use crate::store::error::{Refusal, StoreError};
 use crate::store::rules::{self, StateRow, sealed_pattern};
 use crate::store::types::{
-    AccountSummary, DueMinute, Gauges, ListFilter, LogEntry, PendingConnect, PlanQuery, PlanRows,
-    RecentOutcome, RefreshEnd, RekeyBatch, StateProblem, SweepReport,
+    AccountSummary, AuditEntry, DueMinute, Gauges, ListFilter, LogEntry, PendingConnect, PlanQuery,
+    PlanRows, RecentOutcome, RefreshEnd, RekeyBatch, StateProblem, SweepReport,
 };
 use deadpool_postgres::{ClientWrapper, Transaction};
 use tokio_postgres::{GenericClient, Row};
@@ -272,6 +272,36 @@ pub async fn recent_outcomes(
                 provider: r.try_get(1).map_err(pg_err(ctx))?,
                 subject: r.try_get(2).map_err(pg_err(ctx))?,
                 entry: log_entry_at(r, 3, ctx)?,
+            })
+        })
+        .collect()
+}
+
+/// The audit trail of account `id` (also of a removed one), newest first.
+pub async fn audit_entries(
+    client: &impl GenericClient,
+    id: i64,
+) -> Result<Vec<AuditEntry>, StoreError> {
+    let ctx = "read the audit trail";
+    let rows = client
+        .query(
+            "SELECT at, account_id, provider, subject, action, actor, via, detail FROM audit_log
+             WHERE account_id = $1 ORDER BY at DESC, id DESC",
+            &[&id],
+        )
+        .await
+        .map_err(pg_err(ctx))?;
+    rows.iter()
+        .map(|r| {
+            Ok(AuditEntry {
+                at: r.try_get(0).map_err(pg_err(ctx))?,
+                account_id: r.try_get(1).map_err(pg_err(ctx))?,
+                provider: r.try_get(2).map_err(pg_err(ctx))?,
+                subject: r.try_get(3).map_err(pg_err(ctx))?,
+                action: r.try_get(4).map_err(pg_err(ctx))?,
+                who: r.try_get(5).map_err(pg_err(ctx))?,
+                via: r.try_get(6).map_err(pg_err(ctx))?,
+                detail: r.try_get(7).map_err(pg_err(ctx))?,
             })
         })
         .collect()

@@ -71,6 +71,21 @@ CREATE TABLE connect_states (
 );
 CREATE INDEX connect_states_expiry ON connect_states (expires_at);
 "#,
+    // 4: the audit trail (see sqlite/schema.rs).
+    r#"
+CREATE TABLE audit_log (
+    id         BIGSERIAL PRIMARY KEY,
+    at         BIGINT  NOT NULL,
+    account_id BIGINT  NOT NULL,
+    provider   TEXT    NOT NULL,
+    subject    TEXT    NOT NULL,
+    action     TEXT    NOT NULL,
+    actor      TEXT    NOT NULL,
+    via        TEXT    NOT NULL,
+    detail     TEXT
+);
+CREATE INDEX audit_log_account ON audit_log (account_id, at);
+"#,
 ];
 
 /// Taken (per database) while migrating: "refreshd" in ASCII.

@@ -7,7 +7,7 @@ use crate::crypto::Keyring;
 use crate::store::error::{Refusal, StoreError};
 use crate::store::record::{self, Update};
 use crate::store::rules;
-use crate::store::types::{NewAccount, Outcome, Recorded};
+use crate::store::types::{Actor, AuditAction, NewAccount, Outcome, Recorded};
 use deadpool_postgres::Transaction;
 
 /// Inserts or updates accounts by (provider, subject), all in the caller's transaction.
@@ -331,4 +331,25 @@ pub async fn record(
         .await?;
     }
     Ok(recorded)
+}
+
+/// Appends an audit-trail row for account `id`, in the caller's transaction (the change it
+/// records commits with it or not at all). The account must still exist: its provider and
+/// subject are copied, so the row outlives it.
+pub async fn append_audit(
+    tx: &Transaction<'_>,
+    id: i64,
+    at: i64,
+    action: AuditAction,
+    by: &Actor,
+    detail: Option<&str>,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO audit_log (at, account_id, provider, subject, action, actor, via, detail)
+         SELECT $2, id, provider, subject, $3, $4, $5, $6 FROM accounts WHERE id = $1",
+        &[&id, &at, &action.as_str(), &by.who, &by.via, &detail],
+    )
+    .await
+    .map_err(pg_err("append to the audit trail"))?;
+    Ok(())
 }

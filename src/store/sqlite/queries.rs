@@ -10,8 +10,8 @@ use crate::store::columns::{self, ACCOUNT_COLUMNS, RowRead, SUMMARY_COLUMNS};
 use crate::store::error::{Refusal, StoreError};
 use crate::store::rules::{self, StateRow, sealed_pattern};
 use crate::store::types::{
-    AccountSummary, DueMinute, Gauges, ListFilter, LogEntry, PendingConnect, PlanQuery, PlanRows,
-    RecentOutcome, RefreshEnd, RekeyBatch, StateProblem, SweepReport,
+    AccountSummary, AuditEntry, DueMinute, Gauges, ListFilter, LogEntry, PendingConnect, PlanQuery,
+    PlanRows, RecentOutcome, RefreshEnd, RekeyBatch, StateProblem, SweepReport,
 };
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
@@ -257,6 +257,32 @@ pub fn recent_outcomes(conn: &Connection, limit: usize) -> Result<Vec<RecentOutc
         })
         .map_err(sql_err(ctx))?;
     rows.collect::<Result<_, _>>().map_err(sql_err(ctx))
+}
+
+/// The audit trail of account `id` (also of a removed one), newest first.
+pub fn audit_entries(conn: &Connection, id: i64) -> Result<Vec<AuditEntry>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT at, account_id, provider, subject, action, actor, via, detail FROM audit_log
+             WHERE account_id = ?1 ORDER BY at DESC, id DESC",
+        )
+        .map_err(sql_err("read the audit trail"))?;
+    let rows = stmt
+        .query_map([id], |r| {
+            Ok(AuditEntry {
+                at: r.get(0)?,
+                account_id: r.get(1)?,
+                provider: r.get(2)?,
+                subject: r.get(3)?,
+                action: r.get(4)?,
+                who: r.get(5)?,
+                via: r.get(6)?,
+                detail: r.get(7)?,
+            })
+        })
+        .map_err(sql_err("read the audit trail"))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(sql_err("read the audit trail"))
 }
 
 /// Counts by (provider, status).

@@ -76,6 +76,22 @@ CREATE TABLE connect_states (
 );
 CREATE INDEX connect_states_expiry ON connect_states (expires_at);
 "#,
+    // 4: the audit trail: admins' removals, disables, enables and revocations, with who and
+    // through what. No foreign key: a row outlives its account (provider and subject copied).
+    r#"
+CREATE TABLE audit_log (
+    id         INTEGER PRIMARY KEY,
+    at         INTEGER NOT NULL,
+    account_id INTEGER NOT NULL,
+    provider   TEXT    NOT NULL,
+    subject    TEXT    NOT NULL,
+    action     TEXT    NOT NULL,
+    actor      TEXT    NOT NULL,
+    via        TEXT    NOT NULL,
+    detail     TEXT
+);
+CREATE INDEX audit_log_account ON audit_log (account_id, at);
+"#,
 ];
 
 /// Applies every migration newer than the database, all in one transaction.

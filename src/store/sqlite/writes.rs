@@ -6,7 +6,7 @@ use crate::crypto::Keyring;
 use crate::store::error::StoreError;
 use crate::store::record::{self, Update};
 use crate::store::rules;
-use crate::store::types::{NewAccount, Outcome, Recorded};
+use crate::store::types::{Actor, AuditAction, NewAccount, Outcome, Recorded};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 fn sql_err(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
@@ -264,4 +264,24 @@ pub fn record(tx: &Connection, keys: &Keyring, o: &Outcome) -> Result<Recorded, 
         )?;
     }
     Ok(recorded)
+}
+
+/// Appends an audit-trail row for account `id`, in the caller's transaction (the change it
+/// records commits with it or not at all). The account must still exist: its provider and
+/// subject are copied, so the row outlives it.
+pub fn append_audit(
+    tx: &Transaction<'_>,
+    id: i64,
+    at: i64,
+    action: AuditAction,
+    by: &Actor,
+    detail: Option<&str>,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO audit_log (at, account_id, provider, subject, action, actor, via, detail)
+         SELECT ?2, id, provider, subject, ?3, ?4, ?5, ?6 FROM accounts WHERE id = ?1",
+        params![id, at, action.as_str(), by.who, by.via, detail],
+    )
+    .map_err(sql_err("append to the audit trail"))?;
+    Ok(())
 }

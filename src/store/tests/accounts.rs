@@ -273,7 +273,7 @@ async fn remove_deletes_account_and_its_log() {
         ],
     )
     .await;
-    store.remove(id[0]).await.unwrap();
+    store.remove(id[0], NOW, &admin(), None).await.unwrap();
     assert!(store.get(id[0]).await.unwrap().is_none());
     assert_eq!(
         query(
@@ -291,7 +291,7 @@ async fn remove_deletes_account_and_its_log() {
     );
     assert!(store.get(id[1]).await.unwrap().is_some());
 
-    let err = store.remove(id[0]).await.unwrap_err();
+    let err = store.remove(id[0], NOW, &admin(), None).await.unwrap_err();
     assert!(
         matches!(err, StoreError::NotFound(i) if i == id[0]),
         "{err:?}"

@@ -18,12 +18,18 @@ async fn a_disabled_account_is_never_claimed_and_keeps_its_status_through_a_late
     let claimed = store.claim_due(OWNER, NOW, LEASE, 1).await.unwrap();
     assert_eq!(ids(&claimed), [in_flight]);
     for id in [in_flight, idle] {
-        let (was, now) = store.set_disabled(id, true, NOW + 1).await.unwrap();
+        let (was, now) = store
+            .set_disabled(id, true, NOW + 1, &admin())
+            .await
+            .unwrap();
         assert_eq!((was, now), (Status::Active, Some(Status::Disabled)));
     }
     // Disabling again changes nothing.
     assert_eq!(
-        store.set_disabled(idle, true, NOW + 2).await.unwrap(),
+        store
+            .set_disabled(idle, true, NOW + 2, &admin())
+            .await
+            .unwrap(),
         (Status::Disabled, None)
     );
     // The provider already rotated: the tokens are stored, the account stays disabled.
@@ -56,11 +62,17 @@ async fn a_disabled_account_is_never_claimed_and_keeps_its_status_through_a_late
 
     // Enabling makes it due now.
     assert_eq!(
-        store.set_disabled(idle, false, NOW + 20).await.unwrap(),
+        store
+            .set_disabled(idle, false, NOW + 20, &admin())
+            .await
+            .unwrap(),
         (Status::Disabled, Some(Status::Active))
     );
     assert_eq!(
-        store.set_disabled(idle, false, NOW + 21).await.unwrap(),
+        store
+            .set_disabled(idle, false, NOW + 21, &admin())
+            .await
+            .unwrap(),
         (Status::Active, None)
     );
     let claimed = store.claim_due(OWNER, NOW + 20, LEASE, 10).await.unwrap();
@@ -70,7 +82,7 @@ async fn a_disabled_account_is_never_claimed_and_keeps_its_status_through_a_late
         ["enabled", "imported", "disabled", "imported"]
     );
     assert!(matches!(
-        store.set_disabled(999, true, NOW).await,
+        store.set_disabled(999, true, NOW, &admin()).await,
         Err(StoreError::NotFound(999))
     ));
 }
@@ -83,9 +95,12 @@ async fn enabling_an_account_flagged_while_disabled_leaves_it_needing_a_human() 
         ..new_account("tiktok", "flagged", NOW - 10)
     };
     let id = insert(&store, vec![flagged]).await[0];
-    store.set_disabled(id, true, NOW).await.unwrap();
+    store.set_disabled(id, true, NOW, &admin()).await.unwrap();
     assert_eq!(
-        store.set_disabled(id, false, NOW + 1).await.unwrap(),
+        store
+            .set_disabled(id, false, NOW + 1, &admin())
+            .await
+            .unwrap(),
         (Status::Disabled, Some(Status::NeedsReauth))
     );
     assert_eq!(get(&store, id).await.status, Status::NeedsReauth);

@@ -48,7 +48,10 @@ async fn recent_outcomes_are_the_newest_first_bounded() {
     assert_eq!(store.recent_outcomes(1).await.unwrap().len(), 1);
 
     // A removed account's rows go with it.
-    store.remove(second).await.unwrap();
+    store
+        .remove(second, NOW + 2, &super::admin(), None)
+        .await
+        .unwrap();
     let after = store.recent_outcomes(10).await.unwrap();
     assert!(after.iter().all(|r| r.account_id == first), "{after:?}");
 }

@@ -14,6 +14,14 @@ const NOW: i64 = 1_700_000_000;
 const OWNER: &str = "owner-a";
 const LEASE: Duration = Duration::from_secs(60);
 
+/// Who the store tests' admin changes are by.
+fn admin() -> Actor {
+    Actor {
+        who: "tester (uid 1000)".into(),
+        via: "accounts test".into(),
+    }
+}
+
 fn tokens(access: &str, refresh: Option<&str>) -> TokenSet {
     TokenSet {
         access_token: SecretString::from(access),
@@ -182,6 +190,7 @@ async fn wait_for_recovery_commit(recovery: &Path) {
 mod accounts;
 mod admin;
 mod admin_page;
+mod audit;
 mod durability;
 mod open;
 mod plan;

@@ -242,7 +242,11 @@ async fn store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes() {
     // New accounts on PostgreSQL get ids after the copied ones.
     let fresh = import_one(&pg, &sandbox, "after-copy").await;
     assert!(fresh > *ids.iter().max().unwrap(), "{fresh}");
-    pg.remove(fresh).await.unwrap();
+    let by = refreshd::store::Actor {
+        who: "copy test".into(),
+        via: "tests/it/postgres/copy.rs".into(),
+    };
+    pg.remove(fresh, 0, &by, None).await.unwrap();
     pg.close().await;
 
     // PostgreSQL -> SQLite: the same rows, byte for byte.
