@@ -574,6 +574,15 @@ impl Providers {
             .collect()
     }
 
+    /// Whether some provider has an eighth of its claim slots free (at least one). A claim
+    /// walks past every account in flight (still due, leased) in the due index, so claiming
+    /// after each finished refresh costs more than claiming after a few.
+    pub fn worth_claiming(&self) -> bool {
+        self.0
+            .values()
+            .any(|p| p.free_slots() >= (p.concurrency() / 8).max(1))
+    }
+
     /// Free claim slots over all providers.
     pub fn free_slots(&self) -> usize {
         self.0.values().map(|p| p.free_slots()).sum()
