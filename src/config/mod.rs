@@ -23,7 +23,7 @@ pub use errors::ConfigError;
 pub use secret_file::expand_credentials_path;
 pub use types::{
     ConnectConfig, FilePolicy, LogConfig, LogFormat, NotifyConfig, ProviderConfig, ReauthConfig,
-    RefreshConfig, ServerConfig, ShutdownConfig, SinkConfig, SinkFormat, StoreConfig,
+    RefreshConfig, RefreshLines, ServerConfig, ShutdownConfig, SinkConfig, SinkFormat, StoreConfig,
     WebhookConfig, redact_url,
 };
 pub use validate::{

@@ -524,3 +524,19 @@ fn keep_alive_is_validated_against_the_floors_and_the_refresh_lifetime() {
     let fine = "refresh_at_least_every = \"22d\"\nrefresh_ttl = \"sliding\"\nrefresh_token_lifetime = \"30d\"\n";
     assert!(with(fine).is_ok());
 }
+
+#[test]
+fn log_refreshes_is_info_by_default_and_a_bad_value_names_its_key() {
+    Jail::expect_with(|jail| {
+        jail.create_file("refreshd.toml", GOOD)?;
+        let c = Config::load(None).map_err(|e| e.to_string())?;
+        assert_eq!(c.log.refreshes, RefreshLines::Info);
+        jail.set_env("REFRESHD_LOG__REFRESHES", "debug");
+        let c = Config::load(None).map_err(|e| e.to_string())?;
+        assert_eq!(c.log.refreshes, RefreshLines::Debug);
+        jail.set_env("REFRESHD_LOG__REFRESHES", "loud");
+        let err = Config::load(None).unwrap_err().to_string();
+        assert!(err.contains("log.refreshes"), "{err}");
+        Ok(())
+    });
+}
