@@ -56,6 +56,7 @@ pub async fn demo(args: &DemoArgs) -> Result<u8> {
     let log_cfg = refreshd::config::LogConfig {
         format: refreshd::config::LogFormat::Auto,
         level: "info".into(),
+        ..Default::default()
     };
     telemetry::init(&log_cfg);
     let shutdown = CancellationToken::new();

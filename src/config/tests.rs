@@ -569,3 +569,19 @@ fn the_admin_page_is_off_by_default_and_needs_the_api_secret_and_a_listener() {
         );
     }
 }
+
+#[test]
+fn log_refreshes_is_info_by_default_and_a_bad_value_names_its_key() {
+    Jail::expect_with(|jail| {
+        jail.create_file("refreshd.toml", GOOD)?;
+        let c = Config::load(None).map_err(|e| e.to_string())?;
+        assert_eq!(c.log.refreshes, RefreshLines::Info);
+        jail.set_env("REFRESHD_LOG__REFRESHES", "debug");
+        let c = Config::load(None).map_err(|e| e.to_string())?;
+        assert_eq!(c.log.refreshes, RefreshLines::Debug);
+        jail.set_env("REFRESHD_LOG__REFRESHES", "loud");
+        let err = Config::load(None).unwrap_err().to_string();
+        assert!(err.contains("log.refreshes"), "{err}");
+        Ok(())
+    });
+}

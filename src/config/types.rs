@@ -115,6 +115,18 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A tracing filter: `info`, `refreshd=debug`. `RUST_LOG` wins when set.
     pub level: String,
+    /// The level of the one line each successful refresh logs.
+    pub refreshes: RefreshLines,
+}
+
+/// `log.refreshes`: the level of the `refresh` line of a rotation (failures keep theirs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefreshLines {
+    /// One line per refresh at `info`.
+    Info,
+    /// At `debug`: at `log.level = "info"` a successful refresh logs nothing.
+    Debug,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -576,6 +588,7 @@ impl Default for LogConfig {
         LogConfig {
             format: LogFormat::Auto,
             level: "info".into(),
+            refreshes: RefreshLines::Info,
         }
     }
 }

@@ -6,6 +6,7 @@
 use super::Engine;
 use super::decide::{self, After, ProviderSignal, Recovery};
 use crate::clock::rfc3339;
+use crate::config::RefreshLines;
 use crate::events::Event;
 use crate::model::Account;
 use crate::provider::response::{Answer, Granted};
@@ -15,6 +16,11 @@ use crate::telemetry;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 impl Engine {
+    /// The level of a successful refresh's line (`log.refreshes`), as configured now.
+    fn refresh_lines(&self) -> RefreshLines {
+        self.settings.borrow().config.log.refreshes
+    }
+
     /// Records an outcome, then (only once it is durable) logs it. Returns how it was
     /// recorded, or None when it could not be.
     pub(super) async fn finish(
@@ -79,10 +85,21 @@ impl Engine {
                 if r == Recorded::Deferred {
                     inc(&s.deferred);
                 }
-                tracing::info!(event = "refresh", account = id, provider, outcome = "rotated",
-                    duration_ms, new_refresh_token = tokens.refresh_token.is_some(),
-                    commit = if r == Recorded::Deferred { "deferred" } else { "committed" },
-                    next_refresh_at = %rfc3339(*next_refresh_at), "refreshed");
+                let commit = if r == Recorded::Deferred {
+                    "deferred"
+                } else {
+                    "committed"
+                };
+                let new_refresh_token = tokens.refresh_token.is_some();
+                // `log.refreshes`: the macro's level is fixed, so one call per level.
+                match self.refresh_lines() {
+                    RefreshLines::Info => tracing::info!(event = "refresh", account = id,
+                        provider, outcome = "rotated", duration_ms, new_refresh_token, commit,
+                        next_refresh_at = %rfc3339(*next_refresh_at), "refreshed"),
+                    RefreshLines::Debug => tracing::debug!(event = "refresh", account = id,
+                        provider, outcome = "rotated", duration_ms, new_refresh_token, commit,
+                        next_refresh_at = %rfc3339(*next_refresh_at), "refreshed"),
+                }
                 self.events.emit(Event::TokensChanged {
                     account_id: id,
                     provider: provider.to_string(),

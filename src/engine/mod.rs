@@ -159,7 +159,10 @@ impl Engine {
             let mut skip = settings.providers.saturated();
             skip.extend(self.held_providers());
             let free = settings.providers.free_slots();
-            if free == 0 && !settings.providers.is_empty() {
+            // While refreshes are in flight, claim only once a few slots are free (see
+            // `worth_claiming`); each one that ends wakes the loop.
+            let wait_for_slots = !tracker.is_empty() && !settings.providers.worth_claiming();
+            if (free == 0 || wait_for_slots) && !settings.providers.is_empty() {
                 if once && tracker.is_empty() {
                     break;
                 }

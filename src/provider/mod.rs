@@ -50,6 +50,8 @@ pub struct Provider {
     client_key: String,
     client_secret: Option<SecretString>,
     profile: Profile,
+    /// The refresh endpoint, parsed once: a refresh only copies it.
+    refresh_url: Option<url::Url>,
     http: reqwest::Client,
     limiter: DefaultDirectRateLimiter,
     /// Refreshes of this provider claimed or in flight: a stalled provider can hold only
@@ -113,12 +115,15 @@ impl Provider {
                 provider: name.to_string(),
             });
         }
+        // A URL that does not parse is reported by `request` when it is used.
+        let refresh_url = url::Url::parse(profile.refresh_endpoint()).ok();
         Ok(Provider {
             name: name.to_string(),
             kind: p.kind(name).to_string(),
             client_key: p.client_key.clone(),
             client_secret: p.client_secret.clone(),
             profile,
+            refresh_url,
             http,
             limiter: RateLimiter::direct(Quota::per_minute(per_minute).allow_burst(burst)),
             slots: Arc::new(Semaphore::new(concurrency)),
@@ -358,13 +363,16 @@ impl Provider {
 
     /// The HTTP request of `req`: its URL, query, method, headers and client auth.
     fn request(&self, req: TokenRequest) -> Result<reqwest::RequestBuilder, ProviderFailure> {
-        let mut url = url::Url::parse(&req.url).map_err(|e| ProviderFailure {
-            class: FailureClass::Config,
-            message: format!("token URL of provider {} is not a URL: {e}", self.name),
-            http_status: None,
-            retry_after: None,
-            answer_lost: false,
-        })?;
+        let mut url = match &self.refresh_url {
+            Some(parsed) if req.url == self.profile.refresh_endpoint() => parsed.clone(),
+            _ => url::Url::parse(&req.url).map_err(|e| ProviderFailure {
+                class: FailureClass::Config,
+                message: format!("token URL of provider {} is not a URL: {e}", self.name),
+                http_status: None,
+                retry_after: None,
+                answer_lost: false,
+            })?,
+        };
         {
             let query_params = req.query.iter().chain(
                 req.params
@@ -564,6 +572,15 @@ impl Providers {
             .filter(|(_, p)| p.free_slots() == 0)
             .map(|(k, _)| k.clone())
             .collect()
+    }
+
+    /// Whether some provider has an eighth of its claim slots free (at least one). A claim
+    /// walks past every account in flight (still due, leased) in the due index, so claiming
+    /// after each finished refresh costs more than claiming after a few.
+    pub fn worth_claiming(&self) -> bool {
+        self.0
+            .values()
+            .any(|p| p.free_slots() >= (p.concurrency() / 8).max(1))
     }
 
     /// Free claim slots over all providers.

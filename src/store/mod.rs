@@ -306,9 +306,14 @@ impl Store {
         let keys = self.keys.clone();
         match &self.backend {
             Backend::Sqlite(s) => {
-                s.call(move |c| {
-                    lite::expire_leases_of(c, &dead, now)?;
-                    lite::claim_due_except(c, &keys, &owner, now, until, limit, &skip, &exclude)
+                s.claim(sqlite::claim::Claim {
+                    owner,
+                    now,
+                    lease_until: until,
+                    limit,
+                    skip,
+                    exclude,
+                    dead,
                 })
                 .await
             }

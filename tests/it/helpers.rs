@@ -31,6 +31,7 @@ fn tracing_subscriber_init() -> Option<()> {
             .ok()
             .filter(|l| l != "1")
             .unwrap_or_else(|| "debug".into()),
+        ..Default::default()
     });
     Some(())
 }

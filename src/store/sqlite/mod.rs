@@ -1,13 +1,15 @@
 //! The SQLite backend: one worker thread owns the connection and runs the jobs async callers
 //! send it, each inside the tracing span its caller was in (so its log lines carry the
 //! account). Refresh outcomes that arrive together share one transaction (group commit, see
-//! `commit.rs`); rotations whose commit fails go to the recovery file and are retried. The
-//! worker also watches that the database file is still the one it opened and takes over
-//! what dead processes sharing the file left (their recovery files and leases).
-//! `queries.rs` and `writes.rs` hold the SQL, `schema.rs` the migrations, `check.rs` the
-//! file's health checks.
+//! `commit.rs`), and a claim waiting beside them runs in it too (`claim.rs`); rotations whose
+//! commit fails go to the recovery file and are retried. The worker also watches that the
+//! database file is still the one it opened and takes over what dead processes sharing the
+//! file left (their recovery files and leases).
+//! `queries.rs` and `writes.rs` hold the SQL, `claim.rs` the claim and the group
+//! transaction, `schema.rs` the migrations, `check.rs` the file's health checks.
 
 mod check;
+pub(crate) mod claim;
 pub(crate) mod queries;
 pub mod schema;
 pub(crate) mod writes;
@@ -15,6 +17,7 @@ pub(crate) mod writes;
 pub use check::report as check_report;
 
 use crate::crypto::Keyring;
+use crate::model::Account;
 use crate::store::commit::{
     self, CLOSE_RETRIES, CLOSE_RETRY_EVERY, COMMIT_WAIT, MAX_GROUP, RETRY_EVERY,
 };
@@ -23,6 +26,7 @@ use crate::store::error::{Refusal, StoreError};
 use crate::store::instance;
 use crate::store::recovery;
 use crate::store::types::{Outcome, Recorded, Reply, StoreOptions};
+use claim::{Claim, ClaimReply};
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,8 +41,12 @@ type Call = Box<dyn FnOnce(&mut Connection) + Send>;
 enum Job {
     Call(Call, Span),
     Record(Outcome, Reply, Span),
+    Claim(Claim, ClaimReply, Span),
     Close(oneshot::Sender<()>),
 }
+
+/// A claim waiting for the next group transaction.
+type PendingClaim = (Claim, ClaimReply, Span);
 
 /// Handle to the worker thread. Cheap to clone.
 #[derive(Clone)]
@@ -134,6 +142,16 @@ impl SqliteStore {
         let (tx, rx) = oneshot::channel();
         self.jobs
             .send(Job::Record(outcome, tx, Span::current()))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Leases due accounts; answered once the leases are durable, possibly by the commit of
+    /// a group of outcomes.
+    pub async fn claim(&self, claim: Claim) -> Result<Vec<Account>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Claim(claim, tx, Span::current()))
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
@@ -238,6 +256,13 @@ pub(crate) fn connect(opts: &StoreOptions) -> Result<Connection, StoreError> {
     // (or by its sealed form, during rekey) does not linger in free space of the file.
     conn.pragma_update(None, "secure_delete", "ON")
         .map_err(open_err)?;
+    // The query planner stability guarantee: without it, binding a new LIMIT to a cached
+    // statement (the claim's) expires it, and every claim is prepared again.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )
+    .map_err(open_err)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
@@ -427,7 +452,8 @@ impl Worker {
             };
             // Deferred rotations go first: nothing else should see the rows they update.
             if !self.deferrals.is_empty()
-                && (matches!(job, Job::Call(..)) || self.last_retry.elapsed() >= RETRY_BEFORE_JOB)
+                && (matches!(job, Job::Call(..) | Job::Claim(..))
+                    || self.last_retry.elapsed() >= RETRY_BEFORE_JOB)
             {
                 self.retry_deferred(conn);
             }
@@ -447,19 +473,27 @@ impl Worker {
                     let _ = done.send(());
                     return;
                 }
-                Job::Record(o, reply, span) => {
-                    let mut batch = vec![(o, reply, span)];
-                    // Group commit: take every outcome already waiting; keep other jobs, in
-                    // order, for after the commit.
+                Job::Record(..) | Job::Claim(..) => {
+                    let (mut batch, mut claim) = (Vec::new(), None);
+                    let mut next = Some(job);
+                    // Group commit: take every outcome already waiting and one claim; keep
+                    // other jobs, in order, for after the commit.
                     let mut later = Vec::new();
                     while batch.len() < MAX_GROUP {
-                        match rx.try_recv() {
-                            Ok(Job::Record(o, r, s)) => batch.push((o, r, s)),
-                            Ok(other) => later.push(other),
-                            Err(_) => break,
+                        let job = match next.take() {
+                            Some(j) => j,
+                            None => match rx.try_recv() {
+                                Ok(j) => j,
+                                Err(_) => break,
+                            },
+                        };
+                        match job {
+                            Job::Record(o, r, s) => batch.push((o, r, s)),
+                            Job::Claim(c, r, s) if claim.is_none() => claim = Some((c, r, s)),
+                            other => later.push(other),
                         }
                     }
-                    self.commit_spanned(conn, batch);
+                    self.commit_spanned(conn, batch, claim);
                     // `stash` is popped from the end.
                     later.reverse();
                     stash.extend(later);
@@ -517,17 +551,57 @@ impl Worker {
     }
 
     /// Commits a group in the span of its outcome when it has one outcome (a group of
-    /// several belongs to no one account).
-    fn commit_spanned(&mut self, conn: &mut Connection, batch: Vec<(Outcome, Reply, Span)>) {
+    /// several belongs to no one account), with the claim in the same transaction when the
+    /// store is healthy and nothing is deferred (deferred rotations are retried first, as
+    /// before any other job). The claim is answered only after its transaction committed.
+    fn commit_spanned(
+        &mut self,
+        conn: &mut Connection,
+        batch: Vec<(Outcome, Reply, Span)>,
+        claim: Option<PendingClaim>,
+    ) {
         let span = match &batch[..] {
             [(_, _, one)] => one.clone(),
             _ => Span::none(),
         };
-        let batch = batch.into_iter().map(|(o, r, _)| (o, r)).collect();
-        span.in_scope(|| self.commit_group(conn, batch));
+        let batch: Vec<(Outcome, Reply)> = batch.into_iter().map(|(o, r, _)| (o, r)).collect();
+        let healthy = self.deferrals.is_empty() && self.deferrals.health.lost().is_none();
+        let claim = match claim {
+            Some((c, reply, claim_span)) if healthy && !batch.is_empty() => {
+                let claimed = span.in_scope(|| self.commit_group(conn, batch, Some(&c)));
+                match claimed {
+                    Some(result) => {
+                        let _ = reply.send(result);
+                        None
+                    }
+                    // The group's transaction failed: the claim runs alone.
+                    None => Some((c, reply, claim_span)),
+                }
+            }
+            other => {
+                if !batch.is_empty() {
+                    span.in_scope(|| self.commit_group(conn, batch, None));
+                }
+                other
+            }
+        };
+        if let Some((c, reply, claim_span)) = claim {
+            if !self.deferrals.is_empty() {
+                self.retry_deferred(conn);
+            }
+            let result = claim_span.in_scope(|| claim::run(conn, &self.keys, &c));
+            let _ = reply.send(result);
+        }
     }
 
-    fn commit_group(&mut self, conn: &mut Connection, batch: Vec<(Outcome, Reply)>) {
+    /// Commits a group (with `claim`, when given); returns the claim's result when the
+    /// transaction committed, None when it did not (or there was no claim).
+    fn commit_group(
+        &mut self,
+        conn: &mut Connection,
+        batch: Vec<(Outcome, Reply)>,
+        claim: Option<&Claim>,
+    ) -> Option<Result<Vec<Account>, StoreError>> {
         let lost = self.deferrals.health.lost().or_else(|| {
             self.instance
                 .as_ref()
@@ -541,38 +615,21 @@ impl Worker {
             None => {
                 let outcomes: Vec<&Outcome> = batch.iter().map(|(o, _)| o).collect();
                 self.set_wait(conn, COMMIT_WAIT);
-                let r = Self::commit(conn, &self.keys, &outcomes);
+                let r = claim::commit_group(conn, &self.keys, &outcomes, claim);
                 self.set_wait(conn, self.busy_timeout);
                 r
             }
         };
+        let (result, claimed) = match result {
+            Ok((recorded, claimed)) => (Ok(recorded), claimed),
+            Err(e) => (Err(e), None),
+        };
         if let Some(batch) = commit::settle(&mut self.deferrals, batch, result, lost.is_some()) {
             for one in batch {
-                self.commit_group(conn, vec![one]);
+                self.commit_group(conn, vec![one], None);
             }
         }
-    }
-
-    fn commit(
-        conn: &mut Connection,
-        keys: &Keyring,
-        outcomes: &[&Outcome],
-    ) -> Result<Vec<Recorded>, StoreError> {
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|source| StoreError::Sqlite {
-                context: "begin commit of refresh outcomes",
-                source,
-            })?;
-        let mut results = Vec::with_capacity(outcomes.len());
-        for o in outcomes {
-            results.push(writes::record(&tx, keys, o)?);
-        }
-        tx.commit().map_err(|source| StoreError::Sqlite {
-            context: "commit refresh outcomes",
-            source,
-        })?;
-        Ok(results)
+        claimed
     }
 
     fn retry_deferred(&mut self, conn: &mut Connection) {

@@ -75,22 +75,8 @@ pub fn claim_due_except(
     skip: &[String],
     exclude: &[i64],
 ) -> Result<Vec<Account>, StoreError> {
-    let sql = format!(
-        "UPDATE accounts SET lease_owner = ?1, lease_expires_at = ?2,
-             interrupted_at = CASE WHEN lease_owner IS NOT NULL THEN lease_expires_at END
-         WHERE id IN (
-             SELECT id FROM accounts INDEXED BY accounts_due
-             WHERE status IN ('active', 'expiring') AND next_refresh_at <= ?3
-               AND (lease_owner IS NULL OR lease_expires_at <= ?3)
-               AND id NOT IN (SELECT value FROM json_each(?5))
-               {}
-             ORDER BY next_refresh_at
-             LIMIT ?4)
-         RETURNING {ACCOUNT_COLUMNS}",
-        skip_clause(skip, 6),
-    );
     let mut stmt = conn
-        .prepare_cached(&sql)
+        .prepare_cached(&claim_sql(skip))
         .map_err(sql_err("claim due accounts"))?;
     let mut values: Vec<rusqlite::types::Value> = vec![
         owner.to_string().into(),
@@ -107,6 +93,26 @@ pub fn claim_due_except(
         .collect::<Result<_, _>>()
         .map_err(sql_err("claim due accounts"))?;
     Ok(columns::open_claimed(keys, sealed))
+}
+
+/// The claim statement with `skip` left out: one cached statement per number of skipped
+/// providers, never re-prepared (the connection has the query planner stability guarantee,
+/// so binding a new LIMIT does not expire it).
+pub(crate) fn claim_sql(skip: &[String]) -> String {
+    format!(
+        "UPDATE accounts SET lease_owner = ?1, lease_expires_at = ?2,
+             interrupted_at = CASE WHEN lease_owner IS NOT NULL THEN lease_expires_at END
+         WHERE id IN (
+             SELECT id FROM accounts INDEXED BY accounts_due
+             WHERE status IN ('active', 'expiring') AND next_refresh_at <= ?3
+               AND (lease_owner IS NULL OR lease_expires_at <= ?3)
+               AND id NOT IN (SELECT value FROM json_each(?5))
+               {}
+             ORDER BY next_refresh_at
+             LIMIT ?4)
+         RETURNING {ACCOUNT_COLUMNS}",
+        skip_clause(skip, 6)
+    )
 }
 
 /// Ends now the leases of processes found dead (their instance lock is free), so the next

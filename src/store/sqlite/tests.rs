@@ -1,6 +1,6 @@
 //! The SQLite worker carries its callers' spans; the queries on `:memory:`.
 
-use super::{SqliteStore, queries, schema, writes};
+use super::{SqliteStore, claim, queries, schema, writes};
 use crate::crypto::Keyring;
 use crate::model::{Status, TokenSet};
 use crate::store::deferred::Health;
@@ -42,16 +42,21 @@ fn captured() -> &'static Buf {
     })
 }
 
+/// A store file in `dir`, without keys.
+fn file_options(dir: &std::path::Path) -> StoreOptions {
+    StoreOptions {
+        path: dir.join("refreshd.db"),
+        busy_timeout: Duration::from_secs(5),
+        keyring: Keyring::default(),
+        postgres: None,
+    }
+}
+
 #[tokio::test]
 async fn a_log_line_of_a_store_job_carries_the_callers_span() {
     let buf = captured();
     let dir = tempfile::tempdir().unwrap();
-    let opts = StoreOptions {
-        path: dir.path().join("refreshd.db"),
-        busy_timeout: Duration::from_secs(5),
-        keyring: Keyring::default(),
-        postgres: None,
-    };
+    let opts = file_options(dir.path());
     let health = Arc::new(Health::default());
     let store = SqliteStore::start(opts, "me".into(), health, false)
         .await
@@ -141,20 +146,7 @@ fn a_claimed_account_takes_its_rotation_once() {
     let claimed =
         queries::claim_due_except(&c, &keys, "me:1", NOW, NOW + 60, 10, &[], &[]).unwrap();
     assert_eq!(claimed.iter().map(|a| a.id).collect::<Vec<_>>(), [id]);
-    let rotated = Outcome::Rotated {
-        account_id: id,
-        generation: claimed[0].generation,
-        tokens: TokenSet {
-            access_token: SecretString::from("at-new"),
-            ..account("u1").tokens
-        },
-        at: NOW + 1,
-        next_refresh_at: NOW + 3000,
-        status: Status::Active,
-        reauth_reason: None,
-        http_status: Some(200),
-        duration_ms: 5,
-    };
+    let rotated = rotation_of(&claimed[0]);
     assert_eq!(
         writes::record(&c, &keys, &rotated).unwrap(),
         Recorded::Applied
@@ -189,4 +181,151 @@ fn the_sweep_flags_an_ended_refresh_token_once() {
     assert!(sweep(&mut c).expired.is_empty());
     let flagged = queries::flagged_ids(&c).unwrap();
     assert_eq!(flagged, [(id, Status::NeedsReauth)]);
+}
+
+fn claim_for(owner: &str, limit: usize) -> claim::Claim {
+    claim::Claim {
+        owner: owner.into(),
+        now: NOW,
+        lease_until: NOW + 60,
+        limit,
+        skip: Vec::new(),
+        exclude: Vec::new(),
+        dead: Vec::new(),
+    }
+}
+
+/// A rotation of the claimed `a`: new access and refresh tokens, due again in 50 minutes.
+fn rotation_of(a: &crate::model::Account) -> Outcome {
+    Outcome::Rotated {
+        account_id: a.id,
+        generation: a.generation,
+        tokens: TokenSet {
+            access_token: SecretString::from("at-new"),
+            refresh_token: Some(SecretString::from("rt-new")),
+            ..account(&a.subject).tokens
+        },
+        at: NOW + 1,
+        next_refresh_at: NOW + 3000,
+        status: Status::Active,
+        reauth_reason: None,
+        http_status: Some(200),
+        duration_ms: 5,
+    }
+}
+
+#[test]
+fn one_transaction_commits_the_outcomes_then_claims_what_is_due() {
+    let mut c = memory();
+    let keys = Keyring::default();
+    let ids = upsert(&mut c, &[account("a"), account("b")]);
+    let first = claim::run(&c, &keys, &claim_for("me:1", 1)).unwrap();
+    let done = rotation_of(&first[0]);
+    let (results, claimed) =
+        claim::commit_group(&mut c, &keys, &[&done], Some(&claim_for("me:2", 10))).unwrap();
+    assert_eq!(results, [Recorded::Applied]);
+    // The rotated account is not due any more; the other one is claimed by the same commit.
+    let other = *ids.iter().find(|&&id| id != first[0].id).unwrap();
+    let claimed: Vec<i64> = claimed.unwrap().unwrap().iter().map(|a| a.id).collect();
+    assert_eq!(claimed, [other]);
+    let a = queries::get(&c, &keys, first[0].id).unwrap().unwrap();
+    assert_eq!(a.refresh_token.expose_secret(), "rt-new");
+    let owner: Option<String> = c
+        .query_row(
+            "SELECT lease_owner FROM accounts WHERE id = ?1",
+            [other],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(owner.as_deref(), Some("me:2"));
+}
+
+#[test]
+fn a_failing_claim_is_rolled_back_alone_and_the_outcomes_stay_committed() {
+    let mut c = memory();
+    let keys = Keyring::default();
+    upsert(&mut c, &[account("a"), account("b")]);
+    let first = claim::run(&c, &keys, &claim_for("me:1", 1)).unwrap();
+    // Any new lease fails: the claim breaks, a rotation (which ends its lease) does not.
+    c.execute_batch(
+        "CREATE TEMP TRIGGER no_claims BEFORE UPDATE OF lease_owner ON accounts
+         WHEN NEW.lease_owner IS NOT NULL BEGIN SELECT RAISE(ABORT, 'no claims'); END;",
+    )
+    .unwrap();
+    let done = rotation_of(&first[0]);
+    let (results, claimed) =
+        claim::commit_group(&mut c, &keys, &[&done], Some(&claim_for("me:2", 10))).unwrap();
+    assert_eq!(results, [Recorded::Applied]);
+    assert!(claimed.unwrap().is_err());
+    let a = queries::get(&c, &keys, first[0].id).unwrap().unwrap();
+    assert_eq!(a.refresh_token.expose_secret(), "rt-new");
+    let leased: i64 = c
+        .query_row(
+            "SELECT count(*) FROM accounts WHERE lease_owner IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(leased, 0, "the failed claim left no lease");
+}
+
+#[test]
+fn the_claim_statement_is_prepared_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = file_options(dir.path());
+    let mut c = super::connect(&opts).unwrap();
+    schema::migrate(&mut c).unwrap();
+    let keys = Keyring::default();
+    let subjects: Vec<String> = (0..20).map(|i| format!("u{i}")).collect();
+    upsert(
+        &mut c,
+        &subjects.iter().map(|s| account(s)).collect::<Vec<_>>(),
+    );
+    let skip = ["other".to_string()];
+    for (i, limit) in [1, 2, 3, 5, 8].into_iter().enumerate() {
+        let owner = format!("me:{i}");
+        let now = NOW + i as i64;
+        queries::claim_due_except(&c, &keys, &owner, now, now + 60, limit, &skip, &[i as i64])
+            .unwrap();
+    }
+    let stmt = c.prepare_cached(&queries::claim_sql(&skip)).unwrap();
+    assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
+    assert!(stmt.get_status(rusqlite::StatementStatus::Run) >= 5);
+}
+
+#[tokio::test]
+async fn the_worker_answers_a_claim_queued_behind_outcomes_after_committing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let health = Arc::new(Health::default());
+    let store = SqliteStore::start(file_options(dir.path()), "me".into(), health, false)
+        .await
+        .unwrap();
+    let accounts = vec![account("a"), account("b")];
+    store
+        .in_tx("import", move |tx| {
+            writes::upsert(tx, &Keyring::default(), &accounts, NOW)
+        })
+        .await
+        .unwrap();
+    let first = store.claim(claim_for("me:1", 1)).await.unwrap();
+    // Hold the worker, so the outcome and the next claim wait in its queue together.
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let hold = store.call(move |_| {
+        held.recv().unwrap();
+        Ok(())
+    });
+    // `join!` polls its futures in order the first time: the three jobs are queued before
+    // the worker is let go.
+    let (_, recorded, claimed, _) = tokio::join!(
+        hold,
+        store.record(rotation_of(&first[0])),
+        store.claim(claim_for("me:2", 10)),
+        async { release.send(()).unwrap() }
+    );
+    assert_eq!(recorded.unwrap(), Recorded::Applied);
+    // The claim ran after the outcome: the rotated account is not due any more.
+    let claimed: Vec<String> = claimed.unwrap().into_iter().map(|a| a.subject).collect();
+    let other = if first[0].subject == "a" { "b" } else { "a" };
+    assert_eq!(claimed, [other]);
+    store.close().await;
 }

@@ -21,6 +21,7 @@ mod commands;
 mod config_errors;
 mod daemon;
 mod import;
+mod refresh_lines;
 mod secrets;
 
 /// Seconds ago the grants of "due" accounts were obtained. The sandbox's access tokens live
