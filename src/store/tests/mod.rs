@@ -182,6 +182,7 @@ async fn wait_for_recovery_commit(recovery: &Path) {
 mod accounts;
 mod admin;
 mod durability;
+mod imports;
 mod open;
 mod plan;
 mod records;
