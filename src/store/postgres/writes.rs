@@ -12,26 +12,222 @@ use deadpool_postgres::Transaction;
 
 /// Inserts or updates accounts by (provider, subject), all in the caller's transaction.
 /// Returns (id, inserted) per account in input order.
+///
+/// A few statements per batch, whatever its size, each carrying the whole batch as arrays
+/// (`unnest`): the existing accounts are looked up and locked, the new ones get their ids
+/// from the sequence first (so their tokens are sealed for them before the INSERT), then one
+/// INSERT, one UPDATE and one refresh-log INSERT. An account another transaction created
+/// meanwhile (the INSERT skips it) is written by `upsert_one`, as a connect is.
 pub async fn upsert(
     tx: &Transaction<'_>,
     keys: &Keyring,
     accounts: &[NewAccount],
     now: i64,
 ) -> Result<Vec<(i64, bool)>, StoreError> {
-    let mut out = Vec::with_capacity(accounts.len());
-    // Accounts of a chunk in flight at once: tokio-postgres pipelines their statements on
-    // the one connection (sent, and executed, in order), instead of a round trip each.
-    for chunk in accounts.chunks(UPSERT_PIPELINE) {
-        out.extend(
-            futures::future::try_join_all(chunk.iter().map(|a| upsert_one(tx, keys, a, now)))
-                .await?,
+    let ctx = "look up accounts for import";
+    let providers: Vec<&str> = accounts.iter().map(|a| a.provider.as_str()).collect();
+    let subjects: Vec<&str> = accounts.iter().map(|a| a.subject.as_str()).collect();
+    // Rows locked in id order, as a commit group locks them: no deadlock with a replica.
+    let found = tx
+        .query(
+            "SELECT u.ord, a.id, a.lease_expires_at, a.last_refreshed_at
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(provider, subject, ord)
+             JOIN accounts a ON a.provider = u.provider AND a.subject = u.subject
+             ORDER BY a.id FOR UPDATE OF a",
+            &[&providers, &subjects],
+        )
+        .await
+        .map_err(pg_err(ctx))?;
+    let mut out: Vec<Option<(i64, bool)>> = vec![None; accounts.len()];
+    let mut update = Rows::default();
+    for r in &found {
+        let (ord, id): (i64, i64) = (
+            r.try_get(0).map_err(pg_err(ctx))?,
+            r.try_get(1).map_err(pg_err(ctx))?,
         );
+        let a = &accounts[ord as usize - 1];
+        rules::check_upsert(
+            id,
+            a,
+            r.try_get(2).map_err(pg_err(ctx))?,
+            r.try_get(3).map_err(pg_err(ctx))?,
+            now,
+        )?;
+        update.push(keys, id, a, now);
+        out[ord as usize - 1] = Some((id, false));
     }
-    Ok(out)
+    let fresh: Vec<usize> = (0..accounts.len()).filter(|&i| out[i].is_none()).collect();
+    let ids: Vec<i64> = if fresh.is_empty() {
+        Vec::new()
+    } else {
+        tx.query(
+            "SELECT nextval(pg_get_serial_sequence('accounts', 'id'))
+             FROM generate_series(1, $1::bigint)",
+            &[&(fresh.len() as i64)],
+        )
+        .await
+        .map_err(pg_err("choose ids for imported accounts"))?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()
+        .map_err(pg_err("choose ids for imported accounts"))?
+    };
+    let mut insert = Rows::default();
+    for (&i, &id) in fresh.iter().zip(&ids) {
+        insert.push(keys, id, &accounts[i], now);
+    }
+    if !insert.id.is_empty() {
+        let inserted = tx
+            .query(
+                "INSERT INTO accounts (id, provider, subject, label, access_token, refresh_token,
+                    scope, token_type, access_expires_at, refresh_expires_at, next_refresh_at,
+                    status, reauth_reason, reauth_flagged_at, created_at, updated_at)
+                 SELECT u.*, $15::bigint, $15::bigint FROM unnest($1::bigint[], $2::text[],
+                    $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                    $9::bigint[], $10::bigint[], $11::bigint[], $12::text[], $13::text[],
+                    $14::bigint[]) AS u
+                 ON CONFLICT (provider, subject) DO NOTHING
+                 RETURNING id",
+                &[
+                    &insert.id,
+                    &insert.provider,
+                    &insert.subject,
+                    &insert.label,
+                    &insert.access_token,
+                    &insert.refresh_token,
+                    &insert.scope,
+                    &insert.token_type,
+                    &insert.access_expires_at,
+                    &insert.refresh_expires_at,
+                    &insert.next_refresh_at,
+                    &insert.status,
+                    &insert.reauth_reason,
+                    &insert.reauth_flagged_at,
+                    &now,
+                ],
+            )
+            .await
+            .map_err(pg_err("insert imported accounts"))?;
+        let inserted: std::collections::HashSet<i64> = inserted
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(pg_err("insert imported accounts"))?;
+        for (&i, &id) in fresh.iter().zip(&ids) {
+            if inserted.contains(&id) {
+                out[i] = Some((id, true));
+            }
+        }
+    }
+    if !update.id.is_empty() {
+        tx.execute(
+            "UPDATE accounts a SET label = COALESCE(u.label, a.label),
+                access_token = u.access_token,
+                refresh_token = CASE WHEN u.refresh_token = '' THEN a.refresh_token
+                    ELSE u.refresh_token END,
+                scope = u.scope, token_type = u.token_type,
+                access_expires_at = u.access_expires_at,
+                refresh_expires_at = CASE WHEN u.refresh_token = ''
+                    THEN COALESCE(u.refresh_expires_at, a.refresh_expires_at)
+                    ELSE u.refresh_expires_at END,
+                next_refresh_at = u.next_refresh_at,
+                status = CASE WHEN a.status = 'disabled' THEN a.status ELSE u.status END,
+                reauth_reason = u.reauth_reason, reauth_flagged_at = u.reauth_flagged_at,
+                failures = 0, last_error = NULL, lease_owner = NULL, lease_expires_at = NULL,
+                generation = a.generation + 1, updated_at = $12::bigint
+             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
+                $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::text[],
+                $13::bigint[])
+                AS u(id, label, access_token, refresh_token, scope, token_type,
+                     access_expires_at, refresh_expires_at, next_refresh_at, status,
+                     reauth_reason, reauth_flagged_at)
+             WHERE a.id = u.id",
+            &[
+                &update.id,
+                &update.label,
+                &update.access_token,
+                &update.refresh_token,
+                &update.scope,
+                &update.token_type,
+                &update.access_expires_at,
+                &update.refresh_expires_at,
+                &update.next_refresh_at,
+                &update.status,
+                &update.reauth_reason,
+                &now,
+                &update.reauth_flagged_at,
+            ],
+        )
+        .await
+        .map_err(pg_err("update imported accounts"))?;
+    }
+    let logged: Vec<i64> = out.iter().flatten().map(|(id, _)| *id).collect();
+    append_imported_log(tx, &logged, now).await?;
+    // Created meanwhile by another transaction (the INSERT skipped it): one at a time, as a
+    // connect is (`upsert_one` writes its refresh-log row itself).
+    for (i, a) in accounts.iter().enumerate() {
+        if out[i].is_none() {
+            out[i] = Some(upsert_one(tx, keys, a, now).await?);
+        }
+    }
+    Ok(out.into_iter().flatten().collect())
 }
 
-/// Accounts imported together whose statements are pipelined.
-const UPSERT_PIPELINE: usize = 256;
+/// The rows of one batch's INSERT or UPDATE, column by column (`unnest`'s arrays).
+#[derive(Default)]
+struct Rows<'a> {
+    id: Vec<i64>,
+    provider: Vec<&'a str>,
+    subject: Vec<&'a str>,
+    label: Vec<Option<&'a str>>,
+    access_token: Vec<String>,
+    refresh_token: Vec<String>,
+    scope: Vec<String>,
+    token_type: Vec<&'a str>,
+    access_expires_at: Vec<i64>,
+    refresh_expires_at: Vec<Option<i64>>,
+    next_refresh_at: Vec<i64>,
+    status: Vec<&'static str>,
+    reauth_reason: Vec<Option<&'static str>>,
+    reauth_flagged_at: Vec<Option<i64>>,
+}
+
+impl<'a> Rows<'a> {
+    /// Adds `a` as account `id`, its tokens sealed for that id.
+    fn push(&mut self, keys: &Keyring, id: i64, a: &'a NewAccount, now: i64) {
+        let new = record::imported(a, now);
+        self.id.push(id);
+        self.provider.push(&a.provider);
+        self.subject.push(&a.subject);
+        self.label.push(a.label.as_deref());
+        self.access_token.push(new.access_token(keys, id));
+        self.refresh_token.push(new.refresh_token(keys, id));
+        self.token_type.push(&a.tokens.token_type);
+        self.access_expires_at.push(new.access_expires_at);
+        self.refresh_expires_at.push(new.refresh_expires_at);
+        self.next_refresh_at.push(a.next_refresh_at);
+        self.status.push(a.status.as_str());
+        self.reauth_reason.push(new.reauth_reason);
+        self.reauth_flagged_at.push(new.reauth_flagged_at);
+        self.scope.push(new.scope);
+    }
+}
+
+/// The refresh log's "imported" row of each account, in one statement.
+async fn append_imported_log(
+    tx: &Transaction<'_>,
+    ids: &[i64],
+    now: i64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO refresh_log (account_id, at, outcome)
+         SELECT id, $2::bigint, 'imported' FROM unnest($1::bigint[]) AS id",
+        &[&ids, &now],
+    )
+    .await
+    .map_err(pg_err("append refresh log"))?;
+    Ok(())
+}
 
 /// Inserts or updates one account; returns (id, inserted).
 async fn upsert_one(

@@ -7,7 +7,7 @@ use crate::store::error::StoreError;
 use crate::store::record::{self, Update};
 use crate::store::rules;
 use crate::store::types::{Actor, AuditAction, NewAccount, Outcome, Recorded};
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, Transaction, params};
 
 fn sql_err(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { context, source }
@@ -15,117 +15,119 @@ fn sql_err(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
 
 /// Inserts or updates accounts by (provider, subject), all in the caller's transaction.
 /// Returns (id, inserted) per account in input order.
+///
+/// A new account is written by one INSERT with its id chosen here (the next rowid, as SQLite
+/// would choose it: the transaction holds the write lock, so nothing takes it meanwhile), so
+/// its tokens are sealed for that id at once; only an account that exists already is looked
+/// up, checked (`rules::check_upsert`) and updated. Two statements per new account, with the
+/// refresh-log row.
 pub fn upsert(
     tx: &Transaction<'_>,
     keys: &Keyring,
     accounts: &[NewAccount],
     now: i64,
 ) -> Result<Vec<(i64, bool)>, StoreError> {
+    let mut next_id: i64 = tx
+        .query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM accounts", [], |r| {
+            r.get(0)
+        })
+        .map_err(sql_err("choose ids for imported accounts"))?;
     let mut out = Vec::with_capacity(accounts.len());
     for a in accounts {
-        let existing: Option<(i64, Option<i64>, Option<i64>)> = tx
+        let new = record::imported(a, now);
+        let inserted = tx
             .prepare_cached(
-                "SELECT id, lease_expires_at, last_refreshed_at FROM accounts
-                 WHERE provider = ?1 AND subject = ?2",
+                "INSERT INTO accounts (id, provider, subject, label, access_token, refresh_token,
+                    scope, token_type, access_expires_at, refresh_expires_at, next_refresh_at,
+                    status, reauth_reason, reauth_flagged_at, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15)
+                 ON CONFLICT (provider, subject) DO NOTHING",
             )
             .and_then(|mut s| {
-                s.query_row([&a.provider, &a.subject], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .optional()
+                s.execute(params![
+                    next_id,
+                    a.provider,
+                    a.subject,
+                    a.label,
+                    new.access_token(keys, next_id),
+                    new.refresh_token(keys, next_id),
+                    new.scope,
+                    a.tokens.token_type,
+                    new.access_expires_at,
+                    new.refresh_expires_at,
+                    a.next_refresh_at,
+                    a.status.as_str(),
+                    new.reauth_reason,
+                    new.reauth_flagged_at,
+                    now
+                ])
             })
-            .map_err(sql_err("look up account for import"))?;
-        if let Some((id, lease_expires_at, last_refreshed_at)) = existing {
-            rules::check_upsert(id, a, lease_expires_at, last_refreshed_at, now)?;
-        }
-        let existing = existing.map(|(id, _, _)| id);
-        let new = record::imported(a, now);
-        let id = match existing {
-            Some(id) => {
-                tx.prepare_cached(
-                    "UPDATE accounts SET label = COALESCE(?2, label), access_token = ?3,
-                        refresh_token = CASE WHEN ?4 = '' THEN refresh_token ELSE ?4 END,
-                        scope = ?5, token_type = ?6, access_expires_at = ?7,
-                        refresh_expires_at = CASE WHEN ?4 = '' THEN COALESCE(?8, refresh_expires_at) ELSE ?8 END,
-                        next_refresh_at = ?9, status = CASE WHEN status = 'disabled' THEN status ELSE ?10 END,
-                        reauth_reason = ?11, reauth_flagged_at = ?12, failures = 0,
-                        last_error = NULL, lease_owner = NULL, lease_expires_at = NULL,
-                        generation = generation + 1, updated_at = ?13
-                     WHERE id = ?1",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![
-                        id,
-                        a.label,
-                        new.access_token(keys, id),
-                        new.refresh_token(keys, id),
-                        new.scope,
-                        a.tokens.token_type,
-                        new.access_expires_at,
-                        new.refresh_expires_at,
-                        a.next_refresh_at,
-                        a.status.as_str(),
-                        new.reauth_reason,
-                        new.reauth_flagged_at,
-                        now
-                    ])
-                })
-                .map_err(sql_err("update imported account"))?;
-                out.push((id, false));
-                id
-            }
-            None => {
-                let (access, refresh) = new.inserted_tokens(keys);
-                let id: i64 = tx
-                    .prepare_cached(
-                        "INSERT INTO accounts (provider, subject, label, access_token, refresh_token,
-                            scope, token_type, access_expires_at, refresh_expires_at, next_refresh_at,
-                            status, reauth_reason, reauth_flagged_at, created_at, updated_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)
-                         RETURNING id",
-                    )
-                    .and_then(|mut s| {
-                        s.query_row(
-                            params![
-                                a.provider,
-                                a.subject,
-                                a.label,
-                                access,
-                                refresh,
-                                new.scope,
-                                a.tokens.token_type,
-                                new.access_expires_at,
-                                new.refresh_expires_at,
-                                a.next_refresh_at,
-                                a.status.as_str(),
-                                new.reauth_reason,
-                                new.reauth_flagged_at,
-                                now
-                            ],
-                            |r| r.get(0),
-                        )
-                    })
-                    .map_err(sql_err("insert imported account"))?;
-                if record::Imported::sealed_after_insert(keys) {
-                    tx.prepare_cached(
-                        "UPDATE accounts SET access_token = ?2, refresh_token = ?3 WHERE id = ?1",
-                    )
-                    .and_then(|mut s| {
-                        s.execute(params![
-                            id,
-                            new.access_token(keys, id),
-                            new.refresh_token(keys, id)
-                        ])
-                    })
-                    .map_err(sql_err("store imported tokens"))?;
-                }
-                out.push((id, true));
-                id
-            }
+            .map_err(sql_err("insert imported account"))?;
+        let id = if inserted == 1 {
+            next_id += 1;
+            out.push((next_id - 1, true));
+            next_id - 1
+        } else {
+            let id = update_existing(tx, keys, a, &new, now)?;
+            out.push((id, false));
+            id
         };
         append_log(tx, id, now, "imported", None, None, None)?;
     }
     Ok(out)
+}
+
+/// Re-imports an account that exists: checked (`rules::check_upsert`), then its tokens,
+/// schedule and flag replaced. Returns its id.
+fn update_existing(
+    tx: &Transaction<'_>,
+    keys: &Keyring,
+    a: &NewAccount,
+    new: &record::Imported<'_>,
+    now: i64,
+) -> Result<i64, StoreError> {
+    let (id, lease_expires_at, last_refreshed_at): (i64, Option<i64>, Option<i64>) = tx
+        .prepare_cached(
+            "SELECT id, lease_expires_at, last_refreshed_at FROM accounts
+             WHERE provider = ?1 AND subject = ?2",
+        )
+        .and_then(|mut s| {
+            s.query_row([&a.provider, &a.subject], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+        })
+        .map_err(sql_err("look up account for import"))?;
+    rules::check_upsert(id, a, lease_expires_at, last_refreshed_at, now)?;
+    tx.prepare_cached(
+        "UPDATE accounts SET label = COALESCE(?2, label), access_token = ?3,
+            refresh_token = CASE WHEN ?4 = '' THEN refresh_token ELSE ?4 END,
+            scope = ?5, token_type = ?6, access_expires_at = ?7,
+            refresh_expires_at = CASE WHEN ?4 = '' THEN COALESCE(?8, refresh_expires_at) ELSE ?8 END,
+            next_refresh_at = ?9, status = CASE WHEN status = 'disabled' THEN status ELSE ?10 END,
+            reauth_reason = ?11, reauth_flagged_at = ?12, failures = 0,
+            last_error = NULL, lease_owner = NULL, lease_expires_at = NULL,
+            generation = generation + 1, updated_at = ?13
+         WHERE id = ?1",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            id,
+            a.label,
+            new.access_token(keys, id),
+            new.refresh_token(keys, id),
+            new.scope,
+            a.tokens.token_type,
+            new.access_expires_at,
+            new.refresh_expires_at,
+            a.next_refresh_at,
+            a.status.as_str(),
+            new.reauth_reason,
+            new.reauth_flagged_at,
+            now
+        ])
+    })
+    .map_err(sql_err("update imported account"))?;
+    Ok(id)
 }
 
 pub(super) fn append_log(

@@ -192,6 +192,7 @@ mod admin;
 mod admin_page;
 mod audit;
 mod durability;
+mod imports;
 mod open;
 mod plan;
 mod records;

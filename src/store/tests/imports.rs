@@ -1,0 +1,122 @@
+//! Imports in batches (`upsert`, `upsert_stream`): a batch mixing new and existing accounts,
+//! with sealed tokens, and a stream of several batches committed or rolled back whole.
+
+use super::*;
+
+/// A store whose tokens are sealed: a token written for the wrong id would not open.
+async fn sealing_store() -> (TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    crate::crypto::generate_key_file(&key).unwrap();
+    let opts = StoreOptions {
+        keyring: crate::crypto::Keyring::load(Some(&key), &[]).unwrap(),
+        ..options(&dir)
+    };
+    let store = Store::open(opts).await.unwrap();
+    (dir, store)
+}
+
+async fn a_batch_of_new_and_existing_accounts_gets_ids_in_order_sealed_for_them() {
+    let (_dir, store) = sealing_store().await;
+    let old = insert(
+        &store,
+        vec![
+            new_account("tiktok", "b", NOW),
+            new_account("tiktok", "d", NOW),
+        ],
+    )
+    .await;
+    let batch: Vec<NewAccount> = ["a", "b", "c", "d", "e"]
+        .iter()
+        .map(|s| NewAccount {
+            tokens: tokens(&format!("at2-{s}"), Some(&format!("rt2-{s}"))),
+            ..new_account("tiktok", s, NOW + 100)
+        })
+        .collect();
+    let ids = store.upsert(batch, NOW + 10).await.unwrap();
+    let inserted: Vec<bool> = ids.iter().map(|(_, new)| *new).collect();
+    assert_eq!(inserted, [true, false, true, false, true]);
+    assert_eq!((ids[1].0, ids[3].0), (old[0], old[1]), "existing ids kept");
+    let mut distinct: Vec<i64> = ids.iter().map(|(id, _)| *id).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 5, "{ids:?}");
+    for ((id, _), s) in ids.iter().zip(["a", "b", "c", "d", "e"]) {
+        let a = get(&store, *id).await;
+        assert_eq!(a.subject, s);
+        assert_eq!(a.access_token.expose_secret(), format!("at2-{s}"));
+        assert_eq!(a.refresh_token.expose_secret(), format!("rt2-{s}"));
+        assert_eq!(a.next_refresh_at, NOW + 100);
+        let imports = if ["b", "d"].contains(&s) { 2 } else { 1 };
+        assert_eq!(log_outcomes(&store, *id).await, vec!["imported"; imports]);
+    }
+    // A new account after a removed one never takes a sealed value of another id.
+    store
+        .remove(ids[4].0, NOW + 10, &super::admin(), None)
+        .await
+        .unwrap();
+    let again = store
+        .upsert(vec![new_account("tiktok", "f", NOW)], NOW + 20)
+        .await
+        .unwrap();
+    assert_eq!(
+        get(&store, again[0].0).await.access_token.expose_secret(),
+        "at-f"
+    );
+    store.close().await;
+}
+
+async fn a_stream_of_batches_commits_whole_or_leaves_nothing() {
+    let (_dir, store) = temp_store().await;
+    let batch = |from: usize| -> Vec<NewAccount> {
+        (from..from + 700)
+            .map(|k| new_account("tiktok", &format!("s{k}"), NOW))
+            .collect()
+    };
+    // Dropped before its end: rolled back, nothing of the first batches stays.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let writer = tokio::spawn({
+        let store = store.clone();
+        async move { store.upsert_stream(rx, NOW, |_, _| {}).await }
+    });
+    tx.send(Some(batch(0))).await.unwrap();
+    tx.send(Some(batch(700))).await.unwrap();
+    drop(tx);
+    assert!(writer.await.unwrap().is_err());
+    assert_eq!(store.counts().await.unwrap(), vec![]);
+    // Ended with None: committed, each batch handed back with its ids.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = tokio::spawn({
+        let (store, seen) = (store.clone(), seen.clone());
+        async move {
+            store
+                .upsert_stream(rx, NOW, move |records, ids| {
+                    assert_eq!(records.len(), ids.len());
+                    seen.lock().unwrap().extend(ids.iter().copied());
+                })
+                .await
+        }
+    });
+    for from in [0, 700, 1400] {
+        tx.send(Some(batch(from))).await.unwrap();
+    }
+    tx.send(None).await.unwrap();
+    writer.await.unwrap().unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2100);
+    assert!(seen.iter().all(|(_, new)| *new));
+    assert_eq!(
+        store.counts().await.unwrap(),
+        vec![("tiktok".to_string(), Status::Active, 2100)]
+    );
+    let last = seen.last().unwrap().0;
+    assert_eq!(get(&store, last).await.subject, "s2099");
+    assert_eq!(log_outcomes(&store, last).await, ["imported"]);
+    store.close().await;
+}
+
+on_both_backends!(
+    a_batch_of_new_and_existing_accounts_gets_ids_in_order_sealed_for_them,
+    a_stream_of_batches_commits_whole_or_leaves_nothing,
+);
