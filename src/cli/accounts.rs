@@ -140,6 +140,7 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
                 provider: provider.clone(),
                 status: status.map(|s| s.0),
                 needs_reauth: *needs_reauth,
+                grant: None,
             };
             let mut after = 0;
             let mut n = 0usize;

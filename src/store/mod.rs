@@ -5,8 +5,10 @@
 //! `types` (the data), `error`, `rules` (pure decisions), `columns` (the tables' columns
 //! and rows), `record` (what writing an outcome means), `commit` (the group-commit policy),
 //! `deferred` and `recovery` (rotations whose commit failed, and their file), `instance`
-//! (which processes are alive). `rekey` and `copy` build on the facade.
+//! (which processes are alive). `rekey` and `copy` build on the facade; `apps` is the
+//! facade's part for app tokens.
 
+mod apps;
 mod columns;
 mod commit;
 pub mod copy;
@@ -26,9 +28,9 @@ pub use recovery::{FAULT_ENV as RECOVERY_FAULT_ENV, owner_recovery_path, recover
 pub use rekey::rekey;
 pub use sqlite::{WATCH_EVERY, check_report};
 pub use types::{
-    AccountSummary, DueMinute, Gauges, ListFilter, LogEntry, NewAccount, Outcome, PendingConnect,
-    PgOptions, PlanQuery, PlanRows, Recorded, RefreshEnd, RekeyBatch, RekeyReport, StateProblem,
-    StoreOptions, SweepReport,
+    AccountSummary, AppAdded, DueMinute, Gauges, ListFilter, LogEntry, NewAccount, NewApp, Outcome,
+    PendingConnect, PgOptions, PlanQuery, PlanRows, Recorded, RefreshEnd, RekeyBatch, RekeyReport,
+    StateProblem, StoreOptions, SweepReport,
 };
 
 use crate::crypto::Keyring;

@@ -4,6 +4,7 @@
 
 mod admin;
 mod answers;
+mod apps;
 mod bench;
 mod chaos;
 mod chaos_answers;

@@ -71,6 +71,11 @@ CREATE TABLE connect_states (
 );
 CREATE INDEX connect_states_expiry ON connect_states (expires_at);
 "#,
+    // 4: how an account's token is renewed (see sqlite/schema.rs).
+    r#"
+ALTER TABLE accounts ADD COLUMN grant_type TEXT NOT NULL DEFAULT 'refresh_token'
+    CHECK (grant_type IN ('refresh_token', 'client_credentials'));
+"#,
 ];
 
 /// Taken (per database) while migrating: "refreshd" in ASCII.

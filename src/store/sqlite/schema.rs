@@ -76,6 +76,13 @@ CREATE TABLE connect_states (
 );
 CREATE INDEX connect_states_expiry ON connect_states (expires_at);
 "#,
+    // 4: how an account's token is renewed: `refresh_token` (a user's account) or
+    // `client_credentials` (an app token: no user, no refresh token). Existing rows are
+    // users' accounts.
+    r#"
+ALTER TABLE accounts ADD COLUMN grant_type TEXT NOT NULL DEFAULT 'refresh_token'
+    CHECK (grant_type IN ('refresh_token', 'client_credentials'));
+"#,
 ];
 
 /// Applies every migration newer than the database, all in one transaction.

@@ -181,6 +181,7 @@ async fn wait_for_recovery_commit(recovery: &Path) {
 
 mod accounts;
 mod admin;
+mod apps;
 mod durability;
 mod open;
 mod plan;
