@@ -139,3 +139,31 @@ async fn a_refused_client_secret_is_the_providers_configuration_not_a_flag() {
     assert!(!kinds.contains(&"reauth_required"), "{kinds:?}");
     assert_eq!(app.sandbox.stats().client_rejected, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_file_holds_the_current_app_token() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let store = app.store().await;
+    let engine = engine_for(&app, &store, "").await;
+    store.add_app(research(), T0).await.unwrap();
+    app.clock.set(T0);
+    engine.run_due(CancellationToken::new()).await.unwrap();
+    let path = app.dir.path().join("research.json");
+    let sink = refreshd::config::SinkConfig {
+        account: None,
+        provider: Some("tiktok".into()),
+        subject: Some("app:research".into()),
+        path: path.clone(),
+        format: Default::default(),
+        mode: 0o600,
+    };
+    refreshd::sink::write_sink(&sink, &store, T0, None)
+        .await
+        .expect("written");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(doc["subject"], "app:research");
+    assert_eq!(
+        doc["access_token"].as_str(),
+        app.sandbox.last_client_token().as_deref()
+    );
+}
