@@ -2,7 +2,7 @@
 //! kept fresh over a simulated day on the manual clock, and a refused client secret taken
 //! for the provider's configuration, never for an account needing a human.
 
-use crate::helpers::{T0, TestApp};
+use crate::helpers::{T0, TestApp, rotation_times};
 use refreshd::engine::{Engine, Settings};
 use refreshd::model::{Grant, Status};
 use refreshd::sandbox::SandboxConfig;
@@ -31,18 +31,6 @@ async fn engine_for(app: &TestApp, store: &Store, extra: &str) -> Engine {
     // The sender lives as long as the test: the engine keeps its settings.
     std::mem::forget(tx);
     Engine::new(store.clone(), app.clock.clone(), rx)
-}
-
-/// When app `id` got a new token, oldest first.
-async fn rotations(store: &Store, id: i64) -> Vec<i64> {
-    let log = store.log_entries(id, 1_000).await.unwrap();
-    let mut times: Vec<i64> = log
-        .into_iter()
-        .filter(|e| e.outcome == "rotated")
-        .map(|e| e.at)
-        .collect();
-    times.sort();
-    times
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,7 +72,7 @@ async fn an_app_token_is_kept_fresh_over_a_simulated_day() {
         }
         now += 300;
     }
-    let times = rotations(&store, id).await;
+    let times = rotation_times(&store, id).await;
     // Fetched at once, then again 12 minutes (the lead: 10 % of 2 hours) before each end.
     assert_eq!(times[0], T0);
     for pair in times.windows(2) {

@@ -24,30 +24,21 @@ async fn apps_add_list_fetch_and_remove() {
     let out = w.cli(&["apps", "add", "tiktok", "bad name"]).await;
     assert_eq!(out.code, Some(1), "{out:#?}");
 
-    let out = w
-        .cli(&[
-            "apps",
-            "add",
-            "tiktok",
-            "research",
-            "--scope",
-            "research.data.basic",
-        ])
-        .await;
-    out.ok();
-    assert!(
-        out.stdout.contains("added app token tiktok/app:research"),
-        "{out:#?}"
-    );
-    let again = w.cli(&[
+    const ADD: &[&str] = &[
         "apps",
         "add",
         "tiktok",
         "research",
         "--scope",
         "research.data.basic",
-    ]);
-    assert!(again.await.ok().stdout.contains("already kept"));
+    ];
+    let out = w.cli(ADD).await;
+    out.ok();
+    assert!(
+        out.stdout.contains("added app token tiktok/app:research"),
+        "{out:#?}"
+    );
+    assert!(w.cli(ADD).await.ok().stdout.contains("already kept"));
 
     let out = w.cli(&["apps", "list", "--json"]).await;
     let listed = lines(&out.ok().stdout);
