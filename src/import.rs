@@ -456,6 +456,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             interrupted_at: None,
+            grant: crate::model::Grant::RefreshToken,
         };
         let bare = export_line(&a, 1_000_000, false).to_string();
         assert!(!bare.contains("act.A") && !bare.contains("rft.R"), "{bare}");

@@ -61,6 +61,55 @@ impl FromStr for Status {
     }
 }
 
+/// How an account's access token is renewed: which OAuth grant refreshd asks with.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Grant {
+    /// A user's account, connected once: renewed by presenting its refresh token (or, for
+    /// long-lived tokens, the access token itself).
+    #[default]
+    RefreshToken,
+    /// An app token: asked for again with the client credentials alone (no user, no
+    /// refresh token, nothing a person could log in to fix).
+    ClientCredentials,
+}
+
+impl Grant {
+    pub const ALL: [Grant; 2] = [Grant::RefreshToken, Grant::ClientCredentials];
+
+    /// As stored in the `grant_type` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Grant::RefreshToken => "refresh_token",
+            Grant::ClientCredentials => "client_credentials",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|g| g.as_str() == s)
+    }
+}
+
+/// The subject of the app token named `name` (`app:research`): apps share the accounts'
+/// table, keyed by (provider, subject) like them.
+pub fn app_subject(name: &str) -> String {
+    format!("{APP_SUBJECT_PREFIX}{name}")
+}
+
+/// Whether `name` may name an app token: 1 to 64 letters, digits, `.`, `_` or `-`.
+pub fn check_app_name(name: &str) -> Result<(), &'static str> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(allowed) {
+        return Err("must be 1 to 64 letters, digits, `.`, `_` or `-`");
+    }
+    Ok(())
+}
+
+/// What every app token's subject starts with.
+pub const APP_SUBJECT_PREFIX: &str = "app:";
+
 /// Why an account needs a person to log in again. Stable strings: admins alert on them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -140,6 +189,8 @@ pub struct Account {
     /// Set by a claim that found an earlier attempt's lease never given back: that lease's
     /// end (the earlier refresh may have rotated the token in an answer that was lost).
     pub interrupted_at: Option<i64>,
+    /// How its access token is renewed (an app token: `ClientCredentials`).
+    pub grant: Grant,
 }
 
 /// A validated token response: what a provider returned on a code exchange or a refresh.
@@ -198,6 +249,19 @@ mod tests {
     }
 
     #[test]
+    fn grants_round_trip() {
+        for g in Grant::ALL {
+            assert_eq!(Grant::parse(g.as_str()), Some(g));
+        }
+        assert_eq!(Grant::parse("password"), None);
+        assert_eq!(app_subject("research"), "app:research");
+        assert!(check_app_name("research-2.b_c").is_ok());
+        for bad in ["", "a b", "app:x", &"x".repeat(65)] {
+            assert!(check_app_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn account_debug_redacts_tokens() {
         let a = Account {
             id: 1,
@@ -221,6 +285,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             interrupted_at: None,
+            grant: Grant::RefreshToken,
         };
         let dbg = format!("{a:?}");
         assert!(!dbg.contains("SECRET"), "{dbg}");

@@ -177,6 +177,8 @@ pub struct SandboxStats {
     pub api_calls: u64,
     /// API requests answered 401 (no, an unknown, expired, revoked or refused token).
     pub api_unauthorized: u64,
+    /// Client access tokens issued (`grant_type=client_credentials`: app tokens).
+    pub client_tokens_issued: u64,
 }
 
 /// A running sandbox. Dropping it stops the server too; `shutdown` also waits for it.
@@ -209,6 +211,8 @@ impl Sandbox {
                 grants: HashMap::new(),
                 current: HashMap::new(),
                 used: HashMap::new(),
+                client_tokens: HashMap::new(),
+                last_client_token: None,
                 codes: HashMap::new(),
                 consent: Consent::default(),
                 stats: SandboxStats::default(),
@@ -306,6 +310,25 @@ impl Sandbox {
         })
     }
 
+    /// Is `token` a client access token (app token) this sandbox issued, still unexpired?
+    pub fn client_token_valid(&self, token: &str) -> bool {
+        let now = self.shared.clock.now();
+        self.shared
+            .lock()
+            .client_tokens
+            .get(token)
+            .is_some_and(|expires_at| now < *expires_at)
+    }
+
+    /// The latest client access token issued (app tokens), if any.
+    pub fn last_client_token(&self) -> Option<String> {
+        self.shared
+            .lock()
+            .last_client_token
+            .as_deref()
+            .map(str::to_string)
+    }
+
     /// The latest refresh token issued to `open_id`, whether or not it still works
     /// (it may be expired or revoked).
     pub fn current_refresh_token(&self, open_id: &str) -> Option<String> {
@@ -400,6 +423,11 @@ struct Book {
     used: HashMap<Box<str>, Arc<str>>,
     /// Authorization code → what it grants; removed when presented (single use).
     codes: HashMap<Box<str>, PendingCode>,
+    /// Client access tokens (app tokens) → when each expires; expired ones are dropped
+    /// when the next is issued.
+    client_tokens: HashMap<Box<str>, i64>,
+    /// The latest client access token issued.
+    last_client_token: Option<Box<str>>,
     consent: Consent,
     stats: SandboxStats,
     /// Valid tokens the API refuses anyway (tests of the proxy's retry).
@@ -535,11 +563,12 @@ impl Shared {
             None => return Err(Reject::invalid_request("grant_type is required.")),
             Some("refresh_token") => {}
             Some("authorization_code") => return exchange_code(book, now, &field),
+            Some("client_credentials") => return Ok(client_token(book, now)),
             Some(_) => {
                 return Err(Reject::new(
                     StatusCode::BAD_REQUEST,
                     "unsupported_grant_type",
-                    "Only grant_type=refresh_token and authorization_code are supported by the sandbox.",
+                    "Only grant_type=refresh_token, authorization_code and client_credentials are supported by the sandbox.",
                 ));
             }
         }
@@ -613,6 +642,24 @@ impl Shared {
         book.stats.refreshed += 1;
         Ok(body)
     }
+}
+
+/// `grant_type=client_credentials` (TikTok's client access token, for the Research and
+/// Commercial Content APIs): a new token of `access_ttl`, no refresh token, no user. The
+/// client credentials were checked by the caller.
+fn client_token(book: &mut Book, now: i64) -> Value {
+    let ttl = secs(book.config.access_ttl);
+    book.client_tokens.retain(|_, expires_at| now < *expires_at);
+    let token = new_token("clt.");
+    book.client_tokens
+        .insert(token.clone(), now.saturating_add(ttl));
+    book.last_client_token = Some(token.clone());
+    book.stats.client_tokens_issued += 1;
+    json!({
+        "access_token": &*token,
+        "expires_in": ttl,
+        "token_type": "Bearer",
+    })
 }
 
 /// `grant_type=authorization_code`: the code is single use, bound to its redirect_uri and,
@@ -1280,6 +1327,36 @@ mod tests {
         assert_eq!(status, 400);
         assert_error(&body, "invalid_grant");
         assert_eq!(sb.stats().unknown_rejected, 1);
+    }
+
+    #[tokio::test]
+    async fn client_credentials_issue_app_tokens_without_a_refresh_token() {
+        let (sb, clock) = sandbox(SandboxConfig::default()).await;
+        let form = |secret: &str| {
+            vec![
+                ("client_key", "sandbox-client-key".to_owned()),
+                ("client_secret", secret.to_owned()),
+                ("grant_type", "client_credentials".to_owned()),
+            ]
+        };
+        let (status, _, body) = post_form(&sb, &form("sandbox-client-secret")).await;
+        assert_eq!(status, 200, "{body}");
+        let first = str_field(&body, "access_token").to_owned();
+        assert_token(&first, "clt.");
+        assert_eq!(body["expires_in"], 7200);
+        assert!(body.get("refresh_token").is_none(), "{body}");
+        assert!(sb.client_token_valid(&first));
+        clock.advance(Duration::from_secs(7200));
+        assert!(!sb.client_token_valid(&first), "expired after 2 hours");
+        let (_, _, body) = post_form(&sb, &form("sandbox-client-secret")).await;
+        let second = str_field(&body, "access_token");
+        assert_ne!(second, first);
+        assert_eq!(sb.last_client_token().as_deref(), Some(second));
+        let (status, _, body) = post_form(&sb, &form("wrong")).await;
+        assert_eq!(status, 401);
+        assert_error(&body, "invalid_client");
+        let stats = sb.stats();
+        assert_eq!((stats.client_tokens_issued, stats.client_rejected), (2, 1));
     }
 
     #[tokio::test]

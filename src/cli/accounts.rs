@@ -140,6 +140,7 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
                 provider: provider.clone(),
                 status: status.map(|s| s.0),
                 needs_reauth: *needs_reauth,
+                grant: None,
             };
             let mut after = 0;
             let mut n = 0usize;
@@ -442,7 +443,7 @@ async fn toggle(config: &Config, id: i64, disable: bool, now: i64) -> Result<u8>
 
 /// The audit trail's "who" for this command: the OS user running it (its name as the
 /// environment gives it, and the uid, which the environment cannot fake).
-fn operator(via: &str) -> Actor {
+pub(crate) fn operator(via: &str) -> Actor {
     let uid = rustix::process::getuid().as_raw();
     let name = ["USER", "LOGNAME"]
         .iter()

@@ -5,6 +5,7 @@ use super::{exit, open_read_only};
 use anyhow::{Context, Result, bail};
 use refreshd::clock::Clock;
 use refreshd::config::Config;
+use refreshd::model::Grant;
 use refreshd::store::ListFilter;
 use std::io::Write;
 use std::path::Path;
@@ -28,8 +29,10 @@ pub async fn export(
     };
     let store = open_read_only(config).await?;
     let now = Clock::system().now();
+    // App tokens are not in the import format: they come from the config or `apps add`.
     let filter = ListFilter {
         provider: provider.map(str::to_string),
+        grant: Some(Grant::RefreshToken),
         ..ListFilter::default()
     };
     let (mut after, mut n) = (0, 0usize);

@@ -3,6 +3,7 @@
 //! one-shot commands, opening an existing store.
 
 mod accounts;
+mod apps;
 mod check;
 mod connect;
 mod demo;
@@ -73,6 +74,9 @@ pub enum Command {
     /// Inspect and manage stored accounts.
     #[command(subcommand)]
     Accounts(accounts::AccountsCommand),
+    /// Add, list and remove app tokens (client-credentials grant).
+    #[command(subcommand)]
+    Apps(apps::AppsCommand),
     /// Check the config, the store and the providers' settings; exit non-zero on a problem.
     Check {
         /// Run SQLite's full `integrity_check` instead of `quick_check`.
@@ -251,6 +255,7 @@ pub async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Store(cmd) => store::store(&one_shot_config(&cli)?, cmd).await,
         Command::Rekey { batch } => store::rekey(&one_shot_config(&cli)?, *batch).await,
         Command::Accounts(cmd) => accounts::accounts(&one_shot_config(&cli)?, cmd).await,
+        Command::Apps(cmd) => apps::apps(&one_shot_config(&cli)?, cmd).await,
         Command::Demo(args) => demo::demo(args).await,
         Command::Connect {
             provider,

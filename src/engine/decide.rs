@@ -6,14 +6,13 @@
 
 use crate::clock::rfc3339;
 use crate::config::Config;
-use crate::model::{Account, ReauthReason, Status, TokenSet};
+use crate::model::{Account, Grant, ReauthReason, Status, TokenSet};
 use crate::policy::{self, RefreshTiming, RefreshTokenState};
-use crate::provider::profile::{Credential, Profile, RefreshTtl};
+use crate::provider::profile::{Credential, Presented, Profile, RefreshTtl};
 use crate::provider::response::{Answer, Granted};
 use crate::provider::{FailureClass, ProviderFailure};
 use crate::store::Outcome;
 use rand::Rng;
-use secrecy::SecretString;
 use std::time::Duration;
 
 /// The settings the decisions read, from `[refresh]` and `[reauth]`.
@@ -65,16 +64,31 @@ impl ProfileRules {
             refresh_at_least_every: profile.refresh_at_least_every,
         }
     }
+
+    /// The rules for an account renewed with `grant`. An app token has no refresh token:
+    /// no refresh-token end to follow, no minimum age, no keep-alive.
+    fn for_grant(self, grant: Grant) -> ProfileRules {
+        match grant {
+            Grant::RefreshToken => self,
+            Grant::ClientCredentials => ProfileRules {
+                refresh_ttl: RefreshTtl::None,
+                min_token_age: Duration::ZERO,
+                refresh_at_least_every: None,
+                ..self
+            },
+        }
+    }
 }
 
 /// Before the request, for an account of provider `P`.
 #[derive(Debug)]
 pub enum Before<'a, P> {
-    /// Ask this provider, presenting this credential of the account.
+    /// Ask this provider, presenting this credential of the account (or, for an app
+    /// token, the client credentials).
     Send {
         provider: &'a P,
         profile: ProfileRules,
-        credential: &'a SecretString,
+        credential: Presented<'a>,
     },
     /// Record this without asking the provider. With `provider_error`, the account's
     /// provider is not configured: its configuration state hears that error.
@@ -125,9 +139,23 @@ pub fn before_request<'a, P>(
             provider_error: Some(format!("provider {:?} is not configured", account.provider)),
         };
     };
+    let profile = profile.for_grant(account.grant);
+    let credential = match (account.grant, profile.credential) {
+        (Grant::ClientCredentials, _) => Presented::ClientCredentials {
+            scope: &account.scope,
+        },
+        (Grant::RefreshToken, Credential::RefreshToken) => {
+            Presented::Credential(&account.refresh_token)
+        }
+        (Grant::RefreshToken, Credential::AccessToken) => {
+            Presented::Credential(&account.access_token)
+        }
+    };
     // Long-lived access tokens (Instagram, Facebook, Threads) are extended with
     // themselves: once expired, only a new login helps.
-    if profile.credential == Credential::AccessToken && account.access_expires_at <= now {
+    let extends_access_token =
+        account.grant == Grant::RefreshToken && profile.credential == Credential::AccessToken;
+    if extends_access_token && account.access_expires_at <= now {
         let error = format!(
             "the long-lived access token expired at {}: it cannot be extended any more",
             rfc3339(account.access_expires_at)
@@ -159,10 +187,6 @@ pub fn before_request<'a, P>(
             answer_lost: false,
         });
     }
-    let credential = match profile.credential {
-        Credential::RefreshToken => &account.refresh_token,
-        Credential::AccessToken => &account.access_token,
-    };
     Before::Send {
         provider,
         profile,
@@ -241,6 +265,7 @@ pub fn after_answer(
     attempt: Attempt<'_>,
     rng: &mut impl Rng,
 ) -> After {
+    let profile = profile.for_grant(account.grant);
     let f = match result {
         Ok((answer, status)) => {
             let outcome = rotated(account, profile, rules, answer, status, attempt, rng);
@@ -248,23 +273,37 @@ pub fn after_answer(
         }
         Err(f) => f,
     };
-    let config_error = || Outcome::ConfigError {
+    let config_error = |error: String| Outcome::ConfigError {
         account_id: account.id,
         owner: attempt.owner.to_string(),
         at: attempt.now,
         next_refresh_at: rules.config_error_retry_at(attempt.now),
-        error: f.message.clone(),
+        error,
         http_status: f.http_status,
         duration_ms: attempt.duration_ms,
     };
     match f.class {
         FailureClass::Transient => transient(account, rules, f, attempt, rng),
+        // No person can log in again for an app token: a refusal of its grant is our
+        // client's configuration (credentials, the scope asked for), never a flag.
+        FailureClass::Config | FailureClass::Rejected(_)
+            if account.grant == Grant::ClientCredentials =>
+        {
+            let message = format!(
+                "{}: the provider refused the client credentials grant of app token {:?}; check providers.{}.client_key, client_secret and the app's scope",
+                f.message, account.subject, account.provider
+            );
+            After::of(
+                config_error(message.clone()),
+                ProviderSignal::ConfigError(message),
+            )
+        }
         FailureClass::Config => After::of(
-            config_error(),
+            config_error(f.message.clone()),
             ProviderSignal::ConfigError(f.message.clone()),
         ),
         FailureClass::Unexpected => After::of(
-            config_error(),
+            config_error(f.message.clone()),
             ProviderSignal::Unexpected(f.message.clone()),
         ),
         FailureClass::Rejected(reason) => After::of(
@@ -371,6 +410,8 @@ fn rotated(
 ) -> Outcome {
     let (now, duration_ms) = (attempt.now, attempt.duration_ms);
     let subject = match &answer.granted {
+        // An app token is nobody's: whatever user id its answer names is not compared.
+        _ if account.grant == Grant::ClientCredentials => None,
         Granted::Tokens(t) => t.subject.as_ref(),
         Granted::RefreshTokenOnly { subject, .. } => subject.as_ref(),
     };
@@ -413,6 +454,13 @@ fn rotated(
             (tokens, policy::Access::Kept { retry_in })
         }
     };
+    if account.grant == Grant::ClientCredentials {
+        // A refresh token sent with an app token is never used: not stored, no end to
+        // follow. Its scope column keeps what the app asks for, not what an answer says.
+        tokens.refresh_token = None;
+        tokens.refresh_expires_in = None;
+        tokens.scope = None;
+    }
     let schedule = policy::schedule(
         &policy::Fresh {
             obtained_at: now,

@@ -387,7 +387,7 @@ impl Engine {
         self.metrics
             .lateness(self.clock.now_millis() as f64 / 1000.0 - account.next_refresh_at as f64);
         let started = Instant::now();
-        let result = provider.refresh(credential, self.clock.now()).await;
+        let result = provider.renew(credential, self.clock.now()).await;
         // At least 1: 0 means "nothing was sent", and a loopback answer can take under 1 ms.
         let duration_ms = (started.elapsed().as_millis() as i64).max(1);
         let circuit_open = match &result {

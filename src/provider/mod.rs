@@ -168,18 +168,34 @@ impl Provider {
         self.concurrency
     }
 
-    /// Presents `credential` for new tokens. `now` (unix seconds) turns absolute expiry
-    /// fields into lifetimes. Returns the answer (tokens, or a new refresh token alone, with
-    /// the problems tolerated in it) and the HTTP status.
+    /// Presents `credential` for new tokens: `renew` of an account's stored credential.
     pub async fn refresh(
         &self,
         credential: &SecretString,
         now: i64,
     ) -> Result<(response::Answer, u16), ProviderFailure> {
+        self.renew(profile::Presented::Credential(credential), now)
+            .await
+    }
+
+    /// Presents `presented` (an account's credential, or an app's client credentials) for
+    /// new tokens. `now` (unix seconds) turns absolute expiry fields into lifetimes. Returns
+    /// the answer (tokens, or a new refresh token alone, with the problems tolerated in it)
+    /// and the HTTP status.
+    pub async fn renew(
+        &self,
+        presented: profile::Presented<'_>,
+        now: i64,
+    ) -> Result<(response::Answer, u16), ProviderFailure> {
         let req =
             self.profile
-                .refresh_request(&self.client_key, self.client_secret.as_ref(), credential);
-        self.send(req, now).await
+                .renew_request(&self.client_key, self.client_secret.as_ref(), presented);
+        let mut answer = self.send(req, now).await?;
+        // An app token's answer has no refresh token to rotate: none missing.
+        if let profile::Presented::ClientCredentials { .. } = presented {
+            answer.0.rotation_missing = false;
+        }
+        Ok(answer)
     }
 
     /// Asks the provider to revoke `token` (its grant with it), under the rate limit.

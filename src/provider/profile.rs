@@ -51,6 +51,16 @@ pub enum Credential {
     AccessToken,
 }
 
+/// What a request for a new access token presents: an account's stored credential, or,
+/// for an app token, the client credentials alone.
+#[derive(Clone, Copy, Debug)]
+pub enum Presented<'a> {
+    /// The account's refresh token (or its long-lived access token, per `Credential`).
+    Credential(&'a SecretString),
+    /// `grant_type=client_credentials`, asking for `scope` ('' leaves it out).
+    ClientCredentials { scope: &'a str },
+}
+
 /// How the short-lived token of a code exchange becomes a long-lived one (Meta).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Upgrade {
@@ -185,6 +195,42 @@ impl Profile {
             credential.expose_secret().to_string(),
         ));
         req.params.extend(self.refresh_params.iter().cloned());
+        req.headers = self.headers.clone();
+        req
+    }
+
+    /// The request renewing an account's access token: its refresh request, or the client
+    /// credentials grant of an app token. Holds secrets: never log it.
+    pub fn renew_request(
+        &self,
+        client_id: &str,
+        client_secret: Option<&SecretString>,
+        presented: Presented<'_>,
+    ) -> TokenRequest {
+        match presented {
+            Presented::Credential(c) => self.refresh_request(client_id, client_secret, c),
+            Presented::ClientCredentials { scope } => {
+                self.client_credentials_request(client_id, client_secret, scope)
+            }
+        }
+    }
+
+    /// The client credentials grant (RFC 6749 §4.4; TikTok's client access token): a POST
+    /// form to `token_url` with the client credentials (in the body unless the profile uses
+    /// HTTP Basic), `grant_type=client_credentials` and the scope when one is asked for.
+    pub fn client_credentials_request(
+        &self,
+        client_id: &str,
+        client_secret: Option<&SecretString>,
+        scope: &str,
+    ) -> TokenRequest {
+        let mut req = TokenRequest::new(Method::Post, &self.token_url, ParamsIn::Form);
+        self.client_auth(&mut req, self.form_auth(), client_id, client_secret);
+        req.params
+            .push(("grant_type".into(), "client_credentials".into()));
+        if !scope.is_empty() {
+            req.params.push(("scope".into(), scope.to_string()));
+        }
         req.headers = self.headers.clone();
         req
     }
@@ -442,6 +488,30 @@ mod tests {
         );
         assert_eq!(r.param("grant_type"), Some("refresh_token"));
         assert!(r.basic.is_none());
+    }
+
+    #[test]
+    fn tiktok_app_token_posts_the_client_credentials_grant_to_the_token_url() {
+        let p = Profile::built_in("tiktok").unwrap();
+        let cs = SecretString::from("cs");
+        let r = p.renew_request("ck", Some(&cs), Presented::ClientCredentials { scope: "" });
+        assert_eq!(r.method, Method::Post);
+        assert_eq!(r.url, "https://open.tiktokapis.com/v2/oauth/token/");
+        assert_eq!(r.params_in, ParamsIn::Form);
+        assert_eq!(
+            r.param_names(),
+            ["client_key", "client_secret", "grant_type"]
+        );
+        assert_eq!(r.param("grant_type"), Some("client_credentials"));
+        // A standard provider: its client auth (Basic for X), and the scope asked for.
+        let x = Profile::built_in("x").unwrap();
+        let scoped = Presented::ClientCredentials {
+            scope: "tweet.read",
+        };
+        let r = x.renew_request("cid", Some(&cs), scoped);
+        assert!(r.basic.is_some());
+        assert_eq!(r.param("scope"), Some("tweet.read"));
+        assert_eq!(r.param("grant_type"), Some("client_credentials"));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! `account_from` here. Nothing in the backends' queries.
 
 use crate::crypto::{Column, Keyring};
-use crate::model::{Account, ReauthReason, Status};
+use crate::model::{Account, Grant, ReauthReason, Status};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::error::StoreError;
@@ -48,6 +48,7 @@ pub(crate) const ACCOUNTS: &[(&str, Kind)] = &[
     ("created_at", Kind::Int),
     ("updated_at", Kind::Int),
     ("interrupted_at", Kind::Int),
+    ("grant_type", Kind::Text),
 ];
 
 /// Every column of `refresh_log`, in table order.
@@ -66,12 +67,12 @@ pub(crate) const REFRESH_LOG: &[(&str, Kind)] = &[
 pub(crate) const ACCOUNT_COLUMNS: &str = "id, provider, subject, label, access_token, \
     refresh_token, scope, token_type, access_expires_at, refresh_expires_at, next_refresh_at, \
     status, reauth_reason, reauth_flagged_at, failures, last_error, last_refreshed_at, \
-    generation, created_at, updated_at, interrupted_at";
+    generation, created_at, updated_at, interrupted_at, grant_type";
 
 /// What an `AccountSummary` is read from, in `summary_from`'s order.
 pub(crate) const SUMMARY_COLUMNS: &str = "id, provider, subject, label, status, reauth_reason, \
     access_expires_at, refresh_expires_at, next_refresh_at, failures, last_error, \
-    last_refreshed_at, reauth_flagged_at, scope";
+    last_refreshed_at, reauth_flagged_at, scope, grant_type";
 
 /// One value of a backend's result row, by position.
 pub(crate) trait RowRead {
@@ -92,6 +93,16 @@ fn status_at<R: RowRead>(r: &R, i: usize) -> Result<Status, R::Error> {
 
 fn reason_at<R: RowRead>(r: &R, i: usize) -> Result<Option<ReauthReason>, R::Error> {
     Ok(r.opt_text(i)?.and_then(|s| ReauthReason::parse(&s)))
+}
+
+fn grant_at<R: RowRead>(r: &R, i: usize) -> Result<Grant, R::Error> {
+    let s = r.text(i)?;
+    Grant::parse(&s).ok_or_else(|| {
+        R::bad_status(
+            s,
+            "unknown grant_type: expected refresh_token or client_credentials".into(),
+        )
+    })
 }
 
 /// A row of `ACCOUNT_COLUMNS`, tokens still as stored (see `open_tokens`).
@@ -118,6 +129,7 @@ pub(crate) fn account_from<R: RowRead>(r: &R) -> Result<Account, R::Error> {
         created_at: r.int(18)?,
         updated_at: r.int(19)?,
         interrupted_at: r.opt_int(20)?,
+        grant: grant_at(r, 21)?,
     })
 }
 
@@ -138,6 +150,7 @@ pub(crate) fn summary_from<R: RowRead>(r: &R) -> Result<AccountSummary, R::Error
         last_refreshed_at: r.opt_int(11)?,
         reauth_flagged_at: r.opt_int(12)?,
         scope: r.text(13)?,
+        grant: grant_at(r, 14)?,
     })
 }
 

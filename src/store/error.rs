@@ -151,6 +151,14 @@ pub enum Refusal {
     UpsertRaced { provider: String, subject: String },
     #[error("{IMPORT_ABORTED}")]
     ImportAborted,
+    #[error(
+        "account {id} ({provider}/{subject}) is a user's account, not an app token: choose another app name"
+    )]
+    NotAnApp {
+        id: i64,
+        provider: String,
+        subject: String,
+    },
     #[error("account {id} is disabled by an admin: it is not refreshed")]
     MarkDueDisabled { id: i64 },
     #[error(

@@ -6,8 +6,9 @@
 //! and rows), `record` (what writing an outcome means), `commit` (the group-commit policy),
 //! `deferred` and `recovery` (rotations whose commit failed, and their file), `instance`
 //! (which processes are alive). `rekey`, `copy` and `audit` (admin changes with their
-//! audit rows) build on the facade.
+//! audit rows) build on the facade; `apps` is the facade's part for app tokens.
 
+mod apps;
 mod audit;
 mod columns;
 mod commit;
@@ -28,9 +29,10 @@ pub use recovery::{FAULT_ENV as RECOVERY_FAULT_ENV, owner_recovery_path, recover
 pub use rekey::rekey;
 pub use sqlite::{WATCH_EVERY, check_report};
 pub use types::{
-    AccountSummary, Actor, AuditAction, AuditEntry, DueMinute, Gauges, ListFilter, LogEntry,
-    NewAccount, Outcome, PendingConnect, PgOptions, PlanQuery, PlanRows, RecentOutcome, Recorded,
-    RefreshEnd, RekeyBatch, RekeyReport, StateProblem, StoreOptions, SweepReport,
+    AccountSummary, Actor, AppAdded, AuditAction, AuditEntry, DueMinute, Gauges, ListFilter,
+    LogEntry, NewAccount, NewApp, Outcome, PendingConnect, PgOptions, PlanQuery, PlanRows,
+    RecentOutcome, Recorded, RefreshEnd, RekeyBatch, RekeyReport, StateProblem, StoreOptions,
+    SweepReport,
 };
 
 use crate::crypto::Keyring;

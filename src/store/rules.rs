@@ -6,10 +6,33 @@
 
 use super::error::Refusal;
 use super::error::StoreError;
-use super::types::{NewAccount, PendingConnect, StateProblem};
+use super::types::{AppAdded, NewAccount, NewApp, PendingConnect, StateProblem};
 use crate::crypto::{Column, Keyring};
-use crate::model::{Account, ReauthReason, Status};
+use crate::model::{Account, Grant, ReauthReason, Status, app_subject};
 use secrecy::ExposeSecret;
+
+/// What adding `app` finds when its (provider, subject) row `id` exists, of `grant` and
+/// asking for `stored_scope`: kept (rescoped when the scope asked for changed), or refused
+/// when the row is a user's account.
+pub(crate) fn existing_app(
+    id: i64,
+    grant: &str,
+    stored_scope: &str,
+    app: &NewApp,
+) -> Result<AppAdded, StoreError> {
+    if grant != Grant::ClientCredentials.as_str() {
+        return Err(Refusal::NotAnApp {
+            id,
+            provider: app.provider.clone(),
+            subject: app_subject(&app.name),
+        }
+        .into());
+    }
+    Ok(AppAdded::Kept {
+        id,
+        rescoped: stored_scope != app.scope,
+    })
+}
 
 /// Whether an import or connection may replace an existing account's tokens.
 pub(crate) fn check_upsert(
@@ -161,6 +184,50 @@ mod tests {
     use super::*;
     use crate::model::TokenSet;
     use secrecy::SecretString;
+
+    fn app(scope: &str) -> NewApp {
+        NewApp {
+            provider: "tiktok".into(),
+            name: "research".into(),
+            scope: scope.into(),
+            label: None,
+        }
+    }
+
+    #[test]
+    fn an_existing_app_is_kept_rescoped_when_its_scope_changed() {
+        let same = existing_app(
+            7,
+            "client_credentials",
+            "research.data.basic",
+            &app("research.data.basic"),
+        );
+        assert_eq!(
+            same.unwrap(),
+            AppAdded::Kept {
+                id: 7,
+                rescoped: false
+            }
+        );
+        let other = existing_app(7, "client_credentials", "", &app("research.data.basic"));
+        assert_eq!(
+            other.unwrap(),
+            AppAdded::Kept {
+                id: 7,
+                rescoped: true
+            }
+        );
+    }
+
+    #[test]
+    fn a_users_account_is_never_taken_for_an_app() {
+        let e = existing_app(7, "refresh_token", "", &app("")).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("tiktok/app:research") && text.contains("not an app token"),
+            "{text}"
+        );
+    }
 
     fn account(obtained_at: i64) -> NewAccount {
         NewAccount {

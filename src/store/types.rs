@@ -3,7 +3,7 @@
 //! store is opened with. No I/O here.
 
 use crate::crypto::Keyring;
-use crate::model::{ReauthReason, Status, TokenSet};
+use crate::model::{Grant, ReauthReason, Status, TokenSet};
 use secrecy::SecretString;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,6 +23,36 @@ pub struct NewAccount {
     pub next_refresh_at: i64,
     pub status: Status,
     pub reauth_reason: Option<ReauthReason>,
+}
+
+/// An app token to keep (`refreshd apps add`, or a provider's `apps` in the config): a row
+/// of grant `client_credentials`, subject `app:NAME`, due at once, with no token yet.
+#[derive(Clone, Debug)]
+pub struct NewApp {
+    pub provider: String,
+    /// The app's name (`research`); its subject is `model::app_subject(name)`.
+    pub name: String,
+    /// The scope asked for ('' for the provider's default).
+    pub scope: String,
+    /// Where it came from (the config's apps are labelled so a reload can tell them apart).
+    pub label: Option<String>,
+}
+
+/// What `Store::add_app` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AppAdded {
+    /// A new row, due now.
+    Created(i64),
+    /// Already kept; with `rescoped`, its scope changed and it is due now.
+    Kept { id: i64, rescoped: bool },
+}
+
+impl AppAdded {
+    pub fn id(self) -> i64 {
+        match self {
+            AppAdded::Created(id) | AppAdded::Kept { id, .. } => id,
+        }
+    }
 }
 
 /// A web connect in progress: what the callback needs besides the code.
@@ -151,6 +181,8 @@ pub struct AccountSummary {
     pub last_refreshed_at: Option<i64>,
     pub reauth_flagged_at: Option<i64>,
     pub scope: String,
+    /// How its token is renewed: `client_credentials` for an app token.
+    pub grant: Grant,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -158,6 +190,8 @@ pub struct ListFilter {
     pub provider: Option<String>,
     pub status: Option<Status>,
     pub needs_reauth: bool,
+    /// Only accounts renewed with this grant (`refreshd apps list`: app tokens).
+    pub grant: Option<Grant>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]

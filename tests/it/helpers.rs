@@ -431,3 +431,15 @@ pub async fn flag_invalid_grant(store: &Store, id: i64) {
         .await
         .unwrap();
 }
+
+/// When account `id` got new tokens (its `rotated` log entries), oldest first.
+pub async fn rotation_times(store: &Store, id: i64) -> Vec<i64> {
+    let log = store.log_entries(id, 1_000).await.unwrap();
+    let mut times: Vec<i64> = log
+        .into_iter()
+        .filter(|e| e.outcome == "rotated")
+        .map(|e| e.at)
+        .collect();
+    times.sort();
+    times
+}

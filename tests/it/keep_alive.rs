@@ -2,7 +2,7 @@
 //! whose access tokens live for weeks are still refreshed at least that often, against the
 //! sandbox, on the manual clock over simulated days.
 
-use crate::helpers::{T0, TestApp, account};
+use crate::helpers::{T0, TestApp, account, rotation_times};
 use refreshd::engine::{Engine, Settings};
 use refreshd::import::Importer;
 use refreshd::sandbox::SandboxConfig;
@@ -52,20 +52,6 @@ async fn import_kept_alive(
         .collect()
 }
 
-/// When account `id` was refreshed, oldest first.
-async fn rotations(store: &Store, id: i64) -> Vec<i64> {
-    let mut times: Vec<i64> = store
-        .log_entries(id, 1_000)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.outcome == "rotated")
-        .map(|e| e.at)
-        .collect();
-    times.sort();
-    times
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_lived_access_tokens_are_refreshed_at_least_every_interval() {
     const SIM_DAYS: i64 = 10;
@@ -108,7 +94,7 @@ async fn long_lived_access_tokens_are_refreshed_at_least_every_interval() {
     let mut total = 0;
     for id in kept {
         let a = account(&store, id).await;
-        let times = rotations(&store, id).await;
+        let times = rotation_times(&store, id).await;
         // Due each day exactly (no jitter in the tests' config), refreshed on the hour.
         assert_eq!(times.len() as i64, SIM_DAYS, "{}: {times:?}", a.subject);
         let mut last = T0;
@@ -134,7 +120,7 @@ async fn long_lived_access_tokens_are_refreshed_at_least_every_interval() {
         );
         total += times.len() as u64;
     }
-    let control = rotations(&store, control).await;
+    let control = rotation_times(&store, control).await;
     assert!(control.is_empty(), "the control was refreshed: {control:?}");
     let s = app.sandbox.stats();
     assert_eq!((s.refreshed, s.reuse_rejected), (total, 0), "{s:?}");

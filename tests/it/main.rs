@@ -5,6 +5,7 @@
 mod admin;
 mod admin_page;
 mod answers;
+mod apps;
 mod audit;
 mod bench;
 mod chaos;

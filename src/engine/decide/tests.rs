@@ -5,7 +5,7 @@ use super::*;
 use crate::model::Status;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 
 const NOW: i64 = 1_000_000;
 const DAY: i64 = 86_400;
@@ -66,6 +66,7 @@ fn account() -> Account {
         created_at: NOW - 30 * DAY,
         updated_at: NOW - DAY,
         interrupted_at: None,
+        grant: crate::model::Grant::RefreshToken,
     }
 }
 
@@ -153,7 +154,10 @@ fn recorded(before: Before<'_, ()>) -> (Outcome, Option<String>) {
 fn before_sends_the_refresh_token_or_the_long_lived_access_token() {
     let a = account();
     let send = |profile| match before_request(&a, configured(profile), &rules(), "o", NOW) {
-        Before::Send { credential, .. } => credential.expose_secret().to_string(),
+        Before::Send {
+            credential: Presented::Credential(c),
+            ..
+        } => c.expose_secret().to_string(),
         other => panic!("{other:?}"),
     };
     assert_eq!(send(refreshing()), "rft.OLD");
@@ -162,7 +166,10 @@ fn before_sends_the_refresh_token_or_the_long_lived_access_token() {
         ..account()
     };
     let send_extending = match before_request(&a, configured(extending()), &rules(), "o", NOW) {
-        Before::Send { credential, .. } => credential.expose_secret().to_string(),
+        Before::Send {
+            credential: Presented::Credential(c),
+            ..
+        } => c.expose_secret().to_string(),
         other => panic!("{other:?}"),
     };
     assert_eq!(send_extending, "act.OLD");
@@ -656,3 +663,6 @@ fn only_a_forced_retry_of_a_flagged_account_was_announced_before() {
     };
     assert!(!flag_already_announced(&expiring));
 }
+
+/// The same decisions for app tokens (`Grant::ClientCredentials`).
+mod apps;

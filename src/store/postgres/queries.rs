@@ -200,6 +200,7 @@ pub async fn list(
     let sql = format!(
         "SELECT {SUMMARY_COLUMNS} FROM accounts WHERE id > $1
            AND ($2::text IS NULL OR provider = $2) AND ($3::text IS NULL OR status = $3){needs}
+           AND ($5::text IS NULL OR grant_type = $5)
          ORDER BY id LIMIT $4"
     );
     let rows = client
@@ -210,6 +211,7 @@ pub async fn list(
                 &filter.provider,
                 &filter.status.map(|s| s.as_str()),
                 &(page as i64),
+                &filter.grant.map(|g| g.as_str()),
             ],
         )
         .await

@@ -86,6 +86,11 @@ CREATE TABLE audit_log (
 );
 CREATE INDEX audit_log_account ON audit_log (account_id, at);
 "#,
+    // 5: how an account's token is renewed (see sqlite/schema.rs).
+    r#"
+ALTER TABLE accounts ADD COLUMN grant_type TEXT NOT NULL DEFAULT 'refresh_token'
+    CHECK (grant_type IN ('refresh_token', 'client_credentials'));
+"#,
 ];
 
 /// Taken (per database) while migrating: "refreshd" in ASCII.

@@ -4,10 +4,11 @@
 
 use super::errors::pg_err;
 use crate::crypto::Keyring;
+use crate::model::app_subject;
 use crate::store::error::{Refusal, StoreError};
 use crate::store::record::{self, Update};
 use crate::store::rules;
-use crate::store::types::{Actor, AuditAction, NewAccount, Outcome, Recorded};
+use crate::store::types::{Actor, AppAdded, AuditAction, NewAccount, NewApp, Outcome, Recorded};
 use deadpool_postgres::Transaction;
 
 /// Inserts or updates accounts by (provider, subject), all in the caller's transaction.
@@ -354,6 +355,52 @@ async fn upsert_one(
         append_log(tx, done.0, now, "imported", None, None, None).await?;
         Ok(done)
     }
+}
+
+/// Adds an app token's row (see SQLite's). Two replicas adding the same app at once: the
+/// second one's insert does nothing and it keeps the first one's row.
+pub async fn add_app(tx: &Transaction<'_>, app: &NewApp, now: i64) -> Result<AppAdded, StoreError> {
+    let subject = app_subject(&app.name);
+    let ctx = "add app token";
+    let inserted = tx
+        .query_opt(
+            "INSERT INTO accounts (provider, subject, label, access_token, refresh_token, scope,
+                access_expires_at, next_refresh_at, created_at, updated_at, grant_type)
+             VALUES ($1, $2, $3, '', '', $4, $5, $5, $5, $5, 'client_credentials')
+             ON CONFLICT (provider, subject) DO NOTHING
+             RETURNING id",
+            &[&app.provider, &subject, &app.label, &app.scope, &now],
+        )
+        .await
+        .map_err(pg_err(ctx))?;
+    if let Some(row) = inserted {
+        let id: i64 = row.try_get(0).map_err(pg_err(ctx))?;
+        append_log(tx, id, now, "app_added", None, None, None).await?;
+        return Ok(AppAdded::Created(id));
+    }
+    let row = tx
+        .query_one(
+            "SELECT id, grant_type, scope FROM accounts
+             WHERE provider = $1 AND subject = $2 FOR UPDATE",
+            &[&app.provider, &subject],
+        )
+        .await
+        .map_err(pg_err(ctx))?;
+    let (id, grant, scope): (i64, String, String) = (
+        row.try_get(0).map_err(pg_err(ctx))?,
+        row.try_get(1).map_err(pg_err(ctx))?,
+        row.try_get(2).map_err(pg_err(ctx))?,
+    );
+    let kept = rules::existing_app(id, &grant, &scope, app)?;
+    if kept == (AppAdded::Kept { id, rescoped: true }) {
+        tx.execute(
+            "UPDATE accounts SET scope = $2, next_refresh_at = $3, updated_at = $3 WHERE id = $1",
+            &[&id, &app.scope, &now],
+        )
+        .await
+        .map_err(pg_err("rescope app token"))?;
+    }
+    Ok(kept)
 }
 
 pub(super) async fn append_log(

@@ -205,6 +205,10 @@ pub fn list(
     if filter.needs_reauth {
         sql.push_str(" AND status IN ('expiring', 'needs_reauth')");
     }
+    if let Some(g) = filter.grant {
+        args.push(g.as_str().to_string().into());
+        sql.push_str(&format!(" AND grant_type = ?{}", args.len()));
+    }
     args.push((page as i64).into());
     sql.push_str(&format!(" ORDER BY id LIMIT ?{}", args.len()));
     let mut stmt = conn.prepare(&sql).map_err(sql_err("list accounts"))?;

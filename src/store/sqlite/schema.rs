@@ -92,6 +92,13 @@ CREATE TABLE audit_log (
 );
 CREATE INDEX audit_log_account ON audit_log (account_id, at);
 "#,
+    // 5: how an account's token is renewed: `refresh_token` (a user's account) or
+    // `client_credentials` (an app token: no user, no refresh token). Existing rows are
+    // users' accounts.
+    r#"
+ALTER TABLE accounts ADD COLUMN grant_type TEXT NOT NULL DEFAULT 'refresh_token'
+    CHECK (grant_type IN ('refresh_token', 'client_credentials'));
+"#,
 ];
 
 /// Applies every migration newer than the database, all in one transaction.

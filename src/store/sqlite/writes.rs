@@ -3,11 +3,12 @@
 //! order, under the same names.
 
 use crate::crypto::Keyring;
+use crate::model::app_subject;
 use crate::store::error::StoreError;
 use crate::store::record::{self, Update};
 use crate::store::rules;
-use crate::store::types::{Actor, AuditAction, NewAccount, Outcome, Recorded};
-use rusqlite::{Connection, Transaction, params};
+use crate::store::types::{Actor, AppAdded, AuditAction, NewAccount, NewApp, Outcome, Recorded};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 fn sql_err(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { context, source }
@@ -128,6 +129,50 @@ fn update_existing(
     })
     .map_err(sql_err("update imported account"))?;
     Ok(id)
+}
+
+/// Adds an app token's row (grant `client_credentials`, no token yet, due now), or keeps
+/// the existing one, rescoped and due now when the scope asked for changed.
+pub fn add_app(tx: &Transaction<'_>, app: &NewApp, now: i64) -> Result<AppAdded, StoreError> {
+    let subject = app_subject(&app.name);
+    let existing: Option<(i64, String, String)> = tx
+        .prepare_cached(
+            "SELECT id, grant_type, scope FROM accounts WHERE provider = ?1 AND subject = ?2",
+        )
+        .and_then(|mut s| {
+            s.query_row([&app.provider, &subject], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()
+        })
+        .map_err(sql_err("look up app token"))?;
+    if let Some((id, grant, scope)) = existing {
+        let kept = rules::existing_app(id, &grant, &scope, app)?;
+        if kept == (AppAdded::Kept { id, rescoped: true }) {
+            tx.prepare_cached(
+                "UPDATE accounts SET scope = ?2, next_refresh_at = ?3, updated_at = ?3 WHERE id = ?1",
+            )
+            .and_then(|mut s| s.execute(params![id, app.scope, now]))
+            .map_err(sql_err("rescope app token"))?;
+        }
+        return Ok(kept);
+    }
+    let id: i64 = tx
+        .prepare_cached(
+            "INSERT INTO accounts (provider, subject, label, access_token, refresh_token, scope,
+                access_expires_at, next_refresh_at, created_at, updated_at, grant_type)
+             VALUES (?1, ?2, ?3, '', '', ?4, ?5, ?5, ?5, ?5, 'client_credentials')
+             RETURNING id",
+        )
+        .and_then(|mut s| {
+            s.query_row(
+                params![app.provider, subject, app.label, app.scope, now],
+                |r| r.get(0),
+            )
+        })
+        .map_err(sql_err("insert app token"))?;
+    append_log(tx, id, now, "app_added", None, None, None)?;
+    Ok(AppAdded::Created(id))
 }
 
 pub(super) fn append_log(

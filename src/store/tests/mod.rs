@@ -190,6 +190,7 @@ async fn wait_for_recovery_commit(recovery: &Path) {
 mod accounts;
 mod admin;
 mod admin_page;
+mod apps;
 mod audit;
 mod durability;
 mod imports;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 mod accounts;
+mod apps;
 mod commands;
 mod config_errors;
 mod daemon;
