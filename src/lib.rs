@@ -29,7 +29,8 @@
 //! - [`hardening`]: start-up checks: token and key files private, not running as root.
 //! - [`import`]: the JSON-lines import format.
 //! - [`plan`]: `accounts plan`: due refreshes per minute against the rate limits, the soonest refresh-token ends. Pure.
-//! - [`server`]: the ops HTTP server: health, metrics, token API, web connect.
+//! - [`server`]: the ops HTTP server: health, metrics, token API, token proxy, admin page,
+//!   web connect.
 //! - [`sandbox`]: a TikTok-compatible fake provider for the demo, tests and benchmarks.
 //! - [`demo`]: `refreshd demo`.
 //! - [`telemetry`]: logging and the stable log events.
