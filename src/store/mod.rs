@@ -306,7 +306,7 @@ impl Store {
         // claim records the crash window (`refresh_interrupted`).
         let dead = std::mem::take(&mut *self.health.dead_owners.lock().expect("not poisoned"));
         let keys = self.keys.clone();
-        match &self.backend {
+        let claimed = match &self.backend {
             Backend::Sqlite(s) => {
                 s.claim(sqlite::claim::Claim {
                     owner,
@@ -315,18 +315,31 @@ impl Store {
                     limit,
                     skip,
                     exclude,
-                    dead,
+                    dead: dead.clone(),
                 })
                 .await
             }
             Backend::Postgres(p) => {
-                let c = p.client("claim due accounts").await?;
-                if !dead.is_empty() {
-                    pg::expire_leases_of(&**c, &dead, now).await?;
+                async {
+                    let c = p.client("claim due accounts").await?;
+                    if !dead.is_empty() {
+                        pg::expire_leases_of(&**c, &dead, now).await?;
+                    }
+                    pg::claim_due_except(&c, &keys, &owner, now, until, limit, &skip, &exclude)
+                        .await
                 }
-                pg::claim_due_except(&c, &keys, &owner, now, until, limit, &skip, &exclude).await
+                .await
             }
+        };
+        if claimed.is_err() && !dead.is_empty() {
+            // The failed claim rolled the take-over back: the next claim ends those leases.
+            self.health
+                .dead_owners
+                .lock()
+                .expect("not poisoned")
+                .extend(dead);
         }
+        claimed
     }
 
     /// `next_due` without the accounts of the `skip` providers.

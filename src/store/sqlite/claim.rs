@@ -1,7 +1,9 @@
 //! The claim on the SQLite worker, and the one transaction that commits a group of refresh
 //! outcomes and then claims the next accounts: one fsync for both instead of two. The claim
 //! is answered only once that transaction is durable (a lease must be on disk before its
-//! request is sent), and a claim that fails never takes the outcomes down with it.
+//! request is sent). A claim whose statements fail is rolled back alone under its savepoint;
+//! only a failure to open or release that savepoint fails the group, which is then split or
+//! deferred as any failed group, and the claim re-run alone.
 
 use super::{queries, writes};
 use crate::crypto::Keyring;

@@ -509,17 +509,25 @@ impl Worker {
         commit::stop(&mut self.instance, &mut self.deferrals, &self.db);
     }
 
+    /// Whether the database this process opened is gone or replaced; the first time it is
+    /// seen, it is logged and marked lost at once, so no later job of this worker (a retry of
+    /// deferred rotations, a claim) writes into the unlinked file.
+    fn note_lost(&self) -> Option<String> {
+        if let Some(lost) = self.deferrals.health.lost() {
+            return Some(lost);
+        }
+        self.instance.as_ref()?;
+        let message = vanished(&self.db, self.identity)?;
+        tracing::error!(event = "store_vanished", path = %self.db.display(), message = %message,
+            "the database file this process opened is gone or replaced: stopping; restore it and start again (see docs/src/durability.md)");
+        *self.deferrals.health.lost.lock().expect("not poisoned") = Some(message.clone());
+        Some(message)
+    }
+
     /// Notices a deleted or replaced database, and takes over dead processes' work.
     fn watch(&mut self, conn: &mut Connection) {
         self.last_watch = std::time::Instant::now();
-        if self.deferrals.health.lost().is_none()
-            && let Some(message) = vanished(&self.db, self.identity)
-        {
-            tracing::error!(event = "store_vanished", path = %self.db.display(), message = %message,
-                "the database file this process opened is gone or replaced: stopping; restore it and start again (see docs/src/durability.md)");
-            *self.deferrals.health.lost.lock().expect("not poisoned") = Some(message);
-        }
-        if self.deferrals.health.lost().is_some() {
+        if self.note_lost().is_some() {
             return;
         }
         // Never block the worker (and its group commits) on another process's store lock:
@@ -589,7 +597,14 @@ impl Worker {
             if !self.deferrals.is_empty() {
                 self.retry_deferred(conn);
             }
-            let result = claim_span.in_scope(|| claim::run(conn, &self.keys, &c));
+            let result = match self.deferrals.health.lost() {
+                // A lost store is never written to, not even a lease.
+                Some(message) => Err(StoreError::Lost {
+                    path: self.db.clone(),
+                    message,
+                }),
+                None => claim_span.in_scope(|| claim::run(conn, &self.keys, &c)),
+            };
             let _ = reply.send(result);
         }
     }
@@ -602,11 +617,7 @@ impl Worker {
         batch: Vec<(Outcome, Reply)>,
         claim: Option<&Claim>,
     ) -> Option<Result<Vec<Account>, StoreError>> {
-        let lost = self.deferrals.health.lost().or_else(|| {
-            self.instance
-                .as_ref()
-                .and_then(|_| vanished(&self.db, self.identity))
-        });
+        let lost = self.note_lost();
         let result = match &lost {
             Some(message) => Err(StoreError::Lost {
                 path: self.db.clone(),
