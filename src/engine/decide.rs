@@ -293,10 +293,14 @@ pub fn after_answer(
                 "{}: the provider refused the client credentials grant of app token {:?}; check providers.{}.client_key, client_secret and the app's scope",
                 f.message, account.subject, account.provider
             );
-            After::of(
-                config_error(message.clone()),
-                ProviderSignal::ConfigError(message),
-            )
+            // Our client refused (invalid_client) is the whole provider's configuration; a
+            // refusal of this one app (its scope, its access) is this app's alone, so the
+            // provider is not announced as rejecting us at each retry.
+            let signal = match f.class {
+                FailureClass::Config => ProviderSignal::ConfigError(message.clone()),
+                _ => ProviderSignal::Unexpected(message.clone()),
+            };
+            After::of(config_error(message), signal)
         }
         FailureClass::Config => After::of(
             config_error(f.message.clone()),
