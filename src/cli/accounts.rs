@@ -197,6 +197,11 @@ pub async fn accounts(config: &Config, cmd: &AccountsCommand) -> Result<u8> {
                 store.close().await;
                 return show_removed(*id, &audit, *json);
             };
+            // SQLite may give a removed account's id to a new one: its rows are not this one's.
+            let audit: Vec<AuditEntry> = audit
+                .into_iter()
+                .filter(|e| e.provider == a.provider && e.subject == a.subject)
+                .collect();
             let entries = store.log_entries(*id, *log).await?;
             store.close().await;
             if *json {
