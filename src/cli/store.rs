@@ -190,6 +190,9 @@ async fn copy(config: &Config, from: &str, to: &str, batch: usize, json: bool) -
             "accounts_sha256": report.accounts_sha256,
             "log_rows": report.log_rows,
             "log_sha256": report.log_sha256,
+            "audit_rows_copied": report.audit_rows_copied,
+            "audit_rows": report.audit_rows,
+            "audit_sha256": report.audit_sha256,
             "seconds": started.elapsed().as_secs_f64(),
         });
         println!("{summary}");
@@ -202,16 +205,22 @@ async fn copy(config: &Config, from: &str, to: &str, batch: usize, json: bool) -
         );
     }
     println!(
-        "copied {} account(s) and {} refresh-log row(s) from {} to {} in {:.1}s",
+        "copied {} account(s), {} refresh-log row(s) and {} audit row(s) from {} to {} in {:.1}s",
         report.accounts_copied,
         report.log_rows_copied,
+        report.audit_rows_copied,
         source.describe(),
         dest.describe(),
         started.elapsed().as_secs_f64()
     );
     println!(
-        "verified: accounts {} rows sha256 {}; refresh_log {} rows sha256 {}",
-        report.accounts, report.accounts_sha256, report.log_rows, report.log_sha256
+        "verified: accounts {} rows sha256 {}; refresh_log {} rows sha256 {}; audit_log {} rows sha256 {}",
+        report.accounts,
+        report.accounts_sha256,
+        report.log_rows,
+        report.log_sha256,
+        report.audit_rows,
+        report.audit_sha256
     );
     Ok(exit::OK)
 }

@@ -62,6 +62,19 @@ pub(crate) const REFRESH_LOG: &[(&str, Kind)] = &[
     ("duration_ms", Kind::Int),
 ];
 
+/// `audit_log`'s columns, in table order (kept by `store copy` like the other two tables).
+pub(crate) const AUDIT_LOG: &[(&str, Kind)] = &[
+    ("id", Kind::Int),
+    ("at", Kind::Int),
+    ("account_id", Kind::Int),
+    ("provider", Kind::Text),
+    ("subject", Kind::Text),
+    ("action", Kind::Text),
+    ("actor", Kind::Text),
+    ("via", Kind::Text),
+    ("detail", Kind::Text),
+];
+
 /// What an `Account` is read from: `ACCOUNTS` without the lease, in `account_from`'s order
 /// (a unit test holds the two together).
 pub(crate) const ACCOUNT_COLUMNS: &str = "id, provider, subject, label, access_token, \

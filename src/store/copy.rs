@@ -37,6 +37,13 @@ const LOG: Table = Table {
     columns: columns::REFRESH_LOG,
 };
 
+/// The audit trail: the only record of removed accounts, so it moves with them.
+const AUDIT: Table = Table {
+    name: "audit_log",
+    key: "id",
+    columns: columns::AUDIT_LOG,
+};
+
 impl Table {
     fn column_list(&self) -> String {
         self.columns
@@ -60,6 +67,9 @@ pub struct CopyReport {
     pub log_rows: u64,
     pub accounts_sha256: String,
     pub log_sha256: String,
+    pub audit_rows_copied: u64,
+    pub audit_rows: u64,
+    pub audit_sha256: String,
 }
 
 fn sqlite_err(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
@@ -162,15 +172,16 @@ fn check_types(table: &Table, row: &Row) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Writes rows of accounts and of the refresh log in one transaction.
-async fn write(store: &Store, accounts: Vec<Row>, log: Vec<Row>) -> Result<(), StoreError> {
+/// Writes rows of one table in one transaction.
+async fn write(store: &Store, table: &'static Table, rows: Vec<Row>) -> Result<(), StoreError> {
     if let Some(pg) = store.pg() {
         let mut c = pg.client("connect").await?;
         let tx = c
             .transaction()
             .await
             .map_err(pg_err("begin copying a batch"))?;
-        for (table, rows) in [(&ACCOUNTS, &accounts), (&LOG, &log)] {
+        {
+            let rows = &rows;
             let marks: Vec<String> = (1..=table.columns.len()).map(|i| format!("${i}")).collect();
             let stmt = tx
                 .prepare(&format!(
@@ -219,7 +230,7 @@ async fn write(store: &Store, accounts: Vec<Row>, log: Vec<Row>) -> Result<(), S
             }
         }
         // Ids were given explicitly: move the sequences past them for later inserts.
-        for table in ["accounts", "refresh_log"] {
+        for table in ["accounts", "refresh_log", "audit_log"] {
             tx.execute(
                 &format!(
                     "SELECT setval(pg_get_serial_sequence('{table}', 'id'), GREATEST((SELECT MAX(id) FROM {table}), 1))"
@@ -233,7 +244,8 @@ async fn write(store: &Store, accounts: Vec<Row>, log: Vec<Row>) -> Result<(), S
     }
     store
         .in_tx("copy a batch", move |tx| {
-            for (table, rows) in [(&ACCOUNTS, &accounts), (&LOG, &log)] {
+            {
+                let rows = &rows;
                 let marks: Vec<String> =
                     (1..=table.columns.len()).map(|i| format!("?{i}")).collect();
                 let mut stmt = tx
@@ -343,7 +355,7 @@ pub async fn copy(
     let mut report = CopyReport::default();
     // Each table in id order, in batches: a rerun continues after the destination's last row
     // (an interrupted copy), once it has checked that row is the source's.
-    for table in [&ACCOUNTS, &LOG] {
+    for table in [&ACCOUNTS, &LOG, &AUDIT] {
         let mut after = match max_id(to, table).await? {
             None => i64::MIN,
             Some(last) => {
@@ -372,19 +384,20 @@ pub async fn copy(
                 break;
             };
             let n = rows.len() as u64;
+            write(to, table, rows).await?;
             if table.name == ACCOUNTS.name {
-                write(to, rows, Vec::new()).await?;
                 report.accounts_copied += n;
                 progress(n);
-            } else {
-                write(to, Vec::new(), rows).await?;
+            } else if table.name == LOG.name {
                 report.log_rows_copied += n;
+            } else {
+                report.audit_rows_copied += n;
             }
             after = last;
         }
     }
     // Verify: the same rows on both sides.
-    for table in [&ACCOUNTS, &LOG] {
+    for table in [&ACCOUNTS, &LOG, &AUDIT] {
         let (n_from, sum_from) = checksum(from, table).await?;
         let (n_to, sum_to) = checksum(to, table).await?;
         if (n_from, &sum_from) != (n_to, &sum_to) {
@@ -401,8 +414,10 @@ pub async fn copy(
         }
         if table.name == ACCOUNTS.name {
             (report.accounts, report.accounts_sha256) = (n_to, sum_to);
-        } else {
+        } else if table.name == LOG.name {
             (report.log_rows, report.log_sha256) = (n_to, sum_to);
+        } else {
+            (report.audit_rows, report.audit_sha256) = (n_to, sum_to);
         }
     }
     Ok(report)

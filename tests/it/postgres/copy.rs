@@ -203,6 +203,7 @@ async fn store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes() {
         "no password printed: {out}"
     );
     let forth = verified_line(&out);
+    assert!(forth.ends_with("audit_log 0 rows sha256 e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"), "{forth}");
 
     let pg = Store::open(StoreOptions {
         keyring: keyring.clone(),
@@ -253,7 +254,23 @@ async fn store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes() {
     let back = dir.path().join("back.db");
     let (code, out) = store_copy(&config, &url, back.to_str().unwrap());
     assert_eq!(code, Some(0), "{out}");
-    assert_eq!(verified_line(&out), forth, "same checksums both ways");
+    // The same accounts and log; the removal's audit row (the only trace of `fresh`) moved too.
+    let accounts_and_log = |line: &str| line.split("; audit_log").next().unwrap().to_string();
+    let back_line = verified_line(&out);
+    assert_eq!(
+        accounts_and_log(&back_line),
+        accounts_and_log(&forth),
+        "same checksums both ways"
+    );
+    assert!(back_line.contains("audit_log 1 rows"), "{back_line}");
+    let copied = open_sealed_sqlite(&back, &keyring).await;
+    let trail = copied.audit_entries(fresh).await.unwrap();
+    assert_eq!(trail.len(), 1, "{trail:?}");
+    assert_eq!(
+        (trail[0].action.as_str(), trail[0].who.as_str()),
+        ("removed", "copy test")
+    );
+    copied.close().await;
 
     // Interrupted copy: the destination holds the first 20 accounts and the first log rows
     // (each table is copied in id order); the rerun resumes after them.
@@ -271,7 +288,7 @@ async fn store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes() {
         "{out}"
     );
     assert!(out.contains("copied 30 account(s)"), "{out}");
-    assert_eq!(verified_line(&out), forth);
+    assert_eq!(verified_line(&out), back_line);
 
     // A destination holding other accounts is refused, and so is a source being refreshed.
     let foreign = dir.path().join("foreign.db");
