@@ -123,6 +123,14 @@ async fn proxy(s: AppState, upstream: Upstream, req: Request) -> Response {
     let headers = target::request_headers(&parts.headers);
     let send = async |a: &Account| upstream.send(&method, &url, &headers, &body, a, &cfg).await;
     let (sent, outcome) = match send(&a).await {
+        Sent::Answer(r)
+            if r.status() == StatusCode::UNAUTHORIZED
+                && renewed_lately(a.last_refreshed_at, s.clock.now()) =>
+        {
+            tracing::info!(event = "proxy_refresh_skipped", account = a.id, provider = %a.provider,
+                "the API refused a token renewed less than a minute ago: its 401 goes back to the caller without another refresh");
+            (Sent::Answer(r), Outcome::Forwarded)
+        }
         Sent::Answer(r) if r.status() == StatusCode::UNAUTHORIZED => {
             tracing::info!(event = "proxy_token_refused", account = a.id, provider = %a.provider,
                 "the API refused the access token: refreshing the account once and retrying");
@@ -141,6 +149,15 @@ async fn proxy(s: AppState, upstream: Upstream, req: Request) -> Response {
     };
     let status = r.status();
     done(outcome, status, r)
+}
+
+/// A token renewed this recently that the API still refuses is not the token's fault (a
+/// scope, an app without access): another refresh would only spend a rotation and the
+/// provider's rate limit on every such request.
+const RENEWED_LATELY_SECS: i64 = 60;
+
+fn renewed_lately(last_refreshed_at: Option<i64>, now: i64) -> bool {
+    last_refreshed_at.is_some_and(|at| now - at < RENEWED_LATELY_SECS)
 }
 
 /// `("42", "/v2/user/info/")` from `/proxy/42/v2/user/info/`; the rest stays encoded.
@@ -304,7 +321,15 @@ async fn read_body(
 
 #[cfg(test)]
 mod tests {
-    use super::split_path;
+    use super::{renewed_lately, split_path};
+
+    #[test]
+    fn a_token_renewed_within_the_minute_is_not_refreshed_again() {
+        assert!(!renewed_lately(None, 1_000));
+        assert!(renewed_lately(Some(1_000), 1_000));
+        assert!(renewed_lately(Some(1_000), 1_059));
+        assert!(!renewed_lately(Some(1_000), 1_060));
+    }
 
     #[test]
     fn the_account_and_the_rest_of_the_path_are_split_as_written() {
