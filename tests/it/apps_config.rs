@@ -1,7 +1,7 @@
 //! App tokens listed in the config (`[providers.NAME.apps.APP]`): the daemon adds them at
 //! start and fetches them with no CLI step, the token API serves them, a reload with a new
 //! scope rescopes and refetches, an app taken out of the config is kept, and the token
-//! proxy forwards with the app's current token.
+//! proxy forwards with the app's current token. An import cannot overwrite an app's row.
 
 use crate::helpers::{self, TestApp};
 use refreshd::config::Config;
@@ -10,7 +10,7 @@ use refreshd::lifecycle::{self, RunOptions};
 use refreshd::model::Account;
 use refreshd::model::Grant;
 use refreshd::sandbox::{RESEARCH_PATH, SandboxConfig};
-use refreshd::store::Store;
+use refreshd::store::{NewApp, Store};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -203,4 +203,43 @@ async fn the_proxy_forwards_with_the_apps_current_token() {
     let (status, body) = query().await;
     assert_eq!(status, 200, "{body}");
     d.stop().await;
+}
+
+/// An import line with an app token's subject is refused (file and line named), and the
+/// app's row is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_cannot_overwrite_an_app_token() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let store = app.store().await;
+    let app_row = NewApp {
+        provider: "tiktok".into(),
+        name: "research".into(),
+        scope: "research.data.basic".into(),
+        label: None,
+    };
+    let id = store.add_app(app_row, helpers::T0).await.unwrap().id();
+    let config = app.config("");
+    let line = helpers::sandbox_line(&app.sandbox, "app:research", "user.info.basic", helpers::T0);
+    let err = refreshd::import::parse_with(
+        "accounts.jsonl",
+        &line,
+        helpers::T0,
+        &config.refresh.timing(),
+        config.reauth.window,
+        |p| config.credential_of(p),
+    )
+    .expect_err("an app's subject is refused")
+    .to_string();
+    assert!(
+        err.contains("accounts.jsonl")
+            && err.contains("line 1")
+            && err.contains("refreshd apps add"),
+        "{err}"
+    );
+    let a = store.get(id).await.unwrap().unwrap();
+    assert_eq!(
+        (a.grant, a.scope.as_str()),
+        (Grant::ClientCredentials, "research.data.basic")
+    );
+    store.close().await;
 }
