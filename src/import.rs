@@ -209,6 +209,12 @@ impl<C: Fn(&str) -> Option<Credential>> Importer<C> {
                 .or(line.subject)
                 .filter(|s| !s.trim().is_empty())
                 .ok_or("`open_id` (the provider's user id) is missing or empty")?;
+            // An import must not overwrite an app token's row.
+            if subject.starts_with(crate::model::APP_SUBJECT_PREFIX) {
+                return Err(format!(
+                    "subject {subject:?} names an app token, which is not imported: app tokens are added with `refreshd apps add {provider} NAME` (or the config's [providers.{provider}.apps.NAME])"
+                ));
+            }
             let Some(access_token) = line.access_token else {
                 return Err(format!(
                     "account {provider}/{subject} has no `access_token` (an `accounts export` without --include-tokens?): nothing to keep alive; export it with --include-tokens, or reconnect it with `refreshd connect {provider}`"
@@ -430,6 +436,15 @@ mod tests {
         assert_eq!(*n, 1);
         assert!(msg.contains("tiktok/u1 has no `access_token`"), "{msg}");
         assert!(msg.contains("--include-tokens"), "{msg}");
+    }
+
+    #[test]
+    fn an_app_tokens_subject_is_refused_naming_the_way_to_add_one() {
+        let e = p(&GOOD.replace(r#""u1""#, r#""app:research""#)).unwrap_err();
+        let (n, msg) = &e.problems[0];
+        assert_eq!(*n, 1);
+        assert!(msg.contains("refreshd apps add tiktok"), "{msg}");
+        assert!(e.to_string().contains("f.jsonl"), "{e}");
     }
 
     #[test]

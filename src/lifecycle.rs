@@ -245,6 +245,8 @@ pub async fn run(
         }
     }
 
+    sync_apps(&store, cfg, opts.clock.now()).await?;
+
     if opts.once {
         let refreshed = engine.run_due(shutdown.clone()).await;
         let swept = match refreshed {
@@ -348,6 +350,9 @@ pub async fn run(
                         let crons_changed = old.config.reauth.sweep_cron != new.config.reauth.sweep_cron
                             || old.config.reauth.digest_cron != new.config.reauth.digest_cron
                             || old.config.store.prune_cron != new.config.store.prune_cron;
+                        if let Err(e) = sync_apps(&store, &new.config, opts.clock.now()).await {
+                            tracing::error!(event = "config_apps_failed", error = %e, "the config's app tokens could not be applied; they are applied again at the next reload");
+                        }
                         settings_tx.send_replace(Arc::new(new));
                         if crons_changed {
                             let _ = scheduler.shutdown().await;
@@ -411,6 +416,71 @@ pub async fn run(
         "refreshd stopped"
     );
     Ok(report)
+}
+
+/// The label of the app tokens added from the config, so a later start can tell which
+/// ones the config dropped.
+const CONFIG_APP_LABEL: &str = "config";
+
+/// Adds each `[providers.NAME.apps.APP]` (kept when present, rescoped and due now when its
+/// scope changed), and warns about app tokens the config added once but no longer lists:
+/// they are left (removing tokens on a config typo is worse) until `refreshd apps remove`.
+/// An app the store refuses (its subject is a user's account) is logged, the others go on.
+async fn sync_apps(store: &Store, config: &Config, now: i64) -> Result<(), StoreError> {
+    use crate::model::{APP_SUBJECT_PREFIX, Grant};
+    use crate::store::{AppAdded, ListFilter, NewApp};
+    for (provider, pc) in &config.providers {
+        for (name, app) in &pc.apps {
+            let new = NewApp {
+                provider: provider.clone(),
+                name: name.clone(),
+                scope: app.scope.clone(),
+                label: Some(CONFIG_APP_LABEL.into()),
+            };
+            match store.add_app(new, now).await {
+                Ok(AppAdded::Kept {
+                    rescoped: false, ..
+                }) => {}
+                Ok(added) => tracing::info!(event = "config_app_applied", provider = %provider,
+                    app = %name, account_id = added.id(), created = matches!(added, AppAdded::Created(_)),
+                    "app token of providers.{provider}.apps.{name} added or rescoped; due now"),
+                Err(StoreError::Refused(e)) => tracing::error!(event = "config_app_rejected",
+                    provider = %provider, app = %name, error = %e,
+                    "providers.{provider}.apps.{name} cannot be kept: {e}"),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let filter = ListFilter {
+        grant: Some(Grant::ClientCredentials),
+        ..ListFilter::default()
+    };
+    let mut after = 0;
+    loop {
+        let page = store.list(filter.clone(), after, 500).await?;
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        for a in page
+            .iter()
+            .filter(|a| a.label.as_deref() == Some(CONFIG_APP_LABEL))
+        {
+            let name = a
+                .subject
+                .strip_prefix(APP_SUBJECT_PREFIX)
+                .unwrap_or(&a.subject);
+            let listed = config
+                .providers
+                .get(&a.provider)
+                .is_some_and(|p| p.apps.contains_key(name));
+            if !listed {
+                tracing::warn!(event = "config_app_unlisted", provider = %a.provider, app = %name,
+                    account_id = a.id,
+                    "app token {}/{name} was added from the config, which no longer lists it; it is still kept: remove it with `refreshd apps remove {} {name}`",
+                    a.provider, a.provider);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Re-reads the config. Ok(None): nothing changed. Settings that need a restart are kept.

@@ -41,7 +41,7 @@ use tokio::task::JoinHandle;
 use crate::clock::Clock;
 
 mod api;
-pub use api::{ECHO_PATH, USER_INFO_PATH};
+pub use api::{ECHO_PATH, RESEARCH_PATH, USER_INFO_PATH};
 
 /// Path of the token endpoint, as on `open.tiktokapis.com`.
 pub const TOKEN_PATH: &str = "/v2/oauth/token/";

@@ -22,9 +22,9 @@ mod validate;
 pub use errors::ConfigError;
 pub use secret_file::expand_credentials_path;
 pub use types::{
-    ConnectConfig, FilePolicy, LogConfig, LogFormat, NotifyConfig, ProviderConfig, ProxyConfig,
-    ReauthConfig, RefreshConfig, RefreshLines, ServerConfig, ShutdownConfig, SinkConfig,
-    SinkFormat, StoreConfig, WebhookConfig, redact_url,
+    AppConfig, ConnectConfig, FilePolicy, LogConfig, LogFormat, NotifyConfig, ProviderConfig,
+    ProxyConfig, ReauthConfig, RefreshConfig, RefreshLines, ServerConfig, ShutdownConfig,
+    SinkConfig, SinkFormat, StoreConfig, WebhookConfig, redact_url,
 };
 pub use validate::{
     check_api_base, check_endpoint_url, check_redirect_uri, postgres_url as validate_postgres_url,

@@ -178,7 +178,8 @@ client_key = \"k\"\nzzz = 1\n",
         .split(", ")
         .map(|k| k.trim_matches(|c: char| c == '`' || c.is_whitespace()))
     {
-        let documented = text.contains(&format!("{key} = "));
+        // `apps` is a map of tables, shown as `[providers.tiktok.apps.NAME]`.
+        let documented = text.contains(&format!("{key} = ")) || text.contains(&format!(".{key}."));
         assert!(
             documented || key == "client_id",
             "providers key {key} is not in config/refreshd.toml"
@@ -186,8 +187,10 @@ client_key = \"k\"\nzzz = 1\n",
     }
     // The commented profile keys are valid as written.
     let start = text.find("# Profile keys.").unwrap();
-    let end = text[start..]
-        .find("# ---- ")
+    let end = ["# ---- ", "# App tokens"]
+        .iter()
+        .filter_map(|m| text[start..].find(m))
+        .min()
         .map_or(text.len(), |i| start + i);
     let uncommented: String = text[start..end]
         .lines()
@@ -584,4 +587,20 @@ fn log_refreshes_is_info_by_default_and_a_bad_value_names_its_key() {
         assert!(err.contains("log.refreshes"), "{err}");
         Ok(())
     });
+}
+
+#[test]
+fn app_tokens_of_the_config_are_read_and_bad_names_named() {
+    let base = "[providers.tiktok]\nclient_key = \"k\"\nclient_secret = \"s\"\n";
+    let c = Config::from_toml_str(&format!(
+        "{base}[providers.tiktok.apps.research]\nscope = \"research.data.basic\"\n[providers.tiktok.apps.plain]\n"
+    ))
+    .unwrap();
+    let apps = &c.providers["tiktok"].apps;
+    assert_eq!(apps["research"].scope, "research.data.basic");
+    assert_eq!(apps["plain"].scope, "");
+    let err = Config::from_toml_str(&format!("{base}[providers.tiktok.apps.\"a b\"]\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("providers.tiktok.apps.a b"), "{err}");
 }

@@ -386,6 +386,19 @@ pub struct ProviderConfig {
     pub config_errors: Option<Vec<String>>,
     #[serde(default)]
     pub transient_errors: Option<Vec<String>>,
+    /// App tokens (client-credentials grant) kept for this provider, by app name: added
+    /// at start and on reload (`lifecycle::sync_apps`).
+    #[serde(default)]
+    pub apps: BTreeMap<String, AppConfig>,
+}
+
+/// `[providers.NAME.apps.APP]`: one app token the daemon keeps (as `refreshd apps add`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    /// The scope asked for, as the provider writes it; none by default.
+    #[serde(default)]
+    pub scope: String,
 }
 
 /// What a sink file holds.

@@ -432,6 +432,20 @@ fn provider(p: &mut Problems, name: &str, pc: &mut ProviderConfig) -> Option<Pro
     if pc.burst == 0 {
         p.bad(key("burst"), "must be at least 1");
     }
+    for (app, ac) in &pc.apps {
+        if let Err(problem) = crate::model::check_app_name(app) {
+            p.bad(
+                key(&format!("apps.{app}")),
+                format!("app name {app:?} {problem}"),
+            );
+        }
+        if ac.scope.chars().any(char::is_control) {
+            p.bad(
+                key(&format!("apps.{app}.scope")),
+                "must not hold control characters",
+            );
+        }
+    }
     profile
 }
 

@@ -2,7 +2,8 @@
 //! resource server: `GET /v2/user/info/` (the user of the token) and `/v2/echo/` (what
 //! arrived: method, query, header names, body size; `?size=N` answers N bytes). Both check
 //! `Authorization: Bearer` against the live access tokens (unexpired, unrevoked, latest of
-//! their grant) and answer TikTok's 401 otherwise. Tests can make the API refuse a token
+//! their grant) and answer TikTok's 401 otherwise. `POST /v2/research/video/query/` (the
+//! Research API) takes live client access tokens (app tokens) only. Tests can make the API refuse a token
 //! that is still valid ([`Sandbox::refuse_in_api`]), as after a reset on the provider's side.
 
 use super::{Sandbox, Shared, json_response};
@@ -20,6 +21,8 @@ use std::sync::Arc;
 pub const USER_INFO_PATH: &str = "/v2/user/info/";
 /// Echoes what arrived (not a TikTok endpoint).
 pub const ECHO_PATH: &str = "/v2/echo/";
+/// TikTok's Research API video query: client access tokens only.
+pub const RESEARCH_PATH: &str = "/v2/research/video/query/";
 /// Largest body `/v2/echo/` reads or writes.
 const ECHO_MAX: usize = 256 << 20;
 
@@ -34,6 +37,7 @@ pub(super) fn routes() -> Router<Arc<Shared>> {
     Router::new()
         .route(USER_INFO_PATH, get(user_info))
         .route(ECHO_PATH, any(echo))
+        .route(RESEARCH_PATH, axum::routing::post(research))
 }
 
 impl Sandbox {
@@ -62,11 +66,7 @@ impl Sandbox {
 impl Shared {
     /// The open_id whose live access token the request carries (counted; a refusal too).
     fn caller(&self, headers: &HeaderMap) -> Option<String> {
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+        let token = bearer(headers);
         let now = self.clock.now();
         let mut book = self.lock();
         book.stats.api_calls += 1;
@@ -85,6 +85,22 @@ impl Shared {
             book.stats.api_unauthorized += 1;
         }
         found
+    }
+
+    /// Whether the request carries a live client access token (counted; a refusal too).
+    fn client_caller(&self, headers: &HeaderMap) -> bool {
+        let token = bearer(headers);
+        let now = self.clock.now();
+        let mut book = self.lock();
+        book.stats.api_calls += 1;
+        let live = book
+            .client_tokens
+            .get(token)
+            .is_some_and(|expires_at| now < *expires_at);
+        if !live {
+            book.stats.api_unauthorized += 1;
+        }
+        live
     }
 
     /// TikTok's 401 for a missing, unknown, expired or revoked access token.
@@ -121,6 +137,25 @@ async fn user_info(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Res
         }
         None => shared.unauthorized(),
     }
+}
+
+/// The `Authorization: Bearer` token, '' when none.
+fn bearer(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+}
+
+/// An empty page of videos for a live client token; TikTok's 401 for anything else (a
+/// user's token included).
+async fn research(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if !shared.client_caller(&headers) {
+        return shared.unauthorized();
+    }
+    let data = json!({"videos": [], "cursor": 0, "has_more": false});
+    json_response(StatusCode::OK, shared.api_body(data, "ok", ""))
 }
 
 async fn echo(

@@ -431,8 +431,9 @@ fn keys_of_the_example() -> BTreeMap<String, (String, bool)> {
         };
         let header = body.trim().trim_start_matches('[').trim_end_matches(']');
         if body.trim().starts_with('[') && !header.contains(' ') && !header.is_empty() {
-            table = match header.split_once('.') {
-                Some(("providers", _)) => "providers.NAME".into(),
+            table = match header.split('.').collect::<Vec<_>>()[..] {
+                ["providers", _, "apps", _] => "providers.NAME.apps.NAME".into(),
+                ["providers", ..] => "providers.NAME".into(),
                 _ => header.to_string(),
             };
             continue;

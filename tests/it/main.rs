@@ -6,6 +6,7 @@ mod admin;
 mod admin_page;
 mod answers;
 mod apps;
+mod apps_config;
 mod audit;
 mod bench;
 mod chaos;
