@@ -48,6 +48,10 @@ pub enum EngineError {
 
 /// How often the loop looks again while backpressure holds new claims back.
 const BACKPRESSURE_POLL: Duration = Duration::from_millis(100);
+/// How often `--once` looks again while it waits for in-flight refreshes. A finished
+/// refresh wakes the loop just before it leaves the tracker, so the loop can see it still
+/// running and wait for a wake that never comes: `--once` must not hang on that.
+const ONCE_POLL: Duration = Duration::from_millis(20);
 
 /// What a refresh task holds or must still get before it may send its request.
 struct Gate {
@@ -166,9 +170,14 @@ impl Engine {
                 if once && tracker.is_empty() {
                     break;
                 }
+                let wait = if once {
+                    ONCE_POLL
+                } else {
+                    cfg.refresh.max_idle
+                };
                 tokio::select! {
                     _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(cfg.refresh.max_idle) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.cancelled() => break,
                 }
                 continue;
@@ -232,6 +241,7 @@ impl Engine {
                     }
                     tokio::select! {
                         _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(ONCE_POLL) => {}
                         _ = shutdown.cancelled() => break,
                     }
                     continue;
