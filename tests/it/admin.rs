@@ -3,17 +3,13 @@
 //! `accounts export` and its round trip through `accounts import`.
 
 use crate::helpers::{self, TestApp};
+use crate::server::Daemon;
 use refreshd::config::Config;
-use refreshd::engine::Engine;
-use refreshd::lifecycle::{self, RunOptions, RunReport};
 use refreshd::model::Status;
 use refreshd::sandbox::SandboxConfig;
-use refreshd::store::Store;
 use secrecy::ExposeSecret;
-use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 const API_TOKEN: &str = "admin-test-api-token-0123456789";
 
@@ -25,62 +21,21 @@ fn tester() -> refreshd::store::Actor {
     }
 }
 
-/// The daemon in this process, with its ops server and token API.
-struct Daemon {
-    addr: SocketAddr,
-    store: Store,
-    engine: Engine,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<RunReport, lifecycle::DaemonError>>,
+/// The token API's answer for account `id`: status and JSON body.
+async fn token(d: &Daemon, id: i64) -> (u16, serde_json::Value) {
+    let r = d
+        .http
+        .get(d.url(&format!("/v1/accounts/{id}/token")))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
 
-impl Daemon {
-    async fn start(app: &TestApp, config: Config) -> Daemon {
-        let shutdown = CancellationToken::new();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let opts = RunOptions {
-            on_ready: Some(Box::new(move |store: &Store, engine: &Engine, addr| {
-                let _ = tx.send((store.clone(), engine.clone(), addr));
-            })),
-            ..RunOptions::new(app.clock.clone())
-        };
-        let task = tokio::spawn(lifecycle::run(config, opts, shutdown.clone()));
-        let (store, engine, addr) = tokio::time::timeout(Duration::from_secs(10), rx)
-            .await
-            .expect("daemon ready in time")
-            .expect("daemon started");
-        Daemon {
-            addr: addr.expect("the server listens"),
-            store,
-            engine,
-            shutdown,
-            task,
-        }
-    }
-
-    /// The token API's answer for account `id`: status and JSON body.
-    async fn token(&self, id: i64) -> (u16, serde_json::Value) {
-        let r = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap()
-            .get(format!("http://{}/v1/accounts/{id}/token", self.addr))
-            .bearer_auth(API_TOKEN)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(serde_json::Value::Null))
-    }
-
-    async fn generation(&self, id: i64) -> i64 {
-        helpers::account(&self.store, id).await.generation
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.unwrap().expect("clean stop");
-    }
+async fn generation(d: &Daemon, id: i64) -> i64 {
+    helpers::account(&d.store, id).await.generation
 }
 
 /// A config with the token API on and a sink for each of `sinks` (account id, file).
@@ -127,7 +82,7 @@ async fn a_disabled_account_is_not_refreshed_handed_out_or_written_until_enabled
     .await;
 
     assert!(
-        helpers::eventually(10, || async { d.generation(on).await > 0 }).await,
+        helpers::eventually(10, || async { generation(&d, on).await > 0 }).await,
         "the enabled account is refreshed"
     );
     assert!(
@@ -144,7 +99,7 @@ async fn a_disabled_account_is_not_refreshed_handed_out_or_written_until_enabled
         !off_file.exists(),
         "a disabled account's sink is not written"
     );
-    let (status, body) = d.token(off).await;
+    let (status, body) = token(&d, off).await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"], "account_disabled", "{body}");
     let message = body["message"].as_str().unwrap();
@@ -153,7 +108,7 @@ async fn a_disabled_account_is_not_refreshed_handed_out_or_written_until_enabled
         "{message}"
     );
     assert!(!body.to_string().contains("access_token"), "{body}");
-    assert_eq!(d.token(on).await.0, 200);
+    assert_eq!(token(&d, on).await.0, 200);
 
     // Enabled again: due now, refreshed, handed out, written.
     d.store
@@ -164,12 +119,12 @@ async fn a_disabled_account_is_not_refreshed_handed_out_or_written_until_enabled
     assert!(
         helpers::eventually(10, || async {
             app.clock.advance(Duration::from_secs(1));
-            d.generation(off).await > 0
+            generation(&d, off).await > 0
         })
         .await,
         "the re-enabled account is refreshed"
     );
-    let (status, body) = d.token(off).await;
+    let (status, body) = token(&d, off).await;
     assert_eq!(status, 200, "{body}");
     assert!(
         helpers::eventually(10, || async {
