@@ -29,6 +29,8 @@ pub(crate) struct Bench {
     pub(crate) http: reqwest::Client,
     /// The last limit measured: what a single burst is compared with.
     pub(crate) limit_rate: Option<f64>,
+    /// The bare client's CPU per refresh in that limit: the yardstick of the machine.
+    pub(crate) limit_client_us: Option<f64>,
     pub(crate) clk_tck: f64,
 }
 
@@ -46,6 +48,7 @@ impl Bench {
                 .timeout(Duration::from_secs(30))
                 .build()?,
             limit_rate: None,
+            limit_client_us: None,
             clk_tck: procs::clk_tck(),
         })
     }
