@@ -9,6 +9,7 @@
 //! leases.
 
 mod errors;
+mod group;
 pub(crate) mod liveness;
 pub(crate) mod queries;
 pub mod schema;
@@ -366,23 +367,7 @@ impl Worker {
             commit::COMMIT_WAIT.as_millis()
         );
         tx.batch_execute(&wait).await.map_err(pg_err(ctx))?;
-        // Rows locked in account order, as the sweep and rekey lock them: two replicas'
-        // transactions then never wait on each other in a cycle (a deadlock).
-        let mut order: Vec<usize> = (0..outcomes.len()).collect();
-        order.sort_by_key(|&i| outcomes[i].account_id());
-        // All outcomes in flight at once on the one connection: tokio-postgres pipelines
-        // them (sent in this order, answered in order), so a batch costs a few round trips
-        // instead of two per outcome. The first failure fails the transaction.
-        let recorded = futures::future::try_join_all(
-            order
-                .iter()
-                .map(|&i| writes::record(&tx, &self.keys, outcomes[i])),
-        )
-        .await?;
-        let mut results = vec![Recorded::Applied; outcomes.len()];
-        for (&i, r) in order.iter().zip(recorded) {
-            results[i] = r;
-        }
+        let results = group::record_group(&tx, &self.keys, outcomes).await?;
         tx.commit().await.map_err(pg_err(ctx))?;
         Ok(results)
     }

@@ -441,7 +441,14 @@ pub async fn record(
     keys: &Keyring,
     o: &Outcome,
 ) -> Result<Recorded, StoreError> {
-    let write = record::plan(keys, o);
+    apply(tx, &record::plan(keys, o)).await
+}
+
+/// Runs one planned write: its guarded update, then its log row.
+pub(super) async fn apply(
+    tx: &Transaction<'_>,
+    write: &record::Write<'_>,
+) -> Result<Recorded, StoreError> {
     let run = async |ctx: &'static str,
                      sql: &str,
                      params: &[&(dyn tokio_postgres::types::ToSql + Sync)]|

@@ -469,6 +469,77 @@ async fn concurrent_records_are_all_committed() {
     );
 }
 
+/// A group mixing fresh and stale rotations, failures, and two rotations of one account:
+/// each outcome ends as it would alone (PostgreSQL writes a group's rotations as one batch).
+async fn a_mixed_group_ends_each_outcome_as_it_would_alone() {
+    let (_dir, store) = temp_store().await;
+    let accounts = (0..60)
+        .map(|i| new_account("tiktok", &format!("u{i}"), NOW))
+        .collect();
+    let ids = insert(&store, accounts).await;
+    let claimed = store.claim_due(OWNER, NOW, LEASE, 100).await.unwrap();
+    assert_eq!(claimed.len(), 60);
+    // ids[0..20] fresh rotations, ids[20..40] stale ones (a generation that moved),
+    // ids[40..50] failures, ids[50] rotated twice at once (one applies, one is superseded).
+    let mut outcomes = Vec::new();
+    for (i, &id) in ids.iter().enumerate().take(51) {
+        let access = format!("new-{id}");
+        outcomes.push(match i {
+            0..20 => rotated(id, 0, &access, Some(&format!("rt-{id}")), NOW + 1),
+            20..40 => rotated(id, 7, &access, Some("rt-stale"), NOW + 1),
+            40..50 => transient(id, OWNER, NOW + 1),
+            _ => rotated(id, 0, &access, None, NOW + 1),
+        });
+    }
+    outcomes.push(rotated(ids[50], 0, "twin", None, NOW + 1));
+    let tasks: Vec<_> = outcomes
+        .into_iter()
+        .map(|o| {
+            let store = store.clone();
+            tokio::spawn(async move { store.record(o).await.unwrap() })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    for (i, &id) in ids.iter().enumerate().take(50) {
+        let a = get(&store, id).await;
+        match i {
+            0..20 => {
+                assert_eq!(results[i], Recorded::Applied);
+                assert_eq!(a.access_token.expose_secret(), format!("new-{id}"));
+                assert_eq!(a.refresh_token.expose_secret(), format!("rt-{id}"));
+                assert_eq!((a.generation, a.last_refreshed_at), (1, Some(NOW + 1)));
+                assert_eq!(log_outcomes(&store, id).await[0], "rotated");
+            }
+            20..40 => {
+                assert_eq!(results[i], Recorded::Superseded);
+                assert_ne!(a.access_token.expose_secret(), format!("new-{id}"));
+                assert_eq!(a.generation, 0);
+                assert_eq!(log_outcomes(&store, id).await[0], "superseded");
+            }
+            _ => {
+                assert_eq!(results[i], Recorded::Applied);
+                assert_eq!((a.failures, a.generation), (1, 0));
+                assert_eq!(log_outcomes(&store, id).await[0], "transient");
+            }
+        }
+    }
+    let mut twins = vec![results[50], results[51]];
+    twins.sort_by_key(|r| format!("{r:?}"));
+    assert_eq!(twins, [Recorded::Applied, Recorded::Superseded]);
+    assert_eq!(get(&store, ids[50]).await.generation, 1);
+    let mut log = log_outcomes(&store, ids[50]).await;
+    log.retain(|o| o != "imported");
+    log.sort();
+    assert_eq!(log, ["rotated", "superseded"]);
+    // Untouched: the ten accounts no outcome named keep their lease.
+    for &id in &ids[51..] {
+        assert_eq!(lease(&store, id).await.0.as_deref(), Some(OWNER));
+    }
+}
+
 mod concurrent_records_are_all_committed {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn sqlite() {
@@ -541,4 +612,5 @@ on_both_backends!(
     transient_counts_failure_and_releases_lease,
     transient_with_lost_lease_leaves_row_to_new_owner,
     config_error_and_release_need_the_lease,
+    a_mixed_group_ends_each_outcome_as_it_would_alone,
 );
