@@ -329,3 +329,83 @@ async fn the_worker_answers_a_claim_queued_behind_outcomes_after_committing_them
     assert_eq!(claimed, [other]);
     store.close().await;
 }
+
+/// The b-trees (tables and indexes, by name) whose pages `write` put into the WAL.
+fn btrees_written(c: &Connection, write: impl FnOnce(&Connection)) -> Vec<String> {
+    let wal_path = c.path().map(|p| format!("{p}-wal")).unwrap();
+    c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+    write(c);
+    // A WAL frame: a 24-byte header starting with the page number, then the page.
+    let (header, frame) = (32, 24 + 4096);
+    let wal = std::fs::read(wal_path).unwrap();
+    let pages: Vec<u32> = wal[header..]
+        .chunks_exact(frame)
+        .map(|f| u32::from_be_bytes(f[..4].try_into().unwrap()))
+        .collect();
+    let mut names: Vec<String> = c
+        .prepare(
+            "SELECT DISTINCT name FROM dbstat WHERE pageno IN (SELECT value FROM json_each(?1))",
+        )
+        .unwrap()
+        .query_map([serde_json::to_string(&pages).unwrap()], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_rotation_rewrites_the_status_and_refresh_end_indexes_only_when_they_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = super::connect(&file_options(dir.path())).unwrap();
+    schema::migrate(&mut c).unwrap();
+    let keys = Keyring::default();
+    // Each account's refresh token ends at NOW + 100.
+    upsert(
+        &mut c,
+        &[account("kept"), account("moved"), account("ending")],
+    );
+    let claimed = claim::run(&c, &keys, &claim_for("me:1", 3)).unwrap();
+    let rotation = |subject: &str, refresh_expires_in: i64, new_status: Status| {
+        let mut o = rotation_of(claimed.iter().find(|a| a.subject == subject).unwrap());
+        if let Outcome::Rotated { tokens, status, .. } = &mut o {
+            tokens.refresh_expires_in = Some(refresh_expires_in);
+            *status = new_status;
+        }
+        o
+    };
+    let record = |o: Outcome| {
+        btrees_written(&c, |c| {
+            assert_eq!(writes::record(c, &keys, &o).unwrap(), Recorded::Applied);
+        })
+    };
+    // Rotations happen at NOW + 1: 99 s left is the same end.
+    let kept = record(rotation("kept", 99, Status::Active));
+    assert!(kept.contains(&"accounts_due".to_string()), "{kept:?}");
+    assert!(!kept.contains(&"accounts_status".to_string()), "{kept:?}");
+    assert!(
+        !kept.contains(&"accounts_refresh_expiry".to_string()),
+        "{kept:?}"
+    );
+    let moved = record(rotation("moved", 500, Status::Active));
+    assert!(
+        moved.contains(&"accounts_refresh_expiry".to_string()),
+        "{moved:?}"
+    );
+    assert!(!moved.contains(&"accounts_status".to_string()), "{moved:?}");
+    let ending = record(rotation("ending", 99, Status::Expiring));
+    assert!(
+        ending.contains(&"accounts_status".to_string()),
+        "{ending:?}"
+    );
+    let stored = |subject: &str| {
+        let a = queries::find(&c, &keys, "tiktok", subject)
+            .unwrap()
+            .unwrap();
+        (a.status, a.refresh_expires_at, a.generation)
+    };
+    assert_eq!(stored("kept"), (Status::Active, Some(NOW + 100), 1));
+    assert_eq!(stored("moved"), (Status::Active, Some(NOW + 501), 1));
+    assert_eq!(stored("ending"), (Status::Expiring, Some(NOW + 100), 1));
+}

@@ -193,6 +193,53 @@ pub(super) fn append_log(
     Ok(())
 }
 
+/// What every rotation writes (?3-?12 as in `record`). Status and refresh end are left to
+/// the statements below: SQLite rewrites the entries of every index whose column (or whose
+/// partial-index condition's column) is in an UPDATE's SET list, even to the same value.
+macro_rules! rotate_set {
+    () => {
+        "UPDATE accounts SET access_token = ?3, refresh_token = COALESCE(?4, refresh_token),
+            scope = COALESCE(?5, scope), token_type = ?6, access_expires_at = ?7,
+            next_refresh_at = ?9, reauth_reason = ?11,
+            reauth_flagged_at = CASE WHEN ?11 IS NULL THEN NULL
+                WHEN reauth_reason IS ?11 THEN reauth_flagged_at ELSE ?12 END,
+            failures = 0, last_error = NULL, last_refreshed_at = ?12,
+            lease_owner = NULL, lease_expires_at = NULL,
+            generation = generation + 1, updated_at = ?12"
+    };
+}
+
+/// The common rotation: status and refresh-token end as stored (a disabled account stays
+/// disabled), so neither `accounts_status` nor `accounts_refresh_expiry` is written.
+const ROTATE_KEEPING_STATUS_AND_END: &str = concat!(
+    rotate_set!(),
+    " WHERE id = ?1 AND generation = ?2 AND (status = ?10 OR status = 'disabled')
+        AND (?8 IS NULL OR refresh_expires_at IS ?8)"
+);
+/// Status as stored, a new refresh-token end: `accounts_status` is left alone.
+const ROTATE_KEEPING_STATUS: &str = concat!(
+    rotate_set!(),
+    ", refresh_expires_at = ?8
+     WHERE id = ?1 AND generation = ?2 AND (status = ?10 OR status = 'disabled')"
+);
+/// Any rotation, the status changing included.
+const ROTATE: &str = concat!(
+    rotate_set!(),
+    ", refresh_expires_at = COALESCE(?8, refresh_expires_at),
+        status = CASE WHEN status = 'disabled' THEN status ELSE ?10 END
+     WHERE id = ?1 AND generation = ?2"
+);
+
+/// The rotation statements to try in order, narrowest first; the last one matches any row
+/// of the claimed generation. `new_end`: the provider gave a refresh-token lifetime.
+fn rotate_statements(new_end: bool) -> &'static [&'static str] {
+    if new_end {
+        &[ROTATE_KEEPING_STATUS_AND_END, ROTATE_KEEPING_STATUS, ROTATE]
+    } else {
+        &[ROTATE_KEEPING_STATUS_AND_END, ROTATE]
+    }
+}
+
 /// Writes one refresh outcome (see `record::plan`). Runs inside the group-commit
 /// transaction.
 pub fn record(tx: &Connection, keys: &Keyring, o: &Outcome) -> Result<Recorded, StoreError> {
@@ -216,22 +263,8 @@ pub fn record(tx: &Connection, keys: &Keyring, o: &Outcome) -> Result<Recorded, 
             status,
             reauth_reason,
             at,
-        } => run(
-            "store rotated tokens",
-            "UPDATE accounts SET access_token = ?3,
-                refresh_token = COALESCE(?4, refresh_token),
-                scope = COALESCE(?5, scope), token_type = ?6,
-                access_expires_at = ?7,
-                refresh_expires_at = COALESCE(?8, refresh_expires_at),
-                next_refresh_at = ?9, status = CASE WHEN status = 'disabled' THEN status ELSE ?10 END,
-                reauth_reason = ?11,
-                reauth_flagged_at = CASE WHEN ?11 IS NULL THEN NULL
-                    WHEN reauth_reason IS ?11 THEN reauth_flagged_at ELSE ?12 END,
-                failures = 0, last_error = NULL, last_refreshed_at = ?12,
-                lease_owner = NULL, lease_expires_at = NULL,
-                generation = generation + 1, updated_at = ?12
-             WHERE id = ?1 AND generation = ?2",
-            params![
+        } => {
+            let params = params![
                 account_id,
                 generation,
                 access_token,
@@ -244,8 +277,18 @@ pub fn record(tx: &Connection, keys: &Keyring, o: &Outcome) -> Result<Recorded, 
                 status,
                 reauth_reason,
                 at
-            ],
-        )?,
+            ];
+            // The narrowest statement whose guard matches writes the rotation: one of 0
+            // rows changed by all of them was superseded.
+            let mut n = 0;
+            for sql in rotate_statements(refresh_expires_at.is_some()) {
+                n = run("store rotated tokens", sql, params)?;
+                if n > 0 {
+                    break;
+                }
+            }
+            n
+        }
         Update::Fail {
             account_id,
             owner,
