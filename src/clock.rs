@@ -105,13 +105,30 @@ impl Clock {
 
 /// RFC 3339 rendering of a unix-seconds timestamp, as used in logs and CLI output.
 pub fn rfc3339(secs: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| format!("@{secs}"))
+    Rfc3339(secs).to_string()
+}
+
+/// `rfc3339` as a `Display` value: a log field formats it in place, without a `String`
+/// per line.
+#[derive(Clone, Copy, Debug)]
+pub struct Rfc3339(pub i64);
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Years 0..=9999 in UTC need 20 bytes ("2026-11-30T12:00:00Z").
+        let mut buf = [0u8; 32];
+        let mut out = &mut buf[..];
+        let written = time::OffsetDateTime::from_unix_timestamp(self.0)
+            .ok()
+            .and_then(|t| {
+                t.format_into(&mut out, &time::format_description::well_known::Rfc3339)
+                    .ok()
+            });
+        match written.and_then(|n| std::str::from_utf8(&buf[..n]).ok()) {
+            Some(s) => f.write_str(s),
+            None => write!(f, "@{}", self.0),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -145,5 +162,9 @@ mod tests {
     #[test]
     fn rfc3339_formats_utc() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_796_000_000), "2026-11-30T00:53:20Z");
+        // Out of the formatter's range: the raw number, never a panic.
+        assert_eq!(rfc3339(i64::MAX), format!("@{}", i64::MAX));
+        assert_eq!(Rfc3339(0).to_string(), rfc3339(0));
     }
 }

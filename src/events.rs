@@ -77,6 +77,14 @@ impl Events {
     pub fn emit(&self, event: Event) {
         let _ = self.tx.send(event);
     }
+
+    /// `emit` of the event `make` builds, built only when someone listens: a refresh
+    /// allocates nothing for an event no one reads.
+    pub fn emit_with(&self, make: impl FnOnce() -> Event) {
+        if self.tx.receiver_count() > 0 {
+            self.emit(make());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -97,5 +105,23 @@ mod tests {
         events.clone().emit(e.clone());
         assert_eq!(rx.recv().await.unwrap(), e);
         assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn emit_with_builds_the_event_only_for_listeners() {
+        let events = Events::default();
+        let built = std::cell::Cell::new(0);
+        let make = || {
+            built.set(built.get() + 1);
+            Event::ProviderRecovered {
+                provider: "tiktok".into(),
+            }
+        };
+        events.emit_with(make);
+        assert_eq!(built.get(), 0, "no listener: nothing built");
+        let mut rx = events.subscribe();
+        events.emit_with(make);
+        assert_eq!(built.get(), 1);
+        assert!(rx.try_recv().is_ok());
     }
 }

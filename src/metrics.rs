@@ -22,10 +22,11 @@ struct ProviderLabel {
     provider: String,
 }
 
+/// Outcomes are a fixed set of names: a static label costs no allocation per refresh.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     provider: String,
-    outcome: String,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -280,46 +281,50 @@ impl Metrics {
 
     /// One finished refresh attempt, its outcome stored at `now` (unless `record_failed`).
     /// `duration_secs` is None when no request was sent.
-    pub fn refresh(&self, provider: &str, outcome: &str, duration_secs: Option<f64>, now: i64) {
-        self.refreshes
-            .get_or_create(&OutcomeLabels {
-                provider: provider.to_string(),
-                outcome: outcome.to_string(),
-            })
-            .inc();
+    pub fn refresh(
+        &self,
+        provider: &str,
+        outcome: &'static str,
+        duration_secs: Option<f64>,
+        now: i64,
+    ) {
+        // Once per refresh: the provider's label is built once and moved into the last use.
+        let label = Self::provider(provider);
         if let Some(d) = duration_secs {
-            self.latency
-                .get_or_create(&Self::provider(provider))
-                .observe(d);
+            self.latency.get_or_create(&label).observe(d);
         }
-        let failures = self
-            .provider_failures
-            .get_or_create(&Self::provider(provider));
-        match outcome {
-            "transient" => {
-                failures.inc();
+        {
+            let failures = self.provider_failures.get_or_create(&label);
+            match outcome {
+                "transient" => {
+                    failures.inc();
+                }
+                "rotated" | "rejected" => {
+                    failures.set(0);
+                }
+                _ => {}
             }
-            "rotated" | "rejected" => {
-                failures.set(0);
-            }
-            _ => {}
         }
         if outcome == "rotated" {
-            self.last_rotation_at
-                .get_or_create(&Self::provider(provider))
-                .set(now);
+            self.last_rotation_at.get_or_create(&label).set(now);
         }
         if outcome != "record_failed" {
             self.last_commit_at.set(now);
         }
+        self.refreshes
+            .get_or_create(&OutcomeLabels {
+                provider: label.provider,
+                outcome,
+            })
+            .inc();
     }
 
     /// One request through the token proxy and what it came to.
-    pub fn proxy_request(&self, provider: &str, outcome: &str) {
+    pub fn proxy_request(&self, provider: &str, outcome: &'static str) {
         self.proxy_requests
             .get_or_create(&OutcomeLabels {
                 provider: provider.to_string(),
-                outcome: outcome.to_string(),
+                outcome,
             })
             .inc();
     }
@@ -335,7 +340,7 @@ impl Metrics {
             let _ = self.last_rotation_at.get_or_create(&label);
             let _ = self.proxy_requests.get_or_create(&OutcomeLabels {
                 provider: provider.to_string(),
-                outcome: "forwarded".to_string(),
+                outcome: "forwarded",
             });
         }
     }

@@ -4,11 +4,12 @@
 //! expiry, and what was wrong with an answer.
 
 use super::Engine;
+use super::circuits::entry_of;
 use super::decide::{self, After, ProviderSignal, Recovery};
-use crate::clock::rfc3339;
+use crate::clock::Rfc3339;
 use crate::config::RefreshLines;
 use crate::events::Event;
-use crate::model::Account;
+use crate::model::{Account, ReauthReason, Status};
 use crate::provider::response::{Answer, Granted};
 use crate::provider_state::{Change, ConfigState};
 use crate::store::{Outcome, Recorded};
@@ -35,13 +36,16 @@ impl Engine {
         self.stats
             .heartbeat
             .store(self.clock.now(), Ordering::Relaxed);
-        let recorded = self.store.record(outcome.clone()).await;
+        // What is announced is taken before the outcome moves into the store, so its
+        // tokens are never copied.
+        let said = Said::of(&outcome);
+        let recorded = self.store.record(outcome).await;
         let s = &self.stats;
         let inc = |c: &AtomicU64| {
             c.fetch_add(1, Ordering::Relaxed);
         };
         let sent = (duration_ms > 0).then(|| duration_ms as f64 / 1000.0);
-        let metric = |outcome: &str| {
+        let metric = |outcome: &'static str| {
             self.metrics
                 .refresh(provider, outcome, sent, self.clock.now())
         };
@@ -55,9 +59,9 @@ impl Engine {
                 return None;
             }
         };
-        match (&outcome, recorded) {
-            (Outcome::Rotated { .. }, Recorded::Superseded)
-            | (Outcome::Rejected { .. }, Recorded::Superseded) => {
+        match (said, recorded) {
+            (Said::Rotated { .. }, Recorded::Superseded)
+            | (Said::Rejected { .. }, Recorded::Superseded) => {
                 metric("superseded");
                 inc(&s.superseded);
                 tracing::info!(
@@ -70,13 +74,13 @@ impl Engine {
                 );
             }
             (
-                Outcome::Rotated {
+                Said::Rotated {
                     at,
                     next_refresh_at,
                     status,
                     reauth_reason,
-                    tokens,
-                    ..
+                    new_refresh_token,
+                    refresh_expires_in,
                 },
                 r,
             ) => {
@@ -90,27 +94,26 @@ impl Engine {
                 } else {
                     "committed"
                 };
-                let new_refresh_token = tokens.refresh_token.is_some();
+                let next_refresh_at = Rfc3339(next_refresh_at);
                 // `log.refreshes`: the macro's level is fixed, so one call per level.
                 match self.refresh_lines() {
                     RefreshLines::Info => tracing::info!(event = "refresh", account = id,
                         provider, outcome = "rotated", duration_ms, new_refresh_token, commit,
-                        next_refresh_at = %rfc3339(*next_refresh_at), "refreshed"),
+                        next_refresh_at = %next_refresh_at, "refreshed"),
                     RefreshLines::Debug => tracing::debug!(event = "refresh", account = id,
                         provider, outcome = "rotated", duration_ms, new_refresh_token, commit,
-                        next_refresh_at = %rfc3339(*next_refresh_at), "refreshed"),
+                        next_refresh_at = %next_refresh_at, "refreshed"),
                 }
-                self.events.emit(Event::TokensChanged {
+                self.events.emit_with(|| Event::TokensChanged {
                     account_id: id,
                     provider: provider.to_string(),
                     subject: account.subject.clone(),
                 });
-                if *status != account.status
+                if status != account.status
                     && let Some(reason) = reauth_reason
                 {
                     inc(&s.flagged);
-                    let refresh_expires_at = tokens
-                        .refresh_expires_in
+                    let refresh_expires_at = refresh_expires_in
                         .map(|x| self.clock.now() + x)
                         .or(account.refresh_expires_at);
                     self.reauth_required(account, reason.as_str(), refresh_expires_at);
@@ -123,16 +126,15 @@ impl Engine {
                         "refresh token lifetime renewed: no re-authorization needed any more"
                     );
                 }
-                if let Some(from) = decide::recovery(account, status.needs_human(), *at) {
+                if let Some(from) = decide::recovery(account, status.needs_human(), at) {
                     self.recovered(account, from);
                 }
             }
             (
-                Outcome::Transient {
+                Said::Transient {
                     next_refresh_at,
                     error,
                     http_status,
-                    ..
                 },
                 _,
             ) => {
@@ -140,29 +142,27 @@ impl Engine {
                 inc(&s.transient);
                 tracing::warn!(event = "refresh", account = id, provider, outcome = "transient", duration_ms,
                     http_status, failures = account.failures + 1, error = %error,
-                    retry_at = %rfc3339(*next_refresh_at), "refresh failed, will retry");
+                    retry_at = %Rfc3339(next_refresh_at), "refresh failed, will retry");
             }
             (
-                Outcome::ConfigError {
+                Said::ConfigError {
                     next_refresh_at,
                     error,
                     http_status,
-                    ..
                 },
                 _,
             ) => {
                 metric("config_error");
                 inc(&s.config_errors);
                 tracing::warn!(event = "refresh", account = id, provider, outcome = "config_error",
-                    duration_ms, http_status, error = %error, retry_at = %rfc3339(*next_refresh_at),
+                    duration_ms, http_status, error = %error, retry_at = %Rfc3339(next_refresh_at),
                     "refresh refused for a configuration reason (see provider_config_error for the provider's state); will retry");
             }
             (
-                Outcome::Rejected {
+                Said::Rejected {
                     reason,
                     error,
                     http_status,
-                    ..
                 },
                 _,
             ) => {
@@ -182,7 +182,7 @@ impl Engine {
                     self.reauth_required(account, reason.as_str(), account.refresh_expires_at);
                 }
             }
-            (Outcome::Released { .. }, _) => {
+            (Said::Released, _) => {
                 metric("released");
                 inc(&s.released);
                 tracing::debug!(
@@ -253,7 +253,7 @@ impl Engine {
         {
             self.metrics.parked_past_expiry(&account.provider);
             tracing::warn!(event = "parked_past_expiry", account = account.id, provider = %account.provider,
-                access_expires_at = %rfc3339(account.access_expires_at), retry_at = %rfc3339(*next_refresh_at),
+                access_expires_at = %Rfc3339(account.access_expires_at), retry_at = %Rfc3339(*next_refresh_at),
                 "the provider is failing: this account's access token expires before its next refresh");
         }
         if after.circuit_answered() {
@@ -285,7 +285,7 @@ impl Engine {
     ) {
         let change = {
             let mut states = self.provider_states.lock().expect("not poisoned");
-            feed(states.entry(provider.to_string()).or_default())
+            feed(entry_of(&mut states, provider))
         };
         match change {
             Some(Change::Rejecting) => {
@@ -310,6 +310,89 @@ impl Engine {
                 });
             }
             None => {}
+        }
+    }
+}
+
+/// What `finish` announces of an outcome once it is recorded: the outcome less its
+/// tokens (only whether a new refresh token came). The failures' error texts are copied:
+/// they are rare, a rotation is the common case.
+enum Said {
+    Rotated {
+        at: i64,
+        next_refresh_at: i64,
+        status: Status,
+        reauth_reason: Option<ReauthReason>,
+        new_refresh_token: bool,
+        refresh_expires_in: Option<i64>,
+    },
+    Transient {
+        next_refresh_at: i64,
+        error: String,
+        http_status: Option<u16>,
+    },
+    ConfigError {
+        next_refresh_at: i64,
+        error: String,
+        http_status: Option<u16>,
+    },
+    Rejected {
+        reason: ReauthReason,
+        error: String,
+        http_status: Option<u16>,
+    },
+    Released,
+}
+
+impl Said {
+    fn of(outcome: &Outcome) -> Said {
+        match outcome {
+            Outcome::Rotated {
+                at,
+                next_refresh_at,
+                status,
+                reauth_reason,
+                tokens,
+                ..
+            } => Said::Rotated {
+                at: *at,
+                next_refresh_at: *next_refresh_at,
+                status: *status,
+                reauth_reason: *reauth_reason,
+                new_refresh_token: tokens.refresh_token.is_some(),
+                refresh_expires_in: tokens.refresh_expires_in,
+            },
+            Outcome::Transient {
+                next_refresh_at,
+                error,
+                http_status,
+                ..
+            } => Said::Transient {
+                next_refresh_at: *next_refresh_at,
+                error: error.clone(),
+                http_status: *http_status,
+            },
+            Outcome::ConfigError {
+                next_refresh_at,
+                error,
+                http_status,
+                ..
+            } => Said::ConfigError {
+                next_refresh_at: *next_refresh_at,
+                error: error.clone(),
+                http_status: *http_status,
+            },
+            Outcome::Rejected {
+                reason,
+                error,
+                http_status,
+                ..
+            } => Said::Rejected {
+                reason: *reason,
+                error: error.clone(),
+                http_status: *http_status,
+            },
+            Outcome::Released { .. } => Said::Released,
         }
     }
 }

@@ -6,6 +6,7 @@
 use super::Engine;
 use crate::circuit::{self, Circuit, Permit, Phase};
 use crate::model::Account;
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// What this process knows of one provider's health, for the admin page.
@@ -50,7 +51,7 @@ impl Engine {
     pub(super) fn circuit_admits(&self, account: &Account) -> bool {
         let now = self.clock.now_millis();
         let mut circuits = self.circuits.lock().expect("not poisoned");
-        let circuit = circuits.entry(account.provider.clone()).or_default();
+        let circuit = entry_of(&mut circuits, &account.provider);
         match circuit.permit(now) {
             Permit::Send => true,
             Permit::Probe => {
@@ -66,7 +67,7 @@ impl Engine {
     pub(super) fn circuit_failure(&self, account: &Account, retry_after: Option<Duration>) -> bool {
         let now = self.clock.now_millis();
         let mut circuits = self.circuits.lock().expect("not poisoned");
-        let circuit = circuits.entry(account.provider.clone()).or_default();
+        let circuit = entry_of(&mut circuits, &account.provider);
         if circuit.failure(now, retry_after) == Some(circuit::Change::Opened) {
             self.metrics.circuit_open(&account.provider, true);
             tracing::warn!(event = "provider_circuit_open", provider = %account.provider,
@@ -81,7 +82,7 @@ impl Engine {
     pub(super) fn circuit_answered(&self, provider: &str) {
         let closed = {
             let mut circuits = self.circuits.lock().expect("not poisoned");
-            circuits.entry(provider.to_string()).or_default().answered()
+            entry_of(&mut circuits, provider).answered()
         };
         if closed == Some(circuit::Change::Closed) {
             self.metrics.circuit_open(provider, false);
@@ -93,4 +94,13 @@ impl Engine {
             self.wake.notify_one();
         }
     }
+}
+
+/// The value of provider `name` in a per-provider map, created with its default: the name
+/// is copied only the first time, not on every refresh as `entry` would.
+pub(super) fn entry_of<'m, V: Default>(map: &'m mut HashMap<String, V>, name: &str) -> &'m mut V {
+    if !map.contains_key(name) {
+        map.insert(name.to_string(), V::default());
+    }
+    map.get_mut(name).expect("inserted above")
 }

@@ -278,7 +278,10 @@ impl Engine {
                 let permits = permits.clone();
                 let lease_until = now + cfg.store.lease.as_secs() as i64;
                 let owner = claim_owner.clone();
-                let span = tracing::info_span!("refresh", account = account.id, provider = %account.provider);
+                // Every event of a refresh names its account and provider itself, so the
+                // span only helps at debug level (store jobs' lines); disabled, it costs
+                // nothing, where an enabled one was formatted into every line.
+                let span = tracing::debug_span!("refresh", account = account.id, provider = %account.provider);
                 tracker.spawn(
                     async move {
                         let gate = Gate {
@@ -349,12 +352,12 @@ impl Engine {
             owner,
         } = gate;
         let cfg = &settings.config;
-        let rules = decide::Rules::from_config(cfg);
+        let rules = &settings.rules;
         let provider = settings.providers.get(&account.provider);
         let provider = provider.map(|p| (p, decide::ProfileRules::of(p.profile())));
         let now = self.clock.now();
         let (provider, profile, credential) =
-            match decide::before_request(&account, provider, &rules, &owner, now) {
+            match decide::before_request(&account, provider, rules, &owner, now) {
                 Before::Send {
                     provider,
                     profile,
@@ -414,7 +417,7 @@ impl Engine {
         };
         let answer = result.as_ref().map(|(answer, status)| (answer, *status));
         let after =
-            decide::after_answer(&account, profile, &rules, answer, attempt, &mut rand::rng());
+            decide::after_answer(&account, profile, rules, answer, attempt, &mut rand::rng());
         self.announce_answer(&account, &after);
         let rotated = matches!(after.outcome, Outcome::Rotated { .. });
         let recorded = self.finish(&account, after.outcome, duration_ms).await;

@@ -1,6 +1,7 @@
-//! What the engine runs with: the validated config and the providers built from it,
-//! replaced as a whole on reload (SIGHUP).
+//! What the engine runs with: the validated config, the providers built from it and the
+//! decision rules read from it, replaced as a whole on reload (SIGHUP).
 
+use super::decide::Rules;
 use crate::config::Config;
 use crate::provider::{ProviderError, Providers};
 
@@ -9,11 +10,18 @@ use crate::provider::{ProviderError, Providers};
 pub struct Settings {
     pub config: Config,
     pub providers: Providers,
+    /// The decisions' settings, read from `config` once rather than per refresh.
+    pub rules: Rules,
 }
 
 impl Settings {
     pub fn new(config: Config) -> Result<Settings, ProviderError> {
         let providers = Providers::from_config(&config)?;
-        Ok(Settings { config, providers })
+        let rules = Rules::from_config(&config);
+        Ok(Settings {
+            config,
+            providers,
+            rules,
+        })
     }
 }
