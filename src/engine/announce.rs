@@ -261,14 +261,16 @@ impl Engine {
         }
         let name = account.provider.as_str();
         match &after.provider {
-            ProviderSignal::Accepted => self.provider_state(name, None, ConfigState::success),
+            ProviderSignal::Accepted => {
+                self.provider_state(name, account.id, None, ConfigState::success)
+            }
             ProviderSignal::ConfigError(error) => {
-                self.provider_state(name, Some(error), ConfigState::config_error)
+                self.provider_state(name, account.id, Some(error), ConfigState::config_error)
             }
             ProviderSignal::Unexpected(error) => {
-                self.provider_state(name, Some(error), |s| s.unexpected(account.id))
+                self.provider_state(name, account.id, Some(error), |s| s.unexpected(account.id))
             }
-            ProviderSignal::Answered => self.provider_state(name, None, |s| {
+            ProviderSignal::Answered => self.provider_state(name, account.id, None, |s| {
                 s.answered();
                 None
             }),
@@ -276,10 +278,12 @@ impl Engine {
         }
     }
 
-    /// Feeds one answer of `provider` to its configuration state and announces a change.
+    /// Feeds one answer of `provider` (to a refresh of `account`) to its configuration state
+    /// and announces a change.
     pub(super) fn provider_state(
         &self,
         provider: &str,
+        account: i64,
         error: Option<&str>,
         feed: impl FnOnce(&mut ConfigState) -> Option<Change>,
     ) {
@@ -291,7 +295,7 @@ impl Engine {
             Some(Change::Rejecting) => {
                 self.metrics.provider_rejecting(provider, true);
                 let error = error.unwrap_or_default().to_string();
-                tracing::error!(event = "provider_config_error", provider, error = %error,
+                tracing::error!(event = "provider_config_error", account, provider, error = %error,
                     "the provider rejects our client configuration; check [providers.{provider}]");
                 self.events.emit(Event::ProviderRejected {
                     provider: provider.to_string(),

@@ -370,7 +370,8 @@ impl Engine {
                     self.finish(&account, outcome, 0).await;
                     if let Some(error) = provider_error {
                         let name = &account.provider;
-                        self.provider_state(name, Some(&error), ConfigState::config_error);
+                        let id = account.id;
+                        self.provider_state(name, id, Some(&error), ConfigState::config_error);
                     }
                     return;
                 }

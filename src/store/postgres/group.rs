@@ -22,19 +22,26 @@ pub(super) async fn record_group(
     let ctx = "commit refresh outcomes";
     let mut ids: Vec<i64> = outcomes.iter().map(|o| o.account_id()).collect();
     ids.sort_unstable();
-    // Rows locked in account order, as the sweep and rekey lock them: two replicas'
-    // transactions then never wait on each other in a cycle (a deadlock).
+    // Rows locked in account order: two replicas' group commits then never wait on each
+    // other in a cycle (a deadlock). The lock is the one an UPDATE takes.
     let lock = tx
-        .prepare_cached("SELECT id FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .prepare_cached("SELECT id FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
         .await
         .map_err(pg_err(ctx))?;
     tx.query(&lock, &[&ids]).await.map_err(pg_err(ctx))?;
     let writes: Vec<Write> = outcomes.iter().map(|o| record::plan(keys, o)).collect();
     // Two outcomes of one account in a group are written one after the other, as each
-    // one's guard must see the other's effect.
-    let distinct = ids.windows(2).all(|w| w[0] != w[1]);
-    let (rotations, others): (Vec<usize>, Vec<usize>) = (0..writes.len())
-        .partition(|&i| distinct && matches!(writes[i].update, Update::Rotate { .. }));
+    // one's guard must see the other's effect: only rotations of an account named once go
+    // into the batch.
+    let twice: HashSet<i64> = ids
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .collect();
+    let (rotations, others): (Vec<usize>, Vec<usize>) = (0..writes.len()).partition(|&i| {
+        matches!(writes[i].update, Update::Rotate { .. })
+            && !twice.contains(&outcomes[i].account_id())
+    });
     let mut results = vec![Recorded::Applied; outcomes.len()];
     // Everything else: one statement each, all in flight at once on the one connection
     // (tokio-postgres pipelines them), in account order.

@@ -470,7 +470,9 @@ async fn concurrent_records_are_all_committed() {
 }
 
 /// A group mixing fresh and stale rotations, failures, and two rotations of one account:
-/// each outcome ends as it would alone (PostgreSQL writes a group's rotations as one batch).
+/// each outcome ends as it would alone (PostgreSQL writes a group's rotations of accounts
+/// named once as one batch, the rest one by one). The test runtime is single-threaded, so
+/// on PostgreSQL every outcome reaches the group-commit task before it runs: one group.
 async fn a_mixed_group_ends_each_outcome_as_it_would_alone() {
     let (_dir, store) = temp_store().await;
     let accounts = (0..60)
@@ -534,7 +536,7 @@ async fn a_mixed_group_ends_each_outcome_as_it_would_alone() {
     log.retain(|o| o != "imported");
     log.sort();
     assert_eq!(log, ["rotated", "superseded"]);
-    // Untouched: the ten accounts no outcome named keep their lease.
+    // Untouched: the nine accounts no outcome named keep their lease.
     for &id in &ids[51..] {
         assert_eq!(lease(&store, id).await.0.as_deref(), Some(OWNER));
     }
