@@ -7,7 +7,7 @@
 use super::errors::pg_err;
 use super::writes::append_log;
 use crate::crypto::{Column, Keyring};
-use crate::model::{Account, ReauthReason, Status};
+use crate::model::{Account, Grant, ReauthReason, Status};
 use crate::store::columns::{self, ACCOUNT_COLUMNS, RowRead, SUMMARY_COLUMNS};
 use crate::store::error::{Refusal, StoreError};
 use crate::store::rules::{self, StateRow, sealed_pattern};
@@ -197,10 +197,17 @@ pub async fn list(
     } else {
         ""
     };
+    // App tokens through their partial index, which only the literal lets the planner use:
+    // without it, listing the few apps reads every account.
+    let apps = if filter.grant == Some(Grant::ClientCredentials) {
+        " AND grant_type = 'client_credentials'"
+    } else {
+        ""
+    };
     let sql = format!(
         "SELECT {SUMMARY_COLUMNS} FROM accounts WHERE id > $1
            AND ($2::text IS NULL OR provider = $2) AND ($3::text IS NULL OR status = $3){needs}
-           AND ($5::text IS NULL OR grant_type = $5)
+           AND ($5::text IS NULL OR grant_type = $5){apps}
          ORDER BY id LIMIT $4"
     );
     let rows = client

@@ -91,6 +91,10 @@ CREATE INDEX audit_log_account ON audit_log (account_id, at);
 ALTER TABLE accounts ADD COLUMN grant_type TEXT NOT NULL DEFAULT 'refresh_token'
     CHECK (grant_type IN ('refresh_token', 'client_credentials'));
 "#,
+    // 6: the app tokens, found without reading every account (see sqlite/schema.rs).
+    r#"
+CREATE INDEX accounts_apps ON accounts (id) WHERE grant_type = 'client_credentials';
+"#,
 ];
 
 /// Taken (per database) while migrating: "refreshd" in ASCII.

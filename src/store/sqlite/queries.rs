@@ -5,7 +5,7 @@
 
 use super::writes::append_log;
 use crate::crypto::{Column, Keyring};
-use crate::model::{Account, ReauthReason, Status};
+use crate::model::{Account, Grant, ReauthReason, Status};
 use crate::store::columns::{self, ACCOUNT_COLUMNS, RowRead, SUMMARY_COLUMNS};
 use crate::store::error::{Refusal, StoreError};
 use crate::store::rules::{self, StateRow, sealed_pattern};
@@ -192,7 +192,15 @@ pub fn list(
     after_id: i64,
     page: usize,
 ) -> Result<Vec<AccountSummary>, StoreError> {
-    let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM accounts WHERE id > ?1");
+    // App tokens through their partial index (the grant as the index's literal): without
+    // it, listing the few apps reads every account.
+    let apps = filter.grant == Some(Grant::ClientCredentials);
+    let from = if apps {
+        "accounts INDEXED BY accounts_apps"
+    } else {
+        "accounts"
+    };
+    let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM {from} WHERE id > ?1");
     let mut args: Vec<rusqlite::types::Value> = vec![after_id.into()];
     if let Some(p) = &filter.provider {
         args.push(p.clone().into());
@@ -205,7 +213,9 @@ pub fn list(
     if filter.needs_reauth {
         sql.push_str(" AND status IN ('expiring', 'needs_reauth')");
     }
-    if let Some(g) = filter.grant {
+    if apps {
+        sql.push_str(" AND grant_type = 'client_credentials'");
+    } else if let Some(g) = filter.grant {
         args.push(g.as_str().to_string().into());
         sql.push_str(&format!(" AND grant_type = ?{}", args.len()));
     }
