@@ -446,11 +446,15 @@ pub async fn plan_rows(client: &impl GenericClient, q: &PlanQuery) -> Result<Pla
 }
 
 /// The reauth sweep; see SQLite's.
+/// One chunk of the reauth sweep: at most `limit` accounts of each kind flagged, their rows
+/// locked in id order as a group commit locks them (see `Store::sweep`).
 pub async fn sweep(
     tx: &Transaction<'_>,
     now: i64,
     window_end: i64,
+    limit: usize,
 ) -> Result<SweepReport, StoreError> {
+    let limit = limit as i64;
     {
         let run = async |sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]| {
             tx.query(sql, params)
@@ -467,22 +471,26 @@ pub async fn sweep(
                     last_error = 'refresh token expired at ' || to_char(
                         to_timestamp(refresh_expires_at) AT TIME ZONE 'UTC',
                         'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
-                 WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
-                   AND refresh_expires_at <= $1
+                 WHERE id IN (SELECT id FROM accounts
+                     WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
+                       AND refresh_expires_at <= $1
+                     ORDER BY id LIMIT $2 FOR NO KEY UPDATE)
                  RETURNING {SUMMARY_COLUMNS}"
             ),
-            &[&now],
+            &[&now, &limit],
         )
         .await?;
         let expiring = run(
             &format!(
                 "UPDATE accounts SET status = 'expiring', reauth_reason = 'refresh_token_expiring',
                     reauth_flagged_at = $1, updated_at = $1
-                 WHERE status = 'active' AND refresh_expires_at IS NOT NULL
-                   AND refresh_expires_at <= $2
+                 WHERE id IN (SELECT id FROM accounts
+                     WHERE status = 'active' AND refresh_expires_at IS NOT NULL
+                       AND refresh_expires_at <= $2
+                     ORDER BY id LIMIT $3 FOR NO KEY UPDATE)
                  RETURNING {SUMMARY_COLUMNS}"
             ),
-            &[&now, &window_end],
+            &[&now, &window_end, &limit],
         )
         .await?;
         for a in &expired {

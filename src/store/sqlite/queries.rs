@@ -410,38 +410,52 @@ pub fn plan_rows(conn: &Connection, q: &PlanQuery) -> Result<PlanRows, StoreErro
 /// The reauth sweep: flags refreshable accounts whose refresh token ends inside the window
 /// (`expiring`) or has ended (`needs_reauth`, with that end as `last_error`: the error that
 /// decided the status, not an earlier 503). Returns only the accounts whose state changed.
-pub fn sweep(tx: &Transaction<'_>, now: i64, window_end: i64) -> Result<SweepReport, StoreError> {
+/// One chunk of the reauth sweep: at most `limit` accounts of each kind flagged (see
+/// `Store::sweep`).
+pub fn sweep(
+    tx: &Transaction<'_>,
+    now: i64,
+    window_end: i64,
+    limit: usize,
+) -> Result<SweepReport, StoreError> {
     let expired: Vec<AccountSummary> = {
         let mut s = tx
             .prepare_cached(&format!(
-                "UPDATE accounts INDEXED BY accounts_refresh_expiry
+                "UPDATE accounts
                     SET status = 'needs_reauth', reauth_reason = 'refresh_token_expired',
                     reauth_flagged_at = ?1, updated_at = ?1,
                     last_error = 'refresh token expired at '
                         || strftime('%Y-%m-%dT%H:%M:%SZ', refresh_expires_at, 'unixepoch')
-                 WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
-                   AND refresh_expires_at <= ?1
+                 WHERE id IN (SELECT id FROM accounts INDEXED BY accounts_refresh_expiry
+                     WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
+                       AND refresh_expires_at <= ?1
+                     LIMIT ?2)
                  RETURNING {SUMMARY_COLUMNS}"
             ))
             .map_err(sql_err("sweep expired refresh tokens"))?;
-        s.query_map([now], row_to_summary)
+        s.query_map(rusqlite::params![now, limit as i64], row_to_summary)
             .and_then(|rows| rows.collect())
             .map_err(sql_err("sweep expired refresh tokens"))?
     };
     let expiring: Vec<AccountSummary> = {
         let mut s = tx
             .prepare_cached(&format!(
-                "UPDATE accounts INDEXED BY accounts_refresh_expiry
+                "UPDATE accounts
                     SET status = 'expiring', reauth_reason = 'refresh_token_expiring',
                     reauth_flagged_at = ?1, updated_at = ?1
-                 WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
-                   AND status = 'active' AND refresh_expires_at <= ?2
+                 WHERE id IN (SELECT id FROM accounts INDEXED BY accounts_refresh_expiry
+                     WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
+                       AND status = 'active' AND refresh_expires_at <= ?2
+                     LIMIT ?3)
                  RETURNING {SUMMARY_COLUMNS}"
             ))
             .map_err(sql_err("sweep expiring refresh tokens"))?;
-        s.query_map([now, window_end], row_to_summary)
-            .and_then(|rows| rows.collect())
-            .map_err(sql_err("sweep expiring refresh tokens"))?
+        s.query_map(
+            rusqlite::params![now, window_end, limit as i64],
+            row_to_summary,
+        )
+        .and_then(|rows| rows.collect())
+        .map_err(sql_err("sweep expiring refresh tokens"))?
     };
     for a in &expired {
         append_log(

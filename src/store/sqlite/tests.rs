@@ -172,7 +172,7 @@ fn the_sweep_flags_an_ended_refresh_token_once() {
     let id = upsert(&mut c, &[account("u1")])[0];
     let sweep = |c: &mut Connection| {
         let tx = c.transaction().unwrap();
-        let r = queries::sweep(&tx, NOW + 100, NOW + 200).unwrap();
+        let r = queries::sweep(&tx, NOW + 100, NOW + 200, 10).unwrap();
         tx.commit().unwrap();
         r
     };

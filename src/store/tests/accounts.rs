@@ -587,12 +587,49 @@ async fn connect_states_are_single_use_expire_and_any_handle_takes_them() {
     other.close().await;
 }
 
+/// A sweep larger than one chunk flags every account, each once, over several transactions.
+async fn a_sweep_larger_than_a_chunk_flags_everything_once() {
+    let (_dir, store) = temp_store().await;
+    let n = crate::store::SWEEP_CHUNK * 2 + 7;
+    let accounts = (0..n + 3)
+        .map(|i| {
+            let mut a = new_account("tiktok", &format!("u{i}"), NOW + 5000);
+            // The first three have ended; the others end within the window.
+            a.obtained_at = NOW - 100;
+            a.tokens.refresh_expires_in = Some(if i < 3 { 50 } else { 1000 });
+            a
+        })
+        .collect();
+    insert(&store, accounts).await;
+    let report = store.sweep(NOW, Duration::from_secs(3600)).await.unwrap();
+    let mut expiring: Vec<i64> = report.expiring.iter().map(|a| a.id).collect();
+    expiring.sort();
+    expiring.dedup();
+    assert_eq!((report.expiring.len(), expiring.len()), (n, n));
+    assert_eq!(report.expired.len(), 3);
+    assert_eq!(
+        query(
+            &store,
+            "SELECT COUNT(*) FROM accounts WHERE status = 'active' AND ?1 = ?1",
+            0
+        )
+        .await,
+        Some(0)
+    );
+    let again = store
+        .sweep(NOW + 1, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert!(again.expiring.is_empty() && again.expired.is_empty());
+}
+
 on_both_backends!(
     connect_states_are_single_use_expire_and_any_handle_takes_them,
     upsert_inserts_then_updates_by_provider_and_subject,
     upsert_refused_under_a_live_lease_then_clears_lease_and_failures,
     upsert_is_all_or_nothing,
     sweep_flags_expiring_and_expired_refresh_tokens_once,
+    a_sweep_larger_than_a_chunk_flags_everything_once,
     mark_due_needs_force_for_flagged_accounts,
     remove_deletes_account_and_its_log,
     list_pages_and_filters,
