@@ -1,6 +1,7 @@
 //! The writes of one group commit on PostgreSQL: every outcome of the group in one
 //! transaction, its rows locked in account order first. The rotations (nearly all of a
-//! burst) go as one `UPDATE ... FROM unnest(...)` and one log INSERT, whatever their number;
+//! burst) go as one `UPDATE ... FROM unnest(...)` (`writes::rotate`, the one rotation
+//! statement, which a single rotation uses too) and one log INSERT, whatever their number;
 //! the other outcomes one statement each, pipelined. Guards, values and log rows are
 //! `record::plan`'s, as for a single outcome (`writes::record`).
 
@@ -56,7 +57,8 @@ pub(super) async fn record_group(
     if rotations.is_empty() {
         return Ok(results);
     }
-    let applied = rotate(tx, &writes, &rotations).await?;
+    let batch: Vec<&Write> = rotations.iter().map(|&i| &writes[i]).collect();
+    let applied = writes::rotate(tx, &batch).await?;
     let mut logs = Vec::with_capacity(rotations.len());
     for &i in &rotations {
         let (recorded, log) = writes[i].ended(applied.contains(&outcomes[i].account_id()));
@@ -65,131 +67,6 @@ pub(super) async fn record_group(
     }
     append_logs(tx, &logs).await?;
     Ok(results)
-}
-
-/// The rotations at `which` as one guarded UPDATE; the accounts whose guard matched.
-async fn rotate(
-    tx: &Transaction<'_>,
-    writes: &[Write<'_>],
-    which: &[usize],
-) -> Result<HashSet<i64>, StoreError> {
-    let ctx = "store rotated tokens";
-    let n = which.len();
-    let mut c = RotateColumns::with_capacity(n);
-    for &i in which {
-        if let Update::Rotate {
-            account_id,
-            generation,
-            access_token,
-            refresh_token,
-            scope,
-            token_type,
-            access_expires_at,
-            refresh_expires_at,
-            next_refresh_at,
-            status,
-            reauth_reason,
-            at,
-        } = &writes[i].update
-        {
-            c.id.push(*account_id);
-            c.generation.push(*generation);
-            c.access_token.push(access_token.as_str());
-            c.refresh_token.push(refresh_token.as_deref());
-            c.scope.push(*scope);
-            c.token_type.push(token_type);
-            c.access_expires_at.push(*access_expires_at);
-            c.refresh_expires_at.push(*refresh_expires_at);
-            c.next_refresh_at.push(*next_refresh_at);
-            c.status.push(status);
-            c.reauth_reason.push(*reauth_reason);
-            c.at.push(*at);
-        }
-    }
-    let stmt = tx
-        .prepare_cached(
-            "UPDATE accounts AS a SET access_token = u.access_token,
-                refresh_token = COALESCE(u.refresh_token, a.refresh_token),
-                scope = COALESCE(u.scope, a.scope), token_type = u.token_type,
-                access_expires_at = u.access_expires_at,
-                refresh_expires_at = COALESCE(u.refresh_expires_at, a.refresh_expires_at),
-                next_refresh_at = u.next_refresh_at,
-                status = CASE WHEN a.status = 'disabled' THEN a.status ELSE u.status END,
-                reauth_reason = u.reauth_reason,
-                reauth_flagged_at = CASE WHEN u.reauth_reason IS NULL THEN NULL
-                    WHEN a.reauth_reason IS NOT DISTINCT FROM u.reauth_reason
-                    THEN a.reauth_flagged_at ELSE u.at END,
-                failures = 0, last_error = NULL, last_refreshed_at = u.at,
-                lease_owner = NULL, lease_expires_at = NULL,
-                generation = a.generation + 1, updated_at = u.at
-             FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                         $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[],
-                         $11::text[], $12::bigint[])
-                  AS u(id, generation, access_token, refresh_token, scope, token_type,
-                       access_expires_at, refresh_expires_at, next_refresh_at, status,
-                       reauth_reason, at)
-             WHERE a.id = u.id AND a.generation = u.generation
-             RETURNING a.id",
-        )
-        .await
-        .map_err(pg_err(ctx))?;
-    let rows = tx
-        .query(
-            &stmt,
-            &[
-                &c.id,
-                &c.generation,
-                &c.access_token,
-                &c.refresh_token,
-                &c.scope,
-                &c.token_type,
-                &c.access_expires_at,
-                &c.refresh_expires_at,
-                &c.next_refresh_at,
-                &c.status,
-                &c.reauth_reason,
-                &c.at,
-            ],
-        )
-        .await
-        .map_err(pg_err(ctx))?;
-    Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
-}
-
-/// The columns of a batch of rotations (`unnest`'s arrays).
-#[derive(Default)]
-struct RotateColumns<'a> {
-    id: Vec<i64>,
-    generation: Vec<i64>,
-    access_token: Vec<&'a str>,
-    refresh_token: Vec<Option<&'a str>>,
-    scope: Vec<Option<&'a str>>,
-    token_type: Vec<&'a str>,
-    access_expires_at: Vec<i64>,
-    refresh_expires_at: Vec<Option<i64>>,
-    next_refresh_at: Vec<i64>,
-    status: Vec<&'a str>,
-    reauth_reason: Vec<Option<&'a str>>,
-    at: Vec<i64>,
-}
-
-impl RotateColumns<'_> {
-    fn with_capacity(n: usize) -> Self {
-        RotateColumns {
-            id: Vec::with_capacity(n),
-            generation: Vec::with_capacity(n),
-            access_token: Vec::with_capacity(n),
-            refresh_token: Vec::with_capacity(n),
-            scope: Vec::with_capacity(n),
-            token_type: Vec::with_capacity(n),
-            access_expires_at: Vec::with_capacity(n),
-            refresh_expires_at: Vec::with_capacity(n),
-            next_refresh_at: Vec::with_capacity(n),
-            status: Vec::with_capacity(n),
-            reauth_reason: Vec::with_capacity(n),
-            at: Vec::with_capacity(n),
-        }
-    }
 }
 
 /// `logs` as one INSERT.

@@ -6,10 +6,11 @@ use super::errors::pg_err;
 use crate::crypto::Keyring;
 use crate::model::app_subject;
 use crate::store::error::{Refusal, StoreError};
-use crate::store::record::{self, Update};
+use crate::store::record::{self, Update, Write};
 use crate::store::rules;
 use crate::store::types::{Actor, AppAdded, AuditAction, NewAccount, NewApp, Outcome, Recorded};
 use deadpool_postgres::Transaction;
+use std::collections::HashSet;
 
 /// Inserts or updates accounts by (provider, subject), all in the caller's transaction.
 /// Returns (id, inserted) per account in input order.
@@ -457,52 +458,7 @@ pub(super) async fn apply(
         tx.execute(&stmt, params).await.map_err(pg_err(ctx))
     };
     let n = match &write.update {
-        Update::Rotate {
-            account_id,
-            generation,
-            access_token,
-            refresh_token,
-            scope,
-            token_type,
-            access_expires_at,
-            refresh_expires_at,
-            next_refresh_at,
-            status,
-            reauth_reason,
-            at,
-        } => {
-            run(
-                "store rotated tokens",
-                "UPDATE accounts SET access_token = $3,
-                    refresh_token = COALESCE($4, refresh_token),
-                    scope = COALESCE($5, scope), token_type = $6,
-                    access_expires_at = $7,
-                    refresh_expires_at = COALESCE($8, refresh_expires_at),
-                    next_refresh_at = $9, status = CASE WHEN status = 'disabled' THEN status ELSE $10 END,
-                    reauth_reason = $11::text,
-                    reauth_flagged_at = CASE WHEN $11::text IS NULL THEN NULL
-                        WHEN reauth_reason IS NOT DISTINCT FROM $11::text THEN reauth_flagged_at ELSE $12 END,
-                    failures = 0, last_error = NULL, last_refreshed_at = $12,
-                    lease_owner = NULL, lease_expires_at = NULL,
-                    generation = generation + 1, updated_at = $12
-                 WHERE id = $1 AND generation = $2",
-                &[
-                    account_id,
-                    generation,
-                    access_token,
-                    refresh_token,
-                    scope,
-                    token_type,
-                    access_expires_at,
-                    refresh_expires_at,
-                    next_refresh_at,
-                    status,
-                    reauth_reason,
-                    at,
-                ],
-            )
-            .await?
-        }
+        Update::Rotate { .. } => rotate(tx, &[write]).await?.len() as u64,
         Update::Fail {
             account_id,
             owner,
@@ -581,6 +537,130 @@ pub(super) async fn apply(
         .await?;
     }
     Ok(recorded)
+}
+
+/// Rotations (other writes are skipped) as one guarded UPDATE, whatever their number; the
+/// accounts whose guard matched. A single rotation (`writes::apply`) goes this way too.
+pub(super) async fn rotate(
+    tx: &Transaction<'_>,
+    writes: &[&Write<'_>],
+) -> Result<HashSet<i64>, StoreError> {
+    let ctx = "store rotated tokens";
+    let mut c = RotateColumns::with_capacity(writes.len());
+    for write in writes {
+        if let Update::Rotate {
+            account_id,
+            generation,
+            access_token,
+            refresh_token,
+            scope,
+            token_type,
+            access_expires_at,
+            refresh_expires_at,
+            next_refresh_at,
+            status,
+            reauth_reason,
+            at,
+        } = &write.update
+        {
+            c.id.push(*account_id);
+            c.generation.push(*generation);
+            c.access_token.push(access_token.as_str());
+            c.refresh_token.push(refresh_token.as_deref());
+            c.scope.push(*scope);
+            c.token_type.push(token_type);
+            c.access_expires_at.push(*access_expires_at);
+            c.refresh_expires_at.push(*refresh_expires_at);
+            c.next_refresh_at.push(*next_refresh_at);
+            c.status.push(status);
+            c.reauth_reason.push(*reauth_reason);
+            c.at.push(*at);
+        }
+    }
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE accounts AS a SET access_token = u.access_token,
+                refresh_token = COALESCE(u.refresh_token, a.refresh_token),
+                scope = COALESCE(u.scope, a.scope), token_type = u.token_type,
+                access_expires_at = u.access_expires_at,
+                refresh_expires_at = COALESCE(u.refresh_expires_at, a.refresh_expires_at),
+                next_refresh_at = u.next_refresh_at,
+                status = CASE WHEN a.status = 'disabled' THEN a.status ELSE u.status END,
+                reauth_reason = u.reauth_reason,
+                reauth_flagged_at = CASE WHEN u.reauth_reason IS NULL THEN NULL
+                    WHEN a.reauth_reason IS NOT DISTINCT FROM u.reauth_reason
+                    THEN a.reauth_flagged_at ELSE u.at END,
+                failures = 0, last_error = NULL, last_refreshed_at = u.at,
+                lease_owner = NULL, lease_expires_at = NULL,
+                generation = a.generation + 1, updated_at = u.at
+             FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[],
+                         $11::text[], $12::bigint[])
+                  AS u(id, generation, access_token, refresh_token, scope, token_type,
+                       access_expires_at, refresh_expires_at, next_refresh_at, status,
+                       reauth_reason, at)
+             WHERE a.id = u.id AND a.generation = u.generation
+             RETURNING a.id",
+        )
+        .await
+        .map_err(pg_err(ctx))?;
+    let rows = tx
+        .query(
+            &stmt,
+            &[
+                &c.id,
+                &c.generation,
+                &c.access_token,
+                &c.refresh_token,
+                &c.scope,
+                &c.token_type,
+                &c.access_expires_at,
+                &c.refresh_expires_at,
+                &c.next_refresh_at,
+                &c.status,
+                &c.reauth_reason,
+                &c.at,
+            ],
+        )
+        .await
+        .map_err(pg_err(ctx))?;
+    Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
+}
+
+/// The columns of a batch of rotations (`unnest`'s arrays).
+#[derive(Default)]
+struct RotateColumns<'a> {
+    id: Vec<i64>,
+    generation: Vec<i64>,
+    access_token: Vec<&'a str>,
+    refresh_token: Vec<Option<&'a str>>,
+    scope: Vec<Option<&'a str>>,
+    token_type: Vec<&'a str>,
+    access_expires_at: Vec<i64>,
+    refresh_expires_at: Vec<Option<i64>>,
+    next_refresh_at: Vec<i64>,
+    status: Vec<&'a str>,
+    reauth_reason: Vec<Option<&'a str>>,
+    at: Vec<i64>,
+}
+
+impl RotateColumns<'_> {
+    fn with_capacity(n: usize) -> Self {
+        RotateColumns {
+            id: Vec::with_capacity(n),
+            generation: Vec::with_capacity(n),
+            access_token: Vec::with_capacity(n),
+            refresh_token: Vec::with_capacity(n),
+            scope: Vec::with_capacity(n),
+            token_type: Vec::with_capacity(n),
+            access_expires_at: Vec::with_capacity(n),
+            refresh_expires_at: Vec::with_capacity(n),
+            next_refresh_at: Vec::with_capacity(n),
+            status: Vec::with_capacity(n),
+            reauth_reason: Vec::with_capacity(n),
+            at: Vec::with_capacity(n),
+        }
+    }
 }
 
 /// Appends an audit-trail row for account `id`, in the caller's transaction (the change it
