@@ -446,8 +446,10 @@ pub async fn plan_rows(client: &impl GenericClient, q: &PlanQuery) -> Result<Pla
 }
 
 /// The reauth sweep; see SQLite's.
-/// One chunk of the reauth sweep: at most `limit` accounts of each kind flagged, their rows
-/// locked in id order as a group commit locks them (see `Store::sweep`).
+/// One chunk of the reauth sweep: at most `limit` accounts of each kind flagged (see
+/// `Store::sweep`). Each statement locks its rows in id order, as a group commit does; the
+/// two statements still lock two sets one after the other, so a deadlock with a group
+/// commit is rarer, not impossible (PostgreSQL then aborts one side: a transient error).
 pub async fn sweep(
     tx: &Transaction<'_>,
     now: i64,
