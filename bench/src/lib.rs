@@ -26,6 +26,7 @@ mod histogram;
 mod plots;
 mod procs;
 mod report;
+mod scaled;
 mod scenarios;
 
 use anyhow::{Context, Result, bail};
@@ -220,6 +221,8 @@ async fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         machine["cpu_model"].as_str().unwrap_or("?"),
         procs::loadavg(),
     );
+    let limit = b.limit_rate;
+    b.report.scale_to(limit);
     writeln!(out, "{}", b.report.table(&heading))?;
     let label = format!(
         "refreshd-bench {}, {} accounts, {build} build, {} CPUs, load before {}, {}",

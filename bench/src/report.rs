@@ -22,6 +22,8 @@ pub(crate) struct Row {
 pub(crate) struct Report {
     pub(crate) rows: Vec<Row>,
     pub(crate) details: serde_json::Map<String, Value>,
+    /// The absolute targets met or missed so far (see scaled.rs).
+    pub(crate) absolute: Vec<crate::scaled::Absolute>,
 }
 
 impl Report {

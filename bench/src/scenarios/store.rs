@@ -5,6 +5,7 @@ use crate::harness::Bench;
 use crate::plots::ScalePoint;
 use crate::procs::{self, Finished, MIB};
 use crate::report::{median, thousands};
+use crate::scaled::Scale;
 use anyhow::{Result, bail};
 use refreshd::clock::Clock;
 use refreshd::config::Config;
@@ -124,13 +125,9 @@ impl Bench {
         };
         let r = &mut self.report;
         r.row(&tag, "accounts import: time", done.wall_secs, "s", None);
-        r.row(
-            &tag,
-            "accounts import: accounts per second",
-            rate,
-            "/s",
-            Some((&format!(">= {}/s", thousands(target)), rate >= target)),
-        );
+        let text = format!(">= {}/s", thousands(target));
+        let figure = "accounts import: accounts per second";
+        r.absolute_row(&tag, figure, rate, "/s", &text, target, Scale::Rate);
         r.row(
             &tag,
             "accounts import: peak RSS",
