@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tracing::instrument::WithSubscriber;
 
 const API_TOKEN: &str = "apps-config-api-token-0123456789";
 
@@ -36,6 +37,8 @@ struct Daemon {
     engine: Engine,
     addr: SocketAddr,
     reload: tokio::sync::mpsc::Sender<()>,
+    /// What the daemon's run logged (not its spawned tasks).
+    logs: helpers::Logs,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<lifecycle::RunReport, lifecycle::DaemonError>>,
 }
@@ -55,7 +58,9 @@ impl Daemon {
             reload: Some(reload_rx),
             ..RunOptions::new(app.clock.clone())
         };
-        let task = tokio::spawn(lifecycle::run(config, opts, shutdown.clone()));
+        let logs = helpers::Logs::default();
+        let run = lifecycle::run(config, opts, shutdown.clone());
+        let task = tokio::spawn(run.with_subscriber(logs.subscriber()));
         let (store, engine, addr) = tokio::time::timeout(Duration::from_secs(10), ready_rx)
             .await
             .expect("daemon ready in time")
@@ -65,6 +70,7 @@ impl Daemon {
             engine,
             addr: addr.expect("the server listens"),
             reload,
+            logs,
             shutdown,
             task,
         }
@@ -154,7 +160,16 @@ async fn a_configured_app_is_fetched_served_and_rescoped_on_reload() {
     // Taken out of the config: kept (a typo must not drop tokens), with a warning.
     write_config(&app, "");
     d.reload.send(()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let warned = |l: &str| {
+        l.contains("\"event\":\"config_app_unlisted\"")
+            && l.contains("\"app\":\"research\"")
+            && l.contains(&format!("\"account_id\":{}", a.id))
+    };
+    assert!(
+        helpers::eventually(10, || async { d.logs.text().lines().any(warned) }).await,
+        "no config_app_unlisted warning after the reload: {}",
+        d.logs.text()
+    );
     assert!(
         store.get(a.id).await.unwrap().is_some(),
         "an unlisted app is kept"

@@ -207,6 +207,38 @@ pub async fn import_text(
         .collect()
 }
 
+/// Log lines captured as JSON, for tests that search what the daemon logged: install
+/// `subscriber()` on the test's thread (`set_default`) or on a future (`with_subscriber`).
+#[derive(Clone, Default)]
+pub struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// A JSON subscriber at DEBUG writing into these logs.
+    pub fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + use<> {
+        let writer = self.clone();
+        tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .finish()
+    }
+}
+
 /// Tests that keep both cores busy for many seconds (the interop harness, the bench smokes)
 /// take turns: together they starved the timing-sensitive tests beside
 /// them (a store open past its busy timeout, a harness retry past its window).

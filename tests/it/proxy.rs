@@ -2,7 +2,7 @@
 //! forwarding to the sandbox's API, which checks every access token. Each test runs on one
 //! thread so the daemon's logs are captured and searched for secrets.
 
-use crate::helpers::TestApp;
+use crate::helpers::{Logs, TestApp};
 use refreshd::config::Config;
 use refreshd::engine::Engine;
 use refreshd::lifecycle::{self, RunOptions};
@@ -11,32 +11,11 @@ use refreshd::store::Store;
 use secrecy::ExposeSecret;
 use serde_json::Value;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 const API_TOKEN: &str = "proxy-test-api-token-0123456789";
-
-/// The captured log lines of everything the daemon logs on this thread.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logs {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 /// A daemon with the token API and the proxy, `providers.tiktok.api_base` on the sandbox,
 /// and accounts `alice` and `bob` imported.
@@ -54,13 +33,7 @@ struct World {
 impl World {
     async fn start(proxy: &str) -> World {
         let logs = Logs::default();
-        let writer = logs.clone();
-        let sub = tracing_subscriber::fmt()
-            .json()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_writer(move || writer.clone())
-            .finish();
-        let log_guard = tracing::subscriber::set_default(sub);
+        let log_guard = tracing::subscriber::set_default(logs.subscriber());
         let app = TestApp::start(SandboxConfig::default()).await;
         let token_file = app.dir.path().join("api-token");
         std::fs::write(&token_file, API_TOKEN).unwrap();
