@@ -186,7 +186,9 @@ impl Engine {
                 if once && tracker.is_empty() {
                     break;
                 }
+                // Each stored outcome wakes the loop: it looks again as soon as one is.
                 tokio::select! {
+                    _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(BACKPRESSURE_POLL) => {}
                     _ = shutdown.cancelled() => break,
                 }
@@ -378,7 +380,7 @@ impl Engine {
             };
         // Safe points: nothing has been sent yet, so shutdown may still give the lease back.
         let last_send_at = decide::last_send_at(lease_until, cfg.refresh.request_timeout);
-        let Some(_turn) = self
+        let Some(turn) = self
             .wait_turn(provider, slot, permits, last_send_at, shutdown)
             .await
         else {
@@ -402,6 +404,11 @@ impl Engine {
             .lateness(self.clock.now_millis() as f64 / 1000.0 - account.next_refresh_at as f64);
         let started = Instant::now();
         let result = provider.renew(credential, self.clock.now()).await;
+        // The answer is in: the provider's slot and the global permit bound requests in
+        // flight, so they go back now rather than after the durable commit (which waits
+        // for a group and its fsync). The lease stays until the outcome is recorded, and
+        // `durability_allows` bounds the answers still waiting to be stored.
+        drop(turn);
         // At least 1: 0 means "nothing was sent", and a loopback answer can take under 1 ms.
         let duration_ms = (started.elapsed().as_millis() as i64).max(1);
         let circuit_open = match &result {

@@ -1,6 +1,7 @@
 //! Several engines or processes on one database: leases keep one account to one refresh, a
 //! rotation by another process is not a re-authorization, and a claim waiting on the rate
-//! limit gives its lease back in time.
+//! limit gives its lease back in time, and a global permit bounds requests in flight, not
+//! answers waiting to be stored.
 
 use super::{
     INTERVAL, access_token, all_due_at, config_with, engine, import_users, outcomes, refresh_token,
@@ -247,4 +248,57 @@ async fn a_claim_waiting_on_the_rate_limit_gives_its_lease_back_before_it_ends()
     shutdown.cancel();
     task.await.unwrap().unwrap();
     assert_eq!(app.sandbox.stats().reuse_rejected, 0);
+}
+
+/// refresh.concurrency bounds requests in flight, not answers waiting for their durable
+/// commit: while the first answer cannot be stored (the store's worker is held), the next
+/// account's request is already sent; both are stored once the worker is free.
+#[tokio::test]
+async fn a_permit_goes_back_when_the_answer_is_in_not_when_it_is_stored() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = config_with(
+        &app,
+        &app.sandbox.token_url(),
+        &[
+            ("refresh", "concurrency", 1.into()),
+            ("providers.tiktok", "concurrency", 2.into()),
+        ],
+    );
+    let store = app.store().await;
+    let ids = app.import(&store, &config, &["q1", "q2"], None).await;
+    app.clock.set(all_due_at(&store, &ids).await);
+    // Slow answers: the test holds the worker while the first request is in flight.
+    app.sandbox.set_faults(Faults {
+        slow: 1.0,
+        slow_delay: Duration::from_millis(200),
+        ..Faults::default()
+    });
+    let (engine, _tx) = engine(&store, &app.clock, &config);
+    let shutdown = CancellationToken::new();
+    let task = spawn_run(&engine, &shutdown);
+    let sb = &app.sandbox;
+    assert!(helpers::eventually(5, || async move { sb.stats().requests >= 1 }).await);
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<()>();
+    let held = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .call(move |_| {
+                    let _ = free_rx.recv();
+                    Ok(())
+                })
+                .await
+        })
+    };
+    assert!(
+        helpers::eventually(5, || async move { sb.stats().requests >= 2 }).await,
+        "the second request waited for the first answer's commit"
+    );
+    assert_eq!(engine.stats().snapshot().rotated, 0, "nothing stored yet");
+    free_tx.send(()).unwrap();
+    held.await.unwrap().unwrap();
+    let stats = engine.stats();
+    assert!(helpers::eventually(5, || async { stats.snapshot().rotated == 2 }).await);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
 }
