@@ -52,14 +52,16 @@ fn row_to_summary(r: &Row) -> Result<AccountSummary, StoreError> {
     columns::summary_from(r)
 }
 
-/// Leases up to `limit` due, refreshable, unleased accounts in one statement, leaving out
-/// accounts of the `skip` providers and the `exclude` accounts; see SQLite's.
+/// Leases up to `limit` refreshable accounts due by `due_by` and unleased at `now` in one
+/// statement, leaving out accounts of the `skip` providers and the `exclude` accounts; see
+/// SQLite's.
 #[allow(clippy::too_many_arguments)]
 pub async fn claim_due_except(
     client: &ClientWrapper,
     keys: &Keyring,
     owner: &str,
     now: i64,
+    due_by: i64,
     lease_until: i64,
     limit: usize,
     skip: &[String],
@@ -73,7 +75,7 @@ pub async fn claim_due_except(
             "UPDATE accounts a SET lease_owner = $1, lease_expires_at = $2,
                 interrupted_at = CASE WHEN a.lease_owner IS NOT NULL THEN a.lease_expires_at END
              FROM (SELECT id FROM accounts
-                   WHERE status IN ('active', 'expiring') AND next_refresh_at <= $3
+                   WHERE status IN ('active', 'expiring') AND next_refresh_at <= $7
                      AND (lease_owner IS NULL OR lease_expires_at <= $3)
                      AND provider <> ALL($5::text[])
                      AND id <> ALL($6::bigint[])
@@ -93,7 +95,15 @@ pub async fn claim_due_except(
     let rows = client
         .query(
             &stmt,
-            &[&owner, &lease_until, &now, &(limit as i64), &skip, &exclude],
+            &[
+                &owner,
+                &lease_until,
+                &now,
+                &(limit as i64),
+                &skip,
+                &exclude,
+                &due_by,
+            ],
         )
         .await
         .map_err(pg_err(ctx))?;

@@ -75,7 +75,7 @@ async fn claim_due_except_leaves_out_saturated_providers() {
         Some(NOW - 10)
     );
     let claimed = store
-        .claim_due_except(OWNER, NOW, LEASE, 10, skip.clone())
+        .claim_due_except(OWNER, NOW, NOW, LEASE, 10, skip.clone())
         .await
         .unwrap();
     assert_eq!(ids(&claimed), [id[2]]);
@@ -86,7 +86,7 @@ async fn claim_due_except_leaves_out_saturated_providers() {
         Some(NOW + 60)
     );
     let rest = store
-        .claim_due_except(OWNER, NOW, LEASE, 10, Vec::new())
+        .claim_due_except(OWNER, NOW, NOW, LEASE, 10, Vec::new())
         .await
         .unwrap();
     assert_eq!(ids(&rest), [id[0], id[1]]);
@@ -140,6 +140,53 @@ async fn claim_due_lease_blocks_other_owners_until_it_expires() {
         lease(&store, id).await,
         (Some("owner-b".to_string()), Some(NOW + 61 + 60))
     );
+}
+
+/// The engine's claim lead: a claim may take accounts due ahead of `now`, but judges every
+/// lease (expired or not, the new one's end) by `now`.
+async fn a_claim_ahead_of_now_takes_due_accounts_but_judges_leases_by_now() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(
+        &store,
+        vec![
+            new_account("tiktok", "leased", NOW - 1),
+            new_account("tiktok", "due", NOW),
+            new_account("tiktok", "later", NOW + 1),
+        ],
+    )
+    .await;
+    let lease_secs = LEASE.as_secs() as i64;
+    // "leased" is held until exactly NOW.
+    let held = store
+        .claim_due_except(
+            "owner-a:1",
+            NOW - lease_secs,
+            NOW - 1,
+            LEASE,
+            10,
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(&held), [id[0]]);
+    assert_eq!(lease(&store, id[0]).await.1, Some(NOW));
+
+    // Less than a second early: "due" is taken, "later" is not due by NOW, and the lease
+    // ending at NOW is not taken over before NOW.
+    let early = store
+        .claim_due_except("owner-b:1", NOW - 1, NOW, LEASE, 10, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(ids(&early), [id[1]]);
+    assert_eq!(
+        lease(&store, id[1]).await,
+        (Some("owner-b:1".to_string()), Some(NOW - 1 + lease_secs))
+    );
+    let at_due = store
+        .claim_due_except("owner-b:2", NOW, NOW, LEASE, 10, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(ids(&at_due), [id[0]]);
 }
 
 // ---- record: Rotated ----
@@ -607,6 +654,7 @@ on_both_backends!(
     claim_due_except_leaves_out_saturated_providers,
     claim_due_respects_limit,
     claim_due_lease_blocks_other_owners_until_it_expires,
+    a_claim_ahead_of_now_takes_due_accounts_but_judges_leases_by_now,
     rotated_applies_when_generation_matches,
     rotated_is_superseded_when_generation_moved,
     rejected_flags_needs_reauth_when_generation_matches,
