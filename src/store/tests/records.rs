@@ -290,6 +290,7 @@ async fn rejected_flags_needs_reauth_when_generation_matches() {
     store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
     let r = store
         .record(Outcome::Rejected {
+            owner: Some(OWNER.into()),
             account_id: id,
             generation: 0,
             reason: ReauthReason::InvalidGrant,
@@ -341,6 +342,7 @@ async fn rejected_after_a_rotation_elsewhere_is_superseded() {
     );
     let r = store
         .record(Outcome::Rejected {
+            owner: Some(OWNER.into()),
             account_id: id,
             generation,
             reason: ReauthReason::InvalidGrant,
@@ -359,6 +361,55 @@ async fn rejected_after_a_rotation_elsewhere_is_superseded() {
     assert_eq!(a.failures, 0);
     assert_eq!(a.access_token.expose_secret(), "at-other");
     assert_eq!(log_outcomes(&store, id).await[0], "superseded");
+}
+
+/// The replica flake (tests/it/postgres/replicas.rs): a live attempt stalls past its lease,
+/// another claim takes the account over and refreshes it, and the stalled attempt's
+/// `invalid_grant` (for the token the takeover rotated away) arrives before the takeover's
+/// rotation is stored. It must not flag the account: the lease is no longer its own.
+async fn a_rejection_from_an_attempt_whose_lease_was_taken_over_is_superseded() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    let stalled = store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    let generation = stalled[0].generation;
+    let later = NOW + LEASE.as_secs() as i64 + 1;
+    let takeover = store
+        .claim_due("owner-b:1", later, LEASE, 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(&takeover), [id]);
+    assert!(takeover[0].interrupted_at.is_some());
+    let r = store
+        .record(Outcome::Rejected {
+            owner: Some(OWNER.into()),
+            account_id: id,
+            generation,
+            reason: ReauthReason::InvalidGrant,
+            at: later + 1,
+            error: "invalid_grant: Refresh token has already been used.".into(),
+            http_status: Some(400),
+            duration_ms: 5,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        Recorded::Superseded,
+        "a stale rejection flagged the account"
+    );
+    let a = get(&store, id).await;
+    assert_eq!((a.status, a.reauth_reason), (Status::Active, None));
+    assert_eq!(
+        lease(&store, id).await,
+        (Some("owner-b:1".to_string()), Some(later + 60))
+    );
+    // The takeover's rotation is stored as usual.
+    let r = store
+        .record(rotated(id, generation, "at-b", Some("rt-b"), later + 2))
+        .await
+        .unwrap();
+    assert_eq!(r, Recorded::Applied);
+    assert_eq!(get(&store, id).await.status, Status::Active);
 }
 
 // ---- record: Transient, ConfigError, Released ----
@@ -659,6 +710,7 @@ on_both_backends!(
     rotated_is_superseded_when_generation_moved,
     rejected_flags_needs_reauth_when_generation_matches,
     rejected_after_a_rotation_elsewhere_is_superseded,
+    a_rejection_from_an_attempt_whose_lease_was_taken_over_is_superseded,
     transient_counts_failure_and_releases_lease,
     transient_with_lost_lease_leaves_row_to_new_owner,
     config_error_and_release_need_the_lease,
