@@ -414,7 +414,8 @@ pub fn plan_rows(conn: &Connection, q: &PlanQuery) -> Result<PlanRows, StoreErro
 /// (`expiring`) or has ended (`needs_reauth`, with that end as `last_error`: the error that
 /// decided the status, not an earlier 503). Returns only the accounts whose state changed.
 /// One chunk of the reauth sweep: at most `limit` accounts of each kind flagged (see
-/// `Store::sweep`).
+/// `Store::sweep`). A token that has ended is never flagged `expiring`, even when more have
+/// ended than the chunk takes: the next chunk flags it `needs_reauth`, once.
 pub fn sweep(
     tx: &Transaction<'_>,
     now: i64,
@@ -440,6 +441,7 @@ pub fn sweep(
             .and_then(|rows| rows.collect())
             .map_err(sql_err("sweep expired refresh tokens"))?
     };
+    // `status IN (...)` repeats the partial index's condition, so INDEXED BY can use it.
     let expiring: Vec<AccountSummary> = {
         let mut s = tx
             .prepare_cached(&format!(
@@ -448,7 +450,8 @@ pub fn sweep(
                     reauth_flagged_at = ?1, updated_at = ?1
                  WHERE id IN (SELECT id FROM accounts INDEXED BY accounts_refresh_expiry
                      WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
-                       AND status = 'active' AND refresh_expires_at <= ?2
+                       AND status = 'active'
+                       AND refresh_expires_at > ?1 AND refresh_expires_at <= ?2
                      LIMIT ?3)
                  RETURNING {SUMMARY_COLUMNS}"
             ))
