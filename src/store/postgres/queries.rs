@@ -52,6 +52,15 @@ fn row_to_summary(r: &Row) -> Result<AccountSummary, StoreError> {
     columns::summary_from(r)
 }
 
+/// `columns` (a column list) of the table aliased `a`, for a statement that joins another.
+fn of_a(columns: &str) -> String {
+    columns
+        .split(", ")
+        .map(|c| format!("a.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Leases up to `limit` refreshable accounts due by `due_by` and unleased at `now` in one
 /// statement, leaving out accounts of the `skip` providers and the `exclude` accounts; see
 /// SQLite's.
@@ -84,11 +93,7 @@ pub async fn claim_due_except(
                    FOR UPDATE SKIP LOCKED) due
              WHERE a.id = due.id
              RETURNING {}",
-            ACCOUNT_COLUMNS
-                .split(", ")
-                .map(|c| format!("a.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            of_a(ACCOUNT_COLUMNS)
         ))
         .await
         .map_err(pg_err(ctx))?;
@@ -469,11 +474,7 @@ pub async fn sweep(
 ) -> Result<SweepReport, StoreError> {
     let limit = limit as i64;
     let ctx = "sweep refresh-token expiries";
-    let returning = SUMMARY_COLUMNS
-        .split(", ")
-        .map(|c| format!("a.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let returning = of_a(SUMMARY_COLUMNS);
     let stmt = tx
         .prepare_cached(&format!(
             "WITH due AS (

@@ -4,9 +4,34 @@
 
 use super::{engine, outcomes, run_once, spawn_run, wait_until_idle};
 use crate::helpers::{self, TestApp, account};
+use refreshd::config::Config;
+use refreshd::engine::{Engine, EngineError, Settings};
 use refreshd::sandbox::SandboxConfig;
+use refreshd::store::Store;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// A running engine, its settings sender (kept alive), its stop and its task.
+type Running = (
+    Engine,
+    watch::Sender<Arc<Settings>>,
+    CancellationToken,
+    JoinHandle<Result<(), EngineError>>,
+);
+
+/// Starts an engine on `store` and waits until it has looked at the store at the clock's
+/// time and found nothing to claim, plus a little longer.
+async fn run_until_idle(app: &TestApp, store: &Store, config: &Config) -> Running {
+    let (engine, tx) = engine(store, &app.clock, config);
+    let shutdown = CancellationToken::new();
+    let task = spawn_run(&engine, &shutdown);
+    wait_until_idle(&engine, &app.clock).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (engine, tx, shutdown, task)
+}
 
 /// Sets the manual clock `ms` milliseconds before second `t`.
 fn before(app: &TestApp, t: i64, ms: u64) {
@@ -23,11 +48,7 @@ async fn an_account_due_at_t_is_refreshed_at_t_minus_0_4_s_and_not_at_t_minus_0_
     let t = account(&store, id).await.next_refresh_at;
     let imported = outcomes(&store, id).await;
     before(&app, t, 600);
-    let (engine, _tx) = engine(&store, &app.clock, &config);
-    let shutdown = CancellationToken::new();
-    let task = spawn_run(&engine, &shutdown);
-    wait_until_idle(&engine, &app.clock).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (engine, _tx, shutdown, task) = run_until_idle(&app, &store, &config).await;
     let stats = engine.stats();
     assert_eq!(
         stats.snapshot().rotated,
@@ -66,11 +87,7 @@ async fn a_lease_that_ends_at_t_is_not_taken_over_at_t_minus_0_4_s() {
         .unwrap();
     assert_eq!(held.len(), 1);
     before(&app, t, 400);
-    let (engine, _tx) = engine(&store, &app.clock, &config);
-    let shutdown = CancellationToken::new();
-    let task = spawn_run(&engine, &shutdown);
-    wait_until_idle(&engine, &app.clock).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (engine, _tx, shutdown, task) = run_until_idle(&app, &store, &config).await;
     let stats = engine.stats();
     assert_eq!(
         stats.snapshot().rotated,
