@@ -1,7 +1,8 @@
 //! Pure scheduling rules: the schedule of a fresh token set (when to refresh it, when its
 //! refresh token ends, the account's status), how long to back off after a failure, when a
-//! refresh token is close enough to its end that a person must log in again. No I/O; the
-//! time and the randomness are passed in.
+//! refresh token is close enough to its end that a person must log in again, and how far
+//! ahead of its due second the refresh loop claims an account. No I/O; the time and the
+//! randomness are passed in.
 
 use crate::model::{ReauthReason, Status};
 use crate::provider::profile::RefreshTtl;
@@ -228,6 +229,32 @@ pub fn refresh_token_state(
     }
 }
 
+/// How long before its due second the continuous refresh loop claims an account. Due times
+/// are whole seconds: without a lead, every account due in one second is claimed at its
+/// start and they queue behind each other (claim batches, `refresh.concurrency`), late by
+/// the queue. Claimed half a second early, they are sent by the time the second begins.
+/// Below 1000 ms, so a loop looking at a whole second claims exactly what is due then
+/// (whole-second test clocks see no change); half a second early costs nothing against
+/// refresh margins of minutes. Leases are never judged by this shifted time.
+pub const CLAIM_LEAD_MS: i64 = 500;
+
+/// The latest due second a claim at `now_ms` (unix milliseconds) takes: accounts due by
+/// `floor((now_ms + CLAIM_LEAD_MS) / 1000)`.
+pub fn due_by(now_ms: i64) -> i64 {
+    (now_ms + CLAIM_LEAD_MS).div_euclid(1000)
+}
+
+/// When (unix milliseconds) an idle loop at `now_ms` wakes for the earliest account due at
+/// `next_due` (unix seconds): `CLAIM_LEAD_MS` before that second, where its claim would
+/// take it. An account already inside the horizon but not claimed (its lease runs until
+/// its due second, or another replica holds its row) is looked at again at its due second,
+/// not in a loop before it.
+pub fn wake_for_due(next_due: i64, now_ms: i64) -> i64 {
+    let at = next_due.saturating_mul(1000);
+    let early = at - CLAIM_LEAD_MS;
+    if early > now_ms { early } else { at }
+}
+
 /// The refresh token's end after a refresh, by the profile's TTL rule: a fixed TTL never
 /// moves later than the first grant's end; a sliding one takes what the provider says.
 fn refresh_expires_at(ttl: RefreshTtl, stored: Option<i64>, returned: Option<i64>) -> Option<i64> {
@@ -254,6 +281,29 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
+
+    #[test]
+    fn a_claim_takes_what_is_due_within_the_lead_and_a_whole_second_sees_no_change() {
+        let t = 1_000_000;
+        assert_eq!(due_by(t * 1000), t);
+        assert_eq!(due_by(t * 1000 + 499), t);
+        assert_eq!(
+            due_by((t - 1) * 1000 + 400),
+            t - 1,
+            "0.6 s before t: not yet"
+        );
+        assert_eq!(due_by((t - 1) * 1000 + 500), t, "0.5 s before t: claimed");
+        assert_eq!(due_by((t - 1) * 1000 + 600), t, "0.4 s before t: claimed");
+    }
+
+    #[test]
+    fn the_idle_loop_wakes_the_lead_before_the_next_due_second() {
+        let t = 1_000_000;
+        assert_eq!(wake_for_due(t, (t - 10) * 1000), t * 1000 - CLAIM_LEAD_MS);
+        // Inside the horizon but not claimed: at its due second, not at once.
+        assert_eq!(wake_for_due(t, (t - 1) * 1000 + 600), t * 1000);
+        assert_eq!(wake_for_due(t, t * 1000 - CLAIM_LEAD_MS), t * 1000);
+    }
 
     fn due(access_expires_at: i64, lifetime: i64) -> Due {
         Due {

@@ -70,7 +70,7 @@ impl Engine {
                     provider,
                     outcome = "superseded",
                     duration_ms,
-                    "another refresh had already rotated this account; nothing changed"
+                    "another refresh had already rotated this account, or took it over; nothing changed"
                 );
             }
             (

@@ -120,7 +120,7 @@ pub fn before_request<'a, P>(
             rfc3339(account.refresh_expires_at.unwrap_or(now))
         );
         let reason = ReauthReason::RefreshTokenExpired;
-        return record(rejected(account, reason, error, None, now, 0));
+        return record(rejected(account, owner, reason, error, None, now, 0));
     }
     let Some((provider, profile)) = provider else {
         return Before::Record {
@@ -161,7 +161,7 @@ pub fn before_request<'a, P>(
             rfc3339(account.access_expires_at)
         );
         let reason = ReauthReason::RefreshTokenExpired;
-        return record(rejected(account, reason, error, None, now, 0));
+        return record(rejected(account, owner, reason, error, None, now, 0));
     }
     // Instagram and Threads refuse to extend a token younger than 24 hours. The age is
     // counted from our last refresh, else from when the account was stored (a token is
@@ -338,6 +338,7 @@ fn rejected_by_provider(
     };
     rejected(
         account,
+        attempt.owner,
         reason,
         error,
         f.http_status,
@@ -429,7 +430,15 @@ fn rotated(
             account.subject
         );
         let reason = ReauthReason::SubjectMismatch;
-        return rejected(account, reason, error, Some(status), now, duration_ms);
+        return rejected(
+            account,
+            attempt.owner,
+            reason,
+            error,
+            Some(status),
+            now,
+            duration_ms,
+        );
     }
     let (mut tokens, access) = match &answer.granted {
         Granted::Tokens(tokens) => (
@@ -497,9 +506,11 @@ fn rotated(
     }
 }
 
-/// A refusal for good: flag the account, unless its generation moved meanwhile.
+/// A refusal for good: flag the account, unless its generation moved meanwhile or the
+/// claim `owner` lost its lease to another claim.
 fn rejected(
     account: &Account,
+    owner: &str,
     reason: ReauthReason,
     error: String,
     http_status: Option<u16>,
@@ -508,6 +519,7 @@ fn rejected(
 ) -> Outcome {
     Outcome::Rejected {
         account_id: account.id,
+        owner: Some(owner.to_string()),
         generation: account.generation,
         reason,
         at: now,

@@ -1,6 +1,7 @@
 //! The refresh loop: claim due accounts (with a lease) -> refresh each under a global
 //! concurrency cap and its provider's rate limit -> record the outcome (group-committed)
-//! -> sleep until the next due time, a wake-up, or shutdown.
+//! -> sleep until the next due time (less the claim lead, `policy::CLAIM_LEAD_MS`), a
+//! wake-up, or shutdown.
 //!
 //! One refresh (`refresh_one`) is a short sequence: decide before the request
 //! (`decide::before_request`) -> wait for its turn -> send -> decide after the answer
@@ -195,12 +196,26 @@ impl Engine {
                 continue;
             }
             let want = free.clamp(1, cfg.refresh.batch);
-            let now = if once { started_at } else { self.clock.now() };
+            // The continuous loop claims what falls due within the claim lead, so a
+            // second's accounts are sent as it begins; leases are judged by the real now.
+            let now_ms = self.clock.now_millis();
+            let (now, due_by) = if once {
+                (started_at, started_at)
+            } else {
+                (now_ms.div_euclid(1000), policy::due_by(now_ms))
+            };
             claims += 1;
             let claim_owner = format!("{}:{claims}", self.owner);
             let claimed = match self
                 .store
-                .claim_due_except(&claim_owner, now, cfg.store.lease, want, skip.clone())
+                .claim_due_except(
+                    &claim_owner,
+                    now,
+                    due_by,
+                    cfg.store.lease,
+                    want,
+                    skip.clone(),
+                )
                 .await
             {
                 Ok(c) => {
@@ -255,7 +270,7 @@ impl Engine {
                     .unwrap_or(None);
                 let idle_until = self.clock.now_millis() + cfg.refresh.max_idle.as_millis() as i64;
                 let deadline = next
-                    .map(|t| (t * 1000).min(idle_until))
+                    .map(|t| policy::wake_for_due(t, now_ms).min(idle_until))
                     .unwrap_or(idle_until)
                     .min(self.next_probe().unwrap_or(i64::MAX));
                 tracing::trace!(event = "idle", next_due = next.map(rfc3339), "nothing due");

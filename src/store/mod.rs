@@ -266,7 +266,7 @@ impl Store {
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<Account>, StoreError> {
-        self.claim_due_except(owner, now, lease, limit, Vec::new())
+        self.claim_due_except(owner, now, now, lease, limit, Vec::new())
             .await
     }
 
@@ -274,11 +274,15 @@ impl Store {
         self.next_due_except(now, Vec::new()).await
     }
 
-    /// `claim_due` without the accounts of the `skip` providers.
+    /// `claim_due` of the accounts due by `due_by`, without those of the `skip` providers.
+    /// Leases (expired, dead owners', the new `lease_until`) are judged by `now` only:
+    /// `due_by` may run ahead of it (the engine's claim lead), a lease never does.
+    #[allow(clippy::too_many_arguments)]
     pub async fn claim_due_except(
         &self,
         owner: &str,
         now: i64,
+        due_by: i64,
         lease: Duration,
         limit: usize,
         skip: Vec<String>,
@@ -314,6 +318,7 @@ impl Store {
                 s.claim(sqlite::claim::Claim {
                     owner,
                     now,
+                    due_by,
                     lease_until: until,
                     limit,
                     skip,
@@ -328,8 +333,10 @@ impl Store {
                     if !dead.is_empty() {
                         pg::expire_leases_of(&**c, &dead, now).await?;
                     }
-                    pg::claim_due_except(&c, &keys, &owner, now, until, limit, &skip, &exclude)
-                        .await
+                    pg::claim_due_except(
+                        &c, &keys, &owner, now, due_by, until, limit, &skip, &exclude,
+                    )
+                    .await
                 }
                 .await
             }

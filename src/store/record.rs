@@ -8,9 +8,10 @@ use crate::crypto::{Column, Keyring};
 use crate::model::TokenSet;
 use secrecy::ExposeSecret;
 
-/// The guarded update of one outcome. Rows are matched by id and by `generation` (a rotation
-/// or a rejection: another refresh may have replaced the tokens meanwhile) or by the lease
-/// `owner` (a failure: the lease may have been taken over).
+/// The guarded update of one outcome. Rows are matched by id and by `generation` (a rotation:
+/// another refresh may have replaced the tokens meanwhile), by both `generation` and the
+/// lease `owner` (a rejection: a takeover's refresh may be what made the token invalid), or
+/// by the lease `owner` (a failure: the lease may have been taken over).
 pub(crate) enum Update<'a> {
     Rotate {
         account_id: i64,
@@ -47,9 +48,10 @@ pub(crate) enum Update<'a> {
         next_refresh_at: i64,
         at: i64,
     },
-    /// Flags `needs_reauth`.
+    /// Flags `needs_reauth`; with an `owner`, only while that claim holds the lease.
     Flag {
         account_id: i64,
+        owner: Option<&'a str>,
         generation: i64,
         reason: &'static str,
         at: i64,
@@ -159,6 +161,7 @@ pub(crate) fn plan<'a>(keys: &Keyring, o: &'a Outcome) -> Write<'a> {
         },
         Outcome::Rejected {
             account_id,
+            owner,
             generation,
             reason,
             at,
@@ -166,6 +169,7 @@ pub(crate) fn plan<'a>(keys: &Keyring, o: &'a Outcome) -> Write<'a> {
             ..
         } => Update::Flag {
             account_id: *account_id,
+            owner: owner.as_deref(),
             generation: *generation,
             reason: reason.as_str(),
             at: *at,
@@ -260,8 +264,9 @@ impl Write<'_> {
                     duration_ms,
                 ),
             ),
-            // Guarded by generation: if another process rotated the account meanwhile, the
-            // rejection was of a token that is already replaced, and nothing is wrong.
+            // Guarded by generation and lease: if another process rotated the account
+            // meanwhile, or took it over to do so, the rejection was of a token that is (or
+            // is being) replaced, and nothing is wrong.
             Outcome::Rejected {
                 account_id,
                 at,
@@ -457,6 +462,7 @@ mod tests {
     fn a_rejection_after_a_rotation_elsewhere_is_superseded_not_flagged() {
         let o = Outcome::Rejected {
             account_id: 5,
+            owner: Some("me:1".into()),
             generation: 2,
             reason: ReauthReason::InvalidGrant,
             at: 10,

@@ -126,9 +126,13 @@ pub enum Outcome {
         http_status: Option<u16>,
         duration_ms: i64,
     },
-    /// Permanent rejection: flag `needs_reauth`, unless `generation` moved meanwhile.
+    /// Permanent rejection: flag `needs_reauth`, unless `generation` moved meanwhile or the
+    /// claim `owner` no longer holds the lease: another claim took the account over and
+    /// may have rotated the token this attempt sent (a stale `invalid_grant`); its own
+    /// answer decides. `None`: not from a claim (a tool or test flagging an account).
     Rejected {
         account_id: i64,
+        owner: Option<String>,
         generation: i64,
         reason: ReauthReason,
         at: i64,

@@ -81,6 +81,7 @@ async fn the_admin_page_needs_the_bearer_secret_escapes_what_it_shows_and_holds_
     let a = store.get(ids[1]).await.unwrap().unwrap();
     store
         .record(Outcome::Rejected {
+            owner: None,
             account_id: ids[1],
             generation: a.generation,
             reason: ReauthReason::InvalidGrant,

@@ -452,6 +452,7 @@ pub async fn flag_invalid_grant(store: &Store, id: i64) {
     let a = store.get(id).await.unwrap().expect("the account");
     store
         .record(refreshd::store::Outcome::Rejected {
+            owner: None,
             account_id: id,
             generation: a.generation,
             reason: refreshd::model::ReauthReason::InvalidGrant,

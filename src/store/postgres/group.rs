@@ -23,8 +23,10 @@ pub(super) async fn record_group(
     let ctx = "commit refresh outcomes";
     let mut ids: Vec<i64> = outcomes.iter().map(|o| o.account_id()).collect();
     ids.sort_unstable();
-    // Rows locked in account order: two replicas' group commits then never wait on each
-    // other in a cycle (a deadlock). The lock is the one an UPDATE takes.
+    // Rows locked in account order, as the reauth sweep locks both its kinds in one
+    // statement (`queries::sweep`): two replicas' group commits, or a group commit and a
+    // sweep, then never wait on each other in a cycle (a deadlock). The lock is the one an
+    // UPDATE takes.
     let lock = tx
         .prepare_cached("SELECT id FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
         .await

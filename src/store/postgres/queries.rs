@@ -52,14 +52,25 @@ fn row_to_summary(r: &Row) -> Result<AccountSummary, StoreError> {
     columns::summary_from(r)
 }
 
-/// Leases up to `limit` due, refreshable, unleased accounts in one statement, leaving out
-/// accounts of the `skip` providers and the `exclude` accounts; see SQLite's.
+/// `columns` (a column list) of the table aliased `a`, for a statement that joins another.
+fn of_a(columns: &str) -> String {
+    columns
+        .split(", ")
+        .map(|c| format!("a.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Leases up to `limit` refreshable accounts due by `due_by` and unleased at `now` in one
+/// statement, leaving out accounts of the `skip` providers and the `exclude` accounts; see
+/// SQLite's.
 #[allow(clippy::too_many_arguments)]
 pub async fn claim_due_except(
     client: &ClientWrapper,
     keys: &Keyring,
     owner: &str,
     now: i64,
+    due_by: i64,
     lease_until: i64,
     limit: usize,
     skip: &[String],
@@ -73,7 +84,7 @@ pub async fn claim_due_except(
             "UPDATE accounts a SET lease_owner = $1, lease_expires_at = $2,
                 interrupted_at = CASE WHEN a.lease_owner IS NOT NULL THEN a.lease_expires_at END
              FROM (SELECT id FROM accounts
-                   WHERE status IN ('active', 'expiring') AND next_refresh_at <= $3
+                   WHERE status IN ('active', 'expiring') AND next_refresh_at <= $7
                      AND (lease_owner IS NULL OR lease_expires_at <= $3)
                      AND provider <> ALL($5::text[])
                      AND id <> ALL($6::bigint[])
@@ -82,18 +93,22 @@ pub async fn claim_due_except(
                    FOR UPDATE SKIP LOCKED) due
              WHERE a.id = due.id
              RETURNING {}",
-            ACCOUNT_COLUMNS
-                .split(", ")
-                .map(|c| format!("a.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            of_a(ACCOUNT_COLUMNS)
         ))
         .await
         .map_err(pg_err(ctx))?;
     let rows = client
         .query(
             &stmt,
-            &[&owner, &lease_until, &now, &(limit as i64), &skip, &exclude],
+            &[
+                &owner,
+                &lease_until,
+                &now,
+                &(limit as i64),
+                &skip,
+                &exclude,
+                &due_by,
+            ],
         )
         .await
         .map_err(pg_err(ctx))?;
@@ -445,11 +460,12 @@ pub async fn plan_rows(client: &impl GenericClient, q: &PlanQuery) -> Result<Pla
     Ok(PlanRows { due, refresh_ends })
 }
 
-/// The reauth sweep; see SQLite's.
-/// One chunk of the reauth sweep: at most `limit` accounts of each kind flagged (see
-/// `Store::sweep`). Each statement locks its rows in id order, as a group commit does; the
-/// two statements still lock two sets one after the other, so a deadlock with a group
-/// commit is rarer, not impossible (PostgreSQL then aborts one side: a transient error).
+/// One chunk of the reauth sweep: at most `limit` accounts of each kind flagged; see
+/// SQLite's and `Store::sweep`. Both kinds' rows are locked in ONE statement, in id order,
+/// as a group commit locks its rows: two transactions that lock in one order cannot wait
+/// on each other in a cycle, so the sweep and a group commit never deadlock. The lock
+/// re-checks each row's state (a refresh may have renewed it meanwhile), and the update
+/// decides the kind from the row as locked.
 pub async fn sweep(
     tx: &Transaction<'_>,
     now: i64,
@@ -457,74 +473,82 @@ pub async fn sweep(
     limit: usize,
 ) -> Result<SweepReport, StoreError> {
     let limit = limit as i64;
-    {
-        let run = async |sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]| {
-            tx.query(sql, params)
-                .await
-                .map_err(pg_err("sweep refresh-token expiries"))?
-                .iter()
-                .map(row_to_summary)
-                .collect::<Result<Vec<_>, _>>()
-        };
-        let expired = run(
-            &format!(
-                "UPDATE accounts SET status = 'needs_reauth', reauth_reason = 'refresh_token_expired',
-                    reauth_flagged_at = $1, updated_at = $1,
-                    last_error = 'refresh token expired at ' || to_char(
-                        to_timestamp(refresh_expires_at) AT TIME ZONE 'UTC',
-                        'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
-                 WHERE id IN (SELECT id FROM accounts
-                     WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
-                       AND refresh_expires_at <= $1
-                     ORDER BY id LIMIT $2 FOR NO KEY UPDATE)
-                 RETURNING {SUMMARY_COLUMNS}"
-            ),
-            &[&now, &limit],
+    let ctx = "sweep refresh-token expiries";
+    let returning = of_a(SUMMARY_COLUMNS);
+    let stmt = tx
+        .prepare_cached(&format!(
+            "WITH due AS (
+                 (SELECT id FROM accounts
+                  WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
+                    AND refresh_expires_at <= $1
+                  ORDER BY id LIMIT $3)
+                 UNION ALL
+                 (SELECT id FROM accounts
+                  WHERE status = 'active' AND refresh_expires_at IS NOT NULL
+                    AND refresh_expires_at > $1 AND refresh_expires_at <= $2
+                  ORDER BY id LIMIT $3)
+             ), locked AS (
+                 SELECT id FROM accounts
+                 WHERE id IN (SELECT id FROM due) AND refresh_expires_at IS NOT NULL
+                   AND ((status IN ('active', 'expiring') AND refresh_expires_at <= $1)
+                        OR (status = 'active' AND refresh_expires_at <= $2))
+                 ORDER BY id FOR NO KEY UPDATE
+             )
+             UPDATE accounts a SET
+                 status = CASE WHEN a.refresh_expires_at <= $1
+                     THEN 'needs_reauth' ELSE 'expiring' END,
+                 reauth_reason = CASE WHEN a.refresh_expires_at <= $1
+                     THEN 'refresh_token_expired' ELSE 'refresh_token_expiring' END,
+                 reauth_flagged_at = $1, updated_at = $1,
+                 last_error = CASE WHEN a.refresh_expires_at <= $1
+                     THEN 'refresh token expired at ' || to_char(
+                         to_timestamp(a.refresh_expires_at) AT TIME ZONE 'UTC',
+                         'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+                     ELSE a.last_error END
+             FROM locked WHERE a.id = locked.id
+             RETURNING {returning}"
+        ))
+        .await
+        .map_err(pg_err(ctx))?;
+    let flagged = tx
+        .query(&stmt, &[&now, &window_end, &limit])
+        .await
+        .map_err(pg_err(ctx))?
+        .iter()
+        .map(row_to_summary)
+        .collect::<Result<Vec<_>, _>>()?;
+    let (expired, expiring): (Vec<_>, Vec<_>) = flagged
+        .into_iter()
+        .partition(|a| a.status == Status::NeedsReauth);
+    for a in &expired {
+        append_log(
+            tx,
+            a.id,
+            now,
+            "reauth_required",
+            None,
+            Some("refresh token expired"),
+            None,
         )
         .await?;
-        let expiring = run(
-            &format!(
-                "UPDATE accounts SET status = 'expiring', reauth_reason = 'refresh_token_expiring',
-                    reauth_flagged_at = $1, updated_at = $1
-                 WHERE id IN (SELECT id FROM accounts
-                     WHERE status = 'active' AND refresh_expires_at IS NOT NULL
-                       AND refresh_expires_at <= $2
-                     ORDER BY id LIMIT $3 FOR NO KEY UPDATE)
-                 RETURNING {SUMMARY_COLUMNS}"
-            ),
-            &[&now, &window_end, &limit],
-        )
-        .await?;
-        for a in &expired {
-            append_log(
-                tx,
-                a.id,
-                now,
-                "reauth_required",
-                None,
-                Some("refresh token expired"),
-                None,
-            )
-            .await?;
-        }
-        for a in &expiring {
-            append_log(
-                tx,
-                a.id,
-                now,
-                "reauth_required",
-                None,
-                Some("refresh token ends within the reauth window"),
-                None,
-            )
-            .await?;
-        }
-        // Each list in id order, as on SQLite, whatever order the update visited rows in.
-        let (mut expiring, mut expired) = (expiring, expired);
-        expiring.sort_by_key(|a| a.id);
-        expired.sort_by_key(|a| a.id);
-        Ok(SweepReport { expiring, expired })
     }
+    for a in &expiring {
+        append_log(
+            tx,
+            a.id,
+            now,
+            "reauth_required",
+            None,
+            Some("refresh token ends within the reauth window"),
+            None,
+        )
+        .await?;
+    }
+    // Each list in id order, as on SQLite, whatever order the update visited rows in.
+    let (mut expiring, mut expired) = (expiring, expired);
+    expiring.sort_by_key(|a| a.id);
+    expired.sort_by_key(|a| a.id);
+    Ok(SweepReport { expiring, expired })
 }
 
 /// Ids of every account that needs a human, for the digest.

@@ -497,6 +497,7 @@ pub(super) async fn apply(
         }
         Update::Flag {
             account_id,
+            owner,
             generation,
             reason,
             at,
@@ -508,8 +509,9 @@ pub(super) async fn apply(
                     status = CASE WHEN status = 'disabled' THEN status ELSE 'needs_reauth' END,
                     reauth_flagged_at = $4, last_error = $5, failures = failures + 1,
                     lease_owner = NULL, lease_expires_at = NULL, updated_at = $4
-                 WHERE id = $1 AND generation = $2",
-                &[account_id, generation, reason, at, error],
+                 WHERE id = $1 AND generation = $2
+                   AND ($6::text IS NULL OR lease_owner = $6)",
+                &[account_id, generation, reason, at, error, owner],
             )
             .await?
         }

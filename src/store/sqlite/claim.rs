@@ -16,7 +16,10 @@ use tokio::sync::oneshot;
 /// One claim of due accounts, with what `Store::claim_due_except` worked out before it.
 pub(crate) struct Claim {
     pub owner: String,
+    /// Judges leases (expired ones, the dead owners').
     pub now: i64,
+    /// The latest due second taken; may run ahead of `now`.
+    pub due_by: i64,
     pub lease_until: i64,
     pub limit: usize,
     /// Providers whose accounts are left out (saturated).
@@ -42,6 +45,7 @@ pub(crate) fn run(
         keys,
         &c.owner,
         c.now,
+        c.due_by,
         c.lease_until,
         c.limit,
         &c.skip,

@@ -61,15 +61,17 @@ fn skip_clause(skip: &[String], first: usize) -> String {
     format!("AND provider NOT IN ({})", marks.join(", "))
 }
 
-/// Leases up to `limit` due, refreshable, unleased accounts in one statement, leaving out
-/// accounts of the `skip` providers (saturated ones) and the `exclude` accounts (rotations
-/// waiting in the recovery file).
+/// Leases up to `limit` refreshable accounts due by `due_by` and unleased at `now` in one
+/// statement, leaving out accounts of the `skip` providers (saturated ones) and the
+/// `exclude` accounts (rotations waiting in the recovery file). A lease is judged by `now`,
+/// never by `due_by` (which runs ahead of it by the engine's claim lead).
 #[allow(clippy::too_many_arguments)]
 pub fn claim_due_except(
     conn: &Connection,
     keys: &Keyring,
     owner: &str,
     now: i64,
+    due_by: i64,
     lease_until: i64,
     limit: usize,
     skip: &[String],
@@ -84,6 +86,7 @@ pub fn claim_due_except(
         now.into(),
         (limit as i64).into(),
         serde_json::to_string(exclude).unwrap_or_default().into(),
+        due_by.into(),
     ];
     values.extend(skip.iter().map(|s| rusqlite::types::Value::from(s.clone())));
     let rows = stmt
@@ -104,14 +107,14 @@ pub(crate) fn claim_sql(skip: &[String]) -> String {
              interrupted_at = CASE WHEN lease_owner IS NOT NULL THEN lease_expires_at END
          WHERE id IN (
              SELECT id FROM accounts INDEXED BY accounts_due
-             WHERE status IN ('active', 'expiring') AND next_refresh_at <= ?3
+             WHERE status IN ('active', 'expiring') AND next_refresh_at <= ?6
                AND (lease_owner IS NULL OR lease_expires_at <= ?3)
                AND id NOT IN (SELECT value FROM json_each(?5))
                {}
              ORDER BY next_refresh_at
              LIMIT ?4)
          RETURNING {ACCOUNT_COLUMNS}",
-        skip_clause(skip, 6)
+        skip_clause(skip, 7)
     )
 }
 
@@ -411,7 +414,8 @@ pub fn plan_rows(conn: &Connection, q: &PlanQuery) -> Result<PlanRows, StoreErro
 /// (`expiring`) or has ended (`needs_reauth`, with that end as `last_error`: the error that
 /// decided the status, not an earlier 503). Returns only the accounts whose state changed.
 /// One chunk of the reauth sweep: at most `limit` accounts of each kind flagged (see
-/// `Store::sweep`).
+/// `Store::sweep`). A token that has ended is never flagged `expiring`, even when more have
+/// ended than the chunk takes: the next chunk flags it `needs_reauth`, once.
 pub fn sweep(
     tx: &Transaction<'_>,
     now: i64,
@@ -437,6 +441,7 @@ pub fn sweep(
             .and_then(|rows| rows.collect())
             .map_err(sql_err("sweep expired refresh tokens"))?
     };
+    // `status IN (...)` repeats the partial index's condition, so INDEXED BY can use it.
     let expiring: Vec<AccountSummary> = {
         let mut s = tx
             .prepare_cached(&format!(
@@ -445,7 +450,8 @@ pub fn sweep(
                     reauth_flagged_at = ?1, updated_at = ?1
                  WHERE id IN (SELECT id FROM accounts INDEXED BY accounts_refresh_expiry
                      WHERE status IN ('active', 'expiring') AND refresh_expires_at IS NOT NULL
-                       AND status = 'active' AND refresh_expires_at <= ?2
+                       AND status = 'active'
+                       AND refresh_expires_at > ?1 AND refresh_expires_at <= ?2
                      LIMIT ?3)
                  RETURNING {SUMMARY_COLUMNS}"
             ))

@@ -144,7 +144,7 @@ fn a_claimed_account_takes_its_rotation_once() {
     let keys = Keyring::default();
     let id = upsert(&mut c, &[account("u1")])[0];
     let claimed =
-        queries::claim_due_except(&c, &keys, "me:1", NOW, NOW + 60, 10, &[], &[]).unwrap();
+        queries::claim_due_except(&c, &keys, "me:1", NOW, NOW, NOW + 60, 10, &[], &[]).unwrap();
     assert_eq!(claimed.iter().map(|a| a.id).collect::<Vec<_>>(), [id]);
     let rotated = rotation_of(&claimed[0]);
     assert_eq!(
@@ -187,6 +187,7 @@ fn claim_for(owner: &str, limit: usize) -> claim::Claim {
     claim::Claim {
         owner: owner.into(),
         now: NOW,
+        due_by: NOW,
         lease_until: NOW + 60,
         limit,
         skip: Vec::new(),
@@ -285,8 +286,18 @@ fn the_claim_statement_is_prepared_once() {
     for (i, limit) in [1, 2, 3, 5, 8].into_iter().enumerate() {
         let owner = format!("me:{i}");
         let now = NOW + i as i64;
-        queries::claim_due_except(&c, &keys, &owner, now, now + 60, limit, &skip, &[i as i64])
-            .unwrap();
+        queries::claim_due_except(
+            &c,
+            &keys,
+            &owner,
+            now,
+            now,
+            now + 60,
+            limit,
+            &skip,
+            &[i as i64],
+        )
+        .unwrap();
     }
     let stmt = c.prepare_cached(&queries::claim_sql(&skip)).unwrap();
     assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);

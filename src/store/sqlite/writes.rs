@@ -321,6 +321,7 @@ pub fn record(tx: &Connection, keys: &Keyring, o: &Outcome) -> Result<Recorded, 
         )?,
         Update::Flag {
             account_id,
+            owner,
             generation,
             reason,
             at,
@@ -331,8 +332,8 @@ pub fn record(tx: &Connection, keys: &Keyring, o: &Outcome) -> Result<Recorded, 
                 status = CASE WHEN status = 'disabled' THEN status ELSE 'needs_reauth' END,
                 reauth_flagged_at = ?4, last_error = ?5, failures = failures + 1,
                 lease_owner = NULL, lease_expires_at = NULL, updated_at = ?4
-             WHERE id = ?1 AND generation = ?2",
-            params![account_id, generation, reason, at, error],
+             WHERE id = ?1 AND generation = ?2 AND (?6 IS NULL OR lease_owner = ?6)",
+            params![account_id, generation, reason, at, error, owner],
         )?,
         Update::Release { account_id, owner } => run(
             "release lease",

@@ -623,6 +623,43 @@ async fn a_sweep_larger_than_a_chunk_flags_everything_once() {
     assert!(again.expiring.is_empty() && again.expired.is_empty());
 }
 
+/// One chunk holding both kinds, with more ended refresh tokens than the chunk takes: each
+/// account is flagged once, with its own reason (an ended token left for the next chunk is
+/// not flagged `expiring` meanwhile), and PostgreSQL locks both kinds in one statement.
+async fn a_sweep_chunk_flags_each_account_once_with_its_reason() {
+    let (_dir, store) = temp_store().await;
+    let ended = crate::store::SWEEP_CHUNK + 5;
+    let accounts = (0..ended + 4)
+        .map(|i| {
+            let mut a = new_account("tiktok", &format!("u{i}"), NOW + 5000);
+            a.obtained_at = NOW - 100;
+            // The last four end within the window; the others have ended.
+            a.tokens.refresh_expires_in = Some(if i < ended { 50 } else { 1000 });
+            a
+        })
+        .collect();
+    let ids = insert(&store, accounts).await;
+    let report = store.sweep(NOW, Duration::from_secs(3600)).await.unwrap();
+    let expired: Vec<i64> = report.expired.iter().map(|a| a.id).collect();
+    let expiring: Vec<i64> = report.expiring.iter().map(|a| a.id).collect();
+    assert_eq!(expiring, ids[ended..], "only the four that have not ended");
+    let mut sorted = expired.clone();
+    sorted.sort();
+    assert_eq!(sorted, ids[..ended], "every ended one, once");
+    for (i, id) in ids.iter().enumerate() {
+        let a = get(&store, *id).await;
+        let want = if i < ended {
+            (Status::NeedsReauth, ReauthReason::RefreshTokenExpired)
+        } else {
+            (Status::Expiring, ReauthReason::RefreshTokenExpiring)
+        };
+        assert_eq!((a.status, a.reauth_reason), (want.0, Some(want.1)), "u{i}");
+        let flags = log_outcomes(&store, *id).await;
+        let flags = flags.iter().filter(|o| *o == "reauth_required").count();
+        assert_eq!(flags, 1, "u{i} flagged once");
+    }
+}
+
 on_both_backends!(
     connect_states_are_single_use_expire_and_any_handle_takes_them,
     upsert_inserts_then_updates_by_provider_and_subject,
@@ -630,6 +667,7 @@ on_both_backends!(
     upsert_is_all_or_nothing,
     sweep_flags_expiring_and_expired_refresh_tokens_once,
     a_sweep_larger_than_a_chunk_flags_everything_once,
+    a_sweep_chunk_flags_each_account_once_with_its_reason,
     mark_due_needs_force_for_flagged_accounts,
     remove_deletes_account_and_its_log,
     list_pages_and_filters,

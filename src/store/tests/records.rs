@@ -75,7 +75,7 @@ async fn claim_due_except_leaves_out_saturated_providers() {
         Some(NOW - 10)
     );
     let claimed = store
-        .claim_due_except(OWNER, NOW, LEASE, 10, skip.clone())
+        .claim_due_except(OWNER, NOW, NOW, LEASE, 10, skip.clone())
         .await
         .unwrap();
     assert_eq!(ids(&claimed), [id[2]]);
@@ -86,7 +86,7 @@ async fn claim_due_except_leaves_out_saturated_providers() {
         Some(NOW + 60)
     );
     let rest = store
-        .claim_due_except(OWNER, NOW, LEASE, 10, Vec::new())
+        .claim_due_except(OWNER, NOW, NOW, LEASE, 10, Vec::new())
         .await
         .unwrap();
     assert_eq!(ids(&rest), [id[0], id[1]]);
@@ -140,6 +140,53 @@ async fn claim_due_lease_blocks_other_owners_until_it_expires() {
         lease(&store, id).await,
         (Some("owner-b".to_string()), Some(NOW + 61 + 60))
     );
+}
+
+/// The engine's claim lead: a claim may take accounts due ahead of `now`, but judges every
+/// lease (expired or not, the new one's end) by `now`.
+async fn a_claim_ahead_of_now_takes_due_accounts_but_judges_leases_by_now() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(
+        &store,
+        vec![
+            new_account("tiktok", "leased", NOW - 1),
+            new_account("tiktok", "due", NOW),
+            new_account("tiktok", "later", NOW + 1),
+        ],
+    )
+    .await;
+    let lease_secs = LEASE.as_secs() as i64;
+    // "leased" is held until exactly NOW.
+    let held = store
+        .claim_due_except(
+            "owner-a:1",
+            NOW - lease_secs,
+            NOW - 1,
+            LEASE,
+            10,
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(&held), [id[0]]);
+    assert_eq!(lease(&store, id[0]).await.1, Some(NOW));
+
+    // Less than a second early: "due" is taken, "later" is not due by NOW, and the lease
+    // ending at NOW is not taken over before NOW.
+    let early = store
+        .claim_due_except("owner-b:1", NOW - 1, NOW, LEASE, 10, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(ids(&early), [id[1]]);
+    assert_eq!(
+        lease(&store, id[1]).await,
+        (Some("owner-b:1".to_string()), Some(NOW - 1 + lease_secs))
+    );
+    let at_due = store
+        .claim_due_except("owner-b:2", NOW, NOW, LEASE, 10, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(ids(&at_due), [id[0]]);
 }
 
 // ---- record: Rotated ----
@@ -243,6 +290,7 @@ async fn rejected_flags_needs_reauth_when_generation_matches() {
     store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
     let r = store
         .record(Outcome::Rejected {
+            owner: Some(OWNER.into()),
             account_id: id,
             generation: 0,
             reason: ReauthReason::InvalidGrant,
@@ -294,6 +342,7 @@ async fn rejected_after_a_rotation_elsewhere_is_superseded() {
     );
     let r = store
         .record(Outcome::Rejected {
+            owner: Some(OWNER.into()),
             account_id: id,
             generation,
             reason: ReauthReason::InvalidGrant,
@@ -312,6 +361,55 @@ async fn rejected_after_a_rotation_elsewhere_is_superseded() {
     assert_eq!(a.failures, 0);
     assert_eq!(a.access_token.expose_secret(), "at-other");
     assert_eq!(log_outcomes(&store, id).await[0], "superseded");
+}
+
+/// The replica flake (tests/it/postgres/replicas.rs): a live attempt stalls past its lease,
+/// another claim takes the account over and refreshes it, and the stalled attempt's
+/// `invalid_grant` (for the token the takeover rotated away) arrives before the takeover's
+/// rotation is stored. It must not flag the account: the lease is no longer its own.
+async fn a_rejection_from_an_attempt_whose_lease_was_taken_over_is_superseded() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    let stalled = store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    let generation = stalled[0].generation;
+    let later = NOW + LEASE.as_secs() as i64 + 1;
+    let takeover = store
+        .claim_due("owner-b:1", later, LEASE, 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(&takeover), [id]);
+    assert!(takeover[0].interrupted_at.is_some());
+    let r = store
+        .record(Outcome::Rejected {
+            owner: Some(OWNER.into()),
+            account_id: id,
+            generation,
+            reason: ReauthReason::InvalidGrant,
+            at: later + 1,
+            error: "invalid_grant: Refresh token has already been used.".into(),
+            http_status: Some(400),
+            duration_ms: 5,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        Recorded::Superseded,
+        "a stale rejection flagged the account"
+    );
+    let a = get(&store, id).await;
+    assert_eq!((a.status, a.reauth_reason), (Status::Active, None));
+    assert_eq!(
+        lease(&store, id).await,
+        (Some("owner-b:1".to_string()), Some(later + 60))
+    );
+    // The takeover's rotation is stored as usual.
+    let r = store
+        .record(rotated(id, generation, "at-b", Some("rt-b"), later + 2))
+        .await
+        .unwrap();
+    assert_eq!(r, Recorded::Applied);
+    assert_eq!(get(&store, id).await.status, Status::Active);
 }
 
 // ---- record: Transient, ConfigError, Released ----
@@ -607,10 +705,12 @@ on_both_backends!(
     claim_due_except_leaves_out_saturated_providers,
     claim_due_respects_limit,
     claim_due_lease_blocks_other_owners_until_it_expires,
+    a_claim_ahead_of_now_takes_due_accounts_but_judges_leases_by_now,
     rotated_applies_when_generation_matches,
     rotated_is_superseded_when_generation_moved,
     rejected_flags_needs_reauth_when_generation_matches,
     rejected_after_a_rotation_elsewhere_is_superseded,
+    a_rejection_from_an_attempt_whose_lease_was_taken_over_is_superseded,
     transient_counts_failure_and_releases_lease,
     transient_with_lost_lease_leaves_row_to_new_owner,
     config_error_and_release_need_the_lease,

@@ -59,6 +59,7 @@ async fn invalid_grant_after_another_process_rotated_is_not_reauth() {
     };
     assert_eq!(store.record(rotated).await.unwrap(), Recorded::Applied);
     let rejected = Outcome::Rejected {
+        owner: Some("owner-a".into()),
         account_id: stale.id,
         generation: g,
         reason: ReauthReason::InvalidGrant,

@@ -20,6 +20,7 @@ mod concurrency;
 mod durability;
 mod events;
 mod failures;
+mod lead;
 mod reauth;
 mod reload;
 mod rotation;

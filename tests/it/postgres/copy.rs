@@ -123,6 +123,7 @@ async fn store_copy_moves_sealed_accounts_and_history_both_ways_and_resumes() {
     {
         let outcome = if a.id % 7 == 0 {
             Outcome::Rejected {
+                owner: Some("copier".into()),
                 account_id: a.id,
                 generation: a.generation,
                 reason: refreshd::model::ReauthReason::InvalidGrant,

@@ -58,6 +58,14 @@ impl Replica {
             .and_then(|e| e["owner"].as_str().map(str::to_string))
     }
 
+    /// Refresh attempts whose answer was recorded as `superseded`.
+    fn superseded(&self) -> usize {
+        self.events("refresh")
+            .iter()
+            .filter(|e| e["outcome"] == "superseded")
+            .count()
+    }
+
     fn text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
@@ -161,7 +169,13 @@ burst = 1
         "not every account was refreshed; logs:\n{logs}"
     );
     let stats = sandbox.stats();
-    assert_eq!(stats.reuse_rejected, 0, "{stats:?}");
+    // A replica stalled past its lease (a loaded machine) may send a token another replica
+    // has just rotated: one reuse, recorded as `superseded`, never a flag.
+    let superseded: usize = replicas.iter().map(Replica::superseded).sum();
+    assert!(
+        stats.reuse_rejected as usize <= superseded,
+        "{stats:?}, {superseded} superseded"
+    );
     assert_eq!(
         stats.refreshed, N as u64,
         "each account exactly once: {stats:?}"
@@ -239,10 +253,12 @@ burst = 1
         stats.reuse_rejected
     );
     // Only a refresh the provider answered and the victim never stored can be lost, and it
-    // must then be named for what it is. Everything else is picked up.
+    // must then be named for what it is. Everything else is picked up. A reuse that flagged
+    // nothing is a stalled live replica's stale attempt (see phase 1).
+    let superseded: usize = replicas.iter().map(Replica::superseded).sum();
     assert!(
-        stats.reuse_rejected as usize <= flagged.len() && flagged.len() <= 8,
-        "at most the victim's in-flight refreshes (concurrency 8): {flagged:?} {stats:?}"
+        stats.reuse_rejected as usize <= flagged.len() + superseded && flagged.len() <= 8,
+        "at most the victim's in-flight refreshes (concurrency 8): {flagged:?} {stats:?}, {superseded} superseded"
     );
     for (subject, _, _, reason) in &flagged {
         assert_eq!(reason.as_deref(), Some("refresh_interrupted"), "{subject}");

@@ -128,6 +128,7 @@ async fn web_reconnect_clears_the_flag_and_redirects_with_the_account_id() {
     let a = w.d.store.get(id).await.unwrap().unwrap();
     w.d.store
         .record(Outcome::Rejected {
+            owner: None,
             account_id: id,
             generation: a.generation,
             reason: ReauthReason::InvalidGrant,

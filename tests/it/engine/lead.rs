@@ -1,0 +1,124 @@
+//! The claim lead: the continuous loop claims an account up to `policy::CLAIM_LEAD_MS`
+//! before its due second (so a second's accounts are sent as it begins), judges leases by
+//! the real time, and `--once` keeps claiming only what was due when it started.
+
+use super::{engine, outcomes, run_once, spawn_run, wait_until_idle};
+use crate::helpers::{self, TestApp, account};
+use refreshd::config::Config;
+use refreshd::engine::{Engine, EngineError, Settings};
+use refreshd::sandbox::SandboxConfig;
+use refreshd::store::Store;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A running engine, its settings sender (kept alive), its stop and its task.
+type Running = (
+    Engine,
+    watch::Sender<Arc<Settings>>,
+    CancellationToken,
+    JoinHandle<Result<(), EngineError>>,
+);
+
+/// Starts an engine on `store` and waits until it has looked at the store at the clock's
+/// time and found nothing to claim, plus a little longer.
+async fn run_until_idle(app: &TestApp, store: &Store, config: &Config) -> Running {
+    let (engine, tx) = engine(store, &app.clock, config);
+    let shutdown = CancellationToken::new();
+    let task = spawn_run(&engine, &shutdown);
+    wait_until_idle(&engine, &app.clock).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (engine, tx, shutdown, task)
+}
+
+/// Sets the manual clock `ms` milliseconds before second `t`.
+fn before(app: &TestApp, t: i64, ms: u64) {
+    app.clock.set(t - 1);
+    app.clock.advance(Duration::from_millis(1000 - ms));
+}
+
+#[tokio::test]
+async fn an_account_due_at_t_is_refreshed_at_t_minus_0_4_s_and_not_at_t_minus_0_6_s() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = app.config("");
+    let store = app.store().await;
+    let id = app.import(&store, &config, &["u1"], None).await[0];
+    let t = account(&store, id).await.next_refresh_at;
+    let imported = outcomes(&store, id).await;
+    before(&app, t, 600);
+    let (engine, _tx, shutdown, task) = run_until_idle(&app, &store, &config).await;
+    let stats = engine.stats();
+    assert_eq!(
+        stats.snapshot().rotated,
+        0,
+        "claimed 0.6 s before its due second"
+    );
+    assert_eq!(outcomes(&store, id).await, imported);
+
+    app.clock.advance(Duration::from_millis(200));
+    assert!(helpers::eventually(5, || async { stats.snapshot().rotated == 1 }).await);
+    assert_eq!(app.clock.now_millis(), t * 1000 - 400, "refreshed before t");
+    assert!(account(&store, id).await.next_refresh_at > t);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_lease_that_ends_at_t_is_not_taken_over_at_t_minus_0_4_s() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = app.config("");
+    let store = app.store().await;
+    let id = app.import(&store, &config, &["u1"], None).await[0];
+    let t = account(&store, id).await.next_refresh_at;
+    // Another process leased it so that its lease ends exactly at t.
+    let lease = config.store.lease;
+    let held = store
+        .claim_due_except(
+            "other:1",
+            t - lease.as_secs() as i64,
+            t,
+            lease,
+            1,
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
+    before(&app, t, 400);
+    let (engine, _tx, shutdown, task) = run_until_idle(&app, &store, &config).await;
+    let stats = engine.stats();
+    assert_eq!(
+        stats.snapshot().rotated,
+        0,
+        "took a lease over before it ended"
+    );
+    assert_eq!(
+        super::lease(&store, id).await,
+        (Some("other:1".to_string()), Some(t))
+    );
+
+    // At t the lease has ended: the idle loop wakes then and takes the account over.
+    app.clock.set(t);
+    assert!(helpers::eventually(5, || async { stats.snapshot().rotated == 1 }).await);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn run_once_claims_no_lead() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = app.config("");
+    let store = app.store().await;
+    let id = app.import(&store, &config, &["u1"], None).await[0];
+    let t = account(&store, id).await.next_refresh_at;
+    before(&app, t, 400);
+    let report = run_once(&app, &config).await;
+    assert_eq!(report.stats.rotated, 0, "{report:?}");
+    assert_eq!(account(&store, id).await.next_refresh_at, t);
+
+    app.clock.set(t);
+    let report = run_once(&app, &config).await;
+    assert_eq!(report.stats.rotated, 1, "{report:?}");
+}
