@@ -444,10 +444,6 @@ pub async fn run(
 /// ones the config dropped.
 const CONFIG_APP_LABEL: &str = "config";
 
-/// Adds each `[providers.NAME.apps.APP]` (kept when present, rescoped and due now when its
-/// scope changed), and warns about app tokens the config added once but no longer lists:
-/// they are left (removing tokens on a config typo is worse) until `refreshd apps remove`.
-/// An app the store refuses (its subject is a user's account) is logged, the others go on.
 /// What waits for the store's start-up checks (the daemon is ready before): their end is
 /// logged with how long they took; then the config's app tokens are applied and the
 /// start-up sweep flags accounts that ran into the reauth window while we were down (both
@@ -475,6 +471,10 @@ async fn after_checks(
     Ok(())
 }
 
+/// Adds each `[providers.NAME.apps.APP]` (kept when present, rescoped and due now when its
+/// scope changed), and warns about app tokens the config added once but no longer lists:
+/// they are left (removing tokens on a config typo is worse) until `refreshd apps remove`.
+/// An app the store refuses (its subject is a user's account) is logged, the others go on.
 async fn sync_apps(store: &Store, config: &Config, now: i64) -> Result<(), StoreError> {
     use crate::model::{APP_SUBJECT_PREFIX, Grant};
     use crate::store::{AppAdded, ListFilter, NewApp};
