@@ -356,6 +356,8 @@ pub async fn run(
                     shutdown.cancel();
                     break;
                 }
+                // The app tokens just synced are due now.
+                engine.waker().notify_one();
             }
             m = store_lost(&store) => {
                 lost = Some(m);

@@ -68,16 +68,21 @@ fn lease_owner(db: &std::path::Path, id: i64) -> Option<String> {
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ready_and_readable_before_the_checks_end_but_nothing_written_until_they_pass() {
+/// A store of two accounts, due now: the engine's first pass wants to claim them.
+async fn two_due_accounts() -> (TestApp, Vec<i64>) {
     let app = TestApp::start(SandboxConfig::default()).await;
     let config = app.config("");
     let store = app.store().await;
     let ids = app.import(&store, &config, &["u1", "u2"], None).await;
     let due = helpers::account(&store, ids[0]).await.next_refresh_at;
     store.close().await;
-    // Due now: the engine's first pass wants to claim them.
     app.clock.set(due + 60);
+    (app, ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_and_readable_before_the_checks_end_but_nothing_written_until_they_pass() {
+    let (app, ids) = two_due_accounts().await;
 
     let (release, (store, engine, addr), shutdown, task) = start_held(&app).await;
     let addr = addr.expect("the ops server listens");
@@ -123,13 +128,7 @@ async fn ready_and_readable_before_the_checks_end_but_nothing_written_until_they
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_check_refuses_every_write_and_stops_the_daemon_with_its_error() {
     use std::io::{Seek, SeekFrom, Write};
-    let app = TestApp::start(SandboxConfig::default()).await;
-    let config = app.config("");
-    let store = app.store().await;
-    let ids = app.import(&store, &config, &["u1", "u2"], None).await;
-    let due = helpers::account(&store, ids[0]).await.next_refresh_at;
-    store.close().await;
-    app.clock.set(due + 60);
+    let (app, ids) = two_due_accounts().await;
     // Every page in the file itself, none newer in the WAL: the garbage is what is read.
     rusqlite::Connection::open(&app.db)
         .unwrap()
