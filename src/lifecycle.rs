@@ -6,9 +6,10 @@
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
 use crate::engine::{Engine, EngineError, Settings, StatsSnapshot};
+use crate::events::Events;
 use crate::jobs;
 use crate::provider::ProviderError;
-use crate::store::{Store, StoreError, StoreOptions};
+use crate::store::{CheckHook, Store, StoreError, StoreOptions};
 use crate::telemetry::LogHandle;
 use crate::{notify, sink};
 use futures::StreamExt;
@@ -83,6 +84,8 @@ pub struct RunOptions {
     pub reload: Option<mpsc::Receiver<()>>,
     /// Called once the store is open and the engine runs, with the store and engine.
     pub on_ready: Option<OnReady>,
+    /// Run before the store's start-up checks, on their thread (tests hold them with it).
+    pub before_store_checks: Option<CheckHook>,
 }
 
 impl RunOptions {
@@ -94,6 +97,7 @@ impl RunOptions {
             once: false,
             reload: None,
             on_ready: None,
+            before_store_checks: None,
         }
     }
 }
@@ -214,7 +218,13 @@ pub async fn run(
     crate::hardening::warn_if_root();
     crate::hardening::check_files(&config)?;
     check_store_exists(&config)?;
-    let store = Store::open(store_options(&config)).await?;
+    // The daemon is ready before the store's start-up checks end; nothing writes before
+    // they pass (`after_checks`). `--once` has nothing to be ready for: it waits for them.
+    let store = if opts.once {
+        Store::open(store_options(&config)).await?
+    } else {
+        Store::open_gated(store_options(&config), opts.before_store_checks.take()).await?
+    };
     let stop_config = config.clone();
     let settings = Arc::new(Settings::new(config)?);
     let (settings_tx, settings_rx) = watch::channel(settings.clone());
@@ -245,9 +255,8 @@ pub async fn run(
         }
     }
 
-    sync_apps(&store, cfg, opts.clock.now()).await?;
-
     if opts.once {
+        sync_apps(&store, cfg, opts.clock.now()).await?;
         let refreshed = engine.run_due(shutdown.clone()).await;
         let swept = match refreshed {
             Ok(_) => Some(jobs::sweep(&store, &opts.clock, cfg, &engine.events()).await),
@@ -278,8 +287,6 @@ pub async fn run(
         return Ok(r);
     }
 
-    // Start-up sweep: accounts that ran into the window while we were down are flagged now.
-    jobs::sweep(&store, &opts.clock, cfg, &engine.events()).await?;
     let mut scheduler = jobs::start(
         store.clone(),
         opts.clock.clone(),
@@ -335,9 +342,23 @@ pub async fn run(
 
     let mut reload = opts.reload.take();
     let mut lost = None;
+    let (checks_clock, events) = (opts.clock.clone(), engine.events());
+    let checks = after_checks(&store, &checks_clock, cfg, &events);
+    tokio::pin!(checks);
+    let (mut checked, mut checks_failed) = (false, None);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            r = &mut checks, if !checked => {
+                checked = true;
+                if let Err(e) = r {
+                    checks_failed = Some(e);
+                    shutdown.cancel();
+                    break;
+                }
+                // The app tokens just synced are due now.
+                engine.waker().notify_one();
+            }
             m = store_lost(&store) => {
                 lost = Some(m);
                 shutdown.cancel();
@@ -391,6 +412,9 @@ pub async fn run(
     notifier.stop().await;
     store.close().await;
     check_pending(&store, &stop_config)?;
+    if let Some(e) = checks_failed {
+        return Err(e);
+    }
     if let Some(message) = lost {
         return Err(DaemonError::StoreLost(StoreError::Lost {
             path: stop_config.store.path.clone(),
@@ -421,6 +445,33 @@ pub async fn run(
 /// The label of the app tokens added from the config, so a later start can tell which
 /// ones the config dropped.
 const CONFIG_APP_LABEL: &str = "config";
+
+/// What waits for the store's start-up checks (the daemon is ready before): their end is
+/// logged with how long they took; then the config's app tokens are applied and the
+/// start-up sweep flags accounts that ran into the reauth window while we were down (both
+/// write). An error stops the daemon.
+async fn after_checks(
+    store: &Store,
+    clock: &Clock,
+    config: &Config,
+    events: &Events,
+) -> Result<(), DaemonError> {
+    match store.checks_settled().await {
+        Ok(took) => tracing::info!(
+            event = "store_checked",
+            took_ms = took.as_millis() as u64,
+            "the store passed its start-up checks (quick_check, sealing keys): writing and refreshing start now"
+        ),
+        Err(e) => {
+            tracing::error!(event = "store_checks_failed", error = %e,
+                "the store failed its start-up checks: nothing was written to it; stopping");
+            return Err(e.into());
+        }
+    }
+    sync_apps(store, config, clock.now()).await?;
+    jobs::sweep(store, clock, config, events).await?;
+    Ok(())
+}
 
 /// Adds each `[providers.NAME.apps.APP]` (kept when present, rescoped and due now when its
 /// scope changed), and warns about app tokens the config added once but no longer lists:

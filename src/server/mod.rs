@@ -235,7 +235,9 @@ async fn healthz(State(s): State<AppState>) -> Response {
     text(StatusCode::OK, "ok\n".into())
 }
 
-/// Ready: the store answers and is migrated, the engine runs, and it is not stalled.
+/// Ready: the store answers and is migrated (tokens can be read), the engine runs, and it
+/// is not stalled. The store's start-up checks may still be running (writes wait for
+/// them); once they failed, not ready.
 async fn readyz(State(s): State<AppState>) -> Response {
     let stall = s.config().server.stall_after.as_secs() as i64;
     let mut problems = Vec::new();
@@ -247,6 +249,13 @@ async fn readyz(State(s): State<AppState>) -> Response {
         problems.push(format!(
             "the refresh loop last completed a pass {age}s ago (server.stall_after = {stall}s)"
         ));
+    }
+    if let crate::store::Checks::Failed(_) = s.store.checks() {
+        // The reason names the file: it goes to the log, as below.
+        problems.push(
+            "the store failed its start-up checks (quick_check or the sealing keys); the daemon is stopping (its log says why)"
+                .into(),
+        );
     }
     match s.store.schema_current().await {
         Ok(true) => {}

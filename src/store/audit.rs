@@ -10,7 +10,7 @@ impl Store {
     /// The audit trail of account `id`, newest first; kept after the account is removed.
     pub async fn audit_entries(&self, id: i64) -> Result<Vec<AuditEntry>, StoreError> {
         match &self.backend {
-            Backend::Sqlite(s) => s.call(move |c| lite::audit_entries(c, id)).await,
+            Backend::Sqlite(s) => s.read(move |c| lite::audit_entries(c, id)).await,
             Backend::Postgres(p) => {
                 pg::audit_entries(&**p.client("read the audit trail").await?, id).await
             }

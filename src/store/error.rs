@@ -54,6 +54,9 @@ pub enum StoreError {
     NotStored { message: String },
     #[error("the store's worker thread has stopped")]
     Closed,
+    /// A write held until the start-up checks ended, and they failed: nothing is written.
+    #[error("not written: the store failed its start-up checks: {message}")]
+    ChecksFailed { message: String },
     #[error(
         "store {path}: {message}; stopping (see docs/src/durability.md). Restore the database file, then start again: rotations not committed are in the recovery file beside it"
     )]

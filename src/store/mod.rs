@@ -15,6 +15,7 @@ mod commit;
 pub mod copy;
 mod deferred;
 mod error;
+mod gate;
 pub mod instance;
 pub mod postgres;
 mod record;
@@ -25,6 +26,7 @@ pub mod sqlite;
 mod types;
 
 pub use error::{IMPORT_ABORTED, Refusal, StoreError};
+pub use gate::{CheckHook, Checks};
 pub use recovery::{FAULT_ENV as RECOVERY_FAULT_ENV, owner_recovery_path, recovery_path};
 pub use rekey::rekey;
 pub use sqlite::{WATCH_EVERY, check_report};
@@ -81,16 +83,29 @@ impl Store {
     /// (`quick_check`), takes the instance lock, replays the recovery files of dead
     /// processes, and starts the worker.
     pub async fn open(opts: StoreOptions) -> Result<Store, StoreError> {
-        Self::start(opts, false).await
+        Self::start(opts, sqlite::Opening::Checked).await
+    }
+
+    /// The daemon's open: as `open`, but a SQLite store whose schema is current is handed
+    /// out before its start-up checks (`quick_check`, the sealing keys) end, so tokens can
+    /// be read at once; every write waits for them (`checks_settled` says how they ended).
+    /// `before_checks` runs on the checks' thread first (tests hold the checks with it).
+    /// PostgreSQL is checked before it is handed out, as by `open`.
+    pub async fn open_gated(
+        opts: StoreOptions,
+        before_checks: Option<CheckHook>,
+    ) -> Result<Store, StoreError> {
+        Self::start(opts, sqlite::Opening::Gated(before_checks)).await
     }
 
     /// Opens an existing database for reading only (`accounts list/show`, `check`): no
     /// migration, no replay of the recovery file, which belongs to the daemon.
     pub async fn open_read_only(opts: StoreOptions) -> Result<Store, StoreError> {
-        Self::start(opts, true).await
+        Self::start(opts, sqlite::Opening::ReadOnly).await
     }
 
-    async fn start(opts: StoreOptions, read_only: bool) -> Result<Store, StoreError> {
+    async fn start(opts: StoreOptions, opening: sqlite::Opening) -> Result<Store, StoreError> {
+        let read_only = matches!(opening, sqlite::Opening::ReadOnly);
         let mut owner: Arc<str> = instance::new_owner().into();
         let health = Arc::new(deferred::Health::default());
         let keys = opts.keyring.clone();
@@ -111,9 +126,7 @@ impl Store {
             .await?;
             Backend::Postgres(Arc::new(store))
         } else {
-            Backend::Sqlite(
-                SqliteStore::start(opts, owner.clone(), health.clone(), read_only).await?,
-            )
+            Backend::Sqlite(SqliteStore::start(opts, owner.clone(), health.clone(), opening).await?)
         };
         Ok(Store {
             backend,
@@ -154,6 +167,16 @@ impl Store {
     /// only, and at most `max_waiting` answers wait for their commit (backpressure).
     pub fn may_refresh(&self, max_waiting: usize) -> bool {
         self.health.may_refresh(max_waiting)
+    }
+
+    /// Where the start-up checks are (`open_gated`; any other open passed them).
+    pub fn checks(&self) -> Checks {
+        self.health.checks.state()
+    }
+
+    /// Waits for the start-up checks: how long they took, or the error they failed with.
+    pub async fn checks_settled(&self) -> Result<Duration, StoreError> {
+        self.health.checks.settled().await
     }
 
     /// Why the store cannot be used any more (its file vanished or was replaced).
@@ -359,7 +382,7 @@ impl Store {
         skip: Vec<String>,
     ) -> Result<Option<i64>, StoreError> {
         match &self.backend {
-            Backend::Sqlite(s) => s.call(move |c| lite::next_due_except(c, now, &skip)).await,
+            Backend::Sqlite(s) => s.read(move |c| lite::next_due_except(c, now, &skip)).await,
             Backend::Postgres(p) => {
                 let c = p.client("find next due account").await?;
                 pg::next_due_except(&c, now, &skip).await
@@ -370,7 +393,7 @@ impl Store {
     pub async fn get(&self, id: i64) -> Result<Option<Account>, StoreError> {
         let keys = self.keys.clone();
         match &self.backend {
-            Backend::Sqlite(s) => s.call(move |c| lite::get(c, &keys, id)).await,
+            Backend::Sqlite(s) => s.read(move |c| lite::get(c, &keys, id)).await,
             Backend::Postgres(p) => pg::get(&**p.client("read account").await?, &keys, id).await,
         }
     }
@@ -379,7 +402,7 @@ impl Store {
         let (p, s) = (provider.to_string(), subject.to_string());
         let keys = self.keys.clone();
         match &self.backend {
-            Backend::Sqlite(lt) => lt.call(move |c| lite::find(c, &keys, &p, &s)).await,
+            Backend::Sqlite(lt) => lt.read(move |c| lite::find(c, &keys, &p, &s)).await,
             Backend::Postgres(pgs) => {
                 pg::find(&**pgs.client("find account").await?, &keys, &p, &s).await
             }
@@ -394,7 +417,7 @@ impl Store {
     ) -> Result<Vec<AccountSummary>, StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => {
-                s.call(move |c| lite::list(c, &filter, after_id, page))
+                s.read(move |c| lite::list(c, &filter, after_id, page))
                     .await
             }
             Backend::Postgres(p) => {
@@ -405,7 +428,7 @@ impl Store {
 
     pub async fn log_entries(&self, id: i64, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
         match &self.backend {
-            Backend::Sqlite(s) => s.call(move |c| lite::log_entries(c, id, limit)).await,
+            Backend::Sqlite(s) => s.read(move |c| lite::log_entries(c, id, limit)).await,
             Backend::Postgres(p) => {
                 pg::log_entries(&**p.client("read refresh log").await?, id, limit).await
             }
@@ -415,7 +438,7 @@ impl Store {
     /// The newest `limit` refresh outcomes of all accounts, newest first (the admin page).
     pub async fn recent_outcomes(&self, limit: usize) -> Result<Vec<RecentOutcome>, StoreError> {
         match &self.backend {
-            Backend::Sqlite(s) => s.call(move |c| lite::recent_outcomes(c, limit)).await,
+            Backend::Sqlite(s) => s.read(move |c| lite::recent_outcomes(c, limit)).await,
             Backend::Postgres(p) => {
                 let c = p.client("read the latest refresh outcomes").await?;
                 pg::recent_outcomes(&**c, limit).await
@@ -425,7 +448,7 @@ impl Store {
 
     pub async fn counts(&self) -> Result<Vec<(String, Status, i64)>, StoreError> {
         match &self.backend {
-            Backend::Sqlite(s) => s.call(|c| lite::counts(c)).await,
+            Backend::Sqlite(s) => s.read(|c| lite::counts(c)).await,
             Backend::Postgres(p) => pg::counts(&**p.client("count accounts").await?).await,
         }
     }
@@ -434,7 +457,7 @@ impl Store {
     pub async fn schema_current(&self) -> Result<bool, StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => {
-                s.call(|c| Ok(sqlite::schema::version(c)? == sqlite::schema::MIGRATIONS.len()))
+                s.read(|c| Ok(sqlite::schema::version(c)? == sqlite::schema::MIGRATIONS.len()))
                     .await
             }
             Backend::Postgres(p) => {
@@ -447,7 +470,7 @@ impl Store {
     /// What the metrics report about the accounts, read in one go.
     pub async fn gauges(&self, now: i64) -> Result<Gauges, StoreError> {
         match &self.backend {
-            Backend::Sqlite(s) => s.call(move |c| lite::gauges(c, now)).await,
+            Backend::Sqlite(s) => s.read(move |c| lite::gauges(c, now)).await,
             Backend::Postgres(p) => {
                 pg::gauges(&**p.client("read account gauges").await?, now).await
             }
@@ -458,7 +481,7 @@ impl Store {
     /// refresh-token ends (`plan.rs` turns them into the plan).
     pub async fn plan_rows(&self, q: PlanQuery) -> Result<PlanRows, StoreError> {
         match &self.backend {
-            Backend::Sqlite(s) => s.call(move |c| lite::plan_rows(c, &q)).await,
+            Backend::Sqlite(s) => s.read(move |c| lite::plan_rows(c, &q)).await,
             Backend::Postgres(p) => pg::plan_rows(&**p.client("read the plan").await?, &q).await,
         }
     }
@@ -605,7 +628,7 @@ impl Store {
 
     pub async fn flagged_ids(&self) -> Result<Vec<(i64, Status)>, StoreError> {
         match &self.backend {
-            Backend::Sqlite(s) => s.call(|c| lite::flagged_ids(c)).await,
+            Backend::Sqlite(s) => s.read(|c| lite::flagged_ids(c)).await,
             Backend::Postgres(p) => {
                 pg::flagged_ids(&**p.client("list flagged accounts").await?).await
             }
@@ -644,7 +667,7 @@ impl Store {
             return Ok(0);
         };
         match &self.backend {
-            Backend::Sqlite(s) => s.call(move |c| lite::count_to_rekey(c, &id)).await,
+            Backend::Sqlite(s) => s.read(move |c| lite::count_to_rekey(c, &id)).await,
             Backend::Postgres(p) => {
                 let c = p.client("count accounts to re-seal").await?;
                 pg::count_to_rekey(&**c, &id).await
@@ -724,56 +747,6 @@ impl Store {
                 .await
             }
         }
-    }
-}
-
-#[cfg(test)]
-impl Store {
-    /// One integer (or NULL) from a raw query whose `?1` is `id`, on either backend.
-    pub(crate) async fn test_query_i64(
-        &self,
-        sql: &'static str,
-        id: i64,
-    ) -> Result<Option<i64>, StoreError> {
-        if let Some(p) = self.pg() {
-            let c = p.client("test query").await?;
-            let row = c
-                .query_one(&sql.replace("?1", "$1::bigint"), &[&id])
-                .await
-                .map_err(postgres::pg_err("test query"))?;
-            return Ok(row.get(0));
-        }
-        self.call(move |c| {
-            c.query_row(sql, [id], |r| r.get(0))
-                .map_err(|source| StoreError::Sqlite {
-                    context: "test query",
-                    source,
-                })
-        })
-        .await
-    }
-
-    pub(crate) async fn test_lease(
-        &self,
-        id: i64,
-    ) -> Result<(Option<String>, Option<i64>), StoreError> {
-        let sql = "SELECT lease_owner, lease_expires_at FROM accounts WHERE id = ?1";
-        if let Some(p) = self.pg() {
-            let c = p.client("test query").await?;
-            let row = c
-                .query_one(&sql.replace("?1", "$1"), &[&id])
-                .await
-                .map_err(postgres::pg_err("test query"))?;
-            return Ok((row.get(0), row.get(1)));
-        }
-        self.call(move |c| {
-            c.query_row(sql, [id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .map_err(|source| StoreError::Sqlite {
-                    context: "test query",
-                    source,
-                })
-        })
-        .await
     }
 }
 

@@ -140,12 +140,13 @@ async fn a_configured_app_is_fetched_served_and_rescoped_on_reload() {
     d.reload.send(()).await.unwrap();
     assert!(
         helpers::eventually(10, || async {
+            // The second token recorded, not only issued.
             app.sandbox.stats().client_tokens_issued == 2
-                && store
-                    .get(a.id)
-                    .await
-                    .unwrap()
-                    .is_some_and(|r| r.scope == "research.adlib.basic")
+                && store.get(a.id).await.unwrap().is_some_and(|r| {
+                    r.scope == "research.adlib.basic"
+                        && app.sandbox.last_client_token().as_deref()
+                            == Some(secrecy::ExposeSecret::expose_secret(&r.access_token))
+                })
         })
         .await,
         "not rescoped and fetched again: {:?}",

@@ -553,6 +553,18 @@ async fn check_fails_on_a_damaged_store_and_run_refuses_it() {
     let (code, text) = cli(&["run", "--once"]);
     assert_ne!(code, Some(0), "{text}");
     assert!(text.contains("is damaged"), "{text}");
+    // The daemon opens it (ready before its checks end), then stops with the same error.
+    let mut run = Command::new(helpers::bin());
+    run.arg("--config").arg(&lab.config).arg("run");
+    run.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = helpers::run_to_end(run, None, Duration::from_secs(30)).await;
+    assert_ne!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.all().contains("is damaged") && out.all().contains("store_checks_failed"),
+        "{}",
+        out.all()
+    );
 }
 
 /// Item 9: a store refreshd can read but not write: `check` says so and exits non-zero.

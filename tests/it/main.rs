@@ -35,5 +35,6 @@ mod proxy;
 mod security;
 mod server;
 mod sink;
+mod startup;
 mod webhook;
 mod year;

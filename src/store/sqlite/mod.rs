@@ -5,16 +5,21 @@
 //! commit fails go to the recovery file and are retried. The worker also watches that the
 //! database file is still the one it opened and takes over what dead processes sharing the
 //! file left (their recovery files and leases).
-//! `queries.rs` and `writes.rs` hold the SQL, `claim.rs` the claim and the group
-//! transaction, `schema.rs` the migrations, `check.rs` the file's health checks.
+//! `open.rs` opens a store (its checks before any write), `queries.rs` and `writes.rs` hold
+//! the SQL, `claim.rs` the claim and the group transaction, `schema.rs` the migrations,
+//! `check.rs` the file's health checks.
 
 mod check;
 pub(crate) mod claim;
+mod open;
 pub(crate) mod queries;
 pub mod schema;
 pub(crate) mod writes;
 
 pub use check::report as check_report;
+#[cfg(test)]
+use open::connect;
+use open::{prepare, prepare_gated, prepare_read_only, set_query_only, take_over_dead};
 
 use crate::crypto::Keyring;
 use crate::model::Account;
@@ -22,12 +27,13 @@ use crate::store::commit::{
     self, CLOSE_RETRIES, CLOSE_RETRY_EVERY, COMMIT_WAIT, MAX_GROUP, RETRY_EVERY,
 };
 use crate::store::deferred::{self, Health};
-use crate::store::error::{Refusal, StoreError};
+use crate::store::error::StoreError;
+use crate::store::gate::CheckHook;
 use crate::store::instance;
 use crate::store::recovery;
 use crate::store::types::{Outcome, Recorded, Reply, StoreOptions};
 use claim::{Claim, ClaimReply};
-use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use rusqlite::{Connection, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
@@ -35,11 +41,17 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tracing::Span;
 
-type Call = Box<dyn FnOnce(&mut Connection) + Send>;
+/// A call answers its caller itself: with what it did on the connection, or the error
+/// it was refused with (`refuse`).
+type Call = Box<dyn FnOnce(Result<&mut Connection, StoreError>) + Send>;
 
 /// A job for the worker, with the span of the caller that sent it.
 enum Job {
     Call(Call, Span),
+    /// A call that only reads: answered even before the start-up checks pass.
+    Read(Call, Span),
+    /// The start-up checks ended (how long they took, or why they failed).
+    Checked(Result<Duration, StoreError>),
     Record(Outcome, Reply, Span),
     Claim(Claim, ClaimReply, Span),
     Close(oneshot::Sender<()>),
@@ -53,31 +65,49 @@ type PendingClaim = (Claim, ClaimReply, Span);
 pub(crate) struct SqliteStore {
     jobs: std_mpsc::Sender<Job>,
     path: PathBuf,
+    health: Arc<Health>,
+}
+
+/// How a store is opened.
+pub(crate) enum Opening {
+    /// An existing, migrated database for reading only, nothing replayed.
+    ReadOnly,
+    /// Checked before it is handed out.
+    Checked,
+    /// Handed out at once when its schema is current; the checks run on their own thread
+    /// (after `hook`, for tests) and every write waits for them (`gate.rs`).
+    Gated(Option<CheckHook>),
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database, applies migrations, checks it
-    /// (`quick_check`), takes the instance lock, replays the recovery files of dead
-    /// processes, and starts the worker thread. `read_only`: an existing, migrated database
-    /// opened for reading only, nothing replayed.
+    /// Opens (creating if needed) the database, checks it (`quick_check`, the sealing
+    /// keys), applies migrations, takes the instance lock, replays the recovery files of
+    /// dead processes, and starts the worker thread; `opening` says what is done before it
+    /// is handed out.
     pub async fn start(
         opts: StoreOptions,
         owner: Arc<str>,
         health: Arc<Health>,
-        read_only: bool,
+        opening: Opening,
     ) -> Result<SqliteStore, StoreError> {
         let (tx, rx) = std_mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = oneshot::channel();
         let path = opts.path.clone();
-        let worker_health = health;
+        let worker_health = health.clone();
         let worker_owner = owner.clone();
+        let checks_tx = tx.clone();
         std::thread::Builder::new()
             .name("refreshd-store".into())
             .spawn(move || {
-                let prepared = if read_only {
-                    prepare_read_only(&opts).map(|c| (c, None))
-                } else {
-                    prepare(&opts, &worker_owner, &worker_health).map(|(c, i)| (c, Some(i)))
+                let prepared = match opening {
+                    Opening::ReadOnly => prepare_read_only(&opts).map(|c| (c, None)),
+                    Opening::Checked => {
+                        prepare(&opts, &worker_owner, &worker_health).map(|(c, i)| (c, Some(i)))
+                    }
+                    Opening::Gated(hook) => {
+                        prepare_gated(&opts, &worker_owner, &worker_health, hook, checks_tx)
+                            .map(|(c, i)| (c, Some(i)))
+                    }
                 };
                 let (mut conn, instance) = match prepared {
                     Ok(c) => {
@@ -96,27 +126,58 @@ impl SqliteStore {
                 source: e,
             })?;
         ready_rx.await.map_err(|_| StoreError::Closed)??;
-        Ok(SqliteStore { jobs: tx, path })
+        Ok(SqliteStore {
+            jobs: tx,
+            path,
+            health,
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Runs `f` on the worker thread with the connection, in the caller's span.
+    /// Runs `f` on the worker thread with the connection, in the caller's span, once the
+    /// start-up checks passed (it may write).
     pub async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
     {
+        self.send_call(f, Job::Call).await
+    }
+
+    /// Runs `f`, which only reads, on the worker thread, even while the start-up checks
+    /// run: the connection is `query_only` until they pass, so a write in `f` fails.
+    pub async fn read<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.send_call(f, Job::Read).await
+    }
+
+    async fn send_call<R, F>(&self, f: F, job: fn(Call, Span) -> Job) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
-        let call = Box::new(move |c: &mut Connection| {
-            let _ = tx.send(f(c));
+        let call = Box::new(move |c: Result<&mut Connection, StoreError>| {
+            let _ = tx.send(c.and_then(f));
         });
-        self.jobs
-            .send(Job::Call(call, Span::current()))
-            .map_err(|_| StoreError::Closed)?;
+        self.send(job(call, Span::current()))?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Sends a job; a write is refused at once when the start-up checks failed.
+    fn send(&self, job: Job) -> Result<(), StoreError> {
+        if !matches!(job, Job::Read(..) | Job::Close(_))
+            && let Some(refused) = self.health.checks.refusal()
+        {
+            return Err(refused);
+        }
+        self.jobs.send(job).map_err(|_| StoreError::Closed)
     }
 
     /// Runs `f` in one IMMEDIATE transaction on the worker thread; commits when it returns Ok.
@@ -140,9 +201,7 @@ impl SqliteStore {
     /// Hands one outcome to the group commit.
     pub async fn record(&self, outcome: Outcome) -> Result<Recorded, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.jobs
-            .send(Job::Record(outcome, tx, Span::current()))
-            .map_err(|_| StoreError::Closed)?;
+        self.send(Job::Record(outcome, tx, Span::current()))?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -150,9 +209,7 @@ impl SqliteStore {
     /// a group of outcomes.
     pub async fn claim(&self, claim: Claim) -> Result<Vec<Account>, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.jobs
-            .send(Job::Claim(claim, tx, Span::current()))
-            .map_err(|_| StoreError::Closed)?;
+        self.send(Job::Claim(claim, tx, Span::current()))?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -163,175 +220,6 @@ impl SqliteStore {
             let _ = rx.await;
         }
     }
-}
-
-/// Creates the database file with mode 0600 if it does not exist yet, so no other user can
-/// read tokens even for an instant. SQLite gives the WAL and SHM files the same mode.
-fn create_private(path: &Path) -> Result<(), StoreError> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    match opts.open(path) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(source) => Err(StoreError::Create {
-            path: path.to_path_buf(),
-            source,
-        }),
-    }
-}
-
-/// Refuses to start when a stored token is sealed with a key that is not configured: every
-/// refresh would fail to read its token, and the accounts would look broken for no reason.
-fn check_keys(conn: &Connection, path: &Path, keys: &Keyring) -> Result<(), StoreError> {
-    for key_id in queries::sealing_key_ids(conn)? {
-        if !keys.knows(&key_id) {
-            return Err(StoreError::MissingKey {
-                path: path.to_path_buf(),
-                key_id,
-                configured: keys.describe(),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Opens a connection with the durability settings every process sharing the file uses.
-pub(crate) fn connect(opts: &StoreOptions) -> Result<Connection, StoreError> {
-    let open_err = |source| StoreError::Open {
-        path: opts.path.clone(),
-        source,
-    };
-    if let Some(parent) = opts.path.parent().filter(|p| !p.as_os_str().is_empty())
-        && !parent.is_dir()
-    {
-        return Err(StoreError::Create {
-            path: opts.path.clone(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!(
-                    "directory {} does not exist (set store.path)",
-                    parent.display()
-                ),
-            ),
-        });
-    }
-    create_private(&opts.path)?;
-    let conn = Connection::open_with_flags(
-        &opts.path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(open_err)?;
-    conn.busy_timeout(opts.busy_timeout).map_err(open_err)?;
-    // Several processes opening a brand-new file at once: converting it to WAL needs an
-    // exclusive lock, and SQLite answers BUSY at once (no busy handler: it would deadlock)
-    // to all but one. Try again until busy_timeout, as the busy handler would.
-    let deadline = std::time::Instant::now() + opts.busy_timeout;
-    let mode: String = loop {
-        match conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)) {
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::DatabaseBusy
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            result => break result.map_err(open_err)?,
-        }
-    };
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::NotWal {
-            path: opts.path.clone(),
-            mode,
-        });
-    }
-    conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(open_err)?;
-    // Overwrites deleted and moved content with zeros, so a token replaced by a rotation
-    // (or by its sealed form, during rekey) does not linger in free space of the file.
-    conn.pragma_update(None, "secure_delete", "ON")
-        .map_err(open_err)?;
-    // The query planner stability guarantee: without it, binding a new LIMIT to a cached
-    // statement (the claim's) expires it, and every claim is prepared again.
-    conn.set_db_config(
-        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
-        true,
-    )
-    .map_err(open_err)?;
-    conn.set_prepared_statement_cache_capacity(64);
-    Ok(conn)
-}
-
-fn prepare(
-    opts: &StoreOptions,
-    owner: &str,
-    health: &Health,
-) -> Result<(Connection, instance::Instance), StoreError> {
-    let mut conn = connect(opts)?;
-    // A damaged file is refused before anything (a migration included) writes to it.
-    let problems = check::quick(&conn).map_err(|e| StoreError::Damaged {
-        path: opts.path.clone(),
-        problems: e.to_string(),
-    })?;
-    if !problems.is_empty() {
-        return Err(StoreError::Damaged {
-            path: opts.path.clone(),
-            problems: problems.join("; "),
-        });
-    }
-    schema::migrate(&mut conn).map_err(|(version, source)| StoreError::Migration {
-        path: opts.path.clone(),
-        version,
-        source,
-    })?;
-    check_keys(&conn, &opts.path, &opts.keyring)?;
-    let lock = instance::StoreLock::acquire(&opts.path)?;
-    let me = instance::Instance::acquire(&opts.path, owner, &lock)?;
-    // Others' `watch` skips rounds while the store lock is held, so keep it short:
-    // try with the commit wait first, and only a second time with the full busy_timeout
-    // (a failure here still stops the start, as before).
-    let open_err = |source| StoreError::Open {
-        path: opts.path.clone(),
-        source,
-    };
-    conn.busy_timeout(COMMIT_WAIT).map_err(open_err)?;
-    let quick = adopt_dead(&mut conn, &opts.keyring, &opts.path, owner, health, &lock);
-    conn.busy_timeout(opts.busy_timeout).map_err(open_err)?;
-    if quick.is_err() {
-        adopt_dead(&mut conn, &opts.keyring, &opts.path, owner, health, &lock)?;
-    }
-    Ok((conn, me))
-}
-
-fn prepare_read_only(opts: &StoreOptions) -> Result<Connection, StoreError> {
-    let open_err = |source| StoreError::Open {
-        path: opts.path.clone(),
-        source,
-    };
-    let conn = Connection::open_with_flags(
-        &opts.path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(open_err)?;
-    conn.busy_timeout(opts.busy_timeout).map_err(open_err)?;
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(open_err)?;
-    if version != schema::MIGRATIONS.len() as i64 {
-        return Err(Refusal::SchemaBehind {
-            store: opts.path.display().to_string(),
-            version,
-            current: schema::MIGRATIONS.len(),
-        }
-        .into());
-    }
-    check_keys(&conn, &opts.path, &opts.keyring)?;
-    Ok(conn)
 }
 
 /// Takes over what dead processes left (store lock held): commits their recovery files
@@ -396,6 +284,9 @@ struct Worker {
     identity: Option<(u64, u64)>,
     last_retry: std::time::Instant,
     last_watch: std::time::Instant,
+    /// The start-up checks have not ended: writes wait in `held`, in their order.
+    gated: bool,
+    held: Vec<Job>,
 }
 
 impl Worker {
@@ -410,6 +301,7 @@ impl Worker {
         } else {
             recovery::RecoveryLog::unopened(recovery::owner_recovery_path(&opts.path, owner))
         };
+        let gated = health.checks.state() == crate::store::gate::Checks::Pending;
         Worker {
             db: opts.path.clone(),
             owner: owner.to_string(),
@@ -420,13 +312,15 @@ impl Worker {
             instance,
             last_retry: std::time::Instant::now(),
             last_watch: std::time::Instant::now(),
+            gated,
+            held: Vec::new(),
         }
     }
 
     fn run(mut self, conn: &mut Connection, rx: std_mpsc::Receiver<Job>) {
         let mut stash: Vec<Job> = Vec::new();
         loop {
-            if self.instance.is_some() && self.last_watch.elapsed() >= WATCH_EVERY {
+            if self.instance.is_some() && !self.gated && self.last_watch.elapsed() >= WATCH_EVERY {
                 self.watch(conn);
             }
             let job = if let Some(j) = stash.pop() {
@@ -450,6 +344,9 @@ impl Worker {
                     Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
                 }
             };
+            let Some(job) = self.at_gate(conn, job, &mut stash) else {
+                continue;
+            };
             // Deferred rotations go first: nothing else should see the rows they update.
             if !self.deferrals.is_empty()
                 && (matches!(job, Job::Call(..) | Job::Claim(..))
@@ -458,7 +355,8 @@ impl Worker {
                 self.retry_deferred(conn);
             }
             match job {
-                Job::Call(f, span) => span.in_scope(|| f(conn)),
+                Job::Call(f, span) | Job::Read(f, span) => span.in_scope(|| f(Ok(conn))),
+                Job::Checked(_) => unreachable!("answered at the gate"),
                 Job::Close(done) => {
                     // A few more tries: what is still deferred after them waits for the
                     // next start in the recovery file.
@@ -502,6 +400,64 @@ impl Worker {
         }
         self.retry_deferred(conn);
         self.finish();
+    }
+
+    /// The write gate (`gate.rs`), the one place that decides whether a job may write: a
+    /// read runs at once; a write waits while the start-up checks run and is refused when
+    /// they failed. Returns the job when it may run now.
+    fn at_gate(&mut self, conn: &mut Connection, job: Job, stash: &mut Vec<Job>) -> Option<Job> {
+        match job {
+            Job::Read(f, span) => span.in_scope(|| f(Ok(conn))),
+            Job::Checked(result) => self.checks_ended(conn, result, stash),
+            Job::Close(_) => return Some(job),
+            job if self.gated => self.held.push(job),
+            job => match self.deferrals.health.checks.refusal() {
+                Some(refused) => refuse(job, refused),
+                None => return Some(job),
+            },
+        }
+        None
+    }
+
+    /// The checks ended: when they passed, writes are allowed, dead processes' work is
+    /// taken over (their recovery files replayed), and the held jobs run, in order; when
+    /// they failed, the held jobs are refused and the connection stays `query_only`.
+    fn checks_ended(
+        &mut self,
+        conn: &mut Connection,
+        result: Result<Duration, StoreError>,
+        stash: &mut Vec<Job>,
+    ) {
+        self.gated = false;
+        let opts = StoreOptions {
+            path: self.db.clone(),
+            busy_timeout: self.busy_timeout,
+            keyring: self.keys.clone(),
+            postgres: None,
+        };
+        let result = result.and_then(|took| {
+            set_query_only(conn, &self.db, false)?;
+            let lock = instance::StoreLock::acquire(&self.db)?;
+            take_over_dead(conn, &opts, &self.owner, &self.deferrals.health, &lock)?;
+            Ok(took)
+        });
+        let held = std::mem::take(&mut self.held);
+        match result {
+            Ok(took) => {
+                self.deferrals.health.checks.pass(took);
+                // `stash` is popped from the end.
+                stash.extend(held.into_iter().rev());
+            }
+            Err(e) => {
+                let _ = set_query_only(conn, &self.db, true);
+                self.deferrals.health.checks.fail(e);
+                for job in held {
+                    if let Some(refused) = self.deferrals.health.checks.refusal() {
+                        refuse(job, refused);
+                    }
+                }
+            }
+        }
     }
 
     /// A stop: the own recovery file goes when empty, the instance lock with its file.
@@ -659,6 +615,20 @@ impl Worker {
         let result = apply_recovered(conn, &self.keys, &self.deferrals.pending);
         self.set_wait(conn, self.busy_timeout);
         commit::settle_retry(&mut self.deferrals, result);
+    }
+}
+
+/// Answers a write the gate refuses.
+fn refuse(job: Job, refused: StoreError) {
+    match job {
+        Job::Call(f, _) | Job::Read(f, _) => f(Err(refused)),
+        Job::Record(_, reply, _) => {
+            let _ = reply.send(Err(refused));
+        }
+        Job::Claim(_, reply, _) => {
+            let _ = reply.send(Err(refused));
+        }
+        _ => {}
     }
 }
 

@@ -1,6 +1,6 @@
 //! The SQLite worker carries its callers' spans; the queries on `:memory:`.
 
-use super::{SqliteStore, claim, queries, schema, writes};
+use super::{Opening, SqliteStore, claim, queries, schema, writes};
 use crate::crypto::Keyring;
 use crate::model::{Status, TokenSet};
 use crate::store::deferred::Health;
@@ -58,7 +58,7 @@ async fn a_log_line_of_a_store_job_carries_the_callers_span() {
     let dir = tempfile::tempdir().unwrap();
     let opts = file_options(dir.path());
     let health = Arc::new(Health::default());
-    let store = SqliteStore::start(opts, "me".into(), health, false)
+    let store = SqliteStore::start(opts, "me".into(), health, Opening::Checked)
         .await
         .unwrap();
     let span = tracing::info_span!("refresh", account = 424_242);
@@ -308,9 +308,14 @@ fn the_claim_statement_is_prepared_once() {
 async fn the_worker_answers_a_claim_queued_behind_outcomes_after_committing_them() {
     let dir = tempfile::tempdir().unwrap();
     let health = Arc::new(Health::default());
-    let store = SqliteStore::start(file_options(dir.path()), "me".into(), health, false)
-        .await
-        .unwrap();
+    let store = SqliteStore::start(
+        file_options(dir.path()),
+        "me".into(),
+        health,
+        Opening::Checked,
+    )
+    .await
+    .unwrap();
     let accounts = vec![account("a"), account("b")];
     store
         .in_tx("import", move |tx| {
@@ -419,4 +424,71 @@ fn a_rotation_rewrites_the_status_and_refresh_end_indexes_only_when_they_change(
     assert_eq!(stored("kept"), (Status::Active, Some(NOW + 100), 1));
     assert_eq!(stored("moved"), (Status::Active, Some(NOW + 501), 1));
     assert_eq!(stored("ending"), (Status::Expiring, Some(NOW + 100), 1));
+}
+
+/// The write gate: while the start-up checks are held, a read is answered and cannot
+/// write (`query_only`), a write waits; once they pass, the write goes through.
+#[tokio::test]
+async fn a_gated_store_reads_at_once_and_holds_writes_until_its_checks_pass() {
+    use crate::store::gate::Checks;
+    let dir = tempfile::tempdir().unwrap();
+    let opts = file_options(dir.path());
+    let checked = Arc::new(Health::default());
+    SqliteStore::start(opts.clone(), "me".into(), checked, Opening::Checked)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let health = Arc::new(Health::default());
+    let hook: crate::store::gate::CheckHook = Box::new(move || {
+        let _ = held.recv();
+    });
+    let store = SqliteStore::start(
+        opts,
+        "me".into(),
+        health.clone(),
+        Opening::Gated(Some(hook)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(health.checks.state(), Checks::Pending);
+    assert_eq!(
+        store.read(|c| schema::version(c)).await.unwrap(),
+        schema::MIGRATIONS.len()
+    );
+    let sneaked = store
+        .read(|c| {
+            c.execute_batch("CREATE TABLE sneaked(x)")
+                .map_err(|source| crate::store::StoreError::Sqlite {
+                    context: "test",
+                    source,
+                })
+        })
+        .await;
+    assert!(sneaked.is_err(), "a read wrote while the checks ran");
+    let write = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .in_tx("test", |tx| {
+                    tx.execute_batch("CREATE TABLE written(x)")
+                        .map_err(|source| crate::store::StoreError::Sqlite {
+                            context: "test",
+                            source,
+                        })
+                })
+                .await
+        })
+    };
+    // The worker answers a read queued after the write: the write is held, not running.
+    store.read(|_| Ok(())).await.unwrap();
+    assert!(!write.is_finished());
+    release.send(()).unwrap();
+    write
+        .await
+        .unwrap()
+        .expect("the held write runs once the checks pass");
+    assert!(matches!(health.checks.state(), Checks::Passed(_)));
+    store.close().await;
 }

@@ -198,3 +198,55 @@ mod open;
 mod plan;
 mod records;
 mod replicas;
+
+/// Raw reads for the tests, on either backend.
+impl Store {
+    /// One integer (or NULL) from a raw query whose `?1` is `id`, on either backend.
+    pub(crate) async fn test_query_i64(
+        &self,
+        sql: &'static str,
+        id: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        if let Some(p) = self.pg() {
+            let c = p.client("test query").await?;
+            let row = c
+                .query_one(&sql.replace("?1", "$1::bigint"), &[&id])
+                .await
+                .map_err(postgres::pg_err("test query"))?;
+            return Ok(row.get(0));
+        }
+        self.sqlite("test query")?
+            .read(move |c| {
+                c.query_row(sql, [id], |r| r.get(0))
+                    .map_err(|source| StoreError::Sqlite {
+                        context: "test query",
+                        source,
+                    })
+            })
+            .await
+    }
+
+    pub(crate) async fn test_lease(
+        &self,
+        id: i64,
+    ) -> Result<(Option<String>, Option<i64>), StoreError> {
+        let sql = "SELECT lease_owner, lease_expires_at FROM accounts WHERE id = ?1";
+        if let Some(p) = self.pg() {
+            let c = p.client("test query").await?;
+            let row = c
+                .query_one(&sql.replace("?1", "$1"), &[&id])
+                .await
+                .map_err(postgres::pg_err("test query"))?;
+            return Ok((row.get(0), row.get(1)));
+        }
+        self.sqlite("test query")?
+            .read(move |c| {
+                c.query_row(sql, [id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .map_err(|source| StoreError::Sqlite {
+                        context: "test query",
+                        source,
+                    })
+            })
+            .await
+    }
+}
