@@ -9,7 +9,7 @@ use crate::engine::{Engine, EngineError, Settings, StatsSnapshot};
 use crate::events::Events;
 use crate::jobs;
 use crate::provider::ProviderError;
-use crate::store::{CheckHook, Store, StoreError, StoreOptions};
+use crate::store::{CheckHook, Checks, Store, StoreError, StoreOptions};
 use crate::telemetry::LogHandle;
 use crate::{notify, sink};
 use futures::StreamExt;
@@ -338,7 +338,12 @@ pub async fn run(
         sd_notify::NotifyState::Status("refreshing"),
     ]);
     tracing::info!(event = "ready", "refreshd is running");
-    let watchdog = spawn_watchdog(engine.clone(), settings_rx.clone(), shutdown.clone());
+    let watchdog = spawn_watchdog(
+        engine.clone(),
+        store.clone(),
+        settings_rx.clone(),
+        shutdown.clone(),
+    );
 
     let mut reload = opts.reload.take();
     let mut lost = None;
@@ -712,10 +717,11 @@ fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-/// Pings the systemd watchdog while the engine loop makes progress; a stuck loop stops the
-/// pings and systemd restarts the service.
+/// Pings the systemd watchdog while the engine loop makes progress, or waits for the
+/// store's start-up checks; a stuck loop stops the pings and systemd restarts the service.
 fn spawn_watchdog(
     engine: Engine,
+    store: Store,
     settings: watch::Receiver<Arc<Settings>>,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
@@ -738,7 +744,8 @@ fn spawn_watchdog(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
                 .unwrap_or(0);
-            if now - beat <= 2 * max_idle + 30 {
+            let checking = store.checks() == Checks::Pending;
+            if checking || now - beat <= 2 * max_idle + 30 {
                 notify_systemd(&[sd_notify::NotifyState::Watchdog]);
             } else {
                 tracing::error!(

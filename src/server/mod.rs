@@ -14,7 +14,7 @@ pub use serve::connection_cap;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::engine::{Engine, Settings};
-use crate::store::Store;
+use crate::store::{Checks, Store};
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -63,8 +63,12 @@ impl AppState {
         self.settings.borrow().config.clone()
     }
 
-    /// Seconds since the engine loop last completed a look at the store (or started).
+    /// Seconds since the engine loop last completed a look at the store (or started); 0
+    /// while the store's start-up checks run (the loop's first claim waits for them).
     fn heartbeat_age(&self) -> i64 {
+        if self.store.checks() == Checks::Pending {
+            return 0;
+        }
         let beat = self.engine.stats().heartbeat.load(Ordering::Relaxed);
         self.clock.now() - beat.max(self.started_at)
     }

@@ -108,6 +108,13 @@ async fn ready_and_readable_before_the_checks_end_but_nothing_written_until_they
     assert_eq!(app.sandbox.stats().requests, 0, "a refresh was sent");
     assert_eq!(lease_owner(&app.db, ids[0]), None, "a lease was written");
     assert_eq!(store.checks(), Checks::Pending);
+    // Checks longer than twice server.stall_after (a big store, a slow disk): the loop
+    // waiting at the gate is starting, not stalled, so no probe restarts the daemon.
+    app.clock.advance(Duration::from_secs(11 * 60));
+    for probe in ["/healthz", "/readyz"] {
+        let (status, body) = get(addr, probe).await;
+        assert_eq!(status, 200, "{probe} while the checks run: {body}");
+    }
 
     release.send(()).unwrap();
     store.checks_settled().await.expect("the checks pass");

@@ -407,7 +407,13 @@ impl Worker {
     /// they failed. Returns the job when it may run now.
     fn at_gate(&mut self, conn: &mut Connection, job: Job, stash: &mut Vec<Job>) -> Option<Job> {
         match job {
-            Job::Read(f, span) => span.in_scope(|| f(Ok(conn))),
+            Job::Read(f, span) => {
+                // Deferred rotations go first: a read must not see the rows they update.
+                if !self.gated && !self.deferrals.is_empty() {
+                    self.retry_deferred(conn);
+                }
+                span.in_scope(|| f(Ok(conn)))
+            }
             Job::Checked(result) => self.checks_ended(conn, result, stash),
             Job::Close(_) => return Some(job),
             job if self.gated => self.held.push(job),
@@ -445,8 +451,18 @@ impl Worker {
         match result {
             Ok(took) => {
                 self.deferrals.health.checks.pass(took);
+                // A held claim carries the `now` (and lease end) of when it was sent, which
+                // the checks may have outlasted: it is answered empty, and the engine,
+                // woken once the checks pass, claims again with the time of then.
+                let held = held.into_iter().filter_map(|job| match job {
+                    Job::Claim(_, reply, _) => {
+                        let _ = reply.send(Ok(Vec::new()));
+                        None
+                    }
+                    job => Some(job),
+                });
                 // `stash` is popped from the end.
-                stash.extend(held.into_iter().rev());
+                stash.extend(held.collect::<Vec<_>>().into_iter().rev());
             }
             Err(e) => {
                 let _ = set_query_only(conn, &self.db, true);

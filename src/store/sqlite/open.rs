@@ -11,8 +11,8 @@ use crate::store::commit::COMMIT_WAIT;
 use crate::store::deferred::Health;
 use crate::store::error::{Refusal, StoreError};
 use crate::store::gate::CheckHook;
-use crate::store::instance;
 use crate::store::types::StoreOptions;
+use crate::store::{instance, recovery};
 use rusqlite::{Connection, OpenFlags};
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
@@ -157,7 +157,9 @@ fn refuse_damaged(conn: &Connection, path: &Path) -> Result<(), StoreError> {
 /// The daemon's opening: a store whose schema is current is handed out before its checks
 /// end, its connection `query_only`; the checks run on their own thread and connection
 /// and report to the worker (`Job::Checked`), which writes nothing before. A store that
-/// needs a migration (a write) is checked first, as `prepare` does.
+/// needs a migration (a write), or holds a dead process's recovery file (rotations the
+/// database does not have yet: nothing may read the rows before they are replayed), is
+/// checked first, as `prepare` does.
 pub(super) fn prepare_gated(
     opts: &StoreOptions,
     owner: &str,
@@ -166,7 +168,9 @@ pub(super) fn prepare_gated(
     worker: std_mpsc::Sender<Job>,
 ) -> Result<(Connection, instance::Instance), StoreError> {
     let conn = connect(opts)?;
-    if schema::version(&conn)? != schema::MIGRATIONS.len() {
+    if schema::version(&conn)? != schema::MIGRATIONS.len()
+        || !recovery::orphans(&opts.path, owner).is_empty()
+    {
         drop(conn);
         return prepare(opts, owner, health);
     }

@@ -52,6 +52,28 @@ async fn failed_commit_defers_to_recovery_file_then_commits() {
     assert_eq!(log_outcomes(&store, id).await[0], "rotated");
 }
 
+/// A read sees no row a deferred rotation updates: the worker retries its deferred
+/// rotations before it answers one, rather than at its next timed retry.
+#[tokio::test]
+async fn a_read_after_the_database_frees_up_sees_the_deferred_rotation() {
+    let (dir, store) = temp_store().await;
+    let db = options(&dir).path;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    let locker = lock_writes(&db);
+    let r = store
+        .record(rotated(id, 0, "at-deferred", Some("rt-deferred"), NOW + 1))
+        .await
+        .unwrap();
+    assert_eq!(r, Recorded::Deferred);
+    locker.execute_batch("ROLLBACK").unwrap();
+    drop(locker);
+    // At once: the worker's timed retry (a second apart) has not come yet.
+    let a = get(&store, id).await;
+    assert_eq!(a.refresh_token.expose_secret(), "rt-deferred");
+    assert_eq!(a.generation, 1);
+}
+
 #[tokio::test]
 async fn close_commits_deferred_rotations_once_the_database_is_free() {
     let dir = tempfile::tempdir().unwrap();
@@ -315,6 +337,37 @@ async fn a_dead_writers_recovery_file_is_replayed_by_the_next_start() {
         get(&store, accts[1]).await.refresh_token.expose_secret(),
         "rt-old"
     );
+}
+
+/// The daemon's gated open hands a store out before its checks end; beside a dead writer's
+/// recovery file it does not: the rotations in the file are replayed first, so no read
+/// (the token API, the start-up token files) sees the rows without them. The checks' hook
+/// would hold a gated open's checks for good.
+#[tokio::test]
+async fn a_gated_open_replays_a_dead_writers_recovery_file_before_any_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(&dir);
+    let store = Store::open(opts.clone()).await.unwrap();
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    store.close().await;
+    drop(store);
+    let dead = owner_recovery_path(&opts.path, "deadhost:4242:0000beef");
+    let rotation = rotated(id, 0, "at-dead", Some("rt-dead"), NOW + 1);
+    recovery::append(&dead, &Default::default(), &[rotation]).unwrap();
+    let (_release, held) = std::sync::mpsc::channel::<()>();
+    let hook: crate::store::CheckHook = Box::new(move || {
+        let _ = held.recv();
+    });
+    let store = Store::open_gated(opts, Some(hook)).await.unwrap();
+    assert!(!dead.exists());
+    let checks = store.checks();
+    assert!(
+        matches!(checks, crate::store::Checks::Passed(_)),
+        "checked before it was handed out: {checks:?}"
+    );
+    let a = get(&store, id).await;
+    assert_eq!(a.refresh_token.expose_secret(), "rt-dead");
+    assert_eq!(a.access_token.expose_secret(), "at-dead");
 }
 
 /// A lease whose owner's instance lock is free is taken over at once (the claim records

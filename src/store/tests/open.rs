@@ -217,3 +217,37 @@ async fn a_damaged_database_fails_check_and_is_refused_at_open() {
 }
 
 on_both_backends!(replicas_opening_a_fresh_store_together_migrate_it_once,);
+
+/// A claim sent while a gated open's checks run is held, and answered empty once they
+/// pass: it carries the `now` and lease end of when it was sent, which the checks may have
+/// outlasted. The next claim takes the account.
+#[tokio::test]
+async fn a_claim_held_at_the_gate_is_answered_empty_once_the_checks_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(&dir);
+    let store = Store::open(opts.clone()).await.unwrap();
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    store.close().await;
+    drop(store);
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let hook: crate::store::CheckHook = Box::new(move || {
+        let _ = held.recv();
+    });
+    let store = Store::open_gated(opts, Some(hook)).await.unwrap();
+    let claim = {
+        let store = store.clone();
+        tokio::spawn(async move { store.claim_due(OWNER, NOW, LEASE, 10).await })
+    };
+    // The worker answers a read sent after the claim: the claim is held, not running.
+    get(&store, id).await;
+    assert!(!claim.is_finished(), "a claim ran before the checks passed");
+    release.send(()).unwrap();
+    let held = claim.await.unwrap().expect("the held claim is answered");
+    assert!(
+        held.is_empty(),
+        "the held claim leased {} accounts",
+        held.len()
+    );
+    let claimed = store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    assert_eq!(claimed.iter().map(|a| a.id).collect::<Vec<_>>(), [id]);
+}
