@@ -372,14 +372,15 @@ impl Engine {
         let rules = &settings.rules;
         let provider = settings.providers.get(&account.provider);
         let provider = provider.map(|p| (p, decide::ProfileRules::of(p.profile())));
-        let now = self.clock.now();
-        let (provider, profile, credential) =
-            match decide::before_request(&account, provider, rules, &owner, now) {
+        let now_ms = self.clock.now_millis();
+        let (provider, profile, credential, not_before) =
+            match decide::before_request(&account, provider, rules, &owner, now_ms) {
                 Before::Send {
                     provider,
                     profile,
                     credential,
-                } => (provider, profile, credential),
+                    not_before,
+                } => (provider, profile, credential, not_before),
                 Before::Record {
                     outcome,
                     provider_error,
@@ -394,6 +395,16 @@ impl Engine {
                 }
             };
         // Safe points: nothing has been sent yet, so shutdown may still give the lease back.
+        if let Some(at) = not_before {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.release(&account, owner).await;
+                    return;
+                }
+                _ = self.clock.sleep_until_millis(at) => {}
+            }
+        }
         let last_send_at = decide::last_send_at(lease_until, cfg.refresh.request_timeout);
         let Some(turn) = self
             .wait_turn(provider, slot, permits, last_send_at, shutdown)
