@@ -385,7 +385,7 @@ impl Engine {
                     outcome,
                     provider_error,
                 } => {
-                    self.finish(&account, outcome, 0).await;
+                    self.finish(&account, outcome, 0, None).await;
                     if let Some(error) = provider_error {
                         let name = &account.provider;
                         let id = account.id;
@@ -454,7 +454,9 @@ impl Engine {
             decide::after_answer(&account, profile, rules, answer, attempt, &mut rand::rng());
         self.announce_answer(&account, &after);
         let rotated = matches!(after.outcome, Outcome::Rotated { .. });
-        let recorded = self.finish(&account, after.outcome, duration_ms).await;
+        let recorded = self
+            .finish(&account, after.outcome, duration_ms, Some(lease_until))
+            .await;
         if let Ok((answer, _)) = &result {
             let stored =
                 rotated && matches!(recorded, Some(Recorded::Applied | Recorded::Deferred));
@@ -507,6 +509,6 @@ impl Engine {
             account_id: account.id,
             owner,
         };
-        self.finish(account, outcome, 0).await;
+        self.finish(account, outcome, 0, None).await;
     }
 }
