@@ -426,34 +426,33 @@ fn revoked(id: i64, owner: Option<&str>, at: i64) -> Outcome {
     }
 }
 
+/// Records `rejection` and asserts that it flagged its account (not superseded).
+async fn assert_flags(store: &Store, rejection: Outcome) {
+    let Outcome::Rejected { account_id: id, .. } = rejection else {
+        panic!("not a rejection: {rejection:?}")
+    };
+    let r = store.record(rejection).await.unwrap();
+    assert_eq!(r, Recorded::Applied, "the guard took the refusal for stale");
+    let a = get(store, id).await;
+    assert_eq!(a.status, Status::NeedsReauth);
+    assert_eq!(a.reauth_reason, Some(ReauthReason::InvalidGrant));
+    assert_eq!(log_outcomes(store, id).await[0], "reauth_required");
+}
+
 async fn a_rejection_whose_own_lease_expired_without_a_takeover_still_flags() {
     let (_dir, store) = temp_store().await;
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
     store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
     // Past its lease, but nobody claimed the account meanwhile: still its lease owner.
     let later = NOW + LEASE.as_secs() as i64 + 1;
-    let r = store.record(revoked(id, Some(OWNER), later)).await.unwrap();
-    assert_eq!(r, Recorded::Applied, "an expired lease alone hid a refusal");
-    let a = get(&store, id).await;
-    assert_eq!(a.status, Status::NeedsReauth);
-    assert_eq!(a.reauth_reason, Some(ReauthReason::InvalidGrant));
-    assert_eq!(log_outcomes(&store, id).await[0], "reauth_required");
+    assert_flags(&store, revoked(id, Some(OWNER), later)).await;
 }
 
 async fn a_rejection_without_an_owner_flags_whoever_holds_the_lease() {
     let (_dir, store) = temp_store().await;
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
     store.claim_due("owner-b:1", NOW, LEASE, 10).await.unwrap();
-    let r = store.record(revoked(id, None, NOW + 1)).await.unwrap();
-    assert_eq!(
-        r,
-        Recorded::Applied,
-        "an ownerless rejection was superseded"
-    );
-    let a = get(&store, id).await;
-    assert_eq!(a.status, Status::NeedsReauth);
-    assert_eq!(a.reauth_reason, Some(ReauthReason::InvalidGrant));
-    assert_eq!(log_outcomes(&store, id).await[0], "reauth_required");
+    assert_flags(&store, revoked(id, None, NOW + 1)).await;
 }
 
 // ---- record: Transient, ConfigError, Released ----
