@@ -23,12 +23,14 @@ impl Engine {
     }
 
     /// Records an outcome, then (only once it is durable) logs it. Returns how it was
-    /// recorded, or None when it could not be.
+    /// recorded, or None when it could not be. `lease_until`: the attempt's lease, if it
+    /// sent a request (a superseded answer says whether it outlived it).
     pub(super) async fn finish(
         &self,
         account: &Account,
         outcome: Outcome,
         duration_ms: i64,
+        lease_until: Option<i64>,
     ) -> Option<Recorded> {
         let id = account.id;
         let provider = account.provider.as_str();
@@ -64,11 +66,15 @@ impl Engine {
             | (Said::Rejected { .. }, Recorded::Superseded) => {
                 metric("superseded");
                 inc(&s.superseded);
+                // Its lease had ended: another claim could take the account over meanwhile
+                // (the only way two refreshes of one account run at once).
+                let lease_ended = lease_until.is_some_and(|until| self.clock.now() >= until);
                 tracing::info!(
                     event = "refresh",
                     account = id,
                     provider,
                     outcome = "superseded",
+                    lease_ended,
                     duration_ms,
                     "another refresh had already rotated this account, or took it over; nothing changed"
                 );

@@ -89,6 +89,9 @@ pub enum Before<'a, P> {
         provider: &'a P,
         profile: ProfileRules,
         credential: Presented<'a>,
+        /// Not before this moment (unix ms): a token claimed within the claim lead of
+        /// becoming old enough (`min_token_age`) waits for it rather than failing.
+        not_before: Option<i64>,
     },
     /// Record this without asking the provider. With `provider_error`, the account's
     /// provider is not configured: its configuration state hears that error.
@@ -99,14 +102,15 @@ pub enum Before<'a, P> {
 }
 
 /// Whether to ask the account's `provider` (None: not configured) for `account` (claimed by
-/// lease `owner`) at `now`, and with what.
+/// lease `owner`) at `now_ms` (unix ms), and with what.
 pub fn before_request<'a, P>(
     account: &'a Account,
     provider: Option<(&'a P, ProfileRules)>,
     rules: &Rules,
     owner: &str,
-    now: i64,
+    now_ms: i64,
 ) -> Before<'a, P> {
+    let now = now_ms.div_euclid(1000);
     let record = |outcome| Before::Record {
         outcome,
         provider_error: None,
@@ -168,7 +172,11 @@ pub fn before_request<'a, P>(
     // never younger than that); a token that would expire first is tried anyway.
     let issued_at = account.last_refreshed_at.unwrap_or(account.created_at);
     let old_enough_at = issued_at + profile.min_token_age.as_secs() as i64;
-    if now < old_enough_at && old_enough_at < account.access_expires_at - 60 {
+    let too_young = now < old_enough_at && old_enough_at < account.access_expires_at - 60;
+    // Claimed within the claim lead of being old enough (it was deferred to that second):
+    // sent as that second begins, not deferred again.
+    let not_before = too_young && policy::due_by(now_ms) >= old_enough_at;
+    if too_young && !not_before {
         return record(Outcome::Transient {
             account_id: account.id,
             owner: owner.to_string(),
@@ -191,6 +199,7 @@ pub fn before_request<'a, P>(
         provider,
         profile,
         credential,
+        not_before: not_before.then(|| old_enough_at.saturating_mul(1000)),
     }
 }
 

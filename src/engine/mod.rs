@@ -372,19 +372,20 @@ impl Engine {
         let rules = &settings.rules;
         let provider = settings.providers.get(&account.provider);
         let provider = provider.map(|p| (p, decide::ProfileRules::of(p.profile())));
-        let now = self.clock.now();
-        let (provider, profile, credential) =
-            match decide::before_request(&account, provider, rules, &owner, now) {
+        let now_ms = self.clock.now_millis();
+        let (provider, profile, credential, not_before) =
+            match decide::before_request(&account, provider, rules, &owner, now_ms) {
                 Before::Send {
                     provider,
                     profile,
                     credential,
-                } => (provider, profile, credential),
+                    not_before,
+                } => (provider, profile, credential, not_before),
                 Before::Record {
                     outcome,
                     provider_error,
                 } => {
-                    self.finish(&account, outcome, 0).await;
+                    self.finish(&account, outcome, 0, None).await;
                     if let Some(error) = provider_error {
                         let name = &account.provider;
                         let id = account.id;
@@ -394,6 +395,16 @@ impl Engine {
                 }
             };
         // Safe points: nothing has been sent yet, so shutdown may still give the lease back.
+        if let Some(at) = not_before {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.release(&account, owner).await;
+                    return;
+                }
+                _ = self.clock.sleep_until_millis(at) => {}
+            }
+        }
         let last_send_at = decide::last_send_at(lease_until, cfg.refresh.request_timeout);
         let Some(turn) = self
             .wait_turn(provider, slot, permits, last_send_at, shutdown)
@@ -443,7 +454,9 @@ impl Engine {
             decide::after_answer(&account, profile, rules, answer, attempt, &mut rand::rng());
         self.announce_answer(&account, &after);
         let rotated = matches!(after.outcome, Outcome::Rotated { .. });
-        let recorded = self.finish(&account, after.outcome, duration_ms).await;
+        let recorded = self
+            .finish(&account, after.outcome, duration_ms, Some(lease_until))
+            .await;
         if let Ok((answer, _)) = &result {
             let stored =
                 rotated && matches!(recorded, Some(Recorded::Applied | Recorded::Deferred));
@@ -496,6 +509,6 @@ impl Engine {
             account_id: account.id,
             owner,
         };
-        self.finish(account, outcome, 0).await;
+        self.finish(account, outcome, 0, None).await;
     }
 }

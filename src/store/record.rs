@@ -287,7 +287,7 @@ impl Write<'_> {
                     (Recorded::Applied, row)
                 } else {
                     let error = format!(
-                        "rejected, but another refresh had rotated the account: not flagged ({error})"
+                        "rejected, but another refresh had rotated it or taken its lease over: not flagged ({error})"
                     );
                     let row = log(
                         account_id,

@@ -153,7 +153,7 @@ fn recorded(before: Before<'_, ()>) -> (Outcome, Option<String>) {
 #[test]
 fn before_sends_the_refresh_token_or_the_long_lived_access_token() {
     let a = account();
-    let send = |profile| match before_request(&a, configured(profile), &rules(), "o", NOW) {
+    let send = |profile| match before_request(&a, configured(profile), &rules(), "o", NOW * 1000) {
         Before::Send {
             credential: Presented::Credential(c),
             ..
@@ -165,13 +165,14 @@ fn before_sends_the_refresh_token_or_the_long_lived_access_token() {
         access_expires_at: NOW + 30 * DAY,
         ..account()
     };
-    let send_extending = match before_request(&a, configured(extending()), &rules(), "o", NOW) {
-        Before::Send {
-            credential: Presented::Credential(c),
-            ..
-        } => c.expose_secret().to_string(),
-        other => panic!("{other:?}"),
-    };
+    let send_extending =
+        match before_request(&a, configured(extending()), &rules(), "o", NOW * 1000) {
+            Before::Send {
+                credential: Presented::Credential(c),
+                ..
+            } => c.expose_secret().to_string(),
+            other => panic!("{other:?}"),
+        };
     assert_eq!(send_extending, "act.OLD");
 }
 
@@ -182,7 +183,8 @@ fn before_flags_an_ended_refresh_token_without_asking_even_an_unknown_provider()
         ..account()
     };
     for profile in [configured(refreshing()), UNCONFIGURED] {
-        let (outcome, provider_error) = recorded(before_request(&a, profile, &rules(), "o", NOW));
+        let (outcome, provider_error) =
+            recorded(before_request(&a, profile, &rules(), "o", NOW * 1000));
         assert_eq!(provider_error, None);
         match outcome {
             Outcome::Rejected {
@@ -204,8 +206,13 @@ fn before_flags_an_ended_refresh_token_without_asking_even_an_unknown_provider()
 
 #[test]
 fn before_an_unconfigured_provider_is_a_config_error_retried_slowly() {
-    let (outcome, provider_error) =
-        recorded(before_request(&account(), UNCONFIGURED, &rules(), "o", NOW));
+    let (outcome, provider_error) = recorded(before_request(
+        &account(),
+        UNCONFIGURED,
+        &rules(),
+        "o",
+        NOW * 1000,
+    ));
     assert_eq!(
         provider_error.as_deref(),
         Some("provider \"tiktok\" is not configured")
@@ -238,7 +245,7 @@ fn before_an_expired_long_lived_access_token_is_flagged_for_good() {
         configured(extending()),
         &rules(),
         "o",
-        NOW,
+        NOW * 1000,
     ))
     .0
     {
@@ -250,7 +257,7 @@ fn before_an_expired_long_lived_access_token_is_flagged_for_good() {
     }
     // The same expiry is no reason to flag a refresh-token account.
     assert!(matches!(
-        before_request(&a, configured(refreshing()), &rules(), "o", NOW),
+        before_request(&a, configured(refreshing()), &rules(), "o", NOW * 1000),
         Before::Send { .. }
     ));
 }
@@ -267,7 +274,7 @@ fn before_a_token_younger_than_min_token_age_waits_until_it_is_old_enough() {
         configured(extending()),
         &rules(),
         "o",
-        NOW,
+        NOW * 1000,
     ))
     .0
     {
@@ -296,7 +303,7 @@ fn before_a_token_younger_than_min_token_age_waits_until_it_is_old_enough() {
         configured(extending()),
         &rules(),
         "o",
-        NOW,
+        NOW * 1000,
     ))
     .0
     {
@@ -311,8 +318,45 @@ fn before_a_token_younger_than_min_token_age_waits_until_it_is_old_enough() {
         ..a
     };
     assert!(matches!(
-        before_request(&short, configured(extending()), &rules(), "o", NOW),
+        before_request(&short, configured(extending()), &rules(), "o", NOW * 1000),
         Before::Send { .. }
+    ));
+}
+
+#[test]
+fn a_token_claimed_within_the_lead_of_being_old_enough_waits_for_it_rather_than_failing() {
+    // Deferred to `old_enough_at`, it is claimed CLAIM_LEAD_MS earlier, in the second before.
+    let old_enough_at = NOW + 1;
+    let a = Account {
+        last_refreshed_at: Some(old_enough_at - DAY),
+        access_expires_at: NOW + 60 * DAY,
+        ..account()
+    };
+    let claimed_ms = old_enough_at * 1000 - crate::policy::CLAIM_LEAD_MS;
+    match before_request(&a, configured(extending()), &rules(), "o", claimed_ms) {
+        Before::Send { not_before, .. } => assert_eq!(not_before, Some(old_enough_at * 1000)),
+        other => panic!("deferred again: {other:?}"),
+    }
+    // Earlier than the lead it is still deferred, and once old enough sent at once.
+    assert!(matches!(
+        before_request(&a, configured(extending()), &rules(), "o", claimed_ms - 1),
+        Before::Record {
+            outcome: Outcome::Transient { .. },
+            ..
+        }
+    ));
+    assert!(matches!(
+        before_request(
+            &a,
+            configured(extending()),
+            &rules(),
+            "o",
+            old_enough_at * 1000
+        ),
+        Before::Send {
+            not_before: None,
+            ..
+        }
     ));
 }
 

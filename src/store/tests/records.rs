@@ -412,6 +412,49 @@ async fn a_rejection_from_an_attempt_whose_lease_was_taken_over_is_superseded() 
     assert_eq!(get(&store, id).await.status, Status::Active);
 }
 
+/// A rejection at `at` of generation 0, from `owner`'s attempt.
+fn revoked(id: i64, owner: Option<&str>, at: i64) -> Outcome {
+    Outcome::Rejected {
+        owner: owner.map(str::to_owned),
+        account_id: id,
+        generation: 0,
+        reason: ReauthReason::InvalidGrant,
+        at,
+        error: "invalid_grant: revoked".into(),
+        http_status: Some(400),
+        duration_ms: 5,
+    }
+}
+
+/// Records `rejection` and asserts that it flagged its account (not superseded).
+async fn assert_flags(store: &Store, rejection: Outcome) {
+    let Outcome::Rejected { account_id: id, .. } = rejection else {
+        panic!("not a rejection: {rejection:?}")
+    };
+    let r = store.record(rejection).await.unwrap();
+    assert_eq!(r, Recorded::Applied, "the guard took the refusal for stale");
+    let a = get(store, id).await;
+    assert_eq!(a.status, Status::NeedsReauth);
+    assert_eq!(a.reauth_reason, Some(ReauthReason::InvalidGrant));
+    assert_eq!(log_outcomes(store, id).await[0], "reauth_required");
+}
+
+async fn a_rejection_whose_own_lease_expired_without_a_takeover_still_flags() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
+    // Past its lease, but nobody claimed the account meanwhile: still its lease owner.
+    let later = NOW + LEASE.as_secs() as i64 + 1;
+    assert_flags(&store, revoked(id, Some(OWNER), later)).await;
+}
+
+async fn a_rejection_without_an_owner_flags_whoever_holds_the_lease() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    store.claim_due("owner-b:1", NOW, LEASE, 10).await.unwrap();
+    assert_flags(&store, revoked(id, None, NOW + 1)).await;
+}
+
 // ---- record: Transient, ConfigError, Released ----
 
 async fn transient_counts_failure_and_releases_lease() {
@@ -711,6 +754,8 @@ on_both_backends!(
     rejected_flags_needs_reauth_when_generation_matches,
     rejected_after_a_rotation_elsewhere_is_superseded,
     a_rejection_from_an_attempt_whose_lease_was_taken_over_is_superseded,
+    a_rejection_whose_own_lease_expired_without_a_takeover_still_flags,
+    a_rejection_without_an_owner_flags_whoever_holds_the_lease,
     transient_counts_failure_and_releases_lease,
     transient_with_lost_lease_leaves_row_to_new_owner,
     config_error_and_release_need_the_lease,

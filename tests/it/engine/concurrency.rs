@@ -90,6 +90,9 @@ async fn invalid_grant_after_another_process_rotated_is_not_reauth() {
         slow_delay: Duration::from_millis(400),
         ..Faults::default()
     });
+    // A current-thread runtime: every task logs into these.
+    let logs = helpers::Logs::default();
+    let _logging = tracing::subscriber::set_default(logs.subscriber());
     let task_a = {
         let e = engine_a.clone();
         tokio::spawn(async move { e.run_due(CancellationToken::new()).await })
@@ -106,6 +109,18 @@ async fn invalid_grant_after_another_process_rotated_is_not_reauth() {
     let sa = engine_a.stats().snapshot();
     assert_eq!(sa.superseded, 1, "{sa:?}");
     assert_eq!(sa.flagged, 0, "{sa:?}");
+    // Its line says it outlived its lease: the one way two refreshes may overlap.
+    let superseded = logs
+        .text()
+        .lines()
+        .filter(|l| l.contains(r#""outcome":"superseded""#))
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    assert_eq!(superseded.len(), 1, "{}", logs.text());
+    assert!(
+        superseded[0].contains(r#""lease_ended":true"#),
+        "{superseded:?}"
+    );
     let a = account(&store, staged).await;
     assert_eq!(a.status, Status::Active, "flagged by a stale invalid_grant");
     assert_eq!(a.reauth_reason, None);

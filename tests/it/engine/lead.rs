@@ -1,6 +1,8 @@
 //! The claim lead: the continuous loop claims an account up to `policy::CLAIM_LEAD_MS`
 //! before its due second (so a second's accounts are sent as it begins), judges leases by
-//! the real time, and `--once` keeps claiming only what was due when it started.
+//! the real time, and `--once` keeps claiming only what was due when it started. A token
+//! deferred until it is old enough (`min_token_age`) and claimed in the lead waits for that
+//! second, once, rather than failing again.
 
 use super::{engine, outcomes, run_once, spawn_run, wait_until_idle};
 use crate::helpers::{self, TestApp, account};
@@ -59,8 +61,14 @@ async fn an_account_due_at_t_is_refreshed_at_t_minus_0_4_s_and_not_at_t_minus_0_
 
     app.clock.advance(Duration::from_millis(200));
     assert!(helpers::eventually(5, || async { stats.snapshot().rotated == 1 }).await);
-    assert_eq!(app.clock.now_millis(), t * 1000 - 400, "refreshed before t");
-    assert!(account(&store, id).await.next_refresh_at > t);
+    // Stored as refreshed in the second before t (the clock still reads t - 0.4 s).
+    let refreshed = account(&store, id).await;
+    assert_eq!(
+        refreshed.last_refreshed_at,
+        Some(t - 1),
+        "refreshed before t"
+    );
+    assert!(refreshed.next_refresh_at > t);
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
@@ -121,4 +129,85 @@ async fn run_once_claims_no_lead() {
     app.clock.set(t);
     let report = run_once(&app, &config).await;
     assert_eq!(report.stats.rotated, 1, "{report:?}");
+}
+
+/// An account of a provider with `min_token_age = "110m"`, refreshed by `--once` when due
+/// (108 min after it was issued) and so deferred to the second it is old enough; and that
+/// second.
+async fn deferred_until_old_enough(app: &TestApp) -> (Config, Store, i64, i64) {
+    let config = super::config_with(
+        app,
+        &app.sandbox.token_url(),
+        &[("providers.tiktok", "min_token_age", "110m".into())],
+    );
+    let store = app.store().await;
+    let id = app.import(&store, &config, &["u1"], None).await[0];
+    let imported = account(&store, id).await;
+    let old_enough_at = imported.created_at + 110 * 60;
+    app.clock.set(imported.next_refresh_at);
+    run_once(app, &config).await;
+    let deferred = account(&store, id).await;
+    assert_eq!(deferred.next_refresh_at, old_enough_at);
+    assert_eq!(deferred.failures, 1);
+    (config, store, id, old_enough_at)
+}
+
+/// Starts the loop 0.4 s before `old_enough_at` and waits until it has claimed `id`.
+async fn claimed_in_the_lead(
+    app: &TestApp,
+    store: &Store,
+    config: &Config,
+    id: i64,
+    old_enough_at: i64,
+) -> Running {
+    before(app, old_enough_at, 400);
+    let (engine, tx) = engine(store, &app.clock, config);
+    let shutdown = CancellationToken::new();
+    let task = spawn_run(&engine, &shutdown);
+    let claimed = || async { super::lease(store, id).await.0.is_some() };
+    assert!(
+        helpers::eventually(5, claimed).await,
+        "not claimed in the lead"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        app.sandbox.stats().requests,
+        0,
+        "sent before it was old enough"
+    );
+    assert_eq!(account(store, id).await.failures, 1, "deferred again");
+    (engine, tx, shutdown, task)
+}
+
+#[tokio::test]
+async fn a_token_deferred_until_old_enough_is_claimed_within_the_lead_and_sent_once_old_enough() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let (config, store, id, old_enough_at) = deferred_until_old_enough(&app).await;
+    let (engine, _tx, shutdown, task) =
+        claimed_in_the_lead(&app, &store, &config, id, old_enough_at).await;
+
+    app.clock.set(old_enough_at);
+    let stats = engine.stats();
+    assert!(helpers::eventually(5, || async { stats.snapshot().rotated == 1 }).await);
+    let a = account(&store, id).await;
+    assert_eq!((a.failures, a.last_refreshed_at), (0, Some(old_enough_at)));
+    let transients = outcomes(&store, id).await;
+    assert_eq!(transients.iter().filter(|o| *o == "transient").count(), 1);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_while_waiting_to_be_old_enough_gives_the_lease_back_unsent() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let (config, store, id, old_enough_at) = deferred_until_old_enough(&app).await;
+    let (_engine, _tx, shutdown, task) =
+        claimed_in_the_lead(&app, &store, &config, id, old_enough_at).await;
+
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(app.sandbox.stats().requests, 0);
+    assert_eq!(super::lease(&store, id).await, (None, None));
+    let a = account(&store, id).await;
+    assert_eq!((a.failures, a.next_refresh_at), (1, old_enough_at));
 }

@@ -41,7 +41,7 @@ fn an_app_is_asked_for_with_the_client_credentials_and_its_scope() {
             access_expires_at: NOW - 5,
             ..app()
         };
-        match before_request(&a, configured(profile), &rules(), "o", NOW) {
+        match before_request(&a, configured(profile), &rules(), "o", NOW * 1000) {
             Before::Send {
                 credential: Presented::ClientCredentials { scope },
                 ..
