@@ -346,18 +346,11 @@ async fn a_dead_writers_recovery_file_is_replayed_by_the_next_start() {
 #[tokio::test]
 async fn a_gated_open_replays_a_dead_writers_recovery_file_before_any_read() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = options(&dir);
-    let store = Store::open(opts.clone()).await.unwrap();
-    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
-    store.close().await;
-    drop(store);
+    let (opts, id) = one_account_closed(&dir).await;
     let dead = owner_recovery_path(&opts.path, "deadhost:4242:0000beef");
     let rotation = rotated(id, 0, "at-dead", Some("rt-dead"), NOW + 1);
     recovery::append(&dead, &Default::default(), &[rotation]).unwrap();
-    let (_release, held) = std::sync::mpsc::channel::<()>();
-    let hook: crate::store::CheckHook = Box::new(move || {
-        let _ = held.recv();
-    });
+    let (_release, hook) = held_checks();
     let store = Store::open_gated(opts, Some(hook)).await.unwrap();
     assert!(!dead.exists());
     let checks = store.checks();

@@ -96,6 +96,25 @@ async fn temp_store() -> (TempDir, Store) {
     (dir, store)
 }
 
+/// A closed SQLite store of one account due at NOW (its options and the account's id):
+/// what a daemon's gated open finds.
+async fn one_account_closed(dir: &TempDir) -> (StoreOptions, i64) {
+    let opts = options(dir);
+    let store = Store::open(opts.clone()).await.unwrap();
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    store.close().await;
+    (opts, id)
+}
+
+/// A hook that holds a gated open's checks until the sender sends (or is dropped).
+fn held_checks() -> (std::sync::mpsc::Sender<()>, crate::store::CheckHook) {
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let hook: crate::store::CheckHook = Box::new(move || {
+        let _ = held.recv();
+    });
+    (release, hook)
+}
+
 async fn insert(store: &Store, accounts: Vec<NewAccount>) -> Vec<i64> {
     let ids = store.upsert(accounts, NOW).await.unwrap();
     assert!(ids.iter().all(|(_, inserted)| *inserted));

@@ -224,15 +224,8 @@ on_both_backends!(replicas_opening_a_fresh_store_together_migrate_it_once,);
 #[tokio::test]
 async fn a_claim_held_at_the_gate_is_answered_empty_once_the_checks_pass() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = options(&dir);
-    let store = Store::open(opts.clone()).await.unwrap();
-    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
-    store.close().await;
-    drop(store);
-    let (release, held) = std::sync::mpsc::channel::<()>();
-    let hook: crate::store::CheckHook = Box::new(move || {
-        let _ = held.recv();
-    });
+    let (opts, id) = one_account_closed(&dir).await;
+    let (release, hook) = held_checks();
     let store = Store::open_gated(opts, Some(hook)).await.unwrap();
     let claim = {
         let store = store.clone();
