@@ -520,29 +520,15 @@ pub async fn sweep(
     let (expired, expiring): (Vec<_>, Vec<_>) = flagged
         .into_iter()
         .partition(|a| a.status == Status::NeedsReauth);
-    for a in &expired {
-        append_log(
-            tx,
-            a.id,
-            now,
-            "reauth_required",
-            None,
-            Some("refresh token expired"),
-            None,
-        )
-        .await?;
-    }
-    for a in &expiring {
-        append_log(
-            tx,
-            a.id,
-            now,
-            "reauth_required",
-            None,
-            Some("refresh token ends within the reauth window"),
-            None,
-        )
-        .await?;
+    let reasons = [
+        (&expired, "refresh token expired"),
+        (&expiring, "refresh token ends within the reauth window"),
+    ];
+    for (accounts, reason) in reasons {
+        for a in accounts {
+            let reason = Some(reason);
+            append_log(tx, a.id, now, "reauth_required", None, reason, None).await?;
+        }
     }
     // Each list in id order, as on SQLite, whatever order the update visited rows in.
     let (mut expiring, mut expired) = (expiring, expired);
