@@ -39,7 +39,7 @@ pub use types::{
 
 use crate::crypto::Keyring;
 use crate::model::{Account, Status};
-use postgres::{PgStore, queries as pg};
+use postgres::{PgStore, queries as pg, reports as pg_reports};
 use rusqlite::Connection;
 use sqlite::{SqliteStore, queries as lite};
 use std::path::{Path, PathBuf};
@@ -430,7 +430,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.read(move |c| lite::log_entries(c, id, limit)).await,
             Backend::Postgres(p) => {
-                pg::log_entries(&**p.client("read refresh log").await?, id, limit).await
+                pg_reports::log_entries(&**p.client("read refresh log").await?, id, limit).await
             }
         }
     }
@@ -441,7 +441,7 @@ impl Store {
             Backend::Sqlite(s) => s.read(move |c| lite::recent_outcomes(c, limit)).await,
             Backend::Postgres(p) => {
                 let c = p.client("read the latest refresh outcomes").await?;
-                pg::recent_outcomes(&**c, limit).await
+                pg_reports::recent_outcomes(&**c, limit).await
             }
         }
     }
@@ -449,7 +449,7 @@ impl Store {
     pub async fn counts(&self) -> Result<Vec<(String, Status, i64)>, StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.read(|c| lite::counts(c)).await,
-            Backend::Postgres(p) => pg::counts(&**p.client("count accounts").await?).await,
+            Backend::Postgres(p) => pg_reports::counts(&**p.client("count accounts").await?).await,
         }
     }
 
@@ -472,7 +472,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.read(move |c| lite::gauges(c, now)).await,
             Backend::Postgres(p) => {
-                pg::gauges(&**p.client("read account gauges").await?, now).await
+                pg_reports::gauges(&**p.client("read account gauges").await?, now).await
             }
         }
     }
@@ -482,7 +482,9 @@ impl Store {
     pub async fn plan_rows(&self, q: PlanQuery) -> Result<PlanRows, StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.read(move |c| lite::plan_rows(c, &q)).await,
-            Backend::Postgres(p) => pg::plan_rows(&**p.client("read the plan").await?, &q).await,
+            Backend::Postgres(p) => {
+                pg_reports::plan_rows(&**p.client("read the plan").await?, &q).await
+            }
         }
     }
 
