@@ -174,6 +174,12 @@ impl Store {
         self.health.checks.state()
     }
 
+    /// How many writes (the engine's claims included) arrived while the start-up checks ran:
+    /// each waited for their end. Tests see a write reach the gate by it, without sleeping.
+    pub fn writes_held(&self) -> usize {
+        self.health.checks.held()
+    }
+
     /// Waits for the start-up checks: how long they took, or the error they failed with.
     pub async fn checks_settled(&self) -> Result<Duration, StoreError> {
         self.health.checks.settled().await
