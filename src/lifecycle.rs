@@ -1,23 +1,30 @@
 //! Running the daemon: open the store, start the engine and the periodic jobs, translate
 //! signals (SIGTERM/SIGINT drain, SIGHUP reload) and tell systemd where we are
 //! (READY, WATCHDOG, STATUS, STOPPING). The caller owns the shutdown token, so tests drive
-//! start and stop without signals.
+//! start and stop without signals. This file is `run`: start, the loop over checks, reloads
+//! and a lost store, and the stop; `reload.rs` re-reads the config, `signals.rs` installs
+//! the signal handlers, `systemd.rs` notifies systemd and pings its watchdog.
+
+mod reload;
+mod signals;
+mod systemd;
+
+pub use signals::{install_signals, install_stop_signals};
 
 use crate::clock::Clock;
-use crate::config::{Config, ConfigError};
+use crate::config::Config;
 use crate::engine::{Engine, EngineError, Settings, StatsSnapshot};
 use crate::events::Events;
 use crate::jobs;
 use crate::provider::ProviderError;
-use crate::store::{CheckHook, Checks, Store, StoreError, StoreOptions};
+use crate::store::{CheckHook, Store, StoreError, StoreOptions};
 use crate::telemetry::LogHandle;
 use crate::{notify, sink};
-use futures::StreamExt;
-use sha2::{Digest, Sha256};
+use reload::reload_settings;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use systemd::{notify_systemd, spawn_watchdog};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -536,276 +543,5 @@ async fn sync_apps(store: &Store, config: &Config, now: i64) -> Result<(), Store
             }
         }
     }
-    Ok(())
-}
-
-/// Re-reads the config. Ok(None): nothing changed. Settings that need a restart are kept.
-fn reload_settings(
-    old: &Settings,
-    file: Option<&std::path::Path>,
-    log: &LogHandle,
-) -> Result<Option<Settings>, ReloadError> {
-    let mut new = Config::load(file)?;
-    let mut changed = changed_sections(&old.config, &new);
-    if new.store.path != old.config.store.path {
-        tracing::warn!(
-            event = "reload_needs_restart",
-            key = "store.path",
-            "store.path changed; it takes effect on restart only"
-        );
-        new.store.path = old.config.store.path.clone();
-    }
-    // The open store seals with the keys it was opened with.
-    if new.store.encryption_key_file != old.config.store.encryption_key_file
-        || new.store.decryption_key_files != old.config.store.decryption_key_files
-    {
-        tracing::warn!(
-            event = "reload_needs_restart",
-            key = "store.encryption_key_file",
-            "encryption keys changed; they take effect on restart only"
-        );
-        new.store.encryption_key_file = old.config.store.encryption_key_file.clone();
-        new.store.decryption_key_files = old.config.store.decryption_key_files.clone();
-        new.store.keyring = old.config.store.keyring.clone();
-    }
-    changed.retain(|c| {
-        c != "store" || format!("{:?}", new.store) != format!("{:?}", old.config.store)
-    });
-    // Listeners, routes, sinks and webhooks are set up once; values read per request
-    // (stall_after, the API secret, connect URLs) take effect now.
-    let (o, n) = (&old.config, &new);
-    for (key, differs) in [
-        ("server.listen", o.server.listen != n.server.listen),
-        (
-            "server.unix_socket",
-            o.server.unix_socket != n.server.unix_socket,
-        ),
-        (
-            "server.api_token_file",
-            o.server.api_token.is_some() != n.server.api_token.is_some(),
-        ),
-        (
-            "server limits (allow_non_loopback, timeouts, connections)",
-            (
-                o.server.allow_non_loopback,
-                o.server.header_read_timeout,
-                o.server.request_timeout,
-                o.server.max_connections,
-                o.server.fd_reserve,
-                o.server.max_concurrent_requests,
-            ) != (
-                n.server.allow_non_loopback,
-                n.server.header_read_timeout,
-                n.server.request_timeout,
-                n.server.max_connections,
-                n.server.fd_reserve,
-                n.server.max_concurrent_requests,
-            ),
-        ),
-        ("connect.enabled", o.connect.enabled != n.connect.enabled),
-        ("sink", format!("{:?}", o.sink) != format!("{:?}", n.sink)),
-        (
-            "notify",
-            format!("{:?}", o.notify) != format!("{:?}", n.notify),
-        ),
-    ] {
-        if differs {
-            tracing::warn!(
-                event = "reload_needs_restart",
-                key,
-                "{key} changed; it takes effect on restart only"
-            );
-        }
-    }
-    if changed.is_empty() {
-        tracing::info!(
-            event = "config_reloaded",
-            changed = "",
-            "config reloaded: nothing changed"
-        );
-        return Ok(None);
-    }
-    log.set_level(&new.log.level).map_err(ReloadError::Log)?;
-    let settings = Settings::new(new)?;
-    tracing::info!(event = "config_reloaded", changed = %changed.join(","), "config reloaded");
-    Ok(Some(settings))
-}
-
-#[derive(Debug, thiserror::Error)]
-enum ReloadError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    Provider(#[from] ProviderError),
-    #[error("log.level: {0}")]
-    Log(String),
-}
-
-/// Names of the config sections that differ. Compared through `Debug`, which redacts
-/// secrets, so a secret's change shows through `client_secret_file` or not at all; the
-/// providers are compared by their parts including the secret.
-fn changed_sections(a: &Config, b: &Config) -> Vec<String> {
-    use secrecy::ExposeSecret;
-    let mut out = Vec::new();
-    let mut cmp = |name: &str, x: String, y: String| {
-        if x != y {
-            out.push(name.to_string());
-        }
-    };
-    cmp("store", format!("{:?}", a.store), format!("{:?}", b.store));
-    cmp(
-        "refresh",
-        format!("{:?}", a.refresh),
-        format!("{:?}", b.refresh),
-    );
-    cmp(
-        "reauth",
-        format!("{:?}", a.reauth),
-        format!("{:?}", b.reauth),
-    );
-    cmp("log", format!("{:?}", a.log), format!("{:?}", b.log));
-    cmp(
-        "shutdown",
-        format!("{:?}", a.shutdown),
-        format!("{:?}", b.shutdown),
-    );
-    // The API secret is rotated by rewriting its file: compare its content too.
-    let api = |c: &Config| {
-        c.server
-            .api_token
-            .as_ref()
-            .map(|s| s.expose_secret().to_string())
-    };
-    cmp(
-        "server",
-        format!("{:?} {:?}", a.server, api(a).map(Sha256::digest)),
-        format!("{:?} {:?}", b.server, api(b).map(Sha256::digest)),
-    );
-    cmp(
-        "connect",
-        format!("{:?}", a.connect),
-        format!("{:?}", b.connect),
-    );
-    let names: std::collections::BTreeSet<&String> =
-        a.providers.keys().chain(b.providers.keys()).collect();
-    for n in names {
-        let (pa, pb) = (a.providers.get(n), b.providers.get(n));
-        let same = match (pa, pb) {
-            (Some(x), Some(y)) => {
-                format!("{x:?}") == format!("{y:?}")
-                    && x.client_secret
-                        .as_ref()
-                        .map(|s| s.expose_secret().to_string())
-                        == y.client_secret
-                            .as_ref()
-                            .map(|s| s.expose_secret().to_string())
-            }
-            _ => false,
-        };
-        if !same {
-            out.push(format!("providers.{n}"));
-        }
-    }
-    out
-}
-
-fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_some()
-        && let Err(e) = sd_notify::notify(false, states)
-    {
-        tracing::warn!(event = "sd_notify_failed", error = %e, "cannot notify systemd");
-    }
-}
-
-/// Pings the systemd watchdog while the engine loop makes progress, or waits for the
-/// store's start-up checks; a stuck loop stops the pings and systemd restarts the service.
-fn spawn_watchdog(
-    engine: Engine,
-    store: Store,
-    settings: watch::Receiver<Arc<Settings>>,
-    shutdown: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    let mut usec = 0u64;
-    let enabled = sd_notify::watchdog_enabled(false, &mut usec);
-    tokio::spawn(async move {
-        if !enabled || usec == 0 {
-            return;
-        }
-        let every = Duration::from_micros(usec / 2);
-        let stats = engine.stats();
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = shutdown.cancelled() => return,
-            }
-            let max_idle = settings.borrow().config.refresh.max_idle.as_secs() as i64;
-            let beat = stats.heartbeat.load(Ordering::Relaxed);
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0);
-            let checking = store.checks() == Checks::Pending;
-            if checking || now - beat <= 2 * max_idle + 30 {
-                notify_systemd(&[sd_notify::NotifyState::Watchdog]);
-            } else {
-                tracing::error!(
-                    event = "engine_stalled",
-                    last_heartbeat_secs_ago = now - beat,
-                    "the refresh loop has not looked at the store for too long; not pinging the watchdog"
-                );
-            }
-        }
-    })
-}
-
-/// Installs SIGTERM/SIGINT (cancel `shutdown`) and SIGHUP (send a reload request).
-pub fn install_signals(shutdown: CancellationToken) -> Result<mpsc::Receiver<()>, DaemonError> {
-    let (tx, rx) = mpsc::channel(4);
-    watch_signals(shutdown, Some(tx))?;
-    Ok(rx)
-}
-
-/// Installs SIGTERM/SIGINT only (cancel `shutdown`), for programs that reload nothing (the
-/// sandbox): SIGHUP keeps its default.
-pub fn install_stop_signals(shutdown: CancellationToken) -> Result<(), DaemonError> {
-    watch_signals(shutdown, None)
-}
-
-/// The one signal path of the process (signal-hook): SIGTERM and SIGINT cancel `shutdown`;
-/// with `reload`, SIGHUP sends it a request.
-fn watch_signals(
-    shutdown: CancellationToken,
-    reload: Option<mpsc::Sender<()>>,
-) -> Result<(), DaemonError> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let wanted: &[i32] = if reload.is_some() {
-        &[SIGTERM, SIGINT, SIGHUP]
-    } else {
-        &[SIGTERM, SIGINT]
-    };
-    let mut signals = signal_hook_tokio::Signals::new(wanted).map_err(DaemonError::Signals)?;
-    tokio::spawn(async move {
-        while let Some(sig) = signals.next().await {
-            match (sig, &reload) {
-                (SIGHUP, Some(tx)) => {
-                    tracing::info!(event = "signal", signal = "SIGHUP", "reloading the config");
-                    let _ = tx.try_send(());
-                }
-                (s, _) => {
-                    let name = if s == SIGTERM { "SIGTERM" } else { "SIGINT" };
-                    if shutdown.is_cancelled() {
-                        tracing::warn!(
-                            event = "signal",
-                            signal = name,
-                            "already stopping; waiting for in-flight refreshes (grace period)"
-                        );
-                    } else {
-                        tracing::info!(event = "signal", signal = name, "stopping");
-                        shutdown.cancel();
-                    }
-                }
-            }
-        }
-    });
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! applied, and reading the trail back (also of a removed account).
 
 use super::{Actor, AuditAction, AuditEntry, Backend, Store, StoreError, postgres, sqlite};
-use super::{lite, pg};
+use super::{lite, pg, pg_reports};
 use crate::model::Status;
 
 impl Store {
@@ -12,7 +12,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.read(move |c| lite::audit_entries(c, id)).await,
             Backend::Postgres(p) => {
-                pg::audit_entries(&**p.client("read the audit trail").await?, id).await
+                pg_reports::audit_entries(&**p.client("read the audit trail").await?, id).await
             }
         }
     }

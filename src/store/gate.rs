@@ -6,6 +6,7 @@
 
 use crate::store::error::StoreError;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -29,6 +30,9 @@ pub(crate) struct Gate {
     state: watch::Sender<Checks>,
     /// The failure itself, handed once to whoever stops the daemon with it.
     failure: Mutex<Option<StoreError>>,
+    /// Writes (claims included) held while the checks ran: tests see a write reach the
+    /// gate without waiting for it blindly.
+    held: AtomicUsize,
 }
 
 impl Default for Gate {
@@ -37,6 +41,7 @@ impl Default for Gate {
         Gate {
             state: watch::Sender::new(Checks::Passed(Duration::ZERO)),
             failure: Mutex::new(None),
+            held: AtomicUsize::new(0),
         }
     }
 }
@@ -58,6 +63,16 @@ impl Gate {
 
     pub fn state(&self) -> Checks {
         self.state.borrow().clone()
+    }
+
+    /// A write arrived while the checks run and waits for their end.
+    pub fn note_held(&self) {
+        self.held.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many writes arrived while the checks ran (they wait, or were refused).
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
     }
 
     /// Waits for the checks to end: how long they took, or why they failed (the error
@@ -101,6 +116,9 @@ mod tests {
         gate.hold();
         assert_eq!(gate.state(), Checks::Pending);
         assert!(gate.refusal().is_none());
+        assert_eq!(gate.held(), 0);
+        gate.note_held();
+        assert_eq!(gate.held(), 1);
         gate.pass(Duration::from_millis(7));
         assert_eq!(gate.settled().await.unwrap(), Duration::from_millis(7));
     }

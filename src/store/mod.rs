@@ -39,7 +39,7 @@ pub use types::{
 
 use crate::crypto::Keyring;
 use crate::model::{Account, Status};
-use postgres::{PgStore, queries as pg};
+use postgres::{PgStore, queries as pg, reports as pg_reports};
 use rusqlite::Connection;
 use sqlite::{SqliteStore, queries as lite};
 use std::path::{Path, PathBuf};
@@ -172,6 +172,12 @@ impl Store {
     /// Where the start-up checks are (`open_gated`; any other open passed them).
     pub fn checks(&self) -> Checks {
         self.health.checks.state()
+    }
+
+    /// How many writes (the engine's claims included) arrived while the start-up checks ran:
+    /// each waited for their end. Tests see a write reach the gate by it, without sleeping.
+    pub fn writes_held(&self) -> usize {
+        self.health.checks.held()
     }
 
     /// Waits for the start-up checks: how long they took, or the error they failed with.
@@ -430,7 +436,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.read(move |c| lite::log_entries(c, id, limit)).await,
             Backend::Postgres(p) => {
-                pg::log_entries(&**p.client("read refresh log").await?, id, limit).await
+                pg_reports::log_entries(&**p.client("read refresh log").await?, id, limit).await
             }
         }
     }
@@ -441,7 +447,7 @@ impl Store {
             Backend::Sqlite(s) => s.read(move |c| lite::recent_outcomes(c, limit)).await,
             Backend::Postgres(p) => {
                 let c = p.client("read the latest refresh outcomes").await?;
-                pg::recent_outcomes(&**c, limit).await
+                pg_reports::recent_outcomes(&**c, limit).await
             }
         }
     }
@@ -449,7 +455,7 @@ impl Store {
     pub async fn counts(&self) -> Result<Vec<(String, Status, i64)>, StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.read(|c| lite::counts(c)).await,
-            Backend::Postgres(p) => pg::counts(&**p.client("count accounts").await?).await,
+            Backend::Postgres(p) => pg_reports::counts(&**p.client("count accounts").await?).await,
         }
     }
 
@@ -472,7 +478,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.read(move |c| lite::gauges(c, now)).await,
             Backend::Postgres(p) => {
-                pg::gauges(&**p.client("read account gauges").await?, now).await
+                pg_reports::gauges(&**p.client("read account gauges").await?, now).await
             }
         }
     }
@@ -482,7 +488,9 @@ impl Store {
     pub async fn plan_rows(&self, q: PlanQuery) -> Result<PlanRows, StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.read(move |c| lite::plan_rows(c, &q)).await,
-            Backend::Postgres(p) => pg::plan_rows(&**p.client("read the plan").await?, &q).await,
+            Backend::Postgres(p) => {
+                pg_reports::plan_rows(&**p.client("read the plan").await?, &q).await
+            }
         }
     }
 

@@ -66,6 +66,16 @@ async function freePort() {
   });
 }
 
+// Every process the harness starts, killed at its exit: a scenario that fails midway (a
+// provider not up in time, a connect that failed) left its provider and daemons running,
+// loading the machine for the next run.
+const children = new Set();
+function track(proc) {
+  children.add(proc);
+  proc.on('exit', () => children.delete(proc));
+  return proc;
+}
+
 function waitForLine(child, pred, what, timeoutMs = 20000) {
   return new Promise((resolve, reject) => {
     let buf = '';
@@ -111,7 +121,7 @@ class OidcProvider {
     for (const u of this.opts.redirectUris) a.push('--redirect-uri', u);
     if (this.port) a.push('--port', String(this.port));
     const err = fs.openSync(this.logFile, 'a');
-    this.proc = spawn(process.execPath, a, { cwd: HERE, stdio: ['ignore', 'pipe', err] });
+    this.proc = track(spawn(process.execPath, a, { cwd: HERE, stdio: ['ignore', 'pipe', err] }));
     const ready = await waitForLine(this.proc, (v) => v.event === 'listening', 'oidc-provider start');
     this.issuer = ready.issuer;
     this.port = Number(new URL(ready.issuer).port);
@@ -234,7 +244,7 @@ class Refreshd {
 
   async start() {
     const err = fs.openSync(this.logFile, 'a');
-    this.proc = spawn(BIN, ['--config', this.config, 'run'], { stdio: ['ignore', 'ignore', err] });
+    this.proc = track(spawn(BIN, ['--config', this.config, 'run'], { stdio: ['ignore', 'ignore', err] }));
     fs.closeSync(err);
     this.starts += 1;
     this.exited = new Promise((r) => this.proc.on('exit', (code, sig) => r({ code, sig })));
@@ -845,4 +855,5 @@ for (const r of results) console.log(`  ${r.scenario}: ${r.notes ?? r.error}`);
 const outFile = args.out || path.join(ROOT, 'interop-results.json');
 fs.writeFileSync(outFile, JSON.stringify({ form: args.form, seconds: (Date.now() - started) / 1000, results }, null, 2));
 console.log(`results: ${outFile}`);
+for (const c of children) c.kill('SIGKILL');
 process.exit(results.every((r) => r.ok) ? 0 : 1);

@@ -72,6 +72,13 @@ impl Proc {
     fn log(&self) -> String {
         self.stderr.lock().unwrap().join("\n")
     }
+
+    /// Log lines of event `event` so far.
+    fn events(&self, event: &str) -> usize {
+        let field = format!("\"event\":\"{event}\"");
+        let lines = self.stderr.lock().unwrap();
+        lines.iter().filter(|l| l.contains(&field)).count()
+    }
 }
 
 fn store_options(db: &Path) -> StoreOptions {
@@ -364,7 +371,15 @@ pub async fn full_disk_handoff(short: bool) -> ChaosRow {
         "lease = \"30s\"\nhandoff_dir = {:?}",
         handoff.path().display().to_string()
     );
-    let mut lab = Lab::start(count(short), &[("lease = \"30s\"", &handoff_line)]).await;
+    // At DEBUG: each look of the loop that declines to claim logs `backpressure`.
+    let mut lab = Lab::start(
+        count(short),
+        &[
+            ("lease = \"30s\"", &handoff_line),
+            ("format = \"json\"", "format = \"json\"\nlevel = \"debug\""),
+        ],
+    )
+    .await;
     let switch = lab.dir.path().join("disk-full");
     lab.env.push((
         refreshd::store::RECOVERY_FAULT_ENV.into(),
@@ -381,8 +396,14 @@ pub async fn full_disk_handoff(short: bool) -> ChaosRow {
     lab.settle(Duration::from_millis(2500), 30).await;
     let at_risk = lab.sandbox.stats().refreshed;
     let sent = lab.sandbox.stats().requests;
-    // Nothing durable anywhere: no new refresh goes out.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Nothing durable anywhere: the loop keeps looking (every 100 ms) and each look
+    // declines to claim; no new refresh goes out meanwhile.
+    let looked = run.events("backpressure");
+    assert!(
+        wait_for(20, || run.events("backpressure") >= looked + 5).await,
+        "the loop did not hold back its claims; log:\n{}",
+        run.log()
+    );
     assert_eq!(
         lab.sandbox.stats().requests,
         sent,

@@ -28,6 +28,7 @@ struct World {
     ids: Vec<i64>,
     logs: Logs,
     _log_guard: tracing::subscriber::DefaultGuard,
+    daemon: tokio::task::JoinHandle<Result<lifecycle::RunReport, lifecycle::DaemonError>>,
 }
 
 impl World {
@@ -55,7 +56,7 @@ impl World {
             })),
             ..RunOptions::new(app.clock.clone())
         };
-        tokio::spawn(lifecycle::run(config, opts, shutdown.clone()));
+        let daemon = tokio::spawn(lifecycle::run(config, opts, shutdown.clone()));
         let (store, addr) = tokio::time::timeout(Duration::from_secs(20), rx)
             .await
             .expect("daemon ready in time")
@@ -69,6 +70,7 @@ impl World {
             ids,
             logs,
             _log_guard: log_guard,
+            daemon,
         }
     }
 
@@ -117,9 +119,14 @@ impl World {
             .expect(&out)
     }
 
+    /// Stops the daemon and waits for it to end: every line it logs is in the logs.
     async fn stop(self) -> String {
         self.shutdown.cancel();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::timeout(Duration::from_secs(20), self.daemon)
+            .await
+            .expect("the daemon stops in time")
+            .expect("the daemon task did not panic")
+            .expect("the daemon stops cleanly");
         self.logs.text()
     }
 }

@@ -1,7 +1,8 @@
 //! Start-up: the daemon is ready (store open, tokens readable) before the store's start-up
 //! checks end, and nothing writes to the store before they pass: no claim, no refresh, no
-//! write of any caller. The checks are held by the test's hook (no real wait for them);
-//! a failing check still stops the daemon with its error.
+//! write of any caller. The checks are held by the test's hook (no real wait for them),
+//! and the store counts the writes it holds (no real wait for those either); a failing
+//! check still stops the daemon with its error.
 
 use crate::helpers::{self, TestApp, eventually};
 use refreshd::engine::Engine;
@@ -94,16 +95,31 @@ async fn ready_and_readable_before_the_checks_end_but_nothing_written_until_they
     assert_eq!(a.id, ids[0]);
 
     // A write of any caller waits at the gate, as do the engine's claims.
+    let before = helpers::account(&store, ids[1]).await.next_refresh_at;
     let writer = {
         let store = store.clone();
         let (now, id) = (app.clock.now(), ids[1]);
         tokio::spawn(async move { store.mark_due(id, now, true).await })
     };
     engine.waker().notify_one();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both reach the gate, which counts what it holds: the caller's write and the engine's
+    // first claim (sent as it started; it waits there, so no second one). At least two: a
+    // cron job falling due right now would be held as well.
+    assert!(
+        eventually(10, || async { store.writes_held() >= 2 }).await,
+        "the write and the engine's claim did not both reach the gate: {} held",
+        store.writes_held()
+    );
+    // A read is answered after every job sent before it: had either gone through, it
+    // would be written by now.
+    assert_eq!(
+        helpers::account(&store, ids[1]).await.next_refresh_at,
+        before,
+        "a write went through before the checks passed"
+    );
     assert!(
         !writer.is_finished(),
-        "a write went through before the checks passed"
+        "a write was answered before the checks passed"
     );
     assert_eq!(app.sandbox.stats().requests, 0, "a refresh was sent");
     assert_eq!(lease_owner(&app.db, ids[0]), None, "a lease was written");

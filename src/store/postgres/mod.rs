@@ -1,17 +1,18 @@
 //! The PostgreSQL backend: the same accounts table and refresh log, the same semantics as
 //! SQLite's (leases, generation-guarded writes, group commit, recovery file), for several
 //! replicas sharing one database. This file holds the pool and the group-commit task;
-//! `queries.rs` and `writes.rs` the SQL, `schema.rs` the migrations, `errors.rs` what a
-//! PostgreSQL error becomes. Claims use `FOR UPDATE SKIP LOCKED`, so replicas never wait
-//! on each other's rows; migrations run under an advisory lock, so replicas starting
-//! together do not race. A lost connection is a transient error: the pool reconnects on the
-//! next use. Each replica's liveness lock (`liveness.rs`) lets the others take a dead one's
-//! leases.
+//! `queries.rs`, `reports.rs` and `writes.rs` the SQL, `schema.rs` the migrations,
+//! `errors.rs` what a PostgreSQL error becomes. Claims use `FOR UPDATE SKIP LOCKED`, so
+//! replicas never wait on each other's rows; migrations run under an advisory lock, so
+//! replicas starting together do not race. A lost connection is a transient error: the pool
+//! reconnects on the next use. Each replica's liveness lock (`liveness.rs`) lets the others
+//! take a dead one's leases.
 
 mod errors;
 mod group;
 pub(crate) mod liveness;
 pub(crate) mod queries;
+pub(crate) mod reports;
 pub mod schema;
 pub(crate) mod writes;
 

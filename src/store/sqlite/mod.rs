@@ -416,7 +416,10 @@ impl Worker {
             }
             Job::Checked(result) => self.checks_ended(conn, result, stash),
             Job::Close(_) => return Some(job),
-            job if self.gated => self.held.push(job),
+            job if self.gated => {
+                self.deferrals.health.checks.note_held();
+                self.held.push(job)
+            }
             job => match self.deferrals.health.checks.refusal() {
                 Some(refused) => refuse(job, refused),
                 None => return Some(job),

@@ -186,15 +186,19 @@ burst = 1
         stats.refreshed, N as u64,
         "each account exactly once: {stats:?}"
     );
-    let per_replica: Vec<usize> = replicas
-        .iter()
-        .map(|r| {
-            r.events("refresh")
-                .iter()
-                .filter(|e| e["outcome"] == "rotated")
-                .count()
-        })
-        .collect();
+    let rotated = |r: &Replica| {
+        r.events("refresh")
+            .iter()
+            .filter(|e| e["outcome"] == "rotated")
+            .count()
+    };
+    // A rotation is logged after its commit, and its line read from the pipe after that:
+    // the last ones can trail the generations just seen.
+    eventually(10, || async {
+        replicas.iter().map(rotated).sum::<usize>() >= N
+    })
+    .await;
+    let per_replica: Vec<usize> = replicas.iter().map(rotated).collect();
     eprintln!("rotations per replica: {per_replica:?}");
     assert_eq!(per_replica.iter().sum::<usize>(), N);
     assert!(
