@@ -126,6 +126,50 @@ async fn basic_credentials_are_form_encoded_unless_raw() {
     }
 }
 
+/// The form body is the pairs urlencoded once (reserved and non-ASCII bytes escaped), with
+/// one Content-Type: ours, or the profile's own when its `headers` name one.
+#[tokio::test]
+async fn form_body_is_encoded_once_under_one_content_type() {
+    init_logs();
+    let token = "a+b/c=d&e%f é~";
+    let want_body = "client_id=id&client_secret=s&grant_type=refresh_token&refresh_token=a%2Bb%2Fc%3Dd%26e%25f+%C3%A9%7E";
+    for (headers, want_type) in [
+        ("", "application/x-www-form-urlencoded"),
+        (
+            "headers = { \"Content-Type\" = \"application/x-www-form-urlencoded; charset=utf-8\" }\n",
+            "application/x-www-form-urlencoded; charset=utf-8",
+        ),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .and(move |req: &wiremock::Request| {
+                let types: Vec<_> = req.headers.get_all("content-type").iter().collect();
+                types.len() == 1 && types[0] == want_type && req.body == want_body.as_bytes()
+            })
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "access_token": "A-NEW", "expires_in": 3600, "refresh_token": "R-NEW"
+            })))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(
+            &dir.path().join("x.db"),
+            "",
+            &format!(
+                "[providers.own]\nkind = \"generic\"\nclient_id = \"id\"\nclient_secret = \"s\"\ntoken_url = \"{}/token\"\n{headers}",
+                server.uri()
+            ),
+        );
+        let http = refreshd::provider::http_client(&config).unwrap();
+        let provider = Provider::new("own", &config.providers["own"], &config, http).unwrap();
+        let refreshed = provider.refresh(&SecretString::from(token), T0).await;
+        assert!(refreshed.is_ok(), "{want_type}: {:?}", refreshed.err());
+        server.verify().await;
+    }
+}
+
 /// Most OpenID Connect servers never announce the refresh token's end: a configured
 /// `refresh_token_lifetime` stands in for it, and it needs a `refresh_ttl` to count by.
 #[tokio::test]
