@@ -2,6 +2,9 @@
 //! SIGHUP can change, and the stable events admins alert on.
 //!
 //! Logs go to stderr so that stdout carries only command output (`--json` stays parseable).
+//! `json_line.rs` writes the JSON lines.
+
+mod json_line;
 
 use crate::clock::rfc3339;
 use crate::config::{LogConfig, LogFormat};
@@ -49,9 +52,7 @@ pub fn init(cfg: &LogConfig) -> LogHandle {
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false)
+                    .event_format(json_line::JsonLine::new())
                     .with_writer(std::io::stderr),
             )
             .try_init()

@@ -22,6 +22,7 @@ use crate::config::{Config, ProviderConfig};
 use crate::model::TokenSet;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use profile::{Method, ParamsIn, Profile, TokenRequest};
+use reqwest::header::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
@@ -410,7 +411,10 @@ impl Provider {
             Method::Get => self.http.get(url),
             Method::Post => self.http.post(url),
         }
-        .header(reqwest::header::ACCEPT, "application/json");
+        .header(
+            reqwest::header::ACCEPT,
+            HeaderValue::from_static("application/json"),
+        );
         for (k, v) in &req.headers {
             rb = rb.header(k.as_str(), v.as_str());
         }
@@ -418,7 +422,23 @@ impl Provider {
             rb = rb.basic_auth(id, Some(secret.expose_secret()));
         }
         if req.params_in == ParamsIn::Form {
-            rb = rb.form(&req.params);
+            // The pairs go straight into the body (the bytes `RequestBuilder::form` makes
+            // through serde, at a fraction of its cost per refresh); a profile's own
+            // Content-Type wins, as it does there.
+            let body = url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(&req.params)
+                .finish();
+            if !req
+                .headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            {
+                rb = rb.header(
+                    reqwest::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-www-form-urlencoded"),
+                );
+            }
+            rb = rb.body(body);
         }
         Ok(rb)
     }

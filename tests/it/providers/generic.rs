@@ -72,6 +72,25 @@ refresh_ttl = "sliding"
     server.verify().await;
 }
 
+/// The generic provider `own` answering at `uri`/token, with `lines` of its TOML table.
+fn own_provider(uri: &str, lines: &str) -> Provider {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        &dir.path().join("x.db"),
+        "",
+        &format!("[providers.own]\nkind = \"generic\"\ntoken_url = \"{uri}/token\"\n{lines}"),
+    );
+    let http = refreshd::provider::http_client(&config).unwrap();
+    Provider::new("own", &config.providers["own"], &config, http).unwrap()
+}
+
+/// A token endpoint's answer with new tokens.
+fn new_tokens() -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_json(json!({
+        "access_token": "A-NEW", "expires_in": 3600, "refresh_token": "R-NEW"
+    }))
+}
+
 /// RFC 6749 §2.3.1: the client id and secret are form-urlencoded before HTTP Basic; a secret
 /// shaped like base64 (`+/=`) or holding `%` must reach the server intact. `basic_raw`
 /// sends them as they are, for servers that do not decode.
@@ -95,23 +114,16 @@ async fn basic_credentials_are_form_encoded_unless_raw() {
         Mock::given(method("POST"))
             .and(path("/token"))
             .and(header("authorization", want.as_str()))
-            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-                "access_token": "A-NEW", "expires_in": 3600, "refresh_token": "R-NEW"
-            })))
+            .respond_with(new_tokens())
             .expect(2)
             .mount(&server)
             .await;
-        let dir = tempfile::tempdir().unwrap();
-        let config = config(
-            &dir.path().join("x.db"),
-            "",
+        let provider = own_provider(
+            &server.uri(),
             &format!(
-                "[providers.own]\nkind = \"generic\"\nclient_id = \"{id}\"\nclient_secret = \"{secret}\"\ntoken_url = \"{}/token\"\nclient_auth = \"{auth}\"\n",
-                server.uri()
+                "client_id = \"{id}\"\nclient_secret = \"{secret}\"\nclient_auth = \"{auth}\"\n"
             ),
         );
-        let http = refreshd::provider::http_client(&config).unwrap();
-        let provider = Provider::new("own", &config.providers["own"], &config, http).unwrap();
         let refreshed = provider.refresh(&SecretString::from(RT), T0).await;
         assert!(refreshed.is_ok(), "{auth}: {:?}", refreshed.err());
         let exchanged = provider
@@ -122,6 +134,41 @@ async fn basic_credentials_are_form_encoded_unless_raw() {
         if let Err(f) = exchanged {
             assert!(f.message.contains("does not name the user"), "{auth}: {f}");
         }
+        server.verify().await;
+    }
+}
+
+/// The form body is the pairs urlencoded once (reserved and non-ASCII bytes escaped), with
+/// one Content-Type: ours, or the profile's own when its `headers` name one.
+#[tokio::test]
+async fn form_body_is_encoded_once_under_one_content_type() {
+    init_logs();
+    let token = "a+b/c=d&e%f é~";
+    let want_body = "client_id=id&client_secret=s&grant_type=refresh_token&refresh_token=a%2Bb%2Fc%3Dd%26e%25f+%C3%A9%7E";
+    for (headers, want_type) in [
+        ("", "application/x-www-form-urlencoded"),
+        (
+            "headers = { \"Content-Type\" = \"application/x-www-form-urlencoded; charset=utf-8\" }\n",
+            "application/x-www-form-urlencoded; charset=utf-8",
+        ),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .and(move |req: &wiremock::Request| {
+                let types: Vec<_> = req.headers.get_all("content-type").iter().collect();
+                types.len() == 1 && types[0] == want_type && req.body == want_body.as_bytes()
+            })
+            .respond_with(new_tokens())
+            .expect(1)
+            .mount(&server)
+            .await;
+        let provider = own_provider(
+            &server.uri(),
+            &format!("client_id = \"id\"\nclient_secret = \"s\"\n{headers}"),
+        );
+        let refreshed = provider.refresh(&SecretString::from(token), T0).await;
+        assert!(refreshed.is_ok(), "{want_type}: {:?}", refreshed.err());
         server.verify().await;
     }
 }
