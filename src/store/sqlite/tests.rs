@@ -271,6 +271,46 @@ fn a_failing_claim_is_rolled_back_alone_and_the_outcomes_stay_committed() {
 }
 
 #[test]
+fn a_failing_outcome_rolls_the_whole_group_back_and_the_next_group_commits() {
+    let mut c = memory();
+    let keys = Keyring::default();
+    upsert(&mut c, &[account("a"), account("b")]);
+    let first = claim::run(&c, &keys, &claim_for("me:1", 2)).unwrap();
+    c.execute_batch(
+        "CREATE TEMP TRIGGER no_rotation BEFORE UPDATE OF access_token ON accounts
+         WHEN NEW.access_token <> OLD.access_token AND NEW.id = OLD.id AND OLD.subject = 'b'
+         BEGIN SELECT RAISE(ABORT, 'no rotation'); END;",
+    )
+    .unwrap();
+    let (a, b) = match first[0].subject.as_str() {
+        "a" => (&first[0], &first[1]),
+        _ => (&first[1], &first[0]),
+    };
+    let (done_a, done_b) = (rotation_of(a), rotation_of(b));
+    assert!(claim::commit_group(&mut c, &keys, &[&done_a, &done_b], None).is_err());
+    assert!(
+        c.is_autocommit(),
+        "the failed group's transaction is closed"
+    );
+    let kept = queries::get(&c, &keys, a.id).unwrap().unwrap();
+    assert_ne!(
+        kept.refresh_token.expose_secret(),
+        "rt-new",
+        "nothing of the failed group stays"
+    );
+    let (results, _) = claim::commit_group(&mut c, &keys, &[&done_a], None).unwrap();
+    assert_eq!(results, [Recorded::Applied]);
+    // The group's transaction statements come from the cache, prepared once.
+    for (sql, runs) in [("BEGIN IMMEDIATE", 2), ("ROLLBACK", 1), ("COMMIT", 1)] {
+        let ran = c
+            .prepare_cached(sql)
+            .unwrap()
+            .get_status(rusqlite::StatementStatus::Run);
+        assert_eq!(ran, runs, "{sql} ran from the cache");
+    }
+}
+
+#[test]
 fn the_claim_statement_is_prepared_once() {
     let dir = tempfile::tempdir().unwrap();
     let opts = file_options(dir.path());
