@@ -2,7 +2,7 @@
 //! outcomes and then claims the next accounts: one fsync for both instead of two. The claim
 //! is answered only once that transaction is durable (a lease must be on disk before its
 //! request is sent). A claim whose statements fail is rolled back alone under its savepoint;
-//! only a failure to open or release that savepoint fails the group, which is then split or
+//! only a failure of the savepoint's own statements fails the group, which is then split or
 //! deferred as any failed group, and the claim re-run alone.
 
 use super::{queries, writes};

@@ -344,6 +344,49 @@ fn the_claim_statement_is_prepared_once() {
     assert!(stmt.get_status(rusqlite::StatementStatus::Run) >= 5);
 }
 
+/// Records, in `order`, when the task it belongs to is woken.
+struct Woken(&'static str, Arc<Mutex<Vec<&'static str>>>);
+
+impl std::task::Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.1.lock().unwrap().push(self.0);
+    }
+}
+
+/// Polls `f` once (it must wait), as task `name`, whose wake is noted in `order`.
+fn poll_as<F: std::future::Future + Unpin>(
+    f: &mut F,
+    name: &'static str,
+    order: &Arc<Mutex<Vec<&'static str>>>,
+) {
+    let waker = std::task::Waker::from(Arc::new(Woken(name, order.clone())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    assert!(std::pin::Pin::new(f).poll(&mut cx).is_pending());
+}
+
+#[test]
+fn a_group_answers_its_claim_before_its_outcomes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = memory();
+    let keys = Keyring::default();
+    upsert(&mut c, &[account("a"), account("b")]);
+    let first = claim::run(&c, &keys, &claim_for("me:1", 1)).unwrap();
+    let health = Arc::new(Health::default());
+    let mut worker = super::Worker::new(&file_options(dir.path()), "me", None, health);
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let (record_tx, mut record_rx) = tokio::sync::oneshot::channel();
+    let (claim_tx, mut claim_rx) = tokio::sync::oneshot::channel();
+    poll_as(&mut record_rx, "outcome", &order);
+    poll_as(&mut claim_rx, "claim", &order);
+    let claim = claim_for("me:2", 10);
+    let outcomes = vec![(rotation_of(&first[0]), record_tx)];
+    let unanswered = worker.commit_group(&mut c, outcomes, Some((&claim, claim_tx)));
+    assert!(unanswered.is_none(), "the claim ran in the group");
+    assert_eq!(*order.lock().unwrap(), ["claim", "outcome"]);
+    assert_eq!(claim_rx.try_recv().unwrap().unwrap().len(), 1);
+    assert_eq!(record_rx.try_recv().unwrap().unwrap(), Recorded::Applied);
+}
+
 #[tokio::test]
 async fn the_worker_answers_a_claim_queued_behind_outcomes_after_committing_them() {
     let dir = tempfile::tempdir().unwrap();
