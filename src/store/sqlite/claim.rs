@@ -2,7 +2,7 @@
 //! outcomes and then claims the next accounts: one fsync for both instead of two. The claim
 //! is answered only once that transaction is durable (a lease must be on disk before its
 //! request is sent). A claim whose statements fail is rolled back alone under its savepoint;
-//! only a failure to open or release that savepoint fails the group, which is then split or
+//! only a failure of the savepoint's own statements fails the group, which is then split or
 //! deferred as any failed group, and the claim re-run alone.
 
 use super::{queries, writes};
@@ -10,7 +10,7 @@ use crate::crypto::Keyring;
 use crate::model::Account;
 use crate::store::error::StoreError;
 use crate::store::types::{Outcome, Recorded};
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 /// One claim of due accounts, with what `Store::claim_due_except` worked out before it.
@@ -60,43 +60,58 @@ pub(crate) type GroupResult = (Vec<Recorded>, Option<Result<Vec<Account>, StoreE
 /// Writes `outcomes`, then runs `claim` under a savepoint, in one IMMEDIATE transaction.
 /// A failing claim is rolled back alone and its error returned beside the committed
 /// outcomes; a failing outcome (or commit) fails the whole transaction, claim included.
+/// The transaction and savepoint statements are cached like the others: rusqlite's
+/// `Transaction` and `Savepoint` prepare each of them again, four times per group.
 pub(crate) fn commit_group(
     conn: &mut Connection,
     keys: &Keyring,
     outcomes: &[&Outcome],
     claim: Option<&Claim>,
 ) -> Result<GroupResult, StoreError> {
-    let mut tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(|source| StoreError::Sqlite {
-            context: "begin commit of refresh outcomes",
-            source,
-        })?;
+    control(conn, "BEGIN IMMEDIATE", "begin commit of refresh outcomes")?;
+    let result = write_and_claim(conn, keys, outcomes, claim).and_then(|r| {
+        control(conn, "COMMIT", "commit refresh outcomes")?;
+        Ok(r)
+    });
+    // A failed statement may have ended the transaction already (SQLite rolls back on
+    // some I/O errors): roll back only what is still open.
+    if result.is_err() && !conn.is_autocommit() {
+        let _ = control(conn, "ROLLBACK", "roll back refresh outcomes");
+    }
+    result
+}
+
+/// The body of `commit_group`, inside its transaction.
+fn write_and_claim(
+    conn: &Connection,
+    keys: &Keyring,
+    outcomes: &[&Outcome],
+    claim: Option<&Claim>,
+) -> Result<GroupResult, StoreError> {
     let mut results = Vec::with_capacity(outcomes.len());
     for o in outcomes {
-        results.push(writes::record(&tx, keys, o)?);
+        results.push(writes::record(conn, keys, o)?);
     }
     let claimed = match claim {
         None => None,
         Some(c) => {
-            let sp = tx.savepoint().map_err(|source| StoreError::Sqlite {
-                context: "claim due accounts",
-                source,
-            })?;
-            let r = run(&sp, keys, c);
-            if r.is_ok() {
-                sp.commit().map_err(|source| StoreError::Sqlite {
-                    context: "claim due accounts",
-                    source,
-                })?;
+            let ctx = "claim due accounts";
+            control(conn, "SAVEPOINT claim", ctx)?;
+            let r = run(conn, keys, c);
+            if r.is_err() {
+                control(conn, "ROLLBACK TO claim", ctx)?;
             }
-            // Dropped uncommitted, the savepoint rolls the failed claim back.
+            control(conn, "RELEASE claim", ctx)?;
             Some(r)
         }
     };
-    tx.commit().map_err(|source| StoreError::Sqlite {
-        context: "commit refresh outcomes",
-        source,
-    })?;
     Ok((results, claimed))
+}
+
+/// Runs a transaction-control statement from the statement cache.
+fn control(conn: &Connection, sql: &str, context: &'static str) -> Result<(), StoreError> {
+    conn.prepare_cached(sql)
+        .and_then(|mut s| s.execute([]))
+        .map(|_| ())
+        .map_err(|source| StoreError::Sqlite { context, source })
 }

@@ -551,15 +551,10 @@ impl Worker {
         let healthy = self.deferrals.is_empty() && self.deferrals.health.lost().is_none();
         let claim = match claim {
             Some((c, reply, claim_span)) if healthy && !batch.is_empty() => {
-                let claimed = span.in_scope(|| self.commit_group(conn, batch, Some(&c)));
-                match claimed {
-                    Some(result) => {
-                        let _ = reply.send(result);
-                        None
-                    }
-                    // The group's transaction failed: the claim runs alone.
-                    None => Some((c, reply, claim_span)),
-                }
+                let unanswered =
+                    span.in_scope(|| self.commit_group(conn, batch, Some((&c, reply))));
+                // The group's transaction failed: the claim runs alone.
+                unanswered.map(|reply| (c, reply, claim_span))
             }
             other => {
                 if !batch.is_empty() {
@@ -584,14 +579,17 @@ impl Worker {
         }
     }
 
-    /// Commits a group (with `claim`, when given); returns the claim's result when the
-    /// transaction committed, None when it did not (or there was no claim).
+    /// Commits a group (with `claim`, when given). Once the transaction committed, the claim
+    /// is answered first (its accounts are the pipeline's next requests, which the outcomes'
+    /// answers only end), then the outcomes. Returns the claim's reply when the claim did not
+    /// run (the transaction failed).
     fn commit_group(
         &mut self,
         conn: &mut Connection,
         batch: Vec<(Outcome, Reply)>,
-        claim: Option<&Claim>,
-    ) -> Option<Result<Vec<Account>, StoreError>> {
+        claim: Option<(&Claim, ClaimReply)>,
+    ) -> Option<ClaimReply> {
+        let (claim, mut reply) = claim.unzip();
         let lost = self.note_lost();
         let result = match &lost {
             Some(message) => Err(StoreError::Lost {
@@ -606,16 +604,18 @@ impl Worker {
                 r
             }
         };
-        let (result, claimed) = match result {
-            Ok((recorded, claimed)) => (Ok(recorded), claimed),
-            Err(e) => (Err(e), None),
-        };
+        let result = result.map(|(recorded, claimed)| {
+            if let (Some(claimed), Some(reply)) = (claimed, reply.take()) {
+                let _ = reply.send(claimed);
+            }
+            recorded
+        });
         if let Some(batch) = commit::settle(&mut self.deferrals, batch, result, lost.is_some()) {
             for one in batch {
                 self.commit_group(conn, vec![one], None);
             }
         }
-        claimed
+        reply
     }
 
     fn retry_deferred(&mut self, conn: &mut Connection) {

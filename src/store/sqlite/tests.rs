@@ -271,6 +271,46 @@ fn a_failing_claim_is_rolled_back_alone_and_the_outcomes_stay_committed() {
 }
 
 #[test]
+fn a_failing_outcome_rolls_the_whole_group_back_and_the_next_group_commits() {
+    let mut c = memory();
+    let keys = Keyring::default();
+    upsert(&mut c, &[account("a"), account("b")]);
+    let first = claim::run(&c, &keys, &claim_for("me:1", 2)).unwrap();
+    c.execute_batch(
+        "CREATE TEMP TRIGGER no_rotation BEFORE UPDATE OF access_token ON accounts
+         WHEN NEW.access_token <> OLD.access_token AND NEW.id = OLD.id AND OLD.subject = 'b'
+         BEGIN SELECT RAISE(ABORT, 'no rotation'); END;",
+    )
+    .unwrap();
+    let (a, b) = match first[0].subject.as_str() {
+        "a" => (&first[0], &first[1]),
+        _ => (&first[1], &first[0]),
+    };
+    let (done_a, done_b) = (rotation_of(a), rotation_of(b));
+    assert!(claim::commit_group(&mut c, &keys, &[&done_a, &done_b], None).is_err());
+    assert!(
+        c.is_autocommit(),
+        "the failed group's transaction is closed"
+    );
+    let kept = queries::get(&c, &keys, a.id).unwrap().unwrap();
+    assert_ne!(
+        kept.refresh_token.expose_secret(),
+        "rt-new",
+        "nothing of the failed group stays"
+    );
+    let (results, _) = claim::commit_group(&mut c, &keys, &[&done_a], None).unwrap();
+    assert_eq!(results, [Recorded::Applied]);
+    // The group's transaction statements come from the cache, prepared once.
+    for (sql, runs) in [("BEGIN IMMEDIATE", 2), ("ROLLBACK", 1), ("COMMIT", 1)] {
+        let ran = c
+            .prepare_cached(sql)
+            .unwrap()
+            .get_status(rusqlite::StatementStatus::Run);
+        assert_eq!(ran, runs, "{sql} ran from the cache");
+    }
+}
+
+#[test]
 fn the_claim_statement_is_prepared_once() {
     let dir = tempfile::tempdir().unwrap();
     let opts = file_options(dir.path());
@@ -302,6 +342,49 @@ fn the_claim_statement_is_prepared_once() {
     let stmt = c.prepare_cached(&queries::claim_sql(&skip)).unwrap();
     assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
     assert!(stmt.get_status(rusqlite::StatementStatus::Run) >= 5);
+}
+
+/// Records, in `order`, when the task it belongs to is woken.
+struct Woken(&'static str, Arc<Mutex<Vec<&'static str>>>);
+
+impl std::task::Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.1.lock().unwrap().push(self.0);
+    }
+}
+
+/// Polls `f` once (it must wait), as task `name`, whose wake is noted in `order`.
+fn poll_as<F: std::future::Future + Unpin>(
+    f: &mut F,
+    name: &'static str,
+    order: &Arc<Mutex<Vec<&'static str>>>,
+) {
+    let waker = std::task::Waker::from(Arc::new(Woken(name, order.clone())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    assert!(std::pin::Pin::new(f).poll(&mut cx).is_pending());
+}
+
+#[test]
+fn a_group_answers_its_claim_before_its_outcomes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = memory();
+    let keys = Keyring::default();
+    upsert(&mut c, &[account("a"), account("b")]);
+    let first = claim::run(&c, &keys, &claim_for("me:1", 1)).unwrap();
+    let health = Arc::new(Health::default());
+    let mut worker = super::Worker::new(&file_options(dir.path()), "me", None, health);
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let (record_tx, mut record_rx) = tokio::sync::oneshot::channel();
+    let (claim_tx, mut claim_rx) = tokio::sync::oneshot::channel();
+    poll_as(&mut record_rx, "outcome", &order);
+    poll_as(&mut claim_rx, "claim", &order);
+    let claim = claim_for("me:2", 10);
+    let outcomes = vec![(rotation_of(&first[0]), record_tx)];
+    let unanswered = worker.commit_group(&mut c, outcomes, Some((&claim, claim_tx)));
+    assert!(unanswered.is_none(), "the claim ran in the group");
+    assert_eq!(*order.lock().unwrap(), ["claim", "outcome"]);
+    assert_eq!(claim_rx.try_recv().unwrap().unwrap().len(), 1);
+    assert_eq!(record_rx.try_recv().unwrap().unwrap(), Recorded::Applied);
 }
 
 #[tokio::test]
