@@ -2,8 +2,9 @@
 //! outcomes and then claims the next accounts: one fsync for both instead of two. The claim
 //! is answered only once that transaction is durable (a lease must be on disk before its
 //! request is sent). A claim whose statements fail is rolled back alone under its savepoint;
-//! only a failure of the savepoint's own statements fails the group, which is then split or
-//! deferred as any failed group, and the claim re-run alone.
+//! only a failure of the savepoint's own statements, or one after which SQLite ended the
+//! whole transaction, fails the group, which is then split or deferred as any failed group,
+//! and the claim re-run alone.
 
 use super::{queries, writes};
 use crate::crypto::Keyring;
@@ -68,6 +69,10 @@ pub(crate) fn commit_group(
     outcomes: &[&Outcome],
     claim: Option<&Claim>,
 ) -> Result<GroupResult, StoreError> {
+    // A ROLLBACK that failed after the last group left its transaction open.
+    if !conn.is_autocommit() {
+        control(conn, "ROLLBACK", "roll back a transaction left open")?;
+    }
     control(conn, "BEGIN IMMEDIATE", "begin commit of refresh outcomes")?;
     let result = write_and_claim(conn, keys, outcomes, claim).and_then(|r| {
         control(conn, "COMMIT", "commit refresh outcomes")?;
@@ -97,10 +102,16 @@ fn write_and_claim(
         Some(c) => {
             let ctx = "claim due accounts";
             control(conn, "SAVEPOINT claim", ctx)?;
-            let r = run(conn, keys, c);
-            if r.is_err() {
-                control(conn, "ROLLBACK TO claim", ctx)?;
-            }
+            let r = match run(conn, keys, c) {
+                // SQLite ended the whole transaction (some I/O errors, a full disk): the
+                // outcomes went with it, and the claim's own error says why.
+                Err(e) if conn.is_autocommit() => return Err(e),
+                Err(e) => {
+                    control(conn, "ROLLBACK TO claim", ctx)?;
+                    Err(e)
+                }
+                ok => ok,
+            };
             control(conn, "RELEASE claim", ctx)?;
             Some(r)
         }

@@ -271,6 +271,48 @@ fn a_failing_claim_is_rolled_back_alone_and_the_outcomes_stay_committed() {
 }
 
 #[test]
+fn a_claim_whose_failure_ended_the_transaction_fails_the_group_with_its_own_error() {
+    let mut c = memory();
+    let keys = Keyring::default();
+    upsert(&mut c, &[account("a"), account("b")]);
+    let first = claim::run(&c, &keys, &claim_for("me:1", 1)).unwrap();
+    // RAISE(ROLLBACK) ends the whole transaction, as SQLite does on some I/O errors.
+    c.execute_batch(
+        "CREATE TEMP TRIGGER claim_ends_all BEFORE UPDATE OF lease_owner ON accounts
+         WHEN NEW.lease_owner IS NOT NULL BEGIN SELECT RAISE(ROLLBACK, 'claim ended all'); END;",
+    )
+    .unwrap();
+    let done = rotation_of(&first[0]);
+    let err = claim::commit_group(&mut c, &keys, &[&done], Some(&claim_for("me:2", 10)))
+        .expect_err("the outcomes were rolled back with the claim");
+    let text = format!("{err}: {:?}", std::error::Error::source(&err));
+    assert!(text.contains("claim ended all"), "its own error: {text}");
+    assert!(c.is_autocommit());
+    let a = queries::get(&c, &keys, first[0].id).unwrap().unwrap();
+    assert_ne!(
+        a.refresh_token.expose_secret(),
+        "rt-new",
+        "nothing half-applied"
+    );
+}
+
+#[test]
+fn a_transaction_left_open_is_rolled_back_before_the_next_group() {
+    let mut c = memory();
+    let keys = Keyring::default();
+    upsert(&mut c, &[account("a")]);
+    let first = claim::run(&c, &keys, &claim_for("me:1", 1)).unwrap();
+    c.execute_batch("BEGIN; UPDATE accounts SET subject = 'stray';")
+        .unwrap();
+    let done = rotation_of(&first[0]);
+    let (results, _) = claim::commit_group(&mut c, &keys, &[&done], None).unwrap();
+    assert_eq!(results, [Recorded::Applied]);
+    let a = queries::get(&c, &keys, first[0].id).unwrap().unwrap();
+    assert_eq!(a.subject, "a", "the stray transaction was not committed");
+    assert_eq!(a.refresh_token.expose_secret(), "rt-new");
+}
+
+#[test]
 fn a_failing_outcome_rolls_the_whole_group_back_and_the_next_group_commits() {
     let mut c = memory();
     let keys = Keyring::default();
