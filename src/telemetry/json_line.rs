@@ -49,6 +49,8 @@ where
         if !own {
             return self.full.format_event(ctx, w, event);
         }
+        #[cfg(test)]
+        tests::OWN_LINES.with(|n| n.set(n.get() + 1));
         w.write_str("{\"timestamp\":\"")?;
         SystemTime.format_time(&mut w)?;
         write!(w, "\",\"level\":\"{}\"", meta.level())?;
@@ -161,6 +163,11 @@ mod tests {
     use tracing_subscriber::fmt::MakeWriter;
     use tracing_subscriber::layer::SubscriberExt;
 
+    thread_local! {
+        /// Lines this thread wrote by hand, not through the serde format.
+        pub(super) static OWN_LINES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
     #[derive(Clone, Default)]
     struct Buf(Arc<Mutex<Vec<u8>>>);
 
@@ -226,8 +233,11 @@ mod tests {
 
     #[test]
     fn lines_match_the_serde_format_byte_for_byte() {
+        OWN_LINES.with(|n| n.set(0));
         let lean = logged(true);
         assert_eq!(lean.len(), 4);
+        // The three lines outside a span took the hand-written path, not the fallback.
+        assert_eq!(OWN_LINES.with(|n| n.get()), 3);
         assert_eq!(lean, logged(false));
         let json = |l: &str| serde_json::from_str::<serde_json::Value>(&format!("{{{l}")).unwrap();
         assert_eq!(json(&lean[0])["account"], 7);
