@@ -70,6 +70,10 @@ async function freePort() {
 // provider not up in time, a connect that failed) left its provider and daemons running,
 // loading the machine for the next run.
 const children = new Set();
+// 'exit' covers every way out: the normal end, process.exit, an uncaught error.
+process.on('exit', () => {
+  for (const c of children) c.kill('SIGKILL');
+});
 function track(proc) {
   children.add(proc);
   proc.on('exit', () => children.delete(proc));
@@ -855,5 +859,4 @@ for (const r of results) console.log(`  ${r.scenario}: ${r.notes ?? r.error}`);
 const outFile = args.out || path.join(ROOT, 'interop-results.json');
 fs.writeFileSync(outFile, JSON.stringify({ form: args.form, seconds: (Date.now() - started) / 1000, results }, null, 2));
 console.log(`results: ${outFile}`);
-for (const c of children) c.kill('SIGKILL');
 process.exit(results.every((r) => r.ok) ? 0 : 1);
