@@ -1,7 +1,8 @@
 //! The SQLite queries: plain synchronous functions over a `rusqlite::Connection`, run only on
 //! the store's worker thread. `postgres/queries.rs` holds the same functions, in the same
-//! order, under the same names: read the two side by side. Writes of imports and outcomes
-//! are in `writes.rs`. Tested on `:memory:` in `tests.rs`.
+//! order, under the same names (its read-only reports, logs to plan, in `postgres/reports.rs`):
+//! read them side by side. Writes of imports and outcomes are in `writes.rs`. Tested on
+//! `:memory:` in `tests.rs`.
 
 use super::writes::append_log;
 use crate::crypto::{Column, Keyring};
