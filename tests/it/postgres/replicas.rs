@@ -68,6 +68,17 @@ impl Replica {
             .count()
     }
 
+    /// This replica's log lines about one account.
+    fn lines_of(&self, account: i64) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["account"] == account))
+            .cloned()
+            .collect()
+    }
+
     fn text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
@@ -274,7 +285,28 @@ burst = 1
         "at most the victim's in-flight refreshes (concurrency 8): {flagged:?} {stats:?}, {superseded} superseded after their lease ended"
     );
     for (subject, _, _, reason) in &flagged {
-        assert_eq!(reason.as_deref(), Some("refresh_interrupted"), "{subject}");
+        if reason.as_deref() != Some("refresh_interrupted") {
+            // Seen once under heavy load: keep what every replica logged about the account.
+            let id: i64 = db
+                .query_one("SELECT id FROM accounts WHERE subject = $1", &[subject])
+                .await
+                .unwrap()
+                .get(0);
+            let history: Vec<String> = replicas
+                .iter()
+                .enumerate()
+                .flat_map(|(i, r)| {
+                    r.lines_of(id)
+                        .into_iter()
+                        .map(move |l| format!("replica {i}: {l}"))
+                })
+                .collect();
+            panic!(
+                "{subject} (account {id}) flagged {reason:?}, not refresh_interrupted; \
+                 victim {victim}; its lines:\n{}",
+                history.join("\n")
+            );
+        }
     }
     // Nothing lost: every active account's stored refresh token is the provider's current one.
     for r in db
