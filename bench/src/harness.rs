@@ -171,6 +171,33 @@ burst = 100000
 
     /// Starts `refreshd run` and waits until /readyz answers 200; returns it and the time
     /// from spawn to ready.
+    /// Waits for the daemon's start-up checks to end (its `store_checked` line in `log`, in
+    /// the bench directory): ready comes before them and writes wait for them. Returns the
+    /// seconds waited.
+    pub(crate) async fn wait_for_checks(&self, log: &str) -> Result<f64> {
+        let path = self.cli.dir.join(log);
+        let t = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.contains("\"event\":\"store_checked\"") {
+                return Ok(t.elapsed().as_secs_f64());
+            }
+            if text.contains("\"event\":\"store_checks_failed\"") {
+                bail!(
+                    "the store failed its start-up checks (see {})",
+                    path.display()
+                );
+            }
+            if t.elapsed() > Duration::from_secs(120) {
+                bail!(
+                    "the store's start-up checks did not end within 120 s (see {})",
+                    path.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub(crate) async fn spawn_daemon(
         &self,
         config: &Path,
