@@ -2,8 +2,10 @@
 //! SIGHUP can change, and the stable events admins alert on.
 //!
 //! Logs go to stderr so that stdout carries only command output (`--json` stays parseable).
-//! `json_line.rs` writes the JSON lines.
+//! `json_line.rs` writes the JSON lines; `capture.rs` keeps log output for unit tests.
 
+#[cfg(test)]
+pub(crate) mod capture;
 mod json_line;
 
 use crate::clock::rfc3339;

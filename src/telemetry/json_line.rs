@@ -159,8 +159,7 @@ impl Write for Escaped<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-    use tracing_subscriber::fmt::MakeWriter;
+    use crate::telemetry::capture::Captured;
     use tracing_subscriber::layer::SubscriberExt;
 
     thread_local! {
@@ -168,30 +167,10 @@ mod tests {
         pub(super) static OWN_LINES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
 
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Buf {
-        type Writer = Buf;
-        fn make_writer(&'a self) -> Buf {
-            self.clone()
-        }
-    }
-
     /// What `events` logs through `lean` or through the serde format, each line without
     /// its timestamp (the one part that differs between two runs).
     fn logged(lean: bool) -> Vec<String> {
-        let buf = Buf::default();
+        let buf = Captured::default();
         let layer = tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
@@ -205,7 +184,7 @@ mod tests {
         } else {
             tracing::subscriber::with_default(sub.with(layer), events);
         }
-        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let text = buf.text();
         text.lines()
             .map(|l| {
                 let (stamp, rest) = l.split_once("\",").expect(l);

@@ -277,29 +277,14 @@ fn pinterest_code_message_and_absolute_refresh_expiry() {
 /// parsed without the refresh-only `rotation_missing` warning (connect says what is wrong).
 #[test]
 fn parsing_never_warns_about_a_missing_rotation() {
-    use std::sync::{Arc, Mutex};
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let buf = Buf::default();
-    let writer = buf.clone();
-    let sub = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .finish();
+    let buf = crate::telemetry::capture::Captured::default();
+    let sub = tracing_subscriber::fmt().with_writer(buf.clone()).finish();
     let t = tracing::subscriber::with_default(sub, || {
         parse_as("x", 200, r#"{"access_token":"a","expires_in":60}"#)
     })
     .unwrap();
     assert!(t.refresh_token.is_none());
-    let logged = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let logged = buf.text();
     assert!(!logged.contains("rotation_missing"), "{logged}");
 }
 

@@ -5,6 +5,7 @@ use crate::crypto::Keyring;
 use crate::model::{Status, TokenSet};
 use crate::store::deferred::Health;
 use crate::store::types::{NewAccount, Outcome, Recorded, StoreOptions};
+use crate::telemetry::capture::Captured;
 use rusqlite::{Connection, TransactionBehavior};
 use secrecy::{ExposeSecret, SecretString};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -13,28 +14,14 @@ use tracing::Instrument;
 
 const NOW: i64 = 1_700_000_000;
 
-#[derive(Clone, Default)]
-struct Buf(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Buf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Every log line of the process from now on: the worker is another thread, so only a
 /// global subscriber sees its lines (tests that install their own keep theirs).
-fn captured() -> &'static Buf {
-    static BUF: OnceLock<Buf> = OnceLock::new();
+fn captured() -> &'static Captured {
+    static BUF: OnceLock<Captured> = OnceLock::new();
     BUF.get_or_init(|| {
-        let buf = Buf::default();
-        let writer = buf.clone();
+        let buf = Captured::default();
         let sub = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
+            .with_writer(buf.clone())
             .with_ansi(false)
             .finish();
         tracing::subscriber::set_global_default(sub).expect("no other global subscriber");
@@ -84,7 +71,7 @@ async fn a_log_line_of_a_store_job_carries_the_callers_span() {
         .await
         .unwrap();
     store.close().await;
-    let logged = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let logged = buf.text();
     let line = |probe: &str| {
         logged
             .lines()
