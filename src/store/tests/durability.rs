@@ -16,12 +16,7 @@ async fn failed_commit_defers_to_recovery_file_then_commits() {
     let other = insert(&store, vec![new_account("tiktok", "u2", NOW)]).await[0];
     store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
 
-    let locker = lock_writes(&db);
-    let r = store
-        .record(rotated(id, 0, "at-deferred", Some("rt-deferred"), NOW + 1))
-        .await
-        .unwrap();
-    assert_eq!(r, Recorded::Deferred);
+    let locker = defer_a_rotation(&store, &db, id).await;
     assert_eq!(mode(&recovery), 0o600);
     let text = std::fs::read_to_string(&recovery).unwrap();
     assert_eq!(text.lines().count(), 1);
@@ -60,12 +55,7 @@ async fn a_read_after_the_database_frees_up_sees_the_deferred_rotation() {
     let db = options(&dir).path;
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
     store.claim_due(OWNER, NOW, LEASE, 10).await.unwrap();
-    let locker = lock_writes(&db);
-    let r = store
-        .record(rotated(id, 0, "at-deferred", Some("rt-deferred"), NOW + 1))
-        .await
-        .unwrap();
-    assert_eq!(r, Recorded::Deferred);
+    let locker = defer_a_rotation(&store, &db, id).await;
     locker.execute_batch("ROLLBACK").unwrap();
     drop(locker);
     // At once: the worker's timed retry (a second apart) has not come yet.

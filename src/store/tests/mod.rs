@@ -185,6 +185,18 @@ fn lock_writes(path: &Path) -> rusqlite::Connection {
     c
 }
 
+/// Holds the database's write lock and records a rotation of `id` (`rt-deferred`), which
+/// the worker defers to the recovery file; returns the lock's connection.
+async fn defer_a_rotation(store: &Store, db: &Path, id: i64) -> rusqlite::Connection {
+    let locker = lock_writes(db);
+    let r = store
+        .record(rotated(id, 0, "at-deferred", Some("rt-deferred"), NOW + 1))
+        .await
+        .unwrap();
+    assert_eq!(r, Recorded::Deferred);
+    locker
+}
+
 /// After each job the worker retries deferred commits, waiting out the 50 ms busy timeout.
 /// Lets that retry give up, so that releasing the lock afterwards leaves the commit to the
 /// periodic retry or to `close`.
