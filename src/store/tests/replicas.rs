@@ -112,7 +112,9 @@ async fn a_dead_postgres_replicas_leases_are_taken_over_and_a_live_ones_are_not(
         "{:?}",
         started.elapsed()
     );
-    // A few more checks: the live replica and the old-style owner keep their leases.
+    // A few more checks: the live replica and the old-style owner keep their leases. The
+    // liveness check polls PostgreSQL's locks every second of real time (no injectable
+    // clock reaches a server's lock table): 2.5 s lets it run at least twice more.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let none = a.claim_due("x:1", NOW + 2, LEASE, 10).await.unwrap();
     assert!(none.is_empty(), "{:?}", ids(&none));
