@@ -40,7 +40,8 @@ pub(crate) enum Update<'a> {
         at: i64,
         keep_lease: bool,
     },
-    /// The provider refused our client configuration: no failure counted, lease given back.
+    /// The provider refused our client configuration: no failure counted, lease given back
+    /// (as `Release` does).
     Postpone {
         account_id: i64,
         owner: &'a str,
@@ -57,10 +58,11 @@ pub(crate) enum Update<'a> {
         at: i64,
         error: &'a str,
     },
-    Release {
-        account_id: i64,
-        owner: &'a str,
-    },
+    /// Gives the lease back. A claim that took over a cut-off attempt (`interrupted_at` set)
+    /// gives it back ended at that attempt's window instead of unnamed: the account is free
+    /// at once, and the next claim still finds a lease not given back and keeps the window
+    /// on record (nothing was sent that could have settled the token).
+    Release { account_id: i64, owner: &'a str },
 }
 
 /// A `refresh_log` row.

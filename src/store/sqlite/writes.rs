@@ -315,7 +315,9 @@ pub fn record(tx: &Connection, keys: &Keyring, o: &Outcome) -> Result<Recorded, 
         } => run(
             "record provider configuration error",
             "UPDATE accounts SET last_error = ?3, next_refresh_at = ?4,
-                lease_owner = NULL, lease_expires_at = NULL, updated_at = ?5
+                lease_owner = CASE WHEN interrupted_at IS NOT NULL THEN lease_owner END,
+                lease_expires_at = CASE WHEN interrupted_at IS NOT NULL THEN interrupted_at END,
+                updated_at = ?5
              WHERE id = ?1 AND lease_owner = ?2",
             params![account_id, owner, error, next_refresh_at, at],
         )?,
@@ -337,7 +339,9 @@ pub fn record(tx: &Connection, keys: &Keyring, o: &Outcome) -> Result<Recorded, 
         )?,
         Update::Release { account_id, owner } => run(
             "release lease",
-            "UPDATE accounts SET lease_owner = NULL, lease_expires_at = NULL
+            "UPDATE accounts SET
+                lease_owner = CASE WHEN interrupted_at IS NOT NULL THEN lease_owner END,
+                lease_expires_at = CASE WHEN interrupted_at IS NOT NULL THEN interrupted_at END
              WHERE id = ?1 AND lease_owner = ?2",
             params![account_id, owner],
         )?,

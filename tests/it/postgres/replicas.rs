@@ -130,6 +130,7 @@ async fn four_replicas_share_the_work_and_pick_up_a_killed_ones_leases() {
     let ids = import(&store, &sandbox, N).await;
     assert_eq!(ids.len(), N);
 
+    // Debug lines name every lease given back unsent (`lease_released`) in a failure's history.
     // A slow provider rate (per process) keeps accounts leased while they wait their turn,
     // so the replica killed later holds leases of accounts it never sent.
     let config = dir.path().join("refreshd.toml");
@@ -154,7 +155,7 @@ concurrency = 8
 
 [log]
 format = "json"
-level = "info"
+level = "debug"
 
 [providers.tiktok]
 client_key = "{CLIENT_KEY}"
