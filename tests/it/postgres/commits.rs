@@ -1,10 +1,12 @@
 //! What PostgreSQL refuses or must hold at once: a rotation refused for good is quarantined,
-//! and a large import is one transaction.
+//! a large import is one transaction, and an account created beside an import's batch is
+//! updated by it.
 
-use super::{new_account, open_pg, postgres_url, rotated_a_second_later, tokens};
+use super::{new_account, open_pg, postgres_url, raw, rotated_a_second_later, tokens};
 use crate::helpers::{eventually, now};
 use refreshd::model::TokenSet;
 use refreshd::store::{NewAccount, Recorded};
+use secrecy::ExposeSecret;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -91,5 +93,78 @@ async fn a_large_import_is_one_transaction_without_running_out_of_locks() {
     let ids = store.upsert(accounts, t).await.unwrap();
     assert_eq!(ids.len(), 10_000);
     assert!(ids.iter().all(|(_, inserted)| *inserted));
+    store.close().await;
+}
+
+/// An account another transaction creates after a batch looked it up and before the batch's
+/// INSERT (a connect beside the import) is updated by the import: neither duplicated nor
+/// refused, with its `imported` log row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_created_beside_a_batch_is_updated_by_the_import() {
+    let Some(url) =
+        postgres_url("postgres::an_account_created_beside_a_batch_is_updated_by_the_import").await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_pg(&url, dir.path()).await;
+    let t = now();
+    let mut other = raw(&url).await;
+    let other_tx = other.transaction().await.unwrap();
+    let theirs: i64 = other_tx
+        .query_one(
+            "INSERT INTO accounts (provider, subject, access_token, refresh_token,
+                access_expires_at, next_refresh_at, created_at, updated_at)
+             VALUES ('tiktok', 'racer', 'at-theirs', 'rt-theirs', $1, $1, $1, $1) RETURNING id",
+            &[&t],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let import = tokio::spawn({
+        let store = store.clone();
+        let batch = vec![new_account("racer", t), new_account("calm", t)];
+        async move { store.upsert(batch, t).await }
+    });
+    // The batch did not see the uncommitted row; its INSERT now waits for that transaction.
+    let watch = raw(&url).await;
+    let waiting = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                   WHERE NOT l.granted AND a.query LIKE 'INSERT INTO accounts (id,%'";
+    assert!(
+        eventually(10, || async {
+            watch
+                .query_one(waiting, &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                > 0
+        })
+        .await,
+        "the import's INSERT waits for the other transaction"
+    );
+    other_tx.commit().await.unwrap();
+    let ids = import.await.unwrap().unwrap();
+    assert_eq!(
+        ids[0],
+        (theirs, false),
+        "the account created meanwhile is updated"
+    );
+    assert!(ids[1].1, "the other account of the batch is inserted");
+    let racer = store.get(theirs).await.unwrap().unwrap();
+    assert_eq!(racer.access_token.expose_secret(), "at-racer");
+    let outcomes: Vec<String> = store
+        .log_entries(theirs, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.outcome)
+        .collect();
+    assert_eq!(outcomes, ["imported"]);
+    let count: i64 = watch
+        .query_one("SELECT count(*) FROM accounts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 2);
     store.close().await;
 }
