@@ -1,6 +1,6 @@
 //! What PostgreSQL refuses or must hold at once: a rotation refused for good is quarantined,
-//! a large import is one transaction, and an account created beside an import's batch is
-//! updated by it.
+//! a large import is one transaction, locks in id order, and updates an account created
+//! beside its batch.
 
 use super::{new_account, open_pg, postgres_url, raw, rotated_a_second_later, tokens};
 use crate::helpers::{eventually, now};
@@ -166,5 +166,63 @@ async fn an_account_created_beside_a_batch_is_updated_by_the_import() {
         .unwrap()
         .get(0);
     assert_eq!(count, 2);
+    store.close().await;
+}
+
+/// A re-import locks its batch's accounts in id order, as a replica's commit group does,
+/// whatever the order of the file's lines: the two wait for each other, never deadlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reimport_locks_its_accounts_in_id_order_beside_a_commit_group() {
+    let Some(url) =
+        postgres_url("postgres::a_reimport_locks_its_accounts_in_id_order_beside_a_commit_group")
+            .await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_pg(&url, dir.path()).await;
+    let t = now();
+    let ids: Vec<i64> = store
+        .upsert(vec![new_account("first", t), new_account("second", t)], t)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    // A commit group's order: the lower id first.
+    let mut group = raw(&url).await;
+    let group_tx = group.transaction().await.unwrap();
+    let lock = "SELECT id FROM accounts WHERE id = $1 FOR UPDATE";
+    group_tx.execute(lock, &[&ids[0]]).await.unwrap();
+    // The file lists the higher id first.
+    let import = tokio::spawn({
+        let store = store.clone();
+        let batch = vec![new_account("second", t + 1), new_account("first", t + 1)];
+        async move { store.upsert(batch, t + 1).await }
+    });
+    let watch = raw(&url).await;
+    let waiting = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                   WHERE NOT l.granted AND a.query LIKE 'WITH found AS%'";
+    assert!(
+        eventually(10, || async {
+            watch
+                .query_one(waiting, &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                > 0
+        })
+        .await,
+        "the import waits for the group's first row"
+    );
+    // The import holds nothing the group still needs: its second lock is granted at once.
+    group_tx
+        .batch_execute("SET LOCAL lock_timeout = '5s'")
+        .await
+        .unwrap();
+    group_tx.execute(lock, &[&ids[1]]).await.unwrap();
+    group_tx.commit().await.unwrap();
+    let again = import.await.unwrap().unwrap();
+    assert_eq!(again, [(ids[1], false), (ids[0], false)]);
     store.close().await;
 }
