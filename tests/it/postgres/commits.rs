@@ -128,18 +128,8 @@ async fn an_account_created_beside_a_batch_is_updated_by_the_import() {
     });
     // The batch did not see the uncommitted row; its INSERT now waits for that transaction.
     let watch = raw(&url).await;
-    let waiting = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-                   WHERE NOT l.granted AND a.query LIKE 'INSERT INTO accounts (id,%'";
     assert!(
-        eventually(10, || async {
-            watch
-                .query_one(waiting, &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-                > 0
-        })
-        .await,
+        waits_for_a_lock(&watch, "INSERT INTO accounts (id,").await,
         "the import's INSERT waits for the other transaction"
     );
     other_tx.commit().await.unwrap();
@@ -200,22 +190,12 @@ async fn a_reimport_locks_its_accounts_in_id_order_beside_a_commit_group() {
         let batch = vec![new_account("second", t + 1), new_account("first", t + 1)];
         async move { store.upsert(batch, t + 1).await }
     });
-    let watch = raw(&url).await;
-    let waiting = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-                   WHERE NOT l.granted AND a.query LIKE 'WITH found AS%'";
     assert!(
-        eventually(10, || async {
-            watch
-                .query_one(waiting, &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-                > 0
-        })
-        .await,
+        waits_for_a_lock(&raw(&url).await, "WITH found AS").await,
         "the import waits for the group's first row"
     );
-    // The import holds nothing the group still needs: its second lock is granted at once.
+    // The import holds nothing the group still needs: its second lock is granted (in batch
+    // order the two would deadlock, and the server would fail one of them).
     group_tx
         .batch_execute("SET LOCAL lock_timeout = '5s'")
         .await
@@ -225,4 +205,15 @@ async fn a_reimport_locks_its_accounts_in_id_order_beside_a_commit_group() {
     let again = import.await.unwrap().unwrap();
     assert_eq!(again, [(ids[1], false), (ids[0], false)]);
     store.close().await;
+}
+
+/// Whether, within 10 s, a statement starting with `statement` waits for a lock.
+async fn waits_for_a_lock(watch: &tokio_postgres::Client, statement: &str) -> bool {
+    let waiting = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                   WHERE NOT l.granted AND starts_with(a.query, $1)";
+    eventually(10, || async {
+        let row = watch.query_one(waiting, &[&statement]).await.unwrap();
+        row.get::<_, i64>(0) > 0
+    })
+    .await
 }
