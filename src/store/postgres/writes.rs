@@ -12,6 +12,23 @@ use crate::store::types::{Actor, AppAdded, AuditAction, NewAccount, NewApp, Outc
 use deadpool_postgres::Transaction;
 use std::collections::HashSet;
 
+/// A batch's existing accounts (`ord` in the batch, id, lease, last refresh), locked.
+///
+/// Each account is found through the (provider, subject) index: `OFFSET 0` keeps the planner
+/// from joining the batch to a scan of the whole table (it did, mid-import, with the table's
+/// growth unseen by its statistics: 0.3 s a batch at 100,000 accounts, a quadratic import).
+/// The rows are then locked in id order, as a commit group locks them: no deadlock with a
+/// replica.
+pub(crate) const LOOK_UP_BATCH: &str = "WITH found AS MATERIALIZED (
+        SELECT u.ord, x.id
+        FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(provider, subject, ord)
+        CROSS JOIN LATERAL (SELECT a.id FROM accounts a
+            WHERE a.provider = u.provider AND a.subject = u.subject OFFSET 0) x
+        ORDER BY x.id)
+    SELECT f.ord, l.id, l.lease_expires_at, l.last_refreshed_at
+    FROM found f CROSS JOIN LATERAL (SELECT a.id, a.lease_expires_at, a.last_refreshed_at
+        FROM accounts a WHERE a.id = f.id FOR UPDATE) l";
+
 /// Inserts or updates accounts by (provider, subject), all in the caller's transaction.
 /// Returns (id, inserted) per account in input order.
 ///
@@ -29,15 +46,8 @@ pub async fn upsert(
     let ctx = "look up accounts for import";
     let providers: Vec<&str> = accounts.iter().map(|a| a.provider.as_str()).collect();
     let subjects: Vec<&str> = accounts.iter().map(|a| a.subject.as_str()).collect();
-    // Rows locked in id order, as a commit group locks them: no deadlock with a replica.
     let found = tx
-        .query(
-            "SELECT u.ord, a.id, a.lease_expires_at, a.last_refreshed_at
-             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(provider, subject, ord)
-             JOIN accounts a ON a.provider = u.provider AND a.subject = u.subject
-             ORDER BY a.id FOR UPDATE OF a",
-            &[&providers, &subjects],
-        )
+        .query(LOOK_UP_BATCH, &[&providers, &subjects])
         .await
         .map_err(pg_err(ctx))?;
     let mut out: Vec<Option<(i64, bool)>> = vec![None; accounts.len()];
@@ -63,7 +73,8 @@ pub async fn upsert(
         Vec::new()
     } else {
         tx.query(
-            "SELECT nextval(pg_get_serial_sequence('accounts', 'id'))
+            // The sequence named once (a sub-select), not looked up again for every id.
+            "SELECT nextval((SELECT pg_get_serial_sequence('accounts', 'id')::regclass))
              FROM generate_series(1, $1::bigint)",
             &[&(fresh.len() as i64)],
         )

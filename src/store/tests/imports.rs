@@ -116,6 +116,45 @@ async fn a_stream_of_batches_commits_whole_or_leaves_nothing() {
     store.close().await;
 }
 
+/// On PostgreSQL a batch finds its accounts through the (provider, subject) index, never by
+/// reading the whole table: a scan per batch made a large import quadratic.
+#[tokio::test]
+async fn a_postgres_batch_is_looked_up_through_the_index() {
+    let test = "store::tests::imports::a_postgres_batch_is_looked_up_through_the_index";
+    let Some(url) = refreshd_testkit::postgres_schema(test).await else {
+        return;
+    };
+    POSTGRES
+        .scope(Some(url), async {
+            let (_dir, store) = temp_store().await;
+            let stored: Vec<NewAccount> = (0..5000)
+                .map(|k| new_account("tiktok", &format!("s{k}"), NOW))
+                .collect();
+            insert(&store, stored).await;
+            // Half of the batch stored, half new: what a re-import with new lines looks up.
+            let subjects: Vec<String> = (4500..5500).map(|k| format!("s{k}")).collect();
+            let providers = vec!["tiktok"; subjects.len()];
+            let Backend::Postgres(p) = &store.backend else {
+                unreachable!("a PostgreSQL store")
+            };
+            let client = p.client("explain the import's lookup").await.unwrap();
+            let explain = format!("EXPLAIN {}", crate::store::postgres::writes::LOOK_UP_BATCH);
+            let plan: Vec<String> = client
+                .query(&explain, &[&providers, &subjects])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let plan = plan.join("\n");
+            assert!(!plan.contains("Seq Scan"), "{plan}");
+            assert!(plan.contains("accounts_provider_subject_key"), "{plan}");
+            drop(client);
+            store.close().await;
+        })
+        .await
+}
+
 on_both_backends!(
     a_batch_of_new_and_existing_accounts_gets_ids_in_order_sealed_for_them,
     a_stream_of_batches_commits_whole_or_leaves_nothing,
