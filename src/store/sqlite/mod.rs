@@ -7,9 +7,11 @@
 //! file left (their recovery files and leases).
 //! `open.rs` opens a store (its checks before any write), `queries.rs` and `writes.rs` hold
 //! the SQL, `claim.rs` the claim and the group transaction, `schema.rs` the migrations,
-//! `check.rs` the file's health checks.
+//! `check.rs` the file's health checks, `checkpoint.rs` the thread that copies the WAL into
+//! the database file beside the worker.
 
 mod check;
+mod checkpoint;
 pub(crate) mod claim;
 mod open;
 pub(crate) mod queries;
@@ -287,6 +289,10 @@ struct Worker {
     /// The start-up checks have not ended: writes wait in `held`, in their order.
     gated: bool,
     held: Vec<Job>,
+    /// Started at the first group commit (`checkpoint.rs`); None when it could not start
+    /// (then the worker checkpoints as SQLite does by default).
+    checkpointer: Option<checkpoint::Checkpointer>,
+    checkpointer_tried: bool,
 }
 
 impl Worker {
@@ -314,6 +320,8 @@ impl Worker {
             last_watch: std::time::Instant::now(),
             gated,
             held: Vec::new(),
+            checkpointer: None,
+            checkpointer_tried: false,
         }
     }
 
@@ -438,12 +446,7 @@ impl Worker {
         stash: &mut Vec<Job>,
     ) {
         self.gated = false;
-        let opts = StoreOptions {
-            path: self.db.clone(),
-            busy_timeout: self.busy_timeout,
-            keyring: self.keys.clone(),
-            postgres: None,
-        };
+        let opts = self.options();
         let result = result.and_then(|took| {
             set_query_only(conn, &self.db, false)?;
             let lock = instance::StoreLock::acquire(&self.db)?;
@@ -479,8 +482,20 @@ impl Worker {
         }
     }
 
-    /// A stop: the own recovery file goes when empty, the instance lock with its file.
+    /// The options this store was opened with.
+    fn options(&self) -> StoreOptions {
+        StoreOptions {
+            path: self.db.clone(),
+            busy_timeout: self.busy_timeout,
+            keyring: self.keys.clone(),
+            postgres: None,
+        }
+    }
+
+    /// A stop: the checkpoint thread ends, the own recovery file goes when empty, the
+    /// instance lock with its file.
     fn finish(&mut self) {
+        self.checkpointer = None;
         commit::stop(&mut self.instance, &mut self.deferrals, &self.db);
     }
 
@@ -604,6 +619,9 @@ impl Worker {
                 r
             }
         };
+        if result.is_ok() {
+            self.committed(conn);
+        }
         let result = result.map(|(recorded, claimed)| {
             if let (Some(claimed), Some(reply)) = (claimed, reply.take()) {
                 let _ = reply.send(claimed);
@@ -616,6 +634,24 @@ impl Worker {
             }
         }
         reply
+    }
+
+    /// A group committed: the checkpoint thread is told, started first if it is not yet (a
+    /// store opened by this process, once its checks passed and it wrote).
+    fn committed(&mut self, conn: &Connection) {
+        if !self.checkpointer_tried && self.instance.is_some() {
+            self.checkpointer_tried = true;
+            let opts = self.options();
+            match checkpoint::Checkpointer::start(&opts, conn) {
+                Ok(c) => self.checkpointer = Some(c),
+                Err(e) => {
+                    tracing::warn!(event = "checkpointer_not_started", error = %e, "cannot start the WAL checkpoint thread; the store thread checkpoints itself, as SQLite does by default")
+                }
+            }
+        }
+        if let Some(c) = &self.checkpointer {
+            c.committed();
+        }
     }
 
     fn retry_deferred(&mut self, conn: &mut Connection) {
