@@ -98,6 +98,7 @@ impl SqliteStore {
         let worker_health = health.clone();
         let worker_owner = owner.clone();
         let checks_tx = tx.clone();
+        let runtime = tokio::runtime::Handle::try_current().ok();
         std::thread::Builder::new()
             .name("refreshd-store".into())
             .spawn(move || {
@@ -121,7 +122,8 @@ impl SqliteStore {
                         return;
                     }
                 };
-                Worker::new(&opts, &worker_owner, instance, worker_health).run(&mut conn, rx);
+                Worker::new(&opts, &worker_owner, instance, worker_health, runtime)
+                    .run(&mut conn, rx);
             })
             .map_err(|e| StoreError::Create {
                 path: path.clone(),
@@ -293,6 +295,8 @@ struct Worker {
     /// (then the worker checkpoints as SQLite does by default).
     checkpointer: Option<checkpoint::Checkpointer>,
     checkpointer_tried: bool,
+    /// The runtime of the store's opener, which sends the answers of committed groups.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Worker {
@@ -301,6 +305,7 @@ impl Worker {
         owner: &str,
         instance: Option<instance::Instance>,
         health: Arc<Health>,
+        runtime: Option<tokio::runtime::Handle>,
     ) -> Self {
         let log = if instance.is_some() {
             recovery::RecoveryLog::open(recovery::owner_recovery_path(&opts.path, owner))
@@ -322,6 +327,7 @@ impl Worker {
             held: Vec::new(),
             checkpointer: None,
             checkpointer_tried: false,
+            runtime,
         }
     }
 
@@ -628,7 +634,11 @@ impl Worker {
             }
             recorded
         });
-        if let Some(batch) = commit::settle(&mut self.deferrals, batch, result, lost.is_some()) {
+        let runtime = self.runtime.as_ref();
+        let deliver = |answers| commit::answer_on(runtime, answers);
+        if let Some(batch) =
+            commit::settle_with(&mut self.deferrals, batch, result, lost.is_some(), deliver)
+        {
             for one in batch {
                 self.commit_group(conn, vec![one], None);
             }

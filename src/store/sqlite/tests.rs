@@ -401,7 +401,7 @@ fn a_group_answers_its_claim_before_its_outcomes() {
     upsert(&mut c, &[account("a"), account("b")]);
     let first = claim::run(&c, &keys, &claim_for("me:1", 1)).unwrap();
     let health = Arc::new(Health::default());
-    let mut worker = super::Worker::new(&file_options(dir.path()), "me", None, health);
+    let mut worker = super::Worker::new(&file_options(dir.path()), "me", None, health, None);
     let order = Arc::new(Mutex::new(Vec::new()));
     let (record_tx, mut record_rx) = tokio::sync::oneshot::channel();
     let (claim_tx, mut claim_rx) = tokio::sync::oneshot::channel();
@@ -690,5 +690,29 @@ async fn the_checkpoint_thread_copies_the_wal_into_the_database_file() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    store.close().await;
+}
+
+/// The answers of a group are handed to the runtime, and only after its commit: when a
+/// caller hears back, another connection already reads its rotation from the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_is_answered_only_after_its_group_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_of(dir.path(), 20).await;
+    let claimed = store.claim(claim_for("me:1", 20)).await.unwrap();
+    let path = dir.path().join("refreshd.db");
+    let answered = claimed.iter().map(|a| {
+        let (store, path, rotation) = (store.clone(), path.clone(), rotation_of(a));
+        async move {
+            let id = rotation.account_id();
+            assert_eq!(store.record(rotation).await.unwrap(), Recorded::Applied);
+            let other = Connection::open(&path).unwrap();
+            let stored = queries::get(&other, &Keyring::default(), id)
+                .unwrap()
+                .unwrap();
+            assert_eq!(stored.refresh_token.expose_secret(), "rt-new");
+        }
+    });
+    futures::future::join_all(answered).await;
     store.close().await;
 }
