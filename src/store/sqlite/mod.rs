@@ -1,8 +1,9 @@
 //! The SQLite backend: one worker thread owns the connection and runs the jobs async callers
 //! send it, each inside the tracing span its caller was in (so its log lines carry the
 //! account). Refresh outcomes that arrive together share one transaction (group commit, see
-//! `commit.rs`), and a claim waiting beside them runs in it too (`claim.rs`); rotations whose
-//! commit fails go to the recovery file and are retried. The worker also watches that the
+//! `commit.rs`), and a claim waiting beside them runs in it too (`claim.rs`); once it
+//! committed, the group's answers go to the runtime in one task; rotations whose commit
+//! fails go to the recovery file and are retried. The worker also watches that the
 //! database file is still the one it opened and takes over what dead processes sharing the
 //! file left (their recovery files and leases).
 //! `open.rs` opens a store (its checks before any write), `queries.rs` and `writes.rs` hold
