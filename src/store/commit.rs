@@ -35,19 +35,57 @@ pub(crate) fn settle(
     result: Result<Vec<Recorded>, StoreError>,
     lost: bool,
 ) -> Option<Vec<(Outcome, Reply)>> {
+    settle_with(deferrals, batch, result, lost, answer)
+}
+
+/// `settle`, with the answers of a committed group delivered by `deliver` (the SQLite
+/// worker hands them to the runtime, `answer_on`).
+#[must_use = "a group that comes back must be committed one outcome at a time"]
+pub(crate) fn settle_with(
+    deferrals: &mut Deferrals,
+    batch: Vec<(Outcome, Reply)>,
+    result: Result<Vec<Recorded>, StoreError>,
+    lost: bool,
+    deliver: impl FnOnce(Answers),
+) -> Option<Vec<(Outcome, Reply)>> {
     match result {
         Err(e) if split(batch.len(), &e, lost) => Some(batch),
         Ok(results) => {
             deferrals.commit_ok();
-            for ((_, reply), r) in batch.into_iter().zip(results) {
-                let _ = reply.send(Ok(r));
-            }
+            deliver(
+                batch
+                    .into_iter()
+                    .map(|(_, reply)| reply)
+                    .zip(results)
+                    .collect(),
+            );
             None
         }
         Err(e) => {
             deferrals.settle_failed(batch, &e);
             None
         }
+    }
+}
+
+/// A committed group's answers: each caller's reply with what its outcome did.
+pub(crate) type Answers = Vec<(Reply, Recorded)>;
+
+/// Sends a committed group's answers (only ever after its commit returned).
+pub(crate) fn answer(answers: Answers) {
+    for (reply, r) in answers {
+        let _ = reply.send(Ok(r));
+    }
+}
+
+/// Sends a committed group's answers from a task on `runtime`, handed over in one message:
+/// waking each caller's task from the worker thread took a remote wake-up per outcome (a
+/// tenth of the SQLite worker's CPU in a burst), where a runtime worker queues them as
+/// local tasks. Without a runtime, they are sent at once.
+pub(crate) fn answer_on(runtime: Option<&tokio::runtime::Handle>, answers: Answers) {
+    match runtime {
+        Some(rt) => drop(rt.spawn(async move { answer(answers) })),
+        None => answer(answers),
     }
 }
 

@@ -1,15 +1,18 @@
 //! The SQLite backend: one worker thread owns the connection and runs the jobs async callers
 //! send it, each inside the tracing span its caller was in (so its log lines carry the
 //! account). Refresh outcomes that arrive together share one transaction (group commit, see
-//! `commit.rs`), and a claim waiting beside them runs in it too (`claim.rs`); rotations whose
-//! commit fails go to the recovery file and are retried. The worker also watches that the
+//! `commit.rs`), and a claim waiting beside them runs in it too (`claim.rs`); once it
+//! committed, the group's answers go to the runtime in one task; rotations whose commit
+//! fails go to the recovery file and are retried. The worker also watches that the
 //! database file is still the one it opened and takes over what dead processes sharing the
 //! file left (their recovery files and leases).
 //! `open.rs` opens a store (its checks before any write), `queries.rs` and `writes.rs` hold
 //! the SQL, `claim.rs` the claim and the group transaction, `schema.rs` the migrations,
-//! `check.rs` the file's health checks.
+//! `check.rs` the file's health checks, `checkpoint.rs` the thread that copies the WAL into
+//! the database file beside the worker.
 
 mod check;
+mod checkpoint;
 pub(crate) mod claim;
 mod open;
 pub(crate) mod queries;
@@ -96,6 +99,7 @@ impl SqliteStore {
         let worker_health = health.clone();
         let worker_owner = owner.clone();
         let checks_tx = tx.clone();
+        let runtime = tokio::runtime::Handle::try_current().ok();
         std::thread::Builder::new()
             .name("refreshd-store".into())
             .spawn(move || {
@@ -119,7 +123,8 @@ impl SqliteStore {
                         return;
                     }
                 };
-                Worker::new(&opts, &worker_owner, instance, worker_health).run(&mut conn, rx);
+                Worker::new(&opts, &worker_owner, instance, worker_health, runtime)
+                    .run(&mut conn, rx);
             })
             .map_err(|e| StoreError::Create {
                 path: path.clone(),
@@ -287,6 +292,12 @@ struct Worker {
     /// The start-up checks have not ended: writes wait in `held`, in their order.
     gated: bool,
     held: Vec<Job>,
+    /// Started at the first group commit (`checkpoint.rs`); None when it could not start
+    /// (then the worker checkpoints as SQLite does by default).
+    checkpointer: Option<checkpoint::Checkpointer>,
+    checkpointer_tried: bool,
+    /// The runtime of the store's opener, which sends the answers of committed groups.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Worker {
@@ -295,6 +306,7 @@ impl Worker {
         owner: &str,
         instance: Option<instance::Instance>,
         health: Arc<Health>,
+        runtime: Option<tokio::runtime::Handle>,
     ) -> Self {
         let log = if instance.is_some() {
             recovery::RecoveryLog::open(recovery::owner_recovery_path(&opts.path, owner))
@@ -314,6 +326,9 @@ impl Worker {
             last_watch: std::time::Instant::now(),
             gated,
             held: Vec::new(),
+            checkpointer: None,
+            checkpointer_tried: false,
+            runtime,
         }
     }
 
@@ -438,12 +453,7 @@ impl Worker {
         stash: &mut Vec<Job>,
     ) {
         self.gated = false;
-        let opts = StoreOptions {
-            path: self.db.clone(),
-            busy_timeout: self.busy_timeout,
-            keyring: self.keys.clone(),
-            postgres: None,
-        };
+        let opts = self.options();
         let result = result.and_then(|took| {
             set_query_only(conn, &self.db, false)?;
             let lock = instance::StoreLock::acquire(&self.db)?;
@@ -479,8 +489,20 @@ impl Worker {
         }
     }
 
-    /// A stop: the own recovery file goes when empty, the instance lock with its file.
+    /// The options this store was opened with.
+    fn options(&self) -> StoreOptions {
+        StoreOptions {
+            path: self.db.clone(),
+            busy_timeout: self.busy_timeout,
+            keyring: self.keys.clone(),
+            postgres: None,
+        }
+    }
+
+    /// A stop: the checkpoint thread ends, the own recovery file goes when empty, the
+    /// instance lock with its file.
     fn finish(&mut self) {
+        self.checkpointer = None;
         commit::stop(&mut self.instance, &mut self.deferrals, &self.db);
     }
 
@@ -604,18 +626,43 @@ impl Worker {
                 r
             }
         };
+        if result.is_ok() {
+            self.committed(conn);
+        }
         let result = result.map(|(recorded, claimed)| {
             if let (Some(claimed), Some(reply)) = (claimed, reply.take()) {
                 let _ = reply.send(claimed);
             }
             recorded
         });
-        if let Some(batch) = commit::settle(&mut self.deferrals, batch, result, lost.is_some()) {
+        let runtime = self.runtime.as_ref();
+        let deliver = |answers| commit::answer_on(runtime, answers);
+        if let Some(batch) =
+            commit::settle_with(&mut self.deferrals, batch, result, lost.is_some(), deliver)
+        {
             for one in batch {
                 self.commit_group(conn, vec![one], None);
             }
         }
         reply
+    }
+
+    /// A group committed: the checkpoint thread is told, started first if it is not yet (a
+    /// store opened by this process, once its checks passed and it wrote).
+    fn committed(&mut self, conn: &Connection) {
+        if !self.checkpointer_tried && self.instance.is_some() {
+            self.checkpointer_tried = true;
+            let opts = self.options();
+            match checkpoint::Checkpointer::start(&opts, conn) {
+                Ok(c) => self.checkpointer = Some(c),
+                Err(e) => {
+                    tracing::warn!(event = "checkpointer_not_started", error = %e, "cannot start the WAL checkpoint thread; the store thread checkpoints itself, as SQLite does by default")
+                }
+            }
+        }
+        if let Some(c) = &self.checkpointer {
+            c.committed();
+        }
     }
 
     fn retry_deferred(&mut self, conn: &mut Connection) {

@@ -401,7 +401,7 @@ fn a_group_answers_its_claim_before_its_outcomes() {
     upsert(&mut c, &[account("a"), account("b")]);
     let first = claim::run(&c, &keys, &claim_for("me:1", 1)).unwrap();
     let health = Arc::new(Health::default());
-    let mut worker = super::Worker::new(&file_options(dir.path()), "me", None, health);
+    let mut worker = super::Worker::new(&file_options(dir.path()), "me", None, health, None);
     let order = Arc::new(Mutex::new(Vec::new()));
     let (record_tx, mut record_rx) = tokio::sync::oneshot::channel();
     let (claim_tx, mut claim_rx) = tokio::sync::oneshot::channel();
@@ -602,5 +602,117 @@ async fn a_gated_store_reads_at_once_and_holds_writes_until_its_checks_pass() {
         .unwrap()
         .expect("the held write runs once the checks pass");
     assert!(matches!(health.checks.state(), Checks::Passed(_)));
+    store.close().await;
+}
+
+/// A store file of `n` due accounts, opened as the daemon's is.
+async fn store_of(dir: &std::path::Path, n: usize) -> SqliteStore {
+    let health = Arc::new(Health::default());
+    let store = SqliteStore::start(file_options(dir), "me".into(), health, Opening::Checked)
+        .await
+        .unwrap();
+    let accounts: Vec<NewAccount> = (0..n).map(|i| account(&format!("s{i}"))).collect();
+    store
+        .in_tx("import", move |tx| {
+            writes::upsert(tx, &Keyring::default(), &accounts, NOW)
+        })
+        .await
+        .unwrap();
+    store
+}
+
+/// Claims up to `n` due accounts and commits their rotations, sent together (one group).
+async fn rotate(store: &SqliteStore, owner: &str, n: usize) {
+    let claimed = store.claim(claim_for(owner, n)).await.unwrap();
+    let recorded =
+        futures::future::join_all(claimed.iter().map(|a| store.record(rotation_of(a)))).await;
+    assert!(recorded.iter().all(|r| matches!(r, Ok(Recorded::Applied))));
+}
+
+/// Sets a pragma on the worker's connection.
+async fn pragma_on_worker(store: &SqliteStore, sql: &'static str) {
+    store
+        .call(move |c| {
+            c.query_row(sql, [], |_| Ok(()))
+                .or_else(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(()),
+                    e => Err(e),
+                })
+                .map_err(|source| crate::store::StoreError::Sqlite {
+                    context: "test",
+                    source,
+                })
+        })
+        .await
+        .unwrap();
+}
+
+/// With the WAL copied by the checkpoint thread, the writer's own checkpoint still bounds
+/// it: under a long series of group commits the WAL file never outgrows the bound (here
+/// lowered to 64 pages) by more than one group's pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_stays_bounded_with_the_checkpoints_off_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_of(dir.path(), 3000).await;
+    rotate(&store, "me:0", 1).await;
+    pragma_on_worker(&store, "PRAGMA wal_autocheckpoint = 64").await;
+    let wal = dir.path().join("refreshd.db-wal");
+    let mut largest = 0;
+    for round in 1..=60 {
+        rotate(&store, &format!("me:{round}"), 40).await;
+        largest = largest.max(std::fs::metadata(&wal).unwrap().len());
+    }
+    // 2,400 rotations wrote several times the bound: without a checkpoint starting the WAL
+    // over, it would hold them all.
+    let pages = largest / 4096;
+    assert!(pages <= 64 + 200, "the WAL grew to {pages} pages");
+    store.close().await;
+}
+
+/// The checkpoint thread copies committed pages into the database file without the
+/// writer: with the writer's own checkpoint off, the file still changes after a commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_thread_copies_the_wal_into_the_database_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_of(dir.path(), 10).await;
+    rotate(&store, "me:1", 1).await;
+    pragma_on_worker(&store, "PRAGMA wal_autocheckpoint = 0").await;
+    pragma_on_worker(&store, "PRAGMA wal_checkpoint(TRUNCATE)").await;
+    let db = dir.path().join("refreshd.db");
+    let before = std::fs::read(&db).unwrap();
+    rotate(&store, "me:2", 5).await;
+    // The thread checkpoints within about 100 ms of a commit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read(&db).unwrap() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing copied the commit into the database file"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    store.close().await;
+}
+
+/// The answers of a group are handed to the runtime, and only after its commit: when a
+/// caller hears back, another connection already reads its rotation from the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_is_answered_only_after_its_group_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_of(dir.path(), 20).await;
+    let claimed = store.claim(claim_for("me:1", 20)).await.unwrap();
+    let path = dir.path().join("refreshd.db");
+    let answered = claimed.iter().map(|a| {
+        let (store, path, rotation) = (store.clone(), path.clone(), rotation_of(a));
+        async move {
+            let id = rotation.account_id();
+            assert_eq!(store.record(rotation).await.unwrap(), Recorded::Applied);
+            let other = Connection::open(&path).unwrap();
+            let stored = queries::get(&other, &Keyring::default(), id)
+                .unwrap()
+                .unwrap();
+            assert_eq!(stored.refresh_token.expose_secret(), "rt-new");
+        }
+    });
+    futures::future::join_all(answered).await;
     store.close().await;
 }

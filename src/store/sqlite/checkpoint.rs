@@ -1,0 +1,103 @@
+//! WAL checkpoints off the writer: a thread of its own, on a connection of its own, copies
+//! the WAL into the database file with PASSIVE checkpoints (which never wait for the writer,
+//! nor make it wait), at most every `CHECKPOINT_EVERY` while the worker commits. The writer
+//! keeps SQLite's automatic checkpoint only as the WAL's bound (`WAL_BOUND_PAGES`): a WAL is
+//! started over only once every frame in it is copied, which a checkpoint running beside a
+//! busy writer rarely sees; by then this thread has copied nearly all of it, so the writer's
+//! own checkpoint copies a short tail and the next transaction starts the WAL over.
+
+use super::open::connect;
+use crate::store::error::StoreError;
+use crate::store::types::StoreOptions;
+use rusqlite::Connection;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// The writer checkpoints itself once the WAL holds this many pages (16 MiB of 4 KiB pages;
+/// SQLite's default, 1,000, would have the writer copy most of the pages itself).
+pub(super) const WAL_BOUND_PAGES: u32 = 4000;
+/// At most one checkpoint this often: each one fsyncs the WAL and the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// The writer's handle on the checkpoint thread; dropping it stops and joins the thread.
+pub(super) struct Checkpointer {
+    /// Set by a commit, cleared by the thread before it checkpoints: a commit wakes the
+    /// thread only when no checkpoint is pending already (one atomic per commit).
+    pending: Arc<AtomicBool>,
+    wake: Option<std_mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    /// Starts the thread on its own connection to `opts.path`, then raises the writer's
+    /// automatic checkpoint (`writer`) to the WAL's bound. When either fails, the writer
+    /// keeps checkpointing as before.
+    pub(super) fn start(opts: &StoreOptions, writer: &Connection) -> Result<Self, StoreError> {
+        let conn = connect(opts)?;
+        let (wake, rx) = std_mpsc::channel();
+        let pending = Arc::new(AtomicBool::new(false));
+        let flag = pending.clone();
+        let thread = std::thread::Builder::new()
+            .name("refreshd-checkpoint".into())
+            .spawn(move || run(&conn, &rx, &flag))
+            .map_err(|source| StoreError::Create {
+                path: opts.path.clone(),
+                source,
+            })?;
+        let me = Checkpointer {
+            pending,
+            wake: Some(wake),
+            thread: Some(thread),
+        };
+        writer
+            .pragma_update(None, "wal_autocheckpoint", WAL_BOUND_PAGES)
+            .map_err(|source| StoreError::Sqlite {
+                context: "raise the writer's automatic checkpoint to the WAL's bound",
+                source,
+            })?;
+        Ok(me)
+    }
+
+    /// A commit added pages to the WAL.
+    pub(super) fn committed(&self) {
+        if !self.pending.swap(true, Ordering::AcqRel)
+            && let Some(wake) = &self.wake
+        {
+            let _ = wake.send(());
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    /// Stops the thread (a checkpoint under way finishes) and closes its connection before
+    /// the writer's, so the writer's stays the last one and SQLite's close does the rest.
+    fn drop(&mut self) {
+        self.wake = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Waits for a commit, lets `CHECKPOINT_EVERY` pass (commits meanwhile only set `pending`),
+/// then checkpoints everything committed so far; ends when the writer drops its handle.
+fn run(conn: &Connection, wake: &std_mpsc::Receiver<()>, pending: &AtomicBool) {
+    while wake.recv().is_ok() {
+        if let Err(std_mpsc::RecvTimeoutError::Disconnected) = wake.recv_timeout(CHECKPOINT_EVERY) {
+            return;
+        }
+        pending.store(false, Ordering::Release);
+        if let Err(source) = passive(conn) {
+            // The writer's own checkpoint still bounds the WAL.
+            tracing::debug!(event = "checkpoint_failed", error = %source, "a WAL checkpoint off the writer failed; the writer checkpoints once the WAL reaches its bound");
+        }
+    }
+}
+
+/// One PASSIVE checkpoint: copies what it can without waiting for anyone.
+fn passive(conn: &Connection) -> rusqlite::Result<()> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+}
