@@ -52,13 +52,13 @@ pub(crate) fn settle_with(
         Err(e) if split(batch.len(), &e, lost) => Some(batch),
         Ok(results) => {
             deferrals.commit_ok();
-            deliver(
+            deliver(Answers(
                 batch
                     .into_iter()
                     .map(|(_, reply)| reply)
                     .zip(results)
                     .collect(),
-            );
+            ));
             None
         }
         Err(e) => {
@@ -68,14 +68,23 @@ pub(crate) fn settle_with(
     }
 }
 
-/// A committed group's answers: each caller's reply with what its outcome did.
-pub(crate) type Answers = Vec<(Reply, Recorded)>;
+/// A committed group's answers: each caller's reply with what its outcome did. Whatever
+/// is not sent when it is dropped is sent then, so a task that carries it and never runs
+/// (its runtime shut down) still answers every caller rather than leave them an error for
+/// a committed write.
+pub(crate) struct Answers(Vec<(Reply, Recorded)>);
+
+impl Drop for Answers {
+    fn drop(&mut self) {
+        for (reply, r) in self.0.drain(..) {
+            let _ = reply.send(Ok(r));
+        }
+    }
+}
 
 /// Sends a committed group's answers (only ever after its commit returned).
 pub(crate) fn answer(answers: Answers) {
-    for (reply, r) in answers {
-        let _ = reply.send(Ok(r));
-    }
+    drop(answers);
 }
 
 /// Sends a committed group's answers from a task on `runtime`, handed over in one message:

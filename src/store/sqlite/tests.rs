@@ -716,3 +716,28 @@ async fn a_caller_is_answered_only_after_its_group_committed() {
     futures::future::join_all(answered).await;
     store.close().await;
 }
+
+/// A store opened on a runtime that has since shut down still answers its callers: the
+/// answers handed to that runtime are sent when its never-run task is dropped.
+#[test]
+fn answers_reach_their_callers_when_the_opening_runtime_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let opening = tokio::runtime::Runtime::new().unwrap();
+    let store = opening.block_on(store_of(dir.path(), 1));
+    drop(opening);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let claimed = store.claim(claim_for("me:1", 1)).await.unwrap();
+        let recorded = tokio::time::timeout(
+            Duration::from_secs(10),
+            store.record(rotation_of(&claimed[0])),
+        )
+        .await
+        .expect("answered, not left waiting");
+        assert_eq!(recorded.unwrap(), Recorded::Applied);
+        store.close().await;
+    });
+}
