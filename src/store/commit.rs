@@ -1,8 +1,9 @@
 //! The group-commit policy, the same on both backends: how many outcomes share one commit,
 //! how long a commit waits for a lock before its rotations go to the recovery file, what a
 //! failed group does (one bad outcome must not hold the others hostage), and how often
-//! deferred rotations are retried, and what a worker's stop leaves behind. Each backend's
-//! worker only runs the transactions.
+//! deferred rotations are retried, what a worker's stop leaves behind, and how a committed
+//! group's answers reach their callers (`Answers`: sent on drop, never lost). Each
+//! backend's worker only runs the transactions.
 
 use super::deferred::Deferrals;
 use super::error::StoreError;

@@ -6,7 +6,7 @@
 //! busy writer rarely sees; by then this thread has copied nearly all of it, so the writer's
 //! own checkpoint copies a short tail and the next transaction starts the WAL over.
 
-use super::open::connect;
+use super::open::connect_existing;
 use crate::store::error::StoreError;
 use crate::store::types::StoreOptions;
 use rusqlite::Connection;
@@ -36,7 +36,7 @@ impl Checkpointer {
     /// automatic checkpoint (`writer`) to the WAL's bound. When either fails, the writer
     /// keeps checkpointing as before.
     pub(super) fn start(opts: &StoreOptions, writer: &Connection) -> Result<Self, StoreError> {
-        let conn = connect(opts)?;
+        let conn = connect_existing(opts)?;
         let (wake, rx) = std_mpsc::channel();
         let pending = Arc::new(AtomicBool::new(false));
         let flag = pending.clone();

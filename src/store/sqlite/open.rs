@@ -53,8 +53,19 @@ fn check_keys(conn: &Connection, path: &Path, keys: &Keyring) -> Result<(), Stor
     Ok(())
 }
 
-/// Opens a connection with the durability settings every process sharing the file uses.
+/// Opens a connection with the durability settings every process sharing the file uses,
+/// creating the file (private to its owner) when it is missing.
 pub(crate) fn connect(opts: &StoreOptions) -> Result<Connection, StoreError> {
+    connect_to(opts, true)
+}
+
+/// `connect` to a file that must exist: never created here, so a store file deleted
+/// meanwhile stays deleted for the store's watch to report.
+pub(crate) fn connect_existing(opts: &StoreOptions) -> Result<Connection, StoreError> {
+    connect_to(opts, false)
+}
+
+fn connect_to(opts: &StoreOptions, create: bool) -> Result<Connection, StoreError> {
     let open_err = |source| StoreError::Open {
         path: opts.path.clone(),
         source,
@@ -73,14 +84,12 @@ pub(crate) fn connect(opts: &StoreOptions) -> Result<Connection, StoreError> {
             ),
         });
     }
-    create_private(&opts.path)?;
-    let conn = Connection::open_with_flags(
-        &opts.path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(open_err)?;
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        create_private(&opts.path)?;
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let conn = Connection::open_with_flags(&opts.path, flags).map_err(open_err)?;
     conn.busy_timeout(opts.busy_timeout).map_err(open_err)?;
     // Several processes opening a brand-new file at once: converting it to WAL needs an
     // exclusive lock, and SQLite answers BUSY at once (no busy handler: it would deadlock)

@@ -688,7 +688,7 @@ async fn the_checkpoint_thread_copies_the_wal_into_the_database_file() {
             std::time::Instant::now() < deadline,
             "nothing copied the commit into the database file"
         );
-        std::thread::sleep(Duration::from_millis(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     store.close().await;
 }
@@ -740,4 +740,20 @@ fn answers_reach_their_callers_when_the_opening_runtime_is_gone() {
         assert_eq!(recorded.unwrap(), Recorded::Applied);
         store.close().await;
     });
+}
+
+/// The checkpoint thread never creates the store file: started after the file was deleted
+/// (between a commit and the thread's start), it fails and the file stays gone, for the
+/// store's watch to report it deleted rather than replaced.
+#[test]
+fn the_checkpoint_thread_never_creates_a_deleted_store_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = file_options(dir.path());
+    let writer = super::open::connect(&opts).unwrap();
+    std::fs::remove_file(&opts.path).unwrap();
+    assert!(super::checkpoint::Checkpointer::start(&opts, &writer).is_err());
+    assert!(
+        !opts.path.exists(),
+        "the checkpoint thread made a new store file"
+    );
 }
