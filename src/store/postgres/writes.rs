@@ -17,8 +17,9 @@ use std::collections::HashSet;
 /// Each account is found through the (provider, subject) index: `OFFSET 0` keeps the planner
 /// from joining the batch to a scan of the whole table (it did, mid-import, with the table's
 /// growth unseen by its statistics: 0.3 s a batch at 100,000 accounts, a quadratic import).
-/// The rows are then locked in id order, as a commit group locks them: no deadlock with a
-/// replica.
+/// The rows are then locked in id order, as a commit group locks them: a batch and a
+/// group do not deadlock (across the batches of one import they still can; PostgreSQL then
+/// ends one, and either side's failure is whole: see import-format.md).
 pub(crate) const LOOK_UP_BATCH: &str = "WITH found AS MATERIALIZED (
         SELECT u.ord, x.id
         FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(provider, subject, ord)
