@@ -65,6 +65,18 @@ pub(crate) enum Update<'a> {
     Release { account_id: i64, owner: &'a str },
 }
 
+/// The SET clause of a write that gives its lease back unsent (`Release`, `Postpone`), the
+/// same text on both backends: unnamed, unless the claim took over a cut-off attempt
+/// (`interrupted_at`); then still named and ended at that window, so the next claim records
+/// the same window.
+macro_rules! give_back_lease {
+    () => {
+        "lease_owner = CASE WHEN interrupted_at IS NOT NULL THEN lease_owner END,
+            lease_expires_at = CASE WHEN interrupted_at IS NOT NULL THEN interrupted_at END"
+    };
+}
+pub(crate) use give_back_lease;
+
 /// A `refresh_log` row.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct LogRow {

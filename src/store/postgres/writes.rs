@@ -6,7 +6,7 @@ use super::errors::pg_err;
 use crate::crypto::Keyring;
 use crate::model::app_subject;
 use crate::store::error::{Refusal, StoreError};
-use crate::store::record::{self, Update, Write};
+use crate::store::record::{self, Update, Write, give_back_lease};
 use crate::store::rules;
 use crate::store::types::{Actor, AppAdded, AuditAction, NewAccount, NewApp, Outcome, Recorded};
 use deadpool_postgres::Transaction;
@@ -500,11 +500,11 @@ pub(super) async fn apply(
         } => {
             run(
                 "record provider configuration error",
-                "UPDATE accounts SET last_error = $3, next_refresh_at = $4,
-                    lease_owner = CASE WHEN interrupted_at IS NOT NULL THEN lease_owner END,
-                    lease_expires_at = CASE WHEN interrupted_at IS NOT NULL THEN interrupted_at END,
-                    updated_at = $5
-                 WHERE id = $1 AND lease_owner = $2",
+                concat!(
+                    "UPDATE accounts SET last_error = $3, next_refresh_at = $4, updated_at = $5, ",
+                    give_back_lease!(),
+                    " WHERE id = $1 AND lease_owner = $2"
+                ),
                 &[account_id, owner, error, next_refresh_at, at],
             )
             .await?
@@ -532,10 +532,11 @@ pub(super) async fn apply(
         Update::Release { account_id, owner } => {
             run(
                 "release lease",
-                "UPDATE accounts SET
-                    lease_owner = CASE WHEN interrupted_at IS NOT NULL THEN lease_owner END,
-                    lease_expires_at = CASE WHEN interrupted_at IS NOT NULL THEN interrupted_at END
-                 WHERE id = $1 AND lease_owner = $2",
+                concat!(
+                    "UPDATE accounts SET ",
+                    give_back_lease!(),
+                    " WHERE id = $1 AND lease_owner = $2"
+                ),
                 &[account_id, owner],
             )
             .await?

@@ -5,7 +5,7 @@
 use crate::crypto::Keyring;
 use crate::model::app_subject;
 use crate::store::error::StoreError;
-use crate::store::record::{self, Update};
+use crate::store::record::{self, Update, give_back_lease};
 use crate::store::rules;
 use crate::store::types::{Actor, AppAdded, AuditAction, NewAccount, NewApp, Outcome, Recorded};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -314,11 +314,11 @@ pub fn record(tx: &Connection, keys: &Keyring, o: &Outcome) -> Result<Recorded, 
             at,
         } => run(
             "record provider configuration error",
-            "UPDATE accounts SET last_error = ?3, next_refresh_at = ?4,
-                lease_owner = CASE WHEN interrupted_at IS NOT NULL THEN lease_owner END,
-                lease_expires_at = CASE WHEN interrupted_at IS NOT NULL THEN interrupted_at END,
-                updated_at = ?5
-             WHERE id = ?1 AND lease_owner = ?2",
+            concat!(
+                "UPDATE accounts SET last_error = ?3, next_refresh_at = ?4, updated_at = ?5, ",
+                give_back_lease!(),
+                " WHERE id = ?1 AND lease_owner = ?2"
+            ),
             params![account_id, owner, error, next_refresh_at, at],
         )?,
         Update::Flag {
@@ -339,10 +339,11 @@ pub fn record(tx: &Connection, keys: &Keyring, o: &Outcome) -> Result<Recorded, 
         )?,
         Update::Release { account_id, owner } => run(
             "release lease",
-            "UPDATE accounts SET
-                lease_owner = CASE WHEN interrupted_at IS NOT NULL THEN lease_owner END,
-                lease_expires_at = CASE WHEN interrupted_at IS NOT NULL THEN interrupted_at END
-             WHERE id = ?1 AND lease_owner = ?2",
+            concat!(
+                "UPDATE accounts SET ",
+                give_back_lease!(),
+                " WHERE id = ?1 AND lease_owner = ?2"
+            ),
             params![account_id, owner],
         )?,
     };

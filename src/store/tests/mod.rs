@@ -229,6 +229,7 @@ mod open;
 mod plan;
 mod records;
 mod replicas;
+mod windows;
 
 /// Raw reads for the tests, on either backend.
 impl Store {
