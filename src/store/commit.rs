@@ -28,21 +28,11 @@ pub(crate) const COMMIT_WAIT: Duration = Duration::from_millis(100);
 /// Answers a group's outcomes from its commit's result. A failure that is not transient
 /// (not a locked, full or unreachable database, which fails every outcome alike) may be
 /// one bad outcome: then the group comes back, to be committed one outcome at a time.
-/// `lost`: the store is gone, so retrying each alone would not help either.
+/// `lost`: the store is gone, so retrying each alone would not help either. A committed
+/// group's answers go to `deliver` (`answer` sends them at once; the SQLite worker hands
+/// them to the runtime, `answer_on`).
 #[must_use = "a group that comes back must be committed one outcome at a time"]
 pub(crate) fn settle(
-    deferrals: &mut Deferrals,
-    batch: Vec<(Outcome, Reply)>,
-    result: Result<Vec<Recorded>, StoreError>,
-    lost: bool,
-) -> Option<Vec<(Outcome, Reply)>> {
-    settle_with(deferrals, batch, result, lost, answer)
-}
-
-/// `settle`, with the answers of a committed group delivered by `deliver` (the SQLite
-/// worker hands them to the runtime, `answer_on`).
-#[must_use = "a group that comes back must be committed one outcome at a time"]
-pub(crate) fn settle_with(
     deferrals: &mut Deferrals,
     batch: Vec<(Outcome, Reply)>,
     result: Result<Vec<Recorded>, StoreError>,

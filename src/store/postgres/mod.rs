@@ -387,7 +387,9 @@ impl Worker {
     async fn commit_group(&mut self, batch: Vec<(Outcome, Reply)>) {
         let outcomes: Vec<&Outcome> = batch.iter().map(|(o, _)| o).collect();
         let result = self.commit(&outcomes).await;
-        if let Some(batch) = commit::settle(&mut self.deferrals, batch, result, false) {
+        if let Some(batch) =
+            commit::settle(&mut self.deferrals, batch, result, false, commit::answer)
+        {
             for one in batch {
                 Box::pin(self.commit_group(vec![one])).await;
             }

@@ -638,7 +638,7 @@ impl Worker {
         let runtime = self.runtime.as_ref();
         let deliver = |answers| commit::answer_on(runtime, answers);
         if let Some(batch) =
-            commit::settle_with(&mut self.deferrals, batch, result, lost.is_some(), deliver)
+            commit::settle(&mut self.deferrals, batch, result, lost.is_some(), deliver)
         {
             for one in batch {
                 self.commit_group(conn, vec![one], None);
