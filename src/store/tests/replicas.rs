@@ -1,6 +1,7 @@
 //! PostgreSQL only: a stalled commit, replicas' liveness locks.
 
 use super::*;
+use std::sync::atomic::Ordering;
 
 // ---- a stalled PostgreSQL commit (issue 13, item 4) ----
 
@@ -112,10 +113,19 @@ async fn a_dead_postgres_replicas_leases_are_taken_over_and_a_live_ones_are_not(
         "{:?}",
         started.elapsed()
     );
-    // A few more checks: the live replica and the old-style owner keep their leases. The
-    // liveness check polls PostgreSQL's locks every second of real time (no injectable
-    // clock reaches a server's lock table): 2.5 s lets it run at least twice more.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Two more checks: the live replica and the old-style owner keep their leases.
+    let checks = &a.health.liveness_checks;
+    let before = checks.load(Ordering::Relaxed);
+    for _ in 0..200 {
+        if checks.load(Ordering::Relaxed) >= before + 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        checks.load(Ordering::Relaxed) >= before + 2,
+        "a's liveness checks ran"
+    );
     let none = a.claim_due("x:1", NOW + 2, LEASE, 10).await.unwrap();
     assert!(none.is_empty(), "{:?}", ids(&none));
     let after = a
