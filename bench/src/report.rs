@@ -17,13 +17,34 @@ pub(crate) struct Row {
     pub(crate) skipped: Option<String>,
 }
 
+/// How a target moves with the machine's speed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Scale {
+    /// A rate to reach (>=): a machine half as fast reaches half of it.
+    Rate,
+    /// A share of one CPU to stay under (<=): each refresh costs twice the CPU time on a
+    /// machine half as fast, so the share doubles.
+    CpuShare,
+}
+
+/// One absolute target met or missed as written, kept for its scaled row
+/// (scaled.rs).
+pub(crate) struct Absolute {
+    pub(crate) scenario: String,
+    pub(crate) figure: String,
+    pub(crate) measured: f64,
+    pub(crate) unit: &'static str,
+    pub(crate) target: f64,
+    pub(crate) scale: Scale,
+}
+
 /// The rows and the per-scenario details of one run.
 #[derive(Default)]
 pub(crate) struct Report {
     pub(crate) rows: Vec<Row>,
     pub(crate) details: serde_json::Map<String, Value>,
     /// The absolute targets met or missed so far (see scaled.rs).
-    pub(crate) absolute: Vec<crate::scaled::Absolute>,
+    pub(crate) absolute: Vec<Absolute>,
 }
 
 impl Report {

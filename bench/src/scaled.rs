@@ -3,31 +3,11 @@
 //! says how much faster or slower this machine is, and the same target moves with it. The
 //! targets as written stay in the table; these rows come after them, never instead.
 
-use crate::report::{Report, thousands};
+use crate::report::{Absolute, Report, Scale, thousands};
 
 /// The bare limit (`refreshd-bench limit`, median) on the machine the issue's targets were
 /// set on.
 pub(crate) const ISSUE_LIMIT: f64 = 57_000.0;
-
-/// How a target moves with the machine's speed.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum Scale {
-    /// A rate to reach (>=): a machine half as fast reaches half of it.
-    Rate,
-    /// A share of one CPU to stay under (<=): each refresh costs twice the CPU time on a
-    /// machine half as fast, so the share doubles.
-    CpuShare,
-}
-
-/// One absolute target met or missed as written, kept for its scaled row.
-pub(crate) struct Absolute {
-    pub(crate) scenario: String,
-    pub(crate) figure: String,
-    pub(crate) measured: f64,
-    pub(crate) unit: &'static str,
-    pub(crate) target: f64,
-    pub(crate) scale: Scale,
-}
 
 /// The target as it reads on a machine `speed` times as fast as the issue's.
 pub(crate) fn scaled_target(target: f64, scale: Scale, speed: f64) -> f64 {

@@ -6,7 +6,7 @@
 use crate::harness::Bench;
 use crate::histogram::{lateness_histogram, quantile};
 use crate::procs::{self, MIB};
-use crate::scaled::Scale;
+use crate::report::Scale;
 use anyhow::{Result, bail};
 use refreshd::clock::Clock;
 use serde_json::json;
