@@ -255,6 +255,16 @@ pub fn wake_for_due(next_due: i64, now_ms: i64) -> i64 {
     if early > now_ms { early } else { at }
 }
 
+/// Whether a provider with `free` of its `concurrency` claim slots free is worth a claim
+/// while refreshes are in flight: once a quarter of them are (at least one). Every claim
+/// walks past the accounts in flight (due, leased) in the due index, and each one that
+/// joins a group commit is a statement more on the store's one writer: claiming after each
+/// finished refresh costs more than the refresh, and after an eighth of the slots the
+/// walk still cost the SQLite writer a tenth of its time in a burst.
+pub fn worth_claiming(free: usize, concurrency: usize) -> bool {
+    free >= (concurrency / 4).max(1)
+}
+
 /// The refresh token's end after a refresh, by the profile's TTL rule: a fixed TTL never
 /// moves later than the first grant's end; a sliding one takes what the provider says.
 fn refresh_expires_at(ttl: RefreshTtl, stored: Option<i64>, returned: Option<i64>) -> Option<i64> {
@@ -294,6 +304,15 @@ mod tests {
         );
         assert_eq!(due_by((t - 1) * 1000 + 500), t, "0.5 s before t: claimed");
         assert_eq!(due_by((t - 1) * 1000 + 600), t, "0.4 s before t: claimed");
+    }
+
+    #[test]
+    fn a_claim_waits_for_a_quarter_of_the_slots_and_at_least_one() {
+        assert!(!worth_claiming(31, 128));
+        assert!(worth_claiming(32, 128));
+        assert!(!worth_claiming(0, 3), "at least one free slot");
+        assert!(worth_claiming(1, 3));
+        assert!(worth_claiming(1, 1));
     }
 
     #[test]

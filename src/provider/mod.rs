@@ -610,13 +610,12 @@ impl Providers {
             .collect()
     }
 
-    /// Whether some provider has an eighth of its claim slots free (at least one). A claim
-    /// walks past every account in flight (still due, leased) in the due index, so claiming
-    /// after each finished refresh costs more than claiming after a few.
+    /// Whether some provider has enough claim slots free to be worth a claim while
+    /// refreshes are in flight (`policy::worth_claiming`).
     pub fn worth_claiming(&self) -> bool {
         self.0
             .values()
-            .any(|p| p.free_slots() >= (p.concurrency() / 8).max(1))
+            .any(|p| crate::policy::worth_claiming(p.free_slots(), p.concurrency()))
     }
 
     /// Free claim slots over all providers.

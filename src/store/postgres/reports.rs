@@ -45,7 +45,8 @@ pub async fn log_entries(
 }
 
 /// The newest `limit` rows of the whole refresh log, newest first, with their accounts
-/// (the `refresh_log_at` index read backwards: bounded at any table size).
+/// (the primary key read backwards: bounded at any table size). Newest means written last,
+/// as on SQLite, even when a clock stepped back between two writes.
 pub async fn recent_outcomes(
     client: &impl GenericClient,
     limit: usize,
@@ -56,7 +57,7 @@ pub async fn recent_outcomes(
             "SELECT l.account_id, a.provider, a.subject, l.at, l.outcome, l.http_status, l.error,
                     l.duration_ms
              FROM refresh_log l LEFT JOIN accounts a ON a.id = l.account_id
-             ORDER BY l.at DESC, l.id DESC LIMIT $1",
+             ORDER BY l.id DESC LIMIT $1",
             &[&(limit as i64)],
         )
         .await

@@ -95,6 +95,14 @@ ALTER TABLE accounts ADD COLUMN grant_type TEXT NOT NULL DEFAULT 'refresh_token'
     r#"
 CREATE INDEX accounts_apps ON accounts (id) WHERE grant_type = 'client_credentials';
 "#,
+    // 7: SQLite drops `refresh_log_at` here; PostgreSQL keeps it. Replicas on several hosts
+    // stamp `at` with their own clocks and draw ids from one sequence in an order their
+    // commits need not follow, so the id is no stand-in for `at` when pruning, and the log's
+    // rows are written by one multi-row INSERT per group (`group.rs`), not one per refresh.
+    // Kept as a version, so one number means the same tables on both backends.
+    r#"
+SELECT 1;
+"#,
 ];
 
 /// Taken (per database) while migrating: "refreshd" in ASCII.

@@ -259,7 +259,8 @@ pub fn log_entries(conn: &Connection, id: i64, limit: usize) -> Result<Vec<LogEn
 }
 
 /// The newest `limit` rows of the whole refresh log, newest first, with their accounts
-/// (walks the `refresh_log_at` index backwards: bounded at any table size).
+/// (walks the rowid backwards: bounded at any table size). Newest means written last: the
+/// rowid follows the writes, even when the clock stepped back between two of them.
 pub fn recent_outcomes(conn: &Connection, limit: usize) -> Result<Vec<RecentOutcome>, StoreError> {
     let ctx = "read the latest refresh outcomes";
     let mut stmt = conn
@@ -267,7 +268,7 @@ pub fn recent_outcomes(conn: &Connection, limit: usize) -> Result<Vec<RecentOutc
             "SELECT l.account_id, a.provider, a.subject, l.at, l.outcome, l.http_status, l.error,
                     l.duration_ms
              FROM refresh_log l LEFT JOIN accounts a ON a.id = l.account_id
-             ORDER BY l.at DESC, l.id DESC LIMIT ?1",
+             ORDER BY l.id DESC LIMIT ?1",
         )
         .map_err(sql_err(ctx))?;
     let rows = stmt
@@ -499,14 +500,21 @@ pub fn flagged_ids(conn: &Connection) -> Result<Vec<(i64, Status)>, StoreError> 
         .map_err(sql_err("list flagged accounts"))
 }
 
+/// Deletes the refresh log's rows older than `before`, oldest first, walking the rowid
+/// (the log has no index on `at`, migration 7): each chunk deletes the run of rows at the
+/// log's start that are older, up to the first one that is not. A row stamped older than
+/// a row written before it (the clock stepped back) waits until that row goes too: a row
+/// is pruned late, never before its time.
 pub fn prune_log(conn: &Connection, before: i64) -> Result<usize, StoreError> {
     // In chunks, so a large backlog never holds the write lock for long.
     let mut total = 0;
     loop {
         let n = conn
             .prepare_cached(
-                "DELETE FROM refresh_log WHERE id IN
-                    (SELECT id FROM refresh_log WHERE at < ?1 LIMIT 10000)",
+                "WITH chunk AS (SELECT id, at FROM refresh_log ORDER BY id LIMIT 10000)
+                 DELETE FROM refresh_log WHERE id IN (
+                     SELECT id FROM chunk WHERE id < COALESCE(
+                         (SELECT MIN(id) FROM chunk WHERE at >= ?1), 9223372036854775807))",
             )
             .and_then(|mut s| s.execute([before]))
             .map_err(sql_err("prune refresh log"))?;

@@ -105,6 +105,13 @@ ALTER TABLE accounts ADD COLUMN grant_type TEXT NOT NULL DEFAULT 'refresh_token'
     r#"
 CREATE INDEX accounts_apps ON accounts (id) WHERE grant_type = 'client_credentials';
 "#,
+    // 7: the refresh log's `at` index goes: one b-tree insert less per refresh, on the
+    // writer every refresh waits for. Its rowid grows with `at` (the processes sharing a
+    // file stamp both from one host's clock, in commit order), so the newest rows and the
+    // prune walk the rowid instead (`queries::recent_outcomes`, `queries::prune_log`).
+    r#"
+DROP INDEX IF EXISTS refresh_log_at;
+"#,
 ];
 
 /// Applies every migration newer than the database, all in one transaction.
@@ -167,6 +174,46 @@ mod tests {
         assert_eq!(
             migrate(&mut c).unwrap(),
             (MIGRATIONS.len(), MIGRATIONS.len())
+        );
+    }
+
+    /// Migration 7 drops the log's `at` index; the prune walks the rowid in chunks of
+    /// 10,000 and stops at the first row it must keep, even one chunk after another.
+    #[test]
+    fn the_log_has_no_at_index_and_the_prune_walks_the_rowid_in_chunks() {
+        let mut c = Connection::open_in_memory().unwrap();
+        migrate(&mut c).unwrap();
+        let indexes: Vec<String> = c
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE tbl_name = 'refresh_log' AND type = 'index'",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(indexes, ["refresh_log_account"]);
+        // 25,000 rows at 0..25,000 s, then one stamped 100 by a clock that stepped back.
+        c.execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 24999)
+             INSERT INTO refresh_log (account_id, at, outcome) SELECT 1, i, 'rotated' FROM n;
+             INSERT INTO refresh_log (account_id, at, outcome) VALUES (1, 100, 'rotated');",
+        )
+        .unwrap();
+        let count =
+            |c: &Connection, sql: &str| -> i64 { c.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(
+            crate::store::sqlite::queries::prune_log(&c, 22_000).unwrap(),
+            22_000
+        );
+        assert_eq!(
+            count(&c, "SELECT MIN(at) FROM refresh_log WHERE id <= 25000"),
+            22_000
+        );
+        assert_eq!(count(&c, "SELECT COUNT(*) FROM refresh_log"), 3_001);
+        assert_eq!(
+            crate::store::sqlite::queries::prune_log(&c, 30_000).unwrap(),
+            3_001
         );
     }
 

@@ -462,6 +462,33 @@ async fn prune_log_deletes_older_entries() {
     assert!(store.get(id).await.unwrap().is_some(), "accounts untouched");
 }
 
+/// A clock that stepped back between two writes: no row at or after the cutoff is ever
+/// pruned, and an older row stamped after a newer one goes at the latest with the rows
+/// written before it (SQLite walks the rowid, PostgreSQL its `at` index).
+async fn prune_log_never_takes_a_newer_row_when_the_clock_stepped_back() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    for at in [NOW + 10, NOW + 20, NOW + 12, NOW + 30] {
+        store.record(transient(id, OWNER, at)).await.unwrap();
+    }
+    let left = |store: Store| async move {
+        let log = store.log_entries(id, 10).await.unwrap();
+        let mut at: Vec<i64> = log.iter().map(|e| e.at).collect();
+        at.sort();
+        at
+    };
+    store.prune_log(NOW + 15).await.unwrap();
+    let kept = left(store.clone()).await;
+    assert!(
+        !kept.contains(&NOW) && !kept.contains(&(NOW + 10)),
+        "{kept:?}"
+    );
+    assert!(kept.ends_with(&[NOW + 20, NOW + 30]), "{kept:?}");
+    // Once the cutoff passes the newer row, the older one after it goes too.
+    store.prune_log(NOW + 25).await.unwrap();
+    assert_eq!(left(store.clone()).await, [NOW + 30]);
+}
+
 async fn mark_due_never_reenables_a_disabled_account() {
     let (_dir, store) = temp_store().await;
     let disabled = NewAccount {
@@ -675,6 +702,7 @@ on_both_backends!(
     counts_group_by_provider_and_status,
     next_due_skips_held_leases_and_flagged_accounts,
     prune_log_deletes_older_entries,
+    prune_log_never_takes_a_newer_row_when_the_clock_stepped_back,
     mark_due_never_reenables_a_disabled_account,
     upsert_refuses_tokens_older_than_the_last_refresh,
 );

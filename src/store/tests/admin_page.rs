@@ -56,4 +56,19 @@ async fn recent_outcomes_are_the_newest_first_bounded() {
     assert!(after.iter().all(|r| r.account_id == first), "{after:?}");
 }
 
-on_both_backends!(recent_outcomes_are_the_newest_first_bounded);
+/// Newest means written last: a row stamped by a clock that stepped back comes first all
+/// the same (the listing walks the rowid, not `at`, which has no index on SQLite).
+async fn recent_outcomes_follow_the_writes_when_the_clock_steps_back() {
+    let (_dir, store) = temp_store().await;
+    let id = insert(&store, vec![new_account("tiktok", "u1", NOW - 10)]).await[0];
+    store.record(transient(id, OWNER, NOW + 20)).await.unwrap();
+    store.record(transient(id, OWNER, NOW + 18)).await.unwrap();
+    let recent = store.recent_outcomes(2).await.unwrap();
+    let at: Vec<i64> = recent.iter().map(|r| r.entry.at).collect();
+    assert_eq!(at, [NOW + 18, NOW + 20]);
+}
+
+on_both_backends!(
+    recent_outcomes_are_the_newest_first_bounded,
+    recent_outcomes_follow_the_writes_when_the_clock_steps_back
+);
