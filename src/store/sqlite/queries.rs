@@ -501,25 +501,24 @@ pub fn flagged_ids(conn: &Connection) -> Result<Vec<(i64, Status)>, StoreError> 
 }
 
 /// Deletes the refresh log's rows older than `before`, oldest first, walking the rowid
-/// (the log has no index on `at`, migration 7): each chunk deletes the run of rows at the
-/// log's start that are older, up to the first one that is not. A row stamped older than
-/// a row written before it (the clock stepped back) waits until that row goes too: a row
-/// is pruned late, never before its time.
+/// (the log has no index on `at`, migration 7): each chunk is the log's first 10,000 rows,
+/// and its rows stamped before `before` go. No row goes before its time, and a row stamped
+/// ahead (a clock that was fast, then set back) stays without holding back the older rows
+/// written after it; only 10,000 such rows at the log's start would stop a prune until
+/// their time.
 pub fn prune_log(conn: &Connection, before: i64) -> Result<usize, StoreError> {
     // In chunks, so a large backlog never holds the write lock for long.
     let mut total = 0;
     loop {
         let n = conn
             .prepare_cached(
-                "WITH chunk AS (SELECT id, at FROM refresh_log ORDER BY id LIMIT 10000)
-                 DELETE FROM refresh_log WHERE id IN (
-                     SELECT id FROM chunk WHERE id < COALESCE(
-                         (SELECT MIN(id) FROM chunk WHERE at >= ?1), 9223372036854775807))",
+                "DELETE FROM refresh_log WHERE at < ?1
+                   AND id IN (SELECT id FROM refresh_log ORDER BY id LIMIT 10000)",
             )
             .and_then(|mut s| s.execute([before]))
             .map_err(sql_err("prune refresh log"))?;
         total += n;
-        if n < 10_000 {
+        if n == 0 {
             return Ok(total);
         }
     }

@@ -178,7 +178,8 @@ mod tests {
     }
 
     /// Migration 7 drops the log's `at` index; the prune walks the rowid in chunks of
-    /// 10,000 and stops at the first row it must keep, even one chunk after another.
+    /// 10,000, past a row stamped ahead at the log's start and across chunks, and takes a
+    /// row stamped back by the clock as soon as it is older than the cutoff.
     #[test]
     fn the_log_has_no_at_index_and_the_prune_walks_the_rowid_in_chunks() {
         let mut c = Connection::open_in_memory().unwrap();
@@ -193,9 +194,11 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(indexes, ["refresh_log_account"]);
-        // 25,000 rows at 0..25,000 s, then one stamped 100 by a clock that stepped back.
+        // One row stamped ahead (1,000,000 s), 25,000 rows at 0..25,000 s, then one
+        // stamped 100 by a clock that stepped back.
         c.execute_batch(
-            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 24999)
+            "INSERT INTO refresh_log (account_id, at, outcome) VALUES (1, 1000000, 'rotated');
+             WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 24999)
              INSERT INTO refresh_log (account_id, at, outcome) SELECT 1, i, 'rotated' FROM n;
              INSERT INTO refresh_log (account_id, at, outcome) VALUES (1, 100, 'rotated');",
         )
@@ -204,17 +207,18 @@ mod tests {
             |c: &Connection, sql: &str| -> i64 { c.query_row(sql, [], |r| r.get(0)).unwrap() };
         assert_eq!(
             crate::store::sqlite::queries::prune_log(&c, 22_000).unwrap(),
-            22_000
+            22_001
         );
         assert_eq!(
-            count(&c, "SELECT MIN(at) FROM refresh_log WHERE id <= 25000"),
+            count(&c, "SELECT MIN(at) FROM refresh_log WHERE id > 1"),
             22_000
         );
         assert_eq!(count(&c, "SELECT COUNT(*) FROM refresh_log"), 3_001);
         assert_eq!(
             crate::store::sqlite::queries::prune_log(&c, 30_000).unwrap(),
-            3_001
+            3_000
         );
+        assert_eq!(count(&c, "SELECT at FROM refresh_log"), 1_000_000);
     }
 
     #[test]
