@@ -15,6 +15,7 @@
 mod announce;
 mod circuits;
 pub mod decide;
+mod in_flight;
 mod settings;
 mod stats;
 
@@ -75,6 +76,8 @@ pub struct Engine {
     settings: watch::Receiver<Arc<Settings>>,
     owner: Arc<str>,
     wake: Arc<Notify>,
+    /// The refreshes under way; each one ending wakes the loop apart from `wake`.
+    in_flight: Arc<in_flight::InFlight>,
     stats: Arc<Stats>,
     events: Events,
     metrics: Arc<crate::metrics::Metrics>,
@@ -95,6 +98,7 @@ impl Engine {
             settings,
             owner,
             wake: Arc::new(Notify::new()),
+            in_flight: Arc::default(),
             stats: Arc::new(Stats::default()),
             events: Events::default(),
             metrics: Arc::default(),
@@ -178,6 +182,7 @@ impl Engine {
                 };
                 tokio::select! {
                     _ = self.wake.notified() => {}
+                    _ = self.in_flight.one_ended() => {}
                     _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.cancelled() => break,
                 }
@@ -190,6 +195,7 @@ impl Engine {
                 // Each stored outcome wakes the loop: it looks again as soon as one is.
                 tokio::select! {
                     _ = self.wake.notified() => {}
+                    _ = self.in_flight.one_ended() => {}
                     _ = tokio::time::sleep(BACKPRESSURE_POLL) => {}
                     _ = shutdown.cancelled() => break,
                 }
@@ -204,6 +210,8 @@ impl Engine {
             } else {
                 (now_ms.div_euclid(1000), policy::due_by(now_ms))
             };
+            // Refreshes that end from here on may have made something due unseen.
+            let ends_before = self.in_flight.ends();
             claims += 1;
             let claim_owner = format!("{}:{claims}", self.owner);
             let claimed = match self
@@ -258,6 +266,7 @@ impl Engine {
                     }
                     tokio::select! {
                         _ = self.wake.notified() => {}
+                        _ = self.in_flight.one_ended() => {}
                         _ = tokio::time::sleep(ONCE_POLL) => {}
                         _ = shutdown.cancelled() => break,
                     }
@@ -274,9 +283,21 @@ impl Engine {
                     .unwrap_or(idle_until)
                     .min(self.next_probe().unwrap_or(i64::MAX));
                 tracing::trace!(event = "idle", next_due = next.map(rfc3339), "nothing due");
+                // Nothing due: the refreshes in flight are looked at again once all of
+                // them ended (a transient failure's retry, an account given back), not
+                // after each one (`in_flight.rs`); while a provider's slots are full, its
+                // accounts wait for the first to free one.
+                let skipped = !skip.is_empty();
+                let refreshes_end = async {
+                    match skipped {
+                        true => self.in_flight.one_ended().await,
+                        false => self.in_flight.all_ended(ends_before).await,
+                    }
+                };
                 tokio::select! {
                     _ = self.clock.sleep_until_millis(deadline) => {}
                     _ = self.wake.notified() => {}
+                    _ = refreshes_end => {}
                     _ = async { if settings_rx.changed().await.is_err() { std::future::pending::<()>().await } } => {}
                     _ = shutdown.cancelled() => break,
                 }
@@ -299,6 +320,7 @@ impl Engine {
                 // span only helps at debug level (store jobs' lines); disabled, it costs
                 // nothing, where an enabled one was formatted into every line.
                 let span = tracing::debug_span!("refresh", account = account.id, provider = %account.provider);
+                let running = self.in_flight.start();
                 tracker.spawn(
                     async move {
                         let gate = Gate {
@@ -308,7 +330,7 @@ impl Engine {
                             owner,
                         };
                         this.refresh_one(&settings, account, gate, &shutdown).await;
-                        this.wake.notify_one();
+                        drop(running);
                     }
                     .instrument(span),
                 );
