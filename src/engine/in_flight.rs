@@ -1,38 +1,71 @@
-//! The refreshes in flight as the loop sees them: how many, and a wake-up as each ends.
-//! Kept apart from the loop's other wake-ups (an import, a `refresh` request, a reload) so
-//! an idle loop can tell them apart: once a claim found nothing due, a refresh ending
-//! frees a slot but rarely makes anything due, and looking again after one cost a claim
-//! and a next-due query, each walking past every account still in flight (2-4 such looks
-//! a second at ~139 refreshes a second).
+//! The refreshes in flight as the loop sees them: when each one's account is due again,
+//! and a wake-up as each ends. Kept apart from the loop's other wake-ups (an import,
+//! a `refresh` request, a reload) so an idle loop can tell them apart: once a claim found
+//! nothing due, a refresh ending rarely makes anything due before the loop wakes anyway (a
+//! rotation is due again hours later), and looking again after each one cost a claim and
+//! a next-due query, each walking past every account still in flight. Only an end whose
+//! account is due again before the loop's wake-up (a retry, an account given back) or
+//! whose next due time is unknown makes the idle loop look again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use tokio::sync::Notify;
 
-#[derive(Debug, Default)]
+/// `earliest` when no refresh ended since the loop last looked.
+const NONE_ENDED: i64 = i64::MAX;
+/// `earliest` when a refresh ended whose account's next due time is unknown.
+const UNKNOWN: i64 = i64::MIN;
+
+#[derive(Debug)]
 pub(super) struct InFlight {
-    count: AtomicUsize,
-    /// Refreshes ended since start: tells the loop whether one ended since it looked.
-    ends: AtomicU64,
+    /// The earliest due second (unix) of the accounts whose refreshes ended since the loop
+    /// last looked (`NONE_ENDED`, `UNKNOWN`).
+    earliest: AtomicI64,
     ended: Notify,
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        InFlight {
+            earliest: AtomicI64::new(NONE_ENDED),
+            ended: Notify::new(),
+        }
+    }
+}
+
+/// What the refreshes that ended since the loop last looked ask of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Ended {
+    None,
+    /// The earliest second one of their accounts is due again.
+    DueAgainAt(i64),
+    /// One ended whose account's next due time is not known: look again.
+    Unknown,
 }
 
 impl InFlight {
     /// A refresh task is about to start; it ends when the returned guard is dropped (also
-    /// when its task unwinds).
+    /// when its task unwinds), its account's next due time unknown unless `Running::ended`
+    /// said it.
     pub(super) fn start(self: &Arc<Self>) -> Running {
-        self.count.fetch_add(1, Ordering::AcqRel);
-        Running(self.clone())
+        Running {
+            in_flight: self.clone(),
+            due_again: None,
+        }
     }
 
-    /// How many refreshes ended so far: read before a claim, it tells `all_ended` whether
-    /// one ended after (its outcome perhaps unseen by that claim).
-    pub(super) fn ends(&self) -> u64 {
-        self.ends.load(Ordering::Acquire)
+    /// The loop is about to look at the store: ends from here on are news to it.
+    pub(super) fn looking(&self) {
+        self.earliest.store(NONE_ENDED, Ordering::Release);
     }
 
-    pub(super) fn count(&self) -> usize {
-        self.count.load(Ordering::Acquire)
+    /// What ended since the loop last looked (`looking`).
+    pub(super) fn since_looked(&self) -> Ended {
+        match self.earliest.load(Ordering::Acquire) {
+            NONE_ENDED => Ended::None,
+            UNKNOWN => Ended::Unknown,
+            at => Ended::DueAgainAt(at),
+        }
     }
 
     /// Resolves when a refresh ends (or ended since the last wait).
@@ -40,28 +73,41 @@ impl InFlight {
         self.ended.notified().await;
     }
 
-    /// Resolves once none is in flight. With none in flight at the call, it resolves at
-    /// once if one ended since `ends_before` (`ends()` read before the loop last looked at
-    /// the store), and never otherwise: an idle loop with nothing in flight sleeps on its
-    /// other wake-ups only.
-    pub(super) async fn all_ended(&self, ends_before: u64) {
-        if self.count() == 0 && self.ends() == ends_before {
-            return std::future::pending().await;
-        }
-        while self.count() > 0 {
+    /// Resolves once a refresh ended since the loop last looked whose account is due again
+    /// before `wake_at` (unix ms; `wake_for` turns a due second into the loop's wake-up) or
+    /// whose next due time is unknown.
+    pub(super) async fn due_before(&self, wake_at: i64, wake_for: impl Fn(i64) -> i64) {
+        loop {
+            match self.since_looked() {
+                Ended::Unknown => return,
+                Ended::DueAgainAt(t) if wake_for(t) < wake_at => return,
+                _ => {}
+            }
             self.ended.notified().await;
         }
     }
 }
 
-/// One refresh in flight: counted until dropped, then the loop is woken.
-pub(super) struct Running(Arc<InFlight>);
+/// One refresh in flight: when dropped, its due time is noted and the loop woken.
+pub(super) struct Running {
+    in_flight: Arc<InFlight>,
+    /// The second its account is due again, once known.
+    due_again: Option<i64>,
+}
+
+impl Running {
+    /// The refresh ended; its account is due again at `due_again` (unix seconds), if known.
+    pub(super) fn ended(mut self, due_again: Option<i64>) {
+        self.due_again = due_again;
+    }
+}
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.0.ends.fetch_add(1, Ordering::AcqRel);
-        self.0.count.fetch_sub(1, Ordering::AcqRel);
-        self.0.ended.notify_one();
+        let f = &self.in_flight;
+        f.earliest
+            .fetch_min(self.due_again.unwrap_or(UNKNOWN), Ordering::AcqRel);
+        f.ended.notify_one();
     }
 }
 
@@ -71,56 +117,62 @@ mod tests {
     use std::time::Duration;
 
     const SOON: Duration = Duration::from_millis(50);
-
-    #[tokio::test]
-    async fn all_ended_waits_for_the_last_refresh_not_the_first() {
-        let f = Arc::new(InFlight::default());
-        let (a, b) = (f.start(), f.start());
-        let before = f.ends();
-        drop(a);
-        assert!(
-            tokio::time::timeout(SOON, f.all_ended(before))
-                .await
-                .is_err(),
-            "one of two still in flight"
-        );
-        drop(b);
-        assert!(
-            tokio::time::timeout(SOON, f.all_ended(before))
-                .await
-                .is_ok()
-        );
+    /// A due second's wake-up, as `policy::wake_for_due` without the lead.
+    fn at_ms(t: i64) -> i64 {
+        t * 1000
     }
 
     #[tokio::test]
-    async fn with_nothing_in_flight_all_ended_resolves_only_if_one_ended_since() {
+    async fn a_rotation_due_after_the_wake_up_lets_the_idle_loop_sleep() {
         let f = Arc::new(InFlight::default());
-        let before = f.ends();
+        f.looking();
+        f.start().ended(Some(7200));
+        assert_eq!(f.since_looked(), Ended::DueAgainAt(7200));
+        let waited = tokio::time::timeout(SOON, f.due_before(at_ms(60), at_ms)).await;
+        assert!(waited.is_err(), "due two hours on: no need to look");
+    }
+
+    #[tokio::test]
+    async fn an_account_due_before_the_wake_up_or_unknown_makes_the_loop_look_again() {
+        let f = Arc::new(InFlight::default());
+        f.looking();
+        let (rotated, retry) = (f.start(), f.start());
+        rotated.ended(Some(7200));
+        retry.ended(Some(5));
+        assert_eq!(f.since_looked(), Ended::DueAgainAt(5));
         assert!(
-            tokio::time::timeout(SOON, f.all_ended(before))
+            tokio::time::timeout(SOON, f.due_before(at_ms(60), at_ms))
                 .await
-                .is_err()
+                .is_ok(),
+            "a retry due at 5 s comes before the wake-up at 60 s"
         );
-        // One ended after the loop last looked: look again at once.
+        f.looking();
         drop(f.start());
+        assert_eq!(f.since_looked(), Ended::Unknown);
         assert!(
-            tokio::time::timeout(SOON, f.all_ended(before))
+            tokio::time::timeout(SOON, f.due_before(at_ms(60), at_ms))
                 .await
-                .is_ok()
-        );
-        assert!(
-            tokio::time::timeout(SOON, f.all_ended(f.ends()))
-                .await
-                .is_err()
+                .is_ok(),
+            "an end without a due time"
         );
     }
 
     #[tokio::test]
-    async fn one_ended_resolves_for_each_refresh_that_ends() {
+    async fn an_end_while_the_loop_sleeps_wakes_it_and_looking_forgets_earlier_ends() {
         let f = Arc::new(InFlight::default());
-        let (a, _b) = (f.start(), f.start());
-        drop(a);
-        assert!(tokio::time::timeout(SOON, f.one_ended()).await.is_ok());
-        assert_eq!(f.count(), 1);
+        drop(f.start());
+        f.looking();
+        assert_eq!(f.since_looked(), Ended::None);
+        let running = f.start();
+        let waiter = {
+            let f = f.clone();
+            tokio::spawn(async move { f.due_before(at_ms(60), at_ms).await })
+        };
+        tokio::task::yield_now().await;
+        running.ended(Some(30));
+        tokio::time::timeout(SOON, waiter)
+            .await
+            .expect("woken by the end")
+            .unwrap();
     }
 }

@@ -211,7 +211,7 @@ impl Engine {
                 (now_ms.div_euclid(1000), policy::due_by(now_ms))
             };
             // Refreshes that end from here on may have made something due unseen.
-            let ends_before = self.in_flight.ends();
+            self.in_flight.looking();
             claims += 1;
             let claim_owner = format!("{}:{claims}", self.owner);
             let claimed = match self
@@ -283,15 +283,19 @@ impl Engine {
                     .unwrap_or(idle_until)
                     .min(self.next_probe().unwrap_or(i64::MAX));
                 tracing::trace!(event = "idle", next_due = next.map(rfc3339), "nothing due");
-                // Nothing due: the refreshes in flight are looked at again once all of
-                // them ended (a transient failure's retry, an account given back), not
-                // after each one (`in_flight.rs`); while a provider's slots are full, its
-                // accounts wait for the first to free one.
+                // Nothing due: a refresh that ends makes the loop look again only if its
+                // account is due before this wake-up (a retry, an account given back) or
+                // its next due time is unknown, not after each rotation (`in_flight.rs`);
+                // while a provider's slots are full, its accounts wait for the first to
+                // free one.
                 let skipped = !skip.is_empty();
                 let refreshes_end = async {
                     match skipped {
                         true => self.in_flight.one_ended().await,
-                        false => self.in_flight.all_ended(ends_before).await,
+                        false => {
+                            let wake_for = |t| policy::wake_for_due(t, now_ms);
+                            self.in_flight.due_before(deadline, wake_for).await
+                        }
                     }
                 };
                 tokio::select! {
@@ -329,8 +333,8 @@ impl Engine {
                             lease_until,
                             owner,
                         };
-                        this.refresh_one(&settings, account, gate, &shutdown).await;
-                        drop(running);
+                        let due_again = this.refresh_one(&settings, account, gate, &shutdown).await;
+                        running.ended(due_again);
                     }
                     .instrument(span),
                 );
@@ -376,14 +380,15 @@ impl Engine {
     }
 
     /// One account: decide, wait for its turn, send, decide, record, announce. Never returns
-    /// an error: every way it can end is recorded or logged.
+    /// an error: every way it can end is recorded or logged. Returns when the account is
+    /// due again, where its outcome was stored and says so (None: the loop looks again).
     async fn refresh_one(
         &self,
         settings: &Settings,
         account: Account,
         gate: Gate,
         shutdown: &CancellationToken,
-    ) {
+    ) -> Option<i64> {
         let Gate {
             slot,
             permits,
@@ -413,7 +418,7 @@ impl Engine {
                         let id = account.id;
                         self.provider_state(name, id, Some(&error), ConfigState::config_error);
                     }
-                    return;
+                    return None;
                 }
             };
         // Safe points: nothing has been sent yet, so shutdown may still give the lease back.
@@ -422,7 +427,7 @@ impl Engine {
                 biased;
                 _ = shutdown.cancelled() => {
                     self.release(&account, owner).await;
-                    return;
+                    return None;
                 }
                 _ = self.clock.sleep_until_millis(at) => {}
             }
@@ -433,7 +438,7 @@ impl Engine {
             .await
         else {
             self.release(&account, owner).await;
-            return;
+            return None;
         };
         if self.clock.now() > last_send_at {
             tracing::debug!(
@@ -442,11 +447,11 @@ impl Engine {
                 "lease would expire during the request; giving it back"
             );
             self.release(&account, owner).await;
-            return;
+            return None;
         }
         if !self.circuit_admits(&account) {
             self.release(&account, owner).await;
-            return;
+            return None;
         }
         self.metrics
             .lateness(self.clock.now_millis() as f64 / 1000.0 - account.next_refresh_at as f64);
@@ -476,6 +481,15 @@ impl Engine {
             decide::after_answer(&account, profile, rules, answer, attempt, &mut rand::rng());
         self.announce_answer(&account, &after);
         let rotated = matches!(after.outcome, Outcome::Rotated { .. });
+        let due_again = match &after.outcome {
+            Outcome::Rotated {
+                next_refresh_at, ..
+            }
+            | Outcome::Transient {
+                next_refresh_at, ..
+            } => Some(*next_refresh_at),
+            _ => None,
+        };
         let recorded = self
             .finish(&account, after.outcome, duration_ms, Some(lease_until))
             .await;
@@ -484,6 +498,7 @@ impl Engine {
                 rotated && matches!(recorded, Some(Recorded::Applied | Recorded::Deferred));
             report_answer(&account, answer, stored);
         }
+        due_again.filter(|_| recorded == Some(Recorded::Applied))
     }
 
     /// Waits for the provider's claim slot, its rate limit, then a global permit, in that

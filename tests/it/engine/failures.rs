@@ -3,14 +3,15 @@
 //! an answer that may have been lost names the crash window.
 
 use super::{
-    BACKOFF_BASE, BACKOFF_MAX, DAY, HOUR, access_token, all_due_at, config_with, lease, outcomes,
-    refresh_token, run_once,
+    BACKOFF_BASE, BACKOFF_MAX, DAY, HOUR, access_token, all_due_at, config_with, engine, lease,
+    outcomes, refresh_token, run_once, spawn_run, wait_until_idle,
 };
 use crate::helpers::{self, TestApp, account};
 use refreshd::config::Config;
 use refreshd::model::{ReauthReason, Status};
 use refreshd::sandbox::{Faults, SandboxConfig, TOKEN_PATH};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 use wiremock::matchers::{body_string_contains, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -463,4 +464,72 @@ async fn invalid_grant_after_a_lost_answer_names_the_crash_window() {
     let b = account(&store, ids[1]).await;
     assert_eq!((b.status, b.generation), (Status::Active, 1));
     assert_eq!(app.sandbox.stats().reuse_rejected, 1);
+}
+
+/// An idle loop with a request still in flight looks again when another refresh ends with
+/// a retry due before its next wake-up: the retry is sent at its time, not once the slow
+/// request ends (nor at `refresh.max_idle`).
+#[tokio::test]
+async fn a_retry_is_sent_at_its_time_while_another_request_still_hangs() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let server = MockServer::start().await;
+    // Of the two first requests, one fails at once and the other hangs (30 s of real time,
+    // past the test's end); what comes after answers at once.
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(token_body("u1"))
+                .set_delay(Duration::from_secs(30)),
+        )
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&server)
+        .await;
+    let config = config_with(
+        &app,
+        &format!("{}{TOKEN_PATH}", server.uri()),
+        &[
+            ("refresh", "max_idle", "2m".into()),
+            ("refresh", "request_timeout", "20s".into()),
+            ("store", "lease", "60s".into()),
+        ],
+    );
+    let store = app.store().await;
+    let ids = app.import(&store, &config, &["u1", "u2"], None).await;
+    app.clock.set(all_due_at(&store, &ids).await);
+    let (engine, _tx) = engine(&store, &app.clock, &config);
+    let shutdown = CancellationToken::new();
+    let task = spawn_run(&engine, &shutdown);
+    let stats = engine.stats();
+    assert!(helpers::eventually(5, || async { stats.snapshot().transient == 1 }).await);
+    let mut retry_at = i64::MAX;
+    for &id in &ids {
+        let a = account(&store, id).await;
+        if a.failures == 1 {
+            retry_at = a.next_refresh_at;
+        }
+    }
+    assert!(retry_at < i64::MAX, "one account failed once");
+    // The loop looks again after the failure, finds the retry not yet due, and sleeps
+    // until it is: only then does the manual clock reach it.
+    wait_until_idle(&engine, &app.clock).await;
+    app.clock.set(retry_at);
+    let sent = || async { server.received_requests().await.unwrap_or_default().len() >= 3 };
+    assert!(
+        helpers::eventually(3, sent).await,
+        "the retry waited for the hanging request"
+    );
+    shutdown.cancel();
+    task.abort();
 }
