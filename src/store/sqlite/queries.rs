@@ -501,26 +501,45 @@ pub fn flagged_ids(conn: &Connection) -> Result<Vec<(i64, Status)>, StoreError> 
 }
 
 /// Deletes the refresh log's rows older than `before`, oldest first, walking the rowid
-/// (the log has no index on `at`, migration 7): each chunk is the log's first 10,000 rows,
-/// and its rows stamped before `before` go. No row goes before its time, and a row stamped
-/// ahead (a clock that was fast, then set back) stays without holding back the older rows
-/// written after it; only 10,000 such rows at the log's start would stop a prune until
-/// their time.
+/// (the log has no index on `at`, migration 7) 10,000 rows at a time: each stretch loses
+/// its rows stamped before `before`, and the walk ends at a stretch with none. No row goes
+/// before its time, and rows stamped ahead (a clock that was fast, then set back) neither
+/// hold back the older rows written after them nor are read again for each stretch.
 pub fn prune_log(conn: &Connection, before: i64) -> Result<usize, StoreError> {
-    // In chunks, so a large backlog never holds the write lock for long.
-    let mut total = 0;
+    prune_log_in_stretches(conn, before).map(|(deleted, _)| deleted)
+}
+
+/// `prune_log`, and how many stretches it walked.
+pub(super) fn prune_log_in_stretches(
+    conn: &Connection,
+    before: i64,
+) -> Result<(usize, usize), StoreError> {
+    const STRETCH: i64 = 10_000;
+    let ctx = "prune refresh log";
+    // Each stretch is its own statement, so a large backlog never holds the write lock
+    // for long.
+    let (mut total, mut stretches, mut after) = (0, 0, 0_i64);
     loop {
-        let n = conn
+        let last: Option<i64> = conn
             .prepare_cached(
-                "DELETE FROM refresh_log WHERE at < ?1
-                   AND id IN (SELECT id FROM refresh_log ORDER BY id LIMIT 10000)",
+                "SELECT MAX(id) FROM
+                    (SELECT id FROM refresh_log WHERE id > ?1 ORDER BY id LIMIT ?2)",
             )
-            .and_then(|mut s| s.execute([before]))
-            .map_err(sql_err("prune refresh log"))?;
+            .and_then(|mut s| s.query_row(params![after, STRETCH], |r| r.get(0)))
+            .map_err(sql_err(ctx))?;
+        let Some(last) = last else {
+            return Ok((total, stretches));
+        };
+        stretches += 1;
+        let n = conn
+            .prepare_cached("DELETE FROM refresh_log WHERE id > ?1 AND id <= ?2 AND at < ?3")
+            .and_then(|mut s| s.execute(params![after, last, before]))
+            .map_err(sql_err(ctx))?;
         total += n;
         if n == 0 {
-            return Ok(total);
+            return Ok((total, stretches));
         }
+        after = last;
     }
 }
 

@@ -107,8 +107,10 @@ CREATE INDEX accounts_apps ON accounts (id) WHERE grant_type = 'client_credentia
 "#,
     // 7: the refresh log's `at` index goes: one b-tree insert less per refresh, on the
     // writer every refresh waits for. Its rowid grows with `at` (the processes sharing a
-    // file stamp both from one host's clock, in commit order), so the newest rows and the
-    // prune walk the rowid instead (`queries::recent_outcomes`, `queries::prune_log`).
+    // file stamp both from one host's clock, in commit order; a log brought over by `store
+    // copy` keeps its ids, and mostly their order), so the newest rows and the prune walk
+    // the rowid instead (`queries::recent_outcomes`, `queries::prune_log`); the prune still
+    // compares each row's `at`, so an id out of order only delays a row's turn.
     r#"
 DROP INDEX IF EXISTS refresh_log_at;
 "#,
@@ -219,6 +221,33 @@ mod tests {
             3_000
         );
         assert_eq!(count(&c, "SELECT at FROM refresh_log"), 1_000_000);
+    }
+
+    /// Rows stamped ahead at the log's start are read once, not again for every stretch:
+    /// 9,990 of them before 50,000 old rows take 7 stretches (each its own statement),
+    /// where re-reading them made each stretch delete 10 rows (5,000 stretches).
+    #[test]
+    fn rows_stamped_ahead_at_the_logs_start_are_walked_past_once() {
+        let mut c = Connection::open_in_memory().unwrap();
+        migrate(&mut c).unwrap();
+        c.execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 59989)
+             INSERT INTO refresh_log (account_id, at, outcome)
+                 SELECT 1, CASE WHEN i < 9990 THEN 1000000 ELSE i END, 'rotated' FROM n;",
+        )
+        .unwrap();
+        let (deleted, stretches) =
+            crate::store::sqlite::queries::prune_log_in_stretches(&c, 500_000).unwrap();
+        assert_eq!(deleted, 50_000);
+        assert!(stretches <= 7, "{stretches} stretches");
+        let left: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM refresh_log WHERE at = 1000000",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(left, 9_990);
     }
 
     #[test]
