@@ -116,13 +116,14 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// Paused time: a wait that never ends times out at once.
     const SOON: Duration = Duration::from_millis(50);
     /// A due second's wake-up, as `policy::wake_for_due` without the lead.
     fn at_ms(t: i64) -> i64 {
         t * 1000
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_rotation_due_after_the_wake_up_lets_the_idle_loop_sleep() {
         let f = Arc::new(InFlight::default());
         f.looking();
@@ -132,7 +133,7 @@ mod tests {
         assert!(waited.is_err(), "due two hours on: no need to look");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn an_account_due_before_the_wake_up_or_unknown_makes_the_loop_look_again() {
         let f = Arc::new(InFlight::default());
         f.looking();
@@ -157,7 +158,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn an_end_while_the_loop_sleeps_wakes_it_and_looking_forgets_earlier_ends() {
         let f = Arc::new(InFlight::default());
         drop(f.start());

@@ -4,7 +4,7 @@
 
 use super::{
     BACKOFF_BASE, BACKOFF_MAX, DAY, HOUR, access_token, all_due_at, config_with, engine, lease,
-    outcomes, refresh_token, run_once, spawn_run, wait_until_idle,
+    outcomes, refresh_token, run_once, spawn_run,
 };
 use crate::helpers::{self, TestApp, account};
 use refreshd::config::Config;
@@ -473,11 +473,12 @@ async fn invalid_grant_after_a_lost_answer_names_the_crash_window() {
 async fn a_retry_is_sent_at_its_time_while_another_request_still_hangs() {
     let app = TestApp::start(SandboxConfig::default()).await;
     let server = MockServer::start().await;
-    // Of the two first requests, one fails at once and the other hangs (30 s of real time,
-    // past the test's end); what comes after answers at once.
+    // Of the two first requests, one fails after half a second, once the loop has found
+    // nothing more due and sleeps, and the other hangs (30 s of real time, past the test's
+    // end); what comes after answers at once.
     Mock::given(method("POST"))
         .and(path(TOKEN_PATH))
-        .respond_with(ResponseTemplate::new(503))
+        .respond_with(ResponseTemplate::new(503).set_delay(Duration::from_millis(500)))
         .up_to_n_times(1)
         .mount(&server)
         .await;
@@ -521,9 +522,8 @@ async fn a_retry_is_sent_at_its_time_while_another_request_still_hangs() {
         }
     }
     assert!(retry_at < i64::MAX, "one account failed once");
-    // The loop looks again after the failure, finds the retry not yet due, and sleeps
-    // until it is: only then does the manual clock reach it.
-    wait_until_idle(&engine, &app.clock).await;
+    // The failure was stored after the loop went to sleep (its next wake-up at
+    // refresh.max_idle): only the failure's end can tell it the retry is due sooner.
     app.clock.set(retry_at);
     let sent = || async { server.received_requests().await.unwrap_or_default().len() >= 3 };
     assert!(
