@@ -4,8 +4,7 @@
 use crate::harness::Bench;
 use crate::plots::ScalePoint;
 use crate::procs::{self, Finished, MIB};
-use crate::report::Scale;
-use crate::report::{median, thousands};
+use crate::report::{Scale, median, thousands};
 use anyhow::{Result, bail};
 use refreshd::clock::Clock;
 use refreshd::config::Config;

@@ -5,8 +5,7 @@
 use crate::harness::Bench;
 use crate::plots::ConcurrencyPoint;
 use crate::procs::{self, CpuTimes, MIB};
-use crate::report::Scale;
-use crate::report::median;
+use crate::report::{Scale, median};
 use anyhow::{Context, Result};
 use refreshd::clock::Clock;
 use refreshd::config::Config;

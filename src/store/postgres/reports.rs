@@ -46,7 +46,8 @@ pub async fn log_entries(
 
 /// The newest `limit` rows of the whole refresh log, newest first, with their accounts
 /// (the primary key read backwards: bounded at any table size). Newest means written last,
-/// as on SQLite, even when a clock stepped back between two writes.
+/// as on SQLite, even when a clock stepped back between two writes; across replicas, whose
+/// ids come from one sequence in an order their commits need not follow, nearly so.
 pub async fn recent_outcomes(
     client: &impl GenericClient,
     limit: usize,
