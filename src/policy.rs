@@ -255,14 +255,25 @@ pub fn wake_for_due(next_due: i64, now_ms: i64) -> i64 {
     if early > now_ms { early } else { at }
 }
 
-/// Whether a provider with `free` of its `concurrency` claim slots free is worth a claim
-/// while refreshes are in flight: once a quarter of them are (at least one). Every claim
-/// walks past the accounts in flight (due, leased) in the due index, and each one that
-/// joins a group commit is a statement more on the store's one writer: claiming after each
-/// finished refresh costs more than the refresh, and after an eighth of the slots the
-/// walk still cost the SQLite writer a tenth of its time in a burst.
+/// Whether a provider with room for `free` more claims, of its `concurrency` slots, is worth
+/// a claim while refreshes are in flight: once that is a quarter of them (at least one).
+/// Every claim walks past the accounts in flight (due, leased) in the due index, and each
+/// one that joins a group commit is a statement more on the store's one writer: claiming
+/// after each finished refresh costs more than the refresh, and after an eighth of the
+/// slots the walk still cost the SQLite writer a tenth of its time in a burst.
 pub fn worth_claiming(free: usize, concurrency: usize) -> bool {
     free >= (concurrency / 4).max(1)
+}
+
+/// How many refreshes of a provider with `concurrency` slots may be claimed at once: its
+/// slots, and as many again claimed ahead, waiting for a slot. A claim is answered only
+/// once its transaction is durable, after the group commit it joins, which takes longer
+/// than a request to a fast provider: claiming only into free slots left most of them
+/// idle meanwhile (in a burst at 128, about 30 requests at the provider on average). The
+/// accounts claimed ahead hold their leases and no slot: they are sent as slots free up,
+/// so the slots, not the claims, still bound the requests in flight.
+pub fn claim_depth(concurrency: usize) -> usize {
+    concurrency.max(1).saturating_mul(2)
 }
 
 /// The refresh token's end after a refresh, by the profile's TTL rule: a fixed TTL never
@@ -313,6 +324,17 @@ mod tests {
         assert!(!worth_claiming(0, 3), "at least one free slot");
         assert!(worth_claiming(1, 3));
         assert!(worth_claiming(1, 1));
+    }
+
+    #[test]
+    fn a_provider_claims_as_many_again_as_its_slots_ahead() {
+        assert_eq!(claim_depth(128), 256);
+        assert_eq!(claim_depth(1), 2);
+        assert_eq!(claim_depth(0), 2, "a provider always has a slot");
+        assert!(
+            worth_claiming(claim_depth(128) / 4, 128),
+            "a quarter of the slots"
+        );
     }
 
     #[test]

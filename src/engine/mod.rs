@@ -57,8 +57,8 @@ const ONCE_POLL: Duration = Duration::from_millis(20);
 
 /// What a refresh task holds or must still get before it may send its request.
 struct Gate {
-    /// This provider's claim slot, when one was free at claim time.
-    slot: Option<OwnedSemaphorePermit>,
+    /// Its room among this provider's claims, when there was some at claim time.
+    claimed: Option<OwnedSemaphorePermit>,
     /// The global concurrency cap (refresh.concurrency).
     permits: Arc<Semaphore>,
     /// Unix time the claim's lease ends.
@@ -68,6 +68,14 @@ struct Gate {
     /// the same account by this process.
     owner: String,
 }
+
+/// What a request holds until its answer is in: its claim's room, its provider's slot and
+/// a global permit.
+type Turn = (
+    OwnedSemaphorePermit,
+    OwnedSemaphorePermit,
+    OwnedSemaphorePermit,
+);
 
 #[derive(Clone)]
 pub struct Engine {
@@ -162,14 +170,15 @@ impl Engine {
                 permits = Arc::new(Semaphore::new(settings.config.refresh.concurrency));
             }
             let cfg = &settings.config;
-            // Claims are bounded by each provider's slots, not by the global permits: a
-            // provider that is throttled or stalled holds its own slots only, and its
-            // accounts are not claimed until one frees up.
+            // Claims are bounded by each provider's room (its slots and as many claimed
+            // ahead, `policy::claim_depth`), not by the global permits: a provider that is
+            // throttled or stalled holds its own room only, and its accounts are not claimed
+            // until some frees up.
             let mut skip = settings.providers.saturated();
             skip.extend(self.held_providers());
-            let free = settings.providers.free_slots();
-            // While refreshes are in flight, claim only once a few slots are free (see
-            // `worth_claiming`); each one that ends wakes the loop.
+            let free = settings.providers.claim_room();
+            // While refreshes are in flight, claim only once a quarter of a provider's
+            // slots is free (see `worth_claiming`); each one that ends wakes the loop.
             let wait_for_slots = !tracker.is_empty() && !settings.providers.worth_claiming();
             if (free == 0 || wait_for_slots) && !settings.providers.is_empty() {
                 if once && tracker.is_empty() {
@@ -308,12 +317,12 @@ impl Engine {
                 continue;
             }
             for account in claimed {
-                // A slot now if one is free; otherwise the task waits for one (holding no
+                // Room now if there is some; otherwise the task waits for it (holding no
                 // global permit) and the provider counts as saturated meanwhile.
-                let slot = settings
+                let claimed = settings
                     .providers
                     .get(&account.provider)
-                    .and_then(|p| p.try_slot());
+                    .and_then(|p| p.try_claim());
                 let this = self.clone();
                 let settings = settings.clone();
                 let shutdown = shutdown.clone();
@@ -328,7 +337,7 @@ impl Engine {
                 tracker.spawn(
                     async move {
                         let gate = Gate {
-                            slot,
+                            claimed,
                             permits,
                             lease_until,
                             owner,
@@ -390,7 +399,7 @@ impl Engine {
         shutdown: &CancellationToken,
     ) -> Option<i64> {
         let Gate {
-            slot,
+            claimed,
             permits,
             lease_until,
             owner,
@@ -434,7 +443,7 @@ impl Engine {
         }
         let last_send_at = decide::last_send_at(lease_until, cfg.refresh.request_timeout);
         let Some(turn) = self
-            .wait_turn(provider, slot, permits, last_send_at, shutdown)
+            .wait_turn(provider, claimed, permits, last_send_at, shutdown)
             .await
         else {
             self.release(&account, owner).await;
@@ -458,9 +467,10 @@ impl Engine {
         let started = Instant::now();
         let result = provider.renew(credential, self.clock.now()).await;
         // The answer is in: the provider's slot and the global permit bound requests in
-        // flight, so they go back now rather than after the durable commit (which waits
-        // for a group and its fsync). The lease stays until the outcome is recorded, and
-        // `durability_allows` bounds the answers still waiting to be stored.
+        // flight, so they go back now, with the claim's room, rather than after the durable
+        // commit (which waits for a group and its fsync). The lease stays until the
+        // outcome is recorded, and `durability_allows` bounds the answers still waiting to
+        // be stored.
         drop(turn);
         // At least 1: 0 means "nothing was sent", and a loopback answer can take under 1 ms.
         let duration_ms = (started.elapsed().as_millis() as i64).max(1);
@@ -501,28 +511,36 @@ impl Engine {
         due_again.filter(|_| recorded == Some(Recorded::Applied))
     }
 
-    /// Waits for the provider's claim slot, its rate limit, then a global permit, in that
-    /// order, so waiting on one provider never holds a permit another provider's refresh
-    /// could use. None when shutdown comes first, or when the waits (a throttled provider)
-    /// reach `last_send_at`: a request must never be sent with a lease that could end
-    /// before its answer is stored, or another claim could refresh the account too.
+    /// Waits for the provider's claim room, one of its slots, its rate limit, then a global
+    /// permit, in that order, so waiting on one provider never holds a permit another
+    /// provider's refresh could use. None when shutdown comes first, or when the waits (a
+    /// throttled provider) reach `last_send_at`: a request must never be sent with a lease
+    /// that could end before its answer is stored, or another claim could refresh the
+    /// account too.
     async fn wait_turn(
         &self,
         provider: &Provider,
-        slot: Option<OwnedSemaphorePermit>,
+        claimed: Option<OwnedSemaphorePermit>,
         permits: Arc<Semaphore>,
         last_send_at: i64,
         shutdown: &CancellationToken,
-    ) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+    ) -> Option<Turn> {
         let give_up_at = last_send_at.saturating_mul(1000);
-        let slot = match slot {
-            Some(s) => s,
+        let claimed = match claimed {
+            Some(c) => c,
             None => tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return None,
-                s = provider.slot() => s,
+                c = provider.claim() => c,
                 _ = self.clock.sleep_until_millis(give_up_at) => return None,
             },
+        };
+        // Claimed ahead: the account waits here for a request of this provider to end.
+        let slot = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            s = provider.slot() => s,
+            _ = self.clock.sleep_until_millis(give_up_at) => return None,
         };
         tokio::select! {
             biased;
@@ -536,7 +554,7 @@ impl Engine {
             p = permits.acquire_owned() => p.expect("semaphore is never closed"),
             _ = self.clock.sleep_until_millis(give_up_at) => return None,
         };
-        Some((slot, permit))
+        Some((claimed, slot, permit))
     }
 
     /// Gives the lease back at once, rather than letting it lapse, which the next claim

@@ -1,7 +1,8 @@
 //! Providers: the HTTP client of token endpoints, one `Provider` per `[providers.NAME]`
 //! table. A provider builds the request of its profile, sends it under its own rate limit
-//! and claim slots with a timeout and a response-size cap, and reads the answer into tokens
-//! or a failure (see docs/src/failures.md).
+//! and slots (requests in flight; accounts claimed ahead wait for one) with a timeout and a
+//! response-size cap, and reads the answer into tokens or a failure (see
+//! docs/src/failures.md).
 //!
 //! The pure parts beside it: `profile.rs` (the profile type: requests, error classes),
 //! `builtin.rs` (the built-in profiles as data), `response.rs` (answers -> tokens or a
@@ -55,9 +56,12 @@ pub struct Provider {
     refresh_url: Option<url::Url>,
     http: reqwest::Client,
     limiter: DefaultDirectRateLimiter,
-    /// Refreshes of this provider claimed or in flight: a stalled provider can hold only
-    /// these, never every global permit.
+    /// Requests of this provider in flight: a stalled provider can hold only these, never
+    /// every global permit.
     slots: Arc<Semaphore>,
+    /// Refreshes of this provider claimed and not answered yet (`policy::claim_depth`):
+    /// those in flight and those claimed ahead, waiting for a slot.
+    claims: Arc<Semaphore>,
     concurrency: usize,
     max_body: usize,
 }
@@ -128,6 +132,7 @@ impl Provider {
             http,
             limiter: RateLimiter::direct(Quota::per_minute(per_minute).allow_burst(burst)),
             slots: Arc::new(Semaphore::new(concurrency)),
+            claims: Arc::new(Semaphore::new(crate::policy::claim_depth(concurrency))),
             concurrency,
             max_body: config.refresh.max_response_bytes,
         })
@@ -146,12 +151,26 @@ impl Provider {
         self.limiter.until_ready().await;
     }
 
-    /// A claim slot without waiting, if one is free.
-    pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
-        self.slots.clone().try_acquire_owned().ok()
+    /// Room for one more claimed refresh without waiting, if there is some.
+    pub fn try_claim(&self) -> Option<OwnedSemaphorePermit> {
+        self.claims.clone().try_acquire_owned().ok()
     }
 
-    /// Waits for a claim slot.
+    /// Waits for room for one more claimed refresh.
+    pub async fn claim(&self) -> OwnedSemaphorePermit {
+        self.claims
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("claims are never closed")
+    }
+
+    /// How many more refreshes may be claimed now (`policy::claim_depth`).
+    pub fn claim_room(&self) -> usize {
+        self.claims.available_permits()
+    }
+
+    /// Waits for a slot: one request in flight.
     pub async fn slot(&self) -> OwnedSemaphorePermit {
         self.slots
             .clone()
@@ -160,7 +179,7 @@ impl Provider {
             .expect("slots are never closed")
     }
 
-    /// Free claim slots.
+    /// Free slots: requests that may be sent now.
     pub fn free_slots(&self) -> usize {
         self.slots.available_permits()
     }
@@ -601,26 +620,26 @@ impl Providers {
         Ok(Providers(map))
     }
 
-    /// Providers with no free claim slot: the engine does not claim their accounts.
+    /// Providers with no room for another claim: the engine does not claim their accounts.
     pub fn saturated(&self) -> Vec<String> {
         self.0
             .iter()
-            .filter(|(_, p)| p.free_slots() == 0)
+            .filter(|(_, p)| p.claim_room() == 0)
             .map(|(k, _)| k.clone())
             .collect()
     }
 
-    /// Whether some provider has enough claim slots free to be worth a claim while
-    /// refreshes are in flight (`policy::worth_claiming`).
+    /// Whether some provider has room enough to be worth a claim while refreshes are in
+    /// flight (`policy::worth_claiming`: a quarter of its slots).
     pub fn worth_claiming(&self) -> bool {
         self.0
             .values()
-            .any(|p| crate::policy::worth_claiming(p.free_slots(), p.concurrency()))
+            .any(|p| crate::policy::worth_claiming(p.claim_room(), p.concurrency()))
     }
 
-    /// Free claim slots over all providers.
-    pub fn free_slots(&self) -> usize {
-        self.0.values().map(|p| p.free_slots()).sum()
+    /// Room for claims over all providers.
+    pub fn claim_room(&self) -> usize {
+        self.0.values().map(|p| p.claim_room()).sum()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -77,7 +77,7 @@ pub struct ProviderRow {
     pub health: ProviderHealth,
     /// Token requests per minute, and the burst above it.
     pub rate_limit: Option<(u32, u32)>,
-    /// (free, all) claim slots.
+    /// (free, all) slots: requests that may be sent now, of all.
     pub slots: Option<(usize, usize)>,
 }
 

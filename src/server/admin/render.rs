@@ -175,7 +175,7 @@ fn providers(rows: &[ProviderRow], now: i64) -> Markup {
         "Circuit",
         "Configuration",
         "Rate limit",
-        "Claim slots free",
+        "Slots free",
     ]);
     let body = html! {
         @for p in rows {

@@ -1,11 +1,11 @@
 //! Several engines or processes on one database: leases keep one account to one refresh, a
 //! rotation by another process is not a re-authorization, and a claim waiting on the rate
-//! limit gives its lease back in time, and a global permit bounds requests in flight, not
-//! answers waiting to be stored.
+//! limit gives its lease back in time, a global permit bounds requests in flight, not
+//! answers waiting to be stored, and accounts claimed ahead wait for a provider's slot.
 
 use super::{
-    INTERVAL, access_token, all_due_at, config_with, engine, import_users, outcomes, refresh_token,
-    spawn_run,
+    INTERVAL, access_token, all_due_at, config_with, engine, import_users, lease, outcomes,
+    refresh_token, spawn_run,
 };
 use crate::helpers::{self, TestApp, account};
 use refreshd::model::{ReauthReason, Status, TokenSet};
@@ -317,4 +317,57 @@ async fn a_permit_goes_back_when_the_answer_is_in_not_when_it_is_stored() {
     assert!(helpers::eventually(5, || async { stats.snapshot().rotated == 2 }).await);
     shutdown.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// A provider's slots bound its requests in flight, while as many accounts again are
+/// claimed ahead, leased and waiting for a slot (`policy::claim_depth`): a claim is answered
+/// only once its transaction is durable, and claiming only into free slots left them idle
+/// meanwhile. Nothing past the depth is claimed, and every account is refreshed once.
+#[tokio::test]
+async fn accounts_claimed_ahead_wait_for_a_slot_and_never_raise_the_requests_in_flight() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = config_with(
+        &app,
+        &app.sandbox.token_url(),
+        &[("refresh", "concurrency", 2.into())],
+    );
+    let store = app.store().await;
+    let names = ["d1", "d2", "d3", "d4", "d5"];
+    let ids = app.import(&store, &config, &names, None).await;
+    app.clock.set(all_due_at(&store, &ids).await);
+    // Slow answers: the first two requests stay in flight while the test looks.
+    app.sandbox.set_faults(Faults {
+        slow: 1.0,
+        slow_delay: Duration::from_millis(500),
+        ..Faults::default()
+    });
+    let (engine, _tx) = engine(&store, &app.clock, &config);
+    let shutdown = CancellationToken::new();
+    let task = spawn_run(&engine, &shutdown);
+    let leased = || async {
+        let mut n = 0;
+        for &id in &ids {
+            n += usize::from(lease(&store, id).await.0.is_some());
+        }
+        n
+    };
+    assert!(
+        helpers::eventually(5, || async { leased().await == 4 }).await,
+        "two in flight and two claimed ahead"
+    );
+    let sb = &app.sandbox;
+    assert!(helpers::eventually(5, || async move { sb.stats().requests >= 2 }).await);
+    assert_eq!(
+        (sb.stats().requests, engine.stats().snapshot().rotated),
+        (2, 0),
+        "the accounts claimed ahead wait for a slot: no answer is in yet"
+    );
+    let stats = engine.stats();
+    assert!(helpers::eventually(10, || async { stats.snapshot().rotated == 5 }).await);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!((sb.stats().requests, sb.stats().reuse_rejected), (5, 0));
+    for &id in &ids {
+        assert_eq!(account(&store, id).await.generation, 1, "account {id}");
+    }
 }
