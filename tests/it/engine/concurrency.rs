@@ -338,7 +338,7 @@ async fn accounts_claimed_ahead_wait_for_a_slot_and_never_raise_the_requests_in_
     // Slow answers: the first two requests stay in flight while the test looks.
     app.sandbox.set_faults(Faults {
         slow: 1.0,
-        slow_delay: Duration::from_millis(500),
+        slow_delay: Duration::from_secs(1),
         ..Faults::default()
     });
     let (engine, _tx) = engine(&store, &app.clock, &config);
@@ -363,7 +363,7 @@ async fn accounts_claimed_ahead_wait_for_a_slot_and_never_raise_the_requests_in_
         "the accounts claimed ahead wait for a slot: no answer is in yet"
     );
     let stats = engine.stats();
-    assert!(helpers::eventually(10, || async { stats.snapshot().rotated == 5 }).await);
+    assert!(helpers::eventually(20, || async { stats.snapshot().rotated == 5 }).await);
     shutdown.cancel();
     task.await.unwrap().unwrap();
     assert_eq!((sb.stats().requests, sb.stats().reuse_rejected), (5, 0));
