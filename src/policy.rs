@@ -265,15 +265,27 @@ pub fn worth_claiming(free: usize, concurrency: usize) -> bool {
     free >= (concurrency / 4).max(1)
 }
 
+/// How long before a lease ends its request must be sent: the request's timeout and 5 s to
+/// store its answer must still fit, or another claim could refresh the account too.
+pub fn answer_margin(request_timeout: Duration) -> Duration {
+    request_timeout + Duration::from_secs(5)
+}
+
 /// How many refreshes of a provider with `concurrency` slots may be claimed at once: its
-/// slots, and as many again claimed ahead, waiting for a slot. A claim is answered only
-/// once its transaction is durable, after the group commit it joins, which takes longer
-/// than a request to a fast provider: claiming only into free slots left most of them
-/// idle meanwhile (in a burst at 128, about 30 requests at the provider on average). The
-/// accounts claimed ahead hold their leases and no slot: they are sent as slots free up,
-/// so the slots, not the claims, still bound the requests in flight.
-pub fn claim_depth(concurrency: usize) -> usize {
-    concurrency.max(1).saturating_mul(2)
+/// slots, and up to as many again claimed ahead, waiting for a slot. A claim is answered
+/// only once its transaction is durable, after the group commit it joins, which takes
+/// longer than a request to a fast provider: claiming only into free slots left most of
+/// them idle meanwhile (in a burst at 128, about 30 requests at the provider on average).
+/// The accounts claimed ahead hold their leases and no slot: they are sent as slots free
+/// up, so the slots, not the claims, still bound the requests in flight. A throttled
+/// provider claims ahead no more than its rate limit (`per_minute`) sends in half of
+/// `send_window` (a lease less its `answer_margin`), so accounts claimed ahead are sent
+/// long before their leases would make them give up.
+pub fn claim_depth(concurrency: usize, per_minute: u32, send_window: Duration) -> usize {
+    let slots = concurrency.max(1);
+    let sendable = u64::from(per_minute).saturating_mul(send_window.as_secs()) / 120;
+    let ahead = usize::try_from(sendable).unwrap_or(usize::MAX).min(slots);
+    slots.saturating_add(ahead)
 }
 
 /// The refresh token's end after a refresh, by the profile's TTL rule: a fixed TTL never
@@ -328,12 +340,31 @@ mod tests {
 
     #[test]
     fn a_provider_claims_as_many_again_as_its_slots_ahead() {
-        assert_eq!(claim_depth(128), 256);
-        assert_eq!(claim_depth(1), 2);
-        assert_eq!(claim_depth(0), 2, "a provider always has a slot");
+        let window = Duration::from_secs(280); // the default lease less its margin
+        assert_eq!(claim_depth(128, 600, window), 256);
+        assert_eq!(claim_depth(1, 600, window), 2);
+        assert_eq!(
+            claim_depth(0, 600, window),
+            2,
+            "a provider always has a slot"
+        );
         assert!(
-            worth_claiming(claim_depth(128) / 4, 128),
+            worth_claiming(claim_depth(128, 600, window) / 4, 128),
             "a quarter of the slots"
+        );
+    }
+
+    #[test]
+    fn a_throttled_provider_claims_ahead_only_what_half_the_lease_sends() {
+        let window = Duration::from_secs(280);
+        // 6 a minute: 14 in 140 s.
+        assert_eq!(claim_depth(32, 6, window), 32 + 14);
+        // Too slow to send even one in half the window: no claim ahead.
+        assert_eq!(claim_depth(32, 0, window), 32);
+        assert_eq!(claim_depth(32, 600, Duration::ZERO), 32);
+        assert_eq!(
+            answer_margin(Duration::from_secs(15)),
+            Duration::from_secs(20)
         );
     }
 

@@ -292,9 +292,10 @@ pub struct ProviderConfig {
     pub rate_limit: u32,
     #[serde(default = "default_burst")]
     pub burst: u32,
-    /// Most refreshes of this provider claimed or in flight at once (default: 3/4 of
-    /// refresh.concurrency when several providers are enabled, so a stalled one leaves
-    /// room for the others; all of it when this is the only one).
+    /// Most requests of this provider in flight at once, with up to as many again claimed
+    /// ahead (`policy::claim_depth`) (default: 3/4 of refresh.concurrency when several
+    /// providers are enabled, so a stalled one leaves room for the others; all of it when
+    /// this is the only one).
     #[serde(default)]
     pub concurrency: Option<usize>,
     /// The provider's authorization page (`refreshd connect`, `authorize-url`).

@@ -204,10 +204,9 @@ pub fn before_request<'a, P>(
 }
 
 /// The last moment (unix seconds) a request may be sent under a lease ending at
-/// `lease_until`: the request's timeout and 5 s to store its answer must still fit, or
-/// another claim could refresh the account too.
+/// `lease_until` (`policy::answer_margin`).
 pub fn last_send_at(lease_until: i64, request_timeout: Duration) -> i64 {
-    let needed = (request_timeout + Duration::from_secs(5)).as_secs() as i64;
+    let needed = policy::answer_margin(request_timeout).as_secs() as i64;
     lease_until.saturating_sub(needed)
 }
 

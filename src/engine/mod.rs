@@ -77,6 +77,14 @@ type Turn = (
     OwnedSemaphorePermit,
 );
 
+/// Why a refresh stopped waiting for its turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Shutdown,
+    /// Its lease would end before an answer sent now could be stored.
+    Deadline,
+}
+
 #[derive(Clone)]
 pub struct Engine {
     store: Store,
@@ -176,10 +184,10 @@ impl Engine {
             // until some frees up.
             let mut skip = settings.providers.saturated();
             skip.extend(self.held_providers());
-            let free = settings.providers.claim_room();
-            // While refreshes are in flight, claim only once a quarter of a provider's
-            // slots is free (see `worth_claiming`); each one that ends wakes the loop.
-            let wait_for_slots = !tracker.is_empty() && !settings.providers.worth_claiming();
+            let free = settings.providers.claim_room(&skip);
+            // While refreshes are in flight, claim only once there is room for a quarter of
+            // a provider's slots (see `worth_claiming`); each one that ends wakes the loop.
+            let wait_for_slots = !tracker.is_empty() && !settings.providers.worth_claiming(&skip);
             if (free == 0 || wait_for_slots) && !settings.providers.is_empty() {
                 if once && tracker.is_empty() {
                     break;
@@ -189,10 +197,19 @@ impl Engine {
                 } else {
                     cfg.refresh.max_idle
                 };
+                // A held provider's room does not count: its circuit's next probe is a
+                // time to look again.
+                let probe = async {
+                    match self.next_probe() {
+                        Some(at) => self.clock.sleep_until_millis(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     _ = self.in_flight.one_ended() => {}
                     _ = tokio::time::sleep(wait) => {}
+                    _ = probe => {}
                     _ = shutdown.cancelled() => break,
                 }
                 continue;
@@ -295,8 +312,8 @@ impl Engine {
                 // Nothing due: a refresh that ends makes the loop look again only if its
                 // account is due before this wake-up (a retry, an account given back) or
                 // its next due time is unknown, not after each rotation (`in_flight.rs`);
-                // while a provider's slots are full, its accounts wait for the first to
-                // free one.
+                // while a provider has no room for claims, its accounts wait for the first
+                // refresh of it to end.
                 let skipped = !skip.is_empty();
                 let refreshes_end = async {
                     match skipped {
@@ -442,23 +459,44 @@ impl Engine {
             }
         }
         let last_send_at = decide::last_send_at(lease_until, cfg.refresh.request_timeout);
-        let Some(turn) = self
+        let waited = self
             .wait_turn(provider, claimed, permits, last_send_at, shutdown)
-            .await
-        else {
-            self.release(&account, owner).await;
-            return None;
-        };
-        if self.clock.now() > last_send_at {
+            .await;
+        let lease_too_short = || {
             tracing::debug!(
                 event = "lease_too_short",
                 account = account.id,
                 "lease would expire during the request; giving it back"
             );
-            self.release(&account, owner).await;
-            return None;
-        }
-        if !self.circuit_admits(&account) {
+        };
+        let turn = match waited {
+            Ok(turn) => turn,
+            Err(stop) => {
+                if stop == Stop::Deadline {
+                    lease_too_short();
+                }
+                self.release(&account, owner).await;
+                return None;
+            }
+        };
+        // Checked again now, not only at the claim: the account may have waited for a
+        // slot since. The circuit last, since it may make this request its probe.
+        let send = if self.clock.now() > last_send_at {
+            lease_too_short();
+            false
+        } else if !self.store.may_send() {
+            tracing::debug!(
+                event = "send_withheld",
+                account = account.id,
+                "the store cannot hold this lease or a rotated token now; giving it back"
+            );
+            false
+        } else {
+            self.circuit_admits(&account)
+        };
+        if !send {
+            // Giving back waits for a commit: the slot and the permit go first.
+            drop(turn);
             self.release(&account, owner).await;
             return None;
         }
@@ -513,7 +551,7 @@ impl Engine {
 
     /// Waits for the provider's claim room, one of its slots, its rate limit, then a global
     /// permit, in that order, so waiting on one provider never holds a permit another
-    /// provider's refresh could use. None when shutdown comes first, or when the waits (a
+    /// provider's refresh could use. Stops when shutdown comes first, or when the waits (a
     /// throttled provider) reach `last_send_at`: a request must never be sent with a lease
     /// that could end before its answer is stored, or another claim could refresh the
     /// account too.
@@ -524,37 +562,37 @@ impl Engine {
         permits: Arc<Semaphore>,
         last_send_at: i64,
         shutdown: &CancellationToken,
-    ) -> Option<Turn> {
+    ) -> Result<Turn, Stop> {
         let give_up_at = last_send_at.saturating_mul(1000);
         let claimed = match claimed {
             Some(c) => c,
             None => tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return None,
+                _ = shutdown.cancelled() => return Err(Stop::Shutdown),
                 c = provider.claim() => c,
-                _ = self.clock.sleep_until_millis(give_up_at) => return None,
+                _ = self.clock.sleep_until_millis(give_up_at) => return Err(Stop::Deadline),
             },
         };
         // Claimed ahead: the account waits here for a request of this provider to end.
         let slot = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return Err(Stop::Shutdown),
             s = provider.slot() => s,
-            _ = self.clock.sleep_until_millis(give_up_at) => return None,
+            _ = self.clock.sleep_until_millis(give_up_at) => return Err(Stop::Deadline),
         };
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return Err(Stop::Shutdown),
             _ = provider.ready() => {}
-            _ = self.clock.sleep_until_millis(give_up_at) => return None,
+            _ = self.clock.sleep_until_millis(give_up_at) => return Err(Stop::Deadline),
         }
         let permit = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return Err(Stop::Shutdown),
             p = permits.acquire_owned() => p.expect("semaphore is never closed"),
-            _ = self.clock.sleep_until_millis(give_up_at) => return None,
+            _ = self.clock.sleep_until_millis(give_up_at) => return Err(Stop::Deadline),
         };
-        Some((claimed, slot, permit))
+        Ok((claimed, slot, permit))
     }
 
     /// Gives the lease back at once, rather than letting it lapse, which the next claim

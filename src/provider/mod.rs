@@ -94,6 +94,13 @@ pub fn http_client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
         .build()
 }
 
+/// `policy::claim_depth` of a provider under `config`'s lease.
+fn claim_depth(concurrency: usize, per_minute: NonZeroU32, config: &Config) -> usize {
+    let margin = crate::policy::answer_margin(config.refresh.request_timeout);
+    let send_window = config.store.lease.saturating_sub(margin);
+    crate::policy::claim_depth(concurrency, per_minute.get(), send_window)
+}
+
 impl Provider {
     pub fn new(
         name: &str,
@@ -132,7 +139,7 @@ impl Provider {
             http,
             limiter: RateLimiter::direct(Quota::per_minute(per_minute).allow_burst(burst)),
             slots: Arc::new(Semaphore::new(concurrency)),
-            claims: Arc::new(Semaphore::new(crate::policy::claim_depth(concurrency))),
+            claims: Arc::new(Semaphore::new(claim_depth(concurrency, per_minute, config))),
             concurrency,
             max_body: config.refresh.max_response_bytes,
         })
@@ -629,17 +636,25 @@ impl Providers {
             .collect()
     }
 
-    /// Whether some provider has room enough to be worth a claim while refreshes are in
-    /// flight (`policy::worth_claiming`: a quarter of its slots).
-    pub fn worth_claiming(&self) -> bool {
+    /// The providers whose accounts a claim may take: all but `skip`.
+    fn claimable<'a>(&'a self, skip: &'a [String]) -> impl Iterator<Item = &'a Provider> {
         self.0
-            .values()
+            .iter()
+            .filter(|(name, _)| !skip.contains(name))
+            .map(|(_, p)| p.as_ref())
+    }
+
+    /// Whether some provider outside `skip` has room enough to be worth a claim while
+    /// refreshes are in flight (`policy::worth_claiming`: a quarter of its slots).
+    pub fn worth_claiming(&self, skip: &[String]) -> bool {
+        self.claimable(skip)
             .any(|p| crate::policy::worth_claiming(p.claim_room(), p.concurrency()))
     }
 
-    /// Room for claims over all providers.
-    pub fn claim_room(&self) -> usize {
-        self.0.values().map(|p| p.claim_room()).sum()
+    /// Room for claims over the providers outside `skip` (a held provider's room would
+    /// size a claim that only the others' accounts fill).
+    pub fn claim_room(&self, skip: &[String]) -> usize {
+        self.claimable(skip).map(|p| p.claim_room()).sum()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -57,15 +57,21 @@ impl Health {
         ids
     }
 
-    /// Whether a new refresh may be sent: its rotated token must have somewhere durable to
-    /// go, and earlier answers must not be piling up in memory beyond `max_waiting`.
-    pub fn may_refresh(&self, max_waiting: usize) -> bool {
+    /// Whether a claimed account's request may be sent: its lease still holds (the store is
+    /// there, and on PostgreSQL this process still holds its liveness lock) and its rotated
+    /// token has somewhere durable to go.
+    pub fn may_send(&self) -> bool {
         self.lost().is_none()
             && !self.liveness_lost.load(Ordering::Relaxed)
             && self.volatile.lock().expect("not poisoned").is_empty()
             && (!self.store_failing.load(Ordering::Relaxed)
                 || self.recovery_ready.load(Ordering::Relaxed))
-            && self.waiting.load(Ordering::Relaxed) <= max_waiting
+    }
+
+    /// Whether new accounts may be claimed: `may_send`, and earlier answers are not piling
+    /// up in memory beyond `max_waiting`.
+    pub fn may_refresh(&self, max_waiting: usize) -> bool {
+        self.may_send() && self.waiting.load(Ordering::Relaxed) <= max_waiting
     }
 }
 

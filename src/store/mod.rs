@@ -169,6 +169,13 @@ impl Store {
         self.health.may_refresh(max_waiting)
     }
 
+    /// Whether a claimed account's request may still be sent, checked again just before it
+    /// goes (it may have waited for a slot since its claim): the lease holds and a rotated
+    /// token has somewhere durable to go.
+    pub fn may_send(&self) -> bool {
+        self.health.may_send()
+    }
+
     /// Where the start-up checks are (`open_gated`; any other open passed them).
     pub fn checks(&self) -> Checks {
         self.health.checks.state()

@@ -1,5 +1,6 @@
 //! A rotation the database refuses: it waits in the recovery file, is committed before the
-//! account is claimed again, and a run that ends with it still there fails and says so.
+//! account is claimed again, and a run that ends with it still there fails and says so; an
+//! account claimed ahead is not sent once the store cannot hold its result.
 
 use super::{access_token, config_with, engine, lease, outcomes, refresh_token, run_once};
 use crate::helpers::{self, TestApp, account};
@@ -226,4 +227,68 @@ async fn a_run_ending_with_a_rotation_only_in_the_recovery_file_fails_and_says_s
         app.sandbox.current_refresh_token("u1").as_deref(),
         Some(refresh_token(&account(&store, id).await))
     );
+}
+
+/// An account claimed ahead, waiting for its provider's slot, is checked again just before
+/// its request: once the store file is gone (its lease and a rotated token have nowhere to
+/// go), it is given back unsent instead of presenting its refresh token.
+#[tokio::test]
+async fn an_account_claimed_ahead_is_not_sent_once_the_store_is_gone() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = config_with(
+        &app,
+        &app.sandbox.token_url(),
+        &[
+            ("refresh", "concurrency", 8.into()),
+            ("providers.tiktok", "concurrency", 1.into()),
+        ],
+    );
+    let store = open_store(&app, config.store.busy_timeout).await;
+    let ids = app.import(&store, &config, &["g1", "g2"], None).await;
+    app.clock.set(super::all_due_at(&store, &ids).await);
+    // The first request hangs while the test removes the store file.
+    app.sandbox.set_faults(Faults {
+        slow: 1.0,
+        slow_delay: Duration::from_secs(3),
+        ..Faults::default()
+    });
+    let (engine, _tx) = engine(&store, &app.clock, &config);
+    let shutdown = CancellationToken::new();
+    let task = super::spawn_run(&engine, &shutdown);
+    let both_leased = || async {
+        let mut n = 0;
+        for &id in &ids {
+            n += usize::from(lease(&store, id).await.0.is_some());
+        }
+        n == 2
+    };
+    assert!(
+        helpers::eventually(5, both_leased).await,
+        "one sent, one claimed ahead"
+    );
+    let sb = &app.sandbox;
+    assert!(helpers::eventually(5, || async move { sb.stats().requests == 1 }).await);
+    std::fs::remove_file(&app.db).unwrap();
+    assert!(
+        helpers::eventually(5, || async { !store.may_send() }).await,
+        "the store notices its file is gone"
+    );
+    // The first answer frees the slot; the account waiting for it is given back.
+    let stats = engine.stats();
+    let given_back = || async {
+        let s = stats.snapshot();
+        s.released + s.record_errors >= 1
+    };
+    assert!(
+        helpers::eventually(10, given_back).await,
+        "{:?}",
+        stats.snapshot()
+    );
+    assert_eq!(
+        sb.stats().requests,
+        1,
+        "the account claimed ahead was not sent"
+    );
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 }
