@@ -419,3 +419,71 @@ async fn accounts_claimed_ahead_wait_for_a_slot_and_never_raise_the_requests_in_
         assert_eq!(account(&store, id).await.generation, 1, "account {id}");
     }
 }
+
+/// `--once` judges and sets leases by the real now, not by the second it started: a run
+/// longer than the lease (less the request's timeout and 5 s) otherwise claims accounts
+/// with leases already past their send deadline, gives each back (still due) and claims it
+/// again, without end. Here one slot, so two accounts are claimed at a time; while the
+/// first request hangs, 25 s pass: the account claimed with it is given back, and every
+/// later claim must still be able to send.
+#[tokio::test]
+async fn a_once_run_longer_than_the_lease_still_refreshes_every_account_once() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = config_with(
+        &app,
+        &app.sandbox.token_url(),
+        &[
+            ("refresh", "concurrency", 1.into()),
+            ("providers.tiktok", "concurrency", 1.into()),
+        ],
+    );
+    // The helpers' lease and request timeout: sends stop 10 s before a lease ends.
+    assert_eq!(
+        (config.store.lease, config.refresh.request_timeout),
+        (Duration::from_secs(30), Duration::from_secs(5))
+    );
+    let store = app.store().await;
+    let names = ["o1", "o2", "o3", "o4"];
+    let ids = app.import(&store, &config, &names, None).await;
+    let started = all_due_at(&store, &ids).await;
+    app.clock.set(started);
+    app.sandbox.set_faults(Faults {
+        slow: 1.0,
+        slow_delay: Duration::from_millis(300),
+        ..Faults::default()
+    });
+    let (engine, _tx) = engine(&store, &app.clock, &config);
+    let mut task = {
+        let e = engine.clone();
+        tokio::spawn(async move { e.run_due(CancellationToken::new()).await })
+    };
+    let sb = &app.sandbox;
+    assert!(helpers::eventually(5, || async move { sb.stats().requests >= 1 }).await);
+    // Past the send deadline of leases taken at `started` (started + 20 s), within the
+    // first one's lease (started + 30 s): its answer is stored as ever.
+    app.clock.set(started + 25);
+    let finished = tokio::time::timeout(Duration::from_secs(10), &mut task).await;
+    if finished.is_err() {
+        task.abort();
+    }
+    let s = sb.stats();
+    let done = engine.stats().snapshot();
+    assert!(
+        finished.is_ok(),
+        "--once never finished: {done:?}, provider {s:?}"
+    );
+    finished.unwrap().unwrap().unwrap();
+    assert_eq!(done.rotated, names.len() as u64, "{done:?}");
+    // The one claimed with the first account, at its send deadline; none claimed later.
+    assert_eq!(done.released, 1, "{done:?}");
+    assert_eq!(
+        (s.requests, s.refreshed, s.reuse_rejected),
+        (names.len() as u64, names.len() as u64, 0)
+    );
+    for &id in &ids {
+        let a = account(&store, id).await;
+        assert_eq!(a.generation, 1, "account {id}");
+        assert!(a.next_refresh_at > started + 25, "account {id}");
+        assert_eq!(lease(&store, id).await.0, None, "account {id}");
+    }
+}
