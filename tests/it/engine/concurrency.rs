@@ -1,7 +1,8 @@
 //! Several engines or processes on one database: leases keep one account to one refresh, a
 //! rotation by another process is not a re-authorization, and a claim waiting on the rate
 //! limit gives its lease back in time, a global permit bounds requests in flight, not
-//! answers waiting to be stored, and accounts claimed ahead wait for a provider's slot.
+//! answers waiting to be stored, accounts claimed ahead wait for a provider's slot, and a
+//! `--once` run longer than a lease still refreshes each account once.
 
 use super::{
     INTERVAL, access_token, all_due_at, config_with, engine, import_users, lease, outcomes,
