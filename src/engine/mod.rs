@@ -229,12 +229,16 @@ impl Engine {
             }
             let want = free.clamp(1, cfg.refresh.batch);
             // The continuous loop claims what falls due within the claim lead, so a
-            // second's accounts are sent as it begins; leases are judged by the real now.
+            // second's accounts are sent as it begins. Leases are judged and set by the
+            // real now in both modes: a --once run that outlasts a lease taken at its start
+            // would otherwise claim accounts past their send deadline, give them back
+            // (still due) and claim them again without end.
             let now_ms = self.clock.now_millis();
-            let (now, due_by) = if once {
-                (started_at, started_at)
+            let now = now_ms.div_euclid(1000);
+            let due_by = if once {
+                started_at
             } else {
-                (now_ms.div_euclid(1000), policy::due_by(now_ms))
+                policy::due_by(now_ms)
             };
             // Refreshes that end from here on may have made something due unseen.
             self.in_flight.looking();

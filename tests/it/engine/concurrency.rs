@@ -1,7 +1,8 @@
 //! Several engines or processes on one database: leases keep one account to one refresh, a
 //! rotation by another process is not a re-authorization, and a claim waiting on the rate
 //! limit gives its lease back in time, a global permit bounds requests in flight, not
-//! answers waiting to be stored, and accounts claimed ahead wait for a provider's slot.
+//! answers waiting to be stored, accounts claimed ahead wait for a provider's slot, and a
+//! `--once` run longer than a lease still refreshes each account once.
 
 use super::{
     INTERVAL, access_token, all_due_at, config_with, engine, import_users, lease, outcomes,
@@ -319,23 +320,54 @@ async fn a_permit_goes_back_when_the_answer_is_in_not_when_it_is_stored() {
     task.await.unwrap().unwrap();
 }
 
+/// Accounts leased at the moment: claimed, in flight, or answered and not stored yet.
+async fn leased_now(store: &refreshd::store::Store) -> u64 {
+    store
+        .call(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM accounts WHERE lease_owner IS NOT NULL",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(|source| StoreError::Sqlite {
+                context: "test query",
+                source,
+            })
+        })
+        .await
+        .expect("count leases") as u64
+}
+
 /// A provider's slots bound its requests in flight, while as many accounts again are
 /// claimed ahead, leased and waiting for a slot (`policy::claim_depth`): a claim is answered
 /// only once its transaction is durable, and claiming only into free slots left them idle
 /// meanwhile. Nothing past the depth is claimed, and every account is refreshed once.
+///
+/// The global permits (8) are far above the provider's slots (2), so only the slots can
+/// hold the requests at 2. Watched through the whole run, every 20 ms:
+/// - requests at the provider (counted as they arrive) minus those it has answered
+///   (`refreshed`, counted once the slow delay is over) never exceed the 2 slots;
+/// - the accounts claimed never exceed the depth, 4, and reach it (claimed ahead). A lease
+///   also stays on an answered account until its outcome is stored (the slot went back
+///   with the answer), so the claimed ones are the leased ones minus those answered and not
+///   stored yet. Read in the order stored, leased, answered, that difference is never more
+///   than the accounts truly claimed at the moment the leases were read.
 #[tokio::test]
 async fn accounts_claimed_ahead_wait_for_a_slot_and_never_raise_the_requests_in_flight() {
     let app = TestApp::start(SandboxConfig::default()).await;
     let config = config_with(
         &app,
         &app.sandbox.token_url(),
-        &[("refresh", "concurrency", 2.into())],
+        &[
+            ("refresh", "concurrency", 8.into()),
+            ("providers.tiktok", "concurrency", 2.into()),
+        ],
     );
     let store = app.store().await;
-    let names = ["d1", "d2", "d3", "d4", "d5"];
+    let names = ["d1", "d2", "d3", "d4", "d5", "d6", "d7"];
     let ids = app.import(&store, &config, &names, None).await;
     app.clock.set(all_due_at(&store, &ids).await);
-    // Slow answers: the first two requests stay in flight while the test looks.
+    // Slow answers: two requests at a time stay at the provider for a second each.
     app.sandbox.set_faults(Faults {
         slow: 1.0,
         slow_delay: Duration::from_secs(1),
@@ -344,30 +376,115 @@ async fn accounts_claimed_ahead_wait_for_a_slot_and_never_raise_the_requests_in_
     let (engine, _tx) = engine(&store, &app.clock, &config);
     let shutdown = CancellationToken::new();
     let task = spawn_run(&engine, &shutdown);
-    let leased = || async {
-        let mut n = 0;
-        for &id in &ids {
-            n += usize::from(lease(&store, id).await.0.is_some());
-        }
-        n
-    };
-    assert!(
-        helpers::eventually(5, || async { leased().await == 4 }).await,
-        "two in flight and two claimed ahead"
-    );
-    let sb = &app.sandbox;
-    assert!(helpers::eventually(5, || async move { sb.stats().requests >= 2 }).await);
-    assert_eq!(
-        (sb.stats().requests, engine.stats().snapshot().rotated),
-        (2, 0),
-        "the accounts claimed ahead wait for a slot: no answer is in yet"
-    );
     let stats = engine.stats();
-    assert!(helpers::eventually(20, || async { stats.snapshot().rotated == 5 }).await);
+    let sb = &app.sandbox;
+    let total = names.len() as u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (mut most_claimed, mut most_at_provider) = (0, 0);
+    loop {
+        let stored = stats.snapshot().rotated;
+        let leased = leased_now(&store).await;
+        let s = sb.stats();
+        let at_provider = s.requests - s.refreshed;
+        assert!(
+            at_provider <= 2,
+            "{at_provider} requests at the provider with 2 slots: {s:?}"
+        );
+        let claimed = leased.saturating_sub(s.refreshed - stored);
+        assert!(
+            claimed <= 4,
+            "{claimed} claimed (leased {leased}, answered {}, stored {stored}), depth 4",
+            s.refreshed
+        );
+        most_claimed = most_claimed.max(claimed);
+        most_at_provider = most_at_provider.max(at_provider);
+        if stored == total {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not all refreshed: {stored} of {total}, {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(most_claimed, 4, "two in flight and two claimed ahead");
+    assert_eq!(most_at_provider, 2, "both slots were used");
     shutdown.cancel();
     task.await.unwrap().unwrap();
-    assert_eq!((sb.stats().requests, sb.stats().reuse_rejected), (5, 0));
+    let s = sb.stats();
+    assert_eq!(
+        (s.requests, s.refreshed, s.reuse_rejected),
+        (total, total, 0)
+    );
     for &id in &ids {
         assert_eq!(account(&store, id).await.generation, 1, "account {id}");
+    }
+}
+
+/// `--once` judges and sets leases by the real now, not by the second it started: a run
+/// longer than the lease (less the request's timeout and 5 s) otherwise claims accounts
+/// with leases already past their send deadline, gives each back (still due) and claims it
+/// again, without end. Here one slot, so two accounts are claimed at a time; while the
+/// first request hangs, 25 s pass: the account claimed with it is given back, and every
+/// later claim must still be able to send.
+#[tokio::test]
+async fn a_once_run_longer_than_the_lease_still_refreshes_every_account_once() {
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let config = config_with(
+        &app,
+        &app.sandbox.token_url(),
+        &[
+            ("refresh", "concurrency", 1.into()),
+            ("providers.tiktok", "concurrency", 1.into()),
+        ],
+    );
+    // The helpers' lease and request timeout: sends stop 10 s before a lease ends.
+    assert_eq!(
+        (config.store.lease, config.refresh.request_timeout),
+        (Duration::from_secs(30), Duration::from_secs(5))
+    );
+    let store = app.store().await;
+    let names = ["o1", "o2", "o3", "o4"];
+    let ids = app.import(&store, &config, &names, None).await;
+    let started = all_due_at(&store, &ids).await;
+    app.clock.set(started);
+    app.sandbox.set_faults(Faults {
+        slow: 1.0,
+        slow_delay: Duration::from_millis(300),
+        ..Faults::default()
+    });
+    let (engine, _tx) = engine(&store, &app.clock, &config);
+    let mut task = {
+        let e = engine.clone();
+        tokio::spawn(async move { e.run_due(CancellationToken::new()).await })
+    };
+    let sb = &app.sandbox;
+    assert!(helpers::eventually(5, || async move { sb.stats().requests >= 1 }).await);
+    // Past the send deadline of leases taken at `started` (started + 20 s), within the
+    // first one's lease (started + 30 s): its answer is stored as ever.
+    app.clock.set(started + 25);
+    let finished = tokio::time::timeout(Duration::from_secs(10), &mut task).await;
+    if finished.is_err() {
+        task.abort();
+    }
+    let s = sb.stats();
+    let done = engine.stats().snapshot();
+    assert!(
+        finished.is_ok(),
+        "--once never finished: {done:?}, provider {s:?}"
+    );
+    finished.unwrap().unwrap().unwrap();
+    assert_eq!(done.rotated, names.len() as u64, "{done:?}");
+    // The one claimed with the first account, at its send deadline; none claimed later.
+    assert_eq!(done.released, 1, "{done:?}");
+    assert_eq!(
+        (s.requests, s.refreshed, s.reuse_rejected),
+        (names.len() as u64, names.len() as u64, 0)
+    );
+    for &id in &ids {
+        let a = account(&store, id).await;
+        assert_eq!(a.generation, 1, "account {id}");
+        assert!(a.next_refresh_at > started + 25, "account {id}");
+        assert_eq!(lease(&store, id).await.0, None, "account {id}");
     }
 }
