@@ -129,8 +129,17 @@ burst = 100000
         Ok(path)
     }
 
+    /// The refreshd binary as a command, without `REFRESHD_BIN`: refreshd reads every
+    /// `REFRESHD_*` variable as a config key and refuses one it does not know.
+    pub(crate) fn refreshd_command(&self) -> Command {
+        let mut c = Command::new(&self.refreshd);
+        c.env_remove("REFRESHD_BIN");
+        c
+    }
+
     pub(crate) async fn spawn_sandbox(&self, port: u16) -> Result<Proc> {
-        let child = Command::new(&self.refreshd)
+        let child = self
+            .refreshd_command()
             .args([
                 "sandbox",
                 "--adopt",
@@ -206,7 +215,8 @@ burst = 100000
     ) -> Result<(Proc, f64)> {
         let log = std::fs::File::create(self.cli.dir.join(log))?;
         let t = Instant::now();
-        let child = Command::new(&self.refreshd)
+        let child = self
+            .refreshd_command()
             .arg("--config")
             .arg(config)
             .arg("run")

@@ -248,7 +248,9 @@ class Refreshd {
 
   async start() {
     const err = fs.openSync(this.logFile, 'a');
-    this.proc = track(spawn(BIN, ['--config', this.config, 'run'], { stdio: ['ignore', 'ignore', err] }));
+    // refreshd reads every REFRESHD_* variable as a config key: REFRESHD_BIN is ours.
+    const { REFRESHD_BIN: _ours, ...env } = process.env;
+    this.proc = track(spawn(BIN, ['--config', this.config, 'run'], { stdio: ['ignore', 'ignore', err], env }));
     fs.closeSync(err);
     this.starts += 1;
     this.exited = new Promise((r) => this.proc.on('exit', (code, sig) => r({ code, sig })));

@@ -13,7 +13,7 @@ use refreshd::store::Store;
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
 
 const DAY: i64 = 86_400;
@@ -64,7 +64,7 @@ impl Bench {
             self.write_config("import.toml", &self.config_toml(1, 0, "0 */15 * * * *", 1))?;
         let log_path = self.cli.dir.join("import.log");
         let done = procs::run_measured(
-            Command::new(&self.refreshd)
+            self.refreshd_command()
                 .arg("--config")
                 .arg(&config)
                 .args(["accounts", "import", "--json"])
