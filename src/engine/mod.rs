@@ -198,9 +198,10 @@ impl Engine {
                     cfg.refresh.max_idle
                 };
                 // A held provider's room does not count: its circuit's next probe is a
-                // time to look again.
+                // time to look again (one already due is not: waiting on it would spin).
+                let next_probe = self.next_probe().filter(|&at| at > self.clock.now_millis());
                 let probe = async {
-                    match self.next_probe() {
+                    match next_probe {
                         Some(at) => self.clock.sleep_until_millis(at).await,
                         None => std::future::pending().await,
                     }
