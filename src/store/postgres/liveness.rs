@@ -31,6 +31,20 @@ const CHECK_EVERY: Duration = if cfg!(test) {
     Duration::from_secs(1)
 };
 
+/// A look for dead replicas reads every due row's lease (no index holds the lease owner:
+/// one would make each claim rewrite every index), so in a burst over a large store it
+/// costs the server tenths of a second; after one, the looks pause this many times as long
+/// as it took, keeping them under a twentieth of one server core. A small or quiet store is
+/// looked at every second; the lock's connection is checked every second whatever the looks
+/// cost.
+const SPACING: u32 = 20;
+
+/// How long the looks pause after one that took `took` (ticks in between only check the
+/// lock's connection).
+fn pause_after(took: Duration) -> Duration {
+    took.saturating_mul(SPACING)
+}
+
 /// Opens a new dedicated connection (its I/O task spawned).
 pub type Connect = Arc<
     dyn Fn() -> Pin<Box<dyn Future<Output = Result<Client, tokio_postgres::Error>> + Send>>
@@ -112,18 +126,24 @@ impl Liveness {
     /// Runs until the store closes (`stop` fires): the lock goes with the connection.
     pub async fn run(mut self, stop: tokio::sync::oneshot::Receiver<()>) {
         tokio::pin!(stop);
+        let mut next_look = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(CHECK_EVERY) => {}
                 _ = &mut stop => return,
             }
-            self.tick().await;
+            let look = tokio::time::Instant::now() >= next_look;
+            if let Some(took) = self.tick(look).await {
+                next_look = tokio::time::Instant::now() + pause_after(took);
+            }
             #[cfg(test)]
             self.health.liveness_checks.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    async fn tick(&mut self) {
+    /// Re-acquires a lost lock, then looks for dead replicas when `look`; how long that
+    /// look took (None when there was none; a failed look is retried at the next tick).
+    async fn tick(&mut self, look: bool) -> Option<Duration> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             if self.client.take().is_some() {
                 self.health.liveness_lost.store(true, Ordering::Relaxed);
@@ -139,13 +159,19 @@ impl Liveness {
                 }
                 Err(e) => {
                     tracing::debug!(event = "liveness_lock_retry", error = %e, "cannot re-acquire the liveness lock yet");
-                    return;
+                    return None;
                 }
             }
         }
+        if !look {
+            return None;
+        }
+        let started = tokio::time::Instant::now();
         if let Err(e) = self.find_dead().await {
             tracing::debug!(event = "liveness_check_failed", error = %e, "cannot look for dead replicas now; retried in a second");
+            return None;
         }
+        Some(started.elapsed())
     }
 
     /// Hands owners whose lock is free to the next claim, which ends their leases.
@@ -216,5 +242,16 @@ mod tests {
         assert_eq!(owner_of(&format!("{owner}:7")), owner);
         assert_eq!(key_of("h:1:aa"), None);
         assert_eq!(key_of("pglive.zz"), None);
+    }
+
+    #[test]
+    fn a_costly_look_pauses_the_next_ones_and_a_cheap_one_keeps_the_pace() {
+        // A cheap look (a small or quiet store): the next tick looks again.
+        assert!(pause_after(Duration::from_millis(2)) < CHECK_EVERY);
+        // A 400 ms look (1,000,000 due rows in a burst) pauses the looks for 8 s.
+        assert_eq!(
+            pause_after(Duration::from_millis(400)),
+            Duration::from_secs(8)
+        );
     }
 }
