@@ -541,15 +541,23 @@ impl Store {
         let (mut batches, mut per_batch) = (batches, per_batch);
         match &self.backend {
             Backend::Sqlite(s) => {
-                s.in_tx("import accounts", move |tx| {
-                    while let Some(item) = batches.blocking_recv() {
-                        let Some(batch) = item else { return Ok(()) };
-                        let ids = sqlite::writes::upsert(tx, &keys, &batch, now)?;
-                        per_batch(&batch, &ids);
-                    }
-                    Err(Refusal::ImportAborted.into())
-                })
-                .await
+                // The import's own settings, put back after its transaction whatever its end.
+                let before = s.call(sqlite::writes::import_settings).await?;
+                let written = s
+                    .in_tx("import accounts", move |tx| {
+                        while let Some(item) = batches.blocking_recv() {
+                            let Some(batch) = item else { return Ok(()) };
+                            let ids = sqlite::writes::upsert(tx, &keys, &batch, now)?;
+                            per_batch(&batch, &ids);
+                        }
+                        Err(Refusal::ImportAborted.into())
+                    })
+                    .await;
+                let back = s
+                    .call(move |c| sqlite::writes::restore_settings(c, before))
+                    .await;
+                // The import's own error outranks one putting the settings back.
+                written.and(back)
             }
             Backend::Postgres(p) => {
                 p.in_tx("import accounts", async |tx| {

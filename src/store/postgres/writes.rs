@@ -30,161 +30,185 @@ pub(crate) const LOOK_UP_BATCH: &str = "WITH found AS MATERIALIZED (
     FROM found f CROSS JOIN LATERAL (SELECT a.id, a.lease_expires_at, a.last_refreshed_at
         FROM accounts a WHERE a.id = f.id FOR UPDATE) l";
 
+/// The batch INSERT of new accounts (`Rows`' arrays, `now` as $15); returns the ids written.
+const INSERT_BATCH: &str = "INSERT INTO accounts (id, provider, subject, label, access_token,
+        refresh_token, scope, token_type, access_expires_at, refresh_expires_at,
+        next_refresh_at, status, reauth_reason, reauth_flagged_at, created_at, updated_at)
+     SELECT u.*, $15::bigint, $15::bigint FROM unnest($1::bigint[], $2::text[],
+        $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+        $9::bigint[], $10::bigint[], $11::bigint[], $12::text[], $13::text[],
+        $14::bigint[]) AS u
+     ON CONFLICT (provider, subject) DO NOTHING
+     RETURNING id";
+
 /// Inserts or updates accounts by (provider, subject), all in the caller's transaction.
 /// Returns (id, inserted) per account in input order.
 ///
 /// A few statements per batch, whatever its size, each carrying the whole batch as arrays
-/// (`unnest`): the existing accounts are looked up and locked, the new ones get their ids
-/// from the sequence first (so their tokens are sealed for them before the INSERT), then one
-/// INSERT, one UPDATE and one refresh-log INSERT. An account another transaction created
-/// meanwhile (the INSERT skips it) is written by `upsert_one`, as a connect is.
+/// (`unnest`), each prepared once per connection. Every account first gets an id from the
+/// sequence (so its tokens are sealed for it before the INSERT), then one INSERT writes the
+/// new ones and skips those that exist (their ids stay unused). Only the skipped ones are
+/// then looked up and locked (`LOOK_UP_BATCH`), checked and written by one UPDATE; an
+/// import of new accounts, the common case, looks nothing up. One refresh-log INSERT ends
+/// the batch. An account the INSERT skipped that the lookup does not find (another
+/// transaction was creating it) is written by `upsert_one`, as a connect is.
 pub async fn upsert(
     tx: &Transaction<'_>,
     keys: &Keyring,
     accounts: &[NewAccount],
     now: i64,
 ) -> Result<Vec<(i64, bool)>, StoreError> {
-    let ctx = "look up accounts for import";
-    let providers: Vec<&str> = accounts.iter().map(|a| a.provider.as_str()).collect();
-    let subjects: Vec<&str> = accounts.iter().map(|a| a.subject.as_str()).collect();
-    let found = tx
-        .query(LOOK_UP_BATCH, &[&providers, &subjects])
-        .await
-        .map_err(pg_err(ctx))?;
     let mut out: Vec<Option<(i64, bool)>> = vec![None; accounts.len()];
-    let mut update = Rows::default();
-    for r in &found {
-        let (ord, id): (i64, i64) = (
-            r.try_get(0).map_err(pg_err(ctx))?,
-            r.try_get(1).map_err(pg_err(ctx))?,
-        );
-        let a = &accounts[ord as usize - 1];
-        rules::check_upsert(
-            id,
-            a,
-            r.try_get(2).map_err(pg_err(ctx))?,
-            r.try_get(3).map_err(pg_err(ctx))?,
-            now,
-        )?;
-        update.push(keys, id, a, now);
-        out[ord as usize - 1] = Some((id, false));
-    }
-    let fresh: Vec<usize> = (0..accounts.len()).filter(|&i| out[i].is_none()).collect();
-    let ids: Vec<i64> = if fresh.is_empty() {
-        Vec::new()
-    } else {
-        tx.query(
-            // The sequence named once (a sub-select), not looked up again for every id.
+    let ctx = "choose ids for imported accounts";
+    let next_ids = tx
+        // The sequence named once (a sub-select), not looked up again for every id.
+        .prepare_cached(
             "SELECT nextval((SELECT pg_get_serial_sequence('accounts', 'id')::regclass))
              FROM generate_series(1, $1::bigint)",
-            &[&(fresh.len() as i64)],
         )
         .await
-        .map_err(pg_err("choose ids for imported accounts"))?
+        .map_err(pg_err(ctx))?;
+    let ids: Vec<i64> = tx
+        .query(&next_ids, &[&(accounts.len() as i64)])
+        .await
+        .map_err(pg_err(ctx))?
         .iter()
         .map(|r| r.try_get(0))
         .collect::<Result<_, _>>()
-        .map_err(pg_err("choose ids for imported accounts"))?
-    };
+        .map_err(pg_err(ctx))?;
     let mut insert = Rows::default();
-    for (&i, &id) in fresh.iter().zip(&ids) {
-        insert.push(keys, id, &accounts[i], now);
+    for (a, &id) in accounts.iter().zip(&ids) {
+        insert.push(keys, id, a, now);
     }
-    if !insert.id.is_empty() {
-        let inserted = tx
-            .query(
-                "INSERT INTO accounts (id, provider, subject, label, access_token, refresh_token,
-                    scope, token_type, access_expires_at, refresh_expires_at, next_refresh_at,
-                    status, reauth_reason, reauth_flagged_at, created_at, updated_at)
-                 SELECT u.*, $15::bigint, $15::bigint FROM unnest($1::bigint[], $2::text[],
-                    $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
-                    $9::bigint[], $10::bigint[], $11::bigint[], $12::text[], $13::text[],
-                    $14::bigint[]) AS u
-                 ON CONFLICT (provider, subject) DO NOTHING
-                 RETURNING id",
-                &[
-                    &insert.id,
-                    &insert.provider,
-                    &insert.subject,
-                    &insert.label,
-                    &insert.access_token,
-                    &insert.refresh_token,
-                    &insert.scope,
-                    &insert.token_type,
-                    &insert.access_expires_at,
-                    &insert.refresh_expires_at,
-                    &insert.next_refresh_at,
-                    &insert.status,
-                    &insert.reauth_reason,
-                    &insert.reauth_flagged_at,
-                    &now,
-                ],
-            )
-            .await
-            .map_err(pg_err("insert imported accounts"))?;
-        let inserted: std::collections::HashSet<i64> = inserted
-            .iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<_, _>>()
-            .map_err(pg_err("insert imported accounts"))?;
-        for (&i, &id) in fresh.iter().zip(&ids) {
-            if inserted.contains(&id) {
-                out[i] = Some((id, true));
-            }
-        }
-    }
-    if !update.id.is_empty() {
-        tx.execute(
-            "UPDATE accounts a SET label = COALESCE(u.label, a.label),
-                access_token = u.access_token,
-                refresh_token = CASE WHEN u.refresh_token = '' THEN a.refresh_token
-                    ELSE u.refresh_token END,
-                scope = u.scope, token_type = u.token_type,
-                access_expires_at = u.access_expires_at,
-                refresh_expires_at = CASE WHEN u.refresh_token = ''
-                    THEN COALESCE(u.refresh_expires_at, a.refresh_expires_at)
-                    ELSE u.refresh_expires_at END,
-                next_refresh_at = u.next_refresh_at,
-                status = CASE WHEN a.status = 'disabled' THEN a.status ELSE u.status END,
-                reauth_reason = u.reauth_reason, reauth_flagged_at = u.reauth_flagged_at,
-                failures = 0, last_error = NULL, lease_owner = NULL, lease_expires_at = NULL,
-                generation = a.generation + 1, updated_at = $12::bigint
-             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
-                $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::text[],
-                $13::bigint[])
-                AS u(id, label, access_token, refresh_token, scope, token_type,
-                     access_expires_at, refresh_expires_at, next_refresh_at, status,
-                     reauth_reason, reauth_flagged_at)
-             WHERE a.id = u.id",
+    let ctx = "insert imported accounts";
+    let statement = tx.prepare_cached(INSERT_BATCH).await.map_err(pg_err(ctx))?;
+    let inserted: HashSet<i64> = tx
+        .query(
+            &statement,
             &[
-                &update.id,
-                &update.label,
-                &update.access_token,
-                &update.refresh_token,
-                &update.scope,
-                &update.token_type,
-                &update.access_expires_at,
-                &update.refresh_expires_at,
-                &update.next_refresh_at,
-                &update.status,
-                &update.reauth_reason,
+                &insert.id,
+                &insert.provider,
+                &insert.subject,
+                &insert.label,
+                &insert.access_token,
+                &insert.refresh_token,
+                &insert.scope,
+                &insert.token_type,
+                &insert.access_expires_at,
+                &insert.refresh_expires_at,
+                &insert.next_refresh_at,
+                &insert.status,
+                &insert.reauth_reason,
+                &insert.reauth_flagged_at,
                 &now,
-                &update.reauth_flagged_at,
             ],
         )
         .await
-        .map_err(pg_err("update imported accounts"))?;
+        .map_err(pg_err(ctx))?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()
+        .map_err(pg_err(ctx))?;
+    drop(insert);
+    for (i, &id) in ids.iter().enumerate() {
+        if inserted.contains(&id) {
+            out[i] = Some((id, true));
+        }
+    }
+    // The accounts that exist: looked up and locked, checked, then updated.
+    let skipped: Vec<usize> = (0..accounts.len()).filter(|&i| out[i].is_none()).collect();
+    if !skipped.is_empty() {
+        let ctx = "look up accounts for import";
+        let providers: Vec<&str> = skipped
+            .iter()
+            .map(|&i| accounts[i].provider.as_str())
+            .collect();
+        let subjects: Vec<&str> = skipped
+            .iter()
+            .map(|&i| accounts[i].subject.as_str())
+            .collect();
+        let found = tx
+            .query(LOOK_UP_BATCH, &[&providers, &subjects])
+            .await
+            .map_err(pg_err(ctx))?;
+        let mut update = Rows::default();
+        for r in &found {
+            let (ord, id): (i64, i64) = (
+                r.try_get(0).map_err(pg_err(ctx))?,
+                r.try_get(1).map_err(pg_err(ctx))?,
+            );
+            let i = skipped[ord as usize - 1];
+            let a = &accounts[i];
+            rules::check_upsert(
+                id,
+                a,
+                r.try_get(2).map_err(pg_err(ctx))?,
+                r.try_get(3).map_err(pg_err(ctx))?,
+                now,
+            )?;
+            update.push(keys, id, a, now);
+            out[i] = Some((id, false));
+        }
+        if !update.id.is_empty() {
+            update_batch(tx, &update, now).await?;
+        }
     }
     let logged: Vec<i64> = out.iter().flatten().map(|(id, _)| *id).collect();
     append_imported_log(tx, &logged, now).await?;
-    // Created meanwhile by another transaction (the INSERT skipped it): one at a time, as a
-    // connect is (`upsert_one` writes its refresh-log row itself).
+    // Created meanwhile by another transaction (the INSERT skipped it, the lookup did not
+    // see it): one at a time, as a connect is (`upsert_one` writes its refresh-log row).
     for (i, a) in accounts.iter().enumerate() {
         if out[i].is_none() {
             out[i] = Some(upsert_one(tx, keys, a, now).await?);
         }
     }
     Ok(out.into_iter().flatten().collect())
+}
+
+/// Re-imports the batch's accounts that exist (looked up, locked and checked): their
+/// tokens, schedule and flag replaced, in one statement.
+async fn update_batch(tx: &Transaction<'_>, update: &Rows<'_>, now: i64) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE accounts a SET label = COALESCE(u.label, a.label),
+            access_token = u.access_token,
+            refresh_token = CASE WHEN u.refresh_token = '' THEN a.refresh_token
+                ELSE u.refresh_token END,
+            scope = u.scope, token_type = u.token_type,
+            access_expires_at = u.access_expires_at,
+            refresh_expires_at = CASE WHEN u.refresh_token = ''
+                THEN COALESCE(u.refresh_expires_at, a.refresh_expires_at)
+                ELSE u.refresh_expires_at END,
+            next_refresh_at = u.next_refresh_at,
+            status = CASE WHEN a.status = 'disabled' THEN a.status ELSE u.status END,
+            reauth_reason = u.reauth_reason, reauth_flagged_at = u.reauth_flagged_at,
+            failures = 0, last_error = NULL, lease_owner = NULL, lease_expires_at = NULL,
+            generation = a.generation + 1, updated_at = $12::bigint
+         FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
+            $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::text[],
+            $13::bigint[])
+            AS u(id, label, access_token, refresh_token, scope, token_type,
+                 access_expires_at, refresh_expires_at, next_refresh_at, status,
+                 reauth_reason, reauth_flagged_at)
+         WHERE a.id = u.id",
+        &[
+            &update.id,
+            &update.label,
+            &update.access_token,
+            &update.refresh_token,
+            &update.scope,
+            &update.token_type,
+            &update.access_expires_at,
+            &update.refresh_expires_at,
+            &update.next_refresh_at,
+            &update.status,
+            &update.reauth_reason,
+            &now,
+            &update.reauth_flagged_at,
+        ],
+    )
+    .await
+    .map_err(pg_err("update imported accounts"))?;
+    Ok(())
 }
 
 /// The rows of one batch's INSERT or UPDATE, column by column (`unnest`'s arrays).
@@ -233,13 +257,16 @@ async fn append_imported_log(
     ids: &[i64],
     now: i64,
 ) -> Result<(), StoreError> {
-    tx.execute(
-        "INSERT INTO refresh_log (account_id, at, outcome)
-         SELECT id, $2::bigint, 'imported' FROM unnest($1::bigint[]) AS id",
-        &[&ids, &now],
-    )
-    .await
-    .map_err(pg_err("append refresh log"))?;
+    let statement = tx
+        .prepare_cached(
+            "INSERT INTO refresh_log (account_id, at, outcome)
+             SELECT id, $2::bigint, 'imported' FROM unnest($1::bigint[]) AS id",
+        )
+        .await
+        .map_err(pg_err("append refresh log"))?;
+    tx.execute(&statement, &[&ids, &now])
+        .await
+        .map_err(pg_err("append refresh log"))?;
     Ok(())
 }
 

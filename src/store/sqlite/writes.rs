@@ -14,68 +14,181 @@ fn sql_err(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { context, source }
 }
 
+/// Accounts written by one INSERT of an import (a batch of `accounts import` is 1000: a
+/// multiple of it leaves no odd tail). One statement per row spent a third of an import's
+/// time on each statement's own work (finding it in the cache, opening a cursor per index,
+/// halting), not on the rows.
+const INSERT_ROWS: usize = 50;
+/// Refresh-log rows written by one INSERT (one parameter each).
+const LOG_ROWS: usize = 250;
+
+/// The INSERT of `n` new accounts: ?1 is `now`, then 14 parameters per account.
+fn insert_sql(n: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO accounts (id, provider, subject, label, access_token, refresh_token,
+            scope, token_type, access_expires_at, refresh_expires_at, next_refresh_at,
+            status, reauth_reason, reauth_flagged_at, created_at, updated_at) VALUES ",
+    );
+    for k in 0..n {
+        let p = 2 + 14 * k;
+        if k > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for c in 0..14 {
+            sql.push_str(&format!("?{},", p + c));
+        }
+        sql.push_str("?1,?1)");
+    }
+    sql.push_str(" ON CONFLICT (provider, subject) DO NOTHING RETURNING id");
+    sql
+}
+
+/// The refresh log's "imported" rows of `n` accounts: ?1 is `now`, then one id each.
+fn log_sql(n: usize) -> String {
+    let mut sql = String::from("INSERT INTO refresh_log (account_id, at, outcome) VALUES ");
+    for k in 0..n {
+        if k > 0 {
+            sql.push(',');
+        }
+        sql.push_str(&format!("(?{},?1,'imported')", k + 2));
+    }
+    sql
+}
+
+/// The statement text for `n` rows: built once for a full chunk, else for this call.
+fn chunk_sql(
+    n: usize,
+    full: usize,
+    cache: &'static std::sync::OnceLock<String>,
+    build: fn(usize) -> String,
+) -> std::borrow::Cow<'static, str> {
+    if n == full {
+        std::borrow::Cow::Borrowed(cache.get_or_init(|| build(full)).as_str())
+    } else {
+        std::borrow::Cow::Owned(build(n))
+    }
+}
+
 /// Inserts or updates accounts by (provider, subject), all in the caller's transaction.
 /// Returns (id, inserted) per account in input order.
 ///
-/// A new account is written by one INSERT with its id chosen here (the next rowid, as SQLite
-/// would choose it: the transaction holds the write lock, so nothing takes it meanwhile), so
-/// its tokens are sealed for that id at once; only an account that exists already is looked
-/// up, checked (`rules::check_upsert`) and updated. Two statements per new account, with the
-/// refresh-log row.
+/// New accounts are written by multi-row INSERTs with their ids chosen here (after the
+/// largest one: the transaction holds the write lock, so nothing takes them meanwhile), so
+/// their tokens are sealed for their ids at once; the INSERT skips an account that exists
+/// (its chosen id stays unused) and returns the ids it wrote. Only an account that exists
+/// already is looked up, checked (`rules::check_upsert`) and updated. Each account's
+/// refresh-log row follows, many to a statement.
 pub fn upsert(
     tx: &Transaction<'_>,
     keys: &Keyring,
     accounts: &[NewAccount],
     now: i64,
 ) -> Result<Vec<(i64, bool)>, StoreError> {
+    static INSERT_FULL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static LOG_FULL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let mut next_id: i64 = tx
         .query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM accounts", [], |r| {
             r.get(0)
         })
         .map_err(sql_err("choose ids for imported accounts"))?;
     let mut out = Vec::with_capacity(accounts.len());
-    for a in accounts {
-        let new = record::imported(a, now);
-        let inserted = tx
-            .prepare_cached(
-                "INSERT INTO accounts (id, provider, subject, label, access_token, refresh_token,
-                    scope, token_type, access_expires_at, refresh_expires_at, next_refresh_at,
-                    status, reauth_reason, reauth_flagged_at, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15)
-                 ON CONFLICT (provider, subject) DO NOTHING",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    next_id,
-                    a.provider,
-                    a.subject,
-                    a.label,
-                    new.access_token(keys, next_id),
-                    new.refresh_token(keys, next_id),
-                    new.scope,
-                    a.tokens.token_type,
-                    new.access_expires_at,
-                    new.refresh_expires_at,
-                    a.next_refresh_at,
-                    a.status.as_str(),
-                    new.reauth_reason,
-                    new.reauth_flagged_at,
-                    now
-                ])
-            })
-            .map_err(sql_err("insert imported account"))?;
-        let id = if inserted == 1 {
-            next_id += 1;
-            out.push((next_id - 1, true));
-            next_id - 1
-        } else {
-            let id = update_existing(tx, keys, a, &new, now)?;
-            out.push((id, false));
-            id
+    let mut written: Vec<i64> = Vec::with_capacity(INSERT_ROWS);
+    for chunk in accounts.chunks(INSERT_ROWS) {
+        let sql = chunk_sql(chunk.len(), INSERT_ROWS, &INSERT_FULL, insert_sql);
+        let mut stmt = tx
+            .prepare_cached(&sql)
+            .map_err(sql_err("insert imported accounts"))?;
+        let bind = |stmt: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<()> {
+            stmt.raw_bind_parameter(1, now)?;
+            for (k, a) in chunk.iter().enumerate() {
+                let (id, p) = (next_id + k as i64, 2 + 14 * k);
+                let new = record::imported(a, now);
+                stmt.raw_bind_parameter(p, id)?;
+                stmt.raw_bind_parameter(p + 1, &a.provider)?;
+                stmt.raw_bind_parameter(p + 2, &a.subject)?;
+                stmt.raw_bind_parameter(p + 3, &a.label)?;
+                stmt.raw_bind_parameter(p + 4, new.access_token(keys, id))?;
+                stmt.raw_bind_parameter(p + 5, new.refresh_token(keys, id))?;
+                stmt.raw_bind_parameter(p + 6, &new.scope)?;
+                stmt.raw_bind_parameter(p + 7, &a.tokens.token_type)?;
+                stmt.raw_bind_parameter(p + 8, new.access_expires_at)?;
+                stmt.raw_bind_parameter(p + 9, new.refresh_expires_at)?;
+                stmt.raw_bind_parameter(p + 10, a.next_refresh_at)?;
+                stmt.raw_bind_parameter(p + 11, a.status.as_str())?;
+                stmt.raw_bind_parameter(p + 12, new.reauth_reason)?;
+                stmt.raw_bind_parameter(p + 13, new.reauth_flagged_at)?;
+            }
+            Ok(())
         };
-        append_log(tx, id, now, "imported", None, None, None)?;
+        written.clear();
+        bind(&mut stmt)
+            .and_then(|()| {
+                let mut rows = stmt.raw_query();
+                while let Some(r) = rows.next()? {
+                    written.push(r.get(0)?);
+                }
+                Ok(())
+            })
+            .map_err(sql_err("insert imported accounts"))?;
+        drop(stmt);
+        // RETURNING gives the written ids in any order; most often all of them.
+        written.sort_unstable();
+        for (k, a) in chunk.iter().enumerate() {
+            let id = next_id + k as i64;
+            if written.binary_search(&id).is_ok() {
+                out.push((id, true));
+            } else {
+                let new = record::imported(a, now);
+                out.push((update_existing(tx, keys, a, &new, now)?, false));
+            }
+        }
+        next_id += chunk.len() as i64;
+    }
+    for chunk in out.chunks(LOG_ROWS) {
+        let sql = chunk_sql(chunk.len(), LOG_ROWS, &LOG_FULL, log_sql);
+        tx.prepare_cached(&sql)
+            .and_then(|mut stmt| {
+                stmt.raw_bind_parameter(1, now)?;
+                for (k, (id, _)) in chunk.iter().enumerate() {
+                    stmt.raw_bind_parameter(k + 2, id)?;
+                }
+                stmt.raw_execute()
+            })
+            .map_err(sql_err("append refresh log"))?;
     }
     Ok(out)
+}
+
+/// The connection's setting an import changes (`import_settings`), to put back after it.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    temp_store: i64,
+}
+
+/// Keeps temporary files in memory for a streamed import, set outside any transaction
+/// (SQLite refuses to move temporary storage inside one); returns the setting before, for
+/// `restore_settings` once the import's transaction ended.
+///
+/// A statement that writes many rows keeps the pages it changes in a statement journal (to
+/// undo itself alone on a constraint failure); past 64 KiB SQLite moves that journal to a
+/// temporary file, and a multi-row INSERT then spent a third of its time writing there. In
+/// memory it holds one statement's pages (a few hundred KiB).
+pub fn import_settings(conn: &mut Connection) -> Result<Settings, StoreError> {
+    let before = Settings {
+        temp_store: conn
+            .query_row("PRAGMA temp_store", [], |r| r.get(0))
+            .map_err(sql_err("read the connection's settings"))?,
+    };
+    // 2: MEMORY.
+    restore_settings(conn, Settings { temp_store: 2 })?;
+    Ok(before)
+}
+
+/// Puts back the setting `import_settings` returned.
+pub fn restore_settings(conn: &mut Connection, s: Settings) -> Result<(), StoreError> {
+    conn.pragma_update(None, "temp_store", s.temp_store)
+        .map_err(sql_err("set the connection's settings"))
 }
 
 /// Re-imports an account that exists: checked (`rules::check_upsert`), then its tokens,

@@ -116,6 +116,138 @@ async fn a_stream_of_batches_commits_whole_or_leaves_nothing() {
     store.close().await;
 }
 
+/// A batch wider than one multi-row INSERT, existing accounts scattered through it: each
+/// account keeps its place, the existing ones their ids, and each gets one log row.
+async fn a_wide_batch_keeps_each_account_in_its_place() {
+    let (_dir, store) = sealing_store().await;
+    let subject = |k: usize| format!("s{k:03}");
+    let existing: Vec<usize> = vec![0, 49, 50, 51, 120, 249];
+    let old = insert(
+        &store,
+        existing
+            .iter()
+            .map(|&k| new_account("tiktok", &subject(k), NOW))
+            .collect(),
+    )
+    .await;
+    let batch: Vec<NewAccount> = (0..250)
+        .map(|k| NewAccount {
+            tokens: tokens(&format!("at2-{k}"), Some(&format!("rt2-{k}"))),
+            ..new_account("tiktok", &subject(k), NOW + 100)
+        })
+        .collect();
+    let ids = store.upsert(batch, NOW + 10).await.unwrap();
+    assert_eq!(ids.len(), 250);
+    for (k, (id, new)) in ids.iter().enumerate() {
+        let was = existing.iter().position(|&e| e == k);
+        assert_eq!(*new, was.is_none(), "account {k}");
+        if let Some(w) = was {
+            assert_eq!(*id, old[w], "account {k} keeps its id");
+        }
+        let a = get(&store, *id).await;
+        assert_eq!(a.subject, subject(k));
+        assert_eq!(a.access_token.expose_secret(), format!("at2-{k}"));
+        assert_eq!(a.refresh_token.expose_secret(), format!("rt2-{k}"));
+        let imports = if was.is_some() { 2 } else { 1 };
+        assert_eq!(log_outcomes(&store, *id).await, vec!["imported"; imports]);
+    }
+    let mut distinct: Vec<i64> = ids.iter().map(|(id, _)| *id).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 250);
+    store.close().await;
+}
+
+/// An account refused in the middle of a streamed import (under a lease) fails the import
+/// whole: the accounts written before it, in its batch and in earlier ones, are gone.
+async fn a_refusal_in_the_middle_of_a_stream_leaves_nothing() {
+    let (_dir, store) = temp_store().await;
+    let leased = insert(&store, vec![new_account("tiktok", "leased", NOW)]).await[0];
+    let claimed = store.claim_due("me", NOW, LEASE, 10).await.unwrap();
+    assert_eq!(ids(&claimed), [leased]);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let writer = tokio::spawn({
+        let store = store.clone();
+        async move { store.upsert_stream(rx, NOW + 1, |_, _| {}).await }
+    });
+    let fresh = |from: usize, n: usize| -> Vec<NewAccount> {
+        (from..from + n)
+            .map(|k| new_account("tiktok", &format!("s{k}"), NOW))
+            .collect()
+    };
+    tx.send(Some(fresh(0, 300))).await.unwrap();
+    let mut second = fresh(300, 130);
+    second.insert(
+        77,
+        NewAccount {
+            obtained_at: NOW + 1,
+            ..new_account("tiktok", "leased", NOW)
+        },
+    );
+    tx.send(Some(second)).await.unwrap();
+    let _ = tx.send(Some(fresh(500, 10))).await;
+    let _ = tx.send(None).await;
+    let e = writer.await.unwrap().unwrap_err();
+    assert!(e.to_string().contains("leased"), "{e}");
+    assert_eq!(
+        store.counts().await.unwrap(),
+        vec![("tiktok".to_string(), Status::Active, 1)]
+    );
+    assert_eq!(log_outcomes(&store, leased).await, ["imported"]);
+    store.close().await;
+}
+
+/// A streamed SQLite import keeps temporary files in memory while it runs (its statement
+/// journals) and puts the setting back after, committed or rolled back: the connection is the
+/// daemon's too.
+#[tokio::test]
+async fn a_sqlite_import_puts_its_setting_back() {
+    let (_dir, store) = POSTGRES.scope(None, temp_store()).await;
+    let Backend::Sqlite(s) = &store.backend else {
+        unreachable!("a SQLite store")
+    };
+    let temp_store = || {
+        s.read(|c| {
+            c.query_row("PRAGMA temp_store", [], |r| r.get::<_, i64>(0))
+                .map_err(|source| StoreError::Sqlite {
+                    context: "read temp_store",
+                    source,
+                })
+        })
+    };
+    let before = temp_store().await.unwrap();
+    assert_ne!(
+        before, 2,
+        "the test needs a connection whose temp_store is not MEMORY"
+    );
+    for commit in [true, false] {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let during = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let writer = tokio::spawn({
+            let (store, during) = (store.clone(), during.clone());
+            async move {
+                store
+                    .upsert_stream(rx, NOW, move |_, _| {
+                        *during.lock().unwrap() = Some(());
+                    })
+                    .await
+            }
+        });
+        let subject = if commit { "a" } else { "b" };
+        tx.send(Some(vec![new_account("tiktok", subject, NOW)]))
+            .await
+            .unwrap();
+        if commit {
+            tx.send(None).await.unwrap();
+        }
+        drop(tx);
+        assert_eq!(writer.await.unwrap().is_ok(), commit);
+        assert!(during.lock().unwrap().is_some());
+        assert_eq!(temp_store().await.unwrap(), before);
+    }
+    store.close().await;
+}
+
 /// On PostgreSQL a batch finds its accounts through the (provider, subject) index, never by
 /// reading the whole table: a scan per batch made a large import quadratic.
 #[tokio::test]
@@ -158,4 +290,6 @@ async fn a_postgres_batch_is_looked_up_through_the_index() {
 on_both_backends!(
     a_batch_of_new_and_existing_accounts_gets_ids_in_order_sealed_for_them,
     a_stream_of_batches_commits_whole_or_leaves_nothing,
+    a_wide_batch_keeps_each_account_in_its_place,
+    a_refusal_in_the_middle_of_a_stream_leaves_nothing,
 );
