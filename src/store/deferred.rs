@@ -33,7 +33,7 @@ pub(crate) struct Health {
     pub liveness_lost: AtomicBool,
     /// The `now` of the last claim (the engine's clock), for telling live leases.
     pub claim_now: AtomicI64,
-    /// PostgreSQL: liveness checks run so far, which tests wait on.
+    /// PostgreSQL: looks for dead replicas run so far, which tests wait on.
     #[cfg(test)]
     pub liveness_checks: std::sync::atomic::AtomicU64,
     /// Whether the start-up checks passed: the SQLite worker writes nothing before.

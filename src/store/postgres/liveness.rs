@@ -35,14 +35,19 @@ const CHECK_EVERY: Duration = if cfg!(test) {
 /// one would make each claim rewrite every index), so in a burst over a large store it
 /// costs the server tenths of a second; after one, the looks pause this many times as long
 /// as it took, keeping them under a twentieth of one server core. A small or quiet store is
-/// looked at every second; the lock's connection is checked every second whatever the looks
+/// looked at every second; the lock's connection is probed every second whatever the looks
 /// cost.
 const SPACING: u32 = 20;
 
-/// How long the looks pause after one that took `took` (ticks in between only check the
+/// The longest pause between looks, however long the last one took (a slow server or
+/// network): well under the default `store.lease` (5 minutes), so a dead replica's leases
+/// are taken over by a look, not left to run out.
+const MOST_PAUSE: Duration = Duration::from_secs(10);
+
+/// How long the looks pause after one that took `took` (ticks in between only probe the
 /// lock's connection).
 fn pause_after(took: Duration) -> Duration {
-    took.saturating_mul(SPACING)
+    took.saturating_mul(SPACING).min(MOST_PAUSE)
 }
 
 /// Opens a new dedicated connection (its I/O task spawned).
@@ -135,14 +140,16 @@ impl Liveness {
             let look = tokio::time::Instant::now() >= next_look;
             if let Some(took) = self.tick(look).await {
                 next_look = tokio::time::Instant::now() + pause_after(took);
+                // Tests wait for whole looks, not for ticks that only probed.
+                #[cfg(test)]
+                self.health.liveness_checks.fetch_add(1, Ordering::Relaxed);
             }
-            #[cfg(test)]
-            self.health.liveness_checks.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Re-acquires a lost lock, then looks for dead replicas when `look`; how long that
-    /// look took (None when there was none; a failed look is retried at the next tick).
+    /// Re-acquires a lost lock, then looks for dead replicas when `look`, else probes the
+    /// lock's connection; how long the look took (None when there was none; a failed look
+    /// is retried at the next tick).
     async fn tick(&mut self, look: bool) -> Option<Duration> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             if self.client.take().is_some() {
@@ -164,6 +171,14 @@ impl Liveness {
             }
         }
         if !look {
+            // Some breaks show only when something is written (a moved address answers with
+            // a reset): an empty query finds them within a second, as a look would. A failed
+            // probe closes the client, so the next tick reports the lock lost.
+            if let Some(client) = &self.client
+                && let Err(e) = client.simple_query("").await
+            {
+                tracing::debug!(event = "liveness_probe_failed", error = %e, "the liveness lock's connection did not answer");
+            }
             return None;
         }
         let started = tokio::time::Instant::now();
@@ -253,5 +268,8 @@ mod tests {
             pause_after(Duration::from_millis(400)),
             Duration::from_secs(8)
         );
+        // A 15 s look (a slow server) pauses them for 10 s, not 5 minutes (the default
+        // store.lease, after which the leases would have run out anyway).
+        assert_eq!(pause_after(Duration::from_secs(15)), MOST_PAUSE);
     }
 }
