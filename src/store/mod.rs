@@ -556,8 +556,13 @@ impl Store {
                 let back = s
                     .call(move |c| sqlite::writes::restore_settings(c, before))
                     .await;
-                // The import's own error outranks one putting the settings back.
-                written.and(back)
+                // Once the import committed, a setting left changed must not hide it (its
+                // counts and flagged accounts are still to be reported).
+                if let (Ok(()), Err(e)) = (&written, &back) {
+                    tracing::warn!(event = "import_setting_not_restored", error = %e,
+                        "the import committed; its connection keeps temp_store = MEMORY");
+                }
+                written
             }
             Backend::Postgres(p) => {
                 p.in_tx("import accounts", async |tx| {

@@ -45,7 +45,7 @@ const INSERT_BATCH: &str = "INSERT INTO accounts (id, provider, subject, label, 
 /// Returns (id, inserted) per account in input order.
 ///
 /// A few statements per batch, whatever its size, each carrying the whole batch as arrays
-/// (`unnest`), each prepared once per connection. Every account first gets an id from the
+/// (`unnest`); those every import runs are prepared once per connection. Every account first gets an id from the
 /// sequence (so its tokens are sealed for it before the INSERT), then one INSERT writes the
 /// new ones and skips those that exist (their ids stay unused). Only the skipped ones are
 /// then looked up and locked (`LOOK_UP_BATCH`), checked and written by one UPDATE; an

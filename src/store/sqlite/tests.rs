@@ -757,3 +757,15 @@ fn the_checkpoint_thread_never_creates_a_deleted_store_file() {
         "the checkpoint thread made a new store file"
     );
 }
+
+#[test]
+fn an_imports_settings_keep_temporary_files_in_memory_and_are_put_back() {
+    let mut c = Connection::open_in_memory().unwrap();
+    let temp_store =
+        |c: &Connection| -> i64 { c.query_row("PRAGMA temp_store", [], |r| r.get(0)).unwrap() };
+    c.pragma_update(None, "temp_store", 1).unwrap();
+    let before = writes::import_settings(&mut c).unwrap();
+    assert_eq!(temp_store(&c), 2, "MEMORY while the import runs");
+    writes::restore_settings(&mut c, before).unwrap();
+    assert_eq!(temp_store(&c), 1, "put back after it");
+}

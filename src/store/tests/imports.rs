@@ -197,9 +197,9 @@ async fn a_refusal_in_the_middle_of_a_stream_leaves_nothing() {
     store.close().await;
 }
 
-/// A streamed SQLite import keeps temporary files in memory while it runs (its statement
-/// journals) and puts the setting back after, committed or rolled back: the connection is the
-/// daemon's too.
+/// A streamed SQLite import puts its temporary-storage setting back after its transaction,
+/// committed or rolled back: the store's connection outlives the import (the setting itself
+/// is tested in `sqlite/tests.rs`).
 #[tokio::test]
 async fn a_sqlite_import_puts_its_setting_back() {
     let (_dir, store) = POSTGRES.scope(None, temp_store()).await;
