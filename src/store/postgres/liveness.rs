@@ -172,8 +172,9 @@ impl Liveness {
         }
         if !look {
             // Some breaks show only when something is written (a moved address answers with
-            // a reset): an empty query finds them within a second, as a look would. A failed
-            // probe closes the client, so the next tick reports the lock lost.
+            // a reset): an empty query finds them within a second, as a look would. A write
+            // that fails on the socket ends the connection, so the next tick reports the
+            // lock lost; a connection that never answers stays a blind spot (as before).
             if let Some(client) = &self.client
                 && let Err(e) = client.simple_query("").await
             {
