@@ -303,41 +303,19 @@ impl Engine {
                     }
                     continue;
                 }
-                let next = self
-                    .store
-                    .next_due_except(now, skip.clone())
+                if self
+                    .idle(now, now_ms, cfg, &skip, &mut settings_rx, &shutdown)
                     .await
-                    .unwrap_or(None);
-                let idle_until = self.clock.now_millis() + cfg.refresh.max_idle.as_millis() as i64;
-                let deadline = next
-                    .map(|t| policy::wake_for_due(t, now_ms).min(idle_until))
-                    .unwrap_or(idle_until)
-                    .min(self.next_probe().unwrap_or(i64::MAX));
-                tracing::trace!(event = "idle", next_due = next.map(rfc3339), "nothing due");
-                // Nothing due: a refresh that ends makes the loop look again only if its
-                // account is due before this wake-up (a retry, an account given back) or
-                // its next due time is unknown, not after each rotation (`in_flight.rs`);
-                // while a provider has no room for claims, its accounts wait for the first
-                // refresh of it to end.
-                let skipped = !skip.is_empty();
-                let refreshes_end = async {
-                    match skipped {
-                        true => self.in_flight.one_ended().await,
-                        false => {
-                            let wake_for = |t| policy::wake_for_due(t, now_ms);
-                            self.in_flight.due_before(deadline, wake_for).await
-                        }
-                    }
-                };
-                tokio::select! {
-                    _ = self.clock.sleep_until_millis(deadline) => {}
-                    _ = self.wake.notified() => {}
-                    _ = refreshes_end => {}
-                    _ = async { if settings_rx.changed().await.is_err() { std::future::pending::<()>().await } } => {}
-                    _ = shutdown.cancelled() => break,
+                {
+                    break;
                 }
                 continue;
             }
+            // A claim that came back short took everything due and unleased: claiming again
+            // at once would only walk past the accounts it just leased (in the claim, then
+            // in the next-due query) to find nothing, so the loop waits as after an empty
+            // claim.
+            let drained = !once && skip.is_empty() && claimed.len() < want;
             for account in claimed {
                 // Room now if there is some; otherwise the task waits for it (holding no
                 // global permit) and the provider counts as saturated meanwhile.
@@ -370,6 +348,13 @@ impl Engine {
                     .instrument(span),
                 );
             }
+            if drained
+                && self
+                    .idle(now, now_ms, cfg, &skip, &mut settings_rx, &shutdown)
+                    .await
+            {
+                break;
+            }
         }
         tracker.close();
         if once {
@@ -394,6 +379,52 @@ impl Engine {
             tracker.wait().await;
         }
         Ok(())
+    }
+
+    /// Nothing (more) due now: waits until the next due account's wake-up (less the claim
+    /// lead), `refresh.max_idle`, a circuit's next probe, a wake-up, a new configuration, or
+    /// a refresh that ends making its account due before then. Returns true on shutdown.
+    async fn idle(
+        &self,
+        now: i64,
+        now_ms: i64,
+        cfg: &Config,
+        skip: &[String],
+        settings_rx: &mut watch::Receiver<Arc<Settings>>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let next = self
+            .store
+            .next_due_except(now, skip.to_vec())
+            .await
+            .unwrap_or(None);
+        let idle_until = self.clock.now_millis() + cfg.refresh.max_idle.as_millis() as i64;
+        let deadline = next
+            .map(|t| policy::wake_for_due(t, now_ms).min(idle_until))
+            .unwrap_or(idle_until)
+            .min(self.next_probe().unwrap_or(i64::MAX));
+        tracing::trace!(event = "idle", next_due = next.map(rfc3339), "nothing due");
+        // Nothing due: a refresh that ends makes the loop look again only if its account
+        // is due before this wake-up (a retry, an account given back) or its next due time
+        // is unknown, not after each rotation (`in_flight.rs`); while a provider has no
+        // room for claims, its accounts wait for the first refresh of it to end.
+        let skipped = !skip.is_empty();
+        let refreshes_end = async {
+            match skipped {
+                true => self.in_flight.one_ended().await,
+                false => {
+                    let wake_for = |t| policy::wake_for_due(t, now_ms);
+                    self.in_flight.due_before(deadline, wake_for).await
+                }
+            }
+        };
+        tokio::select! {
+            _ = self.clock.sleep_until_millis(deadline) => false,
+            _ = self.wake.notified() => false,
+            _ = refreshes_end => false,
+            _ = async { if settings_rx.changed().await.is_err() { std::future::pending::<()>().await } } => false,
+            _ = shutdown.cancelled() => true,
+        }
     }
 
     /// Backpressure: no new claims while answers wait for durability beyond

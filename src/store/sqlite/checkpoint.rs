@@ -1,7 +1,9 @@
 //! WAL checkpoints off the writer: a thread of its own, on a connection of its own, copies
 //! the WAL into the database file with PASSIVE checkpoints (which never wait for the writer,
-//! nor make it wait), at most every `CHECKPOINT_EVERY` while the worker commits fast, less
-//! often while it commits slowly. The writer keeps SQLite's automatic checkpoint only as the
+//! nor make it wait), at most every `CHECKPOINT_EVERY` while the worker commits fast, and
+//! while it commits slowly once about `FRAMES_PER_CHECKPOINT` frames gathered at its pace
+//! (`next_interval`), `URGENT_COMMITS` commits cutting a long wait short when the pace
+//! picks up. The writer keeps SQLite's automatic checkpoint only as the
 //! WAL's bound (`WAL_BOUND_PAGES`): a WAL is started over only once every frame in it is
 //! copied, which a checkpoint running beside a busy writer rarely sees; by then this thread
 //! has copied nearly all of it, so the writer's own checkpoint copies a short tail and the
@@ -12,7 +14,7 @@ use crate::store::error::StoreError;
 use crate::store::types::StoreOptions;
 use rusqlite::Connection;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -23,18 +25,25 @@ pub(super) const WAL_BOUND_PAGES: u32 = 4000;
 /// At most one checkpoint this often: each one fsyncs the WAL and the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// The longest wait between checkpoints while commits arrive slowly.
-const CHECKPOINT_EVERY_AT_MOST: Duration = Duration::from_secs(2);
-/// Fewer new WAL frames than this since the last checkpoint (SQLite's own automatic
-/// checkpoint threshold) and the next wait doubles: at a daemon's everyday pace (~139
-/// refreshes a second at 1M accounts) a checkpoint every 100 ms cost more CPU, in its
-/// fsyncs, than the writer's own checkpoints it replaced.
-const FRAMES_WORTH_A_CHECKPOINT: i64 = 1000;
+const CHECKPOINT_EVERY_AT_MOST: Duration = Duration::from_secs(10);
+/// The new WAL frames a checkpoint waits for while commits arrive slowly (SQLite's own
+/// automatic checkpoint threshold; 4 MiB of 4 KiB pages). Each checkpoint costs two fsyncs
+/// here and a third on the writer (the header of the WAL started over after it), and pages
+/// written again meanwhile (the refresh log's last page, the accounts' index pages) are
+/// copied once: at a daemon's everyday pace (~139 refreshes a second at 1M accounts, about
+/// 175 frames a second) a checkpoint every 2 s took a twentieth of the daemon's CPU.
+const FRAMES_PER_CHECKPOINT: i64 = 1000;
+/// Commits since the last checkpoint that end a long wait at once: commits pouring in after
+/// a quiet spell are not left to fill the WAL to its bound (and the writer to copy it).
+const URGENT_COMMITS: u32 = 64;
 
 /// The writer's handle on the checkpoint thread; dropping it stops and joins the thread.
 pub(super) struct Checkpointer {
     /// Set by a commit, cleared by the thread before it checkpoints: a commit wakes the
     /// thread only when no checkpoint is pending already (one atomic per commit).
     pending: Arc<AtomicBool>,
+    /// Commits since the thread last checkpointed (`URGENT_COMMITS`).
+    commits: Arc<AtomicU32>,
     wake: Option<std_mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -47,16 +56,18 @@ impl Checkpointer {
         let conn = connect_existing(opts)?;
         let (wake, rx) = std_mpsc::channel();
         let pending = Arc::new(AtomicBool::new(false));
-        let flag = pending.clone();
+        let commits = Arc::new(AtomicU32::new(0));
+        let (flag, count) = (pending.clone(), commits.clone());
         let thread = std::thread::Builder::new()
             .name("refreshd-checkpoint".into())
-            .spawn(move || run(&conn, &rx, &flag))
+            .spawn(move || run(&conn, &rx, &flag, &count))
             .map_err(|source| StoreError::Create {
                 path: opts.path.clone(),
                 source,
             })?;
         let me = Checkpointer {
             pending,
+            commits,
             wake: Some(wake),
             thread: Some(thread),
         };
@@ -69,9 +80,11 @@ impl Checkpointer {
         Ok(me)
     }
 
-    /// A commit added pages to the WAL.
+    /// A commit added pages to the WAL: the first since the last checkpoint starts the
+    /// thread's wait, the `URGENT_COMMITS`th ends it.
     pub(super) fn committed(&self) {
-        if !self.pending.swap(true, Ordering::AcqRel)
+        let n = self.commits.fetch_add(1, Ordering::AcqRel) + 1;
+        if (!self.pending.swap(true, Ordering::AcqRel) || n == URGENT_COMMITS)
             && let Some(wake) = &self.wake
         {
             let _ = wake.send(());
@@ -91,21 +104,31 @@ impl Drop for Checkpointer {
 }
 
 /// Waits for a commit, lets the current interval pass (commits meanwhile only set
-/// `pending`), then checkpoints everything committed so far; ends when the writer drops its
-/// handle. The interval follows the pace of commits (`next_interval`).
-fn run(conn: &Connection, wake: &std_mpsc::Receiver<()>, pending: &AtomicBool) {
+/// `pending`, until `URGENT_COMMITS` of them end the wait), then checkpoints everything
+/// committed so far; ends when the writer drops its handle. The interval follows the pace
+/// of the WAL's frames (`next_interval`).
+fn run(
+    conn: &Connection,
+    wake: &std_mpsc::Receiver<()>,
+    pending: &AtomicBool,
+    commits: &AtomicU32,
+) {
     let mut every = CHECKPOINT_EVERY;
     let mut last_log = 0;
     while wake.recv().is_ok() {
+        // From the first commit since the last checkpoint: the pace of the frames.
+        let first_commit = std::time::Instant::now();
         if let Err(std_mpsc::RecvTimeoutError::Disconnected) = wake.recv_timeout(every) {
             return;
         }
+        let waited = first_commit.elapsed();
+        commits.store(0, Ordering::Release);
         pending.store(false, Ordering::Release);
         match passive(conn) {
             Ok(log) => {
                 // A WAL started over since (shorter than before) counts from its start.
                 let new_frames = if log >= last_log { log - last_log } else { log };
-                every = next_interval(every, new_frames);
+                every = next_interval(waited, new_frames);
                 last_log = log;
             }
             Err(source) => {
@@ -117,20 +140,21 @@ fn run(conn: &Connection, wake: &std_mpsc::Receiver<()>, pending: &AtomicBool) {
 }
 
 /// The wait before the next checkpoint, after one that found `new_frames` frames added to
-/// the WAL since the one before: back to the shortest while commits pour in, doubled (up to
-/// `CHECKPOINT_EVERY_AT_MOST`) while they trickle.
+/// the WAL in the `every` waited before it: about the time the same pace takes to add
+/// `FRAMES_PER_CHECKPOINT` frames, between `CHECKPOINT_EVERY` (commits pouring in) and
+/// `CHECKPOINT_EVERY_AT_MOST` (a trickle).
 fn next_interval(every: Duration, new_frames: i64) -> Duration {
-    if new_frames >= FRAMES_WORTH_A_CHECKPOINT {
-        CHECKPOINT_EVERY
-    } else {
-        (every * 2).min(CHECKPOINT_EVERY_AT_MOST)
-    }
+    let frames = new_frames.max(1) as u128;
+    let at_pace = every.as_micros() * FRAMES_PER_CHECKPOINT as u128 / frames;
+    let at_pace = Duration::from_micros(at_pace.min(u64::MAX as u128) as u64);
+    at_pace.clamp(CHECKPOINT_EVERY, CHECKPOINT_EVERY_AT_MOST)
 }
 
 /// One PASSIVE checkpoint: copies what it can without waiting for anyone. Returns the
 /// frames in the WAL.
 fn passive(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
+    conn.prepare_cached("PRAGMA wal_checkpoint(PASSIVE)")?
+        .query_row([], |r| r.get(1))
 }
 
 #[cfg(test)]
@@ -138,15 +162,63 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_interval_doubles_while_commits_trickle_and_resets_when_they_pour_in() {
-        let mut every = CHECKPOINT_EVERY;
-        for expected in [200, 400, 800, 1600, 2000, 2000] {
-            every = next_interval(every, FRAMES_WORTH_A_CHECKPOINT - 1);
-            assert_eq!(every, Duration::from_millis(expected));
-        }
+    fn the_interval_gathers_a_checkpoints_frames_at_the_pace_seen() {
+        // The realistic pace: ~175 frames a second.
+        let every = next_interval(CHECKPOINT_EVERY, 17);
+        assert_eq!(every, Duration::from_micros(5_882_352));
         assert_eq!(
-            next_interval(every, FRAMES_WORTH_A_CHECKPOINT),
-            CHECKPOINT_EVERY
+            next_interval(every, 1029),
+            Duration::from_micros(5_716_571),
+            "steady at that pace"
         );
+        assert_eq!(
+            next_interval(Duration::from_secs(2), 350),
+            Duration::from_micros(5_714_285)
+        );
+        assert_eq!(
+            next_interval(every, 0),
+            CHECKPOINT_EVERY_AT_MOST,
+            "nothing new: the longest wait"
+        );
+        assert_eq!(
+            next_interval(CHECKPOINT_EVERY, 5000),
+            CHECKPOINT_EVERY,
+            "commits pouring in: the shortest"
+        );
+        assert_eq!(
+            next_interval(Duration::from_secs(10), 2000),
+            Duration::from_secs(5)
+        );
+    }
+
+    /// The handle without its thread, and what it sends the thread.
+    fn handle() -> (Checkpointer, std_mpsc::Receiver<()>) {
+        let (wake, rx) = std_mpsc::channel();
+        let me = Checkpointer {
+            pending: Arc::default(),
+            commits: Arc::default(),
+            wake: Some(wake),
+            thread: None,
+        };
+        (me, rx)
+    }
+
+    #[test]
+    fn the_first_commit_starts_the_wait_and_a_flood_of_them_ends_it() {
+        let (me, rx) = handle();
+        me.committed();
+        assert_eq!(
+            rx.try_iter().count(),
+            1,
+            "the first commit wakes the thread"
+        );
+        for _ in 1..URGENT_COMMITS - 1 {
+            me.committed();
+        }
+        assert_eq!(rx.try_iter().count(), 0, "later ones only count");
+        me.committed();
+        assert_eq!(rx.try_iter().count(), 1, "the urgent one ends the wait");
+        me.committed();
+        assert_eq!(rx.try_iter().count(), 0);
     }
 }

@@ -211,3 +211,67 @@ async fn shutdown_while_waiting_to_be_old_enough_gives_the_lease_back_unsent() {
     let a = account(&store, id).await;
     assert_eq!((a.failures, a.next_refresh_at), (1, old_enough_at));
 }
+
+/// A claim that came back short took everything due: the loop waits for the next due
+/// account, as after an empty claim, rather than claiming again at once only to walk past
+/// the accounts it just leased. Claims are numbered in their lease owner (`owner:N`).
+#[tokio::test]
+async fn a_claim_that_comes_back_short_is_not_followed_by_another_at_once() {
+    use refreshd::sandbox::TOKEN_PATH;
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let app = TestApp::start(SandboxConfig::default()).await;
+    let server = MockServer::start().await;
+    let body = serde_json::json!({
+        "access_token": "act.from-wiremock", "expires_in": 7200,
+        "refresh_token": "rft.from-wiremock", "refresh_expires_in": 86_400 * 100,
+        "open_id": "u1", "scope": "user.info.basic", "token_type": "Bearer",
+    });
+    // The first account's request is answered at once; the second's hangs (past the
+    // test's end), so its lease stays to be read.
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(body.clone()))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(body)
+                .set_delay(Duration::from_secs(30)),
+        )
+        .mount(&server)
+        .await;
+    let config = super::config_with(
+        &app,
+        &format!("{}{TOKEN_PATH}", server.uri()),
+        &[("refresh", "request_timeout", "10s".into())],
+    );
+    let store = app.store().await;
+    let first = app.import(&store, &config, &["u1"], None).await[0];
+    app.clock.advance(Duration::from_secs(3600));
+    let second = app.import(&store, &config, &["u2"], None).await[0];
+    app.clock.set(account(&store, first).await.next_refresh_at);
+    let (engine, _tx) = engine(&store, &app.clock, &config);
+    let shutdown = CancellationToken::new();
+    let task = spawn_run(&engine, &shutdown);
+    let stats = engine.stats();
+    assert!(helpers::eventually(5, || async { stats.snapshot().rotated == 1 }).await);
+    wait_until_idle(&engine, &app.clock).await;
+
+    app.clock.set(account(&store, second).await.next_refresh_at);
+    let leased = || async { super::lease(&store, second).await.0.is_some() };
+    assert!(
+        helpers::eventually(5, leased).await,
+        "the second account was not claimed"
+    );
+    let owner = super::lease(&store, second).await.0.unwrap();
+    assert!(
+        owner.ends_with(":2"),
+        "{owner}: the second account's claim was not the loop's second"
+    );
+    shutdown.cancel();
+    task.abort();
+}
