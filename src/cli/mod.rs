@@ -13,6 +13,7 @@ mod import;
 mod plan;
 #[cfg(test)]
 mod reference;
+mod resident;
 mod run;
 mod store;
 #[cfg(test)]

@@ -18,6 +18,12 @@ pub async fn run(config: Config, once: bool) -> Result<u8> {
     opts.config_file = config.file.clone();
     opts.once = once;
     opts.reload = Some(reload);
+    if !once {
+        // Start-up's code stays mapped otherwise, some megabytes the daemon never runs again.
+        opts.on_ready = Some(Box::new(|_, _, _| {
+            super::resident::release_startup_code();
+        }));
+    }
     let report = lifecycle::run(config, opts, shutdown).await?;
     if once && report.newly_flagged() > 0 {
         eprintln!(
