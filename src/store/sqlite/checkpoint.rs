@@ -114,7 +114,7 @@ fn run(
     commits: &AtomicU32,
 ) {
     let mut every = CHECKPOINT_EVERY;
-    let mut last_log = 0;
+    let (mut last_log, mut last_complete) = (0, true);
     while wake.recv().is_ok() {
         // From the first commit since the last checkpoint: the pace of the frames.
         let first_commit = std::time::Instant::now();
@@ -125,11 +125,9 @@ fn run(
         commits.store(0, Ordering::Release);
         pending.store(false, Ordering::Release);
         match passive(conn) {
-            Ok(log) => {
-                // A WAL started over since (shorter than before) counts from its start.
-                let new_frames = if log >= last_log { log - last_log } else { log };
-                every = next_interval(waited, new_frames);
-                last_log = log;
+            Ok((log, copied)) => {
+                every = next_interval(waited, frames_since(log, last_log, last_complete));
+                (last_log, last_complete) = (log, copied >= log);
             }
             Err(source) => {
                 // The writer's own checkpoint still bounds the WAL.
@@ -150,11 +148,25 @@ fn next_interval(every: Duration, new_frames: i64) -> Duration {
     at_pace.clamp(CHECKPOINT_EVERY, CHECKPOINT_EVERY_AT_MOST)
 }
 
+/// The frames added to the WAL since the last checkpoint, which found `last_log` frames in
+/// it (all of them copied: `last_complete`), where this one finds `log`. After a complete
+/// checkpoint the writer's next commit starts the WAL over, so every frame in it is new,
+/// even where it is as long as before; a WAL shorter than before started over too. (A
+/// reader can keep a complete WAL from starting over: then this counts the old frames too,
+/// and the next wait comes out shorter, never longer.)
+fn frames_since(log: i64, last_log: i64, last_complete: bool) -> i64 {
+    if last_complete || log < last_log {
+        log
+    } else {
+        log - last_log
+    }
+}
+
 /// One PASSIVE checkpoint: copies what it can without waiting for anyone. Returns the
-/// frames in the WAL.
-fn passive(conn: &Connection) -> rusqlite::Result<i64> {
+/// frames in the WAL and how many of them are copied into the database file.
+fn passive(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
     conn.prepare_cached("PRAGMA wal_checkpoint(PASSIVE)")?
-        .query_row([], |r| r.get(1))
+        .query_row([], |r| Ok((r.get(1)?, r.get(2)?)))
 }
 
 #[cfg(test)]
@@ -188,6 +200,58 @@ mod tests {
         assert_eq!(
             next_interval(Duration::from_secs(10), 2000),
             Duration::from_secs(5)
+        );
+    }
+
+    #[test]
+    fn frames_since_the_last_checkpoint_count_a_restarted_wal_whole() {
+        assert_eq!(
+            frames_since(1029, 1029, true),
+            1029,
+            "started over after a complete checkpoint, as long as before: all new"
+        );
+        assert_eq!(frames_since(900, 1029, true), 900);
+        assert_eq!(
+            frames_since(1500, 1029, false),
+            471,
+            "not all copied last time: the WAL grew on"
+        );
+        assert_eq!(
+            frames_since(300, 1029, false),
+            300,
+            "shorter than before: started over"
+        );
+    }
+
+    /// A real WAL: a checkpoint with no reader in the way reports every frame copied (what
+    /// `frames_since` reads as complete), and the writer's next commits start the WAL over.
+    #[test]
+    fn a_complete_checkpoint_reports_every_frame_copied_and_the_wal_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal.db");
+        let writer = Connection::open(&path).unwrap();
+        writer
+            .execute_batch(
+                "PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0;
+                 CREATE TABLE t(x); INSERT INTO t VALUES (1);",
+            )
+            .unwrap();
+        let reader = Connection::open(&path).unwrap();
+        let (first, copied) = passive(&reader).unwrap();
+        assert!(first > 0 && copied == first, "{first} {copied}");
+        // The same transactions again: the WAL starts over and ends as long as before.
+        writer
+            .execute_batch("CREATE TABLE u(x); INSERT INTO u VALUES (1);")
+            .unwrap();
+        let (second, _) = passive(&reader).unwrap();
+        assert!(
+            second > 0 && second <= first,
+            "started over: {second} of {first}"
+        );
+        assert_eq!(
+            frames_since(second, first, copied >= first),
+            second,
+            "every frame of a restarted WAL is new"
         );
     }
 
