@@ -4,7 +4,7 @@
 
 use super::{
     BACKOFF_BASE, BACKOFF_MAX, DAY, HOUR, access_token, all_due_at, config_with, engine, lease,
-    outcomes, refresh_token, run_once, spawn_run,
+    mount_hanging_answer, outcomes, refresh_token, run_once, spawn_run, token_body,
 };
 use crate::helpers::{self, TestApp, account};
 use refreshd::config::Config;
@@ -18,19 +18,6 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 /// The ceiling of the backoff after the n-th consecutive failure, seconds.
 fn backoff_ceiling(failures: u32) -> i64 {
     (BACKOFF_BASE << (failures - 1).min(20)).min(BACKOFF_MAX)
-}
-
-/// A TikTok-shaped success body.
-fn token_body(open_id: &str) -> serde_json::Value {
-    serde_json::json!({
-        "access_token": "act.from-wiremock",
-        "expires_in": 7200,
-        "refresh_token": "rft.from-wiremock",
-        "refresh_expires_in": 86_400 * 100,
-        "open_id": open_id,
-        "scope": "user.info.basic",
-        "token_type": "Bearer",
-    })
 }
 
 /// The timestamp prefix of the sandbox's `log_id`s at unix second `now`.
@@ -482,16 +469,7 @@ async fn a_retry_is_sent_at_its_time_while_another_request_still_hangs() {
         .up_to_n_times(1)
         .mount(&server)
         .await;
-    Mock::given(method("POST"))
-        .and(path(TOKEN_PATH))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(token_body("u1"))
-                .set_delay(Duration::from_secs(30)),
-        )
-        .up_to_n_times(1)
-        .mount(&server)
-        .await;
+    mount_hanging_answer(&server, token_body("u1"), Some(1)).await;
     Mock::given(method("POST"))
         .and(path(TOKEN_PATH))
         .respond_with(ResponseTemplate::new(503))

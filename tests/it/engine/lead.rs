@@ -222,11 +222,7 @@ async fn a_claim_that_comes_back_short_is_not_followed_by_another_at_once() {
     use wiremock::{Mock, MockServer, ResponseTemplate};
     let app = TestApp::start(SandboxConfig::default()).await;
     let server = MockServer::start().await;
-    let body = serde_json::json!({
-        "access_token": "act.from-wiremock", "expires_in": 7200,
-        "refresh_token": "rft.from-wiremock", "refresh_expires_in": 86_400 * 100,
-        "open_id": "u1", "scope": "user.info.basic", "token_type": "Bearer",
-    });
+    let body = super::token_body("u1");
     // The first account's request is answered at once; the second's hangs (past the
     // test's end), so its lease stays to be read.
     Mock::given(method("POST"))
@@ -235,15 +231,7 @@ async fn a_claim_that_comes_back_short_is_not_followed_by_another_at_once() {
         .up_to_n_times(1)
         .mount(&server)
         .await;
-    Mock::given(method("POST"))
-        .and(path(TOKEN_PATH))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(body)
-                .set_delay(Duration::from_secs(30)),
-        )
-        .mount(&server)
-        .await;
+    super::mount_hanging_answer(&server, body, None).await;
     let config = super::config_with(
         &app,
         &format!("{}{TOKEN_PATH}", server.uri()),

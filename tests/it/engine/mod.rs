@@ -38,6 +38,41 @@ const INTERVAL: i64 = ACCESS_TTL - LEAD;
 const BACKOFF_BASE: i64 = 30;
 const BACKOFF_MAX: i64 = 1800;
 
+/// A TikTok-shaped success body.
+fn token_body(open_id: &str) -> serde_json::Value {
+    serde_json::json!({
+        "access_token": "act.from-wiremock",
+        "expires_in": 7200,
+        "refresh_token": "rft.from-wiremock",
+        "refresh_expires_in": 86_400 * 100,
+        "open_id": open_id,
+        "scope": "user.info.basic",
+        "token_type": "Bearer",
+    })
+}
+
+/// Answers the token endpoint on `server` with `body` after 30 s of real time, so a request
+/// hangs past a test's end and its account's lease stays to be read (`up_to`: that many
+/// requests, else all).
+async fn mount_hanging_answer(
+    server: &wiremock::MockServer,
+    body: serde_json::Value,
+    up_to: Option<u64>,
+) {
+    use wiremock::matchers::{method, path};
+    let mock = wiremock::Mock::given(method("POST"))
+        .and(path(refreshd::sandbox::TOKEN_PATH))
+        .respond_with(
+            wiremock::ResponseTemplate::new(200)
+                .set_body_json(body)
+                .set_delay(std::time::Duration::from_secs(30)),
+        );
+    match up_to {
+        Some(n) => mock.up_to_n_times(n).mount(server).await,
+        None => mock.mount(server).await,
+    }
+}
+
 /// The helpers' test config with keys replaced or added: `(section, key, value)`, where a
 /// section may be dotted (`providers.tiktok`).
 fn config_with(app: &TestApp, token_url: &str, overrides: &[(&str, &str, toml::Value)]) -> Config {
