@@ -172,10 +172,15 @@ impl Engine {
             }
             // Compared by pointer: the idle wait's `changed()` marks a new value as seen.
             if !Arc::ptr_eq(&settings, &settings_rx.borrow()) {
+                let before = settings.config.refresh.concurrency;
                 settings = settings_rx.borrow_and_update().clone();
                 self.metrics.providers_known(settings.providers.names());
-                // In-flight refreshes keep their permits of the old semaphore.
-                permits = Arc::new(Semaphore::new(settings.config.refresh.concurrency));
+                // Kept while the bound is the same, so refreshes in flight still count
+                // against it; a new bound starts afresh (in-flight refreshes keep their
+                // permits of the old semaphore).
+                if settings.config.refresh.concurrency != before {
+                    permits = Arc::new(Semaphore::new(settings.config.refresh.concurrency));
+                }
             }
             let cfg = &settings.config;
             // Claims are bounded by each provider's room (its slots and as many claimed

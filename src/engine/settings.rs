@@ -24,4 +24,12 @@ impl Settings {
             rules,
         })
     }
+
+    /// The settings a reload switches to: as `new`, with each provider whose pace did
+    /// not change keeping its rate limiter and slots (`Providers::carry_over`).
+    pub fn reloaded(config: Config, old: &Settings) -> Result<Settings, ProviderError> {
+        let mut settings = Settings::new(config)?;
+        settings.providers = settings.providers.carry_over(&old.providers);
+        Ok(settings)
+    }
 }

@@ -95,7 +95,7 @@ pub(super) fn reload_settings(
         return Ok(None);
     }
     log.set_level(&new.log.level).map_err(ReloadError::Log)?;
-    let settings = Settings::new(new)?;
+    let settings = Settings::reloaded(new, old)?;
     tracing::info!(event = "config_reloaded", changed = %changed.join(","), "config reloaded");
     Ok(Some(settings))
 }

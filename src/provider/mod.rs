@@ -55,7 +55,10 @@ pub struct Provider {
     /// The refresh endpoint, parsed once: a refresh only copies it.
     refresh_url: Option<url::Url>,
     http: reqwest::Client,
-    limiter: DefaultDirectRateLimiter,
+    /// What sizes the limiter and the semaphores below: a reload keeps all three when it
+    /// is unchanged (`Providers::carry_over`).
+    pace: Pace,
+    limiter: Arc<DefaultDirectRateLimiter>,
     /// Requests of this provider in flight: a stalled provider can hold only these, never
     /// every global permit.
     slots: Arc<Semaphore>,
@@ -74,6 +77,16 @@ impl std::fmt::Debug for Provider {
             .field("token_url", &self.profile.token_url)
             .finish_non_exhaustive()
     }
+}
+
+/// A provider's rate limit and bounds on requests: `rate_limit` per minute, `burst`, its
+/// slots (`concurrency`) and its claim depth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pace {
+    per_minute: NonZeroU32,
+    burst: NonZeroU32,
+    concurrency: usize,
+    depth: usize,
 }
 
 /// The HTTP client every token request uses: rustls, no redirects, timeouts from config.
@@ -129,6 +142,7 @@ impl Provider {
         }
         // A URL that does not parse is reported by `request` when it is used.
         let refresh_url = url::Url::parse(profile.refresh_endpoint()).ok();
+        let depth = claim_depth(concurrency, per_minute, config);
         Ok(Provider {
             name: name.to_string(),
             kind: p.kind(name).to_string(),
@@ -137,9 +151,17 @@ impl Provider {
             profile,
             refresh_url,
             http,
-            limiter: RateLimiter::direct(Quota::per_minute(per_minute).allow_burst(burst)),
+            pace: Pace {
+                per_minute,
+                burst,
+                concurrency,
+                depth,
+            },
+            limiter: Arc::new(RateLimiter::direct(
+                Quota::per_minute(per_minute).allow_burst(burst),
+            )),
             slots: Arc::new(Semaphore::new(concurrency)),
-            claims: Arc::new(Semaphore::new(claim_depth(concurrency, per_minute, config))),
+            claims: Arc::new(Semaphore::new(depth)),
             concurrency,
             max_body: config.refresh.max_response_bytes,
         })
@@ -627,6 +649,27 @@ impl Providers {
         Ok(Providers(map))
     }
 
+    /// After a reload: each provider whose pace (rate limit, burst, slots, claim depth) is
+    /// the same as in `old` keeps `old`'s rate limiter and semaphores, so the requests in
+    /// flight still count against its slots and the reload grants no fresh burst. A
+    /// provider whose pace changed starts afresh (its requests in flight finish outside
+    /// the new bounds).
+    pub fn carry_over(mut self, old: &Providers) -> Providers {
+        for (name, new) in self.0.iter_mut() {
+            let Some(prev) = old.0.get(name) else {
+                continue;
+            };
+            if prev.pace != new.pace {
+                continue;
+            }
+            let p = Arc::get_mut(new).expect("a provider being built is not shared yet");
+            p.limiter = prev.limiter.clone();
+            p.slots = prev.slots.clone();
+            p.claims = prev.claims.clone();
+        }
+        self
+    }
+
     /// Providers with no room for another claim: the engine does not claim their accounts.
     pub fn saturated(&self) -> Vec<String> {
         self.0
@@ -684,5 +727,60 @@ mod tests {
             "{d:?}"
         );
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    fn providers(toml: &str) -> Providers {
+        Providers::from_config(&Config::from_toml_str(toml).unwrap()).unwrap()
+    }
+
+    const TWO: &str = "[providers.tiktok]\nclient_key = \"k\"\nclient_secret = \"s\"\n\
+                       rate_limit = 60\nburst = 2\nconcurrency = 4\n\
+                       [providers.linkedin]\nclient_key = \"k\"\nclient_secret = \"s\"\n\
+                       rate_limit = 60\nburst = 2\nconcurrency = 4\n";
+
+    /// A reload that leaves a provider's pace alone grants it no fresh burst and no fresh
+    /// slots: what is in flight or spent before the reload still counts.
+    #[tokio::test]
+    async fn a_reload_keeps_the_limiter_and_slots_of_an_unchanged_provider() {
+        let old = providers(TWO);
+        let tiktok = old.get("tiktok").unwrap();
+        let _in_flight = tiktok.slot().await;
+        let _claimed = tiktok.try_claim().unwrap();
+        assert!(tiktok.limiter.check().is_ok() && tiktok.limiter.check().is_ok());
+        assert!(tiktok.limiter.check().is_err(), "the burst of 2 is spent");
+
+        let new = providers(TWO).carry_over(&old);
+        let t = new.get("tiktok").unwrap();
+        assert_eq!(t.free_slots(), 3, "the request in flight holds a slot");
+        assert_eq!(t.claim_room(), tiktok.claim_room());
+        assert!(
+            t.limiter.check().is_err(),
+            "no fresh burst after the reload"
+        );
+        let l = new.get("linkedin").unwrap();
+        assert_eq!(l.free_slots(), 4);
+    }
+
+    /// A provider whose rate limit or slots changed gets the new ones at once.
+    #[tokio::test]
+    async fn a_reload_gives_a_changed_provider_its_new_pace() {
+        let old = providers(TWO);
+        let tiktok = old.get("tiktok").unwrap();
+        let _in_flight = tiktok.slot().await;
+        let faster = TWO.replacen(
+            "rate_limit = 60\nburst = 2\nconcurrency = 4",
+            "rate_limit = 120\nburst = 2\nconcurrency = 8",
+            1,
+        );
+        let new = providers(&faster).carry_over(&old);
+        let t = new.get("tiktok").unwrap();
+        assert_eq!(t.free_slots(), 8);
+        assert_eq!(t.concurrency(), 8);
+        // linkedin's pace is the same: still the old semaphore.
+        assert!(Arc::ptr_eq(
+            &new.get("linkedin").unwrap().slots,
+            &old.get("linkedin").unwrap().slots
+        ));
+        assert!(!Arc::ptr_eq(&t.slots, &tiktok.slots));
     }
 }
