@@ -161,7 +161,7 @@ impl Engine {
         let mut settings_rx = self.settings.clone();
         let mut settings = settings_rx.borrow_and_update().clone();
         self.metrics.providers_known(settings.providers.names());
-        let mut permits = Arc::new(Semaphore::new(settings.config.refresh.concurrency));
+        let permits = Arc::new(Semaphore::new(settings.config.refresh.concurrency));
         let mut store_failures: u32 = 0;
         let mut claims: u64 = 0;
         // --once refreshes what was due when it started, each account once.
@@ -175,12 +175,10 @@ impl Engine {
                 let before = settings.config.refresh.concurrency;
                 settings = settings_rx.borrow_and_update().clone();
                 self.metrics.providers_known(settings.providers.names());
-                // Kept while the bound is the same, so refreshes in flight still count
-                // against it; a new bound starts afresh (in-flight refreshes keep their
-                // permits of the old semaphore).
-                if settings.config.refresh.concurrency != before {
-                    permits = Arc::new(Semaphore::new(settings.config.refresh.concurrency));
-                }
+                // One semaphore, resized: the refreshes in flight still count against a
+                // new bound.
+                let after = settings.config.refresh.concurrency;
+                crate::permits::resize(&permits, before, after);
             }
             let cfg = &settings.config;
             // Claims are bounded by each provider's room (its slots and as many claimed
@@ -621,10 +619,20 @@ impl Engine {
             s = provider.slot() => s,
             _ = self.clock.sleep_until_millis(give_up_at) => return Err(Stop::Deadline),
         };
+        // The rate limit of the settings of now: a reload since the claim may have given the
+        // provider a new one. (Its claims and slots are the same semaphores across reloads,
+        // resized: `Providers::carry_over`.)
+        let current = self
+            .settings
+            .borrow()
+            .providers
+            .get(&provider.name)
+            .cloned();
+        let pacer = current.as_deref().unwrap_or(provider);
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Err(Stop::Shutdown),
-            _ = provider.ready() => {}
+            _ = pacer.ready() => {}
             _ = self.clock.sleep_until_millis(give_up_at) => return Err(Stop::Deadline),
         }
         let permit = tokio::select! {

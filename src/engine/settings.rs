@@ -25,8 +25,9 @@ impl Settings {
         })
     }
 
-    /// The settings a reload switches to: as `new`, with each provider whose pace did
-    /// not change keeping its rate limiter and slots (`Providers::carry_over`).
+    /// The settings a reload switches to: as `new`, with each provider keeping its slots
+    /// and claims, resized, and its rate limiter while its rate is the same
+    /// (`Providers::carry_over`).
     pub fn reloaded(config: Config, old: &Settings) -> Result<Settings, ProviderError> {
         let mut settings = Settings::new(config)?;
         settings.providers = settings.providers.carry_over(&old.providers);

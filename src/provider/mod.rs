@@ -55,8 +55,7 @@ pub struct Provider {
     /// The refresh endpoint, parsed once: a refresh only copies it.
     refresh_url: Option<url::Url>,
     http: reqwest::Client,
-    /// What sizes the limiter and the semaphores below: a reload keeps all three when it
-    /// is unchanged (`Providers::carry_over`).
+    /// What sizes the limiter and the semaphores below (`Providers::carry_over`).
     pace: Pace,
     limiter: Arc<DefaultDirectRateLimiter>,
     /// Requests of this provider in flight: a stalled provider can hold only these, never
@@ -649,22 +648,24 @@ impl Providers {
         Ok(Providers(map))
     }
 
-    /// After a reload: each provider whose pace (rate limit, burst, slots, claim depth) is
-    /// the same as in `old` keeps `old`'s rate limiter and semaphores, so the requests in
-    /// flight still count against its slots and the reload grants no fresh burst. A
-    /// provider whose pace changed starts afresh (its requests in flight finish outside
-    /// the new bounds).
+    /// After a reload: each provider of `old`'s name keeps `old`'s slots and claims,
+    /// resized to its new pace, so the requests in flight and the accounts claimed ahead
+    /// still count against the new bounds; and its rate limiter while its rate limit and
+    /// burst are the same, so the reload grants no fresh burst (a new rate needs a new
+    /// limiter: the refreshes waiting for their turn move to it, `Engine::wait_turn`).
+    /// Shrinking a semaphore below what is held needs a tokio runtime (`permits::resize`).
     pub fn carry_over(mut self, old: &Providers) -> Providers {
         for (name, new) in self.0.iter_mut() {
             let Some(prev) = old.0.get(name) else {
                 continue;
             };
-            if prev.pace != new.pace {
-                continue;
-            }
             let p = Arc::get_mut(new).expect("a provider being built is not shared yet");
-            p.limiter = prev.limiter.clone();
+            if (prev.pace.per_minute, prev.pace.burst) == (p.pace.per_minute, p.pace.burst) {
+                p.limiter = prev.limiter.clone();
+            }
+            crate::permits::resize(&prev.slots, prev.pace.concurrency, p.pace.concurrency);
             p.slots = prev.slots.clone();
+            crate::permits::resize(&prev.claims, prev.pace.depth, p.pace.depth);
             p.claims = prev.claims.clone();
         }
         self
@@ -733,13 +734,22 @@ mod tests {
         Providers::from_config(&Config::from_toml_str(toml).unwrap()).unwrap()
     }
 
+    /// Two providers; a rate of 1 a minute, so no token of the burst comes back during a
+    /// test (their claim depth is the slots and the 2 requests the rate sends in half a
+    /// lease).
     const TWO: &str = "[providers.tiktok]\nclient_key = \"k\"\nclient_secret = \"s\"\n\
-                       rate_limit = 60\nburst = 2\nconcurrency = 4\n\
+                       rate_limit = 1\nburst = 2\nconcurrency = 4\n\
                        [providers.linkedin]\nclient_key = \"k\"\nclient_secret = \"s\"\n\
-                       rate_limit = 60\nburst = 2\nconcurrency = 4\n";
+                       rate_limit = 1\nburst = 2\nconcurrency = 4\n";
+
+    /// `TWO` with tiktok's `from` setting replaced by `to`.
+    fn tiktok_with(from: &str, to: &str) -> Providers {
+        assert!(TWO.contains(from));
+        providers(&TWO.replacen(from, to, 1))
+    }
 
     /// A reload that leaves a provider's pace alone grants it no fresh burst and no fresh
-    /// slots: what is in flight or spent before the reload still counts.
+    /// slots: what is in flight, claimed or spent before the reload still counts.
     #[tokio::test]
     async fn a_reload_keeps_the_limiter_and_slots_of_an_unchanged_provider() {
         let old = providers(TWO);
@@ -752,35 +762,105 @@ mod tests {
         let new = providers(TWO).carry_over(&old);
         let t = new.get("tiktok").unwrap();
         assert_eq!(t.free_slots(), 3, "the request in flight holds a slot");
-        assert_eq!(t.claim_room(), tiktok.claim_room());
+        assert_eq!(
+            t.claim_room(),
+            t.pace.depth - 1,
+            "the account claimed holds a claim"
+        );
         assert!(
             t.limiter.check().is_err(),
             "no fresh burst after the reload"
         );
-        let l = new.get("linkedin").unwrap();
-        assert_eq!(l.free_slots(), 4);
+        let (l, old_l) = (new.get("linkedin").unwrap(), old.get("linkedin").unwrap());
+        assert!(Arc::ptr_eq(&l.limiter, &old_l.limiter));
+        assert!(Arc::ptr_eq(&l.slots, &old_l.slots));
+        assert!(Arc::ptr_eq(&l.claims, &old_l.claims));
     }
 
-    /// A provider whose rate limit or slots changed gets the new ones at once.
+    /// A new rate limit or burst needs a new limiter (governor's cannot change); the slots
+    /// and claims stay, with what they hold.
     #[tokio::test]
-    async fn a_reload_gives_a_changed_provider_its_new_pace() {
+    async fn a_reload_with_a_new_rate_or_burst_gives_a_new_limiter_only() {
+        for (from, to) in [
+            ("rate_limit = 1", "rate_limit = 2"),
+            ("burst = 2", "burst = 3"),
+        ] {
+            let old = providers(TWO);
+            let tiktok = old.get("tiktok").unwrap();
+            let _in_flight = tiktok.slot().await;
+            while tiktok.limiter.check().is_ok() {}
+            let new = tiktok_with(from, to).carry_over(&old);
+            let t = new.get("tiktok").unwrap();
+            assert!(!Arc::ptr_eq(&t.limiter, &tiktok.limiter), "{to}");
+            assert!(t.limiter.check().is_ok(), "{to}: the new limiter's burst");
+            assert!(Arc::ptr_eq(&t.slots, &tiktok.slots), "{to}");
+            assert_eq!(
+                t.free_slots(),
+                3,
+                "{to}: the request in flight still counts"
+            );
+            let l = new.get("linkedin").unwrap();
+            assert!(Arc::ptr_eq(
+                &l.limiter,
+                &old.get("linkedin").unwrap().limiter
+            ));
+        }
+    }
+
+    /// Fewer slots than requests in flight: nothing new is sent until enough have ended;
+    /// more slots: the new ones are free at once beside those held.
+    #[tokio::test]
+    async fn a_reload_resizes_the_slots_and_claims_keeping_what_is_held() {
         let old = providers(TWO);
         let tiktok = old.get("tiktok").unwrap();
-        let _in_flight = tiktok.slot().await;
-        let faster = TWO.replacen(
-            "rate_limit = 60\nburst = 2\nconcurrency = 4",
-            "rate_limit = 120\nburst = 2\nconcurrency = 8",
-            1,
+        let mut in_flight = vec![
+            tiktok.slot().await,
+            tiktok.slot().await,
+            tiktok.slot().await,
+        ];
+        let _claimed: Vec<_> = (0..3).map(|_| tiktok.try_claim().unwrap()).collect();
+        let fewer = tiktok_with("concurrency = 4", "concurrency = 2").carry_over(&old);
+        let t = fewer.get("tiktok").unwrap();
+        assert_eq!(t.concurrency(), 2);
+        assert_eq!(t.pace.depth, 4);
+        assert_eq!(
+            (t.free_slots(), t.claim_room()),
+            (0, 1),
+            "three claimed of four"
         );
-        let new = providers(&faster).carry_over(&old);
-        let t = new.get("tiktok").unwrap();
-        assert_eq!(t.free_slots(), 8);
+        assert!(
+            Arc::ptr_eq(&t.limiter, &tiktok.limiter),
+            "same rate, same limiter"
+        );
+        in_flight.pop();
+        assert_eq!(t.free_slots(), 0, "two in flight: the new bound");
+        in_flight.pop();
+        assert_eq!(t.free_slots(), 1);
+
+        let more = tiktok_with("concurrency = 4", "concurrency = 8").carry_over(&fewer);
+        let t = more.get("tiktok").unwrap();
         assert_eq!(t.concurrency(), 8);
-        // linkedin's pace is the same: still the old semaphore.
-        assert!(Arc::ptr_eq(
-            &new.get("linkedin").unwrap().slots,
-            &old.get("linkedin").unwrap().slots
-        ));
-        assert!(!Arc::ptr_eq(&t.slots, &tiktok.slots));
+        assert_eq!(t.free_slots(), 7, "one in flight of eight");
+        assert_eq!(t.claim_room(), t.pace.depth - 3, "three still claimed");
+    }
+
+    /// A provider without a `concurrency` of its own takes its share of
+    /// `refresh.concurrency`: a new global bound resizes its slots, and keeps its limiter.
+    #[tokio::test]
+    async fn a_new_global_bound_resizes_the_default_slots_and_keeps_the_limiter() {
+        let config = |global: usize| {
+            format!(
+                "[refresh]\nconcurrency = {global}\n\
+                 [providers.tiktok]\nclient_key = \"k\"\nclient_secret = \"s\"\n\
+                 rate_limit = 1\nburst = 2\n"
+            )
+        };
+        let old = providers(&config(4));
+        let tiktok = old.get("tiktok").unwrap();
+        let _in_flight = tiktok.slot().await;
+        let new = providers(&config(6)).carry_over(&old);
+        let t = new.get("tiktok").unwrap();
+        assert_eq!(t.free_slots(), 5);
+        assert!(Arc::ptr_eq(&t.limiter, &tiktok.limiter));
     }
 }

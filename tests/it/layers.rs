@@ -19,6 +19,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("model", 1),
     ("circuit", 1),
     ("provider_state", 1),
+    ("permits", 1),
     // 2 rules: pure decisions and provider descriptions; no I/O.
     ("policy", 2),
     ("provider::failure", 2),
