@@ -207,6 +207,36 @@ fn normalise(p: &Path) -> PathBuf {
     out
 }
 
+/// The part of `file` an mdBook `{{#include FILE:SPEC}}` takes: all of it, lines
+/// `START:END` (1-based, either may be empty), or the lines between `ANCHOR: name` and
+/// `ANCHOR_END: name` (anchor lines themselves dropped, as mdBook does).
+fn included_part(text: &str, spec: Option<&str>) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let keep = |l: &&&str| !l.contains("ANCHOR:") && !l.contains("ANCHOR_END:");
+    let part: Vec<&str> = match spec {
+        None => lines.iter().filter(keep).copied().collect(),
+        Some(spec) if spec.starts_with(|c: char| c.is_ascii_digit() || c == ':') => {
+            let (a, b) = spec.split_once(':').unwrap_or((spec, spec));
+            let a = a.parse::<usize>().unwrap_or(1).max(1);
+            let b = b.parse::<usize>().unwrap_or(lines.len()).min(lines.len());
+            lines[a - 1..b].iter().filter(keep).copied().collect()
+        }
+        Some(name) => {
+            let start = format!("ANCHOR: {name}");
+            let end = format!("ANCHOR_END: {name}");
+            let from = lines.iter().position(|l| l.contains(&start));
+            let from = from.unwrap_or_else(|| panic!("no `{start}` in the included file"));
+            lines[from + 1..]
+                .iter()
+                .take_while(|l| !l.contains(&end))
+                .filter(keep)
+                .copied()
+                .collect()
+        }
+    };
+    part.join("\n")
+}
+
 #[test]
 fn every_relative_link_resolves_inside_the_repository() {
     let root = repo();
@@ -214,51 +244,74 @@ fn every_relative_link_resolves_inside_the_repository() {
     for doc in documents() {
         let text = std::fs::read_to_string(&doc).unwrap();
         let here = doc.parent().unwrap();
-        for (line, target) in links(&text) {
-            let at = format!("{}:{line}", rel(&doc));
-            if target.is_empty() {
-                problems.push(format!("{at}: an empty link"));
+        // The links of what the page includes are read from the page, as mdBook renders
+        // them there: `(label, text)` of the page and of each part it includes.
+        let mut parts = vec![(rel(&doc), text.clone())];
+        for (line, l) in prose_lines(&text) {
+            let Some(target) = include_target(&l) else {
                 continue;
-            }
-            if target.contains("://") || target.starts_with("mailto:") {
-                problems.push(format!(
+            };
+            let path = normalise(&here.join(target));
+            let Ok(included) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let inner = l
+                .trim()
+                .trim_start_matches("{{#include ")
+                .trim_end_matches("}}");
+            let spec = inner.split_once(':').map(|(_, s)| s.trim());
+            parts.push((
+                format!("{}:{line}, including {}", rel(&doc), rel(&path)),
+                included_part(&included, spec),
+            ));
+        }
+        for (label, text) in &parts {
+            for (line, target) in links(text) {
+                let at = format!("{label}:{line}");
+                if target.is_empty() {
+                    problems.push(format!("{at}: an empty link"));
+                    continue;
+                }
+                if target.contains("://") || target.starts_with("mailto:") {
+                    problems.push(format!(
                     "{at}: {target} leaves the repository: name it in `code` instead, or link a page inside the repository"
                 ));
-                continue;
-            }
-            let (file, anchor) = match target.split_once('#') {
-                Some((f, a)) => (f, Some(a)),
-                None => (target.as_str(), None),
-            };
-            let path = if file.is_empty() {
-                doc.clone()
-            } else if let Some(abs) = file.strip_prefix('/') {
-                root.join(abs)
-            } else {
-                normalise(&here.join(file))
-            };
-            if !path.starts_with(&root) {
-                problems.push(format!(
-                    "{at}: {target} resolves outside the repository ({})",
-                    path.display()
-                ));
-                continue;
-            }
-            if !path.exists() {
-                problems.push(format!(
-                    "{at}: {target} names {}, which does not exist",
-                    rel(&path)
-                ));
-                continue;
-            }
-            if let Some(a) = anchor
-                && path.extension().is_some_and(|e| e == "md")
-                && !anchors(&path).contains(a)
-            {
-                problems.push(format!(
-                    "{at}: {target}: {} has no heading with the anchor #{a}",
-                    rel(&path)
-                ));
+                    continue;
+                }
+                let (file, anchor) = match target.split_once('#') {
+                    Some((f, a)) => (f, Some(a)),
+                    None => (target.as_str(), None),
+                };
+                let path = if file.is_empty() {
+                    doc.clone()
+                } else if let Some(abs) = file.strip_prefix('/') {
+                    root.join(abs)
+                } else {
+                    normalise(&here.join(file))
+                };
+                if !path.starts_with(&root) {
+                    problems.push(format!(
+                        "{at}: {target} resolves outside the repository ({})",
+                        path.display()
+                    ));
+                    continue;
+                }
+                if !path.exists() {
+                    problems.push(format!(
+                        "{at}: {target} names {}, which does not exist",
+                        rel(&path)
+                    ));
+                    continue;
+                }
+                if let Some(a) = anchor
+                    && path.extension().is_some_and(|e| e == "md")
+                    && !anchors(&path).contains(a)
+                {
+                    problems.push(format!(
+                        "{at}: {target}: {} has no heading with the anchor #{a}",
+                        rel(&path)
+                    ));
+                }
             }
         }
         for (line, l) in prose_lines(&text) {
