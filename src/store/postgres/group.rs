@@ -1,37 +1,37 @@
-//! The writes of one group commit on PostgreSQL: every outcome of the group in one
-//! transaction, its rows locked in account order first. The rotations (nearly all of a
-//! burst) go as one `UPDATE ... FROM unnest(...)` (`writes::rotate`, the one rotation
-//! statement, which a single rotation uses too) and one log INSERT, whatever their number;
-//! the other outcomes one statement each, pipelined. Guards, values and log rows are
-//! `record::plan`'s, as for a single outcome (`writes::record`).
+//! One group commit on PostgreSQL: every outcome of the group in one transaction, its rows
+//! locked in account order first, sent to the server all at once. The rotations (nearly
+//! all of a burst) go as one statement (`writes::ROTATE`: the guarded `UPDATE ... FROM
+//! unnest(...)` and their log rows), whatever their number; the other outcomes one
+//! statement each. tokio-postgres pipelines requests polled together on one connection: a
+//! group of rotations is one round trip (BEGIN, the lock, the rotations and COMMIT in one
+//! flight), a group with other outcomes two (their log rows wait for their updates' row
+//! counts). Guards, values and log rows are `record::plan`'s, as for a single outcome
+//! (`writes::record`).
 
 use super::errors::pg_err;
-use super::writes;
+use super::writes::{self, Rotations};
 use crate::crypto::Keyring;
+use crate::store::commit::COMMIT_WAIT;
 use crate::store::error::StoreError;
-use crate::store::record::{self, LogRow, Update, Write};
+use crate::store::record::{self, Update, Write};
 use crate::store::types::{Outcome, Recorded};
-use deadpool_postgres::Transaction;
+use deadpool_postgres::{Client, GenericClient};
 use std::collections::HashSet;
 
-/// Records `outcomes` inside `tx`; the results are in the order of `outcomes`.
-pub(super) async fn record_group(
-    tx: &Transaction<'_>,
+/// Locks a group's rows (`$1`, ids) in account order.
+const LOCK: &str = "SELECT id FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE";
+
+/// Commits `outcomes` in one transaction on `client`; the results are in the order of
+/// `outcomes`, and come back only once the transaction is committed. On an error the
+/// transaction is rolled back (the pipelined COMMIT of a failed transaction is a ROLLBACK).
+pub(crate) async fn commit(
+    client: &Client,
     keys: &Keyring,
     outcomes: &[&Outcome],
 ) -> Result<Vec<Recorded>, StoreError> {
     let ctx = "commit refresh outcomes";
     let mut ids: Vec<i64> = outcomes.iter().map(|o| o.account_id()).collect();
     ids.sort_unstable();
-    // Rows locked in account order, as the reauth sweep locks both its kinds in one
-    // statement (`queries::sweep`): two replicas' group commits, or a group commit and a
-    // sweep, then never wait on each other in a cycle (a deadlock). The lock is the one an
-    // UPDATE takes.
-    let lock = tx
-        .prepare_cached("SELECT id FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
-        .await
-        .map_err(pg_err(ctx))?;
-    tx.query(&lock, &[&ids]).await.map_err(pg_err(ctx))?;
     let writes: Vec<Write> = outcomes.iter().map(|o| record::plan(keys, o)).collect();
     // Two outcomes of one account in a group are written one after the other, as each
     // one's guard must see the other's effect: only rotations of an account named once go
@@ -41,68 +41,71 @@ pub(super) async fn record_group(
         .filter(|w| w[0] == w[1])
         .map(|w| w[0])
         .collect();
-    let (rotations, others): (Vec<usize>, Vec<usize>) = (0..writes.len()).partition(|&i| {
+    let (rotations, mut others): (Vec<usize>, Vec<usize>) = (0..writes.len()).partition(|&i| {
         matches!(writes[i].update, Update::Rotate { .. })
             && !twice.contains(&outcomes[i].account_id())
     });
-    let mut results = vec![Recorded::Applied; outcomes.len()];
-    // Everything else: one statement each, all in flight at once on the one connection
-    // (tokio-postgres pipelines them), in account order.
-    let mut others = others;
     others.sort_by_key(|&i| outcomes[i].account_id());
-    let recorded =
-        futures::future::try_join_all(others.iter().map(|&i| writes::apply(tx, &writes[i])))
-            .await?;
+    let batch: Vec<&Write> = rotations.iter().map(|&i| &writes[i]).collect();
+    let args = Rotations::of(&batch);
+    let params = args.params();
+    // Prepared first (once per connection): a statement still to be prepared would wait
+    // for that round trip and reach the server behind the statements after it.
+    let lock = client.prepare_cached(LOCK).await.map_err(pg_err(ctx))?;
+    let rotate = client
+        .prepare_cached(writes::ROTATE)
+        .await
+        .map_err(pg_err(ctx))?;
+    // A row another transaction holds fails the commit fast (55P03, transient): the
+    // rotations go to the recovery file instead of waiting in memory.
+    let begin = format!(
+        "BEGIN; SET LOCAL lock_timeout = '{}ms'",
+        COMMIT_WAIT.as_millis()
+    );
+    // Each request is sent when its future is first polled, and `try_join!` polls them in
+    // the order written: the server runs them in that order. Rows locked in account order,
+    // as the reauth sweep locks both its kinds in one statement (`queries::sweep`): two
+    // replicas' group commits, or a group commit and a sweep, then never wait on each
+    // other in a cycle (a deadlock). The lock is the one an UPDATE takes.
+    let begin = async { client.batch_execute(&begin).await.map_err(pg_err(ctx)) };
+    let locked = async { client.query(&lock, &[&ids]).await.map_err(pg_err(ctx)) };
+    // Everything else: one statement each, in account order.
+    let others_done =
+        futures::future::try_join_all(others.iter().map(|&i| writes::apply(client, &writes[i])));
+    let rotated = async {
+        if batch.is_empty() {
+            return Ok(HashSet::new());
+        }
+        writes::rotated(client.query(&rotate, &params).await)
+    };
+    let end = async { client.batch_execute("COMMIT").await.map_err(pg_err(ctx)) };
+    let (recorded, applied) = if others.is_empty() {
+        let (_, _, recorded, applied, _) =
+            futures::try_join!(begin, locked, others_done, rotated, end)?;
+        (recorded, applied)
+    } else {
+        let body = async { futures::try_join!(begin, locked, others_done, rotated) };
+        match body.await {
+            Ok((_, _, recorded, applied)) => {
+                end.await?;
+                (recorded, applied)
+            }
+            Err(e) => {
+                // The COMMIT was never sent: end the transaction, or the connection
+                // would go back to the pool inside it.
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        }
+    };
+    let mut results = vec![Recorded::Applied; outcomes.len()];
     for (&i, r) in others.iter().zip(recorded) {
         results[i] = r;
     }
-    if rotations.is_empty() {
-        return Ok(results);
-    }
-    let batch: Vec<&Write> = rotations.iter().map(|&i| &writes[i]).collect();
-    let applied = writes::rotate(tx, &batch).await?;
-    let mut logs = Vec::with_capacity(rotations.len());
     for &i in &rotations {
-        let (recorded, log) = writes[i].ended(applied.contains(&outcomes[i].account_id()));
-        results[i] = recorded;
-        logs.extend(log);
+        results[i] = writes[i]
+            .ended(applied.contains(&outcomes[i].account_id()))
+            .0;
     }
-    append_logs(tx, &logs).await?;
     Ok(results)
-}
-
-/// `logs` as one INSERT.
-async fn append_logs(tx: &Transaction<'_>, logs: &[LogRow]) -> Result<(), StoreError> {
-    if logs.is_empty() {
-        return Ok(());
-    }
-    let ctx = "append refresh log";
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO refresh_log (account_id, at, outcome, http_status, error, duration_ms)
-             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::integer[],
-                                  $5::text[], $6::bigint[])",
-        )
-        .await
-        .map_err(pg_err(ctx))?;
-    let account_id: Vec<i64> = logs.iter().map(|l| l.account_id).collect();
-    let at: Vec<i64> = logs.iter().map(|l| l.at).collect();
-    let outcome: Vec<&str> = logs.iter().map(|l| l.outcome).collect();
-    let http_status: Vec<Option<i32>> = logs.iter().map(|l| l.http_status.map(i32::from)).collect();
-    let error: Vec<Option<&str>> = logs.iter().map(|l| l.error.as_deref()).collect();
-    let duration_ms: Vec<Option<i64>> = logs.iter().map(|l| l.duration_ms).collect();
-    tx.execute(
-        &stmt,
-        &[
-            &account_id,
-            &at,
-            &outcome,
-            &http_status,
-            &error,
-            &duration_ms,
-        ],
-    )
-    .await
-    .map_err(pg_err(ctx))?;
-    Ok(())
 }

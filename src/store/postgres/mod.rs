@@ -9,7 +9,7 @@
 //! take a dead one's leases.
 
 mod errors;
-mod group;
+pub(crate) mod group;
 pub(crate) mod liveness;
 pub(crate) mod queries;
 pub(crate) mod reports;
@@ -359,18 +359,8 @@ impl Worker {
 
     async fn commit(&self, outcomes: &[&Outcome]) -> Result<Vec<Recorded>, StoreError> {
         let ctx = "commit refresh outcomes";
-        let mut client = self.pool.get().await.map_err(pool_err(ctx))?;
-        let tx = client.transaction().await.map_err(pg_err(ctx))?;
-        // A row another transaction holds fails the commit fast (55P03, transient): the
-        // rotations go to the recovery file instead of waiting in memory.
-        let wait = format!(
-            "SET LOCAL lock_timeout = '{}ms'",
-            commit::COMMIT_WAIT.as_millis()
-        );
-        tx.batch_execute(&wait).await.map_err(pg_err(ctx))?;
-        let results = group::record_group(&tx, &self.keys, outcomes).await?;
-        tx.commit().await.map_err(pg_err(ctx))?;
-        Ok(results)
+        let client = self.pool.get().await.map_err(pool_err(ctx))?;
+        group::commit(&client, &self.keys, outcomes).await
     }
 
     /// Commits a group in the span of its outcome when it has one outcome (a group of

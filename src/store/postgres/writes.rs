@@ -9,8 +9,9 @@ use crate::store::error::{Refusal, StoreError};
 use crate::store::record::{self, Update, Write, give_back_lease};
 use crate::store::rules;
 use crate::store::types::{Actor, AppAdded, AuditAction, NewAccount, NewApp, Outcome, Recorded};
-use deadpool_postgres::Transaction;
+use deadpool_postgres::{GenericClient, Transaction};
 use std::collections::HashSet;
+use tokio_postgres::types::ToSql;
 
 /// A batch's existing accounts (`ord` in the batch, id, lease, last refresh), locked.
 ///
@@ -444,7 +445,7 @@ pub async fn add_app(tx: &Transaction<'_>, app: &NewApp, now: i64) -> Result<App
 }
 
 pub(super) async fn append_log(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     id: i64,
     at: i64,
     outcome: &str,
@@ -484,20 +485,24 @@ pub async fn record(
     apply(tx, &record::plan(keys, o)).await
 }
 
-/// Runs one planned write: its guarded update, then its log row.
+/// Runs one planned write: its guarded update, then its log row (a rotation's is written
+/// by its own statement, `ROTATE`).
 pub(super) async fn apply(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     write: &record::Write<'_>,
 ) -> Result<Recorded, StoreError> {
     let run = async |ctx: &'static str,
                      sql: &str,
-                     params: &[&(dyn tokio_postgres::types::ToSql + Sync)]|
+                     params: &[&(dyn ToSql + Sync)]|
            -> Result<u64, StoreError> {
         let stmt = tx.prepare_cached(sql).await.map_err(pg_err(ctx))?;
         tx.execute(&stmt, params).await.map_err(pg_err(ctx))
     };
     let n = match &write.update {
-        Update::Rotate { .. } => rotate(tx, &[write]).await?.len() as u64,
+        Update::Rotate { .. } => {
+            let changed = !rotate(tx, &[write]).await?.is_empty();
+            return Ok(write.ended(changed).0);
+        }
         Update::Fail {
             account_id,
             owner,
@@ -585,97 +590,78 @@ pub(super) async fn apply(
     Ok(recorded)
 }
 
-/// Rotations (other writes are skipped) as one guarded UPDATE, whatever their number; the
-/// accounts whose guard matched. A single rotation (`writes::apply`) goes this way too.
+/// Rotations as one statement, whatever their number: the guarded UPDATE and, in the same
+/// statement, each rotation's refresh-log row (the row `Write::ended` gives, as the guard
+/// matched or not: `rotated` or `superseded`). One statement leaves nothing for the client
+/// to wait on between the two, so a group commit sends all its statements at once
+/// (`group.rs`). Its arguments are `Rotations::params`; it returns the ids whose guard matched.
+pub(super) const ROTATE: &str = "WITH u AS MATERIALIZED (
+        SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                             $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[],
+                             $11::text[], $12::bigint[], $13::integer[], $14::bigint[],
+                             $15::text[], $16::text[], $17::text[], $18::text[]) WITH ORDINALITY
+             AS u(id, generation, access_token, refresh_token, scope, token_type,
+                  access_expires_at, refresh_expires_at, next_refresh_at, status,
+                  reauth_reason, at, http_status, duration_ms,
+                  applied_outcome, applied_error, lost_outcome, lost_error, ord)),
+    done AS (
+        UPDATE accounts AS a SET access_token = u.access_token,
+            refresh_token = COALESCE(u.refresh_token, a.refresh_token),
+            scope = COALESCE(u.scope, a.scope), token_type = u.token_type,
+            access_expires_at = u.access_expires_at,
+            refresh_expires_at = COALESCE(u.refresh_expires_at, a.refresh_expires_at),
+            next_refresh_at = u.next_refresh_at,
+            status = CASE WHEN a.status = 'disabled' THEN a.status ELSE u.status END,
+            reauth_reason = u.reauth_reason,
+            reauth_flagged_at = CASE WHEN u.reauth_reason IS NULL THEN NULL
+                WHEN a.reauth_reason IS NOT DISTINCT FROM u.reauth_reason
+                THEN a.reauth_flagged_at ELSE u.at END,
+            failures = 0, last_error = NULL, last_refreshed_at = u.at,
+            lease_owner = NULL, lease_expires_at = NULL,
+            generation = a.generation + 1, updated_at = u.at
+        FROM u
+        WHERE a.id = u.id AND a.generation = u.generation
+        RETURNING a.id),
+    logged AS (
+        INSERT INTO refresh_log (account_id, at, outcome, http_status, error, duration_ms)
+        SELECT l.id, l.at, l.outcome, l.http_status, l.error, l.duration_ms
+        FROM (SELECT u.id, u.at, u.http_status, u.duration_ms, u.ord,
+                     CASE WHEN d.id IS NULL THEN u.lost_outcome ELSE u.applied_outcome END,
+                     CASE WHEN d.id IS NULL THEN u.lost_error ELSE u.applied_error END
+              FROM u LEFT JOIN done d ON d.id = u.id)
+             AS l(id, at, http_status, duration_ms, ord, outcome, error)
+        WHERE l.outcome IS NOT NULL
+        ORDER BY l.ord)
+    SELECT id FROM done";
+
+/// Rotations (other writes are skipped) as one statement (`ROTATE`), whatever their
+/// number: the accounts whose guard matched. A single rotation (`writes::apply`) goes this
+/// way too.
 pub(super) async fn rotate(
-    tx: &Transaction<'_>,
+    c: &impl GenericClient,
     writes: &[&Write<'_>],
 ) -> Result<HashSet<i64>, StoreError> {
     let ctx = "store rotated tokens";
-    let mut c = RotateColumns::with_capacity(writes.len());
-    for write in writes {
-        if let Update::Rotate {
-            account_id,
-            generation,
-            access_token,
-            refresh_token,
-            scope,
-            token_type,
-            access_expires_at,
-            refresh_expires_at,
-            next_refresh_at,
-            status,
-            reauth_reason,
-            at,
-        } = &write.update
-        {
-            c.id.push(*account_id);
-            c.generation.push(*generation);
-            c.access_token.push(access_token.as_str());
-            c.refresh_token.push(refresh_token.as_deref());
-            c.scope.push(*scope);
-            c.token_type.push(token_type);
-            c.access_expires_at.push(*access_expires_at);
-            c.refresh_expires_at.push(*refresh_expires_at);
-            c.next_refresh_at.push(*next_refresh_at);
-            c.status.push(status);
-            c.reauth_reason.push(*reauth_reason);
-            c.at.push(*at);
-        }
-    }
-    let stmt = tx
-        .prepare_cached(
-            "UPDATE accounts AS a SET access_token = u.access_token,
-                refresh_token = COALESCE(u.refresh_token, a.refresh_token),
-                scope = COALESCE(u.scope, a.scope), token_type = u.token_type,
-                access_expires_at = u.access_expires_at,
-                refresh_expires_at = COALESCE(u.refresh_expires_at, a.refresh_expires_at),
-                next_refresh_at = u.next_refresh_at,
-                status = CASE WHEN a.status = 'disabled' THEN a.status ELSE u.status END,
-                reauth_reason = u.reauth_reason,
-                reauth_flagged_at = CASE WHEN u.reauth_reason IS NULL THEN NULL
-                    WHEN a.reauth_reason IS NOT DISTINCT FROM u.reauth_reason
-                    THEN a.reauth_flagged_at ELSE u.at END,
-                failures = 0, last_error = NULL, last_refreshed_at = u.at,
-                lease_owner = NULL, lease_expires_at = NULL,
-                generation = a.generation + 1, updated_at = u.at
-             FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                         $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[],
-                         $11::text[], $12::bigint[])
-                  AS u(id, generation, access_token, refresh_token, scope, token_type,
-                       access_expires_at, refresh_expires_at, next_refresh_at, status,
-                       reauth_reason, at)
-             WHERE a.id = u.id AND a.generation = u.generation
-             RETURNING a.id",
-        )
-        .await
-        .map_err(pg_err(ctx))?;
-    let rows = tx
-        .query(
-            &stmt,
-            &[
-                &c.id,
-                &c.generation,
-                &c.access_token,
-                &c.refresh_token,
-                &c.scope,
-                &c.token_type,
-                &c.access_expires_at,
-                &c.refresh_expires_at,
-                &c.next_refresh_at,
-                &c.status,
-                &c.reauth_reason,
-                &c.at,
-            ],
-        )
-        .await
-        .map_err(pg_err(ctx))?;
-    Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
+    let stmt = c.prepare_cached(ROTATE).await.map_err(pg_err(ctx))?;
+    let r = Rotations::of(writes);
+    rotated(c.query(&stmt, &r.params()).await)
 }
 
-/// The columns of a batch of rotations (`unnest`'s arrays).
+/// The ids `ROTATE` returned: those whose guard matched.
+pub(super) fn rotated(
+    rows: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
+) -> Result<HashSet<i64>, StoreError> {
+    let ctx = "store rotated tokens";
+    rows.map_err(pg_err(ctx))?
+        .iter()
+        .map(|r| r.try_get::<_, i64>(0).map_err(pg_err(ctx)))
+        .collect()
+}
+
+/// The arguments of `ROTATE` (`unnest`'s arrays) for a batch of rotations: the new values,
+/// then the log row's fields, with the outcome and error it gets as the guard matches or not.
 #[derive(Default)]
-struct RotateColumns<'a> {
+pub(super) struct Rotations<'a> {
     id: Vec<i64>,
     generation: Vec<i64>,
     access_token: Vec<&'a str>,
@@ -688,24 +674,87 @@ struct RotateColumns<'a> {
     status: Vec<&'a str>,
     reauth_reason: Vec<Option<&'a str>>,
     at: Vec<i64>,
+    http_status: Vec<Option<i32>>,
+    duration_ms: Vec<Option<i64>>,
+    applied_outcome: Vec<Option<&'static str>>,
+    applied_error: Vec<Option<String>>,
+    lost_outcome: Vec<Option<&'static str>>,
+    lost_error: Vec<Option<String>>,
 }
 
-impl RotateColumns<'_> {
-    fn with_capacity(n: usize) -> Self {
-        RotateColumns {
-            id: Vec::with_capacity(n),
-            generation: Vec::with_capacity(n),
-            access_token: Vec::with_capacity(n),
-            refresh_token: Vec::with_capacity(n),
-            scope: Vec::with_capacity(n),
-            token_type: Vec::with_capacity(n),
-            access_expires_at: Vec::with_capacity(n),
-            refresh_expires_at: Vec::with_capacity(n),
-            next_refresh_at: Vec::with_capacity(n),
-            status: Vec::with_capacity(n),
-            reauth_reason: Vec::with_capacity(n),
-            at: Vec::with_capacity(n),
+impl<'a> Rotations<'a> {
+    /// The rotations among `writes`, in their order.
+    pub(super) fn of(writes: &[&'a Write<'a>]) -> Self {
+        let mut c = Rotations::default();
+        for write in writes {
+            let Update::Rotate {
+                account_id,
+                generation,
+                access_token,
+                refresh_token,
+                scope,
+                token_type,
+                access_expires_at,
+                refresh_expires_at,
+                next_refresh_at,
+                status,
+                reauth_reason,
+                at,
+            } = &write.update
+            else {
+                continue;
+            };
+            c.id.push(*account_id);
+            c.generation.push(*generation);
+            c.access_token.push(access_token.as_str());
+            c.refresh_token.push(refresh_token.as_deref());
+            c.scope.push(*scope);
+            c.token_type.push(token_type);
+            c.access_expires_at.push(*access_expires_at);
+            c.refresh_expires_at.push(*refresh_expires_at);
+            c.next_refresh_at.push(*next_refresh_at);
+            c.status.push(status);
+            c.reauth_reason.push(*reauth_reason);
+            // The log row as the guard matches or not; a rotation's two differ only in
+            // their outcome and error (`Write::ended`).
+            let (_, applied) = write.ended(true);
+            let (_, lost) = write.ended(false);
+            let any = applied.as_ref().or(lost.as_ref());
+            debug_assert!(any.is_none_or(|l| l.account_id == *account_id && l.at == *at));
+            c.at.push(*at);
+            c.http_status
+                .push(any.and_then(|l| l.http_status.map(i32::from)));
+            c.duration_ms.push(any.and_then(|l| l.duration_ms));
+            c.applied_outcome.push(applied.as_ref().map(|l| l.outcome));
+            c.lost_outcome.push(lost.as_ref().map(|l| l.outcome));
+            c.applied_error.push(applied.and_then(|l| l.error));
+            c.lost_error.push(lost.and_then(|l| l.error));
         }
+        c
+    }
+
+    /// `ROTATE`'s parameters, in order.
+    pub(super) fn params(&self) -> [&(dyn ToSql + Sync); 18] {
+        [
+            &self.id,
+            &self.generation,
+            &self.access_token,
+            &self.refresh_token,
+            &self.scope,
+            &self.token_type,
+            &self.access_expires_at,
+            &self.refresh_expires_at,
+            &self.next_refresh_at,
+            &self.status,
+            &self.reauth_reason,
+            &self.at,
+            &self.http_status,
+            &self.duration_ms,
+            &self.applied_outcome,
+            &self.applied_error,
+            &self.lost_outcome,
+            &self.lost_error,
+        ]
     }
 }
 

@@ -226,6 +226,7 @@ mod audit;
 mod durability;
 mod imports;
 mod open;
+mod pg_commit;
 mod pg_pages;
 mod plan;
 mod records;
