@@ -15,8 +15,8 @@
 //! - [`provider_state`]: whether a provider refuses our configuration or one account got an
 //!   odd answer. Pure.
 //! - [`circuit`]: the per-provider circuit breaker (probe while a provider is down). Pure.
-//! - [`permits`]: resizing a bound on work in flight (a semaphore) at a reload, keeping
-//!   what is held.
+//! - [`permits`]: a bound on work in flight that a reload resizes in place, keeping what
+//!   is held.
 //! - [`engine`]: the refresh loop; its decisions about one account are pure functions
 //!   (`engine::decide`).
 //! - [`events`]: in-process state changes (tokens rotated, reauth needed, recovered).

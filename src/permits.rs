@@ -1,80 +1,207 @@
-//! Resizing a semaphore that bounds work in flight (the global request bound, a provider's
-//! slots and claims) when a reload changes its size, without forgetting the permits held:
-//! what is in flight keeps counting against the new size.
+//! A bound on work in flight (the global request bound, a provider's slots and claims) that
+//! a reload can resize without forgetting the permits held: what is in flight keeps
+//! counting against the new size, and a lower size holds from the moment it is set, ahead
+//! of the tasks already waiting for a permit.
 
-use std::future::Future;
-use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 
-/// Resizes `sem`, which has `from` permits in all (free and held), to `to`. Growing adds
-/// permits at once. Shrinking forgets the free ones and takes the rest as their holders give
-/// them back: until then nothing new gets a permit (the semaphore is fair, and the waiter is
-/// queued here, before any permit can come back). Needs a tokio runtime when it shrinks
-/// below what is held.
-pub fn resize(sem: &Arc<Semaphore>, from: usize, to: usize) {
-    if to >= from {
-        sem.add_permits(to - from);
-        return;
+/// A resizable counting bound. Shrinking below what is held leaves a debt: permits given
+/// back pay it (they are forgotten, not handed on), so the tasks queued for one wait until
+/// the holders are within the new size. (A waiter queued on the semaphore for the excess
+/// would not do: tokio's semaphore serves its queue in order, so every task queued before
+/// the reload would get its permit first.)
+#[derive(Clone)]
+pub struct Bound(Arc<Inner>);
+
+struct Inner {
+    sem: Semaphore,
+    /// Permits to forget as they come back before any is handed on again.
+    owed: AtomicUsize,
+    /// The size, free and held; resizes take this lock, so two never interleave.
+    size: Mutex<usize>,
+}
+
+/// One unit of a [`Bound`], held until dropped.
+pub struct Permit(Arc<Inner>);
+
+impl Bound {
+    pub fn new(size: usize) -> Bound {
+        Bound(Arc::new(Inner {
+            sem: Semaphore::new(size),
+            owed: AtomicUsize::new(0),
+            size: Mutex::new(size),
+        }))
     }
-    let excess = from - to;
-    let rest = excess - sem.forget_permits(excess);
-    if rest == 0 {
-        return;
+
+    /// Waits for a permit.
+    pub async fn acquire(&self) -> Permit {
+        // Never closed; forgotten at once: the permit's drop gives it back (or pays the debt).
+        self.0
+            .sem
+            .acquire()
+            .await
+            .expect("a bound's semaphore is never closed")
+            .forget();
+        Permit(self.0.clone())
     }
-    let rest = u32::try_from(rest).unwrap_or(u32::MAX);
-    let mut take = Box::pin(sem.clone().acquire_many_owned(rest));
-    // Polled once here so the waiter is in the queue now: a permit given back before the
-    // task's first turn goes to it, not to a new request.
-    if let Poll::Ready(taken) = take.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        taken.map(|p| p.forget()).ok();
-        return;
+
+    /// A permit, if one is free now.
+    pub fn try_acquire(&self) -> Option<Permit> {
+        self.0.sem.try_acquire().ok()?.forget();
+        Some(Permit(self.0.clone()))
     }
-    tokio::spawn(async move {
-        // Err only if the semaphore was closed: nothing is left to bound then.
-        take.await.map(|p| p.forget()).ok();
-    });
+
+    /// Permits free now.
+    pub fn available(&self) -> usize {
+        self.0.sem.available_permits()
+    }
+
+    /// The size, free and held.
+    pub fn size(&self) -> usize {
+        *self.0.size.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resizes to `to`. Growing pays any debt first, then adds permits at once. Shrinking
+    /// forgets the free permits and owes the rest, paid as the holders give theirs back.
+    pub fn resize(&self, to: usize) {
+        let mut size = self.0.size.lock().unwrap_or_else(|e| e.into_inner());
+        let from = std::mem::replace(&mut *size, to);
+        if to >= from {
+            let grow = to - from;
+            self.0.sem.add_permits(grow - self.0.pay(grow));
+            return;
+        }
+        let excess = from - to;
+        // Owed first, so a permit given back meanwhile is forgotten, not handed on.
+        self.0.owed.fetch_add(excess, Ordering::AcqRel);
+        let forgotten = self.0.sem.forget_permits(excess);
+        // Permits given back while these were forgotten may have paid part of the same
+        // excess: those forgotten beyond the debt left are handed back.
+        let paid = self.0.pay(forgotten);
+        self.0.sem.add_permits(forgotten - paid);
+    }
+
+    /// True when both are the same bound (a reload kept it).
+    pub fn same(&self, other: &Bound) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Inner {
+    /// Lowers the debt by up to `n`; returns by how much.
+    fn pay(&self, n: usize) -> usize {
+        let mut paid = 0;
+        self.owed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| {
+                paid = owed.min(n);
+                (paid > 0).then(|| owed - paid)
+            })
+            .ok();
+        paid
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.0.pay(1) == 0 {
+            self.0.sem.add_permits(1);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
 
-    #[tokio::test]
-    async fn growing_adds_permits_beside_those_held() {
-        let sem = Arc::new(Semaphore::new(2));
-        let _held = sem.clone().acquire_owned().await.unwrap();
-        resize(&sem, 2, 5);
-        assert_eq!(sem.available_permits(), 4);
+    /// Polls `f` once: whether it got its permit.
+    fn ready<F: Future>(f: std::pin::Pin<&mut F>) -> bool {
+        matches!(
+            f.poll(&mut Context::from_waker(Waker::noop())),
+            Poll::Ready(_)
+        )
     }
 
-    #[tokio::test]
-    async fn shrinking_below_what_is_held_lets_nothing_new_in_until_enough_came_back() {
-        let sem = Arc::new(Semaphore::new(4));
-        let mut held: Vec<_> = (0..3)
-            .map(|_| sem.clone().try_acquire_owned().unwrap())
-            .collect();
-        resize(&sem, 4, 2);
-        assert_eq!(sem.available_permits(), 0);
-        assert!(sem.clone().try_acquire_owned().is_err());
+    #[test]
+    fn growing_adds_permits_beside_those_held() {
+        let b = Bound::new(2);
+        let _held = b.try_acquire().unwrap();
+        b.resize(5);
+        assert_eq!((b.available(), b.size()), (4, 5));
+    }
+
+    #[test]
+    fn shrinking_below_what_is_held_lets_nothing_new_in_until_enough_came_back() {
+        let b = Bound::new(4);
+        let mut held: Vec<_> = (0..3).map(|_| b.try_acquire().unwrap()).collect();
+        b.resize(2);
+        assert_eq!(b.available(), 0);
+        assert!(b.try_acquire().is_none());
         // One of the three comes back: two are still held, the new size.
         held.pop();
-        assert_eq!(sem.available_permits(), 0);
-        assert!(sem.clone().try_acquire_owned().is_err());
+        assert_eq!(b.available(), 0);
+        assert!(b.try_acquire().is_none());
         held.pop();
-        assert_eq!(sem.available_permits(), 1, "one held, of two");
-        tokio::task::yield_now().await;
+        assert_eq!(b.available(), 1, "one held, of two");
         held.pop();
-        assert_eq!(sem.available_permits(), 2);
+        assert_eq!(b.available(), 2);
     }
 
-    #[tokio::test]
-    async fn shrinking_with_enough_free_takes_them_at_once() {
-        let sem = Arc::new(Semaphore::new(4));
-        let _held = sem.clone().try_acquire_owned().unwrap();
-        resize(&sem, 4, 2);
-        assert_eq!(sem.available_permits(), 1);
-        drop(_held);
-        assert_eq!(sem.available_permits(), 2);
+    #[test]
+    fn shrinking_with_enough_free_takes_them_at_once() {
+        let b = Bound::new(4);
+        let held = b.try_acquire().unwrap();
+        b.resize(2);
+        assert_eq!(b.available(), 1);
+        drop(held);
+        assert_eq!(b.available(), 2);
+    }
+
+    /// The tasks already queued when the size drops wait like new ones: a permit given
+    /// back pays the debt first. (A waiter queued for the excess would come after them.)
+    #[test]
+    fn a_lower_size_holds_for_the_tasks_already_waiting() {
+        let b = Bound::new(2);
+        let mut held: Vec<_> = (0..2).map(|_| b.try_acquire().unwrap()).collect();
+        let mut waiting = pin!(b.acquire());
+        assert!(!ready(waiting.as_mut()), "queued: both permits held");
+        b.resize(1);
+        held.pop();
+        assert!(!ready(waiting.as_mut()), "one still held, of one");
+        held.pop();
+        assert!(ready(waiting.as_mut()), "none held: the queued task goes");
+    }
+
+    #[test]
+    fn growing_while_in_debt_pays_it_first() {
+        let b = Bound::new(4);
+        let mut held: Vec<_> = (0..4).map(|_| b.try_acquire().unwrap()).collect();
+        b.resize(1);
+        b.resize(3);
+        assert_eq!(b.available(), 0, "four held, of three");
+        held.pop();
+        assert_eq!(b.available(), 0, "three held, of three");
+        held.pop();
+        assert_eq!((b.available(), b.size()), (1, 3));
+        held.clear();
+        assert_eq!(b.available(), 3);
+    }
+
+    #[test]
+    fn two_shrinks_in_a_row_owe_both() {
+        let b = Bound::new(4);
+        let mut held: Vec<_> = (0..4).map(|_| b.try_acquire().unwrap()).collect();
+        b.resize(3);
+        b.resize(1);
+        for left in [3, 2, 1] {
+            held.pop();
+            assert_eq!(b.available(), 0, "{left} held, of one");
+        }
+        held.pop();
+        assert_eq!(b.available(), 1);
     }
 }

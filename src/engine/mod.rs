@@ -28,6 +28,7 @@ use crate::clock::{Clock, rfc3339};
 use crate::config::Config;
 use crate::events::Events;
 use crate::model::Account;
+use crate::permits::{Bound, Permit};
 use crate::policy;
 use crate::provider::{FailureClass, Provider};
 use crate::provider_state::ConfigState;
@@ -37,7 +38,7 @@ use decide::Before;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -58,9 +59,9 @@ const ONCE_POLL: Duration = Duration::from_millis(20);
 /// What a refresh task holds or must still get before it may send its request.
 struct Gate {
     /// Its room among this provider's claims, when there was some at claim time.
-    claimed: Option<OwnedSemaphorePermit>,
+    claimed: Option<Permit>,
     /// The global concurrency cap (refresh.concurrency).
-    permits: Arc<Semaphore>,
+    permits: Bound,
     /// Unix time the claim's lease ends.
     lease_until: i64,
     /// The lease owner of this claim: the process's owner plus the claim's number, so the
@@ -71,11 +72,7 @@ struct Gate {
 
 /// What a request holds until its answer is in: its claim's room, its provider's slot and
 /// a global permit.
-type Turn = (
-    OwnedSemaphorePermit,
-    OwnedSemaphorePermit,
-    OwnedSemaphorePermit,
-);
+type Turn = (Permit, Permit, Permit);
 
 /// Why a refresh stopped waiting for its turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,7 +158,7 @@ impl Engine {
         let mut settings_rx = self.settings.clone();
         let mut settings = settings_rx.borrow_and_update().clone();
         self.metrics.providers_known(settings.providers.names());
-        let permits = Arc::new(Semaphore::new(settings.config.refresh.concurrency));
+        let permits = Bound::new(settings.config.refresh.concurrency);
         let mut store_failures: u32 = 0;
         let mut claims: u64 = 0;
         // --once refreshes what was due when it started, each account once.
@@ -172,13 +169,11 @@ impl Engine {
             }
             // Compared by pointer: the idle wait's `changed()` marks a new value as seen.
             if !Arc::ptr_eq(&settings, &settings_rx.borrow()) {
-                let before = settings.config.refresh.concurrency;
                 settings = settings_rx.borrow_and_update().clone();
                 self.metrics.providers_known(settings.providers.names());
-                // One semaphore, resized: the refreshes in flight still count against a
-                // new bound.
-                let after = settings.config.refresh.concurrency;
-                crate::permits::resize(&permits, before, after);
+                // One bound, resized: the refreshes in flight still count against a new
+                // size.
+                permits.resize(settings.config.refresh.concurrency);
             }
             let cfg = &settings.config;
             // Claims are bounded by each provider's room (its slots and as many claimed
@@ -597,8 +592,8 @@ impl Engine {
     async fn wait_turn(
         &self,
         provider: &Provider,
-        claimed: Option<OwnedSemaphorePermit>,
-        permits: Arc<Semaphore>,
+        claimed: Option<Permit>,
+        permits: Bound,
         last_send_at: i64,
         shutdown: &CancellationToken,
     ) -> Result<Turn, Stop> {
@@ -638,7 +633,7 @@ impl Engine {
         let permit = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Err(Stop::Shutdown),
-            p = permits.acquire_owned() => p.expect("semaphore is never closed"),
+            p = permits.acquire() => p,
             _ = self.clock.sleep_until_millis(give_up_at) => return Err(Stop::Deadline),
         };
         Ok((claimed, slot, permit))

@@ -21,6 +21,7 @@ pub use response::Revocation;
 
 use crate::config::{Config, ProviderConfig};
 use crate::model::TokenSet;
+use crate::permits::{Bound, Permit};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use profile::{Method, ParamsIn, Profile, TokenRequest};
 use reqwest::header::HeaderValue;
@@ -29,7 +30,6 @@ use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -60,10 +60,10 @@ pub struct Provider {
     limiter: Arc<DefaultDirectRateLimiter>,
     /// Requests of this provider in flight: a stalled provider can hold only these, never
     /// every global permit.
-    slots: Arc<Semaphore>,
+    slots: Bound,
     /// Refreshes of this provider claimed and not answered yet (`policy::claim_depth`):
     /// those in flight and those claimed ahead, waiting for a slot.
-    claims: Arc<Semaphore>,
+    claims: Bound,
     concurrency: usize,
     max_body: usize,
 }
@@ -159,8 +159,8 @@ impl Provider {
             limiter: Arc::new(RateLimiter::direct(
                 Quota::per_minute(per_minute).allow_burst(burst),
             )),
-            slots: Arc::new(Semaphore::new(concurrency)),
-            claims: Arc::new(Semaphore::new(depth)),
+            slots: Bound::new(concurrency),
+            claims: Bound::new(depth),
             concurrency,
             max_body: config.refresh.max_response_bytes,
         })
@@ -180,36 +180,28 @@ impl Provider {
     }
 
     /// Room for one more claimed refresh without waiting, if there is some.
-    pub fn try_claim(&self) -> Option<OwnedSemaphorePermit> {
-        self.claims.clone().try_acquire_owned().ok()
+    pub fn try_claim(&self) -> Option<Permit> {
+        self.claims.try_acquire()
     }
 
     /// Waits for room for one more claimed refresh.
-    pub async fn claim(&self) -> OwnedSemaphorePermit {
-        self.claims
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("claims are never closed")
+    pub async fn claim(&self) -> Permit {
+        self.claims.acquire().await
     }
 
     /// How many more refreshes may be claimed now (`policy::claim_depth`).
     pub fn claim_room(&self) -> usize {
-        self.claims.available_permits()
+        self.claims.available()
     }
 
     /// Waits for a slot: one request in flight.
-    pub async fn slot(&self) -> OwnedSemaphorePermit {
-        self.slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("slots are never closed")
+    pub async fn slot(&self) -> Permit {
+        self.slots.acquire().await
     }
 
     /// Free slots: requests that may be sent now.
     pub fn free_slots(&self) -> usize {
-        self.slots.available_permits()
+        self.slots.available()
     }
 
     pub fn concurrency(&self) -> usize {
@@ -653,7 +645,6 @@ impl Providers {
     /// still count against the new bounds; and its rate limiter while its rate limit and
     /// burst are the same, so the reload grants no fresh burst (a new rate needs a new
     /// limiter: the refreshes waiting for their turn move to it, `Engine::wait_turn`).
-    /// Shrinking a semaphore below what is held needs a tokio runtime (`permits::resize`).
     pub fn carry_over(mut self, old: &Providers) -> Providers {
         for (name, new) in self.0.iter_mut() {
             let Some(prev) = old.0.get(name) else {
@@ -663,9 +654,9 @@ impl Providers {
             if (prev.pace.per_minute, prev.pace.burst) == (p.pace.per_minute, p.pace.burst) {
                 p.limiter = prev.limiter.clone();
             }
-            crate::permits::resize(&prev.slots, prev.pace.concurrency, p.pace.concurrency);
+            prev.slots.resize(p.pace.concurrency);
             p.slots = prev.slots.clone();
-            crate::permits::resize(&prev.claims, prev.pace.depth, p.pace.depth);
+            prev.claims.resize(p.pace.depth);
             p.claims = prev.claims.clone();
         }
         self
@@ -773,8 +764,8 @@ mod tests {
         );
         let (l, old_l) = (new.get("linkedin").unwrap(), old.get("linkedin").unwrap());
         assert!(Arc::ptr_eq(&l.limiter, &old_l.limiter));
-        assert!(Arc::ptr_eq(&l.slots, &old_l.slots));
-        assert!(Arc::ptr_eq(&l.claims, &old_l.claims));
+        assert!(l.slots.same(&old_l.slots));
+        assert!(l.claims.same(&old_l.claims));
     }
 
     /// A new rate limit or burst needs a new limiter (governor's cannot change); the slots
@@ -793,7 +784,7 @@ mod tests {
             let t = new.get("tiktok").unwrap();
             assert!(!Arc::ptr_eq(&t.limiter, &tiktok.limiter), "{to}");
             assert!(t.limiter.check().is_ok(), "{to}: the new limiter's burst");
-            assert!(Arc::ptr_eq(&t.slots, &tiktok.slots), "{to}");
+            assert!(t.slots.same(&tiktok.slots), "{to}");
             assert_eq!(
                 t.free_slots(),
                 3,
