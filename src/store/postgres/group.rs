@@ -69,9 +69,31 @@ pub(crate) async fn commit(
     // other in a cycle (a deadlock). The lock is the one an UPDATE takes.
     let begin = async { client.batch_execute(&begin).await.map_err(pg_err(ctx)) };
     let locked = async { client.query(&lock, &[&ids]).await.map_err(pg_err(ctx)) };
-    // Everything else: one statement each, in account order.
-    let others_done =
-        futures::future::try_join_all(others.iter().map(|&i| writes::apply(client, &writes[i])));
+    // Everything else: one statement each. An account named twice has its writes sent one
+    // after the other: polled together, one still waiting for its statement to be prepared
+    // would reach the server behind the other.
+    let (repeated, once): (Vec<usize>, Vec<usize>) = others
+        .iter()
+        .partition(|&&i| twice.contains(&outcomes[i].account_id()));
+    let others_done = async {
+        let in_order = async {
+            let mut done = Vec::with_capacity(repeated.len());
+            for &i in &repeated {
+                done.push(writes::apply(client, &writes[i]).await?);
+            }
+            Ok(done)
+        };
+        let together =
+            futures::future::try_join_all(once.iter().map(|&i| writes::apply(client, &writes[i])));
+        let (together, in_order) = futures::try_join!(together, in_order)?;
+        Ok::<_, StoreError>(
+            once.iter()
+                .zip(together)
+                .chain(repeated.iter().zip(in_order))
+                .map(|(&i, r)| (i, r))
+                .collect::<Vec<_>>(),
+        )
+    };
     let rotated = async {
         if batch.is_empty() {
             return Ok(HashSet::new());
@@ -80,9 +102,15 @@ pub(crate) async fn commit(
     };
     let end = async { client.batch_execute("COMMIT").await.map_err(pg_err(ctx)) };
     let (recorded, applied) = if others.is_empty() {
-        let (_, _, recorded, applied, _) =
-            futures::try_join!(begin, locked, others_done, rotated, end)?;
-        (recorded, applied)
+        match futures::try_join!(begin, locked, others_done, rotated, end) {
+            Ok((_, _, recorded, applied, _)) => (recorded, applied),
+            Err(e) => {
+                // The pipelined COMMIT has ended the failed transaction (as a rollback),
+                // unless a request failed before it was sent: then this ends it.
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        }
     } else {
         let body = async { futures::try_join!(begin, locked, others_done, rotated) };
         match body.await {
@@ -99,7 +127,7 @@ pub(crate) async fn commit(
         }
     };
     let mut results = vec![Recorded::Applied; outcomes.len()];
-    for (&i, r) in others.iter().zip(recorded) {
+    for (i, r) in recorded {
         results[i] = r;
     }
     for &i in &rotations {
