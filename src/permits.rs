@@ -4,7 +4,7 @@
 //! of the tasks already waiting for a permit.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use tokio::sync::Semaphore;
 
 /// A resizable counting bound. Shrinking below what is held leaves a debt: permits given
@@ -19,8 +19,10 @@ struct Inner {
     sem: Semaphore,
     /// Permits to forget as they come back before any is handed on again.
     owed: AtomicUsize,
-    /// The size, free and held; resizes take this lock, so two never interleave.
-    size: Mutex<usize>,
+    /// The size, free and held. A resize writes it; a permit given back reads it while it
+    /// pays the debt or hands itself on, so a resize never falls between the two (a
+    /// permit handed on just after a shrink owed it would hold one above the new size).
+    size: RwLock<usize>,
 }
 
 /// One unit of a [`Bound`], held until dropped.
@@ -31,7 +33,7 @@ impl Bound {
         Bound(Arc::new(Inner {
             sem: Semaphore::new(size),
             owed: AtomicUsize::new(0),
-            size: Mutex::new(size),
+            size: RwLock::new(size),
         }))
     }
 
@@ -60,13 +62,13 @@ impl Bound {
 
     /// The size, free and held.
     pub fn size(&self) -> usize {
-        *self.0.size.lock().unwrap_or_else(|e| e.into_inner())
+        *self.0.size.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Resizes to `to`. Growing pays any debt first, then adds permits at once. Shrinking
     /// forgets the free permits and owes the rest, paid as the holders give theirs back.
     pub fn resize(&self, to: usize) {
-        let mut size = self.0.size.lock().unwrap_or_else(|e| e.into_inner());
+        let mut size = self.0.size.write().unwrap_or_else(|e| e.into_inner());
         let from = std::mem::replace(&mut *size, to);
         if to >= from {
             let grow = to - from;
@@ -105,6 +107,7 @@ impl Inner {
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        let _no_resize = self.0.size.read().unwrap_or_else(|e| e.into_inner());
         if self.0.pay(1) == 0 {
             self.0.sem.add_permits(1);
         }
