@@ -5,7 +5,8 @@
 //! statement each. tokio-postgres pipelines requests polled together on one connection: a
 //! group of rotations is one round trip (BEGIN, the lock, the rotations and COMMIT in one
 //! flight), a group with other outcomes two (their log rows wait for their updates' row
-//! counts). Guards, values and log rows are `record::plan`'s, as for a single outcome
+//! counts), more when it names an account twice (those writes go one after the other).
+//! Guards, values and log rows are `record::plan`'s, as for a single outcome
 //! (`writes::record`).
 
 use super::errors::pg_err;
@@ -17,6 +18,7 @@ use crate::store::record::{self, Update, Write};
 use crate::store::types::{Outcome, Recorded};
 use deadpool_postgres::{Client, GenericClient};
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Locks a group's rows (`$1`, ids) in account order.
 const LOCK: &str = "SELECT id FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE";
@@ -100,14 +102,21 @@ pub(crate) async fn commit(
         }
         writes::rotated(client.query(&rotate, &params).await)
     };
-    let end = async { client.batch_execute("COMMIT").await.map_err(pg_err(ctx)) };
+    let commit_sent = AtomicBool::new(false);
+    let end = async {
+        // Set on the first poll, when the request goes out.
+        commit_sent.store(true, Ordering::Relaxed);
+        client.batch_execute("COMMIT").await.map_err(pg_err(ctx))
+    };
     let (recorded, applied) = if others.is_empty() {
         match futures::try_join!(begin, locked, others_done, rotated, end) {
             Ok((_, _, recorded, applied, _)) => (recorded, applied),
             Err(e) => {
                 // The pipelined COMMIT has ended the failed transaction (as a rollback),
                 // unless a request failed before it was sent: then this ends it.
-                let _ = client.batch_execute("ROLLBACK").await;
+                if !commit_sent.load(Ordering::Relaxed) {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                }
                 return Err(e);
             }
         }
