@@ -207,4 +207,60 @@ mod tests {
         held.pop();
         assert_eq!(b.available(), 1);
     }
+
+    /// A permit given back while a shrink runs is either forgotten (paying the debt) or
+    /// handed on before the shrink counts what is free: once both are done, the holders
+    /// left are at the new size and nothing more gets in. The two race on two threads,
+    /// released together by a spin, many times over (a permit handed on between the
+    /// shrink's debt and its payment would let one more in: the size lock rules that
+    /// interleaving out).
+    #[test]
+    fn a_permit_given_back_during_a_shrink_lets_none_in_above_the_new_size() {
+        use std::sync::Mutex;
+        use std::sync::atomic::AtomicUsize;
+        const ROUNDS: usize = 50_000;
+        // Round n: the main thread sets `go` to n once the permit to drop is in `slot`;
+        // the dropper sets `done` to n once it dropped it.
+        let (go, done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let slot: Arc<Mutex<Option<Permit>>> = Arc::default();
+        // Spins, then yields: beside other tests on few cores, the other thread may need
+        // this one's core.
+        let spin_until = |at: &AtomicUsize, n: usize| {
+            for spins in 0.. {
+                if at.load(Ordering::Acquire) >= n {
+                    return;
+                }
+                match spins < 5_000 {
+                    true => std::hint::spin_loop(),
+                    false => std::thread::yield_now(),
+                }
+            }
+        };
+        let dropper = std::thread::spawn({
+            let (go, done, slot) = (go.clone(), done.clone(), slot.clone());
+            move || {
+                for round in 1..=ROUNDS {
+                    spin_until(&go, round);
+                    drop(slot.lock().unwrap().take());
+                    done.store(round, Ordering::Release);
+                }
+            }
+        });
+        for round in 1..=ROUNDS {
+            // Four of five held; one goes back while the size drops to three.
+            let b = Bound::new(5);
+            let mut held: Vec<_> = (0..4).map(|_| b.try_acquire().unwrap()).collect();
+            *slot.lock().unwrap() = held.pop();
+            go.store(round, Ordering::Release);
+            b.resize(3);
+            spin_until(&done, round);
+            assert!(
+                b.try_acquire().is_none(),
+                "round {round}: three held of three, yet a fourth got in"
+            );
+            held.clear();
+            assert_eq!(b.available(), 3, "round {round}: all back");
+        }
+        dropper.join().unwrap();
+    }
 }
