@@ -204,6 +204,12 @@ impl Provider {
         self.slots.available()
     }
 
+    /// Whether a refresh still holds one of its slots or claims (a bound in debt after a
+    /// shrink has fewer free than its size too, and is held).
+    fn holds_bounds(&self) -> bool {
+        self.slots.available() < self.slots.size() || self.claims.available() < self.claims.size()
+    }
+
     pub fn concurrency(&self) -> usize {
         self.concurrency
     }
@@ -606,7 +612,13 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
 
 /// Every configured, enabled provider by name.
 #[derive(Debug, Default)]
-pub struct Providers(BTreeMap<String, Arc<Provider>>);
+pub struct Providers {
+    live: BTreeMap<String, Arc<Provider>>,
+    /// Providers a reload removed while their refreshes still held slots or claims: kept
+    /// (never claimed for) so that one added back before those end gets its old bounds,
+    /// not fresh ones beside those held.
+    retired: BTreeMap<String, Arc<Provider>>,
+}
 
 impl Providers {
     pub fn from_config(config: &Config) -> Result<Providers, ProviderError> {
@@ -637,7 +649,10 @@ impl Providers {
                 )?),
             );
         }
-        Ok(Providers(map))
+        Ok(Providers {
+            live: map,
+            retired: BTreeMap::new(),
+        })
     }
 
     /// After a reload: each provider of `old`'s name keeps `old`'s slots and claims,
@@ -645,9 +660,11 @@ impl Providers {
     /// still count against the new bounds; and its rate limiter while its rate limit and
     /// burst are the same, so the reload grants no fresh burst (a new rate needs a new
     /// limiter: the refreshes waiting for their turn move to it, `Engine::wait_turn`).
+    /// A provider an earlier reload removed, whose refreshes are still under way, counts as
+    /// `old`'s too (`retired`).
     pub fn carry_over(mut self, old: &Providers) -> Providers {
-        for (name, new) in self.0.iter_mut() {
-            let Some(prev) = old.0.get(name) else {
+        for (name, new) in self.live.iter_mut() {
+            let Some(prev) = old.live.get(name).or_else(|| old.retired.get(name)) else {
                 continue;
             };
             let p = Arc::get_mut(new).expect("a provider being built is not shared yet");
@@ -659,12 +676,17 @@ impl Providers {
             prev.claims.resize(p.pace.depth);
             p.claims = prev.claims.clone();
         }
+        let gone = old.live.iter().chain(&old.retired);
+        self.retired = gone
+            .filter(|(name, p)| !self.live.contains_key(*name) && p.holds_bounds())
+            .map(|(name, p)| (name.clone(), p.clone()))
+            .collect();
         self
     }
 
     /// Providers with no room for another claim: the engine does not claim their accounts.
     pub fn saturated(&self) -> Vec<String> {
-        self.0
+        self.live
             .iter()
             .filter(|(_, p)| p.claim_room() == 0)
             .map(|(k, _)| k.clone())
@@ -673,7 +695,7 @@ impl Providers {
 
     /// The providers whose accounts a claim may take: all but `skip`.
     fn claimable<'a>(&'a self, skip: &'a [String]) -> impl Iterator<Item = &'a Provider> {
-        self.0
+        self.live
             .iter()
             .filter(|(name, _)| !skip.contains(name))
             .map(|(_, p)| p.as_ref())
@@ -693,15 +715,15 @@ impl Providers {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.live.is_empty()
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Provider>> {
-        self.0.get(name)
+        self.live.get(name)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.0.keys().map(String::as_str)
+        self.live.keys().map(String::as_str)
     }
 }
 
@@ -833,6 +855,33 @@ mod tests {
         assert_eq!(t.concurrency(), 8);
         assert_eq!(t.free_slots(), 7, "one in flight of eight");
         assert_eq!(t.claim_room(), t.pace.depth - 3, "three still claimed");
+    }
+
+    /// A provider removed by one reload and added back by the next, while a refresh of it
+    /// is still in flight, gets its old slots back (the refresh still counts), not fresh
+    /// ones beside it; once nothing of it is held, a removal forgets it.
+    #[tokio::test]
+    async fn a_provider_added_back_while_its_refreshes_run_keeps_its_bounds() {
+        // TWO less tiktok.
+        const LINKEDIN_ONLY: &str = "[providers.linkedin]\nclient_key = \"k\"\n\
+                                     client_secret = \"s\"\nrate_limit = 1\nburst = 2\n\
+                                     concurrency = 4\n";
+        let old = providers(TWO);
+        let tiktok = old.get("tiktok").unwrap();
+        let in_flight = tiktok.slot().await;
+        let without = providers(LINKEDIN_ONLY).carry_over(&old);
+        assert!(without.get("tiktok").is_none());
+        let back = providers(TWO).carry_over(&without);
+        let t = back.get("tiktok").unwrap();
+        assert!(t.slots.same(&tiktok.slots));
+        assert_eq!(t.free_slots(), 3, "the request in flight holds a slot");
+
+        drop(in_flight);
+        let without = providers(LINKEDIN_ONLY).carry_over(&back);
+        let back = providers(TWO).carry_over(&without);
+        let t = back.get("tiktok").unwrap();
+        assert!(!t.slots.same(&tiktok.slots), "nothing held: fresh bounds");
+        assert_eq!(t.free_slots(), 4);
     }
 
     /// A provider without a `concurrency` of its own takes its share of
