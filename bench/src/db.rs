@@ -80,6 +80,26 @@ impl Db {
         }
     }
 
+    /// The PostgreSQL server's values of `names` (`pg_settings`), in their order; empty on
+    /// SQLite.
+    pub(crate) fn pg_settings(&self, names: &[&str]) -> Result<Vec<(String, String)>> {
+        match self {
+            Db::Sqlite(_) => Ok(Vec::new()),
+            Db::Postgres(c) => Self::pg(c, async |c| {
+                let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+                c.query(
+                    "SELECT name, setting || COALESCE(unit, '') FROM pg_settings
+                     WHERE name = ANY($1) ORDER BY array_position($1, name)",
+                    &[&names],
+                )
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect()
+            }),
+        }
+    }
+
     /// The highest refresh-log id: what was committed before a measurement starts.
     pub(crate) fn log_max_id(&self) -> Result<i64> {
         self.int("SELECT COALESCE(MAX(id), 0) FROM refresh_log")

@@ -2,6 +2,10 @@
 //! installed server's binaries (as the `postgres` user when run as root), started on a free
 //! loopback port, stopped and removed when the binary exits. `REFRESHD_TEST_POSTGRES_URL`
 //! overrides it with a server of your own.
+//!
+//! Tests get a cluster with `fsync = off`: they check behaviour, not what survives a power
+//! cut, and fsyncs would only slow them down. The benchmark measures durable commits, so
+//! [`durable_postgres`] keeps PostgreSQL's defaults (`fsync`, `synchronous_commit` on).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -14,18 +18,36 @@ const INSTALL: &str = "apt-get install postgresql";
 /// URL is accepted and never checked (tests look for it in error messages).
 const USER: &str = "refreshd";
 
-/// The running cluster's data directory and `pg_ctl`, for the removal at exit.
-static RUNNING: Mutex<Option<(PathBuf, PathBuf)>> = Mutex::new(None);
+/// The running clusters' data directories and `pg_ctl`, for the removal at exit.
+static RUNNING: Mutex<Vec<(PathBuf, PathBuf)>> = Mutex::new(Vec::new());
+
+/// Whether the cluster's commits reach the disk.
+#[derive(Clone, Copy)]
+enum Fsync {
+    Off,
+    On,
+}
 
 /// The base URL of a PostgreSQL server for `test`: `REFRESHD_TEST_POSTGRES_URL`, else the
 /// binary's throwaway cluster (started by the first caller). None after a NOT RUN when no
 /// server is installed. Panics when an installed server fails to start.
 pub fn postgres(test: &str) -> Option<String> {
+    static CLUSTER: OnceLock<Result<String, String>> = OnceLock::new();
+    cluster(test, &CLUSTER, Fsync::Off)
+}
+
+/// As [`postgres`], but a cluster whose commits are fsynced (PostgreSQL's defaults), for
+/// measurements of what a durable deployment does.
+pub fn durable_postgres(test: &str) -> Option<String> {
+    static CLUSTER: OnceLock<Result<String, String>> = OnceLock::new();
+    cluster(test, &CLUSTER, Fsync::On)
+}
+
+fn cluster(test: &str, once: &OnceLock<Result<String, String>>, fsync: Fsync) -> Option<String> {
     if let Ok(url) = std::env::var(URL_VAR) {
         return Some(url);
     }
-    static CLUSTER: OnceLock<Result<String, String>> = OnceLock::new();
-    match CLUSTER.get_or_init(start) {
+    match once.get_or_init(|| start(fsync)) {
         Ok(url) => Some(url.clone()),
         Err(missing) => {
             crate::not_run(test, missing, INSTALL);
@@ -135,7 +157,7 @@ fn free_port() -> u16 {
 }
 
 /// Starts the cluster: Ok(base URL), or Err(what is missing) when no server is installed.
-fn start() -> Result<String, String> {
+fn start(fsync: Fsync) -> Result<String, String> {
     let Some(bin) = bin_dir() else {
         return Err("PostgreSQL (initdb and pg_ctl)".into());
     };
@@ -153,7 +175,10 @@ fn start() -> Result<String, String> {
     let data_s = data.to_string_lossy().into_owned();
     let dir_s = dir.to_string_lossy().into_owned();
     let pg_ctl = bin.join("pg_ctl");
-    *RUNNING.lock().unwrap_or_else(|e| e.into_inner()) = Some((dir.clone(), pg_ctl.clone()));
+    RUNNING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((dir.clone(), pg_ctl.clone()));
     crate::exit::on_exit(remove);
     let fail = |what: String| -> ! {
         let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
@@ -179,7 +204,11 @@ fn start() -> Result<String, String> {
     for attempt in 1..=3 {
         let port = free_port();
         let opts = format!(
-            "-p {port} -k {dir_s} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200{}",
+            "-p {port} -k {dir_s} -c listen_addresses=127.0.0.1 -c max_connections=200{}{}",
+            match fsync {
+                Fsync::Off => " -c fsync=off",
+                Fsync::On => "",
+            },
             if ssl { " -c ssl=on" } else { "" }
         );
         let log = format!("{dir_s}/log");
@@ -227,15 +256,15 @@ fn self_signed_certificate(data: &Path) -> bool {
     run(as_server_user(Path::new("openssl"), &args)).is_ok()
 }
 
-/// Stops the cluster and removes its directory (at exit; never panics).
+/// Stops the clusters and removes their directories (at exit; never panics).
 pub(crate) fn remove() {
-    let Some((dir, pg_ctl)) = RUNNING.lock().unwrap_or_else(|e| e.into_inner()).take() else {
-        return;
-    };
-    let data = dir.join("data").to_string_lossy().into_owned();
-    let _ = as_server_user(&pg_ctl, &["-D", &data, "-m", "immediate", "-w", "stop"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status();
-    let _ = std::fs::remove_dir_all(&dir);
+    let running = std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner()));
+    for (dir, pg_ctl) in running {
+        let data = dir.join("data").to_string_lossy().into_owned();
+        let _ = as_server_user(&pg_ctl, &["-D", &data, "-m", "immediate", "-w", "stop"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

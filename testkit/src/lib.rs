@@ -5,7 +5,8 @@
 //! - [`not_run`]: a test that cannot run prints one `NOT RUN: <what> (install: <command>)`
 //!   line, and the test binary ends with one summary of what did not run. With
 //!   `REFRESHD_TEST_STRICT=1` (`.ci/run` sets it) a NOT RUN fails the test instead.
-//! - [`postgres`]: a throwaway PostgreSQL cluster (module `cluster`), one per test binary.
+//! - [`postgres`]: a throwaway PostgreSQL cluster (module `cluster`), one per test binary;
+//!   [`durable_postgres`] one that fsyncs its commits, for the benchmark.
 //! - [`tool`]: whether an installed program answers.
 //! - [`browser`]: a chromedriver for tests that drive a real headless Chromium.
 
@@ -14,7 +15,7 @@ mod cluster;
 mod exit;
 mod report;
 
-pub use cluster::{is_root, postgres, postgres_schema};
+pub use cluster::{durable_postgres, is_root, postgres, postgres_schema};
 pub use report::{not_run, strict};
 
 use std::process::{Command, Stdio};

@@ -1,6 +1,8 @@
 //! PostgreSQL beside SQLite: the import and the burst on a PostgreSQL store, in a schema of
 //! the run's own on --postgres's server, else on a throwaway cluster started from the
-//! installed binaries (as the tests do); NOT RUN rows when there is none.
+//! installed binaries with PostgreSQL's durable defaults (the tests' cluster skips fsync);
+//! NOT RUN rows when there is none. The server's durability settings are a row of their own:
+//! a rate measured without fsynced commits is not the daemon's.
 
 use crate::db::Db;
 use crate::harness::Bench;
@@ -33,7 +35,7 @@ impl Bench {
         self.cli
             .postgres
             .clone()
-            .or_else(|| refreshd_testkit::postgres("refreshd-bench"))
+            .or_else(|| refreshd_testkit::durable_postgres("refreshd-bench"))
     }
 
     /// postgres: `accounts import` of --accounts lines into PostgreSQL, then a burst.
@@ -47,6 +49,7 @@ impl Bench {
             return Ok(());
         };
         self.pg = Some(Self::pg_schema(&base)?);
+        self.pg_durability(&base)?;
         let run = async {
             eprintln!("   PostgreSQL: import");
             self.seed().await?;
@@ -56,5 +59,40 @@ impl Bench {
         .await;
         self.pg = None;
         run
+    }
+
+    /// Records the server's settings that decide whether a commit is durable (and its
+    /// memory), and a row saying whether both durability settings are on.
+    fn pg_durability(&mut self, base: &str) -> Result<()> {
+        let settings = Db::connect_pg(base)?.pg_settings(&[
+            "server_version",
+            "fsync",
+            "synchronous_commit",
+            "full_page_writes",
+            "shared_buffers",
+            "max_wal_size",
+        ])?;
+        let on = |name: &str| settings.iter().any(|(n, v)| n == name && v == "on");
+        let durable = on("fsync") && on("synchronous_commit");
+        let shown: Vec<String> = settings.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        eprintln!("   PostgreSQL server: {}", shown.join(" "));
+        let r = &mut self.report;
+        r.row(
+            "pg-seed",
+            "server durable (fsync, synchronous_commit on)",
+            if durable { 1.0 } else { 0.0 },
+            "",
+            Some(("= 1", durable)),
+        );
+        r.details.insert(
+            "pg_server".into(),
+            serde_json::Value::Object(
+                settings
+                    .into_iter()
+                    .map(|(n, v)| (n, serde_json::Value::String(v)))
+                    .collect(),
+            ),
+        );
+        Ok(())
     }
 }
