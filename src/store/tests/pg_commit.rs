@@ -1,29 +1,78 @@
 //! PostgreSQL only: a group commit of rotations is one round trip to the server (BEGIN,
-//! the row lock, the rotations with their log rows, COMMIT sent together), counted by a
+//! the row lock, the rotations with their log rows, COMMIT sent together), and a group that
+//! fails (a row another session holds) ends its transaction and leaves its connection
+//! usable: by a ROLLBACK when its COMMIT was still to be sent (a group with other
+//! outcomes), by the pipelined COMMIT alone otherwise (a group of rotations). Watched by a
 //! proxy between the pool's connection and the throwaway cluster.
 
 use super::*;
+use crate::crypto::Keyring;
 use crate::store::postgres::group;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Counts the client's turns on the connections it forwards: a turn is the client sending
 /// after the server's answer reached it (the first sending too). The server's bytes are
 /// held a few milliseconds, so requests the client sends together are never split by an
-/// answer in between.
+/// answer in between. Keeps the text of the client's simple queries too (what
+/// `batch_execute` sends: BEGIN, COMMIT, ROLLBACK).
 #[derive(Default)]
 struct Turns {
     turns: AtomicUsize,
     answered: AtomicBool,
+    queries: Mutex<Vec<String>>,
 }
 
 impl Turns {
     fn reset(&self) {
         self.turns.store(0, Ordering::SeqCst);
         self.answered.store(true, Ordering::SeqCst);
+        self.queries.lock().unwrap().clear();
+    }
+
+    /// The transaction ends (COMMIT, ROLLBACK) among the simple queries since the reset.
+    fn ends(&self) -> Vec<String> {
+        let queries = self.queries.lock().unwrap();
+        queries
+            .iter()
+            .filter(|q| *q == "COMMIT" || *q == "ROLLBACK")
+            .cloned()
+            .collect()
+    }
+}
+
+/// The client's bytes on one connection, cut into protocol messages: the first (the
+/// startup message) has no type byte, each after it a type byte and a length.
+#[derive(Default)]
+struct Messages {
+    buf: Vec<u8>,
+    started: bool,
+}
+
+impl Messages {
+    /// Takes `bytes` and records the text of each whole simple query (`Q`) in `queries`.
+    fn feed(&mut self, bytes: &[u8], queries: &Mutex<Vec<String>>) {
+        self.buf.extend_from_slice(bytes);
+        loop {
+            let at = usize::from(self.started);
+            let Some(len) = self.buf.get(at..at + 4) else {
+                return;
+            };
+            let end = at + u32::from_be_bytes(len.try_into().unwrap()) as usize;
+            if self.buf.len() < end {
+                return;
+            }
+            if self.started && self.buf[0] == b'Q' {
+                // The query string ends with a NUL.
+                let text = String::from_utf8_lossy(&self.buf[5..end - 1]).into_owned();
+                queries.lock().unwrap().push(text);
+            }
+            self.buf.drain(..end);
+            self.started = true;
+        }
     }
 }
 
@@ -41,10 +90,12 @@ async fn proxy(server: (String, u16), turns: Arc<Turns>) -> u16 {
             let t = turns.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
+                let mut messages = Messages::default();
                 while let Ok(n @ 1..) = cr.read(&mut buf).await {
                     if t.answered.swap(false, Ordering::SeqCst) {
                         t.turns.fetch_add(1, Ordering::SeqCst);
                     }
+                    messages.feed(&buf[..n], &t.queries);
                     if sw.write_all(&buf[..n]).await.is_err() {
                         break;
                     }
@@ -66,26 +117,39 @@ async fn proxy(server: (String, u16), turns: Arc<Turns>) -> u16 {
     port
 }
 
-#[tokio::test]
-async fn postgres_a_group_of_rotations_is_one_round_trip() {
-    let Some(url) = refreshd_testkit::postgres_schema("pg_group_one_round_trip").await else {
-        return;
-    };
+/// A store of accounts claimed by OWNER, and a pool of one connection (through the proxy)
+/// to its schema: a group commit's connection, which the pool hands out again.
+struct Proxied {
+    _dir: TempDir,
+    store: Store,
+    ids: Vec<i64>,
+    url: String,
+    pool: Pool,
+    turns: Arc<Turns>,
+}
+
+/// A [`Proxied`] store of `accounts` accounts in a schema named after `test`, or None
+/// after a NOT RUN (no PostgreSQL installed).
+async fn proxied(test: &str, accounts: usize) -> Option<Proxied> {
+    let url = refreshd_testkit::postgres_schema(test).await?;
     let dir = tempfile::tempdir().unwrap();
     let opts = POSTGRES
         .scope(Some(url.clone()), async { options(&dir) })
         .await;
     let store = Store::open(opts).await.unwrap();
-    let accounts = (1..=3)
+    let new = (1..=accounts)
         .map(|n| new_account("tiktok", &format!("u{n}"), NOW))
         .collect();
-    let ids = insert(&store, accounts).await;
+    let ids = insert(&store, new).await;
     assert_eq!(
-        store.claim_due(OWNER, NOW, LEASE, 3).await.unwrap().len(),
-        3
+        store
+            .claim_due(OWNER, NOW, LEASE, accounts)
+            .await
+            .unwrap()
+            .len(),
+        accounts
     );
 
-    // The pool's one connection goes through the proxy.
     let config: tokio_postgres::Config = url.parse().unwrap();
     let server = match &config.get_hosts()[0] {
         tokio_postgres::config::Host::Tcp(h) => (h.clone(), config.get_ports()[0]),
@@ -105,8 +169,55 @@ async fn postgres_a_group_of_rotations_is_one_round_trip() {
         },
     );
     let pool = Pool::builder(manager).max_size(1).build().unwrap();
-    let client = pool.get().await.unwrap();
-    let keys = crate::crypto::Keyring::default();
+    Some(Proxied {
+        _dir: dir,
+        store,
+        ids,
+        url,
+        pool,
+        turns,
+    })
+}
+
+/// Another session (not through the proxy) holding `id`'s row, with the lock a group
+/// commit takes, until it rolls back.
+async fn hold_row(url: &str, id: i64) -> tokio_postgres::Client {
+    let (holder, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    holder.batch_execute("BEGIN").await.unwrap();
+    let sql = "SELECT id FROM accounts WHERE id = $1 FOR NO KEY UPDATE";
+    assert_eq!(holder.execute(sql, &[&id]).await.unwrap(), 1);
+    holder
+}
+
+/// The session `pid`'s state in pg_stat_activity, read by `by` outside a transaction (a
+/// transaction reads the activity once, at its first look).
+async fn state(by: &tokio_postgres::Client, pid: i32) -> String {
+    let sql = "SELECT state FROM pg_stat_activity WHERE pid = $1";
+    by.query_one(sql, &[&pid]).await.unwrap().get(0)
+}
+
+async fn backend_pid(client: &deadpool_postgres::Client) -> i32 {
+    let row = client.query_one("SELECT pg_backend_pid()", &[]).await;
+    row.unwrap().get(0)
+}
+
+/// A group commit that fails on a held row: transient, the lock timeout's SQLSTATE.
+fn assert_lock_timeout(e: &StoreError) {
+    assert!(e.is_transient(), "not transient: {e}");
+    assert!(e.to_string().contains("55P03"), "not a lock timeout: {e}");
+}
+
+#[tokio::test]
+async fn postgres_a_group_of_rotations_is_one_round_trip() {
+    let Some(p) = proxied("pg_group_one_round_trip", 3).await else {
+        return;
+    };
+    let (ids, turns) = (&p.ids, &p.turns);
+    let client = p.pool.get().await.unwrap();
+    let keys = Keyring::default();
 
     // The first group prepares the statements (once per connection).
     let first = rotated(ids[0], 0, "at-1", Some("rt-1"), NOW + 1);
@@ -129,8 +240,88 @@ async fn postgres_a_group_of_rotations_is_one_round_trip() {
     drop(client);
     // Committed: the tokens and the log rows are there for the store's own connections.
     for (id, access) in [(ids[1], "at-2"), (ids[2], "at-3")] {
-        assert_eq!(get(&store, id).await.access_token.expose_secret(), access);
-        assert_eq!(log_outcomes(&store, id).await, ["rotated", "imported"]);
+        assert_eq!(get(&p.store, id).await.access_token.expose_secret(), access);
+        assert_eq!(log_outcomes(&p.store, id).await, ["rotated", "imported"]);
     }
-    store.close().await;
+    p.store.close().await;
+}
+
+#[tokio::test]
+async fn postgres_a_failed_group_with_other_outcomes_is_rolled_back_and_its_connection_reused() {
+    let Some(p) = proxied("pg_group_others_rolled_back", 1).await else {
+        return;
+    };
+    let id = p.ids[0];
+    let keys = Keyring::default();
+    let client = p.pool.get().await.unwrap();
+    let pid = backend_pid(&client).await;
+    let holder = hold_row(&p.url, id).await;
+
+    // A failure is not a rotation: the body (BEGIN, the lock, its update) goes first, the
+    // COMMIT only after it, so the lock timing out leaves it unsent.
+    p.turns.reset();
+    let failed = transient(id, OWNER, NOW + 1);
+    let e = group::commit(&client, &keys, &[&failed]).await.unwrap_err();
+    assert_lock_timeout(&e);
+    assert_eq!(p.turns.ends(), ["ROLLBACK"], "the failed group's ends");
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(state(&holder, pid).await, "idle", "the group's session");
+
+    // The pool's one connection, the same session: the next group commits on it.
+    drop(client);
+    let client = p.pool.get().await.unwrap();
+    assert_eq!(backend_pid(&client).await, pid);
+    let r = group::commit(&client, &keys, &[&failed]).await.unwrap();
+    assert_eq!(r, [Recorded::Applied]);
+    drop(client);
+    let a = get(&p.store, id).await;
+    assert_eq!((a.failures, a.last_error.as_deref()), (1, Some("HTTP 503")));
+    assert_eq!(log_outcomes(&p.store, id).await, ["transient", "imported"]);
+    p.store.close().await;
+}
+
+#[tokio::test]
+async fn postgres_a_failed_group_of_rotations_is_ended_by_its_commit_without_a_rollback() {
+    let Some(p) = proxied("pg_group_rotations_no_rollback", 2).await else {
+        return;
+    };
+    let keys = Keyring::default();
+    let client = p.pool.get().await.unwrap();
+    // The first group prepares the statements (once per connection): the failed one is
+    // then one flight.
+    let first = rotated(p.ids[0], 0, "at-1", Some("rt-1"), NOW + 1);
+    let r = group::commit(&client, &keys, &[&first]).await.unwrap();
+    assert_eq!(r, [Recorded::Applied]);
+    let pid = backend_pid(&client).await;
+    let holder = hold_row(&p.url, p.ids[1]).await;
+
+    // BEGIN..COMMIT go out together: the COMMIT reaches the failed transaction and ends it
+    // (as a rollback), so no ROLLBACK follows, nor a second round trip.
+    p.turns.reset();
+    let locked = rotated(p.ids[1], 0, "at-2", Some("rt-2"), NOW + 2);
+    let e = group::commit(&client, &keys, &[&locked]).await.unwrap_err();
+    assert_lock_timeout(&e);
+    assert_eq!(p.turns.ends(), ["COMMIT"], "the failed group's ends");
+    assert_eq!(
+        p.turns.turns.load(Ordering::SeqCst),
+        1,
+        "round trips of the failed group"
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(state(&holder, pid).await, "idle", "the group's session");
+
+    // The pool's one connection, the same session: the next group commits on it.
+    drop(client);
+    let client = p.pool.get().await.unwrap();
+    assert_eq!(backend_pid(&client).await, pid);
+    let r = group::commit(&client, &keys, &[&locked]).await.unwrap();
+    assert_eq!(r, [Recorded::Applied]);
+    drop(client);
+    let a = get(&p.store, p.ids[1]).await;
+    assert_eq!(a.access_token.expose_secret(), "at-2");
+    assert_eq!(
+        log_outcomes(&p.store, p.ids[1]).await,
+        ["rotated", "imported"]
+    );
+    p.store.close().await;
 }
