@@ -88,7 +88,7 @@ impl Db {
             Db::Postgres(c) => Self::pg(c, async |c| {
                 let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
                 c.query(
-                    "SELECT name, setting || COALESCE(unit, '') FROM pg_settings
+                    "SELECT name, current_setting(name) FROM pg_settings
                      WHERE name = ANY($1) ORDER BY array_position($1, name)",
                     &[&names],
                 )

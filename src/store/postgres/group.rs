@@ -24,8 +24,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 const LOCK: &str = "SELECT id FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE";
 
 /// Commits `outcomes` in one transaction on `client`; the results are in the order of
-/// `outcomes`, and come back only once the transaction is committed. On an error the
-/// transaction is rolled back (the pipelined COMMIT of a failed transaction is a ROLLBACK).
+/// `outcomes`, and come back only once the transaction is committed. On an error from the
+/// server the transaction is rolled back (the pipelined COMMIT of a failed transaction is a
+/// ROLLBACK). An error reading an answer once the COMMIT is out (a row that does not
+/// decode; `ROTATE` returns only ids, so not seen) may leave the group committed: a retry
+/// of its rotations finds its guard moved on and logs them superseded; no token is lost.
 pub(crate) async fn commit(
     client: &Client,
     keys: &Keyring,
