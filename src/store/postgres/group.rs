@@ -27,8 +27,8 @@ const LOCK: &str = "SELECT id FROM accounts WHERE id = ANY($1) ORDER BY id FOR N
 /// `outcomes`, and come back only once the transaction is committed. On an error from the
 /// server the transaction is rolled back (the pipelined COMMIT of a failed transaction is a
 /// ROLLBACK). An error reading an answer once the COMMIT is out (a row that does not
-/// decode; `ROTATE` returns only ids, so not seen) may leave the group committed: a retry
-/// of its rotations finds its guard moved on and logs them superseded; no token is lost.
+/// decode; `ROTATE` returns only ids, so not seen) may leave the group committed: its
+/// rotations go to the recovery file, whose replay finds them already committed.
 pub(crate) async fn commit(
     client: &Client,
     keys: &Keyring,
