@@ -71,6 +71,15 @@ pub enum StoreError {
         "cannot connect to PostgreSQL at {url}: {message} (check store.url, and that the server is up and reachable)"
     )]
     PgConnect { url: String, message: String },
+    /// A setting that would let COMMIT return before a rotation is on disk.
+    #[error(
+        "PostgreSQL {url}: {found}: a COMMIT could return before the rotated refresh token is on disk, and a crash would lose it (the old one is already dead). Not opened: {fix}"
+    )]
+    PgNotDurable {
+        url: String,
+        found: String,
+        fix: &'static str,
+    },
     #[error("PostgreSQL {url}: migration {version} failed: {message}")]
     PgMigration {
         url: String,

@@ -2,12 +2,14 @@
 //! SQLite's (leases, generation-guarded writes, group commit, recovery file), for several
 //! replicas sharing one database. This file holds the pool and the group-commit task;
 //! `queries.rs`, `reports.rs` and `writes.rs` the SQL, `schema.rs` the migrations,
-//! `errors.rs` what a PostgreSQL error becomes. Claims use `FOR UPDATE SKIP LOCKED`, so
-//! replicas never wait on each other's rows; migrations run under an advisory lock, so
-//! replicas starting together do not race. A lost connection is a transient error: the pool
-//! reconnects on the next use. Each replica's liveness lock (`liveness.rs`) lets the others
-//! take a dead one's leases.
+//! `errors.rs` what a PostgreSQL error becomes, `durability.rs` the settings that make a
+//! commit durable (`synchronous_commit` on for every session, `fsync` checked at open).
+//! Claims use `FOR UPDATE SKIP LOCKED`, so replicas never wait on each other's rows;
+//! migrations run under an advisory lock, so replicas starting together do not race. A lost
+//! connection is a transient error: the pool reconnects on the next use. Each replica's
+//! liveness lock (`liveness.rs`) lets the others take a dead one's leases.
 
+mod durability;
 mod errors;
 pub(crate) mod group;
 pub(crate) mod liveness;
@@ -86,6 +88,8 @@ impl PgStore {
             );
             config.options(options.trim());
         }
+        // Every session commits durably, whatever the server's, database's or role's default.
+        durability::require_synchronous_commit(&mut config, &describe)?;
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
@@ -155,6 +159,7 @@ impl PgStore {
                 .into());
             }
         } else {
+            durability::check(&**client, &describe).await?;
             schema::migrate(&mut client)
                 .await
                 .map_err(|(version, e)| StoreError::PgMigration {

@@ -8,7 +8,7 @@ use crate::store::types::{NewAccount, Outcome, Recorded, StoreOptions};
 use crate::telemetry::capture::Captured;
 use rusqlite::{Connection, TransactionBehavior};
 use secrecy::{ExposeSecret, SecretString};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::Instrument;
 
@@ -17,16 +17,7 @@ const NOW: i64 = 1_700_000_000;
 /// Every log line of the process from now on: the worker is another thread, so only a
 /// global subscriber sees its lines (tests that install their own keep theirs).
 fn captured() -> &'static Captured {
-    static BUF: OnceLock<Captured> = OnceLock::new();
-    BUF.get_or_init(|| {
-        let buf = Captured::default();
-        let sub = tracing_subscriber::fmt()
-            .with_writer(buf.clone())
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::set_global_default(sub).expect("no other global subscriber");
-        buf
-    })
+    crate::telemetry::capture::global()
 }
 
 /// A store file in `dir`, without keys.

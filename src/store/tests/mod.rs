@@ -227,6 +227,7 @@ mod durability;
 mod imports;
 mod open;
 mod pg_commit;
+mod pg_durable;
 mod pg_pages;
 mod plan;
 mod records;
