@@ -213,34 +213,51 @@ mod tests {
     /// left are at the new size and nothing more gets in. The two race on two threads,
     /// released together by a spin, many times over (a permit handed on between the
     /// shrink's debt and its payment would let one more in: the size lock rules that
-    /// interleaving out).
+    /// interleaving out; without it this failed within 17,500 rounds in 6 runs of 6).
     #[test]
     fn a_permit_given_back_during_a_shrink_lets_none_in_above_the_new_size() {
         use std::sync::Mutex;
         use std::sync::atomic::AtomicUsize;
-        const ROUNDS: usize = 50_000;
+        use std::time::{Duration, Instant};
+        const ROUNDS: usize = 20_000;
+        /// Each wait's bound: a lost thread fails the test instead of hanging it.
+        const STUCK: Duration = Duration::from_secs(30);
         // Round n: the main thread sets `go` to n once the permit to drop is in `slot`;
-        // the dropper sets `done` to n once it dropped it.
+        // the dropper sets `done` to n once it dropped it. `go` at usize::MAX ends it.
         let (go, done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let slot: Arc<Mutex<Option<Permit>>> = Arc::default();
         // Spins, then yields: beside other tests on few cores, the other thread may need
         // this one's core.
         let spin_until = |at: &AtomicUsize, n: usize| {
-            for spins in 0.. {
+            let since = Instant::now();
+            for spins in 0u32.. {
                 if at.load(Ordering::Acquire) >= n {
                     return;
                 }
-                match spins < 5_000 {
-                    true => std::hint::spin_loop(),
-                    false => std::thread::yield_now(),
+                if spins < 5_000 {
+                    std::hint::spin_loop();
+                } else {
+                    assert!(since.elapsed() < STUCK, "the other thread is stuck");
+                    std::thread::yield_now();
                 }
             }
         };
+        /// Ends the dropper however the main thread leaves (an assertion failing too).
+        struct Stop(Arc<AtomicUsize>);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                self.0.store(usize::MAX, Ordering::Release);
+            }
+        }
+        let _stop = Stop(go.clone());
         let dropper = std::thread::spawn({
             let (go, done, slot) = (go.clone(), done.clone(), slot.clone());
             move || {
                 for round in 1..=ROUNDS {
                     spin_until(&go, round);
+                    if go.load(Ordering::Acquire) == usize::MAX {
+                        return;
+                    }
                     drop(slot.lock().unwrap().take());
                     done.store(round, Ordering::Release);
                 }
