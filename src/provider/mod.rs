@@ -871,12 +871,23 @@ mod tests {
         let in_flight = tiktok.slot().await;
         let without = providers(LINKEDIN_ONLY).carry_over(&old);
         assert!(without.get("tiktok").is_none());
-        let back = providers(TWO).carry_over(&without);
+        // Still away after a second reload: kept while held.
+        let still_without = providers(LINKEDIN_ONLY).carry_over(&without);
+        let back = providers(TWO).carry_over(&still_without);
         let t = back.get("tiktok").unwrap();
         assert!(t.slots.same(&tiktok.slots));
         assert_eq!(t.free_slots(), 3, "the request in flight holds a slot");
 
+        // An account claimed ahead, not yet sent, holds it too.
         drop(in_flight);
+        let claimed = t.try_claim().unwrap();
+        let without = providers(LINKEDIN_ONLY).carry_over(&back);
+        let back = providers(TWO).carry_over(&without);
+        let t = back.get("tiktok").unwrap();
+        assert!(t.claims.same(&tiktok.claims));
+        assert_eq!(t.claim_room(), t.pace.depth - 1, "the claim still counts");
+
+        drop(claimed);
         let without = providers(LINKEDIN_ONLY).carry_over(&back);
         let back = providers(TWO).carry_over(&without);
         let t = back.get("tiktok").unwrap();
