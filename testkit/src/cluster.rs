@@ -37,7 +37,8 @@ pub fn postgres(test: &str) -> Option<String> {
 }
 
 /// As [`postgres`], but a cluster whose commits are fsynced (PostgreSQL's defaults), for
-/// measurements of what a durable deployment does.
+/// measurements of what a durable deployment does. `REFRESHD_TEST_POSTGRES_URL` overrides
+/// it too, whatever that server's settings (the bench records them).
 pub fn durable_postgres(test: &str) -> Option<String> {
     static CLUSTER: OnceLock<Result<String, String>> = OnceLock::new();
     cluster(test, &CLUSTER, Fsync::On)

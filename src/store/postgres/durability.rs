@@ -30,8 +30,7 @@ pub(super) fn require_synchronous_commit(
         }),
         Some(_) => Ok(()),
         None => {
-            let options = format!("{options} -c {SETTING}=on");
-            config.options(options.trim());
+            super::add_startup_setting(config, &format!("{SETTING}=on"));
             Ok(())
         }
     }
@@ -62,7 +61,7 @@ pub(super) async fn check(client: &impl GenericClient, describe: &str) -> Result
     if is_off(&fsync) {
         tracing::warn!(event = "postgres_not_durable", setting = "fsync", value = %fsync,
             store = %describe,
-            fix = "set fsync = on in postgresql.conf; with fsync off a crash can lose every rotated refresh token committed since the last checkpoint",
+            fix = "set fsync = on in postgresql.conf; with fsync off a crash of the host can corrupt the database and lose any commit, rotated refresh tokens included",
             "PostgreSQL {describe} runs with fsync = off: its commits are not durable");
     }
     Ok(())
@@ -78,7 +77,8 @@ fn is_off(value: &str) -> bool {
 /// The value the startup options give setting `name` (the last one, as the server applies
 /// them in order), read as the server reads them: words split at unescaped white space
 /// (a backslash escapes the next character), `-c name=value`, `-cname=value` or
-/// `--name=value`, names case-insensitive with `-` for `_`.
+/// `--name=value`, names case-insensitive with `-` for `_`. A form it misses (grouped
+/// flags) is caught by the read-back at open (`check`), which is the guarantee.
 fn named_setting(options: &str, name: &str) -> Option<String> {
     let mut words = Vec::new();
     let mut word = String::new();
@@ -86,7 +86,8 @@ fn named_setting(options: &str, name: &str) -> Option<String> {
     while let Some(c) = chars.next() {
         match c {
             '\\' => word.extend(chars.next()),
-            c if c.is_ascii_whitespace() => {
+            // C's isspace, as the server splits them (vertical tab included).
+            c if c.is_ascii_whitespace() || c == '\x0b' => {
                 if !word.is_empty() {
                     words.push(std::mem::take(&mut word));
                 }

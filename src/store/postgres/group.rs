@@ -26,9 +26,9 @@ const LOCK: &str = "SELECT id FROM accounts WHERE id = ANY($1) ORDER BY id FOR N
 /// Commits `outcomes` in one transaction on `client`; the results are in the order of
 /// `outcomes`, and come back only once the transaction is committed. On an error from the
 /// server the transaction is rolled back (the pipelined COMMIT of a failed transaction is a
-/// ROLLBACK). An error reading an answer once the COMMIT is out (a row that does not
-/// decode; `ROTATE` returns only ids, so not seen) may leave the group committed: its
-/// rotations go to the recovery file, whose replay finds them already committed.
+/// ROLLBACK). An error once the COMMIT is out (the connection lost before its answer, or
+/// an answer that does not decode) may leave the group committed: its rotations go to the
+/// recovery file, whose replay finds them already committed.
 pub(crate) async fn commit(
     client: &Client,
     keys: &Keyring,

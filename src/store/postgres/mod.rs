@@ -82,11 +82,7 @@ impl PgStore {
                 })?;
         if read_only {
             // The server refuses writes, as SQLite's read-only open does.
-            let options = format!(
-                "{} -c default_transaction_read_only=on",
-                config.get_options().unwrap_or("")
-            );
-            config.options(options.trim());
+            add_startup_setting(&mut config, "default_transaction_read_only=on");
         }
         // Every session commits durably, whatever the server's, database's or role's default.
         durability::require_synchronous_commit(&mut config, &describe)?;
@@ -413,6 +409,13 @@ impl Worker {
         };
         commit::settle_retry(&mut self.deferrals, result);
     }
+}
+
+/// Appends `-c name=value` to the startup options of the sessions `config` opens (after the
+/// URL's own, so it is the one that holds).
+fn add_startup_setting(config: &mut tokio_postgres::Config, setting: &str) {
+    let options = format!("{} -c {setting}", config.get_options().unwrap_or(""));
+    config.options(options.trim());
 }
 
 /// Commits deferred rotations, each under its own savepoint; see SQLite's.

@@ -308,6 +308,9 @@ async fn postgres_a_failed_group_of_rotations_is_ended_by_its_commit_without_a_r
         "round trips of the failed group"
     );
     holder.batch_execute("ROLLBACK").await.unwrap();
+    // The error came with the lock's answer: one more round trip on the session, answered
+    // in order, so the pipelined COMMIT has run before its state is read.
+    assert_eq!(backend_pid(&client).await, pid);
     assert_eq!(state(&holder, pid).await, "idle", "the group's session");
 
     // The pool's one connection, the same session: the next group commits on it.
