@@ -5,7 +5,7 @@ use crate::crypto::Keyring;
 use crate::model::{Status, TokenSet};
 use crate::store::deferred::Health;
 use crate::store::types::{NewAccount, Outcome, Recorded, StoreOptions};
-use crate::telemetry::capture::Captured;
+use crate::telemetry::capture;
 use rusqlite::{Connection, TransactionBehavior};
 use secrecy::{ExposeSecret, SecretString};
 use std::sync::{Arc, Mutex};
@@ -13,12 +13,6 @@ use std::time::Duration;
 use tracing::Instrument;
 
 const NOW: i64 = 1_700_000_000;
-
-/// Every log line of the process from now on: the worker is another thread, so only a
-/// global subscriber sees its lines (tests that install their own keep theirs).
-fn captured() -> &'static Captured {
-    crate::telemetry::capture::global()
-}
 
 /// A store file in `dir`, without keys.
 fn file_options(dir: &std::path::Path) -> StoreOptions {
@@ -32,7 +26,7 @@ fn file_options(dir: &std::path::Path) -> StoreOptions {
 
 #[tokio::test]
 async fn a_log_line_of_a_store_job_carries_the_callers_span() {
-    let buf = captured();
+    let buf = capture::global();
     let dir = tempfile::tempdir().unwrap();
     let opts = file_options(dir.path());
     let health = Arc::new(Health::default());
