@@ -79,7 +79,7 @@ pub fn claim_due_except(
     exclude: &[i64],
 ) -> Result<Vec<Account>, StoreError> {
     let mut stmt = conn
-        .prepare_cached(&claim_sql(skip))
+        .prepare_cached(&claim_sql(skip, !exclude.is_empty()))
         .map_err(sql_err("claim due accounts"))?;
     let mut values: Vec<rusqlite::types::Value> = vec![
         owner.to_string().into(),
@@ -101,8 +101,15 @@ pub fn claim_due_except(
 
 /// The claim statement with `skip` left out: one cached statement per number of skipped
 /// providers, never re-prepared (the connection has the query planner stability guarantee,
-/// so binding a new LIMIT does not expire it).
-pub(crate) fn claim_sql(skip: &[String]) -> String {
+/// so binding a new LIMIT does not expire it). Without `exclude` (nearly always: nothing
+/// waits in the recovery file) the statement has no `json_each` clause, which cost every
+/// due row it walked past a lookup: about a sixth of a burst's claim. `?5` is still bound.
+pub(crate) fn claim_sql(skip: &[String], exclude: bool) -> String {
+    let exclude = if exclude {
+        "AND id NOT IN (SELECT value FROM json_each(?5))"
+    } else {
+        ""
+    };
     format!(
         "UPDATE accounts SET lease_owner = ?1, lease_expires_at = ?2,
              interrupted_at = CASE WHEN lease_owner IS NOT NULL THEN lease_expires_at END
@@ -110,7 +117,7 @@ pub(crate) fn claim_sql(skip: &[String]) -> String {
              SELECT id FROM accounts INDEXED BY accounts_due
              WHERE status IN ('active', 'expiring') AND next_refresh_at <= ?6
                AND (lease_owner IS NULL OR lease_expires_at <= ?3)
-               AND id NOT IN (SELECT value FROM json_each(?5))
+               {exclude}
                {}
              ORDER BY next_refresh_at
              LIMIT ?4)

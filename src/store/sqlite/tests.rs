@@ -353,9 +353,35 @@ fn the_claim_statement_is_prepared_once() {
         )
         .unwrap();
     }
-    let stmt = c.prepare_cached(&queries::claim_sql(&skip)).unwrap();
+    let stmt = c.prepare_cached(&queries::claim_sql(&skip, true)).unwrap();
     assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
     assert!(stmt.get_status(rusqlite::StatementStatus::Run) >= 5);
+}
+
+#[test]
+fn a_claim_leaves_out_the_accounts_it_is_told_to() {
+    let mut c = memory();
+    let keys = Keyring::default();
+    let ids = upsert(&mut c, &[account("u1"), account("u2"), account("u3")]);
+    let claim = |owner: &str, exclude: &[i64]| -> Vec<i64> {
+        queries::claim_due_except(&c, &keys, owner, NOW, NOW, NOW + 60, 10, &[], exclude)
+            .unwrap()
+            .iter()
+            .map(|a| a.id)
+            .collect()
+    };
+    let mut first = claim("me:1", &[ids[1]]);
+    first.sort_unstable();
+    assert_eq!(
+        first,
+        [ids[0], ids[2]],
+        "the excluded account stays unleased"
+    );
+    assert_eq!(
+        claim("me:2", &[]),
+        [ids[1]],
+        "with nothing excluded (the statement without the exclusion clause) it is claimed"
+    );
 }
 
 /// Records, in `order`, when the task it belongs to is woken.
