@@ -7,7 +7,8 @@
 //! Claims use `FOR UPDATE SKIP LOCKED`, so replicas never wait on each other's rows;
 //! migrations run under an advisory lock, so replicas starting together do not race. A lost
 //! connection is a transient error: the pool reconnects on the next use. Each replica's
-//! liveness lock (`liveness.rs`) lets the others take a dead one's leases.
+//! liveness lock (`liveness.rs`) lets the others take a dead one's leases. A connection
+//! whose failed group commit could not be rolled back is taken out of the pool.
 
 mod durability;
 mod errors;
@@ -359,9 +360,7 @@ impl Worker {
     }
 
     async fn commit(&self, outcomes: &[&Outcome]) -> Result<Vec<Recorded>, StoreError> {
-        let ctx = "commit refresh outcomes";
-        let client = self.pool.get().await.map_err(pool_err(ctx))?;
-        group::commit(&client, &self.keys, outcomes).await
+        commit_on(&self.pool, &self.keys, outcomes).await
     }
 
     /// Commits a group in the span of its outcome when it has one outcome (a group of
@@ -409,6 +408,25 @@ impl Worker {
         };
         commit::settle_retry(&mut self.deferrals, result);
     }
+}
+
+/// Commits `outcomes` (`group::commit`) on a connection from `pool`. The pool owns its
+/// connections: one whose failed group could not be rolled back is taken out of it (and
+/// closed when dropped), as it may still be inside the group's transaction.
+pub(crate) async fn commit_on(
+    pool: &Pool,
+    keys: &Keyring,
+    outcomes: &[&Outcome],
+) -> Result<Vec<Recorded>, StoreError> {
+    let client = pool
+        .get()
+        .await
+        .map_err(pool_err("commit refresh outcomes"))?;
+    let finished = group::commit(&client, keys, outcomes).await;
+    if !finished.reusable {
+        drop(deadpool_postgres::Object::take(client));
+    }
+    finished.result
 }
 
 /// Appends `-c name=value` to the startup options of the sessions `config` opens (after the
