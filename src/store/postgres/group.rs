@@ -8,6 +8,11 @@
 //! counts), more when it names an account twice (those writes go one after the other).
 //! Guards, values and log rows are `record::plan`'s, as for a single outcome
 //! (`writes::record`).
+//!
+//! A group that fails before its COMMIT was sent ends its transaction with a ROLLBACK; when
+//! that fails too, the session may still be inside the transaction, and `Finished` says the
+//! connection must not go back to the pool (the worker, which owns the pool, detaches it:
+//! deadpool's fast recycling would hand it out again unchecked).
 
 use super::errors::pg_err;
 use super::writes::{self, Rotations};
@@ -23,16 +28,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Locks a group's rows (`$1`, ids) in account order.
 const LOCK: &str = "SELECT id FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE";
 
+/// A group commit's end: its result, and whether its connection may be used again.
+#[must_use = "a connection left inside a transaction must not go back to the pool"]
+pub(crate) struct Finished {
+    pub result: Result<Vec<Recorded>, StoreError>,
+    /// False when the ROLLBACK of a failed group failed: the session may still be inside
+    /// the group's transaction (its rows locked, every later statement refused).
+    pub reusable: bool,
+}
+
 /// Commits `outcomes` in one transaction on `client`; the results are in the order of
 /// `outcomes`, and come back only once the transaction is committed. On an error from the
 /// server the transaction is rolled back (the pipelined COMMIT of a failed transaction is a
 /// ROLLBACK). An error once the COMMIT is out (the connection lost before its answer, or
 /// an answer that does not decode) may leave the group committed: its rotations go to the
 /// recovery file, whose replay finds them already committed.
-pub(crate) async fn commit(
+pub(crate) async fn commit(client: &Client, keys: &Keyring, outcomes: &[&Outcome]) -> Finished {
+    let mut reusable = true;
+    let result = run(client, keys, outcomes, &mut reusable).await;
+    Finished { result, reusable }
+}
+
+/// `commit`'s work; clears `reusable` when a ROLLBACK fails.
+async fn run(
     client: &Client,
     keys: &Keyring,
     outcomes: &[&Outcome],
+    reusable: &mut bool,
 ) -> Result<Vec<Recorded>, StoreError> {
     let ctx = "commit refresh outcomes";
     let mut ids: Vec<i64> = outcomes.iter().map(|o| o.account_id()).collect();
@@ -118,7 +140,7 @@ pub(crate) async fn commit(
                 // The pipelined COMMIT has ended the failed transaction (as a rollback),
                 // unless a request failed before it was sent: then this ends it.
                 if !commit_sent.load(Ordering::Relaxed) {
-                    let _ = client.batch_execute("ROLLBACK").await;
+                    *reusable = rollback(client).await;
                 }
                 return Err(e);
             }
@@ -133,7 +155,7 @@ pub(crate) async fn commit(
             Err(e) => {
                 // The COMMIT was never sent: end the transaction, or the connection
                 // would go back to the pool inside it.
-                let _ = client.batch_execute("ROLLBACK").await;
+                *reusable = rollback(client).await;
                 return Err(e);
             }
         }
@@ -148,4 +170,17 @@ pub(crate) async fn commit(
             .0;
     }
     Ok(results)
+}
+
+/// Ends a failed group's transaction; false when the ROLLBACK failed too, so the session
+/// may still be inside the transaction. (The group's own error is answered to its callers.)
+async fn rollback(client: &Client) -> bool {
+    match client.batch_execute("ROLLBACK").await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(event = "postgres_rollback_failed", error = %super::describe_error(&e),
+                "a failed group commit could not be rolled back; its connection is closed instead of going back to the pool");
+            false
+        }
+    }
 }

@@ -228,6 +228,7 @@ mod imports;
 mod open;
 mod pg_commit;
 mod pg_durable;
+mod pg_inflight;
 mod pg_pages;
 mod plan;
 mod records;

@@ -2,8 +2,9 @@
 //! the row lock, the rotations with their log rows, COMMIT sent together), and a group that
 //! fails (a row another session holds) ends its transaction and leaves its connection
 //! usable: by a ROLLBACK when its COMMIT was still to be sent (a group with other
-//! outcomes), by the pipelined COMMIT alone otherwise (a group of rotations). Watched by a
-//! proxy between the pool's connection and the throwaway cluster.
+//! outcomes), by the pipelined COMMIT alone otherwise (a group of rotations); when that
+//! ROLLBACK fails, the connection leaves the pool. Watched by a proxy between the pool's
+//! connection and the throwaway cluster.
 
 use super::*;
 use crate::crypto::Keyring;
@@ -18,29 +19,90 @@ use tokio::net::{TcpListener, TcpStream};
 /// after the server's answer reached it (the first sending too). The server's bytes are
 /// held a few milliseconds, so requests the client sends together are never split by an
 /// answer in between. Keeps the text of the client's simple queries too (what
-/// `batch_execute` sends: BEGIN, COMMIT, ROLLBACK).
+/// `batch_execute` sends: BEGIN, COMMIT, ROLLBACK). `hold` can hold the answers on the
+/// connections that sent a COMMIT; `fail_rollback` answers a ROLLBACK with an error itself,
+/// without passing it on (the session stays inside its transaction).
 #[derive(Default)]
-struct Turns {
+pub(super) struct Turns {
     turns: AtomicUsize,
     answered: AtomicBool,
     queries: Mutex<Vec<String>>,
+    pub(super) hold: Hold,
+    pub(super) fail_rollback: AtomicBool,
 }
 
 impl Turns {
-    fn reset(&self) {
+    pub(super) fn reset(&self) {
         self.turns.store(0, Ordering::SeqCst);
         self.answered.store(true, Ordering::SeqCst);
         self.queries.lock().unwrap().clear();
     }
 
     /// The transaction ends (COMMIT, ROLLBACK) among the simple queries since the reset.
-    fn ends(&self) -> Vec<String> {
+    pub(super) fn ends(&self) -> Vec<String> {
         let queries = self.queries.lock().unwrap();
         queries
             .iter()
             .filter(|q| *q == "COMMIT" || *q == "ROLLBACK")
             .cloned()
             .collect()
+    }
+
+    /// The COMMITs sent since the reset.
+    pub(super) fn commits(&self) -> usize {
+        self.ends().iter().filter(|q| *q == "COMMIT").count()
+    }
+}
+
+/// Holds the server's answers on each connection that sends a COMMIT once armed, until
+/// released: by `release`, by a COMMIT on another connection (`on_overlap`), or after a
+/// second (so a test whose commits never overlap fails instead of hanging).
+#[derive(Default)]
+pub(super) struct Hold {
+    armed: AtomicBool,
+    on_overlap: AtomicBool,
+    /// The connections (numbered by the proxy) whose answers are held.
+    held: Mutex<std::collections::HashSet<usize>>,
+    /// A COMMIT was sent on a connection while another's answers were held.
+    pub(super) overlapped: AtomicBool,
+    released: AtomicBool,
+}
+
+impl Hold {
+    /// Holds from the next COMMIT on; `on_overlap`: a COMMIT on another connection releases.
+    pub(super) fn arm(&self, on_overlap: bool) {
+        self.on_overlap.store(on_overlap, Ordering::SeqCst);
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    pub(super) fn release(&self) {
+        self.released.store(true, Ordering::SeqCst);
+    }
+
+    /// Connection `conn` sent a COMMIT.
+    fn commit_sent(&self, conn: usize) {
+        if !self.armed.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut held = self.held.lock().unwrap();
+        if held.iter().any(|&c| c != conn) && !self.released.load(Ordering::SeqCst) {
+            self.overlapped.store(true, Ordering::SeqCst);
+            if self.on_overlap.load(Ordering::SeqCst) {
+                self.release();
+            }
+        }
+        held.insert(conn);
+    }
+
+    /// Waits before passing on the server's bytes on `conn` while they are held.
+    async fn wait(&self, conn: usize) {
+        let until = tokio::time::Instant::now() + Duration::from_secs(1);
+        while self.held.lock().unwrap().contains(&conn) && !self.released.load(Ordering::SeqCst) {
+            if tokio::time::Instant::now() >= until {
+                self.release();
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 }
 
@@ -53,22 +115,25 @@ struct Messages {
 }
 
 impl Messages {
-    /// Takes `bytes` and records the text of each whole simple query (`Q`) in `queries`.
-    fn feed(&mut self, bytes: &[u8], queries: &Mutex<Vec<String>>) {
+    /// Takes `bytes` and records the text of each whole simple query (`Q`) in `queries`;
+    /// returns those texts.
+    fn feed(&mut self, bytes: &[u8], queries: &Mutex<Vec<String>>) -> Vec<String> {
         self.buf.extend_from_slice(bytes);
+        let mut fed = Vec::new();
         loop {
             let at = usize::from(self.started);
             let Some(len) = self.buf.get(at..at + 4) else {
-                return;
+                return fed;
             };
             let end = at + u32::from_be_bytes(len.try_into().unwrap()) as usize;
             if self.buf.len() < end {
-                return;
+                return fed;
             }
             if self.started && self.buf[0] == b'Q' {
                 // The query string ends with a NUL.
                 let text = String::from_utf8_lossy(&self.buf[5..end - 1]).into_owned();
-                queries.lock().unwrap().push(text);
+                queries.lock().unwrap().push(text.clone());
+                fed.push(text);
             }
             self.buf.drain(..end);
             self.started = true;
@@ -76,18 +141,39 @@ impl Messages {
     }
 }
 
+/// What a server answers to a query that failed: an ErrorResponse, then ReadyForQuery in a
+/// failed transaction.
+fn error_answer(message: &str) -> Vec<u8> {
+    let mut fields = Vec::new();
+    for (kind, value) in [(b'S', "ERROR"), (b'C', "08006"), (b'M', message)] {
+        fields.push(kind);
+        fields.extend_from_slice(value.as_bytes());
+        fields.push(0);
+    }
+    fields.push(0);
+    let mut answer = vec![b'E'];
+    answer.extend_from_slice(&(fields.len() as u32 + 4).to_be_bytes());
+    answer.extend_from_slice(&fields);
+    answer.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'E']);
+    answer
+}
+
 /// A proxy to `server` on a loopback port of its own; returns the port.
-async fn proxy(server: (String, u16), turns: Arc<Turns>) -> u16 {
+pub(super) async fn proxy(server: (String, u16), turns: Arc<Turns>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
+        let mut conns = 0;
         while let Ok((client, _)) = listener.accept().await {
+            conns += 1;
+            let conn = conns;
             let upstream = TcpStream::connect((server.0.as_str(), server.1))
                 .await
                 .unwrap();
-            let (mut cr, mut cw) = client.into_split();
+            let (mut cr, cw) = client.into_split();
             let (mut sr, mut sw) = upstream.into_split();
-            let t = turns.clone();
+            let cw = Arc::new(tokio::sync::Mutex::new(cw));
+            let (t, to_client) = (turns.clone(), cw.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 let mut messages = Messages::default();
@@ -95,7 +181,19 @@ async fn proxy(server: (String, u16), turns: Arc<Turns>) -> u16 {
                     if t.answered.swap(false, Ordering::SeqCst) {
                         t.turns.fetch_add(1, Ordering::SeqCst);
                     }
-                    messages.feed(&buf[..n], &t.queries);
+                    let fed = messages.feed(&buf[..n], &t.queries);
+                    if fed.iter().any(|q| q == "COMMIT") {
+                        t.hold.commit_sent(conn);
+                    }
+                    // A ROLLBACK sent alone (as `batch_execute` does) fails without reaching
+                    // the server.
+                    if fed == ["ROLLBACK"] && t.fail_rollback.swap(false, Ordering::SeqCst) {
+                        let answer = error_answer("the proxy refused the ROLLBACK");
+                        if to_client.lock().await.write_all(&answer).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
                     if sw.write_all(&buf[..n]).await.is_err() {
                         break;
                     }
@@ -106,8 +204,9 @@ async fn proxy(server: (String, u16), turns: Arc<Turns>) -> u16 {
                 let mut buf = vec![0u8; 65536];
                 while let Ok(n @ 1..) = sr.read(&mut buf).await {
                     tokio::time::sleep(Duration::from_millis(5)).await;
+                    t.hold.wait(conn).await;
                     t.answered.store(true, Ordering::SeqCst);
-                    if cw.write_all(&buf[..n]).await.is_err() {
+                    if cw.lock().await.write_all(&buf[..n]).await.is_err() {
                         break;
                     }
                 }
@@ -115,6 +214,19 @@ async fn proxy(server: (String, u16), turns: Arc<Turns>) -> u16 {
         }
     });
     port
+}
+
+/// `url` through a new proxy: the proxied URL and the proxy's `Turns`.
+pub(super) async fn through_proxy(url: &str) -> (String, Arc<Turns>) {
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let server = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => (h.clone(), config.get_ports()[0]),
+        other => panic!("the test cluster listens on TCP, not {other:?}"),
+    };
+    let turns = Arc::new(Turns::default());
+    let port = proxy(server.clone(), turns.clone()).await;
+    let proxied = url.replacen(&format!(":{}/", server.1), &format!(":{port}/"), 1);
+    (proxied, turns)
 }
 
 /// A store of accounts claimed by OWNER, and a pool of one connection (through the proxy)
@@ -150,17 +262,8 @@ async fn proxied(test: &str, accounts: usize) -> Option<Proxied> {
         accounts
     );
 
-    let config: tokio_postgres::Config = url.parse().unwrap();
-    let server = match &config.get_hosts()[0] {
-        tokio_postgres::config::Host::Tcp(h) => (h.clone(), config.get_ports()[0]),
-        other => panic!("the test cluster listens on TCP, not {other:?}"),
-    };
-    let turns = Arc::new(Turns::default());
-    let port = proxy(server.clone(), turns.clone()).await;
-    let proxied: tokio_postgres::Config = url
-        .replacen(&format!(":{}/", server.1), &format!(":{port}/"), 1)
-        .parse()
-        .unwrap();
+    let (proxied, turns) = through_proxy(&url).await;
+    let proxied: tokio_postgres::Config = proxied.parse().unwrap();
     let manager = Manager::from_config(
         proxied,
         tokio_postgres::NoTls,
@@ -181,7 +284,7 @@ async fn proxied(test: &str, accounts: usize) -> Option<Proxied> {
 
 /// Another session (not through the proxy) holding `id`'s row, with the lock a group
 /// commit takes, until it rolls back.
-async fn hold_row(url: &str, id: i64) -> tokio_postgres::Client {
+pub(super) async fn hold_row(url: &str, id: i64) -> tokio_postgres::Client {
     let (holder, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .unwrap();
@@ -194,12 +297,12 @@ async fn hold_row(url: &str, id: i64) -> tokio_postgres::Client {
 
 /// The session `pid`'s state in pg_stat_activity, read by `by` outside a transaction (a
 /// transaction reads the activity once, at its first look).
-async fn state(by: &tokio_postgres::Client, pid: i32) -> String {
+pub(super) async fn state(by: &tokio_postgres::Client, pid: i32) -> String {
     let sql = "SELECT state FROM pg_stat_activity WHERE pid = $1";
     by.query_one(sql, &[&pid]).await.unwrap().get(0)
 }
 
-async fn backend_pid(client: &deadpool_postgres::Client) -> i32 {
+pub(super) async fn backend_pid(client: &deadpool_postgres::Client) -> i32 {
     let row = client.query_one("SELECT pg_backend_pid()", &[]).await;
     row.unwrap().get(0)
 }
@@ -221,7 +324,10 @@ async fn postgres_a_group_of_rotations_is_one_round_trip() {
 
     // The first group prepares the statements (once per connection).
     let first = rotated(ids[0], 0, "at-1", Some("rt-1"), NOW + 1);
-    let r = group::commit(&client, &keys, &[&first]).await.unwrap();
+    let r = group::commit(&client, &keys, &[&first])
+        .await
+        .result
+        .unwrap();
     assert_eq!(r, [Recorded::Applied]);
     turns.reset();
     let (second, third) = (
@@ -230,6 +336,7 @@ async fn postgres_a_group_of_rotations_is_one_round_trip() {
     );
     let r = group::commit(&client, &keys, &[&second, &third])
         .await
+        .result
         .unwrap();
     assert_eq!(r, [Recorded::Applied, Recorded::Applied]);
     assert_eq!(
@@ -261,7 +368,10 @@ async fn postgres_a_failed_group_with_other_outcomes_is_rolled_back_and_its_conn
     // COMMIT only after it, so the lock timing out leaves it unsent.
     p.turns.reset();
     let failed = transient(id, OWNER, NOW + 1);
-    let e = group::commit(&client, &keys, &[&failed]).await.unwrap_err();
+    let e = group::commit(&client, &keys, &[&failed])
+        .await
+        .result
+        .unwrap_err();
     assert_lock_timeout(&e);
     assert_eq!(p.turns.ends(), ["ROLLBACK"], "the failed group's ends");
     holder.batch_execute("ROLLBACK").await.unwrap();
@@ -271,7 +381,10 @@ async fn postgres_a_failed_group_with_other_outcomes_is_rolled_back_and_its_conn
     drop(client);
     let client = p.pool.get().await.unwrap();
     assert_eq!(backend_pid(&client).await, pid);
-    let r = group::commit(&client, &keys, &[&failed]).await.unwrap();
+    let r = group::commit(&client, &keys, &[&failed])
+        .await
+        .result
+        .unwrap();
     assert_eq!(r, [Recorded::Applied]);
     drop(client);
     let a = get(&p.store, id).await;
@@ -290,7 +403,10 @@ async fn postgres_a_failed_group_of_rotations_is_ended_by_its_commit_without_a_r
     // The first group prepares the statements (once per connection): the failed one is
     // then one flight.
     let first = rotated(p.ids[0], 0, "at-1", Some("rt-1"), NOW + 1);
-    let r = group::commit(&client, &keys, &[&first]).await.unwrap();
+    let r = group::commit(&client, &keys, &[&first])
+        .await
+        .result
+        .unwrap();
     assert_eq!(r, [Recorded::Applied]);
     let pid = backend_pid(&client).await;
     let holder = hold_row(&p.url, p.ids[1]).await;
@@ -299,7 +415,10 @@ async fn postgres_a_failed_group_of_rotations_is_ended_by_its_commit_without_a_r
     // (as a rollback), so no ROLLBACK follows, nor a second round trip.
     p.turns.reset();
     let locked = rotated(p.ids[1], 0, "at-2", Some("rt-2"), NOW + 2);
-    let e = group::commit(&client, &keys, &[&locked]).await.unwrap_err();
+    let e = group::commit(&client, &keys, &[&locked])
+        .await
+        .result
+        .unwrap_err();
     assert_lock_timeout(&e);
     assert_eq!(p.turns.ends(), ["COMMIT"], "the failed group's ends");
     assert_eq!(
@@ -317,7 +436,10 @@ async fn postgres_a_failed_group_of_rotations_is_ended_by_its_commit_without_a_r
     drop(client);
     let client = p.pool.get().await.unwrap();
     assert_eq!(backend_pid(&client).await, pid);
-    let r = group::commit(&client, &keys, &[&locked]).await.unwrap();
+    let r = group::commit(&client, &keys, &[&locked])
+        .await
+        .result
+        .unwrap();
     assert_eq!(r, [Recorded::Applied]);
     drop(client);
     let a = get(&p.store, p.ids[1]).await;
@@ -326,5 +448,47 @@ async fn postgres_a_failed_group_of_rotations_is_ended_by_its_commit_without_a_r
         log_outcomes(&p.store, p.ids[1]).await,
         ["rotated", "imported"]
     );
+    p.store.close().await;
+}
+
+#[tokio::test]
+async fn postgres_a_connection_whose_rollback_failed_does_not_go_back_to_the_pool() {
+    let Some(p) = proxied("pg_group_rollback_failed", 1).await else {
+        return;
+    };
+    let id = p.ids[0];
+    let keys = Keyring::default();
+    let pid = backend_pid(&p.pool.get().await.unwrap()).await;
+    let holder = hold_row(&p.url, id).await;
+
+    // The group fails on the held row before its COMMIT is sent; the proxy refuses its
+    // ROLLBACK, so the session stays inside the failed transaction.
+    p.turns.fail_rollback.store(true, Ordering::SeqCst);
+    let failed = transient(id, OWNER, NOW + 1);
+    let e = crate::store::postgres::commit_on(&p.pool, &keys, &[&failed])
+        .await
+        .unwrap_err();
+    assert_lock_timeout(&e);
+    assert!(
+        !p.turns.fail_rollback.load(Ordering::SeqCst),
+        "no ROLLBACK sent"
+    );
+    assert_eq!(p.pool.status().size, 0, "the connection left the pool");
+    holder.batch_execute("ROLLBACK").await.unwrap();
+
+    // The next pooled client is a new session, outside any transaction.
+    let client = p.pool.get().await.unwrap();
+    let row = client.query_one("SELECT pg_backend_pid()", &[]).await;
+    let next: i32 = row.expect("the next pooled session is usable").get(0);
+    assert_ne!(
+        next, pid,
+        "the session whose ROLLBACK failed was handed out again"
+    );
+    let r = group::commit(&client, &keys, &[&failed])
+        .await
+        .result
+        .unwrap();
+    assert_eq!(r, [Recorded::Applied]);
+    drop(client);
     p.store.close().await;
 }
