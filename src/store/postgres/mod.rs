@@ -9,14 +9,8 @@
 //! connection is a transient error: the pool reconnects on the next use. Each replica's
 //! liveness lock (`liveness.rs`) lets the others take a dead one's leases.
 //!
-//! The group-commit task (`Worker`) keeps up to `COMMITS_IN_FLIGHT` (two) group commits in
-//! flight, each on a pooled connection of its own, so one group is sent while another waits
-//! for the server's fsync of its COMMIT. `step` decides when the next group may start: not
-//! beside a commit naming one of its accounts, and with deferred rotations pending only once
-//! nothing is in flight and they were retried. Results are settled in the task's loop, one
-//! at a time (answers, deferrals, a group split into single outcomes, which then commit
-//! alone); a close or the channel's end first lets every commit in flight settle. The pool
-//! holds at least `COMMITS_IN_FLIGHT + 1` connections: the commits and a claim beside them. A
+//! The group-commit task (`Worker`) keeps up to `COMMITS_IN_FLIGHT` group commits in
+//! flight, each on a pooled connection of its own; `step` says when the next may start. A
 //! connection whose failed group could not be rolled back is taken out of the pool.
 
 mod durability;
@@ -139,11 +133,8 @@ impl PgStore {
                     }),
                 )
             };
-        // The pool holds the group commits in flight (up to COMMITS_IN_FLIGHT connections, or
-        // one retrying deferred rotations) and at least one more for claims and reads: a
-        // smaller `store.pool_size` is raised to that. A commit finding every connection taken
-        // waits for one (up to the wait timeout), as a claim does; the liveness lock's
-        // connection is outside the pool.
+        // Room for the commits in flight and a claim (see COMMITS_IN_FLIGHT); the liveness
+        // lock's connection is outside the pool.
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(COMMITS_IN_FLIGHT + 1))
             .runtime(Runtime::Tokio1)
@@ -306,13 +297,15 @@ impl PgStore {
 
 /// Group commits in flight at once, each on a pooled connection of its own: while one waits
 /// for the server's fsync of its COMMIT, the next is sent. With this many held by commits
-/// the pool must still have a connection for claims and reads: `open` makes it at least
-/// `COMMITS_IN_FLIGHT + 1`.
+/// the pool must still have a connection for claims and reads: `open` raises a smaller
+/// `store.pool_size` to `COMMITS_IN_FLIGHT + 1`. A commit finding every connection taken
+/// waits for one (up to the pool's wait timeout), as a claim does.
 pub(crate) const COMMITS_IN_FLIGHT: usize = 2;
 
 /// What the worker does with the group it holds, given the accounts of the commits in
-/// flight (`in_flight`, one list each), the group's (`group`) and whether rotations are
-/// deferred. The rules keep what one commit at a time guaranteed:
+/// flight (`in_flight`, one list each), the group's (`group`), each sorted and without
+/// repeats, and whether rotations are deferred. The rules keep what one commit at a time
+/// guaranteed:
 /// - deferred rotations are retried before the next group, with nothing in flight ("nothing
 ///   else should see the rows they update"), so with some pending the group waits for the
 ///   commits in flight to settle, then `Retry` (and the group starts whatever the retry did);
@@ -335,7 +328,8 @@ fn step(in_flight: &[&[i64]], group: &[i64], deferred: bool) -> Step {
             Step::Wait
         };
     }
-    let shares = |accounts: &&[i64]| accounts.iter().any(|a| group.contains(a));
+    // Sorted lists: a binary search each, as a group holds up to MAX_GROUP accounts.
+    let shares = |accounts: &&[i64]| accounts.iter().any(|a| group.binary_search(a).is_ok());
     if in_flight.len() >= COMMITS_IN_FLIGHT || in_flight.iter().any(shares) {
         Step::Wait
     } else {
@@ -348,6 +342,9 @@ fn step(in_flight: &[&[i64]], group: &[i64], deferred: bool) -> Step {
 struct Group {
     batch: Vec<(Outcome, Reply)>,
     span: Span,
+    /// Each outcome's caller's span, in `batch`'s order: a group split into single commits
+    /// runs each in its own.
+    spans: Vec<Span>,
     accounts: Vec<i64>,
 }
 
@@ -357,13 +354,15 @@ impl Group {
             [(_, _, one)] => one.clone(),
             _ => Span::none(),
         };
-        let batch: Vec<(Outcome, Reply)> = batch.into_iter().map(|(o, r, _)| (o, r)).collect();
+        let (batch, spans): (Vec<(Outcome, Reply)>, Vec<Span>) =
+            batch.into_iter().map(|(o, r, s)| ((o, r), s)).unzip();
         let mut accounts: Vec<i64> = batch.iter().map(|(o, _)| o.account_id()).collect();
         accounts.sort_unstable();
         accounts.dedup();
         Group {
             batch,
             span,
+            spans,
             accounts,
         }
     }
@@ -460,7 +459,9 @@ impl Worker {
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                     self.settled(done, &mut in_flight).await;
                 }
-                job = rx.recv(), if next.is_none() => match job {
+                // Only while a commit could start: outcomes arriving meanwhile wait in the
+                // channel and join the next group rather than form one that cannot start.
+                job = rx.recv(), if next.is_none() && in_flight.len() < COMMITS_IN_FLIGHT => match job {
                     None => closing = Some(Closing::Dropped),
                     Some(Job::Close(done)) => closing = Some(Closing::Close(done)),
                     Some(Job::Record(o, reply, span)) => {
@@ -492,9 +493,7 @@ impl Worker {
         commit::stop(&mut self.instance, &mut self.deferrals, &self.db);
     }
 
-    /// The commit of `group` on a pooled connection of its own, in the group's span. When
-    /// every connection is taken (by claims, reads and the other commit), it waits for one
-    /// as any user of the pool does.
+    /// The commit of `group` on a pooled connection of its own, in the group's span.
     fn start(&self, group: Group) -> InFlight {
         let (pool, keys) = (self.pool.clone(), self.keys.clone());
         let span = group.span.clone();
@@ -550,10 +549,12 @@ impl Worker {
             false,
             commit::answer,
         );
+        // A group comes back as it went in: each outcome meets its span again.
         back.map(|batch| {
             batch
                 .into_iter()
-                .map(|(o, r)| (o, r, Span::none()))
+                .zip(group.spans)
+                .map(|((o, r), s)| (o, r, s))
                 .collect()
         })
     }

@@ -353,9 +353,18 @@ fn the_claim_statement_is_prepared_once() {
         )
         .unwrap();
     }
-    let stmt = c.prepare_cached(&queries::claim_sql(&skip, true)).unwrap();
-    assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
-    assert!(stmt.get_status(rusqlite::StatementStatus::Run) >= 5);
+    for (i, limit) in [1, 2, 3, 5, 8].into_iter().enumerate() {
+        let now = NOW + 10 + i as i64;
+        queries::claim_due_except(&c, &keys, "me:9", now, now, now + 60, limit, &skip, &[])
+            .unwrap();
+    }
+    for exclude in [true, false] {
+        let stmt = c
+            .prepare_cached(&queries::claim_sql(&skip, exclude))
+            .unwrap();
+        assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
+        assert!(stmt.get_status(rusqlite::StatementStatus::Run) >= 5);
+    }
 }
 
 #[test]
