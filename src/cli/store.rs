@@ -130,8 +130,7 @@ fn copy_end(config: &Config, which: &str, given: &str, scratch: &Path) -> Result
         StoreEnd::Postgres(url) => {
             opts.postgres = Some(refreshd::store::PgOptions {
                 url: secrecy::SecretString::from(url),
-                // The least the pool is given: two group commits in flight and a read.
-                pool_size: 3,
+                pool_size: 2,
             });
             // A PostgreSQL end has no recovery file of its own: never replay the daemon's.
             opts.path = scratch.join(format!("{which}.db"));

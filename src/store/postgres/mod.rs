@@ -7,11 +7,8 @@
 //! Claims use `FOR UPDATE SKIP LOCKED`, so replicas never wait on each other's rows;
 //! migrations run under an advisory lock, so replicas starting together do not race. A lost
 //! connection is a transient error: the pool reconnects on the next use. Each replica's
-//! liveness lock (`liveness.rs`) lets the others take a dead one's leases.
-//!
-//! The group-commit task (`Worker`) keeps up to `COMMITS_IN_FLIGHT` group commits in
-//! flight, each on a pooled connection of its own; `step` says when the next may start. A
-//! connection whose failed group could not be rolled back is taken out of the pool.
+//! liveness lock (`liveness.rs`) lets the others take a dead one's leases. A connection
+//! whose failed group commit could not be rolled back is taken out of the pool.
 
 mod durability;
 mod errors;
@@ -133,10 +130,8 @@ impl PgStore {
                     }),
                 )
             };
-        // Room for the commits in flight and a claim (see COMMITS_IN_FLIGHT); the liveness
-        // lock's connection is outside the pool.
         let pool = Pool::builder(manager)
-            .max_size(pool_size.max(COMMITS_IN_FLIGHT + 1))
+            .max_size(pool_size.max(2))
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(Duration::from_secs(30)))
             .create_timeout(Some(Duration::from_secs(10)))
@@ -295,108 +290,7 @@ impl PgStore {
     }
 }
 
-/// Group commits in flight at once, each on a pooled connection of its own: while one waits
-/// for the server's fsync of its COMMIT, the next is sent. With this many held by commits
-/// the pool must still have a connection for claims and reads: `open` raises a smaller
-/// `store.pool_size` to `COMMITS_IN_FLIGHT + 1`. A commit finding every connection taken
-/// waits for one (up to the pool's wait timeout), as a claim does.
-pub(crate) const COMMITS_IN_FLIGHT: usize = 2;
-
-/// What the worker does with the group it holds, given the accounts of the commits in
-/// flight (`in_flight`, one list each), the group's (`group`), each sorted and without
-/// repeats, and whether rotations are deferred. The rules keep what one commit at a time
-/// guaranteed:
-/// - deferred rotations are retried before the next group, with nothing in flight ("nothing
-///   else should see the rows they update"), so with some pending the group waits for the
-///   commits in flight to settle, then `Retry` (and the group starts whatever the retry did);
-/// - a group naming an account of a commit in flight waits until that commit has settled:
-///   its guards must see the earlier write (and both would lock the row). Groups on disjoint
-///   accounts may commit in either order, and never wait on each other's row locks;
-/// - at most `COMMITS_IN_FLIGHT` at once.
-#[derive(Debug, PartialEq, Eq)]
-enum Step {
-    Start,
-    Retry,
-    Wait,
-}
-
-fn step(in_flight: &[&[i64]], group: &[i64], deferred: bool) -> Step {
-    if deferred {
-        return if in_flight.is_empty() {
-            Step::Retry
-        } else {
-            Step::Wait
-        };
-    }
-    // Sorted lists: a binary search each, as a group holds up to MAX_GROUP accounts.
-    let shares = |accounts: &&[i64]| accounts.iter().any(|a| group.binary_search(a).is_ok());
-    if in_flight.len() >= COMMITS_IN_FLIGHT || in_flight.iter().any(shares) {
-        Step::Wait
-    } else {
-        Step::Start
-    }
-}
-
-/// A group taken from the channel: its outcomes with their callers, the span of its outcome
-/// when it has one (a group of several belongs to no one account), its accounts.
-struct Group {
-    batch: Vec<(Outcome, Reply)>,
-    span: Span,
-    /// Each outcome's caller's span, in `batch`'s order: a group split into single commits
-    /// runs each in its own.
-    spans: Vec<Span>,
-    accounts: Vec<i64>,
-}
-
-impl Group {
-    fn new(batch: Vec<(Outcome, Reply, Span)>) -> Group {
-        let span = match &batch[..] {
-            [(_, _, one)] => one.clone(),
-            _ => Span::none(),
-        };
-        let (batch, spans): (Vec<(Outcome, Reply)>, Vec<Span>) =
-            batch.into_iter().map(|(o, r, s)| ((o, r), s)).unzip();
-        let mut accounts: Vec<i64> = batch.iter().map(|(o, _)| o.account_id()).collect();
-        accounts.sort_unstable();
-        accounts.dedup();
-        Group {
-            batch,
-            span,
-            spans,
-            accounts,
-        }
-    }
-}
-
-/// A group commit in flight: its accounts, and the commit, which gives the group back with
-/// its result.
-struct InFlight {
-    accounts: Vec<i64>,
-    commit: futures::future::BoxFuture<'static, (Group, Result<Vec<Recorded>, StoreError>)>,
-}
-
-impl std::future::Future for InFlight {
-    type Output = (Group, Result<Vec<Recorded>, StoreError>);
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        self.commit.as_mut().poll(cx)
-    }
-}
-
-/// How the worker's loop ends: a `close` (answered once everything settled), or the channel
-/// closed (every handle dropped).
-enum Closing {
-    Close(oneshot::Sender<()>),
-    Dropped,
-}
-
-/// The group-commit task: outcomes that arrive together share one transaction, and up to
-/// `COMMITS_IN_FLIGHT` transactions run at once (`step` says when the next may start). What
-/// a commit's result does (answers, deferrals, a group split) is settled here, in the loop,
-/// one commit at a time; the commits in flight only run their transactions.
+/// The group-commit task: outcomes that arrive together share one transaction.
 struct Worker {
     pool: Pool,
     keys: Keyring,
@@ -408,84 +302,56 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
-        use futures::StreamExt;
-        let mut in_flight = futures::stream::FuturesUnordered::<InFlight>::new();
-        let mut next: Option<Group> = None;
-        let mut closing: Option<Closing> = None;
         loop {
-            if let Some(group) = next.take() {
-                let next_step = {
-                    let flying: Vec<&[i64]> = in_flight.iter().map(|f| &f.accounts[..]).collect();
-                    step(&flying, &group.accounts, !self.deferrals.is_empty())
-                };
-                match next_step {
-                    Step::Wait => next = Some(group),
-                    Step::Retry => {
-                        // Deferred rotations go first: nothing else should see the rows
-                        // they update.
+            let job = if self.deferrals.is_empty() {
+                match rx.recv().await {
+                    Some(j) => j,
+                    None => break,
+                }
+            } else {
+                match tokio::time::timeout(RETRY_EVERY, rx.recv()).await {
+                    Ok(Some(j)) => j,
+                    Ok(None) => break,
+                    Err(_) => {
                         self.retry_deferred().await;
-                        in_flight.push(self.start(group));
-                        continue;
-                    }
-                    Step::Start => {
-                        in_flight.push(self.start(group));
                         continue;
                     }
                 }
-            }
-            if next.is_none()
-                && let Some(closing) = closing.take()
-            {
-                // Every commit in flight settles (its callers answered) before the stop.
-                while let Some(done) = in_flight.next().await {
-                    self.settled(done, &mut in_flight).await;
+            };
+            match job {
+                Job::Close(done) => {
+                    self.close_retries().await;
+                    self.finish();
+                    let _ = done.send(());
+                    return;
                 }
-                match closing {
-                    Closing::Close(done) => {
+                Job::Record(o, reply, span) => {
+                    let mut batch = vec![(o, reply, span)];
+                    let mut close = None;
+                    while batch.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(Job::Record(o, r, s)) => batch.push((o, r, s)),
+                            Ok(Job::Close(d)) => {
+                                close = Some(d);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    // Deferred rotations go first: nothing else should see the rows they update.
+                    self.retry_deferred().await;
+                    self.commit_spanned(batch).await;
+                    if let Some(done) = close {
                         self.close_retries().await;
                         self.finish();
                         let _ = done.send(());
+                        return;
                     }
-                    Closing::Dropped => {
-                        self.retry_deferred().await;
-                        self.finish();
-                    }
-                }
-                return;
-            }
-            // Something to wait for: a group held (`next`) waits only behind a commit in
-            // flight, and with no group held the channel is read.
-            tokio::select! {
-                Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                    self.settled(done, &mut in_flight).await;
-                }
-                // Only while a commit could start: outcomes arriving meanwhile wait in the
-                // channel and join the next group rather than form one that cannot start.
-                job = rx.recv(), if next.is_none() && in_flight.len() < COMMITS_IN_FLIGHT => match job {
-                    None => closing = Some(Closing::Dropped),
-                    Some(Job::Close(done)) => closing = Some(Closing::Close(done)),
-                    Some(Job::Record(o, reply, span)) => {
-                        let mut batch = vec![(o, reply, span)];
-                        while batch.len() < MAX_GROUP {
-                            match rx.try_recv() {
-                                Ok(Job::Record(o, r, s)) => batch.push((o, r, s)),
-                                Ok(Job::Close(d)) => {
-                                    closing = Some(Closing::Close(d));
-                                    break;
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                        next = Some(Group::new(batch));
-                    }
-                },
-                _ = tokio::time::sleep(RETRY_EVERY),
-                    if !self.deferrals.is_empty() && in_flight.is_empty() && next.is_none() =>
-                {
-                    self.retry_deferred().await;
                 }
             }
         }
+        self.retry_deferred().await;
+        self.finish();
     }
 
     /// A stop: the own recovery file goes when empty, the instance lock with its file.
@@ -493,70 +359,31 @@ impl Worker {
         commit::stop(&mut self.instance, &mut self.deferrals, &self.db);
     }
 
-    /// The commit of `group` on a pooled connection of its own, in the group's span.
-    fn start(&self, group: Group) -> InFlight {
-        let (pool, keys) = (self.pool.clone(), self.keys.clone());
-        let span = group.span.clone();
-        InFlight {
-            accounts: group.accounts.clone(),
-            commit: Box::pin(
-                async move {
-                    let outcomes: Vec<&Outcome> = group.batch.iter().map(|(o, _)| o).collect();
-                    let result = commit_on(&pool, &keys, &outcomes).await;
-                    (group, result)
-                }
-                .instrument(span),
-            ),
-        }
+    async fn commit(&self, outcomes: &[&Outcome]) -> Result<Vec<Recorded>, StoreError> {
+        commit_on(&self.pool, &self.keys, outcomes).await
     }
 
-    /// Settles a commit that completed: its callers are answered, its failure deferred. A
-    /// group that comes back (one outcome may be bad) waits for the other commits in flight
-    /// to settle, then its outcomes are committed one at a time, with nothing else in flight.
-    async fn settled(
-        &mut self,
-        (group, result): (Group, Result<Vec<Recorded>, StoreError>),
-        in_flight: &mut futures::stream::FuturesUnordered<InFlight>,
-    ) {
-        use futures::StreamExt;
-        let mut split = std::collections::VecDeque::new();
-        split.extend(self.settle(group, result));
-        if split.is_empty() {
-            return;
-        }
-        while let Some((group, result)) = in_flight.next().await {
-            split.extend(self.settle(group, result));
-        }
-        while let Some(batch) = split.pop_front() {
+    /// Commits a group in the span of its outcome when it has one outcome (a group of
+    /// several belongs to no one account).
+    async fn commit_spanned(&mut self, batch: Vec<(Outcome, Reply, Span)>) {
+        let span = match &batch[..] {
+            [(_, _, one)] => one.clone(),
+            _ => Span::none(),
+        };
+        let batch = batch.into_iter().map(|(o, r, _)| (o, r)).collect();
+        self.commit_group(batch).instrument(span).await;
+    }
+
+    async fn commit_group(&mut self, batch: Vec<(Outcome, Reply)>) {
+        let outcomes: Vec<&Outcome> = batch.iter().map(|(o, _)| o).collect();
+        let result = self.commit(&outcomes).await;
+        if let Some(batch) =
+            commit::settle(&mut self.deferrals, batch, result, false, commit::answer)
+        {
             for one in batch {
-                let (group, result) = self.start(Group::new(vec![one])).await;
-                split.extend(self.settle(group, result));
+                Box::pin(self.commit_group(vec![one])).await;
             }
         }
-    }
-
-    /// `commit::settle` in the group's span; the group back when it is to be split.
-    fn settle(
-        &mut self,
-        group: Group,
-        result: Result<Vec<Recorded>, StoreError>,
-    ) -> Option<Vec<(Outcome, Reply, Span)>> {
-        let _in = group.span.enter();
-        let back = commit::settle(
-            &mut self.deferrals,
-            group.batch,
-            result,
-            false,
-            commit::answer,
-        );
-        // A group comes back as it went in: each outcome meets its span again.
-        back.map(|batch| {
-            batch
-                .into_iter()
-                .zip(group.spans)
-                .map(|((o, r), s)| (o, r, s))
-                .collect()
-        })
     }
 
     /// A few more tries before closing: what is still deferred after them waits for the
@@ -641,35 +468,4 @@ async fn apply_recovered(
     }
     tx.commit().await.map_err(pg_err(ctx))?;
     Ok((applied, refused))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{COMMITS_IN_FLIGHT, Step, step};
-
-    #[test]
-    fn a_group_starts_beside_commits_on_other_accounts_up_to_the_limit() {
-        assert_eq!(step(&[], &[1, 2], false), Step::Start);
-        assert_eq!(step(&[&[1, 2]], &[3], false), Step::Start);
-        let full: Vec<&[i64]> = (0..COMMITS_IN_FLIGHT as i64)
-            .map(|i| &[10, 20, 30, 40][i as usize..=i as usize])
-            .collect();
-        assert_eq!(step(&full, &[3], false), Step::Wait, "the limit");
-    }
-
-    #[test]
-    fn a_group_naming_an_account_in_flight_waits_for_its_commit() {
-        assert_eq!(step(&[&[1, 5]], &[5], false), Step::Wait);
-        assert_eq!(step(&[&[1], &[7, 9]], &[2, 9], false), Step::Wait);
-    }
-
-    #[test]
-    fn deferred_rotations_are_retried_first_with_nothing_in_flight() {
-        assert_eq!(step(&[], &[1], true), Step::Retry);
-        assert_eq!(
-            step(&[&[2]], &[1], true),
-            Step::Wait,
-            "even beside a commit on other accounts"
-        );
-    }
 }

@@ -228,7 +228,6 @@ mod imports;
 mod open;
 mod pg_commit;
 mod pg_durable;
-mod pg_inflight;
 mod pg_pages;
 mod plan;
 mod records;

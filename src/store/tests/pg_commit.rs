@@ -19,15 +19,13 @@ use tokio::net::{TcpListener, TcpStream};
 /// after the server's answer reached it (the first sending too). The server's bytes are
 /// held a few milliseconds, so requests the client sends together are never split by an
 /// answer in between. Keeps the text of the client's simple queries too (what
-/// `batch_execute` sends: BEGIN, COMMIT, ROLLBACK). `hold` can hold the answers on the
-/// connections that sent a COMMIT; `fail_rollback` answers a ROLLBACK with an error itself,
-/// without passing it on (the session stays inside its transaction).
+/// `batch_execute` sends: BEGIN, COMMIT, ROLLBACK). `fail_rollback` answers a ROLLBACK with
+/// an error itself, without passing it on (the session stays inside its transaction).
 #[derive(Default)]
 pub(super) struct Turns {
     turns: AtomicUsize,
     answered: AtomicBool,
     queries: Mutex<Vec<String>>,
-    pub(super) hold: Hold,
     pub(super) fail_rollback: AtomicBool,
 }
 
@@ -46,63 +44,6 @@ impl Turns {
             .filter(|q| *q == "COMMIT" || *q == "ROLLBACK")
             .cloned()
             .collect()
-    }
-
-    /// The COMMITs sent since the reset.
-    pub(super) fn commits(&self) -> usize {
-        self.ends().iter().filter(|q| *q == "COMMIT").count()
-    }
-}
-
-/// Holds the server's answers on each connection that sends a COMMIT once armed, until
-/// released: by `release`, by a COMMIT on another connection (`on_overlap`), or after a
-/// second (so a test whose commits never overlap fails instead of hanging).
-#[derive(Default)]
-pub(super) struct Hold {
-    armed: AtomicBool,
-    on_overlap: AtomicBool,
-    /// The connections (numbered by the proxy) whose answers are held.
-    held: Mutex<std::collections::HashSet<usize>>,
-    /// A COMMIT was sent on a connection while another's answers were held.
-    pub(super) overlapped: AtomicBool,
-    released: AtomicBool,
-}
-
-impl Hold {
-    /// Holds from the next COMMIT on; `on_overlap`: a COMMIT on another connection releases.
-    pub(super) fn arm(&self, on_overlap: bool) {
-        self.on_overlap.store(on_overlap, Ordering::SeqCst);
-        self.armed.store(true, Ordering::SeqCst);
-    }
-
-    pub(super) fn release(&self) {
-        self.released.store(true, Ordering::SeqCst);
-    }
-
-    /// Connection `conn` sent a COMMIT.
-    fn commit_sent(&self, conn: usize) {
-        if !self.armed.load(Ordering::SeqCst) {
-            return;
-        }
-        let mut held = self.held.lock().unwrap();
-        if held.iter().any(|&c| c != conn) && !self.released.load(Ordering::SeqCst) {
-            self.overlapped.store(true, Ordering::SeqCst);
-            if self.on_overlap.load(Ordering::SeqCst) {
-                self.release();
-            }
-        }
-        held.insert(conn);
-    }
-
-    /// Waits before passing on the server's bytes on `conn` while they are held.
-    async fn wait(&self, conn: usize) {
-        let until = tokio::time::Instant::now() + Duration::from_secs(1);
-        while self.held.lock().unwrap().contains(&conn) && !self.released.load(Ordering::SeqCst) {
-            if tokio::time::Instant::now() >= until {
-                self.release();
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
     }
 }
 
@@ -163,10 +104,7 @@ pub(super) async fn proxy(server: (String, u16), turns: Arc<Turns>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
-        let mut conns = 0;
         while let Ok((client, _)) = listener.accept().await {
-            conns += 1;
-            let conn = conns;
             let upstream = TcpStream::connect((server.0.as_str(), server.1))
                 .await
                 .unwrap();
@@ -182,9 +120,6 @@ pub(super) async fn proxy(server: (String, u16), turns: Arc<Turns>) -> u16 {
                         t.turns.fetch_add(1, Ordering::SeqCst);
                     }
                     let fed = messages.feed(&buf[..n], &t.queries);
-                    if fed.iter().any(|q| q == "COMMIT") {
-                        t.hold.commit_sent(conn);
-                    }
                     // A ROLLBACK sent alone (as `batch_execute` does) fails without reaching
                     // the server.
                     if fed == ["ROLLBACK"] && t.fail_rollback.swap(false, Ordering::SeqCst) {
@@ -204,7 +139,6 @@ pub(super) async fn proxy(server: (String, u16), turns: Arc<Turns>) -> u16 {
                 let mut buf = vec![0u8; 65536];
                 while let Ok(n @ 1..) = sr.read(&mut buf).await {
                     tokio::time::sleep(Duration::from_millis(5)).await;
-                    t.hold.wait(conn).await;
                     t.answered.store(true, Ordering::SeqCst);
                     if cw.lock().await.write_all(&buf[..n]).await.is_err() {
                         break;
