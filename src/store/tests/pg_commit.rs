@@ -22,22 +22,22 @@ use tokio::net::{TcpListener, TcpStream};
 /// `batch_execute` sends: BEGIN, COMMIT, ROLLBACK). `fail_rollback` answers a ROLLBACK with
 /// an error itself, without passing it on (the session stays inside its transaction).
 #[derive(Default)]
-pub(super) struct Turns {
+struct Turns {
     turns: AtomicUsize,
     answered: AtomicBool,
     queries: Mutex<Vec<String>>,
-    pub(super) fail_rollback: AtomicBool,
+    fail_rollback: AtomicBool,
 }
 
 impl Turns {
-    pub(super) fn reset(&self) {
+    fn reset(&self) {
         self.turns.store(0, Ordering::SeqCst);
         self.answered.store(true, Ordering::SeqCst);
         self.queries.lock().unwrap().clear();
     }
 
     /// The transaction ends (COMMIT, ROLLBACK) among the simple queries since the reset.
-    pub(super) fn ends(&self) -> Vec<String> {
+    fn ends(&self) -> Vec<String> {
         let queries = self.queries.lock().unwrap();
         queries
             .iter()
@@ -100,7 +100,7 @@ fn error_answer(message: &str) -> Vec<u8> {
 }
 
 /// A proxy to `server` on a loopback port of its own; returns the port.
-pub(super) async fn proxy(server: (String, u16), turns: Arc<Turns>) -> u16 {
+async fn proxy(server: (String, u16), turns: Arc<Turns>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -151,7 +151,7 @@ pub(super) async fn proxy(server: (String, u16), turns: Arc<Turns>) -> u16 {
 }
 
 /// `url` through a new proxy: the proxied URL and the proxy's `Turns`.
-pub(super) async fn through_proxy(url: &str) -> (String, Arc<Turns>) {
+async fn through_proxy(url: &str) -> (String, Arc<Turns>) {
     let config: tokio_postgres::Config = url.parse().unwrap();
     let server = match &config.get_hosts()[0] {
         tokio_postgres::config::Host::Tcp(h) => (h.clone(), config.get_ports()[0]),
@@ -218,7 +218,7 @@ async fn proxied(test: &str, accounts: usize) -> Option<Proxied> {
 
 /// Another session (not through the proxy) holding `id`'s row, with the lock a group
 /// commit takes, until it rolls back.
-pub(super) async fn hold_row(url: &str, id: i64) -> tokio_postgres::Client {
+async fn hold_row(url: &str, id: i64) -> tokio_postgres::Client {
     let (holder, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .unwrap();
@@ -231,12 +231,12 @@ pub(super) async fn hold_row(url: &str, id: i64) -> tokio_postgres::Client {
 
 /// The session `pid`'s state in pg_stat_activity, read by `by` outside a transaction (a
 /// transaction reads the activity once, at its first look).
-pub(super) async fn state(by: &tokio_postgres::Client, pid: i32) -> String {
+async fn state(by: &tokio_postgres::Client, pid: i32) -> String {
     let sql = "SELECT state FROM pg_stat_activity WHERE pid = $1";
     by.query_one(sql, &[&pid]).await.unwrap().get(0)
 }
 
-pub(super) async fn backend_pid(client: &deadpool_postgres::Client) -> i32 {
+async fn backend_pid(client: &deadpool_postgres::Client) -> i32 {
     let row = client.query_one("SELECT pg_backend_pid()", &[]).await;
     row.unwrap().get(0)
 }
