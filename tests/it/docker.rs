@@ -3,9 +3,14 @@
 //! dependency-caching step naming a target that moved) is a cargo matter, and this test runs
 //! the Dockerfile's own cargo-chef commands in a scratch copy of the build context:
 //! `prepare` on the whole workspace, then `cook` in a directory holding the recipe alone.
-//! Two changes keep it bounded: `--check` instead of `--release` (the dependencies are
-//! checked, not optimised) and `--offline` (the registry cache the test build used). Its
-//! target directory persists under target/ so later runs are quick.
+//! Two changes keep it bounded: the dev profile instead of `--release`, and `--offline` (the
+//! registry cache the test build used). The cook's intermediate files go to this test
+//! binary's own build directory (cargo's `build.build-dir`), its final ones (the recipe's
+//! placeholder binary) to a scratch directory, so the real `refreshd` other tests run is never
+//! replaced. Where `cargo run` or `cargo build` built the dependencies there already (CI's
+//! demo step, the README's first command, runs before the tests), the cook finds them built
+//! and compiles only the placeholder, in about a second; a cold build directory gets them
+//! built once, for later runs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -50,11 +55,20 @@ fn chef_steps(dockerfile: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-fn cargo(dir: &Path, args: &[String], target: &Path) {
+/// The build directory this test binary was built in (`<build-dir>/debug/deps/it-...`).
+fn build_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.ancestors().nth(3).map(Path::to_path_buf);
+    dir.unwrap_or_else(|| repo().join("target"))
+}
+
+/// Runs cargo in `dir`: intermediate files in `build`, final ones in `target`.
+fn cargo(dir: &Path, args: &[String], build: &Path, target: &Path) {
     let started = Instant::now();
     let out = Command::new(env!("CARGO"))
         .args(args)
         .current_dir(dir)
+        .env("CARGO_BUILD_BUILD_DIR", build)
         .env("CARGO_TARGET_DIR", target)
         .env("CARGO_NET_OFFLINE", "true")
         .output()
@@ -72,7 +86,15 @@ fn cargo(dir: &Path, args: &[String], target: &Path) {
         "cargo {args:?} took {:?}",
         started.elapsed()
     );
-    eprintln!("cargo {}: {:.0?}", args.join(" "), started.elapsed());
+    let compiled = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.trim_start().starts_with("Compiling "))
+        .count();
+    eprintln!(
+        "cargo {}: {:.0?}, {compiled} crates compiled",
+        args.join(" "),
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -94,24 +116,38 @@ fn dockerfile_cargo_steps_cache_dependencies_for_every_target() {
     let scratch = tempfile::tempdir().unwrap();
     let (planner, build) = (scratch.path().join("planner"), scratch.path().join("build"));
     copy_context(&repo(), &planner);
-    let target = repo().join("target/docker-cook");
-    cargo(&planner, &steps[0], &target);
+    let (build_dir, target) = (build_dir(), scratch.path().join("target"));
+    cargo(&planner, &steps[0], &build_dir, &target);
     std::fs::create_dir_all(&build).unwrap();
     std::fs::copy(planner.join("recipe.json"), build.join("recipe.json")).unwrap();
-    // The cook step as written, checked and offline instead of an optimised download.
+    // The cook step as written, in the dev profile and offline instead of optimised.
     let cook: Vec<String> = steps[1]
         .iter()
-        .map(|a| {
-            if a == "--release" {
-                "--check".to_string()
-            } else {
-                a.clone()
-            }
-        })
+        .filter(|a| *a != "--release")
+        .cloned()
         .chain(["--offline".to_string()])
         .collect();
-    assert!(cook.contains(&"--check".to_string()), "{cook:?}");
-    cargo(&build, &cook, &target);
+    assert_eq!(
+        cook.len(),
+        steps[1].len(),
+        "the cook step names --release: {:?}",
+        steps[1]
+    );
+    cargo(&build, &cook, &build_dir, &target);
+    // The placeholder binary went to the scratch directory, not over the one other tests run.
+    assert!(
+        target.join("debug/refreshd").is_file(),
+        "no placeholder binary in the scratch target"
+    );
+    let version = Command::new(crate::helpers::bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8_lossy(&version.stdout);
+    assert!(
+        version.starts_with("refreshd "),
+        "the tests' binary answers {version:?}"
+    );
     // Only the manifests reached the cook: the skeleton has every workspace member.
     for member in ["Cargo.toml", "bench/Cargo.toml", "testkit/Cargo.toml"] {
         assert!(
