@@ -36,7 +36,7 @@ pub struct StoreConfig {
     pub url: Option<SecretString>,
     /// The same URL read from a file (Kubernetes secret, systemd credential).
     pub url_file: Option<PathBuf>,
-    /// Most PostgreSQL connections one process holds.
+    /// Most PostgreSQL connections one process pools (at least 2; one more for its lock).
     pub pool_size: usize,
     /// `run` may create a missing SQLite database (logged at WARN); else it refuses.
     pub create: bool,

@@ -123,8 +123,14 @@ impl SqliteStore {
                         return;
                     }
                 };
-                Worker::new(&opts, &worker_owner, instance, worker_health, runtime)
+                let closed = Worker::new(&opts, &worker_owner, instance, worker_health, runtime)
                     .run(&mut conn, rx);
+                // `close` returns only once the connection is closed (its last checkpoint
+                // done, the WAL removed): a store opened right after never meets its locks.
+                drop(conn);
+                if let Some(done) = closed {
+                    let _ = done.send(());
+                }
             })
             .map_err(|e| StoreError::Create {
                 path: path.clone(),
@@ -332,7 +338,13 @@ impl Worker {
         }
     }
 
-    fn run(mut self, conn: &mut Connection, rx: std_mpsc::Receiver<Job>) {
+    /// Serves jobs until `close` (whose answer it returns, for after the connection is
+    /// closed) or until every handle is gone.
+    fn run(
+        mut self,
+        conn: &mut Connection,
+        rx: std_mpsc::Receiver<Job>,
+    ) -> Option<oneshot::Sender<()>> {
         let mut stash: Vec<Job> = Vec::new();
         loop {
             if self.instance.is_some() && !self.gated && self.last_watch.elapsed() >= WATCH_EVERY {
@@ -383,8 +395,7 @@ impl Worker {
                         std::thread::sleep(CLOSE_RETRY_EVERY);
                     }
                     self.finish();
-                    let _ = done.send(());
-                    return;
+                    return Some(done);
                 }
                 Job::Record(..) | Job::Claim(..) => {
                     let (mut batch, mut claim) = (Vec::new(), None);
@@ -415,6 +426,7 @@ impl Worker {
         }
         self.retry_deferred(conn);
         self.finish();
+        None
     }
 
     /// The write gate (`gate.rs`), the one place that decides whether a job may write: a
