@@ -287,7 +287,9 @@ impl Store {
         }
     }
 
-    /// Finishes queued work (including retrying deferred commits once) and stops the worker.
+    /// Finishes queued work (retrying deferred commits a few times; what still fails waits
+    /// in the recovery file) and stops the worker; on SQLite, returns once its connection is
+    /// closed.
     pub async fn close(&self) {
         match &self.backend {
             Backend::Sqlite(s) => s.close().await,

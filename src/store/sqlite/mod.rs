@@ -96,6 +96,7 @@ impl SqliteStore {
         let (tx, rx) = std_mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = oneshot::channel();
         let path = opts.path.clone();
+        let path_for_close = opts.path.clone();
         let worker_health = health.clone();
         let worker_owner = owner.clone();
         let checks_tx = tx.clone();
@@ -123,12 +124,21 @@ impl SqliteStore {
                         return;
                     }
                 };
-                let closed = Worker::new(&opts, &worker_owner, instance, worker_health, runtime)
-                    .run(&mut conn, rx);
-                // `close` returns only once the connection is closed (its last checkpoint
-                // done, the WAL removed): a store opened right after never meets its locks.
-                drop(conn);
-                if let Some(done) = closed {
+                let mut closers = Worker::new(&opts, &worker_owner, instance, worker_health, runtime)
+                    .run(&mut conn, &rx);
+                // `close` answers only once the connection is closed: SQLite's last checkpoint
+                // done and, when no other connection has the file, the WAL removed, so a
+                // store opened right after does not meet this one's locks.
+                if let Err((_, e)) = conn.close() {
+                    tracing::warn!(event = "store_close_failed", path = %path_for_close.display(), error = %e,
+                        "closing the database connection failed; SQLite closes it when the process ends, and the next start recovers the WAL as after a crash");
+                }
+                closers.extend(rx.try_iter().filter_map(|job| match job {
+                    Job::Close(done) => Some(done),
+                    _ => None,
+                }));
+                drop(rx);
+                for done in closers {
                     let _ = done.send(());
                 }
             })
@@ -224,7 +234,8 @@ impl SqliteStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Finishes queued work (including retrying deferred commits once) and stops the worker.
+    /// Finishes queued work (retrying deferred commits a few times; what still fails waits
+    /// in the recovery file) and stops the worker; returns once its connection is closed.
     pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
         if self.jobs.send(Job::Close(tx)).is_ok() {
@@ -338,13 +349,13 @@ impl Worker {
         }
     }
 
-    /// Serves jobs until `close` (whose answer it returns, for after the connection is
-    /// closed) or until every handle is gone.
+    /// Serves jobs until a `close` or until every handle is gone; returns the answers of
+    /// the `close` calls it took, to be sent once the connection is closed.
     fn run(
         mut self,
         conn: &mut Connection,
-        rx: std_mpsc::Receiver<Job>,
-    ) -> Option<oneshot::Sender<()>> {
+        rx: &std_mpsc::Receiver<Job>,
+    ) -> Vec<oneshot::Sender<()>> {
         let mut stash: Vec<Job> = Vec::new();
         loop {
             if self.instance.is_some() && !self.gated && self.last_watch.elapsed() >= WATCH_EVERY {
@@ -395,7 +406,11 @@ impl Worker {
                         std::thread::sleep(CLOSE_RETRY_EVERY);
                     }
                     self.finish();
-                    return Some(done);
+                    let waiting = stash.into_iter().filter_map(|job| match job {
+                        Job::Close(done) => Some(done),
+                        _ => None,
+                    });
+                    return std::iter::once(done).chain(waiting).collect();
                 }
                 Job::Record(..) | Job::Claim(..) => {
                     let (mut batch, mut claim) = (Vec::new(), None);
@@ -426,7 +441,7 @@ impl Worker {
         }
         self.retry_deferred(conn);
         self.finish();
-        None
+        Vec::new()
     }
 
     /// The write gate (`gate.rs`), the one place that decides whether a job may write: a

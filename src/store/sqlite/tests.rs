@@ -1,4 +1,5 @@
-//! The SQLite worker carries its callers' spans; the queries on `:memory:`.
+//! The SQLite worker: its callers' spans, group commits and claims, the checkpoint thread,
+//! close; the queries on `:memory:`.
 
 use super::{Opening, SqliteStore, claim, queries, schema, writes};
 use crate::crypto::Keyring;
@@ -791,17 +792,21 @@ fn an_imports_settings_keep_temporary_files_in_memory_and_are_put_back() {
 }
 
 /// `close` answers only once the worker's connection is closed: its last checkpoint done and
-/// the WAL removed, so a store opened right after (a CLI command, a restart, the next test)
-/// meets none of its locks. Answering first, as before, let a reopen with a short busy
-/// timeout fail now and then.
+/// (it being the only connection here) the WAL removed, so a store opened right after (a CLI
+/// command, a restart, the next test) meets none of its locks; a second `close` waits as well.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_answers_after_the_connection_is_closed() {
     for round in 0..20 {
         let dir = tempfile::tempdir().unwrap();
         let store = store_of(dir.path(), 200).await;
         rotate(&store, "me:1", 200).await;
-        store.close().await;
         let wal = dir.path().join("refreshd.db-wal");
+        assert!(wal.exists(), "round {round}: no WAL before close");
+        // Two handles closing: the later call, too, returns only after the connection closed.
+        let first = store.clone();
+        let first = tokio::spawn(async move { first.close().await });
+        tokio::task::yield_now().await;
+        store.close().await;
         assert!(
             !wal.exists(),
             "round {round}: the WAL is still there after close"
@@ -812,5 +817,6 @@ async fn close_answers_after_the_connection_is_closed() {
             .unwrap_or_else(|e| panic!("round {round}: the file is still locked: {e}"))
             .commit()
             .unwrap();
+        first.await.unwrap();
     }
 }

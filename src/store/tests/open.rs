@@ -34,6 +34,12 @@ async fn open_creates_private_wal_database_and_reopens() {
     );
 
     let id = insert(&store, vec![new_account("tiktok", "u1", NOW)]).await[0];
+    // The WAL and its index hold tokens too, and exist while the store is open (a clean
+    // close removes them).
+    for suffix in ["-wal", "-shm"] {
+        let path = PathBuf::from(format!("{}{suffix}", opts.path.display()));
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
     store.close().await;
     drop(store);
 
