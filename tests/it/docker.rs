@@ -9,8 +9,9 @@
 //! placeholder binary) to a scratch directory, so the real `refreshd` other tests run is never
 //! replaced. Where `cargo run` or `cargo build` built the dependencies there already (CI's
 //! demo step, the README's first command, runs before the tests), the cook finds them built
-//! and compiles only the placeholder, in about a second; a cold build directory gets them
-//! built once, for later runs.
+//! and compiles only the placeholder; a cold build directory gets them built once, for later
+//! runs. The placeholder is safe there because cargo-chef gives it another version than the
+//! real crate's (asserted below), so its artifacts have other names.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -55,11 +56,18 @@ fn chef_steps(dockerfile: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// The build directory this test binary was built in (`<build-dir>/debug/deps/it-...`).
+/// The build directory this test binary was built in: `<build-dir>/debug/deps/it-...`, or
+/// `<build-dir>/<triple>/debug/deps/it-...` for a `--target` build. Anything else (a binary
+/// copied elsewhere) gets a directory of this test's own under target/, built once.
 fn build_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.ancestors().nth(3).map(Path::to_path_buf);
-    dir.unwrap_or_else(|| repo().join("target"))
+    let in_deps = exe.parent().and_then(Path::file_name) == Some("deps".as_ref());
+    let is_build_dir = |d: &&Path| d.join("CACHEDIR.TAG").is_file();
+    let found = exe.ancestors().skip(3).take(2).find(is_build_dir);
+    match found {
+        Some(dir) if in_deps => dir.to_path_buf(),
+        _ => repo().join("target/docker-cook"),
+    }
 }
 
 /// Runs cargo in `dir`: intermediate files in `build`, final ones in `target`.
@@ -71,6 +79,8 @@ fn cargo(dir: &Path, args: &[String], build: &Path, target: &Path) {
         .env("CARGO_BUILD_BUILD_DIR", build)
         .env("CARGO_TARGET_DIR", target)
         .env("CARGO_NET_OFFLINE", "true")
+        // The host's build, where `cargo run` left the dependencies.
+        .env_remove("CARGO_BUILD_TARGET")
         .output()
         .unwrap_or_else(|e| panic!("cannot run cargo {args:?}: {e}"));
     assert!(
@@ -108,7 +118,7 @@ fn dockerfile_cargo_steps_cache_dependencies_for_every_target() {
         dockerfile.contains("USER 65532") && dockerfile.contains("distroless"),
         "a non-root distroless runtime"
     );
-    let install = "cargo install cargo-chef --locked";
+    let install = "cargo install cargo-chef --locked --version 0.1.78";
     if !refreshd_testkit::tool(TEST, "cargo-chef", &["cargo", "chef", "--version"], install) {
         return;
     }
@@ -127,13 +137,22 @@ fn dockerfile_cargo_steps_cache_dependencies_for_every_target() {
         .cloned()
         .chain(["--offline".to_string()])
         .collect();
-    assert_eq!(
-        cook.len(),
-        steps[1].len(),
-        "the cook step names --release: {:?}",
+    assert!(
+        steps[1].iter().any(|a| a == "--release"),
+        "the cook step no longer names --release: {:?}",
         steps[1]
     );
     cargo(&build, &cook, &build_dir, &target);
+    // The placeholder crate shares the build directory with the real one: cargo-chef gives it
+    // another version, hence other artifact names, so the real crate is never taken for it.
+    let skeleton: toml::Table =
+        toml::from_str(&std::fs::read_to_string(build.join("Cargo.toml")).unwrap()).unwrap();
+    let placeholder = skeleton["package"]["version"].as_str().unwrap_or_default();
+    assert_ne!(
+        placeholder,
+        env!("CARGO_PKG_VERSION"),
+        "the recipe's placeholder has the real crate's version"
+    );
     // The placeholder binary went to the scratch directory, not over the one other tests run.
     assert!(
         target.join("debug/refreshd").is_file(),
