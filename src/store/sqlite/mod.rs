@@ -60,6 +60,16 @@ enum Job {
     Close(oneshot::Sender<()>),
 }
 
+impl Job {
+    /// The answer of a `close` call; any other job is dropped (its caller sees `Closed`).
+    fn into_close(self) -> Option<oneshot::Sender<()>> {
+        match self {
+            Job::Close(done) => Some(done),
+            _ => None,
+        }
+    }
+}
+
 /// A claim waiting for the next group transaction.
 type PendingClaim = (Claim, ClaimReply, Span);
 
@@ -96,7 +106,6 @@ impl SqliteStore {
         let (tx, rx) = std_mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = oneshot::channel();
         let path = opts.path.clone();
-        let path_for_close = opts.path.clone();
         let worker_health = health.clone();
         let worker_owner = owner.clone();
         let checks_tx = tx.clone();
@@ -130,13 +139,10 @@ impl SqliteStore {
                 // done and, when no other connection has the file, the WAL removed, so a
                 // store opened right after does not meet this one's locks.
                 if let Err((_, e)) = conn.close() {
-                    tracing::warn!(event = "store_close_failed", path = %path_for_close.display(), error = %e,
-                        "closing the database connection failed; SQLite closes it when the process ends, and the next start recovers the WAL as after a crash");
+                    tracing::warn!(event = "store_close_failed", path = %opts.path.display(), error = %e,
+                        "closing the database connection failed; the system releases it when the process ends, and the next start reads what was committed from the WAL, as after a crash");
                 }
-                closers.extend(rx.try_iter().filter_map(|job| match job {
-                    Job::Close(done) => Some(done),
-                    _ => None,
-                }));
+                closers.extend(rx.try_iter().filter_map(Job::into_close));
                 drop(rx);
                 for done in closers {
                     let _ = done.send(());
@@ -406,10 +412,7 @@ impl Worker {
                         std::thread::sleep(CLOSE_RETRY_EVERY);
                     }
                     self.finish();
-                    let waiting = stash.into_iter().filter_map(|job| match job {
-                        Job::Close(done) => Some(done),
-                        _ => None,
-                    });
+                    let waiting = stash.into_iter().filter_map(Job::into_close);
                     return std::iter::once(done).chain(waiting).collect();
                 }
                 Job::Record(..) | Job::Claim(..) => {
